@@ -1,0 +1,227 @@
+/* luna_shm.h - the C layer of luna_shm: safe temp files, RAM-disk probing,
+ * mappings and WAV headers.
+ *
+ * Conventions: every exported function returns >= 0 on success and -errno on
+ * failure, unless its comment says otherwise. WAV format problems return
+ * -LUNA_EFORMAT and leave a static, human-readable reason in the info struct.
+ */
+#ifndef LUNA_SHM_H
+#define LUNA_SHM_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/mman.h>
+
+/* Compile-time capabilities, read once by the Python layer. */
+#if defined(__linux__) && defined(MFD_CLOEXEC)
+#define LUNA_HAS_MEMFD 1
+#else
+#define LUNA_HAS_MEMFD 0
+#endif
+
+#if defined(O_TMPFILE)
+#define LUNA_HAS_O_TMPFILE 1
+#else
+#define LUNA_HAS_O_TMPFILE 0
+#endif
+
+/* Outside the errno range: "the bytes are not a WAV file we can read". */
+#define LUNA_EFORMAT 4096
+
+/* ---- files.c: safe creation and opening ---------------------------------- */
+
+/* Create path exclusively: O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC with the
+ * given mode. Returns the fd, or -errno (-EEXIST when the name is taken,
+ * whatever sits there: file, symlink, FIFO or directory). */
+int luna_create_excl(const char *path, unsigned int mode);
+
+/* Create path exclusively as above, then close it. Returns 0 or -errno. */
+int luna_touch_excl(const char *path, unsigned int mode);
+
+/* Open a file for writing a whole new content: tries O_CREAT|O_EXCL first so
+ * that *created tells whether this call made the file, else opens the existing
+ * file with O_TRUNC. Never follows a symlink in the last component.
+ * Returns the fd, or -errno. */
+int luna_open_for_write(const char *path, unsigned int mode, int *created);
+
+/* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
+ * report its size. Returns the fd, -errno, or -LUNA_EFORMAT when it is not a
+ * regular file. */
+int luna_open_regular(const char *path, uint64_t *size);
+
+/* Take a shared (exclusive=0) or exclusive (exclusive=1) flock without
+ * blocking. Returns 0, -EWOULDBLOCK when another open file holds a
+ * conflicting lock, or -errno. */
+int luna_lock(int fd, int exclusive);
+
+/* Close fd. Returns 0 or -errno. */
+int luna_close(int fd);
+
+/* ---- fsinfo.c: where a directory lives ---------------------------------- */
+
+struct luna_fs_info {
+    uint64_t fs_type;      /* statfs f_type */
+    uint64_t dev_major;    /* st_dev of the directory, split */
+    uint64_t dev_minor;
+    uint64_t bytes_free;   /* statvfs f_bavail * f_frsize: what we may use */
+    uint64_t bytes_total;  /* statvfs f_blocks * f_frsize */
+    uint32_t mode;         /* st_mode of the path itself (lstat) */
+    uint32_t uid;          /* st_uid of the path itself (lstat) */
+    int32_t is_symlink;    /* the path itself is a symbolic link */
+    int32_t is_dir;        /* the path is a directory (not through a link) */
+    int32_t is_ram_fs;     /* f_type is tmpfs or ramfs */
+    int32_t is_mount_point;/* the directory is the root of a mount */
+    int32_t writable;      /* access(W_OK|X_OK) succeeded */
+    int32_t write_errno;   /* why not, when writable is 0 (EROFS, EACCES...) */
+};
+
+/* Probe path without following a final symlink. When the path is a symlink
+ * or not a directory, only mode/uid/is_symlink/is_dir are filled.
+ * Returns 0 or -errno (-ENOENT when it does not exist). */
+int luna_fs_probe(const char *path, struct luna_fs_info *out);
+
+/* ---- mapping.c: space, mappings, anonymous files ------------------------- */
+
+/* Reserve [offset, offset+len) with posix_fallocate so that later page faults
+ * cannot fail: a full RAM disk is -ENOSPC now, never SIGBUS later. */
+int luna_reserve(int fd, uint64_t offset, uint64_t len);
+
+/* Set the file length. Returns 0 or -errno. */
+int luna_set_length(int fd, uint64_t len);
+
+/* Map len bytes of fd shared, read-only or writable; populate=1 pre-faults
+ * the pages (MAP_POPULATE). Stores the address in *out. Returns 0 or -errno. */
+int luna_map(int fd, uint64_t len, int writable, int populate, void **out);
+
+/* Unmap what luna_map mapped. Returns 0 or -errno. */
+int luna_unmap(void *addr, uint64_t len);
+
+/* Shrink a file that is mapped writable at addr (map_len bytes) to new_len
+ * bytes, and replace the whole pages past the new end with private anonymous
+ * memory, so that an old view that still writes there touches harmless
+ * memory instead of dying with SIGBUS. Returns 0 or -errno. */
+int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len);
+
+/* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
+ * -ENOSYS when the platform has no memfd. */
+int luna_memfd(const char *name);
+
+/* Seal a memfd against shrinking (F_SEAL_SHRINK), so that no process can
+ * truncate it under a reader's mapping. Returns 0 or -errno (-ENOSYS without
+ * memfd). */
+int luna_seal_shrink(int fd);
+
+/* Open an unnamed file in directory dir (O_TMPFILE, mode 0600). Returns the
+ * fd, -EOPNOTSUPP when the filesystem or platform cannot, or -errno. */
+int luna_open_unnamed(const char *dir);
+
+/* Give the unnamed file fd the name path (linkat through /proc/self/fd).
+ * Returns 0 or -errno (-EEXIST when path exists). */
+int luna_link_unnamed(int fd, const char *path);
+
+/* ---- wav_format.c: headers ---------------------------------------------- */
+
+#define LUNA_WAVE_FORMAT_PCM 1
+#define LUNA_WAVE_FORMAT_IEEE_FLOAT 3
+#define LUNA_WAVE_FORMAT_EXTENSIBLE 0xFFFE
+
+/* Largest header luna_wav_header writes (RIFF + fmt EXTENSIBLE + fact + pad
+ * chunk + data chunk header). */
+#define LUNA_WAV_MAX_HEADER 128
+
+struct luna_wav_spec {
+    uint32_t samplerate;
+    uint16_t channels;
+    uint16_t format;       /* LUNA_WAVE_FORMAT_PCM or _IEEE_FLOAT */
+    uint16_t bits;         /* 8, 16, 24, 32 (PCM) or 32, 64 (float) */
+};
+
+/* Write into out (LUNA_WAV_MAX_HEADER bytes) the header for data_bytes of
+ * audio followed by a skippable chunk of tail_bytes (0, or >= 8: a slot's
+ * unused space). The data starts at an offset that is a multiple of the
+ * sample size. Returns the header length (= data offset), -EINVAL for a spec
+ * we do not write, or -EFBIG when the file would pass 4 GiB. */
+int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
+                    uint64_t data_bytes, uint64_t tail_bytes);
+
+/* ---- wav_parse.c: reading headers --------------------------------------- */
+
+struct luna_wav_info {
+    uint32_t samplerate;
+    uint16_t channels;
+    uint16_t format;        /* resolved: PCM or IEEE_FLOAT, even if EXTENSIBLE */
+    uint16_t bits;          /* container bits per sample: 8,16,24,32,64 */
+    uint16_t block_align;
+    int32_t extensible;
+    uint64_t data_offset;
+    uint64_t data_bytes;    /* whole frames only */
+    uint64_t frames;
+    uint64_t file_size;
+    const char *error;      /* static reason when -LUNA_EFORMAT is returned */
+};
+
+/* Parse a WAV held whole in buf[0..len). Never reads outside buf.
+ * Returns 0, or -LUNA_EFORMAT with out->error set. */
+int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
+                          struct luna_wav_info *out);
+
+/* Parse the WAV in fd (file_size bytes long) with pread, reading only chunk
+ * headers and the fmt chunk. Returns 0, -LUNA_EFORMAT, or -errno. */
+int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
+
+/* Open path, check it is a regular file and parse it. Returns the open fd,
+ * -LUNA_EFORMAT (out->error set) or -errno; closes the fd on failure. */
+int luna_wav_open(const char *path, struct luna_wav_info *out);
+
+/* ---- wav_io.c: moving bytes ---------------------------------------------- */
+
+/* Write header + data (+ pad byte) to fd at its current position with one
+ * writev (looping only on short writes). Returns 0 or -errno. */
+int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
+                      const void *data, uint64_t data_bytes);
+
+/* Create or truncate path and write a whole WAV into it. On failure the file
+ * is removed if this call created it, else left empty; never half-written.
+ * Returns 0 or -errno. */
+int luna_write_wav_path(const char *path, const struct luna_wav_spec *spec,
+                        const void *data, uint64_t data_bytes);
+
+/* Write a whole WAV so that it appears under path (in directory dir) at once:
+ * an unnamed O_TMPFILE file (or, where that is not possible, tmp_path created
+ * exclusively) is written, given the name tmp_path, and renamed over path.
+ * On failure nothing new is left. Returns 0 or -errno. */
+int luna_write_wav_atomic(const char *dir, const char *path,
+                          const char *tmp_path,
+                          const struct luna_wav_spec *spec,
+                          const void *data, uint64_t data_bytes);
+
+/* Read exactly n bytes at offset into dst. Returns 0, -ENODATA when the file
+ * ended first (it shrank under us), or -errno. */
+int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
+
+/* Write exactly n bytes at offset. Returns 0 or -errno. */
+int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
+
+/* Streaming: append n bytes of audio to a WAV whose data currently holds
+ * *data_bytes bytes at data_offset, then rewrite the header so that its sizes
+ * cover exactly what is there. Updates *data_bytes. Returns 0 or -errno
+ * (-EFBIG past 4 GiB). */
+int luna_stream_append(int fd, const struct luna_wav_spec *spec,
+                       uint64_t data_offset, uint64_t *data_bytes,
+                       const void *data, uint64_t n);
+
+/* ---- convert.c: sample conversion in one pass ---------------------------- */
+
+/* Pack the top 24 bits of each int32 sample, little-endian, 3 bytes each. */
+void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
+
+/* Unpack 3-byte little-endian samples into int32 with the sample in the top
+ * 24 bits (as libsndfile returns them). */
+void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
+
+#endif /* LUNA_SHM_H */

@@ -1,0 +1,119 @@
+/* mapping.c - reserved space, shared mappings and anonymous files. */
+#include "luna_shm.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int luna_reserve(int fd, uint64_t offset, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    /* posix_fallocate returns the error number itself, not -1/errno. */
+    int err;
+    do {
+        err = posix_fallocate(fd, (off_t)offset, (off_t)len);
+    } while (err == EINTR);
+    return -err;
+}
+
+int luna_set_length(int fd, uint64_t len)
+{
+    int rc;
+    do {
+        rc = ftruncate(fd, (off_t)len);
+    } while (rc != 0 && errno == EINTR);
+    return rc == 0 ? 0 : -errno;
+}
+
+int luna_map(int fd, uint64_t len, int writable, int populate, void **out)
+{
+    if (len == 0 || len > (uint64_t)SIZE_MAX)
+        return -EINVAL;
+    int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+    int flags = MAP_SHARED;
+#ifdef MAP_POPULATE
+    if (populate)
+        flags |= MAP_POPULATE;
+#else
+    (void)populate;
+#endif
+    void *addr = mmap(NULL, (size_t)len, prot, flags, fd, 0);
+    if (addr == MAP_FAILED)
+        return -errno;
+    *out = addr;
+    return 0;
+}
+
+int luna_unmap(void *addr, uint64_t len)
+{
+    return munmap(addr, (size_t)len) == 0 ? 0 : -errno;
+}
+
+int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t keep = (new_len + page - 1) / page * page;
+    if (new_len > map_len)
+        return -EINVAL;
+    /* First cover the doomed whole pages, then cut the file: at no moment can
+     * a store through an old view land on a page past the end of the file. */
+    if (keep < map_len) {
+        void *tail = mmap((char *)addr + keep, (size_t)(map_len - keep),
+                          PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        if (tail == MAP_FAILED)
+            return -errno;
+    }
+    return luna_set_length(fd, new_len);
+}
+
+int luna_memfd(const char *name)
+{
+#if LUNA_HAS_MEMFD
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    return fd < 0 ? -errno : fd;
+#else
+    (void)name;
+    return -ENOSYS;
+#endif
+}
+
+int luna_seal_shrink(int fd)
+{
+#if LUNA_HAS_MEMFD && defined(F_ADD_SEALS)
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0 ? 0 : -errno;
+#else
+    (void)fd;
+    return -ENOSYS;
+#endif
+}
+
+int luna_open_unnamed(const char *dir)
+{
+#if LUNA_HAS_O_TMPFILE
+    int fd;
+    do {
+        fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    } while (fd < 0 && errno == EINTR);
+    if (fd >= 0)
+        return fd;
+    /* Old kernels answer EISDIR, filesystems without support EOPNOTSUPP. */
+    return (errno == EISDIR || errno == EOPNOTSUPP) ? -EOPNOTSUPP : -errno;
+#else
+    (void)dir;
+    return -EOPNOTSUPP;
+#endif
+}
+
+int luna_link_unnamed(int fd, const char *path)
+{
+    char proc_path[64];
+    snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd);
+    /* linkat(fd, "", ..., AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the
+     * /proc link works for any user. */
+    return linkat(AT_FDCWD, proc_path, AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0
+               ? 0
+               : -errno;
+}

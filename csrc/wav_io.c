@@ -1,0 +1,187 @@
+/* wav_io.c - moving WAV bytes between memory and files in few system calls. */
+#include "luna_shm.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* writev all of iov[0..n), resuming after short writes and EINTR. */
+static int writev_all(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        ssize_t w = writev(fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        size_t left = (size_t)w;
+        while (n > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+/* pwritev all of iov[0..n) at off, resuming like writev_all. */
+static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t off)
+{
+    while (n > 0) {
+        ssize_t w = pwritev(fd, iov, n, (off_t)off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        off += (uint64_t)w;
+        size_t left = (size_t)w;
+        while (n > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
+                      const void *data, uint64_t data_bytes)
+{
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    static const uint8_t pad = 0;
+    if (data_bytes > (uint64_t)SIZE_MAX)
+        return -EFBIG;
+    int len = luna_wav_header(header, spec, data_bytes, 0);
+    if (len < 0)
+        return len;
+    struct iovec iov[3] = {
+        {header, (size_t)len},
+        {(void *)data, (size_t)data_bytes},
+        {(void *)&pad, (size_t)(data_bytes & 1u)},
+    };
+    return writev_all(fd, iov, (data_bytes & 1u) ? 3 : 2);
+}
+
+int luna_write_wav_path(const char *path, const struct luna_wav_spec *spec,
+                        const void *data, uint64_t data_bytes)
+{
+    int created = 0;
+    int fd = luna_open_for_write(path, 0600, &created);
+    if (fd < 0)
+        return fd;
+    int rc = luna_write_wav_fd(fd, spec, data, data_bytes);
+    if (rc < 0) {
+        /* Never leave a half-written WAV: remove what we made, empty the
+         * rest (the caller decides whether an existing file is ours). */
+        if (created)
+            unlink(path);
+        else
+            (void)luna_set_length(fd, 0);
+    }
+    int crc = luna_close(fd);
+    return rc < 0 ? rc : crc;
+}
+
+int luna_write_wav_atomic(const char *dir, const char *path,
+                          const char *tmp_path,
+                          const struct luna_wav_spec *spec,
+                          const void *data, uint64_t data_bytes)
+{
+    /* Unnamed first: if we die mid-write the kernel frees the file. */
+    int named = 0;
+    int fd = luna_open_unnamed(dir);
+    if (fd == -EOPNOTSUPP) {
+        fd = luna_create_excl(tmp_path, 0600);
+        named = 1;
+    }
+    if (fd < 0)
+        return fd;
+    int rc = luna_write_wav_fd(fd, spec, data, data_bytes);
+    if (rc == 0 && !named) {
+        rc = luna_link_unnamed(fd, tmp_path);
+        named = rc == 0;
+    }
+    if (rc == 0 && rename(tmp_path, path) != 0)
+        rc = -errno;
+    if (rc < 0 && named)
+        unlink(tmp_path);
+    int crc = luna_close(fd);
+    return rc < 0 ? rc : crc;
+}
+
+int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n)
+{
+    char *p = dst;
+    while (n > 0) {
+        size_t want = n > (uint64_t)SSIZE_MAX ? (size_t)SSIZE_MAX : (size_t)n;
+        ssize_t r = pread(fd, p, want, (off_t)offset);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -ENODATA;
+        p += r;
+        offset += (uint64_t)r;
+        n -= (uint64_t)r;
+    }
+    return 0;
+}
+
+int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
+{
+    struct iovec iov = {(void *)src, (size_t)n};
+    return pwritev_all(fd, &iov, 1, offset);
+}
+
+int luna_stream_append(int fd, const struct luna_wav_spec *spec,
+                       uint64_t data_offset, uint64_t *data_bytes,
+                       const void *data, uint64_t n)
+{
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    static const uint8_t pad = 0;
+    uint64_t total = *data_bytes + n;
+    int len = luna_wav_header(header, spec, total, 0);
+    if (len < 0)
+        return len;
+    if ((uint64_t)len != data_offset)
+        return -EINVAL;
+    /* Samples first, header second: a reader in between sees sizes that
+     * cover only bytes that are already there. The pad byte keeps an odd
+     * data size a well-formed chunk; the next append overwrites it. */
+    struct iovec iov[2] = {
+        {(void *)data, (size_t)n},
+        {(void *)&pad, (size_t)(total & 1u)},
+    };
+    int rc = pwritev_all(fd, iov, (total & 1u) ? 2 : 1,
+                         data_offset + *data_bytes);
+    if (rc < 0) {
+        /* Cut off what part of the chunk got in: the file stays exactly the
+         * valid WAV its header describes. */
+        (void)luna_set_length(fd, data_offset + *data_bytes +
+                                      (*data_bytes & 1u));
+        return rc;
+    }
+    rc = luna_write_at(fd, 0, header, (uint64_t)len);
+    if (rc < 0)
+        return rc;
+    *data_bytes = total;
+    return 0;
+}

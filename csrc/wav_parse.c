@@ -1,0 +1,212 @@
+/* wav_parse.c - reading RIFF/WAVE headers from a buffer or a file.
+ *
+ * One parser for both sources: it asks a source for byte ranges and never
+ * trusts a size field without checking it against the source's length, so
+ * whatever the bytes, nothing outside the buffer or file is ever read.
+ */
+#include "luna_shm.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Chunks walked before the audio, at most: a file of millions of tiny chunks
+ * is an attack on our time, not a WAV. */
+#define MAX_CHUNKS 65536
+
+struct source {
+    const uint8_t *buf; /* whole content, or NULL to pread from fd */
+    int fd;
+    uint64_t size;
+};
+
+static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
+                                      0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71};
+
+/* Copy [off, off+n) of the source into dst; the caller has checked the
+ * range against src->size. Returns 0 or -errno. */
+static int source_read(const struct source *src, uint64_t off, void *dst,
+                       size_t n)
+{
+    if (src->buf) {
+        memcpy(dst, src->buf + off, n);
+        return 0;
+    }
+    return luna_read_at(src->fd, off, dst, n);
+}
+
+static uint32_t get_u16(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+static int fail(struct luna_wav_info *out, const char *why)
+{
+    out->error = why;
+    return -LUNA_EFORMAT;
+}
+
+/* Read and check the fmt chunk body (size bytes at off). */
+static int parse_fmt(const struct source *src, uint64_t off, uint32_t size,
+                     struct luna_wav_info *out)
+{
+    uint8_t f[40];
+    if (size < 16)
+        return fail(out, "fmt chunk is shorter than 16 bytes");
+    if (size > src->size - off)
+        return fail(out, "fmt chunk runs past the end of the file");
+    int rc = source_read(src, off, f, size < 40 ? size : 40);
+    if (rc < 0)
+        return rc;
+
+    uint32_t tag = get_u16(f);
+    uint32_t channels = get_u16(f + 2);
+    uint32_t rate = get_u32(f + 4);
+    uint32_t block_align = get_u16(f + 12);
+    uint32_t bits = get_u16(f + 14);
+    if (tag == LUNA_WAVE_FORMAT_EXTENSIBLE) {
+        if (size < 40 || get_u16(f + 16) < 22)
+            return fail(out, "WAVE_FORMAT_EXTENSIBLE fmt chunk is too short");
+        if (memcmp(f + 26, guid_tail, sizeof guid_tail) != 0)
+            return fail(out, "unknown WAVE_FORMAT_EXTENSIBLE subformat GUID");
+        tag = get_u16(f + 24);
+        out->extensible = 1;
+    }
+    if (tag != LUNA_WAVE_FORMAT_PCM && tag != LUNA_WAVE_FORMAT_IEEE_FLOAT)
+        return fail(out, "unsupported encoding: only PCM and IEEE float WAV "
+                         "files are read (not ADPCM, A-law, mu-law, ...)");
+    if (channels == 0)
+        return fail(out, "fmt chunk says 0 channels");
+    if (rate == 0)
+        return fail(out, "fmt chunk says a sample rate of 0");
+    if (block_align == 0 || block_align % channels != 0)
+        return fail(out, "block align is not a whole number of bytes per "
+                         "channel");
+    uint32_t sample_bytes = block_align / channels;
+    if ((bits + 7u) / 8u != sample_bytes && !out->extensible)
+        return fail(out, "bits per sample disagree with the block align");
+    if (out->extensible && (bits == 0 || bits != sample_bytes * 8u))
+        return fail(out, "bits per sample disagree with the block align");
+    if (tag == LUNA_WAVE_FORMAT_PCM && (sample_bytes < 1 || sample_bytes > 4))
+        return fail(out, "PCM samples must be 1 to 4 bytes wide");
+    if (tag == LUNA_WAVE_FORMAT_IEEE_FLOAT && sample_bytes != 4 &&
+        sample_bytes != 8)
+        return fail(out, "float samples must be 32 or 64 bits wide");
+
+    out->format = (uint16_t)tag;
+    out->channels = (uint16_t)channels;
+    out->samplerate = rate;
+    out->block_align = (uint16_t)block_align;
+    out->bits = (uint16_t)(sample_bytes * 8u);
+    return 0;
+}
+
+static int parse(const struct source *src, struct luna_wav_info *out)
+{
+    uint8_t h[12];
+    *out = (struct luna_wav_info){0};
+    out->file_size = src->size;
+    if (src->size < 12)
+        return fail(out, "file is too short for a RIFF/WAVE header");
+    int rc = source_read(src, 0, h, 12);
+    if (rc < 0)
+        return rc;
+    if (memcmp(h, "RF64", 4) == 0)
+        return fail(out, "RF64 (WAV over 4 GiB) files are not supported");
+    if (memcmp(h, "RIFX", 4) == 0)
+        return fail(out, "big-endian RIFX files are not supported");
+    if (memcmp(h, "RIFF", 4) != 0)
+        return fail(out, "not a RIFF file (no 'RIFF' at offset 0)");
+    if (memcmp(h + 8, "WAVE", 4) != 0)
+        return fail(out, "RIFF file is not a WAVE file");
+    uint32_t riff_size = get_u32(h + 4);
+    int unfinished_riff = riff_size == 0 || riff_size == 0xFFFFFFFFu;
+
+    int have_fmt = 0, have_data = 0, data_to_end = 0;
+    uint64_t off = 12;
+    for (int chunks = 0; !(have_fmt && have_data); chunks++) {
+        if (chunks == MAX_CHUNKS)
+            return fail(out, "too many chunks before the audio data");
+        if (off > src->size || src->size - off < 8) {
+            if (off < src->size)
+                return fail(out, "truncated chunk header");
+            return fail(out, have_fmt ? "no data chunk" : "no fmt chunk");
+        }
+        uint8_t c[8];
+        rc = source_read(src, off, c, 8);
+        if (rc < 0)
+            return rc;
+        uint32_t size = get_u32(c + 4);
+        uint64_t body = off + 8;
+        if (memcmp(c, "fmt ", 4) == 0) {
+            if (have_fmt)
+                return fail(out, "more than one fmt chunk");
+            rc = parse_fmt(src, body, size, out);
+            if (rc < 0)
+                return rc;
+            have_fmt = 1;
+        } else if (memcmp(c, "data", 4) == 0 && !have_data) {
+            uint64_t remaining = src->size - body;
+            out->data_offset = body;
+            have_data = 1;
+            /* An unfinished stream: its data runs to the end of the file. */
+            if (size == 0xFFFFFFFFu || (size == 0 && unfinished_riff)) {
+                out->data_bytes = remaining;
+                data_to_end = 1;
+            } else if (size > remaining) {
+                return fail(out, "data chunk runs past the end of the file "
+                                 "(truncated WAV)");
+            } else {
+                out->data_bytes = size;
+            }
+        }
+        if (data_to_end)
+            break;
+        off = body + size + (size & 1u); /* chunks are padded to even */
+    }
+    if (!have_fmt)
+        return fail(out, "data of unknown length comes before the fmt chunk");
+    if (out->data_bytes > 0xFFFFFFFFu && !data_to_end)
+        return fail(out, "data chunk is larger than 4 GiB");
+    out->frames = out->data_bytes / out->block_align;
+    out->data_bytes = out->frames * out->block_align;
+    return 0;
+}
+
+int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
+                          struct luna_wav_info *out)
+{
+    struct source src = {buf, -1, len};
+    return parse(&src, out);
+}
+
+int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
+{
+    struct source src = {NULL, fd, file_size};
+    return parse(&src, out);
+}
+
+int luna_wav_open(const char *path, struct luna_wav_info *out)
+{
+    uint64_t size = 0;
+    int fd = luna_open_regular(path, &size);
+    if (fd == -LUNA_EFORMAT) {
+        *out = (struct luna_wav_info){0};
+        out->error = "not a regular file";
+        return fd;
+    }
+    if (fd < 0)
+        return fd;
+    int rc = luna_wav_parse_fd(fd, size, out);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}

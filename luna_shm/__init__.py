@@ -1,0 +1,50 @@
+"""luna_shm: temporary audio on a RAM disk, moved in and out of numpy without copies.
+
+Temp files (a drop-in for the ``get_temp_audio_path`` helper):
+    get_temp_audio_path, cleanup_temp_audio, cleanup_all_temp_audio,
+    is_using_ram_disk, temp_dir, refresh_temp_dir
+WAV I/O:
+    write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter
+Errors:
+    WavError (a ValueError) for malformed WAV files, LunaShmError its base;
+    OSError(errno, strerror, filename) for system failures.
+"""
+
+from luna_shm.buffer import WavBuffer, create_wav_buffer
+from luna_shm.errors import LunaShmError, WavError
+from luna_shm.temp_audio import (
+    AUDIO_PREFIX,
+    DAEMON_PREFIX,
+    FALLBACK_DIR,
+    RAM_DISK_DIR,
+    cleanup_all_temp_audio,
+    cleanup_temp_audio,
+    get_temp_audio_path,
+    is_using_ram_disk,
+    refresh_temp_dir,
+    temp_dir,
+)
+from luna_shm.wav import read_wav, write_wav
+from luna_shm.writer import WavWriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUDIO_PREFIX",
+    "DAEMON_PREFIX",
+    "FALLBACK_DIR",
+    "RAM_DISK_DIR",
+    "LunaShmError",
+    "WavBuffer",
+    "WavError",
+    "WavWriter",
+    "cleanup_all_temp_audio",
+    "cleanup_temp_audio",
+    "create_wav_buffer",
+    "get_temp_audio_path",
+    "is_using_ram_disk",
+    "read_wav",
+    "refresh_temp_dir",
+    "temp_dir",
+    "write_wav",
+]

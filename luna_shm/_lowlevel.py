@@ -1,0 +1,323 @@
+"""The one module that talks to the compiled C layer (luna_shm._native).
+
+Everything here turns C results into Python values or exceptions: a negative
+result is ``OSError(errno, strerror, filename)``, a WAV format problem is
+:class:`WavError`. No cdata leaves this module: callers get ints, memoryviews
+and small dataclasses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from luna_shm._native import ffi, lib
+from luna_shm.errors import WavError
+
+HAS_MEMFD: bool = bool(lib.LUNA_HAS_MEMFD)
+HAS_O_TMPFILE: bool = bool(lib.LUNA_HAS_O_TMPFILE)
+WAVE_FORMAT_PCM: int = lib.LUNA_WAVE_FORMAT_PCM
+WAVE_FORMAT_IEEE_FLOAT: int = lib.LUNA_WAVE_FORMAT_IEEE_FLOAT
+_EFORMAT: int = lib.LUNA_EFORMAT
+
+StrPath = str | os.PathLike[str]
+
+
+def check(rc: int, filename: str | None = None) -> int:
+    """Return rc when it is >= 0; raise ``OSError(-rc, strerror, filename)`` otherwise."""
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc), filename)
+    return rc
+
+
+def _check_wav(rc: int, info: Any, filename: str | None) -> int:
+    """Like :func:`check`, but a WAV format failure becomes :class:`WavError`."""
+    if rc == -_EFORMAT:
+        reason = ffi.string(info.error).decode() if info.error else "malformed WAV"
+        where = f"{filename}: " if filename is not None else ""
+        raise WavError(f"{where}{reason}")
+    return check(rc, filename)
+
+
+def _c_path(path: str) -> bytes:
+    """Encode a path for C the way the os module does, refusing NUL bytes."""
+    encoded = os.fsencode(path)
+    if b"\0" in encoded:
+        raise ValueError(f"path contains a NUL byte: {path!r}")
+    return encoded
+
+
+# ---- files -------------------------------------------------------------------
+
+
+def create_excl(path: str, mode: int = 0o600) -> int:
+    """Create path exclusively (never following a link); return the open fd."""
+    return check(lib.luna_create_excl(_c_path(path), mode), path)
+
+
+def touch_excl(path: str, mode: int = 0o600) -> None:
+    """Create path exclusively as an empty file and close it."""
+    check(lib.luna_touch_excl(_c_path(path), mode), path)
+
+
+def open_for_write(path: str, mode: int = 0o600) -> tuple[int, bool]:
+    """Create path, or truncate the regular file there; return (fd, created)."""
+    created = ffi.new("int *")
+    fd = check(lib.luna_open_for_write(_c_path(path), mode, created), path)
+    return fd, bool(created[0])
+
+
+def lock(fd: int, *, exclusive: bool) -> bool:
+    """Take a flock without waiting; False when another open file holds it."""
+    rc = lib.luna_lock(fd, int(exclusive))
+    if rc == -errno.EWOULDBLOCK:
+        return False
+    check(rc)
+    return True
+
+
+def close(fd: int) -> None:
+    """Close fd."""
+    check(lib.luna_close(fd))
+
+
+# ---- filesystems ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FsInfo:
+    """What luna_fs_probe found out about a path (see csrc/fsinfo.c)."""
+
+    fs_type: int
+    dev: tuple[int, int]
+    bytes_free: int
+    bytes_total: int
+    mode: int
+    uid: int
+    is_symlink: bool
+    is_dir: bool
+    is_ram_fs: bool
+    is_mount_point: bool
+    writable: bool
+    write_errno: int
+
+
+def fs_probe(path: str) -> FsInfo:
+    """lstat/statfs/statvfs/access of a directory in one C call."""
+    out = ffi.new("struct luna_fs_info *")
+    check(lib.luna_fs_probe(_c_path(path), out), path)
+    return FsInfo(
+        fs_type=out.fs_type,
+        dev=(out.dev_major, out.dev_minor),
+        bytes_free=out.bytes_free,
+        bytes_total=out.bytes_total,
+        mode=out.mode,
+        uid=out.uid,
+        is_symlink=bool(out.is_symlink),
+        is_dir=bool(out.is_dir),
+        is_ram_fs=bool(out.is_ram_fs),
+        is_mount_point=bool(out.is_mount_point),
+        writable=bool(out.writable),
+        write_errno=out.write_errno,
+    )
+
+
+# ---- space and mappings ----------------------------------------------------------
+
+
+def reserve(fd: int, length: int, filename: str | None = None) -> None:
+    """posix_fallocate [0, length): ENOSPC now rather than SIGBUS later."""
+    check(lib.luna_reserve(fd, 0, length), filename)
+
+
+def set_length(fd: int, length: int, filename: str | None = None) -> None:
+    """ftruncate fd to length."""
+    check(lib.luna_set_length(fd, length), filename)
+
+
+class Mapping:
+    """A shared mapping of a file, unmapped when the last view of it dies.
+
+    ``view`` is a memoryview over the whole mapping. numpy arrays made from it
+    keep it (and so the mapping) alive: no Python code can reach unmapped
+    memory, whatever order things are closed or collected in.
+    """
+
+    __slots__ = ("_address", "length", "view")
+
+    def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
+                 filename: str | None = None) -> None:
+        out = ffi.new("void **")
+        check(lib.luna_map(fd, length, int(writable), int(populate), out), filename)
+        address = ffi.gc(out[0], lambda p: lib.luna_unmap(p, length))
+        self._address = address
+        self.length = length
+        view = memoryview(ffi.buffer(address, length))  # type: ignore[arg-type]
+        self.view = view if writable else view.toreadonly()
+
+    def shrink_file(self, fd: int, new_length: int, filename: str | None = None) -> None:
+        """Cut the file to new_length; whole pages past it become harmless memory."""
+        check(lib.luna_shrink_mapped(fd, self._address, self.length, new_length), filename)
+
+
+def memfd(name: str) -> int:
+    """An anonymous, sealable memory file; ENOSYS where the platform has none."""
+    return check(lib.luna_memfd(_c_path(name)))
+
+
+def seal_shrink(fd: int) -> None:
+    """Forbid every process to shrink this memfd (F_SEAL_SHRINK)."""
+    check(lib.luna_seal_shrink(fd))
+
+
+# ---- WAV ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    """A parsed WAV header: where the samples are and what they are."""
+
+    samplerate: int
+    channels: int
+    format: int
+    bits: int
+    block_align: int
+    extensible: bool
+    data_offset: int
+    data_bytes: int
+    frames: int
+    file_size: int
+
+
+def _info(out: Any) -> WavInfo:
+    return WavInfo(
+        samplerate=out.samplerate,
+        channels=out.channels,
+        format=out.format,
+        bits=out.bits,
+        block_align=out.block_align,
+        extensible=bool(out.extensible),
+        data_offset=out.data_offset,
+        data_bytes=out.data_bytes,
+        frames=out.frames,
+        file_size=out.file_size,
+    )
+
+
+@dataclass(frozen=True)
+class WavSpec:
+    """What a WAV file we write holds: rate, channels, encoding and sample width."""
+
+    samplerate: int
+    channels: int
+    format: int
+    bits: int
+
+    def c_spec(self) -> Any:
+        """The C struct for this spec, for this module's calls only."""
+        spec = ffi.new("struct luna_wav_spec *")
+        spec.samplerate = self.samplerate
+        spec.channels = self.channels
+        spec.format = self.format
+        spec.bits = self.bits
+        return spec
+
+
+def wav_header(spec: WavSpec, data_bytes: int, tail_bytes: int = 0) -> bytes:
+    """The header bytes for data_bytes of audio (and a skippable tail)."""
+    out = ffi.new("uint8_t[]", lib.LUNA_WAV_MAX_HEADER)
+    n = check(lib.luna_wav_header(out, spec.c_spec(), data_bytes, tail_bytes))
+    return bytes(ffi.buffer(out, n))
+
+
+def wav_header_or_error(spec: WavSpec, data_bytes: int) -> bytes:
+    """The header for data_bytes; ValueError when a WAV cannot hold that much."""
+    try:
+        return wav_header(spec, data_bytes)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ValueError(
+                f"data too large for a WAV file: {data_bytes} bytes of samples "
+                "(the limit is 4 GiB; RF64 is not supported)"
+            ) from None
+        raise
+
+
+def wav_header_size(spec: WavSpec) -> int:
+    """Where the samples start in a file we write with this spec."""
+    return len(wav_header(spec, 0))
+
+
+def parse_wav_bytes(data: bytes | bytearray | memoryview) -> WavInfo:
+    """Parse a WAV held in memory; raises WavError for malformed bytes."""
+    out = ffi.new("struct luna_wav_info *")
+    with ffi.from_buffer(data) as buf:
+        _check_wav(lib.luna_wav_parse_buffer(buf, len(buf), out), out, None)
+    return _info(out)
+
+
+def wav_open(path: str) -> tuple[int, WavInfo]:
+    """Open and parse a WAV file; return (fd, info). The caller closes fd."""
+    out = ffi.new("struct luna_wav_info *")
+    fd = _check_wav(lib.luna_wav_open(_c_path(path), out), out, path)
+    return fd, _info(out)
+
+
+def write_wav_path(path: str, spec: WavSpec, data: np.ndarray) -> None:
+    """Create or truncate path and write header + samples in one writev."""
+    with ffi.from_buffer(data) as buf:
+        check(lib.luna_write_wav_path(_c_path(path), spec.c_spec(), buf, len(buf)), path)
+
+
+def write_wav_atomic(directory: str, path: str, tmp_path: str, spec: WavSpec,
+                     data: np.ndarray) -> None:
+    """Write a WAV that appears under path whole, at once (see wav_io.c)."""
+    with ffi.from_buffer(data) as buf:
+        rc = lib.luna_write_wav_atomic(_c_path(directory), _c_path(path), _c_path(tmp_path),
+                                       spec.c_spec(), buf, len(buf))
+    check(rc, path)
+
+
+def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
+    """pread exactly dest.nbytes bytes at offset into dest's memory."""
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        rc = lib.luna_read_at(fd, offset, buf, len(buf))
+    if rc == -errno.ENODATA:  # the file ended before its header said
+        raise WavError(f"{filename}: file shrank while it was being read")
+    check(rc, filename)
+
+
+def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | None = None) -> None:
+    """pwrite all of data at offset."""
+    with ffi.from_buffer(data) as buf:
+        check(lib.luna_write_at(fd, offset, buf, len(buf)), filename)
+
+
+def stream_append(fd: int, spec: WavSpec, data_offset: int, data_bytes: int,
+                  chunk: np.ndarray, filename: str | None = None) -> int:
+    """Append chunk to a streaming WAV, fix its header; return the new data size."""
+    size = ffi.new("uint64_t *", data_bytes)
+    with ffi.from_buffer(chunk) as buf:
+        check(lib.luna_stream_append(fd, spec.c_spec(), data_offset, size, buf, len(buf)),
+              filename)
+    return int(size[0])
+
+
+def pack_s24(src: np.ndarray) -> np.ndarray:
+    """Top 24 bits of each int32 sample, as packed little-endian bytes."""
+    dst = np.empty(src.size * 3, dtype=np.uint8)
+    with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
+        lib.luna_pack_s24(ffi.cast("const int32_t *", s), ffi.cast("uint8_t *", d), src.size)
+    return dst
+
+
+def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
+    """count packed 24-bit samples as int32 with the sample in the top 24 bits."""
+    dst = np.empty(count, dtype=np.int32)
+    with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
+        lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), ffi.cast("int32_t *", d), count)
+    return dst

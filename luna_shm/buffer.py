@@ -1,0 +1,179 @@
+"""WavBuffer: a WAV file that already exists and *is* a numpy array.
+
+The file is created safely, its whole size reserved up front (a full RAM disk
+raises ENOSPC now, never SIGBUS later), its header written, and it is mapped:
+``buf.array`` is a writable view of the samples, so whatever renders into the
+array writes the WAV with zero copies. ``anonymous=True`` uses a memfd: no
+name in any directory, freed by the kernel when the last holder goes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+from typing import Any
+
+import numpy as np
+
+from luna_shm import _lowlevel, formats, temp_audio
+from luna_shm._resource import FileResource
+from luna_shm.placement import AUDIO_PREFIX
+
+__all__ = ["WavBuffer", "create_wav_buffer"]
+
+_ENOSPC_HINT = (
+    " (not enough room on the RAM disk for this buffer: free some, or give the "
+    "container more shared memory, e.g. docker run --shm-size=256m)"
+)
+
+
+class WavBuffer(FileResource):
+    """A mapped WAV file whose samples are the numpy array ``array``.
+
+    Attributes:
+        path: the file's path; for an anonymous buffer ``/proc/<pid>/fd/<n>``,
+            which other processes of the same user can open while it lives.
+        samplerate, channels, frames, dtype: what the WAV holds.
+        anonymous: True for a memfd buffer.
+    """
+
+    _mapping: _lowlevel.Mapping | None = None
+    _array: np.ndarray | None = None
+
+    def __init__(
+        self,
+        frames: int,
+        samplerate: int,
+        channels: int = 1,
+        dtype: Any = "int16",
+        *,
+        path: str | _os.PathLike[str] | None = None,
+        anonymous: bool = False,
+    ) -> None:
+        self.frames = formats.check_frames(frames)
+        self.samplerate = formats.check_samplerate(samplerate)
+        self.channels = formats.check_channels(channels)
+        self.dtype = formats.check_dtype(dtype)
+        self.anonymous = bool(anonymous)
+        self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
+                                      self.channels)
+        formats.check_block_align(self._spec)
+        data_bytes = self.frames * self.channels * self.dtype.itemsize
+        header = _lowlevel.wav_header_or_error(self._spec, data_bytes)
+        self._header_len = len(header)
+        self._length = len(header) + data_bytes + (data_bytes & 1)
+
+        if anonymous:
+            if path is not None:
+                raise ValueError("an anonymous buffer has no path: pass path=None")
+            if not _lowlevel.HAS_MEMFD:
+                raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
+            fd = _lowlevel.memfd(f"{AUDIO_PREFIX}buffer")
+            name, created = f"/proc/{_os.getpid()}/fd/{fd}", False
+        else:
+            name, fd, created = temp_audio.open_destination(path, size_hint=self._length)
+        try:
+            self._open(fd, name, header)
+        except BaseException:
+            if anonymous:
+                _lowlevel.close(fd)
+            else:
+                temp_audio.discard(name, fd, created)
+            raise
+        self._own(fd, name)
+
+    def _open(self, fd: int, name: str, header: bytes) -> None:
+        try:
+            _lowlevel.reserve(fd, self._length, name)
+        except OSError as exc:
+            if exc.errno == _errno.ENOSPC:
+                raise OSError(exc.errno, exc.strerror + _ENOSPC_HINT, name) from None
+            raise
+        _lowlevel.write_at(fd, 0, header, name)
+        if self.anonymous:
+            _lowlevel.seal_shrink(fd)
+        self._mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
+                                          filename=name)
+        _lowlevel.lock(fd, exclusive=False)
+        count = self.frames * self.channels
+        flat = np.frombuffer(self._mapping.view, dtype=self.dtype, count=count,
+                             offset=self._header_len)
+        self._array = flat.reshape(self._shape(self.frames))
+
+    def _shape(self, frames: int) -> tuple[int, ...]:
+        return (frames,) if self.channels == 1 else (frames, self.channels)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The samples: a writable view of shape (frames,) or (frames, channels)."""
+        self._check_open()
+        assert self._array is not None
+        return self._array
+
+    def truncate(self, frames: int) -> None:
+        """Shorten the WAV to its first ``frames`` frames (the audio came out shorter).
+
+        The header is fixed at once. A named file is cut to its new length; an
+        anonymous one is sealed against shrinking, so its unused tail becomes a
+        chunk that readers skip. Old views stay safe to touch.
+        """
+        self._check_open()
+        new_frames = formats.check_frames(frames)
+        if new_frames > self.frames:
+            raise ValueError(f"cannot grow a buffer: frames={new_frames} > {self.frames}")
+        assert self._mapping is not None and self._array is not None
+        data_bytes = new_frames * self.channels * self.dtype.itemsize
+        end = self._header_len + data_bytes + (data_bytes & 1)
+        view = self._mapping.view
+        tail = self._length - end if self.anonymous else 0
+        if tail < 8:
+            tail = 0  # too small for a chunk: left past the RIFF's end
+        view[: self._header_len] = _lowlevel.wav_header(self._spec, data_bytes, tail)
+        if data_bytes & 1:
+            view[end - 1] = 0
+        if tail:
+            view[end : end + 8] = b"JUNK" + (tail - 8).to_bytes(4, "little")
+        if not self.anonymous:
+            self._mapping.shrink_file(self._fd, end, self.path)
+            self._length = end
+        self.frames = new_frames
+        self._array = self._array[:new_frames]
+
+    def _release(self) -> None:
+        # The mapping itself lives on while the user's arrays view it.
+        self._array = None
+        self._mapping = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (f"<WavBuffer {self.path!r} {state}: {self.frames} frames, {self.channels} ch, "
+                f"{self.samplerate} Hz, {self.dtype}>")
+
+
+def create_wav_buffer(
+    frames: int,
+    samplerate: int,
+    channels: int = 1,
+    dtype: Any = "int16",
+    *,
+    path: str | _os.PathLike[str] | None = None,
+    anonymous: bool = False,
+) -> WavBuffer:
+    """Create a WAV file of ``frames`` frames whose samples are a writable numpy array.
+
+    Args:
+        frames: length in frames (>= 0).
+        samplerate: frames per second.
+        channels: 1 to 65535.
+        dtype: uint8, int16, int32, float32 or float64.
+        path: where; None makes a new temp audio file on the RAM disk.
+        anonymous: a memfd with no name in any directory (path must be None).
+
+    Returns:
+        The open :class:`WavBuffer`; close it (or use ``with``) when done.
+
+    Raises:
+        TypeError, ValueError: bad arguments.
+        OSError: ENOSPC when the space cannot be reserved (nothing is left behind).
+    """
+    return WavBuffer(frames, samplerate, channels, dtype, path=path, anonymous=anonymous)

@@ -1,0 +1,9 @@
+"""Exceptions of luna_shm beyond the builtin ones it raises."""
+
+
+class LunaShmError(Exception):
+    """Base class of the errors that luna_shm defines itself."""
+
+
+class WavError(LunaShmError, ValueError):
+    """A file is not a WAV file we can read: malformed, truncated or unsupported."""

@@ -1,0 +1,161 @@
+"""Where temp audio goes: the RAM disk when it is really usable, else the temp dir.
+
+The RAM dir is ``$LUNA_SHM_DIR`` or ``/dev/shm``; it is used only when it is a
+writable directory on tmpfs/ramfs (not a devtmpfs), not a symlink, and not
+world-writable without the sticky bit. ``LUNA_SHM_DISABLE=1`` forces the
+fallback dir, which is ``$TMPDIR`` (like :mod:`tempfile`) or ``/tmp``.
+
+The choice is cached per value of those three variables; :func:`refresh`
+probes again (after a mount changed, say). Each reason to fall back is logged
+once on the ``luna_shm`` logger.
+"""
+
+from __future__ import annotations
+
+import logging as _logging
+import os as _os
+import stat as _stat
+import threading as _threading
+from dataclasses import dataclass
+
+from luna_shm import _lowlevel
+
+RAM_DISK_DIR = "/dev/shm"
+FALLBACK_DIR = "/tmp"
+AUDIO_PREFIX = "luna_audio_"
+DAEMON_PREFIX = "luna_daemon_"
+OUR_PREFIXES = (AUDIO_PREFIX, DAEMON_PREFIX)
+
+_RAM_FS_NAMES = frozenset({"tmpfs", "ramfs"})
+
+logger = _logging.getLogger("luna_shm")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The directory in use, whether it lives in RAM, and why it was chosen."""
+
+    directory: str
+    in_ram: bool
+    reason: str
+    ram_dir: str
+    fallback_dir: str
+
+
+def ram_dir() -> str:
+    """The RAM-disk candidate: ``$LUNA_SHM_DIR`` or ``/dev/shm``."""
+    configured = _os.environ.get("LUNA_SHM_DIR")
+    return _os.path.abspath(configured) if configured else RAM_DISK_DIR
+
+
+def fallback_dir() -> str:
+    """The disk temp dir: ``$TMPDIR`` when it names a directory, else ``/tmp``."""
+    configured = _os.environ.get("TMPDIR")
+    if configured and _os.path.isdir(configured):
+        return _os.path.abspath(configured)
+    return FALLBACK_DIR
+
+
+def our_dirs() -> tuple[str, ...]:
+    """The directories whose files with our prefixes are ours to clean up."""
+    ram, fallback = ram_dir(), fallback_dir()
+    return (ram,) if ram == fallback else (ram, fallback)
+
+
+def _mount_fs_type(dev: tuple[int, int]) -> str | None:
+    """The filesystem type of the mount with this device number, from mountinfo."""
+    wanted = f"{dev[0]}:{dev[1]}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
+            for line in mountinfo:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == wanted and "-" in fields:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        return None
+    return None
+
+
+def lives_in_ram(path: str, info: _lowlevel.FsInfo | None = None) -> bool:
+    """True when directory path is on tmpfs or ramfs (a devtmpfs does not count)."""
+    if info is None:
+        try:
+            info = _lowlevel.fs_probe(path)
+        except OSError:
+            return False
+    if not info.is_dir or not info.is_ram_fs:
+        return False
+    # devtmpfs reports the tmpfs magic too: ask which mount this really is.
+    fs_name = _mount_fs_type(info.dev)
+    if fs_name is None:
+        return info.is_mount_point
+    return fs_name in _RAM_FS_NAMES
+
+
+def ram_dir_problem(path: str) -> str | None:
+    """Why path cannot serve as our RAM disk, or None when it can."""
+    try:
+        info = _lowlevel.fs_probe(path)
+    except OSError as exc:
+        return f"{path} cannot be examined ({exc.strerror})"
+    if info.is_symlink:
+        return f"{path} is a symbolic link (refused: it could point anywhere)"
+    if not info.is_dir:
+        return f"{path} is not a directory"
+    if info.mode & _stat.S_IWOTH and not info.mode & _stat.S_ISVTX:
+        return f"{path} is world-writable without the sticky bit (others could swap our files)"
+    if info.uid not in (0, _os.geteuid()):
+        return f"{path} is owned by another user (uid {info.uid})"
+    if not info.writable:
+        return f"{path} is not writable ({_os.strerror(info.write_errno)})"
+    if not lives_in_ram(path, info):
+        return f"{path} is not a RAM disk (filesystem type {info.fs_type:#x})"
+    return None
+
+
+_lock = _threading.Lock()
+_cache: dict[tuple[str | None, ...], Placement] = {}
+_logged: set[str] = set()
+
+
+def log_once(message: str, level: int = _logging.WARNING) -> None:
+    """Log message on the luna_shm logger the first time it is seen."""
+    with _lock:
+        if message in _logged:
+            return
+        _logged.add(message)
+    logger.log(level, message)
+
+
+def _choose() -> Placement:
+    ram, fallback = ram_dir(), fallback_dir()
+    if _os.environ.get("LUNA_SHM_DISABLE", "") not in ("", "0"):
+        reason = "LUNA_SHM_DISABLE is set"
+        log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)
+        return Placement(fallback, lives_in_ram(fallback), reason, ram, fallback)
+    problem = ram_dir_problem(ram)
+    if problem is None:
+        return Placement(ram, True, f"{ram} is a writable RAM disk", ram, fallback)
+    log_once(f"luna_shm: falling back to {fallback}: {problem}")
+    return Placement(fallback, lives_in_ram(fallback), problem, ram, fallback)
+
+
+def current() -> Placement:
+    """The placement for the present environment (cached, see :func:`refresh`)."""
+    env = _os.environ
+    key = (env.get("LUNA_SHM_DIR"), env.get("LUNA_SHM_DISABLE"), env.get("TMPDIR"))
+    placement = _cache.get(key)
+    if placement is None:
+        placement = _choose()
+        with _lock:
+            _cache.clear()
+            _cache[key] = placement
+    return placement
+
+
+def refresh() -> Placement:
+    """Forget the cached choice and probe the directories again."""
+    with _lock:
+        _cache.clear()
+        _logged.clear()
+    return current()

@@ -1,0 +1,354 @@
+"""Temporary audio files on the RAM disk: the drop-in helper API.
+
+``get_temp_audio_path(".wav")`` returns ``/dev/shm/luna_audio_<uuid4 hex>.wav``
+(or the same name in the fallback temp dir), created empty, mode 0600, so
+nobody can race us to the name. ``cleanup_temp_audio(path)`` and
+``cleanup_all_temp_audio()`` remove our files and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+import stat as _stat
+import time as _time
+import uuid as _uuid
+
+from luna_shm import _lowlevel, placement
+from luna_shm.placement import (
+    AUDIO_PREFIX,
+    DAEMON_PREFIX,
+    FALLBACK_DIR,
+    RAM_DISK_DIR,
+)
+
+__all__ = [
+    "AUDIO_PREFIX",
+    "DAEMON_PREFIX",
+    "FALLBACK_DIR",
+    "RAM_DISK_DIR",
+    "cleanup_all_temp_audio",
+    "cleanup_temp_audio",
+    "get_temp_audio_path",
+    "is_using_ram_disk",
+    "refresh_temp_dir",
+    "temp_dir",
+]
+
+# As tempfile.TMP_MAX: how many names to try before giving up on EEXIST.
+_MAX_TRIES = 10000
+
+# Errors after which a file that does not fit on the RAM disk goes to the
+# fallback dir instead (read-only, full, over quota, permission changed, gone).
+_FALLBACK_ERRNOS = frozenset(
+    {_errno.EROFS, _errno.ENOSPC, _errno.EDQUOT, _errno.EACCES, _errno.EPERM, _errno.ENOENT}
+)
+
+_PARTIAL_MARK = ".partial_"
+
+
+def _new_token() -> str:
+    """A fresh random name part: uuid4 hex (32 characters)."""
+    return _uuid.uuid4().hex
+
+
+def _check_name_part(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got {value!r}")
+    return value
+
+
+def _check_size_hint(size_hint: object) -> int | None:
+    if size_hint is None:
+        return None
+    if isinstance(size_hint, bool) or not isinstance(size_hint, int):
+        raise TypeError(f"size_hint must be an int number of bytes, got {size_hint!r}")
+    if size_hint < 0:
+        raise ValueError(f"size_hint must be >= 0, got {size_hint!r}")
+    return size_hint
+
+
+def _directory_for(size_hint: int | None) -> tuple[str, bool]:
+    """The directory for one new file, and whether it is the RAM disk."""
+    chosen = placement.current()
+    if chosen.directory != chosen.ram_dir or not size_hint:
+        return chosen.directory, chosen.directory == chosen.ram_dir
+    try:
+        free = _lowlevel.fs_probe(chosen.ram_dir).bytes_free
+    except OSError:
+        free = 0
+    if free >= size_hint:
+        return chosen.directory, True
+    placement.log_once(
+        f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
+        f"({free} bytes free): using {chosen.fallback_dir} for it"
+    )
+    return chosen.fallback_dir, False
+
+
+def create_temp_file(
+    suffix: str = ".wav", prefix: str = AUDIO_PREFIX, *, size_hint: int | None = None
+) -> tuple[str, int]:
+    """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
+
+    The name is retried on collision like :func:`tempfile.mkstemp`; a RAM disk
+    that refuses the file (read-only, full) sends it to the fallback dir.
+    """
+    directory, in_ram = _directory_for(size_hint)
+    for _ in range(_MAX_TRIES):
+        path = f"{directory}/{prefix}{_new_token()}{suffix}"
+        try:
+            return path, _lowlevel.create_excl(path)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if not in_ram or exc.errno not in _FALLBACK_ERRNOS:
+                raise
+            fallback = placement.current().fallback_dir
+            placement.log_once(
+                f"luna_shm: cannot create files in {directory} ({exc.strerror}): "
+                f"using {fallback}"
+            )
+            directory, in_ram = fallback, False
+    raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
+
+
+def get_temp_audio_path(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    create: bool = True,
+    size_hint: int | None = None,
+) -> str:
+    """Return a new temp audio path: ``<dir>/<prefix><uuid4 hex><suffix>``.
+
+    Args:
+        suffix: file name ending, e.g. ``".wav"``; no ``/`` or NUL.
+        prefix: file name start; our cleanup knows ``luna_audio_`` and ``luna_daemon_``.
+        create: create the file (empty, mode 0600, exclusively) before returning,
+            so that no other process can take the name; False returns a bare name
+            for tools that refuse an existing file.
+        size_hint: bytes the file will hold; when the RAM disk has less free,
+            the file goes to the fallback dir.
+
+    Returns:
+        The absolute path, in the RAM disk when usable, else the fallback dir.
+
+    Raises:
+        TypeError, ValueError: for a bad suffix, prefix or size_hint.
+        OSError: when no directory can take the file.
+    """
+    _check_name_part("suffix", suffix)
+    _check_name_part("prefix", prefix)
+    hint = _check_size_hint(size_hint)
+    if not create:
+        directory, _ = _directory_for(hint)
+        return f"{directory}/{prefix}{_new_token()}{suffix}"
+    path, fd = create_temp_file(suffix, prefix, size_hint=hint)
+    _lowlevel.close(fd)
+    return path
+
+
+def is_our_name(name: str) -> bool:
+    """True for a file name that our prefixes mark as ours (or our partial writes)."""
+    return name.startswith(placement.OUR_PREFIXES) or (
+        name.startswith(".") and name[1:].startswith(placement.OUR_PREFIXES)
+    )
+
+
+def partial_path(path: str) -> str:
+    """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
+    directory = _os.path.dirname(path) or "."
+    return f"{directory}/.{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+
+
+def _open_dir(directory: str) -> int:
+    """Open one of our dirs without following a symlink at its last component."""
+    return _os.open(directory, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+
+
+def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
+    """Remove one of our temp files; True if removed, False if it was already gone.
+
+    Args:
+        path: a path returned by :func:`get_temp_audio_path` (str or PathLike).
+
+    Returns:
+        True when this call removed the file, False when there was none.
+
+    Raises:
+        ValueError: the path is not ours: not absolute, its parent is not exactly
+            one of our two dirs, or its name lacks our prefixes. A symlink is
+            removed itself, never its target.
+        IsADirectoryError: a directory stands at the name.
+        PermissionError: the file belongs to another user.
+    """
+    text = _os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str or os.PathLike[str], got {type(text).__name__}")
+    if "\0" in text:
+        raise ValueError(f"path contains a NUL byte: {text!r}")
+    if not _os.path.isabs(text):
+        raise ValueError(f"refusing to remove {text!r}: not an absolute path")
+    parent, name = _os.path.split(text)
+    if parent not in placement.our_dirs():
+        raise ValueError(
+            f"refusing to remove {text!r}: its directory is not one of ours "
+            f"({', '.join(placement.our_dirs())})"
+        )
+    if not name.startswith(placement.OUR_PREFIXES):
+        raise ValueError(
+            f"refusing to remove {text!r}: the name lacks our prefixes "
+            f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r})"
+        )
+    try:
+        dir_fd = _open_dir(parent)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno == _errno.ELOOP:
+            raise ValueError(f"refusing to remove {text!r}: {parent} is a symlink") from None
+        raise
+    try:
+        try:
+            st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if _stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(_errno.EISDIR, "not removing a directory", text)
+        if st.st_uid != _os.geteuid():
+            raise PermissionError(_errno.EPERM, "file belongs to another user", text)
+        try:
+            _os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        _os.close(dir_fd)
+
+
+def _remove_if_unused(dir_fd: int, name: str, st: _os.stat_result) -> bool:
+    """Unlink name when no live process holds a lock on it; True if removed.
+
+    Buffers, writers and pool slots hold a shared flock for their lifetime: if
+    we can take the exclusive lock, nobody alive is using the file.
+    """
+    try:
+        fd = _os.open(
+            name,
+            _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
+    except OSError:
+        return False  # vanished, or became a link: not ours to touch now
+    try:
+        opened = _os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            return False  # replaced under us
+        if not _lowlevel.lock(fd, exclusive=True):
+            return False  # in use by a live process
+        # The name could have been renamed over while we locked: check it is
+        # still the file we hold before unlinking it.
+        try:
+            again = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        _os.unlink(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        _os.close(fd)
+
+
+def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
+    """Remove all our temp files (both prefixes, both dirs); return how many.
+
+    Only regular files owned by this user are removed; links, FIFOs,
+    directories, other users' files and files in use (locked by a live
+    process) are left alone. Files vanishing meanwhile are fine.
+
+    Args:
+        older_than: seconds; when given, only files last modified longer ago.
+
+    Returns:
+        The number of files this call removed.
+    """
+    if older_than is not None:
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+            raise TypeError(f"older_than must be a number of seconds, got {older_than!r}")
+        if not older_than >= 0:
+            raise ValueError(f"older_than must be >= 0 seconds, got {older_than!r}")
+    cutoff = None if older_than is None else _time.time() - older_than
+    uid = _os.geteuid()
+    removed = 0
+    for directory in placement.our_dirs():
+        try:
+            dir_fd = _open_dir(directory)
+        except OSError:
+            continue  # missing, a symlink, or unreadable: nothing of ours there
+        try:
+            with _os.scandir(dir_fd) as entries:
+                names = [e.name for e in entries if is_our_name(e.name)]
+            for name in names:
+                try:
+                    st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not _stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                    continue
+                if cutoff is not None and st.st_mtime > cutoff:
+                    continue
+                removed += _remove_if_unused(dir_fd, name, st)
+        finally:
+            _os.close(dir_fd)
+    return removed
+
+
+def temp_dir() -> str:
+    """The directory new temp audio goes to now."""
+    return placement.current().directory
+
+
+def is_using_ram_disk() -> bool:
+    """True when the directory in use is a writable directory that lives in RAM."""
+    return placement.current().in_ram
+
+
+def refresh_temp_dir() -> str:
+    """Probe the directories again (after a mount change) and return the one in use."""
+    return placement.refresh().directory
+
+
+def open_destination(
+    path: str | _os.PathLike[str] | None, *, size_hint: int | None = None
+) -> tuple[str, int, bool]:
+    """Open where a WAV will be written: ``(path, fd, created)``.
+
+    None makes a new temp audio file; a given path is created, or the regular
+    file there is truncated (a symlink there is refused, never followed).
+    """
+    if path is None:
+        new_path, fd = create_temp_file(".wav", size_hint=size_hint)
+        return new_path, fd, True
+    text = _os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    fd, created = _lowlevel.open_for_write(text)
+    return text, fd, created
+
+
+def discard(path: str, fd: int, created: bool) -> None:
+    """Undo :func:`open_destination` after a failure: close, remove what we made."""
+    try:
+        _lowlevel.close(fd)
+    finally:
+        if created or is_our_name(_os.path.basename(path)):
+            try:
+                _os.unlink(path)
+            except FileNotFoundError:
+                pass

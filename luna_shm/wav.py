@@ -1,0 +1,163 @@
+"""write_wav and read_wav: numpy audio to and from WAV files without copies.
+
+``write_wav`` sends header and samples to the kernel in one ``writev`` straight
+from the array's memory. ``read_wav`` maps the file and returns a read-only
+array over it (``mmap=True``) or reads the samples into a new array with one
+``pread`` (``mmap=False``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+import numpy as np
+
+from luna_shm import _lowlevel, formats, placement, temp_audio
+
+__all__ = ["read_wav", "write_wav"]
+
+_CONTAINER_HINT = (
+    " (the RAM disk is full: remove old files, or give the container more shared "
+    "memory, e.g. docker run --shm-size=256m)"
+)
+
+
+def _is_our_temp_file(path: str) -> bool:
+    parent, name = _os.path.split(path)
+    return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
+
+
+def _explain(exc: OSError, path: str) -> OSError:
+    """The same error, with a hint for a full RAM disk."""
+    if exc.errno == _errno.ENOSPC and _os.path.dirname(path) == placement.ram_dir():
+        return OSError(exc.errno, exc.strerror + _CONTAINER_HINT, path)
+    return exc
+
+
+def _prepare(data: object, samplerate: object, subtype: object) -> tuple[np.ndarray,
+                                                                          _lowlevel.WavSpec]:
+    """Check the user's input and return (array to write, spec)."""
+    rate = formats.check_samplerate(samplerate)
+    array = formats.check_audio(data)
+    natural = formats.natural_subtype(array.dtype)
+    chosen = natural if subtype is None else formats.check_subtype(subtype)
+    if chosen == "PCM_24" and natural == "PCM_32":
+        pass  # packed below
+    elif chosen != natural:
+        wanted = formats.SUBTYPES[chosen][2]
+        raise ValueError(
+            f"subtype {chosen!r} stores {wanted} samples, but data is {array.dtype}; "
+            f"convert the data first or use subtype {natural!r}"
+        )
+    spec = formats.spec_for(chosen, rate, formats.channels_of(array))
+    formats.check_block_align(spec)
+    if chosen == "PCM_24":
+        array = _lowlevel.pack_s24(array)
+    if array.nbytes > 0xFFFFFFFF - _lowlevel.wav_header_size(spec):
+        raise ValueError(
+            f"data too large for a WAV file: {array.nbytes} bytes (the limit is 4 GiB; "
+            "RF64 is not supported)"
+        )
+    return array, spec
+
+
+def write_wav(
+    path: str | _os.PathLike[str] | None,
+    data: object,
+    samplerate: int,
+    *,
+    subtype: str | None = None,
+    atomic: bool = False,
+) -> str:
+    """Write a numpy array as a WAV file and return its path.
+
+    Args:
+        path: where to write; None makes a new temp audio file (RAM disk first).
+            An existing regular file is replaced; a symlink is never followed.
+        data: array of shape (frames,) or (frames, channels) of uint8, int16,
+            int32, float32 or float64. C-contiguous little-endian arrays are
+            written straight from their memory; others are converted once.
+        samplerate: frames per second, 1 to 2**32-1.
+        subtype: None for the data's own type, or a python-soundfile subtype name
+            ("PCM_16", "PCM_24", ...); "PCM_24" keeps the top 24 bits of int32.
+        atomic: make the complete file appear under its name at once.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError, ValueError: bad data, samplerate or subtype.
+        OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
+    """
+    array, spec = _prepare(data, samplerate, subtype)
+    if path is None:
+        path_str, fd = temp_audio.create_temp_file(".wav", size_hint=array.nbytes + 128)
+        _lowlevel.close(fd)
+    else:
+        path_str = _os.fspath(path)
+        if not isinstance(path_str, str):
+            raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    try:
+        if atomic:
+            directory = _os.path.dirname(path_str) or "."
+            _lowlevel.write_wav_atomic(directory, path_str, temp_audio.partial_path(path_str),
+                                       spec, array)
+        else:
+            _lowlevel.write_wav_path(path_str, spec, array)
+    except OSError as exc:
+        # A failed write leaves an empty file at most; an empty temp file of
+        # ours is removed too (the C layer already removed one it created).
+        if not atomic and (path is None or _is_our_temp_file(path_str)):
+            try:
+                _os.unlink(path_str)
+            except FileNotFoundError:
+                pass
+        raise _explain(exc, path_str) from None
+    return path_str
+
+
+def _shape(info: _lowlevel.WavInfo) -> tuple[int, ...]:
+    return (info.frames,) if info.channels == 1 else (info.frames, info.channels)
+
+
+def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.ndarray, int]:
+    """Read a WAV file; return ``(data, samplerate)``.
+
+    Args:
+        path: the file (any PCM 8/16/24/32-bit or IEEE float 32/64 WAV, plain or
+            EXTENSIBLE, with any other chunks around).
+        mmap: True returns a read-only array that views the mapped file (no copy;
+            the mapping lives as long as the array). False returns an owned array.
+
+    Returns:
+        data of shape (frames,) for mono or (frames, channels), in the file's
+        own type (uint8, int16, int32, float32, float64; 24-bit comes back as
+        int32 with the sample in the top 24 bits, a copy), and the sample rate.
+
+    Raises:
+        WavError: the file is malformed, truncated or of an unsupported encoding.
+        OSError: the file cannot be opened or read.
+    """
+    path_str = _os.fspath(path)
+    if not isinstance(path_str, str):
+        raise TypeError(f"path must be str or os.PathLike[str], got {path!r}")
+    fd, info = _lowlevel.wav_open(path_str)
+    try:
+        dtype = formats.dtype_of(info)
+        count = info.frames * info.channels
+        if info.bits == 24:
+            raw = np.empty(count * 3, dtype=np.uint8)
+            _lowlevel.read_into(fd, info.data_offset, raw, path_str)
+            samples = _lowlevel.unpack_s24(raw, count)
+        elif mmap and count:
+            mapping = _lowlevel.Mapping(fd, info.data_offset + info.data_bytes,
+                                        writable=False, populate=False, filename=path_str)
+            samples = np.frombuffer(mapping.view, dtype=dtype, count=count,
+                                    offset=info.data_offset)
+        else:
+            samples = np.empty(count, dtype=dtype)
+            _lowlevel.read_into(fd, info.data_offset, samples, path_str)
+    finally:
+        _lowlevel.close(fd)
+    return samples.reshape(_shape(info)), info.samplerate
+

@@ -1,0 +1,90 @@
+"""WavWriter: a WAV file that grows chunk by chunk (streaming TTS).
+
+After every :meth:`WavWriter.write` the header's sizes cover exactly the
+samples that are in the file, so a player that opens it mid-stream reads a
+correct WAV of what is there. Each chunk costs two system calls: the samples
+(straight from the array's memory), then the header.
+"""
+
+from __future__ import annotations
+
+import os as _os
+from typing import Any
+
+
+from luna_shm import _lowlevel, formats, temp_audio
+from luna_shm._resource import FileResource
+
+__all__ = ["WavWriter"]
+
+
+class WavWriter(FileResource):
+    """Append audio chunks to a WAV file whose header is valid after each one.
+
+    Args:
+        path: where to write; None makes a new temp audio file on the RAM disk.
+        samplerate: frames per second.
+        channels: 1 to 65535.
+        dtype: the chunks' sample type: uint8, int16, int32, float32 or float64.
+    """
+
+    def __init__(
+        self,
+        path: str | _os.PathLike[str] | None,
+        samplerate: int,
+        channels: int = 1,
+        dtype: Any = "int16",
+    ) -> None:
+        self.samplerate = formats.check_samplerate(samplerate)
+        self.channels = formats.check_channels(channels)
+        self.dtype = formats.check_dtype(dtype)
+        self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
+                                      self.channels)
+        formats.check_block_align(self._spec)
+        header = _lowlevel.wav_header(self._spec, 0)
+        self._data_offset = len(header)
+        self._data_bytes = 0
+        name, fd, created = temp_audio.open_destination(path)
+        try:
+            _lowlevel.write_at(fd, 0, header, name)
+            _lowlevel.lock(fd, exclusive=False)
+        except BaseException:
+            temp_audio.discard(name, fd, created)
+            raise
+        self._own(fd, name)
+
+    @property
+    def frames(self) -> int:
+        """Frames written so far."""
+        return self._data_bytes // (self.channels * self.dtype.itemsize)
+
+    def write(self, chunk: object) -> None:
+        """Append chunk, shape (frames,) for mono or (frames, channels), of the writer's dtype.
+
+        Raises:
+            TypeError: the chunk's dtype is not the writer's.
+            ValueError: the chunk's shape does not match the channel count, or
+                the file would pass 4 GiB.
+            OSError: the write failed; the file keeps exactly the chunks before.
+        """
+        self._check_open()
+        array = formats.check_audio(chunk)
+        if array.dtype != self.dtype:
+            raise TypeError(f"chunk dtype {array.dtype} does not match the writer's {self.dtype}")
+        chunk_channels = formats.channels_of(array)
+        if chunk_channels != self.channels:
+            raise ValueError(
+                f"chunk has {chunk_channels} channel(s) (shape {array.shape}); the writer "
+                f"has {self.channels}"
+            )
+        if self._data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
+            raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
+        self._data_bytes = _lowlevel.stream_append(
+            self._fd, self._spec, self._data_offset, self._data_bytes, array, self.path
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<WavWriter {self.path!r} {state}: {self.frames} frames written>"
+
+
