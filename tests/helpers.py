@@ -1,0 +1,90 @@
+"""Shared test helpers: private RAM dirs, private mount namespaces, capability probes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program; skip without it (fail under CI, which installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed, but CI must have it (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@functools.cache
+def _unshare_prefix() -> list[str] | None:
+    """The unshare command that gives a child a private mount namespace where it may mount."""
+    if shutil.which("unshare") is None:
+        return None
+    candidates = [["unshare", "-m", "--propagation", "private"]]
+    if os.geteuid() != 0:
+        candidates = [["unshare", "-r", "-m", "--propagation", "private"]]
+    probe = "mount -t tmpfs -o size=64k tmpfs /dev/shm && test -w /dev/shm"
+    for prefix in candidates:
+        try:
+            done = subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return prefix
+    return None
+
+
+def require_private_mounts() -> list[str]:
+    """The unshare prefix; skip with the reason when private mounts are not permitted here."""
+    prefix = _unshare_prefix()
+    if prefix is None:
+        pytest.skip("cannot make a private mount namespace with a tmpfs here (unshare -m)")
+    return prefix
+
+
+def run_in_private_shm(
+    body: str,
+    *,
+    shm_size: str = "1m",
+    read_only: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run python code in a child whose /dev/shm and /tmp are fresh private tmpfs mounts.
+
+    /dev/shm is a tmpfs of shm_size (mounted read-only with read_only=True);
+    /tmp is a private tmpfs too, so nothing the child does can touch the
+    machine's shared /dev/shm or /tmp. Returns the finished process (text output).
+    """
+    prefix = require_private_mounts()
+    shm_options = f"size={shm_size},mode=1777" + (",ro" if read_only else "")
+    script = (
+        "set -e\n"
+        f"mount -t tmpfs -o {shm_options} tmpfs /dev/shm\n"
+        "mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp\n"
+        'exec "$0" -c "$1"\n'
+    )
+    child_env = {k: v for k, v in os.environ.items()
+                 if k not in ("LUNA_SHM_DIR", "LUNA_SHM_DISABLE", "TMPDIR")}
+    child_env.update(env or {})
+    child_env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [*prefix, "sh", "-c", script, sys.executable, textwrap.dedent(body)],
+        capture_output=True, text=True, env=child_env, timeout=timeout,
+    )
+
+
+def assert_child_ok(done: subprocess.CompletedProcess[str]) -> str:
+    """Fail with the child's output unless it exited 0; return its stdout."""
+    assert done.returncode == 0, f"child exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
