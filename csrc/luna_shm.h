@@ -224,4 +224,12 @@ void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
  * 24 bits (as libsndfile returns them). */
 void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
 
+/* Convert count float32 (src_is_double=0) or float64 samples in [-1, 1] to
+ * PCM of dst_bits (8: unsigned, 16, 24: packed 3 bytes, 32) in one pass:
+ * scaled by the target's largest positive value, clipped to its range,
+ * rounded to nearest with ties to even; NaN becomes 0 (silence), +-inf the
+ * extremes. Returns 0, or -EINVAL for another dst_bits. */
+int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
+                      int dst_bits, uint64_t count);
+
 #endif /* LUNA_SHM_H */

@@ -14,11 +14,17 @@
  * is an attack on our time, not a WAV. */
 #define MAX_CHUNKS 65536
 
+/* The first buf_len bytes are in buf; the rest, if any, is read from fd. */
 struct source {
-    const uint8_t *buf; /* whole content, or NULL to pread from fd */
+    const uint8_t *buf;
+    uint64_t buf_len;
     int fd;
     uint64_t size;
 };
+
+/* How much of a file luna_wav_open reads at once: enough for the headers of
+ * nearly every real WAV, so that parsing costs one system call. */
+#define PREFIX_BYTES 4096
 
 static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
                                       0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71};
@@ -28,7 +34,7 @@ static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
 static int source_read(const struct source *src, uint64_t off, void *dst,
                        size_t n)
 {
-    if (src->buf) {
+    if (off <= src->buf_len && n <= src->buf_len - off) {
         memcpy(dst, src->buf + off, n);
         return 0;
     }
@@ -182,13 +188,13 @@ static int parse(const struct source *src, struct luna_wav_info *out)
 int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
                           struct luna_wav_info *out)
 {
-    struct source src = {buf, -1, len};
+    struct source src = {buf, len, -1, len};
     return parse(&src, out);
 }
 
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
 {
-    struct source src = {NULL, fd, file_size};
+    struct source src = {NULL, 0, fd, file_size};
     return parse(&src, out);
 }
 
@@ -203,7 +209,13 @@ int luna_wav_open(const char *path, struct luna_wav_info *out)
     }
     if (fd < 0)
         return fd;
-    int rc = luna_wav_parse_fd(fd, size, out);
+    uint8_t prefix[PREFIX_BYTES];
+    uint64_t want = size < PREFIX_BYTES ? size : PREFIX_BYTES;
+    int rc = luna_read_at(fd, 0, prefix, want);
+    if (rc == 0) {
+        struct source src = {prefix, want, fd, size};
+        rc = parse(&src, out);
+    }
     if (rc < 0) {
         close(fd);
         return rc;

@@ -4,14 +4,19 @@ Temp files (a drop-in for the ``get_temp_audio_path`` helper):
     get_temp_audio_path, cleanup_temp_audio, cleanup_all_temp_audio,
     is_using_ram_disk, temp_dir, refresh_temp_dir
 WAV I/O:
-    write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter
+    write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
+Hand-offs:
+    save_temp_audio (encoded bytes, e.g. MP3 from a cloud TTS), send_wav / recv_wav
 Errors:
     WavError (a ValueError) for malformed WAV files, LunaShmError its base;
     OSError(errno, strerror, filename) for system failures.
 """
 
 from luna_shm.buffer import WavBuffer, create_wav_buffer
-from luna_shm.errors import LunaShmError, WavError
+from luna_shm.encoded import save_temp_audio
+from luna_shm.errors import HandoffError, LunaShmError, WavError
+from luna_shm.handoff import recv_wav, send_wav
+from luna_shm.pool import AudioPool, PooledWav
 from luna_shm.temp_audio import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -21,6 +26,7 @@ from luna_shm.temp_audio import (
     cleanup_temp_audio,
     get_temp_audio_path,
     is_using_ram_disk,
+    iter_unused_temp_audio,
     refresh_temp_dir,
     temp_dir,
 )
@@ -34,7 +40,10 @@ __all__ = [
     "DAEMON_PREFIX",
     "FALLBACK_DIR",
     "RAM_DISK_DIR",
+    "AudioPool",
+    "HandoffError",
     "LunaShmError",
+    "PooledWav",
     "WavBuffer",
     "WavError",
     "WavWriter",
@@ -43,8 +52,17 @@ __all__ = [
     "create_wav_buffer",
     "get_temp_audio_path",
     "is_using_ram_disk",
+    "iter_unused_temp_audio",
     "read_wav",
+    "recv_wav",
+    "save_temp_audio",
+    "send_wav",
     "refresh_temp_dir",
     "temp_dir",
     "write_wav",
 ]
+
+
+def __dir__() -> list[str]:
+    """Only the public API, not the submodules."""
+    return list(__all__)

@@ -267,6 +267,13 @@ def wav_open(path: str) -> tuple[int, WavInfo]:
     return fd, _info(out)
 
 
+def wav_parse_fd(fd: int, file_size: int, filename: str | None = None) -> WavInfo:
+    """Parse the WAV in an open fd of file_size bytes (pread of the headers only)."""
+    out = ffi.new("struct luna_wav_info *")
+    _check_wav(lib.luna_wav_parse_fd(fd, file_size, out), out, filename)
+    return _info(out)
+
+
 def write_wav_path(path: str, spec: WavSpec, data: np.ndarray) -> None:
     """Create or truncate path and write header + samples in one writev."""
     with ffi.from_buffer(data) as buf:
@@ -307,12 +314,19 @@ def stream_append(fd: int, spec: WavSpec, data_offset: int, data_bytes: int,
     return int(size[0])
 
 
-def pack_s24(src: np.ndarray) -> np.ndarray:
-    """Top 24 bits of each int32 sample, as packed little-endian bytes."""
-    dst = np.empty(src.size * 3, dtype=np.uint8)
-    with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
+def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
+    """Top 24 bits of each int32 sample of src, packed little-endian into dest's bytes."""
+    if dest.nbytes != src.size * 3:
+        raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * 3}")
+    with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
         lib.luna_pack_s24(ffi.cast("const int32_t *", s), ffi.cast("uint8_t *", d), src.size)
-    return dst
+
+
+def pack_s24(src: np.ndarray) -> np.ndarray:
+    """Top 24 bits of each int32 sample, as a new array of packed bytes."""
+    dest = np.empty(src.size * 3, dtype=np.uint8)
+    pack_s24_into(src, dest)
+    return dest
 
 
 def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
@@ -321,3 +335,24 @@ def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
     with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
         lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), ffi.cast("int32_t *", d), count)
     return dst
+
+
+_PCM_DTYPES = {8: np.dtype("<u1"), 16: np.dtype("<i2"), 24: np.dtype("<u1"), 32: np.dtype("<i4")}
+
+
+def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
+    """Convert float32/float64 samples into dest's memory as PCM of bits (see convert.c).
+
+    dest must hold src.size samples of that PCM type (24-bit: 3 bytes each).
+    """
+    if dest.nbytes != src.size * (bits // 8):
+        raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * (bits // 8)}")
+    with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
+        check(lib.luna_float_to_pcm(s, int(src.dtype.itemsize == 8), d, bits, src.size))
+
+
+def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
+    """float32/float64 samples as a new PCM array (24-bit: packed bytes)."""
+    dest = np.empty(src.size * (bits // 8) if bits == 24 else src.size, dtype=_PCM_DTYPES[bits])
+    float_to_pcm_into(src, dest, bits)
+    return dest

@@ -7,3 +7,7 @@ class LunaShmError(Exception):
 
 class WavError(LunaShmError, ValueError):
     """A file is not a WAV file we can read: malformed, truncated or unsupported."""
+
+
+class HandoffError(LunaShmError, ValueError):
+    """A message on a handoff socket is not a WAV handoff (no fd, wrong header)."""

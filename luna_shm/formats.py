@@ -24,6 +24,9 @@ SUBTYPES: dict[str, tuple[int, int, np.dtype[Any]]] = {
     "DOUBLE": (WAVE_FORMAT_IEEE_FLOAT, 64, np.dtype("<f8")),
 }
 
+PCM_SUBTYPES = frozenset({"PCM_U8", "PCM_16", "PCM_24", "PCM_32"})
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
 # numpy dtype (kind, itemsize) -> its own subtype
 _NATURAL_SUBTYPE: dict[tuple[str, int], str] = {
     ("u", 1): "PCM_U8",
@@ -140,6 +143,15 @@ def dtype_of(info: WavInfo) -> np.dtype[Any]:
         return np.dtype("<f4") if info.bits == 32 else np.dtype("<f8")
     return {8: np.dtype("<u1"), 16: np.dtype("<i2"), 24: np.dtype("<i4"),
             32: np.dtype("<i4")}[info.bits]
+
+
+def view_dtype(spec: WavSpec) -> np.dtype[Any] | None:
+    """The numpy dtype that views spec's samples in place, or None (packed 24-bit)."""
+    if spec.bits == 24:
+        return None
+    if spec.format == WAVE_FORMAT_IEEE_FLOAT:
+        return np.dtype(f"<f{spec.bits // 8}")
+    return np.dtype("<u1") if spec.bits == 8 else np.dtype(f"<i{spec.bits // 8}")
 
 
 def check_block_align(spec: WavSpec) -> None:

@@ -52,7 +52,9 @@ def fallback_dir() -> str:
     """The disk temp dir: ``$TMPDIR`` when it names a directory, else ``/tmp``."""
     configured = _os.environ.get("TMPDIR")
     if configured and _os.path.isdir(configured):
-        return _os.path.abspath(configured)
+        # Resolved: cleanup opens our dirs with O_NOFOLLOW, so a symlinked
+        # TMPDIR would leave every file made through it impossible to clean up.
+        return _os.path.realpath(configured)
     return FALLBACK_DIR
 
 

@@ -13,6 +13,7 @@ import os as _os
 import stat as _stat
 import time as _time
 import uuid as _uuid
+from collections.abc import Iterator
 
 from luna_shm import _lowlevel, placement
 from luna_shm.placement import (
@@ -31,6 +32,7 @@ __all__ = [
     "cleanup_temp_audio",
     "get_temp_audio_path",
     "is_using_ram_disk",
+    "iter_unused_temp_audio",
     "refresh_temp_dir",
     "temp_dir",
 ]
@@ -208,8 +210,10 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        if exc.errno == _errno.ELOOP:
-            raise ValueError(f"refusing to remove {text!r}: {parent} is a symlink") from None
+        # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR on Linux, ELOOP elsewhere.
+        if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
+            what = "a symlink" if _os.path.islink(parent) else "not a directory"
+            raise ValueError(f"refusing to remove {text!r}: {parent} is {what}") from None
         raise
     try:
         try:
@@ -229,11 +233,14 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
         _os.close(dir_fd)
 
 
-def _remove_if_unused(dir_fd: int, name: str, st: _os.stat_result) -> bool:
+def _remove_if_unused(
+    dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True
+) -> bool:
     """Unlink name when no live process holds a lock on it; True if removed.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
-    we can take the exclusive lock, nobody alive is using the file.
+    we can take the exclusive lock, nobody alive is using the file. With
+    remove=False nothing is unlinked: True says the file would have been.
     """
     try:
         fd = _os.open(
@@ -257,7 +264,8 @@ def _remove_if_unused(dir_fd: int, name: str, st: _os.stat_result) -> bool:
             return False
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
             return False
-        _os.unlink(name, dir_fd=dir_fd)
+        if remove:
+            _os.unlink(name, dir_fd=dir_fd)
         return True
     except FileNotFoundError:
         return False
@@ -265,18 +273,27 @@ def _remove_if_unused(dir_fd: int, name: str, st: _os.stat_result) -> bool:
         _os.close(fd)
 
 
-def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
-    """Remove all our temp files (both prefixes, both dirs); return how many.
+def iter_unused_temp_audio(
+    *, older_than: float | None = None, remove: bool = False
+) -> Iterator[tuple[str, _os.stat_result]]:
+    """Yield ``(path, stat)`` for each of our temp files that no live process uses.
 
-    Only regular files owned by this user are removed; links, FIFOs,
-    directories, other users' files and files in use (locked by a live
-    process) are left alone. Files vanishing meanwhile are fine.
+    This is the selection of :func:`cleanup_all_temp_audio`: regular files with
+    our prefixes, owned by this user, in our two dirs, whose flock no live
+    process holds, and (with older_than) last modified longer ago than that.
+    No lock is held while the caller handles a yielded file.
 
     Args:
         older_than: seconds; when given, only files last modified longer ago.
+        remove: unlink each file (while holding its exclusive lock) before
+            yielding it; False only lists them, for a dry run.
 
     Returns:
-        The number of files this call removed.
+        An iterator of (absolute path, the file's lstat result).
+
+    Raises:
+        TypeError, ValueError: older_than is not a number of seconds >= 0
+            (raised by this call, before iterating).
     """
     if older_than is not None:
         if isinstance(older_than, bool) or not isinstance(older_than, int | float):
@@ -284,8 +301,13 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
         if not older_than >= 0:
             raise ValueError(f"older_than must be >= 0 seconds, got {older_than!r}")
     cutoff = None if older_than is None else _time.time() - older_than
+    return _iter_unused(cutoff, remove)
+
+
+def _iter_unused(
+    cutoff: float | None, remove: bool
+) -> Iterator[tuple[str, _os.stat_result]]:
     uid = _os.geteuid()
-    removed = 0
     for directory in placement.our_dirs():
         try:
             dir_fd = _open_dir(directory)
@@ -303,10 +325,30 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
                     continue
                 if cutoff is not None and st.st_mtime > cutoff:
                     continue
-                removed += _remove_if_unused(dir_fd, name, st)
+                if _remove_if_unused(dir_fd, name, st, remove=remove):
+                    yield f"{directory}/{name}", st
         finally:
             _os.close(dir_fd)
-    return removed
+
+
+def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
+    """Remove all our temp files (both prefixes, both dirs); return how many.
+
+    Only regular files owned by this user are removed; links, FIFOs,
+    directories, other users' files and files in use (locked by a live
+    process) are left alone. Files vanishing meanwhile are fine.
+    :func:`iter_unused_temp_audio` lists the same files without removing them.
+
+    Args:
+        older_than: seconds; when given, only files last modified longer ago.
+
+    Returns:
+        The number of files this call removed.
+
+    Raises:
+        TypeError, ValueError: older_than is not a number of seconds >= 0.
+    """
+    return sum(1 for _ in iter_unused_temp_audio(older_than=older_than, remove=True))
 
 
 def temp_dir() -> str:
@@ -352,3 +394,26 @@ def discard(path: str, fd: int, created: bool) -> None:
                 _os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def remove_unused_files(directory: str, name_prefix: str) -> int:
+    """Remove this user's regular files in directory whose names start with name_prefix
+    and that no live process holds locked; return how many."""
+    try:
+        dir_fd = _open_dir(directory)
+    except OSError:
+        return 0
+    removed = 0
+    try:
+        with _os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries if e.name.startswith(name_prefix)]
+        for name in names:
+            try:
+                st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _stat.S_ISREG(st.st_mode) and st.st_uid == _os.geteuid():
+                removed += _remove_if_unused(dir_fd, name, st)
+    finally:
+        _os.close(dir_fd)
+    return removed

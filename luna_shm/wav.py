@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+
 import numpy as np
 
-from luna_shm import _lowlevel, formats, placement, temp_audio
+from luna_shm import _lowlevel, encoding, formats, placement, temp_audio
 
 __all__ = ["read_wav", "write_wav"]
 
@@ -34,33 +35,6 @@ def _explain(exc: OSError, path: str) -> OSError:
     return exc
 
 
-def _prepare(data: object, samplerate: object, subtype: object) -> tuple[np.ndarray,
-                                                                          _lowlevel.WavSpec]:
-    """Check the user's input and return (array to write, spec)."""
-    rate = formats.check_samplerate(samplerate)
-    array = formats.check_audio(data)
-    natural = formats.natural_subtype(array.dtype)
-    chosen = natural if subtype is None else formats.check_subtype(subtype)
-    if chosen == "PCM_24" and natural == "PCM_32":
-        pass  # packed below
-    elif chosen != natural:
-        wanted = formats.SUBTYPES[chosen][2]
-        raise ValueError(
-            f"subtype {chosen!r} stores {wanted} samples, but data is {array.dtype}; "
-            f"convert the data first or use subtype {natural!r}"
-        )
-    spec = formats.spec_for(chosen, rate, formats.channels_of(array))
-    formats.check_block_align(spec)
-    if chosen == "PCM_24":
-        array = _lowlevel.pack_s24(array)
-    if array.nbytes > 0xFFFFFFFF - _lowlevel.wav_header_size(spec):
-        raise ValueError(
-            f"data too large for a WAV file: {array.nbytes} bytes (the limit is 4 GiB; "
-            "RF64 is not supported)"
-        )
-    return array, spec
-
-
 def write_wav(
     path: str | _os.PathLike[str] | None,
     data: object,
@@ -80,6 +54,9 @@ def write_wav(
         samplerate: frames per second, 1 to 2**32-1.
         subtype: None for the data's own type, or a python-soundfile subtype name
             ("PCM_16", "PCM_24", ...); "PCM_24" keeps the top 24 bits of int32.
+            Float data with a PCM subtype is converted in one C pass: scaled by
+            the largest positive sample (1.0 -> 32767), clipped, rounded to
+            nearest (ties to even); NaN is written as 0.
         atomic: make the complete file appear under its name at once.
 
     Returns:
@@ -89,9 +66,10 @@ def write_wav(
         TypeError, ValueError: bad data, samplerate or subtype.
         OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
     """
-    array, spec = _prepare(data, samplerate, subtype)
+    enc = encoding.plan(data, samplerate, subtype)
+    array, spec = encoding.encoded(enc), enc.spec
     if path is None:
-        path_str, fd = temp_audio.create_temp_file(".wav", size_hint=array.nbytes + 128)
+        path_str, fd = temp_audio.create_temp_file(".wav", size_hint=enc.nbytes + 128)
         _lowlevel.close(fd)
     else:
         path_str = _os.fspath(path)

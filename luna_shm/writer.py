@@ -79,6 +79,8 @@ class WavWriter(FileResource):
             )
         if self._data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
             raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
+        if array.nbytes == 0:
+            return  # nothing to append (the C writer reports a 0-byte write as EIO)
         self._data_bytes = _lowlevel.stream_append(
             self._fd, self._spec, self._data_offset, self._data_bytes, array, self.path
         )

@@ -1,0 +1,359 @@
+"""The ``luna-shm`` command line (also ``python -m luna_shm``).
+
+Commands:
+    status   the C backend's capabilities, the temp dir in use and why, whether
+             it is in RAM, its free space, and our files in each dir (count,
+             bytes, oldest, held by live processes); ``--json`` for scripts.
+    clean    remove (or with ``--dry-run`` list) what ``cleanup_all_temp_audio``
+             removes: our unused files, optionally only those ``--older-than``.
+    demo     one utterance through the RAM disk and back, with timings.
+
+A failure prints one line on stderr and exits non-zero: 1 for a failed
+command, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse as _argparse
+import json as _json
+import os as _os
+import re as _re
+import stat as _stat
+import sys as _sys
+import time as _time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NoReturn, TextIO
+
+from luna_shm import __version__, _lowlevel, placement, temp_audio
+from luna_shm.placement import AUDIO_PREFIX, DAEMON_PREFIX
+
+__all__ = ["main", "parse_duration"]
+
+PROG = "luna-shm"
+
+_DURATION = _re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# statfs f_type values, for when /proc/self/mountinfo cannot name the filesystem.
+_FS_MAGIC_NAMES = {
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x794C7630: "overlayfs",
+    0x6969: "nfs",
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90s``, ``10m``, ``2h``, ``1d`` or ``3600``.
+
+    Args:
+        text: a number >= 0 with an optional unit: s, m, h or d (seconds without one).
+
+    Returns:
+        The duration in seconds.
+
+    Raises:
+        ValueError: text is not such a duration.
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"invalid duration {text!r}: use a number with an optional unit s, m, h or d, "
+            "e.g. 90s, 10m, 2h or 3600"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _duration_argument(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise _argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _format_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _format_age(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    for unit, size, sub_unit, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                           ("m", 60, "s", 1)):
+        if whole >= size:
+            return f"{whole // size}{unit} {(whole % size) // sub_size}{sub_unit}"
+    return f"{whole}s"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+# ---- status ------------------------------------------------------------------------
+
+
+@dataclass
+class FileGroup:
+    """This user's files with one of our prefixes in one directory."""
+
+    dir: str
+    prefix: str
+    count: int = 0
+    bytes: int = 0
+    oldest_age_seconds: float | None = None
+    held: int = 0
+
+
+def _is_held(dir_fd: int, name: str) -> bool:
+    """True when a live process holds a flock on the file: our exclusive one fails.
+
+    A lock we do get is released at once by closing the fd.
+    """
+    try:
+        fd = _os.open(name, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    except OSError:
+        return False  # vanished or replaced meanwhile: nobody we can see holds it
+    try:
+        return not _lowlevel.lock(fd, exclusive=True)
+    finally:
+        _os.close(fd)
+
+
+def _scan(directory: str, now: float) -> list[FileGroup]:
+    """Count this user's regular files with our prefixes in directory, per prefix."""
+    groups = {prefix: FileGroup(directory, prefix) for prefix in (AUDIO_PREFIX, DAEMON_PREFIX)}
+    try:
+        dir_fd = _os.open(directory,
+                          _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+    except OSError:
+        return list(groups.values())  # missing, a symlink or unreadable: none of ours
+    try:
+        with _os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries if temp_audio.is_our_name(e.name)]
+        for name in names:
+            try:
+                st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not _stat.S_ISREG(st.st_mode) or st.st_uid != _os.geteuid():
+                continue
+            # Hidden partial writes (".luna_audio_.partial_...") count with their prefix.
+            group = groups[DAEMON_PREFIX if name.lstrip(".").startswith(DAEMON_PREFIX)
+                           else AUDIO_PREFIX]
+            group.count += 1
+            group.bytes += st.st_size
+            age = max(0.0, now - st.st_mtime)
+            if group.oldest_age_seconds is None or age > group.oldest_age_seconds:
+                group.oldest_age_seconds = age
+            group.held += _is_held(dir_fd, name)
+    finally:
+        _os.close(dir_fd)
+    return list(groups.values())
+
+
+def _fs_type_name(info: _lowlevel.FsInfo) -> str:
+    name = placement._mount_fs_type(info.dev)
+    if name is not None:
+        return name
+    return _FS_MAGIC_NAMES.get(info.fs_type, f"unknown (magic {info.fs_type:#x})")
+
+
+def collect_status() -> dict[str, Any]:
+    """What ``luna-shm status`` reports, as a JSON-ready dict.
+
+    Returns:
+        Keys: version, backend {module, memfd, o_tmpfile}, dir, reason, in_ram,
+        fs_type, bytes_free, bytes_total (None when the dir cannot be examined),
+        ram_dir, fallback_dir, and files: one entry per dir and prefix with
+        dir, prefix, count, bytes, oldest_age_seconds (None without files), held.
+    """
+    where = placement.current()
+    fs_type: str | None = None
+    bytes_free: int | None = None
+    bytes_total: int | None = None
+    try:
+        info = _lowlevel.fs_probe(where.directory)
+    except OSError:
+        pass
+    else:
+        fs_type, bytes_free, bytes_total = _fs_type_name(info), info.bytes_free, info.bytes_total
+    now = _time.time()
+    files = [group for directory in placement.our_dirs() for group in _scan(directory, now)]
+    return {
+        "version": __version__,
+        "backend": {
+            "module": "luna_shm._native",
+            "memfd": _lowlevel.HAS_MEMFD,
+            "o_tmpfile": _lowlevel.HAS_O_TMPFILE,
+        },
+        "dir": where.directory,
+        "reason": where.reason,
+        "in_ram": where.in_ram,
+        "fs_type": fs_type,
+        "bytes_free": bytes_free,
+        "bytes_total": bytes_total,
+        "ram_dir": where.ram_dir,
+        "fallback_dir": where.fallback_dir,
+        "files": [asdict(group) for group in files],
+    }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _print_status(status: dict[str, Any], out: TextIO) -> None:
+    backend = status["backend"]
+    print(f"luna-shm {status['version']}", file=out)
+    print(f"backend:  C layer {backend['module']}: memfd {_yes(backend['memfd'])}, "
+          f"O_TMPFILE {_yes(backend['o_tmpfile'])}", file=out)
+    print(f"dir:      {status['dir']}", file=out)
+    print(f"why:      {status['reason']}", file=out)
+    print(f"in RAM:   {_yes(status['in_ram'])} (filesystem {status['fs_type'] or 'unknown'})",
+          file=out)
+    if status["bytes_free"] is None:
+        print("space:    unknown (the dir cannot be examined)", file=out)
+    else:
+        print(f"space:    {_format_bytes(status['bytes_free'])} free of "
+              f"{_format_bytes(status['bytes_total'])}", file=out)
+    print(f"ram dir:  {status['ram_dir']}   fallback dir: {status['fallback_dir']}", file=out)
+    groups = status["files"]
+    width = max(len("dir"), *(len(g["dir"]) for g in groups))
+    print("our files (this user's):", file=out)
+    row = "  {:<{width}}  {:<13} {:>6} {:>11} {:>10} {:>5}"
+    print(row.format("dir", "prefix", "files", "bytes", "oldest", "held", width=width),
+          file=out)
+    for g in groups:
+        oldest = "-" if g["oldest_age_seconds"] is None else _format_age(g["oldest_age_seconds"])
+        print(row.format(g["dir"], g["prefix"], g["count"], _format_bytes(g["bytes"]), oldest,
+                         g["held"], width=width), file=out)
+
+
+def _run_status(args: _argparse.Namespace, out: TextIO) -> int:
+    status = collect_status()
+    if args.json:
+        print(_json.dumps(status), file=out)
+    else:
+        _print_status(status, out)
+    return 0
+
+
+# ---- clean -------------------------------------------------------------------------
+
+
+def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
+    verb = "would remove" if args.dry_run else "removed"
+    now = _time.time()
+    count = total = 0
+    for path, st in temp_audio.iter_unused_temp_audio(older_than=args.older_than,
+                                                      remove=not args.dry_run):
+        count += 1
+        total += st.st_size
+        print(f"{verb} {path} ({_format_bytes(st.st_size)}, "
+              f"{_format_age(now - st.st_mtime)} old)", file=out)
+    note = " (dry run: nothing was removed)" if args.dry_run else ""
+    print(f"{verb} {_plural(count, 'file')}, {_format_bytes(total)} in total{note}", file=out)
+    return 0
+
+
+# ---- demo --------------------------------------------------------------------------
+
+
+def _run_demo(args: _argparse.Namespace, out: TextIO) -> int:
+    from luna_shm import demo
+
+    return demo.run(out)
+
+
+# ---- the parser ----------------------------------------------------------------------
+
+
+class _Parser(_argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+Handler = Callable[[_argparse.Namespace, TextIO], int]
+
+
+def build_parser() -> _argparse.ArgumentParser:
+    """The argument parser of ``luna-shm`` with its subcommands.
+
+    Returns:
+        The parser; each subcommand sets ``handler`` to its function.
+    """
+    parser = _Parser(
+        prog=PROG,
+        description="Temporary audio on a RAM disk: inspect, clean up and try out luna_shm.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    status = commands.add_parser(
+        "status", help="the backend, the temp dir in use and why, and our files in it",
+        description="Show the C backend's capabilities, the temp dir in use and why, whether "
+        "it is really in RAM, its free space, and this user's luna_shm files per dir and "
+        "prefix: count, bytes, oldest age, and how many live processes hold open.",
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=_run_status)
+
+    clean = commands.add_parser(
+        "clean", help="remove our temp files that no live process uses",
+        description="Remove (or list, with --dry-run) what cleanup_all_temp_audio() removes: "
+        "this user's regular luna_shm files in the RAM dir and the fallback dir that no live "
+        "process holds, printing each with a total.",
+    )
+    clean.add_argument("--older-than", type=_duration_argument, default=None, metavar="AGE",
+                       help="only files last modified longer ago: 90s, 10m, 2h, 1d or seconds")
+    clean.add_argument("--dry-run", action="store_true",
+                       help="list what would be removed, remove nothing")
+    clean.set_defaults(handler=_run_clean)
+
+    demo = commands.add_parser(
+        "demo", help="write, read back and verify one utterance, with timings",
+        description="Speak a sentence with espeak-ng (or synthesize a tone) into a RAM-disk "
+        "WAV through the zero-copy path, read it back, verify it, and time the steps "
+        "against the disk temp dir.",
+    )
+    demo.set_defaults(handler=_run_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments after the program name; None reads ``sys.argv``.
+
+    Returns:
+        The exit code: 0 on success, 1 when the command failed, 130 on Ctrl-C.
+        Bad arguments, ``--help`` and ``--version`` exit through SystemExit
+        (code 2, 0 and 0) as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args, _sys.stdout)
+    except (OSError, ValueError) as exc:
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=_sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=_sys.stderr)
+        return 130

@@ -1,0 +1,168 @@
+"""save_temp_audio: encoded audio (MP3, Opus, ...) from a cloud TTS into a RAM-disk file.
+
+Cloud TTS clients return the audio as bytes, or as an iterator of byte chunks
+(ElevenLabs' ``convert`` and ``stream``). ``save_temp_audio`` writes either to
+a new temp file with the same safety as every luna_shm file (exclusive
+creation, mode 0600, RAM disk first with the same fallback) and in few system
+calls: bytes in one ``write``, chunks gathered and written with ``writev``.
+"""
+
+from __future__ import annotations
+
+import contextlib as _contextlib
+import errno as _errno
+import os as _os
+from collections.abc import Iterable, Iterator
+
+from luna_shm import _lowlevel, temp_audio, wav
+from luna_shm.placement import AUDIO_PREFIX
+
+__all__ = ["save_temp_audio"]
+
+BytesLike = bytes | bytearray | memoryview
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+# Gather up to this many bytes of chunks before one writev: few system calls,
+# bounded memory held for a long stream.
+_BATCH_BYTES = 1 << 20
+
+try:
+    _IOV_MAX = max(16, _os.sysconf("SC_IOV_MAX"))
+except (AttributeError, ValueError, OSError):  # pragma: no cover - not Linux
+    _IOV_MAX = 1024
+
+
+def _type_name(value: object) -> str:
+    kind = type(value)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _byte_view(chunk: BytesLike) -> memoryview:
+    """A flat, C-contiguous byte view of chunk (a non-contiguous memoryview is copied once)."""
+    view = memoryview(chunk)
+    if not view.c_contiguous:
+        return memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _check_data(data: object) -> None:
+    if isinstance(data, str):
+        raise TypeError(
+            "data must be bytes, bytearray, memoryview or an iterable of them, got str "
+            "(encoded audio is bytes: encode text yourself if you mean to save text)"
+        )
+    if isinstance(data, _BYTES_TYPES):
+        return
+    try:
+        memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        is_buffer = False
+    else:
+        is_buffer = True
+    if is_buffer or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be bytes, bytearray, memoryview or an iterable of them, got "
+            f"{_type_name(data)}"
+        )
+
+
+def _chunk_view(chunk: object, index: int) -> memoryview:
+    if not isinstance(chunk, _BYTES_TYPES):
+        raise TypeError(
+            f"chunk {index} of data must be bytes, bytearray or memoryview, got "
+            f"{_type_name(chunk)}"
+        )
+    return _byte_view(chunk)
+
+
+def _write_all(fd: int, views: list[memoryview], path: str) -> None:
+    """Write every byte of views at fd's position: writev, repeated on short writes."""
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = _os.writev(fd, batch) if len(batch) > 1 else _os.write(fd, batch[0])
+        if written == 0:
+            raise OSError(_errno.EIO, "the file accepted no more bytes", path)
+        done = 0
+        while done < len(pending) and written >= pending[done].nbytes:
+            written -= pending[done].nbytes
+            done += 1
+        del pending[:done]
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def _write_chunks(fd: int, chunks: Iterator[object], path: str) -> None:
+    """Write chunks in batches; a mutable chunk is written before the next is asked for.
+
+    Producers may reuse one bytearray for every chunk, so a batch that holds a
+    mutable chunk goes out before the iterator runs again.
+    """
+    batch: list[memoryview] = []
+    size = 0
+    for index, chunk in enumerate(chunks):
+        view = _chunk_view(chunk, index)
+        batch.append(view)
+        size += view.nbytes
+        if not view.readonly or size >= _BATCH_BYTES or len(batch) >= _IOV_MAX:
+            _write_all(fd, batch, path)
+            batch, size = [], 0
+    _write_all(fd, batch, path)
+
+
+def _with_filename(exc: OSError, path: str) -> OSError:
+    if exc.filename is None and exc.errno is not None:
+        exc = OSError(exc.errno, exc.strerror, path)
+    return wav._explain(exc, path)
+
+
+def save_temp_audio(
+    data: BytesLike | Iterable[BytesLike],
+    suffix: str = ".mp3",
+    *,
+    prefix: str = AUDIO_PREFIX,
+) -> str:
+    """Write encoded audio to a new temp file and return its path.
+
+    Args:
+        data: the whole file as bytes, bytearray or memoryview, or an iterable of
+            such chunks (a generator from a streaming TTS client), written in order.
+        suffix: file name ending, e.g. ``".mp3"`` or ``".opus"``; no ``/`` or NUL.
+        prefix: file name start; our cleanup knows ``luna_audio_`` and ``luna_daemon_``.
+
+    Returns:
+        The path of the new file (mode 0600): on the RAM disk when it is usable
+        and (for bytes) has room, else in the fallback temp dir. Remove it with
+        :func:`cleanup_temp_audio`.
+
+    Raises:
+        TypeError: data is a str or not bytes-like nor an iterable of bytes-like
+            chunks (the message names the type).
+        ValueError: a bad suffix or prefix.
+        OSError: the file could not be created or written (ENOSPC with the
+            filename when the RAM disk fills during a stream).
+        Any exception the iterator raises. On every failure the file is removed.
+    """
+    _check_data(data)
+    temp_audio._check_name_part("suffix", suffix)
+    temp_audio._check_name_part("prefix", prefix)
+    size_hint = memoryview(data).nbytes if isinstance(data, _BYTES_TYPES) else None
+    path, fd = temp_audio.create_temp_file(suffix, prefix, size_hint=size_hint)
+    try:
+        try:
+            if isinstance(data, _BYTES_TYPES):
+                _write_all(fd, [_byte_view(data)], path)
+            else:
+                _write_chunks(fd, iter(data), path)
+        except OSError as exc:
+            raise _with_filename(exc, path) from None
+        finally:
+            _lowlevel.close(fd)
+    except BaseException:
+        with _contextlib.suppress(FileNotFoundError):
+            _os.unlink(path)
+        raise
+    return path

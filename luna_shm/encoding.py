@@ -1,0 +1,73 @@
+"""From the user's samples to the bytes of a WAV's data chunk.
+
+:func:`plan` checks the input once and decides how the samples become WAV
+bytes: as they are (zero copy), converted from float to PCM in one C pass, or
+packed to 24 bits. :func:`encoded` yields those bytes for a write;
+:func:`encode_into` puts them straight into a mapped destination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from luna_shm import _lowlevel, formats
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Checked samples, the WAV spec they are written as, and how."""
+
+    array: np.ndarray
+    spec: _lowlevel.WavSpec
+    conversion: str  # "none", "float_to_pcm" or "pack_s24"
+    nbytes: int  # bytes of the data chunk
+
+
+def plan(data: object, samplerate: object, subtype: object) -> Encoding:
+    """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
+    rate = formats.check_samplerate(samplerate)
+    array = formats.check_audio(data)
+    natural = formats.natural_subtype(array.dtype)
+    chosen = natural if subtype is None else formats.check_subtype(subtype)
+    spec = formats.spec_for(chosen, rate, formats.channels_of(array))
+    formats.check_block_align(spec)
+    if chosen == natural:
+        conversion = "none"
+    elif natural in formats.FLOAT_SUBTYPES and chosen in formats.PCM_SUBTYPES:
+        conversion = "float_to_pcm"
+    elif chosen == "PCM_24" and natural == "PCM_32":
+        conversion = "pack_s24"
+    else:
+        wanted = formats.SUBTYPES[chosen][2]
+        raise ValueError(
+            f"subtype {chosen!r} stores {wanted} samples, but data is {array.dtype}; "
+            f"convert the data first or use subtype {natural!r}"
+        )
+    nbytes = array.size * (spec.bits // 8)
+    if nbytes > 0xFFFFFFFF - _lowlevel.wav_header_size(spec):
+        raise ValueError(
+            f"data too large for a WAV file: {nbytes} bytes (the limit is 4 GiB; "
+            "RF64 is not supported)"
+        )
+    return Encoding(array, spec, conversion, nbytes)
+
+
+def encoded(enc: Encoding) -> np.ndarray:
+    """The data chunk's bytes: the caller's own array when no conversion is needed."""
+    if enc.conversion == "none":
+        return enc.array
+    if enc.conversion == "float_to_pcm":
+        return _lowlevel.float_to_pcm(enc.array, enc.spec.bits)
+    return _lowlevel.pack_s24(enc.array)
+
+
+def encode_into(enc: Encoding, dest: np.ndarray) -> None:
+    """Write the data chunk's bytes into dest (a uint8 view of enc.nbytes bytes)."""
+    if enc.conversion == "float_to_pcm":
+        _lowlevel.float_to_pcm_into(enc.array, dest, enc.spec.bits)
+    elif enc.conversion == "pack_s24":
+        _lowlevel.pack_s24_into(enc.array, dest)
+    else:
+        np.copyto(dest, enc.array.reshape(-1).view(np.uint8))

@@ -1,0 +1,151 @@
+"""send_wav / recv_wav: hand rendered audio to another process over a Unix socket.
+
+The TTS-daemon pattern: a long-lived daemon renders speech into a
+:class:`WavBuffer` (best an anonymous one: a memfd with no name anywhere, so a
+crash leaks nothing) and passes its file descriptor to a client over a Unix
+socket. The client maps the same memory read-only and gets a numpy array with
+zero copies: no file name, no bytes through the socket, no cleanup.
+
+The wire format is one message of the 8 bytes :data:`HANDOFF_HEADER` carrying
+exactly one file descriptor (``SCM_RIGHTS``); the WAV itself is what the fd
+holds. Any program that sends an fd of a WAV file with that header can talk
+to :func:`recv_wav`.
+
+A named buffer can be sent too; its file must then not be truncated while the
+client's array lives (an anonymous buffer is sealed against that).
+"""
+
+from __future__ import annotations
+
+import os as _os
+import socket as _socket
+import stat as _stat
+
+import numpy as np
+
+from luna_shm import _lowlevel, formats
+from luna_shm.buffer import WavBuffer
+from luna_shm.errors import HandoffError, WavError
+
+__all__ = ["HANDOFF_HEADER", "recv_wav", "send_wav"]
+
+HANDOFF_HEADER = b"LUNAWAV1"
+
+
+def _check_unix(sock: object, who: str) -> _socket.socket:
+    if not isinstance(sock, _socket.socket):
+        raise TypeError(f"{who} needs a socket.socket, got {type(sock).__name__}")
+    if sock.family != _socket.AF_UNIX:
+        raise ValueError(
+            f"{who} needs an AF_UNIX socket (file descriptors travel only over Unix "
+            f"sockets), got {sock.family!r}"
+        )
+    return sock
+
+
+def send_wav(sock: _socket.socket, buf: WavBuffer) -> None:
+    """Send buf's file descriptor and the handoff header over a Unix socket.
+
+    The buffer stays open here; closing it after the call is fine: the
+    receiver holds its own descriptor of the same memory. That memory is
+    shared, not copied: render (and :meth:`WavBuffer.truncate`) before sending,
+    and leave the samples alone afterwards, or the receiver sees the change.
+
+    Args:
+        sock: a connected AF_UNIX socket (stream, seqpacket or datagram).
+        buf: an open WavBuffer, anonymous or named, with its samples rendered.
+
+    Raises:
+        TypeError: sock is not a socket, or buf is not a WavBuffer.
+        ValueError: sock is not an AF_UNIX socket, or buf is closed.
+        OSError: the send failed (BrokenPipeError when the peer is gone, EBADF
+            for a closed socket).
+    """
+    _check_unix(sock, "send_wav")
+    if not isinstance(buf, WavBuffer):
+        raise TypeError(f"send_wav sends a WavBuffer, got {type(buf).__name__}")
+    fd = buf.fileno()  # ValueError for a closed buffer
+    sent = _socket.send_fds(sock, [HANDOFF_HEADER], [fd])
+    if sent < len(HANDOFF_HEADER):  # a stream socket took part of it: the fd went with it
+        sock.sendall(HANDOFF_HEADER[sent:])
+
+
+def _describe(fd: int) -> str:
+    """What the received fd is, for error messages (``/memfd:... (deleted)``, a path)."""
+    try:
+        return f"received fd ({_os.readlink(f'/proc/self/fd/{fd}')})"
+    except OSError:
+        return "received fd"
+
+
+def _map_wav(fd: int) -> tuple[np.ndarray, int]:
+    """Parse the WAV in fd and return a read-only view of its samples (fd stays open)."""
+    name = _describe(fd)
+    st = _os.fstat(fd)
+    if not _stat.S_ISREG(st.st_mode):
+        raise WavError(f"{name}: not a regular file, so not a WAV buffer")
+    info = _lowlevel.wav_parse_fd(fd, st.st_size, name)
+    dtype = formats.dtype_of(info)
+    count = info.frames * info.channels
+    if info.bits == 24:  # no numpy type for packed 24-bit: unpacked, a copy
+        raw = np.empty(count * 3, dtype=np.uint8)
+        _lowlevel.read_into(fd, info.data_offset, raw, name)
+        samples = _lowlevel.unpack_s24(raw, count)
+        samples.flags.writeable = False
+    elif count:
+        mapping = _lowlevel.Mapping(fd, info.data_offset + info.data_bytes, writable=False,
+                                    populate=False, filename=name)
+        samples = np.frombuffer(mapping.view, dtype=dtype, count=count, offset=info.data_offset)
+    else:
+        samples = np.empty(0, dtype=dtype)
+        samples.flags.writeable = False
+    shape = (info.frames,) if info.channels == 1 else (info.frames, info.channels)
+    return samples.reshape(shape), info.samplerate
+
+
+def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
+    """Receive a WAV handed over with :func:`send_wav` and map it with zero copies.
+
+    Args:
+        sock: a connected AF_UNIX socket.
+
+    Returns:
+        ``(data, samplerate)``: data is a read-only array of shape (frames,) or
+        (frames, channels) that views the sender's memory (24-bit audio comes
+        back as int32, a copy). The received descriptor is closed before this
+        returns; the mapping lives as long as the array.
+
+    Raises:
+        EOFError: the peer closed the socket before sending anything.
+        HandoffError: the message carried no file descriptor, more than one, or
+            not the handoff header (a ValueError).
+        WavError: the received file is not a WAV file we can read.
+        OSError: the receive or the mapping failed (EBADF for a closed socket).
+    """
+    _check_unix(sock, "recv_wav")
+    want = len(HANDOFF_HEADER)
+    msg, fds, flags, _ = _socket.recv_fds(sock, want, 1, _socket.MSG_CMSG_CLOEXEC)
+    try:
+        if not msg and not fds:
+            raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
+        if flags & _socket.MSG_CTRUNC:
+            raise HandoffError("recv_wav: the message carried more than one file descriptor")
+        if not fds:
+            raise HandoffError(
+                f"recv_wav: the message carried no file descriptor (got {msg!r}); "
+                "the peer must send with send_wav"
+            )
+        while len(msg) < want and sock.type == _socket.SOCK_STREAM:
+            more = sock.recv(want - len(msg))  # the rest of a header split by the stream
+            if not more:
+                break
+            msg += more
+        if msg != HANDOFF_HEADER:
+            raise HandoffError(
+                f"recv_wav: not a luna_shm WAV handoff: header {msg!r}, "
+                f"expected {HANDOFF_HEADER!r}"
+            )
+        return _map_wav(fds[0])
+    finally:
+        for fd in fds:
+            _os.close(fd)

@@ -1,0 +1,518 @@
+"""cleanup_temp_audio and cleanup_all_temp_audio remove our files and nothing else.
+
+All files live in private dirs (the private_dirs fixture): a fresh directory in
+the /dev/shm tmpfs as the RAM dir and one under pytest's tmp_path as the
+fallback dir. Another user's files come from a forked child running as uid 65534.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from luna_shm import temp_audio
+from luna_shm.temp_audio import (
+    cleanup_all_temp_audio,
+    cleanup_temp_audio,
+    get_temp_audio_path,
+)
+
+OTHER_UID = 65534
+PREFIXES = ["luna_audio_", "luna_daemon_"]
+
+
+@pytest.fixture(params=["ram", "fallback"])
+def active_dir(request: pytest.FixtureRequest, private_dirs, monkeypatch) -> str:
+    """The directory new temp audio goes to: the private RAM dir, or the fallback dir."""
+    if request.param == "fallback":
+        monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+        return private_dirs.fallback
+    return private_dirs.ram
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _decoy(directory: Path, name: str = "decoy.wav") -> tuple[Path, str]:
+    """A file that must survive, and its hash."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(b"not yours to delete\n" * 64)
+    return path, _sha256(path)
+
+
+def create_as_other_user(directory: str, name: str, data: bytes = b"theirs") -> str:
+    """Create directory/name from a forked child running as uid 65534; return its path."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    old_mode = stat.S_IMODE(os.stat(directory).st_mode)
+    os.chmod(directory, 0o1777)  # let the other user create a file here, for a moment
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # before dropping root
+                os.setgroups([])
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+                os.write(fd, data)
+                os.close(fd)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.chmod(directory, old_mode)
+    assert os.waitstatus_to_exitcode(status) == 0
+    path = os.path.join(directory, name)
+    assert os.lstat(path).st_uid == OTHER_UID
+    return path
+
+
+# ---- cleanup_temp_audio: one file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
+def test_cleanup_removes_our_file_then_reports_it_already_gone(active_dir, prefix, as_type):
+    path = get_temp_audio_path(prefix=prefix)
+    assert os.path.dirname(path) == active_dir
+
+    assert cleanup_temp_audio(as_type(path)) is True
+    assert not os.path.lexists(path)
+    assert cleanup_temp_audio(as_type(path)) is False
+
+
+def test_cleanup_of_a_name_that_never_existed_returns_false(active_dir) -> None:
+    assert cleanup_temp_audio(get_temp_audio_path(create=False)) is False
+
+
+def test_cleanup_removes_a_file_a_writer_filled(active_dir) -> None:
+    path = get_temp_audio_path()
+    Path(path).write_bytes(b"RIFF" + bytes(1000))
+    assert cleanup_temp_audio(path) is True
+    assert os.listdir(active_dir) == []
+
+
+def _refused_path(kind: str, ram: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, str]:
+    """A path cleanup must refuse; return (path, message pattern, the victim that must survive)."""
+    if kind == "etc-passwd":
+        return "/etc/passwd", "its directory is not one of ours", "/etc/passwd"
+    if kind == "dotdot-escape":
+        # Our RAM dir is <ram>/shm; <ram>/shm/../x/... is really <ram>/x/...
+        os.mkdir(f"{ram}/shm", 0o700)
+        monkeypatch.setenv("LUNA_SHM_DIR", f"{ram}/shm")
+        victim, _ = _decoy(Path(ram) / "x", "luna_audio_a.wav")
+        return f"{ram}/shm/../x/luna_audio_a.wav", "its directory is not one of ours", str(victim)
+    if kind == "relative":
+        victim, _ = _decoy(Path(ram), "luna_audio_rel.wav")
+        monkeypatch.chdir(ram)
+        return "luna_audio_rel.wav", "not an absolute path", str(victim)
+    if kind == "dot-relative":
+        victim, _ = _decoy(Path(ram), "luna_audio_rel.wav")
+        monkeypatch.chdir(ram)
+        return "./luna_audio_rel.wav", "not an absolute path", str(victim)
+    if kind == "name-without-our-prefix":
+        victim, _ = _decoy(Path(ram), "voice.wav")
+        return str(victim), "the name lacks our prefixes", str(victim)
+    if kind == "prefix-not-at-start":
+        victim, _ = _decoy(Path(ram), "x_luna_audio_1.wav")
+        return str(victim), "the name lacks our prefixes", str(victim)
+    if kind == "planted-subdirectory":
+        victim, _ = _decoy(Path(ram) / "luna_audio_dir", "luna_audio_inner.wav")
+        return str(victim), "its directory is not one of ours", str(victim)
+    if kind == "planted-symlinked-directory":
+        elsewhere, _ = _decoy(Path(ram) / "elsewhere", "luna_audio_inner.wav")
+        os.symlink(f"{ram}/elsewhere", f"{ram}/luna_audio_link")
+        return (f"{ram}/luna_audio_link/luna_audio_inner.wav", "its directory is not one of ours",
+                str(elsewhere))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["etc-passwd", "dotdot-escape", "relative", "dot-relative", "name-without-our-prefix",
+     "prefix-not-at-start", "planted-subdirectory", "planted-symlinked-directory"],
+)
+@pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
+def test_cleanup_refuses_paths_that_are_not_ours(private_dirs, monkeypatch, kind, as_type):
+    path, message, victim = _refused_path(kind, private_dirs.ram, monkeypatch)
+    digest = _sha256(victim)
+    with pytest.raises(ValueError, match=f"refusing to remove .*{message}"):
+        cleanup_temp_audio(as_type(path))
+    assert _sha256(victim) == digest
+
+
+def test_cleanup_refuses_a_path_with_a_nul_byte(private_dirs) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        cleanup_temp_audio(f"{private_dirs.ram}/luna_audio_a\0.wav")
+
+
+def test_cleanup_refuses_a_bytes_path_with_type_error(private_dirs) -> None:
+    path = get_temp_audio_path()
+    with pytest.raises(TypeError, match="path must be str"):
+        cleanup_temp_audio(os.fsencode(path))  # type: ignore[arg-type]
+    assert os.path.isfile(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "regular-file"])
+def test_cleanup_refuses_files_under_a_ram_dir_that_is_not_a_real_directory(
+    private_dirs, monkeypatch, kind
+) -> None:
+    real = Path(private_dirs.ram) / "real"
+    victim, digest = _decoy(real, "luna_audio_x.wav")
+    ram = f"{private_dirs.ram}/ram"
+    if kind == "symlink":
+        os.symlink(real, ram)
+        message = f"{ram} is a symlink"
+    else:
+        Path(ram).write_bytes(b"")
+        message = f"{ram} is not a directory"
+    monkeypatch.setenv("LUNA_SHM_DIR", ram)
+    with pytest.raises(ValueError, match=f"refusing to remove .*: {message}"):
+        cleanup_temp_audio(f"{ram}/luna_audio_x.wav")
+    assert cleanup_all_temp_audio() == 0
+    assert _sha256(victim) == digest
+
+
+def test_files_made_through_a_symlinked_tmpdir_can_be_cleaned_up(
+    private_dirs, monkeypatch, tmp_path
+) -> None:
+    link = tmp_path / "tmpdir_link"
+    os.symlink(private_dirs.fallback, link)
+    monkeypatch.setenv("TMPDIR", str(link))
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+    first, second = get_temp_audio_path(), get_temp_audio_path()
+    assert {os.path.dirname(first), os.path.dirname(second)} == {private_dirs.fallback}
+
+    assert cleanup_temp_audio(first) is True
+    assert cleanup_all_temp_audio() == 1
+    assert os.listdir(private_dirs.fallback) == []
+
+
+@pytest.mark.parametrize("target_kind", ["file-elsewhere", "dangling"])
+@pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
+def test_cleanup_unlinks_a_symlink_named_like_ours_and_never_its_target(
+    active_dir, tmp_path, target_kind, as_type
+) -> None:
+    target, digest = _decoy(tmp_path / "elsewhere")
+    if target_kind == "dangling":
+        target = tmp_path / "elsewhere" / "missing.wav"
+    link = f"{active_dir}/luna_audio_link.wav"
+    os.symlink(target, link)
+
+    assert cleanup_temp_audio(as_type(link)) is True
+
+    assert not os.path.lexists(link)
+    if target_kind == "dangling":
+        assert not os.path.lexists(target)
+    else:
+        assert _sha256(target) == digest
+
+
+def test_cleanup_raises_is_a_directory_error_for_a_directory_at_our_name(active_dir) -> None:
+    planted = Path(active_dir) / "luna_audio_dir.wav"
+    planted.mkdir()
+    (planted / "inside").write_bytes(b"keep")
+    with pytest.raises(IsADirectoryError, match="not removing a directory") as info:
+        cleanup_temp_audio(str(planted))
+    assert info.value.errno == errno.EISDIR
+    assert info.value.filename == str(planted)
+    assert (planted / "inside").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_cleanup_raises_permission_error_for_another_users_file(active_dir, prefix) -> None:
+    theirs = create_as_other_user(active_dir, f"{prefix}theirs.wav")
+    with pytest.raises(PermissionError, match="belongs to another user") as info:
+        cleanup_temp_audio(theirs)
+    assert info.value.errno == errno.EPERM
+    assert info.value.filename == theirs
+    assert Path(theirs).read_bytes() == b"theirs"
+
+
+# ---- cleanup_all_temp_audio ------------------------------------------------------------------
+
+
+def _make_ours(monkeypatch: pytest.MonkeyPatch, where: str, prefix: str, count: int) -> list[str]:
+    """count files made through the API in the RAM dir ("ram") or the fallback dir."""
+    if where == "fallback":
+        monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+    else:
+        monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
+    try:
+        return [get_temp_audio_path(prefix=prefix) for _ in range(count)]
+    finally:
+        monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
+
+
+def test_cleanup_all_removes_both_prefixes_in_both_dirs_and_counts_them(
+    private_dirs, monkeypatch
+) -> None:
+    ours = []
+    for where, dirname in (("ram", private_dirs.ram), ("fallback", private_dirs.fallback)):
+        for prefix, count in zip(PREFIXES, (3, 2), strict=True):
+            made = _make_ours(monkeypatch, where, prefix, count)
+            assert {os.path.dirname(p) for p in made} == {dirname}
+            ours += made
+    strangers = {}
+    for dirname in (private_dirs.ram, private_dirs.fallback):
+        for name in ("voice.wav", "luna_other_1.wav", "x_luna_audio_1.wav", "LUNA_AUDIO_1.wav"):
+            path, digest = _decoy(Path(dirname), name)
+            strangers[path] = digest
+
+    assert cleanup_all_temp_audio() == len(ours) == 10
+
+    assert not any(os.path.lexists(p) for p in ours)
+    assert {p: _sha256(p) for p in strangers} == strangers
+    assert cleanup_all_temp_audio() == 0
+
+
+@pytest.mark.parametrize("where", ["ram", "fallback"])
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_cleanup_all_removes_our_files_in_each_dir_with_each_prefix(
+    private_dirs, monkeypatch, where, prefix
+) -> None:
+    made = _make_ours(monkeypatch, where, prefix, 4)
+    assert cleanup_all_temp_audio() == 4
+    assert not any(os.path.lexists(p) for p in made)
+
+
+def test_cleanup_all_still_cleans_the_fallback_dir_when_the_ram_dir_is_missing(
+    private_dirs, monkeypatch
+) -> None:
+    monkeypatch.setenv("LUNA_SHM_DIR", f"{private_dirs.ram}/missing")
+    made = [get_temp_audio_path() for _ in range(3)]
+    assert {os.path.dirname(p) for p in made} == {private_dirs.fallback}
+    assert cleanup_all_temp_audio() == 3
+    assert os.listdir(private_dirs.fallback) == []
+
+
+@pytest.mark.parametrize("where", ["ram", "fallback"])
+def test_cleanup_all_with_older_than_removes_only_files_older_than_that(
+    private_dirs, monkeypatch, where
+) -> None:
+    now = time.time()
+    old = _make_ours(monkeypatch, where, "luna_audio_", 3) + _make_ours(
+        monkeypatch, where, "luna_daemon_", 2)
+    new = _make_ours(monkeypatch, where, "luna_audio_", 2) + _make_ours(
+        monkeypatch, where, "luna_daemon_", 2)
+    for path in old:
+        os.utime(path, (now - 3600, now - 3600))
+    for path in new:
+        os.utime(path, (now + 3600, now + 3600))  # far from any cutoff, however slow the run
+
+    assert cleanup_all_temp_audio(older_than=600) == len(old)
+
+    assert not any(os.path.lexists(p) for p in old)
+    assert all(os.path.isfile(p) for p in new)
+    assert cleanup_all_temp_audio(older_than=7200) == 0
+    assert cleanup_all_temp_audio() == len(new)
+
+
+@pytest.mark.parametrize(
+    ("older_than", "error", "message"),
+    [
+        (-1, ValueError, "older_than must be >= 0 seconds, got -1"),
+        (-0.5, ValueError, "older_than must be >= 0 seconds"),
+        (float("nan"), ValueError, "older_than must be >= 0 seconds, got nan"),
+        ("60", TypeError, "older_than must be a number of seconds, got '60'"),
+        (True, TypeError, "older_than must be a number of seconds, got True"),
+        ([60], TypeError, "older_than must be a number of seconds"),
+    ],
+    ids=["negative-int", "negative-float", "nan", "str", "bool", "list"],
+)
+def test_cleanup_all_rejects_a_bad_older_than_and_removes_nothing(
+    private_dirs, older_than, error, message
+) -> None:
+    path = get_temp_audio_path()
+    with pytest.raises(error, match=message):
+        cleanup_all_temp_audio(older_than=older_than)
+    assert os.path.isfile(path)
+
+
+@pytest.mark.parametrize("older_than", [0, 0.0, 5, 2.5])
+def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) -> None:
+    path = get_temp_audio_path()
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert cleanup_all_temp_audio(older_than=older_than) == 1
+
+
+def _run_with_deadline(function, deadline: float = 60):
+    """Run function in a thread; fail (instead of hanging the suite) if it never returns."""
+    result: list[object] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(function())
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(deadline)
+    assert not worker.is_alive(), f"{function.__name__} hung"
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+@pytest.mark.parametrize("where", ["ram", "fallback"])
+def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
+    private_dirs, tmp_path, monkeypatch, where
+) -> None:
+    directory = private_dirs.ram if where == "ram" else private_dirs.fallback
+    target, digest = _decoy(tmp_path / "elsewhere")
+    os.symlink(target, f"{directory}/luna_audio_link.wav")
+    os.symlink(tmp_path / "nowhere", f"{directory}/luna_daemon_dangling.wav")
+    os.mkfifo(f"{directory}/luna_audio_fifo.wav")  # opening it for reading would block
+    os.mkfifo(f"{directory}/luna_daemon_fifo.wav")
+    os.mkdir(f"{directory}/luna_audio_dir.wav")
+    Path(f"{directory}/luna_audio_dir.wav/luna_audio_inside.wav").write_bytes(b"keep")
+    theirs = [create_as_other_user(directory, f"{p}theirs.wav") for p in PREFIXES]
+    ours = _make_ours(monkeypatch, where, "luna_audio_", 2)
+
+    assert _run_with_deadline(cleanup_all_temp_audio) == 2
+
+    assert not any(os.path.lexists(p) for p in ours)
+    assert os.readlink(f"{directory}/luna_audio_link.wav") == str(target)
+    assert _sha256(target) == digest
+    assert os.path.islink(f"{directory}/luna_daemon_dangling.wav")
+    assert not os.path.lexists(tmp_path / "nowhere")
+    for name in ("luna_audio_fifo.wav", "luna_daemon_fifo.wav"):
+        assert stat.S_ISFIFO(os.lstat(f"{directory}/{name}").st_mode)
+    assert Path(f"{directory}/luna_audio_dir.wav/luna_audio_inside.wav").read_bytes() == b"keep"
+    for path in theirs:
+        assert os.lstat(path).st_uid == 65534
+        assert Path(path).read_bytes() == b"theirs"
+
+
+def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
+    """Change victim just after cleanup_all has examined it and before it opens it."""
+    real = temp_audio._remove_if_unused
+
+    def meddle(dir_fd: int, name: str, st: os.stat_result, **options: object) -> bool:
+        if name == victim:
+            os.unlink(name, dir_fd=dir_fd)
+            if how == "fifo":
+                os.mkfifo(name, dir_fd=dir_fd)
+            elif how == "symlink":
+                os.symlink("decoy.wav", name, dir_fd=dir_fd)
+        return real(dir_fd, name, st, **options)
+
+    monkeypatch.setattr(temp_audio, "_remove_if_unused", meddle)
+
+
+@pytest.mark.parametrize("how", ["vanished", "fifo", "symlink"])
+def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
+    private_dirs, monkeypatch, how
+) -> None:
+    decoy, digest = _decoy(Path(private_dirs.ram))
+    ours = [get_temp_audio_path() for _ in range(3)]
+    victim = os.path.basename(ours[1])
+    _race(monkeypatch, victim, how)
+
+    assert _run_with_deadline(cleanup_all_temp_audio) == 2
+
+    path = ours[1]
+    if how == "vanished":
+        assert not os.path.lexists(path)
+    elif how == "fifo":
+        assert stat.S_ISFIFO(os.lstat(path).st_mode)
+    else:
+        assert os.readlink(path) == "decoy.wav"
+    assert _sha256(decoy) == digest
+    assert not os.path.lexists(ours[0]) and not os.path.lexists(ours[2])
+
+
+def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(
+    private_dirs, monkeypatch
+) -> None:
+    ours = [get_temp_audio_path() for _ in range(4)]
+    doomed = {os.path.basename(p) for p in ours[:2]}
+    real = temp_audio.is_our_name
+
+    def vanish_while_listed(name: str) -> bool:
+        if name in doomed:
+            os.unlink(os.path.join(private_dirs.ram, name))
+        return real(name)
+
+    monkeypatch.setattr(temp_audio, "is_our_name", vanish_while_listed)
+    assert cleanup_all_temp_audio() == 2
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_cleanup_all_and_a_concurrent_deleter_remove_each_file_exactly_once(private_dirs) -> None:
+    total = 400
+    paths = [get_temp_audio_path() for _ in range(total)]
+    deleted_by_thread = 0
+    start = threading.Barrier(2)
+
+    def deleter() -> None:
+        nonlocal deleted_by_thread
+        start.wait()
+        for path in reversed(paths):
+            try:
+                os.unlink(path)
+                deleted_by_thread += 1
+            except FileNotFoundError:
+                pass
+
+    thread = threading.Thread(target=deleter)
+    thread.start()
+    start.wait()
+    removed = cleanup_all_temp_audio()
+    thread.join()
+
+    assert removed + deleted_by_thread == total
+    assert os.listdir(private_dirs.ram) == []
+
+
+_HOLD_SHARED_LOCK = """
+import os, sys, time
+from luna_shm import _lowlevel
+fd = os.open(sys.argv[1], os.O_RDONLY)
+assert _lowlevel.lock(fd, exclusive=False)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("where", ["ram", "fallback"])
+def test_cleanup_all_skips_a_file_locked_by_a_live_process_until_it_is_killed(
+    private_dirs, monkeypatch, where
+) -> None:
+    held, free = _make_ours(monkeypatch, where, "luna_daemon_", 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_SHARED_LOCK, held],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+
+        assert cleanup_all_temp_audio() == 1
+        assert os.path.isfile(held)
+        assert not os.path.lexists(free)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL
+
+    assert cleanup_all_temp_audio() == 1
+    assert not os.path.lexists(held)

@@ -1,0 +1,326 @@
+"""The luna-shm command line, run as a real `python -m luna_shm` process in private dirs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+import luna_shm
+from luna_shm import _lowlevel
+from luna_shm.cli import parse_duration
+
+STATUS_KEYS = {"version", "backend", "dir", "reason", "in_ram", "fs_type", "bytes_free",
+               "bytes_total", "ram_dir", "fallback_dir", "files"}
+GROUP_KEYS = {"dir", "prefix", "count", "bytes", "oldest_age_seconds", "held"}
+DAY = 86400
+
+
+def run_cli(dirs, *args: str, env: dict[str, str] | None = None,
+            preexec_fn=None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m luna_shm ARGS` with the private dirs in its environment."""
+    child_env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    child_env.update(LUNA_SHM_DIR=dirs.ram, TMPDIR=dirs.fallback, PYTHONPATH=str(REPO))
+    child_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "luna_shm", *args], capture_output=True,
+                          text=True, env=child_env, timeout=120, preexec_fn=preexec_fn)
+
+
+def make_file(directory: str, prefix: str = "luna_audio_", size: int = 100,
+              age: float = 0.0, suffix: str = ".wav") -> str:
+    """Create a file of size bytes whose mtime is age seconds ago; return its path."""
+    path = f"{directory}/{prefix}{uuid.uuid4().hex}{suffix}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
+    return path
+
+
+@contextmanager
+def held_by_child(path: str) -> Iterator[None]:
+    """A live child process holds a shared flock on path while the block runs."""
+    code = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+        child.stdout.close()
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], code: int) -> str:
+    """The process exited with code and wrote exactly one line, no traceback, to stderr."""
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def status_json(dirs, **kwargs) -> dict:
+    done = run_cli(dirs, "status", "--json", **kwargs)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def group(status: dict, directory: str, prefix: str) -> dict:
+    [found] = [g for g in status["files"] if g["dir"] == directory and g["prefix"] == prefix]
+    return found
+
+
+# ---- status --------------------------------------------------------------------------
+
+
+def test_status_text_names_the_backend_capabilities_the_dir_and_why(private_dirs) -> None:
+    done = run_cli(private_dirs, "status")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"memfd {'yes' if _lowlevel.HAS_MEMFD else 'no'}" in out
+    assert f"O_TMPFILE {'yes' if _lowlevel.HAS_O_TMPFILE else 'no'}" in out
+    assert f"dir:      {private_dirs.ram}\n" in out
+    assert f"{private_dirs.ram} is a writable RAM disk" in out
+    assert "in RAM:   yes (filesystem tmpfs)" in out
+
+
+def test_status_json_is_one_object_with_the_documented_fields(private_dirs) -> None:
+    status = status_json(private_dirs)
+    assert set(status) == STATUS_KEYS
+    assert status["version"] == luna_shm.__version__
+    assert status["backend"] == {"module": "luna_shm._native", "memfd": _lowlevel.HAS_MEMFD,
+                                 "o_tmpfile": _lowlevel.HAS_O_TMPFILE}
+    assert (status["dir"], status["ram_dir"]) == (private_dirs.ram, private_dirs.ram)
+    assert status["fallback_dir"] == private_dirs.fallback
+    assert status["in_ram"] is True and status["fs_type"] == "tmpfs"
+    assert 0 < status["bytes_free"] <= status["bytes_total"]
+    assert all(set(g) == GROUP_KEYS for g in status["files"])
+
+
+def test_status_counts_files_bytes_and_oldest_age_per_prefix_and_dir(private_dirs) -> None:
+    make_file(private_dirs.ram, size=100, age=3600)
+    make_file(private_dirs.ram, size=300, age=60)
+    make_file(private_dirs.ram, prefix="luna_daemon_", size=7)
+    make_file(private_dirs.fallback, size=50, age=2 * DAY)
+    make_file(private_dirs.ram, prefix="someone_else_", size=1000, age=5 * DAY)
+
+    status = status_json(private_dirs)
+
+    audio = group(status, private_dirs.ram, "luna_audio_")
+    assert (audio["count"], audio["bytes"], audio["held"]) == (2, 400, 0)
+    assert 3600 <= audio["oldest_age_seconds"] < 4 * 3600
+    daemon = group(status, private_dirs.ram, "luna_daemon_")
+    assert (daemon["count"], daemon["bytes"]) == (1, 7)
+    fallback = group(status, private_dirs.fallback, "luna_audio_")
+    assert (fallback["count"], fallback["bytes"]) == (1, 50)
+    assert 2 * DAY <= fallback["oldest_age_seconds"] < 3 * DAY
+    empty = group(status, private_dirs.fallback, "luna_daemon_")
+    assert (empty["count"], empty["bytes"], empty["oldest_age_seconds"]) == (0, 0, None)
+
+
+def test_status_counts_a_file_locked_by_a_live_child_process_as_held(private_dirs) -> None:
+    held = make_file(private_dirs.ram)
+    make_file(private_dirs.ram)
+    with held_by_child(held):
+        status = status_json(private_dirs)
+    audio = group(status, private_dirs.ram, "luna_audio_")
+    assert (audio["count"], audio["held"]) == (2, 1)
+
+
+def test_status_does_not_take_away_the_lock_of_a_held_file(private_dirs) -> None:
+    held = make_file(private_dirs.ram)
+    with held_by_child(held):
+        status_json(private_dirs)
+        again = status_json(private_dirs)
+    assert group(again, private_dirs.ram, "luna_audio_")["held"] == 1
+
+
+def test_status_reports_the_fallback_dir_and_why_when_the_ram_disk_is_disabled(
+        private_dirs) -> None:
+    status = status_json(private_dirs, env={"LUNA_SHM_DISABLE": "1"})
+    assert status["dir"] == private_dirs.fallback
+    assert status["reason"] == "LUNA_SHM_DISABLE is set"
+    assert status["in_ram"] == (status["fs_type"] in ("tmpfs", "ramfs"))
+
+
+def test_status_explains_why_a_ram_dir_that_is_not_in_ram_is_refused(
+        private_dirs, tmp_path: Path) -> None:
+    disk_dir = tmp_path / "not_ram"
+    disk_dir.mkdir()
+    if _lowlevel.fs_probe(str(disk_dir)).is_ram_fs:
+        pytest.skip("the test's tmp_path is itself on tmpfs here")
+    status = status_json(private_dirs, env={"LUNA_SHM_DIR": str(disk_dir)})
+    assert status["dir"] == private_dirs.fallback
+    assert status["reason"].startswith(f"{disk_dir} is not a RAM disk")
+
+
+# ---- clean ---------------------------------------------------------------------------
+
+
+def test_clean_removes_our_unheld_files_lists_each_and_prints_the_total(private_dirs) -> None:
+    paths = [make_file(private_dirs.ram, size=100), make_file(private_dirs.ram, size=200),
+             make_file(private_dirs.fallback, prefix="luna_daemon_", size=300)]
+    done = run_cli(private_dirs, "clean")
+    assert done.returncode == 0, done.stderr
+    for path in paths:
+        assert f"removed {path} (" in done.stdout
+        assert not os.path.exists(path)
+    assert done.stdout.splitlines()[-1] == "removed 3 files, 600 B in total"
+
+
+def test_clean_leaves_a_file_held_by_a_live_child_process(private_dirs) -> None:
+    held = make_file(private_dirs.ram)
+    free = make_file(private_dirs.ram)
+    with held_by_child(held):
+        done = run_cli(private_dirs, "clean")
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(held) and held not in done.stdout
+    assert not os.path.exists(free) and free in done.stdout
+
+
+def test_clean_leaves_files_that_are_not_ours(private_dirs) -> None:
+    other = make_file(private_dirs.ram, prefix="someone_else_")
+    our_named_dir = f"{private_dirs.ram}/luna_audio_{uuid.uuid4().hex}"
+    os.mkdir(our_named_dir)
+    done = run_cli(private_dirs, "clean")
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(other) and os.path.isdir(our_named_dir)
+    assert done.stdout == "removed 0 files, 0 B in total\n"
+
+
+def test_clean_dry_run_lists_files_and_removes_nothing(private_dirs) -> None:
+    paths = [make_file(private_dirs.ram), make_file(private_dirs.fallback)]
+    done = run_cli(private_dirs, "clean", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    for path in paths:
+        assert f"would remove {path} (" in done.stdout
+        assert os.path.exists(path)
+    assert done.stdout.splitlines()[-1] == (
+        "would remove 2 files, 200 B in total (dry run: nothing was removed)")
+
+
+def test_clean_dry_run_lists_exactly_what_clean_then_removes(private_dirs) -> None:
+    make_file(private_dirs.ram, age=2 * DAY)
+    make_file(private_dirs.fallback, prefix="luna_daemon_", age=2 * DAY)
+    make_file(private_dirs.ram)  # too recent for --older-than 1d
+    held = make_file(private_dirs.ram, age=2 * DAY)
+    with held_by_child(held):
+        dry = run_cli(private_dirs, "clean", "--dry-run", "--older-than", "1d")
+        real = run_cli(private_dirs, "clean", "--older-than", "1d")
+    listed = [line.split()[2] for line in dry.stdout.splitlines()[:-1]]
+    removed = [line.split()[1] for line in real.stdout.splitlines()[:-1]]
+    assert len(listed) == 2
+    assert sorted(listed) == sorted(removed)
+
+
+@pytest.mark.parametrize("older_than", ["90s", "10m", "2h", "3600", "1.5h", "1d"])
+def test_clean_older_than_removes_only_files_last_modified_longer_ago(
+        private_dirs, older_than: str) -> None:
+    old = make_file(private_dirs.ram, age=3 * DAY)
+    recent = make_file(private_dirs.ram, age=30)
+    done = run_cli(private_dirs, "clean", "--older-than", older_than)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(old)
+    assert os.path.exists(recent)
+
+
+# ---- arguments -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90.0), ("10m", 600.0), ("2h", 7200.0), ("3600", 3600.0), ("1d", 86400.0),
+    ("0", 0.0), ("1.5h", 5400.0), (" 10M ", 600.0),
+])
+def test_parse_duration_reads_a_number_with_an_optional_unit(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten", "10x", "-5m", "1.2.3", "m", "10 minutes"])
+def test_parse_duration_rejects_anything_else_naming_the_text(text: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid duration {text!r}"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("value", ["ten", "10x", "-5m", ""])
+def test_a_bad_older_than_is_one_line_on_stderr_and_exit_code_2(
+        private_dirs, value: str) -> None:
+    kept = make_file(private_dirs.ram)
+    line = assert_one_error_line(run_cli(private_dirs, "clean", f"--older-than={value}"), 2)
+    assert line.startswith("luna-shm clean: error: argument --older-than: invalid duration")
+    assert os.path.exists(kept)
+
+
+@pytest.mark.parametrize("args", [["frobnicate"], [], ["status", "--bogus"],
+                                  ["clean", "--older-than"], ["demo", "extra"]])
+def test_bad_arguments_are_one_line_on_stderr_and_exit_code_2(private_dirs, args) -> None:
+    line = assert_one_error_line(run_cli(private_dirs, *args), 2)
+    assert line.startswith("luna-shm") and ": error: " in line and "--help" in line
+
+
+@pytest.mark.parametrize("command", [[], ["status"], ["clean"], ["demo"]])
+def test_every_command_has_help(private_dirs, command: list[str]) -> None:
+    done = run_cli(private_dirs, *command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: luna-shm {' '.join(command)}".rstrip())
+
+
+def test_version_prints_the_package_version(private_dirs) -> None:
+    done = run_cli(private_dirs, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"luna-shm {luna_shm.__version__}\n"
+
+
+def test_console_script_runs_the_same_command_line(private_dirs) -> None:
+    script = Path(sys.executable).parent / "luna-shm"
+    if not script.exists():
+        pytest.skip(f"no luna-shm console script next to {sys.executable} (not installed)")
+    env = {**os.environ, "LUNA_SHM_DIR": private_dirs.ram, "TMPDIR": private_dirs.fallback}
+    done = subprocess.run([str(script), "status", "--json"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dir"] == private_dirs.ram
+
+
+# ---- demo and failures -----------------------------------------------------------------
+
+
+def test_demo_verifies_every_sample_and_leaves_the_ram_dir_empty(private_dirs) -> None:
+    done = run_cli(private_dirs, "demo")
+    assert done.returncode == 0, done.stderr
+    assert "every sample matches" in done.stdout
+    assert os.listdir(private_dirs.ram) == []
+
+
+def _small_file_size_limit() -> None:
+    """In the child: files may not grow past 4 KiB (EFBIG; Python ignores SIGXFSZ)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_a_failing_command_is_one_line_on_stderr_exit_code_1_and_no_traceback(
+        private_dirs) -> None:
+    done = run_cli(private_dirs, "demo", preexec_fn=_small_file_size_limit)
+    line = assert_one_error_line(done, 1)
+    assert line.startswith(f"luna-shm demo: error: [Errno {errno.EFBIG}]")
+    assert os.listdir(private_dirs.ram) == []

@@ -1,0 +1,165 @@
+"""save_temp_audio: encoded audio (bytes or a stream of chunks) into a new temp file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+import pytest
+from helpers import assert_child_ok, run_in_private_shm
+
+from luna_shm import cleanup_temp_audio
+from luna_shm.encoded import save_temp_audio
+
+MP3ISH = b"ID3\x04\x00" + bytes(range(256)) * 40
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_bytes_like_data_is_written_exactly_to_a_new_file_in_the_ram_dir(
+        private_dirs, kind) -> None:
+    path = save_temp_audio(kind(MP3ISH))
+    assert os.path.dirname(path) == private_dirs.ram
+    assert os.path.basename(path).startswith("luna_audio_") and path.endswith(".mp3")
+    assert read(path) == MP3ISH
+
+
+def test_an_iterator_of_chunks_is_written_in_order(private_dirs) -> None:
+    path = save_temp_audio(chunks_of(MP3ISH, 1000))
+    assert read(path) == MP3ISH
+
+
+def test_chunks_of_mixed_types_and_empty_chunks_are_written_in_order(private_dirs) -> None:
+    parts = [b"abc", bytearray(b"def"), b"", memoryview(b"ghi"), bytearray(), b"j"]
+    assert read(save_temp_audio(parts)) == b"abcdefghij"
+
+
+def test_a_stream_longer_than_one_batch_and_than_iov_max_chunks_is_whole(private_dirs) -> None:
+    data = os.urandom(3 * (1 << 20) + 12345)
+    path = save_temp_audio(chunks_of(data, 700))  # ~4500 chunks: several writev batches
+    assert read(path) == data
+
+
+def test_a_producer_that_reuses_one_bytearray_gets_each_chunk_written(private_dirs) -> None:
+    def reusing_producer() -> Iterator[bytearray]:
+        buffer = bytearray(4)
+        for i in range(100):
+            buffer[:] = i.to_bytes(4, "little")
+            yield buffer
+
+    expected = b"".join(i.to_bytes(4, "little") for i in range(100))
+    assert read(save_temp_audio(reusing_producer())) == expected
+
+
+def test_a_strided_memoryview_writes_its_elements(private_dirs) -> None:
+    assert read(save_temp_audio(memoryview(b"aXbXcX")[::2])) == b"abc"
+
+
+def test_a_multibyte_memoryview_writes_its_bytes(private_dirs) -> None:
+    words = memoryview(bytearray(b"\x01\x00\x02\x00")).cast("H")
+    assert read(save_temp_audio(words)) == b"\x01\x00\x02\x00"
+
+
+def test_empty_data_makes_an_empty_file(private_dirs) -> None:
+    assert read(save_temp_audio(b"")) == b""
+    assert read(save_temp_audio(iter([]))) == b""
+
+
+def test_suffix_and_prefix_name_the_file(private_dirs) -> None:
+    path = save_temp_audio(b"x", ".opus", prefix="luna_daemon_")
+    name = os.path.basename(path)
+    assert name.startswith("luna_daemon_") and name.endswith(".opus")
+
+
+def test_the_file_is_private_to_its_owner(private_dirs) -> None:
+    path = save_temp_audio(MP3ISH)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_the_returned_path_is_ours_to_clean_up(private_dirs) -> None:
+    path = save_temp_audio(MP3ISH)
+    assert cleanup_temp_audio(path) is True
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_str_data_is_a_type_error_naming_str(private_dirs) -> None:
+    with pytest.raises(TypeError, match="got str"):
+        save_temp_audio("not audio")
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize(("data", "name"), [(42, "int"), (None, "NoneType"),
+                                            (3.5, "float")])
+def test_data_that_is_neither_bytes_nor_iterable_is_a_type_error_naming_it(
+        private_dirs, data, name: str) -> None:
+    with pytest.raises(TypeError, match=f"got {name}$"):
+        save_temp_audio(data)
+
+
+def test_a_buffer_that_is_not_bytes_bytearray_or_memoryview_is_refused(private_dirs) -> None:
+    import array
+
+    with pytest.raises(TypeError, match=r"got array\.array"):
+        save_temp_audio(array.array("h", [1, 2, 3]))
+
+
+def test_a_str_chunk_is_a_type_error_and_the_file_is_removed(private_dirs) -> None:
+    with pytest.raises(TypeError, match=r"chunk 1 of data must be bytes.*got str"):
+        save_temp_audio([b"ok", "text", b"never"])
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_an_exception_from_the_iterator_propagates_and_the_file_is_removed(
+        private_dirs) -> None:
+    def failing_stream() -> Iterator[bytes]:
+        yield b"x" * 5000
+        raise ConnectionResetError(errno.ECONNRESET, "the TTS service hung up")
+
+    with pytest.raises(ConnectionResetError, match="the TTS service hung up"):
+        save_temp_audio(failing_stream())
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_a_suffix_with_a_slash_is_refused_before_any_file_is_made(private_dirs) -> None:
+    with pytest.raises(ValueError, match="suffix must not contain '/'"):
+        save_temp_audio(b"x", "/../evil.mp3")
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_bytes_too_big_for_a_small_ram_disk_go_to_the_fallback_dir() -> None:
+    done = run_in_private_shm("""
+        import os
+        from luna_shm.encoded import save_temp_audio
+        data = os.urandom(256 * 1024)
+        path = save_temp_audio(data)
+        with open(path, "rb") as f:
+            assert f.read() == data
+        print(os.path.dirname(path), len(os.listdir("/dev/shm")))
+    """, shm_size="64k")
+    assert assert_child_ok(done).split() == ["/tmp", "0"]
+
+
+def test_a_stream_that_fills_the_ram_disk_raises_enospc_and_leaves_nothing() -> None:
+    done = run_in_private_shm("""
+        import errno, os
+        from luna_shm.encoded import save_temp_audio
+        chunks = (b"x" * 4096 for _ in range(64))
+        try:
+            save_temp_audio(chunks)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            assert exc.filename.startswith("/dev/shm/luna_audio_"), exc
+            print("ENOSPC", os.listdir("/dev/shm"), os.listdir("/tmp"))
+    """, shm_size="64k")
+    assert assert_child_ok(done).strip() == "ENOSPC [] []"

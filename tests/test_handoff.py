@@ -1,0 +1,297 @@
+"""send_wav / recv_wav: a WavBuffer handed to another process over a Unix socket."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from luna_shm import WavError, create_wav_buffer, get_temp_audio_path, write_wav
+from luna_shm._lowlevel import HAS_MEMFD
+from luna_shm.errors import HandoffError
+from luna_shm.handoff import HANDOFF_HEADER, recv_wav, send_wav
+
+RATE = 16000
+
+SENDER = """
+    import sys, socket
+    import numpy as np
+    from luna_shm import create_wav_buffer
+    from luna_shm.handoff import send_wav
+    fd, frames, channels, dtype, anonymous = sys.argv[1:]
+    sock = socket.socket(fileno=int(fd))
+    with create_wav_buffer(int(frames), 16000, int(channels), dtype,
+                           anonymous=anonymous == "1") as buf:
+        buf.array[:] = (np.arange(buf.array.size) % 1000 - 500).reshape(buf.array.shape)
+        send_wav(sock, buf)
+        print(buf.path)
+"""
+
+RECEIVER = """
+    import sys, socket, hashlib
+    from luna_shm.handoff import recv_wav
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    data, rate = recv_wav(sock)
+    print(rate, data.shape, data.dtype, data.flags.writeable, data.flags.owndata,
+          hashlib.sha256(data.tobytes()).hexdigest())
+"""
+
+
+def expected_samples(frames: int, channels: int, dtype: str) -> np.ndarray:
+    shape = (frames,) if channels == 1 else (frames, channels)
+    return (np.arange(frames * channels) % 1000 - 500).reshape(shape).astype(dtype)
+
+
+def run_child(body: str, sock: socket.socket, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run python code in a child process that gets sock's fd as its first argument."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(body), str(sock.fileno()), *args],
+        pass_fds=[sock.fileno()], capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        yield a, b
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_memfd = pytest.mark.skipif(not HAS_MEMFD, reason="no memfd_create on this platform")
+BUFFER_KINDS = [pytest.param(True, id="anonymous", marks=needs_memfd),
+                pytest.param(False, id="named")]
+
+
+# ---- two processes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anonymous", BUFFER_KINDS)
+@pytest.mark.parametrize(("channels", "dtype"), [(1, "int16"), (2, "float32"), (3, "int32")])
+def test_a_buffer_rendered_in_another_process_arrives_intact(
+        private_dirs, pair, anonymous: bool, channels: int, dtype: str) -> None:
+    ours, theirs = pair
+    done = run_child(SENDER, theirs, "4000", str(channels), dtype, "1" if anonymous else "0")
+    assert done.returncode == 0, done.stderr
+    data, rate = recv_wav(ours)
+    assert rate == RATE
+    np.testing.assert_array_equal(data, expected_samples(4000, channels, dtype))
+    assert data.dtype == np.dtype(dtype)
+
+
+@needs_memfd
+def test_an_anonymous_buffer_outlives_the_sender_process_and_leaves_no_file(
+        private_dirs, pair) -> None:
+    ours, theirs = pair
+    done = run_child(SENDER, theirs, "8000", "1", "int16", "1")
+    assert done.returncode == 0, done.stderr  # the sender has exited and closed its buffer
+    assert done.stdout.startswith("/proc/")
+    data, _ = recv_wav(ours)
+    np.testing.assert_array_equal(data, expected_samples(8000, 1, "int16"))
+    assert os.listdir(private_dirs.ram) == [] and os.listdir(private_dirs.fallback) == []
+
+
+@pytest.mark.parametrize("anonymous", BUFFER_KINDS)
+def test_a_buffer_sent_from_this_process_is_read_by_a_child_process(
+        private_dirs, pair, anonymous: bool) -> None:
+    ours, theirs = pair
+    samples = expected_samples(5000, 2, "int16")
+    with create_wav_buffer(5000, RATE, 2, "int16", anonymous=anonymous) as buf:
+        buf.array[:] = samples
+        send_wav(ours, buf)
+        path = buf.path
+    done = run_child(RECEIVER, theirs)
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    assert done.stdout.split() == [str(RATE), "(5000,", "2)", "int16", "False", "False", digest]
+    if not anonymous:
+        os.unlink(path)
+
+
+# ---- what the receiver gets -----------------------------------------------------------------
+
+
+@needs_memfd
+def test_the_received_array_is_a_read_only_view_of_the_senders_memory(pair) -> None:
+    ours, theirs = pair
+    with create_wav_buffer(100, RATE, anonymous=True) as buf:
+        send_wav(ours, buf)
+        data, _ = recv_wav(theirs)
+        assert not data.flags.writeable and not data.flags.owndata
+        buf.array[7] = 1234  # no copy was made: the receiver sees the sender's write
+        assert data[7] == 1234
+
+
+@needs_memfd
+def test_the_received_descriptor_is_closed_once_mapped(pair) -> None:
+    ours, theirs = pair
+    with create_wav_buffer(100, RATE, anonymous=True) as buf:
+        send_wav(ours, buf)
+    before = open_fds()
+    data, _ = recv_wav(theirs)
+    assert open_fds() == before
+    assert len(data) == 100
+
+
+@needs_memfd
+def test_a_truncated_anonymous_buffer_arrives_with_its_new_length(pair) -> None:
+    ours, theirs = pair
+    with create_wav_buffer(1000, RATE, anonymous=True) as buf:
+        buf.array[:] = np.arange(1000)
+        buf.truncate(600)
+        send_wav(ours, buf)
+    data, _ = recv_wav(theirs)
+    np.testing.assert_array_equal(data, np.arange(600, dtype=np.int16))
+
+
+def test_an_empty_buffer_arrives_as_an_empty_read_only_array(private_dirs, pair) -> None:
+    ours, theirs = pair
+    with create_wav_buffer(0, RATE) as buf:
+        send_wav(ours, buf)
+        path = buf.path
+    data, rate = recv_wav(theirs)
+    assert (data.shape, rate, data.flags.writeable) == ((0,), RATE, False)
+    os.unlink(path)
+
+
+def send_file(sock: socket.socket, path: str, header: bytes = HANDOFF_HEADER) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        socket.send_fds(sock, [header], [fd])
+    finally:
+        os.close(fd)
+
+
+def test_a_24_bit_wav_written_elsewhere_arrives_as_int32(private_dirs, pair) -> None:
+    ours, theirs = pair
+    samples = np.array([-(2**31), -256, 0, 256, 2**31 - 256], dtype=np.int32)
+    path = write_wav(None, samples, RATE, subtype="PCM_24")
+    send_file(ours, path)
+    data, _ = recv_wav(theirs)
+    np.testing.assert_array_equal(data, samples)
+    assert not data.flags.writeable
+    os.unlink(path)
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def test_recv_after_the_peer_closed_the_socket_raises_eoferror(pair) -> None:
+    ours, theirs = pair
+    ours.close()
+    with pytest.raises(EOFError, match="peer closed the socket"):
+        recv_wav(theirs)
+
+
+def test_recv_of_a_message_without_a_descriptor_raises_handoff_error(pair) -> None:
+    ours, theirs = pair
+    ours.sendall(b"hello there")
+    with pytest.raises(HandoffError, match="carried no file descriptor"):
+        recv_wav(theirs)
+
+
+def test_recv_of_a_descriptor_with_a_foreign_header_raises_and_closes_it(
+        private_dirs, pair) -> None:
+    ours, theirs = pair
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    send_file(ours, path, header=b"SOMEWAV!")
+    before = open_fds()
+    with pytest.raises(HandoffError, match="not a luna_shm WAV handoff"):
+        recv_wav(theirs)
+    assert open_fds() == before
+    os.unlink(path)
+
+
+def test_recv_of_two_descriptors_in_one_message_raises_handoff_error(
+        private_dirs, pair) -> None:
+    ours, theirs = pair
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    fd1, fd2 = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    socket.send_fds(ours, [HANDOFF_HEADER], [fd1, fd2])
+    os.close(fd1)
+    os.close(fd2)
+    before = open_fds()
+    with pytest.raises(HandoffError, match="more than one file descriptor"):
+        recv_wav(theirs)
+    assert open_fds() == before
+    os.unlink(path)
+
+
+def test_recv_of_a_file_that_is_not_a_wav_raises_wav_error_naming_it(
+        private_dirs, pair) -> None:
+    ours, theirs = pair
+    path = get_temp_audio_path(".mp3")
+    with open(path, "wb") as f:
+        f.write(b"ID3\x04" + b"\0" * 100)
+    send_file(ours, path)
+    with pytest.raises(WavError, match=f"received fd \\({path}\\): "):
+        recv_wav(theirs)
+    os.unlink(path)
+
+
+def test_recv_of_a_pipe_raises_wav_error_not_a_regular_file(pair) -> None:
+    ours, theirs = pair
+    r, w = os.pipe()
+    try:
+        socket.send_fds(ours, [HANDOFF_HEADER], [r])
+    finally:
+        os.close(r)
+        os.close(w)
+    with pytest.raises(WavError, match="not a regular file"):
+        recv_wav(theirs)
+
+
+def test_recv_on_a_closed_socket_raises_oserror(pair) -> None:
+    _, theirs = pair
+    theirs.close()
+    with pytest.raises(OSError, match="Bad file descriptor") as info:
+        recv_wav(theirs)
+    assert info.value.errno == errno.EBADF
+
+
+def test_send_of_a_closed_buffer_raises_value_error(private_dirs, pair) -> None:
+    ours, _ = pair
+    buf = create_wav_buffer(10, RATE, anonymous=HAS_MEMFD)
+    path = buf.path
+    buf.close()
+    with pytest.raises(ValueError, match="closed WavBuffer"):
+        send_wav(ours, buf)
+    if not HAS_MEMFD:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("thing", [b"RIFF", 3, np.zeros(3)])
+def test_send_of_anything_but_a_wav_buffer_raises_type_error(pair, thing) -> None:
+    ours, _ = pair
+    with pytest.raises(TypeError, match="send_wav sends a WavBuffer, got"):
+        send_wav(ours, thing)
+
+
+def test_send_over_a_socket_that_is_not_unix_raises_value_error(private_dirs) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inet, \
+            create_wav_buffer(10, RATE) as buf:
+        with pytest.raises(ValueError, match="needs an AF_UNIX socket"):
+            send_wav(inet, buf)
+        os.unlink(buf.path)
+
+
+def test_send_after_the_peer_closed_raises_broken_pipe_error(private_dirs, pair) -> None:
+    ours, theirs = pair
+    theirs.close()
+    with create_wav_buffer(10, RATE) as buf:
+        with pytest.raises(BrokenPipeError):
+            send_wav(ours, buf)
+        os.unlink(buf.path)

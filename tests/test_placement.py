@@ -1,0 +1,433 @@
+"""Where temp audio goes: RAM detection on real mounts, overrides, fallbacks and their log.
+
+In-process tests use the private_dirs fixture. Tests about /dev/shm itself run
+in a child with its own mount namespace (helpers.run_in_private_shm), where
+/dev/shm and /tmp are fresh private tmpfs mounts: the machine's are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import assert_child_ok, run_in_private_shm
+
+import luna_shm
+from luna_shm import placement
+from luna_shm.temp_audio import get_temp_audio_path
+
+RAM_FS_NAMES = {"tmpfs", "ramfs"}
+
+
+def statfs_type(path: str | Path) -> str:
+    """The filesystem type statfs reports for path, from coreutils (an independent oracle)."""
+    done = subprocess.run(["stat", "-f", "-c", "%T", str(path)],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def mount_fs_type(mountpoint: str) -> str | None:
+    """The type of the topmost mount at mountpoint, from util-linux findmnt; None if none."""
+    done = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--mountpoint", mountpoint],
+                          capture_output=True, text=True)
+    lines = done.stdout.split()
+    return lines[-1] if lines else None
+
+
+def require_disk_dir(path: str | Path) -> None:
+    if statfs_type(path) in RAM_FS_NAMES:
+        pytest.skip(f"{path} is itself on a RAM filesystem here; a disk dir is needed")
+
+
+def luna_records(caplog: pytest.LogCaptureFixture, fragment: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "luna_shm" and fragment in r.getMessage()]
+
+
+def disk_tmp_preamble(disk: Path) -> str:
+    """Child code that replaces its private tmpfs /tmp by a bind mount of a private disk dir."""
+    return textwrap.dedent(f"""
+        import subprocess
+        subprocess.run(["umount", "/tmp"], check=True)
+        subprocess.run(["mount", "--bind", {str(disk)!r}, "/tmp"], check=True)
+    """)
+
+
+def child_report() -> str:
+    return textwrap.dedent("""
+        import json, os, logging, sys
+        from luna_shm import placement
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append([record.levelname, record.getMessage()])
+        logging.getLogger("luna_shm").addHandler(Keep())
+        logging.getLogger("luna_shm").setLevel(logging.DEBUG)
+        import luna_shm
+        def report(**extra):
+            print(json.dumps(dict(
+                temp_dir=luna_shm.temp_dir(), in_ram=luna_shm.is_using_ram_disk(),
+                shm=sorted(os.listdir("/dev/shm")), log=records, **extra)))
+    """)
+
+
+# ---- RAM detection on real filesystems ---------------------------------------------------
+
+
+def test_private_tmpfs_dir_is_a_ram_disk(private_dirs) -> None:
+    assert statfs_type(private_dirs.ram) == "tmpfs"
+    assert placement.lives_in_ram(private_dirs.ram) is True
+    assert luna_shm.is_using_ram_disk() is True
+    assert luna_shm.temp_dir() == private_dirs.ram
+
+
+def test_disk_fallback_dir_under_pytest_tmp_path_is_not_a_ram_disk(private_dirs) -> None:
+    require_disk_dir(private_dirs.fallback)
+    assert placement.lives_in_ram(private_dirs.fallback) is False
+
+
+def test_dev_on_devtmpfs_is_not_a_ram_disk_although_statfs_says_tmpfs() -> None:
+    if mount_fs_type("/dev") != "devtmpfs":
+        pytest.skip("/dev is not a devtmpfs mount here")
+    assert placement.lives_in_ram("/dev") is False
+
+
+@pytest.mark.parametrize("kind", ["missing", "regular-file"])
+def test_what_is_not_a_directory_is_not_a_ram_disk(private_dirs, kind) -> None:
+    path = f"{private_dirs.ram}/thing"
+    if kind == "regular-file":
+        Path(path).write_bytes(b"")
+    assert placement.lives_in_ram(path) is False
+
+
+def test_ramfs_mount_is_a_ram_disk() -> None:
+    done = run_in_private_shm(
+        textwrap.dedent("""
+            import os, subprocess
+            os.mkdir("/tmp/ramfs")
+            subprocess.run(["mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/tmp/ramfs"],
+                           check=True)
+            os.environ["LUNA_SHM_DIR"] = "/tmp/ramfs"
+        """) + child_report() + textwrap.dedent("""
+            path = luna_shm.get_temp_audio_path()
+            report(path=path, fs=subprocess.run(["stat", "-f", "-c", "%T", "/tmp/ramfs"],
+                   capture_output=True, text=True).stdout.strip())
+        """)
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["fs"] == "ramfs"
+    assert out["temp_dir"] == "/tmp/ramfs"
+    assert out["in_ram"] is True
+    assert out["path"].startswith("/tmp/ramfs/luna_audio_")
+
+
+def test_default_dir_is_dev_shm_on_a_private_tmpfs_mount() -> None:
+    done = run_in_private_shm(child_report() + textwrap.dedent("""
+        path = luna_shm.get_temp_audio_path()
+        report(path=path, is_file=os.path.isfile(path))
+    """))
+    out = json.loads(assert_child_ok(done))
+    assert out["temp_dir"] == "/dev/shm"
+    assert out["in_ram"] is True
+    assert out["path"].startswith("/dev/shm/luna_audio_") and out["is_file"]
+    assert out["shm"] == [os.path.basename(out["path"])]
+    assert out["log"] == []
+
+
+def test_bare_dev_shm_directory_on_devtmpfs_is_not_a_ram_disk() -> None:
+    # Unmount every tmpfs stacked on /dev/shm (in the child's namespace only) so
+    # that /dev/shm is the plain directory on devtmpfs: statfs says "tmpfs", but it
+    # is the kernel's device fs, not a RAM disk. Only names are asked for
+    # (create=False): nothing is written to the real devtmpfs.
+    done = run_in_private_shm(
+        textwrap.dedent("""
+            import json, subprocess, sys
+            for _ in range(32):
+                if subprocess.run(["umount", "/dev/shm"], capture_output=True).returncode:
+                    break
+            kind = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", "/dev/shm"],
+                                  capture_output=True, text=True).stdout.split()
+            if kind[-1:] != ["devtmpfs"]:
+                print(json.dumps({"skip": f"/dev/shm lies on {kind} here, not on devtmpfs"}))
+                sys.exit(0)
+        """) + child_report() + textwrap.dedent("""
+            path = luna_shm.get_temp_audio_path(create=False)
+            report(path=path, lives=placement.lives_in_ram("/dev/shm"))
+        """)
+    )
+    out = json.loads(assert_child_ok(done))
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert out["lives"] is False
+    assert out["temp_dir"] == "/tmp"
+    assert out["path"].startswith("/tmp/luna_audio_")
+    assert any("/dev/shm is not a RAM disk" in message for _, message in out["log"])
+
+
+# ---- overrides -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback_fs", ["disk", "tmpfs"])
+def test_disable_sends_files_to_fallback_dir_and_reports_its_real_filesystem(
+    private_dirs, monkeypatch, caplog, fallback_fs
+) -> None:
+    caplog.set_level(logging.INFO, logger="luna_shm")
+    if fallback_fs == "tmpfs":
+        fallback = f"{private_dirs.ram}/fallback_on_tmpfs"
+        os.mkdir(fallback, 0o700)
+        monkeypatch.setenv("TMPDIR", fallback)
+    else:
+        fallback = private_dirs.fallback
+        require_disk_dir(fallback)
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+
+    path = get_temp_audio_path()
+
+    assert os.path.dirname(path) == fallback
+    assert luna_shm.temp_dir() == fallback
+    assert luna_shm.is_using_ram_disk() is (statfs_type(fallback) in RAM_FS_NAMES)
+    assert luna_shm.is_using_ram_disk() is (fallback_fs == "tmpfs")
+    assert len(luna_records(caplog, "LUNA_SHM_DISABLE is set")) == 1
+
+
+def test_luna_shm_dir_names_the_ram_dir_to_use(private_dirs, monkeypatch) -> None:
+    chosen = f"{private_dirs.ram}/chosen"
+    os.mkdir(chosen, 0o700)
+    monkeypatch.setenv("LUNA_SHM_DIR", chosen)
+    path = get_temp_audio_path()
+    assert os.path.dirname(path) == chosen
+    assert luna_shm.is_using_ram_disk() is True
+
+
+def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+    other = Path(private_dirs.fallback) / "other"
+    other.mkdir()
+    monkeypatch.setenv("TMPDIR", str(other))
+    path = get_temp_audio_path()
+    assert os.path.dirname(path) == str(other)
+    assert os.listdir(other) == [os.path.basename(path)]
+
+
+@pytest.mark.parametrize("tmpdir", [None, "missing"], ids=["unset", "names-a-missing-dir"])
+def test_fallback_dir_is_slash_tmp_without_a_usable_tmpdir(
+    private_dirs, monkeypatch, tmpdir
+) -> None:
+    # Only names are asked for (create=False): the machine's /tmp is not written.
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+    if tmpdir is None:
+        monkeypatch.delenv("TMPDIR")
+    else:
+        monkeypatch.setenv("TMPDIR", f"{private_dirs.fallback}/{tmpdir}")
+    assert luna_shm.temp_dir() == "/tmp"
+    path = get_temp_audio_path(create=False)
+    assert path.startswith("/tmp/luna_audio_")
+
+
+def _plant_ram_dir(kind: str, ram: str, disk: Path) -> tuple[str, str]:
+    """Make an unusable RAM dir candidate; return (its path, the reason expected in the log)."""
+    path = f"{ram}/candidate"
+    if kind == "missing":
+        return path, f"{path} cannot be examined (No such file or directory)"
+    if kind == "regular-file":
+        Path(path).write_bytes(b"")
+        return path, f"{path} is not a directory"
+    if kind == "symlink":
+        real = f"{ram}/real"
+        os.mkdir(real, 0o700)  # usable itself: only the link is refused
+        os.symlink(real, path)
+        return path, f"{path} is a symbolic link"
+    if kind == "world-writable-no-sticky":
+        os.mkdir(path)
+        os.chmod(path, 0o777)
+        return path, f"{path} is world-writable without the sticky bit"
+    if kind == "owned-by-another-user":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a directory to uid 65534")
+        os.mkdir(path, 0o755)
+        os.chown(path, 65534, 65534)
+        return path, f"{path} is owned by another user (uid 65534)"
+    if kind == "disk-dir":
+        require_disk_dir(disk)
+        return str(disk), f"{disk} is not a RAM disk"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["missing", "regular-file", "symlink", "world-writable-no-sticky", "owned-by-another-user",
+     "disk-dir"],
+)
+def test_unusable_ram_dir_falls_back_and_logs_why_once(
+    private_dirs, monkeypatch, caplog, tmp_path, kind
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="luna_shm")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    candidate, reason = _plant_ram_dir(kind, private_dirs.ram, disk)
+    before = sorted(os.listdir(candidate)) if os.path.isdir(candidate) else None
+    monkeypatch.setenv("LUNA_SHM_DIR", candidate)
+
+    paths = [get_temp_audio_path() for _ in range(3)]
+    # Make luna_shm choose again (another cache key, same outcome): still one message.
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "0")
+    paths.append(get_temp_audio_path())
+    monkeypatch.delenv("LUNA_SHM_DISABLE")
+    paths.append(get_temp_audio_path())
+
+    assert {os.path.dirname(p) for p in paths} == {private_dirs.fallback}
+    assert luna_shm.temp_dir() == private_dirs.fallback
+    assert luna_shm.is_using_ram_disk() is (statfs_type(private_dirs.fallback) in RAM_FS_NAMES)
+    records = luna_records(caplog, reason)
+    assert len(records) == 1, caplog.text
+    assert records[0].levelno == logging.WARNING
+    assert f"falling back to {private_dirs.fallback}" in records[0].getMessage()
+    if before is not None and not os.path.islink(candidate):
+        assert sorted(os.listdir(candidate)) == before
+
+
+def test_world_writable_ram_dir_with_sticky_bit_is_accepted(private_dirs, monkeypatch) -> None:
+    sticky = f"{private_dirs.ram}/sticky"
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    monkeypatch.setenv("LUNA_SHM_DIR", sticky)
+    assert os.path.dirname(get_temp_audio_path()) == sticky
+    assert luna_shm.is_using_ram_disk() is True
+
+
+def test_refresh_temp_dir_picks_up_a_ram_dir_that_appeared(private_dirs, monkeypatch) -> None:
+    later = f"{private_dirs.ram}/later"
+    monkeypatch.setenv("LUNA_SHM_DIR", later)
+    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+    os.mkdir(later, 0o700)
+
+    assert luna_shm.refresh_temp_dir() == later
+
+    assert luna_shm.temp_dir() == later
+    assert luna_shm.is_using_ram_disk() is True
+    assert os.path.dirname(get_temp_audio_path()) == later
+
+
+def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeypatch) -> None:
+    gone = f"{private_dirs.ram}/gone"
+    os.mkdir(gone, 0o700)
+    monkeypatch.setenv("LUNA_SHM_DIR", gone)
+    assert luna_shm.temp_dir() == gone
+    os.rmdir(gone)
+
+    assert luna_shm.refresh_temp_dir() == private_dirs.fallback
+
+    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+
+
+# ---- the RAM disk refusing files: real read-only and full mounts -----------------------------
+
+
+@pytest.mark.parametrize("fallback_fs", ["disk", "tmpfs"])
+def test_read_only_ram_disk_falls_back_to_tmp(tmp_path, fallback_fs) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if fallback_fs == "disk":
+        require_disk_dir(disk)
+        preamble = disk_tmp_preamble(disk)
+    else:
+        preamble = ""  # the child's /tmp stays a private tmpfs
+    done = run_in_private_shm(
+        preamble + child_report() + textwrap.dedent("""
+            path = luna_shm.get_temp_audio_path()
+            st = os.lstat(path)
+            report(path=path, mode=st.st_mode, tmp=sorted(os.listdir("/tmp")))
+        """),
+        read_only=True,
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["temp_dir"] == "/tmp"
+    assert out["path"].startswith("/tmp/luna_audio_")
+    assert stat.S_ISREG(out["mode"]) and stat.S_IMODE(out["mode"]) == 0o600
+    assert out["shm"] == []
+    assert out["tmp"] == [os.path.basename(out["path"])]
+    assert out["in_ram"] is (fallback_fs == "tmpfs")
+    warnings = [m for level, m in out["log"] if level == "WARNING"]
+    assert warnings == ["luna_shm: falling back to /tmp: /dev/shm is not writable "
+                        "(Read-only file system)"]
+    if fallback_fs == "disk":
+        assert os.listdir(disk) == [os.path.basename(out["path"])]
+
+
+@pytest.mark.parametrize(
+    ("refusal", "strerror", "after_refresh"),
+    [
+        # Read-only: a fresh probe sees it and keeps using /tmp.
+        ("mount -o remount,ro /dev/shm", "Read-only file system", "/tmp"),
+        # Out of inodes: still a writable RAM disk to a probe; only creation fails.
+        ("mount -o remount,nr_inodes=8 /dev/shm", "No space left on device", "/dev/shm"),
+    ],
+    ids=["remounted-read-only", "out-of-inodes"],
+)
+def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
+    tmp_path, refusal, strerror, after_refresh
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    require_disk_dir(disk)
+    done = run_in_private_shm(
+        disk_tmp_preamble(disk) + child_report() + textwrap.dedent(f"""
+            import errno, subprocess
+            first = luna_shm.get_temp_audio_path()
+            subprocess.run({refusal.split()!r}, check=True)
+            if "nr_inodes" in {refusal!r}:
+                # Use up every inode left, outside luna_shm.
+                for i in range(100):
+                    try:
+                        os.close(os.open(f"/dev/shm/filler{{i}}", os.O_CREAT | os.O_WRONLY))
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC, exc
+                        break
+                else:
+                    raise AssertionError("the inode limit did not apply")
+            second = luna_shm.get_temp_audio_path()
+            third = luna_shm.get_temp_audio_path()
+            refreshed = luna_shm.refresh_temp_dir()
+            report(first=first, second=second, third=third, refreshed=refreshed,
+                   second_is_file=os.path.isfile(second))
+        """)
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["first"].startswith("/dev/shm/luna_audio_")
+    for key in ("second", "third"):
+        assert out[key].startswith("/tmp/luna_audio_")
+    assert out["second_is_file"]
+    assert sorted(os.listdir(disk)) == sorted(
+        os.path.basename(out[k]) for k in ("second", "third"))
+    messages = [m for _, m in out["log"]]
+    expected = f"luna_shm: cannot create files in /dev/shm ({strerror}): using /tmp"
+    assert messages.count(expected) == 1, messages
+    assert out["refreshed"] == out["temp_dir"] == after_refresh
+    assert out["in_ram"] is (after_refresh == "/dev/shm")
+
+
+def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    require_disk_dir(disk)
+    done = run_in_private_shm(
+        disk_tmp_preamble(disk) + child_report() + textwrap.dedent("""
+            big = luna_shm.get_temp_audio_path(size_hint=1 << 20)
+            small = luna_shm.get_temp_audio_path(size_hint=1024)
+            default = luna_shm.get_temp_audio_path()
+            report(big=big, small=small, default=default)
+        """),
+        shm_size="64k",
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["big"].startswith("/tmp/luna_audio_")
+    assert out["small"].startswith("/dev/shm/luna_audio_")
+    assert out["default"].startswith("/dev/shm/luna_audio_")
+    assert out["temp_dir"] == "/dev/shm" and out["in_ram"] is True
+    assert os.listdir(disk) == [os.path.basename(out["big"])]
+    assert any(f"a file of {1 << 20} bytes does not fit in /dev/shm" in m for _, m in out["log"])

@@ -1,0 +1,337 @@
+"""WavWriter: a WAV that grows chunk by chunk and is a valid WAV of what is there after each."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import soundfile as sf
+
+from helpers import assert_child_ok, require_tool, run_in_private_shm
+from luna_shm import WavWriter, read_wav
+
+RATE = 16000
+DTYPES = ["uint8", "int16", "int32", "float32", "float64"]
+CHUNK_FRAMES = [1, 7, 0, 100, 33, 256]  # odd sizes, an empty chunk, a larger one
+
+SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
+                   "float32": "float32", "float64": "float64"}
+SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
+                "int32": "signed-integer", "float32": "floating-point",
+                "float64": "floating-point"}
+
+
+@pytest.fixture
+def ram(private_dirs) -> Path:
+    return Path(private_dirs.ram)
+
+
+def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
+    rng = np.random.default_rng(seed)
+    shape = (frames,) if channels == 1 else (frames, channels)
+    if dtype.startswith("float"):
+        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def as_soundfile_reads(luna: np.ndarray) -> np.ndarray:
+    if luna.dtype == np.uint8:
+        return ((luna.astype(np.int16) - 128) << 8).astype(np.int16)
+    return luna
+
+
+def chunks(dtype: str, channels: int) -> list[np.ndarray]:
+    return [samples(dtype, n, channels, seed=i) for i, n in enumerate(CHUNK_FRAMES)]
+
+
+def read_by_soundfile(path: str, dtype: str, channels: int) -> np.ndarray:
+    back, rate = sf.read(path, dtype=SOUNDFILE_DTYPE[dtype])
+    assert rate == RATE
+    return back
+
+
+def read_by_scipy(path: str, dtype: str, channels: int) -> np.ndarray:
+    rate, back = scipy.io.wavfile.read(path)
+    assert rate == RATE
+    return as_soundfile_reads(back.copy())
+
+
+def read_by_read_wav(path: str, dtype: str, channels: int) -> np.ndarray:
+    back, rate = read_wav(path, mmap=False)
+    assert rate == RATE
+    return as_soundfile_reads(back)
+
+
+def read_by_sox(path: str, dtype: str, channels: int) -> np.ndarray:
+    sox = require_tool("sox")
+    done = subprocess.run(
+        [sox, "-D", path, "-t", "raw", "-e", SOX_ENCODING[dtype],
+         "-b", str(np.dtype(dtype).itemsize * 8), "-L", "-"],
+        capture_output=True, check=True, timeout=60,
+    )
+    flat = np.frombuffer(done.stdout, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return as_soundfile_reads(flat if channels == 1 else flat.reshape(-1, channels))
+
+
+def read_by_wave(path: str, dtype: str, channels: int) -> np.ndarray:
+    with wave.open(path, "rb") as reader:
+        assert reader.getframerate() == RATE and reader.getnchannels() == channels
+        raw = reader.readframes(reader.getnframes() + 100)
+    flat = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return as_soundfile_reads(flat if channels == 1 else flat.reshape(-1, channels))
+
+
+READERS = [
+    pytest.param(read_by_soundfile, DTYPES, [1, 2, 3], id="soundfile"),
+    pytest.param(read_by_scipy, DTYPES, [1, 2, 3], id="scipy"),
+    pytest.param(read_by_read_wav, DTYPES, [1, 2, 3], id="read_wav"),
+    pytest.param(read_by_sox, DTYPES, [1, 2, 3], id="sox"),
+    # The stdlib wave module reads plain PCM (no float, no EXTENSIBLE).
+    pytest.param(read_by_wave, ["uint8", "int16", "int32"], [1, 2], id="wave"),
+]
+
+MID_STREAM = [
+    pytest.param(reader, dtype, channels, id=f"{param.id}-{dtype}-{channels}ch")
+    for param in READERS
+    for reader, dtypes, channel_counts in [param.values]
+    for dtype in dtypes
+    for channels in channel_counts
+]
+
+
+@pytest.mark.parametrize(("reader", "dtype", "channels"), MID_STREAM)
+def test_after_every_write_readers_see_a_valid_wav_of_exactly_the_frames_so_far(
+        ram, reader, dtype, channels):
+    path = ram / "stream.wav"
+    written: list[np.ndarray] = []
+    with WavWriter(path, RATE, channels, dtype) as writer:
+        so_far = reader(str(path), dtype, channels)  # a header alone: zero frames
+        assert len(so_far) == 0
+        for chunk in chunks(dtype, channels):
+            writer.write(chunk)
+            written.append(chunk)
+            expected = np.concatenate(written)
+            assert writer.frames == len(expected)
+            np.testing.assert_array_equal(reader(str(path), dtype, channels),
+                                          as_soundfile_reads(expected), strict=True)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_file_after_close_holds_all_chunks_in_order(ram, channels):
+    path = ram / "stream.wav"
+    parts = chunks("float32", channels)
+    with WavWriter(path, RATE, channels, "float32") as writer:
+        for part in parts:
+            writer.write(part)
+    back, _ = read_wav(path)
+    np.testing.assert_array_equal(back, np.concatenate(parts), strict=True)
+    assert sf.info(str(path)).frames == sum(CHUNK_FRAMES)
+
+
+def test_odd_sized_8_bit_mono_chunks_keep_a_pad_byte_and_exact_sizes(ram):
+    path = ram / "odd.wav"
+    total = 0
+    with WavWriter(path, RATE, 1, "uint8") as writer:
+        for size in (3, 5, 1, 7, 2, 0, 9):
+            chunk = np.full(size, 200 + size, np.uint8)
+            writer.write(chunk)
+            total += size
+            raw = path.read_bytes()
+            assert raw[36:40] == b"data"
+            assert int.from_bytes(raw[40:44], "little") == total
+            assert len(raw) == 44 + total + (total & 1)
+            assert int.from_bytes(raw[4:8], "little") == len(raw) - 8
+            if total & 1:
+                assert raw[-1] == 0
+            assert sf.info(str(path)).frames == total
+    assert read_wav(path)[0].tolist() == [203] * 3 + [205] * 5 + [201] + [207] * 7 + [202] * 2 \
+        + [209] * 9
+
+
+@pytest.mark.parametrize("before", [0, 1, 2], ids=["first", "after-odd", "after-even"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_an_empty_chunk_appends_nothing_and_is_not_an_error(ram, before, channels):
+    path = ram / "s.wav"
+    shape = (0,) if channels == 1 else (0, channels)
+    with WavWriter(path, RATE, channels, "uint8") as writer:
+        writer.write(samples("uint8", before, channels))
+        size = path.stat().st_size
+        writer.write(np.zeros(shape, np.uint8))
+        assert writer.frames == before and path.stat().st_size == size
+        writer.write(samples("uint8", 3, channels, seed=5))
+    expected = np.concatenate([samples("uint8", before, channels),
+                               samples("uint8", 3, channels, seed=5)])
+    np.testing.assert_array_equal(read_wav(path)[0], expected, strict=True)
+
+
+def test_float_streams_keep_their_fact_chunk_frame_count_current(ram):
+    path = ram / "float.wav"
+    with WavWriter(path, RATE, 2, "float64") as writer:
+        for frames in (5, 11, 0, 3):
+            writer.write(np.zeros((frames, 2)))
+            raw = path.read_bytes()
+            fact = raw.index(b"fact")
+            assert int.from_bytes(raw[fact + 8 : fact + 12], "little") == writer.frames
+
+
+# ---- chunks of the wrong kind ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("writer_dtype", "chunk", "message"), [
+    ("int16", np.zeros(4, np.float32), "chunk dtype float32 does not match the writer's int16"),
+    ("float32", np.zeros(4, np.float64), "chunk dtype float64 does not match the writer's float32"),
+    ("uint8", np.zeros(4, np.int16), "chunk dtype int16 does not match the writer's uint8"),
+    ("int32", np.zeros(4, np.int64), "unsupported sample dtype int64"),
+    ("int16", np.zeros(4, bool), "unsupported sample dtype bool"),
+])
+def test_a_chunk_of_another_dtype_is_a_type_error_and_changes_nothing(ram, writer_dtype, chunk,
+                                                                      message):
+    path = ram / "s.wav"
+    with WavWriter(path, RATE, 1, writer_dtype) as writer:
+        writer.write(np.ones(3, writer_dtype))
+        before = path.read_bytes()
+        with pytest.raises(TypeError, match=message):
+            writer.write(chunk)
+        assert path.read_bytes() == before and writer.frames == 3
+
+
+@pytest.mark.parametrize(("channels", "chunk", "message"), [
+    (2, np.zeros(4, np.int16), r"chunk has 1 channel\(s\) \(shape \(4,\)\); the writer has 2"),
+    (1, np.zeros((4, 2), np.int16),
+     r"chunk has 2 channel\(s\) \(shape \(4, 2\)\); the writer has 1"),
+    (3, np.zeros((4, 2), np.int16), r"chunk has 2 channel\(s\)"),
+    (2, np.zeros((2, 2, 2), np.int16), r"got 3-D shape \(2, 2, 2\)"),
+    (1, np.int16(3), r"got 0-D shape \(\)"),
+])
+def test_a_chunk_with_the_wrong_channel_count_is_a_value_error_and_changes_nothing(
+        ram, channels, chunk, message):
+    path = ram / "s.wav"
+    with WavWriter(path, RATE, channels) as writer:
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=message):
+            writer.write(chunk)
+        assert path.read_bytes() == before and writer.frames == 0
+
+
+def test_big_endian_strided_and_single_column_chunks_are_written_as_their_values(ram):
+    path = ram / "s.wav"
+    base = samples("int16", 40, 2)
+    parts = [base.astype(">i2"), base[::2], np.asfortranarray(base)]
+    with WavWriter(path, RATE, 2) as writer:
+        for part in parts:
+            writer.write(part)
+    with WavWriter(ram / "mono.wav", RATE, 1) as writer:
+        writer.write(base[:, :1])  # (frames, 1) is mono
+    np.testing.assert_array_equal(read_wav(path)[0],
+                                  np.concatenate([p.astype("<i2") for p in parts]))
+    np.testing.assert_array_equal(read_wav(ram / "mono.wav")[0], base[:, 0])
+
+
+# ---- paths, life cycle, leaks -------------------------------------------------------------
+
+
+def test_a_writer_without_a_path_streams_into_a_new_file_in_the_private_ram_dir(private_dirs):
+    with WavWriter(None, RATE) as writer:
+        writer.write(np.arange(10, dtype=np.int16))
+    assert writer.path.startswith(private_dirs.ram + "/luna_audio_")
+    assert writer.path.endswith(".wav")
+    assert os.listdir(private_dirs.ram) == [os.path.basename(writer.path)]
+    np.testing.assert_array_equal(read_wav(writer.path)[0], np.arange(10, dtype=np.int16))
+
+
+@pytest.mark.parametrize("kind", [str, Path], ids=["str", "Path"])
+def test_a_writer_accepts_str_and_path_and_replaces_an_existing_file(ram, kind):
+    target = ram / "s.wav"
+    target.write_bytes(b"old content " * 1000)
+    with WavWriter(kind(target), RATE) as writer:
+        assert writer.path == str(target)
+        writer.write(np.arange(5, dtype=np.int16))
+    assert target.stat().st_size == 44 + 10
+    np.testing.assert_array_equal(read_wav(target)[0], np.arange(5, dtype=np.int16))
+
+
+def test_close_is_idempotent_and_a_closed_writer_refuses_to_write(ram):
+    writer = WavWriter(ram / "s.wav", RATE)
+    writer.write(np.ones(4, np.int16))
+    writer.close()
+    writer.close()
+    assert writer.closed
+    with pytest.raises(ValueError, match="I/O operation on closed WavWriter"):
+        writer.write(np.ones(4, np.int16))
+    with pytest.raises(ValueError, match="I/O operation on closed WavWriter"):
+        writer.fileno()
+    assert sf.info(str(ram / "s.wav")).frames == 4
+
+
+def test_the_context_manager_closes_the_writer_and_keeps_the_file_on_error(ram):
+    with pytest.raises(RuntimeError, match="synthesis failed"), \
+            WavWriter(ram / "s.wav", RATE) as writer:
+        writer.write(np.ones(4, np.int16))
+        raise RuntimeError("synthesis failed")
+    assert writer.closed
+    assert sf.info(str(ram / "s.wav")).frames == 4
+
+
+def test_a_leaked_open_writer_warns_resource_warning(ram):
+    with pytest.warns(ResourceWarning, match="unclosed WavWriter"):
+        writer = WavWriter(ram / "s.wav", RATE)
+        writer.write(np.ones(4, np.int16))
+        del writer
+        gc.collect()
+    assert sf.info(str(ram / "s.wav")).frames == 4
+
+
+# ---- a write that fails mid-stream ---------------------------------------------------------
+
+FAILING_STREAM = """
+import json, os, resource, signal
+import numpy as np
+import soundfile as sf
+from luna_shm import WavWriter
+
+if os.environ["LIMIT"] == "fsize":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_001, 50_001))
+path = "/dev/shm/stream.wav"
+writer = WavWriter(path, 8000, 1, "int16")
+written, error = 0, None
+for i in range(1000):
+    chunk = np.full(1001, i, np.int16)  # odd-sized chunks of 2002 bytes
+    try:
+        writer.write(chunk)
+    except OSError as exc:
+        error = {"errno": exc.errno, "filename": exc.filename}
+        break
+    written += 1
+frames_reported = writer.frames
+writer.close()
+data, rate = sf.read(path, dtype="int16")
+print(json.dumps({"error": error, "written": written, "frames_reported": frames_reported,
+                  "frames": len(data), "rate": rate, "size": os.path.getsize(path),
+                  "ok": bool((data == np.repeat(np.arange(written), 1001)).all())}))
+"""
+
+
+@pytest.mark.parametrize(("limit", "shm_size", "code"),
+                         [("ramdisk", "64k", errno.ENOSPC), ("fsize", "4m", errno.EFBIG)],
+                         ids=["ENOSPC-full-ram-disk", "EFBIG-file-size-limit"])
+def test_a_write_that_fails_mid_stream_leaves_a_valid_wav_of_the_chunks_before(limit, shm_size,
+                                                                                code):
+    done = run_in_private_shm(FAILING_STREAM, shm_size=shm_size, env={"LIMIT": limit})
+    report = json.loads(assert_child_ok(done))
+    assert report["error"] == {"errno": code, "filename": "/dev/shm/stream.wav"}
+    assert report["written"] >= 2
+    assert report["frames"] == report["frames_reported"] == report["written"] * 1001
+    assert report["ok"] and report["rate"] == 8000
+    data_bytes = report["written"] * 2002
+    assert report["size"] == 44 + data_bytes
