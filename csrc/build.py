@@ -17,9 +17,11 @@ CDEF = """
 
 int luna_create_excl(const char *path, unsigned int mode);
 int luna_touch_excl(const char *path, unsigned int mode);
-int luna_open_for_write(const char *path, unsigned int mode, int *created);
+int luna_open_for_write(const char *path, unsigned int mode, int *created,
+                        uint64_t *old_size);
+int luna_create_locked(const char *dir, const char *path, unsigned int mode);
 int luna_open_regular(const char *path, uint64_t *size);
-int luna_lock(int fd, int exclusive);
+int luna_lock(int fd, int exclusive, int wait);
 int luna_close(int fd);
 
 struct luna_fs_info {
@@ -78,7 +80,8 @@ int luna_wav_open(const char *path, struct luna_wav_info *out);
 
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);
-int luna_write_wav_path(const char *path, const struct luna_wav_spec *spec,
+int luna_write_wav_path(const char *dir, const char *path, const char *tmp_path,
+                        const struct luna_wav_spec *spec,
                         const void *data, uint64_t data_bytes);
 int luna_write_wav_atomic(const char *dir, const char *path,
                           const char *tmp_path,
@@ -94,6 +97,10 @@ void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
 void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
+
+int luna_floor_write(const char *path, const void *header, uint64_t header_len,
+                     const void *data, uint64_t data_len);
+int luna_floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 """
 
 ffibuilder = FFI()

@@ -32,15 +32,19 @@ int luna_touch_excl(const char *path, unsigned int mode)
     return luna_close(fd);
 }
 
-int luna_open_for_write(const char *path, unsigned int mode, int *created)
+int luna_open_for_write(const char *path, unsigned int mode, int *created,
+                        uint64_t *old_size)
 {
     int fd = luna_create_excl(path, mode);
     *created = fd >= 0;
+    *old_size = 0;
     if (fd != -EEXIST)
         return fd;
     /* The name exists: open it without following a final symlink, without
-     * blocking on a FIFO, and refuse anything but a regular file. */
-    fd = open_retry(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0);
+     * blocking on a FIFO, read-write so that it can be mapped, and refuse
+     * anything but a regular file. Its content is left alone: the caller
+     * decides, knowing *old_size. */
+    fd = open_retry(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0)
         return fd;
     struct stat st;
@@ -53,14 +57,41 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created)
         close(fd);
         return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
     }
-    if (ftruncate(fd, 0) != 0) {
-        int err = errno;
-        close(fd);
-        return -err;
-    }
+    *old_size = (uint64_t)st.st_size;
     int flags = fcntl(fd, F_GETFL);
     if (flags >= 0)
         (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    return fd;
+}
+
+int luna_create_locked(const char *dir, const char *path, unsigned int mode)
+{
+    /* Lock the file before it has a name, so that no cleanup can ever see it
+     * unlocked: an O_TMPFILE file, flocked, then linked in. */
+    int fd = luna_open_unnamed(dir);
+    if (fd == -EOPNOTSUPP) {
+        fd = luna_create_excl(path, mode); /* tiny window before the lock */
+        if (fd < 0)
+            return fd;
+        int rc = luna_lock(fd, 0, 1);
+        if (rc < 0) {
+            unlink(path);
+            close(fd);
+            return rc;
+        }
+        return fd;
+    }
+    if (fd < 0)
+        return fd;
+    int rc = fchmod(fd, (mode_t)mode);
+    if (rc == 0)
+        rc = luna_lock(fd, 0, 1);
+    if (rc == 0)
+        rc = luna_link_unnamed(fd, path);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
     return fd;
 }
 
@@ -83,11 +114,12 @@ int luna_open_regular(const char *path, uint64_t *size)
     return fd;
 }
 
-int luna_lock(int fd, int exclusive)
+int luna_lock(int fd, int exclusive, int wait)
 {
     int rc;
+    int op = (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB);
     do {
-        rc = flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB);
+        rc = flock(fd, op);
     } while (rc != 0 && errno == EINTR);
     return rc == 0 ? 0 : -errno;
 }

@@ -43,21 +43,30 @@ int luna_create_excl(const char *path, unsigned int mode);
 /* Create path exclusively as above, then close it. Returns 0 or -errno. */
 int luna_touch_excl(const char *path, unsigned int mode);
 
-/* Open a file for writing a whole new content: tries O_CREAT|O_EXCL first so
- * that *created tells whether this call made the file, else opens the existing
- * file with O_TRUNC. Never follows a symlink in the last component.
- * Returns the fd, or -errno. */
-int luna_open_for_write(const char *path, unsigned int mode, int *created);
+/* Open path for writing a whole new content without following a symlink in
+ * the last component: creates it (O_EXCL, so *created tells whether this call
+ * made it), or opens the regular file there read-write, untouched, and stores
+ * its size in *old_size. Returns the fd, or -errno (-EISDIR, -EINVAL for a
+ * FIFO or device). */
+int luna_open_for_write(const char *path, unsigned int mode, int *created,
+                        uint64_t *old_size);
+
+/* Create path (in directory dir) with a shared flock already held before the
+ * name appears (O_TMPFILE + flock + linkat), so that a concurrent cleanup can
+ * never take it for abandoned. Falls back to create + flock where O_TMPFILE
+ * is not supported. Returns the fd, or -errno (-EEXIST when the name is
+ * taken). */
+int luna_create_locked(const char *dir, const char *path, unsigned int mode);
 
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
  * report its size. Returns the fd, -errno, or -LUNA_EFORMAT when it is not a
  * regular file. */
 int luna_open_regular(const char *path, uint64_t *size);
 
-/* Take a shared (exclusive=0) or exclusive (exclusive=1) flock without
- * blocking. Returns 0, -EWOULDBLOCK when another open file holds a
- * conflicting lock, or -errno. */
-int luna_lock(int fd, int exclusive);
+/* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
+ * it when wait=1. Returns 0, -EWOULDBLOCK (wait=0) when another open file
+ * holds a conflicting lock, or -errno. */
+int luna_lock(int fd, int exclusive, int wait);
 
 /* Close fd. Returns 0 or -errno. */
 int luna_close(int fd);
@@ -185,10 +194,14 @@ int luna_wav_open(const char *path, struct luna_wav_info *out);
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);
 
-/* Create or truncate path and write a whole WAV into it. On failure the file
- * is removed if this call created it, else left empty; never half-written.
- * Returns 0 or -errno. */
-int luna_write_wav_path(const char *path, const struct luna_wav_spec *spec,
+/* Write a whole WAV to path (in directory dir): a new or empty file is
+ * written in place; a file with content is replaced through tmp_path as by
+ * luna_write_wav_atomic, so that readers who mapped it keep it whole. On
+ * failure nothing half-written is left: a file this call created is removed,
+ * an existing one is as it was. Returns 0 or -errno. */
+int luna_write_wav_path(const char *dir, const char *path,
+                        const char *tmp_path,
+                        const struct luna_wav_spec *spec,
                         const void *data, uint64_t data_bytes);
 
 /* Write a whole WAV so that it appears under path (in directory dir) at once:
@@ -231,5 +244,16 @@ void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
  * extremes. Returns 0, or -EINVAL for another dst_bits. */
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
+
+/* ---- floor.c: the bare minimum, for benchmarks ------------------------ */
+
+/* open(O_CREAT|O_TRUNC) + one writev of header and data + close: the least a
+ * fresh-file WAV write costs. Returns 0 or -errno. */
+int luna_floor_write(const char *path, const void *header, uint64_t header_len,
+                     const void *data, uint64_t data_len);
+
+/* open + one preadv of len bytes at offset into dst + close: the least a
+ * read into a preallocated array costs. Returns 0 or -errno. */
+int luna_floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 
 #endif /* LUNA_SHM_H */

@@ -11,6 +11,12 @@
 static int writev_all(int fd, struct iovec *iov, int n)
 {
     while (n > 0) {
+        while (n > 0 && iov->iov_len == 0) { /* nothing to write there */
+            iov++;
+            n--;
+        }
+        if (n == 0)
+            break;
         ssize_t w = writev(fd, iov, n);
         if (w < 0) {
             if (errno == EINTR)
@@ -37,6 +43,12 @@ static int writev_all(int fd, struct iovec *iov, int n)
 static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t off)
 {
     while (n > 0) {
+        while (n > 0 && iov->iov_len == 0) { /* nothing to write there */
+            iov++;
+            n--;
+        }
+        if (n == 0)
+            break;
         ssize_t w = pwritev(fd, iov, n, (off_t)off);
         if (w < 0) {
             if (errno == EINTR)
@@ -78,17 +90,27 @@ int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
     return writev_all(fd, iov, (data_bytes & 1u) ? 3 : 2);
 }
 
-int luna_write_wav_path(const char *path, const struct luna_wav_spec *spec,
+int luna_write_wav_path(const char *dir, const char *path,
+                        const char *tmp_path,
+                        const struct luna_wav_spec *spec,
                         const void *data, uint64_t data_bytes)
 {
     int created = 0;
-    int fd = luna_open_for_write(path, 0600, &created);
+    uint64_t old_size = 0;
+    int fd = luna_open_for_write(path, 0600, &created, &old_size);
     if (fd < 0)
         return fd;
+    if (old_size > 0) {
+        /* A file with content: whoever mapped it must keep reading it whole,
+         * so it is replaced by a new file, never cut under their feet. */
+        luna_close(fd);
+        return luna_write_wav_atomic(dir, path, tmp_path, spec, data,
+                                     data_bytes);
+    }
     int rc = luna_write_wav_fd(fd, spec, data, data_bytes);
     if (rc < 0) {
-        /* Never leave a half-written WAV: remove what we made, empty the
-         * rest (the caller decides whether an existing file is ours). */
+        /* Never leave a half-written WAV: remove what we made, and put an
+         * existing (empty) file back as it was. */
         if (created)
             unlink(path);
         else

@@ -64,16 +64,22 @@ def touch_excl(path: str, mode: int = 0o600) -> None:
     check(lib.luna_touch_excl(_c_path(path), mode), path)
 
 
-def open_for_write(path: str, mode: int = 0o600) -> tuple[int, bool]:
-    """Create path, or truncate the regular file there; return (fd, created)."""
+def open_for_write(path: str, mode: int = 0o600) -> tuple[int, bool, int]:
+    """Create path, or open the regular file there untouched; return (fd, created, old size)."""
     created = ffi.new("int *")
-    fd = check(lib.luna_open_for_write(_c_path(path), mode, created), path)
-    return fd, bool(created[0])
+    old_size = ffi.new("uint64_t *")
+    fd = check(lib.luna_open_for_write(_c_path(path), mode, created, old_size), path)
+    return fd, bool(created[0]), int(old_size[0])
 
 
-def lock(fd: int, *, exclusive: bool) -> bool:
-    """Take a flock without waiting; False when another open file holds it."""
-    rc = lib.luna_lock(fd, int(exclusive))
+def create_locked(directory: str, path: str, mode: int = 0o600) -> int:
+    """Create path in directory with a shared flock held before the name appears; the fd."""
+    return check(lib.luna_create_locked(_c_path(directory), _c_path(path), mode), path)
+
+
+def lock(fd: int, *, exclusive: bool, wait: bool = False) -> bool:
+    """Take a flock (waiting when wait=True); False when another open file holds it."""
+    rc = lib.luna_lock(fd, int(exclusive), int(wait))
     if rc == -errno.EWOULDBLOCK:
         return False
     check(rc)
@@ -274,10 +280,19 @@ def wav_parse_fd(fd: int, file_size: int, filename: str | None = None) -> WavInf
     return _info(out)
 
 
-def write_wav_path(path: str, spec: WavSpec, data: np.ndarray) -> None:
-    """Create or truncate path and write header + samples in one writev."""
+def write_wav_path(directory: str, path: str, tmp_path: str, spec: WavSpec,
+                   data: np.ndarray) -> None:
+    """Write a WAV to path; a file with content is replaced via tmp_path (see wav_io.c)."""
     with ffi.from_buffer(data) as buf:
-        check(lib.luna_write_wav_path(_c_path(path), spec.c_spec(), buf, len(buf)), path)
+        rc = lib.luna_write_wav_path(_c_path(directory), _c_path(path), _c_path(tmp_path),
+                                     spec.c_spec(), buf, len(buf))
+    check(rc, path)
+
+
+def write_wav_fd(fd: int, spec: WavSpec, data: np.ndarray, filename: str | None = None) -> None:
+    """Write header + samples at fd's position with one writev."""
+    with ffi.from_buffer(data) as buf:
+        check(lib.luna_write_wav_fd(fd, spec.c_spec(), buf, len(buf)), filename)
 
 
 def write_wav_atomic(directory: str, path: str, tmp_path: str, spec: WavSpec,
@@ -356,3 +371,15 @@ def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
     dest = np.empty(src.size * (bits // 8) if bits == 24 else src.size, dtype=_PCM_DTYPES[bits])
     float_to_pcm_into(src, dest, bits)
     return dest
+
+
+def floor_write(path: str, header: bytes, data: np.ndarray) -> None:
+    """Benchmark floor: open(O_CREAT|O_TRUNC) + one writev + close, all in C."""
+    with ffi.from_buffer(data) as buf:
+        check(lib.luna_floor_write(_c_path(path), header, len(header), buf, len(buf)), path)
+
+
+def floor_read(path: str, offset: int, dest: np.ndarray) -> None:
+    """Benchmark floor: open + one preadv into dest + close, all in C."""
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        check(lib.luna_floor_read(_c_path(path), offset, buf, len(buf)), path)

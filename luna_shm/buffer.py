@@ -94,7 +94,7 @@ class WavBuffer(FileResource):
             _lowlevel.seal_shrink(fd)
         self._mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                           filename=name)
-        _lowlevel.lock(fd, exclusive=False)
+        _lowlevel.lock(fd, exclusive=False, wait=True)
         count = self.frames * self.channels
         flat = np.frombuffer(self._mapping.view, dtype=self.dtype, count=count,
                              offset=self._header_len)

@@ -91,17 +91,25 @@ def _directory_for(size_hint: int | None) -> tuple[str, bool]:
 
 
 def create_temp_file(
-    suffix: str = ".wav", prefix: str = AUDIO_PREFIX, *, size_hint: int | None = None
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    size_hint: int | None = None,
+    locked: bool = False,
 ) -> tuple[str, int]:
     """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
 
     The name is retried on collision like :func:`tempfile.mkstemp`; a RAM disk
     that refuses the file (read-only, full) sends it to the fallback dir.
+    locked=True holds a shared flock from before the name appears, so that
+    :func:`cleanup_all_temp_audio` never sees the file unlocked while we live.
     """
     directory, in_ram = _directory_for(size_hint)
     for _ in range(_MAX_TRIES):
         path = f"{directory}/{prefix}{_new_token()}{suffix}"
         try:
+            if locked:
+                return path, _lowlevel.create_locked(directory, path)
             return path, _lowlevel.create_excl(path)
         except FileExistsError:
             continue
@@ -372,15 +380,23 @@ def open_destination(
     """Open where a WAV will be written: ``(path, fd, created)``.
 
     None makes a new temp audio file; a given path is created, or the regular
-    file there is truncated (a symlink there is refused, never followed).
+    file there is truncated (a symlink there is refused, never followed). The
+    fd holds a shared flock, which marks the file as in use.
     """
     if path is None:
-        new_path, fd = create_temp_file(".wav", size_hint=size_hint)
+        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True)
         return new_path, fd, True
     text = _os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
-    fd, created = _lowlevel.open_for_write(text)
+    fd, created, old_size = _lowlevel.open_for_write(text)
+    try:
+        _lowlevel.lock(fd, exclusive=False, wait=True)
+        if old_size:
+            _lowlevel.set_length(fd, 0, text)
+    except BaseException:
+        _lowlevel.close(fd)
+        raise
     return text, fd, created
 
 

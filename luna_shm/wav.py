@@ -47,7 +47,9 @@ def write_wav(
 
     Args:
         path: where to write; None makes a new temp audio file (RAM disk first).
-            An existing regular file is replaced; a symlink is never followed.
+            A new or empty file is written in place; a file with content is
+            replaced by a new one (rename), so that whoever mapped the old one
+            keeps reading it whole. A symlink at path is refused, never followed.
         data: array of shape (frames,) or (frames, channels) of uint8, int16,
             int32, float32 or float64. C-contiguous little-endian arrays are
             written straight from their memory; others are converted once.
@@ -69,29 +71,56 @@ def write_wav(
     enc = encoding.plan(data, samplerate, subtype)
     array, spec = encoding.encoded(enc), enc.spec
     if path is None:
-        path_str, fd = temp_audio.create_temp_file(".wav", size_hint=enc.nbytes + 128)
-        _lowlevel.close(fd)
-    else:
-        path_str = _os.fspath(path)
-        if not isinstance(path_str, str):
-            raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+        return _write_new_temp_file(array, spec, enc.nbytes, atomic)
+    path_str = _os.fspath(path)
+    if not isinstance(path_str, str):
+        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    directory = _os.path.dirname(path_str) or "."
+    partial = temp_audio.partial_path(path_str)
     try:
         if atomic:
-            directory = _os.path.dirname(path_str) or "."
-            _lowlevel.write_wav_atomic(directory, path_str, temp_audio.partial_path(path_str),
-                                       spec, array)
+            _lowlevel.write_wav_atomic(directory, path_str, partial, spec, array)
         else:
-            _lowlevel.write_wav_path(path_str, spec, array)
+            _lowlevel.write_wav_path(directory, path_str, partial, spec, array)
     except OSError as exc:
-        # A failed write leaves an empty file at most; an empty temp file of
-        # ours is removed too (the C layer already removed one it created).
-        if not atomic and (path is None or _is_our_temp_file(path_str)):
-            try:
-                _os.unlink(path_str)
-            except FileNotFoundError:
-                pass
+        # The C layer removed a file it created and left an existing one as it
+        # was; an empty temp file of ours (from get_temp_audio_path) goes too.
+        if not atomic and _is_our_temp_file(path_str):
+            _remove_if_empty(path_str)
         raise _explain(exc, path_str) from None
     return path_str
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        if _os.lstat(path).st_size == 0:
+            _os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int,
+                         atomic: bool) -> str:
+    """Write a new temp audio file: through the fd that created it, or (atomic)
+    unnamed first and then linked under a fresh uuid4 name."""
+    if atomic:
+        path = temp_audio.get_temp_audio_path(".wav", create=False, size_hint=nbytes + 128)
+        directory = _os.path.dirname(path)
+        try:
+            _lowlevel.write_wav_atomic(directory, path, temp_audio.partial_path(path), spec,
+                                       array)
+        except OSError as exc:
+            raise _explain(exc, path) from None
+        return path
+    path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128)
+    try:
+        _lowlevel.write_wav_fd(fd, spec, array, path)
+    except OSError as exc:
+        _lowlevel.close(fd)
+        _os.unlink(path)
+        raise _explain(exc, path) from None
+    _lowlevel.close(fd)
+    return path
 
 
 def _shape(info: _lowlevel.WavInfo) -> tuple[int, ...]:

@@ -47,7 +47,7 @@ class WavWriter(FileResource):
         name, fd, created = temp_audio.open_destination(path)
         try:
             _lowlevel.write_at(fd, 0, header, name)
-            _lowlevel.lock(fd, exclusive=False)
+            _lowlevel.lock(fd, exclusive=False, wait=True)
         except BaseException:
             temp_audio.discard(name, fd, created)
             raise

@@ -171,9 +171,6 @@ def test_a_named_buffer_is_created_at_a_given_path(ram, kind):
     np.testing.assert_array_equal(read_wav(target)[0], np.array([1, 2, 3, 4, 5], np.int16))
 
 
-@pytest.mark.xfail(strict=True, raises=PermissionError,
-                   reason="library bug: luna_open_for_write opens an existing file O_WRONLY, "
-                          "so the writable shared mapping of a WavBuffer fails with EACCES")
 def test_a_named_buffer_replaces_an_existing_file_at_its_path(ram):
     target = ram / "given.wav"
     target.write_bytes(b"old content " * 1000)

@@ -436,7 +436,8 @@ old = open("/dev/shm/old.wav", "rb").read()
 report["atomic-over-old"] = attempt("/dev/shm/old.wav", atomic=True)
 report["atomic-over-old"]["old-intact"] = open("/dev/shm/old.wav", "rb").read() == old
 report["plain-over-old"] = attempt("/dev/shm/old.wav")
-report["plain-over-old"]["size-after"] = os.path.getsize("/dev/shm/old.wav")
+report["plain-over-old"]["old-intact"] = open("/dev/shm/old.wav", "rb").read() == old
+report["plain-over-old"]["listing"] = sorted(os.listdir("/dev/shm"))
 os.unlink("/dev/shm/old.wav")
 report["left"] = os.listdir("/dev/shm")
 print(json.dumps(report))
@@ -459,9 +460,11 @@ def test_a_write_that_fails_part_way_removes_its_file_and_names_it(limit, shm_si
     # An atomic write that fails leaves the old file as it was, and nothing else.
     assert report["atomic-over-old"]["listing"] == ["old.wav"]
     assert report["atomic-over-old"]["old-intact"]
-    # A plain write over an existing file cannot keep it, but never leaves a half-written WAV.
+    # A plain write over a file with content replaces it through a new file, so a
+    # failure leaves the old file exactly as it was, and nothing else.
     assert report["plain-over-old"]["errno"] == code
-    assert report["plain-over-old"]["size-after"] == 0
+    assert report["plain-over-old"]["old-intact"]
+    assert report["plain-over-old"]["listing"] == ["old.wav"]
     assert report["left"] == []
 
 

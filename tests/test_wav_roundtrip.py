@@ -188,8 +188,6 @@ def test_a_mapped_array_survives_an_atomic_rewrite_of_its_file_with_shorter_audi
     assert int(out, 16) == int(data.astype(np.int64).sum()) & 0xFFFFFFFF
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a non-atomic write_wav truncates the file in "
-                   "place, so an array mapped from it by read_wav(mmap=True) dies with SIGBUS")
 def test_a_mapped_array_survives_a_plain_rewrite_of_its_file_with_shorter_audio(ram):
     path = ram / "a.wav"
     write_wav(path, np.ones(200000, np.int16), RATE)
