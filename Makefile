@@ -35,5 +35,28 @@ test: $(STAMP) system-deps test-c
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks
 
+# Coverage-guided fuzzing of the C WAV parser: libFuzzer + ASan + UBSan for FUZZ_TIME seconds on a
+# fresh copy of the seed corpus. A crash leaves its input in $(FUZZ_DIR)/artifacts/ and fails the
+# target: copy it into tests/data/corpus/ (keep its crash-<sha1> name); tests/test_wav_parser.py
+# runs every file there from then on.
+FUZZ_TIME ?= 60
+FUZZ_DIR ?= build/fuzz
+FUZZ_CFLAGS := -std=gnu11 -Wall -Wextra -g -O1 -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+
+fuzz:
+	@command -v clang >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null; \
+	  else echo "fuzz: clang is required (apt-get install clang)" >&2; exit 1; fi; }
+	rm -rf $(FUZZ_DIR)/corpus
+	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/artifacts
+	cp tests/data/corpus/* $(FUZZ_DIR)/corpus/
+	TMPDIR=$(abspath $(FUZZ_DIR)) clang $(FUZZ_CFLAGS) -Icsrc tests/c/fuzz_wav_parser.c \
+	  $(wildcard csrc/*.c) -o $(FUZZ_DIR)/fuzz_wav_parser
+	cd $(FUZZ_DIR) && TMPDIR=$(abspath $(FUZZ_DIR)) ./fuzz_wav_parser -max_total_time=$(FUZZ_TIME) \
+	  -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	  -artifact_prefix=artifacts/ corpus
+
 clean:
 	rm -rf $(VENV) build *.egg-info luna_shm/_native*.so .pytest_cache .hypothesis .benchmarks

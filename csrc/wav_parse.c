@@ -14,6 +14,11 @@
  * is an attack on our time, not a WAV. */
 #define MAX_CHUNKS 65536
 
+/* The data size sox writes when it cannot seek back to fix the header (its
+ * output is a pipe), rounded down to whole blocks: "length unknown". sox and
+ * libsndfile then read the data to the end of the file; so do we. */
+#define SOX_UNSPECIFIED_SIZE 0x7ffff000u
+
 /* The first buf_len bytes are in buf; the rest, if any, is read from fd. */
 struct source {
     const uint8_t *buf;
@@ -161,8 +166,12 @@ static int parse(const struct source *src, struct luna_wav_info *out)
             uint64_t remaining = src->size - body;
             out->data_offset = body;
             have_data = 1;
+            int sox_unspecified =
+                have_fmt && size > remaining &&
+                size == SOX_UNSPECIFIED_SIZE / out->block_align * out->block_align;
             /* An unfinished stream: its data runs to the end of the file. */
-            if (size == 0xFFFFFFFFu || (size == 0 && unfinished_riff)) {
+            if (size == 0xFFFFFFFFu || (size == 0 && unfinished_riff) ||
+                sox_unspecified) {
                 out->data_bytes = remaining;
                 data_to_end = 1;
             } else if (size > remaining) {
@@ -178,8 +187,6 @@ static int parse(const struct source *src, struct luna_wav_info *out)
     }
     if (!have_fmt)
         return fail(out, "data of unknown length comes before the fmt chunk");
-    if (out->data_bytes > 0xFFFFFFFFu && !data_to_end)
-        return fail(out, "data chunk is larger than 4 GiB");
     out->frames = out->data_bytes / out->block_align;
     out->data_bytes = out->frames * out->block_align;
     return 0;
