@@ -77,6 +77,9 @@ int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
                           struct luna_wav_info *out);
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 int luna_wav_open(const char *path, struct luna_wav_info *out);
+int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
+int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
+                         const struct luna_wav_spec *spec, uint64_t data_bytes);
 
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);
@@ -88,6 +91,7 @@ int luna_write_wav_atomic(const char *dir, const char *path,
                           const struct luna_wav_spec *spec,
                           const void *data, uint64_t data_bytes);
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
+int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
 int luna_stream_append(int fd, const struct luna_wav_spec *spec,
                        uint64_t data_offset, uint64_t *data_bytes,

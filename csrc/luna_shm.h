@@ -158,6 +158,14 @@ struct luna_wav_spec {
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
                     uint64_t data_bytes, uint64_t tail_bytes);
 
+/* Format a pool slot of slot_len bytes (mapped at slot) as a complete WAV:
+ * the header for data_bytes of audio at the start, the pad byte, and a JUNK
+ * chunk covering the rest of the slot. The samples themselves are not
+ * touched. Returns the header length (= data offset), -EFBIG when the audio
+ * does not fit, or -EINVAL. */
+int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
+                         const struct luna_wav_spec *spec, uint64_t data_bytes);
+
 /* ---- wav_parse.c: reading headers --------------------------------------- */
 
 struct luna_wav_info {
@@ -186,6 +194,11 @@ int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 /* Open path, check it is a regular file and parse it. Returns the open fd,
  * -LUNA_EFORMAT (out->error set) or -errno; closes the fd on failure. */
 int luna_wav_open(const char *path, struct luna_wav_info *out);
+
+/* Open and parse path as luna_wav_open does, then map [0, data end)
+ * read-only into *addr and close the fd (the mapping keeps the file).
+ * Returns 0, -LUNA_EFORMAT or -errno. */
+int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
 
 /* ---- wav_io.c: moving bytes ---------------------------------------------- */
 
@@ -216,6 +229,9 @@ int luna_write_wav_atomic(const char *dir, const char *path,
 /* Read exactly n bytes at offset into dst. Returns 0, -ENODATA when the file
  * ended first (it shrank under us), or -errno. */
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
+
+/* luna_read_at, then close fd whatever happened. Returns 0 or -errno. */
+int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
 
 /* Write exactly n bytes at offset. Returns 0 or -errno. */
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);

@@ -123,3 +123,27 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
     p = put_u32(p, data_bytes);
     return (int)(p - out);
 }
+
+int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
+                         const struct luna_wav_spec *spec, uint64_t data_bytes)
+{
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    int len = luna_wav_header(header, spec, data_bytes, 8);
+    if (len < 0)
+        return len;
+    uint64_t end = (uint64_t)len + data_bytes + (data_bytes & 1u);
+    if (end + 8u > slot_len)
+        return -EFBIG;
+    uint64_t tail = slot_len - end;
+    if (tail & 1u)
+        return -EINVAL;
+    len = luna_wav_header(header, spec, data_bytes, tail);
+    if (len < 0)
+        return len;
+    if (data_bytes & 1u)
+        slot[end - 1] = 0;
+    uint8_t *p = put_tag(slot + end, "JUNK");
+    put_u32(p, tail - 8u);
+    memcpy(slot, header, (size_t)len);
+    return len;
+}

@@ -229,3 +229,14 @@ int luna_wav_open(const char *path, struct luna_wav_info *out)
     }
     return fd;
 }
+
+int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr)
+{
+    int fd = luna_wav_open(path, out);
+    if (fd < 0)
+        return fd;
+    uint64_t len = out->data_offset + out->data_bytes;
+    int rc = luna_map(fd, len, 0, 0, addr);
+    close(fd); /* the mapping keeps the file */
+    return rc;
+}

@@ -9,9 +9,10 @@ and small dataclasses.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -148,9 +149,10 @@ def set_length(fd: int, length: int, filename: str | None = None) -> None:
 class Mapping:
     """A shared mapping of a file, unmapped when the last view of it dies.
 
-    ``view`` is a memoryview over the whole mapping. numpy arrays made from it
-    keep it (and so the mapping) alive: no Python code can reach unmapped
-    memory, whatever order things are closed or collected in.
+    ``view`` is a memoryview over the whole mapping (read-only unless mapped
+    writable). numpy arrays made from it keep it, and so the mapping, alive:
+    no Python code can reach unmapped memory, whatever order things are
+    closed or collected in.
     """
 
     __slots__ = ("_address", "length", "view")
@@ -159,15 +161,36 @@ class Mapping:
                  filename: str | None = None) -> None:
         out = ffi.new("void **")
         check(lib.luna_map(fd, length, int(writable), int(populate), out), filename)
-        address = ffi.gc(out[0], lambda p: lib.luna_unmap(p, length))
-        self._address = address
+        self._adopt(out[0], length, writable)
+
+    @classmethod
+    def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
+        """Open, parse and map a WAV read-only in one C call; the fd is already closed."""
+        out = ffi.new("struct luna_wav_info *")
+        address = ffi.new("void **")
+        _check_wav(lib.luna_wav_map(_c_path(path), out, address), out, path)
+        info = _info(out)
+        mapping = cls.__new__(cls)
+        mapping._adopt(address[0], info.data_offset + info.data_bytes, False)
+        return mapping, info
+
+    def _adopt(self, address: Any, length: int, writable: bool) -> None:
+        self._address = ffi.gc(address, lambda p: lib.luna_unmap(p, length))
         self.length = length
-        view = memoryview(ffi.buffer(address, length))  # type: ignore[arg-type]
+        view = memoryview(ffi.buffer(self._address, length))  # type: ignore[arg-type]
         self.view = view if writable else view.toreadonly()
 
     def shrink_file(self, fd: int, new_length: int, filename: str | None = None) -> None:
         """Cut the file to new_length; whole pages past it become harmless memory."""
         check(lib.luna_shrink_mapped(fd, self._address, self.length, new_length), filename)
+
+    def format_slot(self, spec: WavSpec, data_bytes: int) -> int:
+        """Make the whole mapping a WAV of data_bytes of audio plus a skipped tail chunk.
+
+        Returns the data offset. The samples themselves are not touched.
+        """
+        return check(lib.luna_wav_format_slot(ffi.cast("uint8_t *", self._address), self.length,
+                                              _c_spec(spec), data_bytes))
 
 
 def memfd(name: str) -> int:
@@ -183,8 +206,7 @@ def seal_shrink(fd: int) -> None:
 # ---- WAV ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WavInfo:
+class WavInfo(NamedTuple):
     """A parsed WAV header: where the samples are and what they are."""
 
     samplerate: int
@@ -200,22 +222,12 @@ class WavInfo:
 
 
 def _info(out: Any) -> WavInfo:
-    return WavInfo(
-        samplerate=out.samplerate,
-        channels=out.channels,
-        format=out.format,
-        bits=out.bits,
-        block_align=out.block_align,
-        extensible=bool(out.extensible),
-        data_offset=out.data_offset,
-        data_bytes=out.data_bytes,
-        frames=out.frames,
-        file_size=out.file_size,
-    )
+    return WavInfo(out.samplerate, out.channels, out.format, out.bits, out.block_align,
+                   bool(out.extensible), out.data_offset, out.data_bytes, out.frames,
+                   out.file_size)
 
 
-@dataclass(frozen=True)
-class WavSpec:
+class WavSpec(NamedTuple):
     """What a WAV file we write holds: rate, channels, encoding and sample width."""
 
     samplerate: int
@@ -223,20 +235,22 @@ class WavSpec:
     format: int
     bits: int
 
-    def c_spec(self) -> Any:
-        """The C struct for this spec, for this module's calls only."""
-        spec = ffi.new("struct luna_wav_spec *")
-        spec.samplerate = self.samplerate
-        spec.channels = self.channels
-        spec.format = self.format
-        spec.bits = self.bits
-        return spec
+
+@functools.lru_cache(maxsize=256)
+def _c_spec(spec: WavSpec) -> Any:
+    """The C struct for spec, made once per distinct spec."""
+    c_spec = ffi.new("struct luna_wav_spec *")
+    c_spec.samplerate = spec.samplerate
+    c_spec.channels = spec.channels
+    c_spec.format = spec.format
+    c_spec.bits = spec.bits
+    return c_spec
 
 
 def wav_header(spec: WavSpec, data_bytes: int, tail_bytes: int = 0) -> bytes:
     """The header bytes for data_bytes of audio (and a skippable tail)."""
     out = ffi.new("uint8_t[]", lib.LUNA_WAV_MAX_HEADER)
-    n = check(lib.luna_wav_header(out, spec.c_spec(), data_bytes, tail_bytes))
+    n = check(lib.luna_wav_header(out, _c_spec(spec), data_bytes, tail_bytes))
     return bytes(ffi.buffer(out, n))
 
 
@@ -253,6 +267,7 @@ def wav_header_or_error(spec: WavSpec, data_bytes: int) -> bytes:
         raise
 
 
+@functools.lru_cache(maxsize=256)
 def wav_header_size(spec: WavSpec) -> int:
     """Where the samples start in a file we write with this spec."""
     return len(wav_header(spec, 0))
@@ -285,14 +300,14 @@ def write_wav_path(directory: str, path: str, tmp_path: str, spec: WavSpec,
     """Write a WAV to path; a file with content is replaced via tmp_path (see wav_io.c)."""
     with ffi.from_buffer(data) as buf:
         rc = lib.luna_write_wav_path(_c_path(directory), _c_path(path), _c_path(tmp_path),
-                                     spec.c_spec(), buf, len(buf))
+                                     _c_spec(spec), buf, len(buf))
     check(rc, path)
 
 
 def write_wav_fd(fd: int, spec: WavSpec, data: np.ndarray, filename: str | None = None) -> None:
     """Write header + samples at fd's position with one writev."""
     with ffi.from_buffer(data) as buf:
-        check(lib.luna_write_wav_fd(fd, spec.c_spec(), buf, len(buf)), filename)
+        check(lib.luna_write_wav_fd(fd, _c_spec(spec), buf, len(buf)), filename)
 
 
 def write_wav_atomic(directory: str, path: str, tmp_path: str, spec: WavSpec,
@@ -300,7 +315,7 @@ def write_wav_atomic(directory: str, path: str, tmp_path: str, spec: WavSpec,
     """Write a WAV that appears under path whole, at once (see wav_io.c)."""
     with ffi.from_buffer(data) as buf:
         rc = lib.luna_write_wav_atomic(_c_path(directory), _c_path(path), _c_path(tmp_path),
-                                       spec.c_spec(), buf, len(buf))
+                                       _c_spec(spec), buf, len(buf))
     check(rc, path)
 
 
@@ -308,6 +323,15 @@ def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = Non
     """pread exactly dest.nbytes bytes at offset into dest's memory."""
     with ffi.from_buffer(dest, require_writable=True) as buf:
         rc = lib.luna_read_at(fd, offset, buf, len(buf))
+    if rc == -errno.ENODATA:  # the file ended before its header said
+        raise WavError(f"{filename}: file shrank while it was being read")
+    check(rc, filename)
+
+
+def read_close(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
+    """pread exactly dest.nbytes bytes at offset into dest, then close fd (always)."""
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        rc = lib.luna_read_close(fd, offset, buf, len(buf))
     if rc == -errno.ENODATA:  # the file ended before its header said
         raise WavError(f"{filename}: file shrank while it was being read")
     check(rc, filename)
@@ -324,7 +348,7 @@ def stream_append(fd: int, spec: WavSpec, data_offset: int, data_bytes: int,
     """Append chunk to a streaming WAV, fix its header; return the new data size."""
     size = ffi.new("uint64_t *", data_bytes)
     with ffi.from_buffer(chunk) as buf:
-        check(lib.luna_stream_append(fd, spec.c_spec(), data_offset, size, buf, len(buf)),
+        check(lib.luna_stream_append(fd, _c_spec(spec), data_offset, size, buf, len(buf)),
               filename)
     return int(size[0])
 

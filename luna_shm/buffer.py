@@ -57,7 +57,6 @@ class WavBuffer(FileResource):
         self.anonymous = bool(anonymous)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
-        formats.check_block_align(self._spec)
         data_bytes = self.frames * self.channels * self.dtype.itemsize
         header = _lowlevel.wav_header_or_error(self._spec, data_bytes)
         self._header_len = len(header)

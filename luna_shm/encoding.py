@@ -8,15 +8,14 @@ packed to 24 bits. :func:`encoded` yields those bytes for a write;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from luna_shm import _lowlevel, formats
 
 
-@dataclass(frozen=True)
-class Encoding:
+class Encoding(NamedTuple):
     """Checked samples, the WAV spec they are written as, and how."""
 
     array: np.ndarray
@@ -32,7 +31,6 @@ def plan(data: object, samplerate: object, subtype: object) -> Encoding:
     natural = formats.natural_subtype(array.dtype)
     chosen = natural if subtype is None else formats.check_subtype(subtype)
     spec = formats.spec_for(chosen, rate, formats.channels_of(array))
-    formats.check_block_align(spec)
     if chosen == natural:
         conversion = "none"
     elif natural in formats.FLOAT_SUBTYPES and chosen in formats.PCM_SUBTYPES:

@@ -7,6 +7,7 @@ Subtype names follow python-soundfile.
 
 from __future__ import annotations
 
+import functools as _functools
 import operator as _operator
 from typing import Any
 
@@ -131,18 +132,32 @@ def channels_of(array: np.ndarray) -> int:
     return 1 if array.ndim == 1 else int(array.shape[1])
 
 
+@_functools.lru_cache(maxsize=256)
 def spec_for(subtype: str, samplerate: int, channels: int) -> WavSpec:
-    """The WavSpec that writes subtype at this rate and channel count."""
+    """The WavSpec that writes subtype at this rate and channel count.
+
+    Raises:
+        ValueError: a frame or the byte rate would not fit the WAV header's fields.
+    """
     fmt, bits, _ = SUBTYPES[subtype]
-    return WavSpec(samplerate=samplerate, channels=channels, format=fmt, bits=bits)
+    spec = WavSpec(samplerate=samplerate, channels=channels, format=fmt, bits=bits)
+    check_block_align(spec)
+    return spec
+
+
+_FILE_DTYPES: dict[tuple[int, int], np.dtype[Any]] = {
+    (WAVE_FORMAT_PCM, 8): np.dtype("<u1"),
+    (WAVE_FORMAT_PCM, 16): np.dtype("<i2"),
+    (WAVE_FORMAT_PCM, 24): np.dtype("<i4"),
+    (WAVE_FORMAT_PCM, 32): np.dtype("<i4"),
+    (WAVE_FORMAT_IEEE_FLOAT, 32): np.dtype("<f4"),
+    (WAVE_FORMAT_IEEE_FLOAT, 64): np.dtype("<f8"),
+}
 
 
 def dtype_of(info: WavInfo) -> np.dtype[Any]:
     """The numpy dtype read_wav returns for a parsed file (24-bit: int32)."""
-    if info.format == WAVE_FORMAT_IEEE_FLOAT:
-        return np.dtype("<f4") if info.bits == 32 else np.dtype("<f8")
-    return {8: np.dtype("<u1"), 16: np.dtype("<i2"), 24: np.dtype("<i4"),
-            32: np.dtype("<i4")}[info.bits]
+    return _FILE_DTYPES[info.format, info.bits]
 
 
 def view_dtype(spec: WavSpec) -> np.dtype[Any] | None:

@@ -38,32 +38,21 @@ _WHEN_BUSY = ("wait", "grow")
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
+    __slots__ = ("bytes", "fd", "length", "mapping", "path", "readonly")
+
     def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
         self.fd = fd
         self.path = path
         self.mapping = mapping
         self.length = mapping.length
         self.bytes = np.frombuffer(mapping.view, dtype=np.uint8)
+        self.readonly = mapping.view.toreadonly()
 
 
 def _slot_length(max_bytes: int) -> int:
     # Room for the largest header, the audio, its pad byte and a tail chunk.
     need = _HEADER_ROOM + max_bytes + 1 + 8
     return -(-need // _PAGE) * _PAGE
-
-
-def _format_slot(slot: _Slot, spec: _lowlevel.WavSpec, data_bytes: int) -> int:
-    """Write the header for data_bytes of audio and the tail chunk; return the data offset."""
-    header_len = _lowlevel.wav_header_size(spec)
-    end = header_len + data_bytes + (data_bytes & 1)
-    tail = slot.length - end
-    if data_bytes & 1:
-        slot.bytes[end - 1] = 0
-    slot.bytes[end : end + 8] = np.frombuffer(b"JUNK" + (tail - 8).to_bytes(4, "little"),
-                                              dtype=np.uint8)
-    slot.bytes[:header_len] = np.frombuffer(_lowlevel.wav_header(spec, data_bytes, tail),
-                                            dtype=np.uint8)
-    return header_len
 
 
 class PooledWav:
@@ -86,7 +75,7 @@ class PooledWav:
         self._array: np.ndarray | None = None
         dtype = formats.view_dtype(spec)
         if dtype is not None:  # 24-bit samples have no numpy view
-            view = slot.mapping.view if writable else slot.mapping.view.toreadonly()
+            view = slot.mapping.view if writable else slot.readonly
             flat = np.frombuffer(view, dtype=dtype, count=frames * spec.channels, offset=offset)
             self._array = flat.reshape((frames,) if spec.channels == 1 else
                                        (frames, spec.channels))
@@ -112,7 +101,7 @@ class PooledWav:
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
-        _format_slot(self._slot, self._spec, new_frames * self._frame_bytes)
+        self._slot.mapping.format_slot(self._spec, new_frames * self._frame_bytes)
         self.frames = new_frames
         if self._array is not None:
             self._array = self._array[:new_frames]
@@ -247,7 +236,7 @@ class AudioPool:
             raise
         slot = _Slot(fd, path, mapping)
         slot.bytes[:] = 0  # touch every page once, now, not on the hot path
-        _format_slot(slot, formats.spec_for("PCM_16", 16000, 1), 0)
+        mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
         self._slots.append(slot)
         return slot
 
@@ -300,7 +289,7 @@ class AudioPool:
         try:
             offset = _lowlevel.wav_header_size(enc.spec)
             encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
-            _format_slot(slot, enc.spec, enc.nbytes)
+            slot.mapping.format_slot(enc.spec, enc.nbytes)
         except BaseException:
             self._give_back(slot)
             raise
@@ -318,9 +307,8 @@ class AudioPool:
         nchannels = formats.check_channels(channels)
         sample_dtype = formats.check_dtype(dtype)
         spec = formats.spec_for(formats.natural_subtype(sample_dtype), rate, nchannels)
-        formats.check_block_align(spec)
         slot = self._take(count * nchannels * sample_dtype.itemsize)
-        offset = _format_slot(slot, spec, count * nchannels * sample_dtype.itemsize)
+        offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
         return PooledWav(self, slot, spec, count, offset, writable=True)
 
     def close(self) -> None:

@@ -148,23 +148,27 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
     path_str = _os.fspath(path)
     if not isinstance(path_str, str):
         raise TypeError(f"path must be str or os.PathLike[str], got {path!r}")
-    fd, info = _lowlevel.wav_open(path_str)
-    try:
-        dtype = formats.dtype_of(info)
+    if mmap:
+        mapping, info = _lowlevel.Mapping.of_wav(path_str)
         count = info.frames * info.channels
         if info.bits == 24:
-            raw = np.empty(count * 3, dtype=np.uint8)
-            _lowlevel.read_into(fd, info.data_offset, raw, path_str)
+            raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
             samples = _lowlevel.unpack_s24(raw, count)
-        elif mmap and count:
-            mapping = _lowlevel.Mapping(fd, info.data_offset + info.data_bytes,
-                                        writable=False, populate=False, filename=path_str)
-            samples = np.frombuffer(mapping.view, dtype=dtype, count=count,
-                                    offset=info.data_offset)
         else:
-            samples = np.empty(count, dtype=dtype)
-            _lowlevel.read_into(fd, info.data_offset, samples, path_str)
-    finally:
+            samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
+                                    info.data_offset)
+        return samples.reshape(_shape(info)), info.samplerate
+    fd, info = _lowlevel.wav_open(path_str)
+    count = info.frames * info.channels
+    try:
+        if info.bits == 24:
+            raw = np.empty(count * 3, dtype=np.uint8)
+            _lowlevel.read_close(fd, info.data_offset, raw, path_str)
+            samples = _lowlevel.unpack_s24(raw, count)
+        else:
+            samples = np.empty(count, dtype=formats.dtype_of(info))
+            _lowlevel.read_close(fd, info.data_offset, samples, path_str)
+    except MemoryError:
         _lowlevel.close(fd)
+        raise
     return samples.reshape(_shape(info)), info.samplerate
-

@@ -40,7 +40,6 @@ class WavWriter(FileResource):
         self.dtype = formats.check_dtype(dtype)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
-        formats.check_block_align(self._spec)
         header = _lowlevel.wav_header(self._spec, 0)
         self._data_offset = len(header)
         self._data_bytes = 0
