@@ -68,18 +68,34 @@ class WavBuffer(FileResource):
             if not _lowlevel.HAS_MEMFD:
                 raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
             fd = _lowlevel.memfd(f"{AUDIO_PREFIX}buffer")
-            name, created = f"/proc/{_os.getpid()}/fd/{fd}", False
-        else:
-            name, fd, created = temp_audio.open_destination(path, size_hint=self._length)
-        try:
-            self._open(fd, name, header)
-        except BaseException:
-            if anonymous:
+            name = f"/proc/{_os.getpid()}/fd/{fd}"
+            try:
+                self._open(fd, name, header)
+            except BaseException:
                 _lowlevel.close(fd)
-            else:
-                temp_audio.discard(name, fd, created)
-            raise
+                raise
+        else:
+            name, fd = self._open_named(path, header)
         self._own(fd, name)
+
+    def _open_named(self, path: str | _os.PathLike[str] | None, header: bytes) -> tuple[str, int]:
+        """Create and map the file; a new temp file that finds the RAM disk full goes to disk."""
+        on_disk = False
+        while True:
+            name, fd, created = temp_audio.open_destination(path, size_hint=self._length,
+                                                            on_disk=on_disk)
+            try:
+                self._open(fd, name, header)
+                return name, fd
+            except OSError as exc:
+                temp_audio.discard(name, fd, created)
+                if path is None and not on_disk and temp_audio.retry_on_disk(exc, name):
+                    on_disk = True
+                    continue
+                raise
+            except BaseException:
+                temp_audio.discard(name, fd, created)
+                raise
 
     def _open(self, fd: int, name: str, header: bytes) -> None:
         try:

@@ -96,6 +96,7 @@ def create_temp_file(
     *,
     size_hint: int | None = None,
     locked: bool = False,
+    on_disk: bool = False,
 ) -> tuple[str, int]:
     """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
 
@@ -103,8 +104,12 @@ def create_temp_file(
     that refuses the file (read-only, full) sends it to the fallback dir.
     locked=True holds a shared flock from before the name appears, so that
     :func:`cleanup_all_temp_audio` never sees the file unlocked while we live.
+    on_disk=True puts it in the fallback dir (see :func:`retry_on_disk`).
     """
-    directory, in_ram = _directory_for(size_hint)
+    if on_disk:
+        directory, in_ram = placement.current().fallback_dir, False
+    else:
+        directory, in_ram = _directory_for(size_hint)
     for _ in range(_MAX_TRIES):
         path = f"{directory}/{prefix}{_new_token()}{suffix}"
         try:
@@ -123,6 +128,21 @@ def create_temp_file(
             )
             directory, in_ram = fallback, False
     raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
+
+
+def retry_on_disk(exc: OSError, path: str) -> bool:
+    """True when a new file at path failed only because the RAM disk is full, so
+    that the caller should make it again in the fallback dir (logged once)."""
+    chosen = placement.current()
+    if exc.errno not in (_errno.ENOSPC, _errno.EDQUOT) or _os.path.dirname(path) != chosen.ram_dir:
+        return False
+    if chosen.fallback_dir == chosen.ram_dir:
+        return False
+    placement.log_once(
+        f"luna_shm: {chosen.ram_dir} is full ({exc.strerror}): writing files that do not fit "
+        f"to {chosen.fallback_dir}"
+    )
+    return True
 
 
 def get_temp_audio_path(
@@ -375,7 +395,10 @@ def refresh_temp_dir() -> str:
 
 
 def open_destination(
-    path: str | _os.PathLike[str] | None, *, size_hint: int | None = None
+    path: str | _os.PathLike[str] | None,
+    *,
+    size_hint: int | None = None,
+    on_disk: bool = False,
 ) -> tuple[str, int, bool]:
     """Open where a WAV will be written: ``(path, fd, created)``.
 
@@ -384,7 +407,8 @@ def open_destination(
     fd holds a shared flock, which marks the file as in use.
     """
     if path is None:
-        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True)
+        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
+                                        on_disk=on_disk)
         return new_path, fd, True
     text = _os.fspath(path)
     if not isinstance(text, str):

@@ -112,15 +112,20 @@ def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int
         except OSError as exc:
             raise _explain(exc, path) from None
         return path
-    path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128)
-    try:
-        _lowlevel.write_wav_fd(fd, spec, array, path)
-    except OSError as exc:
+    on_disk = False
+    while True:
+        path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128, on_disk=on_disk)
+        try:
+            _lowlevel.write_wav_fd(fd, spec, array, path)
+        except OSError as exc:
+            _lowlevel.close(fd)
+            _os.unlink(path)
+            if not on_disk and temp_audio.retry_on_disk(exc, path):
+                on_disk = True  # the RAM disk filled up under us: this file goes to disk
+                continue
+            raise _explain(exc, path) from None
         _lowlevel.close(fd)
-        _os.unlink(path)
-        raise _explain(exc, path) from None
-    _lowlevel.close(fd)
-    return path
+        return path
 
 
 def _shape(info: _lowlevel.WavInfo) -> tuple[int, ...]:
