@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py luna_shm/*.py)
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2
 
-.PHONY: demo test test-c system-deps bench fuzz lint clean
+.PHONY: demo test test-c system-deps lint bench fuzz clean
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test-c:
 	@for f in csrc/*.c; do $(CC) $(CFLAGS_STRICT) -Icsrc -c $$f -o /dev/null || exit 1; done
 	@echo "C layer: no warnings with $(CFLAGS_STRICT)"
 
-test: $(STAMP) system-deps test-c
-	$(PY) -m pytest
+# Lint and type-check the package, then the whole suite with Python's dev mode on
+# (ResourceWarnings and other leaks show up as errors).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check luna_shm tests examples csrc/build.py setup.py
+	$(VENV)/bin/mypy
+
+test: $(STAMP) system-deps test-c lint
+	PYTHONDEVMODE=1 $(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks

@@ -55,9 +55,9 @@ __all__ = [
     "iter_unused_temp_audio",
     "read_wav",
     "recv_wav",
+    "refresh_temp_dir",
     "save_temp_audio",
     "send_wav",
-    "refresh_temp_dir",
     "temp_dir",
     "write_wav",
 ]

@@ -177,7 +177,7 @@ class Mapping:
     def _adopt(self, address: Any, length: int, writable: bool) -> None:
         self._address = ffi.gc(address, lambda p: lib.luna_unmap(p, length))
         self.length = length
-        view = memoryview(ffi.buffer(self._address, length))  # type: ignore[arg-type]
+        view = memoryview(ffi.buffer(self._address, length))
         self.view = view if writable else view.toreadonly()
 
     def shrink_file(self, fd: int, new_length: int, filename: str | None = None) -> None:
@@ -376,7 +376,13 @@ def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
     return dst
 
 
-_PCM_DTYPES = {8: np.dtype("<u1"), 16: np.dtype("<i2"), 24: np.dtype("<u1"), 32: np.dtype("<i4")}
+# The array type that holds PCM of each width (24-bit: packed bytes).
+_PCM_DTYPES: dict[int, np.dtype[Any]] = {
+    8: np.dtype("<u1"),
+    16: np.dtype("<i2"),
+    24: np.dtype("<u1"),
+    32: np.dtype("<i4"),
+}
 
 
 def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
@@ -392,7 +398,8 @@ def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
 
 def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
     """float32/float64 samples as a new PCM array (24-bit: packed bytes)."""
-    dest = np.empty(src.size * (bits // 8) if bits == 24 else src.size, dtype=_PCM_DTYPES[bits])
+    count = src.size * 3 if bits == 24 else src.size
+    dest: np.ndarray = np.empty(count, dtype=_PCM_DTYPES[bits])
     float_to_pcm_into(src, dest, bits)
     return dest
 

@@ -102,7 +102,7 @@ class WavBuffer(FileResource):
             _lowlevel.reserve(fd, self._length, name)
         except OSError as exc:
             if exc.errno == _errno.ENOSPC:
-                raise OSError(exc.errno, exc.strerror + _ENOSPC_HINT, name) from None
+                raise OSError(exc.errno, (exc.strerror or '') + _ENOSPC_HINT, name) from None
             raise
         _lowlevel.write_at(fd, 0, header, name)
         if self.anonymous:

@@ -31,7 +31,7 @@ def _is_our_temp_file(path: str) -> bool:
 def _explain(exc: OSError, path: str) -> OSError:
     """The same error, with a hint for a full RAM disk."""
     if exc.errno == _errno.ENOSPC and _os.path.dirname(path) == placement.ram_dir():
-        return OSError(exc.errno, exc.strerror + _CONTAINER_HINT, path)
+        return OSError(exc.errno, (exc.strerror or '') + _CONTAINER_HINT, path)
     return exc
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os as _os
 from typing import Any
 
-
 from luna_shm import _lowlevel, formats, temp_audio
 from luna_shm._resource import FileResource
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
+from helpers import REPO
 from luna_shm import temp_audio
 from luna_shm.temp_audio import (
     cleanup_all_temp_audio,

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
 import luna_shm
+from helpers import REPO
 from luna_shm import _lowlevel
 from luna_shm.cli import parse_duration
 

@@ -8,8 +8,8 @@ import stat
 from collections.abc import Iterator
 
 import pytest
-from helpers import assert_child_ok, run_in_private_shm
 
+from helpers import assert_child_ok, run_in_private_shm
 from luna_shm import cleanup_temp_audio
 from luna_shm.encoded import save_temp_audio
 

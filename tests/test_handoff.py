@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from helpers import REPO
 
+from helpers import REPO
 from luna_shm import WavError, create_wav_buffer, get_temp_audio_path, write_wav
 from luna_shm._lowlevel import HAS_MEMFD
 from luna_shm.errors import HandoffError

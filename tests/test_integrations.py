@@ -6,8 +6,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import require_tool
 
+from helpers import require_tool
 from luna_shm import create_wav_buffer, get_temp_audio_path, read_wav
 from luna_shm._lowlevel import HAS_MEMFD
 

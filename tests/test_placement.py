@@ -16,9 +16,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import assert_child_ok, run_in_private_shm
 
 import luna_shm
+from helpers import assert_child_ok, run_in_private_shm
 from luna_shm import placement
 from luna_shm.temp_audio import get_temp_audio_path
 

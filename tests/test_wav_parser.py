@@ -31,10 +31,10 @@ from pathlib import Path
 import generate_wavs
 import numpy as np
 import pytest
-from helpers import REPO
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from helpers import REPO
 from luna_shm import WavError, read_wav
 from luna_shm._lowlevel import (
     WAVE_FORMAT_IEEE_FLOAT,

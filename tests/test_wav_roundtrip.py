@@ -330,7 +330,7 @@ def test_atomic_write_is_never_seen_half_written_by_a_process_watching_the_path(
         assert watcher.stdout.readline() == "watching\n"  # it has read the file once
         for i in range(100):
             write_wav(path, new if i % 2 == 0 else old, RATE, atomic=True)
-        new_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        final_digest = hashlib.sha256(path.read_bytes()).hexdigest()
     finally:
         stop.touch()
         out, _ = watcher.communicate(timeout=60)
@@ -338,6 +338,7 @@ def test_atomic_write_is_never_seen_half_written_by_a_process_watching_the_path(
     assert sum(report["seen"].values()) >= 1
     assert report["missing"] == 0, "the path vanished during an atomic replacement"
     assert set(report["seen"]) <= digests, "a watcher saw a partial WAV"
+    assert final_digest in digests  # the last replacement left a complete WAV
     assert os.listdir(ram) == ["watched.wav"], "a hidden partial file was left behind"
 
 
