@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,3 +38,24 @@ def private_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pr
         shutil.rmtree(ram, ignore_errors=True)
         monkeypatch.undo()
         placement.refresh()
+
+
+def _our_files_in_shared_dirs() -> set[str]:
+    found = set()
+    for directory in ("/dev/shm", "/tmp"):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        found.update(f"{directory}/{n}" for n in names
+                     if n.startswith(("luna_audio_", "luna_daemon_", ".luna_audio_")))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_dirs_stay_untouched() -> Iterator[None]:
+    """Fail the run if a test left one of our files in the machine's shared dirs."""
+    before = _our_files_in_shared_dirs()
+    yield
+    left = _our_files_in_shared_dirs() - before
+    assert not left, f"tests left files in the shared /dev/shm or /tmp: {sorted(left)}"
