@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py luna_shm/*.py)
-CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O2
+CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
 .PHONY: demo test test-c system-deps lint bench fuzz clean
 
@@ -38,8 +38,16 @@ lint: $(STAMP)
 test: $(STAMP) system-deps test-c lint
 	PYTHONDEVMODE=1 $(PY) -m pytest
 
+# make bench: the side-by-side benchmarks of benchmarks/ (never part of make test), then
+# bench-report/report.md and bench-report/size_scaling.png from their JSON. The report is
+# written even when test_target.py fails; the exit code is pytest's.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks
+	@mkdir -p bench-report
+	$(PY) -m pytest benchmarks --benchmark-json=bench-report/benchmarks.json \
+	  --benchmark-sort=name --benchmark-columns=median,iqr,min,max,rounds; \
+	status=$$?; \
+	$(PY) benchmarks/report.py bench-report/benchmarks.json bench-report || status=1; \
+	exit $$status
 
 # Coverage-guided fuzzing of the C WAV parser: libFuzzer + ASan + UBSan for FUZZ_TIME seconds on a
 # fresh copy of the seed corpus. A crash leaves its input in $(FUZZ_DIR)/artifacts/ and fails the

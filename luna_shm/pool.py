@@ -220,8 +220,10 @@ class AudioPool:
             fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot")
             path = f"/proc/{_os.getpid()}/fd/{fd}"
         else:
+            # locked=True: the flock is held before the name appears, so a
+            # concurrent cleanup never takes a new slot for a dead pool's file.
             path, fd = temp_audio.create_temp_file(
-                ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length)
+                ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True)
         try:
             _lowlevel.lock(fd, exclusive=False)
             _lowlevel.reserve(fd, self._length, path)
