@@ -93,9 +93,9 @@ int luna_write_wav_atomic(const char *dir, const char *path,
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
 int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
-int luna_stream_append(int fd, const struct luna_wav_spec *spec,
-                       uint64_t data_offset, uint64_t *data_bytes,
-                       const void *data, uint64_t n);
+int luna_stream_append(int fd, uint8_t *header_map,
+                       const struct luna_wav_spec *spec, uint64_t data_offset,
+                       uint64_t *data_bytes, const void *data, uint64_t n);
 
 void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
 void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);

@@ -237,12 +237,14 @@ int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
 
 /* Streaming: append n bytes of audio to a WAV whose data currently holds
- * *data_bytes bytes at data_offset, then rewrite the header so that its sizes
- * cover exactly what is there. Updates *data_bytes. Returns 0 or -errno
- * (-EFBIG past 4 GiB). */
-int luna_stream_append(int fd, const struct luna_wav_spec *spec,
-                       uint64_t data_offset, uint64_t *data_bytes,
-                       const void *data, uint64_t n);
+ * *data_bytes bytes at data_offset, then fix the header so that its sizes
+ * cover exactly what is there: by a store into header_map (the file's first
+ * page, mapped shared: no system call) or, when header_map is NULL, by a
+ * pwrite. Updates *data_bytes. On failure the file is cut back to the WAV it
+ * was. Returns 0 or -errno (-EFBIG past 4 GiB). */
+int luna_stream_append(int fd, uint8_t *header_map,
+                       const struct luna_wav_spec *spec, uint64_t data_offset,
+                       uint64_t *data_bytes, const void *data, uint64_t n);
 
 /* ---- convert.c: sample conversion in one pass ---------------------------- */
 

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <string.h>
 #include <stdio.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -180,9 +181,9 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
     return pwritev_all(fd, &iov, 1, offset);
 }
 
-int luna_stream_append(int fd, const struct luna_wav_spec *spec,
-                       uint64_t data_offset, uint64_t *data_bytes,
-                       const void *data, uint64_t n)
+int luna_stream_append(int fd, uint8_t *header_map,
+                       const struct luna_wav_spec *spec, uint64_t data_offset,
+                       uint64_t *data_bytes, const void *data, uint64_t n)
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
     static const uint8_t pad = 0;
@@ -208,9 +209,15 @@ int luna_stream_append(int fd, const struct luna_wav_spec *spec,
                                       (*data_bytes & 1u));
         return rc;
     }
-    rc = luna_write_at(fd, 0, header, (uint64_t)len);
-    if (rc < 0)
-        return rc;
+    if (header_map) {
+        /* The page cache is shared: readers see the new sizes at once, and
+         * only after the samples they cover are in the file. */
+        memcpy(header_map, header, (size_t)len);
+    } else {
+        rc = luna_write_at(fd, 0, header, (uint64_t)len);
+        if (rc < 0)
+            return rc;
+    }
     *data_bytes = total;
     return 0;
 }

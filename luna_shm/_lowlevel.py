@@ -343,13 +343,15 @@ def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | Non
         check(lib.luna_write_at(fd, offset, buf, len(buf)), filename)
 
 
-def stream_append(fd: int, spec: WavSpec, data_offset: int, data_bytes: int,
-                  chunk: np.ndarray, filename: str | None = None) -> int:
-    """Append chunk to a streaming WAV, fix its header; return the new data size."""
+def stream_append(fd: int, header: Mapping | None, spec: WavSpec, data_offset: int,
+                  data_bytes: int, chunk: np.ndarray, filename: str | None = None) -> int:
+    """Append chunk to a streaming WAV and fix its header (in the mapped first page
+    when header is given: one system call a chunk); return the new data size."""
     size = ffi.new("uint64_t *", data_bytes)
+    header_map = ffi.NULL if header is None else ffi.cast("uint8_t *", header._address)
     with ffi.from_buffer(chunk) as buf:
-        check(lib.luna_stream_append(fd, _c_spec(spec), data_offset, size, buf, len(buf)),
-              filename)
+        check(lib.luna_stream_append(fd, header_map, _c_spec(spec), data_offset, size, buf,
+                                     len(buf)), filename)
     return int(size[0])
 
 

@@ -2,8 +2,9 @@
 
 After every :meth:`WavWriter.write` the header's sizes cover exactly the
 samples that are in the file, so a player that opens it mid-stream reads a
-correct WAV of what is there. Each chunk costs two system calls: the samples
-(straight from the array's memory), then the header.
+correct WAV of what is there. Each chunk costs one system call: the samples
+(straight from the array's memory), then the header, which is a store into
+its shared mapping, not a system call.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class WavWriter(FileResource):
         try:
             _lowlevel.write_at(fd, 0, header, name)
             _lowlevel.lock(fd, exclusive=False, wait=True)
+            # The header is rewritten after every chunk: through a shared
+            # mapping of its page that costs a memory store, not a system call.
+            self._header: _lowlevel.Mapping | None = _lowlevel.Mapping(
+                fd, len(header), writable=True, populate=True, filename=name)
         except BaseException:
             temp_audio.discard(name, fd, created)
             raise
@@ -80,8 +85,11 @@ class WavWriter(FileResource):
         if array.nbytes == 0:
             return  # nothing to append (the C writer reports a 0-byte write as EIO)
         self._data_bytes = _lowlevel.stream_append(
-            self._fd, self._spec, self._data_offset, self._data_bytes, array, self.path
-        )
+            self._fd, self._header, self._spec, self._data_offset, self._data_bytes, array,
+            self.path)
+
+    def _release(self) -> None:
+        self._header = None  # unmapped once nothing refers to it
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
