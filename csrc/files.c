@@ -35,33 +35,40 @@ int luna_touch_excl(const char *path, unsigned int mode)
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
                         uint64_t *old_size)
 {
-    int fd = luna_create_excl(path, mode);
-    *created = fd >= 0;
     *old_size = 0;
-    if (fd != -EEXIST)
+    /* The name can vanish between the two opens (a cleanup): then create it
+     * again, a few times at most. */
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int fd = luna_create_excl(path, mode);
+        *created = fd >= 0;
+        if (fd != -EEXIST)
+            return fd;
+        /* The name exists: open it without following a final symlink,
+         * without blocking on a FIFO, read-write so that it can be mapped,
+         * and refuse anything but a regular file. Its content is left alone:
+         * the caller decides, knowing *old_size. */
+        fd = open_retry(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0);
+        if (fd == -ENOENT)
+            continue;
+        if (fd < 0)
+            return fd;
+        struct stat st;
+        if (fstat(fd, &st) != 0) {
+            int err = errno;
+            close(fd);
+            return -err;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            close(fd);
+            return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+        }
+        *old_size = (uint64_t)st.st_size;
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0)
+            (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
         return fd;
-    /* The name exists: open it without following a final symlink, without
-     * blocking on a FIFO, read-write so that it can be mapped, and refuse
-     * anything but a regular file. Its content is left alone: the caller
-     * decides, knowing *old_size. */
-    fd = open_retry(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0);
-    if (fd < 0)
-        return fd;
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int err = errno;
-        close(fd);
-        return -err;
     }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
-    }
-    *old_size = (uint64_t)st.st_size;
-    int flags = fcntl(fd, F_GETFL);
-    if (flags >= 0)
-        (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
-    return fd;
+    return -ENOENT;
 }
 
 int luna_create_locked(const char *dir, const char *path, unsigned int mode)

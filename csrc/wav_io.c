@@ -135,7 +135,11 @@ int luna_write_wav_atomic(const char *dir, const char *path,
     }
     if (fd < 0)
         return fd;
-    int rc = luna_write_wav_fd(fd, spec, data, data_bytes);
+    /* Locked before it has a name: a concurrent cleanup never takes the
+     * partial file for an abandoned one. */
+    int rc = luna_lock(fd, 0, 1);
+    if (rc == 0)
+        rc = luna_write_wav_fd(fd, spec, data, data_bytes);
     if (rc == 0 && !named) {
         rc = luna_link_unnamed(fd, tmp_path);
         named = rc == 0;

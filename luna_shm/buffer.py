@@ -21,12 +21,6 @@ from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["WavBuffer", "create_wav_buffer"]
 
-_ENOSPC_HINT = (
-    " (not enough room on the RAM disk for this buffer: free some, or give the "
-    "container more shared memory, e.g. docker run --shm-size=256m)"
-)
-
-
 class WavBuffer(FileResource):
     """A mapped WAV file whose samples are the numpy array ``array``.
 
@@ -71,6 +65,9 @@ class WavBuffer(FileResource):
             name = f"/proc/{_os.getpid()}/fd/{fd}"
             try:
                 self._open(fd, name, header)
+            except OSError as exc:
+                _lowlevel.close(fd)
+                raise temp_audio.explain_full_disk(exc, name) from None
             except BaseException:
                 _lowlevel.close(fd)
                 raise
@@ -82,28 +79,26 @@ class WavBuffer(FileResource):
         """Create and map the file; a new temp file that finds the RAM disk full goes to disk."""
         on_disk = False
         while True:
-            name, fd, created = temp_audio.open_destination(path, size_hint=self._length,
-                                                            on_disk=on_disk)
+            dest = temp_audio.open_destination(path, size_hint=self._length, on_disk=on_disk)
+            name = dest.partial or dest.path
             try:
-                self._open(fd, name, header)
-                return name, fd
+                self._open(dest.fd, name, header)
+                temp_audio.finish_destination(dest)
+                return dest.path, dest.fd
             except OSError as exc:
-                temp_audio.discard(name, fd, created)
+                self._mapping = self._array = None
+                temp_audio.discard(dest)
                 if path is None and not on_disk and temp_audio.retry_on_disk(exc, name):
                     on_disk = True
                     continue
-                raise
+                raise temp_audio.explain_full_disk(exc, dest.path) from None
             except BaseException:
-                temp_audio.discard(name, fd, created)
+                self._mapping = self._array = None
+                temp_audio.discard(dest)
                 raise
 
     def _open(self, fd: int, name: str, header: bytes) -> None:
-        try:
-            _lowlevel.reserve(fd, self._length, name)
-        except OSError as exc:
-            if exc.errno == _errno.ENOSPC:
-                raise OSError(exc.errno, (exc.strerror or '') + _ENOSPC_HINT, name) from None
-            raise
+        _lowlevel.reserve(fd, self._length, name)
         _lowlevel.write_at(fd, 0, header, name)
         if self.anonymous:
             _lowlevel.seal_shrink(fd)

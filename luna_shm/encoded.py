@@ -14,7 +14,7 @@ import errno as _errno
 import os as _os
 from collections.abc import Iterable, Iterator
 
-from luna_shm import _lowlevel, temp_audio, wav
+from luna_shm import _lowlevel, temp_audio
 from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["save_temp_audio"]
@@ -116,7 +116,7 @@ def _write_chunks(fd: int, chunks: Iterator[object], path: str) -> None:
 def _with_filename(exc: OSError, path: str) -> OSError:
     if exc.filename is None and exc.errno is not None:
         exc = OSError(exc.errno, exc.strerror, path)
-    return wav._explain(exc, path)
+    return temp_audio.explain_full_disk(exc, path)
 
 
 def save_temp_audio(

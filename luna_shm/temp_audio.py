@@ -14,6 +14,7 @@ import stat as _stat
 import time as _time
 import uuid as _uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from luna_shm import _lowlevel, placement
 from luna_shm.placement import (
@@ -131,18 +132,34 @@ def create_temp_file(
 
 
 def retry_on_disk(exc: OSError, path: str) -> bool:
-    """True when a new file at path failed only because the RAM disk is full, so
-    that the caller should make it again in the fallback dir (logged once)."""
+    """True when a new file at path failed because the RAM disk cannot take it (full,
+    read-only, ...), so that the caller should make it again in the fallback dir
+    (logged once)."""
     chosen = placement.current()
-    if exc.errno not in (_errno.ENOSPC, _errno.EDQUOT) or _os.path.dirname(path) != chosen.ram_dir:
+    if exc.errno not in _FALLBACK_ERRNOS or _os.path.dirname(path) != chosen.ram_dir:
         return False
     if chosen.fallback_dir == chosen.ram_dir:
         return False
     placement.log_once(
-        f"luna_shm: {chosen.ram_dir} is full ({exc.strerror}): writing files that do not fit "
+        f"luna_shm: {chosen.ram_dir} refused a file ({exc.strerror}): writing such files "
         f"to {chosen.fallback_dir}"
     )
     return True
+
+
+def new_temp_name(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    size_hint: int | None = None,
+    on_disk: bool = False,
+) -> str:
+    """A fresh temp audio name (nothing created): RAM disk first, or the fallback dir."""
+    if on_disk:
+        directory = placement.current().fallback_dir
+    else:
+        directory, _ = _directory_for(size_hint)
+    return f"{directory}/{prefix}{_new_token()}{suffix}"
 
 
 def get_temp_audio_path(
@@ -174,8 +191,7 @@ def get_temp_audio_path(
     _check_name_part("prefix", prefix)
     hint = _check_size_hint(size_hint)
     if not create:
-        directory, _ = _directory_for(hint)
-        return f"{directory}/{prefix}{_new_token()}{suffix}"
+        return new_temp_name(suffix, prefix, size_hint=hint)
     path, fd = create_temp_file(suffix, prefix, size_hint=hint)
     _lowlevel.close(fd)
     return path
@@ -394,46 +410,99 @@ def refresh_temp_dir() -> str:
     return placement.refresh().directory
 
 
+class Destination(NamedTuple):
+    """Where a buffer or writer puts its WAV (see :func:`open_destination`)."""
+
+    path: str  # the WAV's name once finished
+    fd: int  # open read-write, holding a shared flock
+    created: bool  # this call made the file at path
+    partial: str | None  # a new file's name until finish_destination renames it over path
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """True while path still names the file open at fd (no one removed or replaced it)."""
+    try:
+        named = _os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = _os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 def open_destination(
     path: str | _os.PathLike[str] | None,
     *,
     size_hint: int | None = None,
     on_disk: bool = False,
-) -> tuple[str, int, bool]:
-    """Open where a WAV will be written: ``(path, fd, created)``.
+) -> Destination:
+    """Open where a WAV will be written, holding a shared flock (the file is in use).
 
-    None makes a new temp audio file; a given path is created, or the regular
-    file there is truncated (a symlink there is refused, never followed). The
-    fd holds a shared flock, which marks the file as in use.
+    None makes a new temp audio file. A given path is created, or the empty
+    regular file there (from get_temp_audio_path) is used; a file with content
+    is never cut under a reader that mapped it: a new file is made beside it
+    and renamed over it by :func:`finish_destination`. A symlink is refused.
     """
     if path is None:
         new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
                                         on_disk=on_disk)
-        return new_path, fd, True
+        return Destination(new_path, fd, True, None)
     text = _os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
-    fd, created, old_size = _lowlevel.open_for_write(text)
-    try:
-        _lowlevel.lock(fd, exclusive=False, wait=True)
-        if old_size:
-            _lowlevel.set_length(fd, 0, text)
-    except BaseException:
+    for _ in range(8):
+        fd, created, old_size = _lowlevel.open_for_write(text)
+        try:
+            _lowlevel.lock(fd, exclusive=False, wait=True)
+            if not old_size and _still_named(fd, text):
+                return Destination(text, fd, created, None)
+        except BaseException:
+            _lowlevel.close(fd)
+            raise
         _lowlevel.close(fd)
-        raise
-    return text, fd, created
+        if old_size:
+            partial = partial_path(text)
+            fd = _lowlevel.create_locked(_os.path.dirname(text) or ".", partial)
+            return Destination(text, fd, False, partial)
+        # A cleanup removed the name between our open and our lock: again.
+    raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)
 
 
-def discard(path: str, fd: int, created: bool) -> None:
+def finish_destination(dest: Destination) -> None:
+    """Give a replacement file its final name (a no-op when it already has it)."""
+    if dest.partial is not None:
+        _os.rename(dest.partial, dest.path)
+
+
+def discard(dest: Destination) -> None:
     """Undo :func:`open_destination` after a failure: close, remove what we made."""
     try:
-        _lowlevel.close(fd)
+        _lowlevel.close(dest.fd)
     finally:
-        if created or is_our_name(_os.path.basename(path)):
+        doomed = dest.partial
+        if doomed is None and (dest.created or is_our_name(_os.path.basename(dest.path))):
+            doomed = dest.path
+        if doomed is not None:
             try:
-                _os.unlink(path)
+                _os.unlink(doomed)
             except FileNotFoundError:
                 pass
+
+
+_FULL_DISK_HINT = (
+    " (the RAM disk is full: remove old files, or give the container more shared "
+    "memory, e.g. docker run --shm-size=256m)"
+)
+
+
+def explain_full_disk(exc: OSError, path: str) -> OSError:
+    """The same error with path as its filename, and a hint when the RAM disk is full."""
+    strerror = exc.strerror or ""
+    in_ram = _os.path.dirname(path) == placement.ram_dir() or path.startswith("/proc/")
+    if exc.errno == _errno.ENOSPC and in_ram and _FULL_DISK_HINT not in strerror:
+        return OSError(exc.errno, strerror + _FULL_DISK_HINT, path)
+    if exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, strerror, path)
+    return exc
 
 
 def remove_unused_files(directory: str, name_prefix: str) -> int:

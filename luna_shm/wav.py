@@ -8,7 +8,6 @@ array over it (``mmap=True``) or reads the samples into a new array with one
 
 from __future__ import annotations
 
-import errno as _errno
 import os as _os
 
 import numpy as np
@@ -17,22 +16,9 @@ from luna_shm import _lowlevel, encoding, formats, placement, temp_audio
 
 __all__ = ["read_wav", "write_wav"]
 
-_CONTAINER_HINT = (
-    " (the RAM disk is full: remove old files, or give the container more shared "
-    "memory, e.g. docker run --shm-size=256m)"
-)
-
-
 def _is_our_temp_file(path: str) -> bool:
     parent, name = _os.path.split(path)
     return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
-
-
-def _explain(exc: OSError, path: str) -> OSError:
-    """The same error, with a hint for a full RAM disk."""
-    if exc.errno == _errno.ENOSPC and _os.path.dirname(path) == placement.ram_dir():
-        return OSError(exc.errno, (exc.strerror or '') + _CONTAINER_HINT, path)
-    return exc
 
 
 def write_wav(
@@ -87,7 +73,7 @@ def write_wav(
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.
         if not atomic and _is_our_temp_file(path_str):
             _remove_if_empty(path_str)
-        raise _explain(exc, path_str) from None
+        raise temp_audio.explain_full_disk(exc, path_str) from None
     return path_str
 
 
@@ -101,29 +87,33 @@ def _remove_if_empty(path: str) -> None:
 
 def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int,
                          atomic: bool) -> str:
-    """Write a new temp audio file: through the fd that created it, or (atomic)
-    unnamed first and then linked under a fresh uuid4 name."""
-    if atomic:
-        path = temp_audio.get_temp_audio_path(".wav", create=False, size_hint=nbytes + 128)
-        directory = _os.path.dirname(path)
-        try:
-            _lowlevel.write_wav_atomic(directory, path, temp_audio.partial_path(path), spec,
-                                       array)
-        except OSError as exc:
-            raise _explain(exc, path) from None
-        return path
+    """Write a new temp audio file: through the fd that created it (locked while it is
+    written), or, atomic, unnamed first and then linked under a fresh uuid4 name. A
+    RAM disk that refuses it (full, read-only) sends it to the disk temp dir."""
     on_disk = False
     while True:
-        path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128, on_disk=on_disk)
+        if atomic:
+            path = temp_audio.new_temp_name(".wav", size_hint=nbytes + 128, on_disk=on_disk)
+            try:
+                _lowlevel.write_wav_atomic(_os.path.dirname(path), path,
+                                           temp_audio.partial_path(path), spec, array)
+                return path
+            except OSError as exc:
+                if not on_disk and temp_audio.retry_on_disk(exc, path):
+                    on_disk = True
+                    continue
+                raise temp_audio.explain_full_disk(exc, path) from None
+        path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
+                                               on_disk=on_disk)
         try:
             _lowlevel.write_wav_fd(fd, spec, array, path)
         except OSError as exc:
             _lowlevel.close(fd)
             _os.unlink(path)
             if not on_disk and temp_audio.retry_on_disk(exc, path):
-                on_disk = True  # the RAM disk filled up under us: this file goes to disk
+                on_disk = True
                 continue
-            raise _explain(exc, path) from None
+            raise temp_audio.explain_full_disk(exc, path) from None
         _lowlevel.close(fd)
         return path
 

@@ -43,18 +43,21 @@ class WavWriter(FileResource):
         header = _lowlevel.wav_header(self._spec, 0)
         self._data_offset = len(header)
         self._data_bytes = 0
-        name, fd, created = temp_audio.open_destination(path)
+        dest = temp_audio.open_destination(path)
         try:
-            _lowlevel.write_at(fd, 0, header, name)
-            _lowlevel.lock(fd, exclusive=False, wait=True)
+            _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
             # The header is rewritten after every chunk: through a shared
             # mapping of its page that costs a memory store, not a system call.
             self._header: _lowlevel.Mapping | None = _lowlevel.Mapping(
-                fd, len(header), writable=True, populate=True, filename=name)
+                dest.fd, len(header), writable=True, populate=True, filename=dest.path)
+            temp_audio.finish_destination(dest)
+        except OSError as exc:
+            temp_audio.discard(dest)
+            raise temp_audio.explain_full_disk(exc, dest.path) from None
         except BaseException:
-            temp_audio.discard(name, fd, created)
+            temp_audio.discard(dest)
             raise
-        self._own(fd, name)
+        self._own(dest.fd, dest.path)
 
     @property
     def frames(self) -> int:
@@ -84,9 +87,12 @@ class WavWriter(FileResource):
             raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
         if array.nbytes == 0:
             return  # nothing to append (the C writer reports a 0-byte write as EIO)
-        self._data_bytes = _lowlevel.stream_append(
-            self._fd, self._header, self._spec, self._data_offset, self._data_bytes, array,
-            self.path)
+        try:
+            self._data_bytes = _lowlevel.stream_append(
+                self._fd, self._header, self._spec, self._data_offset, self._data_bytes, array,
+                self.path)
+        except OSError as exc:
+            raise temp_audio.explain_full_disk(exc, self.path) from None
 
     def _release(self) -> None:
         self._header = None  # unmapped once nothing refers to it

@@ -1,0 +1,484 @@
+"""AudioPool: pre-faulted WAV slots, handed out one holder at a time, each a valid WAV file.
+
+Every slot file lives in the private dirs (the private_dirs fixture). The
+readers that judge the files are independent of luna_shm: python-soundfile,
+scipy, sox (another process) and the stdlib ``wave`` module.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import os
+import subprocess
+import sys
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import soundfile as sf
+
+from helpers import REPO, require_tool
+from luna_shm import AudioPool, PooledWav, read_wav, write_wav
+
+RATE = 16000
+POOL_PREFIX = "luna_audio_pool_"
+
+
+@pytest.fixture
+def ram(private_dirs) -> Path:
+    return Path(private_dirs.ram)
+
+
+def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
+    rng = np.random.default_rng(seed)
+    shape = (frames,) if channels == 1 else (frames, channels)
+    if dtype.startswith("float"):
+        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def slot_files(directory: Path | str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.startswith(POOL_PREFIX))
+
+
+def soundfile_view(data: np.ndarray) -> np.ndarray:
+    """What python-soundfile returns for our samples (it reads 8-bit as 16-bit)."""
+    if data.dtype == np.uint8:
+        return ((data.astype(np.int16) - 128) << 8).astype(np.int16)
+    return data
+
+
+SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
+                   "float32": "float32", "float64": "float64"}
+SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
+                "int32": "signed-integer", "float32": "floating-point",
+                "float64": "floating-point"}
+
+
+def assert_every_reader_sees(path: str, data: np.ndarray, rate: int = RATE) -> None:
+    """soundfile, scipy, sox and (plain PCM) wave read exactly data at rate from path."""
+    dtype = data.dtype.name
+    frames = data.shape[0]
+    channels = 1 if data.ndim == 1 else data.shape[1]
+
+    back, sf_rate = sf.read(path, dtype=SOUNDFILE_DTYPE[dtype])
+    assert sf_rate == rate
+    np.testing.assert_array_equal(back.reshape(data.shape), soundfile_view(data), strict=True)
+
+    sc_rate, sc_back = scipy.io.wavfile.read(path)
+    assert sc_rate == rate
+    np.testing.assert_array_equal(np.array(sc_back).reshape(data.shape), data, strict=True)
+
+    sox = require_tool("sox")
+    done = subprocess.run(
+        [sox, "-D", "-t", "wav", path, "-t", "raw", "-e", SOX_ENCODING[dtype],
+         "-b", str(data.dtype.itemsize * 8), "-L", "-"],
+        capture_output=True, check=True, timeout=60)
+    assert done.stdout == data.astype(data.dtype.newbyteorder("<")).tobytes()
+
+    if channels <= 2 and data.dtype.kind in "iu":  # wave knows plain PCM only
+        with wave.open(path) as w:
+            assert (w.getnframes(), w.getnchannels(), w.getframerate()) == (frames, channels,
+                                                                             rate)
+            assert w.readframes(frames) == data.tobytes()
+
+
+# ---- the slots --------------------------------------------------------------------------------
+
+
+def test_a_pool_makes_its_slots_up_front_as_locked_empty_wavs_in_the_ram_dir(ram) -> None:
+    with AudioPool(slots=3, max_bytes=10_000) as pool:
+        names = slot_files(ram)
+        assert pool.slots == 3 and len(names) == 3
+        for name in names:
+            assert sf.info(str(ram / name)).frames == 0  # a valid, empty WAV already
+            fd = os.open(ram / name, os.O_RDONLY)
+            try:  # the pool's shared lock keeps an exclusive one (cleanup's) out
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+    assert slot_files(ram) == []
+
+
+MATRIX = [pytest.param(dtype, channels, id=f"{dtype}-{channels}ch")
+          for dtype in ("uint8", "int16", "int32", "float32", "float64") for channels in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(("dtype", "channels"), MATRIX)
+def test_write_wav_returns_a_pooled_wav_whose_path_every_reader_reads_sample_exact(
+        ram, dtype, channels) -> None:
+    data = samples(dtype, 777, channels)
+    with AudioPool(slots=1, max_bytes=100_000) as pool, pool.write_wav(data, RATE) as pooled:
+        assert isinstance(pooled, PooledWav)
+        assert (pooled.frames, pooled.channels, pooled.samplerate) == (777, channels, RATE)
+        assert_every_reader_sees(pooled.path, data)
+        for mmap in (True, False):
+            back, rate = read_wav(pooled.path, mmap=mmap)
+            assert rate == RATE
+            np.testing.assert_array_equal(back, data, strict=True)
+
+
+def test_a_reused_slot_is_a_valid_wav_of_the_latest_audio_after_each_write_and_release(
+        ram) -> None:
+    # Longer, shorter, empty, other types and channel counts: the leftovers of the
+    # previous audio must never show through the next WAV.
+    sequence = [("int16", 5000, 1), ("int16", 10, 1), ("float32", 3000, 2), ("uint8", 333, 1),
+                ("int16", 0, 1), ("int32", 1500, 3), ("float64", 1, 1), ("int16", 4999, 2)]
+    with AudioPool(slots=1, max_bytes=40_000) as pool:
+        paths = set()
+        for seed, (dtype, frames, channels) in enumerate(sequence):
+            data = samples(dtype, frames, channels, seed)
+            pooled = pool.write_wav(data, RATE + seed)
+            paths.add(pooled.path)
+            assert_every_reader_sees(pooled.path, data, RATE + seed)
+            pooled.release()
+            # Released and not yet reused: still the same complete WAV.
+            assert_every_reader_sees(pooled.path, data, RATE + seed)
+        assert len(paths) == 1
+
+
+def test_acquire_gives_a_valid_wav_at_once_and_the_rendered_array_is_the_file(ram) -> None:
+    data = samples("float32", 2000, 2, seed=3)
+    with AudioPool(slots=1, max_bytes=100_000) as pool:
+        pool.write_wav(samples("int16", 9000, 1), RATE).release()  # leftovers in the slot
+        with pool.acquire(2000, RATE, 2, "float32") as pooled:
+            info = sf.info(pooled.path)
+            assert (info.frames, info.channels, info.samplerate) == (2000, 2, RATE)
+            array = pooled.array
+            assert array.shape == (2000, 2) and array.dtype == np.float32
+            assert array.flags.writeable
+            array[...] = data  # render straight into the file
+            assert_every_reader_sees(pooled.path, data)
+
+
+def test_the_array_of_a_written_slot_is_read_only_and_refused_after_release(ram) -> None:
+    with AudioPool(slots=1, max_bytes=1000) as pool:
+        pooled = pool.write_wav(np.arange(10, dtype=np.int16), RATE)
+        with pytest.raises(ValueError, match="read-only"):
+            pooled.array[0] = 1
+        pooled.release()
+        assert pooled.released
+        with pytest.raises(ValueError, match="PooledWav was released"):
+            _ = pooled.array
+        with pytest.raises(ValueError, match="PooledWav was released"):
+            pooled.truncate(1)
+        pooled.release()  # again: nothing happens
+        assert pool.write_wav(np.zeros(3, np.int16), RATE).frames == 3
+
+
+@pytest.mark.parametrize(("dtype", "channels"), [("int16", 1), ("uint8", 1), ("float64", 3)])
+def test_truncate_shortens_the_wav_every_reader_sees(ram, dtype, channels) -> None:
+    data = samples(dtype, 1001, channels, seed=5)
+    with AudioPool(slots=1, max_bytes=100_000) as pool, \
+            pool.acquire(1001, RATE, channels, dtype) as pooled:
+        pooled.array[...] = data
+        pooled.truncate(401)
+        assert pooled.frames == 401 and pooled.array.shape[0] == 401
+        assert_every_reader_sees(pooled.path, data[:401])
+        pooled.truncate(0)
+        assert sf.info(pooled.path).frames == 0
+
+
+def test_truncate_refuses_to_grow_or_go_negative_and_keeps_the_wav(ram) -> None:
+    data = np.arange(100, dtype=np.int16)
+    with AudioPool(slots=1, max_bytes=1000) as pool, pool.write_wav(data, RATE) as pooled:
+        with pytest.raises(ValueError, match="cannot grow a pooled WAV: frames=101 > 100"):
+            pooled.truncate(101)
+        with pytest.raises(ValueError, match="frames must be >= 0, got -1"):
+            pooled.truncate(-1)
+        assert_every_reader_sees(pooled.path, data)
+
+
+# ---- convert on write -------------------------------------------------------------------------
+
+
+def reference_pcm(data: np.ndarray, bits: int) -> np.ndarray:
+    """The documented conversion: scale by the largest positive value, clip, round half to even.
+
+    float32 input to 16 bits is computed in float32 (as the C does); the wider
+    targets in float64. 24-bit samples come back in the top 24 bits of an int32.
+    """
+    if bits == 16:
+        scaled = data.astype(np.float32) * np.float32(32767)
+        return np.rint(np.clip(scaled, -32768, 32767)).astype(np.int16)
+    top = 2.0 ** (bits - 1)
+    values = np.rint(np.clip(data.astype(np.float64) * (top - 1), -top, top - 1))
+    if bits == 24:
+        return values.astype(np.int32) << 8
+    return values.astype(np.int32)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "PCM_32"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_float32_written_into_a_slot_as_pcm_is_converted_like_write_wav_does(
+        ram, subtype, channels) -> None:
+    rng = np.random.default_rng(7)
+    data = rng.uniform(-1.2, 1.2, (3001, channels)).astype(np.float32)  # clips at both ends
+    data[:4, 0] = [1.0, -1.0, 0.5 / 32767, np.nan]  # full scale, a tie, NaN -> 0
+    if channels == 1:
+        data = data[:, 0].copy()
+    bits = int(subtype[4:])
+    expected = reference_pcm(np.nan_to_num(data, nan=0.0), bits)
+    with AudioPool(slots=1, max_bytes=3001 * channels * 4) as pool, \
+            pool.write_wav(data, RATE, subtype=subtype) as pooled:
+        back, rate = read_wav(pooled.path, mmap=False)
+        sf_back, _ = sf.read(pooled.path, dtype="int32" if bits > 16 else "int16")
+        plain = write_wav(None, data, RATE, subtype=subtype)
+        try:
+            assert Path(plain).read_bytes()[8:36] == Path(pooled.path).read_bytes()[8:36]  # fmt
+            plain_back, _ = read_wav(plain, mmap=False)
+        finally:
+            os.unlink(plain)
+    assert rate == RATE
+    np.testing.assert_array_equal(back, expected, strict=True)
+    np.testing.assert_array_equal(sf_back.reshape(expected.shape), expected, strict=True)
+    np.testing.assert_array_equal(plain_back, expected, strict=True)
+
+
+# ---- who gets a slot --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["write_wav", "acquire"])
+def test_a_request_larger_than_a_slot_raises_value_error_and_takes_no_slot(ram, call) -> None:
+    with AudioPool(slots=2, max_bytes=1000, timeout=0) as pool:
+        with pytest.raises(ValueError, match="1002 bytes of audio do not fit a slot of this pool "
+                                             r"\(max_bytes=1000\)"):
+            if call == "write_wav":
+                pool.write_wav(np.zeros(501, np.int16), RATE)
+            else:
+                pool.acquire(501, RATE)
+        # Both slots are still free: two holders at once, without waiting.
+        first, second = pool.acquire(500, RATE), pool.acquire(500, RATE)
+        assert first.path != second.path
+        first.release()
+        second.release()
+
+
+def test_wait_mode_raises_timeout_error_when_every_slot_stays_busy(ram) -> None:
+    with AudioPool(slots=2, max_bytes=100, timeout=0.05) as pool:
+        held = [pool.acquire(10, RATE), pool.acquire(10, RATE)]
+        with pytest.raises(TimeoutError, match=r"all 2 slots stayed busy for 0\.05 s"):
+            pool.write_wav(np.zeros(10, np.int16), RATE)
+        assert pool.slots == 2
+        for pooled in held:
+            pooled.release()
+        pool.write_wav(np.zeros(10, np.int16), RATE).release()
+
+
+def test_wait_mode_hands_a_released_slot_to_a_thread_waiting_without_timeout(ram) -> None:
+    got: list[str] = []
+    with AudioPool(slots=1, max_bytes=100) as pool:
+        held = pool.acquire(10, RATE)
+
+        def wait_for_a_slot() -> None:
+            with pool.write_wav(np.ones(10, np.int16), RATE) as pooled:
+                got.append(pooled.path)
+
+        waiter = threading.Thread(target=wait_for_a_slot, daemon=True)
+        waiter.start()
+        held.release()
+        waiter.join(60)
+        assert not waiter.is_alive(), "the waiting thread never got the released slot"
+    assert got == [held.path]
+
+
+def test_a_thread_waiting_for_a_slot_is_woken_by_close_with_value_error(ram) -> None:
+    errors: list[BaseException] = []
+    pool = AudioPool(slots=1, max_bytes=100)
+    held = pool.acquire(10, RATE)
+    started = threading.Event()
+
+    def wait_for_a_slot() -> None:
+        started.set()
+        try:
+            pool.acquire(10, RATE)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_a_slot, daemon=True)
+    waiter.start()
+    started.wait(60)
+    pool.close()
+    waiter.join(60)
+    assert not waiter.is_alive(), "close left a thread waiting forever"
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert str(errors[0]) == "AudioPool is closed"
+    held.release()
+
+
+def test_grow_mode_adds_a_slot_for_each_holder_beyond_the_pool_size(ram) -> None:
+    with AudioPool(slots=1, max_bytes=1000, when_busy="grow") as pool:
+        data = [samples("int16", 100, 1, seed) for seed in range(4)]
+        held = [pool.write_wav(d, RATE) for d in data]
+        assert pool.slots == 4
+        assert len({p.path for p in held}) == 4 and len(slot_files(ram)) == 4
+        for pooled, d in zip(held, data, strict=True):
+            assert_every_reader_sees(pooled.path, d)
+            pooled.release()
+        # Released slots are reused before any new one is made.
+        again = [pool.acquire(10, RATE) for _ in range(4)]
+        assert pool.slots == 4
+        for pooled in again:
+            pooled.release()
+    assert slot_files(ram) == []
+
+
+def test_many_threads_never_share_a_slot_and_always_read_back_their_own_audio(ram) -> None:
+    threads_count, rounds = 12, 150
+    held: set[str] = set()
+    held_lock = threading.Lock()
+    errors: list[str] = []
+    start = threading.Barrier(threads_count)
+    paths_seen: set[str] = set()
+
+    with AudioPool(slots=3, max_bytes=2000, timeout=None) as pool:
+
+        def work(index: int) -> None:
+            try:
+                start.wait()
+                for i in range(rounds):
+                    data = np.full(200 + index, index * 1000 + i, np.int16)
+                    if i % 2:
+                        pooled = pool.write_wav(data, RATE)
+                    else:
+                        pooled = pool.acquire(len(data), RATE)
+                        pooled.array[...] = data
+                    with held_lock:
+                        if pooled.path in held:
+                            errors.append(f"slot {pooled.path} handed out twice")
+                        held.add(pooled.path)
+                        paths_seen.add(pooled.path)
+                    back, _ = read_wav(pooled.path, mmap=False)
+                    if not np.array_equal(back, data):
+                        errors.append(f"thread {index} round {i} read other audio")
+                    with held_lock:
+                        held.discard(pooled.path)
+                    pooled.release()
+            except BaseException as exc:  # reported below
+                errors.append(f"thread {index}: {exc!r}")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a thread hung"
+        assert pool.slots == 3
+    assert errors == []
+    assert len(paths_seen) == 3
+
+
+# ---- anonymous slots, close and leaks ---------------------------------------------------------
+
+
+def test_anonymous_slots_have_proc_paths_no_name_in_any_directory_and_other_processes_read_them(
+        private_dirs) -> None:
+    data = samples("int16", 999, 2, seed=9)
+    with AudioPool(slots=2, max_bytes=10_000, anonymous=True) as pool, \
+            pool.write_wav(data, RATE) as pooled:
+        assert pooled.path.startswith(f"/proc/{os.getpid()}/fd/")
+        assert os.readlink(pooled.path).startswith("/memfd:luna_audio_pool_")
+        assert os.listdir(private_dirs.ram) == [] and os.listdir(private_dirs.fallback) == []
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys, soundfile as sf; "
+             "print(sf.read(sys.argv[1], dtype='int16')[0].tobytes().hex())", pooled.path],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+            timeout=60, check=True)
+        assert bytes.fromhex(done.stdout.strip()) == data.tobytes()
+        assert_every_reader_sees(pooled.path, data)
+
+
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
+def test_close_while_pooled_wavs_are_held_keeps_their_arrays_valid_and_frees_the_slots(
+        private_dirs, anonymous) -> None:
+    pool = AudioPool(slots=2, max_bytes=10_000, anonymous=anonymous)
+    data = samples("int16", 1000, 1, seed=11)
+    written = pool.write_wav(data, RATE)
+    acquired = pool.acquire(1000, RATE)
+    acquired.array[...] = data[::-1]
+    views = [written.array, acquired.array]
+    paths = [written.path, acquired.path]
+
+    pool.close()
+
+    assert pool.closed
+    assert not any(os.path.exists(p) for p in paths)
+    assert os.listdir(private_dirs.ram) == []
+    np.testing.assert_array_equal(views[0], data)  # the mappings live on with the arrays
+    np.testing.assert_array_equal(views[1], data[::-1])
+    np.testing.assert_array_equal(written.array, data)
+    written.release()
+    acquired.release()
+    pool.close()  # again: nothing happens
+    with pytest.raises(ValueError, match="AudioPool is closed"):
+        pool.write_wav(data, RATE)
+    with pytest.raises(ValueError, match="AudioPool is closed"):
+        pool.acquire(10, RATE)
+
+
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
+def test_a_leaked_pool_warns_resource_warning_and_removes_its_slot_files(
+        private_dirs, anonymous) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.warns(ResourceWarning, match="unclosed AudioPool"):
+        pool = AudioPool(slots=3, max_bytes=1000, anonymous=anonymous)
+        pool.write_wav(np.zeros(10, np.int16), RATE).release()
+        assert len(os.listdir("/proc/self/fd")) == fds_before + 3
+        del pool
+        gc.collect()
+    assert os.listdir(private_dirs.ram) == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_pool_fails_to_start_without_leaving_a_slot_file_or_descriptor(private_dirs,
+                                                                         monkeypatch) -> None:
+    # The third slot cannot be made (its name is taken by a directory, every try):
+    # the two made before are removed again, and their descriptors closed.
+    from luna_shm import temp_audio
+
+    count = {"n": 0}
+    real = temp_audio._new_token
+
+    def token() -> str:
+        count["n"] += 1
+        return "d" * 32 if count["n"] >= 3 else real()
+
+    os.mkdir(f"{private_dirs.ram}/{POOL_PREFIX}{'d' * 32}.wav")
+    monkeypatch.setattr(temp_audio, "_new_token", token)
+    monkeypatch.setattr(temp_audio, "_MAX_TRIES", 3)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileExistsError, match="no free temp file name") as info:
+        AudioPool(slots=4, max_bytes=1000)
+    assert info.value.errno == errno.EEXIST
+    assert os.listdir(private_dirs.ram) == [f"{POOL_PREFIX}{'d' * 32}.wav"]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"slots": 0}, "slots must be an int >= 1, got 0"),
+        ({"slots": True}, "slots must be an int >= 1, got True"),
+        ({"max_bytes": 0}, "max_bytes must be an int >= 1, got 0"),
+        ({"max_bytes": 2**32}, "max_bytes must fit a WAV file"),
+        ({"when_busy": "drop"}, "when_busy must be 'wait' or 'grow', got 'drop'"),
+        ({"timeout": -1}, "timeout must be None or >= 0 seconds, got -1"),
+        ({"timeout": float("nan")}, "timeout must be None or >= 0 seconds, got nan"),
+        ({"prefix": "../escape_"}, "prefix must not contain '/'"),
+    ],
+    ids=["no-slots", "bool-slots", "no-bytes", "over-4-GiB", "bad-when-busy", "negative-timeout",
+         "nan-timeout", "traversal-prefix"],
+)
+def test_bad_pool_arguments_are_refused_with_value_error_and_create_nothing(
+        private_dirs, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        AudioPool(**{"slots": 1, "max_bytes": 100, **kwargs})
+    assert os.listdir(private_dirs.ram) == [] and os.listdir(private_dirs.fallback) == []

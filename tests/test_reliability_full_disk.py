@@ -1,0 +1,337 @@
+"""A full or small RAM disk, a file size limit, a read-only RAM disk: real faults, no mocks.
+
+Each test runs its scenario in a child process with its own mount namespace
+(helpers.run_in_private_shm): /dev/shm there is a fresh tmpfs of 64 KiB to
+1 MiB and /tmp a private tmpfs, so nothing touches the machine's shared dirs.
+Every child must exit with code 0 exactly: a SIGBUS would show as -7.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import textwrap
+
+import pytest
+
+from helpers import run_in_private_shm
+
+# Shared by every child: its report, its luna_shm log, and a way to fill a filesystem.
+PREAMBLE = """
+import errno, json, logging, os, resource, signal, subprocess, sys
+import numpy as np
+import soundfile as sf
+import luna_shm
+from luna_shm import AudioPool, WavWriter, create_wav_buffer, read_wav, write_wav
+
+log = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        log.append(record.getMessage())
+logging.getLogger("luna_shm").addHandler(Keep())
+logging.getLogger("luna_shm").setLevel(logging.DEBUG)
+
+def listing():
+    return {"shm": sorted(os.listdir("/dev/shm")), "tmp": sorted(os.listdir("/tmp"))}
+
+def report(**values):
+    print(json.dumps({**values, **listing(), "log": log,
+                      "in_ram": luna_shm.is_using_ram_disk()}))
+
+def error(exc):
+    return {"errno": exc.errno, "filename": exc.filename, "text": str(exc),
+            "type": type(exc).__name__}
+
+def fill(directory, name="filler"):
+    # Another process fills what is left, as a neighbour in the container would.
+    done = subprocess.run(["dd", "if=/dev/zero", f"of={directory}/{name}", "bs=4k"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "No space left on device" in done.stderr, done.stderr
+    assert os.statvfs(directory).f_bavail == 0
+
+def same(path, data):
+    back, rate = read_wav(path, mmap=False)
+    sf_back, sf_rate = sf.read(path, dtype=data.dtype.name)
+    return bool(np.array_equal(back, data) and np.array_equal(sf_back, data)
+                and rate == sf_rate == 8000)
+
+DATA = (np.arange(400_000) % 30_000).astype(np.int16)  # 800 KB of audio
+"""
+
+
+def run_child(body: str, **options) -> dict:
+    """Run PREAMBLE + body in a private mount namespace; the child must exit 0 (no SIGBUS)."""
+    done = run_in_private_shm(PREAMBLE + textwrap.dedent(body), **options)
+    if done.returncode == -signal.SIGBUS:
+        pytest.fail(f"the child died of SIGBUS\n{done.stdout}\n{done.stderr}")
+    assert done.returncode == 0, f"child exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- a file the RAM disk cannot hold goes to the disk temp dir, per file ---------------------
+
+PRODUCE_DATA = """
+kind = os.environ["KIND"]
+if kind == "write_wav":
+    path = write_wav(None, DATA, 8000)
+elif kind == "write_wav-atomic":
+    path = write_wav(None, DATA, 8000, atomic=True)
+elif kind == "create_wav_buffer":
+    with create_wav_buffer(len(DATA), 8000) as buf:
+        buf.array[:] = DATA
+    path = buf.path
+elif kind == "WavWriter":
+    with WavWriter(None, 8000) as writer:
+        writer.write(DATA)
+    path = writer.path
+elif kind == "AudioPool":
+    pool = AudioPool(slots=2, max_bytes=DATA.nbytes)
+    pooled = pool.write_wav(DATA, 8000)
+    path = pooled.path
+else:
+    raise AssertionError(kind)
+"""
+
+SIZED_PRODUCERS = ["write_wav", "write_wav-atomic", "create_wav_buffer", "AudioPool"]
+
+
+@pytest.mark.parametrize("kind", SIZED_PRODUCERS)
+def test_a_file_the_small_ram_disk_cannot_hold_is_made_whole_in_the_disk_temp_dir(kind) -> None:
+    out = run_child(PRODUCE_DATA + """
+report(path=path, same=same(path, DATA))
+""", shm_size="64k", env={"KIND": kind})
+    assert out["path"].startswith("/tmp/luna_audio_")
+    assert out["same"] is True
+    assert out["shm"] == []  # no partial file left on the RAM disk
+    slots = 2 if kind == "AudioPool" else 1
+    assert len(out["tmp"]) == slots and os.path.basename(out["path"]) in out["tmp"]
+    assert out["in_ram"] is True  # the RAM disk stays in use for files that fit
+    fallbacks = [m for m in out["log"] if "does not fit in /dev/shm" in m]
+    assert len(fallbacks) == 1 and "using /tmp for it" in fallbacks[0], out["log"]
+
+
+def test_a_pool_keeps_the_slots_that_fit_on_the_ram_disk_and_makes_the_rest_on_disk() -> None:
+    out = run_child("""
+pool = AudioPool(slots=6, max_bytes=60_000)
+held = [pool.write_wav(np.full(30_000, i, np.int16), 8000) for i in range(6)]
+report(paths=[p.path for p in held],
+       same=[same(p.path, np.full(30_000, i, np.int16)) for i, p in enumerate(held)])
+""", shm_size="256k")
+    in_ram = [p for p in out["paths"] if p.startswith("/dev/shm/luna_audio_pool_")]
+    on_disk = [p for p in out["paths"] if p.startswith("/tmp/luna_audio_pool_")]
+    assert len(in_ram) >= 1 and len(on_disk) >= 1 and len(in_ram) + len(on_disk) == 6
+    assert out["same"] == [True] * 6
+
+
+def test_a_buffer_that_cannot_be_reserved_says_how_to_give_the_container_more_shared_memory():
+    out = run_child("""
+try:
+    create_wav_buffer(1_000_000, 8000, path="/dev/shm/big.wav")
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", shm_size="64k")
+    assert out["error"]["errno"] == errno.ENOSPC
+    assert out["error"]["filename"] == "/dev/shm/big.wav"
+    assert "--shm-size" in out["error"]["text"]
+    assert out["shm"] == []
+
+
+# ---- a full RAM disk: writers, whose size nobody knows in advance ------------------------------
+
+
+@pytest.mark.parametrize("where", ["temp-file", "given-path"])
+def test_a_writer_on_a_full_ram_disk_raises_enospc_naming_its_file_and_leaves_nothing(where):
+    out = run_child(f"""
+fill("/dev/shm")
+try:
+    WavWriter(None if {where!r} == "temp-file" else "/dev/shm/stream.wav", 8000)
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", shm_size="64k")
+    assert out["error"]["errno"] == errno.ENOSPC
+    if where == "temp-file":
+        assert out["error"]["filename"].startswith("/dev/shm/luna_audio_")
+    else:
+        assert out["error"]["filename"] == "/dev/shm/stream.wav"
+    assert out["error"]["filename"] in out["error"]["text"]
+    assert out["shm"] == ["filler"] and out["tmp"] == []
+
+
+@pytest.mark.parametrize("when", ["at-creation", "mid-stream"])
+def test_a_writer_that_fills_the_ram_disk_says_how_to_give_the_container_more_memory(when):
+    out = run_child(f"""
+if {when!r} == "at-creation":
+    fill("/dev/shm")
+try:
+    with WavWriter("/dev/shm/stream.wav", 8000) as writer:
+        for _ in range(100):
+            writer.write(np.ones(10_000, np.int16))
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", shm_size="64k")
+    assert out["error"]["errno"] == errno.ENOSPC
+    assert "--shm-size" in out["error"]["text"]
+
+
+@pytest.mark.parametrize("kind", SIZED_PRODUCERS)
+def test_with_both_dirs_full_each_producer_raises_enospc_naming_its_file_and_leaves_nothing(kind):
+    out = run_child(f"""
+subprocess.run(["mount", "-o", "remount,size=64k", "/tmp"], check=True)
+try:
+{textwrap.indent(PRODUCE_DATA, "    ")}
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", shm_size="64k", env={"KIND": kind})
+    assert out["error"]["errno"] == errno.ENOSPC
+    assert out["error"]["filename"].startswith("/tmp/luna_audio_")
+    assert out["error"]["filename"] in out["error"]["text"]
+    assert out["shm"] == [] and out["tmp"] == []
+
+
+# ---- the space of a mapped file is reserved: a neighbour filling the disk cannot SIGBUS us ----
+
+RESERVED_THEN_FILLED = """
+kind = os.environ["KIND"]
+data = (np.arange(300_000) % 20_000).astype(np.int16)  # 600 KB, most of the 1 MiB disk
+if kind == "named-buffer":
+    buf = create_wav_buffer(len(data), 8000)
+    assert buf.path.startswith("/dev/shm/")
+    fill("/dev/shm")
+    buf.array[:] = data  # every page of the mapping is touched now, on a full disk
+    buf.close()
+    path = buf.path
+else:
+    pool = AudioPool(slots=1, max_bytes=data.nbytes)
+    fill("/dev/shm")
+    if kind == "pool-write_wav":
+        pooled = pool.write_wav(data, 8000)
+    else:
+        pooled = pool.acquire(len(data), 8000)
+        pooled.array[:] = data
+    path = pooled.path
+    assert path.startswith("/dev/shm/")
+report(path=path, same=same(path, data), free=os.statvfs("/dev/shm").f_bavail)
+"""
+
+
+@pytest.mark.parametrize("kind", ["named-buffer", "pool-write_wav", "pool-acquire"])
+def test_a_reserved_file_is_written_whole_after_another_process_fills_the_ram_disk(kind) -> None:
+    out = run_child(RESERVED_THEN_FILLED, shm_size="1m", env={"KIND": kind})
+    assert out["same"] is True
+    assert out["free"] == 0
+    assert "filler" in out["shm"]
+
+
+def test_without_a_reservation_the_same_fill_kills_the_writer_with_sigbus() -> None:
+    # The control for the test above: a file that is only ftruncate'd (sparse), mapped,
+    # and written after the disk filled up dies of SIGBUS, so the fault is real.
+    out = run_child("""
+victim = '''
+import mmap, os, subprocess
+fd = os.open("/dev/shm/sparse.wav", os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 600_000)
+view = mmap.mmap(fd, 600_000)
+subprocess.run(["dd", "if=/dev/zero", "of=/dev/shm/filler", "bs=4k"], capture_output=True)
+view[:] = b"x" * 600_000
+print("survived")
+'''
+done = subprocess.run([sys.executable, "-c", victim], capture_output=True, text=True)
+report(returncode=done.returncode, stdout=done.stdout)
+""", shm_size="1m")
+    assert out["returncode"] == -signal.SIGBUS
+    assert out["stdout"] == ""
+
+
+# ---- a file size limit (RLIMIT_FSIZE): EFBIG, named, nothing left ------------------------------
+
+LIMITED = """
+kind = os.environ["KIND"]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = 20 if kind == "WavWriter" else 4096  # the writer's 44-byte header must not fit
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    if kind == "write_wav":
+        write_wav(None, DATA, 8000)
+    elif kind == "write_wav-atomic":
+        write_wav(None, DATA, 8000, atomic=True)
+    elif kind in ("named-buffer", "anonymous-buffer"):
+        create_wav_buffer(len(DATA), 8000, anonymous=kind == "anonymous-buffer")
+    elif kind == "WavWriter":
+        WavWriter(None, 8000)
+    elif kind in ("named-pool", "anonymous-pool"):
+        AudioPool(slots=2, max_bytes=DATA.nbytes, anonymous=kind == "anonymous-pool")
+    result = None
+except OSError as exc:
+    result = error(exc)
+report(error=result, fds=sorted(os.listdir("/proc/self/fd")))
+"""
+
+
+@pytest.mark.parametrize("kind", ["write_wav", "write_wav-atomic", "named-buffer",
+                                  "anonymous-buffer", "WavWriter", "named-pool",
+                                  "anonymous-pool"])
+def test_a_file_size_limit_makes_each_producer_raise_efbig_naming_its_file_and_leave_nothing(
+        kind) -> None:
+    out = run_child(LIMITED, shm_size="4m", env={"KIND": kind})
+    assert out["error"] is not None, "the limit did not apply"
+    assert out["error"]["errno"] == errno.EFBIG
+    if kind.startswith("anonymous"):
+        assert out["error"]["filename"].startswith("/proc/")
+    else:
+        assert out["error"]["filename"].startswith("/dev/shm/luna_audio_")
+        assert out["error"]["filename"] in out["error"]["text"]
+    assert out["shm"] == [] and out["tmp"] == []
+    assert len(out["fds"]) <= 4  # stdin, stdout, stderr and listdir's own: nothing leaked
+
+
+# ---- a read-only RAM disk: EROFS ---------------------------------------------------------------
+
+ALL_PRODUCERS = [*SIZED_PRODUCERS, "WavWriter"]
+
+
+@pytest.mark.parametrize("kind", ALL_PRODUCERS)
+@pytest.mark.parametrize("when", ["from-the-start", "remounted-while-in-use"])
+def test_a_read_only_ram_disk_sends_each_producer_to_the_disk_temp_dir(kind, when):
+    remount = ""
+    if when == "remounted-while-in-use":
+        remount = """
+assert luna_shm.temp_dir() == "/dev/shm"  # chosen (and cached) while writable
+subprocess.run(["mount", "-o", "remount,ro", "/dev/shm"], check=True)
+"""
+    out = run_child(remount + PRODUCE_DATA + """
+report(path=path, same=same(path, DATA))
+""", shm_size="4m", read_only=when == "from-the-start", env={"KIND": kind})
+    assert out["path"].startswith("/tmp/luna_audio_")
+    assert out["same"] is True
+    assert out["shm"] == []
+    assert any("/tmp" in m and "/dev/shm" in m for m in out["log"]), out["log"]
+
+
+@pytest.mark.parametrize("kind", ["write_wav", "write_wav-atomic", "create_wav_buffer",
+                                  "WavWriter"])
+def test_a_given_path_on_a_read_only_ram_disk_raises_erofs_naming_it(kind) -> None:
+    out = run_child(f"""
+path = "/dev/shm/given.wav"
+try:
+    if {kind!r} == "write_wav":
+        write_wav(path, DATA, 8000)
+    elif {kind!r} == "write_wav-atomic":
+        write_wav(path, DATA, 8000, atomic=True)
+    elif {kind!r} == "create_wav_buffer":
+        create_wav_buffer(10, 8000, path=path)
+    else:
+        WavWriter(path, 8000)
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", read_only=True)
+    assert out["error"]["errno"] == errno.EROFS
+    assert out["error"]["filename"] == "/dev/shm/given.wav"
+    assert out["shm"] == [] and out["tmp"] == []
+
