@@ -72,13 +72,9 @@ class PooledWav:
         self.channels = spec.channels
         self.frames = frames
         self._frame_bytes = spec.channels * spec.bits // 8
-        self._array: np.ndarray | None = None
-        dtype = formats.view_dtype(spec)
-        if dtype is not None:  # 24-bit samples have no numpy view
-            view = slot.mapping.view if writable else slot.readonly
-            flat = np.frombuffer(view, dtype=dtype, count=frames * spec.channels, offset=offset)
-            self._array = flat.reshape((frames,) if spec.channels == 1 else
-                                       (frames, spec.channels))
+        self._offset = offset
+        self._writable = writable
+        self._array: np.ndarray | None = None  # made on first use: most callers want the path
 
     @property
     def array(self) -> np.ndarray:
@@ -86,7 +82,14 @@ class PooledWav:
         if self._pool is None:
             raise ValueError("PooledWav was released")
         if self._array is None:
-            raise ValueError("24-bit samples have no numpy view: read the file with read_wav")
+            dtype = formats.view_dtype(self._spec)
+            if dtype is None:
+                raise ValueError("24-bit samples have no numpy view: read the file with read_wav")
+            view = self._slot.mapping.view if self._writable else self._slot.readonly
+            flat = np.frombuffer(view, dtype=dtype, count=self.frames * self.channels,
+                                 offset=self._offset)
+            self._array = flat.reshape((self.frames,) if self.channels == 1 else
+                                       (self.frames, self.channels))
         return self._array
 
     @property
