@@ -328,6 +328,43 @@ def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = Non
     check(rc, filename)
 
 
+# numpy dtype of the samples read_wav returns, by (format tag, container bits).
+FILE_DTYPES: dict[tuple[int, int], np.dtype[Any]] = {
+    (WAVE_FORMAT_PCM, 8): np.dtype("<u1"),
+    (WAVE_FORMAT_PCM, 16): np.dtype("<i2"),
+    (WAVE_FORMAT_PCM, 24): np.dtype("<i4"),
+    (WAVE_FORMAT_PCM, 32): np.dtype("<i4"),
+    (WAVE_FORMAT_IEEE_FLOAT, 32): np.dtype("<f4"),
+    (WAVE_FORMAT_IEEE_FLOAT, 64): np.dtype("<f8"),
+}
+
+
+def read_wav_owned(path: str) -> tuple[np.ndarray, int, int]:
+    """Read a WAV's samples into a new array: (flat samples, channels, samplerate).
+
+    Two C calls (open + parse, then read + close) and one allocation: the hot
+    path of read_wav(mmap=False), kept free of intermediate Python objects.
+    """
+    out = ffi.new("struct luna_wav_info *")
+    fd = _check_wav(lib.luna_wav_open(_c_path(path), out), out, path)
+    count = out.frames * out.channels
+    packed = out.bits == 24
+    try:
+        dest = np.empty(count * 3 if packed else count,
+                        np.dtype(np.uint8) if packed else FILE_DTYPES[out.format, out.bits])
+    except BaseException:
+        lib.luna_close(fd)
+        raise
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        rc = lib.luna_read_close(fd, out.data_offset, buf, len(buf))
+    if rc == -errno.ENODATA:  # the file ended before its header said
+        raise WavError(f"{path}: file shrank while it was being read")
+    check(rc, path)
+    if packed:
+        dest = unpack_s24(dest, count)
+    return dest, out.channels, out.samplerate
+
+
 def read_close(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
     """pread exactly dest.nbytes bytes at offset into dest, then close fd (always)."""
     with ffi.from_buffer(dest, require_writable=True) as buf:
@@ -343,16 +380,35 @@ def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | Non
         check(lib.luna_write_at(fd, offset, buf, len(buf)), filename)
 
 
-def stream_append(fd: int, header: Mapping | None, spec: WavSpec, data_offset: int,
-                  data_bytes: int, chunk: np.ndarray, filename: str | None = None) -> int:
-    """Append chunk to a streaming WAV and fix its header (in the mapped first page
-    when header is given: one system call a chunk); return the new data size."""
-    size = ffi.new("uint64_t *", data_bytes)
-    header_map = ffi.NULL if header is None else ffi.cast("uint8_t *", header._address)
-    with ffi.from_buffer(chunk) as buf:
-        check(lib.luna_stream_append(fd, header_map, _c_spec(spec), data_offset, size, buf,
-                                     len(buf)), filename)
-    return int(size[0])
+class Stream:
+    """The C-side state of a streaming WAV: fd, spec, mapped header page, data size.
+
+    Made once per writer, so that appending a chunk is one C call and one
+    system call, with nothing to convert on the way.
+    """
+
+    __slots__ = ("_data_offset", "_fd", "_header", "_header_map", "_size", "_spec")
+
+    def __init__(self, fd: int, spec: WavSpec, header: Mapping, data_offset: int) -> None:
+        self._fd = fd
+        self._spec = _c_spec(spec)
+        self._header = header  # keeps the mapping alive as long as the stream
+        self._header_map = ffi.cast("uint8_t *", header._address)
+        self._data_offset = data_offset
+        self._size = ffi.new("uint64_t *", 0)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of audio in the file so far."""
+        return int(self._size[0])
+
+    def append(self, chunk: np.ndarray, filename: str | None = None) -> None:
+        """Append chunk's bytes after the data and fix the header's sizes."""
+        with ffi.from_buffer(chunk) as buf:
+            rc = lib.luna_stream_append(self._fd, self._header_map, self._spec,
+                                        self._data_offset, self._size, buf, len(buf))
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc), filename)
 
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm._lowlevel import WAVE_FORMAT_IEEE_FLOAT, WAVE_FORMAT_PCM, WavInfo, WavSpec
+from luna_shm._lowlevel import (
+    FILE_DTYPES,
+    WAVE_FORMAT_IEEE_FLOAT,
+    WAVE_FORMAT_PCM,
+    WavInfo,
+    WavSpec,
+)
 
 # subtype -> (WAV format tag, bits in the file, numpy dtype of the samples in memory)
 SUBTYPES: dict[str, tuple[int, int, np.dtype[Any]]] = {
@@ -145,19 +151,9 @@ def spec_for(subtype: str, samplerate: int, channels: int) -> WavSpec:
     return spec
 
 
-_FILE_DTYPES: dict[tuple[int, int], np.dtype[Any]] = {
-    (WAVE_FORMAT_PCM, 8): np.dtype("<u1"),
-    (WAVE_FORMAT_PCM, 16): np.dtype("<i2"),
-    (WAVE_FORMAT_PCM, 24): np.dtype("<i4"),
-    (WAVE_FORMAT_PCM, 32): np.dtype("<i4"),
-    (WAVE_FORMAT_IEEE_FLOAT, 32): np.dtype("<f4"),
-    (WAVE_FORMAT_IEEE_FLOAT, 64): np.dtype("<f8"),
-}
-
-
 def dtype_of(info: WavInfo) -> np.dtype[Any]:
     """The numpy dtype read_wav returns for a parsed file (24-bit: int32)."""
-    return _FILE_DTYPES[info.format, info.bits]
+    return FILE_DTYPES[info.format, info.bits]
 
 
 def view_dtype(spec: WavSpec) -> np.dtype[Any] | None:

@@ -153,17 +153,7 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
             samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
                                     info.data_offset)
         return samples.reshape(_shape(info)), info.samplerate
-    fd, info = _lowlevel.wav_open(path_str)
-    count = info.frames * info.channels
-    try:
-        if info.bits == 24:
-            raw = np.empty(count * 3, dtype=np.uint8)
-            _lowlevel.read_close(fd, info.data_offset, raw, path_str)
-            samples = _lowlevel.unpack_s24(raw, count)
-        else:
-            samples = np.empty(count, dtype=formats.dtype_of(info))
-            _lowlevel.read_close(fd, info.data_offset, samples, path_str)
-    except MemoryError:
-        _lowlevel.close(fd)
-        raise
-    return samples.reshape(_shape(info)), info.samplerate
+    samples, channels, samplerate = _lowlevel.read_wav_owned(path_str)
+    if channels == 1:
+        return samples, samplerate
+    return samples.reshape(-1, channels), samplerate

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os as _os
 from typing import Any
 
+import numpy as np
+
 from luna_shm import _lowlevel, formats, temp_audio
 from luna_shm._resource import FileResource
 
@@ -42,14 +44,15 @@ class WavWriter(FileResource):
                                       self.channels)
         header = _lowlevel.wav_header(self._spec, 0)
         self._data_offset = len(header)
-        self._data_bytes = 0
         dest = temp_audio.open_destination(path)
         try:
             _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
             # The header is rewritten after every chunk: through a shared
             # mapping of its page that costs a memory store, not a system call.
-            self._header: _lowlevel.Mapping | None = _lowlevel.Mapping(
-                dest.fd, len(header), writable=True, populate=True, filename=dest.path)
+            header_page = _lowlevel.Mapping(dest.fd, len(header), writable=True,
+                                            populate=True, filename=dest.path)
+            self._stream: _lowlevel.Stream | None = _lowlevel.Stream(
+                dest.fd, self._spec, header_page, self._data_offset)
             temp_audio.finish_destination(dest)
         except OSError as exc:
             temp_audio.discard(dest)
@@ -62,7 +65,8 @@ class WavWriter(FileResource):
     @property
     def frames(self) -> int:
         """Frames written so far."""
-        return self._data_bytes // (self.channels * self.dtype.itemsize)
+        data_bytes = 0 if self._stream is None else self._stream.data_bytes
+        return data_bytes // (self.channels * self.dtype.itemsize)
 
     def write(self, chunk: object) -> None:
         """Append chunk, shape (frames,) for mono or (frames, channels), of the writer's dtype.
@@ -74,6 +78,23 @@ class WavWriter(FileResource):
             OSError: the write failed; the file keeps exactly the chunks before.
         """
         self._check_open()
+        stream = self._stream
+        assert stream is not None
+        if (type(chunk) is np.ndarray and chunk.dtype == self.dtype
+                and chunk.flags.c_contiguous and chunk.ndim <= 2
+                and (chunk.shape[1] if chunk.ndim == 2 else 1) == self.channels):
+            array = chunk  # the common case, checked in a few attribute reads
+        else:
+            array = self._checked(chunk)
+        if stream.data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
+            raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
+        try:
+            stream.append(array, self.path)
+        except OSError as exc:
+            raise temp_audio.explain_full_disk(exc, self.path) from None
+
+    def _checked(self, chunk: object) -> np.ndarray:
+        """chunk as an array the writer can append, or TypeError/ValueError saying why not."""
         array = formats.check_audio(chunk)
         if array.dtype != self.dtype:
             raise TypeError(f"chunk dtype {array.dtype} does not match the writer's {self.dtype}")
@@ -83,19 +104,10 @@ class WavWriter(FileResource):
                 f"chunk has {chunk_channels} channel(s) (shape {array.shape}); the writer "
                 f"has {self.channels}"
             )
-        if self._data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
-            raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
-        if array.nbytes == 0:
-            return  # nothing to append (the C writer reports a 0-byte write as EIO)
-        try:
-            self._data_bytes = _lowlevel.stream_append(
-                self._fd, self._header, self._spec, self._data_offset, self._data_bytes, array,
-                self.path)
-        except OSError as exc:
-            raise temp_audio.explain_full_disk(exc, self.path) from None
+        return array
 
     def _release(self) -> None:
-        self._header = None  # unmapped once nothing refers to it
+        self._stream = None  # the header page is unmapped once nothing refers to it
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
