@@ -80,6 +80,9 @@ int luna_wav_open(const char *path, struct luna_wav_info *out);
 int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
 int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
                          const struct luna_wav_spec *spec, uint64_t data_bytes);
+int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
+                       const struct luna_wav_spec *spec, const void *data,
+                       uint64_t data_bytes);
 
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);

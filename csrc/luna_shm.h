@@ -166,6 +166,14 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
 int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
                          const struct luna_wav_spec *spec, uint64_t data_bytes);
 
+/* Copy data_bytes of samples (already in the file's encoding) into a pool
+ * slot after the header, then format the slot as luna_wav_format_slot does:
+ * a whole pooled write in one call. Returns the header length, -EFBIG when
+ * the audio does not fit, or -EINVAL. */
+int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
+                       const struct luna_wav_spec *spec, const void *data,
+                       uint64_t data_bytes);
+
 /* ---- wav_parse.c: reading headers --------------------------------------- */
 
 struct luna_wav_info {

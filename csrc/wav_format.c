@@ -147,3 +147,17 @@ int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
     memcpy(slot, header, (size_t)len);
     return len;
 }
+
+int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
+                       const struct luna_wav_spec *spec, const void *data,
+                       uint64_t data_bytes)
+{
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    int len = luna_wav_header(header, spec, data_bytes, 8);
+    if (len < 0)
+        return len;
+    if ((uint64_t)len + data_bytes + (data_bytes & 1u) + 8u > slot_len)
+        return -EFBIG;
+    memcpy(slot + len, data, (size_t)data_bytes);
+    return luna_wav_format_slot(slot, slot_len, spec, data_bytes);
+}

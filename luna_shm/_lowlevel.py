@@ -184,6 +184,13 @@ class Mapping:
         """Cut the file to new_length; whole pages past it become harmless memory."""
         check(lib.luna_shrink_mapped(fd, self._address, self.length, new_length), filename)
 
+    def fill_slot(self, spec: WavSpec, data: np.ndarray) -> int:
+        """Copy data (already in the file's encoding) after the header and format the
+        mapping as a WAV of it, in one C call; returns the data offset."""
+        with ffi.from_buffer(data) as buf:
+            return check(lib.luna_wav_fill_slot(ffi.cast("uint8_t *", self._address),
+                                                self.length, _c_spec(spec), buf, len(buf)))
+
     def format_slot(self, spec: WavSpec, data_bytes: int) -> int:
         """Make the whole mapping a WAV of data_bytes of audio plus a skipped tail chunk.
 

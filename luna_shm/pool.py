@@ -292,9 +292,12 @@ class AudioPool:
         enc = encoding.plan(data, samplerate, subtype)
         slot = self._take(enc.nbytes)
         try:
-            offset = _lowlevel.wav_header_size(enc.spec)
-            encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
-            slot.mapping.format_slot(enc.spec, enc.nbytes)
+            if enc.conversion == "none":  # the common case: one C call, memcpy + header
+                offset = slot.mapping.fill_slot(enc.spec, enc.array)
+            else:
+                offset = _lowlevel.wav_header_size(enc.spec)
+                encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
+                slot.mapping.format_slot(enc.spec, enc.nbytes)
         except BaseException:
             self._give_back(slot)
             raise
