@@ -89,5 +89,6 @@ def test_float_to_pcm_of_an_odd_length_uses_the_same_rule_for_the_tail(private_d
 
 
 def test_converting_integers_to_another_width_is_refused(private_dirs):
-    with pytest.raises(ValueError, match=r"subtype 'PCM_16' stores int16 samples, but data is int32"):
+    with pytest.raises(ValueError,
+                       match=r"subtype 'PCM_16' stores int16 samples, but data is int32"):
         write_wav(None, np.zeros(10, np.int32), 8000, subtype="PCM_16")
