@@ -16,6 +16,25 @@ static int open_retry(const char *path, int flags, unsigned int mode)
     return fd < 0 ? -errno : fd;
 }
 
+/* Keep fd only if it is a regular file: returns fd (its size in *size), or
+ * closes it and returns -EISDIR for a directory, not_regular for anything
+ * else, or -errno when fstat fails. */
+static int keep_if_regular(int fd, int not_regular, uint64_t *size)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return S_ISDIR(st.st_mode) ? -EISDIR : not_regular;
+    }
+    *size = (uint64_t)st.st_size;
+    return fd;
+}
+
 int luna_create_excl(const char *path, unsigned int mode)
 {
     /* O_EXCL with O_CREAT never follows a symlink at path, and fails on any
@@ -52,17 +71,9 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
             continue;
         if (fd < 0)
             return fd;
-        struct stat st;
-        if (fstat(fd, &st) != 0) {
-            int err = errno;
-            close(fd);
-            return -err;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            close(fd);
-            return S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
-        }
-        *old_size = (uint64_t)st.st_size;
+        fd = keep_if_regular(fd, -EINVAL, old_size);
+        if (fd < 0)
+            return fd;
         int flags = fcntl(fd, F_GETFL);
         if (flags >= 0)
             (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
@@ -107,18 +118,7 @@ int luna_open_regular(const char *path, uint64_t *size)
     int fd = open_retry(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0)
         return fd;
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int err = errno;
-        close(fd);
-        return -err;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return S_ISDIR(st.st_mode) ? -EISDIR : -LUNA_EFORMAT;
-    }
-    *size = (uint64_t)st.st_size;
-    return fd;
+    return keep_if_regular(fd, -LUNA_EFORMAT, size);
 }
 
 int luna_lock(int fd, int exclusive, int wait)

@@ -8,49 +8,28 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* writev all of iov[0..n), resuming after short writes and EINTR. */
-static int writev_all(int fd, struct iovec *iov, int n)
+/* Step past the first done bytes of iov[0..*n), and past empty entries. */
+static struct iovec *iov_advance(struct iovec *iov, int *n, size_t done)
 {
-    while (n > 0) {
-        while (n > 0 && iov->iov_len == 0) { /* nothing to write there */
-            iov++;
-            n--;
-        }
-        if (n == 0)
-            break;
-        ssize_t w = writev(fd, iov, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (w == 0)
-            return -EIO;
-        size_t left = (size_t)w;
-        while (n > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+    while (*n > 0 && done >= iov->iov_len) {
+        done -= iov->iov_len;
+        iov++;
+        (*n)--;
     }
-    return 0;
+    if (*n > 0) {
+        iov->iov_base = (char *)iov->iov_base + done;
+        iov->iov_len -= done;
+    }
+    return iov;
 }
 
-/* pwritev all of iov[0..n) at off, resuming like writev_all. */
-static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t off)
+/* Write all of iov[0..n) at off, or at the file position when off < 0,
+ * resuming after short writes and EINTR. */
+static int write_all(int fd, struct iovec *iov, int n, int64_t off)
 {
+    iov = iov_advance(iov, &n, 0);
     while (n > 0) {
-        while (n > 0 && iov->iov_len == 0) { /* nothing to write there */
-            iov++;
-            n--;
-        }
-        if (n == 0)
-            break;
-        ssize_t w = pwritev(fd, iov, n, (off_t)off);
+        ssize_t w = off < 0 ? writev(fd, iov, n) : pwritev(fd, iov, n, (off_t)off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -58,17 +37,9 @@ static int pwritev_all(int fd, struct iovec *iov, int n, uint64_t off)
         }
         if (w == 0)
             return -EIO;
-        off += (uint64_t)w;
-        size_t left = (size_t)w;
-        while (n > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        if (off >= 0)
+            off += w;
+        iov = iov_advance(iov, &n, (size_t)w);
     }
     return 0;
 }
@@ -88,7 +59,7 @@ int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
         {(void *)data, (size_t)data_bytes},
         {(void *)&pad, (size_t)(data_bytes & 1u)},
     };
-    return writev_all(fd, iov, (data_bytes & 1u) ? 3 : 2);
+    return write_all(fd, iov, (data_bytes & 1u) ? 3 : 2, -1);
 }
 
 int luna_write_wav_path(const char *dir, const char *path,
@@ -182,7 +153,7 @@ int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n)
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
 {
     struct iovec iov = {(void *)src, (size_t)n};
-    return pwritev_all(fd, &iov, 1, offset);
+    return write_all(fd, &iov, 1, (int64_t)offset);
 }
 
 int luna_stream_append(int fd, uint8_t *header_map,
@@ -204,8 +175,8 @@ int luna_stream_append(int fd, uint8_t *header_map,
         {(void *)data, (size_t)n},
         {(void *)&pad, (size_t)(total & 1u)},
     };
-    int rc = pwritev_all(fd, iov, (total & 1u) ? 2 : 1,
-                         data_offset + *data_bytes);
+    int rc = write_all(fd, iov, (total & 1u) ? 2 : 1,
+                       (int64_t)(data_offset + *data_bytes));
     if (rc < 0) {
         /* Cut off what part of the chunk got in: the file stays exactly the
          * valid WAV its header describes. */

@@ -23,6 +23,12 @@ class PrivateDirs:
 
 
 @pytest.fixture
+def ram(private_dirs: PrivateDirs) -> Path:
+    """The private RAM dir as a Path."""
+    return Path(private_dirs.ram)
+
+
+@pytest.fixture
 def private_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[PrivateDirs]:
     """Point luna_shm at private dirs: LUNA_SHM_DIR in /dev/shm, TMPDIR on disk."""
     ram = tempfile.mkdtemp(prefix="luna_shm_test_", dir="/dev/shm")

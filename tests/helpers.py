@@ -10,9 +10,34 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# What python-soundfile returns for each of our sample types, and sox's name for the encoding.
+SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
+                   "float32": "float32", "float64": "float64"}
+SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
+                "int32": "signed-integer", "float32": "floating-point",
+                "float64": "floating-point"}
+
+
+def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
+    rng = np.random.default_rng(seed)
+    shape = (frames,) if channels == 1 else (frames, channels)
+    if dtype.startswith("float"):
+        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def as_soundfile_reads(luna: np.ndarray) -> np.ndarray:
+    """Our uint8 samples as soundfile returns 8-bit audio (int16, 128 -> 0); others as they are."""
+    if luna.dtype == np.uint8:
+        return ((luna.astype(np.int16) - 128) << 8).astype(np.int16)
+    return luna
 
 
 def require_tool(name: str) -> str:

@@ -19,41 +19,22 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import REPO, assert_child_ok, require_tool, run_in_private_shm
+from helpers import (
+    REPO,
+    SOUNDFILE_DTYPE,
+    SOX_ENCODING,
+    as_soundfile_reads,
+    assert_child_ok,
+    require_tool,
+    run_in_private_shm,
+    samples,
+)
 from luna_shm import WavBuffer, create_wav_buffer, read_wav
 
 RATE = 24000
 FRAMES = 333  # odd: 8-bit mono data needs a pad byte
 DTYPES = ["uint8", "int16", "int32", "float32", "float64"]
 KINDS = ["named", "anonymous"]
-
-SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
-                   "float32": "float32", "float64": "float64"}
-SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
-                "int32": "signed-integer", "float32": "floating-point",
-                "float64": "floating-point"}
-
-
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
-def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
-    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
-    rng = np.random.default_rng(seed)
-    shape = (frames,) if channels == 1 else (frames, channels)
-    if dtype.startswith("float"):
-        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-
-
-def as_soundfile_reads(luna: np.ndarray) -> np.ndarray:
-    if luna.dtype == np.uint8:
-        return ((luna.astype(np.int16) - 128) << 8).astype(np.int16)
-    return luna
-
 
 def sox_samples(path: str, dtype: str) -> np.ndarray:
     sox = require_tool("sox")

@@ -22,26 +22,11 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import REPO, require_tool
+from helpers import REPO, SOUNDFILE_DTYPE, SOX_ENCODING, require_tool, samples
 from luna_shm import AudioPool, PooledWav, read_wav, write_wav
 
 RATE = 16000
 POOL_PREFIX = "luna_audio_pool_"
-
-
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
-def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
-    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
-    rng = np.random.default_rng(seed)
-    shape = (frames,) if channels == 1 else (frames, channels)
-    if dtype.startswith("float"):
-        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
 
 
 def slot_files(directory: Path | str) -> list[str]:
@@ -53,13 +38,6 @@ def soundfile_view(data: np.ndarray) -> np.ndarray:
     if data.dtype == np.uint8:
         return ((data.astype(np.int16) - 128) << 8).astype(np.int16)
     return data
-
-
-SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
-                   "float32": "float32", "float64": "float64"}
-SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
-                "int32": "signed-integer", "float32": "floating-point",
-                "float64": "floating-point"}
 
 
 def assert_every_reader_sees(path: str, data: np.ndarray, rate: int = RATE) -> None:

@@ -22,11 +22,6 @@ from luna_shm import WavError, WavWriter, create_wav_buffer, read_wav, write_wav
 RATE = 8000
 
 
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run code in a child python (a hang becomes a TimeoutExpired failure, not a stuck run)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -153,11 +153,6 @@ def soxi(path: Path | str, flag: str) -> str:
     return done.stdout.strip()
 
 
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
 def written(ram: Path, dtype: str, subtype: str | None, channels: int,
             frames: int = FRAMES) -> tuple[Path, np.ndarray]:
     """Write test audio with write_wav; return the path and what the file should hold."""

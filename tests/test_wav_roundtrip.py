@@ -18,7 +18,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import REPO, assert_child_ok
+from helpers import REPO, as_soundfile_reads, assert_child_ok
 from luna_shm import read_wav, write_wav
 
 RATE = 16000
@@ -35,11 +35,6 @@ HYPOTHESIS = settings(max_examples=200, deadline=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
 def random_audio(dtype: str, frames: int, channels: int, seed: int = 0,
                  *, two_d_mono: bool = False) -> np.ndarray:
     """Random bit patterns of dtype (NaNs, infinities and subnormals included for floats)."""
@@ -52,12 +47,6 @@ def random_audio(dtype: str, frames: int, channels: int, seed: int = 0,
 
 def in_file(data: np.ndarray, subtype: str | None) -> np.ndarray:
     return data & np.int32(-256) if subtype == "PCM_24" else data
-
-
-def as_soundfile_reads(luna: np.ndarray) -> np.ndarray:
-    if luna.dtype == np.uint8:
-        return ((luna.astype(np.int16) - 128) << 8).astype(np.int16)
-    return luna
 
 
 def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:

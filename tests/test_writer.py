@@ -15,40 +15,20 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import assert_child_ok, require_tool, run_in_private_shm
+from helpers import (
+    SOUNDFILE_DTYPE,
+    SOX_ENCODING,
+    as_soundfile_reads,
+    assert_child_ok,
+    require_tool,
+    run_in_private_shm,
+    samples,
+)
 from luna_shm import WavWriter, read_wav
 
 RATE = 16000
 DTYPES = ["uint8", "int16", "int32", "float32", "float64"]
 CHUNK_FRAMES = [1, 7, 0, 100, 33, 256]  # odd sizes, an empty chunk, a larger one
-
-SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
-                   "float32": "float32", "float64": "float64"}
-SOX_ENCODING = {"uint8": "unsigned-integer", "int16": "signed-integer",
-                "int32": "signed-integer", "float32": "floating-point",
-                "float64": "floating-point"}
-
-
-@pytest.fixture
-def ram(private_dirs) -> Path:
-    return Path(private_dirs.ram)
-
-
-def samples(dtype: str, frames: int, channels: int, seed: int = 0) -> np.ndarray:
-    """Audio over the type's range; floats on a 2**-23 grid in [-1, 1), exact through sox."""
-    rng = np.random.default_rng(seed)
-    shape = (frames,) if channels == 1 else (frames, channels)
-    if dtype.startswith("float"):
-        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-
-
-def as_soundfile_reads(luna: np.ndarray) -> np.ndarray:
-    if luna.dtype == np.uint8:
-        return ((luna.astype(np.int16) - 128) << 8).astype(np.int16)
-    return luna
-
 
 def chunks(dtype: str, channels: int) -> list[np.ndarray]:
     return [samples(dtype, n, channels, seed=i) for i, n in enumerate(CHUNK_FRAMES)]
