@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,24 @@ def assert_child_ok(done: subprocess.CompletedProcess[str]) -> str:
     """Fail with the child's output unless it exited 0; return its stdout."""
     assert done.returncode == 0, f"child exited {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> object:
+    """Run function in a thread and return its result; fail, instead of hanging the suite,
+    if it has not returned after deadline seconds."""
+    result: list[object] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(function())
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(deadline)
+    assert not worker.is_alive(), f"{getattr(function, '__name__', 'the call')} hung"
+    if errors:
+        raise errors[0]
+    return result[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, call_with_deadline
 from luna_shm import temp_audio
 from luna_shm.temp_audio import (
     cleanup_all_temp_audio,
@@ -352,26 +352,6 @@ def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) 
     assert cleanup_all_temp_audio(older_than=older_than) == 1
 
 
-def _run_with_deadline(function, deadline: float = 60):
-    """Run function in a thread; fail (instead of hanging the suite) if it never returns."""
-    result: list[object] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(function())
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(deadline)
-    assert not worker.is_alive(), f"{function.__name__} hung"
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 @pytest.mark.parametrize("where", ["ram", "fallback"])
 def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
     private_dirs, tmp_path, monkeypatch, where
@@ -387,7 +367,7 @@ def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
     theirs = [create_as_other_user(directory, f"{p}theirs.wav") for p in PREFIXES]
     ours = _make_ours(monkeypatch, where, "luna_audio_", 2)
 
-    assert _run_with_deadline(cleanup_all_temp_audio) == 2
+    assert call_with_deadline(cleanup_all_temp_audio) == 2
 
     assert not any(os.path.lexists(p) for p in ours)
     assert os.readlink(f"{directory}/luna_audio_link.wav") == str(target)
@@ -427,7 +407,7 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
     victim = os.path.basename(ours[1])
     _race(monkeypatch, victim, how)
 
-    assert _run_with_deadline(cleanup_all_temp_audio) == 2
+    assert call_with_deadline(cleanup_all_temp_audio) == 2
 
     path = ours[1]
     if how == "vanished":

@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, call_with_deadline
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -48,26 +47,6 @@ RATE = 8000
 
 def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def with_deadline(function: Callable[[], object], deadline: float = 60) -> object:
-    """Run function in a thread; fail instead of hanging the suite if it never returns."""
-    result: list[object] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(function())
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(deadline)
-    assert not worker.is_alive(), "the call hung"
-    if errors:
-        raise errors[0]
-    return result[0]
 
 
 def as_other_user(action: Callable[..., object], *args: object) -> object:
@@ -234,7 +213,7 @@ def test_a_thing_planted_at_our_next_name_is_never_followed_and_a_fresh_name_is_
     planted = Planted(planter, shared_ram, f"{prefix}{TOKEN}.wav", kind, tmp_path)
     given = force_first_token(monkeypatch)
 
-    path, release = with_deadline(lambda: produce(producer))
+    path, release = call_with_deadline(lambda: produce(producer))
     try:
         assert given[0] == TOKEN and len(given) == 2
         assert path == f"{shared_ram}/{prefix}{given[1]}.wav"
@@ -255,7 +234,7 @@ def test_an_atomic_write_to_a_new_temp_name_replaces_a_planted_symlink_never_its
     planted = Planted("other-user", shared_ram, f"luna_audio_{TOKEN}.wav", "symlink-to-decoy",
                       tmp_path)
     force_first_token(monkeypatch)
-    path = with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
+    path = call_with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
     assert path == planted.path and not os.path.islink(path)
     np.testing.assert_array_equal(read_wav(path)[0], DATA)
     assert sha256(planted.decoy) == planted.decoy_hash
@@ -266,7 +245,7 @@ def test_an_atomic_write_to_a_new_temp_name_refuses_a_planted_directory_naming_i
     planted = Planted("other-user", shared_ram, f"luna_audio_{TOKEN}.wav", "directory", tmp_path)
     force_first_token(monkeypatch)
     with pytest.raises(IsADirectoryError, match="Is a directory") as info:
-        with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
+        call_with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
     assert info.value.errno == errno.EISDIR and info.value.filename == planted.path
     planted.assert_untouched()
     assert sorted(os.listdir(shared_ram)) == [os.path.basename(planted.path)]  # no partial
@@ -286,8 +265,8 @@ def test_cleanup_and_a_pool_start_leave_what_another_user_planted_at_our_names_a
         plants.append(Planted("other-user", shared_ram, name, kind, outside))
     ours = get_temp_audio_path()
 
-    with_deadline(lambda: AudioPool(slots=1, max_bytes=100).close())
-    assert with_deadline(cleanup_all_temp_audio) == 1
+    call_with_deadline(lambda: AudioPool(slots=1, max_bytes=100).close())
+    assert call_with_deadline(cleanup_all_temp_audio) == 1
 
     assert not os.path.lexists(ours)
     for planted in plants:
@@ -535,7 +514,7 @@ def test_a_copy_reader_whose_file_is_shrunk_while_it_reads_gets_a_wav_error_not_
         env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
         stdout=subprocess.PIPE, text=True)
     try:
-        with_deadline(lambda: _poll(lambda: log.exists() and " = " in log.read_text()))
+        call_with_deadline(lambda: _poll(lambda: log.exists() and " = " in log.read_text()))
         os.truncate(path, 44)
         out, _ = reader.communicate(timeout=120)
     finally:
@@ -574,7 +553,7 @@ def test_an_unsafe_luna_shm_dir_sends_every_producer_to_the_fallback_dir_and_is_
     monkeypatch.setenv("LUNA_SHM_DIR", candidate)
     placement.refresh()
 
-    path, release = with_deadline(lambda: produce(producer))
+    path, release = call_with_deadline(lambda: produce(producer))
     try:
         assert os.path.dirname(path) == private_dirs.fallback
         np.testing.assert_array_equal(read_wav(path, mmap=False)[0], DATA)
@@ -604,9 +583,9 @@ def test_a_buffer_or_writer_given_a_fifo_fails_at_once_instead_of_waiting_for_a_
     fifo = f"{shared_ram}/pipe.wav"
     with pytest.raises(OSError, match="Invalid argument") as info:
         if kind == "create_wav_buffer":
-            with_deadline(lambda: create_wav_buffer(10, RATE, path=fifo))
+            call_with_deadline(lambda: create_wav_buffer(10, RATE, path=fifo))
         else:
-            with_deadline(lambda: WavWriter(fifo, RATE))
+            call_with_deadline(lambda: WavWriter(fifo, RATE))
     assert info.value.errno == errno.EINVAL and info.value.filename == fifo
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
@@ -615,7 +594,7 @@ def test_cleanup_of_a_fifo_another_user_planted_at_our_name_refuses_at_once(shar
     _plant_as("other-user", shared_ram, "luna_audio_pipe.wav", "fifo", "")
     fifo = f"{shared_ram}/luna_audio_pipe.wav"
     with pytest.raises(PermissionError, match="belongs to another user") as info:
-        with_deadline(lambda: cleanup_temp_audio(fifo))
+        call_with_deadline(lambda: cleanup_temp_audio(fifo))
     assert info.value.errno == errno.EPERM
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    assert with_deadline(cleanup_all_temp_audio) == 0
+    assert call_with_deadline(cleanup_all_temp_audio) == 0
