@@ -141,11 +141,6 @@ def reserve(fd: int, length: int, filename: str | None = None) -> None:
     check(lib.luna_reserve(fd, 0, length), filename)
 
 
-def set_length(fd: int, length: int, filename: str | None = None) -> None:
-    """ftruncate fd to length."""
-    check(lib.luna_set_length(fd, length), filename)
-
-
 class Mapping:
     """A shared mapping of a file, unmapped when the last view of it dies.
 
@@ -370,15 +365,6 @@ def read_wav_owned(path: str) -> tuple[np.ndarray, int, int]:
     if packed:
         dest = unpack_s24(dest, count)
     return dest, out.channels, out.samplerate
-
-
-def read_close(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
-    """pread exactly dest.nbytes bytes at offset into dest, then close fd (always)."""
-    with ffi.from_buffer(dest, require_writable=True) as buf:
-        rc = lib.luna_read_close(fd, offset, buf, len(buf))
-    if rc == -errno.ENODATA:  # the file ended before its header said
-        raise WavError(f"{filename}: file shrank while it was being read")
-    check(rc, filename)
 
 
 def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | None = None) -> None:
