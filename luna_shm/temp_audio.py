@@ -204,6 +204,12 @@ def is_our_name(name: str) -> bool:
     )
 
 
+def is_our_temp_path(path: str) -> bool:
+    """True for a path in one of our dirs whose name carries one of our prefixes."""
+    parent, name = _os.path.split(path)
+    return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
+
+
 def partial_path(path: str) -> str:
     """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
     directory = _os.path.dirname(path) or "."
@@ -479,7 +485,7 @@ def discard(dest: Destination) -> None:
         _lowlevel.close(dest.fd)
     finally:
         doomed = dest.partial
-        if doomed is None and (dest.created or is_our_name(_os.path.basename(dest.path))):
+        if doomed is None and (dest.created or is_our_temp_path(dest.path)):
             doomed = dest.path
         if doomed is not None:
             try:

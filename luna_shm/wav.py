@@ -12,14 +12,9 @@ import os as _os
 
 import numpy as np
 
-from luna_shm import _lowlevel, encoding, formats, placement, temp_audio
+from luna_shm import _lowlevel, encoding, formats, temp_audio
 
 __all__ = ["read_wav", "write_wav"]
-
-def _is_our_temp_file(path: str) -> bool:
-    parent, name = _os.path.split(path)
-    return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
-
 
 def write_wav(
     path: str | _os.PathLike[str] | None,
@@ -71,7 +66,7 @@ def write_wav(
     except OSError as exc:
         # The C layer removed a file it created and left an existing one as it
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.
-        if not atomic and _is_our_temp_file(path_str):
+        if not atomic and temp_audio.is_our_temp_path(path_str):
             _remove_if_empty(path_str)
         raise temp_audio.explain_full_disk(exc, path_str) from None
     return path_str

@@ -416,3 +416,23 @@ def test_a_buffer_that_fits_the_small_ram_disk_is_fully_usable_there():
         print(sf.info("/dev/shm/ok.wav").frames)
     """, shm_size="64k")
     assert assert_child_ok(done).strip() == "10000"
+
+
+def test_a_failed_buffer_never_removes_an_existing_file_outside_our_dirs_even_with_our_prefix():
+    # An empty file of the user's, named like ours but in a directory of theirs: a buffer that
+    # cannot reserve its space there (ENOSPC) must leave it where it was.
+    done = run_in_private_shm("""
+        import errno, os
+        from luna_shm import create_wav_buffer
+        os.mkdir("/dev/shm/theirs")
+        target = "/dev/shm/theirs/luna_audio_keep.wav"
+        open(target, "wb").close()
+        try:
+            create_wav_buffer(1_000_000, 8000, path=target)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        else:
+            raise AssertionError("expected ENOSPC")
+        print(sorted(os.listdir("/dev/shm/theirs")))
+    """, shm_size="64k")
+    assert assert_child_ok(done).strip() == "['luna_audio_keep.wav']"
