@@ -17,14 +17,15 @@
 #include <stdint.h>
 #include <sys/mman.h>
 
-/* Compile-time capabilities, read once by the Python layer. */
-#if defined(__linux__) && defined(MFD_CLOEXEC)
+/* Compile-time capabilities, read once by the Python layer. LUNA_NO_MEMFD and
+ * LUNA_NO_O_TMPFILE build the fallbacks on Linux too (make test-c does). */
+#if defined(__linux__) && defined(MFD_CLOEXEC) && !defined(LUNA_NO_MEMFD)
 #define LUNA_HAS_MEMFD 1
 #else
 #define LUNA_HAS_MEMFD 0
 #endif
 
-#if defined(O_TMPFILE)
+#if defined(O_TMPFILE) && !defined(LUNA_NO_O_TMPFILE)
 #define LUNA_HAS_O_TMPFILE 1
 #else
 #define LUNA_HAS_O_TMPFILE 0
