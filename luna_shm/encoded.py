@@ -150,7 +150,9 @@ def save_temp_audio(
     temp_audio._check_name_part("suffix", suffix)
     temp_audio._check_name_part("prefix", prefix)
     size_hint = memoryview(data).nbytes if isinstance(data, _BYTES_TYPES) else None
-    path, fd = temp_audio.create_temp_file(suffix, prefix, size_hint=size_hint)
+    # Locked while it is written (a stream can take seconds): no concurrent
+    # cleanup_all_temp_audio() takes the half-written file for an abandoned one.
+    path, fd = temp_audio.create_temp_file(suffix, prefix, size_hint=size_hint, locked=True)
     try:
         try:
             if isinstance(data, _BYTES_TYPES):

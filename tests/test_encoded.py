@@ -163,3 +163,20 @@ def test_a_stream_that_fills_the_ram_disk_raises_enospc_and_leaves_nothing() -> 
             print("ENOSPC", os.listdir("/dev/shm"), os.listdir("/tmp"))
     """, shm_size="64k")
     assert assert_child_ok(done).strip() == "ENOSPC [] []"
+
+
+def test_a_stream_being_saved_is_never_removed_by_a_concurrent_cleanup(private_dirs) -> None:
+    from luna_shm import cleanup_all_temp_audio
+
+    removed_midway: list[int] = []
+
+    def chunks():
+        yield b"ID3" + b"\0" * 1000
+        # The file exists and is half written: a cleanup now must leave it alone.
+        removed_midway.append(cleanup_all_temp_audio())
+        yield b"\xff\xfb" * 500
+
+    path = save_temp_audio(chunks(), suffix=".mp3")
+    assert removed_midway == [0]
+    with open(path, "rb") as saved:
+        assert saved.read() == b"ID3" + b"\0" * 1000 + b"\xff\xfb" * 500
