@@ -136,3 +136,20 @@ def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> 
     if errors:
         raise errors[0]
     return result[0]
+
+
+def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
+    """Make luna_shm's next new name use the token first, later ones fresh tokens (a
+    deterministic collision with something planted there); return the tokens handed out."""
+    from luna_shm import temp_audio
+
+    real = temp_audio._new_token
+    given: list[str] = []
+
+    def token() -> str:
+        value = first if not given else real()
+        given.append(value)
+        return value
+
+    monkeypatch.setattr(temp_audio, "_new_token", token)
+    return given

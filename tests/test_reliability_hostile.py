@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, call_with_deadline
+from helpers import REPO, call_with_deadline, force_first_token
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -84,20 +84,6 @@ def shared_ram(private_dirs, monkeypatch) -> str:
     placement.refresh()
     assert temp_audio.temp_dir() == shared
     return shared
-
-
-def force_first_token(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The next new name gets TOKEN, later ones fresh tokens; return the tokens handed out."""
-    real = temp_audio._new_token
-    given: list[str] = []
-
-    def token() -> str:
-        value = TOKEN if not given else real()
-        given.append(value)
-        return value
-
-    monkeypatch.setattr(temp_audio, "_new_token", token)
-    return given
 
 
 # ---- planting ------------------------------------------------------------------------------
@@ -211,7 +197,7 @@ def test_a_thing_planted_at_our_next_name_is_never_followed_and_a_fresh_name_is_
         shared_ram, monkeypatch, tmp_path, planter, producer, kind) -> None:
     prefix = "luna_audio_pool_" if producer == "AudioPool" else "luna_audio_"
     planted = Planted(planter, shared_ram, f"{prefix}{TOKEN}.wav", kind, tmp_path)
-    given = force_first_token(monkeypatch)
+    given = force_first_token(monkeypatch, TOKEN)
 
     path, release = call_with_deadline(lambda: produce(producer))
     try:
@@ -233,7 +219,7 @@ def test_an_atomic_write_to_a_new_temp_name_replaces_a_planted_symlink_never_its
     # planted there is replaced itself (rename never follows it).
     planted = Planted("other-user", shared_ram, f"luna_audio_{TOKEN}.wav", "symlink-to-decoy",
                       tmp_path)
-    force_first_token(monkeypatch)
+    force_first_token(monkeypatch, TOKEN)
     path = call_with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
     assert path == planted.path and not os.path.islink(path)
     np.testing.assert_array_equal(read_wav(path)[0], DATA)
@@ -243,7 +229,7 @@ def test_an_atomic_write_to_a_new_temp_name_replaces_a_planted_symlink_never_its
 def test_an_atomic_write_to_a_new_temp_name_refuses_a_planted_directory_naming_it(
         shared_ram, monkeypatch, tmp_path) -> None:
     planted = Planted("other-user", shared_ram, f"luna_audio_{TOKEN}.wav", "directory", tmp_path)
-    force_first_token(monkeypatch)
+    force_first_token(monkeypatch, TOKEN)
     with pytest.raises(IsADirectoryError, match="Is a directory") as info:
         call_with_deadline(lambda: write_wav(None, DATA, RATE, atomic=True))
     assert info.value.errno == errno.EISDIR and info.value.filename == planted.path

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import luna_shm
+from helpers import force_first_token
 from luna_shm import _lowlevel, temp_audio
 from luna_shm.temp_audio import get_temp_audio_path
 
@@ -346,20 +347,6 @@ def test_c_layer_create_excl_refuses_an_existing_name_with_eexist(private_dirs) 
 # ---- planted names: the collision is forced by handing out a planted token first ---------
 
 
-def _force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
-    """Make temp_audio._new_token return first once, then fresh tokens; return the tokens given."""
-    real = temp_audio._new_token
-    given: list[str] = []
-
-    def token() -> str:
-        value = first if not given else real()
-        given.append(value)
-        return value
-
-    monkeypatch.setattr(temp_audio, "_new_token", token)
-    return given
-
-
 def _plant(kind: str, path: str, outside: Path):
     """Put a kind of thing at path; return a function that asserts it was left untouched."""
     if kind == "dangling-symlink":
@@ -408,7 +395,7 @@ def test_planted_thing_at_candidate_name_is_left_alone_and_a_new_file_is_made(
     outside = tmp_path / "outside"
     outside.mkdir()
     still_intact = _plant(kind, planted, outside)
-    given = _force_first_token(monkeypatch, planted_token)
+    given = force_first_token(monkeypatch, planted_token)
 
     path = get_temp_audio_path()
 
