@@ -13,7 +13,7 @@ import os as _os
 import stat as _stat
 import time as _time
 import uuid as _uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from luna_shm import _lowlevel, placement
@@ -357,28 +357,37 @@ def iter_unused_temp_audio(
 def _iter_unused(
     cutoff: float | None, remove: bool
 ) -> Iterator[tuple[str, _os.stat_result]]:
-    uid = _os.geteuid()
     for directory in placement.our_dirs():
-        try:
-            dir_fd = _open_dir(directory)
-        except OSError:
-            continue  # missing, a symlink, or unreadable: nothing of ours there
-        try:
-            with _os.scandir(dir_fd) as entries:
-                names = [e.name for e in entries if is_our_name(e.name)]
-            for name in names:
-                try:
-                    st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not _stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-                    continue
-                if cutoff is not None and st.st_mtime > cutoff:
-                    continue
-                if _remove_if_unused(dir_fd, name, st, remove=remove):
-                    yield f"{directory}/{name}", st
-        finally:
-            _os.close(dir_fd)
+        yield from _unused_in(directory, is_our_name, cutoff, remove)
+
+
+def _unused_in(
+    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool
+) -> Iterator[tuple[str, _os.stat_result]]:
+    """Yield (path, lstat) for this user's regular files in directory whose names are
+    wanted, modified before cutoff (if given), and held by no live process; with
+    remove=True each is unlinked, under its exclusive lock, before it is yielded."""
+    try:
+        dir_fd = _open_dir(directory)
+    except OSError:
+        return  # missing, a symlink, or unreadable: nothing of ours there
+    uid = _os.geteuid()
+    try:
+        with _os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries if wanted(e.name)]
+        for name in names:
+            try:
+                st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not _stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                continue
+            if cutoff is not None and st.st_mtime > cutoff:
+                continue
+            if _remove_if_unused(dir_fd, name, st, remove=remove):
+                yield f"{directory}/{name}", st
+    finally:
+        _os.close(dir_fd)
 
 
 def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
@@ -514,21 +523,5 @@ def explain_full_disk(exc: OSError, path: str) -> OSError:
 def remove_unused_files(directory: str, name_prefix: str) -> int:
     """Remove this user's regular files in directory whose names start with name_prefix
     and that no live process holds locked; return how many."""
-    try:
-        dir_fd = _open_dir(directory)
-    except OSError:
-        return 0
-    removed = 0
-    try:
-        with _os.scandir(dir_fd) as entries:
-            names = [e.name for e in entries if e.name.startswith(name_prefix)]
-        for name in names:
-            try:
-                st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if _stat.S_ISREG(st.st_mode) and st.st_uid == _os.geteuid():
-                removed += _remove_if_unused(dir_fd, name, st)
-    finally:
-        _os.close(dir_fd)
-    return removed
+    found = _unused_in(directory, lambda name: name.startswith(name_prefix), None, True)
+    return sum(1 for _ in found)
