@@ -79,6 +79,42 @@ def require_private_mounts() -> list[str]:
     return prefix
 
 
+def _tmp_paths_to_keep() -> list[str]:
+    """What a child needs from the machine's /tmp: the checkout and the interpreter's
+    installation, as paths relative to /tmp (outermost only)."""
+    needed = {REPO, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).parent}
+    relative = sorted({str(path.resolve().relative_to("/tmp")) for path in needed
+                       if path.resolve().is_relative_to("/tmp")})
+    kept: list[str] = []
+    for rel in relative:
+        if not any(rel == k or rel.startswith(k + "/") for k in kept):
+            kept.append(rel)
+    return kept
+
+
+# Top-level names under the child's private /tmp that are the checkout or the interpreter
+# bound back in (see run_in_private_shm), and child code that lists /tmp without them.
+KEPT_IN_TMP = sorted({rel.split("/")[0] for rel in _tmp_paths_to_keep()})
+LIST_PRIVATE_TMP = f"sorted(set(os.listdir('/tmp')) - set({KEPT_IN_TMP!r}))"
+
+
+def child_tmp_on_disk(disk: str | Path) -> str:
+    """Child code (for run_in_private_shm) that puts the private disk dir disk at /tmp
+    instead of the private tmpfs, keeping the checkout and interpreter visible."""
+    return textwrap.dedent(f"""
+        import os as _os, subprocess as _subprocess
+        _subprocess.run(["umount", "-l", "/tmp"], check=True)
+        _real_tmp = _os.open("/tmp", _os.O_RDONLY | _os.O_DIRECTORY)
+        _subprocess.run(["mount", "--bind", {str(disk)!r}, "/tmp"], check=True)
+        for _rel in {_tmp_paths_to_keep()!r}:
+            _os.makedirs("/tmp/" + _rel, exist_ok=True)
+            _subprocess.run(["mount", "--no-canonicalize", "--bind",
+                             f"/proc/self/fd/{{_real_tmp}}/{{_rel}}", "/tmp/" + _rel],
+                            check=True, pass_fds=[_real_tmp])
+        _os.close(_real_tmp)
+    """)
+
+
 def run_in_private_shm(
     body: str,
     *,
@@ -95,10 +131,22 @@ def run_in_private_shm(
     """
     prefix = require_private_mounts()
     shm_options = f"size={shm_size},mode=1777" + (",ro" if read_only else "")
+    # A checkout or interpreter that lives under /tmp (a clone in /tmp, a venv in
+    # it) would vanish under the private /tmp: each is bound back into it, read
+    # through fd 9, which still holds the machine's /tmp open (--no-canonicalize: mount
+    # would otherwise resolve that path to its name, /tmp/..., in the new tmpfs).
+    rebind = "".join(
+        f"mkdir -p '/tmp/{rel}'\n"
+        f"mount --no-canonicalize --bind '/proc/self/fd/9/{rel}' '/tmp/{rel}'\n"
+        for rel in _tmp_paths_to_keep()
+    )
     script = (
         "set -e\n"
+        "exec 9</tmp\n"
         f"mount -t tmpfs -o {shm_options} tmpfs /dev/shm\n"
         "mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp\n"
+        f"{rebind}"
+        "exec 9<&-\n"
         'exec "$0" -c "$1"\n'
     )
     child_env = {k: v for k, v in os.environ.items()

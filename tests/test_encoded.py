@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import assert_child_ok, run_in_private_shm
+from helpers import LIST_PRIVATE_TMP, assert_child_ok, run_in_private_shm
 from luna_shm import cleanup_temp_audio
 from luna_shm.encoded import save_temp_audio
 
@@ -160,7 +160,7 @@ def test_a_stream_that_fills_the_ram_disk_raises_enospc_and_leaves_nothing() -> 
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
             assert exc.filename.startswith("/dev/shm/luna_audio_"), exc
-            print("ENOSPC", os.listdir("/dev/shm"), os.listdir("/tmp"))
+            print("ENOSPC", os.listdir("/dev/shm"), """ + LIST_PRIVATE_TMP + """)
     """, shm_size="64k")
     assert assert_child_ok(done).strip() == "ENOSPC [] []"
 

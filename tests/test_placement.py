@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 import luna_shm
-from helpers import assert_child_ok, run_in_private_shm
+from helpers import (
+    KEPT_IN_TMP,
+    LIST_PRIVATE_TMP,
+    assert_child_ok,
+    child_tmp_on_disk,
+    run_in_private_shm,
+)
 from luna_shm import placement
 from luna_shm.temp_audio import get_temp_audio_path
 
@@ -51,11 +57,13 @@ def luna_records(caplog: pytest.LogCaptureFixture, fragment: str) -> list[loggin
 
 def disk_tmp_preamble(disk: Path) -> str:
     """Child code that replaces its private tmpfs /tmp by a bind mount of a private disk dir."""
-    return textwrap.dedent(f"""
-        import subprocess
-        subprocess.run(["umount", "/tmp"], check=True)
-        subprocess.run(["mount", "--bind", {str(disk)!r}, "/tmp"], check=True)
-    """)
+    return child_tmp_on_disk(disk)
+
+
+def disk_listing(disk: Path) -> list[str]:
+    """What a child left in the disk dir that stood in for its /tmp (sorted), apart from
+    the mount points of the checkout or interpreter bound back in (child_tmp_on_disk)."""
+    return sorted(set(os.listdir(disk)) - set(KEPT_IN_TMP))
 
 
 def child_report() -> str:
@@ -341,7 +349,7 @@ def test_read_only_ram_disk_falls_back_to_tmp(tmp_path, fallback_fs) -> None:
         preamble + child_report() + textwrap.dedent("""
             path = luna_shm.get_temp_audio_path()
             st = os.lstat(path)
-            report(path=path, mode=st.st_mode, tmp=sorted(os.listdir("/tmp")))
+            report(path=path, mode=st.st_mode, tmp=""" + LIST_PRIVATE_TMP + """)
         """),
         read_only=True,
     )
@@ -356,7 +364,7 @@ def test_read_only_ram_disk_falls_back_to_tmp(tmp_path, fallback_fs) -> None:
     assert warnings == ["luna_shm: falling back to /tmp: /dev/shm is not writable "
                         "(Read-only file system)"]
     if fallback_fs == "disk":
-        assert os.listdir(disk) == [os.path.basename(out["path"])]
+        assert disk_listing(disk) == [os.path.basename(out["path"])]
 
 
 @pytest.mark.parametrize(
@@ -402,7 +410,7 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
     for key in ("second", "third"):
         assert out[key].startswith("/tmp/luna_audio_")
     assert out["second_is_file"]
-    assert sorted(os.listdir(disk)) == sorted(
+    assert disk_listing(disk) == sorted(
         os.path.basename(out[k]) for k in ("second", "third"))
     messages = [m for _, m in out["log"]]
     expected = f"luna_shm: cannot create files in /dev/shm ({strerror}): using /tmp"
@@ -429,5 +437,5 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     assert out["small"].startswith("/dev/shm/luna_audio_")
     assert out["default"].startswith("/dev/shm/luna_audio_")
     assert out["temp_dir"] == "/dev/shm" and out["in_ram"] is True
-    assert os.listdir(disk) == [os.path.basename(out["big"])]
+    assert disk_listing(disk) == [os.path.basename(out["big"])]
     assert any(f"a file of {1 << 20} bytes does not fit in /dev/shm" in m for _, m in out["log"])

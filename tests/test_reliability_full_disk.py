@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from helpers import run_in_private_shm
+from helpers import LIST_PRIVATE_TMP, run_in_private_shm
 
 # Shared by every child: its report, its luna_shm log, and a way to fill a filesystem.
 PREAMBLE = """
@@ -34,7 +34,7 @@ logging.getLogger("luna_shm").addHandler(Keep())
 logging.getLogger("luna_shm").setLevel(logging.DEBUG)
 
 def listing():
-    return {"shm": sorted(os.listdir("/dev/shm")), "tmp": sorted(os.listdir("/tmp"))}
+    return {"shm": sorted(os.listdir("/dev/shm")), "tmp": """ + LIST_PRIVATE_TMP + """}
 
 def report(**values):
     print(json.dumps({**values, **listing(), "log": log,
