@@ -1,20 +1,26 @@
-# make demo: set everything up and run the main job.  make test: set up and run the suite.
+# make demo: set up what the demo needs (the library: numpy and cffi) and run the main job.
+# make test: set everything up (test, lint and packaging tools too) and run the suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py luna_shm/*.py)
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
-.PHONY: demo test test-c system-deps lint bench fuzz clean
+.PHONY: demo test test-c system-deps lint dist-check bench fuzz clean
 
-$(STAMP): $(SOURCES)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,dev]'
+# The library alone (what the demo needs), then the test, benchmark and dev tools on top.
+$(RUNTIME): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-demo: $(STAMP)
+$(STAMP): $(RUNTIME)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench,dev]'
+	touch $@
+
+demo: $(RUNTIME)
 	$(PY) -m luna_shm demo
 
 # sox is a test oracle from Debian's packages: installed here when we are root.
@@ -38,8 +44,25 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check luna_shm tests examples csrc/build.py setup.py
 	$(VENV)/bin/mypy
 
-test: $(STAMP) system-deps test-c lint
+test: $(STAMP) system-deps test-c lint dist-check
 	PYTHONDEVMODE=1 $(PY) -m pytest
+
+# What a user installs: the sdist, the wheel built from it (tagged abi3: one wheel for
+# CPython 3.11 and later), installed into a clean venv for each CPython 3.11+ found here,
+# and used from outside the checkout.
+DIST_PYTHONS := $(PYTHON) $(shell for v in 3.12 3.13; do \
+  for c in python$$v $$HOME/.pyenv/versions/$$v*/bin/python; do \
+    $$c -c '' 2>/dev/null && { echo $$c; break; }; done; done)
+dist-check: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist . >/dev/null
+	@ls dist/*.tar.gz >/dev/null && ls dist/*-cp311-abi3-*.whl >/dev/null || \
+	  { echo "dist-check: expected an sdist and a cp311-abi3 wheel, got: $$(ls dist)" >&2; exit 1; }
+	@for py in $(DIST_PYTHONS); do \
+	  rm -rf .venv-dist && $$py -m venv .venv-dist && \
+	  .venv-dist/bin/pip install --quiet --disable-pip-version-check dist/*.whl && \
+	  (cd / && $(CURDIR)/.venv-dist/bin/python $(CURDIR)/tests/smoke_installed.py) || exit 1; \
+	done; rm -rf .venv-dist
 
 # make bench: the side-by-side benchmarks of benchmarks/ (never part of make test), then
 # bench-report/report.md and bench-report/size_scaling.png from their JSON. The report is
@@ -76,4 +99,5 @@ fuzz:
 	  -artifact_prefix=artifacts/ corpus
 
 clean:
-	rm -rf $(VENV) build *.egg-info luna_shm/_native*.so .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) .venv-dist build dist *.egg-info luna_shm/_native*.so luna_shm/_native.c \
+	  .pytest_cache .hypothesis .benchmarks
