@@ -41,7 +41,7 @@ test-c:
 # Lint and type-check the package, then the whole suite with Python's dev mode on
 # (ResourceWarnings and other leaks show up as errors).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check luna_shm tests examples csrc/build.py setup.py
+	$(VENV)/bin/ruff check luna_shm tests examples benchmarks csrc/build.py setup.py
 	$(VENV)/bin/mypy
 
 test: $(STAMP) system-deps test-c lint dist-check
@@ -69,6 +69,7 @@ dist-check: $(STAMP)
 # written even when test_target.py fails; the exit code is pytest's.
 bench: $(STAMP)
 	@mkdir -p bench-report
+	$(PY) benchmarks/floors.py
 	$(PY) -m pytest benchmarks --benchmark-json=bench-report/benchmarks.json \
 	  --benchmark-sort=name --benchmark-columns=median,iqr,min,max,rounds; \
 	status=$$?; \
@@ -100,4 +101,4 @@ fuzz:
 
 clean:
 	rm -rf $(VENV) .venv-dist build dist *.egg-info luna_shm/_native*.so luna_shm/_native.c \
-	  .pytest_cache .hypothesis .benchmarks
+	  .pytest_cache .hypothesis .benchmarks benchmarks/_luna_floors* benchmarks/build

@@ -1,6 +1,6 @@
 """Benchmark fixtures: one private workspace per session, and a case timed by pytest-benchmark.
 
-The cases themselves live in :mod:`luna_shm.benchmark` (shared with ``luna-shm bench``).
+The cases themselves live in cases.py beside this file (shared with ``python cases.py``).
 Every case runs in a fresh directory inside the session's private RAM and disk
 dirs; nothing else on the machine is touched. The machine's description, the
 load average at the end and the targets go into the ``--benchmark-json`` output
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from luna_shm import benchmark as bench
+import cases as bench
 
 _WORKSPACE = pytest.StashKey[bench.Workspace]()
 _MEDIANS = pytest.StashKey[dict[str, float]]()

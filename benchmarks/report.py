@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from luna_shm import benchmark as bench
+import cases as bench
 
 KIND_TITLES = {
     "write": "Writes, 500 KB",

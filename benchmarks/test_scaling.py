@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from luna_shm import benchmark as bench
+import cases as bench
 
 
 @pytest.mark.parametrize("name", [c.name for c in

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from luna_shm import benchmark as bench
+import cases as bench
 
 HARD = [t for t in bench.TARGETS if t.hard]
 RECORDED = [t for t in bench.TARGETS if not t.hard]

@@ -16,7 +16,6 @@ CDEF = """
 #define LUNA_WAV_MAX_HEADER ...
 
 int luna_create_excl(const char *path, unsigned int mode);
-int luna_touch_excl(const char *path, unsigned int mode);
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
                         uint64_t *old_size);
 int luna_create_locked(const char *dir, const char *path, unsigned int mode);
@@ -104,10 +103,6 @@ void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
 void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
-
-int luna_floor_write(const char *path, const void *header, uint64_t header_len,
-                     const void *data, uint64_t data_len);
-int luna_floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 """
 
 ffibuilder = FFI()

@@ -43,14 +43,6 @@ int luna_create_excl(const char *path, unsigned int mode)
                       mode);
 }
 
-int luna_touch_excl(const char *path, unsigned int mode)
-{
-    int fd = luna_create_excl(path, mode);
-    if (fd < 0)
-        return fd;
-    return luna_close(fd);
-}
-
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
                         uint64_t *old_size)
 {

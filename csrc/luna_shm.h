@@ -41,9 +41,6 @@
  * whatever sits there: file, symlink, FIFO or directory). */
 int luna_create_excl(const char *path, unsigned int mode);
 
-/* Create path exclusively as above, then close it. Returns 0 or -errno. */
-int luna_touch_excl(const char *path, unsigned int mode);
-
 /* Open path for writing a whole new content without following a symlink in
  * the last component: creates it (O_EXCL, so *created tells whether this call
  * made it), or opens the regular file there read-write, untouched, and stores
@@ -271,16 +268,5 @@ void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
  * extremes. Returns 0, or -EINVAL for another dst_bits. */
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
-
-/* ---- floor.c: the bare minimum, for benchmarks ------------------------ */
-
-/* open(O_CREAT|O_TRUNC) + one writev of header and data + close: the least a
- * fresh-file WAV write costs. Returns 0 or -errno. */
-int luna_floor_write(const char *path, const void *header, uint64_t header_len,
-                     const void *data, uint64_t data_len);
-
-/* open + one preadv of len bytes at offset into dst + close: the least a
- * read into a preallocated array costs. Returns 0 or -errno. */
-int luna_floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 
 #endif /* LUNA_SHM_H */

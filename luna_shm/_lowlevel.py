@@ -60,11 +60,6 @@ def create_excl(path: str, mode: int = 0o600) -> int:
     return check(lib.luna_create_excl(_c_path(path), mode), path)
 
 
-def touch_excl(path: str, mode: int = 0o600) -> None:
-    """Create path exclusively as an empty file and close it."""
-    check(lib.luna_touch_excl(_c_path(path), mode), path)
-
-
 def open_for_write(path: str, mode: int = 0o600) -> tuple[int, bool, int]:
     """Create path, or open the regular file there untouched; return (fd, created, old size)."""
     created = ffi.new("int *")
@@ -453,15 +448,3 @@ def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
     dest: np.ndarray = np.empty(count, dtype=_PCM_DTYPES[bits])
     float_to_pcm_into(src, dest, bits)
     return dest
-
-
-def floor_write(path: str, header: bytes, data: np.ndarray) -> None:
-    """Benchmark floor: open(O_CREAT|O_TRUNC) + one writev + close, all in C."""
-    with ffi.from_buffer(data) as buf:
-        check(lib.luna_floor_write(_c_path(path), header, len(header), buf, len(buf)), path)
-
-
-def floor_read(path: str, offset: int, dest: np.ndarray) -> None:
-    """Benchmark floor: open + one preadv into dest + close, all in C."""
-    with ffi.from_buffer(dest, require_writable=True) as buf:
-        check(lib.luna_floor_read(_c_path(path), offset, buf, len(buf)), path)

@@ -7,9 +7,9 @@ Commands:
     clean    remove (or with ``--dry-run`` list) what ``cleanup_all_temp_audio``
              removes: our unused files, optionally only those ``--older-than``.
     demo     one utterance through the RAM disk and back, with timings.
-    bench    the benchmark cases of :mod:`luna_shm.benchmark`, side by side with
-             soundfile and the floor (median, p99, ratios); ``--quick`` for a
-             small subset that runs in a few seconds.
+
+The benchmarks live in the checkout, not in the package: ``python
+benchmarks/cases.py [--quick]`` or ``make bench``.
 
 A failure prints one line on stderr and exits non-zero: 1 for a failed
 command, 2 for bad arguments.
@@ -277,33 +277,6 @@ def _run_demo(args: _argparse.Namespace, out: TextIO) -> int:
     return demo.run(out)
 
 
-# ---- bench -------------------------------------------------------------------------
-
-
-def _run_bench(args: _argparse.Namespace, out: TextIO) -> int:
-    from luna_shm import benchmark
-
-    cases = benchmark.quick_cases() if args.quick else benchmark.all_cases()
-    results = benchmark.run(cases, quick=args.quick,
-                            progress=benchmark.Progress(_sys.stderr, len(cases)))
-    machine = benchmark.describe_machine()
-    print(f"luna-shm bench{' --quick' if args.quick else ''}: {len(results)} cases on "
-          f"{machine['CPU']}, {machine['cores']} cores, {machine['kernel']}; "
-          f"RAM dir {machine['RAM dir']}, disk temp dir {machine['disk temp dir']}", file=out)
-    for line in benchmark.format_table(results):
-        print(line, file=out)
-    measured = [outcome for outcome in benchmark.evaluate_targets(
-        {result.case.name: result.median for result in results}) if outcome.value is not None]
-    if measured:
-        print("targets:", file=out)
-        for line in benchmark.format_targets(measured):
-            print(line, file=out)
-    note = " (--quick: few rounds, expect noise)" if args.quick else ""
-    print(f"times are per call: median and 99th percentile of the rounds shown{note}; "
-          "ratios are within one group of this run", file=out)
-    return 0
-
-
 # ---- the parser ----------------------------------------------------------------------
 
 
@@ -359,17 +332,6 @@ def build_parser() -> _argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_run_demo)
 
-    bench = commands.add_parser(
-        "bench", help="time luna_shm side by side with soundfile, scipy and the floor",
-        description="Run the benchmark cases (writes, reads, round trips, scaling, streaming, "
-        "temp files, tail latency) on the RAM disk and the disk temp dir, in private "
-        "directories that are removed afterwards, and print median, p99 and the ratios to "
-        "soundfile and to the floor, with the targets they meet or miss. The full run takes "
-        "minutes; --quick runs a small subset in seconds.",
-    )
-    bench.add_argument("--quick", action="store_true",
-                       help="a small subset with few rounds (a few seconds)")
-    bench.set_defaults(handler=_run_bench)
     return parser
 
 

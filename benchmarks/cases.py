@@ -1,4 +1,8 @@
-"""The benchmark cases of luna_shm and its peers, defined once for pytest-benchmark and the CLI.
+"""The benchmark cases of luna_shm and its peers, defined once for pytest-benchmark and a table.
+
+``python benchmarks/cases.py [--quick]`` prints the table (median, p99, ratios to
+soundfile and to the floor, targets met or missed); ``make bench`` runs the same
+cases under pytest-benchmark and writes the report. Neither ships with the library.
 
 A :class:`Case` is a name, a group, a method label and a setup: ``setup(ctx)``
 prepares whatever the case needs inside its private directory ``ctx.directory``
@@ -52,6 +56,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+import floors
 from luna_shm import _lowlevel, placement
 from luna_shm.buffer import create_wav_buffer
 from luna_shm.placement import AUDIO_PREFIX
@@ -189,7 +194,7 @@ class Case:
         requires: optional modules the case imports.
         budget: seconds of timed calls to aim for; the rounds are clamped to
             [min_rounds, max_rounds].
-        quick: part of ``luna-shm bench --quick``.
+        quick: part of ``benchmarks/cases.py --quick``.
     """
 
     name: str
@@ -404,7 +409,7 @@ def _write_cases(location: str, dtype: str, nbytes: int, *, kind: str = "write",
     def floor(ctx: CaseDir) -> Callable[[], object]:
         d = data()
         _, _, header = _reference_file(ctx, d)
-        return _fresh_file(ctx, lambda p: _lowlevel.floor_write(p, header, d))
+        return _fresh_file(ctx, lambda p: floors.floor_write(p, header, d))
 
     def copy(ctx: CaseDir) -> Callable[[], object]:
         d = data()
@@ -460,7 +465,7 @@ def _convert_cases(location: str) -> list[Case]:
     def floor(ctx: CaseDir) -> Callable[[], object]:
         pcm = _audio("int16", frames)
         _, _, header = _reference_file(ctx, pcm)
-        return _fresh_file(ctx, lambda p: _lowlevel.floor_write(p, header, pcm))
+        return _fresh_file(ctx, lambda p: floors.floor_write(p, header, pcm))
 
     def convert_only(ctx: CaseDir) -> Callable[[], object]:
         d = data()
@@ -532,12 +537,12 @@ def _read_cases(location: str, dtype: str, nbytes: int, *, kind: str = "read",
     def floor(ctx: CaseDir) -> Callable[[], object]:
         path, offset, d = prepared(ctx)
         dest = np.zeros_like(d)  # allocated and touched once, outside the timing
-        return lambda: _lowlevel.floor_read(path, offset, dest)
+        return lambda: floors.floor_read(path, offset, dest)
 
     def floor_new(ctx: CaseDir) -> Callable[[], object]:
         # What an owned result costs at least: the floor plus a new array's memory.
         path, offset, d = prepared(ctx)
-        return lambda: _lowlevel.floor_read(path, offset, np.empty_like(d))
+        return lambda: floors.floor_read(path, offset, np.empty_like(d))
 
     b.add(M_READ_MMAP, OURS, mmap, quick=quick)
     b.add(M_READ_MMAP_COPY, OURS, mmap_copy)
@@ -604,8 +609,8 @@ def _roundtrip_cases(location: str) -> list[Case]:
         dest = np.zeros_like(d)
 
         def step(path: str) -> None:
-            _lowlevel.floor_write(path, header, d)
-            _lowlevel.floor_read(path, offset, dest)
+            floors.floor_write(path, header, d)
+            floors.floor_read(path, offset, dest)
         return _fresh_file(ctx, step)
 
     def ours_cleanup(ctx: CaseDir) -> Callable[[], object]:
@@ -634,8 +639,8 @@ def _roundtrip_cases(location: str) -> list[Case]:
         path = ctx.path("fresh.wav")
 
         def step() -> None:
-            _lowlevel.floor_write(path, header, d)
-            _lowlevel.floor_read(path, offset, dest)
+            floors.floor_write(path, header, d)
+            floors.floor_read(path, offset, dest)
             _os.unlink(path)
         return step
 
@@ -717,7 +722,7 @@ def _temp_cases(location: str) -> list[Case]:
 
     def touch(ctx: CaseDir) -> Callable[[], object]:
         counter = _itertools.count()
-        return lambda: _lowlevel.touch_excl(f"{ctx.directory}/f{next(counter)}.wav")
+        return lambda: floors.touch_excl(f"{ctx.directory}/f{next(counter)}.wav")
 
     def make_files(directory: str) -> None:
         for _ in range(CLEANUP_FILES):
@@ -866,7 +871,7 @@ def all_cases() -> tuple[Case, ...]:
 
 
 def quick_cases() -> tuple[Case, ...]:
-    """The few cases of ``luna-shm bench --quick`` (RAM disk only)."""
+    """The few cases of ``benchmarks/cases.py --quick`` (RAM disk only)."""
     return tuple(case for case in all_cases() if case.quick)
 
 
@@ -1061,7 +1066,7 @@ def measure(workspace: Workspace, case: Case, *, quick: bool = False) -> Result:
     Args:
         workspace: the run's private directories.
         case: what to time.
-        quick: few rounds (``luna-shm bench --quick``).
+        quick: few rounds (``benchmarks/cases.py --quick``).
 
     Returns:
         The case's :class:`Result`.
@@ -1430,3 +1435,40 @@ def describe_machine(workspace: Workspace | None = None) -> dict[str, str]:
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages from /proc/loadavg ("unknown" elsewhere)."""
     return _loadavg()
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = _sys.stdout) -> int:
+    """``python benchmarks/cases.py [--quick]``: run the cases and print the table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/cases.py",
+        description="Time luna_shm side by side with soundfile, scipy, the stdlib and the C "
+        "floors, on the RAM disk and the disk temp dir, in private directories removed "
+        "afterwards; print median, p99 and the ratios, with the targets met or missed. The "
+        "full run takes minutes; --quick runs a small subset in seconds.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small subset with few rounds (a few seconds)")
+    args = parser.parse_args(argv)
+    cases = quick_cases() if args.quick else all_cases()
+    results = run(cases, quick=args.quick, progress=Progress(_sys.stderr, len(cases)))
+    machine = describe_machine()
+    print(f"luna_shm bench{' --quick' if args.quick else ''}: {len(results)} cases on "
+          f"{machine['CPU']}, {machine['cores']} cores, {machine['kernel']}; "
+          f"RAM dir {machine['RAM dir']}, disk temp dir {machine['disk temp dir']}", file=out)
+    for line in format_table(results):
+        print(line, file=out)
+    measured = [outcome for outcome in evaluate_targets(
+        {result.case.name: result.median for result in results}) if outcome.value is not None]
+    if measured:
+        print("targets:", file=out)
+        for line in format_targets(measured):
+            print(line, file=out)
+    note = " (--quick: few rounds, expect noise)" if args.quick else ""
+    print(f"times are per call: median and 99th percentile of the rounds shown{note}; "
+          "ratios are within one group of this run", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
