@@ -31,6 +31,9 @@
 #define LUNA_HAS_O_TMPFILE 0
 #endif
 
+/* @cffi-cdef-begin: from here to @cffi-cdef-end, this header is the cffi cdef
+ * (csrc/build.py reads it): only declarations, structs and integer #defines. */
+
 /* Outside the errno range: "the bytes are not a WAV file we can read". */
 #define LUNA_EFORMAT 4096
 
@@ -268,5 +271,7 @@ void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
  * extremes. Returns 0, or -EINVAL for another dst_bits. */
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
+
+/* @cffi-cdef-end */
 
 #endif /* LUNA_SHM_H */

@@ -14,6 +14,7 @@ class _Lib:
     LUNA_EFORMAT: int
     LUNA_WAVE_FORMAT_PCM: int
     LUNA_WAVE_FORMAT_IEEE_FLOAT: int
+    LUNA_WAVE_FORMAT_EXTENSIBLE: int
     LUNA_WAV_MAX_HEADER: int
 
     def luna_create_excl(self, path: Any, mode: int) -> int: ...
