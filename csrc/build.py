@@ -100,8 +100,8 @@ int luna_stream_append(int fd, uint8_t *header_map,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n);
 
-void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
-void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
+int luna_pack_s24(const void *src, uint8_t *dst, uint64_t count);
+int luna_unpack_s24(const uint8_t *src, void *dst, uint64_t count);
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
 

@@ -257,18 +257,25 @@ int luna_stream_append(int fd, uint8_t *header_map,
 
 /* ---- convert.c: sample conversion in one pass ---------------------------- */
 
-/* Pack the top 24 bits of each int32 sample, little-endian, 3 bytes each. */
-void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
+/* No pointer given to these functions needs any alignment (read_wav views of
+ * a mapped file start wherever the file's data does). count above
+ * SIZE_MAX / 8 (a buffer that cannot exist) is refused with -EFBIG before any
+ * byte is touched. */
 
-/* Unpack 3-byte little-endian samples into int32 with the sample in the top
- * 24 bits (as libsndfile returns them). */
-void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
+/* Pack the top 24 bits of each of count int32 samples (native byte order) at
+ * src, little-endian, 3 bytes each, into dst. Returns 0 or -EFBIG. */
+int luna_pack_s24(const void *src, uint8_t *dst, uint64_t count);
+
+/* Unpack count 3-byte little-endian samples into int32 (native byte order)
+ * with the sample in the top 24 bits (as libsndfile returns them). Returns 0
+ * or -EFBIG. */
+int luna_unpack_s24(const uint8_t *src, void *dst, uint64_t count);
 
 /* Convert count float32 (src_is_double=0) or float64 samples in [-1, 1] to
  * PCM of dst_bits (8: unsigned, 16, 24: packed 3 bytes, 32) in one pass:
  * scaled by the target's largest positive value, clipped to its range,
  * rounded to nearest with ties to even; NaN becomes 0 (silence), +-inf the
- * extremes. Returns 0, or -EINVAL for another dst_bits. */
+ * extremes. Returns 0, -EINVAL for another dst_bits, or -EFBIG. */
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
 

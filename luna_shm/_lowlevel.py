@@ -409,7 +409,7 @@ def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
     if dest.nbytes != src.size * 3:
         raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * 3}")
     with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
-        lib.luna_pack_s24(ffi.cast("const int32_t *", s), ffi.cast("uint8_t *", d), src.size)
+        check(lib.luna_pack_s24(s, ffi.cast("uint8_t *", d), src.size))
 
 
 def pack_s24(src: np.ndarray) -> np.ndarray:
@@ -423,7 +423,7 @@ def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
     """count packed 24-bit samples as int32 with the sample in the top 24 bits."""
     dst = np.empty(count, dtype=np.int32)
     with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
-        lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), ffi.cast("int32_t *", d), count)
+        check(lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), d, count))
     return dst
 
 
