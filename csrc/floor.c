@@ -7,12 +7,16 @@
 #include "luna_shm.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 int luna_floor_write(const char *path, const void *header, uint64_t header_len,
                      const void *data, uint64_t data_len)
 {
+    /* One writev must be able to report the whole length (ssize_t). */
+    if (header_len > (uint64_t)SSIZE_MAX || data_len > (uint64_t)SSIZE_MAX - header_len)
+        return -EFBIG;
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
@@ -26,6 +30,10 @@ int luna_floor_write(const char *path, const void *header, uint64_t header_len,
 
 int luna_floor_read(const char *path, uint64_t offset, void *dst, uint64_t len)
 {
+    if (offset > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    if (len > (uint64_t)SSIZE_MAX || len > (uint64_t)INT64_MAX - offset)
+        return -EFBIG;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
