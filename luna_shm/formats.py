@@ -66,7 +66,7 @@ def natural_subtype(dtype: np.dtype[Any]) -> str:
 def check_subtype(subtype: object) -> str:
     """subtype as a known name; ValueError for an unknown one."""
     if not isinstance(subtype, str) or subtype.upper() not in SUBTYPES:
-        raise ValueError(f"unknown subtype {subtype!r}: use one of {', '.join(SUBTYPES)}")
+        raise ValueError(f"unknown subtype {brief(subtype)}: use one of {', '.join(SUBTYPES)}")
     return subtype.upper()
 
 

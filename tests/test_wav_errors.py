@@ -109,6 +109,12 @@ def test_write_wav_rejects_an_unknown_subtype_naming_it(ram, subtype):
     assert os.listdir(ram) == []
 
 
+def test_write_wav_names_a_huge_unknown_subtype_by_its_length(ram):
+    with pytest.raises(ValueError, match=r"^unknown subtype str of length 500000: use one of "):
+        write_wav(ram / "out.wav", np.zeros(4, np.int16), RATE, subtype="X" * 500_000)
+    assert os.listdir(ram) == []
+
+
 @pytest.mark.parametrize(("dtype", "subtype"), [
     ("int16", "PCM_24"), ("int16", "FLOAT"), ("float64", "FLOAT"), ("float32", "DOUBLE"),
     ("uint8", "PCM_16"), ("int32", "DOUBLE"), ("int32", "PCM_16"), ("int16", "PCM_U8"),
