@@ -182,7 +182,7 @@ int luna_stream_append(int fd, uint8_t *header_map,
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
     static const uint8_t pad = 0;
-    if (n > UINT64_MAX - *data_bytes)
+    if (n > UINT64_MAX - *data_bytes || n > (uint64_t)SIZE_MAX)
         return -EFBIG; /* the sum would wrap to a small, valid-looking size */
     uint64_t total = *data_bytes + n;
     /* total <= 4 GiB once the header accepts it, data_offset == len <= 128:
