@@ -37,6 +37,8 @@ static int keep_if_regular(int fd, int not_regular, uint64_t *size)
 
 int luna_create_excl(const char *path, unsigned int mode)
 {
+    if (mode & ~07777u)
+        return -EINVAL; /* not permission bits: never let open() see them */
     /* O_EXCL with O_CREAT never follows a symlink at path, and fails on any
      * existing name: that is what makes a guessed name safe to use. */
     return open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
@@ -76,6 +78,8 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
 
 int luna_create_locked(const char *dir, const char *path, unsigned int mode)
 {
+    if (mode & ~07777u)
+        return -EINVAL;
     /* Lock the file before it has a name, so that no cleanup can ever see it
      * unlocked: an O_TMPFILE file, flocked, then linked in. */
     int fd = luna_open_unnamed(dir);

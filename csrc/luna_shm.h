@@ -4,6 +4,11 @@
  * Conventions: every exported function returns >= 0 on success and -errno on
  * failure, unless its comment says otherwise. WAV format problems return
  * -LUNA_EFORMAT and leave a static, human-readable reason in the info struct.
+ *
+ * Every function checks its own size arithmetic instead of trusting its
+ * caller: an offset that cannot be a file position (above INT64_MAX) is
+ * -EINVAL, and a size or a sum of sizes that passes what a file, a WAV or
+ * the address space can hold is -EFBIG, before any byte is touched.
  */
 #ifndef LUNA_SHM_H
 #define LUNA_SHM_H
@@ -41,7 +46,8 @@
 
 /* Create path exclusively: O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC with the
  * given mode. Returns the fd, or -errno (-EEXIST when the name is taken,
- * whatever sits there: file, symlink, FIFO or directory). */
+ * whatever sits there: file, symlink, FIFO or directory; -EINVAL when mode
+ * has bits outside 07777). */
 int luna_create_excl(const char *path, unsigned int mode);
 
 /* Open path for writing a whole new content without following a symlink in
@@ -56,7 +62,7 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
  * name appears (O_TMPFILE + flock + linkat), so that a concurrent cleanup can
  * never take it for abandoned. Falls back to create + flock where O_TMPFILE
  * is not supported. Returns the fd, or -errno (-EEXIST when the name is
- * taken). */
+ * taken, -EINVAL when mode has bits outside 07777). */
 int luna_create_locked(const char *dir, const char *path, unsigned int mode);
 
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
@@ -98,10 +104,12 @@ int luna_fs_probe(const char *path, struct luna_fs_info *out);
 /* ---- mapping.c: space, mappings, anonymous files ------------------------- */
 
 /* Reserve [offset, offset+len) with posix_fallocate so that later page faults
- * cannot fail: a full RAM disk is -ENOSPC now, never SIGBUS later. */
+ * cannot fail: a full RAM disk is -ENOSPC now, never SIGBUS later. Returns 0
+ * or -errno (-EINVAL for offset > INT64_MAX, -EFBIG when offset + len passes
+ * it). */
 int luna_reserve(int fd, uint64_t offset, uint64_t len);
 
-/* Set the file length. Returns 0 or -errno. */
+/* Set the file length. Returns 0 or -errno (-EFBIG for len > INT64_MAX). */
 int luna_set_length(int fd, uint64_t len);
 
 /* Map len bytes of fd shared, read-only or writable; populate=1 pre-faults
@@ -114,7 +122,8 @@ int luna_unmap(void *addr, uint64_t len);
 /* Shrink a file that is mapped writable at addr (map_len bytes) to new_len
  * bytes, and replace the whole pages past the new end with private anonymous
  * memory, so that an old view that still writes there touches harmless
- * memory instead of dying with SIGBUS. Returns 0 or -errno. */
+ * memory instead of dying with SIGBUS. Returns 0 or -errno (-EINVAL when
+ * new_len > map_len or map_len is not a size a mapping can have). */
 int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len);
 
 /* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
@@ -155,7 +164,8 @@ struct luna_wav_spec {
  * audio followed by a skippable chunk of tail_bytes (0, or >= 8: a slot's
  * unused space). The data starts at an offset that is a multiple of the
  * sample size. Returns the header length (= data offset), -EINVAL for a spec
- * we do not write, or -EFBIG when the file would pass 4 GiB. */
+ * we do not write (or a tail_bytes that is odd or 1..7), or -EFBIG when
+ * data_bytes, tail_bytes or the whole file would pass 4 GiB. */
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
                     uint64_t data_bytes, uint64_t tail_bytes);
 
@@ -163,14 +173,14 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
  * the header for data_bytes of audio at the start, the pad byte, and a JUNK
  * chunk covering the rest of the slot. The samples themselves are not
  * touched. Returns the header length (= data offset), -EFBIG when the audio
- * does not fit, or -EINVAL. */
+ * does not fit, or -EINVAL (a bad spec, an odd tail, slot_len > SIZE_MAX). */
 int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
                          const struct luna_wav_spec *spec, uint64_t data_bytes);
 
 /* Copy data_bytes of samples (already in the file's encoding) into a pool
  * slot after the header, then format the slot as luna_wav_format_slot does:
  * a whole pooled write in one call. Returns the header length, -EFBIG when
- * the audio does not fit, or -EINVAL. */
+ * the audio does not fit, or -EINVAL (as luna_wav_format_slot). */
 int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
                        const struct luna_wav_spec *spec, const void *data,
                        uint64_t data_bytes);
@@ -192,16 +202,20 @@ struct luna_wav_info {
 };
 
 /* Parse a WAV held whole in buf[0..len). Never reads outside buf.
- * Returns 0, or -LUNA_EFORMAT with out->error set. */
+ * Returns 0, -LUNA_EFORMAT with out->error set, or -EINVAL when buf is NULL
+ * and len is not 0. */
 int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
                           struct luna_wav_info *out);
 
 /* Parse the WAV in fd (file_size bytes long) with pread, reading only chunk
- * headers and the fmt chunk. Returns 0, -LUNA_EFORMAT, or -errno. */
+ * headers and the fmt chunk. Returns 0, -LUNA_EFORMAT (also when the file
+ * ends before file_size), -EFBIG for file_size > INT64_MAX, or -errno. */
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 
 /* Open path, check it is a regular file and parse it. Returns the open fd,
- * -LUNA_EFORMAT (out->error set) or -errno; closes the fd on failure. */
+ * -LUNA_EFORMAT (out->error set; also for a file that holds less than its
+ * size says, as /proc and /sys files do) or -errno; closes the fd on
+ * failure. */
 int luna_wav_open(const char *path, struct luna_wav_info *out);
 
 /* Open and parse path as luna_wav_open does, then map [0, data end)
@@ -212,7 +226,8 @@ int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
 /* ---- wav_io.c: moving bytes ---------------------------------------------- */
 
 /* Write header + data (+ pad byte) to fd at its current position with one
- * writev (looping only on short writes). Returns 0 or -errno. */
+ * writev (looping only on short writes). Returns 0 or -errno (-EINVAL for a
+ * spec we do not write, -EFBIG past 4 GiB). */
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);
 
@@ -236,13 +251,16 @@ int luna_write_wav_atomic(const char *dir, const char *path,
                           const void *data, uint64_t data_bytes);
 
 /* Read exactly n bytes at offset into dst. Returns 0, -ENODATA when the file
- * ended first (it shrank under us), or -errno. */
+ * ended first (it shrank under us), -EINVAL for offset > INT64_MAX, -EFBIG
+ * when offset + n passes it, or -errno. */
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
 
-/* luna_read_at, then close fd whatever happened. Returns 0 or -errno. */
+/* luna_read_at, then close fd whatever happened. Returns 0 or -errno (as
+ * luna_read_at). */
 int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
 
-/* Write exactly n bytes at offset. Returns 0 or -errno. */
+/* Write exactly n bytes at offset. Returns 0 or -errno (-EINVAL for
+ * offset > INT64_MAX, -EFBIG when offset + n passes it). */
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
 
 /* Streaming: append n bytes of audio to a WAV whose data currently holds
@@ -250,25 +268,33 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
  * cover exactly what is there: by a store into header_map (the file's first
  * page, mapped shared: no system call) or, when header_map is NULL, by a
  * pwrite. Updates *data_bytes. On failure the file is cut back to the WAV it
- * was. Returns 0 or -errno (-EFBIG past 4 GiB). */
+ * was. Returns 0 or -errno (-EFBIG when *data_bytes + n passes 4 GiB or
+ * wraps, -EINVAL when data_offset is not where spec's header ends). */
 int luna_stream_append(int fd, uint8_t *header_map,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n);
 
 /* ---- convert.c: sample conversion in one pass ---------------------------- */
 
-/* Pack the top 24 bits of each int32 sample, little-endian, 3 bytes each. */
-void luna_pack_s24(const int32_t *src, uint8_t *dst, uint64_t count);
+/* No pointer given to these functions needs any alignment (read_wav views of
+ * a mapped file start wherever the file's data does). count above
+ * SIZE_MAX / 8 (a buffer that cannot exist) is refused with -EFBIG before any
+ * byte is touched. */
 
-/* Unpack 3-byte little-endian samples into int32 with the sample in the top
- * 24 bits (as libsndfile returns them). */
-void luna_unpack_s24(const uint8_t *src, int32_t *dst, uint64_t count);
+/* Pack the top 24 bits of each of count int32 samples (native byte order) at
+ * src, little-endian, 3 bytes each, into dst. Returns 0 or -EFBIG. */
+int luna_pack_s24(const void *src, uint8_t *dst, uint64_t count);
+
+/* Unpack count 3-byte little-endian samples into int32 (native byte order)
+ * with the sample in the top 24 bits (as libsndfile returns them). Returns 0
+ * or -EFBIG. */
+int luna_unpack_s24(const uint8_t *src, void *dst, uint64_t count);
 
 /* Convert count float32 (src_is_double=0) or float64 samples in [-1, 1] to
  * PCM of dst_bits (8: unsigned, 16, 24: packed 3 bytes, 32) in one pass:
  * scaled by the target's largest positive value, clipped to its range,
  * rounded to nearest with ties to even; NaN becomes 0 (silence), +-inf the
- * extremes. Returns 0, or -EINVAL for another dst_bits. */
+ * extremes. Returns 0, -EINVAL for another dst_bits, or -EFBIG. */
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
 

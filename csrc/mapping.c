@@ -8,6 +8,10 @@
 
 int luna_reserve(int fd, uint64_t offset, uint64_t len)
 {
+    if (offset > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    if (len > (uint64_t)INT64_MAX - offset)
+        return -EFBIG;
     if (len == 0)
         return 0;
     /* posix_fallocate returns the error number itself, not -1/errno. */
@@ -20,6 +24,8 @@ int luna_reserve(int fd, uint64_t offset, uint64_t len)
 
 int luna_set_length(int fd, uint64_t len)
 {
+    if (len > (uint64_t)INT64_MAX)
+        return -EFBIG; /* (off_t)len would be negative */
     int rc;
     do {
         rc = ftruncate(fd, (off_t)len);
@@ -54,9 +60,9 @@ int luna_unmap(void *addr, uint64_t len)
 int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len)
 {
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    if (new_len > map_len || map_len > (uint64_t)SIZE_MAX - page)
+        return -EINVAL; /* checked first: the rounding below cannot wrap */
     uint64_t keep = (new_len + page - 1) / page * page;
-    if (new_len > map_len)
-        return -EINVAL;
     /* First cover the doomed whole pages, then cut the file: at no moment can
      * a store through an old view land on a page past the end of the file. */
     if (keep < map_len) {

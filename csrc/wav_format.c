@@ -9,6 +9,7 @@
 #include "luna_shm.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 
 /* KSDATAFORMAT_SUBTYPE_{PCM,IEEE_FLOAT} after their first two bytes. */
@@ -58,9 +59,12 @@ static uint32_t default_channel_mask(uint32_t channels)
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
                     uint64_t data_bytes, uint64_t tail_bytes)
 {
-    if (!spec_is_valid(spec) || (tail_bytes != 0 && tail_bytes < 8) ||
-        (tail_bytes & 1u))
+    if (!out || !spec || !spec_is_valid(spec) ||
+        (tail_bytes != 0 && tail_bytes < 8) || (tail_bytes & 1u))
         return -EINVAL;
+    /* Checked before any sum, so that none of them can wrap. */
+    if (data_bytes > 0xFFFFFFFFu || tail_bytes > 0xFFFFFFFFu)
+        return -EFBIG;
     uint32_t sample_bytes = spec->bits / 8u;
     uint64_t block_align = (uint64_t)spec->channels * sample_bytes;
     uint64_t byte_rate = block_align * spec->samplerate;
@@ -83,7 +87,7 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
     uint64_t header_len = base + (pad_chunk ? 8u + pad_body : 0u) + 8u;
     uint64_t riff_size = header_len - 8u + data_bytes + (data_bytes & 1u) +
                          tail_bytes;
-    if (data_bytes > 0xFFFFFFFFu || riff_size > 0xFFFFFFFFu)
+    if (riff_size > 0xFFFFFFFFu)
         return -EFBIG;
 
     uint8_t *p = out;
@@ -128,6 +132,9 @@ int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
                          const struct luna_wav_spec *spec, uint64_t data_bytes)
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
+    if (!slot || slot_len > (uint64_t)SIZE_MAX)
+        return -EINVAL;
+    /* data_bytes <= 4 GiB once the header accepts it: end cannot wrap. */
     int len = luna_wav_header(header, spec, data_bytes, 8);
     if (len < 0)
         return len;
@@ -153,6 +160,8 @@ int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
                        uint64_t data_bytes)
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
+    if (!slot || slot_len > (uint64_t)SIZE_MAX || (!data && data_bytes))
+        return -EINVAL;
     int len = luna_wav_header(header, spec, data_bytes, 8);
     if (len < 0)
         return len;

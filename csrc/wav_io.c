@@ -23,8 +23,22 @@ static struct iovec *iov_advance(struct iovec *iov, int *n, size_t done)
     return iov;
 }
 
+/* Whether [offset, offset + n) can be a range of a file and of memory:
+ * -EINVAL for an offset that is no file position (above INT64_MAX, where it
+ * would also turn into write_all's "file position" sentinel), -EFBIG when the
+ * range ends past the largest file offset or n does not fit a size_t. */
+static int check_range(uint64_t offset, uint64_t n)
+{
+    if (offset > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    if (n > (uint64_t)INT64_MAX - offset || n > (uint64_t)SIZE_MAX)
+        return -EFBIG;
+    return 0;
+}
+
 /* Write all of iov[0..n) at off, or at the file position when off < 0,
- * resuming after short writes and EINTR. */
+ * resuming after short writes and EINTR. Callers check their offsets with
+ * check_range, so that a real offset is never negative. */
 static int write_all(int fd, struct iovec *iov, int n, int64_t off)
 {
     iov = iov_advance(iov, &n, 0);
@@ -125,6 +139,9 @@ int luna_write_wav_atomic(const char *dir, const char *path,
 
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n)
 {
+    int rc = check_range(offset, n);
+    if (rc < 0)
+        return rc;
     char *p = dst;
     while (n > 0) {
         size_t want = n > (uint64_t)SSIZE_MAX ? (size_t)SSIZE_MAX : (size_t)n;
@@ -152,6 +169,9 @@ int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n)
 
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
 {
+    int rc = check_range(offset, n);
+    if (rc < 0)
+        return rc;
     struct iovec iov = {(void *)src, (size_t)n};
     return write_all(fd, &iov, 1, (int64_t)offset);
 }
@@ -162,7 +182,11 @@ int luna_stream_append(int fd, uint8_t *header_map,
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
     static const uint8_t pad = 0;
+    if (n > UINT64_MAX - *data_bytes || n > (uint64_t)SIZE_MAX)
+        return -EFBIG; /* the sum would wrap to a small, valid-looking size */
     uint64_t total = *data_bytes + n;
+    /* total <= 4 GiB once the header accepts it, data_offset == len <= 128:
+     * no sum below can wrap. */
     int len = luna_wav_header(header, spec, total, 0);
     if (len < 0)
         return len;

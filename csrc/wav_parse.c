@@ -34,16 +34,28 @@ struct source {
 static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
                                       0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71};
 
+/* Why a file ended before the size that fstat gave: procfs and sysfs files
+ * say 0 or 4096 bytes whatever they hold, and a file can shrink under us. */
+static const char *const ended_early =
+    "file ended before its size (a /proc or /sys file, or it shrank while "
+    "it was read)";
+
 /* Copy [off, off+n) of the source into dst; the caller has checked the
- * range against src->size. Returns 0 or -errno. */
+ * range against src->size. Returns 0, -LUNA_EFORMAT when the file ended
+ * first (out->error set), or -errno. */
 static int source_read(const struct source *src, uint64_t off, void *dst,
-                       size_t n)
+                       size_t n, struct luna_wav_info *out)
 {
     if (off <= src->buf_len && n <= src->buf_len - off) {
         memcpy(dst, src->buf + off, n);
         return 0;
     }
-    return luna_read_at(src->fd, off, dst, n);
+    int rc = luna_read_at(src->fd, off, dst, n);
+    if (rc == -ENODATA) {
+        out->error = ended_early;
+        return -LUNA_EFORMAT;
+    }
+    return rc;
 }
 
 static uint32_t get_u16(const uint8_t *p)
@@ -72,7 +84,7 @@ static int parse_fmt(const struct source *src, uint64_t off, uint32_t size,
         return fail(out, "fmt chunk is shorter than 16 bytes");
     if (size > src->size - off)
         return fail(out, "fmt chunk runs past the end of the file");
-    int rc = source_read(src, off, f, size < 40 ? size : 40);
+    int rc = source_read(src, off, f, size < 40 ? size : 40, out);
     if (rc < 0)
         return rc;
 
@@ -125,7 +137,7 @@ static int parse(const struct source *src, struct luna_wav_info *out)
     out->file_size = src->size;
     if (src->size < 12)
         return fail(out, "file is too short for a RIFF/WAVE header");
-    int rc = source_read(src, 0, h, 12);
+    int rc = source_read(src, 0, h, 12, out);
     if (rc < 0)
         return rc;
     if (memcmp(h, "RF64", 4) == 0)
@@ -150,7 +162,7 @@ static int parse(const struct source *src, struct luna_wav_info *out)
             return fail(out, have_fmt ? "no data chunk" : "no fmt chunk");
         }
         uint8_t c[8];
-        rc = source_read(src, off, c, 8);
+        rc = source_read(src, off, c, 8, out);
         if (rc < 0)
             return rc;
         uint32_t size = get_u32(c + 4);
@@ -195,12 +207,16 @@ static int parse(const struct source *src, struct luna_wav_info *out)
 int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
                           struct luna_wav_info *out)
 {
+    if (!buf && len)
+        return -EINVAL;
     struct source src = {buf, len, -1, len};
     return parse(&src, out);
 }
 
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
 {
+    if (file_size > (uint64_t)INT64_MAX)
+        return -EFBIG; /* no file is that long: every offset must stay one */
     struct source src = {NULL, 0, fd, file_size};
     return parse(&src, out);
 }
@@ -219,6 +235,11 @@ int luna_wav_open(const char *path, struct luna_wav_info *out)
     uint8_t prefix[PREFIX_BYTES];
     uint64_t want = size < PREFIX_BYTES ? size : PREFIX_BYTES;
     int rc = luna_read_at(fd, 0, prefix, want);
+    if (rc == -ENODATA) {
+        *out = (struct luna_wav_info){0};
+        out->error = ended_early;
+        rc = -LUNA_EFORMAT;
+    }
     if (rc == 0) {
         struct source src = {prefix, want, fd, size};
         rc = parse(&src, out);

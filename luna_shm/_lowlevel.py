@@ -44,11 +44,31 @@ def _check_wav(rc: int, info: Any, filename: str | None) -> int:
     return check(rc, filename)
 
 
+def brief(value: object, limit: int = 80) -> str:
+    """How an error message names a value the caller passed: its repr when that is short,
+    else its type and size (never 500 KB of someone's bytes, nor an int's 10,000 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {value.shape} and dtype {value.dtype}"
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = ""
+    if text and len(text) <= limit:
+        return text
+    kind = type(value).__name__
+    try:
+        return f"{kind} of length {len(value)}"  # type: ignore[arg-type]
+    except TypeError:
+        return f"a {kind} object"
+
+
 def _c_path(path: str) -> bytes:
     """Encode a path for C the way the os module does, refusing NUL bytes."""
     encoded = os.fsencode(path)
     if b"\0" in encoded:
-        raise ValueError(f"path contains a NUL byte: {path!r}")
+        raise ValueError(f"path contains a NUL byte: {brief(path)}")
     return encoded
 
 
@@ -404,7 +424,7 @@ def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
     if dest.nbytes != src.size * 3:
         raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * 3}")
     with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
-        lib.luna_pack_s24(ffi.cast("const int32_t *", s), ffi.cast("uint8_t *", d), src.size)
+        check(lib.luna_pack_s24(s, ffi.cast("uint8_t *", d), src.size))
 
 
 def pack_s24(src: np.ndarray) -> np.ndarray:
@@ -418,7 +438,7 @@ def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
     """count packed 24-bit samples as int32 with the sample in the top 24 bits."""
     dst = np.empty(count, dtype=np.int32)
     with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
-        lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), ffi.cast("int32_t *", d), count)
+        check(lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), d, count))
     return dst
 
 

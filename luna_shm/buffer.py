@@ -51,6 +51,7 @@ class WavBuffer(FileResource):
         self.anonymous = bool(anonymous)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
+        formats.check_frames_fit(self.frames, self._spec)
         data_bytes = self.frames * self.channels * self.dtype.itemsize
         header = _lowlevel.wav_header_or_error(self._spec, data_bytes)
         self._header_len = len(header)
@@ -172,10 +173,10 @@ def create_wav_buffer(
     """Create a WAV file of ``frames`` frames whose samples are a writable numpy array.
 
     Args:
-        frames: length in frames (>= 0).
-        samplerate: frames per second.
+        frames: length in frames, >= 0, at most what a 4 GiB WAV holds.
+        samplerate: frames per second, 1 to 2**32-1.
         channels: 1 to 65535.
-        dtype: uint8, int16, int32, float32 or float64.
+        dtype: uint8, int16, int32, float32 or float64 (None is refused).
         path: where; None makes a new temp audio file on the RAM disk.
         anonymous: a memfd with no name in any directory (path must be None).
 
@@ -183,7 +184,8 @@ def create_wav_buffer(
         The open :class:`WavBuffer`; close it (or use ``with``) when done.
 
     Raises:
-        TypeError, ValueError: bad arguments.
+        TypeError, ValueError: bad arguments, named in the message (frames too long
+            for a 4 GiB WAV is a ValueError giving the limit).
         OSError: ENOSPC when the space cannot be reserved (nothing is left behind).
     """
     return WavBuffer(frames, samplerate, channels, dtype, path=path, anonymous=anonymous)

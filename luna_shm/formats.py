@@ -19,6 +19,8 @@ from luna_shm._lowlevel import (
     WAVE_FORMAT_PCM,
     WavInfo,
     WavSpec,
+    brief,
+    wav_header_size,
 )
 
 # subtype -> (WAV format tag, bits in the file, numpy dtype of the samples in memory)
@@ -46,6 +48,11 @@ _NATURAL_SUBTYPE: dict[tuple[str, int], str] = {
 SUPPORTED_DTYPES = "uint8, int16, int32, float32 or float64"
 MAX_CHANNELS = 65535
 MAX_SAMPLERATE = 2**32 - 1
+MAX_WAV_BYTES = 2**32 - 1  # RIFF sizes are 32-bit; RF64 is not supported
+
+# What numpy makes of a list of Python values, by dtype kind: for the error message.
+_PYTHON_ELEMENTS = {"i": "ints", "u": "ints", "b": "bools", "f": "floats", "c": "complex numbers",
+                    "U": "strings", "S": "bytes", "O": "objects"}
 
 
 def natural_subtype(dtype: np.dtype[Any]) -> str:
@@ -59,7 +66,7 @@ def natural_subtype(dtype: np.dtype[Any]) -> str:
 def check_subtype(subtype: object) -> str:
     """subtype as a known name; ValueError for an unknown one."""
     if not isinstance(subtype, str) or subtype.upper() not in SUBTYPES:
-        raise ValueError(f"unknown subtype {subtype!r}: use one of {', '.join(SUBTYPES)}")
+        raise ValueError(f"unknown subtype {brief(subtype)}: use one of {', '.join(SUBTYPES)}")
     return subtype.upper()
 
 
@@ -70,9 +77,9 @@ def check_samplerate(samplerate: object) -> int:
     try:
         rate = _operator.index(samplerate)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"samplerate must be an int, got {samplerate!r}") from None
+        raise TypeError(f"samplerate must be an int, got {brief(samplerate)}") from None
     if not 0 < rate <= MAX_SAMPLERATE:
-        raise ValueError(f"samplerate must be > 0 and <= {MAX_SAMPLERATE}, got {rate!r}")
+        raise ValueError(f"samplerate must be > 0 and <= {MAX_SAMPLERATE}, got {brief(rate)}")
     return rate
 
 
@@ -83,9 +90,9 @@ def check_channels(channels: object) -> int:
     try:
         count = _operator.index(channels)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"channels must be an int, got {channels!r}") from None
+        raise TypeError(f"channels must be an int, got {brief(channels)}") from None
     if not 0 < count <= MAX_CHANNELS:
-        raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}, got {count!r}")
+        raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}, got {brief(count)}")
     return count
 
 
@@ -96,28 +103,84 @@ def check_frames(frames: object) -> int:
     try:
         count = _operator.index(frames)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"frames must be an int, got {frames!r}") from None
+        raise TypeError(f"frames must be an int, got {brief(frames)}") from None
     if count < 0:
-        raise ValueError(f"frames must be >= 0, got {count!r}")
+        raise ValueError(f"frames must be >= 0, got {brief(count)}")
     return count
 
 
+def max_frames(spec: WavSpec) -> int:
+    """The most frames a WAV file of spec can hold (its RIFF sizes are 32-bit)."""
+    data_bytes = MAX_WAV_BYTES - (wav_header_size(spec) - 8)
+    data_bytes -= data_bytes & 1  # an odd data chunk takes a pad byte
+    return data_bytes // (spec.channels * (spec.bits // 8))
+
+
+def check_frames_fit(frames: int, spec: WavSpec) -> None:
+    """ValueError naming frames and the limit when a WAV of spec cannot hold that many."""
+    limit = max_frames(spec)
+    if frames > limit:
+        raise ValueError(
+            f"frames={brief(frames)} is too long for a WAV file: with {spec.channels} "
+            f"channel(s) of {spec.bits}-bit samples it holds at most {limit} frames "
+            "(4 GiB; RF64 is not supported)"
+        )
+
+
 def check_dtype(dtype: object) -> np.dtype[Any]:
-    """dtype as a little-endian numpy dtype that a WAV can hold."""
+    """dtype as a little-endian numpy dtype that a WAV can hold.
+
+    Raises:
+        TypeError: naming what the caller passed (None is refused, not read as
+            numpy's default float64).
+    """
+    message = f"dtype must be one of {SUPPORTED_DTYPES}, got {brief(dtype)}"
+    if dtype is None:
+        raise TypeError(message)
     try:
         resolved = np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"unsupported sample dtype {dtype!r}: use {SUPPORTED_DTYPES}") from None
-    return SUBTYPES[natural_subtype(resolved)][2]
+    except (TypeError, ValueError):
+        raise TypeError(message) from None
+    subtype = _NATURAL_SUBTYPE.get((resolved.kind, resolved.itemsize))
+    if subtype is None:
+        if str(resolved) != str(dtype):
+            message += f" (numpy {resolved})"
+        raise TypeError(message)
+    return SUBTYPES[subtype][2]
+
+
+def _as_array(data: object) -> np.ndarray:
+    """data as a numpy array; a list numpy makes an unsupported type of is named as such."""
+    if isinstance(data, np.ndarray):
+        return data
+    if data is None:
+        raise TypeError(f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got None")
+    try:
+        array = np.asarray(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data ({brief(data)}) is not an array of samples: {exc}") from None
+    if (array.dtype.kind, array.dtype.itemsize) in _NATURAL_SUBTYPE:
+        return array
+    if isinstance(data, (list, tuple)):
+        elements = _PYTHON_ELEMENTS.get(array.dtype.kind, "values")
+        got = f"a {type(data).__name__} of Python {elements}, which numpy makes {array.dtype}"
+    else:
+        got = f"{brief(data)}, which numpy makes {array.dtype}"
+    raise TypeError(
+        f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got {got}: "
+        "pass e.g. np.asarray(data, dtype=np.int16)"
+    )
 
 
 def check_audio(data: object) -> np.ndarray:
     """data as a 1-D or 2-D array of a WAV sample type, C-contiguous and little-endian.
 
     An array that is already so is returned as is (no copy); a strided or
-    big-endian one is converted once.
+    big-endian one is converted once. A list or other sequence is accepted when
+    numpy makes one of the supported types of it (a list of Python floats:
+    float64); a list of Python ints (int64) is refused with a hint.
     """
-    array = np.asarray(data)
+    array = _as_array(data)
     if array.dtype.kind in "bcOSUVMm":
         raise TypeError(f"unsupported sample dtype {array.dtype}: use {SUPPORTED_DTYPES}")
     natural = SUBTYPES[natural_subtype(array.dtype)][2]

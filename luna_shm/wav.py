@@ -16,6 +16,22 @@ from luna_shm import _lowlevel, encoding, formats, temp_audio
 
 __all__ = ["read_wav", "write_wav"]
 
+
+def _path_str(path: object, allowed: str) -> str:
+    """path as a str; TypeError naming what was passed, briefly (a read_wav(bytes) of a
+    whole WAV must not put 500 KB into the message)."""
+    try:
+        path_str = _os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        path_str = None
+    if not isinstance(path_str, str):
+        hint = ""
+        if isinstance(path, (bytes, bytearray, memoryview)) and len(path) > 256:
+            hint = " (WAV bytes in memory are not a path: write them to a file first)"
+        raise TypeError(f"path must be {allowed}, got {_lowlevel.brief(path)}{hint}")
+    return path_str
+
+
 def write_wav(
     path: str | _os.PathLike[str] | None,
     data: object,
@@ -46,16 +62,15 @@ def write_wav(
         The path written.
 
     Raises:
-        TypeError, ValueError: bad data, samplerate or subtype.
+        TypeError, ValueError: bad path, data, samplerate or subtype, named in the
+            message (a list of Python ints is refused: numpy makes it int64).
         OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
     """
     enc = encoding.plan(data, samplerate, subtype)
     array, spec = encoding.encoded(enc), enc.spec
     if path is None:
         return _write_new_temp_file(array, spec, enc.nbytes, atomic)
-    path_str = _os.fspath(path)
-    if not isinstance(path_str, str):
-        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    path_str = _path_str(path, "str, os.PathLike[str] or None")
     directory = _os.path.dirname(path_str) or "."
     partial = temp_audio.partial_path(path_str)
     try:
@@ -132,12 +147,12 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
         int32 with the sample in the top 24 bits, a copy), and the sample rate.
 
     Raises:
-        WavError: the file is malformed, truncated or of an unsupported encoding.
+        TypeError: path is not a str or os.PathLike[str].
+        WavError: the file is malformed, truncated or of an unsupported encoding, or
+            holds less than its size says (a /proc or /sys file).
         OSError: the file cannot be opened or read.
     """
-    path_str = _os.fspath(path)
-    if not isinstance(path_str, str):
-        raise TypeError(f"path must be str or os.PathLike[str], got {path!r}")
+    path_str = _path_str(path, "str or os.PathLike[str]")
     if mmap:
         mapping, info = _lowlevel.Mapping.of_wav(path_str)
         count = info.frames * info.channels

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO, assert_child_ok, run_in_private_shm
-from luna_shm import WavError, WavWriter, create_wav_buffer, read_wav, write_wav
+from luna_shm import WavError, WavWriter, create_wav_buffer, formats, read_wav, write_wav
+from luna_shm._lowlevel import wav_header, wav_header_size
 
 RATE = 8000
 
@@ -108,6 +109,12 @@ def test_write_wav_rejects_an_unknown_subtype_naming_it(ram, subtype):
     assert os.listdir(ram) == []
 
 
+def test_write_wav_names_a_huge_unknown_subtype_by_its_length(ram):
+    with pytest.raises(ValueError, match=r"^unknown subtype str of length 500000: use one of "):
+        write_wav(ram / "out.wav", np.zeros(4, np.int16), RATE, subtype="X" * 500_000)
+    assert os.listdir(ram) == []
+
+
 @pytest.mark.parametrize(("dtype", "subtype"), [
     ("int16", "PCM_24"), ("int16", "FLOAT"), ("float64", "FLOAT"), ("float32", "DOUBLE"),
     ("uint8", "PCM_16"), ("int32", "DOUBLE"), ("int32", "PCM_16"), ("int16", "PCM_U8"),
@@ -147,11 +154,56 @@ def test_write_wav_rejects_data_over_4_gib_without_touching_or_writing_it(ram, s
 @pytest.mark.parametrize(("path", "error", "message"), [
     (b"/dev/shm/x.wav", TypeError, "path must be str"),
     ("bad\0name.wav", ValueError, "path contains a NUL byte"),
-    (42, TypeError, "expected str, bytes or os.PathLike object"),
+    (42, TypeError, "path must be str, os.PathLike\\[str\\] or None, got 42"),
 ])
 def test_write_wav_rejects_a_path_of_the_wrong_kind(ram, path, error, message):
     with pytest.raises(error, match=message):
         write_wav(path, np.zeros(4, np.int16), RATE)
+
+
+@pytest.mark.parametrize("to_temp", [False, True], ids=["named-path", "temp-path"])
+@pytest.mark.parametrize(("data", "got"), [
+    pytest.param([1, 2, 3], "a list of Python ints, which numpy makes int64", id="list-of-ints"),
+    pytest.param((1, 2), "a tuple of Python ints, which numpy makes int64", id="tuple-of-ints"),
+    pytest.param([True, False], "a list of Python bools, which numpy makes bool", id="bools"),
+    pytest.param(7, "7, which numpy makes int64", id="int-scalar"),
+])
+def test_write_wav_of_python_values_numpy_makes_int64_of_says_so_and_what_to_pass(
+        ram, data, got, to_temp):
+    path = None if to_temp else ram / "out.wav"
+    with pytest.raises(TypeError, match=re.escape(
+            f"data must be a numpy array of uint8, int16, int32, float32 or float64 samples, "
+            f"got {got}: pass e.g. np.asarray(data, dtype=np.int16)")):
+        write_wav(path, data, RATE)
+    assert os.listdir(ram) == []
+
+
+def test_write_wav_of_none_or_a_ragged_list_names_it(ram):
+    with pytest.raises(TypeError, match=r"data must be a numpy array of .* samples, got None$"):
+        write_wav(ram / "out.wav", None, RATE)
+    with pytest.raises(ValueError, match=re.escape("data ([[1.0, 2.0], [3.0]]) is not an array "
+                                                   "of samples")):
+        write_wav(ram / "out.wav", [[1.0, 2.0], [3.0]], RATE)
+    assert os.listdir(ram) == []
+
+
+HUGE_INT = 10**5000  # its repr alone raises ValueError (more than 4300 digits)
+
+
+@pytest.mark.parametrize(("samplerate", "error"), [
+    (HUGE_INT, ValueError), (-HUGE_INT, ValueError), ("x" * 500_000, TypeError),
+    (b"\0" * 500_000, TypeError),
+], ids=["huge-int", "huge-negative-int", "long-str", "long-bytes"])
+def test_a_huge_argument_is_named_by_its_type_and_size_not_its_whole_value(ram, samplerate,
+                                                                          error):
+    with pytest.raises(error, match=r"^samplerate must be") as caught:
+        write_wav(ram / "out.wav", np.zeros(4, np.int16), samplerate)
+    assert len(str(caught.value)) < 200
+    assert re.search(r"an int of 16610 bits|str of length 500000|bytes of length 500000",
+                     str(caught.value))
+    with pytest.raises(error, match=r"^frames must be|^frames=an int of 16610 bits is too long"):
+        create_wav_buffer(samplerate, RATE)
+    assert os.listdir(ram) == []
 
 
 # ---- create_wav_buffer and WavWriter arguments ---------------------------------------------
@@ -168,12 +220,20 @@ def test_write_wav_rejects_a_path_of_the_wrong_kind(ram, path, error, message):
     (dict(channels=65536), ValueError, "got 65536"),
     (dict(channels=2.0), TypeError, "channels must be an int, got 2.0"),
     (dict(channels=40000), ValueError, "40000 channels of 16-bit samples"),
-    (dict(dtype="int64"), TypeError, "unsupported sample dtype int64"),
-    (dict(dtype="float16"), TypeError, "unsupported sample dtype float16"),
-    (dict(dtype=bool), TypeError, "unsupported sample dtype bool"),
-    (dict(dtype="no such type"), TypeError, "unsupported sample dtype 'no such type'"),
+    (dict(dtype="int64"), TypeError, "dtype must be one of .*, got 'int64'$"),
+    (dict(dtype="float16"), TypeError, "dtype must be one of .*, got 'float16'$"),
+    (dict(dtype=bool), TypeError, r"got <class 'bool'> \(numpy bool\)$"),
+    (dict(dtype="no such type"), TypeError, "got 'no such type'$"),
+    (dict(dtype=None), TypeError,
+     "^dtype must be one of uint8, int16, int32, float32 or float64, got None$"),
+    (dict(dtype="int"), TypeError, r"got 'int' \(numpy int64\)$"),
     (dict(frames=2**31, channels=2), ValueError,
-     "data too large for a WAV file: 8589934592 bytes"),
+     "frames=2147483648 is too long for a WAV file: with 2 channel.s. of 16-bit samples it "
+     r"holds at most 1073741814 frames \(4 GiB; RF64 is not supported\)"),
+    (dict(frames=2**62, channels=4, dtype="float64"), ValueError,
+     f"frames={2**62} is too long for a WAV file: .* at most 134217725 frames"),
+    (dict(frames=2**64), ValueError, f"frames={2**64} is too long for a WAV file"),
+    (dict(frames=2**31 - 18), ValueError, "at most 2147483629 frames"),
 ])
 @pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
 def test_create_wav_buffer_rejects_bad_arguments_before_creating_anything(ram, kwargs, error,
@@ -193,7 +253,8 @@ def test_an_anonymous_buffer_with_a_path_is_refused(ram):
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     (dict(samplerate=0), ValueError, "got 0"),
     (dict(channels=0), ValueError, "got 0"),
-    (dict(dtype="int64"), TypeError, "unsupported sample dtype int64"),
+    (dict(dtype="int64"), TypeError, "dtype must be one of .*, got 'int64'"),
+    (dict(dtype=None), TypeError, "dtype must be one of .*, got None"),
     (dict(channels=40000), ValueError, "40000 channels"),
 ])
 def test_wavwriter_rejects_bad_arguments_before_creating_anything(ram, kwargs, error, message):
@@ -240,6 +301,68 @@ def test_read_wav_of_a_fifo_raises_a_wav_error_at_once_instead_of_waiting_for_a_
             print(exc)
     """)
     assert assert_child_ok(done).strip() == f"{fifo}: not a regular file"
+
+
+def test_create_wav_buffer_takes_exactly_as_many_frames_as_a_wav_header_can_describe():
+    for dtype in ("uint8", "int16", "int32", "float32", "float64"):
+        for channels in (1, 2, 3, 7):
+            spec = formats.spec_for(formats.natural_subtype(np.dtype(dtype)), RATE, channels)
+            limit = formats.max_frames(spec)
+            block = channels * np.dtype(dtype).itemsize
+            assert len(wav_header(spec, limit * block)) == wav_header_size(spec)
+            with pytest.raises(OSError) as caught:
+                wav_header(spec, (limit + 1) * block)
+            assert caught.value.errno == errno.EFBIG
+            formats.check_frames_fit(np.int64(limit), spec)  # numpy integers are fine
+            with pytest.raises(ValueError, match=f"frames={limit + 1} is too long"):
+                formats.check_frames_fit(limit + 1, spec)
+
+
+@pytest.mark.parametrize(("path", "allowed"), [
+    (b"RIFF" + bytes(500_000), "str or os.PathLike\\[str\\]"),
+    (bytearray(500_000), "str or os.PathLike\\[str\\]"),
+    (np.zeros(500_000, np.int16), "str or os.PathLike\\[str\\]"),
+    (None, "str or os.PathLike\\[str\\]"),
+], ids=["wav-bytes", "bytearray", "array", "none"])
+def test_read_wav_of_something_not_a_path_names_its_type_and_size_not_its_content(path, allowed):
+    for mmap in (True, False):
+        with pytest.raises(TypeError, match=f"^path must be {allowed}, got ") as caught:
+            read_wav(path, mmap=mmap)
+        assert len(str(caught.value)) < 200
+
+
+def test_write_wav_to_a_long_bytes_path_or_a_long_path_with_a_nul_names_it_briefly(ram):
+    with pytest.raises(TypeError, match=r"got bytes of length 500004 .WAV bytes in memory are "
+                                        r"not a path"):
+        write_wav(b"RIFF" + bytes(500_000), np.zeros(4, np.int16), RATE)
+    long_path = str(ram) + "/" + "\0" * 500_000
+    with pytest.raises(ValueError, match=f"^path contains a NUL byte: str of length "
+                                         f"{len(long_path)}$"):
+        write_wav(long_path, np.zeros(4, np.int16), RATE)
+    assert os.listdir(ram) == []
+
+
+def _a_file_shorter_than_its_size() -> str:
+    """A /sys file that holds less than stat says (sysfs says 4096); skip when none is."""
+    for path in ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/profiling",
+                 "/sys/devices/system/cpu/online", "/sys/kernel/uevent_seqnum",
+                 "/sys/power/state"):
+        try:
+            with open(path, "rb") as handle:
+                if 0 < len(handle.read()) < os.fstat(handle.fileno()).st_size:
+                    return path
+        except OSError:
+            continue
+    pytest.skip("no readable /sys file that holds less than its size says here")
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+def test_read_wav_of_a_proc_or_sys_file_raises_a_wav_error_naming_it(mmap):
+    sys_file = _a_file_shorter_than_its_size()
+    with pytest.raises(WavError, match=f"^{re.escape(sys_file)}: file ended before its size"):
+        read_wav(sys_file, mmap=mmap)
+    with pytest.raises(WavError, match=r"^/proc/self/status: file is too short"):
+        read_wav("/proc/self/status", mmap=mmap)
 
 
 def valid_wav(ram: Path) -> bytes:

@@ -11,8 +11,8 @@ Oracles, in order of independence:
   bytes: it either raises WavError or returns a header whose data range lies
   inside the input with frames * block_align == data_bytes; from memory and
   from a file it answers the same;
-- an AddressSanitizer/UndefinedBehaviorSanitizer build of the C parser
-  (tests/c/parse_corpus.c) over the fixtures, the seed corpus and mutations.
+- an AddressSanitizer/UndefinedBehaviorSanitizer build (alignment checks included) of
+  the C parser (tests/c/parse_corpus.c) over the fixtures, the seed corpus and mutations.
 
 No file is created outside pytest's tmp_path; read_wav and the parser only read.
 """
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -33,8 +31,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from sanitizers import SANITIZER_MARKS, build_sanitized
 
-from helpers import REPO
 from luna_shm import WavError, read_wav
 from luna_shm._lowlevel import (
     WAVE_FORMAT_IEEE_FLOAT,
@@ -493,51 +491,14 @@ def test_seed_corpus_file_is_refused_or_read_exactly_by_read_wav(name: str) -> N
 
 # ---- the C parser under AddressSanitizer and UndefinedBehaviorSanitizer -------------------------
 
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-STRICT = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-g", "-O1", "-fno-omit-frame-pointer"]
-SANITIZER_ENV = {
-    "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:abort_on_error=0:strict_string_checks=1",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-}
-SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer",
-                   "runtime error:")
-
-
 @pytest.fixture(scope="module")
 def sanitized_parser(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """parse_corpus built with -fsanitize=address,undefined, and the environment to run it in.
+    """parse_corpus built with ASan + UBSan (alignment included), and its environment.
 
-    Skips, with the compiler's words, when a tiny program cannot be built with
-    the sanitizers and run here; a build failure of our own C is a failure.
-    LeakSanitizer is on unless it cannot run here (it needs ptrace-like access).
+    Skips only by capability probe (tests/sanitizers.py); a build failure of our own C
+    is a failure.
     """
-    work = tmp_path_factory.mktemp("sanitized")
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed: cannot build the sanitizer build of the parser")
-    env = {**os.environ, **SANITIZER_ENV, "TMPDIR": str(work)}  # gcc's temp files too
-    probe = work / "probe.c"
-    probe.write_text("#include <stdlib.h>\n"
-                     "int main(void) { char *p = malloc(8); p[7] = 1; int r = p[7] - 1; "
-                     "free(p); return r; }\n")
-    built = subprocess.run([gcc, *SANITIZE, str(probe), "-o", str(work / "probe")],
-                           capture_output=True, text=True, env=env)
-    if built.returncode != 0:
-        pytest.skip(f"gcc cannot build with {' '.join(SANITIZE)} here: {built.stderr[-400:]}")
-    ran = subprocess.run([str(work / "probe")], capture_output=True, text=True, env=env)
-    if ran.returncode != 0:
-        env["ASAN_OPTIONS"] = env["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
-        ran = subprocess.run([str(work / "probe")], capture_output=True, text=True, env=env)
-    if ran.returncode != 0:
-        pytest.skip(f"a program built with sanitizers does not run here: {ran.stderr[-400:]}")
-    binary = work / "parse_corpus"
-    sources = sorted(str(p) for p in (REPO / "csrc").glob("*.c"))
-    built = subprocess.run(
-        [gcc, *STRICT, *SANITIZE, "-I", str(REPO / "csrc"),
-         str(REPO / "tests" / "c" / "parse_corpus.c"), *sources, "-o", str(binary)],
-        capture_output=True, text=True, env=env)
-    assert built.returncode == 0, built.stderr
-    return binary, env
+    return build_sanitized("parse_corpus.c", tmp_path_factory.mktemp("sanitized"))
 
 
 @pytest.fixture(scope="module")

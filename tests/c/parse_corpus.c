@@ -3,7 +3,7 @@
  * Build (tests/test_wav_parser.py does this, into a temporary directory):
  *
  *   gcc -std=gnu11 -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer \
- *       -fsanitize=address,undefined -fno-sanitize-recover=all \
+ *       -fsanitize=address,undefined -fsanitize=alignment -fno-sanitize-recover=all \
  *       -Icsrc tests/c/parse_corpus.c csrc/[a-z]*.c -o parse_corpus
  *
  * Usage: parse_corpus [-t DIR] FILE...

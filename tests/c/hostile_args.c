@@ -1,0 +1,380 @@
+/* hostile_args.c - the C layer defends itself, under ASan + UBSan.
+ *
+ * Build (tests/test_c_sanitizers.py does this, into a temporary directory):
+ *
+ *   gcc -std=gnu11 -Wall -Wextra -Werror -g -O1 -fno-omit-frame-pointer \
+ *       -fsanitize=address,undefined -fsanitize=alignment \
+ *       -fno-sanitize-recover=all -Icsrc tests/c/hostile_args.c csrc/[a-z]*.c
+ *
+ * Usage: hostile_args -t DIR   (DIR: a private, empty, writable directory)
+ *
+ * Three groups of checks:
+ *   1. every converter of convert.c on source and destination pointers at
+ *      every misalignment, against the same conversion on aligned buffers
+ *      (UBSan's alignment check aborts on a misaligned load or store);
+ *   2. every header that wav_format.c writes, for each spec, data size and
+ *      tail, parsed back by wav_parse.c, whole and as pool slots;
+ *   3. every C function that takes a size or an offset, called with hostile
+ *      values (UINT64_MAX, 2^63, 2^63 - 1, 2^32, sums that wrap, ...) on a
+ *      real file in DIR: each must return its documented -EFBIG or -EINVAL
+ *      and leave the file and the directory as they were.
+ *
+ * Prints one line per failed check on stderr and "N passed, M failed" on
+ * stdout; exits 0 when M is 0, 1 otherwise, 2 on a usage or setup error.
+ */
+#include "luna_shm.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int passed, failed;
+
+#define TWO_63 ((uint64_t)1 << 63)
+#define TWO_32 ((uint64_t)1 << 32)
+
+static void expect(int ok, const char *what, long long got, long long want)
+{
+    if (ok) {
+        passed++;
+        return;
+    }
+    failed++;
+    fprintf(stderr, "FAILED: %s: got %lld, want %lld\n", what, got, want);
+}
+
+#define EXPECT_RC(call, want)                                                  \
+    do {                                                                       \
+        long long got_ = (long long)(call);                                    \
+        expect(got_ == (long long)(want), #call, got_, (long long)(want));     \
+    } while (0)
+
+#define EXPECT_TRUE(cond) expect((cond) != 0, #cond, 0, 1)
+
+/* ---- 1. converters at every misalignment ------------------------------- */
+
+#define COUNT 37 /* not a multiple of 8: the SIMD body and the scalar tail */
+
+static void fill_floats(float *f, double *d)
+{
+    for (int i = 0; i < COUNT; i++) {
+        double x = (i * 0.0577) - 1.05; /* past both ends: clipped too */
+        d[i] = x;
+        f[i] = (float)x;
+    }
+    d[3] = 0.0 / 0.0; /* NaN becomes silence */
+    f[3] = (float)d[3];
+}
+
+static void check_converters(void)
+{
+    float f32[COUNT];
+    double f64[COUNT];
+    fill_floats(f32, f64);
+    static const int widths[] = {8, 16, 24, 32};
+    uint8_t reference[COUNT * 4];
+    uint8_t src_block[COUNT * 8 + 16];
+    uint8_t dst_block[COUNT * 4 + 16];
+
+    for (int is_double = 0; is_double <= 1; is_double++) {
+        const void *aligned = is_double ? (const void *)f64 : (const void *)f32;
+        size_t src_bytes = COUNT * (is_double ? 8u : 4u);
+        for (size_t w = 0; w < sizeof widths / sizeof widths[0]; w++) {
+            int bits = widths[w];
+            size_t dst_bytes = COUNT * (size_t)bits / 8u;
+            EXPECT_RC(luna_float_to_pcm(aligned, is_double, reference, bits, COUNT), 0);
+            for (size_t so = 0; so < 8; so++) {
+                for (size_t d_off = 0; d_off < 4; d_off++) {
+                    memcpy(src_block + so, aligned, src_bytes);
+                    memset(dst_block, 0xA5, sizeof dst_block);
+                    int rc = luna_float_to_pcm(src_block + so, is_double,
+                                               dst_block + d_off, bits, COUNT);
+                    char what[96];
+                    snprintf(what, sizeof what,
+                             "float%d -> PCM %d, src +%zu, dst +%zu: same bytes",
+                             is_double ? 64 : 32, bits, so, d_off);
+                    expect(rc == 0 && memcmp(dst_block + d_off, reference, dst_bytes) == 0,
+                           what, rc, 0);
+                    /* Not one byte written outside the destination. */
+                    expect(dst_block[d_off + dst_bytes] == 0xA5 &&
+                               (d_off == 0 || dst_block[d_off - 1] == 0xA5),
+                           "converter stays inside its destination", 0, 1);
+                }
+            }
+        }
+    }
+
+    int32_t ints[COUNT];
+    for (int i = 0; i < COUNT; i++)
+        ints[i] = (int32_t)((uint32_t)i * 2654435761u);
+    uint8_t packed_ref[COUNT * 3];
+    EXPECT_RC(luna_pack_s24(ints, packed_ref, COUNT), 0);
+    for (size_t so = 0; so < 4; so++) {
+        for (size_t d_off = 0; d_off < 4; d_off++) {
+            uint8_t packed[COUNT * 3 + 8];
+            memcpy(src_block + so, ints, sizeof ints);
+            EXPECT_RC(luna_pack_s24(src_block + so, packed + d_off, COUNT), 0);
+            EXPECT_TRUE(memcmp(packed + d_off, packed_ref, sizeof packed_ref) == 0);
+            /* Unpack into a misaligned int32 destination: the top 24 bits
+             * come back, the low byte is 0. */
+            EXPECT_RC(luna_unpack_s24(packed + d_off, dst_block + so, COUNT), 0);
+            int ok = 1;
+            for (int i = 0; i < COUNT; i++) {
+                int32_t v;
+                memcpy(&v, dst_block + so + 4 * (size_t)i, sizeof v);
+                ok &= (uint32_t)v == ((uint32_t)ints[i] & 0xFFFFFF00u);
+            }
+            expect(ok, "pack_s24 + unpack_s24 at misaligned pointers round-trip", ok, 1);
+        }
+    }
+}
+
+/* ---- 2. headers written, then parsed back -------------------------------- */
+
+static void check_headers(void)
+{
+    static const struct {
+        uint16_t format, bits;
+    } kinds[] = {{LUNA_WAVE_FORMAT_PCM, 8},         {LUNA_WAVE_FORMAT_PCM, 16},
+                 {LUNA_WAVE_FORMAT_PCM, 24},        {LUNA_WAVE_FORMAT_PCM, 32},
+                 {LUNA_WAVE_FORMAT_IEEE_FLOAT, 32}, {LUNA_WAVE_FORMAT_IEEE_FLOAT, 64}};
+    static const uint16_t channel_counts[] = {1, 2, 3, 8};
+    static const uint64_t frame_counts[] = {0, 1, 7};
+    static const uint64_t tails[] = {0, 8, 10, 64};
+    enum { SLOT = 1024 };
+
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        for (size_t c = 0; c < sizeof channel_counts / sizeof channel_counts[0]; c++) {
+            struct luna_wav_spec spec = {16000, channel_counts[c], kinds[k].format,
+                                         kinds[k].bits};
+            uint64_t block = (uint64_t)spec.channels * spec.bits / 8u;
+            for (size_t fr = 0; fr < sizeof frame_counts / sizeof frame_counts[0]; fr++) {
+                uint64_t data = frame_counts[fr] * block;
+                for (size_t t = 0; t < sizeof tails / sizeof tails[0]; t++) {
+                    uint8_t header[LUNA_WAV_MAX_HEADER];
+                    int len = luna_wav_header(header, &spec, data, tails[t]);
+                    EXPECT_TRUE(len > 0 && len <= LUNA_WAV_MAX_HEADER);
+                    if (len <= 0)
+                        continue;
+                    EXPECT_TRUE(spec.bits == 24 || (uint64_t)len % (spec.bits / 8u) == 0);
+                    /* A heap block of exactly the file's size: ASan sees any
+                     * read past its end. The tail is a JUNK chunk. */
+                    uint64_t size = (uint64_t)len + data + (data & 1u) + tails[t];
+                    uint8_t *file = calloc(1, (size_t)size);
+                    if (!file)
+                        abort();
+                    memcpy(file, header, (size_t)len);
+                    if (tails[t]) {
+                        uint8_t *junk = file + len + data + (data & 1u);
+                        memcpy(junk, "JUNK", 4);
+                        uint32_t body = (uint32_t)(tails[t] - 8u);
+                        for (int b = 0; b < 4; b++)
+                            junk[4 + b] = (uint8_t)(body >> (8 * b));
+                    }
+                    struct luna_wav_info info;
+                    EXPECT_RC(luna_wav_parse_buffer(file, size, &info), 0);
+                    EXPECT_TRUE(info.data_offset == (uint64_t)len &&
+                                info.data_bytes == data && info.channels == spec.channels &&
+                                info.bits == spec.bits && info.format == spec.format &&
+                                info.samplerate == spec.samplerate);
+                    free(file);
+                }
+                /* The same audio as a pool slot, filled from misaligned
+                 * data at a misaligned slot address. */
+                uint8_t *slot_block = malloc(SLOT + 1);
+                uint8_t samples[8 * 8 * 7 + 1];
+                if (!slot_block)
+                    abort();
+                memset(samples, 0x5A, sizeof samples);
+                int len = luna_wav_fill_slot(slot_block + 1, SLOT, &spec, samples + 1, data);
+                EXPECT_TRUE(len > 0);
+                struct luna_wav_info info;
+                EXPECT_RC(luna_wav_parse_buffer(slot_block + 1, SLOT, &info), 0);
+                EXPECT_TRUE(info.data_bytes == data &&
+                            (data == 0 || slot_block[1 + len] == 0x5A));
+                free(slot_block);
+            }
+        }
+    }
+}
+
+/* ---- 3. hostile sizes and offsets ------------------------------------- */
+
+static char dir_path[2048];
+
+static int directory_is_empty(void)
+{
+    DIR *d = opendir(dir_path);
+    if (!d)
+        return 0;
+    int names = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        names += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return names == 0;
+}
+
+static uint64_t file_size(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (uint64_t)st.st_size : UINT64_MAX;
+}
+
+static void check_hostile_sizes(void)
+{
+    char path[4096], tmp_path[4096];
+    snprintf(path, sizeof path, "%s/victim.wav", dir_path);
+    snprintf(tmp_path, sizeof tmp_path, "%s/.victim.wav.partial", dir_path);
+    const struct luna_wav_spec spec = {16000, 1, LUNA_WAVE_FORMAT_PCM, 16};
+    static uint8_t data[256];
+    uint8_t buf[64] = {0};
+
+    /* files.c: permission bits only. */
+    EXPECT_RC(luna_create_excl(path, 0x10000u | 0600u), -EINVAL);
+    EXPECT_RC(luna_create_locked(dir_path, path, 0xFFFFFFFFu), -EINVAL);
+    EXPECT_TRUE(directory_is_empty());
+
+    int fd = luna_create_excl(path, 0600);
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    EXPECT_RC(luna_write_at(fd, 0, "0123456789", 10), 0);
+
+    /* mapping.c: space and lengths. */
+    EXPECT_RC(luna_reserve(fd, TWO_63, 1), -EINVAL);
+    EXPECT_RC(luna_reserve(fd, UINT64_MAX, 0), -EINVAL);
+    EXPECT_RC(luna_reserve(fd, TWO_63 - 1, 1), -EFBIG);
+    EXPECT_RC(luna_reserve(fd, 1, TWO_63 - 1), -EFBIG);
+    EXPECT_RC(luna_reserve(fd, 0, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_set_length(fd, TWO_63), -EFBIG);
+    EXPECT_RC(luna_set_length(fd, UINT64_MAX), -EFBIG);
+    void *addr = NULL;
+    EXPECT_RC(luna_map(fd, 0, 0, 0, &addr), -EINVAL);
+    EXPECT_TRUE(luna_map(fd, TWO_63, 0, 0, &addr) < 0);
+    EXPECT_RC(luna_shrink_mapped(fd, buf, 64, UINT64_MAX), -EINVAL);
+    EXPECT_RC(luna_shrink_mapped(fd, buf, UINT64_MAX, UINT64_MAX), -EINVAL);
+    EXPECT_TRUE(file_size(fd) == 10);
+
+    /* wav_io.c: offsets past off_t and ranges that pass it. */
+    EXPECT_RC(luna_read_at(fd, TWO_63, buf, 1), -EINVAL);
+    EXPECT_RC(luna_read_at(fd, UINT64_MAX, buf, 1), -EINVAL);
+    EXPECT_RC(luna_read_at(fd, TWO_63 - 1, buf, 1), -EFBIG);
+    EXPECT_RC(luna_read_at(fd, 0, buf, TWO_63), -EFBIG);
+    EXPECT_RC(luna_read_at(fd, 0, buf, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_read_at(fd, 4, buf, 6), 0);
+    EXPECT_RC(luna_read_at(fd, 4, buf, 7), -ENODATA);
+    EXPECT_RC(luna_write_at(fd, TWO_63, buf, 1), -EINVAL);
+    EXPECT_RC(luna_write_at(fd, UINT64_MAX, buf, 1), -EINVAL);
+    EXPECT_RC(luna_write_at(fd, TWO_63 - 1, buf, 1), -EFBIG);
+    EXPECT_RC(luna_write_at(fd, TWO_63 - 1, buf, 0), 0);
+    EXPECT_RC(luna_write_at(fd, 0, buf, UINT64_MAX), -EFBIG);
+    EXPECT_TRUE(file_size(fd) == 10);
+    int dup_fd = dup(fd);
+    EXPECT_RC(luna_read_close(dup_fd, TWO_63, buf, 1), -EINVAL);
+    EXPECT_TRUE(fcntl(dup_fd, F_GETFD) == -1 && errno == EBADF); /* closed anyway */
+
+    /* Whole-WAV writes: past 4 GiB, or a size no buffer can have. Nothing
+     * is written, nothing is left behind. */
+    EXPECT_RC(luna_set_length(fd, 0), 0);
+    EXPECT_RC(luna_write_wav_fd(fd, &spec, data, TWO_32), -EFBIG);
+    EXPECT_RC(luna_write_wav_fd(fd, &spec, data, TWO_63), -EFBIG);
+    EXPECT_RC(luna_write_wav_fd(fd, &spec, data, UINT64_MAX), -EFBIG);
+    EXPECT_TRUE(file_size(fd) == 0);
+    EXPECT_RC(luna_wav_parse_fd(fd, UINT64_MAX, &(struct luna_wav_info){0}), -EFBIG);
+    EXPECT_RC(luna_wav_parse_fd(fd, TWO_63, &(struct luna_wav_info){0}), -EFBIG);
+    struct luna_wav_info info;
+    EXPECT_RC(luna_wav_parse_fd(fd, TWO_63 - 1, &info), -LUNA_EFORMAT);
+    EXPECT_TRUE(info.error && strstr(info.error, "ended before its size"));
+    EXPECT_RC(luna_wav_parse_buffer(NULL, 12, &info), -EINVAL);
+    luna_close(fd);
+    unlink(path);
+    EXPECT_RC(luna_write_wav_path(dir_path, path, tmp_path, &spec, data, UINT64_MAX),
+              -EFBIG);
+    EXPECT_RC(luna_write_wav_path(dir_path, path, tmp_path, &spec, data, TWO_32), -EFBIG);
+    EXPECT_RC(luna_write_wav_atomic(dir_path, path, tmp_path, &spec, data, UINT64_MAX),
+              -EFBIG);
+    EXPECT_TRUE(directory_is_empty());
+
+    /* Streaming: *data_bytes + n must not wrap to a small size. */
+    fd = luna_create_excl(path, 0600);
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    int hlen = luna_wav_header(header, &spec, 0, 0);
+    EXPECT_TRUE(hlen > 0);
+    EXPECT_RC(luna_write_at(fd, 0, header, (uint64_t)hlen), 0);
+    uint64_t have = 0;
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data, 100), 0);
+    EXPECT_TRUE(have == 100);
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data,
+                                 UINT64_MAX - 50), -EFBIG); /* wraps to 49 */
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data, TWO_32),
+              -EFBIG);
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen + 2, &have, data, 2),
+              -EINVAL);
+    uint64_t huge = UINT64_MAX;
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &huge, data, 1), -EFBIG);
+    EXPECT_TRUE(have == 100 && file_size(fd) == (uint64_t)hlen + 100);
+    EXPECT_RC(luna_wav_parse_fd(fd, file_size(fd), &info), 0);
+    EXPECT_TRUE(info.data_bytes == 100);
+    luna_close(fd);
+    unlink(path);
+
+    /* wav_format.c: sizes that would wrap riff_size. */
+    EXPECT_RC(luna_wav_header(header, &spec, 0, UINT64_MAX - 31), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, 0, TWO_63), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, 0, TWO_32), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, UINT64_MAX, 0), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, TWO_32, 0), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, 0xFFFFFFFFu, 0), -EFBIG);
+    EXPECT_RC(luna_wav_header(header, &spec, 0, 3), -EINVAL);
+    EXPECT_RC(luna_wav_header(header, &spec, 0, 9), -EINVAL);
+    EXPECT_RC(luna_wav_header(header, NULL, 0, 0), -EINVAL);
+    struct luna_wav_spec bad = {16000, 1, LUNA_WAVE_FORMAT_PCM, 12};
+    EXPECT_RC(luna_wav_header(header, &bad, 0, 0), -EINVAL);
+    uint8_t slot[512];
+    EXPECT_RC(luna_wav_format_slot(slot, sizeof slot, &spec, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_wav_format_slot(slot, sizeof slot, &spec, sizeof slot), -EFBIG);
+    EXPECT_RC(luna_wav_format_slot(slot, UINT64_MAX - 1, &spec, 100), -EFBIG);
+    EXPECT_RC(luna_wav_format_slot(slot, UINT64_MAX, &spec, 100), -EINVAL);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, UINT64_MAX - 40), -EFBIG);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, sizeof slot), -EFBIG);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, NULL, 100), -EINVAL);
+
+    /* convert.c: counts whose buffers cannot exist (3 * count wraps too). */
+    EXPECT_RC(luna_float_to_pcm(data, 0, buf, 16, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_float_to_pcm(data, 1, buf, 24, UINT64_MAX / 3 + 1), -EFBIG);
+    EXPECT_RC(luna_float_to_pcm(data, 1, buf, 32, TWO_63), -EFBIG);
+    EXPECT_RC(luna_float_to_pcm(data, 0, buf, 12, 1), -EINVAL);
+    EXPECT_RC(luna_pack_s24(data, buf, UINT64_MAX / 3 + 1), -EFBIG);
+    EXPECT_RC(luna_pack_s24(data, buf, TWO_63), -EFBIG);
+    EXPECT_RC(luna_unpack_s24(data, buf, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_unpack_s24(data, buf, TWO_63 / 2), -EFBIG);
+    EXPECT_TRUE(directory_is_empty());
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3 || strcmp(argv[1], "-t") != 0) {
+        fprintf(stderr, "usage: %s -t DIR\n", argv[0]);
+        return 2;
+    }
+    int n = snprintf(dir_path, sizeof dir_path, "%s", argv[2]);
+    if (n < 0 || (size_t)n >= sizeof dir_path || !directory_is_empty()) {
+        fprintf(stderr, "hostile_args: %s must be an empty directory\n", argv[2]);
+        return 2;
+    }
+    check_converters();
+    check_headers();
+    check_hostile_sizes();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
