@@ -66,8 +66,9 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
 int luna_create_locked(const char *dir, const char *path, unsigned int mode);
 
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
- * report its size. Returns the fd, -errno, or -LUNA_EFORMAT when it is not a
- * regular file. */
+ * report its size. Returns the fd, -errno (-EISDIR for a directory), or
+ * -LUNA_EFORMAT for anything else that is not a regular file (FIFO, device,
+ * socket). */
 int luna_open_regular(const char *path, uint64_t *size);
 
 /* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
@@ -267,9 +268,11 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
  * *data_bytes bytes at data_offset, then fix the header so that its sizes
  * cover exactly what is there: by a store into header_map (the file's first
  * page, mapped shared: no system call) or, when header_map is NULL, by a
- * pwrite. Updates *data_bytes. On failure the file is cut back to the WAV it
- * was. Returns 0 or -errno (-EFBIG when *data_bytes + n passes 4 GiB or
- * wraps, -EINVAL when data_offset is not where spec's header ends). */
+ * pwrite. Updates *data_bytes. On failure the header still describes the WAV
+ * it was and the file is cut back to it (should that ftruncate fail too, the
+ * stray bytes lie past the RIFF end, where readers stop). Returns 0 or -errno
+ * (-EFBIG when *data_bytes + n passes 4 GiB or wraps, -EINVAL when
+ * data_offset is not where spec's header ends). */
 int luna_stream_append(int fd, uint8_t *header_map,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n);

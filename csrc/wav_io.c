@@ -199,23 +199,22 @@ int luna_stream_append(int fd, uint8_t *header_map,
         {(void *)data, (size_t)n},
         {(void *)&pad, (size_t)(total & 1u)},
     };
+    uint64_t old_end = data_offset + *data_bytes + (*data_bytes & 1u);
     int rc = write_all(fd, iov, (total & 1u) ? 2 : 1,
                        (int64_t)(data_offset + *data_bytes));
-    if (rc < 0) {
-        /* Cut off what part of the chunk got in: the file stays exactly the
-         * valid WAV its header describes. */
-        (void)luna_set_length(fd, data_offset + *data_bytes +
-                                      (*data_bytes & 1u));
-        return rc;
-    }
-    if (header_map) {
+    if (rc == 0 && header_map) {
         /* The page cache is shared: readers see the new sizes at once, and
          * only after the samples they cover are in the file. */
         memcpy(header_map, header, (size_t)len);
-    } else {
+    } else if (rc == 0) {
         rc = luna_write_at(fd, 0, header, (uint64_t)len);
-        if (rc < 0)
-            return rc;
+    }
+    if (rc < 0) {
+        /* Cut off what part of the chunk got in: the file stays exactly the
+         * valid WAV its (unchanged) header describes. Should the cut itself
+         * fail, the stray bytes lie past the RIFF end, where readers stop. */
+        (void)luna_set_length(fd, old_end);
+        return rc;
     }
     *data_bytes = total;
     return 0;
