@@ -104,8 +104,9 @@ def _check_timeout(timeout: object) -> float | None:
 
 def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
     # The finalizer of a PooledWav dropped without release(): it holds the pool and
-    # the slot, never the PooledWav itself. In a forked child it does nothing.
-    if owner_pid != _resource.current_pid:
+    # the slot, never the PooledWav itself. In a forked child it does nothing, and
+    # nothing leaked once the pool is closed (its close released every slot).
+    if owner_pid != _resource.current_pid or pool.closed:
         return
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
                    ResourceWarning, stacklevel=2)
