@@ -3,13 +3,15 @@
 A fresh tmpfs file pays for every new page it touches (about 0.1 ms for the
 125 pages of 500 KB on our machines); a slot pays once, when the pool starts.
 ``pool.write_wav(data, rate)`` then costs one copy (or one C conversion) into
-memory that *is* the file, and no system call at all. Each slot is a complete,
-valid WAV at every moment: the unused space after the audio is a ``JUNK``
-chunk that readers skip.
+memory that *is* the file, and one ``stat`` (the slot's path must still name
+its file). Each slot is a complete, valid WAV at every moment: the unused
+space after the audio is a ``JUNK`` chunk that readers skip.
 
 Slots hold a shared flock for the pool's lifetime, so
 :func:`cleanup_all_temp_audio` never removes a live pool's files, and a new
-pool reclaims the slot files of pools whose process died.
+pool reclaims the slot files of pools whose process died (only files that
+carry the slot marker). A pool belongs to the process that made it: a forked
+child can neither take its slots nor remove its files.
 """
 
 from __future__ import annotations
