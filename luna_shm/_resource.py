@@ -1,7 +1,8 @@
-"""The shared life cycle of objects that own an open file: close, with, leaks."""
+"""The shared life cycle of objects that own an open file: close, with, leaks, fork."""
 
 from __future__ import annotations
 
+import os as _os
 import warnings as _warnings
 import weakref as _weakref
 from types import TracebackType
@@ -9,9 +10,36 @@ from typing import Self
 
 from luna_shm import _lowlevel
 
+# The id of this process. A forked child sets it again before any of its own Python
+# code runs (os.register_at_fork), so "was this object made in this process?" is one
+# int comparison on the hot path: obj._pid != _resource.current_pid. Read it as
+# ``_resource.current_pid`` (an attribute look-up), never ``from ... import``: a copy
+# would keep the parent's value.
+current_pid: int = _os.getpid()
 
-def _warn_leak(fd: int, what: str) -> None:
-    _warnings.warn(f"unclosed {what}", ResourceWarning, stacklevel=2)
+
+def _after_fork_in_child() -> None:
+    global current_pid
+    current_pid = _os.getpid()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def inherited_error(what: str, owner_pid: int) -> RuntimeError:
+    """The error an object made by process owner_pid raises when a forked child uses it."""
+    return RuntimeError(
+        f"{what} belongs to process {owner_pid}, which made it; this process "
+        f"({current_pid}) is a forked child and cannot use it: make a new one here"
+    )
+
+
+def _warn_leak(fd: int, what: str, owner_pid: int) -> None:
+    # In a forked child (its interpreter exit, or its garbage collector) the object
+    # is only an inherited copy: close the child's fd quietly. Closing it never drops
+    # the parent's flock, which belongs to the open file description they share.
+    if owner_pid == current_pid:
+        _warnings.warn(f"unclosed {what}", ResourceWarning, stacklevel=2)
     try:
         _lowlevel.close(fd)
     except OSError:
@@ -23,18 +51,25 @@ class FileResource:
 
     Class-level defaults let a half-built object be closed or collected safely;
     a leaked object warns ``ResourceWarning`` and its fd is closed.
+
+    Fork: the object belongs to the process that made it. In a forked child
+    every use raises ``RuntimeError`` naming the owner's pid; ``close()`` there
+    (and the child's exit, however it leaves) only closes the child's copy of
+    the fd and never touches the file, its lock or its name.
     """
 
     _fd: int = -1
+    _pid: int = -1
     _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
     path: str = ""
 
     def _own(self, fd: int, path: str) -> None:
         """Take ownership of fd for path (closed on close() or on leak)."""
         self._fd = fd
+        self._pid = current_pid
         self.path = path
         self._finalizer = _weakref.finalize(self, _warn_leak, fd,
-                                            f"{type(self).__name__} {path!r}")
+                                            f"{type(self).__name__} {path!r}", self._pid)
 
     @property
     def closed(self) -> bool:
@@ -49,12 +84,17 @@ class FileResource:
     def _check_open(self) -> None:
         if self._fd < 0:
             raise ValueError(f"I/O operation on closed {type(self).__name__}")
+        if self._pid != current_pid:
+            raise inherited_error(f"{type(self).__name__} {self.path!r}", self._pid)
 
     def _release(self) -> None:
         """Subclass hook: drop what refers to the file before its fd closes."""
 
     def close(self) -> None:
-        """Release the file; calling it again does nothing."""
+        """Release the file; calling it again does nothing.
+
+        In a forked child this closes only the child's copy of the descriptor.
+        """
         if self._fd < 0:
             return
         self._release()

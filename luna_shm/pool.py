@@ -3,28 +3,32 @@
 A fresh tmpfs file pays for every new page it touches (about 0.1 ms for the
 125 pages of 500 KB on our machines); a slot pays once, when the pool starts.
 ``pool.write_wav(data, rate)`` then costs one copy (or one C conversion) into
-memory that *is* the file, and no system call at all. Each slot is a complete,
-valid WAV at every moment: the unused space after the audio is a ``JUNK``
-chunk that readers skip.
+memory that *is* the file, and one ``stat`` (the slot's path must still name
+its file). Each slot is a complete, valid WAV at every moment: the unused
+space after the audio is a ``JUNK`` chunk that readers skip.
 
 Slots hold a shared flock for the pool's lifetime, so
 :func:`cleanup_all_temp_audio` never removes a live pool's files, and a new
-pool reclaims the slot files of pools whose process died.
+pool reclaims the slot files of pools whose process died (only files that
+carry the slot marker). A pool belongs to the process that made it: a forked
+child can neither take its slots nor remove its files.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import re as _re
 import threading as _threading
 import time as _time
+import warnings as _warnings
 import weakref as _weakref
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 
-from luna_shm import _lowlevel, encoding, formats, placement, temp_audio
+from luna_shm import _lowlevel, _resource, encoding, formats, placement, temp_audio
 from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["AudioPool", "PooledWav"]
@@ -33,12 +37,18 @@ _PAGE = _os.sysconf("SC_PAGESIZE")
 _HEADER_ROOM = 128  # >= LUNA_WAV_MAX_HEADER
 _POOL_MARK = "pool_"
 _WHEN_BUSY = ("wait", "grow")
+# The last bytes of every slot file, written when the slot is made: a new pool reclaims
+# only unlocked files that carry it (and a RIFF/WAVE header covering the whole file),
+# never a file merely named like a slot. It lies inside the slot's tail JUNK chunk,
+# past anything a pool write can reach (see _slot_length), so readers skip it.
+_SLOT_MARKER = b"luna_shm:pool1\0\0"
+_SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 
 
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("bytes", "fd", "length", "mapping", "path", "readonly")
+    __slots__ = ("bytes", "fd", "identity", "length", "mapping", "path", "readonly")
 
     def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
         self.fd = fd
@@ -47,24 +57,85 @@ class _Slot:
         self.length = mapping.length
         self.bytes = np.frombuffer(mapping.view, dtype=np.uint8)
         self.readonly = mapping.view.toreadonly()
+        st = _os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+
+    def still_named(self) -> bool:
+        """True while path names this slot's file, at the slot's full length.
+
+        A ``write_wav(pooled.path, ...)`` replaces the name with a new file, and
+        another program may cut or remove it: a slot whose path no longer is its
+        own file must never be handed out, or its holder's path would hold other audio.
+        """
+        try:
+            st = _os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity and st.st_size == self.length
 
 
 def _slot_length(max_bytes: int) -> int:
-    # Room for the largest header, the audio, its pad byte and a tail chunk.
-    need = _HEADER_ROOM + max_bytes + 1 + 8
+    # Room for the largest header, the audio, its pad byte, the tail chunk's header
+    # and the marker: a write of max_bytes ends at most at _HEADER_ROOM + max_bytes +
+    # 1 + 8, which is <= length - len(_SLOT_MARKER), so it never reaches the marker.
+    need = _HEADER_ROOM + max_bytes + 1 + 8 + len(_SLOT_MARKER)
     return -(-need // _PAGE) * _PAGE
+
+
+def _check_prefix(prefix: object) -> str:
+    temp_audio._check_name_part("prefix", prefix)
+    assert isinstance(prefix, str)
+    if not _SAFE_PREFIX.fullmatch(prefix):
+        raise ValueError(
+            "prefix must be one or more letters, digits, '_' or '-' (the start of the "
+            f"pool's file names), got {prefix!r}")
+    return prefix
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
+    if not 0 <= timeout <= _threading.TIMEOUT_MAX:
+        raise ValueError(
+            f"timeout must be None or between 0 and {_threading.TIMEOUT_MAX:.0f} seconds, "
+            f"got {timeout!r}")
+    return timeout
+
+
+def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
+    # The finalizer of a PooledWav dropped without release(): it holds the pool and
+    # the slot, never the PooledWav itself. In a forked child it does nothing, and
+    # nothing leaked once the pool is closed (its close released every slot).
+    if owner_pid != _resource.current_pid or pool.closed:
+        return
+    _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
+                   ResourceWarning, stacklevel=2)
+    pool._give_back(slot)
 
 
 class PooledWav:
     """A WAV held in a pool slot: ``path`` is a complete WAV file, ``array`` its samples.
 
     Release it (or leave its ``with`` block) when the consumer is done with the
-    file: the slot is then reused, under the same path, for another WAV.
+    file: the slot is then reused, under the same path, for another WAV. One
+    dropped without ``release()`` goes back to the pool when it is collected,
+    with a ``ResourceWarning``.
+
+    ``array`` raises once the PooledWav is released, but an array taken before
+    still views the slot's memory, like any buffer pool's: after the release the
+    next holder's audio shows through it. Copy what you keep (``array.copy()``),
+    or hand audio in with the copy-in :meth:`AudioPool.write_wav`.
     """
+
+    _pool: AudioPool | None = None
+    _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
 
     def __init__(self, pool: AudioPool, slot: _Slot, spec: _lowlevel.WavSpec, frames: int,
                  offset: int, *, writable: bool) -> None:
-        self._pool: AudioPool | None = pool
+        self._pool = pool
+        self._pid = pool._pid
         self._slot = slot
         self._spec = spec
         self.path = slot.path
@@ -75,12 +146,21 @@ class PooledWav:
         self._offset = offset
         self._writable = writable
         self._array: np.ndarray | None = None  # made on first use: most callers want the path
+        self._finalizer = _weakref.finalize(self, _unreleased, pool, slot, slot.path, self._pid)
+
+    def _check_held(self) -> None:
+        if self._pool is None:
+            raise ValueError("PooledWav was released")
+        if self._pid != _resource.current_pid:
+            raise _resource.inherited_error(f"PooledWav {self.path!r}", self._pid)
 
     @property
     def array(self) -> np.ndarray:
-        """The samples in the slot (writable for :meth:`AudioPool.acquire`)."""
-        if self._pool is None:
-            raise ValueError("PooledWav was released")
+        """The samples in the slot (writable for :meth:`AudioPool.acquire`).
+
+        Raises ValueError once released; arrays taken before still alias the slot.
+        """
+        self._check_held()
         if self._array is None:
             dtype = formats.view_dtype(self._spec)
             if dtype is None:
@@ -99,8 +179,7 @@ class PooledWav:
 
     def truncate(self, frames: int) -> None:
         """Shorten the WAV to its first frames (the audio came out shorter)."""
-        if self._pool is None:
-            raise ValueError("PooledWav was released")
+        self._check_held()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
@@ -110,10 +189,16 @@ class PooledWav:
             self._array = self._array[:new_frames]
 
     def release(self) -> None:
-        """Give the slot back to the pool; calling it again does nothing."""
+        """Give the slot back to the pool; calling it again does nothing.
+
+        In a forked child this only marks the child's copy released: the slot
+        belongs to the parent's pool.
+        """
         pool, self._pool = self._pool, None
         self._array = None
-        if pool is not None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if pool is not None and self._pid == _resource.current_pid:
             pool._give_back(self._slot)
 
     def __enter__(self) -> Self:
@@ -128,30 +213,74 @@ class PooledWav:
         return f"<PooledWav {self.path!r} {state}: {self.frames} frames, {self.samplerate} Hz>"
 
 
-def _close_slots(slots: list[_Slot], anonymous: bool, leaked: bool) -> None:
-    if leaked:
-        import warnings
-
-        warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
-    for slot in slots:
-        if not anonymous:
-            try:
-                _os.unlink(slot.path)
-            except FileNotFoundError:
-                pass
+def _close_slot(slot: _Slot, *, unlink: bool) -> None:
+    """Close a slot's fd (its mapping lives on with the arrays that view it); with
+    unlink=True also remove its name, but only while the name is still this slot's
+    file: a file someone wrote at the slot's path is theirs, never ours to delete."""
+    if unlink:
         try:
-            _lowlevel.close(slot.fd)
-        except OSError:
+            st = _os.stat(slot.path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == slot.identity:
+                _os.unlink(slot.path)
+        except FileNotFoundError:
             pass
+    try:
+        _lowlevel.close(slot.fd)
+    except OSError:
+        pass
+
+
+def _close_slots(slots: list[_Slot], anonymous: bool, leaked: bool, owner_pid: int) -> None:
+    # In a forked child (close() there, its exit, its garbage collector) the slots are
+    # the parent's: only the child's copies of the descriptors are closed.
+    ours = owner_pid == _resource.current_pid
+    if leaked and ours:
+        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
+    for slot in slots:
+        _close_slot(slot, unlink=ours and not anonymous)
     slots.clear()
 
 
+def _is_slot_file(name: str, prefix: str) -> bool:
+    return (name.startswith(prefix) and name.endswith(".wav")
+            and len(name) == len(prefix) + len(_POOL_MARK) + 32 + 4
+            and name[len(prefix):].startswith(_POOL_MARK)
+            and all(c in "0123456789abcdef" for c in name[len(prefix) + len(_POOL_MARK):-4]))
+
+
+def _carries_slot_marker(fd: int, st: _os.stat_result) -> bool:
+    """True for a file a pool made: page-sized, a RIFF/WAVE header whose size covers
+    the whole file, and the slot marker in its last bytes."""
+    size = st.st_size
+    if size < _PAGE or size % _PAGE:
+        return False
+    try:
+        head = _os.pread(fd, 12, 0)
+        tail = _os.pread(fd, len(_SLOT_MARKER), size - len(_SLOT_MARKER))
+    except OSError:
+        return False
+    return (head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+            and int.from_bytes(head[4:8], "little") == size - 8 and tail == _SLOT_MARKER)
+
+
 def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
-    """Remove slot files of pools whose process died (no lock held); return how many."""
+    """Remove slot files of pools whose process died; return how many.
+
+    Only this user's regular files named ``<prefix>pool_<32 hex>.wav``, which no
+    live process holds locked, and which carry the marker every slot file gets
+    when it is made (checked under the exclusive lock, just before the unlink):
+    a user's file that merely starts with the prefix is never touched.
+
+    Raises:
+        TypeError, ValueError: prefix is not a str of letters, digits, '_' or '-'.
+    """
+    _check_prefix(prefix)
     removed = 0
-    mark = f"{prefix}{_POOL_MARK}"
     for directory in placement.our_dirs():
-        removed += temp_audio.remove_unused_files(directory, mark)
+        removed += temp_audio.remove_unused_files(
+            directory, f"{prefix}{_POOL_MARK}",
+            verify=lambda name, fd, st: _is_slot_file(name, prefix)
+            and _carries_slot_marker(fd, st))
     return removed
 
 
@@ -162,10 +291,15 @@ class AudioPool:
         slots: how many slots to make up front (>= 1).
         max_bytes: the largest audio (data chunk bytes) one slot holds.
         anonymous: memfd slots (no name in a directory; paths are /proc/<pid>/fd/<n>).
-        prefix: file name prefix of named slots.
+        prefix: file name prefix of named slots: one or more letters, digits,
+            '_' or '-' (the files are ``<prefix>pool_<32 hex>.wav``).
         when_busy: "wait" for a slot to be released (up to timeout seconds, then
             TimeoutError), or "grow" by a new slot.
         timeout: seconds to wait in "wait" mode; None waits forever.
+
+    A pool belongs to the process that made it: in a forked child its methods
+    raise ``RuntimeError`` and ``close()`` only closes the child's copies of the
+    descriptors (the parent's slot files stay as they are).
 
     Raises:
         ValueError, TypeError: bad arguments.
@@ -174,6 +308,7 @@ class AudioPool:
 
     _slots: list[_Slot]
     _closed = True
+    _pid = -1
 
     def __init__(
         self,
@@ -189,19 +324,17 @@ class AudioPool:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
-        if max_bytes > 0xFFFFFFFF - _HEADER_ROOM - 16:
+        if _slot_length(max_bytes) - 8 > 0xFFFFFFFF:  # the RIFF size covers the whole slot
             raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got {max_bytes!r}")
         if when_busy not in _WHEN_BUSY:
             raise ValueError(f"when_busy must be 'wait' or 'grow', got {when_busy!r}")
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-        temp_audio._check_name_part("prefix", prefix)
+        self.timeout = _check_timeout(timeout)
+        _check_prefix(prefix)
         if anonymous and not _lowlevel.HAS_MEMFD:
             raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
         self.max_bytes = max_bytes
         self.anonymous = bool(anonymous)
         self.when_busy = when_busy
-        self.timeout = timeout
         self._prefix = prefix
         self._length = _slot_length(max_bytes)
         self._cond = _threading.Condition()
@@ -209,8 +342,10 @@ class AudioPool:
         self._free: list[_Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
+        self._pid = _resource.current_pid
         self._closed = False
-        self._finalizer = _weakref.finalize(self, _close_slots, self._slots, self.anonymous, True)
+        self._finalizer = _weakref.finalize(self, _close_slots, self._slots, self.anonymous, True,
+                                            self._pid)
         try:
             for _ in range(slots):
                 self._free.append(self._new_slot())
@@ -234,13 +369,14 @@ class AudioPool:
                 _lowlevel.seal_shrink(fd)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
+            slot = _Slot(fd, path, mapping)
         except BaseException:
             _lowlevel.close(fd)
             if not self.anonymous:
                 _os.unlink(path)
             raise
-        slot = _Slot(fd, path, mapping)
         slot.bytes[:] = 0  # touch every page once, now, not on the hot path
+        slot.bytes[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
         mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
         self._slots.append(slot)
         return slot
@@ -256,6 +392,9 @@ class AudioPool:
         return self._closed
 
     def _take(self, nbytes: int) -> _Slot:
+        # Before the lock: in a forked child it may be held by a thread that was not copied.
+        if self._pid != _resource.current_pid:
+            raise _resource.inherited_error("AudioPool", self._pid)
         if nbytes > self.max_bytes:
             raise ValueError(
                 f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
@@ -266,7 +405,14 @@ class AudioPool:
                 if self._closed:
                     raise ValueError("AudioPool is closed")
                 if self._free:
-                    return self._free.pop()
+                    slot = self._free.pop()
+                    if self.anonymous or slot.still_named():
+                        return slot
+                    # Its path now names another file (or none): forget the slot,
+                    # leave that file alone, and make a fresh slot in its place.
+                    self._slots.remove(slot)
+                    _close_slot(slot, unlink=False)
+                    return self._new_slot()
                 if self.when_busy == "grow":
                     return self._new_slot()
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -285,9 +431,17 @@ class AudioPool:
                   ) -> PooledWav:
         """Copy (or convert, see :func:`luna_shm.write_wav`) audio into a free slot.
 
+        The recommended way to fill a pool: the caller's array stays its own, and
+        nothing outside the pool aliases the slot.
+
         Returns:
             A :class:`PooledWav` whose ``path`` is the complete WAV and whose
             ``array`` is a read-only view of the samples in the slot.
+
+        Raises:
+            ValueError: the audio is larger than max_bytes, or the pool is closed.
+            TimeoutError: every slot stayed busy for timeout seconds ("wait" mode).
+            RuntimeError: called in a forked child of the pool's process.
         """
         enc = encoding.plan(data, samplerate, subtype)
         slot = self._take(enc.nbytes)
@@ -309,6 +463,12 @@ class AudioPool:
 
         A TTS model renders straight into ``array``; the file is complete as soon
         as it has. Use :meth:`PooledWav.truncate` when the audio came out shorter.
+        The array aliases the slot: do not use it after :meth:`PooledWav.release`.
+
+        Raises:
+            ValueError: the audio is larger than max_bytes, or the pool is closed.
+            TimeoutError: every slot stayed busy for timeout seconds ("wait" mode).
+            RuntimeError: called in a forked child of the pool's process.
         """
         count = formats.check_frames(frames)
         rate = formats.check_samplerate(samplerate)
@@ -323,7 +483,14 @@ class AudioPool:
         """Remove the slot files and release the pool; calling it again does nothing.
 
         Arrays taken from the pool stay valid: their mapping lives as long as they do.
+        In a forked child only the child's copies of the descriptors are closed.
         """
+        if self._pid != _resource.current_pid:
+            if not self._closed:
+                self._closed = True
+                self._finalizer.detach()
+                _close_slots(self._slots, self.anonymous, False, self._pid)
+            return
         with self._cond:
             if self._closed:
                 return
@@ -331,7 +498,7 @@ class AudioPool:
             self._free.clear()
             self._cond.notify_all()
         self._finalizer.detach()
-        _close_slots(self._slots, self.anonymous, False)
+        _close_slots(self._slots, self.anonymous, False, self._pid)
 
     def __enter__(self) -> Self:
         return self

@@ -49,6 +49,9 @@ _FALLBACK_ERRNOS = frozenset(
 
 _PARTIAL_MARK = ".partial_"
 
+# A last check of a file about to be removed: (name, open fd, its fstat) -> keep it?
+Verify = Callable[[str, int, _os.stat_result], bool]
+
 
 def _new_token() -> str:
     """A fresh random name part: uuid4 hex (32 characters)."""
@@ -284,13 +287,15 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
 
 
 def _remove_if_unused(
-    dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True
+    dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True,
+    verify: Verify | None = None,
 ) -> bool:
     """Unlink name when no live process holds a lock on it; True if removed.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
     we can take the exclusive lock, nobody alive is using the file. With
     remove=False nothing is unlinked: True says the file would have been.
+    verify(name, fd, fstat), called under the exclusive lock, can refuse the file.
     """
     try:
         fd = _os.open(
@@ -313,6 +318,8 @@ def _remove_if_unused(
         except FileNotFoundError:
             return False
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        if verify is not None and not verify(name, fd, opened):
             return False
         if remove:
             _os.unlink(name, dir_fd=dir_fd)
@@ -362,7 +369,8 @@ def _iter_unused(
 
 
 def _unused_in(
-    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool
+    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool,
+    verify: Verify | None = None,
 ) -> Iterator[tuple[str, _os.stat_result]]:
     """Yield (path, lstat) for this user's regular files in directory whose names are
     wanted, modified before cutoff (if given), and held by no live process; with
@@ -384,7 +392,7 @@ def _unused_in(
                 continue
             if cutoff is not None and st.st_mtime > cutoff:
                 continue
-            if _remove_if_unused(dir_fd, name, st, remove=remove):
+            if _remove_if_unused(dir_fd, name, st, remove=remove, verify=verify):
                 yield f"{directory}/{name}", st
     finally:
         _os.close(dir_fd)
@@ -520,8 +528,11 @@ def explain_full_disk(exc: OSError, path: str) -> OSError:
     return exc
 
 
-def remove_unused_files(directory: str, name_prefix: str) -> int:
+def remove_unused_files(directory: str, name_prefix: str, *, verify: Verify | None = None
+                        ) -> int:
     """Remove this user's regular files in directory whose names start with name_prefix
-    and that no live process holds locked; return how many."""
-    found = _unused_in(directory, lambda name: name.startswith(name_prefix), None, True)
+    and that no live process holds locked; return how many. verify(name, fd, fstat)
+    is asked under the file's exclusive lock, just before the unlink: False keeps it."""
+    found = _unused_in(directory, lambda name: name.startswith(name_prefix), None, True,
+                       verify)
     return sum(1 for _ in found)

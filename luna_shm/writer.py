@@ -10,11 +10,12 @@ its shared mapping, not a system call.
 from __future__ import annotations
 
 import os as _os
+import threading as _threading
 from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, formats, temp_audio
+from luna_shm import _lowlevel, _resource, formats, temp_audio
 from luna_shm._resource import FileResource
 
 __all__ = ["WavWriter"]
@@ -28,6 +29,10 @@ class WavWriter(FileResource):
         samplerate: frames per second.
         channels: 1 to 65535.
         dtype: the chunks' sample type: uint8, int16, int32, float32 or float64.
+
+    Threads may share one writer: each :meth:`write` appends its whole chunk,
+    and the header always covers exactly the chunks in the file. A forked
+    child cannot use its parent's writer (``RuntimeError``).
     """
 
     def __init__(
@@ -37,6 +42,10 @@ class WavWriter(FileResource):
         channels: int = 1,
         dtype: Any = "int16",
     ) -> None:
+        # Held around each append and around close: the C append reads and then
+        # advances the data size, so two threads in it at once would write their
+        # chunks at the same offset (the GIL is released during the C call).
+        self._lock = _threading.Lock()
         self.samplerate = formats.check_samplerate(samplerate)
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
@@ -77,21 +86,23 @@ class WavWriter(FileResource):
                 the file would pass 4 GiB.
             OSError: the write failed; the file keeps exactly the chunks before.
         """
-        self._check_open()
-        stream = self._stream
-        assert stream is not None
+        self._check_open()  # before the lock: a forked child never waits for it
         if (type(chunk) is np.ndarray and chunk.dtype == self.dtype
                 and chunk.flags.c_contiguous and chunk.ndim <= 2
                 and (chunk.shape[1] if chunk.ndim == 2 else 1) == self.channels):
             array = chunk  # the common case, checked in a few attribute reads
         else:
             array = self._checked(chunk)
-        if stream.data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
-            raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
-        try:
-            stream.append(array, self.path)
-        except OSError as exc:
-            raise temp_audio.explain_full_disk(exc, self.path) from None
+        with self._lock:
+            stream = self._stream
+            if stream is None:  # another thread closed the writer meanwhile
+                raise ValueError("I/O operation on closed WavWriter")
+            if stream.data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
+                raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
+            try:
+                stream.append(array, self.path)
+            except OSError as exc:
+                raise temp_audio.explain_full_disk(exc, self.path) from None
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not."""
@@ -105,6 +116,17 @@ class WavWriter(FileResource):
                 f"has {self.channels}"
             )
         return array
+
+    def close(self) -> None:
+        """Close the file; calling it again does nothing. Waits for a write in progress.
+
+        In a forked child this closes only the child's copy of the descriptor.
+        """
+        if self._pid != _resource.current_pid:
+            super().close()  # the parent's lock may be held by a thread not copied here
+            return
+        with self._lock:
+            super().close()
 
     def _release(self) -> None:
         self._stream = None  # the header page is unmapped once nothing refers to it

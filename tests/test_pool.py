@@ -11,9 +11,11 @@ import errno
 import fcntl
 import gc
 import os
+import re
 import subprocess
 import sys
 import threading
+import warnings
 import wave
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import REPO, SOUNDFILE_DTYPE, SOX_ENCODING, require_tool, samples
+from helpers import REPO, SOUNDFILE_DTYPE, SOX_ENCODING, call_with_deadline, require_tool, samples
 from luna_shm import AudioPool, PooledWav, read_wav, write_wav
 
 RATE = 16000
@@ -149,7 +151,8 @@ def test_the_array_of_a_written_slot_is_read_only_and_refused_after_release(ram)
         with pytest.raises(ValueError, match="PooledWav was released"):
             pooled.truncate(1)
         pooled.release()  # again: nothing happens
-        assert pool.write_wav(np.zeros(3, np.int16), RATE).frames == 3
+        with pool.write_wav(np.zeros(3, np.int16), RATE) as again:
+            assert again.frames == 3
 
 
 @pytest.mark.parametrize(("dtype", "channels"), [("int16", 1), ("uint8", 1), ("float64", 3)])
@@ -448,15 +451,216 @@ def test_a_pool_fails_to_start_without_leaving_a_slot_file_or_descriptor(private
         ({"max_bytes": 0}, "max_bytes must be an int >= 1, got 0"),
         ({"max_bytes": 2**32}, "max_bytes must fit a WAV file"),
         ({"when_busy": "drop"}, "when_busy must be 'wait' or 'grow', got 'drop'"),
-        ({"timeout": -1}, "timeout must be None or >= 0 seconds, got -1"),
-        ({"timeout": float("nan")}, "timeout must be None or >= 0 seconds, got nan"),
+        ({"timeout": -1}, "timeout must be None or between 0 and [0-9]+ seconds, got -1"),
+        ({"timeout": float("nan")}, "timeout must be None or between 0 and [0-9]+ seconds, "
+                                    "got nan"),
+        ({"timeout": 1e10}, "timeout must be None or between 0 and [0-9]+ seconds, "
+                            "got 10000000000.0"),
+        ({"timeout": float("inf")}, "timeout must be None or between 0 and [0-9]+ seconds, "
+                                    "got inf"),
         ({"prefix": "../escape_"}, "prefix must not contain '/'"),
     ],
     ids=["no-slots", "bool-slots", "no-bytes", "over-4-GiB", "bad-when-busy", "negative-timeout",
-         "nan-timeout", "traversal-prefix"],
+         "nan-timeout", "huge-timeout", "infinite-timeout", "traversal-prefix"],
 )
 def test_bad_pool_arguments_are_refused_with_value_error_and_create_nothing(
         private_dirs, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         AudioPool(**{"slots": 1, "max_bytes": 100, **kwargs})
     assert os.listdir(private_dirs.ram) == [] and os.listdir(private_dirs.fallback) == []
+
+
+@pytest.mark.parametrize(("timeout", "message"), [
+    (True, "timeout must be None or a number of seconds, got True"),
+    ("1", "timeout must be None or a number of seconds, got '1'"),
+    ([1], r"timeout must be None or a number of seconds, got \[1\]"),
+])
+def test_a_timeout_that_is_not_a_number_is_a_type_error_naming_it(private_dirs, timeout,
+                                                                   message) -> None:
+    with pytest.raises(TypeError, match=message):
+        AudioPool(slots=1, max_bytes=100, timeout=timeout)
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_the_largest_timeout_threading_accepts_still_works(ram) -> None:
+    with AudioPool(slots=1, max_bytes=100, timeout=threading.TIMEOUT_MAX) as pool, \
+            pool.write_wav(np.ones(3, np.int16), RATE) as pooled:
+        assert pooled.frames == 3
+
+
+@pytest.mark.parametrize("prefix", ["", ".luna_audio_", "tts pool_", "tts*_", "tts:", "é_"])
+def test_an_empty_or_unsafe_pool_prefix_is_refused_with_value_error_naming_it(
+        private_dirs, prefix) -> None:
+    planted = Path(private_dirs.ram) / "pool_results.sqlite"
+    planted.write_bytes(b"user data")
+    with pytest.raises(ValueError, match="prefix must be one or more letters, digits, '_' or "
+                                         rf"'-' .*got {re.escape(repr(prefix))}"):
+        AudioPool(slots=1, max_bytes=100, prefix=prefix)
+    assert os.listdir(private_dirs.ram) == ["pool_results.sqlite"]
+    assert planted.read_bytes() == b"user data"
+
+
+def test_a_pool_prefix_that_is_not_a_str_is_a_type_error(private_dirs) -> None:
+    with pytest.raises(TypeError, match="prefix must be a str, got bytes"):
+        AudioPool(slots=1, max_bytes=100, prefix=b"tts_")  # type: ignore[arg-type]
+
+
+# ---- reclaiming dead pools' slots: only files a pool provably made ----------------------------
+
+DEAD_POOL = """
+import json, os
+from luna_shm import AudioPool
+pool = AudioPool(slots=2, max_bytes=3000, prefix="tts_")
+print(json.dumps([s.path for s in pool._slots]), flush=True)
+os._exit(0)  # dies without closing: its slot files stay, unlocked
+"""
+
+
+def make_dead_pool_slots(env: dict[str, str]) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", DEAD_POOL], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    paths: list[str] = __import__("json").loads(done.stdout)
+    assert all(os.path.isfile(p) for p in paths)
+    return paths
+
+
+def test_a_new_pool_reclaims_only_marked_slot_files_and_never_user_files_with_its_prefix(
+        private_dirs) -> None:
+    dead = make_dead_pool_slots({}) + make_dead_pool_slots({"LUNA_SHM_DISABLE": "1"})
+    assert {os.path.dirname(p) for p in dead} == {private_dirs.ram, private_dirs.fallback}
+    user_files: dict[str, bytes] = {}
+    for directory in (private_dirs.ram, private_dirs.fallback):
+        for name, content in [
+            ("tts_pool_config.json", b'{"voice": "luna"}'),
+            ("tts_pool_results.sqlite", b"SQLite format 3\0" + bytes(4080)),
+            ("pool_results.sqlite", b"SQLite format 3\0"),
+            # Named exactly like a slot, page-sized, a valid WAV, but no marker.
+            (f"tts_pool_{'ab' * 16}.wav", b""),
+        ]:
+            path = f"{directory}/{name}"
+            if name.endswith(".wav"):
+                write_wav(path, np.zeros((4096 - 44) // 2, np.int16), RATE)
+                content = Path(path).read_bytes()
+                assert len(content) == 4096
+            else:
+                Path(path).write_bytes(content)
+            user_files[path] = content
+
+    with AudioPool(slots=1, max_bytes=3000, prefix="tts_") as pool:
+        new_slot = pool._slots[0].path
+        assert not any(os.path.lexists(p) for p in dead)  # the dead pool's slots: reclaimed
+        for path, content in user_files.items():  # everything else: untouched
+            assert Path(path).read_bytes() == content
+    assert not os.path.lexists(new_slot)
+    assert {p for d in (private_dirs.ram, private_dirs.fallback) for p in
+            (f"{d}/{n}" for n in os.listdir(d))} == set(user_files)
+
+
+def test_a_slot_file_whose_marker_was_overwritten_is_not_reclaimed(private_dirs) -> None:
+    [first, second] = make_dead_pool_slots({})
+    with open(first, "r+b") as f:  # somebody else's program wrote over the tail
+        f.seek(-4, os.SEEK_END)
+        f.write(b"user")
+    with AudioPool(slots=1, max_bytes=3000, prefix="tts_"):
+        assert os.path.isfile(first) and not os.path.lexists(second)
+
+
+def test_pool_writes_of_the_largest_audio_never_reach_the_slot_marker(ram) -> None:
+    from luna_shm.pool import _SLOT_MARKER
+
+    for max_bytes in (1, 2, 3999, 4096 - 128 - 9 - 16, 4096 - 128 - 9 - 15, 4096, 10_001):
+        with AudioPool(slots=1, max_bytes=max_bytes) as pool:
+            path = pool._slots[0].path
+            frames = max_bytes // 8
+            with pool.write_wav(np.full(max_bytes, 255, np.uint8), RATE):
+                assert Path(path).read_bytes().endswith(_SLOT_MARKER)
+            with pool.write_wav(np.full(frames, -1.0), RATE, subtype="PCM_32"):
+                assert Path(path).read_bytes().endswith(_SLOT_MARKER)
+            with pool.acquire(max_bytes, RATE, 1, "uint8") as pooled:
+                pooled.array[...] = 255
+                pooled.truncate(max_bytes // 2)
+                assert Path(path).read_bytes().endswith(_SLOT_MARKER)
+                assert sf.info(path).frames == max_bytes // 2
+
+
+# ---- a slot whose path was taken over ---------------------------------------------------------
+
+
+def test_a_slot_whose_path_was_rewritten_while_held_is_replaced_by_a_fresh_slot(ram) -> None:
+    first, second = samples("int16", 300, 1, seed=1), samples("int16", 200, 1, seed=2)
+    other = samples("float32", 100, 2, seed=3)
+    with AudioPool(slots=1, max_bytes=1000) as pool:
+        pooled = pool.write_wav(first, RATE)
+        old_path = pooled.path
+        write_wav(pooled.path, other, RATE)  # the user writes their own file at that path
+        pooled.release()
+        with pool.write_wav(second, RATE) as again:
+            assert again.path != old_path
+            assert_every_reader_sees(again.path, second)
+        assert pool.slots == 1
+        with pool.write_wav(first, RATE) as third:  # the fresh slot is reused from now on
+            assert third.path == again.path
+            assert_every_reader_sees(third.path, first)
+    # The user's file is not ours: closing the pool leaves it as written.
+    np.testing.assert_array_equal(read_wav(old_path, mmap=False)[0], other)
+    assert slot_files(ram) == [os.path.basename(old_path)]
+
+
+def test_a_slot_whose_file_was_removed_while_free_is_replaced_by_a_fresh_slot(ram) -> None:
+    data = samples("int16", 100, 1)
+    with AudioPool(slots=1, max_bytes=1000) as pool:
+        path = pool._slots[0].path
+        os.unlink(path)  # another program removed it
+        with pool.write_wav(data, RATE) as pooled:
+            assert pooled.path != path
+            assert_every_reader_sees(pooled.path, data)
+    assert slot_files(ram) == []
+
+
+SHRUNK_SLOT = """
+import os
+import re
+import numpy as np
+from luna_shm import AudioPool, read_wav
+with AudioPool(slots=1, max_bytes=100_000) as pool:
+    pooled = pool.write_wav(np.ones(40_000, np.int16), 8000)
+    os.truncate(pooled.path, 44)  # another program cuts the slot file while it is held
+    pooled.release()
+    with pool.write_wav(np.full(40_000, 7, np.int16), 8000) as again:
+        assert again.path != pooled.path
+        assert (read_wav(again.path, mmap=False)[0] == 7).all()
+print("ok")
+"""
+
+
+def test_a_slot_file_cut_by_another_program_is_replaced_before_it_is_handed_out(
+        private_dirs) -> None:
+    # In a child: before the check, the next write into the cut file was a SIGBUS.
+    done = subprocess.run([sys.executable, "-c", SHRUNK_SLOT], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
+
+
+# ---- a PooledWav dropped without release ------------------------------------------------------
+
+
+def test_a_dropped_pooled_wav_warns_and_its_slot_goes_back_so_the_next_caller_never_hangs(
+        ram) -> None:
+    with AudioPool(slots=1, max_bytes=1000, timeout=None) as pool:
+        pooled = pool.acquire(10, RATE)
+        path = pooled.path
+        with pytest.warns(ResourceWarning, match=f"unreleased PooledWav '{path}'"):
+            del pooled
+            gc.collect()
+        again = call_with_deadline(lambda: pool.acquire(10, RATE))
+        assert isinstance(again, PooledWav) and again.path == path
+        again.release()
+        # A released one is not given back a second time when it is collected.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            del again
+            gc.collect()
+        pool.timeout = 0
+        with pool.acquire(1, RATE), pytest.raises(TimeoutError):  # one slot, not two
+            pool.acquire(1, RATE)

@@ -177,7 +177,12 @@ def produce(kind: str) -> tuple[str, Callable[[], None]]:
     if kind == "AudioPool":
         pool = AudioPool(slots=1, max_bytes=DATA.nbytes)
         pooled = pool.write_wav(DATA, RATE)
-        return pooled.path, pool.close
+
+        def release_and_close() -> None:
+            pooled.release()
+            pool.close()
+
+        return pooled.path, release_and_close
     raise AssertionError(kind)
 
 
@@ -380,7 +385,8 @@ def test_another_process_cannot_shrink_an_anonymous_file_and_its_reader_reads_it
         path, close = owner.path, owner.close
     else:
         pool = AudioPool(slots=1, max_bytes=data.nbytes, anonymous=True)
-        path, close = pool.write_wav(data, RATE).path, pool.close
+        pooled = pool.write_wav(data, RATE)  # held until the pool closes
+        path, close = pooled.path, pool.close
     try:
         mapped, _ = read_wav(path)  # a reader's mapping of the whole file
         done = _run(TRUNCATOR, path)

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import subprocess
+import threading
 import wave
 from pathlib import Path
 
@@ -315,3 +316,78 @@ def test_a_write_that_fails_mid_stream_leaves_a_valid_wav_of_the_chunks_before(l
     assert report["ok"] and report["rate"] == 8000
     data_bytes = report["written"] * 2002
     assert report["size"] == 44 + data_bytes
+
+
+# ---- threads sharing one writer --------------------------------------------------------------
+
+CHUNK = 480  # 20 ms at 24 kHz
+
+
+def test_four_threads_sharing_a_writer_lose_no_chunk_and_the_header_counts_them_all(ram):
+    threads_count, rounds = 4, 400
+    path = ram / "shared.wav"
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_count)
+    with WavWriter(path, 24000) as writer:
+
+        def work(index: int) -> None:
+            try:
+                start.wait()
+                for i in range(rounds):
+                    writer.write(np.full(CHUNK, index * rounds + i, np.int16))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a writing thread hung"
+        assert errors == []
+        assert writer.frames == threads_count * rounds * CHUNK
+    data, _ = read_wav(path, mmap=False)
+    assert sf.info(str(path)).frames == len(data) == threads_count * rounds * CHUNK
+    blocks = data.reshape(-1, CHUNK)
+    assert (blocks == blocks[:, :1]).all(), "two chunks were interleaved or overwritten"
+    assert sorted(blocks[:, 0].tolist()) == list(range(threads_count * rounds))
+
+
+def test_close_while_other_threads_write_keeps_every_chunk_whole_and_refuses_later_writes(ram):
+    path = ram / "closing.wav"
+    written: list[int] = []
+    refused: list[str] = []
+    unexpected: list[BaseException] = []
+    writer = WavWriter(path, 24000)
+    go = threading.Barrier(4)
+
+    def work(index: int) -> None:
+        go.wait()
+        for i in range(100_000):
+            value = index * 100_000 + i
+            try:
+                writer.write(np.full(CHUNK, value % 30000, np.int16))
+            except ValueError as exc:
+                refused.append(str(exc))
+                return
+            except BaseException as exc:  # reported below
+                unexpected.append(exc)
+                return
+            written.append(value % 30000)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    go.wait()
+    while len(written) < 300 and any(t.is_alive() for t in threads):
+        threading.Event().wait(0.001)
+    writer.close()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert unexpected == []
+    assert refused == ["I/O operation on closed WavWriter"] * 3
+    data, _ = read_wav(path, mmap=False)
+    blocks = data.reshape(-1, CHUNK)
+    assert (blocks == blocks[:, :1]).all()
+    assert sorted(blocks[:, 0].tolist()) == sorted(written)

@@ -1,0 +1,213 @@
+"""Fork: objects belong to the process that made them; a forked child never changes them.
+
+Each test runs a real script in a child process (its files in the private dirs of the
+private_dirs fixture), which forks for real: the grandchild leaves by ``sys.exit``, by
+the end of the script, by ``os._exit``, after closing or dropping what it inherited, or
+tries to use it. The first child then checks its own files and objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+PRELUDE = """
+import gc, json, os, sys, threading, time
+import numpy as np
+from luna_shm import AudioPool, WavWriter, cleanup_all_temp_audio, create_wav_buffer, read_wav
+
+pool = AudioPool(slots=2, max_bytes=4000)
+anonymous_pool = AudioPool(slots=1, max_bytes=4000, anonymous=True)
+held = pool.write_wav(np.full(100, 1, np.int16), 8000)
+acquired = anonymous_pool.acquire(100, 8000)
+acquired.array[:] = 4
+buf = create_wav_buffer(100, 8000)
+buf.array[:] = 2
+writer = WavWriter(None, 8000)
+writer.write(np.full(100, 3, np.int16))
+files = sorted(s.path for s in pool._slots) + [buf.path, writer.path]
+
+
+def content(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+before = {p: content(p) for p in files}
+
+
+def wait_for(pid):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return "hung"
+
+
+def parent_report(code, **extra):
+    report = {"child_exit": code, **extra}
+    report["files_kept"] = {p: os.path.isfile(p) and content(p) == before[p]
+                            for p in files}
+    report["in_use"] = cleanup_all_temp_audio()  # 0: every lock is still held
+    report["held"] = held.array.tolist() == [1] * 100
+    report["acquired"] = read_wav(acquired.path, mmap=False)[0].tolist() == [4] * 100
+    held.release()
+    acquired.release()
+    with pool.write_wav(np.full(50, 5, np.int16), 8000) as a, pool.acquire(50, 8000) as b:
+        report["two_slots"] = a.path != b.path and sorted([a.path, b.path]) == files[:2]
+    writer.write(np.full(10, 3, np.int16))
+    report["writer_frames"] = read_wav(writer.path, mmap=False)[0].tolist() == [3] * 110
+    buf.array[:] = 6
+    report["buffer"] = read_wav(buf.path, mmap=False)[0].tolist() == [6] * 100
+    for thing in (pool, anonymous_pool, buf, writer):
+        thing.close()
+    report["removed"] = [p for p in files[:2] if os.path.exists(p)] == []
+    print(json.dumps(report))
+"""
+
+LEAVE = PRELUDE + """
+how = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    if how == "close":
+        held.release()
+        acquired.release()
+        for thing in (pool, anonymous_pool, buf, writer):
+            thing.close()
+    elif how == "drop":
+        del held, acquired, pool, anonymous_pool, buf, writer
+        gc.collect()
+    if how == "os._exit":
+        os._exit(0)
+    if how == "sys.exit":
+        sys.exit(0)
+    # "end", "close", "drop": the child runs off the end of the script
+else:
+    parent_report(wait_for(pid))
+"""
+
+
+def run(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", script, *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no warning, no traceback, from either process
+    report: dict[str, object] = json.loads(done.stdout)
+    return report
+
+
+ALL_KEPT = {"child_exit": 0, "in_use": 0, "held": True, "acquired": True, "two_slots": True,
+            "writer_frames": True, "buffer": True, "removed": True}
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "end", "os._exit", "close", "drop"])
+def test_a_forked_child_leaving_in_any_way_never_removes_or_changes_its_parents_files(
+        private_dirs, how) -> None:
+    report = run(LEAVE, how)
+    kept = report.pop("files_kept")
+    assert isinstance(kept, dict) and len(kept) == 4 and all(kept.values()), kept
+    assert report == ALL_KEPT
+
+
+USE = PRELUDE + """
+parent = os.getpid()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read)
+    uses = {
+        "pool.write_wav": lambda: pool.write_wav(np.zeros(10, np.int16), 8000),
+        "pool.acquire": lambda: pool.acquire(10, 8000),
+        "anonymous_pool.acquire": lambda: anonymous_pool.acquire(10, 8000),
+        "held.array": lambda: held.array,
+        "held.truncate": lambda: held.truncate(1),
+        "acquired.array": lambda: acquired.array,
+        "buf.array": lambda: buf.array,
+        "buf.truncate": lambda: buf.truncate(1),
+        "buf.fileno": lambda: buf.fileno(),
+        "writer.write": lambda: writer.write(np.zeros(10, np.int16)),
+        "writer.fileno": lambda: writer.fileno(),
+    }
+    errors = {}
+    for name, use in uses.items():
+        try:
+            use()
+            errors[name] = "no error"
+        except BaseException as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    with os.fdopen(write, "w") as out:
+        json.dump({"errors": errors, "child": os.getpid()}, out)
+    os._exit(0)
+os.close(write)
+with os.fdopen(read) as got:
+    child = json.load(got)
+parent_report(wait_for(pid), parent=parent, **child)
+"""
+
+
+def test_a_forked_child_gets_a_runtime_error_naming_the_owner_for_every_inherited_object(
+        private_dirs) -> None:
+    report = run(USE)
+    parent, child, errors = report.pop("parent"), report.pop("child"), report.pop("errors")
+    kept = report.pop("files_kept")
+    assert isinstance(kept, dict) and all(kept.values()), kept
+    assert report == ALL_KEPT
+    assert isinstance(errors, dict)
+    tail = (f"belongs to process {parent}, which made it; this process ({child}) is a forked "
+            "child and cannot use it: make a new one here")
+    for name, error in errors.items():
+        assert error.startswith("RuntimeError: ") and error.endswith(tail), (name, error)
+    assert errors["pool.write_wav"] == f"RuntimeError: AudioPool {tail}"
+    assert errors["held.array"].startswith("RuntimeError: PooledWav '")
+    assert errors["buf.array"].startswith("RuntimeError: WavBuffer '")
+    assert errors["writer.write"].startswith("RuntimeError: WavWriter '")
+
+
+LOCKED = PRELUDE + """
+# Another thread holds the pool's and the writer's locks while the main thread forks.
+holding, done = threading.Event(), threading.Event()
+
+def hold():
+    with pool._cond, writer._lock:
+        holding.set()
+        done.wait()
+
+holder = threading.Thread(target=hold)
+holder.start()
+holding.wait()
+pid = os.fork()
+if pid == 0:
+    outcome = []
+    for use in (lambda: pool.write_wav(np.zeros(10, np.int16), 8000),
+                lambda: writer.write(np.zeros(10, np.int16))):
+        try:
+            use()
+        except RuntimeError:
+            outcome.append("refused")
+    pool.close()
+    writer.close()
+    held.release()
+    os._exit(0 if outcome == ["refused", "refused"] else 1)
+done.set()
+holder.join()
+parent_report(wait_for(pid))
+"""
+
+
+def test_a_child_forked_while_another_thread_holds_the_locks_neither_hangs_nor_touches_them(
+        private_dirs) -> None:
+    report = run(LOCKED)
+    kept = report.pop("files_kept")
+    assert isinstance(kept, dict) and all(kept.values()), kept
+    assert report == ALL_KEPT
