@@ -204,6 +204,35 @@ def test_luna_shm_dir_names_the_ram_dir_to_use(private_dirs, monkeypatch) -> Non
     assert luna_shm.is_using_ram_disk() is True
 
 
+@pytest.mark.parametrize("which", ["LUNA_SHM_DIR", "TMPDIR"])
+def test_a_relative_dir_is_resolved_once_and_an_os_chdir_afterwards_changes_nothing(
+    private_dirs, monkeypatch, tmp_path, which
+) -> None:
+    if which == "TMPDIR":
+        monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+        target = private_dirs.fallback
+    else:
+        target = private_dirs.ram
+    parent, name = os.path.split(target)
+    monkeypatch.chdir(parent)
+    monkeypatch.setenv(which, name)
+    assert luna_shm.refresh_temp_dir() == target
+    first = get_temp_audio_path(create=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / name).mkdir(parents=True)  # the same relative name, resolved anew, exists
+    monkeypatch.chdir(elsewhere)
+
+    assert luna_shm.temp_dir() == target
+    assert target in placement.our_dirs()
+    second = get_temp_audio_path(create=True)
+    assert os.path.dirname(first) == os.path.dirname(second) == target
+    assert luna_shm.cleanup_temp_audio(first) is True
+    assert luna_shm.cleanup_all_temp_audio() == 1
+    assert os.listdir(target) == []
+    assert os.listdir(elsewhere / name) == []
+
+
 def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
     other = Path(private_dirs.fallback) / "other"
