@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import re as _re
 import stat as _stat
 import time as _time
 import uuid as _uuid
@@ -221,25 +222,52 @@ def _open_dir(directory: str) -> int:
     return _os.open(directory, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
 
 
-def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
-    """Remove one of our temp files; True if removed, False if it was already gone.
+# A token as _new_token makes it: 32 hex digits of a uuid4 (version nibble 4,
+# RFC 4122 variant 8-b), somewhere in the name between a prefix and a suffix.
+_TOKEN = _re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+
+
+def is_made_name(name: str) -> bool:
+    """True for a file name that get_temp_audio_path could have made: one of our
+    prefixes, or any prefix and suffix around a uuid4 hex token."""
+    return name.startswith(placement.OUR_PREFIXES) or _TOKEN.search(name) is not None
+
+
+def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
+    """Remove a temp file that :func:`get_temp_audio_path` made; True if this call removed it.
+
+    The rule: a file of yours that sits directly in one of our two dirs, whose name
+    is ``<prefix><uuid4 hex><suffix>`` as get_temp_audio_path makes them (any prefix,
+    e.g. ``myapp_``) or starts with ``luna_audio_``/``luna_daemon_``, is removed,
+    unless a live process uses it. A symlink is removed itself, never its target.
 
     Args:
         path: a path returned by :func:`get_temp_audio_path` (str or PathLike).
+            None and ``""`` are accepted and remove nothing, so that
+            ``path = None; try: ... finally: cleanup_temp_audio(path)`` works.
 
     Returns:
-        True when this call removed the file, False when there was none.
+        True when this call removed the file. False when nothing was removed: the
+        path is None or empty, the file is already gone, or a live process (in this
+        process or another) holds it: a ``WavBuffer``, ``WavWriter``, ``AudioPool``
+        slot or an atomic write in progress (logged at DEBUG on the ``luna_shm``
+        logger).
 
     Raises:
+        TypeError: path is not a str or PathLike of str (or None).
         ValueError: the path is not ours: not absolute, its parent is not exactly
-            one of our two dirs, or its name lacks our prefixes. A symlink is
-            removed itself, never its target.
+            one of our two dirs (or is a symlink), or its name has neither our
+            prefixes nor a uuid4 token.
         IsADirectoryError: a directory stands at the name.
         PermissionError: the file belongs to another user.
     """
+    if path is None:
+        return False
     text = _os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be str or os.PathLike[str], got {type(text).__name__}")
+    if not text:
+        return False
     if "\0" in text:
         raise ValueError(f"path contains a NUL byte: {text!r}")
     if not _os.path.isabs(text):
@@ -250,10 +278,11 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
             f"refusing to remove {text!r}: its directory is not one of ours "
             f"({', '.join(placement.our_dirs())})"
         )
-    if not name.startswith(placement.OUR_PREFIXES):
+    if not is_made_name(name):
         raise ValueError(
             f"refusing to remove {text!r}: the name lacks our prefixes "
-            f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r})"
+            f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r}) and the uuid4 hex token that "
+            "get_temp_audio_path puts in every name"
         )
     try:
         dir_fd = _open_dir(parent)
@@ -274,8 +303,17 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
             raise IsADirectoryError(_errno.EISDIR, "not removing a directory", text)
         if st.st_uid != _os.geteuid():
             raise PermissionError(_errno.EPERM, "file belongs to another user", text)
+        if _stat.S_ISREG(st.st_mode):
+            # The same check as cleanup_all_temp_audio: unlinked under our exclusive
+            # flock, so never while a buffer, writer, pool slot or partial holds it.
+            if _remove_if_unused(dir_fd, name, st):
+                return True
+            placement.logger.debug(
+                "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
+                "vanished or was replaced meanwhile", text)
+            return False
         try:
-            _os.unlink(name, dir_fd=dir_fd)
+            _os.unlink(name, dir_fd=dir_fd)  # a symlink, FIFO or socket: nothing to hold
         except FileNotFoundError:
             return False
         return True

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,160 @@ def test_cleanup_removes_a_file_a_writer_filled(active_dir) -> None:
     Path(path).write_bytes(b"RIFF" + bytes(1000))
     assert cleanup_temp_audio(path) is True
     assert os.listdir(active_dir) == []
+
+
+# ---- the drop-in's habits: None and "", custom prefixes ---------------------------------
+
+
+@pytest.mark.parametrize("nothing", [None, ""], ids=["None", "empty"])
+def test_cleanup_of_none_or_an_empty_path_returns_false_and_removes_nothing(
+    active_dir, nothing
+) -> None:
+    path = get_temp_audio_path(create=True)
+    assert cleanup_temp_audio(nothing) is False
+    assert os.path.isfile(path)
+
+
+def test_cleanup_in_a_finally_block_before_the_path_was_set_lets_the_real_error_through(
+    active_dir,
+) -> None:
+    def render() -> None:
+        path = None
+        try:
+            raise RuntimeError("the TTS engine failed")
+        finally:
+            cleanup_temp_audio(path)
+
+    with pytest.raises(RuntimeError, match="the TTS engine failed"):
+        render()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix"),
+    [("myapp_", ".wav"), ("", ".raw"), ("tts-", ".tar.gz"), ("voix_é_", "..wav"),
+     (".hidden_", ""), ("luna_audio_", ".mp3")],
+    ids=["myapp", "no-prefix", "double-suffix", "non-ascii", "hidden-no-suffix", "ours"],
+)
+@pytest.mark.parametrize("create", [True, False], ids=["created", "written-later"])
+def test_cleanup_removes_what_get_temp_audio_path_made_with_any_prefix_and_suffix(
+    active_dir, prefix, suffix, create
+) -> None:
+    path = get_temp_audio_path(suffix, prefix, create=create)
+    if not create:
+        Path(path).write_bytes(b"RIFF")  # the TTS engine writes the file
+    assert cleanup_temp_audio(path) is True
+    assert not os.path.lexists(path)
+    assert cleanup_temp_audio(path) is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tts_config.json", "myapp_" + "0" * 32 + ".wav",
+     "myapp_" + uuid.uuid4().hex[:31] + ".wav",
+     "myapp_" + uuid.UUID(int=uuid.uuid4().int, version=1).hex + ".wav",
+     "myapp_" + uuid.uuid4().hex.upper() + ".wav"],
+    ids=["no-token", "zero-token", "31-hex", "uuid1-token", "upper-case-token"],
+)
+def test_cleanup_refuses_a_name_without_a_uuid4_token_or_our_prefix(active_dir, name) -> None:
+    victim, digest = _decoy(Path(active_dir), name)
+    with pytest.raises(ValueError, match=r"refusing to remove .*the name lacks our prefixes "
+                       r".* and the uuid4 hex token"):
+        cleanup_temp_audio(str(victim))
+    assert _sha256(victim) == digest
+
+
+def test_cleanup_of_a_custom_prefix_still_refuses_other_dirs_and_other_users(
+    active_dir, tmp_path
+) -> None:
+    token = uuid.uuid4().hex
+    outside, digest = _decoy(tmp_path / "outside", f"myapp_{token}.wav")
+    with pytest.raises(ValueError, match="its directory is not one of ours"):
+        cleanup_temp_audio(str(outside))
+    assert _sha256(outside) == digest
+    theirs = create_as_other_user(active_dir, f"myapp_{token}.wav")
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        cleanup_temp_audio(theirs)
+    assert Path(theirs).read_bytes() == b"theirs"
+
+
+def test_cleanup_all_keeps_to_our_two_prefixes_and_spares_custom_prefix_files(
+    active_dir,
+) -> None:
+    custom = get_temp_audio_path(".wav", "myapp_", create=True)
+    ours = get_temp_audio_path(create=True)
+    assert cleanup_all_temp_audio() == 1
+    assert os.path.isfile(custom) and not os.path.lexists(ours)
+    assert cleanup_temp_audio(custom) is True
+
+
+# ---- cleanup_temp_audio spares a file a live process holds ----------------------------
+
+
+_HOLDERS = {
+    "WavBuffer": "held = create_wav_buffer(100, 8000)\npath = held.path",
+    "WavWriter": "held = WavWriter(None, 8000)\nheld.write(np.ones(10, np.int16))\n"
+                 "path = held.path",
+    "PooledWav": "pool = AudioPool(slots=2, max_bytes=4000)\n"
+                 "held = pool.write_wav(np.ones(10, np.int16), 8000)\npath = held.path",
+    "released-pool-slot": "pool = AudioPool(slots=2, max_bytes=4000)\n"
+                          "slot = pool.write_wav(np.ones(10, np.int16), 8000)\n"
+                          "path = slot.path\nslot.release()",
+}
+_HOLDER_PREAMBLE = ("import numpy as np\n"
+                    "from luna_shm import AudioPool, WavWriter, create_wav_buffer\n")
+
+
+@pytest.mark.parametrize("kind", list(_HOLDERS))
+def test_cleanup_temp_audio_spares_a_file_held_in_this_process(
+    active_dir, kind, caplog
+) -> None:
+    scope: dict[str, object] = {}
+    exec(_HOLDER_PREAMBLE + _HOLDERS[kind], scope)
+    path = str(scope["path"])
+    before = _sha256(path)
+    with caplog.at_level("DEBUG", logger="luna_shm"):
+        assert cleanup_temp_audio(path) is False
+    assert _sha256(path) == before
+    assert any("held by a live process" in r.getMessage() and path in r.getMessage()
+               for r in caplog.records)
+    assert cleanup_all_temp_audio() == 0
+    holder = scope.get("pool", scope.get("held"))
+    holder.close()  # type: ignore[union-attr]
+    if kind in ("WavBuffer", "WavWriter"):
+        assert cleanup_temp_audio(path) is True  # closed: nobody holds it any more
+    assert not os.path.lexists(path)
+
+
+_HOLD_IN_CHILD = _HOLDER_PREAMBLE + """
+import sys
+{make}
+print(path, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("kind", list(_HOLDERS))
+def test_cleanup_temp_audio_spares_a_file_held_by_another_live_process_until_it_is_killed(
+    active_dir, kind
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_IN_CHILD.format(make=_HOLDERS[kind])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        path = child.stdout.readline().strip()
+        assert os.path.dirname(path) == active_dir
+        before = _sha256(path)
+
+        assert cleanup_temp_audio(path) is False
+        assert _sha256(path) == before
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+    assert cleanup_temp_audio(path) is True  # its holder died: the file is an orphan now
+    assert not os.path.lexists(path)
 
 
 def _refused_path(kind: str, ram: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, str]:
