@@ -382,6 +382,9 @@ def iter_unused_temp_audio(
     Raises:
         TypeError, ValueError: older_than is not a number of seconds >= 0
             (raised by this call, before iterating).
+        OSError: while iterating, after the other dir was done: one of our dirs
+            exists but cannot be read (EACCES, EMFILE, ...). A missing dir, or a
+            symlink or non-directory at its name, holds nothing of ours.
     """
     if older_than is not None:
         if isinstance(older_than, bool) or not isinstance(older_than, int | float):
@@ -395,8 +398,32 @@ def iter_unused_temp_audio(
 def _iter_unused(
     cutoff: float | None, remove: bool
 ) -> Iterator[tuple[str, _os.stat_result]]:
+    # A directory that cannot be read does not stop the other one from being
+    # cleaned; its error is raised once both were tried.
+    failure: OSError | None = None
     for directory in placement.our_dirs():
-        yield from _unused_in(directory, is_our_name, cutoff, remove)
+        try:
+            yield from _unused_in(directory, is_our_name, cutoff, remove)
+        except OSError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+def open_scanned_dir(directory: str) -> int | None:
+    """Open one of our dirs for a scan; None when nothing of ours can be there.
+
+    A missing dir holds nothing; neither does a symlink or a non-directory at its
+    name (ELOOP/ENOTDIR), since we never make files through one (placement
+    refuses a symlinked RAM dir and resolves TMPDIR). Any other failure (EACCES,
+    EMFILE, ...) raises: a dir we cannot read is not a clean one.
+    """
+    try:
+        return _open_dir(directory)
+    except OSError as exc:
+        if exc.errno in (_errno.ENOENT, _errno.ENOTDIR, _errno.ELOOP):
+            return None
+        raise
 
 
 def _unused_in(
@@ -405,10 +432,9 @@ def _unused_in(
     """Yield (path, lstat) for this user's regular files in directory whose names are
     wanted, modified before cutoff (if given), and held by no live process; with
     remove=True each is unlinked, under its exclusive lock, before it is yielded."""
-    try:
-        dir_fd = _open_dir(directory)
-    except OSError:
-        return  # missing, a symlink, or unreadable: nothing of ours there
+    dir_fd = open_scanned_dir(directory)
+    if dir_fd is None:
+        return
     uid = _os.geteuid()
     try:
         with _os.scandir(dir_fd) as entries:
@@ -444,6 +470,9 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
 
     Raises:
         TypeError, ValueError: older_than is not a number of seconds >= 0.
+        OSError: one of our dirs exists but cannot be read (EACCES, EMFILE, ...),
+            with that dir as filename; the other dir is cleaned first. A missing
+            dir, or a symlink or non-directory at its name, counts as empty.
     """
     return sum(1 for _ in iter_unused_temp_audio(older_than=older_than, remove=True))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, call_with_deadline
-from luna_shm import temp_audio
+from luna_shm import placement, temp_audio
 from luna_shm.temp_audio import (
     cleanup_all_temp_audio,
     cleanup_temp_audio,
@@ -535,6 +536,89 @@ def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
     for path in theirs:
         assert os.lstat(path).st_uid == 65534
         assert Path(path).read_bytes() == b"theirs"
+
+
+_FILL_FD_TABLE = """
+import errno, json, os, resource
+import luna_shm
+path = luna_shm.get_temp_audio_path(create=True)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+result = {}
+for name, call in (("cleanup_all", luna_shm.cleanup_all_temp_audio),
+                   ("iter_unused", lambda: len(list(luna_shm.iter_unused_temp_audio())))):
+    try:
+        result[name] = ["returned", call()]
+    except OSError as exc:
+        result[name] = ["raised", exc.errno, exc.filename]
+for fd in held:
+    os.close(fd)
+result["file_left"] = os.path.exists(path)
+print(json.dumps(result))
+"""
+
+
+def test_cleanup_all_raises_emfile_instead_of_reporting_a_clean_dir_when_the_fd_table_is_full(
+    private_dirs,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _FILL_FD_TABLE], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    expected = ["raised", errno.EMFILE, private_dirs.ram]
+    assert result == {"cleanup_all": expected, "iter_unused": expected, "file_left": True}
+
+
+def _cleanup_all_as_other_user(closed: str, readable: str) -> dict[str, object]:
+    """In a forked child that became uid 65534: cleanup_all with an unreadable RAM dir."""
+    os.environ.update(LUNA_SHM_DIR=closed, TMPDIR=readable)
+    placement.refresh()
+    made = get_temp_audio_path(create=True)
+    result: dict[str, object] = {"made_in": os.path.dirname(made)}
+    try:
+        result["returned"] = cleanup_all_temp_audio()
+    except OSError as exc:
+        result["raised"] = [type(exc).__name__, exc.errno, exc.filename]
+    result["file_left"] = os.path.lexists(made)
+    return result
+
+
+def test_cleanup_all_raises_permission_error_for_an_unreadable_dir_after_cleaning_the_other(
+    private_dirs,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    os.chmod(private_dirs.ram, 0o711)  # let the other user reach the dirs below
+    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
+    os.mkdir(closed, 0o000)
+    os.mkdir(readable, 0o700)
+    os.chown(readable, OTHER_UID, OTHER_UID)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            os.write(write_end, json.dumps(_cleanup_all_as_other_user(closed, readable)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(answer) == {"made_in": readable, "file_left": False,
+                                  "raised": ["PermissionError", errno.EACCES, closed]}
 
 
 def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
