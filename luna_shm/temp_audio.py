@@ -1,13 +1,17 @@
 """Temporary audio files on the RAM disk: the drop-in helper API.
 
 ``get_temp_audio_path(".wav")`` returns ``/dev/shm/luna_audio_<uuid4 hex>.wav``
-(or the same name in the fallback temp dir), created empty, mode 0600, so
-nobody can race us to the name. ``cleanup_temp_audio(path)`` and
-``cleanup_all_temp_audio()`` remove our files and nothing else.
+(or the same name in the fallback temp dir); the file appears when something
+writes it, as with the helper it replaces (``create=True`` reserves it now,
+empty, mode 0600). ``with temp_audio_path() as path:`` removes it afterwards,
+whatever happened. ``cleanup_temp_audio(path)`` removes what
+get_temp_audio_path made, ``cleanup_all_temp_audio()`` all our unused files,
+and neither ever touches a file that is not ours or that a live process holds.
 """
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import errno as _errno
 import os as _os
 import re as _re
@@ -36,6 +40,7 @@ __all__ = [
     "is_using_ram_disk",
     "iter_unused_temp_audio",
     "refresh_temp_dir",
+    "temp_audio_path",
     "temp_dir",
 ]
 
@@ -167,17 +172,23 @@ def get_temp_audio_path(
     suffix: str = ".wav",
     prefix: str = AUDIO_PREFIX,
     *,
-    create: bool = True,
+    create: bool = False,
     size_hint: int | None = None,
 ) -> str:
     """Return a new temp audio path: ``<dir>/<prefix><uuid4 hex><suffix>``.
 
+    By default nothing is created: the file appears when the TTS engine (or
+    :func:`write_wav`, ``ffmpeg``, ...) writes it, so that ``os.path.exists(path)``
+    still tells whether it was written, and a tool that refuses to overwrite
+    works. The uuid4 token makes a name race impractical.
+
     Args:
         suffix: file name ending, e.g. ``".wav"``; no ``/`` or NUL.
-        prefix: file name start; our cleanup knows ``luna_audio_`` and ``luna_daemon_``.
-        create: create the file (empty, mode 0600, exclusively) before returning,
-            so that no other process can take the name; False returns a bare name
-            for tools that refuse an existing file.
+        prefix: file name start; :func:`cleanup_temp_audio` removes a file made
+            with any prefix, :func:`cleanup_all_temp_audio` only ``luna_audio_``
+            and ``luna_daemon_`` ones.
+        create: True reserves the name now: an empty private file (mode 0600,
+            created exclusively, retried on collision like :func:`tempfile.mkstemp`).
         size_hint: bytes the file will hold; when the RAM disk has less free,
             the file goes to the fallback dir.
 
@@ -196,6 +207,47 @@ def get_temp_audio_path(
     path, fd = create_temp_file(suffix, prefix, size_hint=hint)
     _lowlevel.close(fd)
     return path
+
+
+@_contextlib.contextmanager
+def temp_audio_path(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    create: bool = False,
+    size_hint: int | None = None,
+) -> Iterator[str]:
+    """A context manager that yields a new temp audio path and always removes the file.
+
+    ``with temp_audio_path(".wav") as path: engine.render(text, path)``: on leaving
+    the block, whether the writer succeeded, raised, or never wrote anything, the
+    file is removed with :func:`cleanup_temp_audio` (so a file a live buffer,
+    writer or pool still holds is left to its holder). When the block raised, a
+    failure to remove is logged on the ``luna_shm`` logger and the block's own
+    exception goes on.
+
+    Args:
+        suffix, prefix, create, size_hint: as for :func:`get_temp_audio_path`.
+
+    Returns:
+        A context manager; ``as`` gives the absolute path (a str).
+
+    Raises:
+        TypeError, ValueError: for a bad suffix, prefix or size_hint.
+        OSError: when no directory can take the file (create=True), or when the
+            file cannot be removed after a block that did not raise.
+    """
+    path = get_temp_audio_path(suffix, prefix, create=create, size_hint=size_hint)
+    try:
+        yield path
+    except BaseException:
+        try:
+            cleanup_temp_audio(path)
+        except (OSError, ValueError) as exc:
+            placement.logger.warning("luna_shm: could not remove %s after a failure: %s",
+                                     path, exc)
+        raise
+    cleanup_temp_audio(path)
 
 
 def is_our_name(name: str) -> bool:

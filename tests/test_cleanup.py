@@ -91,7 +91,7 @@ def create_as_other_user(directory: str, name: str, data: bytes = b"theirs") -> 
 @pytest.mark.parametrize("prefix", PREFIXES)
 @pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
 def test_cleanup_removes_our_file_then_reports_it_already_gone(active_dir, prefix, as_type):
-    path = get_temp_audio_path(prefix=prefix)
+    path = get_temp_audio_path(prefix=prefix, create=True)
     assert os.path.dirname(path) == active_dir
 
     assert cleanup_temp_audio(as_type(path)) is True
@@ -104,7 +104,7 @@ def test_cleanup_of_a_name_that_never_existed_returns_false(active_dir) -> None:
 
 
 def test_cleanup_removes_a_file_a_writer_filled(active_dir) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     Path(path).write_bytes(b"RIFF" + bytes(1000))
     assert cleanup_temp_audio(path) is True
     assert os.listdir(active_dir) == []
@@ -319,7 +319,7 @@ def test_cleanup_refuses_a_path_with_a_nul_byte(private_dirs) -> None:
 
 
 def test_cleanup_refuses_a_bytes_path_with_type_error(private_dirs) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     with pytest.raises(TypeError, match="path must be str"):
         cleanup_temp_audio(os.fsencode(path))  # type: ignore[arg-type]
     assert os.path.isfile(path)
@@ -352,7 +352,7 @@ def test_files_made_through_a_symlinked_tmpdir_can_be_cleaned_up(
     os.symlink(private_dirs.fallback, link)
     monkeypatch.setenv("TMPDIR", str(link))
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
-    first, second = get_temp_audio_path(), get_temp_audio_path()
+    first, second = get_temp_audio_path(create=True), get_temp_audio_path(create=True)
     assert {os.path.dirname(first), os.path.dirname(second)} == {private_dirs.fallback}
 
     assert cleanup_temp_audio(first) is True
@@ -411,7 +411,7 @@ def _make_ours(monkeypatch: pytest.MonkeyPatch, where: str, prefix: str, count: 
     else:
         monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
     try:
-        return [get_temp_audio_path(prefix=prefix) for _ in range(count)]
+        return [get_temp_audio_path(prefix=prefix, create=True) for _ in range(count)]
     finally:
         monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
 
@@ -452,7 +452,7 @@ def test_cleanup_all_still_cleans_the_fallback_dir_when_the_ram_dir_is_missing(
     private_dirs, monkeypatch
 ) -> None:
     monkeypatch.setenv("LUNA_SHM_DIR", f"{private_dirs.ram}/missing")
-    made = [get_temp_audio_path() for _ in range(3)]
+    made = [get_temp_audio_path(create=True) for _ in range(3)]
     assert {os.path.dirname(p) for p in made} == {private_dirs.fallback}
     assert cleanup_all_temp_audio() == 3
     assert os.listdir(private_dirs.fallback) == []
@@ -495,7 +495,7 @@ def test_cleanup_all_with_older_than_removes_only_files_older_than_that(
 def test_cleanup_all_rejects_a_bad_older_than_and_removes_nothing(
     private_dirs, older_than, error, message
 ) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     with pytest.raises(error, match=message):
         cleanup_all_temp_audio(older_than=older_than)
     assert os.path.isfile(path)
@@ -503,7 +503,7 @@ def test_cleanup_all_rejects_a_bad_older_than_and_removes_nothing(
 
 @pytest.mark.parametrize("older_than", [0, 0.0, 5, 2.5])
 def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     os.utime(path, (time.time() - 60, time.time() - 60))
     assert cleanup_all_temp_audio(older_than=older_than) == 1
 
@@ -642,7 +642,7 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
     private_dirs, monkeypatch, how
 ) -> None:
     decoy, digest = _decoy(Path(private_dirs.ram))
-    ours = [get_temp_audio_path() for _ in range(3)]
+    ours = [get_temp_audio_path(create=True) for _ in range(3)]
     victim = os.path.basename(ours[1])
     _race(monkeypatch, victim, how)
 
@@ -662,7 +662,7 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
 def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(
     private_dirs, monkeypatch
 ) -> None:
-    ours = [get_temp_audio_path() for _ in range(4)]
+    ours = [get_temp_audio_path(create=True) for _ in range(4)]
     doomed = {os.path.basename(p) for p in ours[:2]}
     real = temp_audio.is_our_name
 
@@ -678,7 +678,7 @@ def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(
 
 def test_cleanup_all_and_a_concurrent_deleter_remove_each_file_exactly_once(private_dirs) -> None:
     total = 400
-    paths = [get_temp_audio_path() for _ in range(total)]
+    paths = [get_temp_audio_path(create=True) for _ in range(total)]
     deleted_by_thread = 0
     start = threading.Barrier(2)
 

@@ -114,7 +114,7 @@ def test_ramfs_mount_is_a_ram_disk() -> None:
                            check=True)
             os.environ["LUNA_SHM_DIR"] = "/tmp/ramfs"
         """) + child_report() + textwrap.dedent("""
-            path = luna_shm.get_temp_audio_path()
+            path = luna_shm.get_temp_audio_path(create=True)
             report(path=path, fs=subprocess.run(["stat", "-f", "-c", "%T", "/tmp/ramfs"],
                    capture_output=True, text=True).stdout.strip())
         """)
@@ -128,7 +128,7 @@ def test_ramfs_mount_is_a_ram_disk() -> None:
 
 def test_default_dir_is_dev_shm_on_a_private_tmpfs_mount() -> None:
     done = run_in_private_shm(child_report() + textwrap.dedent("""
-        path = luna_shm.get_temp_audio_path()
+        path = luna_shm.get_temp_audio_path(create=True)
         report(path=path, is_file=os.path.isfile(path))
     """))
     out = json.loads(assert_child_ok(done))
@@ -186,7 +186,7 @@ def test_disable_sends_files_to_fallback_dir_and_reports_its_real_filesystem(
         require_disk_dir(fallback)
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
 
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
 
     assert os.path.dirname(path) == fallback
     assert luna_shm.temp_dir() == fallback
@@ -199,7 +199,7 @@ def test_luna_shm_dir_names_the_ram_dir_to_use(private_dirs, monkeypatch) -> Non
     chosen = f"{private_dirs.ram}/chosen"
     os.mkdir(chosen, 0o700)
     monkeypatch.setenv("LUNA_SHM_DIR", chosen)
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     assert os.path.dirname(path) == chosen
     assert luna_shm.is_using_ram_disk() is True
 
@@ -238,7 +238,7 @@ def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
     other = Path(private_dirs.fallback) / "other"
     other.mkdir()
     monkeypatch.setenv("TMPDIR", str(other))
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     assert os.path.dirname(path) == str(other)
     assert os.listdir(other) == [os.path.basename(path)]
 
@@ -302,12 +302,12 @@ def test_unusable_ram_dir_falls_back_and_logs_why_once(
     before = sorted(os.listdir(candidate)) if os.path.isdir(candidate) else None
     monkeypatch.setenv("LUNA_SHM_DIR", candidate)
 
-    paths = [get_temp_audio_path() for _ in range(3)]
+    paths = [get_temp_audio_path(create=True) for _ in range(3)]
     # Make luna_shm choose again (another cache key, same outcome): still one message.
     monkeypatch.setenv("LUNA_SHM_DISABLE", "0")
-    paths.append(get_temp_audio_path())
+    paths.append(get_temp_audio_path(create=True))
     monkeypatch.delenv("LUNA_SHM_DISABLE")
-    paths.append(get_temp_audio_path())
+    paths.append(get_temp_audio_path(create=True))
 
     assert {os.path.dirname(p) for p in paths} == {private_dirs.fallback}
     assert luna_shm.temp_dir() == private_dirs.fallback
@@ -325,21 +325,21 @@ def test_world_writable_ram_dir_with_sticky_bit_is_accepted(private_dirs, monkey
     os.mkdir(sticky)
     os.chmod(sticky, 0o1777)
     monkeypatch.setenv("LUNA_SHM_DIR", sticky)
-    assert os.path.dirname(get_temp_audio_path()) == sticky
+    assert os.path.dirname(get_temp_audio_path(create=True)) == sticky
     assert luna_shm.is_using_ram_disk() is True
 
 
 def test_refresh_temp_dir_picks_up_a_ram_dir_that_appeared(private_dirs, monkeypatch) -> None:
     later = f"{private_dirs.ram}/later"
     monkeypatch.setenv("LUNA_SHM_DIR", later)
-    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+    assert os.path.dirname(get_temp_audio_path(create=True)) == private_dirs.fallback
     os.mkdir(later, 0o700)
 
     assert luna_shm.refresh_temp_dir() == later
 
     assert luna_shm.temp_dir() == later
     assert luna_shm.is_using_ram_disk() is True
-    assert os.path.dirname(get_temp_audio_path()) == later
+    assert os.path.dirname(get_temp_audio_path(create=True)) == later
 
 
 def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeypatch) -> None:
@@ -351,7 +351,7 @@ def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeyp
 
     assert luna_shm.refresh_temp_dir() == private_dirs.fallback
 
-    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+    assert os.path.dirname(get_temp_audio_path(create=True)) == private_dirs.fallback
 
 
 # ---- the RAM disk refusing files: real read-only and full mounts -----------------------------
@@ -368,7 +368,7 @@ def test_read_only_ram_disk_falls_back_to_tmp(tmp_path, fallback_fs) -> None:
         preamble = ""  # the child's /tmp stays a private tmpfs
     done = run_in_private_shm(
         preamble + child_report() + textwrap.dedent("""
-            path = luna_shm.get_temp_audio_path()
+            path = luna_shm.get_temp_audio_path(create=True)
             st = os.lstat(path)
             report(path=path, mode=st.st_mode, tmp=sorted(os.listdir("/tmp")))
         """),
@@ -407,7 +407,7 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
     done = run_in_private_shm(
         disk_tmp_preamble(disk) + child_report() + textwrap.dedent(f"""
             import errno, subprocess
-            first = luna_shm.get_temp_audio_path()
+            first = luna_shm.get_temp_audio_path(create=True)
             subprocess.run({refusal.split()!r}, check=True)
             if "nr_inodes" in {refusal!r}:
                 # Use up every inode left, outside luna_shm.
@@ -419,8 +419,8 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
                         break
                 else:
                     raise AssertionError("the inode limit did not apply")
-            second = luna_shm.get_temp_audio_path()
-            third = luna_shm.get_temp_audio_path()
+            second = luna_shm.get_temp_audio_path(create=True)
+            third = luna_shm.get_temp_audio_path(create=True)
             refreshed = luna_shm.refresh_temp_dir()
             report(first=first, second=second, third=third, refreshed=refreshed,
                    second_is_file=os.path.isfile(second))
@@ -446,9 +446,9 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     require_disk_dir(disk)
     done = run_in_private_shm(
         disk_tmp_preamble(disk) + child_report() + textwrap.dedent("""
-            big = luna_shm.get_temp_audio_path(size_hint=1 << 20)
-            small = luna_shm.get_temp_audio_path(size_hint=1024)
-            default = luna_shm.get_temp_audio_path()
+            big = luna_shm.get_temp_audio_path(size_hint=1 << 20, create=True)
+            small = luna_shm.get_temp_audio_path(size_hint=1024, create=True)
+            default = luna_shm.get_temp_audio_path(create=True)
             report(big=big, small=small, default=default)
         """),
         shm_size="64k",
