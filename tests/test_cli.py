@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import luna_shm
-from helpers import REPO
+from helpers import REPO, assert_child_ok, require_tool, run_in_private_shm
 from luna_shm import _lowlevel, cli, placement
 from luna_shm.cli import parse_duration
 
@@ -429,6 +429,29 @@ def test_demo_verifies_every_sample_and_leaves_the_ram_dir_empty(private_dirs) -
     assert done.returncode == 0, done.stderr
     assert "every sample matches" in done.stdout
     assert os.listdir(private_dirs.ram) == []
+
+
+def test_demo_on_a_full_ram_disk_falls_back_to_the_disk_and_says_why(tmp_path) -> None:
+    require_tool("espeak-ng")
+    done = run_in_private_shm("""
+        import subprocess, sys
+        subprocess.run(["dd", "if=/dev/zero", "of=/dev/shm/filler", "bs=4k", "count=64"],
+                       capture_output=True)  # fills the 64 KiB RAM disk (dd then fails)
+        from luna_shm import cli
+        code = cli.main(["demo"])
+        import os
+        print("ours left:", [n for d in ("/dev/shm", "/tmp") for n in os.listdir(d)
+                             if "luna_" in n])
+        sys.exit(code)
+    """, shm_size="64k")
+    out = assert_child_ok(done)
+    assert "not installed" not in out
+    assert "from espeak-ng: 'Hello from luna shm." in out
+    assert "written to /tmp because it failed in /dev/shm (0 bytes free)" in out
+    assert "every sample matches" in out
+    assert "the RAM disk /dev/shm has no room for" in out and "ran in /tmp" in out
+    assert "ours left: []" in out
+    assert "Errno" not in done.stderr
 
 
 def _small_file_size_limit() -> None:
