@@ -80,8 +80,6 @@ def synthesize() -> tuple[np.ndarray, int, str]:
         free = _free_bytes(where.ram_dir)
         problem += "" if free is None else f" ({free} bytes free)"
         problem += f": {first}"
-        placement.log_once(f"luna_shm demo: espeak-ng failed {problem}: using "
-                           f"{where.fallback_dir} for its file")
         path = temp_audio.new_temp_name(".wav", on_disk=True)
         try:
             second = _espeak_into(espeak, path)
