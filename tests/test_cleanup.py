@@ -197,6 +197,7 @@ def test_cleanup_all_keeps_to_our_two_prefixes_and_spares_custom_prefix_files(
 # ---- cleanup_temp_audio spares a file a live process holds ----------------------------
 
 
+# Code that makes a holder and sets path: run in this process (exec) and in a child process.
 _HOLDERS = {
     "WavBuffer": "held = create_wav_buffer(100, 8000)\npath = held.path",
     "WavWriter": "held = WavWriter(None, 8000)\nheld.write(np.ones(10, np.int16))\n"
