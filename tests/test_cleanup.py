@@ -233,6 +233,19 @@ def test_cleanup_temp_audio_spares_a_file_held_in_this_process(
     assert not os.path.lexists(path)
 
 
+def test_a_closed_buffer_whose_array_is_still_alive_is_held_until_the_array_goes(
+    active_dir,
+) -> None:
+    from luna_shm import create_wav_buffer
+
+    with create_wav_buffer(100, 8000) as buf:
+        view = buf.array
+    assert cleanup_temp_audio(buf.path) is False  # the mapping keeps the lock
+    assert os.path.isfile(buf.path)
+    del view
+    assert cleanup_temp_audio(buf.path) is True
+
+
 _HOLD_IN_CHILD = _HOLDER_PREAMBLE + """
 import sys
 {make}

@@ -333,6 +333,7 @@ def buffer_cycle(i):
         assert back[99] == view[99] == 99
         if i % 3 == 0:
             buf.truncate(50)
+    del view  # a live view of the mapping still holds the buffer's lock
     if not buf.anonymous:
         assert cleanup_temp_audio(buf.path)
 
