@@ -150,7 +150,7 @@ M_RC_FLOOR = "C floor: write + read + os.unlink"
 M_STREAM_WRITER = "WavWriter.write"
 M_STREAM_SF = "soundfile.SoundFile.write"
 M_STREAM_FLOOR = "os.write (no header update)"
-M_TEMP_PATH = "get_temp_audio_path()"
+M_TEMP_PATH = "get_temp_audio_path(create=True)"
 M_MKSTEMP = "tempfile.mkstemp + close"
 M_TOUCH_FLOOR = "C floor: open(O_EXCL)+close"
 M_CLEANUP = "cleanup_all_temp_audio()"
@@ -712,7 +712,7 @@ def _temp_cases(location: str) -> list[Case]:
                        min_rounds=3, max_rounds=5)
 
     def ours(ctx: CaseDir) -> Callable[[], object]:
-        return get_temp_audio_path
+        return _functools.partial(get_temp_audio_path, create=True)
 
     def mkstemp(ctx: CaseDir) -> Callable[[], object]:
         def step() -> None:

@@ -36,6 +36,7 @@ def main() -> int:
                     print(f"after {i:2d} chunks ({i * 20} ms): the file is a valid WAV "
                           f"of {len(so_far)} frames")
         except BaseException:
+            writer.close()  # a file its writer still holds is not removed
             luna_shm.cleanup_temp_audio(path)
             raise
     try:

@@ -33,7 +33,7 @@ def render(path: str) -> str:
 
 
 def main() -> int:
-    # An empty file of ours, created safely (mode 0600, exclusive) on the RAM disk.
+    # A new name on the RAM disk: the file appears when the engine writes it.
     path = luna_shm.get_temp_audio_path(".wav")
     try:
         source = render(path)

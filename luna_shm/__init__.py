@@ -1,8 +1,8 @@
 """luna_shm: temporary audio on a RAM disk, moved in and out of numpy without copies.
 
 Temp files (a drop-in for the ``get_temp_audio_path`` helper):
-    get_temp_audio_path, cleanup_temp_audio, cleanup_all_temp_audio,
-    is_using_ram_disk, temp_dir, refresh_temp_dir
+    get_temp_audio_path, temp_audio_path (a context manager), cleanup_temp_audio,
+    cleanup_all_temp_audio, is_using_ram_disk, temp_dir, refresh_temp_dir
 WAV I/O:
     write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
 Hand-offs:
@@ -28,6 +28,7 @@ from luna_shm.temp_audio import (
     is_using_ram_disk,
     iter_unused_temp_audio,
     refresh_temp_dir,
+    temp_audio_path,
     temp_dir,
 )
 from luna_shm.wav import read_wav, write_wav
@@ -58,6 +59,7 @@ __all__ = [
     "refresh_temp_dir",
     "save_temp_audio",
     "send_wav",
+    "temp_audio_path",
     "temp_dir",
     "write_wav",
 ]

@@ -31,7 +31,7 @@ from typing import Any, NoReturn, TextIO
 from luna_shm import __version__, _lowlevel, placement, temp_audio
 from luna_shm.placement import AUDIO_PREFIX, DAEMON_PREFIX
 
-__all__ = ["main", "parse_duration"]
+__all__ = ["main", "parse_duration", "shown"]
 
 PROG = "luna-shm"
 
@@ -96,6 +96,49 @@ def _format_age(seconds: float) -> str:
     return f"{whole}s"
 
 
+def _escaped_char(char: str, encoding: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if char in "\\'":
+        return "\\" + char
+    if char.isprintable():
+        try:
+            char.encode(encoding)
+        except UnicodeEncodeError:
+            pass
+        else:
+            return char
+    return char.encode("unicode_escape").decode("ascii")  # \n, \x1b, \xe9, \u200b
+
+
+def shown(text: str, encoding: str | None = None) -> str:
+    """text as it is when it prints safely as one line, else quoted and escaped.
+
+    A name with a control character (a newline that would forge a line), an
+    undecodable byte (kept by surrogateescape) or a character the output's
+    encoding cannot take becomes ``'...'`` with Python escapes (``\\n``,
+    ``\\xff``, ``\\u200b``), so that every listed file is one line and printing
+    it never fails.
+
+    Args:
+        text: a path or name, as os functions return it.
+        encoding: the output's encoding (UTF-8 when None).
+
+    Returns:
+        The text, or its quoted, escaped form.
+    """
+    codec = encoding or "utf-8"
+    if text.isprintable() and "'" not in text[:1]:
+        try:
+            text.encode(codec)
+        except UnicodeEncodeError:
+            pass
+        else:
+            return text
+    return "'" + "".join(_escaped_char(char, codec) for char in text) + "'"
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
@@ -134,11 +177,10 @@ def _is_held(dir_fd: int, name: str) -> bool:
 def _scan(directory: str, now: float) -> list[FileGroup]:
     """Count this user's regular files with our prefixes in directory, per prefix."""
     groups = {prefix: FileGroup(directory, prefix) for prefix in (AUDIO_PREFIX, DAEMON_PREFIX)}
-    try:
-        dir_fd = _os.open(directory,
-                          _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
-    except OSError:
-        return list(groups.values())  # missing, a symlink or unreadable: none of ours
+    # Missing, a symlink or not a directory: none of ours. Unreadable: OSError.
+    dir_fd = temp_audio.open_scanned_dir(directory)
+    if dir_fd is None:
+        return list(groups.values())
     try:
         with _os.scandir(dir_fd) as entries:
             names = [e.name for e in entries if temp_audio.is_our_name(e.name)]
@@ -257,14 +299,23 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
     verb = "would remove" if args.dry_run else "removed"
     now = _time.time()
     count = total = 0
-    for path, st in temp_audio.iter_unused_temp_audio(older_than=args.older_than,
-                                                      remove=not args.dry_run):
-        count += 1
-        total += st.st_size
-        print(f"{verb} {path} ({_format_bytes(st.st_size)}, "
-              f"{_format_age(now - st.st_mtime)} old)", file=out)
+    failure: OSError | None = None
+    encoding = getattr(out, "encoding", None)
+    try:
+        for path, st in temp_audio.iter_unused_temp_audio(older_than=args.older_than,
+                                                          remove=not args.dry_run):
+            count += 1
+            total += st.st_size
+            print(f"{verb} {shown(path, encoding)} ({_format_bytes(st.st_size)}, "
+                  f"{_format_age(now - st.st_mtime)} old)", file=out)
+    except OSError as exc:
+        failure = exc  # a dir we cannot read: the total of what was done, then the error
     note = " (dry run: nothing was removed)" if args.dry_run else ""
     print(f"{verb} {_plural(count, 'file')}, {_format_bytes(total)} in total{note}", file=out)
+    if failure is not None:
+        out.flush()
+        print(f"{PROG} {args.command}: error: {_one_line(failure)}", file=_sys.stderr)
+        return 1
     return 0
 
 
@@ -336,7 +387,8 @@ def build_parser() -> _argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return shown(" ".join(str(exc).split()) or type(exc).__name__,
+                 getattr(_sys.stderr, "encoding", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

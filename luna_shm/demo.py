@@ -31,23 +31,68 @@ def _tone(seconds: float = 2.0) -> tuple[np.ndarray, int]:
     return (wave * 32767).astype(np.int16), SAMPLERATE
 
 
+def _free_bytes(directory: str) -> int | None:
+    try:
+        return _shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _espeak_into(espeak: str, path: str) -> tuple[np.ndarray, int] | str:
+    """Speak SENTENCE into path and read it back: the audio, or why that failed."""
+    try:
+        done = _subprocess.run([espeak, "-w", path, SENTENCE], capture_output=True,
+                               timeout=60)
+        if done.returncode != 0:
+            last = (done.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+            return f"espeak-ng exited with {done.returncode}" + (f": {last[-1]}" if last else "")
+        data, rate = read_wav(path, mmap=False)
+    except (OSError, ValueError, _subprocess.SubprocessError) as exc:
+        # espeak-ng exits 0 on a full disk, leaving an empty or cut file: this says so.
+        return " ".join(str(exc).split()) or type(exc).__name__
+    if data.dtype != np.int16 or data.ndim != 1 or not len(data):
+        return f"espeak-ng wrote no usable audio ({data.dtype}, shape {data.shape})"
+    return data, rate
+
+
 def synthesize() -> tuple[np.ndarray, int, str]:
-    """(int16 samples, samplerate, where they came from): espeak-ng, or a tone."""
+    """(int16 samples, samplerate, where they came from): espeak-ng, or a tone.
+
+    espeak-ng writes into a temp path on the RAM disk; when that fails there (a
+    full RAM disk: espeak-ng exits 0 with an empty or cut file), it speaks again
+    into the disk temp dir, as the library sends such files there, and the
+    source says why. The tone says why espeak-ng could not be used.
+    """
     espeak = _shutil.which("espeak-ng")
-    if espeak:
-        path = temp_audio.get_temp_audio_path(".wav")
+    if espeak is None:
+        data, rate = _tone()
+        return data, rate, "a 440 Hz tone (espeak-ng is not installed)"
+    where = placement.current()
+    path = temp_audio.get_temp_audio_path(".wav")
+    try:
+        first = _espeak_into(espeak, path)
+    finally:
+        temp_audio.cleanup_temp_audio(path)
+    if not isinstance(first, str):
+        return first[0], first[1], f"espeak-ng: {SENTENCE!r}"
+    problem = f"in {_os.path.dirname(path)}"
+    if _os.path.dirname(path) == where.ram_dir and where.fallback_dir != where.ram_dir:
+        free = _free_bytes(where.ram_dir)
+        problem += "" if free is None else f" ({free} bytes free)"
+        problem += f": {first}"
+        path = temp_audio.new_temp_name(".wav", on_disk=True)
         try:
-            _subprocess.run([espeak, "-w", path, SENTENCE], check=True, capture_output=True,
-                            timeout=60)
-            data, rate = read_wav(path, mmap=False)
-            if data.dtype == np.int16 and data.ndim == 1 and len(data):
-                return data, rate, f"espeak-ng: {SENTENCE!r}"
-        except (OSError, ValueError, _subprocess.SubprocessError):
-            pass
+            second = _espeak_into(espeak, path)
         finally:
             temp_audio.cleanup_temp_audio(path)
+        if not isinstance(second, str):
+            return (second[0], second[1], f"espeak-ng: {SENTENCE!r}, written to "
+                    f"{where.fallback_dir} because it failed {problem}")
+        problem += f"; in {where.fallback_dir}: {second}"
+    else:
+        problem += f": {first}"
     data, rate = _tone()
-    return data, rate, "a 440 Hz tone (espeak-ng is not installed)"
+    return data, rate, f"a 440 Hz tone (espeak-ng is installed but failed {problem})"
 
 
 def _median_ms(step: Callable[[], object], repeat: int = 50) -> float:
@@ -72,6 +117,19 @@ def _time_steps(path: str, audio: np.ndarray, rate: int) -> dict[str, float]:
         if _os.path.exists(path):
             _os.unlink(path)
     return results
+
+
+def _ram_timings(audio: np.ndarray, rate: int) -> tuple[dict[str, float], str]:
+    """The timings in a new temp file, and its path: on the RAM disk when the audio fits
+    there, else in the disk temp dir (as write_wav(None, ...) decides)."""
+    path = temp_audio.get_temp_audio_path(".wav", size_hint=audio.nbytes + 44)
+    try:
+        return _time_steps(path, audio, rate), path
+    except OSError as exc:
+        if not temp_audio.retry_on_disk(exc, path):
+            raise
+    path = temp_audio.new_temp_name(".wav", on_disk=True)
+    return _time_steps(path, audio, rate), path
 
 
 def run(out: TextIO) -> int:
@@ -99,11 +157,19 @@ def run(out: TextIO) -> int:
     temp_audio.cleanup_temp_audio(path)
 
     print("\nmedian of 50 runs, ms:", file=out)
-    ram = _time_steps(temp_audio.get_temp_audio_path(".wav"), audio, rate)
+    ram, ram_path = _ram_timings(audio, rate)
+    ram_used = _os.path.dirname(ram_path)
     with _tempfile.TemporaryDirectory(dir=where.fallback_dir) as disk_dir:
         disk = _time_steps(_os.path.join(disk_dir, "demo.wav"), audio, rate)
-    print(f"  {'step':<22}{'RAM disk':>10}{'disk temp':>11}", file=out)
+    first = "RAM disk" if ram_used == where.ram_dir else "fallback"
+    print(f"  {'step':<22}{first:>10}{'disk temp':>11}", file=out)
     for step in ram:
         print(f"  {step:<22}{ram[step]:>10.4f}{disk[step]:>11.4f}", file=out)
-    print(f"  (RAM disk: {where.directory}; disk temp dir: {where.fallback_dir})", file=out)
+    if ram_used == where.ram_dir:
+        print(f"  (RAM disk: {ram_used}; disk temp dir: {where.fallback_dir})", file=out)
+    else:
+        free = _free_bytes(where.ram_dir)
+        print(f"  (the RAM disk {where.ram_dir} has no room for {audio.nbytes + 44} bytes"
+              f"{'' if free is None else f' ({free} bytes free)'} or is not in use: the first "
+              f"column ran in {ram_used}; disk temp dir: {where.fallback_dir})", file=out)
     return 0 if ok else 1

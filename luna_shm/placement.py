@@ -5,8 +5,10 @@ writable directory on tmpfs/ramfs (not a devtmpfs), not a symlink, and not
 world-writable without the sticky bit. ``LUNA_SHM_DISABLE=1`` forces the
 fallback dir, which is ``$TMPDIR`` (like :mod:`tempfile`) or ``/tmp``.
 
-The choice is cached per value of those three variables; :func:`refresh`
-probes again (after a mount changed, say). Each reason to fall back is logged
+The choice is cached per value of those three variables, with both dirs as
+absolute paths resolved when it was made (a relative ``LUNA_SHM_DIR`` does not
+move with a later ``os.chdir``); :func:`refresh` probes again (after a mount
+changed, say). Each reason to fall back is logged
 once on the ``luna_shm`` logger.
 """
 
@@ -42,14 +44,12 @@ class Placement:
     fallback_dir: str
 
 
-def ram_dir() -> str:
-    """The RAM-disk candidate: ``$LUNA_SHM_DIR`` or ``/dev/shm``."""
+def _configured_ram_dir() -> str:
     configured = _os.environ.get("LUNA_SHM_DIR")
     return _os.path.abspath(configured) if configured else RAM_DISK_DIR
 
 
-def fallback_dir() -> str:
-    """The disk temp dir: ``$TMPDIR`` when it names a directory, else ``/tmp``."""
+def _configured_fallback_dir() -> str:
     configured = _os.environ.get("TMPDIR")
     if configured and _os.path.isdir(configured):
         # Resolved: cleanup opens our dirs with O_NOFOLLOW, so a symlinked
@@ -58,9 +58,26 @@ def fallback_dir() -> str:
     return FALLBACK_DIR
 
 
+def ram_dir() -> str:
+    """The RAM-disk candidate: ``$LUNA_SHM_DIR`` or ``/dev/shm``, as an absolute path.
+
+    A relative ``$LUNA_SHM_DIR`` is resolved once, against the working directory
+    of the moment the placement is chosen (see :func:`current`); a later
+    ``os.chdir`` changes nothing until :func:`refresh`.
+    """
+    return current().ram_dir
+
+
+def fallback_dir() -> str:
+    """The disk temp dir: ``$TMPDIR`` when it names a directory, else ``/tmp``
+    (resolved once, like :func:`ram_dir`)."""
+    return current().fallback_dir
+
+
 def our_dirs() -> tuple[str, ...]:
     """The directories whose files with our prefixes are ours to clean up."""
-    ram, fallback = ram_dir(), fallback_dir()
+    chosen = current()
+    ram, fallback = chosen.ram_dir, chosen.fallback_dir
     return (ram,) if ram == fallback else (ram, fallback)
 
 
@@ -130,7 +147,9 @@ def log_once(message: str, level: int = _logging.WARNING) -> None:
 
 
 def _choose() -> Placement:
-    ram, fallback = ram_dir(), fallback_dir()
+    # The only place the environment's paths are resolved: every later call
+    # uses these absolute paths, whatever the working directory is by then.
+    ram, fallback = _configured_ram_dir(), _configured_fallback_dir()
     if _os.environ.get("LUNA_SHM_DISABLE", "") not in ("", "0"):
         reason = "LUNA_SHM_DISABLE is set"
         log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)

@@ -277,10 +277,16 @@ def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
     _check_prefix(prefix)
     removed = 0
     for directory in placement.our_dirs():
-        removed += temp_audio.remove_unused_files(
-            directory, f"{prefix}{_POOL_MARK}",
-            verify=lambda name, fd, st: _is_slot_file(name, prefix)
-            and _carries_slot_marker(fd, st))
+        try:
+            removed += temp_audio.remove_unused_files(
+                directory, f"{prefix}{_POOL_MARK}",
+                verify=lambda name, fd, st: _is_slot_file(name, prefix)
+                and _carries_slot_marker(fd, st))
+        except OSError as exc:
+            # Reclaim is housekeeping: a dir we cannot read keeps its dead slots, and
+            # the new pool is made all the same.
+            placement.log_once(f"luna_shm: cannot reclaim dead pool slots in {directory}: "
+                               f"{exc.strerror}")
     return removed
 
 

@@ -1,15 +1,20 @@
 """Temporary audio files on the RAM disk: the drop-in helper API.
 
 ``get_temp_audio_path(".wav")`` returns ``/dev/shm/luna_audio_<uuid4 hex>.wav``
-(or the same name in the fallback temp dir), created empty, mode 0600, so
-nobody can race us to the name. ``cleanup_temp_audio(path)`` and
-``cleanup_all_temp_audio()`` remove our files and nothing else.
+(or the same name in the fallback temp dir); the file appears when something
+writes it, as with the helper it replaces (``create=True`` reserves it now,
+empty, mode 0600). ``with temp_audio_path() as path:`` removes it afterwards,
+whatever happened. ``cleanup_temp_audio(path)`` removes what
+get_temp_audio_path made, ``cleanup_all_temp_audio()`` all our unused files,
+and neither ever touches a file that is not ours or that a live process holds.
 """
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import errno as _errno
 import os as _os
+import re as _re
 import stat as _stat
 import time as _time
 import uuid as _uuid
@@ -35,6 +40,7 @@ __all__ = [
     "is_using_ram_disk",
     "iter_unused_temp_audio",
     "refresh_temp_dir",
+    "temp_audio_path",
     "temp_dir",
 ]
 
@@ -169,17 +175,23 @@ def get_temp_audio_path(
     suffix: str = ".wav",
     prefix: str = AUDIO_PREFIX,
     *,
-    create: bool = True,
+    create: bool = False,
     size_hint: int | None = None,
 ) -> str:
     """Return a new temp audio path: ``<dir>/<prefix><uuid4 hex><suffix>``.
 
+    By default nothing is created: the file appears when the TTS engine (or
+    :func:`write_wav`, ``ffmpeg``, ...) writes it, so that ``os.path.exists(path)``
+    still tells whether it was written, and a tool that refuses to overwrite
+    works. The uuid4 token makes a name race impractical.
+
     Args:
         suffix: file name ending, e.g. ``".wav"``; no ``/`` or NUL.
-        prefix: file name start; our cleanup knows ``luna_audio_`` and ``luna_daemon_``.
-        create: create the file (empty, mode 0600, exclusively) before returning,
-            so that no other process can take the name; False returns a bare name
-            for tools that refuse an existing file.
+        prefix: file name start; :func:`cleanup_temp_audio` removes a file made
+            with any prefix, :func:`cleanup_all_temp_audio` only ``luna_audio_``
+            and ``luna_daemon_`` ones.
+        create: True reserves the name now: an empty private file (mode 0600,
+            created exclusively, retried on collision like :func:`tempfile.mkstemp`).
         size_hint: bytes the file will hold; when the RAM disk has less free,
             the file goes to the fallback dir.
 
@@ -198,6 +210,47 @@ def get_temp_audio_path(
     path, fd = create_temp_file(suffix, prefix, size_hint=hint)
     _lowlevel.close(fd)
     return path
+
+
+@_contextlib.contextmanager
+def temp_audio_path(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    create: bool = False,
+    size_hint: int | None = None,
+) -> Iterator[str]:
+    """A context manager that yields a new temp audio path and always removes the file.
+
+    ``with temp_audio_path(".wav") as path: engine.render(text, path)``: on leaving
+    the block, whether the writer succeeded, raised, or never wrote anything, the
+    file is removed with :func:`cleanup_temp_audio` (so a file a live buffer,
+    writer or pool still holds is left to its holder). When the block raised, a
+    failure to remove is logged on the ``luna_shm`` logger and the block's own
+    exception goes on.
+
+    Args:
+        suffix, prefix, create, size_hint: as for :func:`get_temp_audio_path`.
+
+    Returns:
+        A context manager; ``as`` gives the absolute path (a str).
+
+    Raises:
+        TypeError, ValueError: for a bad suffix, prefix or size_hint.
+        OSError: when no directory can take the file (create=True), or when the
+            file cannot be removed after a block that did not raise.
+    """
+    path = get_temp_audio_path(suffix, prefix, create=create, size_hint=size_hint)
+    try:
+        yield path
+    except BaseException:
+        try:
+            cleanup_temp_audio(path)
+        except (OSError, ValueError) as exc:
+            placement.logger.warning("luna_shm: could not remove %s after a failure: %s",
+                                     path, exc)
+        raise
+    cleanup_temp_audio(path)
 
 
 def is_our_name(name: str) -> bool:
@@ -224,25 +277,52 @@ def _open_dir(directory: str) -> int:
     return _os.open(directory, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
 
 
-def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
-    """Remove one of our temp files; True if removed, False if it was already gone.
+# A token as _new_token makes it: 32 hex digits of a uuid4 (version nibble 4,
+# RFC 4122 variant 8-b), somewhere in the name between a prefix and a suffix.
+_TOKEN = _re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+
+
+def is_made_name(name: str) -> bool:
+    """True for a file name that get_temp_audio_path could have made: one of our
+    prefixes, or any prefix and suffix around a uuid4 hex token."""
+    return name.startswith(placement.OUR_PREFIXES) or _TOKEN.search(name) is not None
+
+
+def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
+    """Remove a temp file that :func:`get_temp_audio_path` made; True if this call removed it.
+
+    The rule: a file of yours that sits directly in one of our two dirs, whose name
+    is ``<prefix><uuid4 hex><suffix>`` as get_temp_audio_path makes them (any prefix,
+    e.g. ``myapp_``) or starts with ``luna_audio_``/``luna_daemon_``, is removed,
+    unless a live process uses it. A symlink is removed itself, never its target.
 
     Args:
         path: a path returned by :func:`get_temp_audio_path` (str or PathLike).
+            None and ``""`` are accepted and remove nothing, so that
+            ``path = None; try: ... finally: cleanup_temp_audio(path)`` works.
 
     Returns:
-        True when this call removed the file, False when there was none.
+        True when this call removed the file. False when nothing was removed: the
+        path is None or empty, the file is already gone, or a live process (in this
+        process or another) holds it: a ``WavBuffer``, ``WavWriter``, ``AudioPool``
+        slot or an atomic write in progress (logged at DEBUG on the ``luna_shm``
+        logger).
 
     Raises:
+        TypeError: path is not a str or PathLike of str (or None).
         ValueError: the path is not ours: not absolute, its parent is not exactly
-            one of our two dirs, or its name lacks our prefixes. A symlink is
-            removed itself, never its target.
+            one of our two dirs (or is a symlink), or its name has neither our
+            prefixes nor a uuid4 token.
         IsADirectoryError: a directory stands at the name.
         PermissionError: the file belongs to another user.
     """
+    if path is None:
+        return False
     text = _os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be str or os.PathLike[str], got {type(text).__name__}")
+    if not text:
+        return False
     if "\0" in text:
         raise ValueError(f"path contains a NUL byte: {text!r}")
     if not _os.path.isabs(text):
@@ -253,10 +333,11 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
             f"refusing to remove {text!r}: its directory is not one of ours "
             f"({', '.join(placement.our_dirs())})"
         )
-    if not name.startswith(placement.OUR_PREFIXES):
+    if not is_made_name(name):
         raise ValueError(
             f"refusing to remove {text!r}: the name lacks our prefixes "
-            f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r})"
+            f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r}) and the uuid4 hex token that "
+            "get_temp_audio_path puts in every name"
         )
     try:
         dir_fd = _open_dir(parent)
@@ -277,8 +358,17 @@ def cleanup_temp_audio(path: str | _os.PathLike[str]) -> bool:
             raise IsADirectoryError(_errno.EISDIR, "not removing a directory", text)
         if st.st_uid != _os.geteuid():
             raise PermissionError(_errno.EPERM, "file belongs to another user", text)
+        if _stat.S_ISREG(st.st_mode):
+            # The same check as cleanup_all_temp_audio: unlinked under our exclusive
+            # flock, so never while a buffer, writer, pool slot or partial holds it.
+            if _remove_if_unused(dir_fd, name, st):
+                return True
+            placement.logger.debug(
+                "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
+                "vanished or was replaced meanwhile", text)
+            return False
         try:
-            _os.unlink(name, dir_fd=dir_fd)
+            _os.unlink(name, dir_fd=dir_fd)  # a symlink, FIFO or socket: nothing to hold
         except FileNotFoundError:
             return False
         return True
@@ -351,6 +441,9 @@ def iter_unused_temp_audio(
     Raises:
         TypeError, ValueError: older_than is not a number of seconds >= 0
             (raised by this call, before iterating).
+        OSError: while iterating, after the other dir was done: one of our dirs
+            exists but cannot be read (EACCES, EMFILE, ...). A missing dir, or a
+            symlink or non-directory at its name, holds nothing of ours.
     """
     if older_than is not None:
         if isinstance(older_than, bool) or not isinstance(older_than, int | float):
@@ -364,8 +457,32 @@ def iter_unused_temp_audio(
 def _iter_unused(
     cutoff: float | None, remove: bool
 ) -> Iterator[tuple[str, _os.stat_result]]:
+    # A directory that cannot be read does not stop the other one from being
+    # cleaned; its error is raised once both were tried.
+    failure: OSError | None = None
     for directory in placement.our_dirs():
-        yield from _unused_in(directory, is_our_name, cutoff, remove)
+        try:
+            yield from _unused_in(directory, is_our_name, cutoff, remove)
+        except OSError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+def open_scanned_dir(directory: str) -> int | None:
+    """Open one of our dirs for a scan; None when nothing of ours can be there.
+
+    A missing dir holds nothing; neither does a symlink or a non-directory at its
+    name (ELOOP/ENOTDIR), since we never make files through one (placement
+    refuses a symlinked RAM dir and resolves TMPDIR). Any other failure (EACCES,
+    EMFILE, ...) raises: a dir we cannot read is not a clean one.
+    """
+    try:
+        return _open_dir(directory)
+    except OSError as exc:
+        if exc.errno in (_errno.ENOENT, _errno.ENOTDIR, _errno.ELOOP):
+            return None
+        raise
 
 
 def _unused_in(
@@ -375,10 +492,9 @@ def _unused_in(
     """Yield (path, lstat) for this user's regular files in directory whose names are
     wanted, modified before cutoff (if given), and held by no live process; with
     remove=True each is unlinked, under its exclusive lock, before it is yielded."""
-    try:
-        dir_fd = _open_dir(directory)
-    except OSError:
-        return  # missing, a symlink, or unreadable: nothing of ours there
+    dir_fd = open_scanned_dir(directory)
+    if dir_fd is None:
+        return
     uid = _os.geteuid()
     try:
         with _os.scandir(dir_fd) as entries:
@@ -414,6 +530,9 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
 
     Raises:
         TypeError, ValueError: older_than is not a number of seconds >= 0.
+        OSError: one of our dirs exists but cannot be read (EACCES, EMFILE, ...),
+            with that dir as filename; the other dir is cleaned first. A missing
+            dir, or a symlink or non-directory at its name, counts as empty.
     """
     return sum(1 for _ in iter_unused_temp_audio(older_than=older_than, remove=True))
 

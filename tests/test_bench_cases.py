@@ -55,7 +55,7 @@ def test_bench_quick_table_has_the_library_the_peer_and_the_floor(quick_run) -> 
     for method in ("write_wav", "AudioPool.write_wav", "C floor: open+writev+close",
                    "read_wav (copy)", "read_wav (mmap)", "C floor: open+preadv+close",
                    "AudioPool.write_wav + read_wav(copy)", "WavWriter.write",
-                   "get_temp_audio_path()"):
+                   "get_temp_audio_path(create=True)"):
         assert f"  {method} " in done.stdout, method
     if _soundfile_works():
         assert "  soundfile.write " in done.stdout

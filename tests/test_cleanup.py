@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, call_with_deadline
-from luna_shm import temp_audio
+from luna_shm import placement, temp_audio
 from luna_shm.temp_audio import (
     cleanup_all_temp_audio,
     cleanup_temp_audio,
@@ -89,7 +91,7 @@ def create_as_other_user(directory: str, name: str, data: bytes = b"theirs") -> 
 @pytest.mark.parametrize("prefix", PREFIXES)
 @pytest.mark.parametrize("as_type", [str, Path], ids=["str", "Path"])
 def test_cleanup_removes_our_file_then_reports_it_already_gone(active_dir, prefix, as_type):
-    path = get_temp_audio_path(prefix=prefix)
+    path = get_temp_audio_path(prefix=prefix, create=True)
     assert os.path.dirname(path) == active_dir
 
     assert cleanup_temp_audio(as_type(path)) is True
@@ -102,10 +104,178 @@ def test_cleanup_of_a_name_that_never_existed_returns_false(active_dir) -> None:
 
 
 def test_cleanup_removes_a_file_a_writer_filled(active_dir) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     Path(path).write_bytes(b"RIFF" + bytes(1000))
     assert cleanup_temp_audio(path) is True
     assert os.listdir(active_dir) == []
+
+
+# ---- the drop-in's habits: None and "", custom prefixes ---------------------------------
+
+
+@pytest.mark.parametrize("nothing", [None, ""], ids=["None", "empty"])
+def test_cleanup_of_none_or_an_empty_path_returns_false_and_removes_nothing(
+    active_dir, nothing
+) -> None:
+    path = get_temp_audio_path(create=True)
+    assert cleanup_temp_audio(nothing) is False
+    assert os.path.isfile(path)
+
+
+def test_cleanup_in_a_finally_block_before_the_path_was_set_lets_the_real_error_through(
+    active_dir,
+) -> None:
+    def render() -> None:
+        path = None
+        try:
+            raise RuntimeError("the TTS engine failed")
+        finally:
+            cleanup_temp_audio(path)
+
+    with pytest.raises(RuntimeError, match="the TTS engine failed"):
+        render()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix"),
+    [("myapp_", ".wav"), ("", ".raw"), ("tts-", ".tar.gz"), ("voix_é_", "..wav"),
+     (".hidden_", ""), ("luna_audio_", ".mp3")],
+    ids=["myapp", "no-prefix", "double-suffix", "non-ascii", "hidden-no-suffix", "ours"],
+)
+@pytest.mark.parametrize("create", [True, False], ids=["created", "written-later"])
+def test_cleanup_removes_what_get_temp_audio_path_made_with_any_prefix_and_suffix(
+    active_dir, prefix, suffix, create
+) -> None:
+    path = get_temp_audio_path(suffix, prefix, create=create)
+    if not create:
+        Path(path).write_bytes(b"RIFF")  # the TTS engine writes the file
+    assert cleanup_temp_audio(path) is True
+    assert not os.path.lexists(path)
+    assert cleanup_temp_audio(path) is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tts_config.json", "myapp_" + "0" * 32 + ".wav",
+     "myapp_" + uuid.uuid4().hex[:31] + ".wav",
+     "myapp_" + uuid.UUID(int=uuid.uuid4().int, version=1).hex + ".wav",
+     "myapp_" + uuid.uuid4().hex.upper() + ".wav"],
+    ids=["no-token", "zero-token", "31-hex", "uuid1-token", "upper-case-token"],
+)
+def test_cleanup_refuses_a_name_without_a_uuid4_token_or_our_prefix(active_dir, name) -> None:
+    victim, digest = _decoy(Path(active_dir), name)
+    with pytest.raises(ValueError, match=r"refusing to remove .*the name lacks our prefixes "
+                       r".* and the uuid4 hex token"):
+        cleanup_temp_audio(str(victim))
+    assert _sha256(victim) == digest
+
+
+def test_cleanup_of_a_custom_prefix_still_refuses_other_dirs_and_other_users(
+    active_dir, tmp_path
+) -> None:
+    token = uuid.uuid4().hex
+    outside, digest = _decoy(tmp_path / "outside", f"myapp_{token}.wav")
+    with pytest.raises(ValueError, match="its directory is not one of ours"):
+        cleanup_temp_audio(str(outside))
+    assert _sha256(outside) == digest
+    theirs = create_as_other_user(active_dir, f"myapp_{token}.wav")
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        cleanup_temp_audio(theirs)
+    assert Path(theirs).read_bytes() == b"theirs"
+
+
+def test_cleanup_all_keeps_to_our_two_prefixes_and_spares_custom_prefix_files(
+    active_dir,
+) -> None:
+    custom = get_temp_audio_path(".wav", "myapp_", create=True)
+    ours = get_temp_audio_path(create=True)
+    assert cleanup_all_temp_audio() == 1
+    assert os.path.isfile(custom) and not os.path.lexists(ours)
+    assert cleanup_temp_audio(custom) is True
+
+
+# ---- cleanup_temp_audio spares a file a live process holds ----------------------------
+
+
+# Code that makes a holder and sets path: run in this process (exec) and in a child process.
+_HOLDERS = {
+    "WavBuffer": "held = create_wav_buffer(100, 8000)\npath = held.path",
+    "WavWriter": "held = WavWriter(None, 8000)\nheld.write(np.ones(10, np.int16))\n"
+                 "path = held.path",
+    "PooledWav": "pool = AudioPool(slots=2, max_bytes=4000)\n"
+                 "held = pool.write_wav(np.ones(10, np.int16), 8000)\npath = held.path",
+    "released-pool-slot": "pool = AudioPool(slots=2, max_bytes=4000)\n"
+                          "slot = pool.write_wav(np.ones(10, np.int16), 8000)\n"
+                          "path = slot.path\nslot.release()",
+}
+_HOLDER_PREAMBLE = ("import numpy as np\n"
+                    "from luna_shm import AudioPool, WavWriter, create_wav_buffer\n")
+
+
+@pytest.mark.parametrize("kind", list(_HOLDERS))
+def test_cleanup_temp_audio_spares_a_file_held_in_this_process(
+    active_dir, kind, caplog
+) -> None:
+    scope: dict[str, object] = {}
+    exec(_HOLDER_PREAMBLE + _HOLDERS[kind], scope)
+    path = str(scope["path"])
+    before = _sha256(path)
+    with caplog.at_level("DEBUG", logger="luna_shm"):
+        assert cleanup_temp_audio(path) is False
+    assert _sha256(path) == before
+    assert any("held by a live process" in r.getMessage() and path in r.getMessage()
+               for r in caplog.records)
+    assert cleanup_all_temp_audio() == 0
+    holder = scope.get("pool", scope.get("held"))
+    holder.close()  # type: ignore[union-attr]
+    if kind in ("WavBuffer", "WavWriter"):
+        assert cleanup_temp_audio(path) is True  # closed: nobody holds it any more
+    assert not os.path.lexists(path)
+
+
+def test_a_closed_buffer_whose_array_is_still_alive_is_held_until_the_array_goes(
+    active_dir,
+) -> None:
+    from luna_shm import create_wav_buffer
+
+    with create_wav_buffer(100, 8000) as buf:
+        view = buf.array
+    assert cleanup_temp_audio(buf.path) is False  # the mapping keeps the lock
+    assert os.path.isfile(buf.path)
+    del view
+    assert cleanup_temp_audio(buf.path) is True
+
+
+_HOLD_IN_CHILD = _HOLDER_PREAMBLE + """
+import sys
+{make}
+print(path, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("kind", list(_HOLDERS))
+def test_cleanup_temp_audio_spares_a_file_held_by_another_live_process_until_it_is_killed(
+    active_dir, kind
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_IN_CHILD.format(make=_HOLDERS[kind])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        path = child.stdout.readline().strip()
+        assert os.path.dirname(path) == active_dir
+        before = _sha256(path)
+
+        assert cleanup_temp_audio(path) is False
+        assert _sha256(path) == before
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+    assert cleanup_temp_audio(path) is True  # its holder died: the file is an orphan now
+    assert not os.path.lexists(path)
 
 
 def _refused_path(kind: str, ram: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, str]:
@@ -163,7 +333,7 @@ def test_cleanup_refuses_a_path_with_a_nul_byte(private_dirs) -> None:
 
 
 def test_cleanup_refuses_a_bytes_path_with_type_error(private_dirs) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     with pytest.raises(TypeError, match="path must be str"):
         cleanup_temp_audio(os.fsencode(path))  # type: ignore[arg-type]
     assert os.path.isfile(path)
@@ -196,7 +366,7 @@ def test_files_made_through_a_symlinked_tmpdir_can_be_cleaned_up(
     os.symlink(private_dirs.fallback, link)
     monkeypatch.setenv("TMPDIR", str(link))
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
-    first, second = get_temp_audio_path(), get_temp_audio_path()
+    first, second = get_temp_audio_path(create=True), get_temp_audio_path(create=True)
     assert {os.path.dirname(first), os.path.dirname(second)} == {private_dirs.fallback}
 
     assert cleanup_temp_audio(first) is True
@@ -255,7 +425,7 @@ def _make_ours(monkeypatch: pytest.MonkeyPatch, where: str, prefix: str, count: 
     else:
         monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
     try:
-        return [get_temp_audio_path(prefix=prefix) for _ in range(count)]
+        return [get_temp_audio_path(prefix=prefix, create=True) for _ in range(count)]
     finally:
         monkeypatch.delenv("LUNA_SHM_DISABLE", raising=False)
 
@@ -296,7 +466,7 @@ def test_cleanup_all_still_cleans_the_fallback_dir_when_the_ram_dir_is_missing(
     private_dirs, monkeypatch
 ) -> None:
     monkeypatch.setenv("LUNA_SHM_DIR", f"{private_dirs.ram}/missing")
-    made = [get_temp_audio_path() for _ in range(3)]
+    made = [get_temp_audio_path(create=True) for _ in range(3)]
     assert {os.path.dirname(p) for p in made} == {private_dirs.fallback}
     assert cleanup_all_temp_audio() == 3
     assert os.listdir(private_dirs.fallback) == []
@@ -339,7 +509,7 @@ def test_cleanup_all_with_older_than_removes_only_files_older_than_that(
 def test_cleanup_all_rejects_a_bad_older_than_and_removes_nothing(
     private_dirs, older_than, error, message
 ) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     with pytest.raises(error, match=message):
         cleanup_all_temp_audio(older_than=older_than)
     assert os.path.isfile(path)
@@ -347,7 +517,7 @@ def test_cleanup_all_rejects_a_bad_older_than_and_removes_nothing(
 
 @pytest.mark.parametrize("older_than", [0, 0.0, 5, 2.5])
 def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     os.utime(path, (time.time() - 60, time.time() - 60))
     assert cleanup_all_temp_audio(older_than=older_than) == 1
 
@@ -382,6 +552,89 @@ def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
         assert Path(path).read_bytes() == b"theirs"
 
 
+_FILL_FD_TABLE = """
+import errno, json, os, resource
+import luna_shm
+path = luna_shm.get_temp_audio_path(create=True)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+result = {}
+for name, call in (("cleanup_all", luna_shm.cleanup_all_temp_audio),
+                   ("iter_unused", lambda: len(list(luna_shm.iter_unused_temp_audio())))):
+    try:
+        result[name] = ["returned", call()]
+    except OSError as exc:
+        result[name] = ["raised", exc.errno, exc.filename]
+for fd in held:
+    os.close(fd)
+result["file_left"] = os.path.exists(path)
+print(json.dumps(result))
+"""
+
+
+def test_cleanup_all_raises_emfile_instead_of_reporting_a_clean_dir_when_the_fd_table_is_full(
+    private_dirs,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _FILL_FD_TABLE], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    expected = ["raised", errno.EMFILE, private_dirs.ram]
+    assert result == {"cleanup_all": expected, "iter_unused": expected, "file_left": True}
+
+
+def _cleanup_all_as_other_user(closed: str, readable: str) -> dict[str, object]:
+    """In a forked child that became uid 65534: cleanup_all with an unreadable RAM dir."""
+    os.environ.update(LUNA_SHM_DIR=closed, TMPDIR=readable)
+    placement.refresh()
+    made = get_temp_audio_path(create=True)
+    result: dict[str, object] = {"made_in": os.path.dirname(made)}
+    try:
+        result["returned"] = cleanup_all_temp_audio()
+    except OSError as exc:
+        result["raised"] = [type(exc).__name__, exc.errno, exc.filename]
+    result["file_left"] = os.path.lexists(made)
+    return result
+
+
+def test_cleanup_all_raises_permission_error_for_an_unreadable_dir_after_cleaning_the_other(
+    private_dirs,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    os.chmod(private_dirs.ram, 0o711)  # let the other user reach the dirs below
+    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
+    os.mkdir(closed, 0o000)
+    os.mkdir(readable, 0o700)
+    os.chown(readable, OTHER_UID, OTHER_UID)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            os.write(write_end, json.dumps(_cleanup_all_as_other_user(closed, readable)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(answer) == {"made_in": readable, "file_left": False,
+                                  "raised": ["PermissionError", errno.EACCES, closed]}
+
+
 def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
     """Change victim just after cleanup_all has examined it and before it opens it."""
     real = temp_audio._remove_if_unused
@@ -403,7 +656,7 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
     private_dirs, monkeypatch, how
 ) -> None:
     decoy, digest = _decoy(Path(private_dirs.ram))
-    ours = [get_temp_audio_path() for _ in range(3)]
+    ours = [get_temp_audio_path(create=True) for _ in range(3)]
     victim = os.path.basename(ours[1])
     _race(monkeypatch, victim, how)
 
@@ -423,7 +676,7 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
 def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(
     private_dirs, monkeypatch
 ) -> None:
-    ours = [get_temp_audio_path() for _ in range(4)]
+    ours = [get_temp_audio_path(create=True) for _ in range(4)]
     doomed = {os.path.basename(p) for p in ours[:2]}
     real = temp_audio.is_our_name
 
@@ -439,7 +692,7 @@ def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(
 
 def test_cleanup_all_and_a_concurrent_deleter_remove_each_file_exactly_once(private_dirs) -> None:
     total = 400
-    paths = [get_temp_audio_path() for _ in range(total)]
+    paths = [get_temp_audio_path(create=True) for _ in range(total)]
     deleted_by_thread = 0
     start = threading.Barrier(2)
 

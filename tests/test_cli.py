@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import resource
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import luna_shm
-from helpers import REPO
-from luna_shm import _lowlevel
+from helpers import REPO, assert_child_ok, require_tool, run_in_private_shm
+from luna_shm import _lowlevel, cli, placement
 from luna_shm.cli import parse_duration
 
 STATUS_KEYS = {"version", "backend", "dir", "reason", "in_ram", "fs_type", "bytes_free",
@@ -246,6 +247,123 @@ def test_clean_older_than_removes_only_files_last_modified_longer_ago(
     assert os.path.exists(recent)
 
 
+# ---- odd names and unreadable dirs --------------------------------------------------
+
+_FORGED = "\nremoved 0 files, 0 B in total"
+
+
+def make_odd_files(directory: str) -> dict[bytes, str]:
+    """Our files with an undecodable byte and a newline in their names, and a plain one;
+    return {name as bytes: how clean must print the path}."""
+    token = uuid.uuid4().hex
+    names = {
+        f"luna_audio_{token}\xff.wav".encode("latin-1"):
+            f"'{directory}/luna_audio_{token}\\xff.wav'",
+        f"luna_audio_{token}{_FORGED}.wav".encode():
+            f"'{directory}/luna_audio_{token}\\nremoved 0 files, 0 B in total.wav'",
+        f"luna_daemon_{token}.wav".encode(): f"{directory}/luna_daemon_{token}.wav",
+    }
+    for name in names:
+        fd = os.open(os.fsencode(directory) + b"/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                     0o600)
+        os.write(fd, b"\0" * 10)
+        os.close(fd)
+    return names
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["clean", "dry-run"])
+def test_clean_prints_odd_names_escaped_one_line_each_and_finishes_on_a_utf8_terminal(
+        private_dirs, dry_run) -> None:
+    names = make_odd_files(private_dirs.ram)
+    args = ["clean", "--dry-run"] if dry_run else ["clean"]
+    done = run_cli(private_dirs, *args, env={"PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    verb = "would remove" if dry_run else "removed"
+    assert len(lines) == 4
+    assert sorted(line.rsplit(" (", 1)[0] for line in lines[:3]) == sorted(
+        f"{verb} {shown}" for shown in names.values())
+    assert lines[3].startswith(f"{verb} 3 files, 30 B in total")
+    left = sorted(os.listdir(os.fsencode(private_dirs.ram)))
+    assert left == (sorted(names) if dry_run else [])
+
+
+def test_clean_through_main_on_a_strict_utf8_stream_lists_every_odd_name(
+        private_dirs, monkeypatch) -> None:
+    names = make_odd_files(private_dirs.ram)
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="\n")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert cli.main(["clean"]) == 0
+    stream.flush()
+    lines = raw.getvalue().decode("utf-8").splitlines()
+    assert sorted(line.rsplit(" (", 1)[0] for line in lines[:-1]) == sorted(
+        f"removed {shown}" for shown in names.values())
+    assert lines[-1] == "removed 3 files, 30 B in total"
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_shown_escapes_what_the_output_encoding_cannot_take() -> None:
+    assert cli.shown("/dev/shm/café.wav") == "/dev/shm/café.wav"
+    assert cli.shown("/dev/shm/café.wav", "ascii") == "'/dev/shm/caf\\xe9.wav'"
+    assert cli.shown("a\tb\x1b[2J\u200b") == "'a\\tb\\x1b[2J\\u200b'"
+    assert cli.shown("'quoted") == "'\\'quoted'"
+
+
+def _cli_as_other_user(closed: str, readable: str) -> dict[str, object]:
+    """In a forked child that became uid 65534: status and clean with an unreadable RAM dir."""
+    os.environ.update(LUNA_SHM_DIR=closed, TMPDIR=readable)
+    placement.refresh()
+    made = make_file(readable)
+    result: dict[str, object] = {}
+    for command in ("status", "clean"):
+        out, err = io.StringIO(), io.StringIO()
+        sys.stdout, sys.stderr = out, err
+        try:
+            code = cli.main([command])
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        result[command] = [code, out.getvalue().splitlines()[-1:], err.getvalue()]
+    result["file_left"] = os.path.exists(made)
+    return result
+
+
+def test_status_and_clean_report_an_unreadable_dir_in_one_line_with_exit_code_1(
+        private_dirs) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    os.chmod(private_dirs.ram, 0o711)  # let the other user reach the dirs below
+    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
+    os.mkdir(closed, 0o000)
+    os.mkdir(readable, 0o700)
+    os.chown(readable, 65534, 65534)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, json.dumps(_cli_as_other_user(closed, readable)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    result = json.loads(answer)
+    error = f"[Errno {errno.EACCES}] Permission denied: '{closed}'\n"
+    assert result["status"] == [1, [], f"luna-shm status: error: {error}"]
+    assert result["clean"] == [1, ["removed 1 file, 100 B in total"],
+                               f"luna-shm clean: error: {error}"]
+    assert result["file_left"] is False
+
+
 # ---- arguments -----------------------------------------------------------------------
 
 
@@ -311,6 +429,29 @@ def test_demo_verifies_every_sample_and_leaves_the_ram_dir_empty(private_dirs) -
     assert done.returncode == 0, done.stderr
     assert "every sample matches" in done.stdout
     assert os.listdir(private_dirs.ram) == []
+
+
+def test_demo_on_a_full_ram_disk_falls_back_to_the_disk_and_says_why(tmp_path) -> None:
+    require_tool("espeak-ng")
+    done = run_in_private_shm("""
+        import subprocess, sys
+        subprocess.run(["dd", "if=/dev/zero", "of=/dev/shm/filler", "bs=4k", "count=64"],
+                       capture_output=True)  # fills the 64 KiB RAM disk (dd then fails)
+        from luna_shm import cli
+        code = cli.main(["demo"])
+        import os
+        print("ours left:", [n for d in ("/dev/shm", "/tmp") for n in os.listdir(d)
+                             if "luna_" in n])
+        sys.exit(code)
+    """, shm_size="64k")
+    out = assert_child_ok(done)
+    assert "not installed" not in out
+    assert "from espeak-ng: 'Hello from luna shm." in out
+    assert "written to /tmp because it failed in /dev/shm (0 bytes free)" in out
+    assert "every sample matches" in out
+    assert "the RAM disk /dev/shm has no room for" in out and "ran in /tmp" in out
+    assert "ours left: []" in out
+    assert "Errno" not in done.stderr
 
 
 def _small_file_size_limit() -> None:

@@ -122,7 +122,7 @@ def test_ramfs_mount_is_a_ram_disk() -> None:
                            check=True)
             os.environ["LUNA_SHM_DIR"] = "/tmp/ramfs"
         """) + child_report() + textwrap.dedent("""
-            path = luna_shm.get_temp_audio_path()
+            path = luna_shm.get_temp_audio_path(create=True)
             report(path=path, fs=subprocess.run(["stat", "-f", "-c", "%T", "/tmp/ramfs"],
                    capture_output=True, text=True).stdout.strip())
         """)
@@ -136,7 +136,7 @@ def test_ramfs_mount_is_a_ram_disk() -> None:
 
 def test_default_dir_is_dev_shm_on_a_private_tmpfs_mount() -> None:
     done = run_in_private_shm(child_report() + textwrap.dedent("""
-        path = luna_shm.get_temp_audio_path()
+        path = luna_shm.get_temp_audio_path(create=True)
         report(path=path, is_file=os.path.isfile(path))
     """))
     out = json.loads(assert_child_ok(done))
@@ -194,7 +194,7 @@ def test_disable_sends_files_to_fallback_dir_and_reports_its_real_filesystem(
         require_disk_dir(fallback)
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
 
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
 
     assert os.path.dirname(path) == fallback
     assert luna_shm.temp_dir() == fallback
@@ -207,9 +207,38 @@ def test_luna_shm_dir_names_the_ram_dir_to_use(private_dirs, monkeypatch) -> Non
     chosen = f"{private_dirs.ram}/chosen"
     os.mkdir(chosen, 0o700)
     monkeypatch.setenv("LUNA_SHM_DIR", chosen)
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     assert os.path.dirname(path) == chosen
     assert luna_shm.is_using_ram_disk() is True
+
+
+@pytest.mark.parametrize("which", ["LUNA_SHM_DIR", "TMPDIR"])
+def test_a_relative_dir_is_resolved_once_and_an_os_chdir_afterwards_changes_nothing(
+    private_dirs, monkeypatch, tmp_path, which
+) -> None:
+    if which == "TMPDIR":
+        monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+        target = private_dirs.fallback
+    else:
+        target = private_dirs.ram
+    parent, name = os.path.split(target)
+    monkeypatch.chdir(parent)
+    monkeypatch.setenv(which, name)
+    assert luna_shm.refresh_temp_dir() == target
+    first = get_temp_audio_path(create=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / name).mkdir(parents=True)  # the same relative name, resolved anew, exists
+    monkeypatch.chdir(elsewhere)
+
+    assert luna_shm.temp_dir() == target
+    assert target in placement.our_dirs()
+    second = get_temp_audio_path(create=True)
+    assert os.path.dirname(first) == os.path.dirname(second) == target
+    assert luna_shm.cleanup_temp_audio(first) is True
+    assert luna_shm.cleanup_all_temp_audio() == 1
+    assert os.listdir(target) == []
+    assert os.listdir(elsewhere / name) == []
 
 
 def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
@@ -217,7 +246,7 @@ def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
     other = Path(private_dirs.fallback) / "other"
     other.mkdir()
     monkeypatch.setenv("TMPDIR", str(other))
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     assert os.path.dirname(path) == str(other)
     assert os.listdir(other) == [os.path.basename(path)]
 
@@ -281,12 +310,12 @@ def test_unusable_ram_dir_falls_back_and_logs_why_once(
     before = sorted(os.listdir(candidate)) if os.path.isdir(candidate) else None
     monkeypatch.setenv("LUNA_SHM_DIR", candidate)
 
-    paths = [get_temp_audio_path() for _ in range(3)]
+    paths = [get_temp_audio_path(create=True) for _ in range(3)]
     # Make luna_shm choose again (another cache key, same outcome): still one message.
     monkeypatch.setenv("LUNA_SHM_DISABLE", "0")
-    paths.append(get_temp_audio_path())
+    paths.append(get_temp_audio_path(create=True))
     monkeypatch.delenv("LUNA_SHM_DISABLE")
-    paths.append(get_temp_audio_path())
+    paths.append(get_temp_audio_path(create=True))
 
     assert {os.path.dirname(p) for p in paths} == {private_dirs.fallback}
     assert luna_shm.temp_dir() == private_dirs.fallback
@@ -304,21 +333,21 @@ def test_world_writable_ram_dir_with_sticky_bit_is_accepted(private_dirs, monkey
     os.mkdir(sticky)
     os.chmod(sticky, 0o1777)
     monkeypatch.setenv("LUNA_SHM_DIR", sticky)
-    assert os.path.dirname(get_temp_audio_path()) == sticky
+    assert os.path.dirname(get_temp_audio_path(create=True)) == sticky
     assert luna_shm.is_using_ram_disk() is True
 
 
 def test_refresh_temp_dir_picks_up_a_ram_dir_that_appeared(private_dirs, monkeypatch) -> None:
     later = f"{private_dirs.ram}/later"
     monkeypatch.setenv("LUNA_SHM_DIR", later)
-    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+    assert os.path.dirname(get_temp_audio_path(create=True)) == private_dirs.fallback
     os.mkdir(later, 0o700)
 
     assert luna_shm.refresh_temp_dir() == later
 
     assert luna_shm.temp_dir() == later
     assert luna_shm.is_using_ram_disk() is True
-    assert os.path.dirname(get_temp_audio_path()) == later
+    assert os.path.dirname(get_temp_audio_path(create=True)) == later
 
 
 def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeypatch) -> None:
@@ -330,7 +359,7 @@ def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeyp
 
     assert luna_shm.refresh_temp_dir() == private_dirs.fallback
 
-    assert os.path.dirname(get_temp_audio_path()) == private_dirs.fallback
+    assert os.path.dirname(get_temp_audio_path(create=True)) == private_dirs.fallback
 
 
 # ---- the RAM disk refusing files: real read-only and full mounts -----------------------------
@@ -347,7 +376,7 @@ def test_read_only_ram_disk_falls_back_to_tmp(tmp_path, fallback_fs) -> None:
         preamble = ""  # the child's /tmp stays a private tmpfs
     done = run_in_private_shm(
         preamble + child_report() + textwrap.dedent("""
-            path = luna_shm.get_temp_audio_path()
+            path = luna_shm.get_temp_audio_path(create=True)
             st = os.lstat(path)
             report(path=path, mode=st.st_mode, tmp=""" + LIST_PRIVATE_TMP + """)
         """),
@@ -386,7 +415,7 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
     done = run_in_private_shm(
         disk_tmp_preamble(disk) + child_report() + textwrap.dedent(f"""
             import errno, subprocess
-            first = luna_shm.get_temp_audio_path()
+            first = luna_shm.get_temp_audio_path(create=True)
             subprocess.run({refusal.split()!r}, check=True)
             if "nr_inodes" in {refusal!r}:
                 # Use up every inode left, outside luna_shm.
@@ -398,8 +427,8 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
                         break
                 else:
                     raise AssertionError("the inode limit did not apply")
-            second = luna_shm.get_temp_audio_path()
-            third = luna_shm.get_temp_audio_path()
+            second = luna_shm.get_temp_audio_path(create=True)
+            third = luna_shm.get_temp_audio_path(create=True)
             refreshed = luna_shm.refresh_temp_dir()
             report(first=first, second=second, third=third, refreshed=refreshed,
                    second_is_file=os.path.isfile(second))
@@ -425,9 +454,9 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     require_disk_dir(disk)
     done = run_in_private_shm(
         disk_tmp_preamble(disk) + child_report() + textwrap.dedent("""
-            big = luna_shm.get_temp_audio_path(size_hint=1 << 20)
-            small = luna_shm.get_temp_audio_path(size_hint=1024)
-            default = luna_shm.get_temp_audio_path()
+            big = luna_shm.get_temp_audio_path(size_hint=1 << 20, create=True)
+            small = luna_shm.get_temp_audio_path(size_hint=1024, create=True)
+            default = luna_shm.get_temp_audio_path(create=True)
             report(big=big, small=small, default=default)
         """),
         shm_size="64k",

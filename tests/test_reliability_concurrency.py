@@ -322,7 +322,7 @@ def test_a_pool_slot_being_made_is_never_taken_by_a_concurrent_cleanup(private_d
 @pytest.mark.parametrize("kind", ["create_wav_buffer", "WavWriter"])
 def test_a_buffer_or_writer_opened_at_a_temp_path_is_never_removed_by_a_concurrent_cleanup(
         private_dirs, kind) -> None:
-    path = get_temp_audio_path()  # empty and unlocked, as the drop-in helper hands it out
+    path = get_temp_audio_path(create=True)  # empty and unlocked
     if kind == "create_wav_buffer":
         make = f"create_wav_buffer(10, 8000, path={path!r})"
     else:
@@ -361,7 +361,7 @@ def test_a_write_wav_replacing_a_file_is_never_broken_by_a_concurrent_cleanup(
 @pytest.mark.parametrize("kind", ["write_wav", "create_wav_buffer", "WavWriter"])
 def test_a_write_onto_a_temp_path_survives_a_concurrent_cleanup_removing_the_empty_file(
         private_dirs, tmp_path, kind) -> None:
-    path = get_temp_audio_path()  # empty and unlocked: cleanup may remove it at any time
+    path = get_temp_audio_path(create=True)  # empty, unlocked: cleanup may remove it at any time
     make = {"write_wav": f"write_wav({path!r}, np.ones(10, np.int16), 8000)",
             "create_wav_buffer": f"create_wav_buffer(10, 8000, path={path!r}).close()",
             "WavWriter": f"WavWriter({path!r}, 8000).close()"}[kind]

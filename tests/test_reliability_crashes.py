@@ -73,7 +73,7 @@ for writer in writers:
     writer.write(np.ones(100, np.int16))
 pool = AudioPool(slots=3, max_bytes=4000)
 held = pool.write_wav(np.ones(100, np.int16), 8000)
-loose = get_temp_audio_path()  # never locked: cleanup may take it at any time
+loose = get_temp_audio_path(create=True)  # never locked: cleanup may take it at any time
 print(json.dumps({"locked": [b.path for b in buffers] + [w.path for w in writers]
                   + sorted(s.path for s in pool._slots), "loose": loose}), flush=True)
 sys.stdin.read()
@@ -333,6 +333,7 @@ def buffer_cycle(i):
         assert back[99] == view[99] == 99
         if i % 3 == 0:
             buf.truncate(50)
+    del view  # a live view of the mapping still holds the buffer's lock
     if not buf.anonymous:
         assert cleanup_temp_audio(buf.path)
 

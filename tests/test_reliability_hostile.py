@@ -163,7 +163,7 @@ DATA = np.arange(1000, dtype=np.int16)
 def produce(kind: str) -> tuple[str, Callable[[], None]]:
     """Make a file with kind of producer; return its path and how to release it."""
     if kind == "get_temp_audio_path":
-        return get_temp_audio_path(), lambda: None
+        return get_temp_audio_path(create=True), lambda: None
     if kind == "write_wav":
         return write_wav(None, DATA, RATE), lambda: None
     if kind == "create_wav_buffer":
@@ -254,7 +254,7 @@ def test_cleanup_and_a_pool_start_leave_what_another_user_planted_at_our_names_a
         outside = tmp_path / name
         outside.mkdir()
         plants.append(Planted("other-user", shared_ram, name, kind, outside))
-    ours = get_temp_audio_path()
+    ours = get_temp_audio_path(create=True)
 
     call_with_deadline(lambda: AudioPool(slots=1, max_bytes=100).close())
     assert call_with_deadline(cleanup_all_temp_audio) == 1

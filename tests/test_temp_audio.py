@@ -22,12 +22,13 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import luna_shm
 from helpers import force_first_token
 from luna_shm import _lowlevel, temp_audio
-from luna_shm.temp_audio import get_temp_audio_path
+from luna_shm.temp_audio import get_temp_audio_path, temp_audio_path
 
 HEX32 = "[0-9a-f]{32}"
 
@@ -77,7 +78,7 @@ def test_signature_is_the_documented_drop_in_helper_signature() -> None:
     assert params["suffix"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     assert params["prefix"].default == "luna_audio_"
     assert params["prefix"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert params["create"].default is True
+    assert params["create"].default is False
     assert params["create"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
@@ -213,7 +214,7 @@ def test_threads_get_distinct_paths_and_each_one_is_created(private_dirs) -> Non
 def _paths_in_child(out_file: str, start, count: int) -> None:
     """One of the processes of the uniqueness test: write its paths as JSON."""
     start.wait()
-    created = [get_temp_audio_path() for _ in range(count)]
+    created = [get_temp_audio_path(create=True) for _ in range(count)]
     names = [get_temp_audio_path(create=False) for _ in range(count)]
     with open(out_file, "w", encoding="utf-8") as out:
         json.dump({"pid": os.getpid(), "created": created, "names": names}, out)
@@ -249,7 +250,7 @@ def test_eight_processes_get_distinct_paths(private_dirs, tmp_path, start_method
 def test_created_file_is_an_empty_regular_file_of_ours_with_mode_0600(active_dir, umask) -> None:
     old = os.umask(umask)
     try:
-        path = get_temp_audio_path()
+        path = get_temp_audio_path(create=True)
     finally:
         os.umask(old)
     st = os.lstat(path)
@@ -260,7 +261,7 @@ def test_created_file_is_an_empty_regular_file_of_ours_with_mode_0600(active_dir
 
 
 def test_created_file_can_be_rewritten_by_a_writer_that_opens_it_wb(active_dir) -> None:
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
     with open(path, "wb") as out:
         out.write(b"RIFF")
     assert Path(path).read_bytes() == b"RIFF"
@@ -274,11 +275,113 @@ def test_create_false_returns_a_name_that_does_not_exist(active_dir) -> None:
     assert os.listdir(active_dir) == []
 
 
+# ---- the drop-in's habits: nothing exists until it is written ---------------------------
+
+
+def test_by_default_nothing_is_created_until_a_writer_writes_the_file(active_dir) -> None:
+    path = get_temp_audio_path(".wav")
+    assert os.path.dirname(path) == active_dir
+    assert not os.path.lexists(path)
+    assert os.listdir(active_dir) == []
+    luna_shm.write_wav(path, np.ones(10, np.int16), 8000)
+    assert os.path.isfile(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_exists_after_a_failed_render_tells_that_nothing_was_written(active_dir) -> None:
+    def render(text: str, path: str) -> None:
+        raise RuntimeError(f"the TTS engine cannot say {text!r}")
+
+    path = get_temp_audio_path(".wav")
+    with pytest.raises(RuntimeError, match="cannot say"):
+        render("hello", path)
+    assert not os.path.exists(path)  # the player is not handed an empty file
+    assert os.listdir(active_dir) == []
+
+
+@pytest.mark.parametrize("tool", ["sh-noclobber", "open-x"])
+def test_a_tool_that_refuses_to_overwrite_writes_the_default_path(active_dir, tool) -> None:
+    # As `ffmpeg -i in.mp3 path` without -y: an existing file is not overwritten.
+    path = get_temp_audio_path(".wav")
+    if tool == "sh-noclobber":
+        done = subprocess.run(["sh", "-c", 'set -C; printf RIFF > "$1"', "sh", path],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    else:
+        with open(path, "xb") as out:
+            out.write(b"RIFF")
+    assert Path(path).read_bytes() == b"RIFF"
+
+
+def test_create_true_still_reserves_a_private_empty_file(active_dir) -> None:
+    path = get_temp_audio_path(".wav", create=True)
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+# ---- temp_audio_path: a path that is always cleaned up -----------------------------------
+
+
+@pytest.mark.parametrize("module", [luna_shm, temp_audio], ids=["luna_shm", "temp_audio"])
+def test_temp_audio_path_is_exported(module) -> None:
+    assert module.temp_audio_path is temp_audio.temp_audio_path
+    assert "temp_audio_path" in module.__all__
+
+
+def test_temp_audio_path_yields_a_new_name_and_removes_the_written_file(active_dir) -> None:
+    with temp_audio_path(".mp3", "myapp_") as path:
+        assert re.fullmatch(re.escape(f"{active_dir}/myapp_") + HEX32 + r"\.mp3", path)
+        assert not os.path.lexists(path)
+        Path(path).write_bytes(b"ID3")
+    assert not os.path.lexists(path)
+    assert os.listdir(active_dir) == []
+
+
+def test_temp_audio_path_removes_the_file_when_the_writer_fails(active_dir) -> None:
+    with pytest.raises(RuntimeError, match="the writer failed"), temp_audio_path() as path:
+        with open(path, "wb") as out:
+            out.write(b"RIFF half a head")
+        raise RuntimeError("the writer failed")
+    assert not os.path.lexists(path)
+    assert os.listdir(active_dir) == []
+
+
+def test_temp_audio_path_with_nothing_written_leaves_nothing(active_dir) -> None:
+    with temp_audio_path(create=True) as path:
+        assert os.path.isfile(path)
+    with temp_audio_path() as unwritten:
+        pass
+    assert not os.path.lexists(path) and not os.path.lexists(unwritten)
+    assert os.listdir(active_dir) == []
+
+
+def test_temp_audio_path_lets_the_blocks_error_through_when_removal_fails_too(
+    active_dir, caplog
+) -> None:
+    with (caplog.at_level("WARNING", logger="luna_shm"),
+          pytest.raises(RuntimeError, match="the writer failed"),
+          temp_audio_path() as path):
+        os.mkdir(path)  # something that cannot be removed as a file
+        raise RuntimeError("the writer failed")
+    assert any("could not remove" in r.getMessage() and path in r.getMessage()
+               for r in caplog.records)
+    with (pytest.raises(IsADirectoryError, match="not removing a directory"),
+          temp_audio_path() as other):
+        os.mkdir(other)
+
+
+def test_temp_audio_path_refuses_bad_arguments_before_yielding(private_dirs) -> None:
+    with (pytest.raises(ValueError, match="prefix must not contain '/'"),
+          temp_audio_path(prefix="../x")):
+        raise AssertionError("the block must not run")
+    assert os.listdir(private_dirs.ram) == []
+
+
 def test_get_temp_audio_path_leaves_no_descriptor_open(private_dirs) -> None:
-    get_temp_audio_path()  # warm up: imports, caches
+    get_temp_audio_path(create=True)  # warm up: imports, caches
     before = sorted(os.listdir("/proc/self/fd"))
     for _ in range(100):
-        get_temp_audio_path()
+        get_temp_audio_path(create=True)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
@@ -397,7 +500,7 @@ def test_planted_thing_at_candidate_name_is_left_alone_and_a_new_file_is_made(
     still_intact = _plant(kind, planted, outside)
     given = force_first_token(monkeypatch, planted_token)
 
-    path = get_temp_audio_path()
+    path = get_temp_audio_path(create=True)
 
     assert given[0] == planted_token and len(given) == 2
     assert path == f"{active_dir}/luna_audio_{given[1]}.wav"
@@ -421,7 +524,7 @@ def test_creation_gives_up_with_eexist_when_every_candidate_name_is_taken(
     monkeypatch.setattr(temp_audio, "_new_token", always_taken)
     monkeypatch.setattr(temp_audio, "_MAX_TRIES", 5)
     with pytest.raises(FileExistsError, match="no free temp file name") as info:
-        get_temp_audio_path()
+        get_temp_audio_path(create=True)
     assert info.value.errno == errno.EEXIST
     assert len(calls) == 5
     assert os.listdir(private_dirs.ram) == [f"luna_audio_{taken}.wav"]
