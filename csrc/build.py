@@ -44,12 +44,16 @@ int luna_fs_probe(const char *path, struct luna_fs_info *out);
 int luna_reserve(int fd, uint64_t offset, uint64_t len);
 int luna_set_length(int fd, uint64_t len);
 int luna_map(int fd, uint64_t len, int writable, int populate, void **out);
-int luna_unmap(void *addr, uint64_t len);
-int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len);
+int luna_unmap(void *addr, uint64_t len, int guard);
 int luna_memfd(const char *name);
 int luna_seal_shrink(int fd);
 int luna_open_unnamed(const char *dir);
 int luna_link_unnamed(int fd, const char *path);
+
+int luna_guard_register(void *addr, uint64_t len, int prot);
+int luna_guard_unregister(int guard);
+int luna_guard_broken(int guard);
+int luna_guard_installed(void);
 
 struct luna_wav_spec {
     uint32_t samplerate;

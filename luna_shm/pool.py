@@ -78,9 +78,17 @@ class PooledWav:
 
     @property
     def array(self) -> np.ndarray:
-        """The samples in the slot (writable for :meth:`AudioPool.acquire`)."""
+        """The samples in the slot (writable for :meth:`AudioPool.acquire`).
+
+        Raises:
+            ValueError: released.
+            OSError: ESTALE: another process truncated or rewrote the slot's file
+                while it was mapped (its mapping now holds zeros, see
+                :attr:`WavBuffer.array`); the pool drops the slot when released.
+        """
         if self._pool is None:
             raise ValueError("PooledWav was released")
+        self._slot.mapping.check()
         if self._array is None:
             dtype = formats.view_dtype(self._spec)
             if dtype is None:
@@ -104,7 +112,9 @@ class PooledWav:
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
+        self._slot.mapping.check()
         self._slot.mapping.format_slot(self._spec, new_frames * self._frame_bytes)
+        self._slot.mapping.check()
         self.frames = new_frames
         if self._array is not None:
             self._array = self._array[:new_frames]
@@ -266,7 +276,11 @@ class AudioPool:
                 if self._closed:
                     raise ValueError("AudioPool is closed")
                 if self._free:
-                    return self._free.pop()
+                    slot = self._free.pop()
+                    if not slot.mapping.broken:
+                        return slot
+                    self._drop(slot)  # its file was shrunk: never handed out again
+                    return self._new_slot()
                 if self.when_busy == "grow":
                     return self._new_slot()
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -274,6 +288,17 @@ class AudioPool:
                     raise TimeoutError(
                         f"all {len(self._slots)} slots stayed busy for {self.timeout} s")
                 self._cond.wait(remaining)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget a slot whose file another process shrank (its mapping now holds zeros)."""
+        self._slots.remove(slot)
+        if not self.anonymous:
+            try:  # only the file that is still this slot's, never one renamed over it
+                if _os.path.samestat(_os.stat(slot.path), _os.fstat(slot.fd)):
+                    _os.unlink(slot.path)
+            except FileNotFoundError:
+                pass
+        _lowlevel.close(slot.fd)
 
     def _give_back(self, slot: _Slot) -> None:
         with self._cond:
@@ -290,17 +315,23 @@ class AudioPool:
             ``array`` is a read-only view of the samples in the slot.
         """
         enc = encoding.plan(data, samplerate, subtype)
-        slot = self._take(enc.nbytes)
-        try:
-            if enc.conversion == "none":  # the common case: one C call, memcpy + header
-                offset = slot.mapping.fill_slot(enc.spec, enc.array)
-            else:
-                offset = _lowlevel.wav_header_size(enc.spec)
-                encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
-                slot.mapping.format_slot(enc.spec, enc.nbytes)
-        except BaseException:
-            self._give_back(slot)
-            raise
+        for attempt in range(2):
+            slot = self._take(enc.nbytes)
+            try:
+                if enc.conversion == "none":  # the common case: one C call, memcpy + header
+                    offset = slot.mapping.fill_slot(enc.spec, enc.array)
+                else:
+                    offset = _lowlevel.wav_header_size(enc.spec)
+                    encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
+                    slot.mapping.format_slot(enc.spec, enc.nbytes)
+                if attempt:
+                    slot.mapping.check()  # shrunk again while we wrote: give up
+            except BaseException:
+                self._give_back(slot)
+                raise
+            if not slot.mapping.broken:
+                break
+            self._give_back(slot)  # shrunk while we wrote: _take drops it
         return PooledWav(self, slot, enc.spec, enc.array.shape[0], offset, writable=False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,
