@@ -52,6 +52,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -75,6 +76,7 @@ struct entry {
     _Atomic uintptr_t start;
     _Atomic uint64_t len;  /* the mapping's length, as mapped */
     _Atomic int prot;
+    _Atomic long breaker; /* the thread whose re-raised signal broke it, or 0 */
 };
 
 struct block {
@@ -130,13 +132,14 @@ static struct entry *entry_at(uint32_t index)
  * the entry changed under us, -1 when the pages could not be replaced (no
  * memory for them: the process then dies as it would have without us).
  * Async-signal-safe. */
-static int break_entry(struct entry *e, uint64_t s)
+static int break_entry(struct entry *e, uint64_t s, long breaker)
 {
     uint64_t fixing = (s & ~(uint64_t)ST_MASK) | ST_FIXING;
     if (!atomic_compare_exchange_strong(&e->state, &s, fixing))
         return (s & ST_MASK) == ST_FIXING || (s & ST_MASK) == ST_BROKEN;
     void *start = (void *)atomic_load(&e->start);
     uint64_t len = round_to_pages(atomic_load(&e->len));
+    atomic_store(&e->breaker, breaker);
     void *zeros = mmap(start, (size_t)len, atomic_load(&e->prot),
                        MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     unsigned now = zeros == MAP_FAILED ? ST_LIVE : ST_BROKEN;
@@ -166,7 +169,7 @@ static int absorb_fault(uintptr_t addr)
                 break;
             if (st != ST_LIVE)
                 return 1; /* being fixed, or fixed: the access is retried */
-            int broke = break_entry(e, s);
+            int broke = break_entry(e, s, 0);
             if (broke != 0)
                 return broke > 0;
         }
@@ -174,27 +177,38 @@ static int absorb_fault(uintptr_t addr)
     return 0;
 }
 
-/* A SIGBUS without an address, re-raised by a handler that ran before us:
- * break every registered mapping whose last byte can no longer be read.
- * Returns 1 when a mapping of ours is broken or being broken (the fault that
- * handler saw may be in it, so the access is worth retrying), else 0. */
+/* A SIGBUS raise()d inside this process (si_code SI_TKILL, our pid), without
+ * an address: maybe a handler that ran before us (faulthandler) passing on a
+ * fault in one of our mappings. Break every registered mapping whose last
+ * byte can no longer be read (process_vm_readv answers EFAULT there instead
+ * of faulting). Returns 1 when the fault that handler saw may be in one of
+ * ours, so the access is worth retrying: a mapping broken now, one being
+ * broken, or one that another thread's re-raised signal broke (its fault and
+ * this one may have hit the same mapping at once, before either was fixed).
+ * A retry that faults again comes to us with its address: no loop. */
 static int absorb_lost_mappings(void)
 {
     int found = 0;
     pid_t self = getpid();
+    long thread = (long)syscall(SYS_gettid);
     uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
     for (uint32_t i = 0; i < n * BLOCK_ENTRIES; i++) {
         struct entry *e = entry_at(i);
         if (e == NULL)
             break;
         uint64_t s = atomic_load(&e->state);
-        if ((s & ST_MASK) == ST_FIXING || (s & ST_MASK) == ST_BROKEN) {
-            /* Another thread broke it while this one's fault went through
-             * the other handler: that fault may well be in it. */
+        unsigned st = (unsigned)(s & ST_MASK);
+        if (st == ST_FIXING) {
             found = 1;
             continue;
         }
-        if ((s & ST_MASK) != ST_LIVE)
+        if (st == ST_BROKEN) {
+            long breaker = atomic_load(&e->breaker);
+            if (breaker != 0 && breaker != thread)
+                found = 1;
+            continue;
+        }
+        if (st != ST_LIVE)
             continue;
         uintptr_t start = atomic_load(&e->start);
         uint64_t len = atomic_load(&e->len);
@@ -204,25 +218,15 @@ static int absorb_lost_mappings(void)
         struct iovec local = {&byte, 1};
         struct iovec remote = {(void *)(start + len - 1), 1};
         if (process_vm_readv(self, &local, 1, &remote, 1, 0) < 0 && errno == EFAULT &&
-            break_entry(e, s) > 0)
+            break_entry(e, s, thread) > 0)
             found = 1;
     }
     return found;
 }
 
-/* Did a signal handler of this process re-raise this SIGBUS from inside
- * itself? raise() from a handler gives SI_TKILL from our own pid, and the
- * handlers that do it (faulthandler) run on the alternate signal stack. Our
- * own handler is installed without SA_ONSTACK, so it runs on the stack it
- * interrupted: on the alternate one exactly when it interrupted such a
- * handler. A kill() from anyone (SI_USER), or a raise() from ordinary code,
- * is not one. */
-static int reraised_by_a_handler(const siginfo_t *info)
+static int raised_in_this_process(const siginfo_t *info)
 {
-    if (info == NULL || info->si_code != SI_TKILL || info->si_pid != getpid())
-        return 0;
-    stack_t ss;
-    return sigaltstack(NULL, &ss) == 0 && (ss.ss_flags & SS_ONSTACK) != 0;
+    return info != NULL && info->si_code == SI_TKILL && info->si_pid == getpid();
 }
 
 /* What the kernel does when no handler is there: SIG_DFL for SIGBUS ends the
@@ -284,7 +288,7 @@ static void guard_handler(int sig, siginfo_t *info, void *ctx)
     } else if (in_previous) {
         /* The handler we called passes the signal on: the end of the chain. */
         default_action(0);
-    } else if (!(reraised_by_a_handler(info) && absorb_lost_mappings())) {
+    } else if (!(raised_in_this_process(info) && absorb_lost_mappings())) {
         pass_on(sig, info, ctx, 0);
     }
     errno = saved_errno;
@@ -317,9 +321,9 @@ static int ensure_installed(void)
         struct sigaction ours;
         memset(&ours, 0, sizeof ours);
         ours.sa_sigaction = guard_handler;
-        /* No SA_ONSTACK: see reraised_by_a_handler. SA_NODEFER: a handler
-         * we chain to that re-raises enters ours at once, nested. */
-        ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
+        /* SA_NODEFER: a handler we chain to that re-raises enters ours at
+         * once, nested (in_previous). */
+        ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
         sigemptyset(&ours.sa_mask);
         /* Publish what we chain to before the kernel can call us with it. */
         *spare = cur;
