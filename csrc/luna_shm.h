@@ -114,18 +114,14 @@ int luna_reserve(int fd, uint64_t offset, uint64_t len);
 int luna_set_length(int fd, uint64_t len);
 
 /* Map len bytes of fd shared, read-only or writable; populate=1 pre-faults
- * the pages (MAP_POPULATE). Stores the address in *out. Returns 0 or -errno. */
+ * the pages (MAP_POPULATE). Stores the address in *out and registers the
+ * mapping with the SIGBUS guard (guard.c). Returns the guard id (>= 0) for
+ * luna_unmap and luna_guard_broken, or -errno (-ENOMEM when the guard's
+ * registry is full; nothing stays mapped then). */
 int luna_map(int fd, uint64_t len, int writable, int populate, void **out);
 
-/* Unmap what luna_map mapped. Returns 0 or -errno. */
-int luna_unmap(void *addr, uint64_t len);
-
-/* Shrink a file that is mapped writable at addr (map_len bytes) to new_len
- * bytes, and replace the whole pages past the new end with private anonymous
- * memory, so that an old view that still writes there touches harmless
- * memory instead of dying with SIGBUS. Returns 0 or -errno (-EINVAL when
- * new_len > map_len or map_len is not a size a mapping can have). */
-int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len);
+/* Unregister guard, then unmap what luna_map mapped. Returns 0 or -errno. */
+int luna_unmap(void *addr, uint64_t len, int guard);
 
 /* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
  * -ENOSYS when the platform has no memfd. */
@@ -143,6 +139,31 @@ int luna_open_unnamed(const char *dir);
 /* Give the unnamed file fd the name path (linkat through /proc/self/fd).
  * Returns 0 or -errno (-EEXIST when path exists). */
 int luna_link_unnamed(int fd, const char *path);
+
+/* ---- guard.c: no SIGBUS from our mappings ---------------------------------- */
+
+/* Register [addr, addr+len) (a shared file mapping of protection prot, addr
+ * page-aligned) and make sure our SIGBUS handler is installed in front of
+ * whatever handler is there now (faulthandler enabled after us, say). A kernel
+ * SIGBUS inside a registered range replaces the whole range with anonymous
+ * zero pages of the same protection and marks it broken; every other SIGBUS
+ * goes to the previous handler as if we were not there. Returns the guard id
+ * (>= 0), -ENOMEM when the registry cannot grow, or -errno from sigaction.
+ * Async-signal-safe: no. Cost: one sigaction query plus a compare-and-swap. */
+int luna_guard_register(void *addr, uint64_t len, int prot);
+
+/* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
+ * id that is not registered. */
+int luna_guard_unregister(int guard);
+
+/* Returns 1 when guard's mapping was replaced with zeros (its file shrank
+ * under it), 0 when it is intact, -EINVAL for an unknown id. One atomic
+ * load: no system call. */
+int luna_guard_broken(int guard);
+
+/* Returns 1 when our SIGBUS handler is the installed one, 0 when another is
+ * (it is put back in front at the next luna_guard_register), or -errno. */
+int luna_guard_installed(void);
 
 /* ---- wav_format.c: headers ---------------------------------------------- */
 
@@ -220,8 +241,8 @@ int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 int luna_wav_open(const char *path, struct luna_wav_info *out);
 
 /* Open and parse path as luna_wav_open does, then map [0, data end)
- * read-only into *addr and close the fd (the mapping keeps the file).
- * Returns 0, -LUNA_EFORMAT or -errno. */
+ * read-only into *addr with luna_map and close the fd (the mapping keeps the
+ * file). Returns luna_map's guard id (>= 0), -LUNA_EFORMAT or -errno. */
 int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
 
 /* ---- wav_io.c: moving bytes ---------------------------------------------- */

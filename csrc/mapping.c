@@ -48,31 +48,22 @@ int luna_map(int fd, uint64_t len, int writable, int populate, void **out)
     void *addr = mmap(NULL, (size_t)len, prot, flags, fd, 0);
     if (addr == MAP_FAILED)
         return -errno;
-    *out = addr;
-    return 0;
-}
-
-int luna_unmap(void *addr, uint64_t len)
-{
-    return munmap(addr, (size_t)len) == 0 ? 0 : -errno;
-}
-
-int luna_shrink_mapped(int fd, void *addr, uint64_t map_len, uint64_t new_len)
-{
-    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-    if (new_len > map_len || map_len > (uint64_t)SIZE_MAX - page)
-        return -EINVAL; /* checked first: the rounding below cannot wrap */
-    uint64_t keep = (new_len + page - 1) / page * page;
-    /* First cover the doomed whole pages, then cut the file: at no moment can
-     * a store through an old view land on a page past the end of the file. */
-    if (keep < map_len) {
-        void *tail = mmap((char *)addr + keep, (size_t)(map_len - keep),
-                          PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
-        if (tail == MAP_FAILED)
-            return -errno;
+    int guard = luna_guard_register(addr, len, prot);
+    if (guard < 0) {
+        munmap(addr, (size_t)len);
+        return guard;
     }
-    return luna_set_length(fd, new_len);
+    *out = addr;
+    return guard;
+}
+
+int luna_unmap(void *addr, uint64_t len, int guard)
+{
+    /* Unregistered first: from here on a fault in this range is not ours. */
+    int rc = luna_guard_unregister(guard);
+    if (munmap(addr, (size_t)len) != 0)
+        return -errno;
+    return rc;
 }
 
 int luna_memfd(const char *name)

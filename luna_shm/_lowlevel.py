@@ -27,6 +27,10 @@ _EFORMAT: int = lib.LUNA_EFORMAT
 
 StrPath = str | os.PathLike[str]
 
+# The strerror of the OSError(ESTALE) for a mapping whose file shrank under it.
+STALE_MESSAGE = ("truncated or rewritten by another process while mapped here; "
+                 "its mapping was replaced with zeros")
+
 
 def check(rc: int, filename: str | None = None) -> int:
     """Return rc when it is >= 0; raise ``OSError(-rc, strerror, filename)`` otherwise."""
@@ -163,36 +167,56 @@ class Mapping:
     writable). numpy arrays made from it keep it, and so the mapping, alive:
     no Python code can reach unmapped memory, whatever order things are
     closed or collected in.
+
+    Every mapping is registered with the C layer's SIGBUS guard (csrc/guard.c):
+    when another process shrinks the file and this process touches a page that
+    is gone, the whole mapping is replaced with zero pages instead of the
+    process dying, and :attr:`broken` turns True. The views then read zeros and
+    writes through them reach no file; :meth:`check` raises.
     """
 
-    __slots__ = ("_address", "length", "view")
+    __slots__ = ("_address", "_guard", "filename", "length", "view")
 
     def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
                  filename: str | None = None) -> None:
         out = ffi.new("void **")
-        check(lib.luna_map(fd, length, int(writable), int(populate), out), filename)
-        self._adopt(out[0], length, writable)
+        guard = check(lib.luna_map(fd, length, int(writable), int(populate), out), filename)
+        self._adopt(out[0], length, writable, guard, filename)
 
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
         """Open, parse and map a WAV read-only in one C call; the fd is already closed."""
         out = ffi.new("struct luna_wav_info *")
         address = ffi.new("void **")
-        _check_wav(lib.luna_wav_map(_c_path(path), out, address), out, path)
+        guard = _check_wav(lib.luna_wav_map(_c_path(path), out, address), out, path)
         info = _info(out)
         mapping = cls.__new__(cls)
-        mapping._adopt(address[0], info.data_offset + info.data_bytes, False)
+        mapping._adopt(address[0], info.data_offset + info.data_bytes, False, guard, path)
         return mapping, info
 
-    def _adopt(self, address: Any, length: int, writable: bool) -> None:
-        self._address = ffi.gc(address, lambda p: lib.luna_unmap(p, length))
+    def _adopt(self, address: Any, length: int, writable: bool, guard: int,
+               filename: str | None) -> None:
+        self._address = ffi.gc(address, lambda p: lib.luna_unmap(p, length, guard))
+        self._guard = guard
+        self.filename = filename
         self.length = length
         view = memoryview(ffi.buffer(self._address, length))
         self.view = view if writable else view.toreadonly()
 
-    def shrink_file(self, fd: int, new_length: int, filename: str | None = None) -> None:
-        """Cut the file to new_length; whole pages past it become harmless memory."""
-        check(lib.luna_shrink_mapped(fd, self._address, self.length, new_length), filename)
+    @property
+    def broken(self) -> bool:
+        """True once the file shrank under this mapping and its pages became zeros."""
+        return lib.luna_guard_broken(self._guard) > 0
+
+    def check(self) -> None:
+        """Raise ``OSError(ESTALE)`` naming the file if the mapping is broken.
+
+        Raises:
+            OSError: errno ESTALE: another process truncated or rewrote the file
+                while it was mapped here; the mapping now holds zeros.
+        """
+        if lib.luna_guard_broken(self._guard) > 0:
+            raise OSError(errno.ESTALE, STALE_MESSAGE, self.filename)
 
     def fill_slot(self, spec: WavSpec, data: np.ndarray) -> int:
         """Copy data (already in the file's encoding) after the header and format the

@@ -85,6 +85,8 @@ class WavBuffer(FileResource):
             try:
                 self._open(dest.fd, name, header)
                 temp_audio.finish_destination(dest)
+                assert self._mapping is not None
+                self._mapping.filename = dest.path  # errors name the final path
                 return dest.path, dest.fd
             except OSError as exc:
                 self._mapping = self._array = None
@@ -116,19 +118,40 @@ class WavBuffer(FileResource):
 
     @property
     def array(self) -> np.ndarray:
-        """The samples: a writable view of shape (frames,) or (frames, channels)."""
-        self._check_open()
+        """The samples: a writable view of shape (frames,) or (frames, channels).
+
+        Raises:
+            ValueError: the buffer is closed.
+            OSError: ``OSError(ESTALE, ..., path)``: another process truncated or
+                rewrote the file (``open(path, "wb")``, ``soundfile.write``,
+                ``os.truncate``) while it was mapped here. Instead of dying of
+                SIGBUS, this process had the mapping replaced with zero pages:
+                what was written to the array since is lost. Make a new buffer.
+        """
+        self._check_mapping()
         assert self._array is not None
         return self._array
+
+    def _check_mapping(self) -> None:
+        """Raise ValueError when closed, OSError(ESTALE) when the file shrank under us."""
+        self._check_open()
+        assert self._mapping is not None
+        self._mapping.check()
 
     def truncate(self, frames: int) -> None:
         """Shorten the WAV to its first ``frames`` frames (the audio came out shorter).
 
-        The header is fixed at once. A named file is cut to its new length; an
-        anonymous one is sealed against shrinking, so its unused tail becomes a
-        chunk that readers skip. Old views stay safe to touch.
+        The header is fixed at once. The file keeps its length, named or
+        anonymous: the unused tail becomes a ``JUNK`` chunk that readers skip
+        (a tail under 8 bytes is left past the RIFF chunk's end, which readers
+        ignore). A file is never shrunk under the processes that mapped it.
+
+        Raises:
+            TypeError, ValueError: frames is not an int from 0 to :attr:`frames`,
+                or the buffer is closed.
+            OSError: ESTALE when the file shrank under this buffer (see :attr:`array`).
         """
-        self._check_open()
+        self._check_mapping()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a buffer: frames={new_frames} > {self.frames}")
@@ -136,7 +159,7 @@ class WavBuffer(FileResource):
         data_bytes = new_frames * self.channels * self.dtype.itemsize
         end = self._header_len + data_bytes + (data_bytes & 1)
         view = self._mapping.view
-        tail = self._length - end if self.anonymous else 0
+        tail = self._length - end
         if tail < 8:
             tail = 0  # too small for a chunk: left past the RIFF's end
         view[: self._header_len] = _lowlevel.wav_header(self._spec, data_bytes, tail)
@@ -144,11 +167,9 @@ class WavBuffer(FileResource):
             view[end - 1] = 0
         if tail:
             view[end : end + 8] = b"JUNK" + (tail - 8).to_bytes(4, "little")
-        if not self.anonymous:
-            self._mapping.shrink_file(self._fd, end, self.path)
-            self._length = end
         self.frames = new_frames
         self._array = self._array[:new_frames]
+        self._mapping.check()  # shrunk by another process while we wrote
 
     def _release(self) -> None:
         # The mapping itself lives on while the user's arrays view it.

@@ -11,12 +11,16 @@ exactly one file descriptor (``SCM_RIGHTS``); the WAV itself is what the fd
 holds. Any program that sends an fd of a WAV file with that header can talk
 to :func:`recv_wav`.
 
-A named buffer can be sent too; its file must then not be truncated while the
-client's array lives (an anonymous buffer is sealed against that).
+Only a file that no process can shrink is mapped: a memfd sealed with
+``F_SEAL_SHRINK`` (what an anonymous buffer is). Anything else that arrives
+(an unsealed memfd, a named buffer's file) could be cut under the client's
+array by the sender at any time, so the client gets a private copy instead:
+a read-only array of its own, which nothing the sender does can change.
 """
 
 from __future__ import annotations
 
+import fcntl as _fcntl
 import os as _os
 import socket as _socket
 import stat as _stat
@@ -59,12 +63,14 @@ def send_wav(sock: _socket.socket, buf: WavBuffer) -> None:
         TypeError: sock is not a socket, or buf is not a WavBuffer.
         ValueError: sock is not an AF_UNIX socket, or buf is closed.
         OSError: the send failed (BrokenPipeError when the peer is gone, EBADF
-            for a closed socket).
+            for a closed socket); ESTALE when another process shrank buf's
+            file (its samples are lost, see :attr:`WavBuffer.array`).
     """
     _check_unix(sock, "send_wav")
     if not isinstance(buf, WavBuffer):
         raise TypeError(f"send_wav sends a WavBuffer, got {type(buf).__name__}")
-    fd = buf.fileno()  # ValueError for a closed buffer
+    buf.array  # noqa: B018  ValueError for a closed buffer, OSError(ESTALE) for a lost one
+    fd = buf.fileno()
     sent = _socket.send_fds(sock, [HANDOFF_HEADER], [fd])
     if sent < len(HANDOFF_HEADER):  # a stream socket took part of it: the fd went with it
         sock.sendall(HANDOFF_HEADER[sent:])
@@ -78,8 +84,18 @@ def _describe(fd: int) -> str:
         return "received fd"
 
 
+def _cannot_shrink(fd: int) -> bool:
+    """True when no process can ever shrink fd's file: a memfd sealed with F_SEAL_SHRINK."""
+    try:
+        seals = _fcntl.fcntl(fd, _fcntl.F_GET_SEALS)
+    except OSError:  # EINVAL: a file that has no seals at all
+        return False
+    return bool(seals & _fcntl.F_SEAL_SHRINK)
+
+
 def _map_wav(fd: int) -> tuple[np.ndarray, int]:
-    """Parse the WAV in fd and return a read-only view of its samples (fd stays open)."""
+    """Parse the WAV in fd and return a read-only array of its samples (fd stays open):
+    a view of the sender's memory when its file cannot shrink, a private copy otherwise."""
     name = _describe(fd)
     st = _os.fstat(fd)
     if not _stat.S_ISREG(st.st_mode):
@@ -91,6 +107,14 @@ def _map_wav(fd: int) -> tuple[np.ndarray, int]:
         raw = np.empty(count * 3, dtype=np.uint8)
         _lowlevel.read_into(fd, info.data_offset, raw, name)
         samples = _lowlevel.unpack_s24(raw, count)
+        samples.flags.writeable = False
+    elif count and not _cannot_shrink(fd):
+        # The sender may cut this file at any time (ftruncate of an unsealed
+        # memfd, a named file): a mapping would read zeros from then on,
+        # silently. A copy is the truth at the time of the hand-off; a file
+        # that shrinks during the copy raises WavError.
+        samples = np.empty(count, dtype=dtype)
+        _lowlevel.read_into(fd, info.data_offset, samples, name)
         samples.flags.writeable = False
     elif count:
         mapping = _lowlevel.Mapping(fd, info.data_offset + info.data_bytes, writable=False,
@@ -111,15 +135,20 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
 
     Returns:
         ``(data, samplerate)``: data is a read-only array of shape (frames,) or
-        (frames, channels) that views the sender's memory (24-bit audio comes
-        back as int32, a copy). The received descriptor is closed before this
-        returns; the mapping lives as long as the array.
+        (frames, channels). It views the sender's memory with zero copies when
+        the fd is a memfd sealed against shrinking (an anonymous
+        :class:`WavBuffer`); any other fd (an unsealed memfd, a named file),
+        which the sender could shrink under a mapping, is copied into an
+        array of the receiver's own. 24-bit audio comes back as int32, a copy.
+        The received descriptor is closed before this returns; a mapping
+        lives as long as the array.
 
     Raises:
         EOFError: the peer closed the socket before sending anything.
         HandoffError: the message carried no file descriptor, more than one, or
             not the handoff header (a ValueError).
-        WavError: the received file is not a WAV file we can read.
+        WavError: the received file is not a WAV file we can read, or it
+            shrank while it was being copied.
         OSError: the receive or the mapping failed (EBADF for a closed socket).
     """
     _check_unix(sock, "recv_wav")

@@ -158,9 +158,14 @@ class PooledWav:
     def array(self) -> np.ndarray:
         """The samples in the slot (writable for :meth:`AudioPool.acquire`).
 
-        Raises ValueError once released; arrays taken before still alias the slot.
+        Raises:
+            ValueError: released (arrays taken before still alias the slot).
+            OSError: ESTALE: another process truncated or rewrote the slot's file
+                while it was mapped (its mapping now holds zeros, see
+                :attr:`WavBuffer.array`); the pool drops the slot when released.
         """
         self._check_held()
+        self._slot.mapping.check()
         if self._array is None:
             dtype = formats.view_dtype(self._spec)
             if dtype is None:
@@ -183,7 +188,9 @@ class PooledWav:
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
+        self._slot.mapping.check()
         self._slot.mapping.format_slot(self._spec, new_frames * self._frame_bytes)
+        self._slot.mapping.check()
         self.frames = new_frames
         if self._array is not None:
             self._array = self._array[:new_frames]
@@ -412,12 +419,11 @@ class AudioPool:
                     raise ValueError("AudioPool is closed")
                 if self._free:
                     slot = self._free.pop()
-                    if self.anonymous or slot.still_named():
+                    if not slot.mapping.broken and (self.anonymous or slot.still_named()):
                         return slot
-                    # Its path now names another file (or none): forget the slot,
-                    # leave that file alone, and make a fresh slot in its place.
-                    self._slots.remove(slot)
-                    _close_slot(slot, unlink=False)
+                    # Its file was shrunk (its mapping now holds zeros), or its path now
+                    # names another file (or none): forget the slot and make a fresh one.
+                    self._drop(slot)
                     return self._new_slot()
                 if self.when_busy == "grow":
                     return self._new_slot()
@@ -426,6 +432,13 @@ class AudioPool:
                     raise TimeoutError(
                         f"all {len(self._slots)} slots stayed busy for {self.timeout} s")
                 self._cond.wait(remaining)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget a slot that must not be handed out again. Its own file goes (the pool
+        made it, whoever cut it since); another file at its path, renamed over it, is
+        left alone."""
+        self._slots.remove(slot)
+        _close_slot(slot, unlink=not self.anonymous)
 
     def _give_back(self, slot: _Slot) -> None:
         with self._cond:
@@ -450,17 +463,23 @@ class AudioPool:
             RuntimeError: called in a forked child of the pool's process.
         """
         enc = encoding.plan(data, samplerate, subtype)
-        slot = self._take(enc.nbytes)
-        try:
-            if enc.conversion == "none":  # the common case: one C call, memcpy + header
-                offset = slot.mapping.fill_slot(enc.spec, enc.array)
-            else:
-                offset = _lowlevel.wav_header_size(enc.spec)
-                encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
-                slot.mapping.format_slot(enc.spec, enc.nbytes)
-        except BaseException:
-            self._give_back(slot)
-            raise
+        for attempt in range(2):
+            slot = self._take(enc.nbytes)
+            try:
+                if enc.conversion == "none":  # the common case: one C call, memcpy + header
+                    offset = slot.mapping.fill_slot(enc.spec, enc.array)
+                else:
+                    offset = _lowlevel.wav_header_size(enc.spec)
+                    encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
+                    slot.mapping.format_slot(enc.spec, enc.nbytes)
+                if attempt:
+                    slot.mapping.check()  # shrunk again while we wrote: give up
+            except BaseException:
+                self._give_back(slot)
+                raise
+            if not slot.mapping.broken:
+                break
+            self._give_back(slot)  # shrunk while we wrote: _take drops it
         return PooledWav(self, slot, enc.spec, enc.array.shape[0], offset, writable=False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,

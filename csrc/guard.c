@@ -1,0 +1,449 @@
+/* guard.c - no luna_shm mapping can kill its process with SIGBUS.
+ *
+ * A shared mapping of a file dies with SIGBUS when the process touches a page
+ * that lies wholly past the end of the file: another process truncated it
+ * (os.truncate, open(path, "wb"), soundfile.write over the path) or shrank an
+ * unsealed memfd. The numpy views we hand out touch those pages in numpy's own
+ * loops, where no check of ours can run first; so the fault itself is caught.
+ *
+ * Every mapping luna_map makes is registered here, and one SIGBUS handler is
+ * installed. A kernel fault inside a registered range replaces the WHOLE range
+ * with private anonymous zero pages of the same protection
+ * (mmap(MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS) is async-signal-safe) and marks
+ * the entry broken: the faulting access completes, reading zeros or writing
+ * into memory no one else sees, and the next luna_shm call on that object asks
+ * luna_guard_broken() and raises a clear error. Every other SIGBUS goes on to
+ * the handler that was there before us, exactly as if we were not installed.
+ *
+ * The registry is lock-free for the handler: blocks of entries allocated on
+ * demand and published with atomics; each entry's state word carries a
+ * generation, so that a handler racing an unregister/register of the same
+ * entry can never act on a range it did not check (compare-and-swap on the
+ * exact word it read). Registering is a claim by compare-and-swap at a
+ * free-hint, O(1) in the usual map/unmap cycle, plus one sigaction() query
+ * that reinstalls our handler when someone (faulthandler, signal.signal)
+ * replaced it after us.
+ *
+ * Handlers that run before us and re-raise: Python's faulthandler, enabled
+ * after our handler was installed and before the next registration, runs
+ * first on a fault, restores its previous handler (ours), dumps a traceback
+ * and raise()s SIGBUS again, without the faulting address. Such a signal (not
+ * from the kernel, si_code <= 0) makes us probe every registered mapping's
+ * last byte with process_vm_readv, which answers EFAULT instead of faulting
+ * where a page is gone; broken mappings are replaced as above and the signal
+ * is dropped, so the faulting instruction runs again and completes. When no
+ * mapping of ours is broken, the signal goes on to the previous handler.
+ * The traceback faulthandler printed in that case is the only trace left.
+ *
+ * Chaining safely: a previous handler is called as a function from ours
+ * (SA_NODEFER, so a handler that re-raises is entered at once, nested); a
+ * signal that arrives while we are inside the previous handler is that
+ * handler passing the fault on, and gets the default action (death by
+ * SIGBUS), as it would without us. A kernel fault that comes back at the same
+ * address after the previous handler returned also gets the default action:
+ * no loop between two handlers that each think the other comes next.
+ */
+#include "luna_shm.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Entry states, in the low bits of the state word; the rest is a generation
+ * bumped by every claim. */
+enum {
+    ST_FREE = 0,    /* unused */
+    ST_CLAIMED = 1, /* being filled in or torn down: handlers ignore it */
+    ST_LIVE = 2,    /* a registered mapping of a file */
+    ST_FIXING = 3,  /* a handler is replacing its pages */
+    ST_BROKEN = 4,  /* its pages are anonymous zeros now */
+};
+#define ST_MASK 7u
+#define GEN_ONE 8u
+
+#define BLOCK_ENTRIES 256u
+#define MAX_BLOCKS 4096u /* a million mappings */
+
+struct entry {
+    _Atomic uint64_t state;
+    _Atomic uintptr_t start;
+    _Atomic uint64_t len;  /* the mapping's length, as mapped */
+    _Atomic int prot;
+    _Atomic long breaker; /* the thread whose re-raised signal broke it, or 0 */
+};
+
+struct block {
+    struct entry entries[BLOCK_ENTRIES];
+    _Atomic uint32_t used;
+};
+
+static _Atomic(struct block *) blocks[MAX_BLOCKS];
+static _Atomic uint32_t nblocks;
+static _Atomic uint32_t free_hint;
+static pthread_mutex_t grow_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The disposition that was there before us, double-buffered so that a
+ * reinstall never rewrites the copy a running handler reads. */
+static struct sigaction prev_actions[2];
+static _Atomic(struct sigaction *) prev_action;
+static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Per thread: inside a call to the previous handler; the address of the last
+ * kernel fault we passed on. initial-exec: no allocation on first use inside
+ * a signal handler. */
+static __thread int in_previous __attribute__((tls_model("initial-exec")));
+static __thread uintptr_t passed_on __attribute__((tls_model("initial-exec")));
+
+static uint64_t page_size(void)
+{
+    static _Atomic uint64_t cached;
+    uint64_t page = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (page == 0) {
+        page = (uint64_t)sysconf(_SC_PAGESIZE);
+        atomic_store_explicit(&cached, page, memory_order_relaxed);
+    }
+    return page;
+}
+
+static uint64_t round_to_pages(uint64_t len)
+{
+    uint64_t page = page_size();
+    return (len + page - 1) / page * page;
+}
+
+static struct entry *entry_at(uint32_t index)
+{
+    struct block *b = atomic_load_explicit(&blocks[index / BLOCK_ENTRIES],
+                                           memory_order_acquire);
+    return b == NULL ? NULL : &b->entries[index % BLOCK_ENTRIES];
+}
+
+/* ---- the handler ---------------------------------------------------------- */
+
+/* Replace e's pages with anonymous zeros if its state is still exactly s
+ * (LIVE). Returns 1 when e is broken now (by us or another thread), 0 when
+ * the entry changed under us, -1 when the pages could not be replaced (no
+ * memory for them: the process then dies as it would have without us).
+ * Async-signal-safe. */
+static int break_entry(struct entry *e, uint64_t s, long breaker)
+{
+    uint64_t fixing = (s & ~(uint64_t)ST_MASK) | ST_FIXING;
+    if (!atomic_compare_exchange_strong(&e->state, &s, fixing))
+        return (s & ST_MASK) == ST_FIXING || (s & ST_MASK) == ST_BROKEN;
+    void *start = (void *)atomic_load(&e->start);
+    uint64_t len = round_to_pages(atomic_load(&e->len));
+    atomic_store(&e->breaker, breaker);
+    void *zeros = mmap(start, (size_t)len, atomic_load(&e->prot),
+                       MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned now = zeros == MAP_FAILED ? ST_LIVE : ST_BROKEN;
+    atomic_store(&e->state, (s & ~(uint64_t)ST_MASK) | now);
+    return zeros == MAP_FAILED ? -1 : 1;
+}
+
+/* A kernel fault at addr: if it lies in a registered mapping, make that
+ * mapping harmless and return 1; else 0. */
+static int absorb_fault(uintptr_t addr)
+{
+    uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
+    for (uint32_t i = 0; i < n * BLOCK_ENTRIES; i++) {
+        struct entry *e = entry_at(i);
+        if (e == NULL)
+            break;
+        for (;;) {
+            uint64_t s = atomic_load(&e->state);
+            unsigned st = (unsigned)(s & ST_MASK);
+            if (st != ST_LIVE && st != ST_FIXING && st != ST_BROKEN)
+                break;
+            uintptr_t start = atomic_load(&e->start);
+            uint64_t len = round_to_pages(atomic_load(&e->len));
+            if (atomic_load(&e->state) != s)
+                continue; /* changed while we read it: read again */
+            if (addr < start || addr - start >= len)
+                break;
+            if (st != ST_LIVE)
+                return 1; /* being fixed, or fixed: the access is retried */
+            int broke = break_entry(e, s, 0);
+            if (broke != 0)
+                return broke > 0;
+        }
+    }
+    return 0;
+}
+
+/* A SIGBUS raise()d inside this process (si_code SI_TKILL, our pid), without
+ * an address: maybe a handler that ran before us (faulthandler) passing on a
+ * fault in one of our mappings. Break every registered mapping whose last
+ * byte can no longer be read (process_vm_readv answers EFAULT there instead
+ * of faulting). Returns 1 when the fault that handler saw may be in one of
+ * ours, so the access is worth retrying: a mapping broken now, one being
+ * broken, or one that another thread's re-raised signal broke (its fault and
+ * this one may have hit the same mapping at once, before either was fixed).
+ * A retry that faults again comes to us with its address: no loop. */
+static int absorb_lost_mappings(void)
+{
+    int found = 0;
+    pid_t self = getpid();
+    long thread = (long)syscall(SYS_gettid);
+    uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
+    for (uint32_t i = 0; i < n * BLOCK_ENTRIES; i++) {
+        struct entry *e = entry_at(i);
+        if (e == NULL)
+            break;
+        uint64_t s = atomic_load(&e->state);
+        unsigned st = (unsigned)(s & ST_MASK);
+        if (st == ST_FIXING) {
+            found = 1;
+            continue;
+        }
+        if (st == ST_BROKEN) {
+            long breaker = atomic_load(&e->breaker);
+            if (breaker != 0 && breaker != thread)
+                found = 1;
+            continue;
+        }
+        if (st != ST_LIVE)
+            continue;
+        uintptr_t start = atomic_load(&e->start);
+        uint64_t len = atomic_load(&e->len);
+        if (atomic_load(&e->state) != s || len == 0)
+            continue;
+        char byte;
+        struct iovec local = {&byte, 1};
+        struct iovec remote = {(void *)(start + len - 1), 1};
+        if (process_vm_readv(self, &local, 1, &remote, 1, 0) < 0 && errno == EFAULT &&
+            break_entry(e, s, thread) > 0)
+            found = 1;
+    }
+    return found;
+}
+
+static int raised_in_this_process(const siginfo_t *info)
+{
+    return info != NULL && info->si_code == SI_TKILL && info->si_pid == getpid();
+}
+
+/* What the kernel does when no handler is there: SIG_DFL for SIGBUS ends the
+ * process. A kernel fault just returns, so the access faults again. */
+static void default_action(int kernel)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGBUS, &dfl, NULL);
+    if (!kernel) {
+        sigset_t bus;
+        sigemptyset(&bus);
+        sigaddset(&bus, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
+        raise(SIGBUS);
+    }
+}
+
+static void pass_on(int sig, siginfo_t *info, void *ctx, int kernel)
+{
+    const struct sigaction *prev = atomic_load(&prev_action);
+    if (prev == NULL || (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler == SIG_DFL)) {
+        default_action(kernel);
+        return;
+    }
+    if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler == SIG_IGN) {
+        if (kernel) /* the kernel never lets a fault be ignored */
+            default_action(kernel);
+        return;
+    }
+    if (prev->sa_flags & SA_RESETHAND)
+        default_action(1);
+    in_previous = 1;
+    if (prev->sa_flags & SA_SIGINFO)
+        prev->sa_sigaction(sig, info, ctx);
+    else
+        prev->sa_handler(sig);
+    in_previous = 0;
+}
+
+static void guard_handler(int sig, siginfo_t *info, void *ctx)
+{
+    int saved_errno = errno;
+    int kernel = info != NULL && info->si_code > 0;
+    if (kernel) {
+        uintptr_t addr = (uintptr_t)info->si_addr;
+        if (absorb_fault(addr)) {
+            passed_on = 0;
+        } else if (passed_on == addr) {
+            /* The previous handler returned and the fault came back. */
+            passed_on = 0;
+            default_action(1);
+        } else {
+            passed_on = addr;
+            pass_on(sig, info, ctx, 1);
+        }
+    } else if (in_previous) {
+        /* The handler we called passes the signal on: the end of the chain. */
+        default_action(0);
+    } else if (!(raised_in_this_process(info) && absorb_lost_mappings())) {
+        pass_on(sig, info, ctx, 0);
+    }
+    errno = saved_errno;
+}
+
+/* ---- installation ----------------------------------------------------------- */
+
+static int is_ours(const struct sigaction *sa)
+{
+    return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == guard_handler;
+}
+
+/* Make our handler the one the kernel calls for SIGBUS, in front of whatever
+ * is there now. Returns 0 or -errno. */
+static int ensure_installed(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) != 0)
+        return -errno;
+    if (is_ours(&cur))
+        return 0;
+    pthread_mutex_lock(&install_lock);
+    int rc = 0;
+    if (sigaction(SIGBUS, NULL, &cur) != 0) {
+        rc = -errno;
+    } else if (!is_ours(&cur)) {
+        struct sigaction *spare = atomic_load(&prev_action) == &prev_actions[0]
+                                      ? &prev_actions[1]
+                                      : &prev_actions[0];
+        struct sigaction ours;
+        memset(&ours, 0, sizeof ours);
+        ours.sa_sigaction = guard_handler;
+        /* SA_NODEFER: a handler we chain to that re-raises enters ours at
+         * once, nested (in_previous). */
+        ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK | SA_RESTART;
+        sigemptyset(&ours.sa_mask);
+        /* Publish what we chain to before the kernel can call us with it. */
+        *spare = cur;
+        atomic_store(&prev_action, spare);
+        if (sigaction(SIGBUS, &ours, &cur) != 0)
+            rc = -errno;
+        else if (!is_ours(&cur))
+            *spare = cur; /* changed between the two calls: keep the newest */
+    }
+    pthread_mutex_unlock(&install_lock);
+    return rc;
+}
+
+/* ---- registry ----------------------------------------------------------------- */
+
+static int claim(struct entry *e, uintptr_t start, uint64_t len, int prot)
+{
+    uint64_t s = atomic_load_explicit(&e->state, memory_order_relaxed);
+    if ((s & ST_MASK) != ST_FREE)
+        return 0;
+    uint64_t claimed = (s & ~(uint64_t)ST_MASK) + GEN_ONE + ST_CLAIMED;
+    if (!atomic_compare_exchange_strong(&e->state, &s, claimed))
+        return 0;
+    atomic_store_explicit(&e->start, start, memory_order_relaxed);
+    atomic_store_explicit(&e->len, len, memory_order_relaxed);
+    atomic_store_explicit(&e->prot, prot, memory_order_relaxed);
+    atomic_store_explicit(&e->state, (claimed & ~(uint64_t)ST_MASK) | ST_LIVE,
+                          memory_order_release);
+    return 1;
+}
+
+static int grow(void)
+{
+    pthread_mutex_lock(&grow_lock);
+    uint32_t n = atomic_load(&nblocks);
+    int rc = 0;
+    if (n >= MAX_BLOCKS) {
+        rc = -ENOMEM;
+    } else {
+        struct block *b = calloc(1, sizeof *b);
+        if (b == NULL) {
+            rc = -ENOMEM;
+        } else {
+            atomic_store_explicit(&blocks[n], b, memory_order_release);
+            atomic_store_explicit(&nblocks, n + 1, memory_order_release);
+        }
+    }
+    pthread_mutex_unlock(&grow_lock);
+    return rc;
+}
+
+int luna_guard_register(void *addr, uint64_t len, int prot)
+{
+    int rc = ensure_installed();
+    if (rc < 0)
+        return rc;
+    for (;;) {
+        uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
+        uint32_t total = n * BLOCK_ENTRIES;
+        uint32_t hint = atomic_load_explicit(&free_hint, memory_order_relaxed);
+        for (uint32_t k = 0; k < total; k++) {
+            uint32_t i = (hint + k) % total;
+            struct block *b = atomic_load_explicit(&blocks[i / BLOCK_ENTRIES],
+                                                   memory_order_acquire);
+            if (i % BLOCK_ENTRIES == 0 &&
+                atomic_load_explicit(&b->used, memory_order_relaxed) >= BLOCK_ENTRIES) {
+                k += BLOCK_ENTRIES - 1; /* a full block: skip it */
+                continue;
+            }
+            if (claim(&b->entries[i % BLOCK_ENTRIES], (uintptr_t)addr, len, prot)) {
+                atomic_fetch_add_explicit(&b->used, 1, memory_order_relaxed);
+                atomic_store_explicit(&free_hint, (i + 1) % total, memory_order_relaxed);
+                return (int)i;
+            }
+        }
+        /* Every entry taken (or none yet): one more block, unless another
+         * thread added one meanwhile. */
+        if (atomic_load(&nblocks) == n && (rc = grow()) < 0)
+            return rc;
+    }
+}
+
+int luna_guard_unregister(int id)
+{
+    struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);
+    if (e == NULL)
+        return -EINVAL;
+    for (;;) {
+        uint64_t s = atomic_load(&e->state);
+        unsigned st = (unsigned)(s & ST_MASK);
+        if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
+            sched_yield();
+            continue;
+        }
+        if (st != ST_LIVE && st != ST_BROKEN)
+            return -EINVAL;
+        if (atomic_compare_exchange_strong(&e->state, &s,
+                                           (s & ~(uint64_t)ST_MASK) | ST_FREE))
+            break;
+    }
+    struct block *b = atomic_load_explicit(&blocks[(uint32_t)id / BLOCK_ENTRIES],
+                                           memory_order_acquire);
+    atomic_fetch_sub_explicit(&b->used, 1, memory_order_relaxed);
+    atomic_store_explicit(&free_hint, (uint32_t)id, memory_order_relaxed);
+    return 0;
+}
+
+int luna_guard_broken(int id)
+{
+    struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);
+    if (e == NULL)
+        return -EINVAL;
+    unsigned st = (unsigned)(atomic_load(&e->state) & ST_MASK);
+    return st == ST_FIXING || st == ST_BROKEN;
+}
+
+int luna_guard_installed(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) != 0)
+        return -errno;
+    return is_ours(&cur);
+}

@@ -1,0 +1,519 @@
+"""No luna_shm mapping can kill its process with SIGBUS (csrc/guard.c).
+
+Every victim runs in a child process (a SIGBUS there fails the test instead of killing
+pytest); the file under it is truncated or rewritten for real by another process (this
+one, or a forked sender). Each is run with faulthandler off, enabled before luna_shm is
+imported (``-X faulthandler``), enabled after the import (before the mapping: our
+handler is put back in front when the mapping is registered) and enabled after the
+mapping was made (faulthandler then runs first and re-raises the signal without its
+address). The controls check that every other SIGBUS still kills the process as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from helpers import REPO, samples
+from luna_shm import create_wav_buffer, read_wav, write_wav
+from luna_shm._lowlevel import HAS_MEMFD, STALE_MESSAGE
+
+RATE = 16000
+FAULTHANDLER = ["off", "before-import", "after-import", "after-mapping"]
+
+TRUNCATIONS: dict[str, Callable[[str], object]] = {
+    "os.truncate": lambda path: os.truncate(path, 44),
+    "open-wb": lambda path: open(path, "wb").close(),
+    "soundfile.write": lambda path: sf.write(path, np.ones(10, np.int16), RATE),
+}
+
+
+def _child(body: str, faulthandler: str) -> subprocess.Popen[str]:
+    """Start a child running body (dedented) under the given faulthandler set-up.
+
+    body may hold the markers ``#AFTER_IMPORT`` and ``#AFTER_MAPPING`` on lines of
+    their own: faulthandler is enabled there for those two modes."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDEVMODE", "PYTHONFAULTHANDLER")}
+    env["PYTHONPATH"] = str(REPO)
+    code = textwrap.dedent(body)
+    enable = "import faulthandler; faulthandler.enable()"
+    code = code.replace("#AFTER_IMPORT", enable if faulthandler == "after-import" else "pass")
+    code = code.replace("#AFTER_MAPPING", enable if faulthandler == "after-mapping" else "pass")
+    flags = ["-X", "faulthandler"] if faulthandler == "before-import" else []
+    return subprocess.Popen([sys.executable, *flags, "-c", code], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _run(body: str, faulthandler: str, meddle: Callable[[], object] = lambda: None,
+         ) -> tuple[int, str, str]:
+    """Run a child that prints "ready" once its mappings exist and waits for a line;
+    meddle runs in between. Return its exit code, stdout and stderr."""
+    child = _child(body, faulthandler)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if line == "ready\n":
+            meddle()
+        out, err = child.communicate("go\n", timeout=120)
+        out = line + out
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, out, err
+
+
+def _ok(code: int, out: str, err: str) -> dict[str, object]:
+    """The child's last stdout line as JSON; fail with its output unless it exited 0."""
+    assert code == 0, f"the child died ({code}):\n{out}\n{err}"
+    result: dict[str, object] = json.loads(out.splitlines()[-1])
+    return result
+
+
+# ---- read_wav views -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS))
+def test_a_mapped_read_wav_array_survives_its_file_being_truncated_by_another_process(
+        private_dirs, truncation, faulthandler) -> None:
+    path = f"{private_dirs.ram}/shared.wav"
+    original = (np.arange(300_000) % 9000 + 1).astype(np.int16)
+    write_wav(path, original, RATE)
+    body = f"""
+        import json, sys
+        import numpy as np
+        from luna_shm import read_wav
+        #AFTER_IMPORT
+        data, rate = read_wav({path!r})
+        first = int(data[:1000].astype(np.int64).sum())  # pages that were read before
+        #AFTER_MAPPING
+        print("ready", flush=True)
+        sys.stdin.readline()
+        total = int(data.astype(np.int64).sum())  # every page, most of them gone
+        print(json.dumps({{"first": first, "total": total, "frames": len(data)}}))
+    """
+    result = _ok(*_run(body, faulthandler, lambda: TRUNCATIONS[truncation](path)))
+    # At the first page that is gone the whole mapping became zeros; only what the pages
+    # before held by then was read (soundfile.write's ten new samples of 1, on the first).
+    new_samples = 10 if truncation == "soundfile.write" else 0
+    assert result == {"first": int(original[:1000].astype(np.int64).sum()),
+                      "total": new_samples, "frames": len(original)}
+
+
+def test_thousands_of_mapped_arrays_are_guarded_and_only_the_truncated_one_reads_zeros(
+        private_dirs) -> None:
+    # The registry grows in blocks: 3000 views span many; the truncated one is in the middle.
+    paths = [f"{private_dirs.ram}/f{i}.wav" for i in range(3)]
+    for i, path in enumerate(paths):
+        write_wav(path, np.full(5000, i + 1, np.int16), RATE)
+    body = f"""
+        import json, sys
+        import numpy as np
+        from luna_shm import read_wav
+        paths = {paths!r}
+        views = [read_wav(paths[i * 3 // 3000])[0] for i in range(3000)]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        sums = [int(v.astype(np.int64).sum()) for v in views]
+        print(json.dumps({{"sums": sorted(set(sums))}}))
+    """
+    result = _ok(*_run(body, "off", lambda: os.truncate(paths[1], 0)))
+    assert result == {"sums": [0, 5000, 15000]}
+
+
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+def test_faults_in_several_threads_at_once_are_all_absorbed(private_dirs,
+                                                             faulthandler) -> None:
+    shared = f"{private_dirs.ram}/shared.wav"
+    own = [f"{private_dirs.ram}/t{i}.wav" for i in range(4)]
+    for path in [shared, *own]:
+        write_wav(path, np.ones(400_000, np.int16), RATE)
+    body = f"""
+        import json, sys, threading
+        import numpy as np
+        from luna_shm import read_wav
+        #AFTER_IMPORT
+        views = [read_wav(p)[0] for p in {[shared, *own]!r}]
+        #AFTER_MAPPING
+        barrier = threading.Barrier(8)
+        sums = []
+        def touch(view):
+            barrier.wait()
+            sums.append(int(view.astype(np.int64).sum()))
+        # Four threads on the shared file, one on each own file: all fault together.
+        threads = [threading.Thread(target=touch, args=(views[0],)) for _ in range(4)]
+        threads += [threading.Thread(target=touch, args=(v,)) for v in views[1:]]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({{"sums": sums}}))
+    """
+
+    def truncate_all() -> None:
+        for path in [shared, *own]:
+            os.truncate(path, 44)
+
+    result = _ok(*_run(body, faulthandler, truncate_all))
+    assert result == {"sums": [0] * 8}
+
+
+# ---- controls: every other SIGBUS still kills ------------------------------------------------
+
+
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+@pytest.mark.parametrize("luna_fault_first", [False, True], ids=["fresh", "after-a-luna-fault"])
+@pytest.mark.parametrize("other", ["numpy.memmap", "os.kill", "signal.raise_signal"])
+def test_a_sigbus_that_is_not_ours_still_kills_the_process(private_dirs, tmp_path, other,
+                                                           luna_fault_first,
+                                                           faulthandler) -> None:
+    ours = f"{private_dirs.ram}/ours.wav"
+    theirs = tmp_path / "theirs.raw"
+    write_wav(ours, np.ones(100_000, np.int16), RATE)
+    theirs.write_bytes(b"\1" * 1_000_000)
+    body = f"""
+        import os, signal, sys
+        import numpy as np
+        from luna_shm import read_wav
+        #AFTER_IMPORT
+        data = read_wav({ours!r})[0]
+        theirs = np.memmap({str(theirs)!r}, dtype=np.uint8, mode="r")
+        #AFTER_MAPPING
+        print("ready", flush=True)
+        sys.stdin.readline()
+        if {luna_fault_first}:
+            os.truncate({ours!r}, 44)
+            print("ours", int(data.astype(np.int64).sum()), flush=True)
+        if {other!r} == "numpy.memmap":
+            os.truncate({str(theirs)!r}, 0)
+            print(int(theirs.astype(np.int64).sum()))
+        elif {other!r} == "os.kill":
+            os.kill(os.getpid(), signal.SIGBUS)
+        else:
+            signal.raise_signal(signal.SIGBUS)
+        print("survived", flush=True)
+    """
+    code, out, err = _run(body, faulthandler)
+    assert code == -signal.SIGBUS, f"exit {code}:\n{out}\n{err}"
+    assert "survived" not in out
+    if luna_fault_first:
+        assert "ours 0" in out
+
+
+# ---- WavBuffer --------------------------------------------------------------------------------
+
+
+BUFFER_PRODUCER = """
+    import errno, json, sys
+    import numpy as np
+    from luna_shm import create_wav_buffer
+    #AFTER_IMPORT
+    buf = create_wav_buffer(300_000, 16000, 1, "int16")
+    view = buf.array
+    view[:] = 3
+    #AFTER_MAPPING
+    print(buf.path, flush=True)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    view[:] = 4  # the producer writes again, into every page
+    errors = []
+    for use in (lambda: buf.array, lambda: buf.truncate(10)):
+        try:
+            use()
+        except OSError as exc:
+            errors.append([exc.errno, exc.strerror, exc.filename == buf.path])
+    buf.close()
+    print(json.dumps({"errors": errors}))
+"""
+
+
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS))
+def test_a_buffer_whose_file_a_consumer_rewrote_raises_estale_instead_of_dying(
+        private_dirs, truncation, faulthandler) -> None:
+    child = _child(BUFFER_PRODUCER, faulthandler)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        path = child.stdout.readline().strip()
+        assert child.stdout.readline() == "ready\n"
+        TRUNCATIONS[truncation](path)  # the consumer, another process
+        out, err = child.communicate("go\n", timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    result = _ok(child.returncode, out, err)
+    stale = [errno.ESTALE, STALE_MESSAGE, True]
+    assert result == {"errors": [stale, stale]}
+
+
+def test_the_stale_error_names_the_file_and_says_what_happened(private_dirs) -> None:
+    body = """
+        import sys
+        from luna_shm import create_wav_buffer
+        buf = create_wav_buffer(100_000, 16000)
+        view = buf.array
+        print(buf.path, flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        view[:] = 1
+        try:
+            buf.array
+        except OSError as exc:
+            print(exc)
+        buf.close()
+    """
+    child = _child(body, "off")
+    assert child.stdout is not None
+    path = child.stdout.readline().strip()
+    assert child.stdout.readline() == "ready\n"
+    os.truncate(path, 0)
+    out, err = child.communicate("go\n", timeout=120)
+    assert child.returncode == 0, err
+    assert out.strip() == (f"[Errno {errno.ESTALE}] truncated or rewritten by another process "
+                           f"while mapped here; its mapping was replaced with zeros: {path!r}")
+
+
+@pytest.mark.parametrize("faulthandler", ["off", "after-mapping"])
+def test_truncating_a_named_buffer_never_kills_a_process_that_mapped_its_file(
+        private_dirs, faulthandler) -> None:
+    owner_code = """
+        import json, os, sys
+        import numpy as np
+        from luna_shm import create_wav_buffer, read_wav
+        #AFTER_IMPORT
+        buf = create_wav_buffer(300_000, 16000)
+        buf.array[:] = np.arange(300_000) % 1000
+        own = read_wav(buf.path)[0]  # the owner maps its own file too
+        #AFTER_MAPPING
+        size = os.path.getsize(buf.path)
+        print(buf.path, flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        buf.truncate(1000)
+        print(json.dumps({"own": int(own.astype(np.int64).sum()),
+                          "kept": read_wav(buf.path, mmap=False)[0].tolist(),
+                          "same_size": os.path.getsize(buf.path) == size}), flush=True)
+        buf.close()
+    """
+    owner = _child(owner_code, faulthandler)
+    try:
+        assert owner.stdout is not None
+        path = owner.stdout.readline().strip()
+        reader_code = f"""
+            import json, sys
+            import numpy as np
+            from luna_shm import read_wav
+            #AFTER_IMPORT
+            view = read_wav({path!r})[0]
+            #AFTER_MAPPING
+            print("ready", flush=True)
+            sys.stdin.readline()
+            print(json.dumps({{"head": view[:1000].tolist(), "frames": len(view),
+                              "total": int(view.astype(np.int64).sum())}}))
+        """
+        reader = _child(reader_code, faulthandler)
+        assert reader.stdout is not None
+        assert owner.stdout.readline() == "ready\n"
+        assert reader.stdout.readline() == "ready\n"
+        owner_out, owner_err = owner.communicate("go\n", timeout=120)
+        reader_out, reader_err = reader.communicate("go\n", timeout=120)
+    finally:
+        for child in (owner, reader):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    owner_result = _ok(owner.returncode, owner_out, owner_err)
+    reader_result = _ok(reader.returncode, reader_out, reader_err)
+    expected_head = (np.arange(1000) % 1000).tolist()
+    assert owner_result["kept"] == expected_head and owner_result["same_size"]
+    # Every page of the file is still there: both views read all of it, the same.
+    assert reader_result["head"] == expected_head and reader_result["frames"] == 300_000
+    assert reader_result["total"] == owner_result["own"] > 0
+
+
+@pytest.mark.parametrize("frames_kept", [0, 1, 997, 999, 1000])
+@pytest.mark.parametrize("kind", ["named", "anonymous"])
+def test_a_truncated_buffer_keeps_its_length_and_every_reader_sees_exactly_the_kept_frames(
+        ram, kind, frames_kept) -> None:
+    # 1000 int16 frames after a 44-byte header: keeping 999 or 1000 leaves a tail too
+    # small for a chunk (2 or 0 bytes), kept past the RIFF chunk's end.
+    import wave
+
+    from scipy.io import wavfile
+
+    if kind == "anonymous" and not HAS_MEMFD:
+        pytest.skip("memfd is not available")
+    data = samples("int16", 1000, 1)
+    with create_wav_buffer(1000, RATE, anonymous=kind == "anonymous") as buf:
+        buf.array[:] = data
+        before = os.fstat(buf.fileno()).st_size
+        buf.truncate(frames_kept)
+        assert os.fstat(buf.fileno()).st_size == before
+        back, _ = sf.read(buf.path, dtype="int16")
+        rate, scipy_back = wavfile.read(buf.path)
+        with wave.open(buf.path, "rb") as w:
+            wave_back = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        ours, _ = read_wav(buf.path)
+    for got in (back, scipy_back, wave_back, ours):
+        np.testing.assert_array_equal(got, data[:frames_kept], strict=True)
+    assert rate == RATE
+
+
+# ---- AudioPool ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS))
+def test_a_pooled_wav_whose_file_a_consumer_rewrote_raises_estale_and_the_slot_is_replaced(
+        private_dirs, truncation, faulthandler) -> None:
+    body = """
+        import errno, json, sys
+        import numpy as np
+        from luna_shm import AudioPool, read_wav
+        #AFTER_IMPORT
+        pool = AudioPool(1, 1_000_000)
+        held = pool.acquire(300_000, 16000)
+        view = held.array
+        #AFTER_MAPPING
+        print(held.path, flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        view[:] = 4  # the producer writes again
+        errors = []
+        for use in (lambda: held.array, lambda: held.truncate(10)):
+            try:
+                use()
+            except OSError as exc:
+                errors.append(exc.errno)
+        held.release()
+        fresh = pool.write_wav(np.full(1000, 7, np.int16), 16000)
+        back = read_wav(fresh.path, mmap=False)[0]
+        print(json.dumps({"errors": errors, "back": int(back.sum()), "slots": pool.slots,
+                          "new_path": fresh.path != held.path}))
+        fresh.release()
+        pool.close()
+    """
+    child = _child(body, faulthandler)
+    try:
+        assert child.stdout is not None
+        path = child.stdout.readline().strip()
+        assert child.stdout.readline() == "ready\n"
+        TRUNCATIONS[truncation](path)
+        out, err = child.communicate("go\n", timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    result = _ok(child.returncode, out, err)
+    assert result == {"errors": [errno.ESTALE, errno.ESTALE], "back": 7000, "slots": 1,
+                      "new_path": True}
+    assert os.listdir(private_dirs.ram) == []  # the dropped slot's file went too
+
+
+def test_pool_write_wav_into_a_slot_a_consumer_truncated_after_release_writes_a_fresh_slot(
+        private_dirs) -> None:
+    body = """
+        import json, sys
+        import numpy as np
+        from luna_shm import AudioPool, read_wav
+        pool = AudioPool(1, 1_000_000)
+        first = pool.write_wav(np.ones(300_000, np.int16), 16000)
+        path = first.path
+        first.release()
+        print(path, flush=True)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        # The slot's file is gone under the pool's mapping: the copy faults in the middle.
+        again = pool.write_wav(np.full(300_000, 2, np.int16), 16000)
+        back = read_wav(again.path, mmap=False)[0]
+        print(json.dumps({"sum": int(back.astype(np.int64).sum()), "slots": pool.slots,
+                          "new_path": again.path != path}))
+        again.release()
+        pool.close()
+    """
+    child = _child(body, "off")
+    assert child.stdout is not None
+    path = child.stdout.readline().strip()
+    assert child.stdout.readline() == "ready\n"
+    os.truncate(path, 0)
+    out, err = child.communicate("go\n", timeout=120)
+    assert _ok(child.returncode, out, err) == {"sum": 600_000, "slots": 1, "new_path": True}
+
+
+# ---- recv_wav -------------------------------------------------------------------------------
+
+
+RECEIVER = """
+    import io, json, os, socket, sys
+    import numpy as np
+    import soundfile as sf
+    from luna_shm import recv_wav
+    #AFTER_IMPORT
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the sender, a process of its own
+        here.close()
+        fd = os.memfd_create("sender", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        wav = io.BytesIO()
+        sf.write(wav, (np.arange(300_000) % 1000).astype(np.int16), 16000, format="WAV",
+                 subtype="PCM_16")
+        os.write(fd, wav.getvalue())
+        #SEAL_IT
+        socket.send_fds(there, [b"LUNAWAV1"], [fd])
+        there.recv(1)           # the receiver has its array
+        os.ftruncate(fd, 0)     # and the sender shrinks the memfd under it
+        there.send(b"k")
+        os._exit(0)
+    there.close()
+    data, rate = recv_wav(here)
+    #AFTER_MAPPING
+    here.send(b"k")
+    here.recv(1)
+    os.waitpid(pid, 0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    base = data
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    # A copy's memory is a numpy array's own; a mapping's is a buffer over the mapped file.
+    print(json.dumps({"sum": int(data.astype(np.int64).sum()),
+                      "owned": isinstance(base, np.ndarray),
+                      "writeable": bool(data.flags.writeable)}))
+"""
+
+
+@pytest.mark.skipif(not HAS_MEMFD, reason="memfd is not available")
+@pytest.mark.parametrize("faulthandler", FAULTHANDLER)
+def test_recv_wav_of_an_unsealed_memfd_the_sender_then_shrinks_keeps_its_samples(
+        faulthandler) -> None:
+    expected = int((np.arange(300_000) % 1000).sum())
+    result = _ok(*_run(RECEIVER.replace("#SEAL_IT", "pass"), faulthandler))
+    # Not trusted, so copied: the sender's ftruncate cannot reach it.
+    assert result == {"sum": expected, "owned": True, "writeable": False}
+
+
+@pytest.mark.skipif(not HAS_MEMFD, reason="memfd is not available")
+def test_recv_wav_maps_a_memfd_sealed_against_shrinking_with_zero_copies() -> None:
+    import fcntl
+
+    seal = f"fcntl.fcntl(fd, {fcntl.F_ADD_SEALS}, {fcntl.F_SEAL_SHRINK})"
+    code, out, err = _run(RECEIVER.replace("#SEAL_IT", f"import fcntl; {seal}")
+                          .replace("os.ftruncate(fd, 0)", "pass"), "off")
+    expected = int((np.arange(300_000) % 1000).sum())
+    assert _ok(code, out, err) == {"sum": expected, "owned": False, "writeable": False}
