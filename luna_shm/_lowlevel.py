@@ -435,12 +435,21 @@ class Stream:
         return int(self._size[0])
 
     def append(self, chunk: np.ndarray, filename: str | None = None) -> None:
-        """Append chunk's bytes after the data and fix the header's sizes."""
+        """Append chunk's bytes after the data and fix the header's sizes.
+
+        Raises:
+            OSError: the write failed (the file keeps the chunks before), or ESTALE:
+                another process truncated the file, so the mapped header page is
+                zeros now and the header would no longer reach the file.
+        """
         with ffi.from_buffer(chunk) as buf:
             rc = lib.luna_stream_append(self._fd, self._header_map, self._spec,
                                         self._data_offset, self._size, buf, len(buf))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), filename)
+        # Only our own store touches the header page: a truncation that raced it
+        # broke the mapping just now, and the new sizes went to zeros, not the file.
+        self._header.check()
 
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
