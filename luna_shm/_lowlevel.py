@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -295,19 +296,6 @@ def wav_header(spec: WavSpec, data_bytes: int, tail_bytes: int = 0) -> bytes:
     return bytes(ffi.buffer(out, n))
 
 
-def wav_header_or_error(spec: WavSpec, data_bytes: int) -> bytes:
-    """The header for data_bytes; ValueError when a WAV cannot hold that much."""
-    try:
-        return wav_header(spec, data_bytes)
-    except OSError as exc:
-        if exc.errno == errno.EFBIG:
-            raise ValueError(
-                f"data too large for a WAV file: {data_bytes} bytes of samples "
-                "(the limit is 4 GiB; RF64 is not supported)"
-            ) from None
-        raise
-
-
 @functools.lru_cache(maxsize=256)
 def wav_header_size(spec: WavSpec) -> int:
     """Where the samples start in a file we write with this spec."""
@@ -360,29 +348,24 @@ def write_wav_atomic(directory: str, path: str, tmp_path: str, spec: WavSpec,
     check(rc, path)
 
 
-def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
-    """pread exactly dest.nbytes bytes at offset into dest's memory."""
-    with ffi.from_buffer(dest, require_writable=True) as buf:
-        rc = lib.luna_read_at(fd, offset, buf, len(buf))
-    if rc == -errno.ENODATA:  # the file ended before its header said
+def _check_read(rc: int, filename: str | None) -> None:
+    """check() for reads of samples: a file that ended before its header said is a WavError."""
+    if rc == -errno.ENODATA:
         raise WavError(f"{filename}: file shrank while it was being read")
     check(rc, filename)
 
 
-# numpy dtype of the samples read_wav returns, by (format tag, container bits).
-FILE_DTYPES: dict[tuple[int, int], np.dtype[Any]] = {
-    (WAVE_FORMAT_PCM, 8): np.dtype("<u1"),
-    (WAVE_FORMAT_PCM, 16): np.dtype("<i2"),
-    (WAVE_FORMAT_PCM, 24): np.dtype("<i4"),
-    (WAVE_FORMAT_PCM, 32): np.dtype("<i4"),
-    (WAVE_FORMAT_IEEE_FLOAT, 32): np.dtype("<f4"),
-    (WAVE_FORMAT_IEEE_FLOAT, 64): np.dtype("<f8"),
-}
+def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = None) -> None:
+    """pread exactly dest.nbytes bytes at offset into dest's memory."""
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        _check_read(lib.luna_read_at(fd, offset, buf, len(buf)), filename)
 
 
-def read_wav_owned(path: str) -> tuple[np.ndarray, int, int]:
+def read_wav_owned(path: str, dtypes: _Mapping[tuple[int, int], np.dtype[Any]]
+                   ) -> tuple[np.ndarray, int, int]:
     """Read a WAV's samples into a new array: (flat samples, channels, samplerate).
 
+    dtypes maps (format tag, bits) to the array type (formats.FILE_DTYPES).
     Two C calls (open + parse, then read + close) and one allocation: the hot
     path of read_wav(mmap=False), kept free of intermediate Python objects.
     """
@@ -392,15 +375,12 @@ def read_wav_owned(path: str) -> tuple[np.ndarray, int, int]:
     packed = out.bits == 24
     try:
         dest = np.empty(count * 3 if packed else count,
-                        np.dtype(np.uint8) if packed else FILE_DTYPES[out.format, out.bits])
+                        np.dtype(np.uint8) if packed else dtypes[out.format, out.bits])
     except BaseException:
         lib.luna_close(fd)
         raise
     with ffi.from_buffer(dest, require_writable=True) as buf:
-        rc = lib.luna_read_close(fd, out.data_offset, buf, len(buf))
-    if rc == -errno.ENODATA:  # the file ended before its header said
-        raise WavError(f"{path}: file shrank while it was being read")
-    check(rc, path)
+        _check_read(lib.luna_read_close(fd, out.data_offset, buf, len(buf)), path)
     if packed:
         dest = unpack_s24(dest, count)
     return dest, out.channels, out.samplerate
@@ -460,28 +440,12 @@ def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
         check(lib.luna_pack_s24(s, ffi.cast("uint8_t *", d), src.size))
 
 
-def pack_s24(src: np.ndarray) -> np.ndarray:
-    """Top 24 bits of each int32 sample, as a new array of packed bytes."""
-    dest = np.empty(src.size * 3, dtype=np.uint8)
-    pack_s24_into(src, dest)
-    return dest
-
-
 def unpack_s24(src: np.ndarray | memoryview, count: int) -> np.ndarray:
     """count packed 24-bit samples as int32 with the sample in the top 24 bits."""
     dst = np.empty(count, dtype=np.int32)
     with ffi.from_buffer(src) as s, ffi.from_buffer(dst, require_writable=True) as d:
         check(lib.luna_unpack_s24(ffi.cast("const uint8_t *", s), d, count))
     return dst
-
-
-# The array type that holds PCM of each width (24-bit: packed bytes).
-_PCM_DTYPES: dict[int, np.dtype[Any]] = {
-    8: np.dtype("<u1"),
-    16: np.dtype("<i2"),
-    24: np.dtype("<u1"),
-    32: np.dtype("<i4"),
-}
 
 
 def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
@@ -493,11 +457,3 @@ def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
         raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * (bits // 8)}")
     with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
         check(lib.luna_float_to_pcm(s, int(src.dtype.itemsize == 8), d, bits, src.size))
-
-
-def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
-    """float32/float64 samples as a new PCM array (24-bit: packed bytes)."""
-    count = src.size * 3 if bits == 24 else src.size
-    dest: np.ndarray = np.empty(count, dtype=_PCM_DTYPES[bits])
-    float_to_pcm_into(src, dest, bits)
-    return dest

@@ -53,7 +53,7 @@ class WavBuffer(FileResource):
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)
         data_bytes = self.frames * self.channels * self.dtype.itemsize
-        header = _lowlevel.wav_header_or_error(self._spec, data_bytes)
+        header = _lowlevel.wav_header(self._spec, data_bytes)
         self._header_len = len(header)
         self._length = len(header) + data_bytes + (data_bytes & 1)
 

@@ -2,7 +2,7 @@
 
 :func:`plan` checks the input once and decides how the samples become WAV
 bytes: as they are (zero copy), converted from float to PCM in one C pass, or
-packed to 24 bits. :func:`encoded` yields those bytes for a write;
+packed to 24 bits. :func:`data_chunk` gives those bytes for a write;
 :func:`encode_into` puts them straight into a mapped destination.
 """
 
@@ -27,7 +27,7 @@ class Encoding(NamedTuple):
 def plan(data: object, samplerate: object, subtype: object) -> Encoding:
     """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
     rate = formats.check_samplerate(samplerate)
-    array = formats.check_audio(data)
+    array = formats.to_audio_array(data)
     natural = formats.natural_subtype(array.dtype)
     chosen = natural if subtype is None else formats.check_subtype(subtype)
     spec = formats.spec_for(chosen, rate, formats.channels_of(array))
@@ -44,28 +44,27 @@ def plan(data: object, samplerate: object, subtype: object) -> Encoding:
             f"convert the data first or use subtype {natural!r}"
         )
     nbytes = array.size * (spec.bits // 8)
-    if nbytes > 0xFFFFFFFF - _lowlevel.wav_header_size(spec):
-        raise ValueError(
-            f"data too large for a WAV file: {nbytes} bytes (the limit is 4 GiB; "
-            "RF64 is not supported)"
-        )
+    formats.check_data_fits(nbytes, spec)
     return Encoding(array, spec, conversion, nbytes)
 
 
-def encoded(enc: Encoding) -> np.ndarray:
-    """The data chunk's bytes: the caller's own array when no conversion is needed."""
+def data_chunk(enc: Encoding) -> np.ndarray:
+    """The data chunk's samples as the file stores them: the caller's own array when no
+    conversion is needed, else a new array converted in one C pass."""
     if enc.conversion == "none":
         return enc.array
-    if enc.conversion == "float_to_pcm":
-        return _lowlevel.float_to_pcm(enc.array, enc.spec.bits)
-    return _lowlevel.pack_s24(enc.array)
+    dest = np.empty(enc.nbytes // formats.stored_dtype(enc.spec).itemsize,
+                    formats.stored_dtype(enc.spec))
+    encode_into(enc, dest)
+    return dest
 
 
 def encode_into(enc: Encoding, dest: np.ndarray) -> None:
-    """Write the data chunk's bytes into dest (a uint8 view of enc.nbytes bytes)."""
+    """Write the data chunk's bytes into dest (enc.nbytes bytes of memory: a uint8 view
+    of a mapped slot, or an array of formats.stored_dtype(enc.spec))."""
     if enc.conversion == "float_to_pcm":
         _lowlevel.float_to_pcm_into(enc.array, dest, enc.spec.bits)
     elif enc.conversion == "pack_s24":
         _lowlevel.pack_s24_into(enc.array, dest)
     else:
-        np.copyto(dest, enc.array.reshape(-1).view(np.uint8))
+        np.copyto(dest.view(np.uint8), enc.array.reshape(-1).view(np.uint8))

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from luna_shm._lowlevel import (
-    FILE_DTYPES,
     WAVE_FORMAT_IEEE_FLOAT,
     WAVE_FORMAT_PCM,
     WavInfo,
@@ -23,7 +22,9 @@ from luna_shm._lowlevel import (
     wav_header_size,
 )
 
-# subtype -> (WAV format tag, bits in the file, numpy dtype of the samples in memory)
+# THE table of sample types: subtype -> (WAV format tag, bits in the file, numpy dtype of
+# the samples in memory). Every other mapping between dtypes, subtypes and file
+# encodings below is derived from it.
 SUBTYPES: dict[str, tuple[int, int, np.dtype[Any]]] = {
     "PCM_U8": (WAVE_FORMAT_PCM, 8, np.dtype("<u1")),
     "PCM_16": (WAVE_FORMAT_PCM, 16, np.dtype("<i2")),
@@ -36,14 +37,18 @@ SUBTYPES: dict[str, tuple[int, int, np.dtype[Any]]] = {
 PCM_SUBTYPES = frozenset({"PCM_U8", "PCM_16", "PCM_24", "PCM_32"})
 FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
 
-# numpy dtype (kind, itemsize) -> its own subtype
+# numpy dtype (kind, itemsize) -> the subtype that stores it unchanged (not PCM_24).
 _NATURAL_SUBTYPE: dict[tuple[str, int], str] = {
-    ("u", 1): "PCM_U8",
-    ("i", 2): "PCM_16",
-    ("i", 4): "PCM_32",
-    ("f", 4): "FLOAT",
-    ("f", 8): "DOUBLE",
+    (dtype.kind, dtype.itemsize): name
+    for name, (_, bits, dtype) in SUBTYPES.items() if bits == dtype.itemsize * 8
 }
+
+# (format tag, bits in the file) -> the dtype read_wav returns (24-bit: int32).
+FILE_DTYPES: dict[tuple[int, int], np.dtype[Any]] = {
+    (fmt, bits): dtype for fmt, bits, dtype in SUBTYPES.values()
+}
+
+_PACKED_24 = np.dtype("<u1")  # 24-bit PCM in memory as written: 3 bytes a sample
 
 SUPPORTED_DTYPES = "uint8, int16, int32, float32 or float64"
 MAX_CHANNELS = 65535
@@ -70,50 +75,62 @@ def check_subtype(subtype: object) -> str:
     return subtype.upper()
 
 
+def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None = None
+              ) -> int:
+    """value as an int (numpy integers too, never a bool) in [minimum, maximum].
+
+    The one integer check of the package: TypeError or ValueError naming the argument
+    and what the caller passed (briefly: a 5000-digit int by its size).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        number = _operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {brief(value)}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ValueError(f"{name} must be {bounds}, got {brief(number)}")
+    return number
+
+
 def check_samplerate(samplerate: object) -> int:
     """samplerate as an int in 1..2**32-1; TypeError/ValueError naming the bad value."""
-    if isinstance(samplerate, bool):
-        raise TypeError(f"samplerate must be an int, got {samplerate!r}")
-    try:
-        rate = _operator.index(samplerate)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"samplerate must be an int, got {brief(samplerate)}") from None
-    if not 0 < rate <= MAX_SAMPLERATE:
-        raise ValueError(f"samplerate must be > 0 and <= {MAX_SAMPLERATE}, got {brief(rate)}")
-    return rate
+    return check_int("samplerate", samplerate, minimum=1, maximum=MAX_SAMPLERATE)
 
 
 def check_channels(channels: object) -> int:
     """channels as an int in 1..65535."""
-    if isinstance(channels, bool):
-        raise TypeError(f"channels must be an int, got {channels!r}")
-    try:
-        count = _operator.index(channels)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"channels must be an int, got {brief(channels)}") from None
-    if not 0 < count <= MAX_CHANNELS:
-        raise ValueError(f"channels must be between 1 and {MAX_CHANNELS}, got {brief(count)}")
-    return count
+    return check_int("channels", channels, minimum=1, maximum=MAX_CHANNELS)
 
 
 def check_frames(frames: object) -> int:
     """frames as an int >= 0."""
-    if isinstance(frames, bool):
-        raise TypeError(f"frames must be an int, got {frames!r}")
-    try:
-        count = _operator.index(frames)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"frames must be an int, got {brief(frames)}") from None
-    if count < 0:
-        raise ValueError(f"frames must be >= 0, got {brief(count)}")
-    return count
+    return check_int("frames", frames)
+
+
+def max_data_bytes(spec: WavSpec, tail_bytes: int = 0) -> int:
+    """The most bytes of samples a WAV file of spec holds: the one 4 GiB limit.
+
+    Its RIFF size, 32 bits, counts everything after itself: the rest of the header,
+    the samples, a pad byte after an odd data chunk and any tail chunk.
+    """
+    data_bytes = MAX_WAV_BYTES - (wav_header_size(spec) - 8) - tail_bytes
+    return max(0, data_bytes - (data_bytes & 1))
+
+
+def check_data_fits(data_bytes: int, spec: WavSpec) -> None:
+    """ValueError when data_bytes of samples do not fit a WAV file of spec."""
+    if data_bytes > max_data_bytes(spec):
+        raise ValueError(
+            f"data too large for a WAV file: {data_bytes} bytes of samples (the limit is "
+            "4 GiB; RF64 is not supported)"
+        )
 
 
 def max_frames(spec: WavSpec) -> int:
     """The most frames a WAV file of spec can hold (its RIFF sizes are 32-bit)."""
-    data_bytes = MAX_WAV_BYTES - (wav_header_size(spec) - 8)
-    data_bytes -= data_bytes & 1  # an odd data chunk takes a pad byte
-    return data_bytes // (spec.channels * (spec.bits // 8))
+    return max_data_bytes(spec) // (spec.channels * (spec.bits // 8))
 
 
 def check_frames_fit(frames: int, spec: WavSpec) -> None:
@@ -172,7 +189,7 @@ def _as_array(data: object) -> np.ndarray:
     )
 
 
-def check_audio(data: object) -> np.ndarray:
+def to_audio_array(data: object) -> np.ndarray:
     """data as a 1-D or 2-D array of a WAV sample type, C-contiguous and little-endian.
 
     An array that is already so is returned as is (no copy); a strided or
@@ -221,11 +238,13 @@ def dtype_of(info: WavInfo) -> np.dtype[Any]:
 
 def view_dtype(spec: WavSpec) -> np.dtype[Any] | None:
     """The numpy dtype that views spec's samples in place, or None (packed 24-bit)."""
-    if spec.bits == 24:
-        return None
-    if spec.format == WAVE_FORMAT_IEEE_FLOAT:
-        return np.dtype(f"<f{spec.bits // 8}")
-    return np.dtype("<u1") if spec.bits == 8 else np.dtype(f"<i{spec.bits // 8}")
+    return None if spec.bits == 24 else FILE_DTYPES[spec.format, spec.bits]
+
+
+def stored_dtype(spec: WavSpec) -> np.dtype[Any]:
+    """The numpy dtype of an array holding spec's samples as the file stores them
+    (packed 24-bit: bytes, 3 a sample)."""
+    return _PACKED_24 if spec.bits == 24 else FILE_DTYPES[spec.format, spec.bits]
 
 
 def check_block_align(spec: WavSpec) -> None:

@@ -48,14 +48,14 @@ _SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("bytes", "fd", "identity", "length", "mapping", "path", "readonly")
+    __slots__ = ("byte_view", "fd", "identity", "length", "mapping", "path", "readonly")
 
     def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
         self.fd = fd
         self.path = path
         self.mapping = mapping
         self.length = mapping.length
-        self.bytes = np.frombuffer(mapping.view, dtype=np.uint8)
+        self.byte_view = np.frombuffer(mapping.view, dtype=np.uint8)
         self.readonly = mapping.view.toreadonly()
         st = _os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
@@ -333,11 +333,9 @@ class AudioPool:
         when_busy: str = "wait",
         timeout: float | None = None,
     ) -> None:
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
-        if _slot_length(max_bytes) - 8 > 0xFFFFFFFF:  # the RIFF size covers the whole slot
+        slots = formats.check_int("slots", slots, minimum=1)
+        max_bytes = formats.check_int("max_bytes", max_bytes, minimum=1)
+        if _slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
             raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got {max_bytes!r}")
         if when_busy not in _WHEN_BUSY:
             raise ValueError(f"when_busy must be 'wait' or 'grow', got {when_busy!r}")
@@ -388,8 +386,8 @@ class AudioPool:
             if not self.anonymous:
                 _os.unlink(path)
             raise
-        slot.bytes[:] = 0  # touch every page once, now, not on the hot path
-        slot.bytes[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
+        slot.byte_view[:] = 0  # touch every page once, now, not on the hot path
+        slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
         mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
         self._slots.append(slot)
         return slot
@@ -470,7 +468,7 @@ class AudioPool:
                     offset = slot.mapping.fill_slot(enc.spec, enc.array)
                 else:
                     offset = _lowlevel.wav_header_size(enc.spec)
-                    encoding.encode_into(enc, slot.bytes[offset : offset + enc.nbytes])
+                    encoding.encode_into(enc, slot.byte_view[offset : offset + enc.nbytes])
                     slot.mapping.format_slot(enc.spec, enc.nbytes)
                 if attempt:
                     slot.mapping.check()  # shrunk again while we wrote: give up

@@ -67,7 +67,7 @@ def write_wav(
         OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
     """
     enc = encoding.plan(data, samplerate, subtype)
-    array, spec = encoding.encoded(enc), enc.spec
+    array, spec = encoding.data_chunk(enc), enc.spec
     if path is None:
         return _write_new_temp_file(array, spec, enc.nbytes, atomic)
     path_str = _path_str(path, "str, os.PathLike[str] or None")
@@ -163,7 +163,7 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
             samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
                                     info.data_offset)
         return samples.reshape(_shape(info)), info.samplerate
-    samples, channels, samplerate = _lowlevel.read_wav_owned(path_str)
+    samples, channels, samplerate = _lowlevel.read_wav_owned(path_str, formats.FILE_DTYPES)
     if channels == 1:
         return samples, samplerate
     return samples.reshape(-1, channels), samplerate

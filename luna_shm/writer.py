@@ -53,6 +53,7 @@ class WavWriter(FileResource):
                                       self.channels)
         header = _lowlevel.wav_header(self._spec, 0)
         self._data_offset = len(header)
+        self._max_data_bytes = formats.max_data_bytes(self._spec)
         dest = temp_audio.open_destination(path)
         try:
             _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
@@ -97,8 +98,8 @@ class WavWriter(FileResource):
             stream = self._stream
             if stream is None:  # another thread closed the writer meanwhile
                 raise ValueError("I/O operation on closed WavWriter")
-            if stream.data_bytes + array.nbytes > 0xFFFFFFFF - self._data_offset:
-                raise ValueError("data too large for a WAV file (the limit is 4 GiB)")
+            if stream.data_bytes + array.nbytes > self._max_data_bytes:
+                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec)
             try:
                 stream.append(array, self.path)
             except OSError as exc:
@@ -106,7 +107,7 @@ class WavWriter(FileResource):
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not."""
-        array = formats.check_audio(chunk)
+        array = formats.to_audio_array(chunk)
         if array.dtype != self.dtype:
             raise TypeError(f"chunk dtype {array.dtype} does not match the writer's {self.dtype}")
         chunk_channels = formats.channels_of(array)
