@@ -130,6 +130,9 @@ M_SCIPY_READ = "scipy.io.wavfile.read"
 M_SCIPY_READ_MMAP = "scipy.io.wavfile.read (mmap)"
 M_WAVE_READ = "wave"
 M_FLOOR_READ = "C floor: open+preadv+close"
+M_READ_DECODE = "read_wav(dtype=float32)"
+M_SF_READ_FLOAT = "soundfile.read(dtype=float32)"
+M_READ_OUT = "read_wav(out=array)"
 M_FLOOR_READ_NEW = "C floor into a new np.empty array"
 M_CONVERT = "write_wav(subtype=PCM_16)"
 M_POOL_CONVERT = "AudioPool.write_wav(subtype=PCM_16)"
@@ -558,6 +561,78 @@ def _read_cases(location: str, dtype: str, nbytes: int, *, kind: str = "read",
     return b.cases
 
 
+# ---- convert-on-read --------------------------------------------------------------------
+
+
+def _decode_cases(location: str) -> list[Case]:
+    """PCM_16 and PCM_24 files of 500 KB read as float32 (what ASR models want), beside
+    soundfile doing the same, our plain read of the file's own type and the floor."""
+    cases: list[Case] = []
+    for subtype, dtype in (("PCM_16", "int16"), ("PCM_24", "int32")):
+        sample_bytes = 2 if subtype == "PCM_16" else 3
+        frames = SIZE_500K // sample_bytes
+        b = _Builder("read-convert", f"{subtype}-to-float32-500K", location, SIZE_500K)
+
+        def prepared(ctx: CaseDir, subtype: str = subtype, dtype: str = dtype,
+                     frames: int = frames) -> tuple[str, int, int]:
+            d = _audio(dtype, frames)
+            path, offset, _ = _reference_file(ctx, d, subtype)
+            return path, offset, frames * (2 if subtype == "PCM_16" else 3)
+
+        def ours(ctx: CaseDir, prepared: Callable[..., tuple[str, int, int]] = prepared
+                 ) -> Callable[[], object]:
+            path, _, _ = prepared(ctx)
+            return lambda: read_wav(path, dtype="float32")
+
+        def copy(ctx: CaseDir, prepared: Callable[..., tuple[str, int, int]] = prepared
+                 ) -> Callable[[], object]:
+            path, _, _ = prepared(ctx)
+            return lambda: read_wav(path, mmap=False)
+
+        def sf(ctx: CaseDir, prepared: Callable[..., tuple[str, int, int]] = prepared
+               ) -> Callable[[], object]:
+            path, _, _ = prepared(ctx)
+            soundfile = _peer("soundfile")
+            return lambda: soundfile.read(path, dtype="float32")
+
+        def floor(ctx: CaseDir, prepared: Callable[..., tuple[str, int, int]] = prepared
+                  ) -> Callable[[], object]:
+            path, offset, nbytes = prepared(ctx)
+            dest = np.zeros(nbytes, np.uint8)
+            return lambda: floors.floor_read(path, offset, dest)
+
+        b.add(M_READ_DECODE, OURS, ours)
+        b.add(M_READ_COPY, OURS, copy)
+        b.add(M_SF_READ_FLOAT, SOUNDFILE, sf, requires=("soundfile",))
+        b.add(M_FLOOR_READ, FLOOR, floor)
+        cases += b.cases
+    return cases
+
+
+def _read_out_cases(location: str) -> list[Case]:
+    """A 50 MB int16 file read into a caller's array, beside the floor reading into one."""
+    frames = 50 * MIB // 2
+    b = _Builder("read-out", "int16-50M", location, 50 * MIB, budget=1.0, min_rounds=5,
+                 max_rounds=40)
+
+    def prepared(ctx: CaseDir) -> tuple[str, int, np.ndarray]:
+        d = _audio("int16", frames)
+        path, offset, _ = _reference_file(ctx, d)
+        return path, offset, np.zeros_like(d)  # allocated and touched outside the timing
+
+    def ours(ctx: CaseDir) -> Callable[[], object]:
+        path, _, dest = prepared(ctx)
+        return lambda: read_wav(path, out=dest)
+
+    def floor(ctx: CaseDir) -> Callable[[], object]:
+        path, offset, dest = prepared(ctx)
+        return lambda: floors.floor_read(path, offset, dest)
+
+    b.add(M_READ_OUT, OURS, ours)
+    b.add(M_FLOOR_READ, FLOOR, floor)
+    return b.cases
+
+
 # ---- round trips -----------------------------------------------------------------------
 
 
@@ -857,11 +932,14 @@ def all_cases() -> tuple[Case, ...]:
         cases += _convert_cases(location)
         cases += _read_cases(location, "int16", SIZE_500K)
         cases += _read_cases(location, "float32", SIZE_500K)
+        cases += _decode_cases(location)
         cases += _roundtrip_cases(location)
         cases += _stream_cases(location)
         cases += _temp_cases(location)
     for location in LOCATIONS:
         cases += _scaling_cases(location)
+    for location in LOCATIONS:
+        cases += _read_out_cases(location)
     for location in LOCATIONS:
         cases += _tail_cases(location)
     names = [case.name for case in cases]
@@ -1241,6 +1319,22 @@ def _targets() -> tuple[Target, ...]:
                "soundfile.write doing the same conversion (RAM disk)", "faster",
                (n("convert", "float32-to-PCM_16-500K", "ram", M_CONVERT),
                 n("convert", "float32-to-PCM_16-500K", "ram", M_SF_CONVERT)), 5.0),
+        Target("read_wav(dtype=float32) of a 500 KB PCM_16 file >= 5x faster than "
+               "soundfile.read(dtype=float32) (RAM disk)", "faster",
+               (n("read-convert", "PCM_16-to-float32-500K", "ram", M_READ_DECODE),
+                n("read-convert", "PCM_16-to-float32-500K", "ram", M_SF_READ_FLOAT)), 5.0),
+        Target("read_wav(dtype=float32) of a 500 KB PCM_16 file within 1.3x of our plain "
+               "copy read of it (RAM disk)", "within",
+               (n("read-convert", "PCM_16-to-float32-500K", "ram", M_READ_DECODE),
+                n("read-convert", "PCM_16-to-float32-500K", "ram", M_READ_COPY)), 1.3),
+        Target("read_wav(dtype=float32) of a 500 KB PCM_24 file >= 5x faster than "
+               "soundfile.read(dtype=float32) (RAM disk)", "faster",
+               (n("read-convert", "PCM_24-to-float32-500K", "ram", M_READ_DECODE),
+                n("read-convert", "PCM_24-to-float32-500K", "ram", M_SF_READ_FLOAT)), 5.0),
+        Target("read_wav(path, out=array) of 50 MB within 1.05x of the preadv floor into "
+               "the same array (RAM disk)", "within",
+               (n("read-out", "int16-50M", "ram", M_READ_OUT),
+                n("read-out", "int16-50M", "ram", M_FLOOR_READ)), 1.05),
         Target("WavWriter 20 ms chunks >= 3x faster per chunk than "
                "soundfile.SoundFile.write (RAM disk)", "faster",
                (n("stream", "int16-20ms-chunks", "ram", M_STREAM_WRITER),

@@ -30,6 +30,8 @@ KIND_TITLES = {
     "write": "Writes, 500 KB",
     "convert": "Convert-on-write: float32 in, 500 KB of PCM_16 out",
     "read": "Reads, 500 KB",
+    "read-convert": "Convert-on-read: 500 KB of PCM read as float32",
+    "read-out": "Reads into a caller's array, 50 MB",
     "roundtrip": "Write + read back, 500 KB",
     "roundtrip+cleanup": "Write + read back + cleanup, 500 KB",
     "stream": "Streaming: one 20 ms chunk (960 bytes) per call",

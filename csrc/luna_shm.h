@@ -322,6 +322,31 @@ int luna_unpack_s24(const uint8_t *src, void *dst, uint64_t count);
 int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
                       int dst_bits, uint64_t count);
 
+/* ---- decode.c: convert-on-read ------------------------------------------- */
+
+/* What luna_decode makes of the samples (the caller's numpy dtype). */
+#define LUNA_DECODE_INT16 1
+#define LUNA_DECODE_INT32 2
+#define LUNA_DECODE_FLOAT32 3
+#define LUNA_DECODE_FLOAT64 4
+
+/* Convert count samples stored as (src_format, src_bits) at src (PCM 8-bit
+ * unsigned, 16, 24 packed, 32; IEEE float 32, 64) to dst_type at dst, in one
+ * pass, with python-soundfile's values: PCM to float scaled by 1/2^(bits-1),
+ * PCM to int left-justified or cut to its top bits, float to float a cast.
+ * No pointer needs any alignment. Returns 0, -EINVAL for a conversion not made
+ * (float to int, an unknown encoding or type), or -EFBIG for a count no buffer
+ * can hold. */
+int luna_decode(const void *src, int src_format, int src_bits, void *dst,
+                int dst_type, uint64_t count);
+
+/* Read count samples stored as (src_format, src_bits) at offset of fd and
+ * decode them into dst as luna_decode does, in cache-sized chunks (one pass
+ * over dst). Returns 0, -EINVAL (as luna_decode, or offset > INT64_MAX), -EFBIG,
+ * -ENODATA when the file ends first, or -errno. */
+int luna_read_decode(int fd, uint64_t offset, int src_format, int src_bits,
+                     void *dst, int dst_type, uint64_t count);
+
 /* @cffi-cdef-end */
 
 #endif /* LUNA_SHM_H */

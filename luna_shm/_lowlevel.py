@@ -386,6 +386,52 @@ def read_wav_owned(path: str, dtypes: _Mapping[tuple[int, int], np.dtype[Any]]
     return dest, out.channels, out.samplerate
 
 
+# The numpy dtypes convert-on-read makes (luna_decode's target types).
+DECODE_TYPES: dict[np.dtype[Any], int] = {
+    np.dtype("<i2"): lib.LUNA_DECODE_INT16,
+    np.dtype("<i4"): lib.LUNA_DECODE_INT32,
+    np.dtype("<f4"): lib.LUNA_DECODE_FLOAT32,
+    np.dtype("<f8"): lib.LUNA_DECODE_FLOAT64,
+}
+
+
+def read_wav_decoded(path: str, dtype: np.dtype[Any], out: np.ndarray | None
+                     ) -> tuple[np.ndarray, int, int]:
+    """Read a WAV's samples converted to dtype (a DECODE_TYPES key) in one C pass, into
+    a new array or into out's first samples: (flat samples, channels, samplerate).
+
+    Raises:
+        ValueError: out is too small for the file, or the file's samples are not
+            converted to dtype (float to int).
+        WavError, OSError: as read_wav.
+    """
+    info = ffi.new("struct luna_wav_info *")
+    fd = _check_wav(lib.luna_wav_open(_c_path(path), info), info, path)
+    try:
+        count = info.frames * info.channels
+        if out is None:
+            dest = np.empty(count, dtype)
+        elif out.size < count or (out.ndim == 2 and out.shape[1] != info.channels) or (
+                out.ndim == 1 and info.channels != 1):
+            raise ValueError(
+                f"out has shape {out.shape}, but {path} has {info.frames} frames of "
+                f"{info.channels} channel(s): pass out of shape (frames,) for mono or "
+                "(frames, channels), with at least as many frames")
+        else:
+            dest = out.reshape(-1)[:count]
+        with ffi.from_buffer(dest, require_writable=True) as buf:
+            rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
+                                      DECODE_TYPES[dtype], count)
+    finally:
+        lib.luna_close(fd)
+    if rc == -errno.EINVAL:
+        kind = "float" if info.format == WAVE_FORMAT_IEEE_FLOAT else "PCM"
+        raise ValueError(f"{path}: {info.bits}-bit {kind} samples are not read as {dtype} "
+                         "(float samples are read as float32 or float64 only)")
+    _check_read(rc, path)
+    return dest, info.channels, info.samplerate
+
+
 def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | None = None) -> None:
     """pwrite all of data at offset."""
     with ffi.from_buffer(data) as buf:

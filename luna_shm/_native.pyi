@@ -16,6 +16,10 @@ class _Lib:
     LUNA_WAVE_FORMAT_IEEE_FLOAT: int
     LUNA_WAVE_FORMAT_EXTENSIBLE: int
     LUNA_WAV_MAX_HEADER: int
+    LUNA_DECODE_INT16: int
+    LUNA_DECODE_INT32: int
+    LUNA_DECODE_FLOAT32: int
+    LUNA_DECODE_FLOAT64: int
 
     def luna_create_excl(self, path: Any, mode: int) -> int: ...
     def luna_open_for_write(self, path: Any, mode: int, created: Any, old_size: Any) -> int: ...
@@ -69,6 +73,13 @@ class _Lib:
     def luna_unpack_s24(self, src: Any, dst: Any, count: int) -> int: ...
     def luna_float_to_pcm(
         self, src: Any, src_is_double: int, dst: Any, dst_bits: int, count: int
+    ) -> int: ...
+    def luna_decode(
+        self, src: Any, src_format: int, src_bits: int, dst: Any, dst_type: int, count: int
+    ) -> int: ...
+    def luna_read_decode(
+        self, fd: int, offset: int, src_format: int, src_bits: int, dst: Any, dst_type: int,
+        count: int,
     ) -> int: ...
 
 lib: _Lib

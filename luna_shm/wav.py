@@ -132,7 +132,14 @@ def _shape(info: _lowlevel.WavInfo) -> tuple[int, ...]:
     return (info.frames,) if info.channels == 1 else (info.frames, info.channels)
 
 
-def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.ndarray, int]:
+def read_wav(
+    path: str | _os.PathLike[str],
+    *,
+    mmap: bool = True,
+    dtype: object = None,
+    always_2d: bool = False,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
     """Read a WAV file; return ``(data, samplerate)``.
 
     Args:
@@ -140,20 +147,37 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
             EXTENSIBLE, with any other chunks around).
         mmap: True returns a read-only array that views the mapped file (no copy;
             the mapping lives as long as the array). False returns an owned array.
+            Ignored when the samples are converted (dtype) or read into out.
+        dtype: None for the file's own type; else "int16", "int32", "float32" or
+            "float64" (or uint8 for an 8-bit file): the samples are converted in one
+            C pass with python-soundfile's values (PCM to float scaled by
+            1/2**(bits-1), so 16-bit x becomes x/32768; PCM to int left-justified, so
+            16-bit x as int32 is x << 16). Float files are read as float only.
+        always_2d: return shape (frames, channels) for mono files too, as soundfile.
+        out: an array to read into instead of a new one: C-contiguous, writable,
+            int16/int32/float32/float64 (its dtype is the dtype read), shape
+            (frames,) for mono or (frames, channels) with at least the file's frames.
+            The returned data is a view of its first frames.
 
     Returns:
         data of shape (frames,) for mono or (frames, channels), in the file's
         own type (uint8, int16, int32, float32, float64; 24-bit comes back as
-        int32 with the sample in the top 24 bits, a copy), and the sample rate.
+        int32 with the sample in the top 24 bits, a copy) or in dtype, and the
+        sample rate.
 
     Raises:
-        TypeError: path is not a str or os.PathLike[str].
+        TypeError: path is not a str or os.PathLike[str]; dtype is not a sample type;
+            out is not a numpy array.
+        ValueError: out does not fit the file or is not writable and C-contiguous;
+            dtype conflicts with out's; a conversion not made (float to int).
         WavError: the file is malformed, truncated or of an unsupported encoding, or
             holds less than its size says (a /proc or /sys file).
         OSError: the file cannot be opened or read.
     """
     path_str = _path_str(path, "str or os.PathLike[str]")
-    if mmap:
+    if dtype is not None or out is not None:
+        samples, channels, samplerate = _read_converted(path_str, dtype, out)
+    elif mmap:
         mapping, info = _lowlevel.Mapping.of_wav(path_str)
         count = info.frames * info.channels
         if info.bits == 24:
@@ -162,8 +186,35 @@ def read_wav(path: str | _os.PathLike[str], *, mmap: bool = True) -> tuple[np.nd
         else:
             samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
                                     info.data_offset)
-        return samples.reshape(_shape(info)), info.samplerate
-    samples, channels, samplerate = _lowlevel.read_wav_owned(path_str, formats.FILE_DTYPES)
-    if channels == 1:
+        channels, samplerate = info.channels, info.samplerate
+    else:
+        samples, channels, samplerate = _lowlevel.read_wav_owned(path_str, formats.FILE_DTYPES)
+    if channels == 1 and not always_2d:
         return samples, samplerate
     return samples.reshape(-1, channels), samplerate
+
+
+def _read_converted(path: str, dtype: object, out: np.ndarray | None
+                    ) -> tuple[np.ndarray, int, int]:
+    """read_wav with a dtype or an out array: (flat samples, channels, samplerate)."""
+    wanted = None if dtype is None else formats.check_dtype(dtype)
+    if out is not None:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+        if not (out.flags.c_contiguous and out.flags.writeable) or out.ndim not in (1, 2):
+            raise ValueError(f"out must be a writable, C-contiguous 1-D or 2-D array, got "
+                             f"shape {out.shape}, contiguous={out.flags.c_contiguous}, "
+                             f"writable={out.flags.writeable}")
+        if wanted is not None and out.dtype != wanted:
+            raise ValueError(f"dtype {wanted} and out's dtype {out.dtype} disagree")
+        wanted = out.dtype
+        if wanted not in _lowlevel.DECODE_TYPES:
+            raise ValueError(f"out must be int16, int32, float32 or float64, got {out.dtype}")
+    assert wanted is not None
+    if wanted not in _lowlevel.DECODE_TYPES:  # uint8: 8-bit files only, as they are
+        samples, channels, samplerate = _lowlevel.read_wav_owned(path, formats.FILE_DTYPES)
+        if samples.dtype != wanted:
+            raise ValueError(f"{path}: a {samples.dtype} file is not read as {wanted}: "
+                             "use int16, int32, float32 or float64")
+        return samples, channels, samplerate
+    return _lowlevel.read_wav_decoded(path, wanted, out)

@@ -36,6 +36,6 @@ def test_c_layer_refuses_hostile_sizes_and_converts_at_any_alignment_under_sanit
     summary = re.fullmatch(r"(\d+) passed, (\d+) failed\n", done.stdout)
     assert summary is not None, (done.stdout, done.stderr[-4000:])
     assert summary.group(2) == "0", done.stderr[-4000:]
-    assert int(summary.group(1)) > 2000  # every group of checks ran
+    assert int(summary.group(1)) > 4500  # every group of checks ran (decode.c: about 2,600)
     assert done.returncode == 0
     assert list(victim_dir.iterdir()) == []  # nothing was left behind

@@ -132,6 +132,51 @@ static void check_converters(void)
             expect(ok, "pack_s24 + unpack_s24 at misaligned pointers round-trip", ok, 1);
         }
     }
+
+    /* decode.c: every conversion it makes, at every misalignment of source and
+     * destination, gives the bytes of the aligned conversion and writes nothing
+     * outside the destination. */
+    static const struct { int format, bits; } sources[] = {
+        {LUNA_WAVE_FORMAT_PCM, 8}, {LUNA_WAVE_FORMAT_PCM, 16}, {LUNA_WAVE_FORMAT_PCM, 24},
+        {LUNA_WAVE_FORMAT_PCM, 32}, {LUNA_WAVE_FORMAT_IEEE_FLOAT, 32},
+        {LUNA_WAVE_FORMAT_IEEE_FLOAT, 64},
+    };
+    static const int targets[] = {LUNA_DECODE_INT16, LUNA_DECODE_INT32, LUNA_DECODE_FLOAT32,
+                                  LUNA_DECODE_FLOAT64};
+    static const size_t target_bytes[] = {2, 4, 4, 8};
+    uint8_t samples[COUNT * 8];
+    for (size_t i = 0; i < sizeof samples; i++)
+        samples[i] = (uint8_t)(i * 37u + 11u);
+    memcpy(samples, f64, sizeof f64); /* real floats for the float sources */
+    for (size_t src = 0; src < sizeof sources / sizeof sources[0]; src++) {
+        if (sources[src].format == LUNA_WAVE_FORMAT_IEEE_FLOAT && sources[src].bits == 32)
+            memcpy(samples, f32, sizeof f32);
+        size_t src_bytes = COUNT * (size_t)sources[src].bits / 8u;
+        for (size_t t = 0; t < sizeof targets / sizeof targets[0]; t++) {
+            uint8_t decoded[COUNT * 8];
+            int want = luna_decode(samples, sources[src].format, sources[src].bits, decoded,
+                                   targets[t], COUNT);
+            if (want == -EINVAL)
+                continue; /* float to int: not made, at any alignment */
+            EXPECT_RC(want, 0);
+            size_t out_bytes = COUNT * target_bytes[t];
+            uint8_t out_block[COUNT * 8 + 16];
+            for (size_t so = 0; so < 8; so++) {
+                for (size_t d_off = 0; d_off < 8; d_off++) {
+                    memcpy(src_block + so, samples, src_bytes);
+                    memset(out_block, 0xA5, sizeof out_block);
+                    int rc = luna_decode(src_block + so, sources[src].format,
+                                         sources[src].bits, out_block + d_off, targets[t],
+                                         COUNT);
+                    expect(rc == 0 && memcmp(out_block + d_off, decoded, out_bytes) == 0,
+                           "decode at misaligned pointers: the same values", rc, 0);
+                    expect(out_block[d_off + out_bytes] == 0xA5 &&
+                               (d_off == 0 || out_block[d_off - 1] == 0xA5),
+                           "decode stays inside its destination", 0, 1);
+                }
+            }
+        }
+    }
 }
 
 /* ---- 2. headers written, then parsed back -------------------------------- */
@@ -322,6 +367,22 @@ static void check_hostile_sizes(void)
     EXPECT_TRUE(have == 100 && file_size(fd) == (uint64_t)hlen + 100);
     EXPECT_RC(luna_wav_parse_fd(fd, file_size(fd), &info), 0);
     EXPECT_TRUE(info.data_bytes == 100);
+
+    /* decode.c: offsets past off_t, counts past any buffer, conversions not made,
+     * and a file that ends first. */
+    EXPECT_RC(luna_read_decode(fd, TWO_63, LUNA_WAVE_FORMAT_PCM, 16, buf,
+                               LUNA_DECODE_FLOAT32, 1), -EINVAL);
+    EXPECT_RC(luna_read_decode(fd, 0, LUNA_WAVE_FORMAT_PCM, 16, buf,
+                               LUNA_DECODE_FLOAT32, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_read_decode(fd, TWO_63 - 2, LUNA_WAVE_FORMAT_PCM, 16, buf,
+                               LUNA_DECODE_FLOAT32, 2), -EFBIG);
+    EXPECT_RC(luna_read_decode(fd, 0, LUNA_WAVE_FORMAT_IEEE_FLOAT, 32, buf,
+                               LUNA_DECODE_INT16, 1), -EINVAL);
+    EXPECT_RC(luna_read_decode(fd, 0, LUNA_WAVE_FORMAT_PCM, 12, buf,
+                               LUNA_DECODE_INT16, 1), -EINVAL);
+    EXPECT_RC(luna_read_decode(fd, 0, LUNA_WAVE_FORMAT_PCM, 16, buf, 0, 1), -EINVAL);
+    EXPECT_RC(luna_read_decode(fd, file_size(fd) - 2, LUNA_WAVE_FORMAT_PCM, 16, buf,
+                               LUNA_DECODE_FLOAT32, 2), -ENODATA);
     luna_close(fd);
     unlink(path);
 
@@ -356,6 +417,11 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_pack_s24(data, buf, TWO_63), -EFBIG);
     EXPECT_RC(luna_unpack_s24(data, buf, UINT64_MAX), -EFBIG);
     EXPECT_RC(luna_unpack_s24(data, buf, TWO_63 / 2), -EFBIG);
+    EXPECT_RC(luna_decode(data, LUNA_WAVE_FORMAT_PCM, 16, buf, LUNA_DECODE_FLOAT64,
+                          UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_decode(data, LUNA_WAVE_FORMAT_IEEE_FLOAT, 64, buf, LUNA_DECODE_INT32, 1),
+              -EINVAL);
+    EXPECT_RC(luna_decode(data, 2, 16, buf, LUNA_DECODE_FLOAT32, 1), -EINVAL);
     EXPECT_TRUE(directory_is_empty());
 }
 
