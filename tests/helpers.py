@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -201,3 +202,45 @@ def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
 
     monkeypatch.setattr(temp_audio, "_new_token", token)
     return given
+
+
+OTHER_UID = 65534  # "nobody": a real second user for tests that need one
+
+
+def as_other_user(action: Callable[..., object], *args: object) -> object:
+    """Run action(*args) in a forked child that is uid 65534; return what it returned (JSON).
+
+    Skips without root (only root can become another user).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            os.write(write_end, json.dumps(action(*args)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(answer)
+
+
+def closed_and_readable_dirs(ram: str) -> tuple[str, str]:
+    """Two dirs inside the private RAM dir ram for uid 65534: one it cannot read (mode 000),
+    one of its own (0700)."""
+    os.chmod(ram, 0o711)  # let the other user reach the dirs below
+    closed, readable = f"{ram}/closed", f"{ram}/readable"
+    os.mkdir(closed, 0o000)
+    os.mkdir(readable, 0o700)
+    os.chown(readable, OTHER_UID, OTHER_UID)
+    return closed, readable

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, call_with_deadline
+from helpers import (
+    OTHER_UID,
+    REPO,
+    as_other_user,
+    call_with_deadline,
+    closed_and_readable_dirs,
+)
 from luna_shm import placement, temp_audio
 from luna_shm.temp_audio import (
     cleanup_all_temp_audio,
@@ -30,7 +36,6 @@ from luna_shm.temp_audio import (
     get_temp_audio_path,
 )
 
-OTHER_UID = 65534
 PREFIXES = ["luna_audio_", "luna_daemon_"]
 
 
@@ -55,31 +60,23 @@ def _decoy(directory: Path, name: str = "decoy.wav") -> tuple[Path, str]:
     return path, _sha256(path)
 
 
+def _create_in(dir_fd: int, name: str, data: bytes) -> bool:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    os.write(fd, data)
+    os.close(fd)
+    return True
+
+
 def create_as_other_user(directory: str, name: str, data: bytes = b"theirs") -> str:
     """Create directory/name from a forked child running as uid 65534; return its path."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to fork a child that becomes uid 65534")
     old_mode = stat.S_IMODE(os.stat(directory).st_mode)
     os.chmod(directory, 0o1777)  # let the other user create a file here, for a moment
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # opened as root, inherited
     try:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            code = 1
-            try:
-                dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # before dropping root
-                os.setgroups([])
-                os.setgid(OTHER_UID)
-                os.setuid(OTHER_UID)
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-                os.write(fd, data)
-                os.close(fd)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        as_other_user(_create_in, dir_fd, name, data)
     finally:
+        os.close(dir_fd)
         os.chmod(directory, old_mode)
-    assert os.waitstatus_to_exitcode(status) == 0
     path = os.path.join(directory, name)
     assert os.lstat(path).st_uid == OTHER_UID
     return path
@@ -606,33 +603,10 @@ def _cleanup_all_as_other_user(closed: str, readable: str) -> dict[str, object]:
 def test_cleanup_all_raises_permission_error_for_an_unreadable_dir_after_cleaning_the_other(
     private_dirs,
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to fork a child that becomes uid 65534")
-    os.chmod(private_dirs.ram, 0o711)  # let the other user reach the dirs below
-    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
-    os.mkdir(closed, 0o000)
-    os.mkdir(readable, 0o700)
-    os.chown(readable, OTHER_UID, OTHER_UID)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(OTHER_UID)
-            os.setuid(OTHER_UID)
-            os.write(write_end, json.dumps(_cleanup_all_as_other_user(closed, readable)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert json.loads(answer) == {"made_in": readable, "file_left": False,
-                                  "raised": ["PermissionError", errno.EACCES, closed]}
+    closed, readable = closed_and_readable_dirs(private_dirs.ram)
+    assert as_other_user(_cleanup_all_as_other_user, closed, readable) == {
+        "made_in": readable, "file_left": False,
+        "raised": ["PermissionError", errno.EACCES, closed]}
 
 
 def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 import luna_shm
-from helpers import REPO, assert_child_ok, require_tool, run_in_private_shm
+from helpers import (
+    REPO,
+    as_other_user,
+    assert_child_ok,
+    closed_and_readable_dirs,
+    require_tool,
+    run_in_private_shm,
+)
 from luna_shm import _lowlevel, cli, placement
 from luna_shm.cli import parse_duration
 
@@ -331,32 +338,9 @@ def _cli_as_other_user(closed: str, readable: str) -> dict[str, object]:
 
 def test_status_and_clean_report_an_unreadable_dir_in_one_line_with_exit_code_1(
         private_dirs) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to fork a child that becomes uid 65534")
-    os.chmod(private_dirs.ram, 0o711)  # let the other user reach the dirs below
-    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
-    os.mkdir(closed, 0o000)
-    os.mkdir(readable, 0o700)
-    os.chown(readable, 65534, 65534)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(write_end, json.dumps(_cli_as_other_user(closed, readable)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    result = json.loads(answer)
+    closed, readable = closed_and_readable_dirs(private_dirs.ram)
+    result = as_other_user(_cli_as_other_user, closed, readable)
+    assert isinstance(result, dict)
     error = f"[Errno {errno.EACCES}] Permission denied: '{closed}'\n"
     assert result["status"] == [1, [], f"luna-shm status: error: {error}"]
     assert result["clean"] == [1, ["removed 1 file, 100 B in total"],

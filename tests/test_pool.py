@@ -24,7 +24,16 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import REPO, SOUNDFILE_DTYPE, SOX_ENCODING, call_with_deadline, require_tool, samples
+from helpers import (
+    REPO,
+    SOUNDFILE_DTYPE,
+    SOX_ENCODING,
+    as_other_user,
+    call_with_deadline,
+    closed_and_readable_dirs,
+    require_tool,
+    samples,
+)
 from luna_shm import AudioPool, PooledWav, placement, read_wav, write_wav
 
 RATE = 16000
@@ -683,39 +692,18 @@ def test_a_dropped_pooled_wav_warns_and_its_slot_goes_back_so_the_next_caller_ne
             pool.acquire(1, RATE)
 
 
+def _pool_as_other_user(readable: str, closed: str) -> str:
+    os.environ.update(LUNA_SHM_DIR=readable, TMPDIR=closed)
+    placement.refresh()
+    with AudioPool(slots=1, max_bytes=1000) as pool, \
+            pool.write_wav(np.zeros(10, np.int16), 16000) as wav:
+        return os.path.dirname(wav.path)
+
+
 def test_a_pool_is_made_even_when_one_of_our_dirs_cannot_be_read_for_its_reclaim(
     private_dirs,
 ) -> None:
     # Reclaiming dead slots is housekeeping: an unreadable fallback dir (EACCES for a
     # real second user) is logged and skipped, and the pool is made in the RAM dir.
-    if os.geteuid() != 0:
-        pytest.skip("needs root to fork a child that becomes uid 65534")
-    other = 65534
-    os.chmod(private_dirs.ram, 0o711)
-    closed, readable = f"{private_dirs.ram}/closed", f"{private_dirs.ram}/readable"
-    os.mkdir(closed, 0o000)
-    os.mkdir(readable, 0o700)
-    os.chown(readable, other, other)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(other)
-            os.setuid(other)
-            os.environ.update(LUNA_SHM_DIR=readable, TMPDIR=closed)
-            placement.refresh()
-            with AudioPool(slots=1, max_bytes=1000) as pool, \
-                    pool.write_wav(np.zeros(10, np.int16), 16000) as wav:
-                os.write(write_end, os.path.dirname(wav.path).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert answer == readable
+    closed, readable = closed_and_readable_dirs(private_dirs.ram)
+    assert as_other_user(_pool_as_other_user, readable, closed) == readable

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, call_with_deadline, force_first_token
+from helpers import OTHER_UID, REPO, as_other_user, call_with_deadline, force_first_token
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -39,38 +39,12 @@ from luna_shm import (
     write_wav,
 )
 
-OTHER_UID = 65534
 TOKEN = "0" * 32
 RATE = 8000
 
 
 def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def as_other_user(action: Callable[..., object], *args: object) -> object:
-    """Run action(*args) in a forked child that is uid 65534; return what it returned (JSON)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to fork a child that becomes uid 65534")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(OTHER_UID)
-            os.setuid(OTHER_UID)
-            os.write(write_end, json.dumps(action(*args)).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(answer)
 
 
 @pytest.fixture
