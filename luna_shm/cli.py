@@ -206,7 +206,7 @@ def _scan(directory: str, now: float) -> list[FileGroup]:
 
 
 def _fs_type_name(info: _lowlevel.FsInfo) -> str:
-    name = placement._mount_fs_type(info.dev)
+    name = placement.mount_fs_type(info.dev)
     if name is not None:
         return name
     return _FS_MAGIC_NAMES.get(info.fs_type, f"unknown (magic {info.fs_type:#x})")
