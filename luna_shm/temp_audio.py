@@ -18,6 +18,7 @@ import re as _re
 import stat as _stat
 import time as _time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from luna_shm import _lowlevel, _newfile, placement
 from luna_shm.placement import (
@@ -226,7 +227,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         if _stat.S_ISREG(st.st_mode):
             # The same check as cleanup_all_temp_audio: unlinked under our exclusive
             # flock, so never while a buffer, writer, pool slot or partial holds it.
-            if _remove_if_unused(dir_fd, name, st):
+            if _examine(dir_fd, name, st) == _UNUSED:
                 return True
             placement.logger.debug(
                 "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
@@ -241,16 +242,22 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         _os.close(dir_fd)
 
 
-def _remove_if_unused(
+# What _examine found: a file no live process holds (removed when asked), a file a
+# live process holds, or nothing to report (vanished, replaced, or refused by verify).
+_UNUSED, _HELD, _SKIP = "unused", "held", "skip"
+
+
+def _examine(
     dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True,
     verify: Verify | None = None,
-) -> bool:
-    """Unlink name when no live process holds a lock on it; True if removed.
+) -> str:
+    """Whether a live process holds name (the file st describes); unlink it when not
+    and remove=True. Returns _UNUSED, _HELD or _SKIP.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
-    we can take the exclusive lock, nobody alive is using the file. With
-    remove=False nothing is unlinked: True says the file would have been.
-    verify(name, fd, fstat), called under the exclusive lock, can refuse the file.
+    we can take the exclusive lock, nobody alive is using the file (a lock we
+    only tested is released at once, with the fd). verify(name, fd, fstat),
+    called under the exclusive lock, can refuse the file (_SKIP).
     """
     try:
         fd = _os.open(
@@ -259,28 +266,28 @@ def _remove_if_unused(
             dir_fd=dir_fd,
         )
     except OSError:
-        return False  # vanished, or became a link: not ours to touch now
+        return _SKIP  # vanished, or became a link: not ours to touch now
     try:
         opened = _os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-            return False  # replaced under us
+            return _SKIP  # replaced under us
         if not _lowlevel.lock(fd, exclusive=True):
-            return False  # in use by a live process
+            return _HELD  # in use by a live process
         # The name could have been renamed over while we locked: check it is
         # still the file we hold before unlinking it.
         try:
             again = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return _SKIP
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            return False
+            return _SKIP
         if verify is not None and not verify(name, fd, opened):
-            return False
+            return _SKIP
         if remove:
             _os.unlink(name, dir_fd=dir_fd)
-        return True
+        return _UNUSED
     except FileNotFoundError:
-        return False
+        return _SKIP
     finally:
         _os.close(fd)
 
@@ -350,13 +357,33 @@ def open_scanned_dir(directory: str) -> int | None:
         raise
 
 
-def _unused_in(
-    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool,
-    verify: Verify | None = None,
-) -> Iterator[tuple[str, _os.stat_result]]:
-    """Yield (path, lstat) for this user's regular files in directory whose names are
-    wanted, modified before cutoff (if given), and held by no live process; with
-    remove=True each is unlinked, under its exclusive lock, before it is yielded."""
+class ScannedFile(NamedTuple):
+    """One of this user's files that :func:`scan_our_files` found."""
+
+    name: str  # its name in the directory
+    path: str  # directory/name
+    stat: _os.stat_result  # its lstat, taken before it was examined
+    held: bool  # a live process holds it: no cleanup removes it
+
+
+def scan_our_files(
+    directory: str, wanted: Callable[[str], bool], *, cutoff: float | None = None,
+    remove: bool = False, verify: Verify | None = None,
+) -> Iterator[ScannedFile]:
+    """The one scan of our dirs: ``luna-shm status`` counts what it yields, and
+    cleanup_all_temp_audio, ``luna-shm clean`` and a pool's reclaim remove the
+    files it yields with held=False.
+
+    Yields this user's regular files in directory whose names are wanted, last
+    modified before cutoff (if given), each examined under an exclusive flock
+    attempt: held=True when a live process holds it. Links, FIFOs, directories,
+    other users' files, files that vanish or are replaced meanwhile, and files
+    verify(name, fd, fstat) refuses are not yielded. With remove=True each
+    unheld file is unlinked, under its exclusive lock, before it is yielded.
+
+    Raises:
+        OSError: directory exists but cannot be read (see :func:`open_scanned_dir`).
+    """
     dir_fd = open_scanned_dir(directory)
     if dir_fd is None:
         return
@@ -373,10 +400,22 @@ def _unused_in(
                 continue
             if cutoff is not None and st.st_mtime > cutoff:
                 continue
-            if _remove_if_unused(dir_fd, name, st, remove=remove, verify=verify):
-                yield f"{directory}/{name}", st
+            found = _examine(dir_fd, name, st, remove=remove, verify=verify)
+            if found != _SKIP:
+                yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
     finally:
         _os.close(dir_fd)
+
+
+def _unused_in(
+    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool,
+    verify: Verify | None = None,
+) -> Iterator[tuple[str, _os.stat_result]]:
+    """(path, lstat) of the unheld files of :func:`scan_our_files`."""
+    for found in scan_our_files(directory, wanted, cutoff=cutoff, remove=remove,
+                                verify=verify):
+        if not found.held:
+            yield found.path, found.stat
 
 
 def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
