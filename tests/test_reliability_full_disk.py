@@ -367,3 +367,39 @@ except OSError as exc:
     assert out["error"]["filename"] == "/dev/shm/given.wav"
     assert out["shm"] == [] and out["tmp"] == []
 
+
+
+# ---- save_temp_audio: bytes fall back whole, a stream only at its creation ---------------------
+
+SAVE = """
+from luna_shm import save_temp_audio
+payload = bytes(range(256)) * 400  # 100 KB of "MP3"
+data = payload if os.environ["KIND"] == "bytes" else iter([payload[:50_000], payload[50_000:]])
+if os.environ["DISK"] == "full":
+    fill("/dev/shm")
+try:
+    path = save_temp_audio(data, ".mp3")
+    with open(path, "rb") as f:
+        report(path=path, same=f.read() == payload, error=None)
+except OSError as exc:
+    report(path=None, error=error(exc))
+"""
+
+
+@pytest.mark.parametrize("kind", ["bytes", "stream"])
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_save_temp_audio_falls_back_whole_for_bytes_and_only_at_creation_for_a_stream(kind, disk):
+    out = run_child(SAVE, shm_size="64k", read_only=disk == "read-only",
+                    env={"KIND": kind, "DISK": disk})
+    if kind == "stream" and disk == "full":
+        # The RAM disk made the file but filled up while it streamed: a stream cannot
+        # be replayed, so the error is raised, naming the file, and nothing is left.
+        assert out["error"]["errno"] == errno.ENOSPC
+        assert out["error"]["filename"].startswith("/dev/shm/luna_audio_")
+        assert "--shm-size" in out["error"]["text"]
+        assert out["shm"] == ["filler"] and out["tmp"] == []
+        return
+    assert out["error"] is None
+    assert out["path"].startswith("/tmp/luna_audio_") and out["same"] is True
+    assert out["tmp"] == [os.path.basename(out["path"])]
+    assert out["shm"] == ([] if disk == "read-only" else ["filler"])
