@@ -1482,7 +1482,7 @@ def _fs_type(path: str) -> str:
         st = _os.stat(path)
     except OSError as exc:
         return f"unknown ({exc.strerror})"
-    name = placement._mount_fs_type((_os.major(st.st_dev), _os.minor(st.st_dev)))
+    name = placement.mount_fs_type((_os.major(st.st_dev), _os.minor(st.st_dev)))
     return name or "unknown"
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 
 import luna_shm
-from luna_shm.encoded import save_temp_audio
+from luna_shm.saved import save_temp_audio
 
 
 def fake_tts_stream(chunks: int = 40, chunk_size: int = 4096) -> Iterator[bytes]:

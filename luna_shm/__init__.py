@@ -13,10 +13,10 @@ Errors:
 """
 
 from luna_shm.buffer import WavBuffer, create_wav_buffer
-from luna_shm.encoded import save_temp_audio
 from luna_shm.errors import HandoffError, LunaShmError, WavError
 from luna_shm.handoff import recv_wav, send_wav
 from luna_shm.pool import AudioPool, PooledWav
+from luna_shm.saved import save_temp_audio
 from luna_shm.temp_audio import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,

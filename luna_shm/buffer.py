@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, formats, temp_audio
+from luna_shm import _lowlevel, _newfile, formats
 from luna_shm._resource import FileResource
 from luna_shm.placement import AUDIO_PREFIX
 
@@ -68,7 +68,7 @@ class WavBuffer(FileResource):
                 self._open(fd, name, header)
             except OSError as exc:
                 _lowlevel.close(fd)
-                raise temp_audio.explain_full_disk(exc, name) from None
+                raise _newfile.explain_full_disk(exc, name) from None
             except BaseException:
                 _lowlevel.close(fd)
                 raise
@@ -77,28 +77,32 @@ class WavBuffer(FileResource):
         self._own(fd, name)
 
     def _open_named(self, path: str | _os.PathLike[str] | None, header: bytes) -> tuple[str, int]:
-        """Create and map the file; a new temp file that finds the RAM disk full goes to disk."""
-        on_disk = False
-        while True:
-            dest = temp_audio.open_destination(path, size_hint=self._length, on_disk=on_disk)
-            name = dest.partial or dest.path
-            try:
-                self._open(dest.fd, name, header)
-                temp_audio.finish_destination(dest)
-                assert self._mapping is not None
-                self._mapping.filename = dest.path  # errors name the final path
-                return dest.path, dest.fd
-            except OSError as exc:
-                self._mapping = self._array = None
-                temp_audio.discard(dest)
-                if path is None and not on_disk and temp_audio.retry_on_disk(exc, name):
-                    on_disk = True
-                    continue
-                raise temp_audio.explain_full_disk(exc, dest.path) from None
-            except BaseException:
-                self._mapping = self._array = None
-                temp_audio.discard(dest)
-                raise
+        """Create and map the file; a new temp file that the RAM disk refuses goes to disk."""
+        if path is None:
+            return _newfile.with_disk_fallback(
+                lambda on_disk: self._open_destination(None, header, on_disk))
+        return self._open_destination(path, header, False)
+
+    def _open_destination(self, path: str | _os.PathLike[str] | None, header: bytes,
+                          on_disk: bool) -> tuple[str, int]:
+        """One try at making and mapping the file; on failure nothing of it is left and
+        an OSError names the file's final path."""
+        dest = _newfile.open_destination(path, size_hint=self._length, on_disk=on_disk)
+        name = dest.partial or dest.path
+        try:
+            self._open(dest.fd, name, header)
+            _newfile.finish_destination(dest)
+            assert self._mapping is not None
+            self._mapping.filename = dest.path  # errors name the final path
+            return dest.path, dest.fd
+        except OSError as exc:
+            self._mapping = self._array = None
+            _newfile.discard(dest)
+            raise _newfile.explain_full_disk(exc, dest.path) from None
+        except BaseException:
+            self._mapping = self._array = None
+            _newfile.discard(dest)
+            raise
 
     def _open(self, fd: int, name: str, header: bytes) -> None:
         _lowlevel.reserve(fd, self._length, name)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse as _argparse
 import json as _json
-import os as _os
 import re as _re
-import stat as _stat
 import sys as _sys
 import time as _time
 from collections.abc import Callable, Sequence
@@ -158,55 +156,25 @@ class FileGroup:
     held: int = 0
 
 
-def _is_held(dir_fd: int, name: str) -> bool:
-    """True when a live process holds a flock on the file: our exclusive one fails.
-
-    A lock we do get is released at once by closing the fd.
-    """
-    try:
-        fd = _os.open(name, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC,
-                      dir_fd=dir_fd)
-    except OSError:
-        return False  # vanished or replaced meanwhile: nobody we can see holds it
-    try:
-        return not _lowlevel.lock(fd, exclusive=True)
-    finally:
-        _os.close(fd)
-
-
 def _scan(directory: str, now: float) -> list[FileGroup]:
-    """Count this user's regular files with our prefixes in directory, per prefix."""
+    """Count this user's files with our prefixes in directory, per prefix: exactly what
+    the scan of ``clean`` sees (missing dir: none; unreadable: OSError)."""
     groups = {prefix: FileGroup(directory, prefix) for prefix in (AUDIO_PREFIX, DAEMON_PREFIX)}
-    # Missing, a symlink or not a directory: none of ours. Unreadable: OSError.
-    dir_fd = temp_audio.open_scanned_dir(directory)
-    if dir_fd is None:
-        return list(groups.values())
-    try:
-        with _os.scandir(dir_fd) as entries:
-            names = [e.name for e in entries if temp_audio.is_our_name(e.name)]
-        for name in names:
-            try:
-                st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not _stat.S_ISREG(st.st_mode) or st.st_uid != _os.geteuid():
-                continue
-            # Hidden partial writes (".luna_audio_.partial_...") count with their prefix.
-            group = groups[DAEMON_PREFIX if name.lstrip(".").startswith(DAEMON_PREFIX)
-                           else AUDIO_PREFIX]
-            group.count += 1
-            group.bytes += st.st_size
-            age = max(0.0, now - st.st_mtime)
-            if group.oldest_age_seconds is None or age > group.oldest_age_seconds:
-                group.oldest_age_seconds = age
-            group.held += _is_held(dir_fd, name)
-    finally:
-        _os.close(dir_fd)
+    for found in temp_audio.scan_our_files(directory, temp_audio.is_our_name):
+        # Hidden partial writes (".luna_audio_.partial_...") count with their prefix.
+        group = groups[DAEMON_PREFIX if found.name.lstrip(".").startswith(DAEMON_PREFIX)
+                       else AUDIO_PREFIX]
+        group.count += 1
+        group.bytes += found.stat.st_size
+        age = max(0.0, now - found.stat.st_mtime)
+        if group.oldest_age_seconds is None or age > group.oldest_age_seconds:
+            group.oldest_age_seconds = age
+        group.held += found.held
     return list(groups.values())
 
 
 def _fs_type_name(info: _lowlevel.FsInfo) -> str:
-    name = placement._mount_fs_type(info.dev)
+    name = placement.mount_fs_type(info.dev)
     if name is not None:
         return name
     return _FS_MAGIC_NAMES.get(info.fs_type, f"unknown (magic {info.fs_type:#x})")

@@ -17,7 +17,7 @@ from typing import TextIO
 
 import numpy as np
 
-from luna_shm import placement, temp_audio
+from luna_shm import _newfile, placement, temp_audio
 from luna_shm.buffer import create_wav_buffer
 from luna_shm.wav import read_wav, write_wav
 
@@ -80,7 +80,7 @@ def synthesize() -> tuple[np.ndarray, int, str]:
         free = _free_bytes(where.ram_dir)
         problem += "" if free is None else f" ({free} bytes free)"
         problem += f": {first}"
-        path = temp_audio.new_temp_name(".wav", on_disk=True)
+        path = _newfile.new_temp_name(".wav", on_disk=True)
         try:
             second = _espeak_into(espeak, path)
         finally:
@@ -122,14 +122,12 @@ def _time_steps(path: str, audio: np.ndarray, rate: int) -> dict[str, float]:
 def _ram_timings(audio: np.ndarray, rate: int) -> tuple[dict[str, float], str]:
     """The timings in a new temp file, and its path: on the RAM disk when the audio fits
     there, else in the disk temp dir (as write_wav(None, ...) decides)."""
-    path = temp_audio.get_temp_audio_path(".wav", size_hint=audio.nbytes + 44)
-    try:
+
+    def attempt(on_disk: bool) -> tuple[dict[str, float], str]:
+        path = _newfile.new_temp_name(".wav", size_hint=audio.nbytes + 44, on_disk=on_disk)
         return _time_steps(path, audio, rate), path
-    except OSError as exc:
-        if not temp_audio.retry_on_disk(exc, path):
-            raise
-    path = temp_audio.new_temp_name(".wav", on_disk=True)
-    return _time_steps(path, audio, rate), path
+
+    return _newfile.with_disk_fallback(attempt)
 
 
 def run(out: TextIO) -> int:

@@ -81,7 +81,7 @@ def our_dirs() -> tuple[str, ...]:
     return (ram,) if ram == fallback else (ram, fallback)
 
 
-def _mount_fs_type(dev: tuple[int, int]) -> str | None:
+def mount_fs_type(dev: tuple[int, int]) -> str | None:
     """The filesystem type of the mount with this device number, from mountinfo."""
     wanted = f"{dev[0]}:{dev[1]}"
     try:
@@ -105,7 +105,7 @@ def lives_in_ram(path: str, info: _lowlevel.FsInfo | None = None) -> bool:
     if not info.is_dir or not info.is_ram_fs:
         return False
     # devtmpfs reports the tmpfs magic too: ask which mount this really is.
-    fs_name = _mount_fs_type(info.dev)
+    fs_name = mount_fs_type(info.dev)
     if fs_name is None:
         return info.is_mount_point
     return fs_name in _RAM_FS_NAMES

@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from luna_shm import _lowlevel, _resource, encoding, formats, placement, temp_audio
+from luna_shm import _lowlevel, _newfile, _resource, encoding, formats, placement, temp_audio
 from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["AudioPool", "PooledWav"]
@@ -83,7 +83,7 @@ def _slot_length(max_bytes: int) -> int:
 
 
 def _check_prefix(prefix: object) -> str:
-    temp_audio._check_name_part("prefix", prefix)
+    _newfile.check_name_part("prefix", prefix)
     assert isinstance(prefix, str)
     if not _SAFE_PREFIX.fullmatch(prefix):
         raise ValueError(
@@ -367,12 +367,29 @@ class AudioPool:
     def _new_slot(self) -> _Slot:
         if self.anonymous:
             fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot")
-            path = f"/proc/{_os.getpid()}/fd/{fd}"
+            slot = self._map_slot(fd, f"/proc/{_os.getpid()}/fd/{fd}")
         else:
-            # locked=True: the flock is held before the name appears, so a
-            # concurrent cleanup never takes a new slot for a dead pool's file.
-            path, fd = temp_audio.create_temp_file(
-                ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True)
+            # A RAM disk that refuses the slot (at its creation or its reservation)
+            # sends it to the disk temp dir.
+            slot = _newfile.with_disk_fallback(self._new_named_slot)
+        slot.byte_view[:] = 0  # touch every page once, now, not on the hot path
+        slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
+        slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
+        self._slots.append(slot)
+        return slot
+
+    def _new_named_slot(self, on_disk: bool) -> _Slot:
+        """One try at a named slot file; on failure it is removed again."""
+        # locked=True: the flock is held before the name appears, so a
+        # concurrent cleanup never takes a new slot for a dead pool's file.
+        path, fd = _newfile.create_temp_file(
+            ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True,
+            on_disk=on_disk)
+        return self._map_slot(fd, path)
+
+    def _map_slot(self, fd: int, path: str) -> _Slot:
+        """Reserve and map a new slot file (or memfd) at fd; on failure close fd and
+        remove the named file."""
         try:
             _lowlevel.lock(fd, exclusive=False)
             _lowlevel.reserve(fd, self._length, path)
@@ -380,17 +397,12 @@ class AudioPool:
                 _lowlevel.seal_shrink(fd)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
-            slot = _Slot(fd, path, mapping)
+            return _Slot(fd, path, mapping)
         except BaseException:
             _lowlevel.close(fd)
             if not self.anonymous:
                 _os.unlink(path)
             raise
-        slot.byte_view[:] = 0  # touch every page once, now, not on the hot path
-        slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
-        mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
-        self._slots.append(slot)
-        return slot
 
     @property
     def slots(self) -> int:

@@ -17,11 +17,10 @@ import os as _os
 import re as _re
 import stat as _stat
 import time as _time
-import uuid as _uuid
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from luna_shm import _lowlevel, placement
+from luna_shm import _lowlevel, _newfile, placement
 from luna_shm.placement import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -44,131 +43,8 @@ __all__ = [
     "temp_dir",
 ]
 
-# As tempfile.TMP_MAX: how many names to try before giving up on EEXIST.
-_MAX_TRIES = 10000
-
-# Errors after which a file that does not fit on the RAM disk goes to the
-# fallback dir instead (read-only, full, over quota, permission changed, gone).
-_FALLBACK_ERRNOS = frozenset(
-    {_errno.EROFS, _errno.ENOSPC, _errno.EDQUOT, _errno.EACCES, _errno.EPERM, _errno.ENOENT}
-)
-
-_PARTIAL_MARK = ".partial_"
-
 # A last check of a file about to be removed: (name, open fd, its fstat) -> keep it?
 Verify = Callable[[str, int, _os.stat_result], bool]
-
-
-def _new_token() -> str:
-    """A fresh random name part: uuid4 hex (32 characters)."""
-    return _uuid.uuid4().hex
-
-
-def _check_name_part(what: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
-    if "/" in value or "\0" in value or value in (".", ".."):
-        raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got {value!r}")
-    return value
-
-
-def _check_size_hint(size_hint: object) -> int | None:
-    if size_hint is None:
-        return None
-    if isinstance(size_hint, bool) or not isinstance(size_hint, int):
-        raise TypeError(f"size_hint must be an int number of bytes, got {size_hint!r}")
-    if size_hint < 0:
-        raise ValueError(f"size_hint must be >= 0, got {size_hint!r}")
-    return size_hint
-
-
-def _directory_for(size_hint: int | None) -> tuple[str, bool]:
-    """The directory for one new file, and whether it is the RAM disk."""
-    chosen = placement.current()
-    if chosen.directory != chosen.ram_dir or not size_hint:
-        return chosen.directory, chosen.directory == chosen.ram_dir
-    try:
-        free = _lowlevel.fs_probe(chosen.ram_dir).bytes_free
-    except OSError:
-        free = 0
-    if free >= size_hint:
-        return chosen.directory, True
-    placement.log_once(
-        f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
-        f"({free} bytes free): using {chosen.fallback_dir} for it"
-    )
-    return chosen.fallback_dir, False
-
-
-def create_temp_file(
-    suffix: str = ".wav",
-    prefix: str = AUDIO_PREFIX,
-    *,
-    size_hint: int | None = None,
-    locked: bool = False,
-    on_disk: bool = False,
-) -> tuple[str, int]:
-    """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
-
-    The name is retried on collision like :func:`tempfile.mkstemp`; a RAM disk
-    that refuses the file (read-only, full) sends it to the fallback dir.
-    locked=True holds a shared flock from before the name appears, so that
-    :func:`cleanup_all_temp_audio` never sees the file unlocked while we live.
-    on_disk=True puts it in the fallback dir (see :func:`retry_on_disk`).
-    """
-    if on_disk:
-        directory, in_ram = placement.current().fallback_dir, False
-    else:
-        directory, in_ram = _directory_for(size_hint)
-    for _ in range(_MAX_TRIES):
-        path = f"{directory}/{prefix}{_new_token()}{suffix}"
-        try:
-            if locked:
-                return path, _lowlevel.create_locked(directory, path)
-            return path, _lowlevel.create_excl(path)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if not in_ram or exc.errno not in _FALLBACK_ERRNOS:
-                raise
-            fallback = placement.current().fallback_dir
-            placement.log_once(
-                f"luna_shm: cannot create files in {directory} ({exc.strerror}): "
-                f"using {fallback}"
-            )
-            directory, in_ram = fallback, False
-    raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
-
-
-def retry_on_disk(exc: OSError, path: str) -> bool:
-    """True when a new file at path failed because the RAM disk cannot take it (full,
-    read-only, ...), so that the caller should make it again in the fallback dir
-    (logged once)."""
-    chosen = placement.current()
-    if exc.errno not in _FALLBACK_ERRNOS or _os.path.dirname(path) != chosen.ram_dir:
-        return False
-    if chosen.fallback_dir == chosen.ram_dir:
-        return False
-    placement.log_once(
-        f"luna_shm: {chosen.ram_dir} refused a file ({exc.strerror}): writing such files "
-        f"to {chosen.fallback_dir}"
-    )
-    return True
-
-
-def new_temp_name(
-    suffix: str = ".wav",
-    prefix: str = AUDIO_PREFIX,
-    *,
-    size_hint: int | None = None,
-    on_disk: bool = False,
-) -> str:
-    """A fresh temp audio name (nothing created): RAM disk first, or the fallback dir."""
-    if on_disk:
-        directory = placement.current().fallback_dir
-    else:
-        directory, _ = _directory_for(size_hint)
-    return f"{directory}/{prefix}{_new_token()}{suffix}"
 
 
 def get_temp_audio_path(
@@ -202,12 +78,14 @@ def get_temp_audio_path(
         TypeError, ValueError: for a bad suffix, prefix or size_hint.
         OSError: when no directory can take the file.
     """
-    _check_name_part("suffix", suffix)
-    _check_name_part("prefix", prefix)
-    hint = _check_size_hint(size_hint)
+    _newfile.check_name_part("suffix", suffix)
+    _newfile.check_name_part("prefix", prefix)
+    hint = _newfile.check_size_hint(size_hint)
     if not create:
-        return new_temp_name(suffix, prefix, size_hint=hint)
-    path, fd = create_temp_file(suffix, prefix, size_hint=hint)
+        return _newfile.new_temp_name(suffix, prefix, size_hint=hint)
+    path, fd = _newfile.with_disk_fallback(
+        lambda on_disk: _newfile.create_temp_file(suffix, prefix, size_hint=hint,
+                                                  on_disk=on_disk))
     _lowlevel.close(fd)
     return path
 
@@ -258,18 +136,6 @@ def is_our_name(name: str) -> bool:
     return name.startswith(placement.OUR_PREFIXES) or (
         name.startswith(".") and name[1:].startswith(placement.OUR_PREFIXES)
     )
-
-
-def is_our_temp_path(path: str) -> bool:
-    """True for a path in one of our dirs whose name carries one of our prefixes."""
-    parent, name = _os.path.split(path)
-    return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
-
-
-def partial_path(path: str) -> str:
-    """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
-    directory = _os.path.dirname(path) or "."
-    return f"{directory}/.{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
 
 
 def _open_dir(directory: str) -> int:
@@ -361,7 +227,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         if _stat.S_ISREG(st.st_mode):
             # The same check as cleanup_all_temp_audio: unlinked under our exclusive
             # flock, so never while a buffer, writer, pool slot or partial holds it.
-            if _remove_if_unused(dir_fd, name, st):
+            if _examine(dir_fd, name, st) == _UNUSED:
                 return True
             placement.logger.debug(
                 "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
@@ -376,16 +242,22 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         _os.close(dir_fd)
 
 
-def _remove_if_unused(
+# What _examine found: a file no live process holds (removed when asked), a file a
+# live process holds, or nothing to report (vanished, replaced, or refused by verify).
+_UNUSED, _HELD, _SKIP = "unused", "held", "skip"
+
+
+def _examine(
     dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True,
     verify: Verify | None = None,
-) -> bool:
-    """Unlink name when no live process holds a lock on it; True if removed.
+) -> str:
+    """Whether a live process holds name (the file st describes); unlink it when not
+    and remove=True. Returns _UNUSED, _HELD or _SKIP.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
-    we can take the exclusive lock, nobody alive is using the file. With
-    remove=False nothing is unlinked: True says the file would have been.
-    verify(name, fd, fstat), called under the exclusive lock, can refuse the file.
+    we can take the exclusive lock, nobody alive is using the file (a lock we
+    only tested is released at once, with the fd). verify(name, fd, fstat),
+    called under the exclusive lock, can refuse the file (_SKIP).
     """
     try:
         fd = _os.open(
@@ -394,28 +266,28 @@ def _remove_if_unused(
             dir_fd=dir_fd,
         )
     except OSError:
-        return False  # vanished, or became a link: not ours to touch now
+        return _SKIP  # vanished, or became a link: not ours to touch now
     try:
         opened = _os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-            return False  # replaced under us
+            return _SKIP  # replaced under us
         if not _lowlevel.lock(fd, exclusive=True):
-            return False  # in use by a live process
+            return _HELD  # in use by a live process
         # The name could have been renamed over while we locked: check it is
         # still the file we hold before unlinking it.
         try:
             again = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
+            return _SKIP
         if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            return False
+            return _SKIP
         if verify is not None and not verify(name, fd, opened):
-            return False
+            return _SKIP
         if remove:
             _os.unlink(name, dir_fd=dir_fd)
-        return True
+        return _UNUSED
     except FileNotFoundError:
-        return False
+        return _SKIP
     finally:
         _os.close(fd)
 
@@ -485,13 +357,33 @@ def open_scanned_dir(directory: str) -> int | None:
         raise
 
 
-def _unused_in(
-    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool,
-    verify: Verify | None = None,
-) -> Iterator[tuple[str, _os.stat_result]]:
-    """Yield (path, lstat) for this user's regular files in directory whose names are
-    wanted, modified before cutoff (if given), and held by no live process; with
-    remove=True each is unlinked, under its exclusive lock, before it is yielded."""
+class ScannedFile(NamedTuple):
+    """One of this user's files that :func:`scan_our_files` found."""
+
+    name: str  # its name in the directory
+    path: str  # directory/name
+    stat: _os.stat_result  # its lstat, taken before it was examined
+    held: bool  # a live process holds it: no cleanup removes it
+
+
+def scan_our_files(
+    directory: str, wanted: Callable[[str], bool], *, cutoff: float | None = None,
+    remove: bool = False, verify: Verify | None = None,
+) -> Iterator[ScannedFile]:
+    """The one scan of our dirs: ``luna-shm status`` counts what it yields, and
+    cleanup_all_temp_audio, ``luna-shm clean`` and a pool's reclaim remove the
+    files it yields with held=False.
+
+    Yields this user's regular files in directory whose names are wanted, last
+    modified before cutoff (if given), each examined under an exclusive flock
+    attempt: held=True when a live process holds it. Links, FIFOs, directories,
+    other users' files, files that vanish or are replaced meanwhile, and files
+    verify(name, fd, fstat) refuses are not yielded. With remove=True each
+    unheld file is unlinked, under its exclusive lock, before it is yielded.
+
+    Raises:
+        OSError: directory exists but cannot be read (see :func:`open_scanned_dir`).
+    """
     dir_fd = open_scanned_dir(directory)
     if dir_fd is None:
         return
@@ -508,10 +400,22 @@ def _unused_in(
                 continue
             if cutoff is not None and st.st_mtime > cutoff:
                 continue
-            if _remove_if_unused(dir_fd, name, st, remove=remove, verify=verify):
-                yield f"{directory}/{name}", st
+            found = _examine(dir_fd, name, st, remove=remove, verify=verify)
+            if found != _SKIP:
+                yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
     finally:
         _os.close(dir_fd)
+
+
+def _unused_in(
+    directory: str, wanted: Callable[[str], bool], cutoff: float | None, remove: bool,
+    verify: Verify | None = None,
+) -> Iterator[tuple[str, _os.stat_result]]:
+    """(path, lstat) of the unheld files of :func:`scan_our_files`."""
+    for found in scan_our_files(directory, wanted, cutoff=cutoff, remove=remove,
+                                verify=verify):
+        if not found.held:
+            yield found.path, found.stat
 
 
 def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
@@ -550,101 +454,6 @@ def is_using_ram_disk() -> bool:
 def refresh_temp_dir() -> str:
     """Probe the directories again (after a mount change) and return the one in use."""
     return placement.refresh().directory
-
-
-class Destination(NamedTuple):
-    """Where a buffer or writer puts its WAV (see :func:`open_destination`)."""
-
-    path: str  # the WAV's name once finished
-    fd: int  # open read-write, holding a shared flock
-    created: bool  # this call made the file at path
-    partial: str | None  # a new file's name until finish_destination renames it over path
-
-
-def _still_named(fd: int, path: str) -> bool:
-    """True while path still names the file open at fd (no one removed or replaced it)."""
-    try:
-        named = _os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    opened = _os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def open_destination(
-    path: str | _os.PathLike[str] | None,
-    *,
-    size_hint: int | None = None,
-    on_disk: bool = False,
-) -> Destination:
-    """Open where a WAV will be written, holding a shared flock (the file is in use).
-
-    None makes a new temp audio file. A given path is created, or the empty
-    regular file there (from get_temp_audio_path) is used; a file with content
-    is never cut under a reader that mapped it: a new file is made beside it
-    and renamed over it by :func:`finish_destination`. A symlink is refused.
-    """
-    if path is None:
-        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
-                                        on_disk=on_disk)
-        return Destination(new_path, fd, True, None)
-    text = _os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
-    for _ in range(8):
-        fd, created, old_size = _lowlevel.open_for_write(text)
-        try:
-            _lowlevel.lock(fd, exclusive=False, wait=True)
-            if not old_size and _still_named(fd, text):
-                return Destination(text, fd, created, None)
-        except BaseException:
-            _lowlevel.close(fd)
-            raise
-        _lowlevel.close(fd)
-        if old_size:
-            partial = partial_path(text)
-            fd = _lowlevel.create_locked(_os.path.dirname(text) or ".", partial)
-            return Destination(text, fd, False, partial)
-        # A cleanup removed the name between our open and our lock: again.
-    raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)
-
-
-def finish_destination(dest: Destination) -> None:
-    """Give a replacement file its final name (a no-op when it already has it)."""
-    if dest.partial is not None:
-        _os.rename(dest.partial, dest.path)
-
-
-def discard(dest: Destination) -> None:
-    """Undo :func:`open_destination` after a failure: close, remove what we made."""
-    try:
-        _lowlevel.close(dest.fd)
-    finally:
-        doomed = dest.partial
-        if doomed is None and (dest.created or is_our_temp_path(dest.path)):
-            doomed = dest.path
-        if doomed is not None:
-            try:
-                _os.unlink(doomed)
-            except FileNotFoundError:
-                pass
-
-
-_FULL_DISK_HINT = (
-    " (the RAM disk is full: remove old files, or give the container more shared "
-    "memory, e.g. docker run --shm-size=256m)"
-)
-
-
-def explain_full_disk(exc: OSError, path: str) -> OSError:
-    """The same error with path as its filename, and a hint when the RAM disk is full."""
-    strerror = exc.strerror or ""
-    in_ram = _os.path.dirname(path) == placement.ram_dir() or path.startswith("/proc/")
-    if exc.errno == _errno.ENOSPC and in_ram and _FULL_DISK_HINT not in strerror:
-        return OSError(exc.errno, strerror + _FULL_DISK_HINT, path)
-    if exc.filename is None and exc.errno is not None:
-        return OSError(exc.errno, strerror, path)
-    return exc
 
 
 def remove_unused_files(directory: str, name_prefix: str, *, verify: Verify | None = None

@@ -12,7 +12,7 @@ import os as _os
 
 import numpy as np
 
-from luna_shm import _lowlevel, encoding, formats, temp_audio
+from luna_shm import _lowlevel, _newfile, encoding, formats
 
 __all__ = ["read_wav", "write_wav"]
 
@@ -72,7 +72,7 @@ def write_wav(
         return _write_new_temp_file(array, spec, enc.nbytes, atomic)
     path_str = _path_str(path, "str, os.PathLike[str] or None")
     directory = _os.path.dirname(path_str) or "."
-    partial = temp_audio.partial_path(path_str)
+    partial = _newfile.partial_path(path_str)
     try:
         if atomic:
             _lowlevel.write_wav_atomic(directory, path_str, partial, spec, array)
@@ -81,9 +81,9 @@ def write_wav(
     except OSError as exc:
         # The C layer removed a file it created and left an existing one as it
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.
-        if not atomic and temp_audio.is_our_temp_path(path_str):
+        if not atomic and _newfile.is_our_temp_path(path_str):
             _remove_if_empty(path_str)
-        raise temp_audio.explain_full_disk(exc, path_str) from None
+        raise _newfile.explain_full_disk(exc, path_str) from None
     return path_str
 
 
@@ -100,32 +100,26 @@ def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int
     """Write a new temp audio file: through the fd that created it (locked while it is
     written), or, atomic, unnamed first and then linked under a fresh uuid4 name. A
     RAM disk that refuses it (full, read-only) sends it to the disk temp dir."""
-    on_disk = False
-    while True:
+
+    def attempt(on_disk: bool) -> str:
         if atomic:
-            path = temp_audio.new_temp_name(".wav", size_hint=nbytes + 128, on_disk=on_disk)
-            try:
-                _lowlevel.write_wav_atomic(_os.path.dirname(path), path,
-                                           temp_audio.partial_path(path), spec, array)
-                return path
-            except OSError as exc:
-                if not on_disk and temp_audio.retry_on_disk(exc, path):
-                    on_disk = True
-                    continue
-                raise temp_audio.explain_full_disk(exc, path) from None
-        path, fd = temp_audio.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
-                                               on_disk=on_disk)
+            path = _newfile.new_temp_name(".wav", size_hint=nbytes + 128, on_disk=on_disk)
+            # The C layer leaves nothing behind when it fails.
+            _lowlevel.write_wav_atomic(_os.path.dirname(path), path,
+                                       _newfile.partial_path(path), spec, array)
+            return path
+        path, fd = _newfile.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
+                                             on_disk=on_disk)
         try:
             _lowlevel.write_wav_fd(fd, spec, array, path)
-        except OSError as exc:
+        except BaseException:
             _lowlevel.close(fd)
             _os.unlink(path)
-            if not on_disk and temp_audio.retry_on_disk(exc, path):
-                on_disk = True
-                continue
-            raise temp_audio.explain_full_disk(exc, path) from None
+            raise
         _lowlevel.close(fd)
         return path
+
+    return _newfile.with_disk_fallback(attempt)
 
 
 def _shape(info: _lowlevel.WavInfo) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _resource, formats, temp_audio
+from luna_shm import _lowlevel, _newfile, _resource, formats
 from luna_shm._resource import FileResource
 
 __all__ = ["WavWriter"]
@@ -25,7 +25,8 @@ class WavWriter(FileResource):
     """Append audio chunks to a WAV file whose header is valid after each one.
 
     Args:
-        path: where to write; None makes a new temp audio file on the RAM disk.
+        path: where to write; None makes a new temp audio file on the RAM disk (in
+            the disk temp dir when the RAM disk refuses it: full, read-only).
         samplerate: frames per second.
         channels: 1 to 65535.
         dtype: the chunks' sample type: uint8, int16, int32, float32 or float64.
@@ -34,6 +35,8 @@ class WavWriter(FileResource):
     and the header always covers exactly the chunks in the file. A forked
     child cannot use its parent's writer (``RuntimeError``).
     """
+
+    _stream: _lowlevel.Stream | None = None
 
     def __init__(
         self,
@@ -54,23 +57,37 @@ class WavWriter(FileResource):
         header = _lowlevel.wav_header(self._spec, 0)
         self._data_offset = len(header)
         self._max_data_bytes = formats.max_data_bytes(self._spec)
-        dest = temp_audio.open_destination(path)
+        if path is None:
+            # A RAM disk that refuses the new file, at its creation or at its header,
+            # sends it to the disk temp dir; later chunks cannot move (see write).
+            dest = _newfile.with_disk_fallback(lambda on_disk: self._start(None, header, on_disk))
+        else:
+            dest = self._start(path, header, False)
+        self._own(dest.fd, dest.path)
+
+    def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
+               on_disk: bool) -> _newfile.Destination:
+        """Open the file and write its header; on failure nothing is left and an OSError
+        names the file."""
+        dest = _newfile.open_destination(path, on_disk=on_disk)
         try:
             _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
             # The header is rewritten after every chunk: through a shared
             # mapping of its page that costs a memory store, not a system call.
             header_page = _lowlevel.Mapping(dest.fd, len(header), writable=True,
                                             populate=True, filename=dest.path)
-            self._stream: _lowlevel.Stream | None = _lowlevel.Stream(
-                dest.fd, self._spec, header_page, self._data_offset)
-            temp_audio.finish_destination(dest)
+            self._stream = _lowlevel.Stream(dest.fd, self._spec, header_page,
+                                            self._data_offset)
+            _newfile.finish_destination(dest)
         except OSError as exc:
-            temp_audio.discard(dest)
-            raise temp_audio.explain_full_disk(exc, dest.path) from None
+            self._stream = None
+            _newfile.discard(dest)
+            raise _newfile.explain_full_disk(exc, dest.path) from None
         except BaseException:
-            temp_audio.discard(dest)
+            self._stream = None
+            _newfile.discard(dest)
             raise
-        self._own(dest.fd, dest.path)
+        return dest
 
     @property
     def frames(self) -> int:
@@ -103,7 +120,7 @@ class WavWriter(FileResource):
             try:
                 stream.append(array, self.path)
             except OSError as exc:
-                raise temp_audio.explain_full_disk(exc, self.path) from None
+                raise _newfile.explain_full_disk(exc, self.path) from None
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not."""

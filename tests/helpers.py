@@ -190,9 +190,9 @@ def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> 
 def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
     """Make luna_shm's next new name use the token first, later ones fresh tokens (a
     deterministic collision with something planted there); return the tokens handed out."""
-    from luna_shm import temp_audio
+    from luna_shm import _newfile
 
-    real = temp_audio._new_token
+    real = _newfile._new_token
     given: list[str] = []
 
     def token() -> str:
@@ -200,7 +200,7 @@ def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
         given.append(value)
         return value
 
-    monkeypatch.setattr(temp_audio, "_new_token", token)
+    monkeypatch.setattr(_newfile, "_new_token", token)
     return given
 
 

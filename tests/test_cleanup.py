@@ -611,9 +611,9 @@ def test_cleanup_all_raises_permission_error_for_an_unreadable_dir_after_cleanin
 
 def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
     """Change victim just after cleanup_all has examined it and before it opens it."""
-    real = temp_audio._remove_if_unused
+    real = temp_audio._examine
 
-    def meddle(dir_fd: int, name: str, st: os.stat_result, **options: object) -> bool:
+    def meddle(dir_fd: int, name: str, st: os.stat_result, **options: object) -> str:
         if name == victim:
             os.unlink(name, dir_fd=dir_fd)
             if how == "fifo":
@@ -622,7 +622,7 @@ def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
                 os.symlink("decoy.wav", name, dir_fd=dir_fd)
         return real(dir_fd, name, st, **options)
 
-    monkeypatch.setattr(temp_audio, "_remove_if_unused", meddle)
+    monkeypatch.setattr(temp_audio, "_examine", meddle)
 
 
 @pytest.mark.parametrize("how", ["vanished", "fifo", "symlink"])

@@ -449,3 +449,78 @@ def test_a_failing_command_is_one_line_on_stderr_exit_code_1_and_no_traceback(
     line = assert_one_error_line(done, 1)
     assert line.startswith(f"luna-shm demo: error: [Errno {errno.EFBIG}]")
     assert os.listdir(private_dirs.ram) == []
+
+
+def _status_and_clean_as_nobody(ram: str, disk: str) -> dict:
+    """status --json, clean --dry-run and clean, run by cli.main in a forked child that
+    became uid 65534 with ram and disk as its dirs; their outputs."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.environ.update(LUNA_SHM_DIR=ram, TMPDIR=disk)
+            placement.refresh()
+            result = {}
+            for name, args in (("status", ["status", "--json"]),
+                               ("dry", ["clean", "--dry-run"]), ("clean", ["clean"])):
+                out = io.StringIO()
+                sys.stdout = out
+                try:
+                    result[name] = [cli.main(args), out.getvalue()]
+                finally:
+                    sys.stdout = sys.__stdout__
+            os.write(write_end, json.dumps(result).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return json.loads(answer)
+
+
+def test_status_counts_exactly_the_files_clean_removes_or_leaves_held(private_dirs) -> None:
+    # status and clean share one scan: the files status counts and does not call held
+    # are the files clean removes. Run as a second user (uid 65534) so that a file of
+    # its own it cannot open (mode 000) is in the mix: clean cannot examine it, so
+    # status must not count it either.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fork a child that becomes uid 65534")
+    os.chmod(private_dirs.ram, 0o711)
+    ram, disk = f"{private_dirs.ram}/ram", f"{private_dirs.ram}/disk"
+    for directory in (ram, disk):
+        os.mkdir(directory, 0o700)
+        os.chown(directory, 65534, 65534)
+    token = uuid.uuid4().hex
+    unused = make_file(ram)
+    held = make_file(ram)
+    partial = make_file(ram, prefix=".luna_audio_.partial_", suffix="")
+    daemon = make_file(disk, prefix="luna_daemon_")
+    unreadable = make_file(ram)
+    for path in (unused, held, partial, daemon, unreadable):
+        os.chown(path, 65534, 65534)
+    os.chmod(unreadable, 0o000)
+    roots = make_file(ram)  # another user's file (root's)
+    os.symlink(unused, f"{ram}/luna_audio_{token}_link.wav")
+    os.mkfifo(f"{ram}/luna_audio_{token}.fifo")
+    with held_by_child(held):
+        out = _status_and_clean_as_nobody(ram, disk)
+    assert [out[k][0] for k in ("status", "dry", "clean")] == [0, 0, 0], out
+    status = json.loads(out["status"][1])
+    listed = sorted(line.split()[2] for line in out["dry"][1].splitlines()[:-1])
+    removed = sorted(line.split()[1] for line in out["clean"][1].splitlines()[:-1])
+    assert listed == removed == sorted([unused, partial, daemon])
+    counted = sum(g["count"] for g in status["files"])
+    held_count = sum(g["held"] for g in status["files"])
+    assert (counted, held_count) == (4, 1)
+    assert counted - held_count == len(removed)
+    assert group(status, ram, "luna_audio_")["count"] == 3  # unused, held, the partial
+    assert group(status, disk, "luna_daemon_")["count"] == 1
+    assert os.path.exists(held) and os.path.exists(unreadable) and os.path.exists(roots)

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import LIST_PRIVATE_TMP, assert_child_ok, run_in_private_shm
 from luna_shm import cleanup_temp_audio
-from luna_shm.encoded import save_temp_audio
+from luna_shm.saved import save_temp_audio
 
 MP3ISH = b"ID3\x04\x00" + bytes(range(256)) * 40
 
@@ -140,7 +140,7 @@ def test_a_suffix_with_a_slash_is_refused_before_any_file_is_made(private_dirs) 
 def test_bytes_too_big_for_a_small_ram_disk_go_to_the_fallback_dir() -> None:
     done = run_in_private_shm("""
         import os
-        from luna_shm.encoded import save_temp_audio
+        from luna_shm.saved import save_temp_audio
         data = os.urandom(256 * 1024)
         path = save_temp_audio(data)
         with open(path, "rb") as f:
@@ -153,7 +153,7 @@ def test_bytes_too_big_for_a_small_ram_disk_go_to_the_fallback_dir() -> None:
 def test_a_stream_that_fills_the_ram_disk_raises_enospc_and_leaves_nothing() -> None:
     done = run_in_private_shm("""
         import errno, os
-        from luna_shm.encoded import save_temp_audio
+        from luna_shm.saved import save_temp_audio
         chunks = (b"x" * 4096 for _ in range(64))
         try:
             save_temp_audio(chunks)

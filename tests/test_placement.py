@@ -442,7 +442,7 @@ def test_ram_disk_that_starts_refusing_files_sends_them_to_tmp(
     assert disk_listing(disk) == sorted(
         os.path.basename(out[k]) for k in ("second", "third"))
     messages = [m for _, m in out["log"]]
-    expected = f"luna_shm: cannot create files in /dev/shm ({strerror}): using /tmp"
+    expected = f"luna_shm: /dev/shm refused a new file ({strerror}): using /tmp for such files"
     assert messages.count(expected) == 1, messages
     assert out["refreshed"] == out["temp_dir"] == after_refresh
     assert out["in_ram"] is (after_refresh == "/dev/shm")

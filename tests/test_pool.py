@@ -432,18 +432,18 @@ def test_a_pool_fails_to_start_without_leaving_a_slot_file_or_descriptor(private
                                                                          monkeypatch) -> None:
     # The third slot cannot be made (its name is taken by a directory, every try):
     # the two made before are removed again, and their descriptors closed.
-    from luna_shm import temp_audio
+    from luna_shm import _newfile
 
     count = {"n": 0}
-    real = temp_audio._new_token
+    real = _newfile._new_token
 
     def token() -> str:
         count["n"] += 1
         return "d" * 32 if count["n"] >= 3 else real()
 
     os.mkdir(f"{private_dirs.ram}/{POOL_PREFIX}{'d' * 32}.wav")
-    monkeypatch.setattr(temp_audio, "_new_token", token)
-    monkeypatch.setattr(temp_audio, "_MAX_TRIES", 3)
+    monkeypatch.setattr(_newfile, "_new_token", token)
+    monkeypatch.setattr(_newfile, "_MAX_TRIES", 3)
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(FileExistsError, match="no free temp file name") as info:
         AudioPool(slots=4, max_bytes=1000)

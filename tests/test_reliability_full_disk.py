@@ -142,23 +142,55 @@ except OSError as exc:
 # ---- a full RAM disk: writers, whose size nobody knows in advance ------------------------------
 
 
-@pytest.mark.parametrize("where", ["temp-file", "given-path"])
-def test_a_writer_on_a_full_ram_disk_raises_enospc_naming_its_file_and_leaves_nothing(where):
-    out = run_child(f"""
+def test_a_writer_at_a_given_path_on_a_full_ram_disk_raises_enospc_naming_it_and_leaves_nothing():
+    out = run_child("""
 fill("/dev/shm")
 try:
-    WavWriter(None if {where!r} == "temp-file" else "/dev/shm/stream.wav", 8000)
+    WavWriter("/dev/shm/stream.wav", 8000)
     report(error=None)
 except OSError as exc:
     report(error=error(exc))
 """, shm_size="64k")
     assert out["error"]["errno"] == errno.ENOSPC
-    if where == "temp-file":
-        assert out["error"]["filename"].startswith("/dev/shm/luna_audio_")
-    else:
-        assert out["error"]["filename"] == "/dev/shm/stream.wav"
+    assert out["error"]["filename"] == "/dev/shm/stream.wav"
     assert out["error"]["filename"] in out["error"]["text"]
     assert out["shm"] == ["filler"] and out["tmp"] == []
+
+
+def test_a_new_writer_on_a_full_ram_disk_streams_into_the_disk_temp_dir() -> None:
+    # The RAM disk still makes the file (tmpfs has inodes left) but refuses its
+    # header: the writer starts again in the disk temp dir, and the RAM disk keeps
+    # nothing of it.
+    out = run_child("""
+fill("/dev/shm")
+with WavWriter(None, 8000) as writer:
+    for chunk in np.split(DATA, 8):
+        writer.write(chunk)
+report(path=writer.path, same=same(writer.path, DATA))
+""", shm_size="64k")
+    assert out["path"].startswith("/tmp/luna_audio_")
+    assert out["same"] is True
+    assert out["shm"] == ["filler"]
+    assert out["tmp"] == [os.path.basename(out["path"])]
+    refusals = [m for m in out["log"] if "/dev/shm refused a new file" in m]
+    assert len(refusals) == 1 and "using /tmp" in refusals[0], out["log"]
+
+
+def test_a_new_writer_with_both_dirs_full_raises_enospc_naming_its_disk_file_and_leaves_nothing():
+    out = run_child("""
+subprocess.run(["mount", "-o", "remount,size=64k", "/tmp"], check=True)
+fill("/dev/shm")
+fill("/tmp")
+try:
+    WavWriter(None, 8000)
+    report(error=None)
+except OSError as exc:
+    report(error=error(exc))
+""", shm_size="64k")
+    assert out["error"]["errno"] == errno.ENOSPC
+    assert out["error"]["filename"].startswith("/tmp/luna_audio_")
+    assert out["error"]["filename"] in out["error"]["text"]
+    assert out["shm"] == ["filler"] and out["tmp"] == ["filler"]
 
 
 @pytest.mark.parametrize("when", ["at-creation", "mid-stream"])
@@ -335,3 +367,39 @@ except OSError as exc:
     assert out["error"]["filename"] == "/dev/shm/given.wav"
     assert out["shm"] == [] and out["tmp"] == []
 
+
+
+# ---- save_temp_audio: bytes fall back whole, a stream only at its creation ---------------------
+
+SAVE = """
+from luna_shm import save_temp_audio
+payload = bytes(range(256)) * 400  # 100 KB of "MP3"
+data = payload if os.environ["KIND"] == "bytes" else iter([payload[:50_000], payload[50_000:]])
+if os.environ["DISK"] == "full":
+    fill("/dev/shm")
+try:
+    path = save_temp_audio(data, ".mp3")
+    with open(path, "rb") as f:
+        report(path=path, same=f.read() == payload, error=None)
+except OSError as exc:
+    report(path=None, error=error(exc))
+"""
+
+
+@pytest.mark.parametrize("kind", ["bytes", "stream"])
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_save_temp_audio_falls_back_whole_for_bytes_and_only_at_creation_for_a_stream(kind, disk):
+    out = run_child(SAVE, shm_size="64k", read_only=disk == "read-only",
+                    env={"KIND": kind, "DISK": disk})
+    if kind == "stream" and disk == "full":
+        # The RAM disk made the file but filled up while it streamed: a stream cannot
+        # be replayed, so the error is raised, naming the file, and nothing is left.
+        assert out["error"]["errno"] == errno.ENOSPC
+        assert out["error"]["filename"].startswith("/dev/shm/luna_audio_")
+        assert "--shm-size" in out["error"]["text"]
+        assert out["shm"] == ["filler"] and out["tmp"] == []
+        return
+    assert out["error"] is None
+    assert out["path"].startswith("/tmp/luna_audio_") and out["same"] is True
+    assert out["tmp"] == [os.path.basename(out["path"])]
+    assert out["shm"] == ([] if disk == "read-only" else ["filler"])

@@ -27,7 +27,7 @@ import pytest
 
 import luna_shm
 from helpers import force_first_token
-from luna_shm import _lowlevel, temp_audio
+from luna_shm import _lowlevel, _newfile, temp_audio
 from luna_shm.temp_audio import get_temp_audio_path, temp_audio_path
 
 HEX32 = "[0-9a-f]{32}"
@@ -521,8 +521,8 @@ def test_creation_gives_up_with_eexist_when_every_candidate_name_is_taken(
         calls.append(1)
         return taken
 
-    monkeypatch.setattr(temp_audio, "_new_token", always_taken)
-    monkeypatch.setattr(temp_audio, "_MAX_TRIES", 5)
+    monkeypatch.setattr(_newfile, "_new_token", always_taken)
+    monkeypatch.setattr(_newfile, "_MAX_TRIES", 5)
     with pytest.raises(FileExistsError, match="no free temp file name") as info:
         get_temp_audio_path(create=True)
     assert info.value.errno == errno.EEXIST

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib as _contextlib
 import errno as _errno
 import os as _os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from luna_shm import _lowlevel, temp_audio
+from luna_shm import _lowlevel, _newfile
 from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["save_temp_audio"]
@@ -116,7 +116,7 @@ def _write_chunks(fd: int, chunks: Iterator[object], path: str) -> None:
 def _with_filename(exc: OSError, path: str) -> OSError:
     if exc.filename is None and exc.errno is not None:
         exc = OSError(exc.errno, exc.strerror, path)
-    return temp_audio.explain_full_disk(exc, path)
+    return _newfile.explain_full_disk(exc, path)
 
 
 def save_temp_audio(
@@ -143,22 +143,46 @@ def save_temp_audio(
             chunks (the message names the type).
         ValueError: a bad suffix or prefix.
         OSError: the file could not be created or written (ENOSPC with the
-            filename when the RAM disk fills during a stream).
+            filename when the RAM disk fills during a stream). Bytes that the RAM
+            disk refuses (full, read-only) are written to the fallback temp dir
+            instead; a stream of chunks cannot be replayed, so only its creation
+            falls back: a RAM disk that fills during a stream raises.
         Any exception the iterator raises. On every failure the file is removed.
     """
     _check_data(data)
-    temp_audio._check_name_part("suffix", suffix)
-    temp_audio._check_name_part("prefix", prefix)
-    size_hint = memoryview(data).nbytes if isinstance(data, _BYTES_TYPES) else None
+    _newfile.check_name_part("suffix", suffix)
+    _newfile.check_name_part("prefix", prefix)
+    if isinstance(data, _BYTES_TYPES):
+        whole = _byte_view(data)
+        return _newfile.with_disk_fallback(
+            lambda on_disk: _save(lambda fd, path: _write_all(fd, [whole], path), suffix,
+                                  prefix, whole.nbytes, on_disk))
+    # A stream cannot be replayed: only its creation may move to the disk temp dir.
+    chunks = iter(data)
+    path, fd = _newfile.with_disk_fallback(
+        lambda on_disk: _newfile.create_temp_file(suffix, prefix, locked=True,
+                                                  on_disk=on_disk))
+    _fill(fd, path, lambda fd, path: _write_chunks(fd, chunks, path))
+    return path
+
+
+def _save(write: Callable[[int, str], None], suffix: str, prefix: str, size: int,
+          on_disk: bool) -> str:
+    """One try at a new file holding what write puts at its fd; nothing left on failure."""
     # Locked while it is written (a stream can take seconds): no concurrent
     # cleanup_all_temp_audio() takes the half-written file for an abandoned one.
-    path, fd = temp_audio.create_temp_file(suffix, prefix, size_hint=size_hint, locked=True)
+    path, fd = _newfile.create_temp_file(suffix, prefix, size_hint=size, locked=True,
+                                         on_disk=on_disk)
+    _fill(fd, path, write)
+    return path
+
+
+def _fill(fd: int, path: str, write: Callable[[int, str], None]) -> None:
+    """Run write(fd, path) and close fd; on any failure remove the file (an OSError
+    names it)."""
     try:
         try:
-            if isinstance(data, _BYTES_TYPES):
-                _write_all(fd, [_byte_view(data)], path)
-            else:
-                _write_chunks(fd, iter(data), path)
+            write(fd, path)
         except OSError as exc:
             raise _with_filename(exc, path) from None
         finally:
@@ -167,4 +191,3 @@ def save_temp_audio(
         with _contextlib.suppress(FileNotFoundError):
             _os.unlink(path)
         raise
-    return path

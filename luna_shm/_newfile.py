@@ -1,0 +1,277 @@
+"""Where a new file goes, how it is made and locked, and the one RAM-disk-to-disk retry.
+
+Every producer of a new temp file (``write_wav(None, ...)``, ``create_wav_buffer()``,
+``WavWriter(None, ...)``, ``AudioPool`` slots, ``save_temp_audio``,
+``get_temp_audio_path(create=True)``) makes it here: a fresh uuid4 name in the
+directory placement chose (the fallback dir when a size hint says the RAM disk
+lacks room), created exclusively with mode 0600, optionally under a shared
+flock held from before the name appears. :func:`with_disk_fallback` is the one
+policy for a RAM disk that refuses the file (full, read-only, ...): make it
+again in the fallback dir, logged once.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+import uuid as _uuid
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+from luna_shm import _lowlevel, placement
+from luna_shm.placement import AUDIO_PREFIX
+
+_T = TypeVar("_T")
+
+# As tempfile.TMP_MAX: how many names to try before giving up on EEXIST.
+_MAX_TRIES = 10000
+
+# Errors after which a file that the RAM disk refused is made again in the fallback
+# dir (read-only, full, over quota, permission changed, gone). EFBIG is not one: a
+# file size limit (RLIMIT_FSIZE) applies on every filesystem alike.
+FALLBACK_ERRNOS = frozenset(
+    {_errno.EROFS, _errno.ENOSPC, _errno.EDQUOT, _errno.EACCES, _errno.EPERM, _errno.ENOENT}
+)
+
+_PARTIAL_MARK = ".partial_"
+
+
+def _new_token() -> str:
+    """A fresh random name part: uuid4 hex (32 characters)."""
+    return _uuid.uuid4().hex
+
+
+def check_name_part(what: str, value: object) -> str:
+    """value when it is a str usable inside one file name; TypeError/ValueError naming it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got {value!r}")
+    return value
+
+
+def check_size_hint(size_hint: object) -> int | None:
+    """size_hint when it is None or an int >= 0; TypeError/ValueError naming it."""
+    if size_hint is None:
+        return None
+    if isinstance(size_hint, bool) or not isinstance(size_hint, int):
+        raise TypeError(f"size_hint must be an int number of bytes, got {size_hint!r}")
+    if size_hint < 0:
+        raise ValueError(f"size_hint must be >= 0, got {size_hint!r}")
+    return size_hint
+
+
+def _directory_for(size_hint: int | None, on_disk: bool) -> str:
+    """The directory for one new file: placement's choice, unless the RAM disk lacks
+    room for size_hint bytes (placement, not retry), or on_disk asks for the fallback."""
+    chosen = placement.current()
+    if on_disk:
+        return chosen.fallback_dir
+    if chosen.directory != chosen.ram_dir or not size_hint:
+        return chosen.directory
+    try:
+        free = _lowlevel.fs_probe(chosen.ram_dir).bytes_free
+    except OSError:
+        free = 0
+    if free >= size_hint:
+        return chosen.directory
+    placement.log_once(
+        f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
+        f"({free} bytes free): using {chosen.fallback_dir} for it"
+    )
+    return chosen.fallback_dir
+
+
+def create_temp_file(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    size_hint: int | None = None,
+    locked: bool = False,
+    on_disk: bool = False,
+) -> tuple[str, int]:
+    """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
+
+    The name is retried on collision like :func:`tempfile.mkstemp`. locked=True
+    holds a shared flock from before the name appears, so that
+    ``cleanup_all_temp_audio`` never sees the file unlocked while we live.
+    on_disk=True puts it in the fallback dir. A RAM disk that refuses the file
+    raises here: callers run this inside :func:`with_disk_fallback`.
+    """
+    directory = _directory_for(size_hint, on_disk)
+    for _ in range(_MAX_TRIES):
+        path = f"{directory}/{prefix}{_new_token()}{suffix}"
+        try:
+            if locked:
+                return path, _lowlevel.create_locked(directory, path)
+            return path, _lowlevel.create_excl(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
+
+
+def new_temp_name(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    size_hint: int | None = None,
+    on_disk: bool = False,
+) -> str:
+    """A fresh temp audio name (nothing created): RAM disk first, or the fallback dir."""
+    return f"{_directory_for(size_hint, on_disk)}/{prefix}{_new_token()}{suffix}"
+
+
+def partial_path(path: str) -> str:
+    """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
+    directory = _os.path.dirname(path) or "."
+    return f"{directory}/.{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+
+
+def is_our_temp_path(path: str) -> bool:
+    """True for a path in one of our dirs whose name carries one of our prefixes."""
+    parent, name = _os.path.split(path)
+    return parent in placement.our_dirs() and name.startswith(placement.OUR_PREFIXES)
+
+
+def _ram_disk_refused(exc: OSError) -> bool:
+    """True when exc says the RAM disk refused a new file there and the fallback dir
+    differs (logged once)."""
+    chosen = placement.current()
+    if exc.errno not in FALLBACK_ERRNOS or not isinstance(exc.filename, str):
+        return False
+    if _os.path.dirname(exc.filename) != chosen.ram_dir or chosen.fallback_dir == chosen.ram_dir:
+        return False
+    placement.log_once(
+        f"luna_shm: {chosen.ram_dir} refused a new file ({exc.strerror}): "
+        f"using {chosen.fallback_dir} for such files"
+    )
+    return True
+
+
+def _explained(exc: OSError) -> OSError:
+    if isinstance(exc.filename, str):
+        return explain_full_disk(exc, exc.filename)
+    return exc
+
+
+def with_disk_fallback(attempt: Callable[[bool], _T]) -> _T:
+    """Make a new temp file: ``attempt(False)`` where placement puts it, and when the RAM
+    disk refused it (an errno of :data:`FALLBACK_ERRNOS` naming a file in the RAM dir),
+    ``attempt(True)`` in the fallback dir, logged once on the ``luna_shm`` logger.
+
+    Args:
+        attempt: makes and fills the file; its argument is on_disk. When it raises,
+            it has removed what it made, and an OSError names the file it tried.
+
+    Returns:
+        What the successful attempt returned.
+
+    Raises:
+        OSError: the last attempt's error, naming its file, with a ``--shm-size``
+            hint when the RAM disk is full (:func:`explain_full_disk`).
+    """
+    try:
+        return attempt(False)
+    except OSError as exc:
+        if not _ram_disk_refused(exc):
+            raise _explained(exc) from None
+    try:
+        return attempt(True)
+    except OSError as exc:
+        raise _explained(exc) from None
+
+
+class Destination(NamedTuple):
+    """Where a buffer or writer puts its WAV (see :func:`open_destination`)."""
+
+    path: str  # the WAV's name once finished
+    fd: int  # open read-write, holding a shared flock
+    created: bool  # this call made the file at path
+    partial: str | None  # a new file's name until finish_destination renames it over path
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """True while path still names the file open at fd (no one removed or replaced it)."""
+    try:
+        named = _os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = _os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def open_destination(
+    path: str | _os.PathLike[str] | None,
+    *,
+    size_hint: int | None = None,
+    on_disk: bool = False,
+) -> Destination:
+    """Open where a WAV will be written, holding a shared flock (the file is in use).
+
+    None makes a new temp audio file (on_disk: in the fallback dir; run it inside
+    :func:`with_disk_fallback`). A given path is created, or the empty regular
+    file there (from get_temp_audio_path) is used; a file with content is never
+    cut under a reader that mapped it: a new file is made beside it and renamed
+    over it by :func:`finish_destination`. A symlink is refused.
+    """
+    if path is None:
+        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
+                                        on_disk=on_disk)
+        return Destination(new_path, fd, True, None)
+    text = _os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    for _ in range(8):
+        fd, created, old_size = _lowlevel.open_for_write(text)
+        try:
+            _lowlevel.lock(fd, exclusive=False, wait=True)
+            if not old_size and _still_named(fd, text):
+                return Destination(text, fd, created, None)
+        except BaseException:
+            _lowlevel.close(fd)
+            raise
+        _lowlevel.close(fd)
+        if old_size:
+            partial = partial_path(text)
+            fd = _lowlevel.create_locked(_os.path.dirname(text) or ".", partial)
+            return Destination(text, fd, False, partial)
+        # A cleanup removed the name between our open and our lock: again.
+    raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)
+
+
+def finish_destination(dest: Destination) -> None:
+    """Give a replacement file its final name (a no-op when it already has it)."""
+    if dest.partial is not None:
+        _os.rename(dest.partial, dest.path)
+
+
+def discard(dest: Destination) -> None:
+    """Undo :func:`open_destination` after a failure: close, remove what we made."""
+    try:
+        _lowlevel.close(dest.fd)
+    finally:
+        doomed = dest.partial
+        if doomed is None and (dest.created or is_our_temp_path(dest.path)):
+            doomed = dest.path
+        if doomed is not None:
+            try:
+                _os.unlink(doomed)
+            except FileNotFoundError:
+                pass
+
+
+_FULL_DISK_HINT = (
+    " (the RAM disk is full: remove old files, or give the container more shared "
+    "memory, e.g. docker run --shm-size=256m)"
+)
+
+
+def explain_full_disk(exc: OSError, path: str) -> OSError:
+    """The same error with path as its filename, and a hint when the RAM disk is full."""
+    strerror = exc.strerror or ""
+    in_ram = _os.path.dirname(path) == placement.ram_dir() or path.startswith("/proc/")
+    if exc.errno == _errno.ENOSPC and in_ram and _FULL_DISK_HINT not in strerror:
+        return OSError(exc.errno, strerror + _FULL_DISK_HINT, path)
+    if exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, strerror, path)
+    return exc
