@@ -1,12 +1,14 @@
-"""The shared life cycle of objects that own an open file: close, with, leaks, fork."""
+"""The shared life cycle of objects that own a file, a pool or a slot: close, with, leaks,
+fork."""
 
 from __future__ import annotations
 
 import os as _os
 import warnings as _warnings
 import weakref as _weakref
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from luna_shm import _lowlevel
 
@@ -46,7 +48,54 @@ def _warn_leak(fd: int, what: str, owner_pid: int) -> None:
         pass
 
 
-class FileResource:
+class Resource:
+    """Base of every luna_shm object that owns something until :meth:`close`.
+
+    It belongs to the process that made it (``_pid``), leaves its ``with`` block
+    closed, and a finalizer runs ``on_leak`` when it is collected unclosed (which
+    warns ``ResourceWarning`` in the owner process and only lets go of the child's
+    copies in a forked child). Subclasses say what closing and being closed mean.
+    """
+
+    _pid: int = -1
+    _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
+
+    def _track(self, on_leak: Callable[..., None], *args: Any) -> None:
+        """Belong to this process, and call on_leak(*args) if collected unclosed.
+
+        on_leak must not refer to self (a finalizer that does keeps it alive forever).
+        """
+        self._pid = current_pid
+        self._finalizer = _weakref.finalize(self, on_leak, *args)
+
+    def _untrack(self) -> None:
+        """Closed on purpose: the leak finalizer will not run."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+
+    def _check_ours(self, what: str) -> None:
+        """RuntimeError naming the owner when a forked child uses an inherited object."""
+        if self._pid != current_pid:
+            raise inherited_error(what, self._pid)
+
+    @property
+    def closed(self) -> bool:  # pragma: no cover - every subclass says
+        """True once the object was closed (or released)."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - every subclass says
+        """Let go of what the object owns; calling it again does nothing."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class FileResource(Resource):
     """Base for objects that hold an fd (and its flock) until :meth:`close`.
 
     Class-level defaults let a half-built object be closed or collected safely;
@@ -59,17 +108,13 @@ class FileResource:
     """
 
     _fd: int = -1
-    _pid: int = -1
-    _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
     path: str = ""
 
     def _own(self, fd: int, path: str) -> None:
         """Take ownership of fd for path (closed on close() or on leak)."""
         self._fd = fd
-        self._pid = current_pid
         self.path = path
-        self._finalizer = _weakref.finalize(self, _warn_leak, fd,
-                                            f"{type(self).__name__} {path!r}", self._pid)
+        self._track(_warn_leak, fd, f"{type(self).__name__} {path!r}", current_pid)
 
     @property
     def closed(self) -> bool:
@@ -84,8 +129,7 @@ class FileResource:
     def _check_open(self) -> None:
         if self._fd < 0:
             raise ValueError(f"I/O operation on closed {type(self).__name__}")
-        if self._pid != current_pid:
-            raise inherited_error(f"{type(self).__name__} {self.path!r}", self._pid)
+        self._check_ours(f"{type(self).__name__} {self.path!r}")
 
     def _release(self) -> None:
         """Subclass hook: drop what refers to the file before its fd closes."""
@@ -98,15 +142,10 @@ class FileResource:
         if self._fd < 0:
             return
         self._release()
-        if self._finalizer is not None:
-            self._finalizer.detach()
+        self._untrack()
         fd, self._fd = self._fd, -1
         _lowlevel.close(fd)
 
     def __enter__(self) -> Self:
         self._check_open()
         return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

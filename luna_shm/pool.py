@@ -22,9 +22,7 @@ import re as _re
 import threading as _threading
 import time as _time
 import warnings as _warnings
-import weakref as _weakref
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +113,7 @@ def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None
     pool._give_back(slot)
 
 
-class PooledWav:
+class PooledWav(_resource.Resource):
     """A WAV held in a pool slot: ``path`` is a complete WAV file, ``array`` its samples.
 
     Release it (or leave its ``with`` block) when the consumer is done with the
@@ -130,12 +128,10 @@ class PooledWav:
     """
 
     _pool: AudioPool | None = None
-    _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
 
     def __init__(self, pool: AudioPool, slot: _Slot, spec: _lowlevel.WavSpec, frames: int,
                  offset: int, *, writable: bool) -> None:
         self._pool = pool
-        self._pid = pool._pid
         self._slot = slot
         self._spec = spec
         self.path = slot.path
@@ -146,13 +142,12 @@ class PooledWav:
         self._offset = offset
         self._writable = writable
         self._array: np.ndarray | None = None  # made on first use: most callers want the path
-        self._finalizer = _weakref.finalize(self, _unreleased, pool, slot, slot.path, self._pid)
+        self._track(_unreleased, pool, slot, slot.path, _resource.current_pid)
 
     def _check_held(self) -> None:
         if self._pool is None:
             raise ValueError("PooledWav was released")
-        if self._pid != _resource.current_pid:
-            raise _resource.inherited_error(f"PooledWav {self.path!r}", self._pid)
+        self._check_ours(f"PooledWav {self.path!r}")
 
     @property
     def array(self) -> np.ndarray:
@@ -182,6 +177,11 @@ class PooledWav:
         """True once the slot went back to the pool."""
         return self._pool is None
 
+    @property
+    def closed(self) -> bool:
+        """The same as :attr:`released`."""
+        return self._pool is None
+
     def truncate(self, frames: int) -> None:
         """Shorten the WAV to its first frames (the audio came out shorter)."""
         self._check_held()
@@ -203,16 +203,12 @@ class PooledWav:
         """
         pool, self._pool = self._pool, None
         self._array = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
+        self._untrack()
         if pool is not None and self._pid == _resource.current_pid:
             pool._give_back(self._slot)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def close(self) -> None:
+        """The same as :meth:`release` (so that every luna_shm resource closes alike)."""
         self.release()
 
     def __repr__(self) -> str:
@@ -297,7 +293,7 @@ def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
     return removed
 
 
-class AudioPool:
+class AudioPool(_resource.Resource):
     """Reusable, pre-faulted WAV slots for writing and reading audio with no page faults.
 
     Args:
@@ -321,7 +317,6 @@ class AudioPool:
 
     _slots: list[_Slot]
     _closed = True
-    _pid = -1
 
     def __init__(
         self,
@@ -353,10 +348,8 @@ class AudioPool:
         self._free: list[_Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
-        self._pid = _resource.current_pid
         self._closed = False
-        self._finalizer = _weakref.finalize(self, _close_slots, self._slots, self.anonymous, True,
-                                            self._pid)
+        self._track(_close_slots, self._slots, self.anonymous, True, _resource.current_pid)
         try:
             for _ in range(slots):
                 self._free.append(self._new_slot())
@@ -416,8 +409,7 @@ class AudioPool:
 
     def _take(self, nbytes: int) -> _Slot:
         # Before the lock: in a forked child it may be held by a thread that was not copied.
-        if self._pid != _resource.current_pid:
-            raise _resource.inherited_error("AudioPool", self._pid)
+        self._check_ours("AudioPool")
         if nbytes > self.max_bytes:
             raise ValueError(
                 f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
@@ -523,7 +515,7 @@ class AudioPool:
         if self._pid != _resource.current_pid:
             if not self._closed:
                 self._closed = True
-                self._finalizer.detach()
+                self._untrack()
                 _close_slots(self._slots, self.anonymous, False, self._pid)
             return
         with self._cond:
@@ -532,15 +524,8 @@ class AudioPool:
             self._closed = True
             self._free.clear()
             self._cond.notify_all()
-        self._finalizer.detach()
+        self._untrack()
         _close_slots(self._slots, self.anonymous, False, self._pid)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
