@@ -253,11 +253,17 @@ int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
 int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
                       const void *data, uint64_t data_bytes);
 
+/* What luna_write_wav_path returns, without writing, when path holds a file
+ * with content and tmp_path is NULL: replace it with luna_write_wav_atomic. */
+#define LUNA_WRITE_REPLACE 1
+
 /* Write a whole WAV to path (in directory dir): a new or empty file is
  * written in place; a file with content is replaced through tmp_path as by
- * luna_write_wav_atomic, so that readers who mapped it keep it whole. On
- * failure nothing half-written is left: a file this call created is removed,
- * an existing one is as it was. Returns 0 or -errno. */
+ * luna_write_wav_atomic, so that readers who mapped it keep it whole (with
+ * tmp_path NULL, nothing is written and LUNA_WRITE_REPLACE returned: the
+ * caller makes a name only when one is needed). On failure nothing
+ * half-written is left: a file this call created is removed, an existing one
+ * is as it was. Returns 0, LUNA_WRITE_REPLACE or -errno. */
 int luna_write_wav_path(const char *dir, const char *path,
                         const char *tmp_path,
                         const struct luna_wav_spec *spec,

@@ -90,6 +90,8 @@ int luna_write_wav_path(const char *dir, const char *path,
         /* A file with content: whoever mapped it must keep reading it whole,
          * so it is replaced by a new file, never cut under their feet. */
         luna_close(fd);
+        if (tmp_path == NULL)
+            return LUNA_WRITE_REPLACE; /* the caller names the new file */
         return luna_write_wav_atomic(dir, path, tmp_path, spec, data,
                                      data_bytes);
     }

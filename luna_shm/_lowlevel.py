@@ -324,13 +324,13 @@ def wav_parse_fd(fd: int, file_size: int, filename: str | None = None) -> WavInf
     return _info(out)
 
 
-def write_wav_path(directory: str, path: str, tmp_path: str, spec: WavSpec,
-                   data: np.ndarray) -> None:
-    """Write a WAV to path; a file with content is replaced via tmp_path (see wav_io.c)."""
+def write_wav_path(directory: str, path: str, spec: WavSpec, data: np.ndarray) -> bool:
+    """Write a WAV to a new or empty file at path; True when written, False (nothing
+    written) when path holds a file with content, which write_wav_atomic must replace."""
     with ffi.from_buffer(data) as buf:
-        rc = lib.luna_write_wav_path(_c_path(directory), _c_path(path), _c_path(tmp_path),
+        rc = lib.luna_write_wav_path(_c_path(directory), _c_path(path), ffi.NULL,
                                      _c_spec(spec), buf, len(buf))
-    check(rc, path)
+    return check(rc, path) != lib.LUNA_WRITE_REPLACE
 
 
 def write_wav_fd(fd: int, spec: WavSpec, data: np.ndarray, filename: str | None = None) -> None:

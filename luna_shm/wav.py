@@ -72,12 +72,12 @@ def write_wav(
         return _write_new_temp_file(array, spec, enc.nbytes, atomic)
     path_str = _path_str(path, "str, os.PathLike[str] or None")
     directory = _os.path.dirname(path_str) or "."
-    partial = _newfile.partial_path(path_str)
     try:
-        if atomic:
-            _lowlevel.write_wav_atomic(directory, path_str, partial, spec, array)
-        else:
-            _lowlevel.write_wav_path(directory, path_str, partial, spec, array)
+        # A new or empty file is written in place; one with content is replaced through
+        # a hidden name, made only then (a uuid costs as much as the write of a short WAV).
+        if atomic or not _lowlevel.write_wav_path(directory, path_str, spec, array):
+            _lowlevel.write_wav_atomic(directory, path_str, _newfile.partial_path(path_str),
+                                       spec, array)
     except OSError as exc:
         # The C layer removed a file it created and left an existing one as it
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.
