@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -236,12 +237,13 @@ class WavInfo(NamedTuple):
     data_bytes: int
     frames: int
     file_size: int
+    stream_state: int = 0  # STREAM_*: the state chunk a WavWriter keeps (live streams)
 
 
 def _info(out: Any) -> WavInfo:
     return WavInfo(out.samplerate, out.channels, out.format, out.bits, out.block_align,
                    bool(out.extensible), out.data_offset, out.data_bytes, out.frames,
-                   out.file_size)
+                   out.file_size, out.stream_state)
 
 
 class WavSpec(NamedTuple):
@@ -418,6 +420,10 @@ class Stream:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), filename)
 
+    def set_state(self, state: int) -> None:
+        """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk."""
+        check(lib.luna_live_set_state(self._header_map, self._data_offset, state))
+
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
     """Top 24 bits of each int32 sample of src, packed little-endian into dest's bytes."""
@@ -468,3 +474,42 @@ def float_to_pcm(src: np.ndarray, bits: int) -> np.ndarray:
     dest: np.ndarray = np.empty(count, dtype=_PCM_DTYPES[bits])
     float_to_pcm_into(src, dest, bits)
     return dest
+
+
+# ---- live streams (live.c) ---------------------------------------------------------
+
+STREAM_NONE: int = lib.LUNA_STREAM_NONE
+STREAM_LIVE: int = lib.LUNA_STREAM_LIVE
+STREAM_DONE: int = lib.LUNA_STREAM_DONE
+STREAM_FAIL: int = lib.LUNA_STREAM_FAIL
+WATCH_CHANGED: int = lib.LUNA_WATCH_CHANGED
+WATCH_CLOSED: int = lib.LUNA_WATCH_CLOSED
+WATCH_GONE: int = lib.LUNA_WATCH_GONE
+WATCH_NAMED: int = lib.LUNA_WATCH_NAMED
+
+
+def live_header(spec: WavSpec, data_bytes: int, state: int = STREAM_LIVE) -> bytes:
+    """The header of a live stream: a plain header plus the state chunk before "data"."""
+    out = ffi.new("uint8_t[]", lib.LUNA_WAV_MAX_HEADER)
+    n = check(lib.luna_live_header(out, _c_spec(spec), data_bytes, state))
+    return bytes(ffi.buffer(out, n))
+
+
+def watch_open(path: str, *, directory: bool, filename: str | None = None) -> int:
+    """An inotify fd watching a file (writes, closes, removal) or a directory (new names)."""
+    return check(lib.luna_watch_open(_c_path(path), int(directory)), filename or path)
+
+
+def watch_wait(fd: int, timeout: float | None) -> int:
+    """Wait for events on a watch_open fd (None: forever, 0: just drain); the WATCH_* bits."""
+    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    return check(lib.luna_watch_wait(fd, ms))
+
+
+def writers_gone(fd: int) -> bool | None:
+    """True when no process has the file open for writing, False when one has, None when
+    the kernel will not tell us (no lease: not our file and no CAP_LEASE, or no lease support)."""
+    rc = lib.luna_writers_gone(fd)
+    if rc in (-errno.EACCES, -errno.EPERM, -errno.EINVAL, -errno.ENOLCK):
+        return None
+    return bool(check(rc))

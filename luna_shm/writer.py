@@ -10,6 +10,7 @@ its shared mapping, not a system call.
 from __future__ import annotations
 
 import os as _os
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,13 @@ class WavWriter(FileResource):
         samplerate: frames per second.
         channels: 1 to 65535.
         dtype: the chunks' sample type: uint8, int16, int32, float32 or float64.
+
+    While it is open the file is a live stream that :func:`luna_shm.follow_wav`
+    follows from any process; :meth:`close` ends it as finished, :meth:`abort`
+    (or an exception out of its ``with`` block) as failed.
     """
+
+    _end_state: int = _lowlevel.STREAM_DONE
 
     def __init__(
         self,
@@ -42,7 +49,9 @@ class WavWriter(FileResource):
         self.dtype = formats.check_dtype(dtype)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
-        header = _lowlevel.wav_header(self._spec, 0)
+        # A live stream's header: a state chunk ("live") before the data, set to
+        # "done" by close() and "fail" by abort() (see luna_shm.follow).
+        header = _lowlevel.live_header(self._spec, 0)
         self._data_offset = len(header)
         dest = temp_audio.open_destination(path)
         try:
@@ -106,7 +115,26 @@ class WavWriter(FileResource):
             )
         return array
 
+    def abort(self) -> None:
+        """End the stream as failed: followers raise StreamAbandoned; the file keeps the
+        frames written so far. Leaving the ``with`` block by an exception aborts too.
+        Calling it on a closed writer does nothing."""
+        self._end_state = _lowlevel.STREAM_FAIL
+        self.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
     def _release(self) -> None:
+        # The end of the stream is recorded before the flock goes (when the fd
+        # closes): a follower that finds the lock free and the state still "live"
+        # knows the writer died. A store into the mapped header page: no system call.
+        if self._stream is not None:
+            self._stream.set_state(self._end_state)
         self._stream = None  # the header page is unmapped once nothing refers to it
 
     def __repr__(self) -> str:
