@@ -506,6 +506,15 @@ def watch_wait(fd: int, timeout: float | None) -> int:
     return check(lib.luna_watch_wait(fd, ms))
 
 
+def open_regular(path: str) -> int:
+    """Open a regular file read-only (never blocking on a FIFO); WavError for anything else."""
+    size = ffi.new("uint64_t *")
+    rc = lib.luna_open_regular(_c_path(path), size)
+    if rc == -_EFORMAT:
+        raise WavError(f"{path}: not a regular file")
+    return check(rc, path)
+
+
 def writers_gone(fd: int) -> bool | None:
     """True when no process has the file open for writing, False when one has, None when
     the kernel will not tell us (no lease: not our file and no CAP_LEASE, or no lease support)."""
