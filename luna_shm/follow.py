@@ -160,12 +160,16 @@ def _core(path: str, timeout: float | None) -> _Step:
             if watch >= 0:
                 _lowlevel.close(watch)
             watch = file_watch
-        delivered = 0  # bytes of data already handed out
+        delivered = data_offset = 0  # bytes of data already handed out, and where from
         announced = False  # the first parse is handed out once (iter_wav_stream's header)
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
         while True:
             size = _os.fstat(fd).st_size
+            if delivered and size < data_offset + delivered:
+                raise WavError(f"{path}: the stream shrank under its follower ({delivered} "
+                               f"bytes of audio were read, the file now holds "
+                               f"{max(size - data_offset, 0)})")
             info: _lowlevel.WavInfo | None
             try:
                 info = _lowlevel.wav_parse_fd(fd, size, path) if size else None
@@ -177,6 +181,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                     _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
                 yield _Wait(watch, wait_left())
                 continue
+            data_offset = info.data_offset
             if not announced:
                 announced = True
                 yield _Range(fd, info, info.data_offset, 0)
