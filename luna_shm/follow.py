@@ -164,13 +164,35 @@ def _core(path: str, timeout: float | None) -> _Step:
         announced = False  # the first parse is handed out once (iter_wav_stream's header)
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
+        info: _lowlevel.WavInfo | None = None
+        bits = 0
         while True:
             size = _os.fstat(fd).st_size
             if delivered and size < data_offset + delivered:
                 raise WavError(f"{path}: the stream shrank under its follower ({delivered} "
                                f"bytes of audio were read, the file now holds "
                                f"{max(size - data_offset, 0)})")
-            info: _lowlevel.WavInfo | None
+            if (bits == _lowlevel.WATCH_CHANGED and info is not None
+                    and info.stream_state == _lowlevel.STREAM_LIVE and info.block_align > 1):
+                # The hot path: a live WavWriter appended. Every byte below the file's
+                # size is written, and its pad byte never completes a frame: the new
+                # frames are known from fstat alone. A state change comes with a
+                # close event, which takes the full path below.
+                in_file = size - data_offset
+                end = data_offset + in_file - in_file % info.block_align
+                start = data_offset + delivered
+                if end > start:
+                    while start < end:
+                        n = min(end - start, max(_MAX_BLOCK_BYTES // info.block_align, 1)
+                                * info.block_align)
+                        yield _Range(fd, info, start, n)
+                        start += n
+                        delivered += n
+                    last_progress = _time.monotonic()
+                    bits = yield _Wait(watch, wait_left())
+                    if bits & _lowlevel.WATCH_CLOSED:
+                        closed_seen = True
+                    continue
             try:
                 info = _lowlevel.wav_parse_fd(fd, size, path) if size else None
             except WavError:
@@ -179,7 +201,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 # Not a WAV (yet): an empty placeholder, or a header being written.
                 if size and _lock_is_free(fd) and _lowlevel.writers_gone(fd) is not False:
                     _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
-                yield _Wait(watch, wait_left())
+                bits = yield _Wait(watch, wait_left())
                 continue
             data_offset = info.data_offset
             if not announced:
@@ -198,7 +220,8 @@ def _core(path: str, timeout: float | None) -> _Step:
                     start += n
                     delivered += n
                 last_progress = _time.monotonic()
-                continue  # look again before sleeping: more may have come meanwhile
+                bits = 0
+                continue  # look again before sleeping: the stream may be over
             # Nothing new: is the stream over?
             state = info.stream_state
             if state == _lowlevel.STREAM_DONE:
