@@ -1,4 +1,4 @@
-"""Live streams measured across processes, side by side with a pipe, in one run (issue 11, section 5).
+"""Live streams across processes, side by side with a pipe, in one run (issue 11, section 5).
 
 ``python benchmarks/live.py [--quick]`` prints the table; ``benchmarks/test_live.py``
 runs the same measurements under pytest (``make bench``) and checks the targets.
@@ -34,6 +34,7 @@ from luna_shm import WavWriter, read_wav, write_wav
 RATE = 24000
 CHUNK = 480  # 20 ms of 24 kHz
 CHUNK_BYTES = CHUNK * 2
+REAL_TIME = 0.020  # a renderer at real time hands over a 20 ms chunk every 20 ms
 
 # A follower process: "ready", then (frames so far, time held) for every block.
 _FOLLOWER = """
@@ -326,11 +327,15 @@ def main(argv: Sequence[str]) -> int:
         print(f"load average at start: {bench.loadavg()}")
         print("\nhand-off latency, write() returning -> follower holding the array "
               "(20 ms chunks, 24 kHz int16)")
-        for followers in (1, 8):
-            for result in (handoff_latency(directory, followers, 100 if quick else 300),
-                           pipe_latency(followers, 100 if quick else 300)):
-                print(f"  {result.method:10} {followers} follower(s): p50 {_us(result.p50)}"
-                      f"   p99 {_us(result.p99)}   (n={len(result.values)})")
+        n = 100 if quick else 300
+        for gap in (REAL_TIME, 0.001):
+            print(f"  chunks written {gap * 1e3:g} ms apart:")
+            for followers in (1, 8):
+                for result in (handoff_latency(directory, followers, n, gap),
+                               pipe_latency(followers, n, gap)):
+                    print(f"    {result.method:10} {followers} follower(s): p50 "
+                          f"{_us(result.p50)}   p99 {_us(result.p99)}   "
+                          f"(n={len(result.values)})")
         fa = first_audio(directory, 1 if quick else 3)
         live, whole = sorted(fa.live)[len(fa.live) // 2], sorted(fa.whole_file)[len(fa.live) // 2]
         print(f"\nfirst audio of a 3 s utterance (median of {len(fa.live)}): live "
