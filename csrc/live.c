@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static void put_u32le(uint8_t *p, uint64_t v)
@@ -163,6 +164,37 @@ int luna_watch_wait(int fd, int timeout_ms)
             off += (ssize_t)sizeof(struct inotify_event) + (ssize_t)ev->len;
         }
     }
+}
+
+int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
+                    uint32_t block, void *dst, uint64_t cap, uint64_t *file_size,
+                    uint64_t *got)
+{
+    if (!file_size || !got || block == 0 || (!dst && cap))
+        return -EINVAL;
+    *got = 0;
+    int bits = luna_watch_wait(watch_fd, timeout_ms);
+    if (bits < 0)
+        return bits;
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    *file_size = (uint64_t)st.st_size;
+    if (bits != LUNA_WATCH_CHANGED || *file_size <= offset)
+        return bits; /* anything but an append: the caller looks at the whole file */
+    uint64_t n = *file_size - offset;
+    if (n > cap)
+        n = cap;
+    n -= n % block;
+    if (n == 0)
+        return bits;
+    int rc = luna_read_at(fd, offset, dst, n);
+    if (rc == -ENODATA)
+        return bits; /* it shrank meanwhile: the caller finds out */
+    if (rc < 0)
+        return rc;
+    *got = n;
+    return bits;
 }
 
 int luna_writers_gone(int fd)

@@ -338,6 +338,16 @@ int luna_watch_open(const char *path, int directory);
  * (0 on timeout or when a signal interrupted the wait), or -errno. */
 int luna_watch_wait(int fd, int timeout_ms);
 
+/* The hot path of a follower, in one call: wait as luna_watch_wait, store
+ * fd's size in *file_size, and when the only event was a write, read the
+ * whole blocks (block bytes each) of fd from offset up to its size, at most
+ * cap bytes, into dst, storing how many in *got (0 when none were read, also
+ * when the file shrank meanwhile). Returns the LUNA_WATCH_* bits or -errno
+ * (-EINVAL for block 0 or a NULL pointer). */
+int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
+                    uint32_t block, void *dst, uint64_t cap, uint64_t *file_size,
+                    uint64_t *got);
+
 /* Whether no process has the file open for writing, asked with a read
  * lease taken and dropped at once (fd must be open read-only). Returns 1
  * (nobody writes), 0 (someone has it open for writing), or -errno: -EACCES

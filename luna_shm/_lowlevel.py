@@ -506,6 +506,18 @@ def watch_wait(fd: int, timeout: float | None) -> int:
     return check(lib.luna_watch_wait(fd, ms))
 
 
+def watch_read(watch_fd: int, timeout: float | None, fd: int, offset: int, block: int,
+               dest: np.ndarray) -> tuple[int, int]:
+    """watch_wait, then (when the only event was a write) pread the whole blocks past offset
+    into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest)."""
+    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    size = ffi.new("uint64_t[2]")
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        bits = lib.luna_watch_read(watch_fd, ms, fd, offset, block, buf, len(buf), size,
+                                   size + 1)
+    return check(bits), int(size[1])
+
+
 def open_regular(path: str) -> int:
     """Open a regular file read-only (never blocking on a FIFO); WavError for anything else."""
     size = ffi.new("uint64_t *")

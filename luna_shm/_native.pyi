@@ -79,6 +79,18 @@ class _Lib:
     def luna_live_set_state(self, header_map: Any, header_len: int, state: int) -> int: ...
     def luna_watch_open(self, path: Any, directory: int) -> int: ...
     def luna_watch_wait(self, fd: int, timeout_ms: int) -> int: ...
+    def luna_watch_read(
+        self,
+        watch_fd: int,
+        timeout_ms: int,
+        fd: int,
+        offset: int,
+        block: int,
+        dst: Any,
+        cap: int,
+        file_size: Any,
+        got: Any,
+    ) -> int: ...
     def luna_writers_gone(self, fd: int) -> int: ...
 
 lib: _Lib

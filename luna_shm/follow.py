@@ -48,13 +48,6 @@ _MAX_BLOCK_BYTES = 1 << 20
 _LOCK_RELEASE_GRACE = 0.5
 
 
-class _Wait(NamedTuple):
-    """The core asks its driver to wait for events on fd, at most timeout seconds."""
-
-    fd: int
-    timeout: float | None
-
-
 class _Range(NamedTuple):
     """The core tells its driver: bytes [offset, offset + nbytes) of the file are new."""
 
@@ -64,7 +57,36 @@ class _Range(NamedTuple):
     nbytes: int
 
 
-_Step = Generator[_Wait | _Range, int, None]
+class _Wait(NamedTuple):
+    """The core asks its driver to wait for events on fd, at most timeout seconds.
+
+    With prefetch, the driver may also read, in the same C call as the wait, the whole
+    frames that a write adds from prefetch.offset on (at most prefetch.nbytes): the hot
+    path of a live stream, one Python-to-C crossing from wake-up to array.
+    """
+
+    fd: int
+    timeout: float | None
+    prefetch: _Range | None = None
+
+
+class _Woken(NamedTuple):
+    """What the driver sends back after a wait: the events, and the frames it read."""
+
+    bits: int
+    block: np.ndarray | None = None
+    nbytes: int = 0
+
+
+class _Held(NamedTuple):
+    """The core hands back a block the driver read after a wait, now in order."""
+
+    block: np.ndarray
+
+
+_NOTHING = _Woken(0)
+
+_Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
 
 
 def _path_str(path: object) -> str:
@@ -132,8 +154,8 @@ def _available(info: _lowlevel.WavInfo, file_size: int) -> int:
 
 
 def _core(path: str, timeout: float | None) -> _Step:
-    """The follower, as a generator of _Range (new bytes) and _Wait (block until the
-    driver sends the events seen): shared by the sync and the async forms."""
+    """The follower, as a generator of _Range (new bytes), _Held (a block the driver read)
+    and _Wait (block until the driver sends a _Woken): shared by the sync and async forms."""
     fd = watch = -1
     try:
         last_progress = _time.monotonic()
@@ -160,13 +182,39 @@ def _core(path: str, timeout: float | None) -> _Step:
             if watch >= 0:
                 _lowlevel.close(watch)
             watch = file_watch
+
         delivered = data_offset = 0  # bytes of data already handed out, and where from
+        last_block = 4096  # bytes of the last block: what the next one likely holds
         announced = False  # the first parse is handed out once (iter_wav_stream's header)
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
         info: _lowlevel.WavInfo | None = None
-        bits = 0
+
+        def sleep() -> _Wait:
+            """Wait for events; on a live WavWriter's stream, read what comes at once."""
+            if (info is None or info.stream_state != _lowlevel.STREAM_LIVE
+                    or info.block_align < 2 or info.bits == 24):
+                return _Wait(watch, wait_left())
+            cap = max(min(last_block, _MAX_BLOCK_BYTES) // info.block_align, 1) * info.block_align
+            return _Wait(watch, wait_left(), _Range(fd, info, data_offset + delivered, cap))
+
+        def ranges(start: int, end: int) -> Iterator[_Range]:
+            assert info is not None
+            step = max(_MAX_BLOCK_BYTES // info.block_align, 1) * info.block_align
+            for at in range(start, end, step):
+                yield _Range(fd, info, at, min(step, end - at))
+
+        woken: _Woken | None = _NOTHING
         while True:
+            bits, held, held_bytes = woken or _NOTHING
+            woken = _NOTHING
+            if held is not None:
+                yield _Held(held)
+                delivered += held_bytes
+                last_block = held_bytes
+                last_progress = _time.monotonic()
+            if bits & _lowlevel.WATCH_CLOSED:
+                closed_seen = True
             size = _os.fstat(fd).st_size
             if delivered and size < data_offset + delivered:
                 raise WavError(f"{path}: the stream shrank under its follower ({delivered} "
@@ -182,16 +230,13 @@ def _core(path: str, timeout: float | None) -> _Step:
                 end = data_offset + in_file - in_file % info.block_align
                 start = data_offset + delivered
                 if end > start:
-                    while start < end:
-                        n = min(end - start, max(_MAX_BLOCK_BYTES // info.block_align, 1)
-                                * info.block_align)
-                        yield _Range(fd, info, start, n)
-                        start += n
-                        delivered += n
+                    for rng in ranges(start, end):
+                        yield rng
+                        delivered += rng.nbytes
+                    last_block = end - start
                     last_progress = _time.monotonic()
-                    bits = yield _Wait(watch, wait_left())
-                    if bits & _lowlevel.WATCH_CLOSED:
-                        closed_seen = True
+                if held is not None or end > start:
+                    woken = yield sleep()
                     continue
             try:
                 info = _lowlevel.wav_parse_fd(fd, size, path) if size else None
@@ -201,7 +246,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 # Not a WAV (yet): an empty placeholder, or a header being written.
                 if size and _lock_is_free(fd) and _lowlevel.writers_gone(fd) is not False:
                     _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
-                bits = yield _Wait(watch, wait_left())
+                woken = yield sleep()
                 continue
             data_offset = info.data_offset
             if not announced:
@@ -209,18 +254,12 @@ def _core(path: str, timeout: float | None) -> _Step:
                 yield _Range(fd, info, info.data_offset, 0)
             end = info.data_offset + _available(info, size)
             start = info.data_offset + delivered
-            if end < start:
-                raise WavError(f"{path}: the stream shrank under its follower "
-                               f"({delivered} bytes were read, {end - info.data_offset} remain)")
             if end > start:
-                while start < end:
-                    n = min(end - start, max(_MAX_BLOCK_BYTES // info.block_align, 1)
-                            * info.block_align)
-                    yield _Range(fd, info, start, n)
-                    start += n
-                    delivered += n
+                for rng in ranges(start, end):
+                    yield rng
+                    delivered += rng.nbytes
+                last_block = end - start
                 last_progress = _time.monotonic()
-                bits = 0
                 continue  # look again before sleeping: the stream may be over
             # Nothing new: is the stream over?
             state = info.stream_state
@@ -261,9 +300,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                         gone = not _streaming_header(fd, info)
                     if gone:
                         return
-            bits = yield _Wait(watch, wait_left())
-            if bits & _lowlevel.WATCH_CLOSED:
-                closed_seen = True
+            woken = yield sleep()
     finally:
         for owned in (watch, fd):
             if owned >= 0:
@@ -321,13 +358,32 @@ def follow_wav(path: str | _os.PathLike[str], *,
     return _follow_sync(path_str, limit)
 
 
+def _wake(wait: _Wait, timeout: float | None) -> _Woken:
+    """Wait as the core asks (at most timeout seconds), reading a prefetch at once."""
+    rng = wait.prefetch
+    if rng is None:
+        return _Woken(_lowlevel.watch_wait(wait.fd, timeout))
+    info = rng.info
+    dtype = formats.dtype_of(info)
+    dest = np.empty(rng.nbytes // dtype.itemsize, dtype)
+    bits, got = _lowlevel.watch_read(wait.fd, timeout, rng.fd, rng.offset, info.block_align,
+                                     dest)
+    if not got:
+        return _Woken(bits)
+    block = dest[:got // dtype.itemsize]
+    return _Woken(bits, block if info.channels == 1 else block.reshape(-1, info.channels), got)
+
+
 def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
     core = _core(path, timeout)
     try:
         step = next(core)
         while True:
             if isinstance(step, _Wait):
-                step = core.send(_lowlevel.watch_wait(step.fd, step.timeout))
+                step = core.send(_wake(step, step.timeout))
+            elif isinstance(step, _Held):
+                yield step.block
+                step = next(core)
             else:
                 if step.nbytes:
                     yield _block(step, path)
@@ -375,7 +431,10 @@ async def _follow_async(path: str, timeout: float | None) -> AsyncIterator[np.nd
         while True:
             if isinstance(step, _Wait):
                 await _readable(step.fd, step.timeout)
-                step = core.send(_lowlevel.watch_wait(step.fd, 0))
+                step = core.send(_wake(step, 0))
+            elif isinstance(step, _Held):
+                yield step.block
+                step = next(core)
             else:
                 if step.nbytes:
                     yield _block(step, path)
@@ -438,8 +497,9 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
         step = next(core)
         while True:
             if isinstance(step, _Wait):
-                step = core.send(_lowlevel.watch_wait(step.fd, step.timeout))
+                step = core.send(_Woken(_lowlevel.watch_wait(step.fd, step.timeout)))
                 continue
+            assert isinstance(step, _Range)  # no prefetch asked for: no _Held
             if not sent_header:
                 yield streamed_wav_header(step.info)
                 sent_header = True

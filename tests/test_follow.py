@@ -520,3 +520,22 @@ def test_an_idle_follower_sleeps_in_the_kernel(ram):
     worker.join(30)
     assert not worker.is_alive()
     assert os.path.exists(path)
+
+
+@pytest.mark.parametrize(("dtype", "channels"), [("float32", 3), ("float64", 1), ("int32", 2),
+                                                 ("uint8", 3)])
+def test_chunks_of_changing_sizes_reach_another_process_whole_in_every_layout(ram, dtype,
+                                                                              channels):
+    # The hot path reads what a write adds in the same call as the wake-up, into an array
+    # sized like the last block: smaller, equal and larger chunks all arrive whole.
+    path = ram / "layouts.wav"
+    parts = [samples(dtype, n, channels, seed=i)
+             for i, n in enumerate([5, 480, 480, 7, 2000, 1, 480, 33])]
+    with WavWriter(path, RATE, channels, dtype) as writer:
+        child = start_follower(path)
+        for part in parts:
+            writer.write(part)
+            time.sleep(0.005)
+    report = follower_report(child)
+    assert (report["sha"], report["frames"], report["error"]) == (
+        digest(parts), sum(len(p) for p in parts), None)
