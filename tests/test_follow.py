@@ -539,3 +539,29 @@ def test_chunks_of_changing_sizes_reach_another_process_whole_in_every_layout(ra
     report = follower_report(child)
     assert (report["sha"], report["frames"], report["error"]) == (
         digest(parts), sum(len(p) for p in parts), None)
+
+
+def _pcm16_header(riff_size: int, data_size: int) -> bytes:
+    return (b"RIFF" + riff_size.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+            + (24000).to_bytes(4, "little") + (48000).to_bytes(4, "little")
+            + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+            + b"data" + data_size.to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize(("riff_size", "data_size", "tail", "frames"), [
+    (36, 0, b"\x01\x00" * 50, 50),  # RIFF ends where the data starts: a header never fixed
+    (0x7FFFFFFF, 0x7FFFFFFF, b"\x01\x00" * 50, 50),
+    (0xFFFFFFFF, 0x7FFFFFFF, b"\x01\x00" * 50 + b"\x01", 50),  # a half frame is not a frame
+    # Genuinely empty data followed by a LIST chunk the RIFF size covers: 0 frames.
+    (36 + 8 + 4, 0, b"LIST" + (4).to_bytes(4, "little") + b"INFO", 0),
+], ids=["data-0-riff-ends-at-data", "0x7FFFFFFF", "0x7FFFFFFF-odd-tail", "empty-data-then-LIST"])
+def test_read_wav_reads_streamed_sizes_to_the_end_and_real_sizes_as_they_are(ram, riff_size,
+                                                                              data_size, tail,
+                                                                              frames):
+    path = ram / "streamed.wav"
+    path.write_bytes(_pcm16_header(riff_size, data_size) + tail)
+    data, rate = read_wav(path)
+    assert rate == 24000 and len(data) == frames
+    assert (data == 1).all()
+    assert len(collect(path)[0] if frames else []) == frames
