@@ -36,6 +36,7 @@ class WavWriter(FileResource):
     """
 
     _end_state: int = _lowlevel.STREAM_DONE
+    _owner_pid: int = -1
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class WavWriter(FileResource):
         # A live stream's header: a state chunk ("live") before the data, set to
         # "done" by close() and "fail" by abort() (see luna_shm.follow).
         header = _lowlevel.live_header(self._spec, 0)
+        self._owner_pid = _os.getpid()
         self._data_offset = len(header)
         dest = temp_audio.open_destination(path)
         try:
@@ -133,7 +135,9 @@ class WavWriter(FileResource):
         # The end of the stream is recorded before the flock goes (when the fd
         # closes): a follower that finds the lock free and the state still "live"
         # knows the writer died. A store into the mapped header page: no system call.
-        if self._stream is not None:
+        # Only the process that made the writer ends its stream: a forked child that
+        # closes its copy must not tell the parent's followers that the stream is over.
+        if self._stream is not None and _os.getpid() == self._owner_pid:
             self._stream.set_state(self._end_state)
         self._stream = None  # the header page is unmapped once nothing refers to it
 

@@ -566,3 +566,20 @@ def test_read_wav_reads_streamed_sizes_to_the_end_and_real_sizes_as_they_are(ram
     assert rate == 24000 and len(data) == frames
     assert (data == 1).all()
     assert len(collect(path)[0] if frames else []) == frames
+
+
+def test_a_forked_child_that_closes_its_copy_of_the_writer_does_not_end_the_stream(ram):
+    path = ram / "forked.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        pid = os.fork()
+        if pid == 0:  # the child closes its copy and leaves without any cleanup
+            try:
+                writer.close()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert stream_state(path) == b"live"
+        writer.write(stream_chunks(2)[1])
+    assert stream_state(path) == b"done"
+    assert len(collect(path)) >= 1
