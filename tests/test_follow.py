@@ -583,3 +583,56 @@ def test_a_forked_child_that_closes_its_copy_of_the_writer_does_not_end_the_stre
         writer.write(stream_chunks(2)[1])
     assert stream_state(path) == b"done"
     assert len(collect(path)) >= 1
+
+
+def follow_as_other_user(path: Path) -> dict[str, object]:
+    """follow_wav(path, timeout=0.5) in a forked child that is uid 65534: what it got."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become another user, follow, report, leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                report: dict[str, object] = {
+                    "frames": sum(len(b) for b in follow_wav(path, timeout=0.5))}
+            except TimeoutError as exc:
+                report = {"timeout": str(exc)}
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        out = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["final-header", "streamed-header"])
+def test_a_follower_that_may_not_take_a_lease_ends_a_final_header_and_waits_on_a_streamed_one(
+        ram, streamed):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a follower as uid 65534")
+    path = ram / "theirs.wav"
+    data = np.arange(100, dtype=np.int16)
+    header = (b"RIFF" + (0xFFFFFFFF if streamed else 236).to_bytes(4, "little") + b"WAVEfmt "
+              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+              + (1).to_bytes(2, "little") + (24000).to_bytes(4, "little")
+              + (48000).to_bytes(4, "little") + (2).to_bytes(2, "little")
+              + (16).to_bytes(2, "little") + b"data"
+              + (0xFFFFFFFF if streamed else 200).to_bytes(4, "little"))
+    path.write_bytes(header + data.tobytes())
+    path.chmod(0o644)
+    ram.chmod(0o755)
+    report = call_with_deadline(lambda: follow_as_other_user(path))
+    if streamed:
+        # Not its file, no CAP_LEASE: nobody can say whether a writer still has it open.
+        assert report == {"timeout": f"[Errno {errno.ETIMEDOUT}] no new audio for 0.5 s: "
+                                     f"'{path}'"}
+    else:
+        assert report == {"frames": 100}
