@@ -507,15 +507,15 @@ def watch_wait(fd: int, timeout: float | None) -> int:
 
 
 def watch_read(watch_fd: int, timeout: float | None, fd: int, offset: int, block: int,
-               dest: np.ndarray) -> tuple[int, int]:
+               dest: np.ndarray) -> tuple[int, int, int]:
     """watch_wait, then (when the only event was a write) pread the whole blocks past offset
-    into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest)."""
+    into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest, file size)."""
     ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
     size = ffi.new("uint64_t[2]")
     with ffi.from_buffer(dest, require_writable=True) as buf:
         bits = lib.luna_watch_read(watch_fd, ms, fd, offset, block, buf, len(buf), size,
                                    size + 1)
-    return check(bits), int(size[1])
+    return check(bits), int(size[1]), int(size[0])
 
 
 def open_regular(path: str) -> int:

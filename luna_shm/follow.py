@@ -76,6 +76,7 @@ class _Woken(NamedTuple):
     bits: int
     block: np.ndarray | None = None
     nbytes: int = 0
+    file_size: int = -1  # the file's size after the wait, when the driver asked
 
 
 class _Held(NamedTuple):
@@ -206,7 +207,7 @@ def _core(path: str, timeout: float | None) -> _Step:
 
         woken: _Woken | None = _NOTHING
         while True:
-            bits, held, held_bytes = woken or _NOTHING
+            bits, held, held_bytes, known_size = woken or _NOTHING
             woken = _NOTHING
             if held is not None:
                 yield _Held(held)
@@ -215,7 +216,9 @@ def _core(path: str, timeout: float | None) -> _Step:
                 last_progress = _time.monotonic()
             if bits & _lowlevel.WATCH_CLOSED:
                 closed_seen = True
-            size = _os.fstat(fd).st_size
+            # After a prefetch the C call has just taken the size; a write since then
+            # has queued an event, so the next wait returns at once.
+            size = known_size if held is not None else _os.fstat(fd).st_size
             if delivered and size < data_offset + delivered:
                 raise WavError(f"{path}: the stream shrank under its follower ({delivered} "
                                f"bytes of audio were read, the file now holds "
@@ -366,12 +369,13 @@ def _wake(wait: _Wait, timeout: float | None) -> _Woken:
     info = rng.info
     dtype = formats.dtype_of(info)
     dest = np.empty(rng.nbytes // dtype.itemsize, dtype)
-    bits, got = _lowlevel.watch_read(wait.fd, timeout, rng.fd, rng.offset, info.block_align,
-                                     dest)
+    bits, got, size = _lowlevel.watch_read(wait.fd, timeout, rng.fd, rng.offset,
+                                           info.block_align, dest)
     if not got:
         return _Woken(bits)
     block = dest[:got // dtype.itemsize]
-    return _Woken(bits, block if info.channels == 1 else block.reshape(-1, info.channels), got)
+    return _Woken(bits, block if info.channels == 1 else block.reshape(-1, info.channels), got,
+                  size)
 
 
 def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
