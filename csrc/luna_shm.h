@@ -221,6 +221,7 @@ struct luna_wav_info {
     uint64_t frames;
     uint64_t file_size;
     const char *error;      /* static reason when -LUNA_EFORMAT is returned */
+    int32_t stream_state;   /* LUNA_STREAM_*: a live.c state chunk before data */
 };
 
 /* Parse a WAV held whole in buf[0..len). Never reads outside buf.
@@ -352,6 +353,62 @@ int luna_decode(const void *src, int src_format, int src_bits, void *dst,
  * -ENODATA when the file ends first, or -errno. */
 int luna_read_decode(int fd, uint64_t offset, int src_format, int src_bits,
                      void *dst, int dst_type, uint64_t count);
+
+/* ---- live.c: live streams ------------------------------------------------ */
+
+/* The state of a stream a WavWriter writes, kept in a "JUNK" chunk before
+ * "data" whose body is "lsst" + "live" | "done" | "fail". Files without it
+ * (any other writer) are LUNA_STREAM_NONE. */
+#define LUNA_STREAM_NONE 0
+#define LUNA_STREAM_LIVE 1
+#define LUNA_STREAM_DONE 2
+#define LUNA_STREAM_FAIL 3
+
+/* What luna_watch_wait saw (bits). */
+#define LUNA_WATCH_CHANGED 1   /* written to, or its attributes changed */
+#define LUNA_WATCH_CLOSED 2    /* a process closed it after writing */
+#define LUNA_WATCH_GONE 4      /* removed or renamed */
+#define LUNA_WATCH_NAMED 8     /* directory: a name appeared in it */
+
+/* Write into out (LUNA_WAV_MAX_HEADER bytes) the header luna_wav_header
+ * writes, with the state chunk (state: LUNA_STREAM_LIVE/DONE/FAIL) before
+ * "data" and the data aligned as there. Returns the header length, -EINVAL
+ * (bad spec or state) or -EFBIG (as luna_wav_header). */
+int luna_live_header(uint8_t *out, const struct luna_wav_spec *spec,
+                     uint64_t data_bytes, int state);
+
+/* Store state into the state chunk of a live header mapped at header_map
+ * (header_len bytes), after a release fence: whoever sees it sees every
+ * store before it. Returns 0, or -EINVAL (no state chunk, bad state). */
+int luna_live_set_state(uint8_t *header_map, uint64_t header_len, int state);
+
+/* An inotify fd (non-blocking, close-on-exec) watching path: a file for
+ * writes, closes after writing, attribute changes, removal and renames, or
+ * (directory=1) a directory for names that appear. Returns the fd or -errno
+ * (-ENOENT, -ENOTDIR, -EMFILE when out of inotify instances...). */
+int luna_watch_open(const char *path, int directory);
+
+/* Wait up to timeout_ms (-1: forever, 0: do not wait) for events on a
+ * luna_watch_open fd and drain them all. Returns the LUNA_WATCH_* bits seen
+ * (0 on timeout or when a signal interrupted the wait), or -errno. */
+int luna_watch_wait(int fd, int timeout_ms);
+
+/* The hot path of a follower, in one call: wait as luna_watch_wait, store
+ * fd's size in *file_size, and when the only event was a write, read the
+ * whole blocks (block bytes each) of fd from offset up to its size, at most
+ * cap bytes, into dst, storing how many in *got (0 when none were read, also
+ * when the file shrank meanwhile). Returns the LUNA_WATCH_* bits or -errno
+ * (-EINVAL for block 0 or a NULL pointer). */
+int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
+                    uint32_t block, void *dst, uint64_t cap, uint64_t *file_size,
+                    uint64_t *got);
+
+/* Whether no process has the file open for writing, asked with a read
+ * lease taken and dropped at once (fd must be open read-only). Returns 1
+ * (nobody writes), 0 (someone has it open for writing), or -errno: -EACCES
+ * when we neither own the file nor have CAP_LEASE, -EINVAL where the
+ * filesystem has no leases. */
+int luna_writers_gone(int fd);
 
 /* @cffi-cdef-end */
 

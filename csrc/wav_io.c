@@ -190,6 +190,8 @@ int luna_stream_append(int fd, uint8_t *header_map,
     /* total <= 4 GiB once the header accepts it, data_offset == len <= 128:
      * no sum below can wrap. */
     int len = luna_wav_header(header, spec, total, 0);
+    if (len >= 0 && (uint64_t)len != data_offset) /* a live.c stream header */
+        len = luna_live_header(header, spec, total, LUNA_STREAM_LIVE);
     if (len < 0)
         return len;
     if ((uint64_t)len != data_offset)

@@ -69,6 +69,18 @@ static uint32_t get_u32(const uint8_t *p)
            ((uint32_t)p[3] << 24);
 }
 
+/* The LUNA_STREAM_* value of a state chunk's four state bytes. */
+static int32_t stream_state_of(const uint8_t *tag)
+{
+    if (memcmp(tag, "live", 4) == 0)
+        return LUNA_STREAM_LIVE;
+    if (memcmp(tag, "done", 4) == 0)
+        return LUNA_STREAM_DONE;
+    if (memcmp(tag, "fail", 4) == 0)
+        return LUNA_STREAM_FAIL;
+    return LUNA_STREAM_NONE;
+}
+
 static int fail(struct luna_wav_info *out, const char *why)
 {
     out->error = why;
@@ -174,6 +186,14 @@ static int parse(const struct source *src, struct luna_wav_info *out)
             if (rc < 0)
                 return rc;
             have_fmt = 1;
+        } else if (memcmp(c, "JUNK", 4) == 0 && size >= 8 && !have_data &&
+                   src->size - body >= 8) {
+            uint8_t tag[8];
+            rc = source_read(src, body, tag, 8, out);
+            if (rc < 0)
+                return rc;
+            if (memcmp(tag, "lsst", 4) == 0)
+                out->stream_state = stream_state_of(tag + 4);
         } else if (memcmp(c, "data", 4) == 0 && !have_data) {
             uint64_t remaining = src->size - body;
             out->data_offset = body;
@@ -181,9 +201,13 @@ static int parse(const struct source *src, struct luna_wav_info *out)
             int sox_unspecified =
                 have_fmt && size > remaining &&
                 size == SOX_UNSPECIFIED_SIZE / out->block_align * out->block_align;
+            /* A RIFF that ends where the data starts, with data size 0:
+             * a streaming writer that has not fixed its header (yet). */
+            int riff_ends_here = (uint64_t)riff_size + 8u <= body;
             /* An unfinished stream: its data runs to the end of the file. */
-            if (size == 0xFFFFFFFFu || (size == 0 && unfinished_riff) ||
-                sox_unspecified) {
+            if (size == 0xFFFFFFFFu ||
+                (size == 0 && (unfinished_riff || riff_ends_here)) ||
+                (size == 0x7FFFFFFFu && size > remaining) || sox_unspecified) {
                 out->data_bytes = remaining;
                 data_to_end = 1;
             } else if (size > remaining) {

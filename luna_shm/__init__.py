@@ -5,6 +5,8 @@ Temp files (a drop-in for the ``get_temp_audio_path`` helper):
     cleanup_all_temp_audio, is_using_ram_disk, temp_dir, refresh_temp_dir
 WAV I/O:
     write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
+Live streams (play while it renders):
+    follow_wav, afollow_wav, iter_wav_stream; StreamAbandoned
 Hand-offs:
     save_temp_audio (encoded bytes, e.g. MP3 from a cloud TTS), send_wav / recv_wav
 Errors:
@@ -13,7 +15,8 @@ Errors:
 """
 
 from luna_shm.buffer import WavBuffer, create_wav_buffer
-from luna_shm.errors import HandoffError, LunaShmError, WavError
+from luna_shm.errors import HandoffError, LunaShmError, StreamAbandoned, WavError
+from luna_shm.follow import afollow_wav, follow_wav, iter_wav_stream
 from luna_shm.handoff import recv_wav, send_wav
 from luna_shm.pool import AudioPool, PooledWav
 from luna_shm.saved import save_temp_audio
@@ -45,15 +48,19 @@ __all__ = [
     "HandoffError",
     "LunaShmError",
     "PooledWav",
+    "StreamAbandoned",
     "WavBuffer",
     "WavError",
     "WavWriter",
+    "afollow_wav",
     "cleanup_all_temp_audio",
     "cleanup_temp_audio",
     "create_wav_buffer",
+    "follow_wav",
     "get_temp_audio_path",
     "is_using_ram_disk",
     "iter_unused_temp_audio",
+    "iter_wav_stream",
     "read_wav",
     "recv_wav",
     "refresh_temp_dir",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
@@ -261,12 +262,13 @@ class WavInfo(NamedTuple):
     data_bytes: int
     frames: int
     file_size: int
+    stream_state: int = 0  # STREAM_*: the state chunk a WavWriter keeps (live streams)
 
 
 def _info(out: Any) -> WavInfo:
     return WavInfo(out.samplerate, out.channels, out.format, out.bits, out.block_align,
                    bool(out.extensible), out.data_offset, out.data_bytes, out.frames,
-                   out.file_size)
+                   out.file_size, out.stream_state)
 
 
 class WavSpec(NamedTuple):
@@ -477,6 +479,10 @@ class Stream:
         # broke the mapping just now, and the new sizes went to zeros, not the file.
         self._header.check()
 
+    def set_state(self, state: int) -> None:
+        """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk."""
+        check(lib.luna_live_set_state(self._header_map, self._data_offset, state))
+
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:
     """Top 24 bits of each int32 sample of src, packed little-endian into dest's bytes."""
@@ -503,3 +509,63 @@ def float_to_pcm_into(src: np.ndarray, dest: np.ndarray, bits: int) -> None:
         raise ValueError(f"destination holds {dest.nbytes} bytes, need {src.size * (bits // 8)}")
     with ffi.from_buffer(src) as s, ffi.from_buffer(dest, require_writable=True) as d:
         check(lib.luna_float_to_pcm(s, int(src.dtype.itemsize == 8), d, bits, src.size))
+
+
+# ---- live streams (live.c) ---------------------------------------------------------
+
+STREAM_NONE: int = lib.LUNA_STREAM_NONE
+STREAM_LIVE: int = lib.LUNA_STREAM_LIVE
+STREAM_DONE: int = lib.LUNA_STREAM_DONE
+STREAM_FAIL: int = lib.LUNA_STREAM_FAIL
+WATCH_CHANGED: int = lib.LUNA_WATCH_CHANGED
+WATCH_CLOSED: int = lib.LUNA_WATCH_CLOSED
+WATCH_GONE: int = lib.LUNA_WATCH_GONE
+WATCH_NAMED: int = lib.LUNA_WATCH_NAMED
+
+
+def live_header(spec: WavSpec, data_bytes: int, state: int = STREAM_LIVE) -> bytes:
+    """The header of a live stream: a plain header plus the state chunk before "data"."""
+    out = ffi.new("uint8_t[]", lib.LUNA_WAV_MAX_HEADER)
+    n = check(lib.luna_live_header(out, _c_spec(spec), data_bytes, state))
+    return bytes(ffi.buffer(out, n))
+
+
+def watch_open(path: str, *, directory: bool, filename: str | None = None) -> int:
+    """An inotify fd watching a file (writes, closes, removal) or a directory (new names)."""
+    return check(lib.luna_watch_open(_c_path(path), int(directory)), filename or path)
+
+
+def watch_wait(fd: int, timeout: float | None) -> int:
+    """Wait for events on a watch_open fd (None: forever, 0: just drain); the WATCH_* bits."""
+    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    return check(lib.luna_watch_wait(fd, ms))
+
+
+def watch_read(watch_fd: int, timeout: float | None, fd: int, offset: int, block: int,
+               dest: np.ndarray) -> tuple[int, int, int]:
+    """watch_wait, then (when the only event was a write) pread the whole blocks past offset
+    into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest, file size)."""
+    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    size = ffi.new("uint64_t[2]")
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        bits = lib.luna_watch_read(watch_fd, ms, fd, offset, block, buf, len(buf), size,
+                                   size + 1)
+    return check(bits), int(size[1]), int(size[0])
+
+
+def open_regular(path: str) -> int:
+    """Open a regular file read-only (never blocking on a FIFO); WavError for anything else."""
+    size = ffi.new("uint64_t *")
+    rc = lib.luna_open_regular(_c_path(path), size)
+    if rc == -_EFORMAT:
+        raise WavError(f"{path}: not a regular file")
+    return check(rc, path)
+
+
+def writers_gone(fd: int) -> bool | None:
+    """True when no process has the file open for writing, False when one has, None when
+    the kernel will not tell us (no lease: not our file and no CAP_LEASE, or no lease support)."""
+    rc = lib.luna_writers_gone(fd)
+    if rc in (-errno.EACCES, -errno.EPERM, -errno.EINVAL, -errno.ENOLCK):
+        return None
+    return bool(check(rc))

@@ -21,6 +21,14 @@ class _Lib:
     LUNA_DECODE_INT32: int
     LUNA_DECODE_FLOAT32: int
     LUNA_DECODE_FLOAT64: int
+    LUNA_STREAM_NONE: int
+    LUNA_STREAM_LIVE: int
+    LUNA_STREAM_DONE: int
+    LUNA_STREAM_FAIL: int
+    LUNA_WATCH_CHANGED: int
+    LUNA_WATCH_CLOSED: int
+    LUNA_WATCH_GONE: int
+    LUNA_WATCH_NAMED: int
 
     def luna_create_excl(self, path: Any, mode: int) -> int: ...
     def luna_open_for_write(self, path: Any, mode: int, created: Any, old_size: Any) -> int: ...
@@ -82,5 +90,22 @@ class _Lib:
         self, fd: int, offset: int, src_format: int, src_bits: int, dst: Any, dst_type: int,
         count: int,
     ) -> int: ...
+    def luna_live_header(self, out: Any, spec: Any, data_bytes: int, state: int) -> int: ...
+    def luna_live_set_state(self, header_map: Any, header_len: int, state: int) -> int: ...
+    def luna_watch_open(self, path: Any, directory: int) -> int: ...
+    def luna_watch_wait(self, fd: int, timeout_ms: int) -> int: ...
+    def luna_watch_read(
+        self,
+        watch_fd: int,
+        timeout_ms: int,
+        fd: int,
+        offset: int,
+        block: int,
+        dst: Any,
+        cap: int,
+        file_size: Any,
+        got: Any,
+    ) -> int: ...
+    def luna_writers_gone(self, fd: int) -> int: ...
 
 lib: _Lib

@@ -11,3 +11,7 @@ class WavError(LunaShmError, ValueError):
 
 class HandoffError(LunaShmError, ValueError):
     """A message on a handoff socket is not a WAV handoff (no fd, wrong header)."""
+
+
+class StreamAbandoned(WavError):
+    """A live WAV stream ended without being finished: its writer died or aborted."""

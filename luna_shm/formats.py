@@ -109,19 +109,21 @@ def check_frames(frames: object) -> int:
     return check_int("frames", frames)
 
 
-def max_data_bytes(spec: WavSpec, tail_bytes: int = 0) -> int:
+def max_data_bytes(spec: WavSpec, tail_bytes: int = 0, header_len: int | None = None) -> int:
     """The most bytes of samples a WAV file of spec holds: the one 4 GiB limit.
 
-    Its RIFF size, 32 bits, counts everything after itself: the rest of the header,
-    the samples, a pad byte after an odd data chunk and any tail chunk.
+    Its RIFF size, 32 bits, counts everything after itself: the rest of the header
+    (header_len bytes; None: the plain header we write for spec), the samples, a pad
+    byte after an odd data chunk and any tail chunk.
     """
-    data_bytes = MAX_WAV_BYTES - (wav_header_size(spec) - 8) - tail_bytes
+    header = wav_header_size(spec) if header_len is None else header_len
+    data_bytes = MAX_WAV_BYTES - (header - 8) - tail_bytes
     return max(0, data_bytes - (data_bytes & 1))
 
 
-def check_data_fits(data_bytes: int, spec: WavSpec) -> None:
+def check_data_fits(data_bytes: int, spec: WavSpec, header_len: int | None = None) -> None:
     """ValueError when data_bytes of samples do not fit a WAV file of spec."""
-    if data_bytes > max_data_bytes(spec):
+    if data_bytes > max_data_bytes(spec, header_len=header_len):
         raise ValueError(
             f"data too large for a WAV file: {data_bytes} bytes of samples (the limit is "
             "4 GiB; RF64 is not supported)"

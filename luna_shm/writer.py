@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os as _os
 import threading as _threading
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,14 @@ class WavWriter(FileResource):
     Threads may share one writer: each :meth:`write` appends its whole chunk,
     and the header always covers exactly the chunks in the file. A forked
     child cannot use its parent's writer (``RuntimeError``).
+
+    While it is open the file is a live stream that :func:`luna_shm.follow_wav`
+    follows from any process; :meth:`close` ends it as finished, :meth:`abort`
+    (or an exception out of its ``with`` block) as failed.
     """
 
     _stream: _lowlevel.Stream | None = None
+    _end_state: int = _lowlevel.STREAM_DONE
 
     def __init__(
         self,
@@ -54,9 +60,11 @@ class WavWriter(FileResource):
         self.dtype = formats.check_dtype(dtype)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
-        header = _lowlevel.wav_header(self._spec, 0)
+        # A live stream's header: a state chunk ("live") before the data, set to
+        # "done" by close() and "fail" by abort() (see luna_shm.follow).
+        header = _lowlevel.live_header(self._spec, 0)
         self._data_offset = len(header)
-        self._max_data_bytes = formats.max_data_bytes(self._spec)
+        self._max_data_bytes = formats.max_data_bytes(self._spec, header_len=len(header))
         if path is None:
             # A RAM disk that refuses the new file, at its creation or at its header,
             # sends it to the disk temp dir; later chunks cannot move (see write).
@@ -116,7 +124,8 @@ class WavWriter(FileResource):
             if stream is None:  # another thread closed the writer meanwhile
                 raise ValueError("I/O operation on closed WavWriter")
             if stream.data_bytes + array.nbytes > self._max_data_bytes:
-                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec)
+                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
+                                        self._data_offset)
             try:
                 stream.append(array, self.path)
             except OSError as exc:
@@ -146,7 +155,28 @@ class WavWriter(FileResource):
         with self._lock:
             super().close()
 
+    def abort(self) -> None:
+        """End the stream as failed: followers raise StreamAbandoned; the file keeps the
+        frames written so far. Leaving the ``with`` block by an exception aborts too.
+        Calling it on a closed writer does nothing."""
+        self._end_state = _lowlevel.STREAM_FAIL
+        self.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
     def _release(self) -> None:
+        # The end of the stream is recorded before the flock goes (when the fd
+        # closes): a follower that finds the lock free and the state still "live"
+        # knows the writer died. A store into the mapped header page: no system call.
+        # Only the process that made the writer ends its stream: a forked child that
+        # closes its copy must not tell the parent's followers that the stream is over.
+        if self._stream is not None and self._pid == _resource.current_pid:
+            self._stream.set_state(self._end_state)
         self._stream = None  # the header page is unmapped once nothing refers to it
 
     def __repr__(self) -> str:

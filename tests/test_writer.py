@@ -30,6 +30,7 @@ from luna_shm import WavWriter, read_wav
 RATE = 16000
 DTYPES = ["uint8", "int16", "int32", "float32", "float64"]
 CHUNK_FRAMES = [1, 7, 0, 100, 33, 256]  # odd sizes, an empty chunk, a larger one
+HEADER = 44 + 16  # a PCM header and the writer's stream-state chunk ("JUNK" "lsst" "live")
 
 def chunks(dtype: str, channels: int) -> list[np.ndarray]:
     return [samples(dtype, n, channels, seed=i) for i, n in enumerate(CHUNK_FRAMES)]
@@ -128,9 +129,10 @@ def test_odd_sized_8_bit_mono_chunks_keep_a_pad_byte_and_exact_sizes(ram):
             writer.write(chunk)
             total += size
             raw = path.read_bytes()
-            assert raw[36:40] == b"data"
-            assert int.from_bytes(raw[40:44], "little") == total
-            assert len(raw) == 44 + total + (total & 1)
+            # A plain 44-byte header plus the 16-byte stream-state chunk before "data".
+            assert raw[52:56] == b"data"
+            assert int.from_bytes(raw[56:60], "little") == total
+            assert len(raw) == HEADER + total + (total & 1)
             assert int.from_bytes(raw[4:8], "little") == len(raw) - 8
             if total & 1:
                 assert raw[-1] == 0
@@ -237,7 +239,7 @@ def test_a_writer_accepts_str_and_path_and_replaces_an_existing_file(ram, kind):
     with WavWriter(kind(target), RATE) as writer:
         assert writer.path == str(target)
         writer.write(np.arange(5, dtype=np.int16))
-    assert target.stat().st_size == 44 + 10
+    assert target.stat().st_size == HEADER + 10
     np.testing.assert_array_equal(read_wav(target)[0], np.arange(5, dtype=np.int16))
 
 
@@ -315,7 +317,7 @@ def test_a_write_that_fails_mid_stream_leaves_a_valid_wav_of_the_chunks_before(l
     assert report["frames"] == report["frames_reported"] == report["written"] * 1001
     assert report["ok"] and report["rate"] == 8000
     data_bytes = report["written"] * 2002
-    assert report["size"] == 44 + data_bytes
+    assert report["size"] == HEADER + data_bytes
 
 
 # ---- threads sharing one writer --------------------------------------------------------------

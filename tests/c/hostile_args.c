@@ -425,6 +425,93 @@ static void check_hostile_sizes(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* ---- 4. live.c: stream-state headers, parsed back; hostile arguments ---- */
+
+static void check_live(void)
+{
+    static const struct luna_wav_spec kinds[] = {
+        {8000, 1, LUNA_WAVE_FORMAT_PCM, 8},         {24000, 1, LUNA_WAVE_FORMAT_PCM, 16},
+        {44100, 1, LUNA_WAVE_FORMAT_PCM, 24},       {48000, 1, LUNA_WAVE_FORMAT_PCM, 32},
+        {16000, 1, LUNA_WAVE_FORMAT_IEEE_FLOAT, 32}, {16000, 1, LUNA_WAVE_FORMAT_IEEE_FLOAT, 64},
+    };
+    static const uint16_t channel_counts[] = {1, 2, 3, 7};
+    static const uint64_t frame_counts[] = {0, 1, 1001};
+    static uint8_t file[LUNA_WAV_MAX_HEADER + 1001 * 7 * 8 + 1];
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        for (size_t c = 0; c < sizeof channel_counts / sizeof channel_counts[0]; c++) {
+            struct luna_wav_spec spec = kinds[k];
+            spec.channels = channel_counts[c];
+            uint64_t frame = (uint64_t)spec.channels * (spec.bits / 8u);
+            uint32_t align = spec.bits == 24 ? 1u : spec.bits / 8u;
+            for (size_t f = 0; f < sizeof frame_counts / sizeof frame_counts[0]; f++) {
+                uint64_t bytes = frame_counts[f] * frame;
+                int len = luna_live_header(file, &spec, bytes, LUNA_STREAM_LIVE);
+                EXPECT_TRUE(len > 0 && len <= LUNA_WAV_MAX_HEADER && len % (int)align == 0);
+                if (len <= 0)
+                    continue;
+                memset(file + len, 0, (size_t)(bytes + (bytes & 1u)));
+                uint64_t total = (uint64_t)len + bytes + (bytes & 1u);
+                struct luna_wav_info info;
+                EXPECT_RC(luna_wav_parse_buffer(file, total, &info), 0);
+                EXPECT_TRUE(info.stream_state == LUNA_STREAM_LIVE);
+                EXPECT_TRUE(info.data_offset == (uint64_t)len && info.data_bytes == bytes);
+                EXPECT_RC(luna_live_set_state(file, (uint64_t)len, LUNA_STREAM_DONE), 0);
+                EXPECT_RC(luna_wav_parse_buffer(file, total, &info), 0);
+                EXPECT_TRUE(info.stream_state == LUNA_STREAM_DONE);
+                EXPECT_RC(luna_live_set_state(file, (uint64_t)len, LUNA_STREAM_FAIL), 0);
+                EXPECT_RC(luna_wav_parse_buffer(file, total, &info), 0);
+                EXPECT_TRUE(info.stream_state == LUNA_STREAM_FAIL);
+            }
+        }
+    }
+    const struct luna_wav_spec spec = {24000, 1, LUNA_WAVE_FORMAT_PCM, 16};
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    EXPECT_RC(luna_live_header(header, &spec, UINT64_MAX, LUNA_STREAM_LIVE), -EFBIG);
+    EXPECT_RC(luna_live_header(header, &spec, 0xFFFFFFFFu, LUNA_STREAM_LIVE), -EFBIG);
+    EXPECT_RC(luna_live_header(header, &spec, 0, LUNA_STREAM_NONE), -EINVAL);
+    EXPECT_RC(luna_live_header(header, &spec, 0, 99), -EINVAL);
+    EXPECT_RC(luna_live_header(NULL, &spec, 0, LUNA_STREAM_LIVE), -EINVAL);
+    EXPECT_RC(luna_live_header(header, NULL, 0, LUNA_STREAM_LIVE), -EINVAL);
+    int plain = luna_wav_header(header, &spec, 0, 0);
+    EXPECT_RC(luna_live_set_state(header, (uint64_t)plain, LUNA_STREAM_DONE), -EINVAL);
+    EXPECT_RC(luna_live_set_state(header, UINT64_MAX, LUNA_STREAM_DONE), -EINVAL);
+    EXPECT_RC(luna_live_set_state(NULL, 60, LUNA_STREAM_DONE), -EINVAL);
+    EXPECT_RC(luna_watch_open(NULL, 0), -EINVAL);
+    uint64_t size = 0, got = 0;
+    uint8_t buf[16];
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 0, buf, sizeof buf, &size, &got), -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 2, NULL, 16, &size, &got), -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 2, buf, sizeof buf, NULL, &got), -EINVAL);
+
+    /* A live stream appended to through wav_io.c keeps its state chunk. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/live.wav", dir_path);
+    int fd = luna_create_excl(path, 0600);
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    int len = luna_live_header(header, &spec, 0, LUNA_STREAM_LIVE);
+    EXPECT_RC(luna_write_at(fd, 0, header, (uint64_t)len), 0);
+    static const uint8_t data[100];
+    uint64_t have = 0;
+    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)len, &have, data, 100), 0);
+    struct luna_wav_info info;
+    EXPECT_RC(luna_wav_parse_fd(fd, (uint64_t)len + 100, &info), 0);
+    EXPECT_TRUE(info.stream_state == LUNA_STREAM_LIVE && info.data_bytes == 100);
+    int watch = luna_watch_open(path, 0);
+    EXPECT_TRUE(watch >= 0);
+    EXPECT_RC(luna_write_at(fd, (uint64_t)len + 100, data, 10), 0);
+    uint8_t got_bytes[64];
+    EXPECT_RC(luna_watch_read(watch, 1000, fd, (uint64_t)len + 100, 4, got_bytes,
+                              sizeof got_bytes, &size, &got), LUNA_WATCH_CHANGED);
+    EXPECT_TRUE(size == (uint64_t)len + 110 && got == 8); /* whole 4-byte blocks only */
+    EXPECT_RC(luna_watch_wait(watch, 0), 0);
+    luna_close(watch);
+    luna_close(fd);
+    unlink(path);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -439,6 +526,7 @@ int main(int argc, char **argv)
     check_converters();
     check_headers();
     check_hostile_sizes();
+    check_live();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -1,0 +1,530 @@
+"""Follow a WAV file while it is written: play while it renders.
+
+``follow_wav`` yields each new block of frames as soon as it is in the file,
+``afollow_wav`` is its asyncio form, and ``iter_wav_stream`` yields bytes for a
+pipe or an HTTP response. Any number of followers, in any processes, follow one
+file; none of them costs the writer anything.
+
+How a follower knows what the writer is doing (see README, "Play while it
+renders"):
+
+- A :class:`~luna_shm.WavWriter` holds a shared flock on its file for its whole
+  life and keeps a state chunk in its header ("JUNK" "lsst" + "live", "done" or
+  "fail"). close() stores "done" (abort() "fail") before the lock goes. So: state
+  "done" = finished; "fail" = aborted; "live" with the lock free = the writer
+  died (the kernel drops the flock of a killed process; nothing could write
+  "done") -- known at once, no timeout.
+- Any other writer (sox, espeak-ng, ffmpeg, a shell redirect): the stream ends
+  when no process has the file open for writing, asked with a read lease
+  (F_SETLEASE), after inotify reports a close-after-write.
+- Waiting: inotify on the file (writes, close after writing), armed before the
+  file's state is read, so that no change between the two is missed. An idle
+  follower sleeps in poll(); it uses no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio as _asyncio
+import errno as _errno
+import fcntl as _fcntl
+import os as _os
+import time as _time
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from luna_shm import _lowlevel, formats
+from luna_shm.errors import StreamAbandoned, WavError
+
+__all__ = ["afollow_wav", "follow_wav", "iter_wav_stream"]
+
+# A block is at most this many bytes (a follower that starts after a long
+# stream is written gets it in pieces of bounded size).
+_MAX_BLOCK_BYTES = 1 << 20
+
+# After inotify reports a close-after-write, the kernel drops the writer's
+# flock a few instructions later (in the same final fput): how long we give it.
+_LOCK_RELEASE_GRACE = 0.5
+
+
+class _Range(NamedTuple):
+    """The core tells its driver: bytes [offset, offset + nbytes) of the file are new."""
+
+    fd: int
+    info: _lowlevel.WavInfo
+    offset: int
+    nbytes: int
+
+
+class _Wait(NamedTuple):
+    """The core asks its driver to wait for events on fd, at most timeout seconds.
+
+    With prefetch, the driver may also read, in the same C call as the wait, the whole
+    frames that a write adds from prefetch.offset on (at most prefetch.nbytes): the hot
+    path of a live stream, one Python-to-C crossing from wake-up to array.
+    """
+
+    fd: int
+    timeout: float | None
+    prefetch: _Range | None = None
+
+
+class _Woken(NamedTuple):
+    """What the driver sends back after a wait: the events, and the frames it read."""
+
+    bits: int
+    block: np.ndarray | None = None
+    nbytes: int = 0
+    file_size: int = -1  # the file's size after the wait, when the driver asked
+
+
+class _Held(NamedTuple):
+    """The core hands back a block the driver read after a wait, now in order."""
+
+    block: np.ndarray
+
+
+_NOTHING = _Woken(0)
+
+_Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
+
+
+def _path_str(path: object) -> str:
+    try:
+        text = _os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        text = None
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str or os.PathLike[str], got {_lowlevel.brief(path)}")
+    return text
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got "
+                         f"{_lowlevel.brief(timeout)}")
+    return float(timeout)
+
+
+def _timed_out(path: str, timeout: float) -> TimeoutError:
+    return TimeoutError(_errno.ETIMEDOUT, f"no new audio for {timeout:g} s", path)
+
+
+def _lock_is_free(fd: int) -> bool:
+    """True when no live WavWriter holds the file (we can take its lock exclusively)."""
+    if not _lowlevel.lock(fd, exclusive=True, wait=False):
+        return False
+    _fcntl.flock(fd, _fcntl.LOCK_UN)
+    return True
+
+
+def _open_watched(path: str) -> tuple[int, int]:
+    """Open path read-only and watch it; (fd, watch fd). The watch is armed before the
+    caller reads anything, so that no write after that goes unseen."""
+    fd = _lowlevel.open_regular(path)
+    try:
+        try:
+            # Through /proc the watch is on the very file we opened, even if the
+            # name has been replaced since.
+            watch = _lowlevel.watch_open(f"/proc/self/fd/{fd}", directory=False, filename=path)
+        except FileNotFoundError:  # no /proc
+            watch = _lowlevel.watch_open(path, directory=False)
+    except BaseException:
+        _lowlevel.close(fd)
+        raise
+    return fd, watch
+
+
+def _available(info: _lowlevel.WavInfo, file_size: int) -> int:
+    """Bytes of whole frames after the data offset that a follower may read now."""
+    if info.stream_state != _lowlevel.STREAM_LIVE:
+        return info.data_bytes
+    # A WavWriter appends the samples first (inotify tells us), then stores the new
+    # sizes into its mapped header page (no event). So the file's size counts too:
+    # every byte below it is written. The pad byte after an odd data size never
+    # completes a frame, except with 1-byte frames: there the last byte waits for
+    # the header to confirm it.
+    in_file = max(file_size - info.data_offset, 0)
+    if info.block_align == 1 and in_file % 2 == 0:
+        in_file -= 1
+    in_file -= in_file % info.block_align
+    return max(info.data_bytes, in_file)
+
+
+def _core(path: str, timeout: float | None) -> _Step:
+    """The follower, as a generator of _Range (new bytes), _Held (a block the driver read)
+    and _Wait (block until the driver sends a _Woken): shared by the sync and async forms."""
+    fd = watch = -1
+    try:
+        last_progress = _time.monotonic()
+
+        def wait_left() -> float | None:
+            if timeout is None:
+                return None
+            left = last_progress + timeout - _time.monotonic()
+            if left <= 0:
+                raise _timed_out(path, timeout)
+            return left
+
+        # 1. The file: wait for it to appear when it does not exist yet.
+        directory = _os.path.dirname(path) or "."
+        while fd < 0:
+            try:
+                fd, file_watch = _open_watched(path)
+            except FileNotFoundError:
+                if watch < 0:
+                    watch = _lowlevel.watch_open(directory, directory=True, filename=path)
+                    continue  # armed: look again before waiting
+                yield _Wait(watch, wait_left())
+                continue
+            if watch >= 0:
+                _lowlevel.close(watch)
+            watch = file_watch
+
+        delivered = data_offset = 0  # bytes of data already handed out, and where from
+        last_block = 4096  # bytes of the last block: what the next one likely holds
+        announced = False  # the first parse is handed out once (iter_wav_stream's header)
+        closed_seen = False  # inotify saw a close after writing since we last looked
+        asked_writers = False  # a foreign stream: asked once whether anyone writes it
+        info: _lowlevel.WavInfo | None = None
+
+        def sleep() -> _Wait:
+            """Wait for events; on a live WavWriter's stream, read what comes at once."""
+            if (info is None or info.stream_state != _lowlevel.STREAM_LIVE
+                    or info.block_align < 2 or info.bits == 24):
+                return _Wait(watch, wait_left())
+            cap = max(min(last_block, _MAX_BLOCK_BYTES) // info.block_align, 1) * info.block_align
+            return _Wait(watch, wait_left(), _Range(fd, info, data_offset + delivered, cap))
+
+        def ranges(start: int, end: int) -> Iterator[_Range]:
+            assert info is not None
+            step = max(_MAX_BLOCK_BYTES // info.block_align, 1) * info.block_align
+            for at in range(start, end, step):
+                yield _Range(fd, info, at, min(step, end - at))
+
+        woken: _Woken | None = _NOTHING
+        while True:
+            bits, held, held_bytes, known_size = woken or _NOTHING
+            woken = _NOTHING
+            if held is not None:
+                yield _Held(held)
+                delivered += held_bytes
+                last_block = held_bytes
+                last_progress = _time.monotonic()
+            if bits & _lowlevel.WATCH_CLOSED:
+                closed_seen = True
+            # After a prefetch the C call has just taken the size; a write since then
+            # has queued an event, so the next wait returns at once.
+            size = known_size if held is not None else _os.fstat(fd).st_size
+            if delivered and size < data_offset + delivered:
+                raise WavError(f"{path}: the stream shrank under its follower ({delivered} "
+                               f"bytes of audio were read, the file now holds "
+                               f"{max(size - data_offset, 0)})")
+            if (bits == _lowlevel.WATCH_CHANGED and info is not None
+                    and info.stream_state == _lowlevel.STREAM_LIVE and info.block_align > 1):
+                # The hot path: a live WavWriter appended. Every byte below the file's
+                # size is written, and its pad byte never completes a frame: the new
+                # frames are known from fstat alone. A state change comes with a
+                # close event, which takes the full path below.
+                in_file = size - data_offset
+                end = data_offset + in_file - in_file % info.block_align
+                start = data_offset + delivered
+                if end > start:
+                    for rng in ranges(start, end):
+                        yield rng
+                        delivered += rng.nbytes
+                    last_block = end - start
+                    last_progress = _time.monotonic()
+                if held is not None or end > start:
+                    woken = yield sleep()
+                    continue
+            try:
+                info = _lowlevel.wav_parse_fd(fd, size, path) if size else None
+            except WavError:
+                info = None
+            if info is None:
+                # Not a WAV (yet): an empty placeholder, or a header being written.
+                if size and _lock_is_free(fd) and _lowlevel.writers_gone(fd) is not False:
+                    _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
+                woken = yield sleep()
+                continue
+            data_offset = info.data_offset
+            if not announced:
+                announced = True
+                yield _Range(fd, info, info.data_offset, 0)
+            end = info.data_offset + _available(info, size)
+            start = info.data_offset + delivered
+            if end > start:
+                for rng in ranges(start, end):
+                    yield rng
+                    delivered += rng.nbytes
+                last_block = end - start
+                last_progress = _time.monotonic()
+                continue  # look again before sleeping: the stream may be over
+            # Nothing new: is the stream over?
+            state = info.stream_state
+            if state == _lowlevel.STREAM_DONE:
+                return
+            if state == _lowlevel.STREAM_FAIL:
+                raise StreamAbandoned(f"{path}: the writer aborted the stream after "
+                                      f"{delivered // info.block_align} frames")
+            if state == _lowlevel.STREAM_LIVE:
+                if _lock_is_free(fd):
+                    again = _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)
+                    if again.stream_state == _lowlevel.STREAM_LIVE:
+                        if _available(again, _os.fstat(fd).st_size) > delivered:
+                            continue  # the last frames first, then the verdict
+                        raise StreamAbandoned(
+                            f"{path}: the writer died (its lock is gone and it never "
+                            f"marked the end) after {delivered // info.block_align} frames")
+                    continue  # it closed just now: read its final state
+                if closed_seen:
+                    # A writer closed: if it was the WavWriter, its flock goes a
+                    # moment after the close event (same final fput). Give it that
+                    # moment, unless new audio comes first.
+                    closed_seen = False
+                    grace_end = _time.monotonic() + _LOCK_RELEASE_GRACE
+                    while (_time.monotonic() < grace_end and not _lock_is_free(fd)
+                           and _os.fstat(fd).st_size == size):
+                        _time.sleep(0.001)
+                    continue
+            else:
+                # Another program's stream: over once nobody has it open for writing.
+                if closed_seen or not asked_writers:
+                    closed_seen = False
+                    asked_writers = True
+                    gone = _lowlevel.writers_gone(fd)
+                    if gone is None:
+                        # The kernel will not say (not our file, no CAP_LEASE): a
+                        # close after writing ends a stream whose header is final.
+                        gone = not _streaming_header(fd, info)
+                    if gone:
+                        return
+            woken = yield sleep()
+    finally:
+        for owned in (watch, fd):
+            if owned >= 0:
+                _lowlevel.close(owned)
+
+
+def _streaming_header(fd: int, info: _lowlevel.WavInfo) -> bool:
+    """True when the header's data size is one of the "until the end" placeholders."""
+    field = _os.pread(fd, 4, info.data_offset - 4)
+    size = int.from_bytes(field, "little")
+    return size in (0, 0xFFFFFFFF, 0x7FFFFFFF) or size > info.file_size
+
+
+def _block(rng: _Range, path: str) -> np.ndarray:
+    """The frames of rng as a new array shaped like read_wav's result."""
+    info = rng.info
+    count = rng.nbytes // (info.bits // 8)
+    if info.bits == 24:
+        raw = np.empty(rng.nbytes, np.uint8)
+        _lowlevel.read_into(rng.fd, rng.offset, raw, path)
+        samples = _lowlevel.unpack_s24(raw, count)
+    else:
+        samples = np.empty(count, formats.dtype_of(info))
+        _lowlevel.read_into(rng.fd, rng.offset, samples, path)
+    return samples if info.channels == 1 else samples.reshape(-1, info.channels)
+
+
+def follow_wav(path: str | _os.PathLike[str], *,
+               timeout: float | None = None) -> Iterator[np.ndarray]:
+    """Yield the frames of a WAV file as they are written, until its writer finishes.
+
+    Works whether it starts before the file exists (it waits for the name to
+    appear), before the first chunk, mid-stream or after the end. Each block is a
+    new array (never a view of the file, so a truncation cannot crash the
+    follower), shaped like ``read_wav``'s result; together the blocks are every
+    frame of the file, in order, exactly once. Waiting costs no CPU (inotify).
+
+    Args:
+        path: the WAV file: one a WavWriter writes, or any other program's
+            streaming WAV (data size 0, 0xFFFFFFFF or 0x7FFFFFFF: read to the end).
+        timeout: at most this many seconds without a new frame (None: no limit).
+
+    Returns:
+        An iterator of numpy arrays, (frames,) for mono or (frames, channels).
+
+    Raises:
+        StreamAbandoned: the WavWriter was killed or aborted (after the frames it
+            wrote were yielded).
+        TimeoutError: no new frame for timeout seconds (names the file).
+        WavError: the file is not a WAV we can read, or shrank while followed.
+        OSError: the file or its directory cannot be opened or watched.
+    """
+    path_str = _path_str(path)
+    limit = _check_timeout(timeout)
+    return _follow_sync(path_str, limit)
+
+
+def _wake(wait: _Wait, timeout: float | None) -> _Woken:
+    """Wait as the core asks (at most timeout seconds), reading a prefetch at once."""
+    rng = wait.prefetch
+    if rng is None:
+        return _Woken(_lowlevel.watch_wait(wait.fd, timeout))
+    info = rng.info
+    dtype = formats.dtype_of(info)
+    dest = np.empty(rng.nbytes // dtype.itemsize, dtype)
+    bits, got, size = _lowlevel.watch_read(wait.fd, timeout, rng.fd, rng.offset,
+                                           info.block_align, dest)
+    if not got:
+        return _Woken(bits)
+    block = dest[:got // dtype.itemsize]
+    return _Woken(bits, block if info.channels == 1 else block.reshape(-1, info.channels), got,
+                  size)
+
+
+def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
+    core = _core(path, timeout)
+    try:
+        step = next(core)
+        while True:
+            if isinstance(step, _Wait):
+                step = core.send(_wake(step, step.timeout))
+            elif isinstance(step, _Held):
+                yield step.block
+                step = next(core)
+            else:
+                if step.nbytes:
+                    yield _block(step, path)
+                step = next(core)
+    except StopIteration:
+        return
+    finally:
+        core.close()
+
+
+def afollow_wav(path: str | _os.PathLike[str], *,
+                timeout: float | None = None) -> AsyncIterator[np.ndarray]:
+    """The asyncio form of :func:`follow_wav`: ``async for block in afollow_wav(path)``.
+
+    The wait is registered with the running loop (``loop.add_reader`` on the
+    inotify fd): no thread per follower. Reading a block is one ``pread``.
+    Same arguments, blocks and exceptions as :func:`follow_wav`.
+    """
+    path_str = _path_str(path)
+    limit = _check_timeout(timeout)
+    return _follow_async(path_str, limit)
+
+
+async def _readable(fd: int, timeout: float | None) -> None:
+    loop = _asyncio.get_running_loop()
+    ready: _asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await _asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _follow_async(path: str, timeout: float | None) -> AsyncIterator[np.ndarray]:
+    core = _core(path, timeout)
+    try:
+        step = next(core)
+        while True:
+            if isinstance(step, _Wait):
+                await _readable(step.fd, step.timeout)
+                step = core.send(_wake(step, 0))
+            elif isinstance(step, _Held):
+                yield step.block
+                step = next(core)
+            else:
+                if step.nbytes:
+                    yield _block(step, path)
+                step = next(core)
+    except StopIteration:
+        return
+    finally:
+        core.close()
+
+
+def streamed_wav_header(info: _lowlevel.WavInfo) -> bytes:
+    """A WAV header for info's audio whose RIFF and data sizes are 0xFFFFFFFF."""
+    spec = _lowlevel.WavSpec(info.samplerate, info.channels, info.format, info.bits)
+    header = bytearray(_lowlevel.wav_header(spec, 0))
+    header[4:8] = b"\xff\xff\xff\xff"
+    header[-4:] = b"\xff\xff\xff\xff"
+    return bytes(header)
+
+
+def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "raw"] = "wav",
+                    chunk_frames: int | None = None,
+                    timeout: float | None = None) -> Iterator[bytes]:
+    """Follow a live (or finished) WAV as bytes for a pipe or an HTTP response.
+
+    Args:
+        path: the WAV file, as for :func:`follow_wav`.
+        header: "wav" yields first one WAV header whose RIFF and data sizes are
+            0xFFFFFFFF (the streamed-WAV convention players accept), then the
+            samples; "raw" yields the samples alone (``aplay -t raw``, wyoming).
+        chunk_frames: None yields the samples as they arrive; a number yields
+            pieces of exactly that many frames (the last one may be shorter).
+        timeout: as for :func:`follow_wav`.
+
+    Returns:
+        An iterator of bytes: the header (with "wav"), then little-endian samples
+        as they are in the file (24-bit stays packed).
+
+    Raises:
+        ValueError: header is not "wav" or "raw", or chunk_frames is not > 0.
+        StreamAbandoned, TimeoutError, WavError, OSError: as for :func:`follow_wav`.
+    """
+    path_str = _path_str(path)
+    if header not in ("wav", "raw"):
+        raise ValueError(f"header must be 'wav' or 'raw', got {_lowlevel.brief(header)}")
+    if chunk_frames is not None and (isinstance(chunk_frames, bool)
+                                     or not isinstance(chunk_frames, int) or chunk_frames <= 0):
+        raise ValueError(f"chunk_frames must be None or an int > 0, got "
+                         f"{_lowlevel.brief(chunk_frames)}")
+    limit = _check_timeout(timeout)
+    return _stream_bytes(path_str, header == "wav", chunk_frames, limit)
+
+
+def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
+                  timeout: float | None) -> Iterator[bytes]:
+    core = _core(path, timeout)
+    pending = bytearray()
+    piece = 0
+    sent_header = not with_header
+    try:
+        step = next(core)
+        while True:
+            if isinstance(step, _Wait):
+                step = core.send(_Woken(_lowlevel.watch_wait(step.fd, step.timeout)))
+                continue
+            assert isinstance(step, _Range)  # no prefetch asked for: no _Held
+            if not sent_header:
+                yield streamed_wav_header(step.info)
+                sent_header = True
+            if not step.nbytes:
+                step = next(core)
+                continue
+            data = _os.pread(step.fd, step.nbytes, step.offset)
+            if len(data) != step.nbytes:
+                raise WavError(f"{path}: file shrank while it was being read")
+            if chunk_frames is None:
+                yield data
+            else:
+                piece = chunk_frames * step.info.block_align
+                pending += data
+                while len(pending) >= piece:
+                    yield bytes(pending[:piece])
+                    del pending[:piece]
+            step = next(core)
+    except StopIteration:
+        if pending:
+            yield bytes(pending)
+        return
+    finally:
+        core.close()

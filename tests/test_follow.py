@@ -1,0 +1,638 @@
+"""follow_wav / afollow_wav / iter_wav_stream: live streams followed from other processes."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import soundfile as sf
+
+from helpers import call_with_deadline, require_tool, samples
+from luna_shm import (
+    StreamAbandoned,
+    WavError,
+    WavWriter,
+    afollow_wav,
+    follow_wav,
+    iter_wav_stream,
+    read_wav,
+)
+
+RATE = 24000
+CHUNK = 480  # 20 ms at 24 kHz
+
+# A follower in its own process: prints "started", follows argv[1], then prints what it got.
+FOLLOWER = """
+import hashlib, json, sys
+from luna_shm import StreamAbandoned, follow_wav
+print("started", flush=True)
+digest, frames, blocks, error = hashlib.sha256(), 0, 0, None
+try:
+    for block in follow_wav(sys.argv[1], timeout=60):
+        digest.update(block.tobytes())
+        frames += len(block)
+        blocks += 1
+except StreamAbandoned as exc:
+    error = str(exc)
+print(json.dumps({"sha": digest.hexdigest(), "frames": frames, "blocks": blocks,
+                  "error": error}))
+"""
+
+
+def start_follower(path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "started\n"
+    return child
+
+
+def follower_report(child: subprocess.Popen[str]) -> dict[str, object]:
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    report: dict[str, object] = json.loads(out)
+    return report
+
+
+def stream_chunks(n: int, channels: int = 1, dtype: str = "int16") -> list[np.ndarray]:
+    return [samples(dtype, CHUNK, channels, seed=i) for i in range(n)]
+
+
+def digest(parts: list[np.ndarray]) -> str:
+    return hashlib.sha256(np.concatenate(parts).tobytes()).hexdigest()
+
+
+def collect(path: Path, timeout: float = 30) -> list[np.ndarray]:
+    result = call_with_deadline(lambda: list(follow_wav(path, timeout=timeout)))
+    assert isinstance(result, list)
+    return result
+
+
+# ---- the producer's state --------------------------------------------------------
+
+
+def stream_state(path: Path) -> bytes:
+    raw = path.read_bytes()
+    at = raw.index(b"lsst")
+    return raw[at + 4:at + 8]
+
+
+def test_a_writer_marks_its_stream_live_then_done_on_close(ram):
+    path = ram / "s.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        assert stream_state(path) == b"live"
+    assert stream_state(path) == b"done"
+
+
+def test_abort_and_an_exception_out_of_the_with_block_mark_the_stream_failed(ram):
+    aborted = WavWriter(ram / "a.wav", RATE)
+    aborted.write(stream_chunks(1)[0])
+    aborted.abort()
+    aborted.abort()  # again: nothing
+    assert aborted.closed and stream_state(ram / "a.wav") == b"fail"
+    with pytest.raises(KeyError), WavWriter(ram / "b.wav", RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        raise KeyError("renderer failed")
+    assert stream_state(ram / "b.wav") == b"fail"
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_the_state_chunk_keeps_the_file_readable_by_soundfile_scipy_and_wave(ram, dtype,
+                                                                             channels):
+    path = ram / "s.wav"
+    parts = [samples(dtype, n, channels, seed=n) for n in (7, 100, 33)]
+    with WavWriter(path, RATE, channels, dtype) as writer:
+        for part in parts:
+            writer.write(part)
+    expected = np.concatenate(parts)
+    assert sf.info(str(path)).frames == len(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy warns about chunks it does not know
+        rate, back = scipy.io.wavfile.read(path)
+    assert rate == RATE
+    np.testing.assert_array_equal(back, expected)
+    assert read_wav(path)[0].shape == expected.shape
+    if dtype in ("uint8", "int16", "int32") and channels <= 2:
+        with wave.open(str(path), "rb") as reader:
+            assert reader.getnframes() == len(expected)
+
+
+def test_the_state_chunk_keeps_the_file_readable_by_sox(ram):
+    sox = require_tool("sox")
+    path = ram / "s.wav"
+    parts = stream_chunks(3)
+    with WavWriter(path, RATE) as writer:
+        for part in parts:
+            writer.write(part)
+    done = subprocess.run([sox, "-D", str(path), "-t", "raw", "-e", "signed-integer", "-b", "16",
+                           "-L", "-"], capture_output=True, check=True, timeout=60)
+    assert done.stdout == np.concatenate(parts).tobytes()
+
+
+# ---- followers: before, during, after ---------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before-the-file", "before-the-first-chunk", "mid-stream",
+                                  "after-the-end"])
+def test_a_follower_in_another_process_gets_every_frame_exactly_once(ram, when):
+    path = ram / "live.wav"
+    parts = stream_chunks(30)
+    child = start_follower(path) if when == "before-the-file" else None
+    writer = WavWriter(path, RATE)
+    if when == "before-the-first-chunk":
+        child = start_follower(path)
+    for i, part in enumerate(parts):
+        if when == "mid-stream" and i == 15:
+            child = start_follower(path)
+        writer.write(part)
+        time.sleep(0.002)
+    writer.close()
+    if when == "after-the-end":
+        child = start_follower(path)
+    assert child is not None
+    report = follower_report(child)
+    assert report == {"sha": digest(parts), "frames": 30 * CHUNK,
+                      "blocks": report["blocks"], "error": None}
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_followed_blocks_are_shaped_and_typed_like_read_wav(ram, dtype, channels):
+    path = ram / "s.wav"
+    # Odd sizes: with uint8 mono the pad byte after an odd data size is never a frame.
+    parts = [samples(dtype, n, channels, seed=n) for n in (1, 7, 0, 100, 33)]
+    got: list[np.ndarray] = []
+    with WavWriter(path, RATE, channels, dtype) as writer:
+        blocks = follow_wav(path, timeout=30)
+        for part in parts:
+            writer.write(part)
+            if len(part):
+                got.append(next(blocks))
+    got.extend(call_with_deadline(lambda: list(blocks)))  # type: ignore[arg-type]
+    whole, _ = read_wav(path, mmap=False)
+    assert all(block.dtype == whole.dtype and block.ndim == whole.ndim for block in got)
+    np.testing.assert_array_equal(np.concatenate(got), whole, strict=True)
+
+
+def test_a_24_bit_stream_is_followed_as_int32_like_read_wav(ram):
+    path = ram / "s24.wav"
+    data = (np.arange(-50, 50, dtype=np.int32) << 8).reshape(50, 2)
+    sf.write(str(path), data, RATE, subtype="PCM_24")
+    blocks = collect(path)
+    np.testing.assert_array_equal(np.concatenate(blocks), read_wav(path)[0])
+
+
+def test_eight_followers_in_eight_processes_each_get_the_whole_stream(ram):
+    path = ram / "fanout.wav"
+    parts = stream_chunks(60, channels=2)
+    writer = WavWriter(path, RATE, 2)
+    children = [start_follower(path) for _ in range(8)]
+    for part in parts:
+        writer.write(part)
+        time.sleep(0.001)
+    writer.close()
+    for child in children:
+        report = follower_report(child)
+        assert (report["sha"], report["frames"], report["error"]) == (digest(parts),
+                                                                      60 * CHUNK, None)
+
+
+def test_async_followers_share_one_thread_and_get_every_frame(ram):
+    path = ram / "async.wav"
+    parts = stream_chunks(20)
+
+    async def follow_one() -> list[np.ndarray]:
+        return [block async for block in afollow_wav(path, timeout=30)]
+
+    async def main() -> tuple[list[list[np.ndarray]], int]:
+        writer = WavWriter(path, RATE)
+        before = threading.active_count()
+        tasks = [asyncio.create_task(follow_one()) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        threads = threading.active_count() - before
+        for part in parts:
+            writer.write(part)
+            await asyncio.sleep(0.002)
+        writer.close()
+        return list(await asyncio.gather(*tasks)), threads
+
+    results, new_threads = call_with_deadline(lambda: asyncio.run(main()))  # type: ignore[misc]
+    assert new_threads == 0  # no thread per follower
+    for blocks in results:
+        np.testing.assert_array_equal(np.concatenate(blocks), np.concatenate(parts))
+
+
+def test_an_async_follower_raises_when_the_writer_aborts(ram):
+    path = ram / "a.wav"
+
+    async def main() -> None:
+        writer = WavWriter(path, RATE)
+        writer.write(stream_chunks(1)[0])
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, writer.abort)
+        async for _ in afollow_wav(path, timeout=30):
+            pass
+
+    with pytest.raises(StreamAbandoned, match="aborted the stream after 480 frames"):
+        call_with_deadline(lambda: asyncio.run(main()))
+
+
+# ---- producers that die or give up ---------------------------------------------------
+
+PRODUCER = """
+import sys, time
+import numpy as np
+from luna_shm import WavWriter
+writer = WavWriter(sys.argv[1], 24000)
+for i in range(100000):
+    writer.write(np.full(480, i % 30000, np.int16))
+    print(i, flush=True)
+    time.sleep(0.005)
+"""
+
+
+def test_a_producer_killed_mid_stream_makes_every_follower_raise_promptly(ram):
+    path = ram / "killed.wav"
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+    assert producer.stdout is not None
+    try:
+        assert producer.stdout.readline() == "0\n"
+        child = start_follower(path)
+        errors: list[BaseException] = []
+        got: list[int] = []
+
+        def follow_here() -> None:
+            try:
+                for block in follow_wav(path):  # no timeout: the death alone must end it
+                    got.extend(block.tolist())
+            except StreamAbandoned as exc:
+                errors.append(exc)
+
+        here = threading.Thread(target=follow_here, daemon=True)
+        here.start()
+        for _ in range(5):
+            producer.stdout.readline()
+    finally:
+        producer.send_signal(signal.SIGKILL)
+        producer.wait(timeout=60)
+        producer.stdout.close()
+    here.join(60)
+    assert not here.is_alive(), "the follower hung after the producer was killed"
+    assert len(errors) == 1 and "the writer died" in str(errors[0])
+    assert str(path) in str(errors[0])
+    # Every frame the dead producer wrote, in order, each once.
+    assert len(got) >= 6 * 480 and len(got) % 480 == 0
+    assert got == np.repeat(np.arange(len(got) // 480), 480).tolist()
+    report = follower_report(child)
+    assert report["error"] is not None and "the writer died" in str(report["error"])
+    assert report["frames"] >= 6 * 480
+
+
+def test_a_follower_started_after_the_producer_was_killed_raises_at_once(ram):
+    path = ram / "dead.wav"
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+    assert producer.stdout is not None
+    producer.stdout.readline()
+    producer.send_signal(signal.SIGKILL)
+    producer.wait(timeout=60)
+    producer.stdout.close()
+    with pytest.raises(StreamAbandoned, match="the writer died"):
+        collect(path)  # no timeout needed: the verdict is in the file and the lock
+
+
+def test_an_aborted_stream_yields_its_frames_then_raises(ram):
+    path = ram / "a.wav"
+    parts = stream_chunks(3)
+    with WavWriter(path, RATE) as writer:
+        for part in parts:
+            writer.write(part)
+        writer.abort()
+    got: list[np.ndarray] = []
+    with pytest.raises(StreamAbandoned, match=r"aborted the stream after 1440 frames") as caught:
+        for block in follow_wav(path, timeout=30):
+            got.append(block)
+    assert isinstance(caught.value, WavError)
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(parts))
+
+
+def test_a_stream_with_no_progress_raises_timeout_naming_the_file_and_seconds(ram):
+    path = ram / "idle.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        blocks = follow_wav(path, timeout=0.2)
+        assert len(next(blocks)) == CHUNK
+        with pytest.raises(TimeoutError, match=r"no new audio for 0\.2 s") as caught:
+            call_with_deadline(lambda: next(blocks))
+    assert caught.value.errno == errno.ETIMEDOUT and caught.value.filename == str(path)
+
+
+def test_a_follower_of_a_missing_file_waits_for_it_bounded_by_the_timeout(ram):
+    with pytest.raises(TimeoutError, match=r"no new audio for 0\.1 s"):
+        collect(ram / "never.wav", timeout=0.1)
+
+
+def test_a_follower_of_a_file_in_a_missing_directory_fails_at_once(ram):
+    with pytest.raises(FileNotFoundError) as caught:
+        collect(ram / "no-such-dir" / "x.wav")
+    assert caught.value.errno == errno.ENOENT
+
+
+def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
+    path = ram / "t.wav"
+    writer = WavWriter(path, RATE)
+    writer.write(stream_chunks(1)[0])
+    blocks = follow_wav(path, timeout=5)
+    next(blocks)
+    with open(path, "r+b") as f:
+        f.truncate(100)  # another process cuts the file below what was read
+    with pytest.raises(WavError, match="the stream shrank under its follower"):
+        call_with_deadline(lambda: list(blocks))
+    writer.close()
+
+
+@pytest.mark.parametrize(("kwargs", "match", "kind"), [
+    ({"timeout": -1}, "timeout must be None or a number of seconds >= 0, got -1", ValueError),
+    ({"timeout": "1"}, "timeout must be None or a number of seconds >= 0, got '1'",
+     ValueError),
+    ({"timeout": float("nan")}, "got nan", ValueError),
+])
+def test_bad_follow_arguments_are_named(ram, kwargs, match, kind):
+    with pytest.raises(kind, match=match):
+        follow_wav(ram / "x.wav", **kwargs)
+
+
+def test_a_non_path_is_a_type_error(ram):
+    with pytest.raises(TypeError, match=r"path must be str or os\.PathLike"):
+        follow_wav(42)  # type: ignore[arg-type]
+
+
+def test_a_directory_is_not_followed(ram):
+    with pytest.raises(OSError):
+        collect(ram)
+
+
+# ---- foreign writers --------------------------------------------------------------
+
+FOREIGN = """
+import os, sys, time
+path, data_size = sys.argv[1], int(sys.argv[2])
+riff = {0: 0, 0xFFFFFFFF: 0xFFFFFFFF, 0x7FFFFFFF: 0x7FFFFFFF}[data_size]
+header = (b"RIFF" + riff.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+          + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+          + (24000).to_bytes(4, "little") + (48000).to_bytes(4, "little")
+          + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+          + b"data" + data_size.to_bytes(4, "little"))
+with open(path, "wb", buffering=0) as f:
+    f.write(header)
+    print("header", flush=True)
+    for i in range(20):
+        f.write(bytes([i, 0]) * 480)
+        time.sleep(0.003)
+"""
+
+
+@pytest.mark.parametrize("data_size", [0, 0xFFFFFFFF, 0x7FFFFFFF],
+                         ids=["0", "0xFFFFFFFF", "0x7FFFFFFF"])
+def test_a_foreign_streaming_writer_is_followed_until_it_closes_the_file(ram, data_size):
+    path = ram / "foreign.wav"
+    writer = subprocess.Popen([sys.executable, "-c", FOREIGN, str(path), str(data_size)],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    assert writer.stdout.readline() == "header\n"
+    blocks = collect(path)
+    writer.wait(timeout=60)
+    writer.stdout.close()
+    expected = np.repeat(np.arange(20, dtype=np.int16), 480)
+    np.testing.assert_array_equal(np.concatenate(blocks), expected)
+    # Started after the end: the header still says "unknown", nobody writes: it ends.
+    np.testing.assert_array_equal(np.concatenate(collect(path)), expected)
+    # read_wav reads such a header as "to the end of the file" too.
+    np.testing.assert_array_equal(read_wav(path)[0], expected)
+
+
+def test_espeak_writing_to_a_file_is_followed_to_its_last_sample(ram):
+    espeak = require_tool("espeak-ng")
+    path = ram / "espeak.wav"
+    reference = subprocess.run([espeak, "--stdout", "play while it renders"],
+                               capture_output=True, check=True, timeout=60).stdout
+    with open(path, "wb") as out:
+        speaker = subprocess.Popen([espeak, "--stdout", "play while it renders"], stdout=out)
+    blocks = collect(path)
+    speaker.wait(timeout=60)
+    assert np.concatenate(blocks).tobytes() == reference[44:]
+
+
+# ---- iter_wav_stream ---------------------------------------------------------------
+
+
+def test_iter_wav_stream_yields_a_streamed_header_then_exactly_the_pcm(ram):
+    path = ram / "s.wav"
+    parts = stream_chunks(10, channels=2)
+    with WavWriter(path, RATE, 2) as writer:
+        pieces = iter_wav_stream(path, timeout=30)
+        writer.write(parts[0])
+        header = next(pieces)
+        for part in parts[1:]:
+            writer.write(part)
+    body = b"".join(call_with_deadline(lambda: list(pieces)))  # type: ignore[arg-type]
+    assert header[:4] == b"RIFF" and header[4:8] == b"\xff\xff\xff\xff"
+    assert header[-8:] == b"data\xff\xff\xff\xff"
+    assert body == np.concatenate(parts).tobytes()
+    streamed = ram / "streamed.wav"
+    streamed.write_bytes(header + body)
+    back, rate = read_wav(streamed)  # 0xFFFFFFFF: to the end of the file
+    assert rate == RATE
+    np.testing.assert_array_equal(back, np.concatenate(parts))
+    np.testing.assert_array_equal(sf.read(str(streamed), dtype="int16")[0], np.concatenate(parts))
+
+
+def test_iter_wav_stream_raw_in_chunks_of_exact_frames(ram):
+    path = ram / "s.wav"
+    data = samples("int16", 1000, 2)
+    with WavWriter(path, RATE, 2) as writer:
+        writer.write(data)
+    pieces = list(iter_wav_stream(path, header="raw", chunk_frames=300))
+    assert [len(p) for p in pieces] == [1200, 1200, 1200, 400]
+    assert b"".join(pieces) == data.tobytes()
+
+
+def test_iter_wav_stream_of_an_empty_finished_stream_is_just_the_header(ram):
+    path = ram / "empty.wav"
+    WavWriter(path, RATE).close()
+    pieces = list(iter_wav_stream(path))
+    assert len(pieces) == 1 and pieces[0][:4] == b"RIFF"
+    assert list(iter_wav_stream(path, header="raw")) == []
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"header": "mp3"}, "header must be 'wav' or 'raw', got 'mp3'"),
+    ({"chunk_frames": 0}, "chunk_frames must be None or an int > 0, got 0"),
+    ({"chunk_frames": 2.5}, "chunk_frames must be None or an int > 0, got 2.5"),
+])
+def test_bad_iter_wav_stream_arguments_are_named(ram, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        iter_wav_stream(ram / "x.wav", **kwargs)
+
+
+def test_an_idle_follower_sleeps_in_the_kernel(ram):
+    """Not a timing test: the follower's thread is blocked in poll() (state S), not spinning."""
+    path = ram / "idle.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        started = threading.Event()
+
+        def follow() -> None:
+            started.set()
+            list(follow_wav(path, timeout=30))
+
+        worker = threading.Thread(target=follow, daemon=True)
+        worker.start()
+        started.wait(10)
+        assert worker.native_id is not None
+        stat = Path(f"/proc/self/task/{worker.native_id}/stat")
+        # wchan names the kernel function it sleeps in ("0" where the kernel hides it).
+        wchan_file = Path(f"/proc/self/task/{worker.native_id}/wchan")
+        for _ in range(200):  # until it is asleep (it reads the first chunk first)
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            wchan = wchan_file.read_text()
+            asleep_in_poll = state == "S" and ("poll" in wchan or wchan in ("", "0"))
+            if asleep_in_poll:
+                break
+            time.sleep(0.01)
+        assert asleep_in_poll, (state, wchan)
+    worker.join(30)
+    assert not worker.is_alive()
+    assert os.path.exists(path)
+
+
+@pytest.mark.parametrize(("dtype", "channels"), [("float32", 3), ("float64", 1), ("int32", 2),
+                                                 ("uint8", 3)])
+def test_chunks_of_changing_sizes_reach_another_process_whole_in_every_layout(ram, dtype,
+                                                                              channels):
+    # The hot path reads what a write adds in the same call as the wake-up, into an array
+    # sized like the last block: smaller, equal and larger chunks all arrive whole.
+    path = ram / "layouts.wav"
+    parts = [samples(dtype, n, channels, seed=i)
+             for i, n in enumerate([5, 480, 480, 7, 2000, 1, 480, 33])]
+    with WavWriter(path, RATE, channels, dtype) as writer:
+        child = start_follower(path)
+        for part in parts:
+            writer.write(part)
+            time.sleep(0.005)
+    report = follower_report(child)
+    assert (report["sha"], report["frames"], report["error"]) == (
+        digest(parts), sum(len(p) for p in parts), None)
+
+
+def _pcm16_header(riff_size: int, data_size: int) -> bytes:
+    return (b"RIFF" + riff_size.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+            + (24000).to_bytes(4, "little") + (48000).to_bytes(4, "little")
+            + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+            + b"data" + data_size.to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize(("riff_size", "data_size", "tail", "frames"), [
+    (36, 0, b"\x01\x00" * 50, 50),  # RIFF ends where the data starts: a header never fixed
+    (0x7FFFFFFF, 0x7FFFFFFF, b"\x01\x00" * 50, 50),
+    (0xFFFFFFFF, 0x7FFFFFFF, b"\x01\x00" * 50 + b"\x01", 50),  # a half frame is not a frame
+    # Genuinely empty data followed by a LIST chunk the RIFF size covers: 0 frames.
+    (36 + 8 + 4, 0, b"LIST" + (4).to_bytes(4, "little") + b"INFO", 0),
+], ids=["data-0-riff-ends-at-data", "0x7FFFFFFF", "0x7FFFFFFF-odd-tail", "empty-data-then-LIST"])
+def test_read_wav_reads_streamed_sizes_to_the_end_and_real_sizes_as_they_are(ram, riff_size,
+                                                                              data_size, tail,
+                                                                              frames):
+    path = ram / "streamed.wav"
+    path.write_bytes(_pcm16_header(riff_size, data_size) + tail)
+    data, rate = read_wav(path)
+    assert rate == 24000 and len(data) == frames
+    assert (data == 1).all()
+    assert len(collect(path)[0] if frames else []) == frames
+
+
+def test_a_forked_child_that_closes_its_copy_of_the_writer_does_not_end_the_stream(ram):
+    path = ram / "forked.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        pid = os.fork()
+        if pid == 0:  # the child closes its copy and leaves without any cleanup
+            try:
+                writer.close()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert stream_state(path) == b"live"
+        writer.write(stream_chunks(2)[1])
+    assert stream_state(path) == b"done"
+    assert len(collect(path)) >= 1
+
+
+def follow_as_other_user(path: Path) -> dict[str, object]:
+    """follow_wav(path, timeout=0.5) in a forked child that is uid 65534: what it got."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become another user, follow, report, leave without cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                report: dict[str, object] = {
+                    "frames": sum(len(b) for b in follow_wav(path, timeout=0.5))}
+            except TimeoutError as exc:
+                report = {"timeout": str(exc)}
+            os.write(write_end, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        out = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["final-header", "streamed-header"])
+def test_a_follower_that_may_not_take_a_lease_ends_a_final_header_and_waits_on_a_streamed_one(
+        ram, streamed):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a follower as uid 65534")
+    path = ram / "theirs.wav"
+    data = np.arange(100, dtype=np.int16)
+    header = (b"RIFF" + (0xFFFFFFFF if streamed else 236).to_bytes(4, "little") + b"WAVEfmt "
+              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little")
+              + (1).to_bytes(2, "little") + (24000).to_bytes(4, "little")
+              + (48000).to_bytes(4, "little") + (2).to_bytes(2, "little")
+              + (16).to_bytes(2, "little") + b"data"
+              + (0xFFFFFFFF if streamed else 200).to_bytes(4, "little"))
+    path.write_bytes(header + data.tobytes())
+    path.chmod(0o644)
+    ram.chmod(0o755)
+    report = call_with_deadline(lambda: follow_as_other_user(path))
+    if streamed:
+        # Not its file, no CAP_LEASE: nobody can say whether a writer still has it open.
+        assert report == {"timeout": f"[Errno {errno.ETIMEDOUT}] no new audio for 0.5 s: "
+                                     f"'{path}'"}
+    else:
+        assert report == {"frames": 100}
