@@ -373,18 +373,16 @@ def read_wav_owned(path: str, dtypes: _Mapping[tuple[int, int], np.dtype[Any]]
     """
     out = ffi.new("struct luna_wav_info *")
     fd = _check_wav(lib.luna_wav_open(_c_path(path), out), out, path)
+    if out.bits == 24:  # unpacked to int32 while it is read, in cache-sized chunks
+        return _read_decoded(fd, out, path, np.dtype("<i4"), None)
     count = out.frames * out.channels
-    packed = out.bits == 24
     try:
-        dest = np.empty(count * 3 if packed else count,
-                        np.dtype(np.uint8) if packed else dtypes[out.format, out.bits])
+        dest = np.empty(count, dtypes[out.format, out.bits])
     except BaseException:
         lib.luna_close(fd)
         raise
     with ffi.from_buffer(dest, require_writable=True) as buf:
         _check_read(lib.luna_read_close(fd, out.data_offset, buf, len(buf)), path)
-    if packed:
-        dest = unpack_s24(dest, count)
     return dest, out.channels, out.samplerate
 
 
@@ -409,6 +407,12 @@ def read_wav_decoded(path: str, dtype: np.dtype[Any], out: np.ndarray | None
     """
     info = ffi.new("struct luna_wav_info *")
     fd = _check_wav(lib.luna_wav_open(_c_path(path), info), info, path)
+    return _read_decoded(fd, info, path, dtype, out)
+
+
+def _read_decoded(fd: int, info: Any, path: str, dtype: np.dtype[Any], out: np.ndarray | None
+                  ) -> tuple[np.ndarray, int, int]:
+    """read_wav_decoded's read, from fd (parsed into info, closed here whatever happens)."""
     try:
         count = info.frames * info.channels
         if out is None:
