@@ -347,8 +347,8 @@ def build_report(data: dict[str, Any], out_dir: Path, source: Path) -> str:
         "median divided by this method's, in the same group; \"x floor\" is this method's "
         "median divided by the floor's. The write floor is C open+writev+close of the same "
         "header and samples, the read floor C open+preadv+close into an array allocated "
-        "(and touched) before the timing; both are built into luna_shm's own C layer "
-        "(csrc/floor.c). Each write goes to a file that does not exist yet (the previous "
+        "(and touched) before the timing; both are a small cffi module of the benchmarks "
+        "(benchmarks/floors.c, never shipped). Each write goes to a file that does not exist yet (the previous "
         "one is removed, untimed, between calls).", "",
         "## Targets", "",
     ]
