@@ -348,8 +348,8 @@ def build_report(data: dict[str, Any], out_dir: Path, source: Path) -> str:
         "median divided by the floor's. The write floor is C open+writev+close of the same "
         "header and samples, the read floor C open+preadv+close into an array allocated "
         "(and touched) before the timing; both are a small cffi module of the benchmarks "
-        "(benchmarks/floors.c, never shipped). Each write goes to a file that does not exist yet (the previous "
-        "one is removed, untimed, between calls).", "",
+        "(benchmarks/floors.c, never shipped). Each write goes to a file that does not "
+        "exist yet (the previous one is removed, untimed, between calls).", "",
         "## Targets", "",
     ]
     lines += targets_section(outcomes, unstable_cases(rows))
