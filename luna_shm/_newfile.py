@@ -41,12 +41,20 @@ def _new_token() -> str:
     return _uuid.uuid4().hex
 
 
+# A name is <prefix><32 hex><suffix>, at most NAME_MAX (255) bytes on Linux filesystems.
+_MAX_NAME_PART = 100
+
+
 def check_name_part(what: str, value: object) -> str:
     """value when it is a str usable inside one file name; TypeError/ValueError naming it."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
     if "/" in value or "\0" in value or value in (".", ".."):
-        raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got {value!r}")
+        raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got "
+                         f"{_lowlevel.brief(value)}")
+    if len(_os.fsencode(value)) > _MAX_NAME_PART:
+        raise ValueError(f"{what} is too long for a file name: {len(_os.fsencode(value))} "
+                         f"bytes, at most {_MAX_NAME_PART}")
     return value
 
 
@@ -218,9 +226,7 @@ def open_destination(
         new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
                                         on_disk=on_disk)
         return Destination(new_path, fd, True, None)
-    text = _os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str, os.PathLike[str] or None, got {path!r}")
+    text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     for _ in range(8):
         fd, created, old_size = _lowlevel.open_for_write(text)
         try:

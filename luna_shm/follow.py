@@ -90,16 +90,6 @@ _NOTHING = _Woken(0)
 _Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
 
 
-def _path_str(path: object) -> str:
-    try:
-        text = _os.fspath(path)  # type: ignore[call-overload]
-    except TypeError:
-        text = None
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str or os.PathLike[str], got {_lowlevel.brief(path)}")
-    return text
-
-
 def _check_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
@@ -356,7 +346,7 @@ def follow_wav(path: str | _os.PathLike[str], *,
         WavError: the file is not a WAV we can read, or shrank while followed.
         OSError: the file or its directory cannot be opened or watched.
     """
-    path_str = _path_str(path)
+    path_str = _lowlevel.path_argument(path)
     limit = _check_timeout(timeout)
     return _follow_sync(path_str, limit)
 
@@ -406,7 +396,7 @@ def afollow_wav(path: str | _os.PathLike[str], *,
     inotify fd): no thread per follower. Reading a block is one ``pread``.
     Same arguments, blocks and exceptions as :func:`follow_wav`.
     """
-    path_str = _path_str(path)
+    path_str = _lowlevel.path_argument(path)
     limit = _check_timeout(timeout)
     return _follow_async(path_str, limit)
 
@@ -480,7 +470,7 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
         ValueError: header is not "wav" or "raw", or chunk_frames is not > 0.
         StreamAbandoned, TimeoutError, WavError, OSError: as for :func:`follow_wav`.
     """
-    path_str = _path_str(path)
+    path_str = _lowlevel.path_argument(path)
     if header not in ("wav", "raw"):
         raise ValueError(f"header must be 'wav' or 'raw', got {_lowlevel.brief(header)}")
     if chunk_frames is not None and (isinstance(chunk_frames, bool)

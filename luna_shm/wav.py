@@ -17,21 +17,6 @@ from luna_shm import _lowlevel, _newfile, encoding, formats
 __all__ = ["read_wav", "write_wav"]
 
 
-def _path_str(path: object, allowed: str) -> str:
-    """path as a str; TypeError naming what was passed, briefly (a read_wav(bytes) of a
-    whole WAV must not put 500 KB into the message)."""
-    try:
-        path_str = _os.fspath(path)  # type: ignore[call-overload]
-    except TypeError:
-        path_str = None
-    if not isinstance(path_str, str):
-        hint = ""
-        if isinstance(path, (bytes, bytearray, memoryview)) and len(path) > 256:
-            hint = " (WAV bytes in memory are not a path: write them to a file first)"
-        raise TypeError(f"path must be {allowed}, got {_lowlevel.brief(path)}{hint}")
-    return path_str
-
-
 def write_wav(
     path: str | _os.PathLike[str] | None,
     data: object,
@@ -70,7 +55,7 @@ def write_wav(
     array, spec = encoding.data_chunk(enc), enc.spec
     if path is None:
         return _write_new_temp_file(array, spec, enc.nbytes, atomic)
-    path_str = _path_str(path, "str, os.PathLike[str] or None")
+    path_str = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     directory = _os.path.dirname(path_str) or "."
     try:
         # A new or empty file is written in place; one with content is replaced through
@@ -168,7 +153,7 @@ def read_wav(
             holds less than its size says (a /proc or /sys file).
         OSError: the file cannot be opened or read.
     """
-    path_str = _path_str(path, "str or os.PathLike[str]")
+    path_str = _lowlevel.path_argument(path, "str or os.PathLike[str]")
     if dtype is not None or out is not None:
         samples, channels, samplerate = _read_converted(path_str, dtype, out)
     elif mmap:

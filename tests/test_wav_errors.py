@@ -597,3 +597,36 @@ def test_a_full_ram_disk_error_explains_how_to_give_the_container_more_memory():
     """, shm_size="64k")
     out = assert_child_ok(done)
     assert "No space left on device" in out and "--shm-size" in out and "/dev/shm/x.wav" in out
+
+
+@pytest.mark.parametrize("make", ["buffer", "writer"])
+def test_a_bytes_path_for_a_buffer_or_writer_is_named_briefly(ram, make) -> None:
+    from luna_shm import WavWriter, create_wav_buffer
+
+    huge = b"x" * 500_000
+    with pytest.raises(TypeError, match="got bytes of length 500000") as info:
+        if make == "buffer":
+            create_wav_buffer(10, 16000, path=huge)  # type: ignore[arg-type]
+        else:
+            WavWriter(huge, 16000)  # type: ignore[arg-type]
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("make", ["buffer", "writer"])
+def test_a_path_that_is_not_a_path_at_all_is_a_type_error_naming_it(ram, make) -> None:
+    from luna_shm import WavWriter, create_wav_buffer
+
+    with pytest.raises(TypeError, match="path must be str, os.PathLike.str. or None, got 5"):
+        if make == "buffer":
+            create_wav_buffer(10, 16000, path=5)  # type: ignore[arg-type]
+        else:
+            WavWriter(5, 16000)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what", ["suffix", "prefix"])
+def test_a_suffix_or_prefix_too_long_for_a_file_name_is_a_value_error_giving_its_length(
+        ram, what) -> None:
+    from luna_shm import get_temp_audio_path
+
+    with pytest.raises(ValueError, match=f"{what} is too long for a file name: 500000 bytes"):
+        get_temp_audio_path(**{what: "x" * 500_000})
