@@ -616,7 +616,7 @@ def test_a_bytes_path_for_a_buffer_or_writer_is_named_briefly(ram, make) -> None
 def test_a_path_that_is_not_a_path_at_all_is_a_type_error_naming_it(ram, make) -> None:
     from luna_shm import WavWriter, create_wav_buffer
 
-    with pytest.raises(TypeError, match="path must be str, os.PathLike.str. or None, got 5"):
+    with pytest.raises(TypeError, match=r"path must be str, os.PathLike\[str\] or None, got 5"):
         if make == "buffer":
             create_wav_buffer(10, 16000, path=5)  # type: ignore[arg-type]
         else:
