@@ -451,39 +451,27 @@ def test_a_failing_command_is_one_line_on_stderr_exit_code_1_and_no_traceback(
     assert os.listdir(private_dirs.ram) == []
 
 
+def _cli_outputs(ram: str, disk: str) -> dict[str, object]:
+    os.environ.update(LUNA_SHM_DIR=ram, TMPDIR=disk)
+    placement.refresh()
+    result: dict[str, object] = {}
+    for name, args in (("status", ["status", "--json"]),
+                       ("dry", ["clean", "--dry-run"]), ("clean", ["clean"])):
+        out = io.StringIO()
+        sys.stdout = out
+        try:
+            result[name] = [cli.main(args), out.getvalue()]
+        finally:
+            sys.stdout = sys.__stdout__
+    return result
+
+
 def _status_and_clean_as_nobody(ram: str, disk: str) -> dict:
     """status --json, clean --dry-run and clean, run by cli.main in a forked child that
     became uid 65534 with ram and disk as its dirs; their outputs."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            os.environ.update(LUNA_SHM_DIR=ram, TMPDIR=disk)
-            placement.refresh()
-            result = {}
-            for name, args in (("status", ["status", "--json"]),
-                               ("dry", ["clean", "--dry-run"]), ("clean", ["clean"])):
-                out = io.StringIO()
-                sys.stdout = out
-                try:
-                    result[name] = [cli.main(args), out.getvalue()]
-                finally:
-                    sys.stdout = sys.__stdout__
-            os.write(write_end, json.dumps(result).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(answer)
+    result = as_other_user(_cli_outputs, ram, disk)
+    assert isinstance(result, dict)
+    return result
 
 
 def test_status_counts_exactly_the_files_clean_removes_or_leaves_held(private_dirs) -> None:

@@ -21,7 +21,7 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import call_with_deadline, require_tool, samples
+from helpers import as_other_user, call_with_deadline, require_tool, samples
 from luna_shm import (
     StreamAbandoned,
     WavError,
@@ -585,31 +585,17 @@ def test_a_forked_child_that_closes_its_copy_of_the_writer_does_not_end_the_stre
     assert len(collect(path)) >= 1
 
 
+def _follow_report(path: str) -> dict[str, object]:
+    try:
+        return {"frames": sum(len(b) for b in follow_wav(path, timeout=0.5))}
+    except TimeoutError as exc:
+        return {"timeout": str(exc)}
+
+
 def follow_as_other_user(path: Path) -> dict[str, object]:
     """follow_wav(path, timeout=0.5) in a forked child that is uid 65534: what it got."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: become another user, follow, report, leave without cleanup
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                report: dict[str, object] = {
-                    "frames": sum(len(b) for b in follow_wav(path, timeout=0.5))}
-            except TimeoutError as exc:
-                report = {"timeout": str(exc)}
-            os.write(write_end, json.dumps(report).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        out = reader.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0
-    result: dict[str, object] = json.loads(out)
+    result = as_other_user(_follow_report, str(path))
+    assert isinstance(result, dict)
     return result
 
 
