@@ -358,8 +358,9 @@ def build_report(data: dict[str, Any], out_dir: Path, source: Path) -> str:
     lines += [""]
     lines += consistency_section(regular)
     lines += ["", "## Results", ""]
-    lines += results_section(regular, ["write", "convert", "read", "roundtrip",
-                                       "roundtrip+cleanup", "stream", "temp-path", "cleanup"])
+    lines += results_section(regular, ["write", "convert", "read", "read-convert", "read-out",
+                                       "roundtrip", "roundtrip+cleanup", "stream", "temp-path",
+                                       "cleanup"])
     lines += scaling_section(regular, plot_note)
     lines += tail_section(regular)
     notes = Path(__file__).with_name("profile_notes.md")
