@@ -8,7 +8,7 @@ packed to 24 bits. :func:`data_chunk` gives those bytes for a write;
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,8 +24,27 @@ class Encoding(NamedTuple):
     nbytes: int  # bytes of the data chunk
 
 
+# The common call, a native C-contiguous array of a WAV sample type written as it is, at an
+# int rate: its spec and 4 GiB limit by (dtype, rate, channels), made once by the full path
+# below. A few attribute reads instead of about 1.5 us of checks per write.
+_PLANNED: dict[tuple[np.dtype[Any], int, int], tuple[_lowlevel.WavSpec, int]] = {}
+
+
 def plan(data: object, samplerate: object, subtype: object) -> Encoding:
     """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
+    if (subtype is None and type(data) is np.ndarray and type(samplerate) is int
+            and data.flags.c_contiguous and 0 < data.ndim <= 2):
+        known = _PLANNED.get((data.dtype, samplerate, data.shape[1] if data.ndim == 2 else 1))
+        if known is not None and data.nbytes <= known[1]:
+            return Encoding(data, known[0], "none", data.nbytes)
+    enc = _plan(data, samplerate, subtype)
+    if subtype is None and enc.array is data and len(_PLANNED) < 256:
+        _PLANNED[enc.array.dtype, enc.spec.samplerate, enc.spec.channels] = (
+            enc.spec, formats.max_data_bytes(enc.spec))
+    return enc
+
+
+def _plan(data: object, samplerate: object, subtype: object) -> Encoding:
     rate = formats.check_samplerate(samplerate)
     array = formats.to_audio_array(data)
     natural = formats.natural_subtype(array.dtype)
