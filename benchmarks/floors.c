@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -45,4 +47,30 @@ int floor_touch_excl(const char *path, unsigned int mode)
     if (fd < 0)
         return -errno;
     return close(fd) == 0 ? 0 : -errno;
+}
+
+int floor_map(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    void *addr = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    int err = addr == MAP_FAILED ? errno : 0;
+    close(fd);
+    if (err)
+        return -err;
+    return munmap(addr, (size_t)st.st_size) == 0 ? 0 : -errno;
+}
+
+int floor_append(int fd, uint64_t offset, const void *data, uint64_t len)
+{
+    struct iovec iov = {(void *)data, (size_t)len};
+    ssize_t w = pwritev(fd, &iov, 1, (off_t)offset);
+    return w < 0 ? -errno : (w != (ssize_t)len ? -EIO : 0);
 }

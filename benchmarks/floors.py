@@ -23,6 +23,8 @@ int floor_write(const char *path, const void *header, uint64_t header_len,
                 const void *data, uint64_t data_len);
 int floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 int floor_touch_excl(const char *path, unsigned int mode);
+int floor_map(const char *path);
+int floor_append(int fd, uint64_t offset, const void *data, uint64_t len);
 """
 
 
@@ -73,6 +75,18 @@ def floor_read(path: str, offset: int, dest: np.ndarray) -> None:
 def touch_excl(path: str, mode: int = 0o600) -> None:
     """open(O_CREAT|O_EXCL|O_NOFOLLOW) + close: the least a safely created file costs."""
     _check(_lib.floor_touch_excl(os.fsencode(path), mode), path)
+
+
+def map_file(path: str) -> None:
+    """open + fstat + mmap of the whole file + close + munmap: the least a view costs."""
+    _check(_lib.floor_map(os.fsencode(path)), path)
+
+
+def append(fd: int, offset: int, data: np.ndarray) -> None:
+    """One pwritev of data at offset: the least a streamed chunk costs (a header kept in
+    a mapping is updated by a store, no system call)."""
+    with _ffi.from_buffer(data) as buf:
+        _check(_lib.floor_append(fd, offset, buf, len(buf)), str(fd))
 
 
 if __name__ == "__main__":

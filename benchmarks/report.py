@@ -32,6 +32,7 @@ KIND_TITLES = {
     "read": "Reads, 500 KB",
     "read-convert": "Convert-on-read: 500 KB of PCM read as float32",
     "read-out": "Reads into a caller's array, 50 MB",
+    "per-call": "Fixed cost per call: a 16-sample WAV, one 20 ms chunk",
     "roundtrip": "Write + read back, 500 KB",
     "roundtrip+cleanup": "Write + read back + cleanup, 500 KB",
     "stream": "Streaming: one 20 ms chunk (960 bytes) per call",
@@ -358,7 +359,8 @@ def build_report(data: dict[str, Any], out_dir: Path, source: Path) -> str:
     lines += [""]
     lines += consistency_section(regular)
     lines += ["", "## Results", ""]
-    lines += results_section(regular, ["write", "convert", "read", "read-convert", "read-out",
+    lines += results_section(regular, ["per-call", "write", "convert", "read", "read-convert",
+                                       "read-out",
                                        "roundtrip", "roundtrip+cleanup", "stream", "temp-path",
                                        "cleanup"])
     lines += scaling_section(regular, plot_note)
