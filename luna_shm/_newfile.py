@@ -52,7 +52,8 @@ def check_name_part(what: str, value: object) -> str:
     if "/" in value or "\0" in value or value in (".", ".."):
         raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got "
                          f"{_lowlevel.brief(value)}")
-    if len(_os.fsencode(value)) > _MAX_NAME_PART:
+    # A str of n characters encodes to at most 4n bytes: most need no encoding to check.
+    if len(value) * 4 > _MAX_NAME_PART and len(_os.fsencode(value)) > _MAX_NAME_PART:
         raise ValueError(f"{what} is too long for a file name: {len(_os.fsencode(value))} "
                          f"bytes, at most {_MAX_NAME_PART}")
     return value
