@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Where the luna_shm under test was imported from: the checkout (an editable install, the
+# extension built in place) or site-packages (pytest run in an unpacked sdist after
+# `pip install .`). Child processes get it as PYTHONPATH, so they test the same copy.
+LIBRARY_PATH = str(Path(__import__("luna_shm").__file__).resolve().parent.parent)
 
 # What python-soundfile returns for each of our sample types, and sox's name for the encoding.
 SOUNDFILE_DTYPE = {"uint8": "int16", "int16": "int16", "int32": "int32",
@@ -153,7 +157,7 @@ def run_in_private_shm(
     child_env = {k: v for k, v in os.environ.items()
                  if k not in ("LUNA_SHM_DIR", "LUNA_SHM_DISABLE", "TMPDIR")}
     child_env.update(env or {})
-    child_env["PYTHONPATH"] = str(REPO)
+    child_env["PYTHONPATH"] = LIBRARY_PATH
     return subprocess.run(
         [*prefix, "sh", "-c", script, sys.executable, textwrap.dedent(body)],
         capture_output=True, text=True, env=child_env, timeout=timeout,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import LIBRARY_PATH, REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import cases as benchmark  # benchmarks/ is not a package: found through sys.path
@@ -26,7 +26,7 @@ def _soundfile_works() -> bool:
 def run_bench(dirs, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `python benchmarks/cases.py ARGS` with LUNA_SHM_DIR/TMPDIR at the private dirs."""
     env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
-    env.update(LUNA_SHM_DIR=dirs.ram, TMPDIR=dirs.fallback, PYTHONPATH=str(REPO))
+    env.update(LUNA_SHM_DIR=dirs.ram, TMPDIR=dirs.fallback, PYTHONPATH=LIBRARY_PATH)
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / "cases.py"), *args],
                           capture_output=True, text=True, env=env, timeout=300)
 

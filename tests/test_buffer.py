@@ -20,7 +20,7 @@ import scipy.io.wavfile
 import soundfile as sf
 
 from helpers import (
-    REPO,
+    LIBRARY_PATH,
     SOUNDFILE_DTYPE,
     SOX_ENCODING,
     as_soundfile_reads,
@@ -48,7 +48,7 @@ def sox_samples(path: str, dtype: str) -> np.ndarray:
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     """Run code in a child python that sees this test's private dirs (a crash fails, not kills)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -178,7 +178,7 @@ def test_an_anonymous_buffer_fd_can_be_handed_to_another_process(ram):
         done = subprocess.run(
             [sys.executable, "-c", f"from luna_shm import read_wav; "
                                    f"print(read_wav('/proc/self/fd/{fd}')[0].tobytes().hex())"],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, pass_fds=[fd],
+            env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, pass_fds=[fd],
             capture_output=True, text=True, timeout=60)
         assert bytes.fromhex(assert_child_ok(done).strip()) == buf.array.tobytes()
 
@@ -194,7 +194,7 @@ def test_an_anonymous_buffer_is_freed_by_the_kernel_when_its_process_is_killed(p
             print(buf.path, flush=True)
             sys.stdin.read()  # wait to be killed
         """)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True,
     ) as child:
         try:

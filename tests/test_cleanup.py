@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    LIBRARY_PATH,
     OTHER_UID,
-    REPO,
     as_other_user,
     call_with_deadline,
     closed_and_readable_dirs,
@@ -255,7 +255,7 @@ sys.stdin.read()
 def test_cleanup_temp_audio_spares_a_file_held_by_another_live_process_until_it_is_killed(
     active_dir, kind
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     child = subprocess.Popen([sys.executable, "-c", _HOLD_IN_CHILD.format(make=_HOLDERS[kind])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdin is not None and child.stdout is not None
@@ -577,7 +577,7 @@ print(json.dumps(result))
 def test_cleanup_all_raises_emfile_instead_of_reporting_a_clean_dir_when_the_fd_table_is_full(
     private_dirs,
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     done = subprocess.run([sys.executable, "-c", _FILL_FD_TABLE], capture_output=True,
                           text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -705,7 +705,7 @@ def test_cleanup_all_skips_a_file_locked_by_a_live_process_until_it_is_killed(
     private_dirs, monkeypatch, where
 ) -> None:
     held, free = _make_ours(monkeypatch, where, "luna_daemon_", 2)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_SHARED_LOCK, held],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:

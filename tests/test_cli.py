@@ -19,7 +19,7 @@ import pytest
 
 import luna_shm
 from helpers import (
-    REPO,
+    LIBRARY_PATH,
     as_other_user,
     assert_child_ok,
     closed_and_readable_dirs,
@@ -39,7 +39,7 @@ def run_cli(dirs, *args: str, env: dict[str, str] | None = None,
             preexec_fn=None) -> subprocess.CompletedProcess[str]:
     """Run `python -m luna_shm ARGS` with the private dirs in its environment."""
     child_env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
-    child_env.update(LUNA_SHM_DIR=dirs.ram, TMPDIR=dirs.fallback, PYTHONPATH=str(REPO))
+    child_env.update(LUNA_SHM_DIR=dirs.ram, TMPDIR=dirs.fallback, PYTHONPATH=LIBRARY_PATH)
     child_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "luna_shm", *args], capture_output=True,
                           text=True, env=child_env, timeout=120, preexec_fn=preexec_fn)

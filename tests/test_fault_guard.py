@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import REPO, samples
+from helpers import LIBRARY_PATH, samples
 from luna_shm import create_wav_buffer, read_wav, write_wav
 from luna_shm._lowlevel import HAS_MEMFD, STALE_MESSAGE
 
@@ -45,7 +45,7 @@ def _child(body: str, faulthandler: str) -> subprocess.Popen[str]:
     their own: faulthandler is enabled there for those two modes."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONDEVMODE", "PYTHONFAULTHANDLER")}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = LIBRARY_PATH
     code = textwrap.dedent(body)
     enable = "import faulthandler; faulthandler.enable()"
     code = code.replace("#AFTER_IMPORT", enable if faulthandler == "after-import" else "pass")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import LIBRARY_PATH
 
 PRELUDE = """
 import gc, json, os, sys, threading, time
@@ -100,7 +100,7 @@ else:
 def run(script: str, *args: str) -> dict[str, object]:
     done = subprocess.run([sys.executable, "-X", "dev", "-c", script, *args],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no warning, no traceback, from either process
     report: dict[str, object] = json.loads(done.stdout)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import LIBRARY_PATH
 from luna_shm import WavError, create_wav_buffer, get_temp_audio_path, write_wav
 from luna_shm._lowlevel import HAS_MEMFD
 from luna_shm.errors import HandoffError
@@ -53,7 +53,7 @@ def expected_samples(frames: int, channels: int, dtype: str) -> np.ndarray:
 
 def run_child(body: str, sock: socket.socket, *args: str) -> subprocess.CompletedProcess[str]:
     """Run python code in a child process that gets sock's fd as its first argument."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(body), str(sock.fileno()), *args],
         pass_fds=[sock.fileno()], capture_output=True, text=True, env=env, timeout=60,

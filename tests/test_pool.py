@@ -25,7 +25,7 @@ import scipy.io.wavfile
 import soundfile as sf
 
 from helpers import (
-    REPO,
+    LIBRARY_PATH,
     SOUNDFILE_DTYPE,
     SOX_ENCODING,
     as_other_user,
@@ -380,7 +380,7 @@ def test_anonymous_slots_have_proc_paths_no_name_in_any_directory_and_other_proc
         done = subprocess.run(
             [sys.executable, "-c", "import sys, soundfile as sf; "
              "print(sf.read(sys.argv[1], dtype='int16')[0].tobytes().hex())", pooled.path],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, capture_output=True, text=True,
             timeout=60, check=True)
         assert bytes.fromhex(done.stdout.strip()) == data.tobytes()
         assert_every_reader_sees(pooled.path, data)
@@ -544,7 +544,7 @@ os._exit(0)  # dies without closing: its slot files stay, unlocked
 
 def make_dead_pool_slots(env: dict[str, str]) -> list[str]:
     done = subprocess.run([sys.executable, "-c", DEAD_POOL], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=60)
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH, **env}, timeout=60)
     assert done.returncode == 0, done.stderr
     paths: list[str] = __import__("json").loads(done.stdout)
     assert all(os.path.isfile(p) for p in paths)
@@ -664,7 +664,7 @@ def test_a_slot_file_cut_by_another_program_is_replaced_before_it_is_handed_out(
         private_dirs) -> None:
     # In a child: before the check, the next write into the cut file was a SIGBUS.
     done = subprocess.run([sys.executable, "-c", SHRUNK_SLOT], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import REPO
+from helpers import LIBRARY_PATH
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -265,7 +265,7 @@ def _run_delayed(code: str, prefix: list[str], window_open) -> dict:
 
     The child's first line is its pid (strace's own pid is not the python's).
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDONTWRITEBYTECODE": "1"}
     body = "import os\nprint(os.getpid(), flush=True)\n" + textwrap.dedent(code)
     process = subprocess.Popen([*prefix, sys.executable, "-c", body], env=env,
                                stdout=subprocess.PIPE, text=True)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import REPO
+from helpers import LIBRARY_PATH
 from luna_shm import AudioPool, cleanup_all_temp_audio, iter_unused_temp_audio, read_wav, write_wav
 
 
@@ -34,7 +34,7 @@ def child(code: str, *, prefix: list[str] | None = None) -> Iterator[tuple[subpr
 
     The child is killed with SIGKILL when the block ends, if it still runs.
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDONTWRITEBYTECODE": "1"}
     process = subprocess.Popen([*(prefix or []), sys.executable, "-c", textwrap.dedent(code)],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -201,7 +201,7 @@ sys.stdin.read()
 
 
 def test_a_stream_killed_while_writing_leaves_a_valid_wav_of_whole_chunks(private_dirs) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     process = subprocess.Popen([sys.executable, "-c", STREAMER], env=env, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -379,7 +379,7 @@ print(json.dumps({"before": before, "after": after,
 
 
 def _long_run(cycles: int, leak: str = "") -> tuple[dict, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDEVMODE": "1", "CYCLES": str(cycles),
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDEVMODE": "1", "CYCLES": str(cycles),
            "LEAK": leak}
     done = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-c", LONG_RUN],
                           env=env, capture_output=True, text=True, timeout=300)

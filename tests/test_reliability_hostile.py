@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import OTHER_UID, REPO, as_other_user, call_with_deadline, force_first_token
+from helpers import (
+    LIBRARY_PATH,
+    OTHER_UID,
+    as_other_user,
+    call_with_deadline,
+    force_first_token,
+)
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -343,7 +349,7 @@ print(json.dumps(outcome))
 
 
 def _run(code: str, *args: str, **options) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
                           capture_output=True, text=True, timeout=120, **options)
 
@@ -384,7 +390,7 @@ print(json.dumps({"sum": int(data.astype(np.int64).sum()), "frames": len(data)})
 def _with_reader(path: str, mode: str, meddle: Callable[[], object]) -> tuple[int, str]:
     """A reader process reads path (mmap or copy); meddle runs; then the reader touches every
     sample. Return the reader's exit code and output."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     reader = subprocess.Popen([sys.executable, "-c", MAPPED_READER, path, mode], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -474,7 +480,7 @@ def test_a_copy_reader_whose_file_is_shrunk_while_it_reads_gets_a_wav_error_not_
             except WavError as exc:
                 print(exc)
          """)],
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDONTWRITEBYTECODE": "1"},
         stdout=subprocess.PIPE, text=True)
     try:
         call_with_deadline(lambda: _poll(lambda: log.exists() and " = " in log.read_text()))

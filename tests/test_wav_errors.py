@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, assert_child_ok, run_in_private_shm
+from helpers import LIBRARY_PATH, assert_child_ok, run_in_private_shm
 from luna_shm import WavError, WavWriter, create_wav_buffer, formats, read_wav, write_wav
 from luna_shm._lowlevel import wav_header, wav_header_size
 
@@ -25,7 +25,7 @@ RATE = 8000
 
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run code in a child python (a hang becomes a TimeoutExpired failure, not a stuck run)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -18,7 +18,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import REPO, as_soundfile_reads, assert_child_ok
+from helpers import LIBRARY_PATH, as_soundfile_reads, assert_child_ok
 from luna_shm import read_wav, write_wav
 
 RATE = 16000
@@ -58,7 +58,7 @@ def assert_same_bits(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     """Run code in a child python that sees the same (private) dirs as this test."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=120)
 
