@@ -5,6 +5,8 @@ Temp files (a drop-in for the ``get_temp_audio_path`` helper):
     cleanup_all_temp_audio, is_using_ram_disk, temp_dir, refresh_temp_dir
 WAV I/O:
     write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
+A TTS cache:
+    AudioCache, CachedAudio, cache_key
 Hand-offs:
     save_temp_audio (encoded bytes, e.g. MP3 from a cloud TTS), send_wav / recv_wav
 Errors:
@@ -13,6 +15,7 @@ Errors:
 """
 
 from luna_shm.buffer import WavBuffer, create_wav_buffer
+from luna_shm.cache import AudioCache, CachedAudio, cache_key
 from luna_shm.encoded import save_temp_audio
 from luna_shm.errors import HandoffError, LunaShmError, WavError
 from luna_shm.handoff import recv_wav, send_wav
@@ -41,13 +44,16 @@ __all__ = [
     "DAEMON_PREFIX",
     "FALLBACK_DIR",
     "RAM_DISK_DIR",
+    "AudioCache",
     "AudioPool",
+    "CachedAudio",
     "HandoffError",
     "LunaShmError",
     "PooledWav",
     "WavBuffer",
     "WavError",
     "WavWriter",
+    "cache_key",
     "cleanup_all_temp_audio",
     "cleanup_temp_audio",
     "create_wav_buffer",

@@ -985,7 +985,7 @@ class AudioCache:
             **{k: totals.get(k, 0) for k in _COUNTERS},
         )
 
-    def keys(self) -> list[tuple[str, str, _os.stat_result]]:
+    def entries(self) -> list[tuple[str, str, _os.stat_result]]:
         """(key, path, lstat) of each RAM entry, least recently used first."""
         with self._ram.locked():
             entries = self._ram.entries()
