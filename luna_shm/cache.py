@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, formats, placement
+from luna_shm import _lowlevel, encoding, formats, placement
 from luna_shm._resource import FileResource
 from luna_shm.errors import LunaShmError
 from luna_shm.writer import WavWriter
@@ -67,6 +67,7 @@ _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _LIVE = ".live"
 _OUTCOME = ".outcome"
 _PART = ".part"
+_UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
 _STATS_NAME = "stats"
 _COUNTERS = ("hits", "misses", "evictions", "renders", "spills", "reloads")
@@ -357,7 +358,7 @@ class _Tier:
         with _os.scandir(self.directory) as scan:
             names = [item.name for item in scan]
         for name in names:
-            if name.endswith(_PART) or name.endswith(".unstored.wav"):
+            if name.endswith(_PART) or _UNSTORED + "." in name:
                 removed += self.remove_if_unpinned(name)
             elif name.endswith(_OUTCOME):
                 try:
@@ -368,6 +369,12 @@ class _Tier:
             elif name.endswith(_LIVE) and _stale_live(self.path(name)):
                 removed += 1
         return removed
+
+    def new_part(self, name: str) -> tuple[str, int]:
+        """A new in-flight file for name: (path, fd) with a shared flock held from before
+        its name appeared, so that no sweep (in any process) removes it while we live."""
+        path = self.path(f".{name}.{_uuid.uuid4().hex}{_PART}")
+        return path, _lowlevel.create_locked(self.directory, path)
 
     def close(self) -> None:
         if self.lock_fd >= 0:
@@ -589,16 +596,17 @@ class AudioCache:
         finally:
             _os.close(fd)
 
-    def _copy_in(self, tier: _Tier, src_fd: int, name: str, *, sync: bool) -> str:
-        """Copy src_fd to a partial in tier; return the partial's name (mtime kept)."""
-        part = f".{name}.{_uuid.uuid4().hex}{_PART}"
+    def _copy_in(self, tier: _Tier, src_fd: int, name: str, *, sync: bool
+                 ) -> tuple[str, int]:
+        """Copy src_fd to a new locked partial in tier: (its path, its fd); mtime kept."""
         st = _os.fstat(src_fd)
-        fd = _os.open(tier.path(part), _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL
-                      | _os.O_NOFOLLOW | _os.O_CLOEXEC, 0o600)
+        part, fd = tier.new_part(name)
         try:
             offset = 0
             while offset < st.st_size:
-                sent = _os.copy_file_range(src_fd, fd, st.st_size - offset, offset, offset)
+                # sendfile, not copy_file_range: that one refuses RAM -> disk (EXDEV)
+                # on the kernels that are still common.
+                sent = _os.sendfile(fd, src_fd, offset, st.st_size - offset)
                 if sent == 0:
                     break
                 offset += sent
@@ -607,10 +615,9 @@ class AudioCache:
                 _os.fsync(fd)
         except BaseException:
             _os.close(fd)
-            _os.unlink(tier.path(part))
+            _unlink_quietly(part)
             raise
-        _os.close(fd)
-        return part
+        return part, fd
 
     def _spill(self, src_fd: int, name: str) -> None:
         disk = self._disk
@@ -618,7 +625,13 @@ class AudioCache:
         size = _os.fstat(src_fd).st_size
         if size > disk.max_bytes:
             return
-        part = self._copy_in(disk, src_fd, name, sync=True)
+        part, part_fd = self._copy_in(disk, src_fd, name, sync=True)
+        try:
+            self._store_on_disk(disk, part, name, size)
+        finally:
+            _os.close(part_fd)
+
+    def _store_on_disk(self, disk: _Tier, part: str, name: str, size: int) -> None:
         with disk.locked():
             entries = [(n, st) for n, st in disk.entries() if n != name]
             total = sum(st.st_size for _, st in entries)
@@ -629,9 +642,9 @@ class AudioCache:
                 if disk.remove_if_unpinned(victim):
                     total -= st.st_size
             if total + size > disk.max_bytes:
-                _os.unlink(disk.path(part))
+                _os.unlink(part)
                 return
-            _os.rename(disk.path(part), disk.path(name))
+            _os.rename(part, disk.path(name))
         self._count("spills")
 
     def _reload(self, key: str) -> CachedAudio | None:
@@ -643,14 +656,15 @@ class AudioCache:
             return None
         with held:
             name = _os.path.basename(held.path)
-            part = self._copy_in(self._ram, held.fileno(), name, sync=False)
+            part, fd = self._copy_in(self._ram, held.fileno(), name, sync=False)
         self._count("reloads")
-        return self._commit(key, self._ram.path(part), name)
+        return self._commit(key, part, name, fd)
 
     def _commit(self, key: str, part_path: str, name: str, fd: int = -1) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
-        fd, when given, is already open on it holding a flock (it becomes the entry's)."""
+        fd, when given, is already open on it holding a flock (it becomes the entry's);
+        on failure it is closed and the file removed."""
         if fd < 0:
             fd = _os.open(part_path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
             try:
@@ -669,11 +683,13 @@ class AudioCache:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
                     return CachedAudio(fd, final, key)
-            unstored = self._ram.path(f".{key}.{_uuid.uuid4().hex}.unstored.wav")
+            suffix = name[len(key):]
+            unstored = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
             return CachedAudio(fd, unstored, key, stored=False)
         except BaseException:
             _os.close(fd)
+            _unlink_quietly(part_path)
             raise
 
     def put(self, key: str, data: object, samplerate: int, *,
@@ -692,16 +708,16 @@ class AudioCache:
             TypeError, ValueError: a bad key, data, samplerate or subtype.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
-        from luna_shm.wav import write_wav
-
         _check_key(key)
-        part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
+        enc = encoding.plan(data, samplerate, subtype)
+        part, fd = self._ram.new_part(key)
         try:
-            write_wav(part, data, samplerate, subtype=subtype)
-            return self._commit(key, part, key + ".wav")
+            _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
         except BaseException:
+            _os.close(fd)
             _unlink_quietly(part)
             raise
+        return self._commit(key, part, key + ".wav", fd)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
                   suffix: str = ".mp3") -> CachedAudio:
@@ -724,20 +740,16 @@ class AudioCache:
             raise TypeError(f"data must be bytes-like, got {_lowlevel.brief(data)}")
         if not len(data):
             raise ValueError("data is empty: an empty render is never cached")
-        part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
+        part, fd = self._ram.new_part(key)
         try:
-            fd = _os.open(part, _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW
-                          | _os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data).cast("B")
-                while view:
-                    view = view[_os.write(fd, view):]
-            finally:
-                _os.close(fd)
-            return self._commit(key, part, key + suffix)
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[_os.write(fd, view):]
         except BaseException:
+            _os.close(fd)
             _unlink_quietly(part)
             raise
+        return self._commit(key, part, key + suffix, fd)
 
     # ---- single-flight rendering --------------------------------------------------
 
@@ -794,28 +806,39 @@ class AudioCache:
                       ) -> tuple[WavWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
         (None, "") when another live renderer has it."""
-        part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
         live = self._ram.path(key + _LIVE)
-        writer = WavWriter(part, samplerate, channels, dtype)
-        try:
-            # Nobody else knows the partial's name: the upgrade to exclusive is immediate.
-            _lowlevel.lock(writer.fileno(), exclusive=True)
-            for _ in range(3):
-                try:
-                    _os.link(part, live)  # the election: one link wins
+        for _ in range(8):
+            part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
+            writer: WavWriter | None = WavWriter(part, samplerate, channels, dtype)
+            assert writer is not None
+            try:
+                # Nobody else knows the partial's name: the upgrade to exclusive is
+                # immediate (unless a sweep holds it for a moment: then we wait).
+                _lowlevel.lock(writer.fileno(), exclusive=True, wait=True)
+                if not _same_file(writer.fileno(), part):
+                    continue  # a sweep in another process removed it before we locked
+                while True:
+                    try:
+                        _os.link(part, live)  # the election: one link wins
+                    except FileExistsError:
+                        if _stale_live(live):
+                            continue  # its renderer died: link again
+                        return None, ""
                     _os.unlink(part)
                     writer.path = live
-                    return writer, live
-                except FileExistsError:
-                    if not _stale_live(live):
-                        break
-            writer.close()
-            _unlink_quietly(part)
-            return None, ""
-        except BaseException:
-            writer.close()
-            _unlink_quietly(part)
-            raise
+                    if any(_os.path.exists(self._ram.path(key + suffix))
+                           for suffix in ENTRY_SUFFIXES):
+                        # A renderer committed between our miss and our link (its rename
+                        # took the .live name away): no second render, go and get it.
+                        _unlink_quietly(live)
+                        return None, ""
+                    done, writer = writer, None
+                    return done, live
+            finally:
+                if writer is not None:
+                    writer.close()
+                    _unlink_quietly(part)
+        raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)
 
     def _render(self, key: str, writer: WavWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
@@ -823,43 +846,39 @@ class AudioCache:
         result, then let the waiters go: by then the entry, or the outcome, is there."""
         self._count("renders")
         ino = _os.fstat(writer.fileno()).st_ino
-        # A second descriptor of the same open file: it shares the writer's flock and
-        # keeps it after the writer closes, so the entry stays pinned for our caller.
-        pin = _os.dup(writer.fileno())
-        entry: CachedAudio | None = None
         try:
             render(writer)
             if writer.frames == 0:
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
-            entry = self._commit(key, live, key + ".wav", pin)
+            # A second descriptor of the same open file: it shares the writer's flock and
+            # keeps it after the writer closes, so the entry stays pinned for our caller.
+            entry = self._commit(key, live, key + ".wav", _os.dup(writer.fileno()))
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
             self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
             if _same_file(writer.fileno(), live):
                 _unlink_quietly(live)
-            if entry is None:
-                _os.close(pin)
             writer.close()
             raise
         # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
-        _lowlevel.lock(pin, exclusive=False)
+        _lowlevel.lock(entry.fileno(), exclusive=False)
         writer.close()
         return entry
 
     def _write_outcome(self, key: str, ino: int, text: str) -> None:
         path = self._ram.path(key + _OUTCOME)
-        part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
         try:
-            fd = _os.open(part, _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW
-                          | _os.O_CLOEXEC, 0o600)
-            try:
-                _os.write(fd, f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
-            finally:
-                _os.close(fd)
+            part, fd = self._ram.new_part(key)
+        except OSError:
+            return
+        try:
+            _os.write(fd, f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
             _os.rename(part, path)
         except OSError:
             _unlink_quietly(part)
+        finally:
+            _os.close(fd)
 
     def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
