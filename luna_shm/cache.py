@@ -38,6 +38,7 @@ import json as _json
 import os as _os
 import re as _re
 import stat as _stat
+import struct as _struct
 import threading as _threading
 import time as _time
 import uuid as _uuid
@@ -69,8 +70,14 @@ _OUTCOME = ".outcome"
 _PART = ".part"
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
-_STATS_NAME = "stats"
-_COUNTERS = ("hits", "misses", "evictions", "renders", "spills", "reloads")
+_ENCODED_MARK = "encoded"
+# The lock file also holds the shared counters: little-endian uint64s, read and written
+# under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
+# fits costs no directory scan; it is only ever too high (it grows before a rename and
+# shrinks after an unlink), and every scan (at open, and whenever it says "full") sets it
+# to the truth again: so the bound holds even after a kill -9 between the two.
+_COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads")
+_COUNTERS_FORMAT = _struct.Struct(f"<{len(_COUNTERS)}Q")
 
 
 class RenderError(LunaShmError, RuntimeError):
@@ -318,6 +325,27 @@ class _Tier:
             finally:
                 _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
 
+    def counters(self) -> list[int]:
+        """The shared counters (under the lock)."""
+        raw = _os.pread(self.lock_fd, _COUNTERS_FORMAT.size, 0)
+        if len(raw) < _COUNTERS_FORMAT.size:
+            return [0] * len(_COUNTERS)
+        return list(_COUNTERS_FORMAT.unpack(raw))
+
+    def add(self, deltas: dict[str, int]) -> list[int]:
+        """Add deltas to the shared counters (under the lock); the new values."""
+        values = self.counters()
+        for i, name in enumerate(_COUNTERS):
+            values[i] = max(0, values[i] + deltas.get(name, 0))
+        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
+        return values
+
+    def set_bytes(self, total: int) -> None:
+        """Record the committed bytes a scan found (under the lock)."""
+        values = self.counters()
+        values[0] = total
+        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
+
     def entries(self) -> list[tuple[str, _os.stat_result]]:
         """(name, lstat) of each committed entry (call under the lock for a consistent view)."""
         found = []
@@ -334,7 +362,8 @@ class _Tier:
         return found
 
     def remove_if_unpinned(self, name: str) -> bool:
-        """Unlink name under its exclusive flock, taken without waiting; False when held."""
+        """Unlink name under its exclusive flock, taken without waiting; False when held.
+        An entry's bytes leave the shared count (under the lock)."""
         path = self.path(name)
         try:
             fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
@@ -345,10 +374,13 @@ class _Tier:
                 return False
             if not _same_file(fd, path):
                 return False
+            size = _os.fstat(fd).st_size
             _os.unlink(path)
-            return True
         finally:
             _os.close(fd)
+        if _entry_name(name) is not None:
+            self.add({"bytes": -size})
+        return True
 
     def sweep(self) -> int:
         """Remove leftovers no live process holds: partials, stale .live files, outcomes
@@ -447,6 +479,7 @@ class AudioCache:
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
+        self._encoded = False
         self._ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
         self._disk: _Tier | None = None
         if disk_dir is not None:
@@ -461,6 +494,7 @@ class AudioCache:
                 raise
         with self._ram.locked():
             self._ram.sweep()
+            self._ram.set_bytes(sum(st.st_size for _, st in self._ram.entries()))
 
     @property
     def directory(self) -> str:
@@ -474,33 +508,24 @@ class AudioCache:
             self._counts[what] += n
 
     def _flush_counts(self) -> dict[str, int]:
-        """Add this process's counts to the shared stats file; the totals. Under the lock."""
+        """Add this process's counts to the shared ones; the totals. Under the RAM lock.
+        (Hits and misses are counted here first: a hit takes no lock.)"""
         with self._counts_lock:
             pending, self._counts = self._counts, dict.fromkeys(_COUNTERS, 0)
-        path = self._ram.path(_STATS_NAME)
-        try:
-            with open(path, encoding="utf-8") as f:
-                totals = {k: int(v) for k, v in _json.load(f).items() if k in _COUNTERS}
-        except (OSError, ValueError, AttributeError):
-            totals = {}
-        for k in _COUNTERS:
-            totals[k] = totals.get(k, 0) + pending[k]
-        if any(pending.values()):
-            part = self._ram.path(f".stats.{_uuid.uuid4().hex}{_PART}")
-            fd = _os.open(part, _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW
-                          | _os.O_CLOEXEC, 0o600)
-            try:
-                _os.write(fd, _json.dumps(totals).encode())
-            finally:
-                _os.close(fd)
-            _os.rename(part, path)
-        return totals
+        return dict(zip(_COUNTERS, self._ram.add(pending), strict=True))
+
+    def _suffixes(self) -> tuple[str, ...]:
+        """The entry suffixes to look for: ".wav" alone until encoded audio was stored
+        in this cache (by any process), so that a miss costs one failed open."""
+        if not self._encoded:
+            self._encoded = _os.path.exists(self._ram.path(_ENCODED_MARK))
+        return ENTRY_SUFFIXES if self._encoded else (".wav",)
 
     # ---- look-ups ------------------------------------------------------------------
 
     def _open_entry(self, tier: _Tier, key: str) -> CachedAudio | None:
         """Pin the committed entry of key in tier, or None (missing, evicted, expired)."""
-        for suffix in ENTRY_SUFFIXES:
+        for suffix in self._suffixes() if tier is self._ram else ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
             try:
                 fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
@@ -543,36 +568,38 @@ class AudioCache:
 
     def __contains__(self, key: str) -> bool:
         _check_key(key)
-        return any(_os.path.exists(self._ram.path(key + s)) for s in ENTRY_SUFFIXES)
+        return any(_os.path.exists(self._ram.path(key + s)) for s in self._suffixes())
 
     # ---- storing -------------------------------------------------------------------
 
-    def _make_room(self, size: int, replacing: str) -> bool:
-        """Under the RAM lock: expire, then evict least recently used unpinned entries
-        until size more bytes fit; False when they cannot (nothing stored then)."""
+    def _make_room(self, size: int) -> bool:
+        """Under the RAM lock: make size more bytes fit (the shared count grows by them);
+        False when they cannot (nothing is stored then). A cache that looks full is
+        scanned: expired entries go, then the least recently used unpinned ones."""
         tier = self._ram
         if size > tier.max_bytes:
             return False
-        entries = tier.entries()
-        now = _time.time()
-        kept = []
-        for name, st in entries:
-            key = name.rpartition(".")[0]
-            if key == replacing:
-                # Replaced by the rename: its bytes leave the index with it.
-                continue
-            expired = self.ttl is not None and now - st.st_mtime > self.ttl
-            if expired and tier.remove_if_unpinned(name):
-                continue
-            kept.append((name, st))
-        total = sum(st.st_size for _, st in kept)
-        kept.sort(key=lambda item: item[1].st_atime_ns)
-        for name, st in kept:
-            if total + size <= tier.max_bytes:
-                break
-            if self._evict(name):
-                total -= st.st_size
-        return total + size <= tier.max_bytes
+        total = tier.counters()[0]
+        if total + size > tier.max_bytes:
+            now = _time.time()
+            kept = []
+            for name, st in tier.entries():
+                expired = self.ttl is not None and now - st.st_mtime > self.ttl
+                if expired and tier.remove_if_unpinned(name):
+                    continue
+                kept.append((name, st))
+            total = sum(st.st_size for _, st in kept)
+            kept.sort(key=lambda item: item[1].st_atime_ns)
+            for name, st in kept:
+                if total + size <= tier.max_bytes:
+                    break
+                if self._evict(name):
+                    total -= st.st_size
+            tier.set_bytes(total)
+            if total + size > tier.max_bytes:
+                return False
+        tier.add({"bytes": size})  # before the rename: too high, never too low
+        return True
 
     def _evict(self, name: str) -> bool:
         """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
@@ -592,7 +619,7 @@ class AudioCache:
                                              path, self._disk.directory, exc)
             _os.unlink(path)
             self._count("evictions")
-            return True
+            return True  # the caller recounts the bytes
         finally:
             _os.close(fd)
 
@@ -677,9 +704,15 @@ class AudioCache:
             final = self._ram.path(name)
             with self._ram.locked():
                 self._flush_counts()
-                if self._make_room(size, key):
-                    for suffix in ENTRY_SUFFIXES:  # one entry per key, whatever its type
-                        if key + suffix != name:
+                if self._make_room(size):
+                    if name != key + ".wav":
+                        _touch(self._ram.path(_ENCODED_MARK))
+                        self._encoded = True
+                    for suffix in self._suffixes():  # one entry per key, whatever its type
+                        # The old entry leaves the count (a pinned one lives on unnamed).
+                        if key + suffix == name:
+                            self._forget(name)
+                        else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
                     return CachedAudio(fd, final, key)
@@ -691,6 +724,13 @@ class AudioCache:
             _os.close(fd)
             _unlink_quietly(part_path)
             raise
+
+    def _forget(self, name: str) -> None:
+        """Before a rename over name: its bytes leave the count (under the lock)."""
+        try:
+            self._ram.add({"bytes": -_os.lstat(self._ram.path(name)).st_size})
+        except FileNotFoundError:
+            pass
 
     def put(self, key: str, data: object, samplerate: int, *,
             subtype: str | None = None) -> CachedAudio:
@@ -827,7 +867,7 @@ class AudioCache:
                     _os.unlink(part)
                     writer.path = live
                     if any(_os.path.exists(self._ram.path(key + suffix))
-                           for suffix in ENTRY_SUFFIXES):
+                           for suffix in self._suffixes()):
                         # A renderer committed between our miss and our link (its rename
                         # took the .live name away): no second render, go and get it.
                         _unlink_quietly(live)
@@ -982,7 +1022,7 @@ class AudioCache:
             if tier is None:
                 continue
             with tier.locked():
-                for name in (_STATS_NAME, _LOCK_NAME):
+                for name in (_ENCODED_MARK, _LOCK_NAME):
                     _unlink_quietly(tier.path(name))
             tier.close()
             _os.rmdir(tier.directory)
@@ -1001,7 +1041,7 @@ class AudioCache:
             entries=len(entries), bytes=sum(st.st_size for _, st in entries),
             max_bytes=self.max_bytes, pinned=pinned,
             disk_entries=len(disk_entries), disk_bytes=sum(st.st_size for _, st in disk_entries),
-            **{k: totals.get(k, 0) for k in _COUNTERS},
+            **{k: totals.get(k, 0) for k in _COUNTERS if k != "bytes"},
         )
 
     def entries(self) -> list[tuple[str, str, _os.stat_result]]:
@@ -1041,6 +1081,10 @@ def _is_pinned(path: str) -> bool:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
         _os.close(fd)
+
+
+def _touch(path: str) -> None:
+    _os.close(_os.open(path, _os.O_WRONLY | _os.O_CREAT | _os.O_NOFOLLOW | _os.O_CLOEXEC, 0o600))
 
 
 def _unlink_quietly(path: str) -> None:
