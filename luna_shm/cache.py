@@ -178,9 +178,13 @@ class CachedAudio(FileResource):
     _array: np.ndarray | None = None
     _samplerate: int | None = None
 
-    def __init__(self, fd: int, path: str, key: str, *, stored: bool = True) -> None:
+    _size: int = -1
+
+    def __init__(self, fd: int, path: str, key: str, *, stored: bool = True,
+                 size: int = -1) -> None:
         self.key = key
         self.stored = stored
+        self._size = size
         self._own(fd, path)
 
     @property
@@ -193,12 +197,14 @@ class CachedAudio(FileResource):
         if not self.is_wav:
             raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
                              "(read_bytes) or hand its path to a decoder")
-        size = _os.fstat(self._fd).st_size
+        # Parsed and mapped through the pinned descriptor: no second open, and the very
+        # file our flock holds (a put of the same key may have renamed a newer one over
+        # the name meanwhile).
+        size = self._size if self._size >= 0 else _os.fstat(self._fd).st_size
         info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
         count = info.frames * info.channels
-        length = info.data_offset + info.data_bytes
-        mapping = _lowlevel.Mapping(self._fd, length, writable=False, populate=False,
-                                    filename=self.path)
+        mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
+                                    writable=False, populate=False, filename=self.path)
         if info.bits == 24:
             raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
             samples = _lowlevel.unpack_s24(raw, count)
@@ -525,11 +531,13 @@ class AudioCache:
 
     def _open_entry(self, tier: _Tier, key: str) -> CachedAudio | None:
         """Pin the committed entry of key in tier, or None (missing, evicted, expired)."""
-        for suffix in self._suffixes() if tier is self._ram else ENTRY_SUFFIXES:
+        for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
             try:
                 fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
             except FileNotFoundError:
+                if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
+                    return None  # no encoded audio in this cache: one open decides
                 continue
             try:
                 # An evictor holds the exclusive lock only around an unlink: waiting is brief.
@@ -548,7 +556,7 @@ class AudioCache:
             except BaseException:
                 _os.close(fd)
                 raise
-            return CachedAudio(fd, path, key)
+            return CachedAudio(fd, path, key, size=st.st_size)
         return None
 
     def get(self, key: str) -> CachedAudio | None:
