@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -383,3 +384,29 @@ def test_destroy_removes_the_cache_directory(private_dirs) -> None:
     cache.put(key, tone(key), 16000).release()
     cache.destroy()
     assert os.listdir(private_dirs.ram) == []
+
+
+def test_the_command_line_shows_lists_and_clears_a_cache(private_dirs) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback, PYTHONPATH=str(REPO))
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "luna_shm", "cache", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with AudioCache("cli") as cache:
+        keys = [cache_key(f"cli {i}") for i in range(2)]
+        for key in keys:
+            cache.put(key, tone(key), 16000).release()
+        held = cache.get(keys[0])
+        stats = json.loads(run("stats", "--name", "cli", "--json"))
+        assert (stats["entries"], stats["pinned"]) == (2, 1)
+        listed = run("ls", "--name", "cli")
+        assert all(key in listed for key in keys)
+        assert "removed 1 entry" in run("clear", "--name", "cli")
+        assert keys[0] in cache and keys[1] not in cache
+        held.release()
+        assert "entries: 1" in run("stats", "--name", "cli")
+        cache.destroy()
