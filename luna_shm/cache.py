@@ -42,6 +42,8 @@ import struct as _struct
 import threading as _threading
 import time as _time
 import uuid as _uuid
+import warnings as _warnings
+import weakref as _weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager as _contextmanager
 from dataclasses import dataclass
@@ -466,6 +468,8 @@ class AudioCache:
         OSError: the directory cannot be made or opened.
     """
 
+    _finalizer: _weakref.finalize  # type: ignore[type-arg]
+
     def __init__(self, name: str = "default", *, max_bytes: int = DEFAULT_MAX_BYTES,
                  ttl: float | None = None, disk_dir: str | _os.PathLike[str] | None = None,
                  disk_max_bytes: int | None = None) -> None:
@@ -498,6 +502,8 @@ class AudioCache:
             except BaseException:
                 self._ram.close()
                 raise
+        tiers = [self._ram] if self._disk is None else [self._ram, self._disk]
+        self._finalizer = _weakref.finalize(self, _warn_leak, tiers, name, _os.getpid())
         with self._ram.locked():
             self._ram.sweep()
             self._ram.set_bytes(sum(st.st_size for _, st in self._ram.entries()))
@@ -1034,6 +1040,7 @@ class AudioCache:
                     _unlink_quietly(tier.path(name))
             tier.close()
             _os.rmdir(tier.directory)
+        self._finalizer.detach()
 
     def stats(self) -> CacheStats:
         """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
@@ -1061,8 +1068,9 @@ class AudioCache:
 
     def close(self) -> None:
         """Write this process's counters out and close the lock files; again does nothing."""
-        if self._ram.lock_fd < 0:
+        if getattr(self, "_ram", None) is None or self._ram.lock_fd < 0:
             return
+        self._finalizer.detach()
         if _os.getpid() == self._ram.pid and _os.path.isdir(self._ram.directory):
             with self._ram.locked():
                 self._flush_counts()
@@ -1078,6 +1086,18 @@ class AudioCache:
 
     def __repr__(self) -> str:
         return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
+
+
+def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
+    # Counters not yet written out are lost (they need the lock, which a finalizer must
+    # not wait for); the entries themselves are all on disk already.
+    if owner_pid == _os.getpid():
+        _warnings.warn(f"unclosed AudioCache {name!r}", ResourceWarning, stacklevel=2)
+    for tier in tiers:
+        try:
+            tier.close()
+        except OSError:
+            pass
 
 
 def _is_pinned(path: str) -> bool:

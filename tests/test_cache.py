@@ -410,3 +410,25 @@ def test_the_command_line_shows_lists_and_clears_a_cache(private_dirs) -> None:
         held.release()
         assert "entries: 1" in run("stats", "--name", "cli")
         cache.destroy()
+
+
+def test_a_cache_left_open_warns_and_closes_its_lock_file(private_dirs) -> None:
+    cache = AudioCache("leaky")
+    lock_path = f"{cache.directory}/lock"
+
+    def lock_files_open() -> int:
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found += os.readlink(f"/proc/self/fd/{fd}") == lock_path
+            except OSError:
+                pass
+        return found
+
+    assert lock_files_open() == 1
+    with pytest.warns(ResourceWarning, match="unclosed AudioCache 'leaky'"):
+        del cache
+        import gc
+        gc.collect()
+    assert lock_files_open() == 0
+    AudioCache("leaky").destroy()
