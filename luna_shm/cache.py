@@ -41,7 +41,6 @@ import stat as _stat
 import struct as _struct
 import threading as _threading
 import time as _time
-import uuid as _uuid
 import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable, Iterator
@@ -72,13 +71,15 @@ _OUTCOME = ".outcome"
 _PART = ".part"
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
-_ENCODED_MARK = "encoded"
 # The lock file also holds the shared counters: little-endian uint64s, read and written
 # under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
 # fits costs no directory scan; it is only ever too high (it grows before a rename and
 # shrinks after an unlink), and every scan (at open, and whenever it says "full") sets it
 # to the truth again: so the bound holds even after a kill -9 between the two.
-_COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads")
+# "encoded" goes from 0 to 1 once encoded audio is stored (it widens every look-up).
+_COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads",
+             "encoded")
+_NOT_STATS = ("bytes", "encoded")
 _COUNTERS_FORMAT = _struct.Struct(f"<{len(_COUNTERS)}Q")
 
 
@@ -116,6 +117,11 @@ def cache_key(text: str, *, voice: object = None, engine: object = None,
     except ValueError as exc:
         raise ValueError(f"cache_key arguments must be finite numbers: {exc}") from None
     return _hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _token() -> str:
+    """A random name part for an in-flight file (names are also created exclusively)."""
+    return _os.urandom(12).hex()
 
 
 def _check_key(key: object) -> str:
@@ -413,7 +419,7 @@ class _Tier:
     def new_part(self, name: str) -> tuple[str, int]:
         """A new in-flight file for name: (path, fd) with a shared flock held from before
         its name appeared, so that no sweep (in any process) removes it while we live."""
-        path = self.path(f".{name}.{_uuid.uuid4().hex}{_PART}")
+        path = self.path(f".{name}.{_token()}{_PART}")
         return path, _lowlevel.create_locked(self.directory, path)
 
     def close(self) -> None:
@@ -529,8 +535,9 @@ class AudioCache:
     def _suffixes(self) -> tuple[str, ...]:
         """The entry suffixes to look for: ".wav" alone until encoded audio was stored
         in this cache (by any process), so that a miss costs one failed open."""
-        if not self._encoded:
-            self._encoded = _os.path.exists(self._ram.path(_ENCODED_MARK))
+        if not self._encoded:  # one pread, no lock: the flag only ever goes from 0 to 1
+            offset = 8 * _COUNTERS.index("encoded")
+            self._encoded = _os.pread(self._ram.lock_fd, 8, offset) not in (b"", bytes(8))
         return ENTRY_SUFFIXES if self._encoded else (".wav",)
 
     # ---- look-ups ------------------------------------------------------------------
@@ -701,7 +708,8 @@ class AudioCache:
         self._count("reloads")
         return self._commit(key, part, name, fd)
 
-    def _commit(self, key: str, part_path: str, name: str, fd: int = -1) -> CachedAudio:
+    def _commit(self, key: str, part_path: str, name: str, fd: int = -1, *,
+                replacing: bool = True) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         fd, when given, is already open on it holding a flock (it becomes the entry's);
@@ -719,19 +727,20 @@ class AudioCache:
             with self._ram.locked():
                 self._flush_counts()
                 if self._make_room(size):
-                    if name != key + ".wav":
-                        _touch(self._ram.path(_ENCODED_MARK))
+                    if name != key + ".wav" and not self._suffixes()[1:]:
+                        self._ram.add({"encoded": 1})
                         self._encoded = True
                     for suffix in self._suffixes():  # one entry per key, whatever its type
                         # The old entry leaves the count (a pinned one lives on unnamed).
                         if key + suffix == name:
-                            self._forget(name)
+                            if replacing:  # else: checked absent at the election; a
+                                self._forget(name)  # count too high is safe, see _COUNTERS
                         else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
                     return CachedAudio(fd, final, key)
             suffix = name[len(key):]
-            unstored = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_UNSTORED}{suffix}")
+            unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
             return CachedAudio(fd, unstored, key, stored=False)
         except BaseException:
@@ -862,18 +871,20 @@ class AudioCache:
         (None, "") when another live renderer has it."""
         live = self._ram.path(key + _LIVE)
         for _ in range(8):
-            part = self._ram.path(f".{key}.{_uuid.uuid4().hex}{_PART}")
+            part = self._ram.path(f".{key}.{_token()}{_PART}")
             writer: WavWriter | None = WavWriter(part, samplerate, channels, dtype)
             assert writer is not None
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
                 # immediate (unless a sweep holds it for a moment: then we wait).
                 _lowlevel.lock(writer.fileno(), exclusive=True, wait=True)
-                if not _same_file(writer.fileno(), part):
-                    continue  # a sweep in another process removed it before we locked
                 while True:
                     try:
                         _os.link(part, live)  # the election: one link wins
+                    except FileNotFoundError:
+                        # flock's upgrade drops the shared lock first: a sweep in another
+                        # process took the partial in that moment. Make a new one.
+                        break
                     except FileExistsError:
                         if _stale_live(live):
                             continue  # its renderer died: link again
@@ -892,7 +903,7 @@ class AudioCache:
                 if writer is not None:
                     writer.close()
                     _unlink_quietly(part)
-        raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)
+        raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
 
     def _render(self, key: str, writer: WavWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
@@ -906,7 +917,8 @@ class AudioCache:
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             # A second descriptor of the same open file: it shares the writer's flock and
             # keeps it after the writer closes, so the entry stays pinned for our caller.
-            entry = self._commit(key, live, key + ".wav", _os.dup(writer.fileno()))
+            entry = self._commit(key, live, key + ".wav", _os.dup(writer.fileno()),
+                                 replacing=False)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
@@ -1036,8 +1048,7 @@ class AudioCache:
             if tier is None:
                 continue
             with tier.locked():
-                for name in (_ENCODED_MARK, _LOCK_NAME):
-                    _unlink_quietly(tier.path(name))
+                _unlink_quietly(tier.path(_LOCK_NAME))
             tier.close()
             _os.rmdir(tier.directory)
         self._finalizer.detach()
@@ -1056,7 +1067,7 @@ class AudioCache:
             entries=len(entries), bytes=sum(st.st_size for _, st in entries),
             max_bytes=self.max_bytes, pinned=pinned,
             disk_entries=len(disk_entries), disk_bytes=sum(st.st_size for _, st in disk_entries),
-            **{k: totals.get(k, 0) for k in _COUNTERS if k != "bytes"},
+            **{k: totals.get(k, 0) for k in _COUNTERS if k not in _NOT_STATS},
         )
 
     def entries(self) -> list[tuple[str, str, _os.stat_result]]:
@@ -1109,10 +1120,6 @@ def _is_pinned(path: str) -> bool:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
         _os.close(fd)
-
-
-def _touch(path: str) -> None:
-    _os.close(_os.open(path, _os.O_WRONLY | _os.O_CREAT | _os.O_NOFOLLOW | _os.O_CLOEXEC, 0o600))
 
 
 def _unlink_quietly(path: str) -> None:
