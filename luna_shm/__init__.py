@@ -7,6 +7,8 @@ WAV I/O:
     write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
 Live streams (play while it renders):
     follow_wav, afollow_wav, iter_wav_stream; StreamAbandoned
+A TTS cache:
+    AudioCache, CachedAudio, cache_key
 Hand-offs:
     save_temp_audio (encoded bytes, e.g. MP3 from a cloud TTS), send_wav / recv_wav
 Errors:
@@ -15,6 +17,7 @@ Errors:
 """
 
 from luna_shm.buffer import WavBuffer, create_wav_buffer
+from luna_shm.cache import AudioCache, CachedAudio, cache_key
 from luna_shm.errors import HandoffError, LunaShmError, StreamAbandoned, WavError
 from luna_shm.follow import afollow_wav, follow_wav, iter_wav_stream
 from luna_shm.handoff import recv_wav, send_wav
@@ -44,7 +47,9 @@ __all__ = [
     "DAEMON_PREFIX",
     "FALLBACK_DIR",
     "RAM_DISK_DIR",
+    "AudioCache",
     "AudioPool",
+    "CachedAudio",
     "HandoffError",
     "LunaShmError",
     "PooledWav",
@@ -53,6 +58,7 @@ __all__ = [
     "WavError",
     "WavWriter",
     "afollow_wav",
+    "cache_key",
     "cleanup_all_temp_audio",
     "cleanup_temp_audio",
     "create_wav_buffer",

@@ -7,6 +7,7 @@ Commands:
     clean    remove (or with ``--dry-run`` list) what ``cleanup_all_temp_audio``
              removes: our unused files, optionally only those ``--older-than``.
     demo     one utterance through the RAM disk and back, with timings.
+    cache    ``stats``, ``ls`` or ``clear`` an AudioCache (``--name``, default "default").
 
 The benchmarks live in the checkout, not in the package: ``python
 benchmarks/cases.py [--quick]`` or ``make bench``.
@@ -287,6 +288,27 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# ---- cache -------------------------------------------------------------------------
+
+
+def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
+    from luna_shm.cache import AudioCache
+
+    with AudioCache(args.name, max_bytes=args.max_bytes) as cache:
+        if args.action == "stats":
+            print(_json.dumps(asdict(cache.stats())) if args.json else "\n".join(
+                f"{field}: {value}" for field, value in asdict(cache.stats()).items()), file=out)
+        elif args.action == "ls":
+            now = _time.time()
+            for key, path, st in cache.entries():
+                print(f"{key} {_format_bytes(st.st_size)} stored {_format_age(now - st.st_mtime)}"
+                      f" ago, used {_format_age(now - st.st_atime)} ago {shown(path)}", file=out)
+        else:
+            print(f"removed {_plural(cache.clear(), 'entry')} from cache {args.name!r} "
+                  "(pinned entries stay)", file=out)
+    return 0
+
+
 # ---- demo --------------------------------------------------------------------------
 
 
@@ -350,6 +372,18 @@ def build_parser() -> _argparse.ArgumentParser:
         "against the disk temp dir.",
     )
     demo.set_defaults(handler=_run_demo)
+
+    cache = commands.add_parser(
+        "cache", help="an AudioCache's counters, its entries, or clear it",
+        description="stats: entries, bytes and the shared counters of an AudioCache; ls: its "
+        "entries, least recently used first; clear: remove every entry no process holds.",
+    )
+    cache.add_argument("action", choices=("stats", "ls", "clear"))
+    cache.add_argument("--name", default="default", help="the cache's name (default: default)")
+    cache.add_argument("--max-bytes", type=int, default=256 * 1024 * 1024,
+                       help=_argparse.SUPPRESS)
+    cache.add_argument("--json", action="store_true", help="stats as one JSON object")
+    cache.set_defaults(handler=_run_cache)
 
     return parser
 

@@ -17,7 +17,7 @@ EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 def test_there_are_examples_to_run() -> None:
     names = {path.name for path in EXAMPLES}
     assert {"tts_to_player.py", "cloud_tts_mp3.py", "daemon_handoff.py",
-            "streaming_writer.py", "live_tts_to_player.py"} <= names
+            "streaming_writer.py", "live_tts_to_player.py", "tts_cache.py"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[path.name for path in EXAMPLES])

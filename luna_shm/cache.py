@@ -1,0 +1,1130 @@
+"""AudioCache: a bounded TTS cache on the RAM disk, shared by every process of this user.
+
+``cache_key(text, voice=..., engine=..., **options)`` names an utterance;
+``AudioCache(name)`` is a directory of complete entry files (0600, in a 0700
+directory per cache name and user inside our RAM dir) that every process
+opening the same name shares. ``get(key)`` returns a :class:`CachedAudio`
+pinned while held; ``get_or_render(key, render, ...)`` renders a missing key
+once, whatever the number of callers in this and other processes.
+
+The index is the directory itself, files and atomic renames (see the README,
+"A TTS cache", for why not SQLite):
+
+* ``<key>.wav`` (or ``<key>.<suffix>`` for encoded audio) is a committed entry:
+  it only ever appears complete, by ``rename``. Its mtime is when it was
+  stored (the TTL clock), its atime when it was last used (the LRU clock).
+* A holder of an entry keeps a shared flock on it (the pin); evicting takes
+  the exclusive flock without waiting and unlinks under it, so a pinned entry
+  is never removed, by any process.
+* ``<key>.live`` is the entry being rendered: a WAV that a :class:`WavWriter`
+  fills, whose header is valid after every chunk. The renderer holds an
+  exclusive flock on it; waiters block on a shared flock, which the kernel
+  grants when the renderer finished, failed or died.
+* ``lock`` serialises what changes the set of entries (commit, eviction,
+  discard, clear): the RAM tier never holds more than ``max_bytes`` of
+  committed entries, checked and made true under it, before a rename.
+* ``stats`` holds the shared counters; ``.<...>.part`` files are in flight.
+
+A kill -9 at any point leaves committed entries complete and at most in-flight
+files (partials, a stale ``.live``), which the next pass under the lock removes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl as _fcntl
+import hashlib as _hashlib
+import json as _json
+import os as _os
+import re as _re
+import stat as _stat
+import struct as _struct
+import threading as _threading
+import time as _time
+import warnings as _warnings
+import weakref as _weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager as _contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from luna_shm import _lowlevel, encoding, formats, placement
+from luna_shm._resource import FileResource
+from luna_shm.errors import LunaShmError
+from luna_shm.writer import WavWriter
+
+__all__ = ["AudioCache", "CacheStats", "CachedAudio", "RenderError", "cache_key"]
+
+DIR_PREFIX = "luna_cache-"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_DISK_MAX_BYTES = 1024 * 1024 * 1024
+# Encoded entries (put_bytes): a small fixed table, so that a lookup is a few stats,
+# never a directory scan. ".wav" is first: the common case costs one open.
+ENCODED_SUFFIXES = (".mp3", ".ogg", ".opus", ".flac", ".aac", ".m4a", ".webm")
+ENTRY_SUFFIXES = (".wav", *ENCODED_SUFFIXES)
+_KEY = _re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+_LIVE = ".live"
+_OUTCOME = ".outcome"
+_PART = ".part"
+_UNSTORED = ".unstored"
+_LOCK_NAME = "lock"
+# The lock file also holds the shared counters: little-endian uint64s, read and written
+# under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
+# fits costs no directory scan; it is only ever too high (it grows before a rename and
+# shrinks after an unlink), and every scan (at open, and whenever it says "full") sets it
+# to the truth again: so the bound holds even after a kill -9 between the two.
+# "encoded" goes from 0 to 1 once encoded audio is stored (it widens every look-up).
+_COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads",
+             "encoded")
+_NOT_STATS = ("bytes", "encoded")
+_COUNTERS_FORMAT = _struct.Struct(f"<{len(_COUNTERS)}Q")
+
+
+class RenderError(LunaShmError, RuntimeError):
+    """The render of a key that this caller waited for failed (in this or another process)."""
+
+
+def cache_key(text: str, *, voice: object = None, engine: object = None,
+              **options: object) -> str:
+    """A stable key for an utterance: the SHA-256 of a canonical JSON form of the arguments.
+
+    The same arguments give the same key in every process and Python version
+    (keys sorted, no whitespace, floats as their shortest repr).
+
+    Args:
+        text: what is said.
+        voice, engine, options: anything else the audio depends on; JSON values
+            only (str, int, float, bool, None, lists and str-keyed dicts of them).
+
+    Returns:
+        64 lowercase hex digits.
+
+    Raises:
+        TypeError: text is not a str, or a value is not JSON (named in the message).
+        ValueError: a float is NaN or infinite.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {_lowlevel.brief(text)}")
+    form = {"text": text, "voice": voice, "engine": engine, "options": options}
+    try:
+        canonical = _json.dumps(form, sort_keys=True, ensure_ascii=False,
+                                separators=(",", ":"), allow_nan=False)
+    except TypeError as exc:
+        raise TypeError(f"cache_key arguments must be JSON values: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"cache_key arguments must be finite numbers: {exc}") from None
+    return _hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _token() -> str:
+    """A random name part for an in-flight file (names are also created exclusively)."""
+    return _os.urandom(12).hex()
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (see cache_key), got {_lowlevel.brief(key)}")
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"key must be 1 to 128 characters of A-Z, a-z, 0-9, '_' or '-' "
+                         f"(cache_key makes one), got {key!r}")
+    return key
+
+
+def _check_bytes(what: str, value: object, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    return formats.check_int(what, value, minimum=1)
+
+
+def _entry_name(name: str) -> tuple[str, str] | None:
+    """(key, suffix) when name is a committed entry's file name, else None."""
+    key, dot, suffix = name.rpartition(".")
+    if not dot or f".{suffix}" not in ENTRY_SUFFIXES or not _KEY.fullmatch(key):
+        return None
+    return key, f".{suffix}"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What :meth:`AudioCache.stats` counts (the counters are shared by all processes)."""
+
+    entries: int
+    bytes: int
+    max_bytes: int
+    pinned: int
+    hits: int
+    misses: int
+    evictions: int
+    renders: int
+    spills: int
+    reloads: int
+    disk_entries: int
+    disk_bytes: int
+
+
+class CachedAudio(FileResource):
+    """A cache entry pinned while held: never evicted, by any process, until released.
+
+    Attributes:
+        key: the entry's key.
+        path: the entry's file: a complete WAV, or the stored encoded file.
+        stored: False for audio that was rendered but not stored (larger than the
+            cache's bound, or every entry pinned): path is then a file of its own
+            in the cache directory, removed once no one holds it.
+        live: reserved for issue 11 (always False here): True will mean the entry is
+            still being rendered and :meth:`blocks` follows it as it grows.
+
+    Use it in ``with`` or call :meth:`release` (the same as ``close()``).
+    """
+
+    key: str = ""
+    stored: bool = True
+    live: bool = False
+    _array: np.ndarray | None = None
+    _samplerate: int | None = None
+
+    _size: int = -1
+
+    def __init__(self, fd: int, path: str, key: str, *, stored: bool = True,
+                 size: int = -1) -> None:
+        self.key = key
+        self.stored = stored
+        self._size = size
+        self._own(fd, path)
+
+    @property
+    def is_wav(self) -> bool:
+        """True for a WAV entry (array and samplerate work), False for encoded audio."""
+        return self.path.endswith(".wav")
+
+    def _load(self) -> None:
+        self._check_open()
+        if not self.is_wav:
+            raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
+                             "(read_bytes) or hand its path to a decoder")
+        # Parsed and mapped through the pinned descriptor: no second open, and the very
+        # file our flock holds (a put of the same key may have renamed a newer one over
+        # the name meanwhile).
+        size = self._size if self._size >= 0 else _os.fstat(self._fd).st_size
+        info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
+        count = info.frames * info.channels
+        mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
+                                    writable=False, populate=False, filename=self.path)
+        if info.bits == 24:
+            raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
+            samples = _lowlevel.unpack_s24(raw, count)
+        else:
+            samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
+                                    info.data_offset)
+        self._array = samples if info.channels == 1 else samples.reshape(-1, info.channels)
+        self._samplerate = info.samplerate
+
+    @property
+    def array(self) -> np.ndarray:
+        """The samples: a read-only zero-copy view of the entry, shaped like read_wav's.
+
+        Raises:
+            ValueError: the entry is encoded audio, or was released.
+            WavError: the file is not a WAV we can read.
+        """
+        if self._array is None:
+            self._load()
+        assert self._array is not None
+        return self._array
+
+    @property
+    def samplerate(self) -> int:
+        """The entry's sample rate (WAV entries)."""
+        if self._samplerate is None:
+            self._load()
+        assert self._samplerate is not None
+        return self._samplerate
+
+    def read_bytes(self) -> bytes:
+        """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
+        self._check_open()
+        return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The audio as blocks of frames, in order.
+
+        Hook for issue 11 (live utterances): once ``follow_wav`` lands, a live entry
+        (``live=True``) yields each block as the renderer writes it. Here every entry
+        is complete, so this yields the whole array once.
+        """
+        yield self.array
+
+    def release(self) -> None:
+        """Unpin the entry (the same as :meth:`close`); calling it again does nothing.
+
+        An array taken from :attr:`array` stays valid: its mapping keeps the file.
+        """
+        self.close()
+
+    def _release(self) -> None:
+        self._array = None
+
+    def __repr__(self) -> str:
+        state = "released" if self.closed else "pinned"
+        return f"<CachedAudio {self.key!r} {self.path!r} {state}>"
+
+
+def _open_private_dir(parent: str, name: str, what: str) -> int:
+    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one."""
+    path = f"{parent}/{name}"
+    try:
+        _os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = _os.open(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
+            kind = "a symbolic link" if _os.path.islink(path) else "not a directory"
+            raise PermissionError(_errno.EPERM, f"refusing the {what} directory: it is {kind}",
+                                  path) from None
+        raise
+    st = _os.fstat(fd)
+    if st.st_uid != _os.geteuid():
+        _os.close(fd)
+        raise PermissionError(_errno.EPERM, f"refusing the {what} directory: it belongs to "
+                              f"uid {st.st_uid}", path)
+    if st.st_mode & 0o077:
+        _os.close(fd)
+        raise PermissionError(_errno.EPERM, f"refusing the {what} directory: mode "
+                              f"{_stat.S_IMODE(st.st_mode):o} lets others in (want 700)", path)
+    return fd
+
+
+class _Tier:
+    """One directory of entries (the RAM tier, or the disk tier) and its lock."""
+
+    def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
+        self.name = f"{DIR_PREFIX}{_os.geteuid()}-{name}"
+        self.directory = f"{parent}/{self.name}"
+        self.max_bytes = max_bytes
+        self.what = what
+        dir_fd = _open_private_dir(parent, self.name, what)
+        try:
+            self.lock_fd = _os.open(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW
+                                    | _os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        finally:
+            _os.close(dir_fd)
+        self.pid = _os.getpid()
+        self.thread_lock = _threading.Lock()
+
+    def path(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    def _after_fork(self) -> None:
+        # The parent's lock fd shares its open file description with the parent:
+        # a flock on it would not exclude the parent. Open our own.
+        self.lock_fd = _os.open(self.path(_LOCK_NAME), _os.O_RDWR | _os.O_CREAT
+                                | _os.O_NOFOLLOW | _os.O_CLOEXEC, 0o600)
+        self.thread_lock = _threading.Lock()
+        self.pid = _os.getpid()
+
+    @_contextmanager
+    def locked(self, exclusive: bool = True) -> Iterator[None]:
+        """Hold the tier's lock: across threads (a mutex) and processes (a flock)."""
+        if self.pid != _os.getpid():
+            self._after_fork()
+        with self.thread_lock:
+            _lowlevel.lock(self.lock_fd, exclusive=exclusive, wait=True)
+            try:
+                yield
+            finally:
+                _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
+
+    def counters(self) -> list[int]:
+        """The shared counters (under the lock)."""
+        raw = _os.pread(self.lock_fd, _COUNTERS_FORMAT.size, 0)
+        if len(raw) < _COUNTERS_FORMAT.size:
+            return [0] * len(_COUNTERS)
+        return list(_COUNTERS_FORMAT.unpack(raw))
+
+    def add(self, deltas: dict[str, int]) -> list[int]:
+        """Add deltas to the shared counters (under the lock); the new values."""
+        values = self.counters()
+        for i, name in enumerate(_COUNTERS):
+            values[i] = max(0, values[i] + deltas.get(name, 0))
+        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
+        return values
+
+    def set_bytes(self, total: int) -> None:
+        """Record the committed bytes a scan found (under the lock)."""
+        values = self.counters()
+        values[0] = total
+        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
+
+    def entries(self) -> list[tuple[str, _os.stat_result]]:
+        """(name, lstat) of each committed entry (call under the lock for a consistent view)."""
+        found = []
+        with _os.scandir(self.directory) as scan:
+            for item in scan:
+                if _entry_name(item.name) is None:
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if _stat.S_ISREG(st.st_mode):
+                    found.append((item.name, st))
+        return found
+
+    def remove_if_unpinned(self, name: str) -> bool:
+        """Unlink name under its exclusive flock, taken without waiting; False when held.
+        An entry's bytes leave the shared count (under the lock)."""
+        path = self.path(name)
+        try:
+            fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if not _lowlevel.lock(fd, exclusive=True):
+                return False
+            if not _same_file(fd, path):
+                return False
+            size = _os.fstat(fd).st_size
+            _os.unlink(path)
+        finally:
+            _os.close(fd)
+        if _entry_name(name) is not None:
+            self.add({"bytes": -size})
+        return True
+
+    def sweep(self) -> int:
+        """Remove leftovers no live process holds: partials, stale .live files, outcomes
+        older than a minute, unstored audio. Under the lock."""
+        removed = 0
+        now = _time.time()
+        with _os.scandir(self.directory) as scan:
+            names = [item.name for item in scan]
+        for name in names:
+            if name.endswith(_PART) or _UNSTORED + "." in name:
+                removed += self.remove_if_unpinned(name)
+            elif name.endswith(_OUTCOME):
+                try:
+                    if now - _os.lstat(self.path(name)).st_mtime > 60:
+                        _os.unlink(self.path(name))
+                except FileNotFoundError:
+                    pass
+            elif name.endswith(_LIVE) and _stale_live(self.path(name)):
+                removed += 1
+        return removed
+
+    def new_part(self, name: str) -> tuple[str, int]:
+        """A new in-flight file for name: (path, fd) with a shared flock held from before
+        its name appeared, so that no sweep (in any process) removes it while we live."""
+        path = self.path(f".{name}.{_token()}{_PART}")
+        return path, _lowlevel.create_locked(self.directory, path)
+
+    def close(self) -> None:
+        if self.lock_fd >= 0:
+            fd, self.lock_fd = self.lock_fd, -1
+            _os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        named = _os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = _os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _stale_live(path: str) -> bool:
+    """Remove path when it is a .live file no renderer holds (the renderer died); True if so."""
+    try:
+        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _lowlevel.lock(fd, exclusive=True):
+            return False  # a renderer (or a waiter, for a moment) holds it
+        if not _same_file(fd, path):
+            return False
+        _os.unlink(path)
+        return True
+    finally:
+        _os.close(fd)
+
+
+class AudioCache:
+    """A bounded cache of rendered audio on the RAM disk, shared by this user's processes.
+
+    Args:
+        name: the cache's name: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'.
+            Every process of this user that opens the same name shares the entries.
+        max_bytes: the RAM tier never holds more committed bytes than this (an entry
+            being rendered aside); least recently used entries go first.
+        ttl: seconds an entry stays valid after it was stored; None keeps it.
+        disk_dir: a directory for a second tier, kept across restarts: entries evicted
+            from RAM spill there (within disk_max_bytes) and a RAM miss reloads them.
+        disk_max_bytes: the disk tier's bound (default 1 GiB).
+
+    Raises:
+        TypeError, ValueError: a bad name, size or ttl, named in the message.
+        PermissionError: the cache directory is a symlink, belongs to another user
+            or lets others in.
+        OSError: the directory cannot be made or opened.
+    """
+
+    _finalizer: _weakref.finalize  # type: ignore[type-arg]
+
+    def __init__(self, name: str = "default", *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 ttl: float | None = None, disk_dir: str | _os.PathLike[str] | None = None,
+                 disk_max_bytes: int | None = None) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {_lowlevel.brief(name)}")
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"name must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or "
+                             f"'-' (not starting with '.'), got {name!r}")
+        self.name = name
+        self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
+        if ttl is not None:
+            if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+                raise TypeError(f"ttl must be a number of seconds or None, got {ttl!r}")
+            if not ttl > 0:
+                raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
+        self.ttl = ttl
+        disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts_lock = _threading.Lock()
+        self._encoded = False
+        self._ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
+        self._disk: _Tier | None = None
+        if disk_dir is not None:
+            disk_text = _os.fspath(disk_dir)
+            if not isinstance(disk_text, str):
+                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got {disk_dir!r}")
+            try:
+                self._disk = _Tier(_os.path.abspath(disk_text), name,
+                                   disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
+            except BaseException:
+                self._ram.close()
+                raise
+        tiers = [self._ram] if self._disk is None else [self._ram, self._disk]
+        self._finalizer = _weakref.finalize(self, _warn_leak, tiers, name, _os.getpid())
+        with self._ram.locked():
+            self._ram.sweep()
+            self._ram.set_bytes(sum(st.st_size for _, st in self._ram.entries()))
+
+    @property
+    def directory(self) -> str:
+        """The RAM tier's directory."""
+        return self._ram.directory
+
+    # ---- counters ------------------------------------------------------------------
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[what] += n
+
+    def _flush_counts(self) -> dict[str, int]:
+        """Add this process's counts to the shared ones; the totals. Under the RAM lock.
+        (Hits and misses are counted here first: a hit takes no lock.)"""
+        with self._counts_lock:
+            pending, self._counts = self._counts, dict.fromkeys(_COUNTERS, 0)
+        return dict(zip(_COUNTERS, self._ram.add(pending), strict=True))
+
+    def _suffixes(self) -> tuple[str, ...]:
+        """The entry suffixes to look for: ".wav" alone until encoded audio was stored
+        in this cache (by any process), so that a miss costs one failed open."""
+        if not self._encoded:  # one pread, no lock: the flag only ever goes from 0 to 1
+            offset = 8 * _COUNTERS.index("encoded")
+            self._encoded = _os.pread(self._ram.lock_fd, 8, offset) not in (b"", bytes(8))
+        return ENTRY_SUFFIXES if self._encoded else (".wav",)
+
+    # ---- look-ups ------------------------------------------------------------------
+
+    def _open_entry(self, tier: _Tier, key: str) -> CachedAudio | None:
+        """Pin the committed entry of key in tier, or None (missing, evicted, expired)."""
+        for suffix in ENTRY_SUFFIXES:
+            path = tier.path(key + suffix)
+            try:
+                fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            except FileNotFoundError:
+                if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
+                    return None  # no encoded audio in this cache: one open decides
+                continue
+            try:
+                # An evictor holds the exclusive lock only around an unlink: waiting is brief.
+                _lowlevel.lock(fd, exclusive=False, wait=True)
+                st = _os.fstat(fd)
+                if st.st_nlink == 0:  # evicted while we waited
+                    _os.close(fd)
+                    continue
+                if self.ttl is not None and _time.time() - st.st_mtime > self.ttl:
+                    _os.close(fd)
+                    with tier.locked():
+                        tier.remove_if_unpinned(key + suffix)
+                    continue
+                now = _time.time_ns()
+                _os.utime(fd, ns=(now, st.st_mtime_ns))  # the LRU clock: atime
+            except BaseException:
+                _os.close(fd)
+                raise
+            return CachedAudio(fd, path, key, size=st.st_size)
+        return None
+
+    def get(self, key: str) -> CachedAudio | None:
+        """The entry of key, pinned until released, or None on a miss.
+
+        A RAM miss with a disk tier reloads the entry from disk into RAM.
+
+        Raises:
+            TypeError, ValueError: key is not a key (see :func:`cache_key`).
+        """
+        _check_key(key)
+        found = self._open_entry(self._ram, key)
+        if found is None and self._disk is not None:
+            found = self._reload(key)
+        self._count("hits" if found is not None else "misses")
+        return found
+
+    def __contains__(self, key: str) -> bool:
+        _check_key(key)
+        return any(_os.path.exists(self._ram.path(key + s)) for s in self._suffixes())
+
+    # ---- storing -------------------------------------------------------------------
+
+    def _make_room(self, size: int) -> bool:
+        """Under the RAM lock: make size more bytes fit (the shared count grows by them);
+        False when they cannot (nothing is stored then). A cache that looks full is
+        scanned: expired entries go, then the least recently used unpinned ones."""
+        tier = self._ram
+        if size > tier.max_bytes:
+            return False
+        total = tier.counters()[0]
+        if total + size > tier.max_bytes:
+            now = _time.time()
+            kept = []
+            for name, st in tier.entries():
+                expired = self.ttl is not None and now - st.st_mtime > self.ttl
+                if expired and tier.remove_if_unpinned(name):
+                    continue
+                kept.append((name, st))
+            total = sum(st.st_size for _, st in kept)
+            kept.sort(key=lambda item: item[1].st_atime_ns)
+            for name, st in kept:
+                if total + size <= tier.max_bytes:
+                    break
+                if self._evict(name):
+                    total -= st.st_size
+            tier.set_bytes(total)
+            if total + size > tier.max_bytes:
+                return False
+        tier.add({"bytes": size})  # before the rename: too high, never too low
+        return True
+
+    def _evict(self, name: str) -> bool:
+        """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
+        path = self._ram.path(name)
+        try:
+            fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            if not _lowlevel.lock(fd, exclusive=True) or not _same_file(fd, path):
+                return False
+            if self._disk is not None:
+                try:
+                    self._spill(fd, name)
+                except OSError as exc:
+                    placement.logger.warning("luna_shm: could not spill %s to %s: %s",
+                                             path, self._disk.directory, exc)
+            _os.unlink(path)
+            self._count("evictions")
+            return True  # the caller recounts the bytes
+        finally:
+            _os.close(fd)
+
+    def _copy_in(self, tier: _Tier, src_fd: int, name: str, *, sync: bool
+                 ) -> tuple[str, int]:
+        """Copy src_fd to a new locked partial in tier: (its path, its fd); mtime kept."""
+        st = _os.fstat(src_fd)
+        part, fd = tier.new_part(name)
+        try:
+            offset = 0
+            while offset < st.st_size:
+                # sendfile, not copy_file_range: that one refuses RAM -> disk (EXDEV)
+                # on the kernels that are still common.
+                sent = _os.sendfile(fd, src_fd, offset, st.st_size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+            _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
+            if sync:
+                _os.fsync(fd)
+        except BaseException:
+            _os.close(fd)
+            _unlink_quietly(part)
+            raise
+        return part, fd
+
+    def _spill(self, src_fd: int, name: str) -> None:
+        disk = self._disk
+        assert disk is not None
+        size = _os.fstat(src_fd).st_size
+        if size > disk.max_bytes:
+            return
+        part, part_fd = self._copy_in(disk, src_fd, name, sync=True)
+        try:
+            self._store_on_disk(disk, part, name, size)
+        finally:
+            _os.close(part_fd)
+
+    def _store_on_disk(self, disk: _Tier, part: str, name: str, size: int) -> None:
+        with disk.locked():
+            entries = [(n, st) for n, st in disk.entries() if n != name]
+            total = sum(st.st_size for _, st in entries)
+            entries.sort(key=lambda item: item[1].st_atime_ns)
+            for victim, st in entries:
+                if total + size <= disk.max_bytes:
+                    break
+                if disk.remove_if_unpinned(victim):
+                    total -= st.st_size
+            if total + size > disk.max_bytes:
+                _os.unlink(part)
+                return
+            _os.rename(part, disk.path(name))
+        self._count("spills")
+
+    def _reload(self, key: str) -> CachedAudio | None:
+        """Copy key's disk entry back into RAM and pin it there; None when there is none."""
+        disk = self._disk
+        assert disk is not None
+        held = self._open_entry(disk, key)
+        if held is None:
+            return None
+        with held:
+            name = _os.path.basename(held.path)
+            part, fd = self._copy_in(self._ram, held.fileno(), name, sync=False)
+        self._count("reloads")
+        return self._commit(key, part, name, fd)
+
+    def _commit(self, key: str, part_path: str, name: str, fd: int = -1, *,
+                replacing: bool = True) -> CachedAudio:
+        """Pin the complete file at part_path and give it the entry name under the lock;
+        when it does not fit, keep it as unstored audio. The caller's file is consumed.
+        fd, when given, is already open on it holding a flock (it becomes the entry's);
+        on failure it is closed and the file removed."""
+        if fd < 0:
+            fd = _os.open(part_path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            try:
+                _lowlevel.lock(fd, exclusive=False, wait=True)
+            except BaseException:
+                _os.close(fd)
+                raise
+        try:
+            size = _os.fstat(fd).st_size
+            final = self._ram.path(name)
+            with self._ram.locked():
+                self._flush_counts()
+                if self._make_room(size):
+                    if name != key + ".wav" and not self._suffixes()[1:]:
+                        self._ram.add({"encoded": 1})
+                        self._encoded = True
+                    for suffix in self._suffixes():  # one entry per key, whatever its type
+                        # The old entry leaves the count (a pinned one lives on unnamed).
+                        if key + suffix == name:
+                            if replacing:  # else: checked absent at the election; a
+                                self._forget(name)  # count too high is safe, see _COUNTERS
+                        else:
+                            self._ram.remove_if_unpinned(key + suffix)
+                    _os.rename(part_path, final)
+                    return CachedAudio(fd, final, key)
+            suffix = name[len(key):]
+            unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
+            _os.rename(part_path, unstored)
+            return CachedAudio(fd, unstored, key, stored=False)
+        except BaseException:
+            _os.close(fd)
+            _unlink_quietly(part_path)
+            raise
+
+    def _forget(self, name: str) -> None:
+        """Before a rename over name: its bytes leave the count (under the lock)."""
+        try:
+            self._ram.add({"bytes": -_os.lstat(self._ram.path(name)).st_size})
+        except FileNotFoundError:
+            pass
+
+    def put(self, key: str, data: object, samplerate: int, *,
+            subtype: str | None = None) -> CachedAudio:
+        """Store data as key's WAV entry (replacing any) and return it pinned.
+
+        Args:
+            key: see :func:`cache_key`.
+            data, samplerate, subtype: as for :func:`luna_shm.write_wav`.
+
+        Returns:
+            The entry; ``stored`` is False when it is larger than max_bytes or every
+            other entry is pinned (the audio is still there until released).
+
+        Raises:
+            TypeError, ValueError: a bad key, data, samplerate or subtype.
+            OSError: the RAM disk refused the file; nothing is left of it.
+        """
+        _check_key(key)
+        enc = encoding.plan(data, samplerate, subtype)
+        part, fd = self._ram.new_part(key)
+        try:
+            _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
+        except BaseException:
+            _os.close(fd)
+            _unlink_quietly(part)
+            raise
+        return self._commit(key, part, key + ".wav", fd)
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
+                  suffix: str = ".mp3") -> CachedAudio:
+        """Store encoded audio (e.g. MP3 from a cloud TTS) as key's entry and return it pinned.
+
+        Args:
+            key: see :func:`cache_key`.
+            data: the encoded file's bytes.
+            suffix: one of .mp3, .ogg, .opus, .flac, .aac, .m4a, .webm.
+
+        Raises:
+            TypeError, ValueError: a bad key, data or suffix; empty data.
+            OSError: the RAM disk refused the file; nothing is left of it.
+        """
+        _check_key(key)
+        if suffix not in ENCODED_SUFFIXES:
+            raise ValueError(f"suffix must be one of {', '.join(ENCODED_SUFFIXES)}, "
+                             f"got {suffix!r}")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"data must be bytes-like, got {_lowlevel.brief(data)}")
+        if not len(data):
+            raise ValueError("data is empty: an empty render is never cached")
+        part, fd = self._ram.new_part(key)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[_os.write(fd, view):]
+        except BaseException:
+            _os.close(fd)
+            _unlink_quietly(part)
+            raise
+        return self._commit(key, part, key + suffix, fd)
+
+    # ---- single-flight rendering --------------------------------------------------
+
+    def live_path(self, key: str) -> str | None:
+        """The WAV of key being rendered now (valid after every chunk), or None.
+
+        Hook for issue 11: pass it to ``follow_wav`` to play the entry while it renders.
+        """
+        path = self._ram.path(_check_key(key) + _LIVE)
+        return path if _os.path.exists(path) else None
+
+    def get_or_render(self, key: str, render: Callable[[WavWriter], object], *,
+                      samplerate: int, channels: int = 1, dtype: Any = "int16",
+                      timeout: float | None = None) -> CachedAudio:
+        """The entry of key; on a miss, render it once, whatever the number of callers.
+
+        The first caller (in any process) calls ``render(writer)``, which writes the
+        audio into a :class:`WavWriter` in the cache directory; the others wait
+        for it (no CPU: a flock the kernel grants when the renderer ends) and get
+        the same entry. A render that raises or writes no frames is never stored:
+        the renderer gets its exception, its waiters a :class:`RenderError`. When
+        the renderer's process dies, one waiter renders again.
+
+        Args:
+            key: see :func:`cache_key`.
+            render: called with the writer; its return value is ignored.
+            samplerate, channels, dtype: the writer's format.
+            timeout: seconds to wait for another caller's render; None waits as long
+                as it runs.
+
+        Returns:
+            The entry, pinned (``stored`` False when it was too large to keep).
+
+        Raises:
+            RenderError: the render this caller waited for failed.
+            TimeoutError: timeout passed while another caller rendered.
+            OSError: the RAM disk refused the entry.
+            Whatever ``render`` raised, in the caller that ran it.
+        """
+        _check_key(key)
+        deadline = None if timeout is None else _time.monotonic() + timeout
+        while True:
+            found = self.get(key)
+            if found is not None:
+                return found
+            writer, part = self._start_render(key, samplerate, channels, dtype)
+            if writer is not None:
+                return self._render(key, writer, part, render)
+            outcome = self._wait(key, deadline)
+            if outcome is not None:
+                return outcome
+
+    def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
+                      ) -> tuple[WavWriter | None, str]:
+        """Become key's renderer: a writer whose file is now key.live, exclusively locked.
+        (None, "") when another live renderer has it."""
+        live = self._ram.path(key + _LIVE)
+        for _ in range(8):
+            part = self._ram.path(f".{key}.{_token()}{_PART}")
+            writer: WavWriter | None = WavWriter(part, samplerate, channels, dtype)
+            assert writer is not None
+            try:
+                # Nobody else knows the partial's name: the upgrade to exclusive is
+                # immediate (unless a sweep holds it for a moment: then we wait).
+                _lowlevel.lock(writer.fileno(), exclusive=True, wait=True)
+                while True:
+                    try:
+                        _os.link(part, live)  # the election: one link wins
+                    except FileNotFoundError:
+                        # flock's upgrade drops the shared lock first: a sweep in another
+                        # process took the partial in that moment. Make a new one.
+                        break
+                    except FileExistsError:
+                        if _stale_live(live):
+                            continue  # its renderer died: link again
+                        return None, ""
+                    _os.unlink(part)
+                    writer.path = live
+                    if any(_os.path.exists(self._ram.path(key + suffix))
+                           for suffix in self._suffixes()):
+                        # A renderer committed between our miss and our link (its rename
+                        # took the .live name away): no second render, go and get it.
+                        _unlink_quietly(live)
+                        return None, ""
+                    done, writer = writer, None
+                    return done, live
+            finally:
+                if writer is not None:
+                    writer.close()
+                    _unlink_quietly(part)
+        raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
+
+    def _render(self, key: str, writer: WavWriter, live: str,
+                render: Callable[[WavWriter], object]) -> CachedAudio:
+        """Run render into writer (whose file is key.live, exclusively locked), store the
+        result, then let the waiters go: by then the entry, or the outcome, is there."""
+        self._count("renders")
+        ino = _os.fstat(writer.fileno()).st_ino
+        try:
+            render(writer)
+            if writer.frames == 0:
+                raise ValueError(f"the render of {key!r} wrote no frames: not cached")
+            # A second descriptor of the same open file: it shares the writer's flock and
+            # keeps it after the writer closes, so the entry stays pinned for our caller.
+            entry = self._commit(key, live, key + ".wav", _os.dup(writer.fileno()),
+                                 replacing=False)
+            if not entry.stored:
+                self._write_outcome(key, ino, "unstored " + entry.path)
+        except BaseException as exc:
+            self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
+            if _same_file(writer.fileno(), live):
+                _unlink_quietly(live)
+            writer.close()
+            raise
+        # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
+        _lowlevel.lock(entry.fileno(), exclusive=False)
+        writer.close()
+        return entry
+
+    def _write_outcome(self, key: str, ino: int, text: str) -> None:
+        path = self._ram.path(key + _OUTCOME)
+        try:
+            part, fd = self._ram.new_part(key)
+        except OSError:
+            return
+        try:
+            _os.write(fd, f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
+            _os.rename(part, path)
+        except OSError:
+            _unlink_quietly(part)
+        finally:
+            _os.close(fd)
+
+    def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
+        """Wait for key's renderer: None to look again (it stored the entry, died, or was
+        done before we looked), unstored audio, or RenderError when the render failed."""
+        live = self._ram.path(key + _LIVE)
+        started = _time.time_ns()
+        try:
+            fd = _os.open(live, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            ino = _os.fstat(fd).st_ino
+            # FOLLOW HOOK (issue 11): a caller that wants audio before the render ends
+            # would get CachedAudio(live=True) here, whose blocks() is follow_wav(live).
+            # The renderer holds an exclusive flock until the entry is stored (or it
+            # failed, or died): the kernel grants our shared one then, no polling.
+            if deadline is None:
+                _lowlevel.lock(fd, exclusive=False, wait=True)
+            else:
+                pause = 0.0005
+                while not _lowlevel.lock(fd, exclusive=False):
+                    if _time.monotonic() >= deadline:
+                        raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another "
+                                           f"caller to render {key!r}", live)
+                    _time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
+            outcome = self._read_outcome(key, ino, started)
+            if outcome is None and _same_file(fd, live):
+                # Still named .live with no renderer: it died. Remove it (exclusive,
+                # so that no other waiter is between its lock and this check) and
+                # let the loop elect a new renderer.
+                _lowlevel.lock(fd, exclusive=True, wait=True)
+                if _same_file(fd, live):
+                    _unlink_quietly(live)
+                return None
+        finally:
+            _os.close(fd)
+        if outcome is None:
+            return None
+        pid, text = outcome
+        if text.startswith("unstored "):
+            path = text[len("unstored "):]
+            try:
+                held = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            _lowlevel.lock(held, exclusive=False, wait=True)
+            return CachedAudio(held, path, key, stored=False)
+        raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
+
+    def _read_outcome(self, key: str, ino: int, since_ns: int) -> tuple[str, str] | None:
+        """(pid, text) that the renderer of the file ino left for its waiters, or None.
+        The waiter holds that file open, so its inode number cannot have been reused;
+        an outcome older than the wait belongs to an earlier file of that number."""
+        path = self._ram.path(key + _OUTCOME)
+        try:
+            with open(path, encoding="utf-8") as f:
+                if _os.fstat(f.fileno()).st_mtime_ns < since_ns - 50_000_000:
+                    return None
+                owner, pid, text = f.read().split(" ", 2)
+        except (OSError, ValueError):
+            return None
+        return (pid, text) if owner == str(ino) else None
+
+    # ---- removal and stats ---------------------------------------------------------
+
+    def discard(self, key: str) -> bool:
+        """Remove key's entry from both tiers unless it is pinned; True if one was removed."""
+        _check_key(key)
+        removed = False
+        for tier in (self._ram, self._disk):
+            if tier is None:
+                continue
+            with tier.locked():
+                for suffix in ENTRY_SUFFIXES:
+                    removed |= tier.remove_if_unpinned(key + suffix)
+        return removed
+
+    def clear(self) -> int:
+        """Remove every unpinned entry (both tiers) and leftovers; return how many entries."""
+        removed = 0
+        for tier in (self._ram, self._disk):
+            if tier is None:
+                continue
+            with tier.locked():
+                for name, _ in tier.entries():
+                    removed += tier.remove_if_unpinned(name)
+                tier.sweep()
+        return removed
+
+    def destroy(self) -> None:
+        """Clear the cache and remove its directories (when no entry is pinned), then close.
+
+        Meant for when no other process uses the cache (tests, examples, uninstall).
+
+        Raises:
+            OSError: an entry is still pinned (ENOTEMPTY) or a directory cannot be removed.
+        """
+        self.clear()
+        for tier in (self._ram, self._disk):
+            if tier is None:
+                continue
+            with tier.locked():
+                _unlink_quietly(tier.path(_LOCK_NAME))
+            tier.close()
+            _os.rmdir(tier.directory)
+        self._finalizer.detach()
+
+    def stats(self) -> CacheStats:
+        """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
+        with self._ram.locked():
+            totals = self._flush_counts()
+            entries = self._ram.entries()
+            pinned = sum(1 for name, _ in entries if _is_pinned(self._ram.path(name)))
+        disk_entries: list[tuple[str, _os.stat_result]] = []
+        if self._disk is not None:
+            with self._disk.locked():
+                disk_entries = self._disk.entries()
+        return CacheStats(
+            entries=len(entries), bytes=sum(st.st_size for _, st in entries),
+            max_bytes=self.max_bytes, pinned=pinned,
+            disk_entries=len(disk_entries), disk_bytes=sum(st.st_size for _, st in disk_entries),
+            **{k: totals.get(k, 0) for k in _COUNTERS if k not in _NOT_STATS},
+        )
+
+    def entries(self) -> list[tuple[str, str, _os.stat_result]]:
+        """(key, path, lstat) of each RAM entry, least recently used first."""
+        with self._ram.locked():
+            entries = self._ram.entries()
+        entries.sort(key=lambda item: item[1].st_atime_ns)
+        return [(name.rpartition(".")[0], self._ram.path(name), st) for name, st in entries]
+
+    def close(self) -> None:
+        """Write this process's counters out and close the lock files; again does nothing."""
+        if getattr(self, "_ram", None) is None or self._ram.lock_fd < 0:
+            return
+        self._finalizer.detach()
+        if _os.getpid() == self._ram.pid and _os.path.isdir(self._ram.directory):
+            with self._ram.locked():
+                self._flush_counts()
+        self._ram.close()
+        if self._disk is not None:
+            self._disk.close()
+
+    def __enter__(self) -> AudioCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
+
+
+def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
+    # Counters not yet written out are lost (they need the lock, which a finalizer must
+    # not wait for); the entries themselves are all on disk already.
+    if owner_pid == _os.getpid():
+        _warnings.warn(f"unclosed AudioCache {name!r}", ResourceWarning, stacklevel=2)
+    for tier in tiers:
+        try:
+            tier.close()
+        except OSError:
+            pass
+
+
+def _is_pinned(path: str) -> bool:
+    try:
+        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return not _lowlevel.lock(fd, exclusive=True)
+    finally:
+        _os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        _os.unlink(path)
+    except FileNotFoundError:
+        pass
+

@@ -1,0 +1,434 @@
+"""AudioCache in one process (threads, forks aside): keys, hits, bounds, TTL, pins, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+import luna_shm
+from helpers import REPO, call_with_deadline
+from luna_shm import AudioCache, CachedAudio, cache_key
+from luna_shm.cache import RenderError
+
+
+def tone(key: str, frames: int = 4000, channels: int = 1) -> np.ndarray:
+    """Audio that depends on the key, so that a wrong entry shows."""
+    rng = np.random.default_rng(int(key[:8], 16) if all(c in "0123456789abcdef" for c in key[:8])
+                                else len(key))
+    shape = (frames,) if channels == 1 else (frames, channels)
+    return rng.integers(-32768, 32767, size=shape, dtype=np.int16)
+
+
+@pytest.fixture
+def cache(private_dirs):
+    opened = AudioCache(f"t{uuid.uuid4().hex[:8]}", max_bytes=100_000)
+    yield opened
+    opened.close()
+
+
+def test_cache_key_is_a_stable_digest_of_a_canonical_form() -> None:
+    key = cache_key("Timer set", voice="en-us", engine="espeak-ng", speed=1.25, pitch=50)
+    # Known answer: the same in every process and Python version.
+    assert key == cache_key("Timer set", engine="espeak-ng", pitch=50, speed=1.25, voice="en-us")
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert key != cache_key("Timer set", voice="en-us", engine="espeak-ng", speed=1.25)
+    assert key != cache_key("Timer set.", voice="en-us", engine="espeak-ng", speed=1.25, pitch=50)
+    code = ("from luna_shm import cache_key; print(cache_key('Timer set', voice='en-us', "
+            "engine='espeak-ng', speed=1.25, pitch=50))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert done.stdout.strip() == key
+
+
+def test_cache_key_refuses_values_that_have_no_canonical_form() -> None:
+    with pytest.raises(TypeError, match="text must be a str, got b'hi'"):
+        cache_key(b"hi")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"must be JSON values.*set"):
+        cache_key("hi", voices={"a"})
+    with pytest.raises(ValueError, match="finite"):
+        cache_key("hi", speed=float("nan"))
+
+
+def test_bad_names_keys_and_sizes_raise_naming_what_was_passed(private_dirs) -> None:
+    with pytest.raises(ValueError, match=r"name must be .*got '\.\./x'"):
+        AudioCache("../x")
+    with pytest.raises(TypeError, match="name must be a str, got 3"):
+        AudioCache(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_bytes"):
+        AudioCache("x", max_bytes=0)
+    with pytest.raises(ValueError, match="ttl must be > 0 seconds, got -1"):
+        AudioCache("x", ttl=-1)
+    with AudioCache("x") as cache:
+        with pytest.raises(ValueError, match=r"key must be .*got 'a/b'"):
+            cache.get("a/b")
+        with pytest.raises(TypeError, match="key must be a str"):
+            cache.get(None)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"suffix must be one of .*got '\.exe'"):
+            cache.put_bytes(cache_key("x"), b"abc", suffix=".exe")
+        with pytest.raises(ValueError, match="empty"):
+            cache.put_bytes(cache_key("x"), b"")
+        cache.destroy()
+
+
+def test_a_miss_then_a_put_then_a_hit_that_is_sample_exact_and_zero_copy(cache) -> None:
+    key = cache_key("hello")
+    assert cache.get(key) is None
+    audio = tone(key, channels=2)
+    with cache.put(key, audio, 22050) as stored:
+        assert stored.stored
+    with cache.get(key) as hit:
+        assert isinstance(hit, CachedAudio)
+        assert hit.samplerate == 22050
+        np.testing.assert_array_equal(hit.array, audio)
+        assert not hit.array.flags.writeable and not hit.array.flags.owndata
+        assert luna_shm.read_wav(hit.path)[0].tolist() == audio.tolist()
+    stats = cache.stats()
+    assert (stats.entries, stats.hits, stats.misses) == (1, 1, 1)
+
+
+def test_entries_are_0600_files_in_a_0700_directory_per_name_and_user(cache, private_dirs) -> None:
+    key = cache_key("private")
+    with cache.put(key, tone(key), 16000) as entry:
+        directory = os.path.dirname(entry.path)
+        assert os.path.dirname(directory) == private_dirs.ram
+        assert os.path.basename(directory) == f"luna_cache-{os.geteuid()}-{cache.name}"
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(entry.path).st_mode) == 0o600
+
+
+def test_a_symlinked_foreign_or_open_cache_directory_is_refused(private_dirs, tmp_path) -> None:
+    uid = os.geteuid()
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    os.symlink(target, f"{private_dirs.ram}/luna_cache-{uid}-linked")
+    with pytest.raises(PermissionError, match="symbolic link") as caught:
+        AudioCache("linked")
+    assert caught.value.errno == errno.EPERM
+    os.mkdir(f"{private_dirs.ram}/luna_cache-{uid}-open", 0o700)
+    os.chmod(f"{private_dirs.ram}/luna_cache-{uid}-open", 0o770)
+    with pytest.raises(PermissionError, match="mode 770 lets others in"):
+        AudioCache("open")
+    if uid == 0:  # root can give a directory to another user, as an attacker would own it
+        os.mkdir(f"{private_dirs.ram}/luna_cache-0-foreign", 0o700)
+        os.chown(f"{private_dirs.ram}/luna_cache-0-foreign", 12345, 12345)
+        with pytest.raises(PermissionError, match="belongs to uid 12345"):
+            AudioCache("foreign")
+
+
+def test_least_recently_used_entries_go_first_and_the_bound_holds(cache) -> None:
+    keys = [cache_key(f"lru {i}") for i in range(4)]
+    for key in keys:  # 4 x ~24 KB in a 100 KB cache
+        cache.put(key, tone(key, 12000), 16000).release()
+    cache.get(keys[0]).release()  # now the most recently used
+    newcomer = cache_key("lru new")
+    cache.put(newcomer, tone(newcomer, 12000), 16000).release()
+    assert keys[1] not in cache  # the least recently used one left
+    assert keys[0] in cache and keys[2] in cache and keys[3] in cache and newcomer in cache
+    stats = cache.stats()
+    assert stats.bytes <= cache.max_bytes and stats.evictions == 1
+
+
+def test_an_entry_larger_than_the_bound_is_returned_but_never_stored(cache) -> None:
+    key = cache_key("very long")
+    audio = tone(key, 60000)  # 120 KB > 100 KB
+    with cache.put(key, audio, 16000) as entry:
+        assert not entry.stored
+        np.testing.assert_array_equal(entry.array, audio)
+        assert key not in cache
+    rendered = cache.get_or_render(key, lambda w: w.write(audio), samplerate=16000)
+    with rendered:
+        assert not rendered.stored
+        np.testing.assert_array_equal(rendered.array, audio)
+    assert cache.stats().entries == 0
+    cache.clear()
+    assert [n for n in os.listdir(cache.directory) if n.endswith(".wav")] == []
+
+
+def test_pinned_entries_survive_eviction_pressure_and_discard_and_clear(cache) -> None:
+    pinned_key = cache_key("pinned")
+    pinned_audio = tone(pinned_key, 20000)
+    pin = cache.put(pinned_key, pinned_audio, 16000)
+    for i in range(30):
+        key = cache_key(f"pressure {i}")
+        cache.put(key, tone(key, 10000), 16000).release()
+        assert cache.stats().bytes <= cache.max_bytes
+    assert not cache.discard(pinned_key)
+    cache.clear()
+    assert pinned_key in cache
+    np.testing.assert_array_equal(pin.array, pinned_audio)
+    pin.release()
+    assert cache.discard(pinned_key) and pinned_key not in cache
+
+
+def test_when_every_entry_is_pinned_a_new_one_is_not_stored(cache) -> None:
+    pins = []
+    for i in range(4):
+        key = cache_key(f"full {i}")
+        pins.append(cache.put(key, tone(key, 12000), 16000))
+    key = cache_key("no room")
+    with cache.put(key, tone(key, 12000), 16000) as entry:
+        assert not entry.stored
+    assert cache.stats().bytes <= cache.max_bytes
+    for pin in pins:
+        pin.release()
+
+
+def test_expired_entries_are_misses_and_get_rendered_again(private_dirs) -> None:
+    with AudioCache("ttl", ttl=60) as cache:
+        key = cache_key("weather intro")
+        cache.put(key, tone(key), 16000).release()
+        with cache.get(key) as hit:
+            past = os.stat(hit.path).st_mtime - 61  # stored 61 s ago, without sleeping
+            os.utime(hit.path, (past, past))
+        assert cache.get(key) is None
+        assert key not in cache
+        renders = []
+        with cache.get_or_render(key, lambda w: (renders.append(1), w.write(tone(key))),
+                                 samplerate=16000) as fresh:
+            np.testing.assert_array_equal(fresh.array, tone(key))
+        assert renders == [1]
+        cache.destroy()
+
+
+def test_a_render_that_raises_or_writes_nothing_is_not_stored_and_the_next_caller_renders(
+        cache) -> None:
+    key = cache_key("flaky")
+
+    def broken(writer) -> None:
+        writer.write(tone(key)[:100])
+        raise ConnectionError("TTS server went away")
+
+    with pytest.raises(ConnectionError, match="went away"):
+        cache.get_or_render(key, broken, samplerate=16000)
+    assert cache.get(key) is None
+    with pytest.raises(ValueError, match="wrote no frames: not cached"):
+        cache.get_or_render(key, lambda writer: None, samplerate=16000)
+    assert cache.get(key) is None
+    with cache.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000) as good:
+        np.testing.assert_array_equal(good.array, tone(key))
+    assert [n for n in os.listdir(cache.directory) if n.endswith((".live", ".part"))] == []
+
+
+def test_threads_waiting_on_a_failing_render_get_a_render_error(cache) -> None:
+    key = cache_key("fails for everyone")
+    started, release = threading.Event(), threading.Event()
+
+    def slow_failure(writer) -> None:
+        writer.write(tone(key)[:100])
+        started.set()
+        release.wait(30)
+        raise RuntimeError("engine crashed")
+
+    outcomes: list[object] = []
+
+    def call(render) -> None:
+        try:
+            with cache.get_or_render(key, render, samplerate=16000) as entry:
+                outcomes.append(entry.array.copy())
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    renderer = threading.Thread(target=call, args=(slow_failure,))
+    renderer.start()
+    assert started.wait(30)
+    waiters = [threading.Thread(target=call, args=(lambda w: w.write(tone(key)),))
+               for _ in range(3)]
+    for thread in waiters:
+        thread.start()
+    # Each waiter blocks on the renderer's flock (give them time to get there).
+    threading.Event().wait(0.3)
+    release.set()
+    for thread in [renderer, *waiters]:
+        thread.join(60)
+        assert not thread.is_alive()
+    crashed = [o for o in outcomes if type(o) is RuntimeError]
+    waited = [o for o in outcomes if isinstance(o, RenderError)]
+    assert len(crashed) == 1 and "engine crashed" in str(crashed[0])
+    assert waited, outcomes
+    for error in waited:
+        assert "engine crashed" in str(error) and key in str(error)
+    # A waiter that came only after the failure rendered for itself.
+    for other in outcomes:
+        if not isinstance(other, BaseException):
+            np.testing.assert_array_equal(other, tone(key))
+    with cache.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000) as entry:
+        np.testing.assert_array_equal(entry.array, tone(key))
+
+
+def test_threads_asking_for_one_key_render_it_once(cache) -> None:
+    key = cache_key("once")
+    renders: list[int] = []
+    gate = threading.Event()
+
+    def render(writer) -> None:
+        renders.append(1)
+        gate.wait(0.2)
+        for block in np.array_split(tone(key), 10):
+            writer.write(block)
+
+    results: list[np.ndarray] = []
+
+    def caller() -> None:
+        with cache.get_or_render(key, render, samplerate=16000) as entry:
+            results.append(entry.array.copy())
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert renders == [1]
+    assert len(results) == 8
+    for audio in results:
+        np.testing.assert_array_equal(audio, tone(key))
+
+
+def test_a_wait_for_another_render_is_bounded_by_timeout(cache) -> None:
+    key = cache_key("slow")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(writer) -> None:
+        writer.write(tone(key))
+        started.set()
+        release.wait(30)
+
+    renderer = threading.Thread(
+        target=lambda: cache.get_or_render(key, slow, samplerate=16000).release())
+    renderer.start()
+    assert started.wait(30)
+    assert cache.live_path(key) is not None  # the hook follow_wav will use (issue 11)
+    with pytest.raises(TimeoutError, match="waiting for another caller") as caught:
+        call_with_deadline(lambda: cache.get_or_render(key, slow, samplerate=16000,
+                                                       timeout=0.05))
+    assert caught.value.errno == errno.ETIMEDOUT
+    release.set()
+    renderer.join(30)
+    assert cache.live_path(key) is None
+
+
+def test_encoded_entries_keep_their_bytes_and_suffix(cache) -> None:
+    key = cache_key("cloud", engine="elevenlabs")
+    mp3 = b"ID3\x04\x00" + bytes(range(256)) * 10
+    with cache.put_bytes(key, mp3, suffix=".mp3") as entry:
+        assert entry.path.endswith(f"{key}.mp3") and not entry.is_wav
+    with cache.get(key) as hit:
+        assert hit.read_bytes() == mp3
+        with pytest.raises(ValueError, match="encoded audio, not a WAV"):
+            _ = hit.array
+    cache.put(key, tone(key), 16000).release()  # one entry per key: the WAV replaces it
+    with cache.get(key) as hit:
+        assert hit.is_wav and not os.path.exists(hit.path[:-4] + ".mp3")
+
+
+def test_cleanup_all_temp_audio_never_touches_cache_entries(cache) -> None:
+    key = cache_key("kept")
+    cache.put(key, tone(key), 16000).release()
+    luna_shm.write_wav(None, tone(key), 16000)  # an ordinary unused temp file
+    assert luna_shm.cleanup_all_temp_audio() == 1
+    assert key in cache
+    with cache.get(key) as hit:
+        np.testing.assert_array_equal(hit.array, tone(key))
+
+
+def test_leftovers_of_a_crash_are_removed_when_the_cache_opens(cache) -> None:
+    key = cache_key("crashed")
+    directory = cache.directory
+    for name in (f".{key}.{uuid.uuid4().hex}.part", f"{key}.live",
+                 f".{key}.{uuid.uuid4().hex}.unstored.wav"):
+        with open(f"{directory}/{name}", "wb") as f:
+            f.write(b"RIFF half a file")
+    with AudioCache(cache.name, max_bytes=100_000) as again:
+        assert sorted(os.listdir(again.directory)) == ["lock"]
+        assert again.get(key) is None
+        with again.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000) as e:
+            np.testing.assert_array_equal(e.array, tone(key))
+
+
+def test_counters_are_shared_by_every_instance_of_a_name(cache) -> None:
+    key = cache_key("counted")
+    cache.put(key, tone(key), 16000).release()
+    with AudioCache(cache.name) as other:
+        other.get(key).release()
+        assert other.get(cache_key("absent")) is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+    with AudioCache(cache.name) as third:  # a later process sees them too
+        assert (third.stats().hits, third.stats().misses) == (1, 1)
+
+
+def test_a_held_entry_warns_when_leaked_and_works_in_with(cache) -> None:
+    key = cache_key("leak")
+    entry = cache.put(key, tone(key), 16000)
+    with pytest.warns(ResourceWarning, match="unclosed CachedAudio"):
+        del entry
+        import gc
+        gc.collect()
+    with cache.get(key) as hit:
+        assert not hit.closed
+    assert hit.closed
+    hit.release()  # again: nothing
+
+
+def test_destroy_removes_the_cache_directory(private_dirs) -> None:
+    cache = AudioCache("gone")
+    key = cache_key("x")
+    cache.put(key, tone(key), 16000).release()
+    cache.destroy()
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_the_command_line_shows_lists_and_clears_a_cache(private_dirs) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback, PYTHONPATH=str(REPO))
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "luna_shm", "cache", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with AudioCache("cli") as cache:
+        keys = [cache_key(f"cli {i}") for i in range(2)]
+        for key in keys:
+            cache.put(key, tone(key), 16000).release()
+        held = cache.get(keys[0])
+        stats = json.loads(run("stats", "--name", "cli", "--json"))
+        assert (stats["entries"], stats["pinned"]) == (2, 1)
+        listed = run("ls", "--name", "cli")
+        assert all(key in listed for key in keys)
+        assert "removed 1 entry" in run("clear", "--name", "cli")
+        assert keys[0] in cache and keys[1] not in cache
+        held.release()
+        assert "entries: 1" in run("stats", "--name", "cli")
+        cache.destroy()
+
+
+def test_a_cache_left_open_warns_and_closes_its_lock_file(private_dirs) -> None:
+    cache = AudioCache("leaky")
+    lock_path = f"{cache.directory}/lock"
+
+    def lock_files_open() -> int:
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found += os.readlink(f"/proc/self/fd/{fd}") == lock_path
+            except OSError:
+                pass
+        return found
+
+    assert lock_files_open() == 1
+    with pytest.warns(ResourceWarning, match="unclosed AudioCache 'leaky'"):
+        del cache
+        import gc
+        gc.collect()
+    assert lock_files_open() == 0
+    AudioCache("leaky").destroy()

@@ -1,0 +1,346 @@
+"""AudioCache shared by real processes: single flight, the bound under load, SIGKILL, disk tier."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO, call_with_deadline
+from luna_shm import AudioCache, cache_key
+
+# Audio that any process derives from the key alone: a render, and its oracle.
+AUDIO_OF_KEY = textwrap.dedent("""
+    import numpy as np
+    def audio_of(key, frames=2400):
+        rng = np.random.default_rng(int(key[:12], 16))
+        return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
+""")
+
+
+def child_env(private_dirs) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback,
+               PYTHONPATH=str(REPO))
+    return env
+
+
+def spawn(private_dirs, code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", AUDIO_OF_KEY + textwrap.dedent(code), *args],
+                            env=child_env(private_dirs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 120) -> str:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"child hung\n{out}\n{err}")
+    assert process.returncode == 0, f"child exited {process.returncode}\n{out}\n{err}"
+    return out
+
+
+def audio_of(key: str, frames: int = 2400) -> np.ndarray:
+    rng = np.random.default_rng(int(key[:12], 16))
+    return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
+
+
+RENDER_MANY = """
+    import os, sys, threading, time
+    from luna_shm import AudioCache, cache_key
+    name, go, log = sys.argv[1], sys.argv[2], sys.argv[3]
+    keys = [cache_key(f"sentence {i}") for i in range(20)]
+    cache = AudioCache(name)
+    failures = []
+
+    def render(key):
+        def into(writer):
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, f"{key}\\n".encode())
+            os.close(fd)
+            audio = audio_of(key)
+            for block in np.array_split(audio, 8):
+                time.sleep(0.002)
+                writer.write(block)
+        return into
+
+    def worker(seed):
+        order = list(keys)
+        np.random.default_rng(seed).shuffle(order)
+        for key in order:
+            with cache.get_or_render(key, render(key), samplerate=24000) as entry:
+                if not np.array_equal(entry.array, audio_of(key)):
+                    failures.append(key)
+
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    threads = [threading.Thread(target=worker, args=(os.getpid() * 10 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.close()
+    print("failures", len(failures))
+"""
+
+
+def test_8_processes_x_4_threads_render_each_of_20_keys_exactly_once(private_dirs,
+                                                                     tmp_path: Path) -> None:
+    go, log = tmp_path / "go", tmp_path / "renders.log"
+    log.touch()
+    children = [spawn(private_dirs, RENDER_MANY, "shared", str(go), str(log)) for _ in range(8)]
+    time.sleep(0.5)  # let them import; they all start on the go file
+    go.touch()
+    outputs = [finish(child) for child in children]
+    assert all(out.strip() == "failures 0" for out in outputs), outputs
+    rendered = log.read_text().split()
+    keys = {cache_key(f"sentence {i}") for i in range(20)}
+    assert sorted(rendered) == sorted(keys), "a key was rendered twice (or never)"
+    with AudioCache("shared") as cache:
+        stats = cache.stats()
+        assert stats.renders == 20 and stats.entries == 20
+        assert stats.hits + stats.misses >= 8 * 4 * 20
+
+
+OBSERVER = """
+    import fcntl, os, re, sys, time
+    directory, stop = sys.argv[1], sys.argv[2]
+    bound = int(sys.argv[3])
+    entry = re.compile(r"[0-9a-f]{64}\\.wav")
+    lock = os.open(f"{directory}/lock", os.O_RDWR)
+    looks = worst = 0
+    while not os.path.exists(stop):
+        fcntl.flock(lock, fcntl.LOCK_SH)  # what a committer changes, it changes under LOCK_EX
+        total = 0
+        for name in os.listdir(directory):
+            if entry.fullmatch(name):
+                try:
+                    total += os.lstat(f"{directory}/{name}").st_size
+                except FileNotFoundError:
+                    pass
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        looks += 1
+        worst = max(worst, total)
+        if total > bound:
+            print(f"over the bound: {total} > {bound}")
+            sys.exit(1)
+    print(looks, worst)
+"""
+
+PINNER = """
+    import os, sys, time
+    from luna_shm import AudioCache, cache_key
+    name, stop = sys.argv[1], sys.argv[2]
+    cache = AudioCache(name, max_bytes=10_000_000)
+    keys = [cache_key(f"pinned {i}") for i in range(3)]
+    pins = [cache.put(k, audio_of(k, 100_000), 16000) for k in keys]
+    assert all(p.stored for p in pins)
+    print("pinned", flush=True)
+    while not os.path.exists(stop):
+        time.sleep(0.01)
+    for key, pin in zip(keys, pins):
+        assert pin.stored and os.path.exists(pin.path), key
+        assert np.array_equal(pin.array, audio_of(key, 100_000))
+        pin.release()
+    cache.close()
+    print("intact")
+"""
+
+PUTTER = """
+    import sys
+    from luna_shm import AudioCache, cache_key
+    name, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rng = np.random.default_rng(seed)
+    cache = AudioCache(name, max_bytes=10_000_000)
+    stored = 0
+    for i in range(count):
+        frames = int(rng.integers(1, 400_000))  # up to 800 KB
+        key = cache_key(f"put {seed} {i}")
+        with cache.put(key, np.full(frames, i % 30000, np.int16), 16000) as entry:
+            stored += entry.stored
+    cache.close()
+    print(stored)
+"""
+
+
+def test_the_bound_holds_at_every_moment_under_random_puts_and_pins_survive(
+        private_dirs, tmp_path: Path) -> None:
+    bound = 10_000_000
+    with AudioCache("bounded", max_bytes=bound) as cache:
+        directory = cache.directory
+    stop = tmp_path / "stop"
+    pinner = spawn(private_dirs, PINNER, "bounded", str(stop))
+    assert pinner.stdout is not None and pinner.stdout.readline().strip() == "pinned"
+    observer = spawn(private_dirs, OBSERVER, directory, str(stop), str(bound))
+    # 10,000 puts, random sizes up to 800 KB, from two processes at once.
+    putters = [spawn(private_dirs, PUTTER, "bounded", "5000", str(seed)) for seed in (1, 2)]
+    stored = [int(finish(p, timeout=300)) for p in putters]
+    stop.touch()
+    looks, worst = map(int, finish(observer).split())
+    assert finish(pinner).strip() == "intact"
+    assert looks > 100 and 0 < worst <= bound
+    assert sum(stored) > 9000
+    with AudioCache("bounded", max_bytes=bound) as cache:
+        stats = cache.stats()
+        assert stats.bytes <= bound and stats.evictions > 0
+
+
+SLOW_RENDERER = """
+    import os, sys, time
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache(sys.argv[1])
+    key = cache_key("killed mid-render")
+    def render(writer):
+        writer.write(audio_of(key)[:800])
+        print("rendering", flush=True)
+        time.sleep(600)
+    cache.get_or_render(key, render, samplerate=24000)
+"""
+
+WAITER = """
+    import sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache(sys.argv[1])
+    key = cache_key("killed mid-render")
+    renders = []
+    def render(writer):
+        renders.append(1)
+        writer.write(audio_of(key))
+    with cache.get_or_render(key, render, samplerate=24000) as entry:
+        assert np.array_equal(entry.array, audio_of(key))
+    cache.close()
+    print("rendered" if renders else "waited")
+"""
+
+
+def test_sigkill_of_a_renderer_mid_render_wakes_its_waiters_and_the_key_renders_again(
+        private_dirs) -> None:
+    renderer = spawn(private_dirs, SLOW_RENDERER, "killed")
+    assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+    waiters = [spawn(private_dirs, WAITER, "killed") for _ in range(3)]
+    time.sleep(1.0)  # the waiters block on the renderer's flock by then
+    renderer.send_signal(signal.SIGKILL)
+    renderer.communicate(timeout=30)
+    outcomes = sorted(finish(w, timeout=60).strip() for w in waiters)
+    # One waiter renders the key afresh; the others wait for it and get its entry.
+    assert outcomes == ["rendered", "waited", "waited"], outcomes
+    with AudioCache("killed") as cache:
+        key = cache_key("killed mid-render")
+        assert cache.live_path(key) is None
+        with cache.get(key) as entry:
+            np.testing.assert_array_equal(entry.array, audio_of(key))
+
+
+KILLED_PUTTER = """
+    import sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache(sys.argv[1], max_bytes=2_000_000)
+    i = 0
+    print("go", flush=True)
+    while True:
+        key = cache_key(f"crash {i % 50}")
+        cache.put(key, audio_of(key, 10_000 + (i % 7) * 20_000), 16000).release()
+        i += 1
+"""
+
+
+def test_kill_9_at_any_point_leaves_a_cache_that_opens_with_only_complete_entries(
+        private_dirs) -> None:
+    for round_ in range(10):
+        putter = spawn(private_dirs, KILLED_PUTTER, "crashy")
+        assert putter.stdout is not None and putter.stdout.readline().strip() == "go"
+        time.sleep(0.05 + 0.03 * round_)
+        putter.send_signal(signal.SIGKILL)
+        putter.communicate(timeout=30)
+    with AudioCache("crashy", max_bytes=2_000_000) as cache:
+        assert cache.stats().bytes <= 2_000_000
+        sizes = {10_000 + j * 20_000 for j in range(7)}
+        for key, _path, _ in cache.entries():
+            with cache.get(key) as entry:
+                assert len(entry.array) in sizes  # whole, as put
+                expected = audio_of(key, len(entry.array))
+                np.testing.assert_array_equal(entry.array, expected)
+        leftovers = [n for n in os.listdir(cache.directory)
+                     if n.endswith((".part", ".live", ".unstored.wav"))]
+        assert leftovers == []
+
+
+SPILLER = """
+    import sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("tiered", max_bytes=100_000, disk_dir=sys.argv[1],
+                       disk_max_bytes=1_000_000)
+    for i in range(10):  # 10 x ~48 KB through a 100 KB RAM tier
+        key = cache_key(f"tier {i}")
+        cache.put(key, audio_of(key, 24_000), 24000).release()
+    print(cache.stats().spills)
+    cache.close()
+"""
+
+RELOADER = """
+    import sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("tiered", max_bytes=100_000, disk_dir=sys.argv[1],
+                       disk_max_bytes=1_000_000)
+    found = 0
+    for i in range(10):
+        key = cache_key(f"tier {i}")
+        entry = cache.get(key)
+        if entry is not None:
+            with entry:
+                assert np.array_equal(entry.array, audio_of(key, 24_000)), key
+            found += 1
+    print(found, cache.stats().reloads)
+    if sys.argv[2] == "destroy":
+        cache.destroy()
+    else:
+        cache.close()
+"""
+
+
+def test_evicted_entries_spill_to_disk_and_reload_after_every_process_restarted(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    spills = int(finish(spawn(private_dirs, SPILLER, str(disk))))
+    assert spills == 8  # 2 entries fit in RAM; the 8 evicted went to disk
+    # Every process restarted: 2 entries in RAM, 8 reloaded from disk (and, as reloads
+    # push the 2 out of the 100 KB RAM tier in LRU order, those come back from disk too).
+    found, reloads = map(int, finish(spawn(private_dirs, RELOADER, str(disk), "keep")).split())
+    assert found == 10 and reloads >= 8
+    # A reboot: the RAM disk is empty again; the disk tier still holds what was spilled.
+    for name in os.listdir(private_dirs.ram):
+        shutil.rmtree(f"{private_dirs.ram}/{name}")
+    found, reloads = map(int, finish(spawn(private_dirs, RELOADER, str(disk),
+                                           "destroy")).split())
+    assert found == reloads and found >= 8
+    assert os.listdir(private_dirs.ram) == []
+    assert os.listdir(disk) == []
+
+
+def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None:
+    with AudioCache("forked", max_bytes=100_000) as cache:
+        key = cache_key("from the child")
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                cache.put(key, audio_of(key), 16000).release()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = call_with_deadline(lambda: os.waitpid(pid, 0))  # type: ignore[misc]
+        assert os.waitstatus_to_exitcode(status) == 0
+        with cache.get(key) as entry:
+            np.testing.assert_array_equal(entry.array, audio_of(key))
+
