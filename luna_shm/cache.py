@@ -53,6 +53,7 @@ import numpy as np
 from luna_shm import _lowlevel, encoding, formats, placement
 from luna_shm._resource import FileResource
 from luna_shm.errors import LunaShmError
+from luna_shm.follow import follow_wav
 from luna_shm.writer import WavWriter
 
 __all__ = ["AudioCache", "CacheStats", "CachedAudio", "RenderError", "cache_key"]
@@ -251,9 +252,9 @@ class CachedAudio(FileResource):
     def blocks(self) -> Iterator[np.ndarray]:
         """The audio as blocks of frames, in order.
 
-        Hook for issue 11 (live utterances): once ``follow_wav`` lands, a live entry
-        (``live=True``) yields each block as the renderer writes it. Here every entry
-        is complete, so this yields the whole array once.
+        A CachedAudio is always a complete entry, so this yields the whole array once;
+        to play an entry while another caller still renders it, use
+        :meth:`AudioCache.follow`.
         """
         yield self.array
 
@@ -819,10 +820,54 @@ class AudioCache:
     def live_path(self, key: str) -> str | None:
         """The WAV of key being rendered now (valid after every chunk), or None.
 
-        Hook for issue 11: pass it to ``follow_wav`` to play the entry while it renders.
+        :meth:`follow` plays it while it renders; so does ``follow_wav`` of this path.
         """
         path = self._ram.path(_check_key(key) + _LIVE)
         return path if _os.path.exists(path) else None
+
+    def follow(self, key: str, *, timeout: float | None = None) -> Iterator[np.ndarray]:
+        """The audio of key as soon as it exists, in blocks of frames, in order.
+
+        A stored entry gives its samples at once (one block, a copy). An entry that
+        another caller (in any process) is rendering now is followed as it grows:
+        each block as soon as the renderer wrote it (:func:`luna_shm.follow_wav` of
+        the in-flight WAV), so a second caller of a sentence plays it while the first
+        one still renders it.
+
+        Args:
+            key: a key from :func:`cache_key`.
+            timeout: seconds to wait for the render's next block (None: no limit).
+
+        Raises:
+            KeyError: key is neither stored nor being rendered now.
+            ValueError: the entry is encoded audio (see :meth:`put_bytes`).
+            StreamAbandoned: the render failed or its process died (a WavError): the
+                next :meth:`get_or_render` renders it again.
+            TimeoutError: no new block for timeout seconds.
+        """
+        # A render can end between the two looks (its file is renamed into the entry):
+        # look again; a third time is another render, which we follow.
+        for _ in range(3):
+            entry = self.get(key)
+            if entry is not None:
+                with entry:
+                    yield entry.array.copy()
+                return
+            live = self.live_path(key)
+            if live is None:
+                continue
+            try:
+                fd = _os.open(live, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                # Through the open file: the renderer's rename into the entry, or the
+                # removal of a failed render, does not take it away from the follower.
+                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=timeout)
+            finally:
+                _os.close(fd)
+            return
+        raise KeyError(f"{key!r} is neither in the cache nor being rendered")
 
     def get_or_render(self, key: str, render: Callable[[WavWriter], object], *,
                       samplerate: int, channels: int = 1, dtype: Any = "int16",
@@ -925,7 +970,7 @@ class AudioCache:
             self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
             if _same_file(writer.fileno(), live):
                 _unlink_quietly(live)
-            writer.close()
+            writer.abort()  # its followers (AudioCache.follow) raise StreamAbandoned
             raise
         # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
         _lowlevel.lock(entry.fileno(), exclusive=False)
@@ -957,8 +1002,7 @@ class AudioCache:
             return None
         try:
             ino = _os.fstat(fd).st_ino
-            # FOLLOW HOOK (issue 11): a caller that wants audio before the render ends
-            # would get CachedAudio(live=True) here, whose blocks() is follow_wav(live).
+            # A caller that wants audio before the render ends uses follow() instead.
             # The renderer holds an exclusive flock until the entry is stored (or it
             # failed, or died): the kernel grants our shared one then, no polling.
             if deadline is None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import luna_shm
-from helpers import REPO, call_with_deadline
+from helpers import LIBRARY_PATH, REPO, call_with_deadline
 from luna_shm import AudioCache, CachedAudio, cache_key
 from luna_shm.cache import RenderError
 
@@ -388,7 +388,8 @@ def test_destroy_removes_the_cache_directory(private_dirs) -> None:
 
 def test_the_command_line_shows_lists_and_clears_a_cache(private_dirs) -> None:
     env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
-    env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback, PYTHONPATH=str(REPO))
+    env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback,
+               PYTHONPATH=LIBRARY_PATH)
 
     def run(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "luna_shm", "cache", *args],

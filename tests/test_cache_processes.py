@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, call_with_deadline
+from helpers import LIBRARY_PATH, call_with_deadline
 from luna_shm import AudioCache, cache_key
 
 # Audio that any process derives from the key alone: a render, and its oracle.
@@ -29,7 +29,7 @@ AUDIO_OF_KEY = textwrap.dedent("""
 def child_env(private_dirs) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
     env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback,
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=LIBRARY_PATH)
     return env
 
 
@@ -344,3 +344,83 @@ def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None
         with cache.get(key) as entry:
             np.testing.assert_array_equal(entry.array, audio_of(key))
 
+
+
+FOLLOWED_RENDERER = """
+    import sys, time
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache(sys.argv[1])
+    key = cache_key(sys.argv[2])
+    audio = audio_of(key, 24_000)
+    def render(writer):
+        for start in range(0, len(audio), 1200):  # 20 chunks of 50 ms, one every 50 ms
+            writer.write(audio[start:start + 1200])
+            if start == 0:
+                print("rendering", flush=True)
+            if sys.argv[3] == "fail" and start == 2400:
+                raise RuntimeError("the engine crashed")
+            time.sleep(0.05)
+    try:
+        cache.get_or_render(key, render, samplerate=24000).release()
+    except RuntimeError:
+        pass
+    print("done", flush=True)
+"""
+
+
+def test_a_second_caller_plays_an_entry_while_another_process_still_renders_it(
+        private_dirs) -> None:
+    key = cache_key("followed while it renders")
+    renderer = spawn(private_dirs, FOLLOWED_RENDERER, "followed", "followed while it renders",
+                     "ok")
+    assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+    blocks: list[np.ndarray] = []
+    still_rendering_at_first_block: list[bool] = []
+
+    def follow() -> None:
+        with AudioCache("followed") as cache:
+            for block in cache.follow(key, timeout=30):
+                if not blocks:
+                    still_rendering_at_first_block.append(renderer.poll() is None)
+                blocks.append(block)
+
+    call_with_deadline(follow, 60)
+    assert finish(renderer).strip() == "done"
+    assert still_rendering_at_first_block == [True]
+    assert len(blocks) > 1  # it came in pieces, as it was rendered
+    np.testing.assert_array_equal(np.concatenate(blocks), audio_of(key, 24_000))
+    with AudioCache("followed") as cache:  # and it was stored, once
+        assert cache.stats().entries == 1
+
+
+def test_following_a_render_that_fails_raises_stream_abandoned_and_stores_nothing(
+        private_dirs) -> None:
+    from luna_shm import StreamAbandoned
+
+    key = cache_key("a render that fails")
+    renderer = spawn(private_dirs, FOLLOWED_RENDERER, "failing", "a render that fails", "fail")
+    assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+
+    def follow() -> int:
+        frames = 0
+        with AudioCache("failing") as cache, pytest.raises(StreamAbandoned):
+            for block in cache.follow(key, timeout=30):
+                frames += len(block)
+        return frames
+
+    frames = call_with_deadline(follow, 60)
+    assert finish(renderer).strip() == "done"
+    assert isinstance(frames, int) and 0 < frames < 24_000
+    with AudioCache("failing") as cache:
+        assert cache.get(key) is None and cache.live_path(key) is None
+
+
+def test_follow_gives_a_stored_entry_at_once_and_refuses_an_unknown_key(private_dirs) -> None:
+    key = cache_key("stored before")
+    with AudioCache("stored") as cache:
+        cache.put(key, audio_of(key), 24000).release()
+        blocks = list(cache.follow(key))
+        assert len(blocks) == 1
+        np.testing.assert_array_equal(blocks[0], audio_of(key))
+        with pytest.raises(KeyError, match="neither in the cache nor being rendered"):
+            list(cache.follow(cache_key("never said")))
