@@ -199,7 +199,7 @@ class Destination(NamedTuple):
     partial: str | None  # a new file's name until finish_destination renames it over path
 
 
-def _still_named(fd: int, path: str) -> bool:
+def still_named(fd: int, path: str) -> bool:
     """True while path still names the file open at fd (no one removed or replaced it)."""
     try:
         named = _os.stat(path, follow_symlinks=False)
@@ -232,7 +232,7 @@ def open_destination(
         fd, created, old_size = _lowlevel.open_for_write(text)
         try:
             _lowlevel.lock(fd, exclusive=False, wait=True)
-            if not old_size and _still_named(fd, text):
+            if not old_size and still_named(fd, text):
                 return Destination(text, fd, created, None)
         except BaseException:
             _lowlevel.close(fd)

@@ -50,10 +50,11 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, encoding, formats, placement
+from luna_shm import _lowlevel, _newfile, encoding, formats, placement
 from luna_shm._resource import FileResource
 from luna_shm.errors import LunaShmError
 from luna_shm.follow import follow_wav
+from luna_shm.wav import mapped_samples
 from luna_shm.writer import WavWriter
 
 __all__ = ["AudioCache", "CacheStats", "CachedAudio", "RenderError", "cache_key"]
@@ -211,15 +212,9 @@ class CachedAudio(FileResource):
         # the name meanwhile).
         size = self._size if self._size >= 0 else _os.fstat(self._fd).st_size
         info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
-        count = info.frames * info.channels
         mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
                                     writable=False, populate=False, filename=self.path)
-        if info.bits == 24:
-            raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
-            samples = _lowlevel.unpack_s24(raw, count)
-        else:
-            samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
-                                    info.data_offset)
+        samples = mapped_samples(mapping, info)
         self._array = samples if info.channels == 1 else samples.reshape(-1, info.channels)
         self._samplerate = info.samplerate
 
@@ -387,7 +382,7 @@ class _Tier:
         try:
             if not _lowlevel.lock(fd, exclusive=True):
                 return False
-            if not _same_file(fd, path):
+            if not _newfile.still_named(fd, path):
                 return False
             size = _os.fstat(fd).st_size
             _os.unlink(path)
@@ -429,15 +424,6 @@ class _Tier:
             _os.close(fd)
 
 
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        named = _os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    opened = _os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
 def _stale_live(path: str) -> bool:
     """Remove path when it is a .live file no renderer holds (the renderer died); True if so."""
     try:
@@ -447,7 +433,7 @@ def _stale_live(path: str) -> bool:
     try:
         if not _lowlevel.lock(fd, exclusive=True):
             return False  # a renderer (or a waiter, for a moment) holds it
-        if not _same_file(fd, path):
+        if not _newfile.still_named(fd, path):
             return False
         _os.unlink(path)
         return True
@@ -631,7 +617,7 @@ class AudioCache:
         except FileNotFoundError:
             return True
         try:
-            if not _lowlevel.lock(fd, exclusive=True) or not _same_file(fd, path):
+            if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
                 return False
             if self._disk is not None:
                 try:
@@ -968,7 +954,7 @@ class AudioCache:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
             self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
-            if _same_file(writer.fileno(), live):
+            if _newfile.still_named(writer.fileno(), live):
                 _unlink_quietly(live)
             writer.abort()  # its followers (AudioCache.follow) raise StreamAbandoned
             raise
@@ -1016,12 +1002,12 @@ class AudioCache:
                     _time.sleep(pause)
                     pause = min(pause * 2, 0.02)
             outcome = self._read_outcome(key, ino, started)
-            if outcome is None and _same_file(fd, live):
+            if outcome is None and _newfile.still_named(fd, live):
                 # Still named .live with no renderer: it died. Remove it (exclusive,
                 # so that no other waiter is between its lock and this check) and
                 # let the loop elect a new renderer.
                 _lowlevel.lock(fd, exclusive=True, wait=True)
-                if _same_file(fd, live):
+                if _newfile.still_named(fd, live):
                     _unlink_quietly(live)
                 return None
         finally:

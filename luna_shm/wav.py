@@ -158,19 +158,23 @@ def read_wav(
         samples, channels, samplerate = _read_converted(path_str, dtype, out)
     elif mmap:
         mapping, info = _lowlevel.Mapping.of_wav(path_str)
-        count = info.frames * info.channels
-        if info.bits == 24:
-            raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
-            samples = _lowlevel.unpack_s24(raw, count)
-        else:
-            samples = np.frombuffer(mapping.view, formats.dtype_of(info), count,
-                                    info.data_offset)
+        samples = mapped_samples(mapping, info)
         channels, samplerate = info.channels, info.samplerate
     else:
         samples, channels, samplerate = _lowlevel.read_wav_owned(path_str, formats.FILE_DTYPES)
     if channels == 1 and not always_2d:
         return samples, samplerate
     return samples.reshape(-1, channels), samplerate
+
+
+def mapped_samples(mapping: _lowlevel.Mapping, info: _lowlevel.WavInfo) -> np.ndarray:
+    """A mapped WAV's samples, flat: a read-only view of the mapping (24-bit: unpacked to
+    int32, a copy)."""
+    count = info.frames * info.channels
+    if info.bits == 24:
+        raw = np.frombuffer(mapping.view, np.uint8, count * 3, info.data_offset)
+        return _lowlevel.unpack_s24(raw, count)
+    return np.frombuffer(mapping.view, formats.dtype_of(info), count, info.data_offset)
 
 
 def _read_converted(path: str, dtype: object, out: np.ndarray | None
