@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py luna_shm/*.py)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py src/luna_shm/*.py)
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
-.PHONY: demo test test-c system-deps lint dist-check bench fuzz clean
+.PHONY: demo test test-c system-deps lint dist-check sdist-check bench fuzz clean
 
 # The library alone (what the demo needs), then the test, benchmark and dev tools on top.
 $(RUNTIME): $(SOURCES)
@@ -41,7 +41,7 @@ test-c:
 # Lint and type-check the package, then the whole suite with Python's dev mode on
 # (ResourceWarnings and other leaks show up as errors).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check luna_shm tests examples benchmarks csrc/build.py setup.py
+	$(VENV)/bin/ruff check src tests examples benchmarks csrc/build.py setup.py
 	$(VENV)/bin/mypy
 
 test: $(STAMP) system-deps test-c lint dist-check
@@ -63,6 +63,17 @@ dist-check: $(STAMP)
 	  .venv-dist/bin/pip install --quiet --disable-pip-version-check dist/*.whl && \
 	  (cd / && $(CURDIR)/.venv-dist/bin/python $(CURDIR)/tests/smoke_installed.py) || exit 1; \
 	done; rm -rf .venv-dist
+
+# What a packager does (not part of make test: it runs the suite a second time): unpack the
+# sdist in a fresh folder, `pip install '.[test]'` there (not editable) and run pytest in it.
+SDIST_DIR ?= $(CURDIR)/build/sdist-check
+sdist-check: $(STAMP)
+	rm -rf dist $(SDIST_DIR) && mkdir -p $(SDIST_DIR)
+	$(PY) -m build --sdist --outdir dist . >/dev/null
+	tar xzf dist/*.tar.gz -C $(SDIST_DIR)
+	$(PYTHON) -m venv $(SDIST_DIR)/venv
+	cd $(SDIST_DIR)/luna_shm-* && $(SDIST_DIR)/venv/bin/pip install --quiet \
+	  --disable-pip-version-check '.[test]' && $(SDIST_DIR)/venv/bin/python -m pytest -q
 
 # make bench: the side-by-side benchmarks of benchmarks/ (never part of make test), then
 # bench-report/report.md and bench-report/size_scaling.png from their JSON. The report is
@@ -100,5 +111,5 @@ fuzz:
 	  -artifact_prefix=artifacts/ corpus
 
 clean:
-	rm -rf $(VENV) .venv-dist build dist *.egg-info luna_shm/_native*.so luna_shm/_native.c \
+	rm -rf $(VENV) .venv-dist build dist *.egg-info src/luna_shm/_native*.so src/luna_shm/_native.c \
 	  .pytest_cache .hypothesis .benchmarks benchmarks/_luna_floors* benchmarks/build

@@ -23,7 +23,7 @@ def read_cdef(header: Path = HEADER) -> str:
     (from the line after the one holding BEGIN to the line before the one holding END).
 
     The header is the one declaration of the C API: the compiler checks the C against it,
-    cffi the Python binding, and tests/test_c_api.py the type stub luna_shm/_native.pyi.
+    cffi the Python binding, and tests/test_c_api.py the type stub src/luna_shm/_native.pyi.
     """
     lines = header.read_text(encoding="utf-8").splitlines()
     begin = next(i for i, line in enumerate(lines) if BEGIN in line)

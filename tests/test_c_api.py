@@ -1,5 +1,5 @@
 """The C API is declared once, in csrc/luna_shm.h: the cffi binding is built from it, and the
-type stub luna_shm/_native.pyi must say the same (a drift fails here)."""
+type stub src/luna_shm/_native.pyi must say the same (a drift fails here)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "csrc"))
 import build  # csrc/build.py, the cffi build script: found through sys.path
 
 HEADER = REPO / "csrc" / "luna_shm.h"
-STUB = REPO / "luna_shm" / "_native.pyi"
+STUB = REPO / "src" / "luna_shm" / "_native.pyi"
 PROTOTYPE = re.compile(r"^(?:int|void)\s+\**(luna_\w+)\(", re.MULTILINE)
 
 
