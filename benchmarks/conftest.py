@@ -18,6 +18,7 @@ import cases as bench
 
 _WORKSPACE = pytest.StashKey[bench.Workspace]()
 _MEDIANS = pytest.StashKey[dict[str, float]]()
+_P99S = pytest.StashKey[dict[str, float]]()
 _TARGETS = pytest.StashKey[list[bench.TargetResult]]()
 
 
@@ -28,6 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "the benchmarks need pytest-benchmark: install the bench extra "
             "(pip install -e '.[bench]')")
     config.stash[_MEDIANS] = {}
+    config.stash[_P99S] = {}
     config.stash[_TARGETS] = []
 
 
@@ -51,14 +53,20 @@ def medians(pytestconfig: pytest.Config) -> dict[str, float]:
 
 
 @pytest.fixture(scope="session")
+def p99s(pytestconfig: pytest.Config) -> dict[str, float]:
+    """Case name -> 99th percentile seconds of every case timed in this session so far."""
+    return pytestconfig.stash[_P99S]
+
+
+@pytest.fixture(scope="session")
 def record_target(pytestconfig: pytest.Config) -> Callable[[bench.TargetResult], None]:
     """Keep a target's outcome for the terminal summary and the JSON output."""
     return pytestconfig.stash[_TARGETS].append
 
 
 @pytest.fixture
-def run_case(benchmark: Any, workspace: bench.Workspace, medians: dict[str, float]
-             ) -> Callable[..., Any]:
+def run_case(benchmark: Any, workspace: bench.Workspace, medians: dict[str, float],
+             p99s: dict[str, float]) -> Callable[..., Any]:
     """Time one case by name through pytest-benchmark; return its stats.
 
     The case's untimed per-round step (removing the previous call's file)
@@ -77,6 +85,7 @@ def run_case(benchmark: Any, workspace: bench.Workspace, medians: dict[str, floa
                                rounds=prepared.rounds, warmup_rounds=0, iterations=1)
         stats = benchmark.stats.stats
         medians.setdefault(case.name, stats.median)
+        p99s.setdefault(case.name, bench.percentile(stats.data, 99))
         return stats
 
     return run

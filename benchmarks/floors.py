@@ -25,6 +25,7 @@ int floor_read(const char *path, uint64_t offset, void *dst, uint64_t len);
 int floor_touch_excl(const char *path, unsigned int mode);
 int floor_map(const char *path);
 int floor_append(int fd, uint64_t offset, const void *data, uint64_t len);
+void floor_copy(void *dst, const void *src, uint64_t len);
 """
 
 
@@ -80,6 +81,14 @@ def touch_excl(path: str, mode: int = 0o600) -> None:
 def map_file(path: str) -> None:
     """open + fstat + mmap of the whole file + close + munmap: the least a view costs."""
     _check(_lib.floor_map(os.fsencode(path)), path)
+
+
+def copy(dest: np.ndarray, data: np.ndarray) -> None:
+    """C memcpy of data's bytes into dest's memory (both C-contiguous, dest large enough)."""
+    if dest.nbytes < data.nbytes:
+        raise ValueError(f"dest holds {dest.nbytes} bytes, data has {data.nbytes}")
+    with _ffi.from_buffer(dest, require_writable=True) as out, _ffi.from_buffer(data) as src:
+        _lib.floor_copy(out, src, data.nbytes)
 
 
 def append(fd: int, offset: int, data: np.ndarray) -> None:

@@ -156,15 +156,17 @@ def target_rows(rows: Sequence[Row]) -> list[bench.TargetResult]:
     """
     medians: dict[str, float] = {}
     checks: dict[str, float] = {}
+    p99s: dict[str, float] = {}
     for r in rows:
         if r.target_check:
             checks.setdefault(r.case, r.median)
         else:
             medians.setdefault(r.case, r.median)
+            p99s.setdefault(r.case, r.p99)
     outcomes = []
     for target in bench.TARGETS:
         source = {**medians, **checks} if target.hard else {**checks, **medians}
-        outcomes.extend(bench.evaluate_targets(source, [target]))
+        outcomes.extend(bench.evaluate_targets(source, [target], p99s))
     return outcomes
 
 

@@ -112,15 +112,32 @@ int luna_watch_open(const char *path, int directory)
                      IN_MOVE_SELF);
     if (!path)
         return -EINVAL;
-    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    int fd = luna_watch_new();
     if (fd < 0)
-        return -errno;
+        return fd;
     if (inotify_add_watch(fd, path, mask) < 0) {
         int err = errno;
         close(fd);
         return -err;
     }
     return fd;
+}
+
+int luna_watch_new(void)
+{
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int luna_watch_add(int watch_fd, const char *path)
+{
+    /* No IN_CLOSE_WRITE: readers and our own mapped writes make no event at
+     * all, so a quiet watch means nobody else touched the file. */
+    if (!path)
+        return -EINVAL;
+    int wd = inotify_add_watch(watch_fd, path,
+                               IN_MODIFY | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF);
+    return wd < 0 ? -errno : wd;
 }
 
 int luna_watch_wait(int fd, int timeout_ms)

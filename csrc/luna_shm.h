@@ -388,6 +388,18 @@ int luna_live_set_state(uint8_t *header_map, uint64_t header_len, int state);
  * (-ENOENT, -ENOTDIR, -EMFILE when out of inotify instances...). */
 int luna_watch_open(const char *path, int directory);
 
+/* An inotify fd (non-blocking, close-on-exec) with no watch yet, for
+ * luna_watch_add. Returns the fd or -errno (-EMFILE when out of inotify
+ * instances). */
+int luna_watch_new(void);
+
+/* Add path (followed: /proc/self/fd/N watches that open file's inode) to
+ * watch_fd, for writes and truncation by anyone, attribute and link-count
+ * changes (a rename over it, an unlink), removal and renames. Mapped writes
+ * and reads make no event. Returns the watch descriptor (>= 0) or -errno
+ * (-EINVAL for NULL, -EBADF, -ENOENT, -ENOSPC when out of watches...). */
+int luna_watch_add(int watch_fd, const char *path);
+
 /* Wait up to timeout_ms (-1: forever, 0: do not wait) for events on a
  * luna_watch_open fd and drain them all. Returns the LUNA_WATCH_* bits seen
  * (0 on timeout or when a signal interrupted the wait), or -errno. */

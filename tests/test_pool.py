@@ -421,7 +421,8 @@ def test_a_leaked_pool_warns_resource_warning_and_removes_its_slot_files(
     with pytest.warns(ResourceWarning, match="unclosed AudioPool"):
         pool = AudioPool(slots=3, max_bytes=1000, anonymous=anonymous)
         pool.write_wav(np.zeros(10, np.int16), RATE).release()
-        assert len(os.listdir("/proc/self/fd")) == fds_before + 3
+        # a descriptor per slot, and a named pool's inotify watch of its slot files
+        assert len(os.listdir("/proc/self/fd")) == fds_before + 3 + (not anonymous)
         del pool
         gc.collect()
     assert os.listdir(private_dirs.ram) == []
@@ -642,6 +643,93 @@ def test_a_slot_whose_file_was_removed_while_free_is_replaced_by_a_fresh_slot(ra
             assert pooled.path != path
             assert_every_reader_sees(pooled.path, data)
     assert slot_files(ram) == []
+
+
+# What another program does to a slot file while the slot is free, after the pool
+# has checked it once (so only the pool's inotify watch can tell).
+TAMPERING = {
+    "removed": "rm -f -- \"$1\"",
+    "renamed over": "printf 'not ours' > \"$1.new\" && mv -f -- \"$1.new\" \"$1\"",
+    "renamed away": "mv -- \"$1\" \"$1.moved\"",
+    "cut": "truncate -s 44 -- \"$1\"",
+    "hard linked elsewhere, then removed": "ln -- \"$1\" \"$1.link\" && rm -- \"$1\"",
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERING))
+def test_a_checked_slot_that_another_program_changes_while_free_is_never_handed_out(
+        ram, tamper) -> None:
+    data = samples("int16", 300, 1, seed=4)
+    with AudioPool(slots=1, max_bytes=1000) as pool:
+        with pool.write_wav(data, RATE) as pooled:  # the slot is checked and watched now
+            path = pooled.path
+        subprocess.run(["sh", "-c", TAMPERING[tamper], "sh", path], check=True, timeout=30)
+        with pool.write_wav(data[::-1], RATE) as again:
+            assert again.path != path
+            assert_every_reader_sees(again.path, data[::-1])
+        with pool.write_wav(data, RATE) as third:  # the fresh slot is trusted from now on
+            assert third.path == again.path
+    # Whatever the other program left is its own: never removed by the pool.
+    left = sorted(set(os.listdir(ram)) - {os.path.basename(again.path)})
+    if tamper == "renamed over":
+        assert left == [os.path.basename(path)]
+        assert Path(path).read_bytes() == b"not ours"
+    elif tamper == "renamed away":
+        assert left == [os.path.basename(path) + ".moved"]
+    elif tamper == "hard linked elsewhere, then removed":
+        assert left == [os.path.basename(path) + ".link"]
+
+
+def test_a_slot_used_many_times_by_readers_and_the_pool_keeps_its_path(ram) -> None:
+    # Reads, other processes' reads and the pool's own writes through the mapping are no
+    # reason to replace a slot: the watch stays quiet and the path stays the same.
+    data = samples("int16", 300, 1, seed=5)
+    with AudioPool(slots=1, max_bytes=1000) as pool:
+        paths = set()
+        for _ in range(20):
+            with pool.write_wav(data, RATE) as pooled:
+                paths.add(pooled.path)
+                assert_every_reader_sees(pooled.path, data)  # soundfile, scipy, wave, sox
+        assert len(paths) == 1 and pool.slots == 1
+
+
+NO_INOTIFY = """
+import os
+import numpy as np
+from luna_shm import AudioPool, read_wav
+# No inotify instance to be had: the pool checks each slot's name with a stat on every
+# take, and still never hands out one whose path another program took over.
+with AudioPool(slots=1, max_bytes=1000) as pool:
+    with pool.write_wav(np.ones(100, np.int16), 8000) as pooled:
+        path = pooled.path
+    with pool.write_wav(np.ones(100, np.int16), 8000) as pooled:
+        assert pooled.path == path
+    with open(path + ".new", "wb") as f:
+        f.write(b"not ours")
+    os.rename(path + ".new", path)
+    with pool.write_wav(np.full(100, 7, np.int16), 8000) as again:
+        assert again.path != path
+        assert (read_wav(again.path, mmap=False)[0] == 7).all()
+    assert open(path, "rb").read() == b"not ours"
+print("ok")
+"""
+
+
+def test_a_pool_without_an_inotify_instance_checks_its_slots_by_name_on_every_take(
+        ram) -> None:
+    # A user namespace whose limit of inotify instances is 0: inotify_init1 fails there
+    # with EMFILE, as it does for a user who has used up max_user_instances.
+    unshare = require_tool("unshare")
+    script = ('echo 0 > /proc/sys/user/max_inotify_instances || exit 77\n'
+              'exec "$0" -c "$1"\n')
+    done = subprocess.run(
+        [unshare, "-U", "-r", "sh", "-c", script, sys.executable, NO_INOTIFY],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "LUNA_SHM_DIR": str(ram)})
+    if done.returncode == 77 or "unshare failed" in done.stderr:
+        pytest.skip(f"no user namespace with its own inotify limit here: {done.stderr}")
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+    assert "no inotify instance for an AudioPool (Too many open files)" in done.stderr
 
 
 SHRUNK_SLOT = """

@@ -238,9 +238,10 @@ class Mapping:
     def fill_slot(self, spec: WavSpec, data: np.ndarray) -> int:
         """Copy data (already in the file's encoding) after the header and format the
         mapping as a WAV of it, in one C call; returns the data offset."""
-        with ffi.from_buffer(data) as buf:
-            return check(lib.luna_wav_fill_slot(ffi.cast("uint8_t *", self._address),
-                                                self.length, _c_spec(spec), buf, len(buf)))
+        # The hot path of AudioPool.write_wav: no context manager (CPython releases the
+        # buffer as soon as the call returns) and the mapping's own void * as the slot.
+        return check(lib.luna_wav_fill_slot(self._address, self.length, _c_spec(spec),
+                                            ffi.from_buffer(data), data.nbytes))
 
     def format_slot(self, spec: WavSpec, data_bytes: int) -> int:
         """Make the whole mapping a WAV of data_bytes of audio plus a skipped tail chunk.
@@ -552,6 +553,23 @@ def live_header(spec: WavSpec, data_bytes: int, state: int = STREAM_LIVE) -> byt
 def watch_open(path: str, *, directory: bool, filename: str | None = None) -> int:
     """An inotify fd watching a file (writes, closes, removal) or a directory (new names)."""
     return check(lib.luna_watch_open(_c_path(path), int(directory)), filename or path)
+
+
+def watch_new() -> int:
+    """An inotify fd with no watch yet (see watch_add)."""
+    return check(lib.luna_watch_new())
+
+
+def watch_add(watch_fd: int, path: str, filename: str | None = None) -> None:
+    """Watch path's file (followed) on watch_fd for anyone's writes, truncation, link-count
+    changes, removal and renames; mapped writes and reads make no event."""
+    check(lib.luna_watch_add(watch_fd, _c_path(path)), filename or path)
+
+
+def watch_quiet(watch_fd: int) -> bool:
+    """Drain watch_fd without waiting: True when it had no event queued (an error counts
+    as an event: the caller then checks for itself). One non-blocking read."""
+    return lib.luna_watch_wait(watch_fd, 0) == 0
 
 
 def watch_wait(fd: int, timeout: float | None) -> int:

@@ -3,8 +3,10 @@
 A fresh tmpfs file pays for every new page it touches (about 0.1 ms for the
 125 pages of 500 KB on our machines); a slot pays once, when the pool starts.
 ``pool.write_wav(data, rate)`` then costs one copy (or one C conversion) into
-memory that *is* the file, and one ``stat`` (the slot's path must still name
-its file). Each slot is a complete, valid WAV at every moment: the unused
+memory that *is* the file. A slot's path must still name its own file when the
+slot is handed out: one inotify instance per pool watches every slot file, so that
+check is a ``stat`` only after someone else touched one (otherwise one non-blocking
+read of the watch). Each slot is a complete, valid WAV at every moment: the unused
 space after the audio is a ``JUNK`` chunk that readers skip.
 
 Slots hold a shared flock for the pool's lifetime, so
@@ -46,7 +48,8 @@ _SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("byte_view", "fd", "identity", "length", "mapping", "path", "readonly")
+    __slots__ = ("byte_view", "fd", "identity", "length", "mapping", "path", "readonly",
+                 "verified", "watched")
 
     def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
         self.fd = fd
@@ -57,6 +60,10 @@ class _Slot:
         self.readonly = mapping.view.toreadonly()
         st = _os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
+        # watched: the pool's inotify instance watches this file. verified: its name was
+        # checked (still_named) and the watch has reported nothing since.
+        self.watched = False
+        self.verified = False
 
     def still_named(self) -> bool:
         """True while path names this slot's file, at the slot's full length.
@@ -103,9 +110,9 @@ def _check_timeout(timeout: object) -> float | None:
 
 
 def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
-    # The finalizer of a PooledWav dropped without release(): it holds the pool and
-    # the slot, never the PooledWav itself. In a forked child it does nothing, and
-    # nothing leaked once the pool is closed (its close released every slot).
+    # A PooledWav dropped without release() (from its __del__). In a forked child it
+    # does nothing, and nothing leaked once the pool is closed (its close released
+    # every slot).
     if owner_pid != _resource.current_pid or pool.closed:
         return
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
@@ -142,7 +149,15 @@ class PooledWav(_resource.Resource):
         self._offset = offset
         self._writable = writable
         self._array: np.ndarray | None = None  # made on first use: most callers want the path
-        self._track(_unreleased, pool, slot, slot.path, _resource.current_pid)
+        # Not _track(): a PooledWav is made on every pool write, and a __del__ costs
+        # nothing to set up where a weakref.finalize costs about 1 us (its leak check
+        # needs only what the object holds anyway: the pool and the slot).
+        self._pid = _resource.current_pid
+
+    def __del__(self) -> None:
+        pool = self._pool
+        if pool is not None:  # dropped without release()
+            _unreleased(pool, self._slot, self.path, self._pid)
 
     def _check_held(self) -> None:
         if self._pool is None:
@@ -203,7 +218,6 @@ class PooledWav(_resource.Resource):
         """
         pool, self._pool = self._pool, None
         self._array = None
-        self._untrack()
         if pool is not None and self._pid == _resource.current_pid:
             pool._give_back(self._slot)
 
@@ -233,7 +247,8 @@ def _close_slot(slot: _Slot, *, unlink: bool) -> None:
         pass
 
 
-def _close_slots(slots: list[_Slot], anonymous: bool, leaked: bool, owner_pid: int) -> None:
+def _close_slots(slots: list[_Slot], watch_fd: int, anonymous: bool, leaked: bool,
+                 owner_pid: int) -> None:
     # In a forked child (close() there, its exit, its garbage collector) the slots are
     # the parent's: only the child's copies of the descriptors are closed.
     ours = owner_pid == _resource.current_pid
@@ -242,6 +257,24 @@ def _close_slots(slots: list[_Slot], anonymous: bool, leaked: bool, owner_pid: i
     for slot in slots:
         _close_slot(slot, unlink=ours and not anonymous)
     slots.clear()
+    if watch_fd >= 0:
+        try:
+            _lowlevel.close(watch_fd)
+        except OSError:
+            pass
+
+
+def _new_watch(anonymous: bool) -> int:
+    """The inotify fd that watches a named pool's slot files, or -1 (anonymous slots
+    have no name to lose; out of inotify instances, every take checks by stat)."""
+    if anonymous:
+        return -1
+    try:
+        return _lowlevel.watch_new()
+    except OSError as exc:
+        placement.log_once(f"luna_shm: no inotify instance for an AudioPool ({exc.strerror}): "
+                           "its slots are checked with a stat on every take")
+        return -1
 
 
 def _is_slot_file(name: str, prefix: str) -> bool:
@@ -317,6 +350,7 @@ class AudioPool(_resource.Resource):
 
     _slots: list[_Slot]
     _closed = True
+    _watch_fd = -1
 
     def __init__(
         self,
@@ -348,8 +382,11 @@ class AudioPool(_resource.Resource):
         self._free: list[_Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
+        self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
+        self._watch_fd = _new_watch(self.anonymous)
         self._closed = False
-        self._track(_close_slots, self._slots, self.anonymous, True, _resource.current_pid)
+        self._track(_close_slots, self._slots, self._watch_fd, self.anonymous, True,
+                    _resource.current_pid)
         try:
             for _ in range(slots):
                 self._free.append(self._new_slot())
@@ -368,6 +405,12 @@ class AudioPool(_resource.Resource):
         slot.byte_view[:] = 0  # touch every page once, now, not on the hot path
         slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
         slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
+        if self._watch_fd >= 0:
+            try:  # the open file itself, whatever its path names by now
+                _lowlevel.watch_add(self._watch_fd, f"/proc/self/fd/{slot.fd}", slot.path)
+                slot.watched = True
+            except OSError:  # out of inotify watches, or no /proc: checked by stat
+                pass
         self._slots.append(slot)
         return slot
 
@@ -421,7 +464,7 @@ class AudioPool(_resource.Resource):
                     raise ValueError("AudioPool is closed")
                 if self._free:
                     slot = self._free.pop()
-                    if not slot.mapping.broken and (self.anonymous or slot.still_named()):
+                    if self._intact(slot):
                         return slot
                     # Its file was shrunk (its mapping now holds zeros), or its path now
                     # names another file (or none): forget the slot and make a fresh one.
@@ -433,7 +476,29 @@ class AudioPool(_resource.Resource):
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(
                         f"all {len(self._slots)} slots stayed busy for {self.timeout} s")
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
+
+    def _intact(self, slot: _Slot) -> bool:
+        """Whether a free slot may be handed out (under _cond): its mapping whole and,
+        when named, its path still its own file at full length. The name is checked with
+        a stat only when the watch saw an event since that slot's last check (any event
+        unverifies every slot) or does not watch it."""
+        if slot.mapping.broken:
+            return False
+        if self.anonymous:
+            return True
+        if self._watch_fd >= 0 and not _lowlevel.watch_quiet(self._watch_fd):
+            for each in self._slots:
+                each.verified = False
+        elif slot.verified:
+            return True
+        named = slot.still_named()
+        slot.verified = named and slot.watched
+        return named
 
     def _drop(self, slot: _Slot) -> None:
         """Forget a slot that must not be handed out again. Its own file goes (the pool
@@ -446,7 +511,8 @@ class AudioPool(_resource.Resource):
         with self._cond:
             if not self._closed:
                 self._free.append(slot)
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify()
 
     def write_wav(self, data: object, samplerate: int, *, subtype: str | None = None
                   ) -> PooledWav:
@@ -516,7 +582,7 @@ class AudioPool(_resource.Resource):
             if not self._closed:
                 self._closed = True
                 self._untrack()
-                _close_slots(self._slots, self.anonymous, False, self._pid)
+                _close_slots(self._slots, self._watch_fd, self.anonymous, False, self._pid)
             return
         with self._cond:
             if self._closed:
@@ -525,7 +591,7 @@ class AudioPool(_resource.Resource):
             self._free.clear()
             self._cond.notify_all()
         self._untrack()
-        _close_slots(self._slots, self.anonymous, False, self._pid)
+        _close_slots(self._slots, self._watch_fd, self.anonymous, False, self._pid)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -507,8 +507,21 @@ static void check_live(void)
     EXPECT_TRUE(size == (uint64_t)len + 110 && got == 8); /* whole 4-byte blocks only */
     EXPECT_RC(luna_watch_wait(watch, 0), 0);
     luna_close(watch);
-    luna_close(fd);
+
+    /* A pool-style watch: quiet through our own writes' absence, woken by an unlink. */
+    EXPECT_RC(luna_watch_add(-1, path), -EBADF);
+    int pool_watch = luna_watch_new();
+    EXPECT_TRUE(pool_watch >= 0);
+    EXPECT_RC(luna_watch_add(pool_watch, NULL), -EINVAL);
+    char missing[4200];
+    snprintf(missing, sizeof missing, "%s/missing", dir_path);
+    EXPECT_RC(luna_watch_add(pool_watch, missing), -ENOENT);
+    EXPECT_TRUE(luna_watch_add(pool_watch, path) >= 0);
+    EXPECT_RC(luna_watch_wait(pool_watch, 0), 0);
     unlink(path);
+    EXPECT_RC(luna_watch_wait(pool_watch, 0), LUNA_WATCH_CHANGED);
+    luna_close(pool_watch);
+    luna_close(fd);
     EXPECT_TRUE(directory_is_empty());
 }
 
