@@ -490,9 +490,10 @@ class Stream:
                 another process truncated the file, so the mapped header page is
                 zeros now and the header would no longer reach the file.
         """
-        with ffi.from_buffer(chunk) as buf:
-            rc = lib.luna_stream_append(self._fd, self._header_map, self._spec,
-                                        self._data_offset, self._size, buf, len(buf))
+        # No buffer context manager on this per-chunk path: CPython releases the buffer
+        # as soon as the call returns.
+        rc = lib.luna_stream_append(self._fd, self._header_map, self._spec, self._data_offset,
+                                    self._size, ffi.from_buffer(chunk), chunk.nbytes)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc), filename)
         # Only our own store touches the header page: a truncation that raced it
