@@ -16,8 +16,9 @@ Design, in the order a call meets it:
   a file of its key and cuts it to its exact length (the mapping keeps its
   capacity; the pages past the end are never touched); it never waits for one.
 - Every call (hit or miss) marks its key as recently asked for and, once the
-  buffer is made, wakes the refill thread, which prepares files (two C calls
-  each, without the GIL) until every recent key holds ``per_size`` files,
+  buffer is made, wakes the refill thread, which waits 1 ms (the caller fills
+  its buffer meanwhile) and prepares files (two C calls each, without the GIL)
+  until every recent key holds ``per_size`` files,
   within ``max_bytes`` in all: the least recently asked keys give up theirs first.
 - A RAM disk with less free space than twice a file's size gets no file from
   the thread, and :func:`drop_all` gives the space back when a normal create
@@ -35,6 +36,7 @@ import atexit as _atexit
 import logging as _logging
 import os as _os
 import threading as _threading
+import time as _time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -48,6 +50,9 @@ MEMFD_NAME = f"{placement.AUDIO_PREFIX}buffer"
 _Key = tuple[str | None, int]
 
 _PAGE = 4096
+
+# How long the refill thread waits after being woken before it prepares a file.
+_SETTLE_SECONDS = 0.001
 
 # How many recently asked keys are remembered (those holding files are never forgotten).
 _MAX_KEYS = 64
@@ -243,6 +248,9 @@ class _Reserve:
             with self.lock:
                 while self._running() and self._plan() is None:
                     self.wake.wait()
+            # Woken by a call that just made its buffer: let it fill the buffer first. Zeroing
+            # pages on the other CPU and taking the GIL between C calls now would slow it.
+            _time.sleep(_SETTLE_SECONDS)
 
     # ---- settings ----------------------------------------------------------------------
 
