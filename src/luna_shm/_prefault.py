@@ -140,7 +140,7 @@ class _Reserve:
             self.recent.move_to_end(key)
             self.failed.discard(key)
             if len(self.recent) > _MAX_KEYS:
-                for old in [k for k in self.recent if not self.ready.get(k)]:
+                for old in [k for k in self.recent if k != key and not self.ready.get(k)]:
                     if len(self.recent) <= _MAX_KEYS:
                         break
                     del self.recent[old]
