@@ -419,14 +419,24 @@ def test_space_held_by_the_reserve_is_given_back_to_a_create_that_needs_it():
 
 def test_a_nearly_full_ram_disk_gets_no_prepared_file_and_calls_still_succeed():
     done = run_in_private_shm("""
-        import json, os, time
+        import json, logging, os, threading
         from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
+
+        declined = threading.Event()
+
+        class Declined(logging.Handler):
+            def emit(self, record):
+                if "less than twice 327680: no file prepared" in record.getMessage():
+                    declined.set()
+
+        logging.getLogger("luna_shm").addHandler(Declined())
+        logging.getLogger("luna_shm").setLevel(logging.INFO)
         prefault_wav_buffers(per_size=1)
         keep = create_wav_buffer(300_000, 8000)   # 600 KB of the 1 MiB stay in use
         small = create_wav_buffer(150_000, 8000)  # asks for a 320 KB class: no room for two
         small.close()
         os.unlink(small.path)
-        time.sleep(0.2)  # the thread's turn: it must prepare nothing
+        assert declined.wait(30), "the thread never considered the size"
         files = prefault_stats().files
         again = create_wav_buffer(150_000, 8000)
         again.array[:] = 2
