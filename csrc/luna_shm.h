@@ -140,6 +140,19 @@ int luna_open_unnamed(const char *dir);
  * Returns 0 or -errno (-EEXIST when path exists). */
 int luna_link_unnamed(int fd, const char *path);
 
+/* ---- prefault.c: files prepared in advance ------------------------------ */
+
+/* A new unnamed file of len bytes whose pages are all allocated
+ * (posix_fallocate) and written once with zeros, so that mapping it later
+ * with MAP_POPULATE faults in no new page. dir != NULL: an O_TMPFILE file in
+ * dir, mode 0600, holding a shared flock (give it a name with
+ * luna_link_unnamed); dir == NULL: a memfd called memfd_name, sealable.
+ * On failure nothing is left (the file never had a name). Returns the fd, or
+ * -errno: -EOPNOTSUPP (no O_TMPFILE there), -ENOSYS (no memfd), -ENOSPC
+ * (no room), -EINVAL (len 0, or both dir and memfd_name NULL), -EFBIG
+ * (len > INT64_MAX). */
+int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len);
+
 /* ---- guard.c: no SIGBUS from our mappings ---------------------------------- */
 
 /* Register [addr, addr+len) (a shared file mapping of protection prot, addr

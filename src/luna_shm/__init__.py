@@ -4,7 +4,8 @@ Temp files (a drop-in for the ``get_temp_audio_path`` helper):
     get_temp_audio_path, temp_audio_path (a context manager), cleanup_temp_audio,
     cleanup_all_temp_audio, is_using_ram_disk, temp_dir, refresh_temp_dir
 WAV I/O:
-    write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool
+    write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool;
+    prefault_wav_buffers / prefault_stats (buffers from pre-faulted files)
 Live streams (play while it renders):
     follow_wav, afollow_wav, iter_wav_stream; StreamAbandoned
 A TTS cache:
@@ -16,7 +17,13 @@ Errors:
     OSError(errno, strerror, filename) for system failures.
 """
 
-from luna_shm.buffer import WavBuffer, create_wav_buffer
+from luna_shm.buffer import (
+    PrefaultStats,
+    WavBuffer,
+    create_wav_buffer,
+    prefault_stats,
+    prefault_wav_buffers,
+)
 from luna_shm.cache import AudioCache, CachedAudio, cache_key
 from luna_shm.errors import HandoffError, LunaShmError, StreamAbandoned, WavError
 from luna_shm.follow import afollow_wav, follow_wav, iter_wav_stream
@@ -53,6 +60,7 @@ __all__ = [
     "HandoffError",
     "LunaShmError",
     "PooledWav",
+    "PrefaultStats",
     "StreamAbandoned",
     "WavBuffer",
     "WavError",
@@ -67,6 +75,8 @@ __all__ = [
     "is_using_ram_disk",
     "iter_unused_temp_audio",
     "iter_wav_stream",
+    "prefault_stats",
+    "prefault_wav_buffers",
     "read_wav",
     "recv_wav",
     "refresh_temp_dir",

@@ -262,6 +262,24 @@ def seal_shrink(fd: int) -> None:
     check(lib.luna_seal_shrink(fd))
 
 
+def prepare_file(directory: str | None, memfd_name: str, length: int) -> int:
+    """A new unnamed file of length bytes, every page allocated and written once (see
+    csrc/prefault.c): O_TMPFILE in directory (mode 0600, shared flock held), or a memfd
+    called memfd_name when directory is None. The caller closes the fd."""
+    c_dir = ffi.NULL if directory is None else _c_path(directory)
+    return check(lib.luna_prepare_file(c_dir, _c_path(memfd_name), length), directory)
+
+
+def link_unnamed(fd: int, path: str) -> None:
+    """Give the unnamed (O_TMPFILE) file open at fd the name path; FileExistsError if taken."""
+    check(lib.luna_link_unnamed(fd, _c_path(path)), path)
+
+
+def set_length(fd: int, length: int, filename: str | None = None) -> None:
+    """ftruncate fd to length bytes."""
+    check(lib.luna_set_length(fd, length), filename)
+
+
 # ---- WAV ----------------------------------------------------------------------
 
 

@@ -119,6 +119,20 @@ def create_temp_file(
     raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
 
 
+def name_unnamed_file(fd: int, directory: str, suffix: str = ".wav",
+                      prefix: str = AUDIO_PREFIX) -> str:
+    """Give an unnamed file (O_TMPFILE in directory, already flocked) a fresh temp name
+    there, retried on collision like :func:`create_temp_file`; returns the path."""
+    for _ in range(_MAX_TRIES):
+        path = f"{directory}/{prefix}{_new_token()}{suffix}"
+        try:
+            _lowlevel.link_unnamed(fd, path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
+
+
 def new_temp_name(
     suffix: str = ".wav",
     prefix: str = AUDIO_PREFIX,

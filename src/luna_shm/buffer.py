@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, formats
+from luna_shm import _lowlevel, _newfile, _prefault, formats, placement
+from luna_shm._prefault import PrefaultStats
 from luna_shm._resource import FileResource
-from luna_shm.placement import AUDIO_PREFIX
 
-__all__ = ["WavBuffer", "create_wav_buffer"]
+__all__ = ["PrefaultStats", "WavBuffer", "create_wav_buffer", "prefault_stats",
+           "prefault_wav_buffers"]
+
+_T = TypeVar("_T")
+
+# Out of space: a create that fails so while the prefault reserve holds files retries
+# once after the reserve gave their space back.
+_SPACE_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.ENOMEM})
 
 class WavBuffer(FileResource):
     """A mapped WAV file whose samples are the numpy array ``array``.
@@ -62,26 +70,81 @@ class WavBuffer(FileResource):
                 raise ValueError("an anonymous buffer has no path: pass path=None")
             if not _lowlevel.HAS_MEMFD:
                 raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
-            fd = _lowlevel.memfd(f"{AUDIO_PREFIX}buffer")
-            name = f"/proc/{_os.getpid()}/fd/{fd}"
-            try:
-                self._open(fd, name, header)
-            except OSError as exc:
-                _lowlevel.close(fd)
-                raise _newfile.explain_full_disk(exc, name) from None
-            except BaseException:
-                _lowlevel.close(fd)
-                raise
-        else:
-            name, fd = self._open_named(path, header)
-        self._own(fd, name)
+        try:
+            if anonymous:
+                name, fd = self._open_prepared(None, header) or self._retry_after_drop(
+                    lambda: self._open_memfd(header))
+            else:
+                name, fd = self._open_named(path, header)
+            self._own(fd, name)
+        finally:
+            if path is None:  # only now: preparing the next file must not slow this call
+                _prefault.refill()
+
+    def _open_memfd(self, header: bytes) -> tuple[str, int]:
+        fd = _lowlevel.memfd(_prefault.MEMFD_NAME)
+        name = f"/proc/{_os.getpid()}/fd/{fd}"
+        try:
+            self._open(fd, name, header)
+        except OSError as exc:
+            _lowlevel.close(fd)
+            raise _newfile.explain_full_disk(exc, name) from None
+        except BaseException:
+            _lowlevel.close(fd)
+            raise
+        return name, fd
 
     def _open_named(self, path: str | _os.PathLike[str] | None, header: bytes) -> tuple[str, int]:
         """Create and map the file; a new temp file that the RAM disk refuses goes to disk."""
         if path is None:
-            return _newfile.with_disk_fallback(
-                lambda on_disk: self._open_destination(None, header, on_disk))
+            chosen = placement.current()
+            if chosen.in_ram and chosen.directory == chosen.ram_dir and _lowlevel.HAS_O_TMPFILE:
+                prepared = self._open_prepared(chosen.directory, header)
+                if prepared is not None:
+                    return prepared
+                _prefault.make_room(chosen.directory, self._length)
+            return _newfile.with_disk_fallback(lambda on_disk: self._retry_after_drop(
+                lambda: self._open_destination(None, header, on_disk), on_disk))
         return self._open_destination(path, header, False)
+
+    @staticmethod
+    def _retry_after_drop(attempt: Callable[[], _T], on_disk: bool = False) -> _T:
+        """attempt(), and once more when it ran out of space while the prefault reserve
+        held files: the reserve gives their space back first (it never makes a create
+        fail that would succeed without it)."""
+        try:
+            return attempt()
+        except OSError as exc:
+            if on_disk or exc.errno not in _SPACE_ERRNOS or not _prefault.drop_all():
+                raise
+        return attempt()
+
+    def _open_prepared(self, directory: str | None, header: bytes) -> tuple[str, int] | None:
+        """Make the buffer from a file of the prefault reserve (a memfd when directory is
+        None), or return None: the reserve had none, or the one taken failed (given back,
+        counted and logged: the caller takes the normal path)."""
+        prepared = _prefault.take(directory, self._length)
+        if prepared is None:
+            return None
+        fd = prepared.fd
+        name = f"/proc/{_os.getpid()}/fd/{fd}" if directory is None else None
+        try:
+            if directory is not None:
+                name = _newfile.name_unnamed_file(fd, directory)
+            assert name is not None
+            self._open(fd, name, header, prepared=prepared.mapping)
+            return name, fd
+        except BaseException as exc:
+            self._mapping = self._array = None
+            if directory is not None and name is not None:
+                _newfile.discard(_newfile.Destination(name, fd, True, None))
+            else:
+                _lowlevel.close(fd)
+            if not isinstance(exc, OSError):
+                raise
+            _prefault.note_failure(f"luna_shm: a prepared buffer file could not be used "
+                                   f"({exc}): made a new one")
+            return None
 
     def _open_destination(self, path: str | _os.PathLike[str] | None, header: bytes,
                           on_disk: bool) -> tuple[str, int]:
@@ -104,13 +167,22 @@ class WavBuffer(FileResource):
             _newfile.discard(dest)
             raise
 
-    def _open(self, fd: int, name: str, header: bytes) -> None:
-        _lowlevel.reserve(fd, self._length, name)
-        _lowlevel.write_at(fd, 0, header, name)
+    def _open(self, fd: int, name: str, header: bytes, *,
+              prepared: _lowlevel.Mapping | None = None) -> None:
+        """Reserve, write the header, map; or, given the populated mapping of a prepared
+        file (every page allocated already), cut it to the exact length and adopt it."""
+        if prepared is not None:
+            # The mapping keeps its capacity: the pages past the new end are never touched.
+            _lowlevel.set_length(fd, self._length, name)
+            prepared.filename = name
+            prepared.view[: self._header_len] = header
+        else:
+            _lowlevel.reserve(fd, self._length, name)
+            _lowlevel.write_at(fd, 0, header, name)
         if self.anonymous:
             _lowlevel.seal_shrink(fd)
-        self._mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
-                                          filename=name)
+        self._mapping = prepared or _lowlevel.Mapping(fd, self._length, writable=True,
+                                                      populate=True, filename=name)
         _lowlevel.lock(fd, exclusive=False, wait=True)
         count = self.frames * self.channels
         flat = np.frombuffer(self._mapping.view, dtype=self.dtype, count=count,
@@ -214,3 +286,57 @@ def create_wav_buffer(
         OSError: ENOSPC when the space cannot be reserved (nothing is left behind).
     """
     return WavBuffer(frames, samplerate, channels, dtype, path=path, anonymous=anonymous)
+
+
+def prefault_wav_buffers(max_bytes: int = 8 * 1024 * 1024, *, per_size: int = 2) -> None:
+    """Keep files ready whose pages are already faulted in, so that ``create_wav_buffer``
+    (a new temp file, ``path=None``, or ``anonymous=True``) returns sooner.
+
+    A new RAM-disk page is allocated and zeroed when first touched; through a mapping
+    that costs about three times a write of the same bytes. With the reserve on, a
+    background thread (a daemon, one per process) prepares unnamed files of the sizes
+    recently asked for (O_TMPFILE files in the RAM dir for named buffers, memfds for
+    anonymous ones), every page allocated and written once. A call takes one, gives it
+    its fresh ``luna_audio_<uuid4 hex>.wav`` name (``linkat``), cuts it to the exact
+    length and maps it: a 500 KB buffer is writable in about a quarter of the time a
+    new file takes. The thread then prepares the next one. A call never waits for the
+    thread: with no prepared file of its size (the first call of a size, calls faster
+    than the thread refills, a full RAM disk) it makes a new file as before. The buffer
+    is the same either way: same name, size, contents, lock and errors.
+
+    Why an explicit call and a thread: the reserve holds memory (up to ``max_bytes``,
+    counted against the RAM disk or, for memfds, the process's memory) and a thread,
+    which a library must not start by itself; the thread is what keeps the reserve
+    full off the caller's path, call after call. Call this once at start-up.
+
+    Limits: files of at most ``per_size`` per size class (a size rounded up by at most
+    1/8; a taken file is cut to the exact size), ``max_bytes`` in all, the least
+    recently asked sizes giving way first. A file is prepared in the RAM dir only while
+    it has at least twice the file's size free, and a create that runs out of space
+    first gives the reserve's space back and tries again. Given paths (``path=...``)
+    and the disk fallback dir are never served from the reserve; neither are named
+    buffers without ``O_TMPFILE``.
+
+    Fork: a forked child starts with the reserve off (it never uses or frees the
+    parent's files) and without the thread; call this again there if it needs one.
+
+    Args:
+        max_bytes: the most bytes the prepared files may hold together; 0 turns the
+            reserve off, stops the thread and frees every prepared file.
+        per_size: how many files to keep ready of each size class, >= 1.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named in the message.
+    """
+    for name, value, least in (("max_bytes", max_bytes, 0), ("per_size", per_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {_lowlevel.brief(value)}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value!r}")
+    _prefault.configure(max_bytes, per_size)
+
+
+def prefault_stats() -> PrefaultStats:
+    """What the prefault reserve of this process holds and did (see
+    :func:`prefault_wav_buffers`): files and bytes held, hits, misses, failures."""
+    return _prefault.stats()

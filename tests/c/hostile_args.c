@@ -312,6 +312,23 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_create_locked(dir_path, path, 0xFFFFFFFFu), -EINVAL);
     EXPECT_TRUE(directory_is_empty());
 
+    /* prefault.c: a size no file can have, or nothing to make. A prepared file
+     * is exactly its size, all zeros, and never has a name. */
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, 0), -EINVAL);
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, TWO_63), -EFBIG);
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_prepare_file(NULL, NULL, 4096), -EINVAL);
+    int prepared = luna_prepare_file(dir_path, NULL, 5000);
+    EXPECT_TRUE(prepared >= 0 || prepared == -EOPNOTSUPP); /* LUNA_NO_O_TMPFILE */
+    if (prepared >= 0) {
+        uint8_t tail[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+        EXPECT_TRUE(file_size(prepared) == 5000);
+        EXPECT_RC(luna_read_at(prepared, 4992, tail, 8), 0);
+        EXPECT_TRUE(memcmp(tail, (uint8_t[8]){0}, 8) == 0);
+        luna_close(prepared);
+    }
+    EXPECT_TRUE(directory_is_empty());
+
     int fd = luna_create_excl(path, 0600);
     EXPECT_TRUE(fd >= 0);
     if (fd < 0)
