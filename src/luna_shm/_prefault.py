@@ -49,7 +49,7 @@ MEMFD_NAME = f"{placement.AUDIO_PREFIX}buffer"
 # Key of a kept file: (directory or None for a memfd, size class in bytes).
 _Key = tuple[str | None, int]
 
-_PAGE = 4096
+_PAGE = _os.sysconf("SC_PAGESIZE")
 
 # How long the refill thread waits after being woken before it prepares a file.
 _SETTLE_SECONDS = 0.001
