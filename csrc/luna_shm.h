@@ -262,9 +262,10 @@ int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
  * written in place; a file with content is replaced through tmp_path as by
  * luna_write_wav_atomic, so that readers who mapped it keep it whole (with
  * tmp_path NULL, nothing is written and LUNA_WRITE_REPLACE returned: the
- * caller makes a name only when one is needed). On failure nothing
- * half-written is left: a file this call created is removed, an existing one
- * is as it was. Returns 0, LUNA_WRITE_REPLACE or -errno. */
+ * caller makes a name only when one is needed; dir may then be NULL). On
+ * failure nothing half-written is left: a file this call created is removed,
+ * an existing one is as it was. Returns 0, LUNA_WRITE_REPLACE or -errno
+ * (-EINVAL for a tmp_path without a dir). */
 int luna_write_wav_path(const char *dir, const char *path,
                         const char *tmp_path,
                         const struct luna_wav_spec *spec,
