@@ -254,6 +254,34 @@ int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
  * failure. */
 int luna_wav_open(const char *path, struct luna_wav_info *out);
 
+/* How much of a file luna_wav_open reads at once: enough for the headers of
+ * nearly every real WAV (parsing costs one system call), and for the whole of
+ * a short one. */
+#define LUNA_WAV_PREFIX_BYTES 4096
+
+/* A WAV opened to be read once (luna_wav_open_held): its parsed header and
+ * the first bytes of the file as the one read of them found them. */
+struct luna_wav_file {
+    struct luna_wav_info info;
+    uint64_t held;          /* bytes of the file's start in prefix */
+    uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
+};
+
+/* luna_wav_open, keeping what its first read found in f->prefix: a short
+ * file's samples are then in memory already (luna_wav_read_held). Fills f
+ * (f->info->error set on -LUNA_EFORMAT; nothing on -errno, f needs no
+ * clearing). Returns the open fd, -LUNA_EFORMAT or -errno, as luna_wav_open
+ * (also -EINVAL for a NULL f). */
+int luna_wav_open_held(const char *path, struct luna_wav_file *f);
+
+/* Copy n bytes of samples from f->info.data_offset into dst: from f->prefix
+ * when they lie in it (no system call), else with luna_read_at on fd; then
+ * close fd whatever happened. Returns 0, -ENODATA when the file ended first
+ * (it shrank under us), -EINVAL for a NULL f or an f->held past the prefix,
+ * or -errno (as luna_read_at; -EBADF from the close of a bad fd). */
+int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
+                       uint64_t n);
+
 /* Open and parse path as luna_wav_open does, then map [0, data end)
  * read-only into *addr with luna_map and close the fd (the mapping keeps the
  * file). Returns luna_map's guard id (>= 0), -LUNA_EFORMAT or -errno. */
@@ -275,9 +303,10 @@ int luna_write_wav_fd(int fd, const struct luna_wav_spec *spec,
  * written in place; a file with content is replaced through tmp_path as by
  * luna_write_wav_atomic, so that readers who mapped it keep it whole (with
  * tmp_path NULL, nothing is written and LUNA_WRITE_REPLACE returned: the
- * caller makes a name only when one is needed). On failure nothing
- * half-written is left: a file this call created is removed, an existing one
- * is as it was. Returns 0, LUNA_WRITE_REPLACE or -errno. */
+ * caller makes a name only when one is needed; dir may then be NULL). On
+ * failure nothing half-written is left: a file this call created is removed,
+ * an existing one is as it was. Returns 0, LUNA_WRITE_REPLACE or -errno
+ * (-EINVAL for a tmp_path without a dir). */
 int luna_write_wav_path(const char *dir, const char *path,
                         const char *tmp_path,
                         const struct luna_wav_spec *spec,

@@ -83,6 +83,8 @@ int luna_write_wav_path(const char *dir, const char *path,
 {
     int created = 0;
     uint64_t old_size = 0;
+    if (tmp_path != NULL && dir == NULL)
+        return -EINVAL; /* a replacement is made in dir */
     int fd = luna_open_for_write(path, 0600, &created, &old_size);
     if (fd < 0)
         return fd;

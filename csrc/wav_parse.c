@@ -27,9 +27,6 @@ struct source {
     uint64_t size;
 };
 
-/* How much of a file luna_wav_open reads at once: enough for the headers of
- * nearly every real WAV, so that parsing costs one system call. */
-#define PREFIX_BYTES 4096
 
 static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
                                       0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71};
@@ -245,9 +242,13 @@ int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
     return parse(&src, out);
 }
 
-int luna_wav_open(const char *path, struct luna_wav_info *out)
+/* luna_wav_open, with the file's first *held bytes left in prefix
+ * (LUNA_WAV_PREFIX_BYTES long). */
+static int open_into(const char *path, struct luna_wav_info *out,
+                     uint8_t *prefix, uint64_t *held)
 {
     uint64_t size = 0;
+    *held = 0;
     int fd = luna_open_regular(path, &size);
     if (fd == -LUNA_EFORMAT) {
         *out = (struct luna_wav_info){0};
@@ -256,8 +257,7 @@ int luna_wav_open(const char *path, struct luna_wav_info *out)
     }
     if (fd < 0)
         return fd;
-    uint8_t prefix[PREFIX_BYTES];
-    uint64_t want = size < PREFIX_BYTES ? size : PREFIX_BYTES;
+    uint64_t want = size < LUNA_WAV_PREFIX_BYTES ? size : LUNA_WAV_PREFIX_BYTES;
     int rc = luna_read_at(fd, 0, prefix, want);
     if (rc == -ENODATA) {
         *out = (struct luna_wav_info){0};
@@ -272,7 +272,46 @@ int luna_wav_open(const char *path, struct luna_wav_info *out)
         close(fd);
         return rc;
     }
+    *held = want;
     return fd;
+}
+
+int luna_wav_open(const char *path, struct luna_wav_info *out)
+{
+    uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
+    uint64_t held;
+    return open_into(path, out, prefix, &held);
+}
+
+int luna_wav_open_held(const char *path, struct luna_wav_file *f)
+{
+    if (!f)
+        return -EINVAL;
+    return open_into(path, &f->info, f->prefix, &f->held);
+}
+
+int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
+                       uint64_t n)
+{
+    int rc;
+    if (!f || f->held > sizeof f->prefix) {
+        rc = -EINVAL;
+    } else {
+        uint64_t off = f->info.data_offset;
+        /* A short file's samples came with its header: the floor's one
+         * read, and a copy of the bytes that read saw (a later shrink or
+         * rewrite of the file does not reach them, as it would not reach a
+         * read that had finished). */
+        if (off <= f->held && n <= f->held - off) {
+            if (n > 0)
+                memcpy(dst, f->prefix + off, (size_t)n);
+            rc = 0;
+        } else {
+            rc = luna_read_at(fd, off, dst, n);
+        }
+    }
+    int crc = luna_close(fd);
+    return rc < 0 ? rc : crc;
 }
 
 int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr)

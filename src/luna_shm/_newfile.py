@@ -141,6 +141,8 @@ def new_temp_name(
     on_disk: bool = False,
 ) -> str:
     """A fresh temp audio name (nothing created): RAM disk first, or the fallback dir."""
+    if size_hint is None and not on_disk:  # placement's choice as it is: no _directory_for
+        return f"{placement.current().directory}/{prefix}{_new_token()}{suffix}"
     return f"{_directory_for(size_hint, on_disk)}/{prefix}{_new_token()}{suffix}"
 
 

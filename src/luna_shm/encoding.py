@@ -30,13 +30,23 @@ class Encoding(NamedTuple):
 _PLANNED: dict[tuple[np.dtype[Any], int, int], tuple[_lowlevel.WavSpec, int]] = {}
 
 
-def plan(data: object, samplerate: object, subtype: object) -> Encoding:
-    """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
+def planned_spec(data: object, samplerate: object, subtype: object) -> _lowlevel.WavSpec | None:
+    """The spec of the common call when :func:`plan` has already checked one like it (data
+    then goes to the file as it is), else None: write_wav's hot path, with no Encoding made."""
     if (subtype is None and type(data) is np.ndarray and type(samplerate) is int
             and data.flags.c_contiguous and 0 < data.ndim <= 2):
         known = _PLANNED.get((data.dtype, samplerate, data.shape[1] if data.ndim == 2 else 1))
         if known is not None and data.nbytes <= known[1]:
-            return Encoding(data, known[0], "none", data.nbytes)
+            return known[0]
+    return None
+
+
+def plan(data: object, samplerate: object, subtype: object) -> Encoding:
+    """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
+    spec = planned_spec(data, samplerate, subtype)
+    if spec is not None:
+        assert isinstance(data, np.ndarray)
+        return Encoding(data, spec, "none", data.nbytes)
     enc = _plan(data, samplerate, subtype)
     if subtype is None and enc.array is data and len(_PLANNED) < 256:
         _PLANNED[enc.array.dtype, enc.spec.samplerate, enc.spec.channels] = (

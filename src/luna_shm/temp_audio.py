@@ -47,8 +47,11 @@ __all__ = [
 Verify = Callable[[str, int, _os.stat_result], bool]
 
 
+_WAV = ".wav"
+
+
 def get_temp_audio_path(
-    suffix: str = ".wav",
+    suffix: str = _WAV,
     prefix: str = AUDIO_PREFIX,
     *,
     create: bool = False,
@@ -78,6 +81,10 @@ def get_temp_audio_path(
         TypeError, ValueError: for a bad suffix, prefix or size_hint.
         OSError: when no directory can take the file.
     """
+    if suffix is _WAV and prefix is AUDIO_PREFIX and size_hint is None and not create:
+        # The defaults are valid name parts: the common call costs a uuid4 and a
+        # format, nothing more (placement's directory is cached).
+        return _newfile.new_temp_name(suffix, prefix)
     _newfile.check_name_part("suffix", suffix)
     _newfile.check_name_part("prefix", prefix)
     hint = _newfile.check_size_hint(size_hint)

@@ -9,6 +9,7 @@ array over it (``mmap=True``) or reads the samples into a new array with one
 from __future__ import annotations
 
 import os as _os
+import typing as _typing
 
 import numpy as np
 
@@ -51,18 +52,24 @@ def write_wav(
             message (a list of Python ints is refused: numpy makes it int64).
         OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
     """
-    enc = encoding.plan(data, samplerate, subtype)
-    array, spec = encoding.data_chunk(enc), enc.spec
+    # The common call (an array like one checked before, written as it is) skips the
+    # Encoding: its fixed cost is what a short WAV's write costs beyond its system calls.
+    known = encoding.planned_spec(data, samplerate, subtype)
+    if known is not None:
+        array, spec = _typing.cast(np.ndarray, data), known
+    else:
+        enc = encoding.plan(data, samplerate, subtype)
+        array, spec = encoding.data_chunk(enc), enc.spec
     if path is None:
-        return _write_new_temp_file(array, spec, enc.nbytes, atomic)
+        return _write_new_temp_file(array, spec, array.nbytes, atomic)
     path_str = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
-    directory = _os.path.dirname(path_str) or "."
     try:
         # A new or empty file is written in place; one with content is replaced through
-        # a hidden name, made only then (a uuid costs as much as the write of a short WAV).
-        if atomic or not _lowlevel.write_wav_path(directory, path_str, spec, array):
-            _lowlevel.write_wav_atomic(directory, path_str, _newfile.partial_path(path_str),
-                                       spec, array)
+        # a hidden name in its directory, both made only then (a uuid costs as much as
+        # the write of a short WAV).
+        if atomic or not _lowlevel.write_wav_path(path_str, spec, array):
+            _lowlevel.write_wav_atomic(_os.path.dirname(path_str) or ".", path_str,
+                                       _newfile.partial_path(path_str), spec, array)
     except OSError as exc:
         # The C layer removed a file it created and left an existing one as it
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.

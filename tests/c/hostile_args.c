@@ -384,6 +384,8 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_write_wav_path(dir_path, path, tmp_path, &spec, data, UINT64_MAX),
               -EFBIG);
     EXPECT_RC(luna_write_wav_path(dir_path, path, tmp_path, &spec, data, TWO_32), -EFBIG);
+    /* A replacement needs its directory: refused before anything is opened. */
+    EXPECT_RC(luna_write_wav_path(NULL, path, tmp_path, &spec, data, 2), -EINVAL);
     EXPECT_RC(luna_write_wav_atomic(dir_path, path, tmp_path, &spec, data, UINT64_MAX),
               -EFBIG);
     EXPECT_TRUE(directory_is_empty());
