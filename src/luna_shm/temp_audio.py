@@ -47,11 +47,8 @@ __all__ = [
 Verify = Callable[[str, int, _os.stat_result], bool]
 
 
-_WAV = ".wav"
-
-
 def get_temp_audio_path(
-    suffix: str = _WAV,
+    suffix: str = ".wav",
     prefix: str = AUDIO_PREFIX,
     *,
     create: bool = False,
@@ -81,7 +78,8 @@ def get_temp_audio_path(
         TypeError, ValueError: for a bad suffix, prefix or size_hint.
         OSError: when no directory can take the file.
     """
-    if suffix is _WAV and prefix is AUDIO_PREFIX and size_hint is None and not create:
+    if (size_hint is None and not create and type(suffix) is str and suffix == ".wav"
+            and type(prefix) is str and prefix == AUDIO_PREFIX):
         # The defaults are valid name parts: the common call costs a uuid4 and a
         # format, nothing more (placement's directory is cached).
         return _newfile.new_temp_name(suffix, prefix)
