@@ -27,7 +27,6 @@ struct source {
     uint64_t size;
 };
 
-
 static const uint8_t guid_tail[14] = {0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x80,
                                       0x00, 0x00, 0xaa, 0x00, 0x38, 0x9b, 0x71};
 
@@ -293,25 +292,20 @@ int luna_wav_open_held(const char *path, struct luna_wav_file *f)
 int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
                        uint64_t n)
 {
-    int rc;
     if (!f || f->held > sizeof f->prefix) {
-        rc = -EINVAL;
-    } else {
-        uint64_t off = f->info.data_offset;
-        /* A short file's samples came with its header: the floor's one
-         * read, and a copy of the bytes that read saw (a later shrink or
-         * rewrite of the file does not reach them, as it would not reach a
-         * read that had finished). */
-        if (off <= f->held && n <= f->held - off) {
-            if (n > 0)
-                memcpy(dst, f->prefix + off, (size_t)n);
-            rc = 0;
-        } else {
-            rc = luna_read_at(fd, off, dst, n);
-        }
+        (void)luna_close(fd);
+        return -EINVAL;
     }
-    int crc = luna_close(fd);
-    return rc < 0 ? rc : crc;
+    uint64_t off = f->info.data_offset;
+    if (off > f->held || n > f->held - off)
+        return luna_read_close(fd, off, dst, n);
+    /* A short file's samples came with its header: the floor's one read, and
+     * a copy of the bytes that read saw (a later shrink or rewrite of the
+     * file does not reach them, as it would not reach a read that had
+     * finished). */
+    if (n > 0)
+        memcpy(dst, f->prefix + off, (size_t)n);
+    return luna_close(fd);
 }
 
 int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr)
