@@ -108,26 +108,30 @@ def create_temp_file(
     raises here: callers run this inside :func:`with_disk_fallback`.
     """
     directory = _directory_for(size_hint, on_disk)
-    for _ in range(_MAX_TRIES):
-        path = f"{directory}/{prefix}{_new_token()}{suffix}"
-        try:
-            if locked:
-                return path, _lowlevel.create_locked(directory, path)
-            return path, _lowlevel.create_excl(path)
-        except FileExistsError:
-            continue
-    raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
+    if locked:
+        return _claim_fresh_name(directory, prefix, suffix,
+                                 lambda path: _lowlevel.create_locked(directory, path))
+    return _claim_fresh_name(directory, prefix, suffix, _lowlevel.create_excl)
 
 
 def name_unnamed_file(fd: int, directory: str, suffix: str = ".wav",
                       prefix: str = AUDIO_PREFIX) -> str:
     """Give an unnamed file (O_TMPFILE in directory, already flocked) a fresh temp name
     there, retried on collision like :func:`create_temp_file`; returns the path."""
+    path, _ = _claim_fresh_name(directory, prefix, suffix,
+                                lambda path: _lowlevel.link_unnamed(fd, path))
+    return path
+
+
+def _claim_fresh_name(directory: str, prefix: str, suffix: str,
+                      claim: Callable[[str], _T]) -> tuple[str, _T]:
+    """(path, claim(path)) for a fresh uuid4 name in directory: claim creates or links
+    the file there and raises FileExistsError when the name is taken, which is retried
+    like :func:`tempfile.mkstemp` does."""
     for _ in range(_MAX_TRIES):
         path = f"{directory}/{prefix}{_new_token()}{suffix}"
         try:
-            _lowlevel.link_unnamed(fd, path)
-            return path
+            return path, claim(path)
         except FileExistsError:
             continue
     raise FileExistsError(_errno.EEXIST, "no free temp file name found", directory)
