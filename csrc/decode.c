@@ -214,11 +214,10 @@ int luna_decode(const void *src, int src_format, int src_bits, void *dst,
         DECODE_PCM(16);
     case 24:
 #ifdef LUNA_S24_SSE2
-        if (decodable(src_format, src_bits, dst_type)) {
+        { /* none for a dst_type it does not make: the scalar path refuses it */
             uint64_t done = decode_s24_sse2(s, d, dst_type, count);
-            uint64_t out_bytes = decoded_size(dst_type);
             s += 3 * done;
-            d += out_bytes * done;
+            d += decoded_size(dst_type) * done;
             count -= done;
         }
 #endif
@@ -226,9 +225,8 @@ int luna_decode(const void *src, int src_format, int src_bits, void *dst,
             int rc = decode_s24_body(s, d, dst_type, count - 1);
             if (rc < 0)
                 return rc;
-            uint64_t out_bytes = decoded_size(dst_type);
             s += 3 * (count - 1);
-            d += out_bytes * (count - 1);
+            d += decoded_size(dst_type) * (count - 1);
             count = 1;
         }
         DECODE_PCM(24);
@@ -249,9 +247,7 @@ int luna_read_decode(int fd, uint64_t offset, int src_format, int src_bits,
     if (!decodable(src_format, src_bits, dst_type))
         return -EINVAL; /* before any read */
     uint64_t sample_bytes = (uint64_t)src_bits / 8;
-    uint64_t out_bytes = dst_type == LUNA_DECODE_INT16   ? 2
-                         : dst_type == LUNA_DECODE_FLOAT64 ? 8
-                                                           : 4;
+    uint64_t out_bytes = decoded_size(dst_type);
     if (offset > (uint64_t)INT64_MAX)
         return -EINVAL;
     if (count > (uint64_t)SIZE_MAX / 8 || count * sample_bytes > (uint64_t)INT64_MAX - offset)

@@ -195,6 +195,9 @@ static void check_converters(void)
             src[i] = (uint8_t)(i * 53u + n);
         EXPECT_RC(luna_decode(src, LUNA_WAVE_FORMAT_PCM, 24, high, LUNA_DECODE_INT32, n), 0);
         EXPECT_RC(luna_decode(src, LUNA_WAVE_FORMAT_PCM, 24, f, LUNA_DECODE_FLOAT32, n), 0);
+        /* A target type it does not make: refused at every length, SIMD body included. */
+        EXPECT_RC(luna_decode(src, LUNA_WAVE_FORMAT_PCM, 24, f, 0, n), -EINVAL);
+        EXPECT_RC(luna_decode(src, LUNA_WAVE_FORMAT_PCM, 24, f, 99, n), -EINVAL);
         int ok = 1;
         for (uint64_t i = 0; i < n; i++) {
             uint32_t u = (uint32_t)src[3 * i] << 8 | (uint32_t)src[3 * i + 1] << 16 |
