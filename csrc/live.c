@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -143,7 +144,14 @@ int luna_watch_add(int watch_fd, const char *path)
 int luna_watch_wait(int fd, int timeout_ms)
 {
     struct pollfd pfd = {fd, POLLIN, 0};
-    if (timeout_ms != 0) {
+    if (timeout_ms == 0) {
+        /* Nothing queued is the common answer (a pool's take asks it every time):
+         * FIONREAD says so faster than a read that fails with EAGAIN. An error
+         * here falls through to the read, which reports it. */
+        int queued;
+        if (ioctl(fd, FIONREAD, &queued) == 0 && queued == 0)
+            return 0;
+    } else {
         int n = poll(&pfd, 1, timeout_ms < 0 ? -1 : timeout_ms);
         if (n < 0)
             return errno == EINTR ? 0 : -errno; /* the caller looks again */
