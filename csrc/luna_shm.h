@@ -457,6 +457,16 @@ int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
                     uint32_t block, void *dst, uint64_t cap, uint64_t *file_size,
                     uint64_t *got);
 
+/* The hot path of AudioPool.write_wav (pool.c): if guard's mapping is whole
+ * and watch_fd (skipped when < 0) has no event queued, fill slot as
+ * luna_wav_fill_slot does. Call it holding the pool's lock. Returns the
+ * header length (> 0); 0 when the watch had an event, or could not be read
+ * (drained: nothing was written, the caller must check the slot's name);
+ * -ESTALE when the mapping is broken, also when it broke during the write;
+ * -EINVAL for an unknown guard, or -EFBIG/-EINVAL as luna_wav_fill_slot. */
+int luna_pool_fill(int guard, int watch_fd, uint8_t *slot, uint64_t slot_len,
+                   const struct luna_wav_spec *spec, const void *data, uint64_t data_bytes);
+
 /* Whether no process has the file open for writing, asked with a read
  * lease taken and dropped at once (fd must be open read-only). Returns 1
  * (nobody writes), 0 (someone has it open for writing), or -errno: -EACCES

@@ -656,11 +656,14 @@ TAMPERING = {
 }
 
 
+# 300 frames take the small write's path (its checks and copy in one C call under the
+# pool's lock); 12,000 frames (24 KB) the general one.
+@pytest.mark.parametrize("frames", [300, 12_000])
 @pytest.mark.parametrize("tamper", list(TAMPERING))
 def test_a_checked_slot_that_another_program_changes_while_free_is_never_handed_out(
-        ram, tamper) -> None:
-    data = samples("int16", 300, 1, seed=4)
-    with AudioPool(slots=1, max_bytes=1000) as pool:
+        ram, tamper, frames) -> None:
+    data = samples("int16", frames, 1, seed=4)
+    with AudioPool(slots=1, max_bytes=30_000) as pool:
         with pool.write_wav(data, RATE) as pooled:  # the slot is checked and watched now
             path = pooled.path
         subprocess.run(["sh", "-c", TAMPERING[tamper], "sh", path], check=True, timeout=30)
@@ -734,24 +737,34 @@ def test_a_pool_without_an_inotify_instance_checks_its_slots_by_name_on_every_ta
 
 SHRUNK_SLOT = """
 import os
-import re
+import sys
 import numpy as np
 from luna_shm import AudioPool, read_wav
+frames, cut_to = int(sys.argv[1]), int(sys.argv[2])
 with AudioPool(slots=1, max_bytes=100_000) as pool:
-    pooled = pool.write_wav(np.ones(40_000, np.int16), 8000)
-    os.truncate(pooled.path, 44)  # another program cuts the slot file while it is held
+    pool.write_wav(np.ones(frames, np.int16), 8000).release()  # its name checked once
+    pooled = pool.write_wav(np.ones(frames, np.int16), 8000)
+    os.truncate(pooled.path, cut_to)  # another program cuts the slot file while it is held
+    if cut_to == 0:
+        # A read of the cut page: the SIGBUS guard gives the mapping zeros and marks it
+        # broken, which the next write finds before it asks the watch.
+        assert pooled.array[0] == 0
     pooled.release()
-    with pool.write_wav(np.full(40_000, 7, np.int16), 8000) as again:
+    with pool.write_wav(np.full(frames, 7, np.int16), 8000) as again:
         assert again.path != pooled.path
         assert (read_wav(again.path, mmap=False)[0] == 7).all()
 print("ok")
 """
 
 
+# 40,000 frames take the general path; 100 frames the small write's, whose copy never
+# reaches past the cut in the first page unless the mapping broke there.
+@pytest.mark.parametrize(("frames", "cut_to"), [(40_000, 44), (100, 44), (100, 0)])
 def test_a_slot_file_cut_by_another_program_is_replaced_before_it_is_handed_out(
-        private_dirs) -> None:
+        private_dirs, frames, cut_to) -> None:
     # In a child: before the check, the next write into the cut file was a SIGBUS.
-    done = subprocess.run([sys.executable, "-c", SHRUNK_SLOT], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", SHRUNK_SLOT, str(frames), str(cut_to)],
+                          capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
 

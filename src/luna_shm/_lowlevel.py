@@ -251,6 +251,16 @@ class Mapping:
         return check(lib.luna_wav_fill_slot(self._address, self.length, _c_spec(spec),
                                             ffi.from_buffer(data), data.nbytes))
 
+    def pool_fill(self, watch_fd: int, spec: WavSpec, data: np.ndarray) -> int:
+        """fill_slot, after the checks that hand out a pool slot (luna_pool_fill, under the
+        pool's lock): the data offset; 0 when watch_fd had an event (nothing was written:
+        check the slot's name); -1 when the mapping is broken (maybe half written)."""
+        rc = lib.luna_pool_fill(self._guard, watch_fd, self._address, self.length,
+                                _c_spec(spec), ffi.from_buffer(data), data.nbytes)
+        if rc >= 0:
+            return rc
+        return -1 if rc == -errno.ESTALE else check(rc, self.filename)
+
     def format_slot(self, spec: WavSpec, data_bytes: int) -> int:
         """Make the whole mapping a WAV of data_bytes of audio plus a skipped tail chunk.
 

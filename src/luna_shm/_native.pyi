@@ -112,6 +112,10 @@ class _Lib:
         file_size: Any,
         got: Any,
     ) -> int: ...
+    def luna_pool_fill(
+        self, guard: int, watch_fd: int, slot: Any, slot_len: int, spec: Any, data: Any,
+        data_bytes: int,
+    ) -> int: ...
     def luna_writers_gone(self, fd: int) -> int: ...
 
 lib: _Lib

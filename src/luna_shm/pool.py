@@ -43,6 +43,11 @@ _WHEN_BUSY = ("wait", "grow")
 # past anything a pool write can reach (see _slot_length), so readers skip it.
 _SLOT_MARKER = b"luna_shm:pool1\0\0"
 _SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
+# A pooled write of at most this many bytes, written as it is, is copied under the pool's
+# lock together with its slot's checks, in one C call (luna_pool_fill): what a small write
+# costs is its crossings into C, while a large copy under the lock would keep other
+# threads from the free slots for as long as it takes.
+_FILL_UNDER_LOCK_BYTES = 16384
 
 
 class _Slot:
@@ -136,16 +141,15 @@ class PooledWav(_resource.Resource):
 
     _pool: AudioPool | None = None
 
+    # Made on every pool write: its __init__ sets only what it must, with writable passed
+    # by position (a keyword costs 0.1 us, a fifth of the object).
     def __init__(self, pool: AudioPool, slot: _Slot, spec: _lowlevel.WavSpec, frames: int,
-                 offset: int, *, writable: bool) -> None:
+                 offset: int, writable: bool) -> None:
         self._pool = pool
         self._slot = slot
         self._spec = spec
         self.path = slot.path
-        self.samplerate = spec.samplerate
-        self.channels = spec.channels
         self.frames = frames
-        self._frame_bytes = spec.channels * spec.bits // 8
         self._offset = offset
         self._writable = writable
         self._array: np.ndarray | None = None  # made on first use: most callers want the path
@@ -158,6 +162,16 @@ class PooledWav(_resource.Resource):
         pool = self._pool
         if pool is not None:  # dropped without release()
             _unreleased(pool, self._slot, self.path, self._pid)
+
+    @property
+    def samplerate(self) -> int:
+        """Frames per second."""
+        return self._spec.samplerate
+
+    @property
+    def channels(self) -> int:
+        """Samples per frame."""
+        return self._spec.channels
 
     def _check_held(self) -> None:
         if self._pool is None:
@@ -204,7 +218,8 @@ class PooledWav(_resource.Resource):
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
         self._slot.mapping.check()
-        self._slot.mapping.format_slot(self._spec, new_frames * self._frame_bytes)
+        frame_bytes = self._spec.channels * self._spec.bits // 8
+        self._slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
         self._slot.mapping.check()
         self.frames = new_frames
         if self._array is not None:
@@ -377,7 +392,10 @@ class AudioPool(_resource.Resource):
         self.when_busy = when_busy
         self._prefix = prefix
         self._length = _slot_length(max_bytes)
-        self._cond = _threading.Condition()
+        # A plain Lock (not Condition's default RLock): the hot path takes it with a C-level
+        # ``with self._lock``, without Condition.__enter__'s Python frame.
+        self._lock = _threading.Lock()
+        self._cond = _threading.Condition(self._lock)
         self._slots = []
         self._free: list[_Slot] = []
         if not anonymous:
@@ -457,8 +475,8 @@ class AudioPool(_resource.Resource):
             raise ValueError(
                 f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
                 f"{self.max_bytes}); make the pool with a larger max_bytes")
-        deadline = None if self.timeout is None else _time.monotonic() + self.timeout
-        with self._cond:
+        deadline = None
+        with self._lock:
             while True:
                 if self._closed:
                     raise ValueError("AudioPool is closed")
@@ -472,6 +490,8 @@ class AudioPool(_resource.Resource):
                     return self._new_slot()
                 if self.when_busy == "grow":
                     return self._new_slot()
+                if deadline is None and self.timeout is not None:
+                    deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(
@@ -492,13 +512,17 @@ class AudioPool(_resource.Resource):
         if self.anonymous:
             return True
         if self._watch_fd >= 0 and not _lowlevel.watch_quiet(self._watch_fd):
-            for each in self._slots:
-                each.verified = False
+            self._unverify_all()
         elif slot.verified:
             return True
         named = slot.still_named()
         slot.verified = named and slot.watched
         return named
+
+    def _unverify_all(self) -> None:
+        """The watch had an event (under _cond): every slot's name is checked again."""
+        for each in self._slots:
+            each.verified = False
 
     def _drop(self, slot: _Slot) -> None:
         """Forget a slot that must not be handed out again. Its own file goes (the pool
@@ -508,7 +532,7 @@ class AudioPool(_resource.Resource):
         _close_slot(slot, unlink=not self.anonymous)
 
     def _give_back(self, slot: _Slot) -> None:
-        with self._cond:
+        with self._lock:
             if not self._closed:
                 self._free.append(slot)
                 if self._waiting:
@@ -530,6 +554,13 @@ class AudioPool(_resource.Resource):
             TimeoutError: every slot stayed busy for timeout seconds ("wait" mode).
             RuntimeError: called in a forked child of the pool's process.
         """
+        spec = encoding.planned_spec(data, samplerate, subtype)
+        if spec is not None:
+            assert isinstance(data, np.ndarray)
+            if data.nbytes <= _FILL_UNDER_LOCK_BYTES:
+                pooled = self._write_small(data, spec)
+                if pooled is not None:
+                    return pooled
         enc = encoding.plan(data, samplerate, subtype)
         for attempt in range(2):
             slot = self._take(enc.nbytes)
@@ -548,7 +579,28 @@ class AudioPool(_resource.Resource):
             if not slot.mapping.broken:
                 break
             self._give_back(slot)  # shrunk while we wrote: _take drops it
-        return PooledWav(self, slot, enc.spec, enc.array.shape[0], offset, writable=False)
+        return PooledWav(self, slot, enc.spec, enc.array.shape[0], offset, False)
+
+    def _write_small(self, data: np.ndarray, spec: _lowlevel.WavSpec) -> PooledWav | None:
+        """write_wav's hot path (see _FILL_UNDER_LOCK_BYTES): a small WAV written as it is
+        into the last free slot when that slot needs no check of its name, with one C call.
+        None leaves every other case (no free slot, an event on the watch, a broken mapping,
+        a closed pool) to the general path, the slot still free."""
+        if self._pid != _resource.current_pid or data.nbytes > self.max_bytes:
+            return None  # the general path raises
+        with self._lock:
+            if self._closed or not self._free:
+                return None
+            slot = self._free[-1]
+            if not (slot.verified or self.anonymous):
+                return None
+            offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
+            if offset <= 0:
+                if offset == 0:  # the watch's events are drained: no slot is verified now
+                    self._unverify_all()
+                return None
+            self._free.pop()
+        return PooledWav(self, slot, spec, data.shape[0], offset, False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,
                 dtype: Any = "int16") -> PooledWav:
@@ -570,7 +622,7 @@ class AudioPool(_resource.Resource):
         spec = formats.spec_for(formats.natural_subtype(sample_dtype), rate, nchannels)
         slot = self._take(count * nchannels * sample_dtype.itemsize)
         offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
-        return PooledWav(self, slot, spec, count, offset, writable=True)
+        return PooledWav(self, slot, spec, count, offset, True)
 
     def close(self) -> None:
         """Remove the slot files and release the pool; calling it again does nothing.

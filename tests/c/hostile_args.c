@@ -8,7 +8,7 @@
  *
  * Usage: hostile_args -t DIR   (DIR: a private, empty, writable directory)
  *
- * Three groups of checks:
+ * Five groups of checks:
  *   1. every converter of convert.c on source and destination pointers at
  *      every misalignment, against the same conversion on aligned buffers
  *      (UBSan's alignment check aborts on a misaligned load or store);
@@ -17,7 +17,9 @@
  *   3. every C function that takes a size or an offset, called with hostile
  *      values (UINT64_MAX, 2^63, 2^63 - 1, 2^32, sums that wrap, ...) on a
  *      real file in DIR: each must return its documented -EFBIG or -EINVAL
- *      and leave the file and the directory as they were.
+ *      and leave the file and the directory as they were;
+ *   4. live.c's stream-state headers, parsed back, and its watches;
+ *   5. pool.c's pooled write: filled only while its watch is quiet.
  *
  * Prints one line per failed check on stderr and "N passed, M failed" on
  * stdout; exits 0 when M is 0, 1 otherwise, 2 on a usage or setup error.
@@ -574,6 +576,89 @@ static void check_live(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* ---- 5. pool.c: a pooled write checks its slot before it copies -------- */
+
+static void check_pool_fill(void)
+{
+    enum { SLOT = 8192 };
+    const struct luna_wav_spec spec = {16000, 1, LUNA_WAVE_FORMAT_PCM, 16};
+    uint8_t samples[32];
+    memset(samples, 0x5A, sizeof samples);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/slot.wav", dir_path);
+    int fd = luna_create_excl(path, 0600);
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    EXPECT_RC(luna_set_length(fd, SLOT), 0);
+    void *addr = NULL;
+    int guard = luna_map(fd, SLOT, 1, 1, &addr);
+    EXPECT_TRUE(guard >= 0);
+    int watch = luna_watch_new();
+    EXPECT_TRUE(watch >= 0);
+    EXPECT_TRUE(luna_watch_add(watch, path) >= 0);
+    if (guard < 0 || watch < 0) {
+        unlink(path);
+        return;
+    }
+    uint8_t *slot = addr;
+    struct luna_wav_info info;
+
+    /* A quiet watch: the slot is filled, a WAV of the samples. */
+    int len = luna_pool_fill(guard, watch, slot, SLOT, &spec, samples, sizeof samples);
+    EXPECT_TRUE(len > 0);
+    EXPECT_RC(luna_wav_parse_buffer(slot, SLOT, &info), 0);
+    EXPECT_TRUE(info.data_bytes == sizeof samples && len > 0 &&
+                memcmp(slot + len, samples, sizeof samples) == 0);
+
+    /* An event queued (another process changed the file's attributes): nothing is
+     * written, the event is drained, and the next call fills. */
+    memset(slot, 0xEE, SLOT);
+    EXPECT_RC(fchmod(fd, 0640), 0);
+    EXPECT_RC(luna_pool_fill(guard, watch, slot, SLOT, &spec, samples, sizeof samples), 0);
+    int untouched = 1;
+    for (size_t i = 0; i < SLOT; i++)
+        untouched &= slot[i] == 0xEE;
+    EXPECT_TRUE(untouched);
+    EXPECT_RC(luna_watch_wait(watch, 0), 0);
+    EXPECT_RC(luna_pool_fill(guard, watch, slot, SLOT, &spec, samples, sizeof samples), len);
+
+    /* No watch (-1): filled without asking one; a watch that cannot be read counts as
+     * an event. */
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, SLOT, &spec, samples, 2), len);
+    EXPECT_RC(luna_wav_parse_buffer(slot, SLOT, &info), 0);
+    EXPECT_TRUE(info.data_bytes == 2);
+    int closed = dup(fd);
+    EXPECT_TRUE(closed >= 0 && close(closed) == 0);
+    EXPECT_RC(luna_pool_fill(guard, closed, slot, SLOT, &spec, samples, 2), 0);
+
+    /* Hostile arguments: an unknown guard, audio that does not fit, NULLs. */
+    EXPECT_RC(luna_pool_fill(-1, -1, slot, SLOT, &spec, samples, 2), -EINVAL);
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, SLOT, &spec, samples, SLOT), -EFBIG);
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, SLOT, &spec, samples, UINT64_MAX), -EFBIG);
+    EXPECT_RC(luna_pool_fill(guard, -1, NULL, SLOT, &spec, samples, 2), -EINVAL);
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, SLOT, &spec, NULL, 2), -EINVAL);
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, UINT64_MAX, &spec, samples, 2), -EINVAL);
+
+    /* The file cut under the mapping: a read of the cut page is a SIGBUS that the guard
+     * turns into zeros, and from then on every call refuses the slot, before it asks
+     * the watch (whose event stays queued) and before it copies. */
+    EXPECT_RC(luna_set_length(fd, 0), 0);
+    EXPECT_TRUE(((volatile uint8_t *)slot)[100] == 0);
+    EXPECT_RC(luna_guard_broken(guard), 1);
+    EXPECT_RC(luna_pool_fill(guard, watch, slot, SLOT, &spec, samples, sizeof samples),
+              -ESTALE);
+    EXPECT_RC(luna_pool_fill(guard, -1, slot, SLOT, &spec, samples, sizeof samples), -ESTALE);
+    EXPECT_TRUE(slot[len] == 0);
+    EXPECT_RC(luna_watch_wait(watch, 0), LUNA_WATCH_CHANGED);
+
+    EXPECT_RC(luna_unmap(addr, SLOT, guard), 0);
+    luna_close(watch);
+    luna_close(fd);
+    unlink(path);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -589,6 +674,7 @@ int main(int argc, char **argv)
     check_headers();
     check_hostile_sizes();
     check_live();
+    check_pool_fill();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
