@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import errno
 import io
 import json
@@ -26,7 +27,7 @@ from helpers import (
     require_tool,
     run_in_private_shm,
 )
-from luna_shm import _lowlevel, cli, placement
+from luna_shm import _lowlevel, cli, demo, placement
 from luna_shm.cli import parse_duration
 
 STATUS_KEYS = {"version", "backend", "dir", "reason", "in_ram", "fs_type", "bytes_free",
@@ -408,11 +409,95 @@ def test_console_script_runs_the_same_command_line(private_dirs) -> None:
 # ---- demo and failures -----------------------------------------------------------------
 
 
-def test_demo_verifies_every_sample_and_leaves_the_ram_dir_empty(private_dirs) -> None:
+def test_demo_verifies_every_sample_and_leaves_both_dirs_empty(private_dirs) -> None:
     done = run_cli(private_dirs, "demo")
     assert done.returncode == 0, done.stderr
     assert "every sample matches" in done.stdout
+    # The disk column ran in $TMPDIR, the library's fallback dir, not in /tmp.
+    assert f"(RAM disk: {private_dirs.ram}; disk temp dir: {private_dirs.fallback})" in done.stdout
     assert os.listdir(private_dirs.ram) == []
+    assert os.listdir(private_dirs.fallback) == []
+
+
+def _luna_shm_names_used(tree: ast.Module) -> list[str]:
+    """Every name demo.py takes from luna_shm: `from luna_shm[.x] import name` as
+    "[x.]name", `import luna_shm[.x]` as "[x]", and `luna_shm.name` as "name"."""
+    used, aliases = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or "luna_shm" in (node.module or "")):
+            sub = (node.module or ".").removeprefix("luna_shm").lstrip(".")
+            used += [f"{sub}.{alias.name}" if sub or node.level else alias.name
+                     for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "luna_shm":
+                    aliases.add(alias.asname or alias.name)
+                elif alias.name.startswith("luna_shm."):
+                    used.append(alias.name.removeprefix("luna_shm."))
+    used += [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Name) and node.value.id in aliases]
+    return used
+
+
+def test_demo_uses_only_names_that_luna_shm_exports() -> None:
+    tree = ast.parse(Path(demo.__file__).read_text(encoding="utf-8"))
+    used = _luna_shm_names_used(tree)
+    assert used, "demo.py takes nothing from luna_shm: the check would pass vacuously"
+    assert [name for name in used if name not in luna_shm.__all__] == []
+
+
+def test_the_public_api_check_sees_private_imports() -> None:
+    tree = ast.parse("from luna_shm import _newfile, read_wav\n"
+                     "from luna_shm.placement import current\n"
+                     "import luna_shm.temp_audio\n"
+                     "import luna_shm as ls\n"
+                     "ls.placement.current()\n")
+    used = _luna_shm_names_used(tree)
+    assert [n for n in used if n not in luna_shm.__all__] == [
+        "_newfile", "placement.current", "temp_audio", "placement"]
+
+
+def test_demo_without_espeak_ng_uses_a_tone_and_says_why(private_dirs, tmp_path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    done = run_cli(private_dirs, "demo", env={"PATH": str(empty)})
+    assert done.returncode == 0, done.stderr
+    assert "from a 440 Hz tone (espeak-ng is not installed)" in done.stdout
+    assert "every sample matches" in done.stdout
+    assert os.listdir(private_dirs.ram) == []
+    assert os.listdir(private_dirs.fallback) == []
+
+
+def test_demo_with_a_failing_espeak_ng_tries_both_dirs_then_uses_a_tone(
+        private_dirs, tmp_path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "espeak-ng"
+    fake.write_text("#!/bin/sh\necho 'espeak-ng: no voice here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    done = run_cli(private_dirs, "demo", env={"PATH": str(bin_dir)})
+    assert done.returncode == 0, done.stderr
+    assert (f"from a 440 Hz tone (espeak-ng is installed but failed in {private_dirs.ram} ("
+            in done.stdout)
+    assert (f"bytes free): espeak-ng exited with 3: espeak-ng: no voice here; in "
+            f"{private_dirs.fallback}: espeak-ng exited with 3: espeak-ng: no voice here)"
+            in done.stdout)
+    assert "every sample matches" in done.stdout
+    assert os.listdir(private_dirs.ram) == []
+    assert os.listdir(private_dirs.fallback) == []
+
+
+def test_demo_with_the_ram_disk_disabled_says_where_the_first_column_ran(
+        private_dirs) -> None:
+    done = run_cli(private_dirs, "demo", env={"LUNA_SHM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert f"luna_shm demo: temp dir {private_dirs.fallback} (" in done.stdout
+    assert "every sample matches" in done.stdout
+    # "(no RAM disk in use: the first column ran in X; ...", or "(RAM disk: X; ..." when
+    # the fallback dir is itself a tmpfs.
+    assert f"{private_dirs.fallback}; disk temp dir: {private_dirs.fallback})" in done.stdout
+    assert os.listdir(private_dirs.ram) == []
+    assert os.listdir(private_dirs.fallback) == []
 
 
 def test_demo_on_a_full_ram_disk_falls_back_to_the_disk_and_says_why(tmp_path) -> None:

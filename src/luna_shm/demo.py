@@ -1,8 +1,11 @@
 """The main job that ``make demo`` runs: one utterance through the RAM disk and back.
 
 It synthesizes speech with espeak-ng when that is installed (else a tone),
-writes it through the zero-copy paths, reads it back, verifies every sample,
-and times each step on the RAM disk and on the disk temp dir.
+writes it through a mapped WavBuffer, reads it back without a copy, verifies
+every sample, and times write_wav and read_wav on the RAM disk and in the disk
+temp dir (luna_shm's fallback dir: ``$TMPDIR`` or ``/tmp``, which
+``tempfile.gettempdir()`` finds too). It uses only what ``luna_shm.__all__``
+exports: a thin script over the public API, and an example of it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ from typing import TextIO
 
 import numpy as np
 
-from luna_shm import _newfile, placement, temp_audio
-from luna_shm.buffer import create_wav_buffer
-from luna_shm.wav import read_wav, write_wav
+from luna_shm import (
+    cleanup_temp_audio,
+    create_wav_buffer,
+    get_temp_audio_path,
+    is_using_ram_disk,
+    read_wav,
+    temp_dir,
+    write_wav,
+)
 
 SENTENCE = "Hello from luna shm. This sentence travelled through a RAM disk."
 SAMPLERATE = 22050
@@ -31,11 +40,12 @@ def _tone(seconds: float = 2.0) -> tuple[np.ndarray, int]:
     return (wave * 32767).astype(np.int16), SAMPLERATE
 
 
-def _free_bytes(directory: str) -> int | None:
+def _free(directory: str) -> str:
+    """The note " (N bytes free)" for directory, or "" when that cannot be known."""
     try:
-        return _shutil.disk_usage(directory).free
+        return f" ({_shutil.disk_usage(directory).free} bytes free)"
     except OSError:
-        return None
+        return ""
 
 
 def _espeak_into(espeak: str, path: str) -> tuple[np.ndarray, int] | str:
@@ -58,41 +68,52 @@ def _espeak_into(espeak: str, path: str) -> tuple[np.ndarray, int] | str:
 def synthesize() -> tuple[np.ndarray, int, str]:
     """(int16 samples, samplerate, where they came from): espeak-ng, or a tone.
 
-    espeak-ng writes into a temp path on the RAM disk; when that fails there (a
-    full RAM disk: espeak-ng exits 0 with an empty or cut file), it speaks again
-    into the disk temp dir, as the library sends such files there, and the
-    source says why. The tone says why espeak-ng could not be used.
+    espeak-ng writes into a temp audio path (on the RAM disk); when that fails
+    there (a full RAM disk: espeak-ng exits 0 with an empty or cut file), it
+    speaks again into the disk temp dir, as the library sends such files there,
+    and the source says why. The tone says why espeak-ng could not be used.
     """
     espeak = _shutil.which("espeak-ng")
     if espeak is None:
-        data, rate = _tone()
-        return data, rate, "a 440 Hz tone (espeak-ng is not installed)"
-    where = placement.current()
-    path = temp_audio.get_temp_audio_path(".wav")
+        return *_tone(), "a 440 Hz tone (espeak-ng is not installed)"
+    path = get_temp_audio_path(".wav")
     try:
-        first = _espeak_into(espeak, path)
+        spoken = _espeak_into(espeak, path)
     finally:
-        temp_audio.cleanup_temp_audio(path)
-    if not isinstance(first, str):
-        return first[0], first[1], f"espeak-ng: {SENTENCE!r}"
-    problem = f"in {_os.path.dirname(path)}"
-    if _os.path.dirname(path) == where.ram_dir and where.fallback_dir != where.ram_dir:
-        free = _free_bytes(where.ram_dir)
-        problem += "" if free is None else f" ({free} bytes free)"
-        problem += f": {first}"
-        path = _newfile.new_temp_name(".wav", on_disk=True)
-        try:
-            second = _espeak_into(espeak, path)
-        finally:
-            temp_audio.cleanup_temp_audio(path)
-        if not isinstance(second, str):
-            return (second[0], second[1], f"espeak-ng: {SENTENCE!r}, written to "
-                    f"{where.fallback_dir} because it failed {problem}")
-        problem += f"; in {where.fallback_dir}: {second}"
-    else:
-        problem += f": {first}"
-    data, rate = _tone()
-    return data, rate, f"a 440 Hz tone (espeak-ng is installed but failed {problem})"
+        cleanup_temp_audio(path)
+    if not isinstance(spoken, str):
+        return *spoken, f"espeak-ng: {SENTENCE!r}"
+    first, disk = _os.path.dirname(path), _tempfile.gettempdir()
+    problem = f"in {first}{_free(first)}: {spoken}"
+    if _os.path.realpath(first) != _os.path.realpath(disk):
+        with _tempfile.TemporaryDirectory(prefix="luna_shm_demo_") as own:
+            spoken = _espeak_into(espeak, _os.path.join(own, "speech.wav"))
+        if not isinstance(spoken, str):
+            return (*spoken, f"espeak-ng: {SENTENCE!r}, written to {disk} because it failed "
+                    f"{problem}")
+        problem += f"; in {disk}: {spoken}"
+    return *_tone(), f"a 440 Hz tone (espeak-ng is installed but failed {problem})"
+
+
+def _round_trip(audio: np.ndarray, rate: int, out: TextIO) -> bool:
+    """Render audio into a mapped WavBuffer, read it back zero-copy; True when it matches."""
+    path = None
+    try:
+        start = _time.perf_counter_ns()
+        with create_wav_buffer(len(audio), rate, dtype=np.int16) as buf:
+            path = buf.path
+            buf.array[:] = audio  # the "TTS model" renders straight into the file
+        render_ms = (_time.perf_counter_ns() - start) / 1e6
+        start = _time.perf_counter_ns()
+        back, back_rate = read_wav(path)
+        read_ms = (_time.perf_counter_ns() - start) / 1e6
+        ok = back_rate == rate and np.array_equal(back, audio)
+    finally:
+        cleanup_temp_audio(path)
+    print(f"wrote {path} through a mapped WavBuffer in {render_ms:.3f} ms; read it back "
+          f"(zero-copy) in {read_ms:.3f} ms: {'every sample matches' if ok else 'MISMATCH'}",
+          file=out)
+    return ok
 
 
 def _median_ms(step: Callable[[], object], repeat: int = 50) -> float:
@@ -105,69 +126,48 @@ def _median_ms(step: Callable[[], object], repeat: int = 50) -> float:
 
 
 def _time_steps(path: str, audio: np.ndarray, rate: int) -> dict[str, float]:
-    try:
-        results = {
-            "write_wav": _median_ms(lambda: write_wav(path, audio, rate)),
-            "read_wav (mmap)": _median_ms(lambda: read_wav(path)),
-            "read_wav (copy)": _median_ms(lambda: read_wav(path, mmap=False)),
-        }
-        results["write + read (copy)"] = _median_ms(
-            lambda: (write_wav(path, audio, rate), read_wav(path, mmap=False)))
-    finally:
-        if _os.path.exists(path):
-            _os.unlink(path)
-    return results
-
-
-def _ram_timings(audio: np.ndarray, rate: int) -> tuple[dict[str, float], str]:
-    """The timings in a new temp file, and its path: on the RAM disk when the audio fits
-    there, else in the disk temp dir (as write_wav(None, ...) decides)."""
-
-    def attempt(on_disk: bool) -> tuple[dict[str, float], str]:
-        path = _newfile.new_temp_name(".wav", size_hint=audio.nbytes + 44, on_disk=on_disk)
-        return _time_steps(path, audio, rate), path
-
-    return _newfile.with_disk_fallback(attempt)
+    """Median ms of each step on path, a WAV of audio that exists already."""
+    return {
+        "write_wav": _median_ms(lambda: write_wav(path, audio, rate)),
+        "read_wav (mmap)": _median_ms(lambda: read_wav(path)),
+        "read_wav (copy)": _median_ms(lambda: read_wav(path, mmap=False)),
+        "write + read (copy)": _median_ms(
+            lambda: (write_wav(path, audio, rate), read_wav(path, mmap=False))),
+    }
 
 
 def run(out: TextIO) -> int:
-    """Run the demo, printing to out; 0 when every check passed."""
-    where = placement.current()
-    print(f"luna_shm demo: temp dir {where.directory} "
-          f"({'RAM disk' if where.in_ram else 'not in RAM'}: {where.reason})", file=out)
+    """Run the demo, printing to out; 0 when every sample read back matched."""
+    where = temp_dir()
+    in_ram = is_using_ram_disk()
+    print(f"luna_shm demo: temp dir {where} ("
+          f"{'a RAM disk' if in_ram else 'not in RAM; luna-shm status says why'})", file=out)
     audio, rate, source = synthesize()
     print(f"audio: {len(audio)} frames at {rate} Hz, {audio.nbytes} bytes, from {source}",
           file=out)
-
-    start = _time.perf_counter_ns()
-    with create_wav_buffer(len(audio), rate, dtype=np.int16) as buf:
-        buf.array[:] = audio  # the "TTS model" renders straight into the file
-        path = buf.path
-    render_ms = (_time.perf_counter_ns() - start) / 1e6
-    start = _time.perf_counter_ns()
-    back, back_rate = read_wav(path)
-    read_ms = (_time.perf_counter_ns() - start) / 1e6
-    ok = back_rate == rate and np.array_equal(back, audio)
-    print(f"wrote {path} through a mapped WavBuffer in {render_ms:.3f} ms; read it back "
-          f"(zero-copy) in {read_ms:.3f} ms: {'every sample matches' if ok else 'MISMATCH'}",
-          file=out)
-    del back
-    temp_audio.cleanup_temp_audio(path)
+    ok = _round_trip(audio, rate, out)
 
     print("\nmedian of 50 runs, ms:", file=out)
-    ram, ram_path = _ram_timings(audio, rate)
-    ram_used = _os.path.dirname(ram_path)
-    with _tempfile.TemporaryDirectory(dir=where.fallback_dir) as disk_dir:
-        disk = _time_steps(_os.path.join(disk_dir, "demo.wav"), audio, rate)
-    first = "RAM disk" if ram_used == where.ram_dir else "fallback"
+    # A new temp file, on the RAM disk when the audio fits there, else where the
+    # library falls back to: the first column runs wherever write_wav put it.
+    path = write_wav(None, audio, rate)
+    try:
+        ram = _time_steps(path, audio, rate)
+    finally:
+        cleanup_temp_audio(path)
+    with _tempfile.TemporaryDirectory(prefix="luna_shm_demo_") as own:
+        disk = _time_steps(write_wav(_os.path.join(own, "demo.wav"), audio, rate), audio, rate)
+    ran = _os.path.dirname(path)
+    first = "RAM disk" if in_ram and ran == where else "fallback"
     print(f"  {'step':<22}{first:>10}{'disk temp':>11}", file=out)
     for step in ram:
         print(f"  {step:<22}{ram[step]:>10.4f}{disk[step]:>11.4f}", file=out)
-    if ram_used == where.ram_dir:
-        print(f"  (RAM disk: {ram_used}; disk temp dir: {where.fallback_dir})", file=out)
+    if first == "RAM disk":
+        note = f"RAM disk: {ran}"
+    elif in_ram:
+        note = (f"the RAM disk {where} has no room for {audio.nbytes + 44} bytes{_free(where)}:"
+                f" the first column ran in {ran}")
     else:
-        free = _free_bytes(where.ram_dir)
-        print(f"  (the RAM disk {where.ram_dir} has no room for {audio.nbytes + 44} bytes"
-              f"{'' if free is None else f' ({free} bytes free)'} or is not in use: the first "
-              f"column ran in {ram_used}; disk temp dir: {where.fallback_dir})", file=out)
+        note = f"no RAM disk in use: the first column ran in {ran}"
+    print(f"  ({note}; disk temp dir: {_tempfile.gettempdir()})", file=out)
     return 0 if ok else 1
