@@ -141,6 +141,8 @@ M_SMALL_WRITE = "write_wav (new file)"
 M_SMALL_READ = "read_wav(mmap=False)"
 M_SMALL_VIEW = "read_wav (view)"
 M_SMALL_POOL = "AudioPool.write_wav + release"
+# The same with memfd slots: no name to check, so no watch to ask (what the watch costs).
+M_SMALL_POOL_ANON = "AudioPool(anonymous=True).write_wav + release"
 M_SMALL_NAME = "get_temp_audio_path(create=False)"
 M_SMALL_CHUNK = "WavWriter.write (20 ms chunk)"
 M_FLOOR_MAP = "C floor: open+fstat+mmap+close+munmap"
@@ -737,8 +739,8 @@ def _small_cases() -> list[Case]:
         path, _ = prepared(ctx)
         return lambda: floors.map_file(path)
 
-    def pool(ctx: CaseDir) -> Callable[[], object]:
-        p = AudioPool(slots=2, max_bytes=4096)
+    def pool(ctx: CaseDir, anonymous: bool = False) -> Callable[[], object]:
+        p = AudioPool(slots=2, max_bytes=4096, anonymous=anonymous)
         ctx.on_close(p.close)
         return lambda: p.write_wav(tiny, SAMPLERATE).release()
 
@@ -766,6 +768,7 @@ def _small_cases() -> list[Case]:
     b.add(M_SMALL_VIEW, OURS, view)
     b.add(M_FLOOR_MAP, REFERENCE, floor_map)
     b.add(M_SMALL_POOL, OURS, pool)
+    b.add(M_SMALL_POOL_ANON, OURS, lambda ctx: pool(ctx, anonymous=True))
     b.add(M_SMALL_NAME, OURS, name)
     b.add(M_SMALL_CHUNK, OURS, writer)
     b.add(M_FLOOR_APPEND, REFERENCE, floor_append)
