@@ -624,7 +624,7 @@ def watch_add(watch_fd: int, path: str, filename: str | None = None) -> None:
 
 def watch_quiet(watch_fd: int) -> bool:
     """Drain watch_fd without waiting: True when it had no event queued (an error counts
-    as an event: the caller then checks for itself). One non-blocking read."""
+    as an event: the caller then checks for itself). One FIONREAD when nothing is queued."""
     return lib.luna_watch_wait(watch_fd, 0) == 0
 
 

@@ -5,9 +5,10 @@ A fresh tmpfs file pays for every new page it touches (about 0.1 ms for the
 ``pool.write_wav(data, rate)`` then costs one copy (or one C conversion) into
 memory that *is* the file. A slot's path must still name its own file when the
 slot is handed out: one inotify instance per pool watches every slot file, so that
-check is a ``stat`` only after someone else touched one (otherwise one non-blocking
-read of the watch). Each slot is a complete, valid WAV at every moment: the unused
-space after the audio is a ``JUNK`` chunk that readers skip.
+check is a ``stat`` only after someone else touched one (otherwise one ``FIONREAD``
+of the watch). A small write takes that check and its copy in one C call. Each slot
+is a complete, valid WAV at every moment: the unused space after the audio is a
+``JUNK`` chunk that readers skip.
 
 Slots hold a shared flock for the pool's lifetime, so
 :func:`cleanup_all_temp_audio` never removes a live pool's files, and a new
