@@ -143,6 +143,10 @@ M_SMALL_VIEW = "read_wav (view)"
 M_SMALL_POOL = "AudioPool.write_wav + release"
 # The same with memfd slots: no name to check, so no watch to ask (what the watch costs).
 M_SMALL_POOL_ANON = "AudioPool(anonymous=True).write_wav + release"
+# No luna_shm and no system call: how fast this interpreter runs plain Python just now. This
+# machine changes speed between runs (and within one); absolute targets of a few microseconds
+# are read beside it.
+M_PYTHON_REFERENCE = "Python reference: a call that makes a 10-attribute object"
 M_SMALL_NAME = "get_temp_audio_path(create=False)"
 M_SMALL_CHUNK = "WavWriter.write (20 ms chunk)"
 M_FLOOR_MAP = "C floor: open+fstat+mmap+close+munmap"
@@ -704,6 +708,14 @@ def _read_out_cases(location: str) -> list[Case]:
 # ---- fixed cost per call -------------------------------------------------------------------
 
 
+class _TenAttributes:
+    """The Python reference's object: what a result object of ours costs to make."""
+
+    def __init__(self, value: int) -> None:
+        self.a = self.b = self.c = self.d = self.e = value
+        self.f = self.g = self.h = self.i = self.j = value
+
+
 def _small_cases() -> list[Case]:
     """A 16-sample WAV (and one 20 ms chunk) on the RAM disk: what each call costs beyond the
     system calls it cannot avoid, each beside its C floor in the same run."""
@@ -770,6 +782,7 @@ def _small_cases() -> list[Case]:
     b.add(M_SMALL_POOL, OURS, pool)
     b.add(M_SMALL_POOL_ANON, OURS, lambda ctx: pool(ctx, anonymous=True))
     b.add(M_SMALL_NAME, OURS, name)
+    b.add(M_PYTHON_REFERENCE, REFERENCE, lambda ctx: lambda: _TenAttributes(16))
     b.add(M_SMALL_CHUNK, OURS, writer)
     b.add(M_FLOOR_APPEND, REFERENCE, floor_append)
     return b.cases
