@@ -793,6 +793,56 @@ def test_a_slot_file_cut_by_another_program_is_replaced_before_it_is_handed_out(
 # ---- a PooledWav dropped without release ------------------------------------------------------
 
 
+COLLECTED_INSIDE_THE_LOCK = """
+import gc
+import sys
+import warnings
+import numpy as np
+from luna_shm import AudioPool
+warnings.simplefilter("ignore", ResourceWarning)
+data = np.arange(int(sys.argv[2]), dtype=np.int16)
+with AudioPool(slots=2, max_bytes=30_000) as pool:
+    a, b = pool.write_wav(data, 8000), pool.write_wav(data, 8000)
+    a.release()  # both slots' names checked: a small write takes the small path
+    b.release()
+    gc.disable()
+    leaked = pool.write_wav(data, 8000)
+    cycle = [leaked]
+    cycle.append(cycle)
+    del leaked, cycle  # garbage that only a collection frees, running its __del__
+    def collect_inside(frame, event, arg):
+        # A profiler's hook runs code anywhere, also where the pool holds its lock; so
+        # does a garbage collection triggered by any allocation there.
+        if event == "call" and frame.f_code.co_name == sys.argv[1]:
+            sys.setprofile(None)
+            assert gc.collect() > 0
+            print("collected in", sys.argv[1])
+    sys.setprofile(collect_inside)
+    first = pool.write_wav(data, 8000)
+    sys.setprofile(None)
+    second = pool.write_wav(data, 8000)
+    assert first.path != second.path, "a slot handed out twice"
+    assert (pool.slots, first.array.tolist()) == (2, data.tolist())
+print("ok")
+"""
+
+
+# pool_fill runs under the lock on the small-write path, _intact on the general one (a
+# write of more than 16 KiB).
+@pytest.mark.parametrize(("where", "frames"), [("pool_fill", 16), ("_intact", 9000)])
+def test_a_dropped_pooled_wav_collected_while_its_pool_holds_the_lock_gives_its_slot_back(
+        ram, where, frames) -> None:
+    # Its __del__ gives the slot back from the thread that holds the pool's lock: a lock
+    # that is not reentrant hangs there, and a slot given back during the C call must not
+    # be confused with the one being filled.
+    done = subprocess.run(
+        [sys.executable, "-c", COLLECTED_INSIDE_THE_LOCK, where, str(frames)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "LUNA_SHM_DIR": str(ram)})
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0, f"collected in {where}\nok\n", "")
+
+
 def test_a_dropped_pooled_wav_warns_and_its_slot_goes_back_so_the_next_caller_never_hangs(
         ram) -> None:
     with AudioPool(slots=1, max_bytes=1000, timeout=None) as pool:

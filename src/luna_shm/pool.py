@@ -393,9 +393,11 @@ class AudioPool(_resource.Resource):
         self.when_busy = when_busy
         self._prefix = prefix
         self._length = _slot_length(max_bytes)
-        # A plain Lock (not Condition's default RLock): the hot path takes it with a C-level
-        # ``with self._lock``, without Condition.__enter__'s Python frame.
-        self._lock = _threading.Lock()
+        # The hot path takes the lock with a C-level ``with self._lock``, without
+        # Condition.__enter__'s Python frame. Reentrant: a garbage collection can run
+        # anywhere the lock is held, and a dropped PooledWav's __del__ then gives its slot
+        # back to this pool from the same thread.
+        self._lock = _threading.RLock()
         self._cond = _threading.Condition(self._lock)
         self._slots = []
         self._free: list[_Slot] = []
@@ -504,7 +506,7 @@ class AudioPool(_resource.Resource):
                     self._waiting -= 1
 
     def _intact(self, slot: _Slot) -> bool:
-        """Whether a free slot may be handed out (under _cond): its mapping whole and,
+        """Whether a free slot may be handed out (under the pool's lock): its mapping whole and,
         when named, its path still its own file at full length. The name is checked with
         a stat only when the watch saw an event since that slot's last check (any event
         unverifies every slot) or does not watch it."""
@@ -521,7 +523,8 @@ class AudioPool(_resource.Resource):
         return named
 
     def _unverify_all(self) -> None:
-        """The watch had an event (under _cond): every slot's name is checked again."""
+        """The watch had an event (under the pool's lock): every slot's name is checked
+        again."""
         for each in self._slots:
             each.verified = False
 
@@ -590,17 +593,22 @@ class AudioPool(_resource.Resource):
         if self._pid != _resource.current_pid or data.nbytes > self.max_bytes:
             return None  # the general path raises
         with self._lock:
-            if self._closed or not self._free:
+            if self._closed or not self._free or not (self._free[-1].verified
+                                                      or self.anonymous):
                 return None
-            slot = self._free[-1]
-            if not (slot.verified or self.anonymous):
-                return None
-            offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
+            # Taken off the list before the C call: a __del__ run by a collection in it may
+            # give another slot back meanwhile.
+            slot = self._free.pop()
+            try:
+                offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
+            except BaseException:
+                self._free.append(slot)
+                raise
             if offset <= 0:
                 if offset == 0:  # the watch's events are drained: no slot is verified now
                     self._unverify_all()
+                self._free.append(slot)  # the general path checks it (or drops it)
                 return None
-            self._free.pop()
         return PooledWav(self, slot, spec, data.shape[0], offset, False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,
