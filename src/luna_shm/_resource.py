@@ -73,10 +73,15 @@ class Resource:
         if self._finalizer is not None:
             self._finalizer.detach()
 
-    def _check_ours(self, what: str) -> None:
+    def _check_ours(self) -> None:
         """RuntimeError naming the owner when a forked child uses an inherited object."""
         if self._pid != current_pid:
-            raise inherited_error(what, self._pid)
+            raise inherited_error(self._name(), self._pid)
+
+    def _name(self) -> str:
+        """How an error names this object: built only when one is raised (a repr of a
+        path costs a few hundred ns, on paths that check every call)."""
+        return type(self).__name__
 
     @property
     def closed(self) -> bool:  # pragma: no cover - every subclass says
@@ -126,10 +131,13 @@ class FileResource(Resource):
         self._check_open()
         return self._fd
 
+    def _name(self) -> str:
+        return f"{type(self).__name__} {self.path!r}"
+
     def _check_open(self) -> None:
         if self._fd < 0:
             raise ValueError(f"I/O operation on closed {type(self).__name__}")
-        self._check_ours(f"{type(self).__name__} {self.path!r}")
+        self._check_ours()
 
     def _release(self) -> None:
         """Subclass hook: drop what refers to the file before its fd closes."""

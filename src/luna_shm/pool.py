@@ -174,10 +174,13 @@ class PooledWav(_resource.Resource):
         """Samples per frame."""
         return self._spec.channels
 
+    def _name(self) -> str:
+        return f"PooledWav {self.path!r}"
+
     def _check_held(self) -> None:
         if self._pool is None:
             raise ValueError("PooledWav was released")
-        self._check_ours(f"PooledWav {self.path!r}")
+        self._check_ours()
 
     @property
     def array(self) -> np.ndarray:
@@ -473,7 +476,7 @@ class AudioPool(_resource.Resource):
 
     def _take(self, nbytes: int) -> _Slot:
         # Before the lock: in a forked child it may be held by a thread that was not copied.
-        self._check_ours("AudioPool")
+        self._check_ours()
         if nbytes > self.max_bytes:
             raise ValueError(
                 f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
