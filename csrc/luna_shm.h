@@ -340,10 +340,13 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
  * page, mapped shared: no system call) or, when header_map is NULL, by a
  * pwrite. Updates *data_bytes. On failure the header still describes the WAV
  * it was and the file is cut back to it (should that ftruncate fail too, the
- * stray bytes lie past the RIFF end, where readers stop). Returns 0 or -errno
- * (-EFBIG when *data_bytes + n passes 4 GiB or wraps, -EINVAL when
- * data_offset is not where spec's header ends). */
-int luna_stream_append(int fd, uint8_t *header_map,
+ * stray bytes lie past the RIFF end, where readers stop). header_guard (< 0:
+ * none) is header_map's SIGBUS guard: when the mapping is broken after the
+ * store, another process cut the file and the sizes went to zeros, not to the
+ * file. Returns 0 or -errno (-ESTALE then, with *data_bytes counting the
+ * samples, which went in; -EFBIG when *data_bytes + n passes 4 GiB or wraps,
+ * -EINVAL when data_offset is not where spec's header ends). */
+int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n);
 

@@ -180,7 +180,7 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
     return write_all(fd, &iov, 1, (int64_t)offset);
 }
 
-int luna_stream_append(int fd, uint8_t *header_map,
+int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n)
 {
@@ -212,6 +212,13 @@ int luna_stream_append(int fd, uint8_t *header_map,
         /* The page cache is shared: readers see the new sizes at once, and
          * only after the samples they cover are in the file. */
         memcpy(header_map, header, (size_t)len);
+        /* Only this store touches the header page: a cut that raced it broke
+         * the mapping just now, and the new sizes went to zeros, not the file.
+         * The samples did go in: *data_bytes counts them all the same. */
+        if (header_guard >= 0 && luna_guard_broken(header_guard) != 0) {
+            *data_bytes = total;
+            return -ESTALE;
+        }
     } else if (rc == 0) {
         rc = luna_write_at(fd, 0, header, (uint64_t)len);
     }

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import subprocess
+import sys
 import threading
 import wave
 from pathlib import Path
@@ -17,6 +18,7 @@ import scipy.io.wavfile
 import soundfile as sf
 
 from helpers import (
+    LIBRARY_PATH,
     SOUNDFILE_DTYPE,
     SOX_ENCODING,
     as_soundfile_reads,
@@ -393,3 +395,36 @@ def test_close_while_other_threads_write_keeps_every_chunk_whole_and_refuses_lat
     blocks = data.reshape(-1, CHUNK)
     assert (blocks == blocks[:, :1]).all()
     assert sorted(blocks[:, 0].tolist()) == sorted(written)
+
+
+CUT_UNDER_THE_WRITER = """
+import errno
+import os
+import sys
+import numpy as np
+from luna_shm import WavWriter
+path = sys.argv[1]
+writer = WavWriter(path, 24000)
+writer.write(np.ones(480, np.int16))
+os.truncate(path, 0)  # another program cuts the file while the writer has its header mapped
+# Something reads the cut header page (here: the writer's own mapping): a SIGBUS the guard
+# turns into zeros. The next write's samples go in, but its sizes cannot reach the file.
+assert writer._stream._header.view[0] == 0
+try:
+    writer.write(np.ones(480, np.int16))
+except OSError as exc:
+    print(exc.errno == errno.ESTALE, exc.filename == path, exc.strerror)
+writer.close()
+"""
+
+
+def test_a_write_after_the_file_was_cut_under_its_mapped_header_raises_estale_naming_it(
+        private_dirs) -> None:
+    # In a child: before the guard, the header store into the cut page was a SIGBUS.
+    path = Path(private_dirs.ram) / "cut.wav"
+    done = subprocess.run([sys.executable, "-c", CUT_UNDER_THE_WRITER, str(path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("True True truncated or rewritten by another process while mapped "
+                           "here; its mapping was replaced with zeros\n"), done.stderr

@@ -522,13 +522,15 @@ class Stream:
     system call, with nothing to convert on the way.
     """
 
-    __slots__ = ("_data_offset", "_fd", "_header", "_header_map", "_size", "_spec")
+    __slots__ = ("_data_offset", "_fd", "_header", "_header_guard", "_header_map", "_size",
+                 "_spec")
 
     def __init__(self, fd: int, spec: WavSpec, header: Mapping, data_offset: int) -> None:
         self._fd = fd
         self._spec = _c_spec(spec)
         self._header = header  # keeps the mapping alive as long as the stream
         self._header_map = ffi.cast("uint8_t *", header._address)
+        self._header_guard = header._guard
         self._data_offset = data_offset
         self._size = ffi.new("uint64_t *", 0)
 
@@ -546,14 +548,15 @@ class Stream:
                 zeros now and the header would no longer reach the file.
         """
         # No buffer context manager on this per-chunk path: CPython releases the buffer
-        # as soon as the call returns.
-        rc = lib.luna_stream_append(self._fd, self._header_map, self._spec, self._data_offset,
-                                    self._size, ffi.from_buffer(chunk), chunk.nbytes)
+        # as soon as the call returns. The C checks the header mapping's guard after
+        # its store (-ESTALE): no second call for it.
+        rc = lib.luna_stream_append(self._fd, self._header_map, self._header_guard, self._spec,
+                                    self._data_offset, self._size, ffi.from_buffer(chunk),
+                                    chunk.nbytes)
         if rc < 0:
+            if rc == -errno.ESTALE:
+                raise OSError(errno.ESTALE, STALE_MESSAGE, self._header.filename)
             raise OSError(-rc, os.strerror(-rc), filename)
-        # Only our own store touches the header page: a truncation that raced it
-        # broke the mapping just now, and the new sizes went to zeros, not the file.
-        self._header.check()
 
     def set_state(self, state: int) -> None:
         """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk."""

@@ -76,6 +76,7 @@ class _Lib:
         self,
         fd: int,
         header_map: Any,
+        header_guard: int,
         spec: Any,
         data_offset: int,
         data_bytes: Any,

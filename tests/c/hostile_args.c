@@ -405,16 +405,16 @@ static void check_hostile_sizes(void)
     EXPECT_TRUE(hlen > 0);
     EXPECT_RC(luna_write_at(fd, 0, header, (uint64_t)hlen), 0);
     uint64_t have = 0;
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data, 100), 0);
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)hlen, &have, data, 100), 0);
     EXPECT_TRUE(have == 100);
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data,
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)hlen, &have, data,
                                  UINT64_MAX - 50), -EFBIG); /* wraps to 49 */
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &have, data, TWO_32),
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)hlen, &have, data, TWO_32),
               -EFBIG);
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen + 2, &have, data, 2),
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)hlen + 2, &have, data, 2),
               -EINVAL);
     uint64_t huge = UINT64_MAX;
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)hlen, &huge, data, 1), -EFBIG);
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)hlen, &huge, data, 1), -EFBIG);
     EXPECT_TRUE(have == 100 && file_size(fd) == (uint64_t)hlen + 100);
     EXPECT_RC(luna_wav_parse_fd(fd, file_size(fd), &info), 0);
     EXPECT_TRUE(info.data_bytes == 100);
@@ -545,7 +545,7 @@ static void check_live(void)
     EXPECT_RC(luna_write_at(fd, 0, header, (uint64_t)len), 0);
     static const uint8_t data[100];
     uint64_t have = 0;
-    EXPECT_RC(luna_stream_append(fd, NULL, &spec, (uint64_t)len, &have, data, 100), 0);
+    EXPECT_RC(luna_stream_append(fd, NULL, -1, &spec, (uint64_t)len, &have, data, 100), 0);
     struct luna_wav_info info;
     EXPECT_RC(luna_wav_parse_fd(fd, (uint64_t)len + 100, &info), 0);
     EXPECT_TRUE(info.stream_state == LUNA_STREAM_LIVE && info.data_bytes == 100);
@@ -558,6 +558,28 @@ static void check_live(void)
     EXPECT_TRUE(size == (uint64_t)len + 110 && got == 8); /* whole 4-byte blocks only */
     EXPECT_RC(luna_watch_wait(watch, 0), 0);
     luna_close(watch);
+
+    /* Appending with the header mapped: the sizes are stored into the mapping; once
+     * the file is cut under it (a read of the cut page is a SIGBUS the guard turns
+     * into zeros), an append still writes its samples but answers -ESTALE. */
+    void *hmap = NULL;
+    int hguard = luna_map(fd, (uint64_t)len, 1, 1, &hmap);
+    EXPECT_TRUE(hguard >= 0);
+    if (hguard >= 0) {
+        uint64_t before = have;
+        EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
+                  0);
+        EXPECT_TRUE(have == before + 10);
+        EXPECT_RC(luna_wav_parse_fd(fd, (uint64_t)len + have, &info), 0);
+        EXPECT_TRUE(info.data_bytes == have);
+        EXPECT_RC(luna_set_length(fd, 0), 0);
+        EXPECT_TRUE(((volatile uint8_t *)hmap)[0] == 0);
+        EXPECT_RC(luna_guard_broken(hguard), 1);
+        EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
+                  -ESTALE);
+        EXPECT_TRUE(have == before + 20 && file_size(fd) == (uint64_t)len + have);
+        EXPECT_RC(luna_unmap(hmap, (uint64_t)len, hguard), 0);
+    }
 
     /* A pool-style watch: quiet through our own writes' absence, woken by an unlink. */
     EXPECT_RC(luna_watch_add(-1, path), -EBADF);
