@@ -428,3 +428,55 @@ def test_a_write_after_the_file_was_cut_under_its_mapped_header_raises_estale_na
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("True True truncated or rewritten by another process while mapped "
                            "here; its mapping was replaced with zeros\n"), done.stderr
+
+
+PAST_4_GIB = """
+import gc
+import os
+import resource
+import signal
+import sys
+import numpy as np
+from luna_shm import WavWriter, read_wav
+directory, excess = sys.argv[1], int(sys.argv[2])
+path, sparse = os.path.join(directory, "stream.wav"), os.path.join(directory, "sparse.raw")
+first = np.arange(480, dtype=np.int16)
+writer = WavWriter(path, 16000)
+writer.write(first)
+size = os.path.getsize(path)
+# The most bytes of samples the file holds: its RIFF size counts the header after its first
+# 8 bytes, the samples and a pad byte.
+limit = (2**32 - 1 - (size - first.nbytes - 8)) & ~1
+frames = (limit - first.nbytes + excess) // 2
+with open(sparse, "wb") as handle:
+    handle.truncate(frames * 2)  # gigabytes of samples that take no memory
+huge = np.memmap(sparse, dtype=np.int16, mode="r", shape=(frames,))
+# Should the limit ever let such a chunk through, its write stops at 1 MiB (EFBIG, an
+# OSError: the test fails) instead of filling the RAM disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    writer.write(huge)
+except ValueError as exc:
+    print(str(exc) == f"data too large for a WAV file: {limit + excess} bytes of samples "
+          "(the limit is 4 GiB; RF64 is not supported)")
+assert os.path.getsize(path) == size
+writer.write(first)  # the writer goes on
+writer.close()
+del huge
+gc.collect()
+assert (read_wav(path, mmap=False)[0] == np.concatenate([first, first])).all()
+assert os.stat(sparse).st_blocks == 0, "the samples were touched"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("excess", [2, 2**31], ids=["2-bytes-over", "2-GiB-over"])
+def test_a_chunk_that_would_take_the_file_past_4_gib_is_a_value_error_and_writes_nothing(
+        ram, excess) -> None:
+    # The C refuses the chunk before it writes (the same 4 GiB limit as write_wav), and the
+    # writer says why: a ValueError, not the OSError(EFBIG) of a file size limit.
+    done = subprocess.run([sys.executable, "-c", PAST_4_GIB, str(ram), str(excess)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\nok\n", "")

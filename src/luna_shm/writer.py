@@ -9,6 +9,7 @@ its shared mapping, not a system call.
 
 from __future__ import annotations
 
+import errno as _errno
 import os as _os
 import threading as _threading
 from types import TracebackType
@@ -64,7 +65,6 @@ class WavWriter(FileResource):
         # "done" by close() and "fail" by abort() (see luna_shm.follow).
         header = _lowlevel.live_header(self._spec, 0)
         self._data_offset = len(header)
-        self._max_data_bytes = formats.max_data_bytes(self._spec, header_len=len(header))
         if path is None:
             # A RAM disk that refuses the new file, at its creation or at its header,
             # sends it to the disk temp dir; later chunks cannot move (see write).
@@ -123,13 +123,19 @@ class WavWriter(FileResource):
             stream = self._stream
             if stream is None:  # another thread closed the writer meanwhile
                 raise ValueError("I/O operation on closed WavWriter")
-            if stream.data_bytes + array.nbytes > self._max_data_bytes:
-                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
-                                        self._data_offset)
             try:
                 stream.append(array, self.path)
+                return
             except OSError as exc:
-                raise _newfile.explain_full_disk(exc, self.path) from None
+                failure = exc
+            # EFBIG: the C refuses a chunk that would take the file past 4 GiB before it
+            # writes anything (no check of ours on every chunk), and so does a file size
+            # limit (RLIMIT_FSIZE) of this process when the write reaches it. The first is a
+            # ValueError that says so.
+            if failure.errno == _errno.EFBIG:
+                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
+                                        self._data_offset)
+            raise _newfile.explain_full_disk(failure, self.path) from None
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not."""
