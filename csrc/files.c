@@ -82,7 +82,7 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode)
         return -EINVAL;
     /* Lock the file before it has a name, so that no cleanup can ever see it
      * unlocked: an O_TMPFILE file, flocked, then linked in. */
-    int fd = luna_open_unnamed(dir);
+    int fd = luna_open_unnamed_locked(dir, mode);
     if (fd == -EOPNOTSUPP) {
         fd = luna_create_excl(path, mode); /* tiny window before the lock */
         if (fd < 0)
@@ -97,11 +97,7 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode)
     }
     if (fd < 0)
         return fd;
-    int rc = fchmod(fd, (mode_t)mode);
-    if (rc == 0)
-        rc = luna_lock(fd, 0, 1);
-    if (rc == 0)
-        rc = luna_link_unnamed(fd, path);
+    int rc = luna_link_unnamed(fd, path);
     if (rc < 0) {
         close(fd);
         return rc;

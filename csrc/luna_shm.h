@@ -136,6 +136,12 @@ int luna_seal_shrink(int fd);
  * fd, -EOPNOTSUPP when the filesystem or platform cannot, or -errno. */
 int luna_open_unnamed(const char *dir);
 
+/* luna_open_unnamed, then the file's mode set to exactly mode (O_TMPFILE's
+ * went through the umask) and a shared flock taken, all before the file can
+ * have a name: no cleanup ever sees it unlocked. Returns the fd, -EOPNOTSUPP
+ * as luna_open_unnamed, -EINVAL for mode bits past 07777, or -errno. */
+int luna_open_unnamed_locked(const char *dir, unsigned int mode);
+
 /* Give the unnamed file fd the name path (linkat through /proc/self/fd).
  * Returns 0 or -errno (-EEXIST when path exists). */
 int luna_link_unnamed(int fd, const char *path);

@@ -104,6 +104,23 @@ int luna_open_unnamed(const char *dir)
 #endif
 }
 
+int luna_open_unnamed_locked(const char *dir, unsigned int mode)
+{
+    if (mode & ~07777u)
+        return -EINVAL;
+    int fd = luna_open_unnamed(dir);
+    if (fd < 0)
+        return fd;
+    int rc = fchmod(fd, (mode_t)mode) == 0 ? 0 : -errno;
+    if (rc == 0)
+        rc = luna_lock(fd, 0, 1);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
 int luna_link_unnamed(int fd, const char *path)
 {
     char proc_path[64];

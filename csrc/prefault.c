@@ -10,7 +10,6 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -52,33 +51,14 @@ static int write_zeros(int fd, uint64_t len)
     return 0;
 }
 
-/* An unnamed file in dir (mode 0600, shared flock held), or a memfd. */
-static int new_unnamed(const char *dir, const char *memfd_name)
-{
-    if (dir == NULL)
-        return luna_memfd(memfd_name);
-    int fd = luna_open_unnamed(dir);
-    if (fd < 0)
-        return fd;
-    /* O_TMPFILE's mode went through the umask: set it exactly, as
-     * luna_create_locked does, and lock before the file can have a name. */
-    int rc = fchmod(fd, 0600) == 0 ? 0 : -errno;
-    if (rc == 0)
-        rc = luna_lock(fd, 0, 1);
-    if (rc < 0) {
-        close(fd);
-        return rc;
-    }
-    return fd;
-}
-
 int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len)
 {
     if (len == 0 || len > (uint64_t)INT64_MAX)
         return len == 0 ? -EINVAL : -EFBIG;
     if (dir == NULL && memfd_name == NULL)
         return -EINVAL;
-    int fd = new_unnamed(dir, memfd_name);
+    /* An unnamed file in dir (mode 0600, shared flock held), or a memfd. */
+    int fd = dir == NULL ? luna_memfd(memfd_name) : luna_open_unnamed_locked(dir, 0600);
     if (fd < 0)
         return fd;
     int rc = luna_reserve(fd, 0, len);

@@ -19,7 +19,9 @@
  *      real file in DIR: each must return its documented -EFBIG or -EINVAL
  *      and leave the file and the directory as they were;
  *   4. live.c's stream-state headers, parsed back, and its watches;
- *   5. pool.c's pooled write: filled only while its watch is quiet.
+ *   5. pool.c's pooled write: filled only while its watch is quiet;
+ *   6. mapping.c's unnamed locked files: the exact mode, whatever the umask,
+ *      and the shared lock held before any name.
  *
  * Prints one line per failed check on stderr and "N passed, M failed" on
  * stdout; exits 0 when M is 0, 1 otherwise, 2 on a usage or setup error.
@@ -32,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -681,6 +684,36 @@ static void check_pool_fill(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* ---- 6. mapping.c: an unnamed file, its mode exact and its lock held ----- */
+
+static void check_unnamed_locked(void)
+{
+    EXPECT_RC(luna_open_unnamed_locked(dir_path, 0x10000u | 0600u), -EINVAL);
+    mode_t old_umask = umask(077);
+    int fd = luna_open_unnamed_locked(dir_path, 0640);
+    umask(old_umask);
+    if (fd == -EOPNOTSUPP)
+        return; /* no O_TMPFILE here: luna_create_locked takes its named path */
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    struct stat st;
+    EXPECT_RC(fstat(fd, &st), 0);
+    EXPECT_TRUE((st.st_mode & 07777) == 0640);
+    /* Another open file description of it cannot take an exclusive lock: ours is held. */
+    char proc_path[64];
+    snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd);
+    int other = open(proc_path, O_RDONLY | O_CLOEXEC);
+    EXPECT_TRUE(other >= 0);
+    if (other >= 0) {
+        EXPECT_TRUE(flock(other, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK);
+        EXPECT_RC(flock(other, LOCK_SH | LOCK_NB), 0);
+        close(other);
+    }
+    luna_close(fd);
+    EXPECT_TRUE(directory_is_empty()); /* it never had a name */
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -697,6 +730,7 @@ int main(int argc, char **argv)
     check_hostile_sizes();
     check_live();
     check_pool_fill();
+    check_unnamed_locked();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
