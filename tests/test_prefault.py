@@ -326,6 +326,17 @@ def test_prefault_wav_buffers_names_a_bad_argument(args, kwargs, error, match):
     assert not prefault_stats().enabled
 
 
+def test_prefault_wav_buffers_takes_numpy_integers_like_every_int_argument():
+    try:
+        prefault_wav_buffers(np.int64(300_000), per_size=np.uint8(3))
+        stats = prefault_stats()
+        assert stats.enabled and (stats.max_bytes, stats.per_size) == (300_000, 3)
+        assert (type(stats.max_bytes), type(stats.per_size)) == (int, int)
+    finally:
+        prefault_wav_buffers(0)
+    assert not prefault_stats().enabled
+
+
 def test_bad_arguments_raise_the_same_errors_with_the_reserve_on(reserve):
     with pytest.raises(ValueError, match="frames"):
         create_wav_buffer(-1, RATE)

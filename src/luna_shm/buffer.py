@@ -328,12 +328,8 @@ def prefault_wav_buffers(max_bytes: int = 8 * 1024 * 1024, *, per_size: int = 2)
     Raises:
         TypeError, ValueError: a bad argument, named in the message.
     """
-    for name, value, least in (("max_bytes", max_bytes, 0), ("per_size", per_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {_lowlevel.brief(value)}")
-        if value < least:
-            raise ValueError(f"{name} must be >= {least}, got {value!r}")
-    _prefault.configure(max_bytes, per_size)
+    _prefault.configure(formats.check_int("max_bytes", max_bytes),
+                        formats.check_int("per_size", per_size, minimum=1))
 
 
 def prefault_stats() -> PrefaultStats:
