@@ -7,7 +7,7 @@
  * which compilers turn into one plain (unaligned) load or store, and which
  * keeps the loops vectorizable; a cast to float * or int32_t * of such a
  * pointer would be undefined behaviour (UBSan -fsanitize=alignment). */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <string.h>

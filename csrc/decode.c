@@ -11,7 +11,7 @@
  * No pointer needs any alignment: every sample wider than a byte is loaded and
  * stored with memcpy, which compilers turn into plain (vectorizable) moves.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <string.h>

@@ -1,5 +1,5 @@
 /* files.c - creating and opening files safely. */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <sys/file.h>

@@ -43,7 +43,7 @@
  * address after the previous handler returned also gets the default action:
  * no loop between two handlers that each think the other comes next.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -438,12 +438,4 @@ int luna_guard_broken(int id)
         return -EINVAL;
     unsigned st = (unsigned)(atomic_load(&e->state) & ST_MASK);
     return st == ST_FIXING || st == ST_BROKEN;
-}
-
-int luna_guard_installed(void)
-{
-    struct sigaction cur;
-    if (sigaction(SIGBUS, NULL, &cur) != 0)
-        return -errno;
-    return is_ours(&cur);
 }

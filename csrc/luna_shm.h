@@ -132,16 +132,6 @@ int luna_memfd(const char *name);
  * memfd). */
 int luna_seal_shrink(int fd);
 
-/* Open an unnamed file in directory dir (O_TMPFILE, mode 0600). Returns the
- * fd, -EOPNOTSUPP when the filesystem or platform cannot, or -errno. */
-int luna_open_unnamed(const char *dir);
-
-/* luna_open_unnamed, then the file's mode set to exactly mode (O_TMPFILE's
- * went through the umask) and a shared flock taken, all before the file can
- * have a name: no cleanup ever sees it unlocked. Returns the fd, -EOPNOTSUPP
- * as luna_open_unnamed, -EINVAL for mode bits past 07777, or -errno. */
-int luna_open_unnamed_locked(const char *dir, unsigned int mode);
-
 /* Give the unnamed file fd the name path (linkat through /proc/self/fd).
  * Returns 0 or -errno (-EEXIST when path exists). */
 int luna_link_unnamed(int fd, const char *path);
@@ -161,28 +151,10 @@ int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len);
 
 /* ---- guard.c: no SIGBUS from our mappings ---------------------------------- */
 
-/* Register [addr, addr+len) (a shared file mapping of protection prot, addr
- * page-aligned) and make sure our SIGBUS handler is installed in front of
- * whatever handler is there now (faulthandler enabled after us, say). A kernel
- * SIGBUS inside a registered range replaces the whole range with anonymous
- * zero pages of the same protection and marks it broken; every other SIGBUS
- * goes to the previous handler as if we were not there. Returns the guard id
- * (>= 0), -ENOMEM when the registry cannot grow, or -errno from sigaction.
- * Async-signal-safe: no. Cost: one sigaction query plus a compare-and-swap. */
-int luna_guard_register(void *addr, uint64_t len, int prot);
-
-/* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
- * id that is not registered. */
-int luna_guard_unregister(int guard);
-
 /* Returns 1 when guard's mapping was replaced with zeros (its file shrank
  * under it), 0 when it is intact, -EINVAL for an unknown id. One atomic
  * load: no system call. */
 int luna_guard_broken(int guard);
-
-/* Returns 1 when our SIGBUS handler is the installed one, 0 when another is
- * (it is put back in front at the next luna_guard_register), or -errno. */
-int luna_guard_installed(void);
 
 /* ---- wav_format.c: headers ---------------------------------------------- */
 
@@ -332,10 +304,6 @@ int luna_write_wav_atomic(const char *dir, const char *path,
  * when offset + n passes it, or -errno. */
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
 
-/* luna_read_at, then close fd whatever happened. Returns 0 or -errno (as
- * luna_read_at). */
-int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
-
 /* Write exactly n bytes at offset. Returns 0 or -errno (-EINVAL for
  * offset > INT64_MAX, -EFBIG when offset + n passes it). */
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
@@ -387,16 +355,6 @@ int luna_float_to_pcm(const void *src, int src_is_double, void *dst,
 #define LUNA_DECODE_INT32 2
 #define LUNA_DECODE_FLOAT32 3
 #define LUNA_DECODE_FLOAT64 4
-
-/* Convert count samples stored as (src_format, src_bits) at src (PCM 8-bit
- * unsigned, 16, 24 packed, 32; IEEE float 32, 64) to dst_type at dst, in one
- * pass, with python-soundfile's values: PCM to float scaled by 1/2^(bits-1),
- * PCM to int left-justified or cut to its top bits, float to float a cast.
- * No pointer needs any alignment. Returns 0, -EINVAL for a conversion not made
- * (float to int, an unknown encoding or type), or -EFBIG for a count no buffer
- * can hold. */
-int luna_decode(const void *src, int src_format, int src_bits, void *dst,
-                int dst_type, uint64_t count);
 
 /* Read count samples stored as (src_format, src_bits) at offset of fd and
  * decode them into dst as luna_decode does, in cache-sized chunks (one pass

@@ -1,5 +1,5 @@
 /* mapping.c - reserved space, shared mappings and anonymous files. */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <stdio.h>

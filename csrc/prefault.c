@@ -6,7 +6,7 @@
  * allocated and written once already, so mapping it later with MAP_POPULATE
  * only installs page table entries.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <limits.h>

@@ -1,5 +1,5 @@
 /* wav_io.c - moving WAV bytes between memory and files in few system calls. */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <limits.h>

@@ -4,7 +4,7 @@
  * trusts a size field without checking it against the source's length, so
  * whatever the bytes, nothing outside the buffer or file is ever read.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <string.h>

@@ -1,5 +1,6 @@
 """The C API is declared once, in csrc/luna_shm.h: the cffi binding is built from it, and the
-type stub src/luna_shm/_native.pyi must say the same (a drift fails here)."""
+type stub src/luna_shm/_native.pyi must say the same (a drift fails here). What the C files
+share only with each other is declared in csrc/luna_internal.h, and Python never gets it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ sys.path.insert(0, str(REPO / "csrc"))
 import build  # csrc/build.py, the cffi build script: found through sys.path
 
 HEADER = REPO / "csrc" / "luna_shm.h"
+INTERNAL_HEADER = REPO / "csrc" / "luna_internal.h"
 STUB = REPO / "src" / "luna_shm" / "_native.pyi"
 PROTOTYPE = re.compile(r"^(?:int|void)\s+\**(luna_\w+)\(", re.MULTILINE)
 
@@ -42,6 +44,16 @@ def test_every_prototype_of_the_header_is_inside_the_part_cffi_reads() -> None:
     in_cdef = set(PROTOTYPE.findall(build.read_cdef()))
     assert in_header, "no prototypes found: the pattern is wrong"
     assert in_header == in_cdef
+
+
+def test_what_the_c_files_share_among_themselves_is_declared_once_and_not_given_to_python(
+        ) -> None:
+    internal = PROTOTYPE.findall(INTERNAL_HEADER.read_text(encoding="utf-8"))
+    assert internal, "no prototypes found: the pattern is wrong"
+    assert len(set(internal)) == len(internal)
+    assert not set(internal) & set(PROTOTYPE.findall(HEADER.read_text(encoding="utf-8")))
+    assert not set(internal) & set(compiled_functions())
+    assert all(not hasattr(lib, name) for name in internal)
 
 
 def test_the_compiled_module_has_exactly_the_functions_the_header_declares() -> None:

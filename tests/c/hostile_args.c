@@ -26,7 +26,7 @@
  * Prints one line per failed check on stderr and "N passed, M failed" on
  * stdout; exits 0 when M is 0, 1 otherwise, 2 on a usage or setup error.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -1,0 +1,60 @@
+/* luna_internal.h - what the C files of luna_shm share with each other (and
+ * with the C tests, tests/c/), but not with Python: these functions take raw
+ * addresses or leave an fd half set up, so the cffi binding does not offer
+ * them. luna_shm.h, which this includes, is the API Python calls.
+ *
+ * The conventions of luna_shm.h hold: >= 0 on success, -errno on failure, and
+ * every size checked by the function itself.
+ */
+#ifndef LUNA_INTERNAL_H
+#define LUNA_INTERNAL_H
+
+#include "luna_shm.h"
+
+/* ---- mapping.c: unnamed files -------------------------------------------- */
+
+/* Open an unnamed file in directory dir (O_TMPFILE, mode 0600). Returns the
+ * fd, -EOPNOTSUPP when the filesystem or platform cannot, or -errno. */
+int luna_open_unnamed(const char *dir);
+
+/* luna_open_unnamed, then the file's mode set to exactly mode (O_TMPFILE's
+ * went through the umask) and a shared flock taken, all before the file can
+ * have a name: no cleanup ever sees it unlocked. Returns the fd, -EOPNOTSUPP
+ * as luna_open_unnamed, -EINVAL for mode bits past 07777, or -errno. */
+int luna_open_unnamed_locked(const char *dir, unsigned int mode);
+
+/* ---- guard.c: the registry behind luna_map and luna_unmap ----------------- */
+
+/* Register [addr, addr+len) (a shared file mapping of protection prot, addr
+ * page-aligned) and make sure our SIGBUS handler is installed in front of
+ * whatever handler is there now (faulthandler enabled after us, say). A kernel
+ * SIGBUS inside a registered range replaces the whole range with anonymous
+ * zero pages of the same protection and marks it broken; every other SIGBUS
+ * goes to the previous handler as if we were not there. Returns the guard id
+ * (>= 0), -ENOMEM when the registry cannot grow, or -errno from sigaction.
+ * Async-signal-safe: no. Cost: one sigaction query plus a compare-and-swap. */
+int luna_guard_register(void *addr, uint64_t len, int prot);
+
+/* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
+ * id that is not registered. */
+int luna_guard_unregister(int guard);
+
+/* ---- wav_io.c ------------------------------------------------------------- */
+
+/* luna_read_at, then close fd whatever happened. Returns 0 or -errno (as
+ * luna_read_at). */
+int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
+
+/* ---- decode.c: the conversion luna_read_decode runs on each chunk --------- */
+
+/* Convert count samples stored as (src_format, src_bits) at src (PCM 8-bit
+ * unsigned, 16, 24 packed, 32; IEEE float 32, 64) to dst_type (a
+ * LUNA_DECODE_* of luna_shm.h) at dst, in one pass, with python-soundfile's
+ * values: PCM to float scaled by 1/2^(bits-1), PCM to int left-justified or
+ * cut to its top bits, float to float a cast. No pointer needs any alignment.
+ * Returns 0, -EINVAL for a conversion not made (float to int, an unknown
+ * encoding or type), or -EFBIG for a count no buffer can hold. */
+int luna_decode(const void *src, int src_format, int src_bits, void *dst,
+                int dst_type, uint64_t count);
+
+#endif /* LUNA_INTERNAL_H */
