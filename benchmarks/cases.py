@@ -1500,6 +1500,11 @@ def _targets() -> tuple[Target, ...]:
                    "within", (n("read", "int16-500K", location, M_READ_COPY),
                               n("read", "int16-500K", location, M_FLOOR_READ)), 1.10),
         ]
+    targets.append(
+        Target("read_wav(mmap=False) within 1.05x of the readv floor (RAM disk, 500 KB; "
+               "issue 13's tighter limit)", "within",
+               (n("read", "int16-500K", "ram", M_READ_COPY),
+                n("read", "int16-500K", "ram", M_FLOOR_READ)), 1.05))
     targets += [
         Target("create_wav_buffer within 1.2x of a fresh write_wav (500 KB, RAM disk; "
                "prefault reserve ready, the array filled)", "within",
