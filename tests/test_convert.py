@@ -92,3 +92,16 @@ def test_converting_integers_to_another_width_is_refused(private_dirs):
     with pytest.raises(ValueError,
                        match=r"subtype 'PCM_16' stores int16 samples, but data is int32"):
         write_wav(None, np.zeros(10, np.int32), 8000, subtype="PCM_16")
+
+
+def test_the_product_is_rounded_in_the_datas_own_precision_for_16_bits_as_documented(
+        private_dirs) -> None:
+    # 0.48825037479400635 * 32767 = 15998.50003 exactly (float64); float32's product rounds
+    # to 15998.5, a tie, which goes to the even 15998. The docs say which one each type gets.
+    x = 0.48825037479400635
+    as_float32 = write_wav(None, np.array([x], np.float32), 16000, subtype="PCM_16")
+    as_float64 = write_wav(None, np.array([x], np.float64), 16000, subtype="PCM_16")
+    assert read_wav(as_float32, mmap=False)[0].tolist() == [15998]
+    assert read_wav(as_float64, mmap=False)[0].tolist() == [15999]
+    as_24_bits = write_wav(None, np.array([x], np.float32), 16000, subtype="PCM_24")
+    assert read_wav(as_24_bits, mmap=False)[0].tolist() == [round(x * 8388607) << 8]

@@ -41,7 +41,11 @@ def write_wav(
             ("PCM_16", "PCM_24", ...); "PCM_24" keeps the top 24 bits of int32.
             Float data with a PCM subtype is converted in one C pass: scaled by
             the largest positive sample (1.0 -> 32767), clipped, rounded to
-            nearest (ties to even); NaN is written as 0.
+            nearest (ties to even); NaN is written as 0. The product is computed
+            as numpy's ``np.rint(data * 32767)`` does: in the data's own precision
+            for 8- and 16-bit targets (float32 data in float32, so a product
+            within float32's rounding of a .5 may land on the other neighbour),
+            in float64 for 24- and 32-bit targets (exact for float32 data).
         atomic: make the complete file appear under its name at once.
 
     Returns:
