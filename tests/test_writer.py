@@ -120,6 +120,17 @@ def test_the_file_after_close_holds_all_chunks_in_order(ram, channels):
     back, _ = read_wav(path)
     np.testing.assert_array_equal(back, np.concatenate(parts), strict=True)
     assert sf.info(str(path)).frames == sum(CHUNK_FRAMES)
+    # the writer still says what it wrote (it said 0 once closed, before)
+    assert writer.frames == sum(CHUNK_FRAMES)
+    assert f"{sum(CHUNK_FRAMES)} frames written" in repr(writer)
+
+
+def test_an_aborted_writer_still_counts_the_frames_the_file_keeps(ram):
+    path = ram / "stream.wav"
+    writer = WavWriter(path, RATE)
+    writer.write(np.zeros(100, np.int16))
+    writer.abort()
+    assert writer.frames == 100 == sf.info(str(path)).frames
 
 
 def test_odd_sized_8_bit_mono_chunks_keep_a_pad_byte_and_exact_sizes(ram):

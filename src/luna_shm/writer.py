@@ -44,6 +44,7 @@ class WavWriter(FileResource):
 
     _stream: _lowlevel.Stream | None = None
     _end_state: int = _lowlevel.STREAM_DONE
+    _closed_data_bytes: int = 0  # what the stream held when it was closed
 
     def __init__(
         self,
@@ -99,8 +100,8 @@ class WavWriter(FileResource):
 
     @property
     def frames(self) -> int:
-        """Frames written so far."""
-        data_bytes = 0 if self._stream is None else self._stream.data_bytes
+        """Frames written so far (after close: the frames the file holds)."""
+        data_bytes = self._closed_data_bytes if self._stream is None else self._stream.data_bytes
         return data_bytes // (self.channels * self.dtype.itemsize)
 
     def write(self, chunk: object) -> None:
@@ -181,8 +182,10 @@ class WavWriter(FileResource):
         # knows the writer died. A store into the mapped header page: no system call.
         # Only the process that made the writer ends its stream: a forked child that
         # closes its copy must not tell the parent's followers that the stream is over.
-        if self._stream is not None and self._pid == _resource.current_pid:
-            self._stream.set_state(self._end_state)
+        if self._stream is not None:
+            self._closed_data_bytes = self._stream.data_bytes
+            if self._pid == _resource.current_pid:
+                self._stream.set_state(self._end_state)
         self._stream = None  # the header page is unmapped once nothing refers to it
 
     def __repr__(self) -> str:
