@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from helpers import LIBRARY_PATH, assert_child_ok, run_in_private_shm
-from luna_shm import WavError, WavWriter, create_wav_buffer, formats, read_wav, write_wav
+from luna_shm import (
+    AudioPool,
+    WavError,
+    WavWriter,
+    create_wav_buffer,
+    formats,
+    read_wav,
+    write_wav,
+)
 from luna_shm._lowlevel import wav_header, wav_header_size
 
 RATE = 8000
@@ -176,6 +184,29 @@ def test_write_wav_of_python_values_numpy_makes_int64_of_says_so_and_what_to_pas
             f"got {got}: pass e.g. np.asarray(data, dtype=np.int16)")):
         write_wav(path, data, RATE)
     assert os.listdir(ram) == []
+
+
+RAW_PCM = np.array([1000, -1000, 2000], np.int16).tobytes()
+
+
+@pytest.mark.parametrize("raw", [RAW_PCM, bytearray(RAW_PCM), memoryview(RAW_PCM)],
+                         ids=["bytes", "bytearray", "memoryview"])
+def test_raw_bytes_are_refused_by_every_writer_not_written_as_8_bit_samples(ram, raw):
+    # numpy makes uint8 samples of a bytearray: three int16 samples became six of noise
+    message = re.escape(f"got raw bytes ({type(raw).__name__} of 6 bytes): say what they "
+                        "hold with np.frombuffer(data, dtype=np.int16)")
+    with pytest.raises(TypeError, match=message):
+        write_wav(ram / "out.wav", raw, RATE)
+    with AudioPool(slots=1, max_bytes=4096) as pool, pytest.raises(TypeError, match=message):
+        pool.write_wav(raw, RATE)
+    with WavWriter(ram / "s.wav", RATE, 1, "uint8") as writer:
+        with pytest.raises(TypeError, match=message):
+            writer.write(raw)
+        assert writer.frames == 0
+    assert sorted(os.listdir(ram)) == ["s.wav"]
+    # a memoryview that says its type is samples of that type
+    typed = memoryview(np.array([1000, -1000], np.int16))
+    assert read_wav(write_wav(ram / "typed.wav", typed, RATE))[0].tolist() == [1000, -1000]
 
 
 def test_write_wav_of_none_or_a_ragged_list_names_it(ram):

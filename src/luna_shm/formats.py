@@ -176,6 +176,15 @@ def _as_array(data: object) -> np.ndarray:
         return data
     if data is None:
         raise TypeError(f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got None")
+    if isinstance(data, (bytes, bytearray)) or (isinstance(data, memoryview)
+                                                 and data.format in ("B", "b", "c")):
+        # numpy would make 8-bit samples of a bytearray's bytes: PCM int16 as noise.
+        raise TypeError(
+            f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got raw bytes "
+            f"({type(data).__name__} of {memoryview(data).nbytes} bytes): say what they "
+            "hold with np.frombuffer(data, dtype=np.int16) (or their sample type); an "
+            "encoded file (MP3, a whole WAV) goes to save_temp_audio"
+        )
     try:
         array = np.asarray(data)
     except (TypeError, ValueError) as exc:
