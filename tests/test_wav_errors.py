@@ -661,3 +661,50 @@ def test_a_suffix_or_prefix_too_long_for_a_file_name_is_a_value_error_giving_its
 
     with pytest.raises(ValueError, match=f"{what} is too long for a file name: 500000 bytes"):
         get_temp_audio_path(**{what: "x" * 500_000})
+
+
+def test_sizes_are_refused_before_a_strided_view_is_copied(ram):
+    # A broadcast view takes no memory; making it contiguous would. Found in review: a pool
+    # of 1000-byte slots copied 100 MB before refusing it, and a 4.4 GB view ended in a
+    # MemoryError instead of the 4 GiB ValueError. In a child whose address space is
+    # limited to 2 GiB, so that a regression fails instead of filling the machine's RAM.
+    result = run_python(f"""
+        import resource, tracemalloc
+        import numpy as np
+        from luna_shm import AudioPool, WavWriter, write_wav
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        def refused(call):
+            tracemalloc.start()
+            try:
+                call()
+            except ValueError as exc:
+                message = str(exc)
+            else:
+                message = "accepted"
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            return message, peak
+        huge = np.broadcast_to(np.int16(1), (2_200_000_000,))
+        big = np.broadcast_to(np.int16(1), (50_000_000,))
+        with AudioPool(slots=1, max_bytes=1000) as pool:
+            cases = dict(
+                write_wav=lambda: write_wav({str(ram / "w.wav")!r}, huge, 16000),
+                pool=lambda: pool.write_wav(big, 16000),
+                pool_huge=lambda: pool.write_wav(huge, 16000),
+            )
+            with WavWriter({str(ram / "s.wav")!r}, 16000) as writer:
+                cases["writer"] = lambda: writer.write(huge)
+                for name, call in cases.items():
+                    message, peak = refused(call)
+                    print(name, peak < (1 << 20), message)
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4, result.stdout
+    for line in lines:
+        name, small, message = line.split(" ", 2)
+        assert small == "True", line
+        expected = ("do not fit a slot of this pool" if name == "pool"
+                    else "data too large for a WAV file")
+        assert expected in message, line
+    assert sorted(os.listdir(ram)) == ["s.wav"]

@@ -8,6 +8,7 @@ packed to 24 bits. :func:`data_chunk` gives those bytes for a write;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,22 +42,30 @@ def planned_spec(data: object, samplerate: object, subtype: object) -> _lowlevel
     return None
 
 
-def plan(data: object, samplerate: object, subtype: object) -> Encoding:
-    """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong."""
+def plan(data: object, samplerate: object, subtype: object,
+         check_size: Callable[[int], object] | None = None) -> Encoding:
+    """Check data, samplerate and subtype; TypeError/ValueError naming what is wrong.
+
+    check_size(nbytes), when given, may refuse the data chunk's size (a pool's slot size)
+    before anything is copied: a strided view of gigabytes is refused, not copied first.
+    """
     spec = planned_spec(data, samplerate, subtype)
     if spec is not None:
         assert isinstance(data, np.ndarray)
+        if check_size is not None:
+            check_size(data.nbytes)
         return Encoding(data, spec, "none", data.nbytes)
-    enc = _plan(data, samplerate, subtype)
+    enc = _plan(data, samplerate, subtype, check_size)
     if subtype is None and enc.array is data and len(_PLANNED) < 256:
         _PLANNED[enc.array.dtype, enc.spec.samplerate, enc.spec.channels] = (
             enc.spec, formats.max_data_bytes(enc.spec))
     return enc
 
 
-def _plan(data: object, samplerate: object, subtype: object) -> Encoding:
+def _plan(data: object, samplerate: object, subtype: object,
+          check_size: Callable[[int], object] | None) -> Encoding:
     rate = formats.check_samplerate(samplerate)
-    array = formats.to_audio_array(data)
+    array = formats.audio_array(data)
     natural = formats.natural_subtype(array.dtype)
     chosen = natural if subtype is None else formats.check_subtype(subtype)
     spec = formats.spec_for(chosen, rate, formats.channels_of(array))
@@ -74,7 +83,9 @@ def _plan(data: object, samplerate: object, subtype: object) -> Encoding:
         )
     nbytes = array.size * (spec.bits // 8)
     formats.check_data_fits(nbytes, spec)
-    return Encoding(array, spec, conversion, nbytes)
+    if check_size is not None:
+        check_size(nbytes)
+    return Encoding(formats.contiguous_samples(array), spec, conversion, nbytes)
 
 
 def data_chunk(enc: Encoding) -> np.ndarray:

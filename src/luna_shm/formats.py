@@ -202,18 +202,19 @@ def _as_array(data: object) -> np.ndarray:
     )
 
 
-def to_audio_array(data: object) -> np.ndarray:
-    """data as a 1-D or 2-D array of a WAV sample type, C-contiguous and little-endian.
+def audio_array(data: object) -> np.ndarray:
+    """data as a 1-D or 2-D array of a WAV sample type, checked but not yet made
+    contiguous and little-endian (see :func:`contiguous_samples`): a caller checks the
+    size it will write before a strided view of gigabytes is copied.
 
-    An array that is already so is returned as is (no copy); a strided or
-    big-endian one is converted once. A list or other sequence is accepted when
-    numpy makes one of the supported types of it (a list of Python floats:
-    float64); a list of Python ints (int64) is refused with a hint.
+    A list or other sequence is accepted when numpy makes one of the supported types of
+    it (a list of Python floats: float64); a list of Python ints (int64) is refused with
+    a hint.
     """
     array = _as_array(data)
     if array.dtype.kind in "bcOSUVMm":
         raise TypeError(f"unsupported sample dtype {array.dtype}: use {SUPPORTED_DTYPES}")
-    natural = SUBTYPES[natural_subtype(array.dtype)][2]
+    natural_subtype(array.dtype)  # TypeError for float16, int64, ...
     if array.ndim not in (1, 2):
         raise ValueError(
             f"data must have shape (frames,) or (frames, channels), got {array.ndim}-D "
@@ -221,6 +222,13 @@ def to_audio_array(data: object) -> np.ndarray:
         )
     if array.ndim == 2:
         check_channels(array.shape[1])
+    return array
+
+
+def contiguous_samples(array: np.ndarray) -> np.ndarray:
+    """An :func:`audio_array` as C-contiguous little-endian samples: the array itself
+    when it already is (no copy), else one converted copy."""
+    natural = SUBTYPES[natural_subtype(array.dtype)][2]
     if array.dtype != natural or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=natural)
     return array

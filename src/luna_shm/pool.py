@@ -474,13 +474,17 @@ class AudioPool(_resource.Resource):
         """True once :meth:`close` ran."""
         return self._closed
 
-    def _take(self, nbytes: int) -> _Slot:
-        # Before the lock: in a forked child it may be held by a thread that was not copied.
-        self._check_ours()
+    def _check_fits(self, nbytes: int) -> None:
+        """ValueError when nbytes of audio do not fit a slot."""
         if nbytes > self.max_bytes:
             raise ValueError(
                 f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
                 f"{self.max_bytes}); make the pool with a larger max_bytes")
+
+    def _take(self, nbytes: int) -> _Slot:
+        # Before the lock: in a forked child it may be held by a thread that was not copied.
+        self._check_ours()
+        self._check_fits(nbytes)
         deadline = None
         with self._lock:
             while True:
@@ -568,7 +572,7 @@ class AudioPool(_resource.Resource):
                 pooled = self._write_small(data, spec)
                 if pooled is not None:
                     return pooled
-        enc = encoding.plan(data, samplerate, subtype)
+        enc = encoding.plan(data, samplerate, subtype, self._check_fits)  # before a copy
         for attempt in range(2):
             slot = self._take(enc.nbytes)
             try:

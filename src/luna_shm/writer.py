@@ -139,9 +139,10 @@ class WavWriter(FileResource):
             raise _newfile.explain_full_disk(failure, self.path) from None
 
     def _checked(self, chunk: object) -> np.ndarray:
-        """chunk as an array the writer can append, or TypeError/ValueError saying why not."""
-        array = formats.to_audio_array(chunk)
-        if array.dtype != self.dtype:
+        """chunk as an array the writer can append, or TypeError/ValueError saying why not
+        (the 4 GiB limit too, before a strided chunk is copied)."""
+        array = formats.audio_array(chunk)
+        if array.dtype.newbyteorder("<") != self.dtype:
             raise TypeError(f"chunk dtype {array.dtype} does not match the writer's {self.dtype}")
         chunk_channels = formats.channels_of(array)
         if chunk_channels != self.channels:
@@ -149,7 +150,11 @@ class WavWriter(FileResource):
                 f"chunk has {chunk_channels} channel(s) (shape {array.shape}); the writer "
                 f"has {self.channels}"
             )
-        return array
+        stream = self._stream
+        if stream is not None:
+            formats.check_data_fits(stream.data_bytes + array.size * self.dtype.itemsize,
+                                    self._spec, self._data_offset)
+        return formats.contiguous_samples(array)
 
     def close(self) -> None:
         """Close the file; calling it again does nothing. Waits for a write in progress.
