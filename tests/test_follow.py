@@ -344,6 +344,42 @@ def test_a_stream_with_no_progress_raises_timeout_naming_the_file_and_seconds(ra
     assert caught.value.errno == errno.ETIMEDOUT and caught.value.filename == str(path)
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300, 10**400, np.int64(60)],
+                         ids=["inf", "1e300", "10**400", "np.int64"])
+@pytest.mark.parametrize("form", ["follow_wav", "afollow_wav", "iter_wav_stream"])
+def test_a_timeout_past_what_poll_can_wait_means_no_limit_and_numpy_numbers_are_taken(
+        ram, timeout, form):
+    # Found in review: follow_wav(timeout=inf) yielded its first block, then raised
+    # OverflowError from the wait before the second (10**400: from its float conversion).
+    path = ram / "long.wav"
+    parts = stream_chunks(3)
+    writer = WavWriter(path, RATE)
+    writer.write(parts[0])
+
+    def the_rest() -> None:
+        time.sleep(0.2)  # the follower is waiting by then
+        writer.write(parts[1])
+        writer.write(parts[2])
+        writer.close()
+
+    later = threading.Thread(target=the_rest)
+    later.start()
+    try:
+        if form == "follow_wav":
+            got = np.concatenate(collect(path, timeout=timeout)).tobytes()
+        elif form == "iter_wav_stream":
+            got = b"".join(call_with_deadline(
+                lambda: list(iter_wav_stream(path, header="raw", timeout=timeout))))
+        else:
+            async def follow() -> bytes:
+                return b"".join([block.tobytes()
+                                 async for block in afollow_wav(path, timeout=timeout)])
+            got = call_with_deadline(lambda: asyncio.run(follow()))
+    finally:
+        later.join()
+    assert got == np.concatenate(parts).tobytes()
+
+
 def test_a_follower_of_a_missing_file_waits_for_it_bounded_by_the_timeout(ram):
     with pytest.raises(TimeoutError, match=r"no new audio for 0\.1 s"):
         collect(ram / "never.wav", timeout=0.1)
@@ -373,6 +409,7 @@ def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
     ({"timeout": "1"}, "timeout must be None or a number of seconds >= 0, got '1'",
      ValueError),
     ({"timeout": float("nan")}, "got nan", ValueError),
+    ({"timeout": -10**400}, "got an int of 1329 bits$", ValueError),
 ])
 def test_bad_follow_arguments_are_named(ram, kwargs, match, kind):
     with pytest.raises(kind, match=match):
@@ -487,14 +524,24 @@ def test_iter_wav_stream_of_an_empty_finished_stream_is_just_the_header(ram):
     assert list(iter_wav_stream(path, header="raw")) == []
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"header": "mp3"}, "header must be 'wav' or 'raw', got 'mp3'"),
-    ({"chunk_frames": 0}, "chunk_frames must be None or an int > 0, got 0"),
-    ({"chunk_frames": 2.5}, "chunk_frames must be None or an int > 0, got 2.5"),
+@pytest.mark.parametrize(("kwargs", "match", "kind"), [
+    ({"header": "mp3"}, "header must be 'wav' or 'raw', got 'mp3'", ValueError),
+    ({"chunk_frames": 0}, "chunk_frames must be >= 1, got 0", ValueError),
+    ({"chunk_frames": 2.5}, "chunk_frames must be an int, got 2.5", TypeError),
+    ({"chunk_frames": True}, "chunk_frames must be an int, got True", TypeError),
 ])
-def test_bad_iter_wav_stream_arguments_are_named(ram, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_iter_wav_stream_arguments_are_named(ram, kwargs, match, kind):
+    with pytest.raises(kind, match=match):
         iter_wav_stream(ram / "x.wav", **kwargs)
+
+
+def test_chunk_frames_may_be_a_numpy_integer(ram):
+    # Found in review: np.int64(300) was refused where every other int argument takes it.
+    path = ram / "s.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(samples("int16", 600, 1))
+    pieces = list(iter_wav_stream(path, header="raw", chunk_frames=np.int64(300)))
+    assert [len(piece) for piece in pieces] == [600, 600]  # bytes: 300 int16 frames each
 
 
 def test_an_idle_follower_sleeps_in_the_kernel(ram):

@@ -633,15 +633,23 @@ def watch_quiet(watch_fd: int) -> bool:
 
 def watch_wait(fd: int, timeout: float | None) -> int:
     """Wait for events on a watch_open fd (None: forever, 0: just drain); the WATCH_* bits."""
-    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
-    return check(lib.luna_watch_wait(fd, ms))
+    return check(lib.luna_watch_wait(fd, _poll_ms(timeout)))
+
+
+def _poll_ms(timeout: float | None) -> int:
+    """timeout as poll's milliseconds: -1 for None (forever); any number of seconds,
+    infinity too, capped at poll's longest wait (2**31 - 1 ms, about 24.8 days: a caller
+    that counts its own deadline just waits again)."""
+    if timeout is None:
+        return -1
+    return math.ceil(min(max(timeout, 0.0), (2**31 - 1) / 1000) * 1000)
 
 
 def watch_read(watch_fd: int, timeout: float | None, fd: int, offset: int, block: int,
                dest: np.ndarray) -> tuple[int, int, int]:
     """watch_wait, then (when the only event was a write) pread the whole blocks past offset
     into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest, file size)."""
-    ms = -1 if timeout is None else min(math.ceil(max(timeout, 0.0) * 1000), 2**31 - 1)
+    ms = _poll_ms(timeout)
     size = ffi.new("uint64_t[2]")
     with ffi.from_buffer(dest, require_writable=True) as buf:
         bits = lib.luna_watch_read(watch_fd, ms, fd, offset, block, buf, len(buf), size,

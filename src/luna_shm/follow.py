@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio as _asyncio
 import errno as _errno
 import fcntl as _fcntl
+import math as _math
+import numbers as _numbers
 import os as _os
 import time as _time
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import numpy as np
 
@@ -91,12 +93,21 @@ _Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
 
 
 def _check_timeout(timeout: object) -> float | None:
+    """timeout as seconds, None for no limit (infinity and numbers past a float's range
+    too); numpy numbers are taken like Python ones."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, _numbers.Real):
         raise ValueError(f"timeout must be None or a number of seconds >= 0, got "
                          f"{_lowlevel.brief(timeout)}")
-    return float(timeout)
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # a Python int past 1.8e308 either way
+        seconds = _math.inf if cast(int, timeout) > 0 else -_math.inf
+    if not seconds >= 0:  # negative, or NaN
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got "
+                         f"{_lowlevel.brief(timeout)}")
+    return None if seconds == _math.inf else seconds
 
 
 def _timed_out(path: str, timeout: float) -> TimeoutError:
@@ -334,7 +345,8 @@ def follow_wav(path: str | _os.PathLike[str], *,
     Args:
         path: the WAV file: one a WavWriter writes, or any other program's
             streaming WAV (data size 0, 0xFFFFFFFF or 0x7FFFFFFF: read to the end).
-        timeout: at most this many seconds without a new frame (None: no limit).
+        timeout: at most this many seconds without a new frame (None or infinity: no
+            limit; numpy numbers are taken).
 
     Returns:
         An iterator of numpy arrays, (frames,) for mono or (frames, channels).
@@ -467,18 +479,17 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
         as they are in the file (24-bit stays packed).
 
     Raises:
-        ValueError: header is not "wav" or "raw", or chunk_frames is not > 0.
+        ValueError: header is not "wav" or "raw", or chunk_frames is not >= 1.
+        TypeError: chunk_frames is not an int (numpy integers are).
         StreamAbandoned, TimeoutError, WavError, OSError: as for :func:`follow_wav`.
     """
     path_str = _lowlevel.path_argument(path)
     if header not in ("wav", "raw"):
         raise ValueError(f"header must be 'wav' or 'raw', got {_lowlevel.brief(header)}")
-    if chunk_frames is not None and (isinstance(chunk_frames, bool)
-                                     or not isinstance(chunk_frames, int) or chunk_frames <= 0):
-        raise ValueError(f"chunk_frames must be None or an int > 0, got "
-                         f"{_lowlevel.brief(chunk_frames)}")
+    piece_frames = (None if chunk_frames is None
+                    else formats.check_int("chunk_frames", chunk_frames, minimum=1))
     limit = _check_timeout(timeout)
-    return _stream_bytes(path_str, header == "wav", chunk_frames, limit)
+    return _stream_bytes(path_str, header == "wav", piece_frames, limit)
 
 
 def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
