@@ -20,7 +20,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from luna_shm import _lowlevel, _newfile, placement
+from luna_shm import _lowlevel, _newfile, formats, placement
 from luna_shm.placement import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -308,7 +308,9 @@ def iter_unused_temp_audio(
     No lock is held while the caller handles a yielded file.
 
     Args:
-        older_than: seconds; when given, only files last modified longer ago.
+        older_than: seconds (an int, a float or a numpy number); when given, only
+            files last modified longer ago. ``math.inf`` (or an int too large for a
+            float) selects nothing: no file is that old.
         remove: unlink each file (while holding its exclusive lock) before
             yielding it; False only lists them, for a dry run.
 
@@ -316,18 +318,17 @@ def iter_unused_temp_audio(
         An iterator of (absolute path, the file's lstat result).
 
     Raises:
-        TypeError, ValueError: older_than is not a number of seconds >= 0
-            (raised by this call, before iterating).
+        TypeError, ValueError: older_than is not a number of seconds >= 0 (a
+            bool and NaN are refused), raised by this call, before iterating.
         OSError: while iterating, after the other dir was done: one of our dirs
             exists but cannot be read (EACCES, EMFILE, ...). A missing dir, or a
             symlink or non-directory at its name, holds nothing of ours.
     """
+    cutoff = None
     if older_than is not None:
-        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
-            raise TypeError(f"older_than must be a number of seconds, got {older_than!r}")
-        if not older_than >= 0:
-            raise ValueError(f"older_than must be >= 0 seconds, got {older_than!r}")
-    cutoff = None if older_than is None else _time.time() - older_than
+        # Before the iterator: a bad value raises at the call. time - inf = -inf, which
+        # no file's mtime is before: an infinite age selects nothing.
+        cutoff = _time.time() - formats.check_seconds("older_than", older_than)
     return _iter_unused(cutoff, remove)
 
 
@@ -432,13 +433,16 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
     :func:`iter_unused_temp_audio` lists the same files without removing them.
 
     Args:
-        older_than: seconds; when given, only files last modified longer ago.
+        older_than: seconds (an int, a float or a numpy number); when given, only
+            files last modified longer ago. ``math.inf`` (or an int too large for a
+            float) removes nothing: no file is that old.
 
     Returns:
         The number of files this call removed.
 
     Raises:
-        TypeError, ValueError: older_than is not a number of seconds >= 0.
+        TypeError, ValueError: older_than is not a number of seconds >= 0 (a
+            bool and NaN are refused).
         OSError: one of our dirs exists but cannot be read (EACCES, EMFILE, ...),
             with that dir as filename; the other dir is cleaned first. A missing
             dir, or a symlink or non-directory at its name, counts as empty.
