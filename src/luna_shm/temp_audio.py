@@ -68,8 +68,8 @@ def get_temp_audio_path(
             and ``luna_daemon_`` ones.
         create: True reserves the name now: an empty private file (mode 0600,
             created exclusively, retried on collision like :func:`tempfile.mkstemp`).
-        size_hint: bytes the file will hold; when the RAM disk has less free,
-            the file goes to the fallback dir.
+        size_hint: bytes the file will hold, an int >= 0 (numpy integers too);
+            when the RAM disk has less free, the file goes to the fallback dir.
 
     Returns:
         The absolute path, in the RAM disk when usable, else the fallback dir.
