@@ -339,6 +339,29 @@ def test_cleanup_refuses_a_bytes_path_with_type_error(private_dirs) -> None:
     assert os.path.isfile(path)
 
 
+@pytest.mark.parametrize(("path", "named"), [
+    (3, "3"), (3.5, "3.5"), (["/dev/shm/x.wav"], r"\['/dev/shm/x.wav'\]"),
+    (b"/" * 100_000, "bytes of length 100000"),
+], ids=["int", "float", "list", "long-bytes"])
+def test_cleanup_refuses_a_path_that_is_no_path_with_a_type_error_naming_it(
+        private_dirs, path, named) -> None:
+    kept = get_temp_audio_path(create=True)
+    with pytest.raises(TypeError,
+                       match=rf"^path must be str, os.PathLike\[str\] or None, got {named}"):
+        cleanup_temp_audio(path)
+    assert os.path.isfile(kept)
+
+
+@pytest.mark.parametrize("path", ["relative/" + "a" * 100_000, "/elsewhere/" + "a" * 100_000,
+                                  "/x/luna_audio_\0" + "a" * 100_000],
+                         ids=["relative", "not-our-dir", "nul"])
+def test_cleanup_names_a_refused_path_longer_than_any_real_one_by_its_length(
+        private_dirs, path) -> None:
+    with pytest.raises(ValueError, match="str of length 1000") as caught:
+        cleanup_temp_audio(path)
+    assert len(str(caught.value)) < 500
+
+
 @pytest.mark.parametrize("kind", ["symlink", "regular-file"])
 def test_cleanup_refuses_files_under_a_ram_dir_that_is_not_a_real_directory(
     private_dirs, monkeypatch, kind

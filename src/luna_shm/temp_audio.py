@@ -43,6 +43,9 @@ __all__ = [
     "temp_dir",
 ]
 
+# The longest path Linux takes (PATH_MAX): a refused path is named whole up to this.
+_PATH_MAX = 4096
+
 # A last check of a file about to be removed: (name, open fd, its fstat) -> keep it?
 Verify = Callable[[str, int, _os.stat_result], bool]
 
@@ -180,7 +183,8 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         logger).
 
     Raises:
-        TypeError: path is not a str or PathLike of str (or None).
+        TypeError: path is not a str or PathLike of str (or None); the message
+            names what was passed.
         ValueError: the path is not ours: not absolute, its parent is not exactly
             one of our two dirs (or is a symlink), or its name has neither our
             prefixes nor a uuid4 token.
@@ -189,24 +193,24 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
     """
     if path is None:
         return False
-    text = _os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str or os.PathLike[str], got {type(text).__name__}")
+    text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     if not text:
         return False
+    # Named whole up to PATH_MAX (a real path is never longer), by its length beyond.
+    shown = _lowlevel.brief(text, _PATH_MAX)
     if "\0" in text:
-        raise ValueError(f"path contains a NUL byte: {text!r}")
+        raise ValueError(f"path contains a NUL byte: {shown}")
     if not _os.path.isabs(text):
-        raise ValueError(f"refusing to remove {text!r}: not an absolute path")
+        raise ValueError(f"refusing to remove {shown}: not an absolute path")
     parent, name = _os.path.split(text)
     if parent not in placement.our_dirs():
         raise ValueError(
-            f"refusing to remove {text!r}: its directory is not one of ours "
+            f"refusing to remove {shown}: its directory is not one of ours "
             f"({', '.join(placement.our_dirs())})"
         )
     if not is_made_name(name):
         raise ValueError(
-            f"refusing to remove {text!r}: the name lacks our prefixes "
+            f"refusing to remove {shown}: the name lacks our prefixes "
             f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r}) and the uuid4 hex token that "
             "get_temp_audio_path puts in every name"
         )
@@ -218,7 +222,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR on Linux, ELOOP elsewhere.
         if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
             what = "a symlink" if _os.path.islink(parent) else "not a directory"
-            raise ValueError(f"refusing to remove {text!r}: {parent} is {what}") from None
+            raise ValueError(f"refusing to remove {shown}: {parent} is {what}") from None
         raise
     try:
         try:
