@@ -415,6 +415,20 @@ def test_close_while_pooled_wavs_are_held_keeps_their_arrays_valid_and_frees_the
 
 
 @pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
+def test_a_closed_pool_refuses_a_with_block_like_a_closed_buffer_or_writer(
+        private_dirs, anonymous) -> None:
+    pool = AudioPool(slots=1, max_bytes=100, anonymous=anonymous)
+    with pool as entered:
+        assert entered is pool
+    assert pool.closed
+    entered_again = False
+    with pytest.raises(ValueError, match=r"^I/O operation on closed AudioPool$"), pool:
+        entered_again = True
+    assert not entered_again and pool.closed
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
 def test_a_leaked_pool_warns_resource_warning_and_removes_its_slot_files(
         private_dirs, anonymous) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))

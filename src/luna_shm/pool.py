@@ -25,7 +25,7 @@ import re as _re
 import threading as _threading
 import time as _time
 import warnings as _warnings
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -474,6 +474,19 @@ class AudioPool(_resource.Resource):
     def closed(self) -> bool:
         """True once :meth:`close` ran."""
         return self._closed
+
+    def __enter__(self) -> Self:
+        """Start a ``with`` block that closes the pool at its end.
+
+        Raises:
+            ValueError: the pool is closed (as a closed WavBuffer or WavWriter does:
+                a block using it could only fail later, further from the cause).
+            RuntimeError: called in a forked child of the pool's process.
+        """
+        if self._closed:
+            raise ValueError("I/O operation on closed AudioPool")
+        self._check_ours()
+        return self
 
     def _take(self, nbytes: int) -> _Slot:
         # Before the lock: in a forked child it may be held by a thread that was not copied.
