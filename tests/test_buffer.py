@@ -271,6 +271,15 @@ def test_truncate_refuses_to_grow_or_go_negative(ram, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_truncate_names_a_huge_frame_count_by_its_size(ram, kind) -> None:
+    with create_wav_buffer(10, RATE, anonymous=kind == "anonymous") as buf:
+        with pytest.raises(ValueError,
+                           match=r"^cannot grow a buffer: frames=an int of 333 bits > 10$"):
+            buf.truncate(10**100)
+        assert buf.frames == 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_old_longer_view_can_still_be_written_after_truncate(ram, kind):
     # In a child: a SIGBUS here must fail this test, not kill pytest.
     done = run_python(f"""

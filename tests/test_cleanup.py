@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import signal
 import stat
@@ -18,8 +19,10 @@ import sys
 import threading
 import time
 import uuid
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import (
@@ -336,6 +339,29 @@ def test_cleanup_refuses_a_bytes_path_with_type_error(private_dirs) -> None:
     assert os.path.isfile(path)
 
 
+@pytest.mark.parametrize(("path", "named"), [
+    (3, "3"), (3.5, "3.5"), (["/dev/shm/x.wav"], r"\['/dev/shm/x.wav'\]"),
+    (b"/" * 100_000, "bytes of length 100000"),
+], ids=["int", "float", "list", "long-bytes"])
+def test_cleanup_refuses_a_path_that_is_no_path_with_a_type_error_naming_it(
+        private_dirs, path, named) -> None:
+    kept = get_temp_audio_path(create=True)
+    with pytest.raises(TypeError,
+                       match=rf"^path must be str, os.PathLike\[str\] or None, got {named}"):
+        cleanup_temp_audio(path)
+    assert os.path.isfile(kept)
+
+
+@pytest.mark.parametrize("path", ["relative/" + "a" * 100_000, "/elsewhere/" + "a" * 100_000,
+                                  "/x/luna_audio_\0" + "a" * 100_000],
+                         ids=["relative", "not-our-dir", "nul"])
+def test_cleanup_names_a_refused_path_longer_than_any_real_one_by_its_length(
+        private_dirs, path) -> None:
+    with pytest.raises(ValueError, match="str of length 1000") as caught:
+        cleanup_temp_audio(path)
+    assert len(str(caught.value)) < 500
+
+
 @pytest.mark.parametrize("kind", ["symlink", "regular-file"])
 def test_cleanup_refuses_files_under_a_ram_dir_that_is_not_a_real_directory(
     private_dirs, monkeypatch, kind
@@ -517,6 +543,56 @@ def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) 
     path = get_temp_audio_path(create=True)
     os.utime(path, (time.time() - 60, time.time() - 60))
     assert cleanup_all_temp_audio(older_than=older_than) == 1
+
+
+@pytest.mark.parametrize(
+    ("older_than", "error", "message"),
+    [
+        (-10**400, ValueError,
+         "^older_than must be >= 0 seconds, got an int of 1329 bits$"),
+        (np.float32("nan"), ValueError,
+         r"^older_than must be >= 0 seconds, got np.float32\(nan\)$"),
+        ("9" * 5000, TypeError,
+         "^older_than must be a number of seconds, got str of length 5000$"),
+    ],
+    ids=["huge-negative-int", "numpy-nan", "long-str"],
+)
+@pytest.mark.parametrize("call", ["cleanup_all", "iter_unused"])
+def test_a_bad_older_than_is_named_briefly_by_both_cleanups_before_anything_is_removed(
+    private_dirs, older_than, error, message, call
+) -> None:
+    path = get_temp_audio_path(create=True)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    with pytest.raises(error, match=message):
+        if call == "cleanup_all":
+            cleanup_all_temp_audio(older_than=older_than)
+        else:
+            temp_audio.iter_unused_temp_audio(older_than=older_than, remove=True)
+    assert os.path.isfile(path)
+
+
+@pytest.mark.parametrize("older_than", [np.int64(5), np.uint16(5), np.float32(2.5),
+                                        Fraction(5, 2)],
+                         ids=["int64", "uint16", "float32", "fraction"])
+def test_cleanup_all_accepts_numpy_and_other_real_older_than(private_dirs, older_than) -> None:
+    path = get_temp_audio_path(create=True)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert cleanup_all_temp_audio(older_than=older_than) == 1
+
+
+@pytest.mark.parametrize("older_than", [10**400, math.inf, 1e308],
+                         ids=["int-beyond-float", "infinity", "largest-floats"])
+@pytest.mark.parametrize("call", ["cleanup_all", "iter_unused"])
+def test_an_older_than_longer_than_any_file_has_existed_selects_nothing(
+    private_dirs, older_than, call
+) -> None:
+    path = get_temp_audio_path(create=True)
+    os.utime(path, (0, 0))  # as old as a file's time gets: 1970
+    if call == "cleanup_all":
+        assert cleanup_all_temp_audio(older_than=older_than) == 0
+    else:
+        assert list(temp_audio.iter_unused_temp_audio(older_than=older_than, remove=True)) == []
+    assert os.path.isfile(path)
 
 
 @pytest.mark.parametrize("where", ["ram", "fallback"])

@@ -405,9 +405,9 @@ def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
 
 
 @pytest.mark.parametrize(("kwargs", "match", "kind"), [
-    ({"timeout": -1}, "timeout must be None or a number of seconds >= 0, got -1", ValueError),
-    ({"timeout": "1"}, "timeout must be None or a number of seconds >= 0, got '1'",
-     ValueError),
+    ({"timeout": -1}, "timeout must be None or >= 0 seconds, got -1", ValueError),
+    ({"timeout": "1"}, "timeout must be None or a number of seconds, got '1'", TypeError),
+    ({"timeout": True}, "timeout must be None or a number of seconds, got True", TypeError),
     ({"timeout": float("nan")}, "got nan", ValueError),
     ({"timeout": -10**400}, "got an int of 1329 bits$", ValueError),
 ])

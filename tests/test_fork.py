@@ -129,6 +129,7 @@ if pid == 0:
     uses = {
         "pool.write_wav": lambda: pool.write_wav(np.zeros(10, np.int16), 8000),
         "pool.acquire": lambda: pool.acquire(10, 8000),
+        "pool.__enter__": lambda: pool.__enter__(),
         "anonymous_pool.acquire": lambda: anonymous_pool.acquire(10, 8000),
         "held.array": lambda: held.array,
         "held.truncate": lambda: held.truncate(1),
@@ -169,6 +170,7 @@ def test_a_forked_child_gets_a_runtime_error_naming_the_owner_for_every_inherite
     for name, error in errors.items():
         assert error.startswith("RuntimeError: ") and error.endswith(tail), (name, error)
     assert errors["pool.write_wav"] == f"RuntimeError: AudioPool {tail}"
+    assert errors["pool.__enter__"] == f"RuntimeError: AudioPool {tail}"
     assert errors["held.array"].startswith("RuntimeError: PooledWav '")
     assert errors["buf.array"].startswith("RuntimeError: WavBuffer '")
     assert errors["writer.write"].startswith("RuntimeError: WavWriter '")

@@ -415,6 +415,20 @@ def test_close_while_pooled_wavs_are_held_keeps_their_arrays_valid_and_frees_the
 
 
 @pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
+def test_a_closed_pool_refuses_a_with_block_like_a_closed_buffer_or_writer(
+        private_dirs, anonymous) -> None:
+    pool = AudioPool(slots=1, max_bytes=100, anonymous=anonymous)
+    with pool as entered:
+        assert entered is pool
+    assert pool.closed
+    entered_again = False
+    with pytest.raises(ValueError, match=r"^I/O operation on closed AudioPool$"), pool:
+        entered_again = True
+    assert not entered_again and pool.closed
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
 def test_a_leaked_pool_warns_resource_warning_and_removes_its_slot_files(
         private_dirs, anonymous) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
@@ -513,6 +527,40 @@ def test_the_largest_timeout_threading_accepts_still_works(ram) -> None:
     with AudioPool(slots=1, max_bytes=100, timeout=threading.TIMEOUT_MAX) as pool, \
             pool.write_wav(np.ones(3, np.int16), RATE) as pooled:
         assert pooled.frames == 3
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"timeout": 10**100},
+     "^timeout must be None or between 0 and [0-9]+ seconds, got an int of 333 bits$"),
+    ({"timeout": -10**100},
+     "^timeout must be None or between 0 and [0-9]+ seconds, got an int of 333 bits$"),
+    ({"max_bytes": 10**100},
+     r"^max_bytes must fit a WAV file \(< 4 GiB\), got an int of 333 bits$"),
+    ({"when_busy": "w" * 5000}, "^when_busy must be 'wait' or 'grow', got str of length 5000$"),
+], ids=["huge-timeout", "huge-negative-timeout", "huge-max-bytes", "long-when-busy"])
+def test_a_huge_pool_argument_is_named_by_its_size_not_its_whole_value(
+        private_dirs, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        AudioPool(**{"slots": 1, "max_bytes": 100, **kwargs})
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_a_huge_frame_count_for_acquire_or_truncate_is_named_by_its_size(ram) -> None:
+    with AudioPool(slots=1, max_bytes=100) as pool:
+        with pytest.raises(ValueError, match=r"^frames=an int of 333 bits is too long for a WAV"):
+            pool.acquire(10**100, RATE)
+        with pool.acquire(10, RATE) as pooled, pytest.raises(
+                ValueError, match=r"^cannot grow a pooled WAV: frames=an int of 333 bits > 10$"):
+            pooled.truncate(10**100)
+
+
+@pytest.mark.parametrize("timeout", [np.int64(0), np.uint8(0), np.float32(0.05)],
+                         ids=["int64", "uint8", "float32"])
+def test_a_numpy_timeout_is_taken_like_a_python_number(ram, timeout) -> None:
+    with AudioPool(slots=1, max_bytes=100, timeout=timeout) as pool:
+        assert pool.timeout == float(timeout) and type(pool.timeout) is float
+        with pool.acquire(10, RATE), pytest.raises(TimeoutError, match="all 1 slots stayed busy"):
+            pool.acquire(10, RATE)
 
 
 @pytest.mark.parametrize("prefix", ["", ".luna_audio_", "tts pool_", "tts*_", "tts:", "é_"])

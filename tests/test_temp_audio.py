@@ -169,6 +169,40 @@ def test_bad_size_hint_is_refused_and_creates_nothing(private_dirs, size_hint, e
     assert os.listdir(private_dirs.ram) == []
 
 
+@pytest.mark.parametrize(("size_hint", "error", "message"), [
+    (-10**100, ValueError, "^size_hint must be >= 0, got an int of 333 bits$"),
+    ("1" * 5000, TypeError, "^size_hint must be an int, got str of length 5000$"),
+], ids=["huge-negative-int", "long-str"])
+@pytest.mark.parametrize("call", ["get_temp_audio_path", "temp_audio_path"])
+def test_a_huge_bad_size_hint_is_named_by_its_size_not_its_whole_value(
+        private_dirs, size_hint, error, message, call) -> None:
+    with pytest.raises(error, match=message):
+        if call == "get_temp_audio_path":
+            get_temp_audio_path(size_hint=size_hint, create=True)
+        else:
+            with temp_audio_path(size_hint=size_hint, create=True):
+                pass
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize("size_hint", [np.int64(4096), np.uint32(4096), np.int8(0)],
+                         ids=["int64", "uint32", "int8-zero"])
+@pytest.mark.parametrize("create", [False, True])
+def test_a_numpy_integer_size_hint_is_taken_like_an_int(private_dirs, size_hint, create) -> None:
+    path = get_temp_audio_path(size_hint=size_hint, create=create)
+    assert os.path.dirname(path) == private_dirs.ram
+    assert os.path.isfile(path) is create
+
+
+@pytest.mark.parametrize("size_hint", [np.float64(4096.0), np.bool_(True)],
+                         ids=["numpy-float", "numpy-bool"])
+def test_a_numpy_size_hint_that_is_not_an_integer_is_a_type_error_naming_it(
+        private_dirs, size_hint) -> None:
+    message = f"^size_hint must be an int, got {re.escape(repr(size_hint))}$"
+    with pytest.raises(TypeError, match=message):
+        get_temp_audio_path(size_hint=size_hint)
+
+
 def test_small_size_hint_keeps_the_file_on_the_ram_disk(private_dirs) -> None:
     path = get_temp_audio_path(size_hint=4096)
     assert os.path.dirname(path) == private_dirs.ram

@@ -18,7 +18,7 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from luna_shm import _lowlevel, placement
+from luna_shm import _lowlevel, formats, placement
 from luna_shm.placement import AUDIO_PREFIX
 
 _T = TypeVar("_T")
@@ -60,14 +60,11 @@ def check_name_part(what: str, value: object) -> str:
 
 
 def check_size_hint(size_hint: object) -> int | None:
-    """size_hint when it is None or an int >= 0; TypeError/ValueError naming it."""
+    """size_hint as None or an int >= 0 (numpy integers too: formats.check_int);
+    TypeError/ValueError naming it briefly."""
     if size_hint is None:
         return None
-    if isinstance(size_hint, bool) or not isinstance(size_hint, int):
-        raise TypeError(f"size_hint must be an int number of bytes, got {size_hint!r}")
-    if size_hint < 0:
-        raise ValueError(f"size_hint must be >= 0, got {size_hint!r}")
-    return size_hint
+    return formats.check_int("size_hint", size_hint)
 
 
 def _directory_for(size_hint: int | None, on_disk: bool) -> str:

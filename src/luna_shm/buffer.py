@@ -230,7 +230,8 @@ class WavBuffer(FileResource):
         self._check_mapping()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
-            raise ValueError(f"cannot grow a buffer: frames={new_frames} > {self.frames}")
+            raise ValueError(f"cannot grow a buffer: frames={_lowlevel.brief(new_frames)} > "
+                             f"{self.frames}")
         assert self._mapping is not None and self._array is not None
         data_bytes = new_frames * self.channels * self.dtype.itemsize
         end = self._header_len + data_bytes + (data_bytes & 1)

@@ -28,11 +28,10 @@ import asyncio as _asyncio
 import errno as _errno
 import fcntl as _fcntl
 import math as _math
-import numbers as _numbers
 import os as _os
 import time as _time
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -93,20 +92,11 @@ _Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
 
 
 def _check_timeout(timeout: object) -> float | None:
-    """timeout as seconds, None for no limit (infinity and numbers past a float's range
-    too); numpy numbers are taken like Python ones."""
+    """timeout as seconds, None for no limit (infinity, and an int past a float's range,
+    too); numpy numbers are taken like Python ones (formats.check_seconds)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, _numbers.Real):
-        raise ValueError(f"timeout must be None or a number of seconds >= 0, got "
-                         f"{_lowlevel.brief(timeout)}")
-    try:
-        seconds = float(timeout)
-    except OverflowError:  # a Python int past 1.8e308 either way
-        seconds = _math.inf if cast(int, timeout) > 0 else -_math.inf
-    if not seconds >= 0:  # negative, or NaN
-        raise ValueError(f"timeout must be None or a number of seconds >= 0, got "
-                         f"{_lowlevel.brief(timeout)}")
+    seconds = formats.check_seconds("timeout", timeout, optional=True)
     return None if seconds == _math.inf else seconds
 
 
@@ -357,6 +347,8 @@ def follow_wav(path: str | _os.PathLike[str], *,
         TimeoutError: no new frame for timeout seconds (names the file).
         WavError: the file is not a WAV we can read, or shrank while followed.
         OSError: the file or its directory cannot be opened or watched.
+        TypeError, ValueError: (at the call) path is not a path, or timeout is not None
+            or a number of seconds >= 0.
     """
     path_str = _lowlevel.path_argument(path)
     limit = _check_timeout(timeout)

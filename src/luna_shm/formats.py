@@ -8,8 +8,10 @@ Subtype names follow python-soundfile.
 from __future__ import annotations
 
 import functools as _functools
+import math as _math
+import numbers as _numbers
 import operator as _operator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -92,6 +94,38 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise ValueError(f"{name} must be {bounds}, got {brief(number)}")
     return number
+
+
+def check_seconds(name: str, value: object, *, maximum: float | None = None,
+                  optional: bool = False) -> float:
+    """value as a float number of seconds in [0, maximum] (no maximum: any size).
+
+    The one check of the package for real-valued durations (timeouts, ages): ints,
+    floats and every numpy real number are taken alike (fractions.Fraction too); a
+    bool (numpy's too), NaN and anything else are refused with a TypeError or
+    ValueError naming the argument and, briefly, what the caller passed (a 5000-digit
+    int by its size). The bounds are checked on the exact value, before it is made a
+    float, so an int too large for a float is refused when over maximum and, with no
+    maximum, becomes ``inf``: infinity itself is a valid duration there, and what it
+    means is the caller's to say. optional=True only words the messages for an
+    argument that also takes None (``timeout must be None or ...``); the caller
+    handles None itself.
+    """
+    none = "None or " if optional else ""
+    # numbers.Real covers numpy's ints and floats (not numpy's bool, which is not Real).
+    if type(value) is not float and type(value) is not int and (
+            isinstance(value, bool) or not isinstance(value, _numbers.Real)):
+        raise TypeError(f"{name} must be {none}a number of seconds, got {brief(value)}")
+    number = cast(float, value)  # a real number, compared exactly as it is
+    if not number >= 0 or (maximum is not None and number > maximum):  # not >=: NaN too
+        bounds = ">= 0 seconds" if maximum is None else (
+            f"between 0 and {int(maximum) if float(maximum).is_integer() else maximum} "
+            "seconds")
+        raise ValueError(f"{name} must be {none}{bounds}, got {brief(value)}")
+    try:
+        return float(number)
+    except OverflowError:  # an int beyond a float's range: only when there is no maximum
+        return _math.inf
 
 
 def check_samplerate(samplerate: object) -> int:

@@ -25,7 +25,7 @@ import re as _re
 import threading as _threading
 import time as _time
 import warnings as _warnings
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -104,15 +104,12 @@ def _check_prefix(prefix: object) -> str:
 
 
 def _check_timeout(timeout: object) -> float | None:
+    """timeout as None or a float of seconds that Condition.wait takes (numpy numbers
+    too; inf is refused: None is how to wait forever)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be None or a number of seconds, got {timeout!r}")
-    if not 0 <= timeout <= _threading.TIMEOUT_MAX:
-        raise ValueError(
-            f"timeout must be None or between 0 and {_threading.TIMEOUT_MAX:.0f} seconds, "
-            f"got {timeout!r}")
-    return timeout
+    return formats.check_seconds("timeout", timeout, maximum=_threading.TIMEOUT_MAX,
+                                 optional=True)
 
 
 def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
@@ -220,7 +217,8 @@ class PooledWav(_resource.Resource):
         self._check_held()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
-            raise ValueError(f"cannot grow a pooled WAV: frames={new_frames} > {self.frames}")
+            raise ValueError(f"cannot grow a pooled WAV: frames={_lowlevel.brief(new_frames)} "
+                             f"> {self.frames}")
         self._slot.mapping.check()
         frame_bytes = self._spec.channels * self._spec.bits // 8
         self._slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
@@ -356,7 +354,8 @@ class AudioPool(_resource.Resource):
             '_' or '-' (the files are ``<prefix>pool_<32 hex>.wav``).
         when_busy: "wait" for a slot to be released (up to timeout seconds, then
             TimeoutError), or "grow" by a new slot.
-        timeout: seconds to wait in "wait" mode; None waits forever.
+        timeout: seconds to wait in "wait" mode (an int, a float or a numpy number,
+            from 0 to ``threading.TIMEOUT_MAX``); None waits forever.
 
     A pool belongs to the process that made it: in a forked child its methods
     raise ``RuntimeError`` and ``close()`` only closes the child's copies of the
@@ -384,9 +383,11 @@ class AudioPool(_resource.Resource):
         slots = formats.check_int("slots", slots, minimum=1)
         max_bytes = formats.check_int("max_bytes", max_bytes, minimum=1)
         if _slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
-            raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got {max_bytes!r}")
+            raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got "
+                             f"{_lowlevel.brief(max_bytes)}")
         if when_busy not in _WHEN_BUSY:
-            raise ValueError(f"when_busy must be 'wait' or 'grow', got {when_busy!r}")
+            raise ValueError(f"when_busy must be 'wait' or 'grow', got "
+                             f"{_lowlevel.brief(when_busy)}")
         self.timeout = _check_timeout(timeout)
         _check_prefix(prefix)
         if anonymous and not _lowlevel.HAS_MEMFD:
@@ -474,12 +475,25 @@ class AudioPool(_resource.Resource):
         """True once :meth:`close` ran."""
         return self._closed
 
+    def __enter__(self) -> Self:
+        """Start a ``with`` block that closes the pool at its end.
+
+        Raises:
+            ValueError: the pool is closed (as a closed WavBuffer or WavWriter does:
+                a block using it could only fail later, further from the cause).
+            RuntimeError: called in a forked child of the pool's process.
+        """
+        if self._closed:
+            raise ValueError("I/O operation on closed AudioPool")
+        self._check_ours()
+        return self
+
     def _check_fits(self, nbytes: int) -> None:
         """ValueError when nbytes of audio do not fit a slot."""
         if nbytes > self.max_bytes:
             raise ValueError(
-                f"{nbytes} bytes of audio do not fit a slot of this pool (max_bytes="
-                f"{self.max_bytes}); make the pool with a larger max_bytes")
+                f"{_lowlevel.brief(nbytes)} bytes of audio do not fit a slot of this pool "
+                f"(max_bytes={self.max_bytes}); make the pool with a larger max_bytes")
 
     def _take(self, nbytes: int) -> _Slot:
         # Before the lock: in a forked child it may be held by a thread that was not copied.
@@ -636,6 +650,7 @@ class AudioPool(_resource.Resource):
         nchannels = formats.check_channels(channels)
         sample_dtype = formats.check_dtype(dtype)
         spec = formats.spec_for(formats.natural_subtype(sample_dtype), rate, nchannels)
+        formats.check_frames_fit(count, spec)  # names a huge count briefly, as WavBuffer does
         slot = self._take(count * nchannels * sample_dtype.itemsize)
         offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
         return PooledWav(self, slot, spec, count, offset, True)

@@ -20,7 +20,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from luna_shm import _lowlevel, _newfile, placement
+from luna_shm import _lowlevel, _newfile, formats, placement
 from luna_shm.placement import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -42,6 +42,9 @@ __all__ = [
     "temp_audio_path",
     "temp_dir",
 ]
+
+# The longest path Linux takes (PATH_MAX): a refused path is named whole up to this.
+_PATH_MAX = 4096
 
 # A last check of a file about to be removed: (name, open fd, its fstat) -> keep it?
 Verify = Callable[[str, int, _os.stat_result], bool]
@@ -68,8 +71,8 @@ def get_temp_audio_path(
             and ``luna_daemon_`` ones.
         create: True reserves the name now: an empty private file (mode 0600,
             created exclusively, retried on collision like :func:`tempfile.mkstemp`).
-        size_hint: bytes the file will hold; when the RAM disk has less free,
-            the file goes to the fallback dir.
+        size_hint: bytes the file will hold, an int >= 0 (numpy integers too);
+            when the RAM disk has less free, the file goes to the fallback dir.
 
     Returns:
         The absolute path, in the RAM disk when usable, else the fallback dir.
@@ -180,7 +183,8 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         logger).
 
     Raises:
-        TypeError: path is not a str or PathLike of str (or None).
+        TypeError: path is not a str or PathLike of str (or None); the message
+            names what was passed.
         ValueError: the path is not ours: not absolute, its parent is not exactly
             one of our two dirs (or is a symlink), or its name has neither our
             prefixes nor a uuid4 token.
@@ -189,24 +193,24 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
     """
     if path is None:
         return False
-    text = _os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be str or os.PathLike[str], got {type(text).__name__}")
+    text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     if not text:
         return False
+    # Named whole up to PATH_MAX (a real path is never longer), by its length beyond.
+    shown = _lowlevel.brief(text, _PATH_MAX)
     if "\0" in text:
-        raise ValueError(f"path contains a NUL byte: {text!r}")
+        raise ValueError(f"path contains a NUL byte: {shown}")
     if not _os.path.isabs(text):
-        raise ValueError(f"refusing to remove {text!r}: not an absolute path")
+        raise ValueError(f"refusing to remove {shown}: not an absolute path")
     parent, name = _os.path.split(text)
     if parent not in placement.our_dirs():
         raise ValueError(
-            f"refusing to remove {text!r}: its directory is not one of ours "
+            f"refusing to remove {shown}: its directory is not one of ours "
             f"({', '.join(placement.our_dirs())})"
         )
     if not is_made_name(name):
         raise ValueError(
-            f"refusing to remove {text!r}: the name lacks our prefixes "
+            f"refusing to remove {shown}: the name lacks our prefixes "
             f"({AUDIO_PREFIX!r}, {DAEMON_PREFIX!r}) and the uuid4 hex token that "
             "get_temp_audio_path puts in every name"
         )
@@ -218,7 +222,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         # O_DIRECTORY|O_NOFOLLOW on a symlink fails with ENOTDIR on Linux, ELOOP elsewhere.
         if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
             what = "a symlink" if _os.path.islink(parent) else "not a directory"
-            raise ValueError(f"refusing to remove {text!r}: {parent} is {what}") from None
+            raise ValueError(f"refusing to remove {shown}: {parent} is {what}") from None
         raise
     try:
         try:
@@ -308,7 +312,9 @@ def iter_unused_temp_audio(
     No lock is held while the caller handles a yielded file.
 
     Args:
-        older_than: seconds; when given, only files last modified longer ago.
+        older_than: seconds (an int, a float or a numpy number); when given, only
+            files last modified longer ago. ``math.inf`` (or an int too large for a
+            float) selects nothing: no file is that old.
         remove: unlink each file (while holding its exclusive lock) before
             yielding it; False only lists them, for a dry run.
 
@@ -316,18 +322,17 @@ def iter_unused_temp_audio(
         An iterator of (absolute path, the file's lstat result).
 
     Raises:
-        TypeError, ValueError: older_than is not a number of seconds >= 0
-            (raised by this call, before iterating).
+        TypeError, ValueError: older_than is not a number of seconds >= 0 (a
+            bool and NaN are refused), raised by this call, before iterating.
         OSError: while iterating, after the other dir was done: one of our dirs
             exists but cannot be read (EACCES, EMFILE, ...). A missing dir, or a
             symlink or non-directory at its name, holds nothing of ours.
     """
+    cutoff = None
     if older_than is not None:
-        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
-            raise TypeError(f"older_than must be a number of seconds, got {older_than!r}")
-        if not older_than >= 0:
-            raise ValueError(f"older_than must be >= 0 seconds, got {older_than!r}")
-    cutoff = None if older_than is None else _time.time() - older_than
+        # Before the iterator: a bad value raises at the call. time - inf = -inf, which
+        # no file's mtime is before: an infinite age selects nothing.
+        cutoff = _time.time() - formats.check_seconds("older_than", older_than)
     return _iter_unused(cutoff, remove)
 
 
@@ -432,13 +437,16 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
     :func:`iter_unused_temp_audio` lists the same files without removing them.
 
     Args:
-        older_than: seconds; when given, only files last modified longer ago.
+        older_than: seconds (an int, a float or a numpy number); when given, only
+            files last modified longer ago. ``math.inf`` (or an int too large for a
+            float) removes nothing: no file is that old.
 
     Returns:
         The number of files this call removed.
 
     Raises:
-        TypeError, ValueError: older_than is not a number of seconds >= 0.
+        TypeError, ValueError: older_than is not a number of seconds >= 0 (a
+            bool and NaN are refused).
         OSError: one of our dirs exists but cannot be read (EACCES, EMFILE, ...),
             with that dir as filename; the other dir is cleaned first. A missing
             dir, or a symlink or non-directory at its name, counts as empty.
