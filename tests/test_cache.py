@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -56,6 +57,47 @@ def test_cache_key_refuses_values_that_have_no_canonical_form() -> None:
         cache_key("hi", voices={"a"})
     with pytest.raises(ValueError, match="finite"):
         cache_key("hi", speed=float("nan"))
+
+
+@pytest.mark.parametrize("bad_key", [1, None, 1.5, True, ("a",)])
+@pytest.mark.parametrize("nest", [lambda d: d, lambda d: [0, {"inner": d}]],
+                         ids=["flat", "nested"])
+def test_cache_key_refuses_dicts_with_keys_that_are_not_str(bad_key, nest) -> None:
+    # JSON would write 1 as "1" and None as "null": two different dicts, one key.
+    with pytest.raises(TypeError, match=rf"speed.* dict key that is not a str: "
+                                        rf"{re.escape(repr(bad_key))}"):
+        cache_key("hi", speed=nest({bad_key: "a"}))
+    with pytest.raises(TypeError, match=r"voice.* dict key that is not a str"):
+        cache_key("hi", voice=nest({"ok": 1, bad_key: "a"}))
+
+
+def test_cache_key_names_a_lone_surrogate_and_a_huge_int() -> None:
+    with pytest.raises(ValueError, match=r"text holds a lone surrogate '\\udcff' at index 0"):
+        cache_key("\udcff")
+    with pytest.raises(ValueError, match=r"speed\['x'\] holds a lone surrogate"):
+        cache_key("hi", speed={"x": "ok\ud800"})
+    with pytest.raises(ValueError, match=r"speed \(a dict key\) holds a lone surrogate"):
+        cache_key("hi", speed={"\ud800": 1})
+    with pytest.raises(ValueError, match=r"x is too large an int for a key .*"
+                                         r"got an int of 16610 bits"):
+        cache_key("hi", x=10**5000)
+    with pytest.raises(ValueError, match=r"x\[1\] is too large an int"):
+        cache_key("hi", x=[1, -(10**4300)])
+    assert cache_key("hi", x=10**4300 - 1) != cache_key("hi", x=10**4299)
+
+
+def test_cache_key_takes_numpy_scalars_as_the_python_numbers_of_their_value() -> None:
+    assert cache_key("hi", speed=np.int64(2), pitch=np.float32(0.5), loud=np.bool_(True)) == \
+        cache_key("hi", speed=2, pitch=0.5, loud=True)
+    with pytest.raises(ValueError, match="finite numbers: speed is nan"):
+        cache_key("hi", speed=np.float32("nan"))
+
+
+def test_cache_key_refuses_a_list_that_contains_itself() -> None:
+    looped: list[object] = [1]
+    looped.append(looped)
+    with pytest.raises(ValueError, match=r"options\[1\] contains itself"):
+        cache_key("hi", options=looped)
 
 
 def test_bad_names_keys_and_sizes_raise_naming_what_was_passed(private_dirs) -> None:
