@@ -475,3 +475,105 @@ def test_a_cache_left_open_warns_and_closes_its_lock_file(private_dirs) -> None:
         gc.collect()
     assert lock_files_open() == 0
     AudioCache("leaky").destroy()
+
+
+def test_numpy_numbers_are_taken_wherever_the_cache_takes_a_number(private_dirs,
+                                                                   tmp_path) -> None:
+    (tmp_path / "disk").mkdir()
+    for n, (integer, real) in enumerate([(np.int64, np.float64), (np.int32, np.float32),
+                                         (np.uint32, np.float16)]):
+        for ttl in (integer(60), real(60)):
+            with AudioCache(f"np{n}", max_bytes=integer(100_000), ttl=ttl,
+                            disk_dir=tmp_path / "disk",
+                            disk_max_bytes=integer(200_000)) as cache:
+                assert (cache.max_bytes, cache.ttl) == (100_000, 60)
+                assert type(cache.max_bytes) is int and type(cache.ttl) in (int, float)
+                key = cache_key("numpy", n=n)
+                with cache.get_or_render(key, lambda w: w.write(tone(key)),  # noqa: B023
+                                         samplerate=integer(16000), channels=integer(1),
+                                         timeout=real(5)) as entry:
+                    assert entry.samplerate == 16000
+                for timeout in (integer(5), real(0.5), real("inf")):
+                    assert len(list(cache.follow(key, timeout=timeout))) == 1
+                    cache.get_or_render(key, print, samplerate=16000, timeout=timeout).release()
+                cache.put(key, tone(key), integer(8000)).release()
+                with cache.get(key) as hit:
+                    assert hit.samplerate == 8000
+                cache.destroy()
+
+
+@pytest.mark.parametrize(("timeout", "error", "message"), [
+    ("1", TypeError, "timeout must be a number of seconds or None, got '1'"),
+    (True, TypeError, "timeout must be a number of seconds or None, got True"),
+    (np.bool_(False), TypeError, "timeout must be a number of seconds or None, got"),
+    (float("nan"), ValueError, "timeout must be >= 0 seconds, got nan"),
+    (-1, ValueError, "timeout must be >= 0 seconds, got -1"),
+    (np.float32(-0.5), ValueError, r"timeout must be >= 0 seconds, got np.float32\(-0.5\)"),
+    (-(10**5000), ValueError, "timeout must be >= 0 seconds, got an int of 16610 bits"),
+], ids=["str", "bool", "numpy bool", "nan", "negative", "negative numpy", "huge negative"])
+def test_a_bad_timeout_is_refused_before_anything_else_happens(cache, timeout, error,
+                                                                 message) -> None:
+    key = cache_key("timeout")
+    rendered: list[int] = []
+    with pytest.raises(error, match=message):
+        cache.get_or_render(key, lambda w: rendered.append(1), samplerate=16000,
+                            timeout=timeout)
+    with pytest.raises(error, match=message):
+        cache.follow(key, timeout=timeout)  # at the call, not at the first block
+    assert rendered == [] and cache.live_path(key) is None
+    cache.put(key, tone(key), 16000).release()
+    with pytest.raises(error, match=message):  # a hit too
+        cache.get_or_render(key, lambda w: rendered.append(1), samplerate=16000,
+                            timeout=timeout)
+
+
+def test_get_or_render_checks_its_format_on_a_hit_too(cache) -> None:
+    key = cache_key("format")
+    cache.put(key, tone(key), 16000).release()
+    with pytest.raises(ValueError, match="samplerate must be between 1 and 4294967295, got 0"):
+        cache.get_or_render(key, print, samplerate=0)
+    with pytest.raises(TypeError, match="channels must be an int, got '2'"):
+        cache.get_or_render(key, print, samplerate=16000, channels="2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("disk_dir", "error", "message"), [
+    (3, TypeError, "disk_dir must be a str or os.PathLike.str., got 3"),
+    (b"/tmp", TypeError, r"disk_dir must be a str or os.PathLike.str., got b'/tmp'"),
+    ("", ValueError, "disk_dir must name a directory, got ''"),
+], ids=["int", "bytes", "empty"])
+def test_a_bad_disk_dir_is_named_and_leaves_nothing(private_dirs, disk_dir, error,
+                                                    message) -> None:
+    with pytest.raises(error, match=message):
+        AudioCache("baddisk", disk_dir=disk_dir)
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_every_method_of_a_closed_cache_raises_value_error(private_dirs) -> None:
+    cache = AudioCache("shut")
+    key = cache_key("shut")
+    cache.put(key, tone(key), 16000).release()
+    assert not cache.closed
+    cache.close()
+    assert cache.closed
+    calls = {
+        "get": lambda: cache.get(key),
+        "in": lambda: key in cache,
+        "put": lambda: cache.put(key, tone(key), 16000),
+        "put_bytes": lambda: cache.put_bytes(key, b"mp3"),
+        "get_or_render": lambda: cache.get_or_render(key, print, samplerate=16000),
+        "follow": lambda: cache.follow(key),
+        "live_path": lambda: cache.live_path(key),
+        "discard": lambda: cache.discard(key),
+        "clear": cache.clear,
+        "stats": cache.stats,
+        "entries": cache.entries,
+        "destroy": cache.destroy,
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="I/O operation on closed AudioCache 'shut'"):
+            call()
+            pytest.fail(f"{name} worked on a closed cache")
+    cache.close()  # again: nothing
+    with AudioCache("shut") as again:
+        assert key in again
+        again.destroy()

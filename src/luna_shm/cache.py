@@ -204,6 +204,32 @@ def _check_bytes(what: str, value: object, *, optional: bool = False) -> int | N
     return formats.check_int(what, value, minimum=1)
 
 
+def _seconds(name: str, value: object, *, positive: bool) -> int | float:
+    """value, a number of seconds (an int or float, numpy ones too, never a bool), as a
+    Python int or float that is > 0 (positive) or >= 0; NaN is neither. TypeError or
+    ValueError naming the argument and what was passed."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        number: int | float = int(value)
+    elif isinstance(value, float | np.floating):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number of seconds or None, got "
+                        f"{_lowlevel.brief(value)}")
+    if not (number > 0 if positive else number >= 0):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got "
+                         f"{_lowlevel.brief(value)}")
+    return number
+
+
+def _check_timeout(timeout: object) -> float | None:
+    """A wait's timeout as float seconds, or None for no limit: None, infinity and anything
+    beyond threading.TIMEOUT_MAX (about 292 years) mean no limit."""
+    if timeout is None:
+        return None
+    seconds = _seconds("timeout", timeout, positive=False)
+    return None if seconds > _threading.TIMEOUT_MAX else float(seconds)
+
+
 def _entry_name(name: str) -> tuple[str, str] | None:
     """(key, suffix) when name is a committed entry's file name, else None."""
     key, dot, suffix = name.rpartition(".")
@@ -512,13 +538,14 @@ class AudioCache:
             Every process of this user that opens the same name shares the entries.
         max_bytes: the RAM tier never holds more committed bytes than this (an entry
             being rendered aside); least recently used entries go first.
-        ttl: seconds an entry stays valid after it was stored; None keeps it.
+        ttl: seconds an entry stays valid after it was stored (an int or float, numpy
+            ones too, > 0; NaN is refused); None (or infinity) keeps it.
         disk_dir: a directory for a second tier, kept across restarts: entries evicted
             from RAM spill there (within disk_max_bytes) and a RAM miss reloads them.
         disk_max_bytes: the disk tier's bound (default 1 GiB).
 
     Raises:
-        TypeError, ValueError: a bad name, size or ttl, named in the message.
+        TypeError, ValueError: a bad name, size, ttl or disk_dir, named in the message.
         PermissionError: the cache directory is a symlink, belongs to another user
             or lets others in.
         OSError: the directory cannot be made or opened.
@@ -536,22 +563,25 @@ class AudioCache:
                              f"'-' (not starting with '.'), got {name!r}")
         self.name = name
         self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
-        if ttl is not None:
-            if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-                raise TypeError(f"ttl must be a number of seconds or None, got {ttl!r}")
-            if not ttl > 0:
-                raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
-        self.ttl = ttl
+        self.ttl = None if ttl is None else _seconds("ttl", ttl, positive=True)
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
+        disk_text = None
+        if disk_dir is not None:
+            try:
+                disk_text = _os.fspath(disk_dir)
+            except TypeError:
+                disk_text = None
+            if not isinstance(disk_text, str):
+                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got "
+                                f"{_lowlevel.brief(disk_dir)}")
+            if not disk_text:
+                raise ValueError("disk_dir must name a directory, got ''")
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._encoded = False
         self._ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
         self._disk: _Tier | None = None
-        if disk_dir is not None:
-            disk_text = _os.fspath(disk_dir)
-            if not isinstance(disk_text, str):
-                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got {disk_dir!r}")
+        if disk_text is not None:
             try:
                 self._disk = _Tier(_os.path.abspath(disk_text), name,
                                    disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
@@ -568,6 +598,15 @@ class AudioCache:
     def directory(self) -> str:
         """The RAM tier's directory."""
         return self._ram.directory
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` or :meth:`destroy` ran: every other method raises then."""
+        return self._ram.lock_fd < 0
+
+    def _check_open(self) -> None:
+        if self._ram.lock_fd < 0:
+            raise ValueError(f"I/O operation on closed AudioCache {self.name!r}")
 
     # ---- counters ------------------------------------------------------------------
 
@@ -630,6 +669,7 @@ class AudioCache:
         Raises:
             TypeError, ValueError: key is not a key (see :func:`cache_key`).
         """
+        self._check_open()
         _check_key(key)
         found = self._open_entry(self._ram, key)
         if found is None and self._disk is not None:
@@ -638,6 +678,7 @@ class AudioCache:
         return found
 
     def __contains__(self, key: str) -> bool:
+        self._check_open()
         _check_key(key)
         return any(_os.path.exists(self._ram.path(key + s)) for s in self._suffixes())
 
@@ -821,6 +862,7 @@ class AudioCache:
             TypeError, ValueError: a bad key, data, samplerate or subtype.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
+        self._check_open()
         _check_key(key)
         enc = encoding.plan(data, samplerate, subtype)
         part, fd = self._ram.new_part(key)
@@ -845,6 +887,7 @@ class AudioCache:
             TypeError, ValueError: a bad key, data or suffix; empty data.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
+        self._check_open()
         _check_key(key)
         if suffix not in ENCODED_SUFFIXES:
             raise ValueError(f"suffix must be one of {', '.join(ENCODED_SUFFIXES)}, "
@@ -871,6 +914,7 @@ class AudioCache:
 
         :meth:`follow` plays it while it renders; so does ``follow_wav`` of this path.
         """
+        self._check_open()
         path = self._ram.path(_check_key(key) + _LIVE)
         return path if _os.path.exists(path) else None
 
@@ -885,15 +929,22 @@ class AudioCache:
 
         Args:
             key: a key from :func:`cache_key`.
-            timeout: seconds to wait for the render's next block (None: no limit).
+            timeout: seconds to wait for the render's next block (a number >= 0;
+                None or infinity: no limit).
 
         Raises:
-            KeyError: key is neither stored nor being rendered now.
+            TypeError, ValueError: a bad key or timeout (raised by the call itself).
+            KeyError: key is neither stored nor being rendered now (at the first block).
             ValueError: the entry is encoded audio (see :meth:`put_bytes`).
             StreamAbandoned: the render failed or its process died (a WavError): the
                 next :meth:`get_or_render` renders it again.
             TimeoutError: no new block for timeout seconds.
         """
+        self._check_open()
+        _check_key(key)
+        return self._follow(key, _check_timeout(timeout))
+
+    def _follow(self, key: str, limit: float | None) -> Iterator[np.ndarray]:
         # A render can end between the two looks (its file is renamed into the entry):
         # look again; a third time is another render, which we follow.
         for _ in range(3):
@@ -912,7 +963,7 @@ class AudioCache:
             try:
                 # Through the open file: the renderer's rename into the entry, or the
                 # removal of a failed render, does not take it away from the follower.
-                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=timeout)
+                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=limit)
             finally:
                 _os.close(fd)
             return
@@ -934,20 +985,29 @@ class AudioCache:
             key: see :func:`cache_key`.
             render: called with the writer; its return value is ignored.
             samplerate, channels, dtype: the writer's format.
-            timeout: seconds to wait for another caller's render; None waits as long
-                as it runs.
+            timeout: seconds to wait for another caller's render (an int or float, numpy
+                ones too, >= 0; 0 does not wait); None or infinity waits as long as it
+                runs.
 
         Returns:
             The entry, pinned (``stored`` False when it was too large to keep).
 
         Raises:
+            TypeError, ValueError: a bad key, samplerate, channels, dtype or timeout
+                (NaN is refused), checked before anything else.
             RenderError: the render this caller waited for failed.
             TimeoutError: timeout passed while another caller rendered.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
+        self._check_open()
         _check_key(key)
-        deadline = None if timeout is None else _time.monotonic() + timeout
+        # Checked up front, hit or miss: a bad argument never depends on the cache's state.
+        formats.check_samplerate(samplerate)
+        formats.check_channels(channels)
+        formats.check_dtype(dtype)
+        limit = _check_timeout(timeout)
+        deadline = None if limit is None else _time.monotonic() + limit
         while True:
             found = self.get(key)
             if found is not None:
@@ -1106,6 +1166,7 @@ class AudioCache:
 
     def discard(self, key: str) -> bool:
         """Remove key's entry from both tiers unless it is pinned; True if one was removed."""
+        self._check_open()
         _check_key(key)
         removed = False
         for tier in (self._ram, self._disk):
@@ -1118,6 +1179,7 @@ class AudioCache:
 
     def clear(self) -> int:
         """Remove every unpinned entry (both tiers) and leftovers; return how many entries."""
+        self._check_open()
         removed = 0
         for tier in (self._ram, self._disk):
             if tier is None:
@@ -1136,6 +1198,7 @@ class AudioCache:
         Raises:
             OSError: an entry is still pinned (ENOTEMPTY) or a directory cannot be removed.
         """
+        self._check_open()
         self.clear()
         for tier in (self._ram, self._disk):
             if tier is None:
@@ -1148,6 +1211,7 @@ class AudioCache:
 
     def stats(self) -> CacheStats:
         """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
+        self._check_open()
         with self._ram.locked():
             totals = self._flush_counts()
             entries = self._ram.entries()
@@ -1165,6 +1229,7 @@ class AudioCache:
 
     def entries(self) -> list[tuple[str, str, _os.stat_result]]:
         """(key, path, lstat) of each RAM entry, least recently used first."""
+        self._check_open()
         with self._ram.locked():
             entries = self._ram.entries()
         entries.sort(key=lambda item: item[1].st_atime_ns)
