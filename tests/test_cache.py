@@ -577,3 +577,25 @@ def test_every_method_of_a_closed_cache_raises_value_error(private_dirs) -> None
     with AudioCache("shut") as again:
         assert key in again
         again.destroy()
+
+
+@pytest.mark.parametrize("fault", ["missing disk dir", "refused disk dir"])
+def test_a_failed_constructor_leaves_nothing_it_made_and_keeps_what_was_there(
+        private_dirs, tmp_path, fault) -> None:
+    disk = tmp_path / "disk"
+    if fault == "refused disk dir":
+        os.makedirs(disk / f"luna_cache-{os.geteuid()}-made", mode=0o700)
+        os.chmod(disk / f"luna_cache-{os.geteuid()}-made", 0o770)
+    with pytest.raises(OSError):
+        AudioCache("made", disk_dir=disk)
+    assert os.listdir(private_dirs.ram) == []
+    if fault == "refused disk dir":  # not ours: it stays
+        assert os.listdir(disk) == [f"luna_cache-{os.geteuid()}-made"]
+    # A cache of that name already open elsewhere keeps its directory and entries.
+    with AudioCache("made") as existing:
+        key = cache_key("existing")
+        existing.put(key, tone(key), 16000).release()
+        with pytest.raises(OSError):
+            AudioCache("made", disk_dir=disk)
+        assert key in existing and existing.stats().entries == 1
+        existing.destroy()

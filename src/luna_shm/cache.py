@@ -357,13 +357,15 @@ class CachedAudio(FileResource):
         return f"<CachedAudio {self.key!r} {self.path!r} {state}>"
 
 
-def _open_private_dir(parent: str, name: str, what: str) -> int:
-    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one."""
+def _open_private_dir(parent: str, name: str, what: str) -> tuple[int, bool]:
+    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one.
+    (its fd, True when this call made it)."""
     path = f"{parent}/{name}"
     try:
         _os.mkdir(path, 0o700)
+        made = True
     except FileExistsError:
-        pass
+        made = False
     try:
         fd = _os.open(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
     except OSError as exc:
@@ -381,7 +383,7 @@ def _open_private_dir(parent: str, name: str, what: str) -> int:
         _os.close(fd)
         raise PermissionError(_errno.EPERM, f"refusing the {what} directory: mode "
                               f"{_stat.S_IMODE(st.st_mode):o} lets others in (want 700)", path)
-    return fd
+    return fd, made
 
 
 class _Tier:
@@ -392,10 +394,14 @@ class _Tier:
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
         self.what = what
-        dir_fd = _open_private_dir(parent, self.name, what)
+        dir_fd, self.made = _open_private_dir(parent, self.name, what)
         try:
             self.lock_fd = _os.open(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW
                                     | _os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except BaseException:
+            if self.made:
+                _rmdir_quietly(self.directory)
+            raise
         finally:
             _os.close(dir_fd)
         self.pid = _os.getpid()
@@ -507,6 +513,25 @@ class _Tier:
         path = self.path(f".{name}.{_token()}{_PART}")
         return path, _lowlevel.create_locked(self.directory, path)
 
+    def undo(self) -> None:
+        """Close, and remove the directory again when this tier made it (an AudioCache
+        whose construction failed leaves nothing of its own).
+
+        Another process can have opened the same cache in the moment since the mkdir:
+        the directory is removed only when no one holds its lock and nothing but the
+        lock file is in it (a process that opened it between our mkdir and now would
+        find its files gone: an OSError, in a window of microseconds, never data lost).
+        """
+        try:
+            if self.made and _lowlevel.lock(self.lock_fd, exclusive=True):
+                with _os.scandir(self.directory) as scan:
+                    alone = [item.name for item in scan] == [_LOCK_NAME]
+                if alone:
+                    _unlink_quietly(self.path(_LOCK_NAME))
+                    _rmdir_quietly(self.directory)
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self.lock_fd >= 0:
             fd, self.lock_fd = self.lock_fd, -1
@@ -579,20 +604,25 @@ class AudioCache:
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._encoded = False
-        self._ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
-        self._disk: _Tier | None = None
-        if disk_text is not None:
-            try:
-                self._disk = _Tier(_os.path.abspath(disk_text), name,
-                                   disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
-            except BaseException:
-                self._ram.close()
-                raise
-        tiers = [self._ram] if self._disk is None else [self._ram, self._disk]
+        ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
+        disk: _Tier | None = None
+        try:
+            if disk_text is not None:
+                disk = _Tier(_os.path.abspath(disk_text), name,
+                             disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
+            with ram.locked():
+                ram.sweep()
+                ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
+        except BaseException:
+            # A failed constructor leaves nothing it made (a directory that was there
+            # before, and may be in use, stays).
+            if disk is not None:
+                disk.undo()
+            ram.undo()
+            raise
+        self._ram, self._disk = ram, disk
+        tiers = [ram] if disk is None else [ram, disk]
         self._finalizer = _weakref.finalize(self, _warn_leak, tiers, name, _os.getpid())
-        with self._ram.locked():
-            self._ram.sweep()
-            self._ram.set_bytes(sum(st.st_size for _, st in self._ram.entries()))
 
     @property
     def directory(self) -> str:
@@ -1278,6 +1308,14 @@ def _is_pinned(path: str) -> bool:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
         _os.close(fd)
+
+
+def _rmdir_quietly(path: str) -> None:
+    """Remove an empty directory; leave it when it is not empty or gone (OSError)."""
+    try:
+        _os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:
