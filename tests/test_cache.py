@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -577,6 +579,74 @@ def test_every_method_of_a_closed_cache_raises_value_error(private_dirs) -> None
     with AudioCache("shut") as again:
         assert key in again
         again.destroy()
+
+
+def test_destroy_after_a_failed_render_removes_its_note_and_closes_cleanly(
+        private_dirs) -> None:
+    cache = AudioCache("failed")
+    key = cache_key("hi")
+    with pytest.raises(ValueError, match="wrote no frames"):
+        cache.get_or_render(key, lambda w: None, samplerate=16000)
+    assert f"{key}.outcome" in os.listdir(cache.directory)  # the note for its waiters
+    cache.destroy()
+    assert os.listdir(private_dirs.ram) == []
+    assert cache.closed
+    with pytest.raises(ValueError, match="closed AudioCache 'failed'"):
+        cache.stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del cache
+        gc.collect()  # no "unclosed AudioCache"
+
+
+def test_destroy_refuses_a_pinned_entry_or_a_file_not_its_own_and_stays_usable(
+        private_dirs) -> None:
+    cache = AudioCache("kept")
+    key, other = cache_key("pinned"), cache_key("unpinned")
+    cache.put(other, tone(other), 16000).release()
+    pin = cache.put(key, tone(key), 16000)
+    with pytest.raises(OSError, match=rf"{key}\.wav \(pinned\) \(the cache stays open\)"
+                       ) as caught:
+        cache.destroy()
+    assert caught.value.errno == errno.ENOTEMPTY and caught.value.filename == cache.directory
+    assert not cache.closed and cache.stats().entries == 1 and other not in cache
+    pin.release()
+    foreign = f"{cache.directory}/my-notes.outcome"  # named like a note, but not one
+    with open(foreign, "w") as f:
+        f.write("mine")
+    with pytest.raises(OSError, match=r"my-notes\.outcome \(not the cache's\)") as caught:
+        cache.destroy()
+    assert caught.value.errno == errno.ENOTEMPTY
+    with open(foreign) as f:
+        assert f.read() == "mine"
+    os.unlink(foreign)
+    assert key not in cache  # unpinned by then: the failed destroy cleared it
+    with cache.put(key, tone(key), 16000), cache.get(key) as hit:  # still usable
+        np.testing.assert_array_equal(hit.array, tone(key))
+    cache.destroy()
+    assert cache.closed and os.listdir(private_dirs.ram) == []
+
+
+def test_destroy_refuses_while_a_render_is_in_flight(cache) -> None:
+    key = cache_key("in flight")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(writer) -> None:
+        writer.write(tone(key))
+        started.set()
+        release.wait(30)
+
+    renderer = threading.Thread(
+        target=lambda: cache.get_or_render(key, slow, samplerate=16000).release())
+    renderer.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(OSError, match=rf"{key}\.live \(being rendered\)"):
+            cache.destroy()
+    finally:
+        release.set()
+        renderer.join(30)
+    assert key in cache
 
 
 @pytest.mark.parametrize("fault", ["missing disk dir", "refused disk dir"])

@@ -71,6 +71,7 @@ _KEY = _re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _LIVE = ".live"
 _OUTCOME = ".outcome"
+_OUTCOME_START = _re.compile(rb"[0-9]{1,20} [0-9]{1,10} ")
 _PART = ".part"
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
@@ -531,6 +532,30 @@ class _Tier:
                     _rmdir_quietly(self.directory)
         finally:
             self.close()
+
+    def leftovers(self) -> tuple[list[str], list[str]]:
+        """What keeps the directory after a clear (under the lock): (the outcome notes of
+        failed renders, ours to remove; every other name but the lock file, each with
+        why it stays: a pinned entry, a render or write in flight, a file not ours)."""
+        notes: list[str] = []
+        kept: list[str] = []
+        with _os.scandir(self.directory) as scan:
+            for item in scan:
+                name = item.name
+                if name == _LOCK_NAME:
+                    continue
+                if (name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)])
+                        and _is_outcome_note(self.path(name))):
+                    notes.append(name)
+                elif _entry_name(name) is not None:
+                    kept.append(f"{name} (pinned)")
+                elif name.endswith(_LIVE) and _KEY.fullmatch(name[:-len(_LIVE)]):
+                    kept.append(f"{name} (being rendered)")
+                elif name.startswith(".") and (name.endswith(_PART) or _UNSTORED + "." in name):
+                    kept.append(f"{name} (in use)")
+                else:
+                    kept.append(f"{name} (not the cache's)")
+        return notes, sorted(kept)
 
     def close(self) -> None:
         if self.lock_fd >= 0:
@@ -1224,20 +1249,43 @@ class AudioCache:
         """Clear the cache and remove its directories (when no entry is pinned), then close.
 
         Meant for when no other process uses the cache (tests, examples, uninstall).
+        It removes only what it knows as the cache's own: entries, the notes that failed
+        renders leave for their waiters, leftovers no process holds, and the lock file.
 
         Raises:
-            OSError: an entry is still pinned (ENOTEMPTY) or a directory cannot be removed.
+            OSError: ENOTEMPTY when an entry is still pinned, a render or a write is in
+                flight (in any process), or a directory holds a file that is not the
+                cache's: the message names them, nothing but unpinned entries was
+                removed and the cache stays open (release and call again). Any other
+                OSError, or a process that uses the cache meanwhile, leaves the cache
+                closed: the directories may then still be there.
+            ValueError: the cache is closed.
         """
         self._check_open()
         self.clear()
-        for tier in (self._ram, self._disk):
-            if tier is None:
-                continue
+        tiers = [tier for tier in (self._ram, self._disk) if tier is not None]
+        for tier in tiers:
             with tier.locked():
-                _unlink_quietly(tier.path(_LOCK_NAME))
-            tier.close()
-            _os.rmdir(tier.directory)
+                _, kept = tier.leftovers()
+            if kept:
+                shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3
+                                               else "")
+                raise OSError(_errno.ENOTEMPTY, f"cannot destroy the {tier.what} "
+                              f"{self.name!r}: {shown} (the cache stays open)", tier.directory)
+        # Nothing is held: from here on the cache ends closed, whatever fails.
         self._finalizer.detach()
+        try:
+            for tier in tiers:
+                with tier.locked():
+                    notes, _ = tier.leftovers()
+                    for note in notes:
+                        _unlink_quietly(tier.path(note))
+                    _unlink_quietly(tier.path(_LOCK_NAME))
+                tier.close()
+                _os.rmdir(tier.directory)
+        finally:
+            for tier in tiers:
+                tier.close()
 
     def stats(self) -> CacheStats:
         """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
@@ -1297,6 +1345,19 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
             tier.close()
         except OSError:
             pass
+
+
+def _is_outcome_note(path: str) -> bool:
+    """True when path is a regular file that starts as _write_outcome writes: "<inode> <pid> "."""
+    try:
+        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return (_stat.S_ISREG(_os.fstat(fd).st_mode)
+                and _OUTCOME_START.match(_os.pread(fd, 48, 0)) is not None)
+    finally:
+        _os.close(fd)
 
 
 def _is_pinned(path: str) -> bool:
