@@ -807,9 +807,10 @@ class AudioCache:
             _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             if sync:
                 _os.fsync(fd)
-        except BaseException:
+        except BaseException as exc:
             _os.close(fd)
             _unlink_quietly(part)
+            _raise_named(exc, part)
             raise
         return part, fd
 
@@ -956,9 +957,10 @@ class AudioCache:
             view = memoryview(data).cast("B")
             while view:
                 view = view[_os.write(fd, view):]
-        except BaseException:
+        except BaseException as exc:
             _os.close(fd)
             _unlink_quietly(part)
+            _raise_named(exc, part)
             raise
         return self._commit(key, part, key + suffix, fd)
 
@@ -1369,6 +1371,14 @@ def _is_pinned(path: str) -> bool:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
         _os.close(fd)
+
+
+def _raise_named(exc: BaseException, path: str) -> None:
+    """When exc is an OSError without a file name, raise it again naming path (os.write
+    and os.sendfile name none, and an EFBIG or ENOSPC must say which file); else return,
+    for the caller to re-raise exc as it is."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__) from None
 
 
 def _rmdir_quietly(path: str) -> None:
