@@ -669,3 +669,14 @@ def test_a_failed_constructor_leaves_nothing_it_made_and_keeps_what_was_there(
             AudioCache("made", disk_dir=disk)
         assert key in existing and existing.stats().entries == 1
         existing.destroy()
+
+
+@pytest.mark.parametrize("empty", [np.zeros(0, np.int16), np.zeros((0, 2), np.float32), []],
+                         ids=["mono", "stereo", "list"])
+def test_put_refuses_audio_with_no_frames_as_get_or_render_and_put_bytes_do(cache,
+                                                                              empty) -> None:
+    key = cache_key("silence")
+    with pytest.raises(ValueError, match=r"data has no frames \(got .*\): an empty render is "
+                                         "never cached"):
+        cache.put(key, empty, 16000)
+    assert key not in cache and sorted(os.listdir(cache.directory)) == ["lock"]

@@ -915,12 +915,16 @@ class AudioCache:
             other entry is pinned (the audio is still there until released).
 
         Raises:
-            TypeError, ValueError: a bad key, data, samplerate or subtype.
+            TypeError, ValueError: a bad key, data, samplerate or subtype; data with no
+                frames (as for get_or_render and put_bytes, empty audio is never cached).
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
         _check_key(key)
         enc = encoding.plan(data, samplerate, subtype)
+        if enc.nbytes == 0:
+            raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
+                             "render is never cached")
         part, fd = self._ram.new_part(key)
         try:
             _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
