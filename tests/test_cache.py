@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import threading
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +59,47 @@ def test_cache_key_refuses_values_that_have_no_canonical_form() -> None:
         cache_key("hi", voices={"a"})
     with pytest.raises(ValueError, match="finite"):
         cache_key("hi", speed=float("nan"))
+
+
+@pytest.mark.parametrize("bad_key", [1, None, 1.5, True, ("a",)])
+@pytest.mark.parametrize("nest", [lambda d: d, lambda d: [0, {"inner": d}]],
+                         ids=["flat", "nested"])
+def test_cache_key_refuses_dicts_with_keys_that_are_not_str(bad_key, nest) -> None:
+    # JSON would write 1 as "1" and None as "null": two different dicts, one key.
+    with pytest.raises(TypeError, match=rf"speed.* dict key that is not a str: "
+                                        rf"{re.escape(repr(bad_key))}"):
+        cache_key("hi", speed=nest({bad_key: "a"}))
+    with pytest.raises(TypeError, match=r"voice.* dict key that is not a str"):
+        cache_key("hi", voice=nest({"ok": 1, bad_key: "a"}))
+
+
+def test_cache_key_names_a_lone_surrogate_and_a_huge_int() -> None:
+    with pytest.raises(ValueError, match=r"text holds a lone surrogate '\\udcff' at index 0"):
+        cache_key("\udcff")
+    with pytest.raises(ValueError, match=r"speed\['x'\] holds a lone surrogate"):
+        cache_key("hi", speed={"x": "ok\ud800"})
+    with pytest.raises(ValueError, match=r"speed \(a dict key\) holds a lone surrogate"):
+        cache_key("hi", speed={"\ud800": 1})
+    with pytest.raises(ValueError, match=r"x is too large an int for a key .*"
+                                         r"got an int of 16610 bits"):
+        cache_key("hi", x=10**5000)
+    with pytest.raises(ValueError, match=r"x\[1\] is too large an int"):
+        cache_key("hi", x=[1, -(10**4300)])
+    assert cache_key("hi", x=10**4300 - 1) != cache_key("hi", x=10**4299)
+
+
+def test_cache_key_takes_numpy_scalars_as_the_python_numbers_of_their_value() -> None:
+    assert cache_key("hi", speed=np.int64(2), pitch=np.float32(0.5), loud=np.bool_(True)) == \
+        cache_key("hi", speed=2, pitch=0.5, loud=True)
+    with pytest.raises(ValueError, match="finite numbers: speed is nan"):
+        cache_key("hi", speed=np.float32("nan"))
+
+
+def test_cache_key_refuses_a_list_that_contains_itself() -> None:
+    looped: list[object] = [1]
+    looped.append(looped)
+    with pytest.raises(ValueError, match=r"options\[1\] contains itself"):
+        cache_key("hi", options=looped)
 
 
 def test_bad_names_keys_and_sizes_raise_naming_what_was_passed(private_dirs) -> None:
@@ -433,3 +477,206 @@ def test_a_cache_left_open_warns_and_closes_its_lock_file(private_dirs) -> None:
         gc.collect()
     assert lock_files_open() == 0
     AudioCache("leaky").destroy()
+
+
+def test_numpy_numbers_are_taken_wherever_the_cache_takes_a_number(private_dirs,
+                                                                   tmp_path) -> None:
+    (tmp_path / "disk").mkdir()
+    for n, (integer, real) in enumerate([(np.int64, np.float64), (np.int32, np.float32),
+                                         (np.uint32, np.float16)]):
+        for ttl in (integer(60), real(60)):
+            with AudioCache(f"np{n}", max_bytes=integer(100_000), ttl=ttl,
+                            disk_dir=tmp_path / "disk",
+                            disk_max_bytes=integer(200_000)) as cache:
+                assert (cache.max_bytes, cache.ttl) == (100_000, 60)
+                assert type(cache.max_bytes) is int and type(cache.ttl) in (int, float)
+                key = cache_key("numpy", n=n)
+                with cache.get_or_render(key, lambda w: w.write(tone(key)),  # noqa: B023
+                                         samplerate=integer(16000), channels=integer(1),
+                                         timeout=real(5)) as entry:
+                    assert entry.samplerate == 16000
+                for timeout in (integer(5), real(0.5), real("inf")):
+                    assert len(list(cache.follow(key, timeout=timeout))) == 1
+                    cache.get_or_render(key, print, samplerate=16000, timeout=timeout).release()
+                cache.put(key, tone(key), integer(8000)).release()
+                with cache.get(key) as hit:
+                    assert hit.samplerate == 8000
+                cache.destroy()
+
+
+@pytest.mark.parametrize(("timeout", "error", "message"), [
+    ("1", TypeError, "timeout must be a number of seconds or None, got '1'"),
+    (True, TypeError, "timeout must be a number of seconds or None, got True"),
+    (np.bool_(False), TypeError, "timeout must be a number of seconds or None, got"),
+    (float("nan"), ValueError, "timeout must be >= 0 seconds, got nan"),
+    (-1, ValueError, "timeout must be >= 0 seconds, got -1"),
+    (np.float32(-0.5), ValueError, r"timeout must be >= 0 seconds, got np.float32\(-0.5\)"),
+    (-(10**5000), ValueError, "timeout must be >= 0 seconds, got an int of 16610 bits"),
+], ids=["str", "bool", "numpy bool", "nan", "negative", "negative numpy", "huge negative"])
+def test_a_bad_timeout_is_refused_before_anything_else_happens(cache, timeout, error,
+                                                                 message) -> None:
+    key = cache_key("timeout")
+    rendered: list[int] = []
+    with pytest.raises(error, match=message):
+        cache.get_or_render(key, lambda w: rendered.append(1), samplerate=16000,
+                            timeout=timeout)
+    with pytest.raises(error, match=message):
+        cache.follow(key, timeout=timeout)  # at the call, not at the first block
+    assert rendered == [] and cache.live_path(key) is None
+    cache.put(key, tone(key), 16000).release()
+    with pytest.raises(error, match=message):  # a hit too
+        cache.get_or_render(key, lambda w: rendered.append(1), samplerate=16000,
+                            timeout=timeout)
+
+
+def test_get_or_render_checks_its_format_on_a_hit_too(cache) -> None:
+    key = cache_key("format")
+    cache.put(key, tone(key), 16000).release()
+    with pytest.raises(ValueError, match="samplerate must be between 1 and 4294967295, got 0"):
+        cache.get_or_render(key, print, samplerate=0)
+    with pytest.raises(TypeError, match="channels must be an int, got '2'"):
+        cache.get_or_render(key, print, samplerate=16000, channels="2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("disk_dir", "error", "message"), [
+    (3, TypeError, "disk_dir must be a str or os.PathLike.str., got 3"),
+    (b"/tmp", TypeError, r"disk_dir must be a str or os.PathLike.str., got b'/tmp'"),
+    ("", ValueError, "disk_dir must name a directory, got ''"),
+], ids=["int", "bytes", "empty"])
+def test_a_bad_disk_dir_is_named_and_leaves_nothing(private_dirs, disk_dir, error,
+                                                    message) -> None:
+    with pytest.raises(error, match=message):
+        AudioCache("baddisk", disk_dir=disk_dir)
+    assert os.listdir(private_dirs.ram) == []
+
+
+def test_every_method_of_a_closed_cache_raises_value_error(private_dirs) -> None:
+    cache = AudioCache("shut")
+    key = cache_key("shut")
+    cache.put(key, tone(key), 16000).release()
+    assert not cache.closed
+    cache.close()
+    assert cache.closed
+    calls = {
+        "get": lambda: cache.get(key),
+        "in": lambda: key in cache,
+        "put": lambda: cache.put(key, tone(key), 16000),
+        "put_bytes": lambda: cache.put_bytes(key, b"mp3"),
+        "get_or_render": lambda: cache.get_or_render(key, print, samplerate=16000),
+        "follow": lambda: cache.follow(key),
+        "live_path": lambda: cache.live_path(key),
+        "discard": lambda: cache.discard(key),
+        "clear": cache.clear,
+        "stats": cache.stats,
+        "entries": cache.entries,
+        "destroy": cache.destroy,
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="I/O operation on closed AudioCache 'shut'"):
+            call()
+            pytest.fail(f"{name} worked on a closed cache")
+    cache.close()  # again: nothing
+    with AudioCache("shut") as again:
+        assert key in again
+        again.destroy()
+
+
+def test_destroy_after_a_failed_render_removes_its_note_and_closes_cleanly(
+        private_dirs) -> None:
+    cache = AudioCache("failed")
+    key = cache_key("hi")
+    with pytest.raises(ValueError, match="wrote no frames"):
+        cache.get_or_render(key, lambda w: None, samplerate=16000)
+    assert f"{key}.outcome" in os.listdir(cache.directory)  # the note for its waiters
+    cache.destroy()
+    assert os.listdir(private_dirs.ram) == []
+    assert cache.closed
+    with pytest.raises(ValueError, match="closed AudioCache 'failed'"):
+        cache.stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del cache
+        gc.collect()  # no "unclosed AudioCache"
+
+
+def test_destroy_refuses_a_pinned_entry_or_a_file_not_its_own_and_stays_usable(
+        private_dirs) -> None:
+    cache = AudioCache("kept")
+    key, other = cache_key("pinned"), cache_key("unpinned")
+    cache.put(other, tone(other), 16000).release()
+    pin = cache.put(key, tone(key), 16000)
+    with pytest.raises(OSError, match=rf"{key}\.wav \(pinned\) \(the cache stays open\)"
+                       ) as caught:
+        cache.destroy()
+    assert caught.value.errno == errno.ENOTEMPTY and caught.value.filename == cache.directory
+    assert not cache.closed and cache.stats().entries == 1 and other not in cache
+    pin.release()
+    foreign = f"{cache.directory}/my-notes.outcome"  # named like a note, but not one
+    with open(foreign, "w") as f:
+        f.write("mine")
+    with pytest.raises(OSError, match=r"my-notes\.outcome \(not the cache's\)") as caught:
+        cache.destroy()
+    assert caught.value.errno == errno.ENOTEMPTY
+    with open(foreign) as f:
+        assert f.read() == "mine"
+    os.unlink(foreign)
+    assert key not in cache  # unpinned by then: the failed destroy cleared it
+    with cache.put(key, tone(key), 16000), cache.get(key) as hit:  # still usable
+        np.testing.assert_array_equal(hit.array, tone(key))
+    cache.destroy()
+    assert cache.closed and os.listdir(private_dirs.ram) == []
+
+
+def test_destroy_refuses_while_a_render_is_in_flight(cache) -> None:
+    key = cache_key("in flight")
+    started, release = threading.Event(), threading.Event()
+
+    def slow(writer) -> None:
+        writer.write(tone(key))
+        started.set()
+        release.wait(30)
+
+    renderer = threading.Thread(
+        target=lambda: cache.get_or_render(key, slow, samplerate=16000).release())
+    renderer.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(OSError, match=rf"{key}\.live \(being rendered\)"):
+            cache.destroy()
+    finally:
+        release.set()
+        renderer.join(30)
+    assert key in cache
+
+
+@pytest.mark.parametrize("fault", ["missing disk dir", "refused disk dir"])
+def test_a_failed_constructor_leaves_nothing_it_made_and_keeps_what_was_there(
+        private_dirs, tmp_path, fault) -> None:
+    disk = tmp_path / "disk"
+    if fault == "refused disk dir":
+        os.makedirs(disk / f"luna_cache-{os.geteuid()}-made", mode=0o700)
+        os.chmod(disk / f"luna_cache-{os.geteuid()}-made", 0o770)
+    with pytest.raises(OSError):
+        AudioCache("made", disk_dir=disk)
+    assert os.listdir(private_dirs.ram) == []
+    if fault == "refused disk dir":  # not ours: it stays
+        assert os.listdir(disk) == [f"luna_cache-{os.geteuid()}-made"]
+    # A cache of that name already open elsewhere keeps its directory and entries.
+    with AudioCache("made") as existing:
+        key = cache_key("existing")
+        existing.put(key, tone(key), 16000).release()
+        with pytest.raises(OSError):
+            AudioCache("made", disk_dir=disk)
+        assert key in existing and existing.stats().entries == 1
+        existing.destroy()
+
+
+@pytest.mark.parametrize("empty", [np.zeros(0, np.int16), np.zeros((0, 2), np.float32), []],
+                         ids=["mono", "stereo", "list"])
+def test_put_refuses_audio_with_no_frames_as_get_or_render_and_put_bytes_do(cache,
+                                                                              empty) -> None:
+    key = cache_key("silence")
+    with pytest.raises(ValueError, match=r"data has no frames \(got .*\): an empty render is "
+                                         "never cached"):
+        cache.put(key, empty, 16000)
+    assert key not in cache and sorted(os.listdir(cache.directory)) == ["lock"]

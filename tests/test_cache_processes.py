@@ -424,3 +424,46 @@ def test_follow_gives_a_stored_entry_at_once_and_refuses_an_unknown_key(private_
         np.testing.assert_array_equal(blocks[0], audio_of(key))
         with pytest.raises(KeyError, match="neither in the cache nor being rendered"):
             list(cache.follow(cache_key("never said")))
+
+
+FILE_TOO_LARGE = """
+    import errno, os, resource, sys
+    from luna_shm import AudioCache, cache_key
+    disk = sys.argv[1]
+    cache = AudioCache("fsize", max_bytes=60_000, disk_dir=disk)
+    spilled, pusher = cache_key("spilled"), cache_key("pusher")
+    cache.put(spilled, audio_of(spilled, 20_000), 16000).release()  # 40 KB
+    cache.put(pusher, audio_of(pusher, 20_000), 16000).release()  # evicts it to disk
+    assert spilled not in cache and cache.stats().spills == 1
+    # From here no file of this process may grow past 16 KiB (Python ignores SIGXFSZ).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
+    key = cache_key("too large")
+    calls = {
+        "put_bytes": lambda: cache.put_bytes(key, b"ID3" * 10_000),
+        "put": lambda: cache.put(key, audio_of(key, 20_000), 16000),
+        "get_or_render": lambda: cache.get_or_render(
+            key, lambda w: [w.write(audio_of(key)) for _ in range(8)], samplerate=16000),
+        "reload": lambda: cache.get(spilled),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except OSError as exc:
+            assert exc.errno == errno.EFBIG, (name, exc)
+            assert exc.filename and exc.filename.startswith(cache.directory + "/"), (name, exc)
+            assert key in exc.filename or spilled in exc.filename, (name, exc)
+        else:
+            raise AssertionError(f"{name} stored a file larger than RLIMIT_FSIZE")
+        left = sorted(n for n in os.listdir(cache.directory)
+                      if n != "lock" and not n.endswith(".outcome"))
+        assert left == [pusher + ".wav"], (name, left)  # nothing half written
+    print("ok")
+    cache.destroy()
+"""
+
+
+def test_a_write_refused_by_rlimit_fsize_names_its_file_and_leaves_nothing(private_dirs,
+                                                                          tmp_path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    assert finish(spawn(private_dirs, FILE_TOO_LARGE, str(disk))).strip() == "ok"

@@ -24,6 +24,8 @@ The index is the directory itself, files and atomic renames (see the README,
   discard, clear): the RAM tier never holds more than ``max_bytes`` of
   committed entries, checked and made true under it, before a rename.
 * ``stats`` holds the shared counters; ``.<...>.part`` files are in flight.
+* ``<key>.outcome`` is the note a failed (or unstored) render leaves for its
+  waiters; a sweep removes it after a minute, :meth:`AudioCache.destroy` at once.
 
 A kill -9 at any point leaves committed entries complete and at most in-flight
 files (partials, a stale ``.live``), which the next pass under the lock removes.
@@ -35,6 +37,7 @@ import errno as _errno
 import fcntl as _fcntl
 import hashlib as _hashlib
 import json as _json
+import math as _math
 import os as _os
 import re as _re
 import stat as _stat
@@ -70,6 +73,7 @@ _KEY = _re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _LIVE = ".live"
 _OUTCOME = ".outcome"
+_OUTCOME_START = _re.compile(rb"[0-9]{1,20} [0-9]{1,10} ")
 _PART = ".part"
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
@@ -94,7 +98,8 @@ def cache_key(text: str, *, voice: object = None, engine: object = None,
     """A stable key for an utterance: the SHA-256 of a canonical JSON form of the arguments.
 
     The same arguments give the same key in every process and Python version
-    (keys sorted, no whitespace, floats as their shortest repr).
+    (keys sorted, no whitespace, floats as their shortest repr). numpy scalars count
+    as the Python numbers of their value (``np.int64(1)`` as ``1``).
 
     Args:
         text: what is said.
@@ -105,20 +110,81 @@ def cache_key(text: str, *, voice: object = None, engine: object = None,
         64 lowercase hex digits.
 
     Raises:
-        TypeError: text is not a str, or a value is not JSON (named in the message).
-        ValueError: a float is NaN or infinite.
+        TypeError: text is not a str, a value is not JSON, or a dict has a key that is
+            not a str (JSON would turn ``1`` and ``None`` into ``"1"`` and ``"null"``, so
+            two different values would get one key); the message names where.
+        ValueError: a float is NaN or infinite, an int has more than 4300 digits, a
+            str holds a lone surrogate (it has no UTF-8 form), or a list or dict
+            contains itself.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {_lowlevel.brief(text)}")
-    form = {"text": text, "voice": voice, "engine": engine, "options": options}
+    form = {"text": _json_form("text", text, ()), "voice": _json_form("voice", voice, ()),
+            "engine": _json_form("engine", engine, ()),
+            "options": {name: _json_form(name, value, ()) for name, value in options.items()}}
     try:
         canonical = _json.dumps(form, sort_keys=True, ensure_ascii=False,
                                 separators=(",", ":"), allow_nan=False)
-    except TypeError as exc:
-        raise TypeError(f"cache_key arguments must be JSON values: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"cache_key arguments must be finite numbers: {exc}") from None
+    except ValueError as exc:  # sys.set_int_max_str_digits lowered below 4300 digits
+        raise ValueError(f"cache_key arguments have no canonical JSON form: {exc}") from None
     return _hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# Ints of more digits than this have no str form under Python's default limit (and the
+# limit is a per-process setting: a key must not depend on it).
+_MAX_KEY_INT = 10**4300
+
+
+def _utf8_str(where: str, text: str) -> str:
+    """text, when it has a UTF-8 form (no lone surrogate); else ValueError naming where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"cache_key argument {where} holds a lone surrogate "
+                         f"{text[exc.start]!r} at index {exc.start}, which has no UTF-8 "
+                         f"form: got {_lowlevel.brief(text)}") from None
+    return text
+
+
+def _json_form(where: str, value: object, within: tuple[int, ...]) -> object:
+    """value as plain JSON values (numpy scalars as Python numbers), checked so that
+    json.dumps gives its one canonical form; where names it in an error (``speed['a'][0]``),
+    within holds the ids of the lists and dicts around it (a cycle is refused)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _utf8_str(where, value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        number = int(value)
+        if not -_MAX_KEY_INT < number < _MAX_KEY_INT:
+            raise ValueError(f"cache_key argument {where} is too large an int for a key (at "
+                             f"most 4300 digits), got {_lowlevel.brief(number)}")
+        return number
+    if isinstance(value, float | np.floating):
+        real = float(value)
+        if not _math.isfinite(real):
+            raise ValueError(f"cache_key arguments must be finite numbers: {where} is {real!r}")
+        return real
+    if isinstance(value, list | tuple | dict):
+        if id(value) in within:
+            raise ValueError(f"cache_key argument {where} contains itself")
+        inner = (*within, id(value))
+        if isinstance(value, dict):
+            form: dict[str, object] = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"cache_key argument {where} has a dict key that is not a "
+                                    f"str: {_lowlevel.brief(key)} (only str-keyed dicts have "
+                                    "one JSON form)")
+                name = _utf8_str(f"{where} (a dict key)", key)
+                form[name] = _json_form(f"{where}[{_lowlevel.brief(key)}]", item, inner)
+            return form
+        return [_json_form(f"{where}[{i}]", item, inner) for i, item in enumerate(value)]
+    raise TypeError(f"cache_key arguments must be JSON values (str, int, float, bool, None, "
+                    f"lists and str-keyed dicts of them): {where} is a {type(value).__name__}, "
+                    f"{_lowlevel.brief(value)}")
 
 
 def _token() -> str:
@@ -139,6 +205,32 @@ def _check_bytes(what: str, value: object, *, optional: bool = False) -> int | N
     if value is None and optional:
         return None
     return formats.check_int(what, value, minimum=1)
+
+
+def _seconds(name: str, value: object, *, positive: bool) -> int | float:
+    """value, a number of seconds (an int or float, numpy ones too, never a bool), as a
+    Python int or float that is > 0 (positive) or >= 0; NaN is neither. TypeError or
+    ValueError naming the argument and what was passed."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        number: int | float = int(value)
+    elif isinstance(value, float | np.floating):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number of seconds or None, got "
+                        f"{_lowlevel.brief(value)}")
+    if not (number > 0 if positive else number >= 0):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got "
+                         f"{_lowlevel.brief(value)}")
+    return number
+
+
+def _check_timeout(timeout: object) -> float | None:
+    """A wait's timeout as float seconds, or None for no limit: None, infinity and anything
+    beyond threading.TIMEOUT_MAX (about 292 years) mean no limit."""
+    if timeout is None:
+        return None
+    seconds = _seconds("timeout", timeout, positive=False)
+    return None if seconds > _threading.TIMEOUT_MAX else float(seconds)
 
 
 def _entry_name(name: str) -> tuple[str, str] | None:
@@ -268,13 +360,15 @@ class CachedAudio(FileResource):
         return f"<CachedAudio {self.key!r} {self.path!r} {state}>"
 
 
-def _open_private_dir(parent: str, name: str, what: str) -> int:
-    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one."""
+def _open_private_dir(parent: str, name: str, what: str) -> tuple[int, bool]:
+    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one.
+    (its fd, True when this call made it)."""
     path = f"{parent}/{name}"
     try:
         _os.mkdir(path, 0o700)
+        made = True
     except FileExistsError:
-        pass
+        made = False
     try:
         fd = _os.open(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
     except OSError as exc:
@@ -292,7 +386,7 @@ def _open_private_dir(parent: str, name: str, what: str) -> int:
         _os.close(fd)
         raise PermissionError(_errno.EPERM, f"refusing the {what} directory: mode "
                               f"{_stat.S_IMODE(st.st_mode):o} lets others in (want 700)", path)
-    return fd
+    return fd, made
 
 
 class _Tier:
@@ -303,10 +397,14 @@ class _Tier:
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
         self.what = what
-        dir_fd = _open_private_dir(parent, self.name, what)
+        dir_fd, self.made = _open_private_dir(parent, self.name, what)
         try:
             self.lock_fd = _os.open(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW
                                     | _os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except BaseException:
+            if self.made:
+                _rmdir_quietly(self.directory)
+            raise
         finally:
             _os.close(dir_fd)
         self.pid = _os.getpid()
@@ -418,6 +516,49 @@ class _Tier:
         path = self.path(f".{name}.{_token()}{_PART}")
         return path, _lowlevel.create_locked(self.directory, path)
 
+    def undo(self) -> None:
+        """Close, and remove the directory again when this tier made it (an AudioCache
+        whose construction failed leaves nothing of its own).
+
+        Another process can have opened the same cache in the moment since the mkdir:
+        the directory is removed only when no one holds its lock and nothing but the
+        lock file is in it (a process that opened it between our mkdir and now would
+        find its files gone: an OSError, in a window of microseconds, never data lost).
+        """
+        try:
+            if self.made and _lowlevel.lock(self.lock_fd, exclusive=True):
+                with _os.scandir(self.directory) as scan:
+                    alone = [item.name for item in scan] == [_LOCK_NAME]
+                if alone:
+                    _unlink_quietly(self.path(_LOCK_NAME))
+                    _rmdir_quietly(self.directory)
+        finally:
+            self.close()
+
+    def leftovers(self) -> tuple[list[str], list[str]]:
+        """What keeps the directory after a clear (under the lock): (the outcome notes of
+        failed renders, ours to remove; every other name but the lock file, each with
+        why it stays: a pinned entry, a render or write in flight, a file not ours)."""
+        notes: list[str] = []
+        kept: list[str] = []
+        with _os.scandir(self.directory) as scan:
+            for item in scan:
+                name = item.name
+                if name == _LOCK_NAME:
+                    continue
+                if (name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)])
+                        and _is_outcome_note(self.path(name))):
+                    notes.append(name)
+                elif _entry_name(name) is not None:
+                    kept.append(f"{name} (pinned)")
+                elif name.endswith(_LIVE) and _KEY.fullmatch(name[:-len(_LIVE)]):
+                    kept.append(f"{name} (being rendered)")
+                elif name.startswith(".") and (name.endswith(_PART) or _UNSTORED + "." in name):
+                    kept.append(f"{name} (in use)")
+                else:
+                    kept.append(f"{name} (not the cache's)")
+        return notes, sorted(kept)
+
     def close(self) -> None:
         if self.lock_fd >= 0:
             fd, self.lock_fd = self.lock_fd, -1
@@ -449,13 +590,14 @@ class AudioCache:
             Every process of this user that opens the same name shares the entries.
         max_bytes: the RAM tier never holds more committed bytes than this (an entry
             being rendered aside); least recently used entries go first.
-        ttl: seconds an entry stays valid after it was stored; None keeps it.
+        ttl: seconds an entry stays valid after it was stored (an int or float, numpy
+            ones too, > 0; NaN is refused); None (or infinity) keeps it.
         disk_dir: a directory for a second tier, kept across restarts: entries evicted
             from RAM spill there (within disk_max_bytes) and a RAM miss reloads them.
         disk_max_bytes: the disk tier's bound (default 1 GiB).
 
     Raises:
-        TypeError, ValueError: a bad name, size or ttl, named in the message.
+        TypeError, ValueError: a bad name, size, ttl or disk_dir, named in the message.
         PermissionError: the cache directory is a symlink, belongs to another user
             or lets others in.
         OSError: the directory cannot be made or opened.
@@ -473,38 +615,55 @@ class AudioCache:
                              f"'-' (not starting with '.'), got {name!r}")
         self.name = name
         self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
-        if ttl is not None:
-            if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-                raise TypeError(f"ttl must be a number of seconds or None, got {ttl!r}")
-            if not ttl > 0:
-                raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
-        self.ttl = ttl
+        self.ttl = None if ttl is None else _seconds("ttl", ttl, positive=True)
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
+        disk_text = None
+        if disk_dir is not None:
+            try:
+                disk_text = _os.fspath(disk_dir)
+            except TypeError:
+                disk_text = None
+            if not isinstance(disk_text, str):
+                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got "
+                                f"{_lowlevel.brief(disk_dir)}")
+            if not disk_text:
+                raise ValueError("disk_dir must name a directory, got ''")
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._encoded = False
-        self._ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
-        self._disk: _Tier | None = None
-        if disk_dir is not None:
-            disk_text = _os.fspath(disk_dir)
-            if not isinstance(disk_text, str):
-                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got {disk_dir!r}")
-            try:
-                self._disk = _Tier(_os.path.abspath(disk_text), name,
-                                   disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
-            except BaseException:
-                self._ram.close()
-                raise
-        tiers = [self._ram] if self._disk is None else [self._ram, self._disk]
+        ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
+        disk: _Tier | None = None
+        try:
+            if disk_text is not None:
+                disk = _Tier(_os.path.abspath(disk_text), name,
+                             disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
+            with ram.locked():
+                ram.sweep()
+                ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
+        except BaseException:
+            # A failed constructor leaves nothing it made (a directory that was there
+            # before, and may be in use, stays).
+            if disk is not None:
+                disk.undo()
+            ram.undo()
+            raise
+        self._ram, self._disk = ram, disk
+        tiers = [ram] if disk is None else [ram, disk]
         self._finalizer = _weakref.finalize(self, _warn_leak, tiers, name, _os.getpid())
-        with self._ram.locked():
-            self._ram.sweep()
-            self._ram.set_bytes(sum(st.st_size for _, st in self._ram.entries()))
 
     @property
     def directory(self) -> str:
         """The RAM tier's directory."""
         return self._ram.directory
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` or :meth:`destroy` ran: every other method raises then."""
+        return self._ram.lock_fd < 0
+
+    def _check_open(self) -> None:
+        if self._ram.lock_fd < 0:
+            raise ValueError(f"I/O operation on closed AudioCache {self.name!r}")
 
     # ---- counters ------------------------------------------------------------------
 
@@ -567,6 +726,7 @@ class AudioCache:
         Raises:
             TypeError, ValueError: key is not a key (see :func:`cache_key`).
         """
+        self._check_open()
         _check_key(key)
         found = self._open_entry(self._ram, key)
         if found is None and self._disk is not None:
@@ -575,6 +735,7 @@ class AudioCache:
         return found
 
     def __contains__(self, key: str) -> bool:
+        self._check_open()
         _check_key(key)
         return any(_os.path.exists(self._ram.path(key + s)) for s in self._suffixes())
 
@@ -648,9 +809,10 @@ class AudioCache:
             _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             if sync:
                 _os.fsync(fd)
-        except BaseException:
+        except BaseException as exc:
             _os.close(fd)
             _unlink_quietly(part)
+            _raise_named(exc, part)
             raise
         return part, fd
 
@@ -755,11 +917,16 @@ class AudioCache:
             other entry is pinned (the audio is still there until released).
 
         Raises:
-            TypeError, ValueError: a bad key, data, samplerate or subtype.
+            TypeError, ValueError: a bad key, data, samplerate or subtype; data with no
+                frames (as for get_or_render and put_bytes, empty audio is never cached).
             OSError: the RAM disk refused the file; nothing is left of it.
         """
+        self._check_open()
         _check_key(key)
         enc = encoding.plan(data, samplerate, subtype)
+        if enc.nbytes == 0:
+            raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
+                             "render is never cached")
         part, fd = self._ram.new_part(key)
         try:
             _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
@@ -782,6 +949,7 @@ class AudioCache:
             TypeError, ValueError: a bad key, data or suffix; empty data.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
+        self._check_open()
         _check_key(key)
         if suffix not in ENCODED_SUFFIXES:
             raise ValueError(f"suffix must be one of {', '.join(ENCODED_SUFFIXES)}, "
@@ -795,9 +963,10 @@ class AudioCache:
             view = memoryview(data).cast("B")
             while view:
                 view = view[_os.write(fd, view):]
-        except BaseException:
+        except BaseException as exc:
             _os.close(fd)
             _unlink_quietly(part)
+            _raise_named(exc, part)
             raise
         return self._commit(key, part, key + suffix, fd)
 
@@ -808,6 +977,7 @@ class AudioCache:
 
         :meth:`follow` plays it while it renders; so does ``follow_wav`` of this path.
         """
+        self._check_open()
         path = self._ram.path(_check_key(key) + _LIVE)
         return path if _os.path.exists(path) else None
 
@@ -822,15 +992,22 @@ class AudioCache:
 
         Args:
             key: a key from :func:`cache_key`.
-            timeout: seconds to wait for the render's next block (None: no limit).
+            timeout: seconds to wait for the render's next block (a number >= 0;
+                None or infinity: no limit).
 
         Raises:
-            KeyError: key is neither stored nor being rendered now.
+            TypeError, ValueError: a bad key or timeout (raised by the call itself).
+            KeyError: key is neither stored nor being rendered now (at the first block).
             ValueError: the entry is encoded audio (see :meth:`put_bytes`).
             StreamAbandoned: the render failed or its process died (a WavError): the
                 next :meth:`get_or_render` renders it again.
             TimeoutError: no new block for timeout seconds.
         """
+        self._check_open()
+        _check_key(key)
+        return self._follow(key, _check_timeout(timeout))
+
+    def _follow(self, key: str, limit: float | None) -> Iterator[np.ndarray]:
         # A render can end between the two looks (its file is renamed into the entry):
         # look again; a third time is another render, which we follow.
         for _ in range(3):
@@ -849,7 +1026,7 @@ class AudioCache:
             try:
                 # Through the open file: the renderer's rename into the entry, or the
                 # removal of a failed render, does not take it away from the follower.
-                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=timeout)
+                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=limit)
             finally:
                 _os.close(fd)
             return
@@ -871,20 +1048,29 @@ class AudioCache:
             key: see :func:`cache_key`.
             render: called with the writer; its return value is ignored.
             samplerate, channels, dtype: the writer's format.
-            timeout: seconds to wait for another caller's render; None waits as long
-                as it runs.
+            timeout: seconds to wait for another caller's render (an int or float, numpy
+                ones too, >= 0; 0 does not wait); None or infinity waits as long as it
+                runs.
 
         Returns:
             The entry, pinned (``stored`` False when it was too large to keep).
 
         Raises:
+            TypeError, ValueError: a bad key, samplerate, channels, dtype or timeout
+                (NaN is refused), checked before anything else.
             RenderError: the render this caller waited for failed.
             TimeoutError: timeout passed while another caller rendered.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
+        self._check_open()
         _check_key(key)
-        deadline = None if timeout is None else _time.monotonic() + timeout
+        # Checked up front, hit or miss: a bad argument never depends on the cache's state.
+        formats.check_samplerate(samplerate)
+        formats.check_channels(channels)
+        formats.check_dtype(dtype)
+        limit = _check_timeout(timeout)
+        deadline = None if limit is None else _time.monotonic() + limit
         while True:
             found = self.get(key)
             if found is not None:
@@ -1043,6 +1229,7 @@ class AudioCache:
 
     def discard(self, key: str) -> bool:
         """Remove key's entry from both tiers unless it is pinned; True if one was removed."""
+        self._check_open()
         _check_key(key)
         removed = False
         for tier in (self._ram, self._disk):
@@ -1055,6 +1242,7 @@ class AudioCache:
 
     def clear(self) -> int:
         """Remove every unpinned entry (both tiers) and leftovers; return how many entries."""
+        self._check_open()
         removed = 0
         for tier in (self._ram, self._disk):
             if tier is None:
@@ -1069,22 +1257,47 @@ class AudioCache:
         """Clear the cache and remove its directories (when no entry is pinned), then close.
 
         Meant for when no other process uses the cache (tests, examples, uninstall).
+        It removes only what it knows as the cache's own: entries, the notes that failed
+        renders leave for their waiters, leftovers no process holds, and the lock file.
 
         Raises:
-            OSError: an entry is still pinned (ENOTEMPTY) or a directory cannot be removed.
+            OSError: ENOTEMPTY when an entry is still pinned, a render or a write is in
+                flight (in any process), or a directory holds a file that is not the
+                cache's: the message names them, nothing but unpinned entries was
+                removed and the cache stays open (release and call again). Any other
+                OSError, or a process that uses the cache meanwhile, leaves the cache
+                closed: the directories may then still be there.
+            ValueError: the cache is closed.
         """
+        self._check_open()
         self.clear()
-        for tier in (self._ram, self._disk):
-            if tier is None:
-                continue
+        tiers = [tier for tier in (self._ram, self._disk) if tier is not None]
+        for tier in tiers:
             with tier.locked():
-                _unlink_quietly(tier.path(_LOCK_NAME))
-            tier.close()
-            _os.rmdir(tier.directory)
+                _, kept = tier.leftovers()
+            if kept:
+                shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3
+                                               else "")
+                raise OSError(_errno.ENOTEMPTY, f"cannot destroy the {tier.what} "
+                              f"{self.name!r}: {shown} (the cache stays open)", tier.directory)
+        # Nothing is held: from here on the cache ends closed, whatever fails.
         self._finalizer.detach()
+        try:
+            for tier in tiers:
+                with tier.locked():
+                    notes, _ = tier.leftovers()
+                    for note in notes:
+                        _unlink_quietly(tier.path(note))
+                    _unlink_quietly(tier.path(_LOCK_NAME))
+                tier.close()
+                _os.rmdir(tier.directory)
+        finally:
+            for tier in tiers:
+                tier.close()
 
     def stats(self) -> CacheStats:
         """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
+        self._check_open()
         with self._ram.locked():
             totals = self._flush_counts()
             entries = self._ram.entries()
@@ -1102,6 +1315,7 @@ class AudioCache:
 
     def entries(self) -> list[tuple[str, str, _os.stat_result]]:
         """(key, path, lstat) of each RAM entry, least recently used first."""
+        self._check_open()
         with self._ram.locked():
             entries = self._ram.entries()
         entries.sort(key=lambda item: item[1].st_atime_ns)
@@ -1141,6 +1355,19 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
             pass
 
 
+def _is_outcome_note(path: str) -> bool:
+    """True when path is a regular file that starts as _write_outcome writes: "<inode> <pid> "."""
+    try:
+        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return (_stat.S_ISREG(_os.fstat(fd).st_mode)
+                and _OUTCOME_START.match(_os.pread(fd, 48, 0)) is not None)
+    finally:
+        _os.close(fd)
+
+
 def _is_pinned(path: str) -> bool:
     try:
         fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
@@ -1150,6 +1377,22 @@ def _is_pinned(path: str) -> bool:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
         _os.close(fd)
+
+
+def _raise_named(exc: BaseException, path: str) -> None:
+    """When exc is an OSError without a file name, raise it again naming path (os.write
+    and os.sendfile name none, and an EFBIG or ENOSPC must say which file); else return,
+    for the caller to re-raise exc as it is."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__) from None
+
+
+def _rmdir_quietly(path: str) -> None:
+    """Remove an empty directory; leave it when it is not empty or gone (OSError)."""
+    try:
+        _os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:
