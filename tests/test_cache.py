@@ -109,7 +109,7 @@ def test_bad_names_keys_and_sizes_raise_naming_what_was_passed(private_dirs) -> 
         AudioCache(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_bytes"):
         AudioCache("x", max_bytes=0)
-    with pytest.raises(ValueError, match="ttl must be > 0 seconds, got -1"):
+    with pytest.raises(ValueError, match="ttl must be None or > 0 seconds, got -1"):
         AudioCache("x", ttl=-1)
     with AudioCache("x") as cache:
         with pytest.raises(ValueError, match=r"key must be .*got 'a/b'"):
@@ -505,13 +505,14 @@ def test_numpy_numbers_are_taken_wherever_the_cache_takes_a_number(private_dirs,
 
 
 @pytest.mark.parametrize(("timeout", "error", "message"), [
-    ("1", TypeError, "timeout must be a number of seconds or None, got '1'"),
-    (True, TypeError, "timeout must be a number of seconds or None, got True"),
-    (np.bool_(False), TypeError, "timeout must be a number of seconds or None, got"),
-    (float("nan"), ValueError, "timeout must be >= 0 seconds, got nan"),
-    (-1, ValueError, "timeout must be >= 0 seconds, got -1"),
-    (np.float32(-0.5), ValueError, r"timeout must be >= 0 seconds, got np.float32\(-0.5\)"),
-    (-(10**5000), ValueError, "timeout must be >= 0 seconds, got an int of 16610 bits"),
+    ("1", TypeError, "timeout must be None or a number of seconds, got '1'"),
+    (True, TypeError, "timeout must be None or a number of seconds, got True"),
+    (np.bool_(False), TypeError, "timeout must be None or a number of seconds, got"),
+    (float("nan"), ValueError, "timeout must be None or >= 0 seconds, got nan"),
+    (-1, ValueError, "timeout must be None or >= 0 seconds, got -1"),
+    (np.float32(-0.5), ValueError,
+     r"timeout must be None or >= 0 seconds, got np.float32\(-0.5\)"),
+    (-(10**5000), ValueError, "timeout must be None or >= 0 seconds, got an int of 16610 bits"),
 ], ids=["str", "bool", "numpy bool", "nan", "negative", "negative numpy", "huge negative"])
 def test_a_bad_timeout_is_refused_before_anything_else_happens(cache, timeout, error,
                                                                  message) -> None:

@@ -207,30 +207,15 @@ def _check_bytes(what: str, value: object, *, optional: bool = False) -> int | N
     return formats.check_int(what, value, minimum=1)
 
 
-def _seconds(name: str, value: object, *, positive: bool) -> int | float:
-    """value, a number of seconds (an int or float, numpy ones too, never a bool), as a
-    Python int or float that is > 0 (positive) or >= 0; NaN is neither. TypeError or
-    ValueError naming the argument and what was passed."""
-    if isinstance(value, int | np.integer) and not isinstance(value, bool):
-        number: int | float = int(value)
-    elif isinstance(value, float | np.floating):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a number of seconds or None, got "
-                        f"{_lowlevel.brief(value)}")
-    if not (number > 0 if positive else number >= 0):
-        raise ValueError(f"{name} must be {'>' if positive else '>='} 0 seconds, got "
-                         f"{_lowlevel.brief(value)}")
-    return number
-
-
-def _check_timeout(timeout: object) -> float | None:
-    """A wait's timeout as float seconds, or None for no limit: None, infinity and anything
-    beyond threading.TIMEOUT_MAX (about 292 years) mean no limit."""
-    if timeout is None:
-        return None
-    seconds = _seconds("timeout", timeout, positive=False)
-    return None if seconds > _threading.TIMEOUT_MAX else float(seconds)
+def _check_ttl(ttl: object) -> float:
+    """ttl as float seconds > 0 (formats.check_seconds, which also takes numpy numbers)."""
+    try:
+        seconds = formats.check_seconds("ttl", ttl, optional=True)
+    except ValueError:
+        seconds = 0.0  # negative or NaN: the message below says what ttl must be
+    if not seconds > 0:
+        raise ValueError(f"ttl must be None or > 0 seconds, got {_lowlevel.brief(ttl)}")
+    return seconds
 
 
 def _entry_name(name: str) -> tuple[str, str] | None:
@@ -615,7 +600,7 @@ class AudioCache:
                              f"'-' (not starting with '.'), got {name!r}")
         self.name = name
         self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
-        self.ttl = None if ttl is None else _seconds("ttl", ttl, positive=True)
+        self.ttl = None if ttl is None else _check_ttl(ttl)
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
         disk_text = None
         if disk_dir is not None:
@@ -1005,7 +990,7 @@ class AudioCache:
         """
         self._check_open()
         _check_key(key)
-        return self._follow(key, _check_timeout(timeout))
+        return self._follow(key, formats.check_timeout(timeout))
 
     def _follow(self, key: str, limit: float | None) -> Iterator[np.ndarray]:
         # A render can end between the two looks (its file is renamed into the entry):
@@ -1069,7 +1054,7 @@ class AudioCache:
         formats.check_samplerate(samplerate)
         formats.check_channels(channels)
         formats.check_dtype(dtype)
-        limit = _check_timeout(timeout)
+        limit = formats.check_timeout(timeout)
         deadline = None if limit is None else _time.monotonic() + limit
         while True:
             found = self.get(key)

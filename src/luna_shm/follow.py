@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio as _asyncio
 import errno as _errno
 import fcntl as _fcntl
-import math as _math
 import os as _os
 import time as _time
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -89,15 +88,6 @@ class _Held(NamedTuple):
 _NOTHING = _Woken(0)
 
 _Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
-
-
-def _check_timeout(timeout: object) -> float | None:
-    """timeout as seconds, None for no limit (infinity, and an int past a float's range,
-    too); numpy numbers are taken like Python ones (formats.check_seconds)."""
-    if timeout is None:
-        return None
-    seconds = formats.check_seconds("timeout", timeout, optional=True)
-    return None if seconds == _math.inf else seconds
 
 
 def _timed_out(path: str, timeout: float) -> TimeoutError:
@@ -351,7 +341,7 @@ def follow_wav(path: str | _os.PathLike[str], *,
             or a number of seconds >= 0.
     """
     path_str = _lowlevel.path_argument(path)
-    limit = _check_timeout(timeout)
+    limit = formats.check_timeout(timeout)
     return _follow_sync(path_str, limit)
 
 
@@ -401,7 +391,7 @@ def afollow_wav(path: str | _os.PathLike[str], *,
     Same arguments, blocks and exceptions as :func:`follow_wav`.
     """
     path_str = _lowlevel.path_argument(path)
-    limit = _check_timeout(timeout)
+    limit = formats.check_timeout(timeout)
     return _follow_async(path_str, limit)
 
 
@@ -480,7 +470,7 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
         raise ValueError(f"header must be 'wav' or 'raw', got {_lowlevel.brief(header)}")
     piece_frames = (None if chunk_frames is None
                     else formats.check_int("chunk_frames", chunk_frames, minimum=1))
-    limit = _check_timeout(timeout)
+    limit = formats.check_timeout(timeout)
     return _stream_bytes(path_str, header == "wav", piece_frames, limit)
 
 

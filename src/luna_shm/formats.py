@@ -11,6 +11,7 @@ import functools as _functools
 import math as _math
 import numbers as _numbers
 import operator as _operator
+import threading as _threading
 from typing import Any, cast
 
 import numpy as np
@@ -126,6 +127,20 @@ def check_seconds(name: str, value: object, *, maximum: float | None = None,
         return float(number)
     except OverflowError:  # an int beyond a float's range: only when there is no maximum
         return _math.inf
+
+
+def check_timeout(timeout: object) -> float | None:
+    """A wait's timeout: float seconds >= 0, or None for no limit (None itself, infinity,
+    and anything past threading.TIMEOUT_MAX, about 292 years, which no wait takes).
+
+    The one timeout check of the package (pools, followers, the cache): numpy numbers
+    are taken like Python ones; a bool, NaN, a negative number or a non-number is a
+    TypeError or ValueError naming it (:func:`check_seconds`).
+    """
+    if timeout is None:
+        return None
+    seconds = check_seconds("timeout", timeout, optional=True)
+    return None if seconds > _threading.TIMEOUT_MAX else seconds
 
 
 def check_samplerate(samplerate: object) -> int:

@@ -103,15 +103,6 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-def _check_timeout(timeout: object) -> float | None:
-    """timeout as None or a float of seconds that Condition.wait takes (numpy numbers
-    too; inf is refused: None is how to wait forever)."""
-    if timeout is None:
-        return None
-    return formats.check_seconds("timeout", timeout, maximum=_threading.TIMEOUT_MAX,
-                                 optional=True)
-
-
 def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
     # A PooledWav dropped without release() (from its __del__). In a forked child it
     # does nothing, and nothing leaked once the pool is closed (its close released
@@ -355,7 +346,8 @@ class AudioPool(_resource.Resource):
         when_busy: "wait" for a slot to be released (up to timeout seconds, then
             TimeoutError), or "grow" by a new slot.
         timeout: seconds to wait in "wait" mode (an int, a float or a numpy number,
-            from 0 to ``threading.TIMEOUT_MAX``); None waits forever.
+            >= 0); None, infinity, or more than ``threading.TIMEOUT_MAX`` (about 292
+            years) waits forever.
 
     A pool belongs to the process that made it: in a forked child its methods
     raise ``RuntimeError`` and ``close()`` only closes the child's copies of the
@@ -388,7 +380,7 @@ class AudioPool(_resource.Resource):
         if when_busy not in _WHEN_BUSY:
             raise ValueError(f"when_busy must be 'wait' or 'grow', got "
                              f"{_lowlevel.brief(when_busy)}")
-        self.timeout = _check_timeout(timeout)
+        self.timeout = formats.check_timeout(timeout)
         _check_prefix(prefix)
         if anonymous and not _lowlevel.HAS_MEMFD:
             raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
