@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -13,6 +14,7 @@ import sys
 import threading
 import uuid
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -336,8 +338,10 @@ def test_threads_asking_for_one_key_render_it_once(cache) -> None:
         np.testing.assert_array_equal(audio, tone(key))
 
 
-def test_a_wait_for_another_render_is_bounded_by_timeout(cache) -> None:
-    key = cache_key("slow")
+@contextlib.contextmanager
+def render_in_flight(cache: AudioCache, key: str) -> Iterator[None]:
+    """A thread renders key (one block written, then it waits) for the with block; at its
+    end the render finishes and is stored."""
     started, release = threading.Event(), threading.Event()
 
     def slow(writer) -> None:
@@ -348,14 +352,22 @@ def test_a_wait_for_another_render_is_bounded_by_timeout(cache) -> None:
     renderer = threading.Thread(
         target=lambda: cache.get_or_render(key, slow, samplerate=16000).release())
     renderer.start()
-    assert started.wait(30)
-    assert cache.live_path(key) is not None  # the hook follow_wav will use (issue 11)
-    with pytest.raises(TimeoutError, match="waiting for another caller") as caught:
-        call_with_deadline(lambda: cache.get_or_render(key, slow, samplerate=16000,
-                                                       timeout=0.05))
-    assert caught.value.errno == errno.ETIMEDOUT
-    release.set()
-    renderer.join(30)
+    try:
+        assert started.wait(30)
+        yield
+    finally:
+        release.set()
+        renderer.join(30)
+
+
+def test_a_wait_for_another_render_is_bounded_by_timeout(cache) -> None:
+    key = cache_key("slow")
+    with render_in_flight(cache, key):
+        assert cache.live_path(key) is not None  # the hook follow_wav will use (issue 11)
+        with pytest.raises(TimeoutError, match="waiting for another caller") as caught:
+            call_with_deadline(lambda: cache.get_or_render(key, lambda w: w.write(tone(key)),
+                                                           samplerate=16000, timeout=0.05))
+        assert caught.value.errno == errno.ETIMEDOUT
     assert cache.live_path(key) is None
 
 
@@ -630,23 +642,9 @@ def test_destroy_refuses_a_pinned_entry_or_a_file_not_its_own_and_stays_usable(
 
 def test_destroy_refuses_while_a_render_is_in_flight(cache) -> None:
     key = cache_key("in flight")
-    started, release = threading.Event(), threading.Event()
-
-    def slow(writer) -> None:
-        writer.write(tone(key))
-        started.set()
-        release.wait(30)
-
-    renderer = threading.Thread(
-        target=lambda: cache.get_or_render(key, slow, samplerate=16000).release())
-    renderer.start()
-    try:
-        assert started.wait(30)
-        with pytest.raises(OSError, match=rf"{key}\.live \(being rendered\)"):
-            cache.destroy()
-    finally:
-        release.set()
-        renderer.join(30)
+    with render_in_flight(cache, key), \
+            pytest.raises(OSError, match=rf"{key}\.live \(being rendered\)"):
+        cache.destroy()
     assert key in cache
 
 
