@@ -86,9 +86,10 @@ def _c_path(path: str) -> bytes:
     return encoded
 
 
-def path_argument(path: object, allowed: str = "str or os.PathLike[str]") -> str:
-    """path as a str; TypeError naming what was passed, briefly (a read_wav(bytes) of a
-    whole WAV must not put 500 KB into the message)."""
+def path_argument(path: object, allowed: str = "str or os.PathLike[str]", *,
+                  name: str = "path") -> str:
+    """path as a str; TypeError naming the argument (name) and what was passed, briefly
+    (a read_wav(bytes) of a whole WAV must not put 500 KB into the message)."""
     try:
         path_str = os.fspath(path)  # type: ignore[call-overload]
     except TypeError:
@@ -97,7 +98,7 @@ def path_argument(path: object, allowed: str = "str or os.PathLike[str]") -> str
         hint = ""
         if isinstance(path, (bytes, bytearray, memoryview)) and len(path) > 256:
             hint = " (WAV bytes in memory are not a path: write them to a file first)"
-        raise TypeError(f"path must be {allowed}, got {brief(path)}{hint}")
+        raise TypeError(f"{name} must be {allowed}, got {brief(path)}{hint}")
     return path_str
 
 

@@ -604,13 +604,8 @@ class AudioCache:
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
         disk_text = None
         if disk_dir is not None:
-            try:
-                disk_text = _os.fspath(disk_dir)
-            except TypeError:
-                disk_text = None
-            if not isinstance(disk_text, str):
-                raise TypeError(f"disk_dir must be a str or os.PathLike[str], got "
-                                f"{_lowlevel.brief(disk_dir)}")
+            disk_text = _lowlevel.path_argument(disk_dir, "a str or os.PathLike[str]",
+                                                name="disk_dir")
             if not disk_text:
                 raise ValueError("disk_dir must name a directory, got ''")
         self._counts = dict.fromkeys(_COUNTERS, 0)
@@ -647,7 +642,7 @@ class AudioCache:
         return self._ram.lock_fd < 0
 
     def _check_open(self) -> None:
-        if self._ram.lock_fd < 0:
+        if self.closed:
             raise ValueError(f"I/O operation on closed AudioCache {self.name!r}")
 
     # ---- counters ------------------------------------------------------------------
