@@ -310,6 +310,53 @@ def test_threads_waiting_on_a_failing_render_get_a_render_error(cache) -> None:
         np.testing.assert_array_equal(entry.array, tone(key))
 
 
+def fail_then_wait_for_a_success(cache: AudioCache, key: str) -> list[int]:
+    """Render key and fail; then wait for a second render of it in a thread, which
+    succeeds, and check that the wait gets its audio. The inodes of the two renders' files."""
+    inodes: list[int] = []
+
+    def fails(writer) -> None:
+        inodes.append(os.fstat(writer.fileno()).st_ino)
+        writer.write(tone(key)[:10])
+        raise ConnectionError("engine unreachable")
+
+    with pytest.raises(ConnectionError):
+        cache.get_or_render(key, fails, samplerate=16000)
+    started = threading.Event()
+
+    def succeeds(writer) -> None:
+        inodes.append(os.fstat(writer.fileno()).st_ino)
+        started.set()
+        threading.Event().wait(0.02)
+        writer.write(tone(key))
+
+    renderer = threading.Thread(
+        target=lambda: cache.get_or_render(key, succeeds, samplerate=16000).release())
+    renderer.start()
+    assert started.wait(30)
+    with cache.get_or_render(key, succeeds, samplerate=16000, timeout=30) as entry:
+        np.testing.assert_array_equal(entry.array, tone(key))
+    renderer.join(30)
+    assert len(inodes) == 2  # the wait rendered nothing itself
+    return inodes
+
+
+def test_a_waiter_is_not_given_an_earlier_failure_on_a_disk_that_reuses_inode_numbers(
+        private_dirs, monkeypatch) -> None:
+    # No usable RAM disk: the cache lives in the disk temp dir (ext4 here, which gives a
+    # new file the inode number of the one just removed). A failed render leaves a note
+    # naming its file's inode for its waiters; the next render's file may get that number.
+    monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
+    reused = 0
+    with AudioCache(f"t{uuid.uuid4().hex[:8]}") as disk_cache:
+        assert disk_cache.directory.startswith(private_dirs.fallback)
+        for round_ in range(20):
+            first, second = fail_then_wait_for_a_success(disk_cache, cache_key(f"{round_}"))
+            reused += first == second
+    if not reused:
+        pytest.skip(f"{private_dirs.fallback}'s filesystem never reused an inode number")
+
+
 def test_threads_asking_for_one_key_render_it_once(cache) -> None:
     key = cache_key("once")
     renders: list[int] = []
@@ -679,3 +726,4 @@ def test_put_refuses_audio_with_no_frames_as_get_or_render_and_put_bytes_do(cach
                                          "never cached"):
         cache.put(key, empty, 16000)
     assert key not in cache and sorted(os.listdir(cache.directory)) == ["lock"]
+

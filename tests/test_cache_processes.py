@@ -223,10 +223,21 @@ WAITER = """
 """
 
 
+@pytest.mark.parametrize("stale_note", [False, True], ids=["", "with-a-stale-note"])
 def test_sigkill_of_a_renderer_mid_render_wakes_its_waiters_and_the_key_renders_again(
-        private_dirs) -> None:
+        private_dirs, stale_note: bool) -> None:
     renderer = spawn(private_dirs, SLOW_RENDERER, "killed")
     assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+    key = cache_key("killed mid-render")
+    if stale_note:
+        # What a failed render leaves for its waiters when its file had the inode number
+        # the killed renderer's file has now (ext4 reuses them at once), and which the
+        # killed one did not live to remove: it must not be taken for the killed one's.
+        with AudioCache("killed") as cache:
+            live = cache.live_path(key)
+            assert live is not None
+            note = Path(cache.directory) / f"{key}.outcome"
+            note.write_text(f"{os.stat(live).st_ino} 1 ConnectionError: an earlier render")
     waiters = [spawn(private_dirs, WAITER, "killed") for _ in range(3)]
     time.sleep(1.0)  # the waiters block on the renderer's flock by then
     renderer.send_signal(signal.SIGKILL)
@@ -235,8 +246,8 @@ def test_sigkill_of_a_renderer_mid_render_wakes_its_waiters_and_the_key_renders_
     # One waiter renders the key afresh; the others wait for it and get its entry.
     assert outcomes == ["rendered", "waited", "waited"], outcomes
     with AudioCache("killed") as cache:
-        key = cache_key("killed mid-render")
         assert cache.live_path(key) is None
+        assert not (Path(cache.directory) / f"{key}.outcome").exists()
         with cache.get(key) as entry:
             np.testing.assert_array_equal(entry.array, audio_of(key))
 
@@ -326,6 +337,39 @@ def test_evicted_entries_spill_to_disk_and_reload_after_every_process_restarted(
     assert found == reloads and found >= 8
     assert os.listdir(private_dirs.ram) == []
     assert os.listdir(disk) == []
+
+
+STUCK_SPILLER = """
+    import os, sys, time
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("stuck", max_bytes=100_000, disk_dir=sys.argv[1])
+
+    def stuck_sendfile(*args):  # the spill's copy to disk stops here, its partial made
+        print("spilling", flush=True)
+        time.sleep(600)
+
+    os.sendfile = stuck_sendfile
+    for i in range(3):  # 3 x ~48 KB through a 100 KB RAM tier: the third evicts the first
+        key = cache_key(f"stuck {i}")
+        cache.put(key, audio_of(key, 24_000), 24000).release()
+"""
+
+
+def test_a_killed_spill_leaves_a_partial_on_disk_that_the_next_open_removes(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    spiller = spawn(private_dirs, STUCK_SPILLER, str(disk))
+    assert spiller.stdout is not None and spiller.stdout.readline().strip() == "spilling"
+    tier = disk / f"luna_cache-{os.geteuid()}-stuck"
+    partials = [n for n in os.listdir(tier) if n.endswith(".part")]
+    assert len(partials) == 1  # (while it lives, it holds the RAM tier's lock: no open)
+    spiller.send_signal(signal.SIGKILL)
+    spiller.communicate(timeout=30)
+    with AudioCache("stuck", max_bytes=100_000, disk_dir=disk) as cache:
+        assert sorted(os.listdir(tier)) == ["lock"]
+        assert cache.stats().entries == 2  # what the killed process had stored in RAM
+        cache.destroy()
 
 
 def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None:
@@ -467,3 +511,45 @@ def test_a_write_refused_by_rlimit_fsize_names_its_file_and_leaves_nothing(priva
     disk = tmp_path / "disk"
     disk.mkdir()
     assert finish(spawn(private_dirs, FILE_TOO_LARGE, str(disk))).strip() == "ok"
+
+
+ELECTION_LOSER = """
+    import os, sys
+    from luna_shm import AudioCache, cache_key
+    stop, discard = sys.argv[1], sys.argv[2] == "discard"
+    keys = [cache_key(f"raced {i}") for i in range(4)]
+    cache = AudioCache("raced")
+    print("go", flush=True)
+    i = 0
+    while not os.path.exists(stop):
+        key = keys[i % 4]
+        i += 1
+        cache.get_or_render(key, lambda w: w.write(audio_of(key, 100)),
+                            samplerate=16000).release()
+        if discard:
+            cache.discard(key)  # misses (and so elections) keep coming
+    cache.close()
+    print(i)
+"""
+
+
+def test_opening_and_clearing_race_with_processes_that_lose_the_render_election(
+        private_dirs, tmp_path: Path) -> None:
+    # A caller that loses the election removes its partial; a sweep (at open, in clear)
+    # that takes the partial's lock in that moment must find it gone, not fail.
+    stop = tmp_path / "stop"
+    renderers = [spawn(private_dirs, ELECTION_LOSER, str(stop), mode)
+                 for mode in ("discard", "keep")]
+    try:
+        for child in renderers:
+            assert child.stdout is not None and child.stdout.readline().strip() == "go"
+        for _ in range(3000):
+            with AudioCache("raced") as cache:
+                cache.clear()
+    finally:
+        stop.touch()
+        outputs = [finish(child) for child in renderers]
+    assert all(int(out) > 0 for out in outputs), outputs
+    with AudioCache("raced") as cache:
+        cache.destroy()
+    assert os.listdir(private_dirs.ram) == []

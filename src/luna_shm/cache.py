@@ -468,7 +468,12 @@ class _Tier:
             if not _newfile.still_named(fd, path):
                 return False
             size = _os.fstat(fd).st_size
-            _os.unlink(path)
+            try:
+                _os.unlink(path)
+            except FileNotFoundError:
+                # Its owner removed it after dropping its lock (a render's partial):
+                # gone all the same, and not by us (its bytes were never ours to count).
+                return False
         finally:
             _os.close(fd)
         if _entry_name(name) is not None:
@@ -532,7 +537,7 @@ class _Tier:
                 if name == _LOCK_NAME:
                     continue
                 if (name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)])
-                        and _is_outcome_note(self.path(name))):
+                        and _note_owner(self.path(name)) is not None):
                     notes.append(name)
                 elif _entry_name(name) is not None:
                     kept.append(f"{name} (pinned)")
@@ -559,12 +564,23 @@ def _stale_live(path: str) -> bool:
     try:
         if not _lowlevel.lock(fd, exclusive=True):
             return False  # a renderer (or a waiter, for a moment) holds it
-        if not _newfile.still_named(fd, path):
-            return False
-        _os.unlink(path)
+        _remove_dead_live(fd, path)
         return True
     finally:
         _os.close(fd)
+
+
+def _remove_dead_live(fd: int, path: str) -> None:
+    """Remove the .live file path (open as fd, exclusively locked: its renderer died) if
+    it still has that name, and first any outcome note naming its inode: a note of an
+    earlier render whose file had the same number, which the dead one never got to drop
+    (see AudioCache._render). Its waiters then find neither, and elect a new renderer."""
+    if not _newfile.still_named(fd, path):
+        return
+    note = path[:-len(_LIVE)] + _OUTCOME
+    if _note_owner(note) == _os.fstat(fd).st_ino:
+        _unlink_quietly(note)
+    _unlink_quietly(path)
 
 
 class AudioCache:
@@ -620,6 +636,9 @@ class AudioCache:
             with ram.locked():
                 ram.sweep()
                 ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
+            if disk is not None:
+                with disk.locked():  # a killed process's spills in flight
+                    disk.sweep()
         except BaseException:
             # A failed constructor leaves nothing it made (a directory that was there
             # before, and may be in use, stays).
@@ -1021,8 +1040,9 @@ class AudioCache:
         audio into a :class:`WavWriter` in the cache directory; the others wait
         for it (no CPU: a flock the kernel grants when the renderer ends) and get
         the same entry. A render that raises or writes no frames is never stored:
-        the renderer gets its exception, its waiters a :class:`RenderError`. When
-        the renderer's process dies, one waiter renders again.
+        the renderer gets its exception, its waiters a :class:`RenderError` (a waiter
+        that wakes only after the next render of the key began waits for that one).
+        When the renderer's process dies, one waiter renders again.
 
         Args:
             key: see :func:`cache_key`.
@@ -1098,8 +1118,10 @@ class AudioCache:
                     return done, live
             finally:
                 if writer is not None:
-                    writer.close()
+                    # Unlinked before the close drops its flock: a sweep never finds
+                    # an unlocked partial of ours that we are about to remove.
                     _unlink_quietly(part)
+                    writer.close()
         raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
 
     def _render(self, key: str, writer: WavWriter, live: str,
@@ -1108,6 +1130,10 @@ class AudioCache:
         result, then let the waiters go: by then the entry, or the outcome, is there."""
         self._count("renders")
         ino = _os.fstat(writer.fileno()).st_ino
+        # A note an earlier render of key left goes now, before a waiter can read it: a
+        # filesystem that reuses inode numbers (ext4) may have given our file the number
+        # it names. Late waiters of that render wait for this one instead.
+        _unlink_quietly(self._ram.path(key + _OUTCOME))
         try:
             render(writer)
             if writer.frames == 0:
@@ -1147,7 +1173,6 @@ class AudioCache:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
         done before we looked), unstored audio, or RenderError when the render failed."""
         live = self._ram.path(key + _LIVE)
-        started = _time.time_ns()
         try:
             fd = _os.open(live, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
         except FileNotFoundError:
@@ -1167,15 +1192,15 @@ class AudioCache:
                                            f"caller to render {key!r}", live)
                     _time.sleep(pause)
                     pause = min(pause * 2, 0.02)
-            outcome = self._read_outcome(key, ino, started)
-            if outcome is None and _newfile.still_named(fd, live):
-                # Still named .live with no renderer: it died. Remove it (exclusive,
-                # so that no other waiter is between its lock and this check) and
-                # let the loop elect a new renderer.
+            if _newfile.still_named(fd, live):
+                # A renderer that ends renames or removes its .live file before it
+                # lets go of the lock: still named, it died. Remove it (exclusive, so
+                # that no other waiter is between its lock and this check) and let
+                # the loop elect a new renderer.
                 _lowlevel.lock(fd, exclusive=True, wait=True)
-                if _newfile.still_named(fd, live):
-                    _unlink_quietly(live)
+                _remove_dead_live(fd, live)
                 return None
+            outcome = self._read_outcome(key, ino)
         finally:
             _os.close(fd)
         if outcome is None:
@@ -1191,15 +1216,14 @@ class AudioCache:
             return CachedAudio(held, path, key, stored=False)
         raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
 
-    def _read_outcome(self, key: str, ino: int, since_ns: int) -> tuple[str, str] | None:
+    def _read_outcome(self, key: str, ino: int) -> tuple[str, str] | None:
         """(pid, text) that the renderer of the file ino left for its waiters, or None.
-        The waiter holds that file open, so its inode number cannot have been reused;
-        an outcome older than the wait belongs to an earlier file of that number."""
+        The waiter holds that file open, so no later file has its inode number; a note
+        of an earlier file with that number was removed when this file's render began
+        (or, if it died first, with its .live name)."""
         path = self._ram.path(key + _OUTCOME)
         try:
             with open(path, encoding="utf-8") as f:
-                if _os.fstat(f.fileno()).st_mtime_ns < since_ns - 50_000_000:
-                    return None
                 owner, pid, text = f.read().split(" ", 2)
         except (OSError, ValueError):
             return None
@@ -1335,17 +1359,20 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
             pass
 
 
-def _is_outcome_note(path: str) -> bool:
-    """True when path is a regular file that starts as _write_outcome writes: "<inode> <pid> "."""
+def _note_owner(path: str) -> int | None:
+    """The inode number in an outcome note at path, or None when path is not a regular
+    file that starts as _write_outcome writes one: "<inode> <pid> "."""
     try:
         fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
-        return (_stat.S_ISREG(_os.fstat(fd).st_mode)
-                and _OUTCOME_START.match(_os.pread(fd, 48, 0)) is not None)
+        if not _stat.S_ISREG(_os.fstat(fd).st_mode):
+            return None
+        start = _OUTCOME_START.match(_os.pread(fd, 48, 0))
     finally:
         _os.close(fd)
+    return None if start is None else int(start.group().split()[0])
 
 
 def _is_pinned(path: str) -> bool:
