@@ -727,3 +727,43 @@ def test_put_refuses_audio_with_no_frames_as_get_or_render_and_put_bytes_do(cach
         cache.put(key, empty, 16000)
     assert key not in cache and sorted(os.listdir(cache.directory)) == ["lock"]
 
+
+
+CORRUPT = {
+    "emptied": "os.truncate(path, 0)",
+    "header cut": "os.truncate(path, 30)",
+    "samples cut": "os.truncate(path, os.path.getsize(path) - 100)",
+    "header overwritten": "fd = os.open(path, os.O_WRONLY); os.pwrite(fd, b'junk' * 8, 0)",
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPT), ids=list(CORRUPT))
+def test_get_or_render_renders_again_over_an_entry_another_process_damaged(
+        cache, caplog, damage) -> None:
+    key = cache_key(f"damaged {damage}")
+    cache.put(key, tone(key), 16000).release()
+    path = f"{cache.directory}/{key}.wav"
+    subprocess.run([sys.executable, "-c", f"import os; path = {path!r}; {CORRUPT[damage]}"],
+                   check=True, timeout=60)
+    held = cache.get(key)
+    assert held is not None
+    with pytest.raises(luna_shm.WavError, match=re.escape(path)):
+        held.array  # noqa: B018 -- get() hands out what is stored, as it is
+    # Held by a caller, the damaged entry cannot go: get_or_render says why.
+    with held, pytest.raises(luna_shm.WavError, match=re.escape(path)):
+        cache.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000)
+    renders: list[int] = []
+
+    def render(writer) -> None:
+        renders.append(1)
+        writer.write(tone(key))
+
+    with caplog.at_level("WARNING", logger="luna_shm"), \
+            cache.get_or_render(key, render, samplerate=16000) as entry:
+        np.testing.assert_array_equal(entry.array, tone(key))
+    assert renders == [1]
+    [message] = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"luna_shm: removed the unreadable cache entry {path} (")
+    assert message.endswith("); rendering it again")
+    with cache.get(key) as again:  # stored whole this time
+        np.testing.assert_array_equal(again.array, tone(key))

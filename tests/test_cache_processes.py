@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH, call_with_deadline
+from helpers import LIBRARY_PATH, call_with_deadline, require_private_mounts
 from luna_shm import AudioCache, cache_key
 
 # Audio that any process derives from the key alone: a render, and its oracle.
@@ -553,3 +554,57 @@ def test_opening_and_clearing_race_with_processes_that_lose_the_render_election(
     with AudioCache("raced") as cache:
         cache.destroy()
     assert os.listdir(private_dirs.ram) == []
+
+
+READ_ONLY_CACHE = """
+    import errno, json, subprocess
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("ro", max_bytes=1_000_000)
+    key, missing = cache_key("stored"), cache_key("missing")
+    cache.put(key, audio_of(key), 16000).release()
+    # Read-only under the open cache: a bind mount of the RAM dir over itself, remounted
+    # read-only (a tmpfs with files open for writing cannot be remounted read-only itself).
+    ram = os.environ["LUNA_SHM_DIR"]
+    subprocess.run(["mount", "--bind", ram, ram], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", ram], check=True)
+    out = {}
+    with cache.get(key) as hit:
+        out["hit"] = bool(np.array_equal(hit.array, audio_of(key)))
+    with cache.get_or_render(key, lambda w: 1 / 0, samplerate=16000) as hit:
+        out["hit_or_render"] = bool(np.array_equal(hit.array, audio_of(key)))
+    for name, call in [
+            ("render", lambda: cache.get_or_render(missing, lambda w: w.write(audio_of(key)),
+                                                   samplerate=16000)),
+            ("put", lambda: cache.put(missing, audio_of(key), 16000)),
+            ("discard", lambda: cache.discard(key)),
+            ("reopen", lambda: AudioCache("ro"))]:
+        try:
+            call()
+            out[name] = "no error"
+        except OSError as exc:
+            out[name] = [exc.errno == errno.EROFS, exc.filename]
+    out["listing"] = sorted(os.listdir(cache.directory))
+    out["directory"] = cache.directory
+    cache.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
+        private_dirs) -> None:
+    prefix = require_private_mounts()
+    done = subprocess.run([*prefix, sys.executable, "-c",
+                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(READ_ONLY_CACHE)],
+                          env=child_env(private_dirs), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    # Hits work (the LRU clock stops: it found EROFS, not the entry, refused before).
+    assert out["hit"] is True and out["hit_or_render"] is True
+    directory = out["directory"]
+    key = cache_key("stored")
+    for name in ("render", "put"):  # the partial they could not create
+        assert out[name][0] is True and out[name][1].startswith(f"{directory}/."), out
+    assert out["discard"] == [True, f"{directory}/{key}.wav"]
+    assert out["reopen"] == [True, f"{directory}/lock"]
+    assert out["listing"] == sorted(["lock", f"{key}.wav"])

@@ -55,7 +55,7 @@ import numpy as np
 
 from luna_shm import _lowlevel, _newfile, encoding, formats, placement
 from luna_shm._resource import FileResource
-from luna_shm.errors import LunaShmError
+from luna_shm.errors import LunaShmError, WavError
 from luna_shm.follow import follow_wav
 from luna_shm.wav import mapped_samples
 from luna_shm.writer import WavWriter
@@ -386,9 +386,11 @@ class _Tier:
         try:
             self.lock_fd = _os.open(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW
                                     | _os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        except BaseException:
+        except BaseException as exc:
             if self.made:
                 _rmdir_quietly(self.directory)
+            if isinstance(exc, OSError):  # named by dir_fd: say where
+                raise OSError(exc.errno, exc.strerror, self.path(_LOCK_NAME)) from exc
             raise
         finally:
             _os.close(dir_fd)
@@ -709,8 +711,14 @@ class AudioCache:
                     with tier.locked():
                         tier.remove_if_unpinned(key + suffix)
                     continue
-                now = _time.time_ns()
-                _os.utime(fd, ns=(now, st.st_mtime_ns))  # the LRU clock: atime
+                try:
+                    _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))  # the LRU clock
+                except OSError as exc:
+                    # A cache on a file system remounted read-only still serves its
+                    # hits (its LRU clock stops); anything else names the entry.
+                    if exc.errno != _errno.EROFS:
+                        _raise_named(exc, path)
+                        raise
             except BaseException:
                 _os.close(fd)
                 raise
@@ -1059,6 +1067,9 @@ class AudioCache:
             TypeError, ValueError: a bad key, samplerate, channels, dtype or timeout
                 (NaN is refused), checked before anything else.
             RenderError: the render this caller waited for failed.
+            WavError: the stored entry is not a WAV we can read (another process
+                truncated or overwrote it) and another caller holds it; unheld, it
+                is removed (with a warning logged) and the key rendered again.
             TimeoutError: timeout passed while another caller rendered.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
@@ -1073,7 +1084,7 @@ class AudioCache:
         deadline = None if limit is None else _time.monotonic() + limit
         while True:
             found = self.get(key)
-            if found is not None:
+            if found is not None and self._readable(found):
                 return found
             writer, part = self._start_render(key, samplerate, channels, dtype)
             if writer is not None:
@@ -1081,6 +1092,24 @@ class AudioCache:
             outcome = self._wait(key, deadline)
             if outcome is not None:
                 return outcome
+
+    def _readable(self, entry: CachedAudio) -> bool:
+        """True when entry (a hit) can be read. A WAV entry that does not parse (another
+        process truncated or overwrote it) is released and removed, and False returned
+        for the caller to render the key again; when it cannot be removed (another
+        caller holds it), its WavError is raised."""
+        if not entry.is_wav:
+            return True
+        try:
+            entry._load()  # the header parsed and the samples mapped, as .array would
+        except WavError as exc:
+            entry.release()
+            if not self.discard(entry.key):
+                raise
+            placement.logger.warning("luna_shm: removed the unreadable cache entry %s (%s); "
+                                     "rendering it again", entry.path, exc)
+            return False
+        return True
 
     def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
                       ) -> tuple[WavWriter | None, str]:
