@@ -7,6 +7,9 @@ empty, mode 0600). ``with temp_audio_path() as path:`` removes it afterwards,
 whatever happened. ``cleanup_temp_audio(path)`` removes what
 get_temp_audio_path made, ``cleanup_all_temp_audio()`` all our unused files,
 and neither ever touches a file that is not ours or that a live process holds.
+"Holds" means a flock, as every luna_shm writer, buffer and pool slot keeps: a
+program that merely has the file open (a player's ``open()``) is not seen, and
+keeps reading it after the unlink (Linux frees the data at its last close).
 """
 
 from __future__ import annotations
