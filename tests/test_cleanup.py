@@ -549,7 +549,7 @@ def test_cleanup_all_accepts_int_and_float_older_than(private_dirs, older_than) 
     ("older_than", "error", "message"),
     [
         (-10**400, ValueError,
-         "^older_than must be >= 0 seconds, got an int of 1329 bits$"),
+         "^older_than must be >= 0 seconds, got a negative int of 1329 bits$"),
         (np.float32("nan"), ValueError,
          r"^older_than must be >= 0 seconds, got np.float32\(nan\)$"),
         ("9" * 5000, TypeError,

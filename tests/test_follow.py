@@ -409,7 +409,7 @@ def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
     ({"timeout": "1"}, "timeout must be None or a number of seconds, got '1'", TypeError),
     ({"timeout": True}, "timeout must be None or a number of seconds, got True", TypeError),
     ({"timeout": float("nan")}, "got nan", ValueError),
-    ({"timeout": -10**400}, "got an int of 1329 bits$", ValueError),
+    ({"timeout": -10**400}, "got a negative int of 1329 bits$", ValueError),
 ])
 def test_bad_follow_arguments_are_named(ram, kwargs, match, kind):
     with pytest.raises(kind, match=match):

@@ -160,6 +160,8 @@ def test_the_array_of_a_written_slot_is_read_only_and_refused_after_release(ram)
         with pytest.raises(ValueError, match="PooledWav was released"):
             pooled.truncate(1)
         pooled.release()  # again: nothing happens
+        with pytest.raises(ValueError, match="PooledWav was released"), pooled:
+            pass
         with pool.write_wav(np.zeros(3, np.int16), RATE) as again:
             assert again.frames == 3
 
@@ -537,7 +539,8 @@ def test_a_timeout_no_wait_can_take_means_no_limit_as_for_followers_and_the_cach
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"timeout": -10**100}, "^timeout must be None or >= 0 seconds, got an int of 333 bits$"),
+    ({"timeout": -10**100},
+     "^timeout must be None or >= 0 seconds, got a negative int of 333 bits$"),
     ({"max_bytes": 10**100},
      r"^max_bytes must fit a WAV file \(< 4 GiB\), got an int of 333 bits$"),
     ({"when_busy": "w" * 5000}, "^when_busy must be 'wait' or 'grow', got str of length 5000$"),

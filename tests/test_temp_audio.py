@@ -170,7 +170,7 @@ def test_bad_size_hint_is_refused_and_creates_nothing(private_dirs, size_hint, e
 
 
 @pytest.mark.parametrize(("size_hint", "error", "message"), [
-    (-10**100, ValueError, "^size_hint must be >= 0, got an int of 333 bits$"),
+    (-10**100, ValueError, "^size_hint must be >= 0, got a negative int of 333 bits$"),
     ("1" * 5000, TypeError, "^size_hint must be an int, got str of length 5000$"),
 ], ids=["huge-negative-int", "long-str"])
 @pytest.mark.parametrize("call", ["get_temp_audio_path", "temp_audio_path"])

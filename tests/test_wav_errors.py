@@ -230,7 +230,7 @@ def test_a_huge_argument_is_named_by_its_type_and_size_not_its_whole_value(ram, 
     with pytest.raises(error, match=r"^samplerate must be") as caught:
         write_wav(ram / "out.wav", np.zeros(4, np.int16), samplerate)
     assert len(str(caught.value)) < 200
-    assert re.search(r"an int of 16610 bits|str of length 500000|bytes of length 500000",
+    assert re.search(r"int of 16610 bits|str of length 500000|bytes of length 500000",
                      str(caught.value))
     with pytest.raises(error, match=r"^frames must be|^frames=an int of 16610 bits is too long"):
         create_wav_buffer(samplerate, RATE)

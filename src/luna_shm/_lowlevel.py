@@ -55,7 +55,7 @@ def brief(value: object, limit: int = 80) -> str:
     """How an error message names a value the caller passed: its repr when that is short,
     else its type and size (never 500 KB of someone's bytes, nor an int's 10,000 digits)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"an int of {value.bit_length()} bits"
+        return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
     if isinstance(value, np.ndarray):
         return f"a numpy array of shape {value.shape} and dtype {value.dtype}"
     try:

@@ -233,6 +233,15 @@ class PooledWav(_resource.Resource):
         """The same as :meth:`release` (so that every luna_shm resource closes alike)."""
         self.release()
 
+    def __enter__(self) -> Self:
+        """Start a ``with`` block that releases the slot at its end.
+
+        Raises:
+            ValueError: already released (a block using it could only fail later).
+        """
+        self._check_held()
+        return self
+
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<PooledWav {self.path!r} {state}: {self.frames} frames, {self.samplerate} Hz>"
