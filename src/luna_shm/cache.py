@@ -25,7 +25,9 @@ The index is the directory itself, files and atomic renames (see the README,
   committed entries, checked and made true under it, before a rename.
 * ``stats`` holds the shared counters; ``.<...>.part`` files are in flight.
 * ``<key>.outcome`` is the note a failed (or unstored) render leaves for its
-  waiters; a sweep removes it after a minute, :meth:`AudioCache.destroy` at once.
+  waiters, naming its file by inode number; the key's next render removes it
+  before it starts (a disk may reuse the number), a sweep after a minute,
+  :meth:`AudioCache.destroy` at once.
 
 A kill -9 at any point leaves committed entries complete and at most in-flight
 files (partials, a stale ``.live``), which the next pass under the lock removes.
