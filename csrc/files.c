@@ -87,7 +87,7 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode)
         fd = luna_create_excl(path, mode); /* tiny window before the lock */
         if (fd < 0)
             return fd;
-        int rc = luna_lock(fd, 0, 1);
+        int rc = luna_lock_new_file(fd);
         if (rc < 0) {
             unlink(path);
             close(fd);
@@ -119,8 +119,19 @@ int luna_lock(int fd, int exclusive, int wait)
     int op = (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB);
     do {
         rc = flock(fd, op);
-    } while (rc != 0 && errno == EINTR);
+        /* A wait that a signal interrupts goes back to the caller, whose signal
+         * handlers must run (and may raise) before it waits again (PEP 475). */
+    } while (rc != 0 && errno == EINTR && !wait);
     return rc == 0 ? 0 : -errno;
+}
+
+int luna_lock_new_file(int fd)
+{
+    int rc;
+    do {
+        rc = luna_lock(fd, 0, 1);
+    } while (rc == -EINTR);
+    return rc;
 }
 
 int luna_close(int fd)

@@ -11,6 +11,13 @@
 
 #include "luna_shm.h"
 
+/* ---- files.c ------------------------------------------------------------- */
+
+/* luna_lock(fd, 0, 1) that waits through signals: for a file just created,
+ * which no other process can hold for more than a moment (a sweep's try).
+ * Returns 0 or -errno. */
+int luna_lock_new_file(int fd);
+
 /* ---- mapping.c: unnamed files -------------------------------------------- */
 
 /* Open an unnamed file in directory dir (O_TMPFILE, mode 0600). Returns the

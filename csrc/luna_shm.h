@@ -73,7 +73,8 @@ int luna_open_regular(const char *path, uint64_t *size);
 
 /* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
  * it when wait=1. Returns 0, -EWOULDBLOCK (wait=0) when another open file
- * holds a conflicting lock, or -errno. */
+ * holds a conflicting lock, -EINTR (wait=1) when a signal interrupted the
+ * wait (the caller runs its handlers and calls again), or -errno. */
 int luna_lock(int fd, int exclusive, int wait);
 
 /* Close fd. Returns 0 or -errno. */

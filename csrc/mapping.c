@@ -113,7 +113,7 @@ int luna_open_unnamed_locked(const char *dir, unsigned int mode)
         return fd;
     int rc = fchmod(fd, (mode_t)mode) == 0 ? 0 : -errno;
     if (rc == 0)
-        rc = luna_lock(fd, 0, 1);
+        rc = luna_lock_new_file(fd);
     if (rc < 0) {
         close(fd);
         return rc;

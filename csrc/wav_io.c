@@ -126,7 +126,7 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         return fd;
     /* Locked before it has a name: a concurrent cleanup never takes the
      * partial file for an abandoned one. */
-    int rc = luna_lock(fd, 0, 1);
+    int rc = luna_lock_new_file(fd);
     if (rc == 0)
         rc = luna_write_wav_fd(fd, spec, data, data_bytes);
     if (rc == 0 && !named) {

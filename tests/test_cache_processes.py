@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -251,6 +252,47 @@ def test_sigkill_of_a_renderer_mid_render_wakes_its_waiters_and_the_key_renders_
         assert not (Path(cache.directory) / f"{key}.outcome").exists()
         with cache.get(key) as entry:
             np.testing.assert_array_equal(entry.array, audio_of(key))
+
+
+class Alarm(Exception):
+    pass
+
+
+def test_a_signal_handler_that_raises_ends_a_wait_for_another_process_s_render(
+        private_dirs) -> None:
+    # As Python's own blocking calls do (PEP 475): the handler runs during the wait, and
+    # its exception ends it, even with no timeout and a renderer that never finishes.
+    fds = len(os.listdir("/proc/self/fd"))
+    renderer = spawn(private_dirs, SLOW_RENDERER, "interrupted")
+    assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+    backstop = threading.Timer(30, renderer.kill)  # ends the wait if the signal cannot
+    backstop.start()
+
+    def alarm(signum, frame):
+        raise Alarm("interrupted")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    key = cache_key("killed mid-render")
+    try:
+        with AudioCache("interrupted") as cache:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Alarm):
+                cache.get_or_render(key, lambda w: w.write(audio_of(key)), samplerate=24000)
+            assert renderer.poll() is None  # the wait ended while the render went on
+            backstop.cancel()
+            renderer.kill()
+            renderer.communicate(timeout=30)
+            # Nothing held or leaked: the next caller renders the key itself.
+            with cache.get_or_render(key, lambda w: w.write(audio_of(key)),
+                                     samplerate=24000, timeout=30) as entry:
+                np.testing.assert_array_equal(entry.array, audio_of(key))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        backstop.cancel()
+        renderer.kill()
+        renderer.communicate(timeout=30)
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 KILLED_PUTTER = """

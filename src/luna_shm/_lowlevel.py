@@ -124,8 +124,14 @@ def create_locked(directory: str, path: str, mode: int = 0o600) -> int:
 
 
 def lock(fd: int, *, exclusive: bool, wait: bool = False) -> bool:
-    """Take a flock (waiting when wait=True); False when another open file holds it."""
+    """Take a flock (waiting when wait=True); False when another open file holds it.
+
+    A signal interrupts a wait as it does Python's own blocking calls (PEP 475): its
+    handler runs, and the exception it raises (KeyboardInterrupt, say) ends the wait;
+    else the wait goes on."""
     rc = lib.luna_lock(fd, int(exclusive), int(wait))
+    while rc == -errno.EINTR:  # each call lets the interpreter run pending handlers
+        rc = lib.luna_lock(fd, int(exclusive), int(wait))
     if rc == -errno.EWOULDBLOCK:
         return False
     check(rc)
