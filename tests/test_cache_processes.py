@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -417,12 +418,17 @@ def test_a_killed_spill_leaves_a_partial_on_disk_that_the_next_open_removes(
 
 def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None:
     with AudioCache("forked", max_bytes=100_000) as cache:
-        key = cache_key("from the child")
+        key, mine = cache_key("from the child"), cache_key("the parent's")
+        cache.put(mine, audio_of(mine), 16000).release()
+        for _ in range(10):  # hits this process counts, not yet written to the shared count
+            cache.get(mine).release()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             code = 1
             try:
+                cache.get(mine).release()
                 cache.put(key, audio_of(key), 16000).release()
+                cache.stats()  # writes the child's counts out
                 code = 0
             finally:
                 os._exit(code)
@@ -430,6 +436,9 @@ def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None
         assert os.waitstatus_to_exitcode(status) == 0
         with cache.get(key) as entry:
             np.testing.assert_array_equal(entry.array, audio_of(key))
+        # The parent's 10 hits, the child's 1 and this one: the child did not write the
+        # parent's pending counts out a second time.
+        assert cache.stats().hits == 12
 
 
 
@@ -650,3 +659,42 @@ def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
     assert out["discard"] == [True, f"{directory}/{key}.wav"]
     assert out["reopen"] == [True, f"{directory}/lock"]
     assert out["listing"] == sorted(["lock", f"{key}.wav"])
+
+
+ONE_FREE_FD = """
+    import errno, json, resource
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("fds")
+    key = cache_key("one fd short")
+    audio = audio_of(key)  # (numpy imports modules the first time)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE, exc
+    os.close(held.pop())  # one free: the render's file opens, its pin (a dup) does not
+    try:
+        cache.get_or_render(key, lambda w: w.write(audio), samplerate=16000)
+        out = ["returned"]
+    except OSError as exc:
+        out = [exc.errno, exc.filename]
+    for fd in held:
+        os.close(fd)
+    print(json.dumps([out, sorted(os.listdir(cache.directory)), cache.directory]))
+    cache.close()
+"""
+
+
+def test_a_render_one_fd_short_raises_emfile_naming_its_file_and_leaves_nothing(
+        private_dirs) -> None:
+    done = subprocess.run([sys.executable, "-c",
+                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(ONE_FREE_FD)],
+                          env=child_env(private_dirs), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    (error, filename), listing, directory = json.loads(done.stdout)
+    assert error == errno.EMFILE
+    assert filename == f"{directory}/{cache_key('one fd short')}.live"
+    assert listing == ["lock"]

@@ -626,7 +626,7 @@ def test_cleanup_all_skips_links_fifos_directories_and_other_users_files(
 
 
 _FILL_FD_TABLE = """
-import errno, json, os, resource
+import errno, json, os, resource, sys
 import luna_shm
 path = luna_shm.get_temp_audio_path(create=True)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
@@ -636,6 +636,8 @@ try:
         held.append(os.open("/dev/null", os.O_RDONLY))
 except OSError as exc:
     assert exc.errno == errno.EMFILE, exc
+for _ in range(int(sys.argv[1])):  # free fds: 1 lets the dir open, and its scan fail
+    os.close(held.pop())
 result = {}
 for name, call in (("cleanup_all", luna_shm.cleanup_all_temp_audio),
                    ("iter_unused", lambda: len(list(luna_shm.iter_unused_temp_audio())))):
@@ -650,11 +652,13 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.parametrize("free_fds", [0, 1])
 def test_cleanup_all_raises_emfile_instead_of_reporting_a_clean_dir_when_the_fd_table_is_full(
-    private_dirs,
+    private_dirs, free_fds: int,
 ) -> None:
     env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
-    done = subprocess.run([sys.executable, "-c", _FILL_FD_TABLE], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _FILL_FD_TABLE, str(free_fds)],
+                          capture_output=True,
                           text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, encoding, formats, placement
+from luna_shm import _lowlevel, _newfile, _resource, encoding, formats, placement
 from luna_shm._resource import FileResource
 from luna_shm.errors import LunaShmError, WavError
 from luna_shm.follow import follow_wav
@@ -630,6 +630,7 @@ class AudioCache:
                 raise ValueError("disk_dir must name a directory, got ''")
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
+        self._counts_pid = _resource.current_pid
         self._encoded = False
         ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
         disk: _Tier | None = None
@@ -671,12 +672,24 @@ class AudioCache:
     # ---- counters ------------------------------------------------------------------
 
     def _count(self, what: str, n: int = 1) -> None:
+        if self._counts_pid != _resource.current_pid:
+            self._forget_parent_counts()
         with self._counts_lock:
             self._counts[what] += n
+
+    def _forget_parent_counts(self) -> None:
+        """In a forked child: the counts not yet written out are the parent's, which
+        it will write itself; start from zero (with a lock of our own: another thread
+        of the parent may have held its lock at the fork)."""
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts_lock = _threading.Lock()
+        self._counts_pid = _resource.current_pid
 
     def _flush_counts(self) -> dict[str, int]:
         """Add this process's counts to the shared ones; the totals. Under the RAM lock.
         (Hits and misses are counted here first: a hit takes no lock.)"""
+        if self._counts_pid != _resource.current_pid:
+            self._forget_parent_counts()
         with self._counts_lock:
             pending, self._counts = self._counts, dict.fromkeys(_COUNTERS, 0)
         return dict(zip(_COUNTERS, self._ram.add(pending), strict=True))
@@ -1171,8 +1184,12 @@ class AudioCache:
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             # A second descriptor of the same open file: it shares the writer's flock and
             # keeps it after the writer closes, so the entry stays pinned for our caller.
-            entry = self._commit(key, live, key + ".wav", _os.dup(writer.fileno()),
-                                 replacing=False)
+            try:
+                pin = _os.dup(writer.fileno())
+            except OSError as exc:  # EMFILE: say which file it was for
+                _raise_named(exc, live)
+                raise
+            entry = self._commit(key, live, key + ".wav", pin, replacing=False)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:

@@ -402,8 +402,11 @@ def scan_our_files(
         return
     uid = _os.geteuid()
     try:
-        with _os.scandir(dir_fd) as entries:
-            names = [e.name for e in entries if wanted(e.name)]
+        try:
+            with _os.scandir(dir_fd) as entries:  # scandir(fd) dups it: EMFILE names nothing
+                names = [e.name for e in entries if wanted(e.name)]
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, directory) from None
         for name in names:
             try:
                 st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
