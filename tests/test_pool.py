@@ -11,7 +11,9 @@ import errno
 import fcntl
 import gc
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -934,3 +936,107 @@ def test_a_pool_is_made_even_when_one_of_our_dirs_cannot_be_read_for_its_reclaim
     # real second user) is logged and skipped, and the pool is made in the RAM dir.
     closed, readable = closed_and_readable_dirs(private_dirs.ram)
     assert as_other_user(_pool_as_other_user, readable, closed) == readable
+
+
+class Interrupted(Exception):
+    """What a signal handler raised."""
+
+
+def all_slots_come_back(pool: AudioPool) -> None:
+    """Every slot of the pool can be held at once, each its own file (none lost, none
+    handed out twice)."""
+    held = [pool.acquire(10, RATE) for _ in range(pool.slots)]
+    try:
+        assert len({pooled.path for pooled in held}) == pool.slots
+    finally:
+        for pooled in held:
+            pooled.release()
+
+
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "memfd"])
+@pytest.mark.parametrize(("operation", "cut_at"), [
+    ("write", "_intact"),  # the slot taken, not yet checked
+    ("write", "__init__"),  # written, its PooledWav not yet made
+    ("acquire", "format_slot"),
+    ("release", "_give_back"),  # the PooledWav released, its slot not yet back
+])
+def test_a_call_cut_short_between_its_steps_loses_no_slot(ram, anonymous, operation,
+                                                          cut_at) -> None:
+    # Python can raise at any call (a signal handler that raises, KeyboardInterrupt):
+    # here the first call of cut_at raises, as a handler run just then would.
+    with warnings.catch_warnings(), \
+            AudioPool(slots=2, max_bytes=100_000, anonymous=anonymous, timeout=5) as pool:
+        big = np.zeros(30_000, np.int16)  # past the small-write path: _take and _intact
+
+        def cut(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == cut_at:
+                sys.setprofile(None)
+                raise Interrupted(cut_at)
+
+        warnings.simplefilter("ignore", ResourceWarning)  # the PooledWav a cut release left
+        for _ in range(pool.slots + 1):  # more cut calls than slots: a lost one shows
+            pooled = pool.acquire(10, RATE) if operation == "release" else None
+            try:
+                with pytest.raises(Interrupted):
+                    sys.setprofile(cut)
+                    if operation == "write":
+                        pool.write_wav(big, RATE)
+                    elif operation == "acquire":
+                        pool.acquire(10, RATE)
+                    else:
+                        assert pooled is not None
+                        pooled.release()
+            finally:
+                sys.setprofile(None)
+            del pooled
+            gc.collect()
+        all_slots_come_back(pool)
+        assert pool.slots == 2  # found again, not replaced
+
+
+def test_raising_signal_handlers_at_random_moments_lose_no_slot(ram) -> None:
+    armed = [False]
+
+    def handler(signum, frame):
+        # Not inside a __del__ (a collection may run one at any moment): Python only
+        # prints what a finalizer raises, and a slot given back there needs no test.
+        while frame is not None and frame.f_code.co_name != "__del__":
+            frame = frame.f_back
+        if armed[0] and frame is None:
+            armed[0] = False
+            raise Interrupted("SIGALRM")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    rng = random.Random(7)
+    small, big = np.arange(1000, dtype=np.int16), np.zeros(60_000, np.int16)
+    interrupted = 0
+    try:
+        with warnings.catch_warnings(), \
+                AudioPool(slots=3, max_bytes=200_000, timeout=5) as pool:
+            # A call cut between its write and its release leaves a PooledWav unreleased.
+            warnings.simplefilter("ignore", ResourceWarning)
+            for _ in range(3000):
+                delay, choice = rng.uniform(1e-6, 100e-6), rng.randrange(3)
+                pooled = None  # (one that a cut call left unreleased goes now, unarmed)
+                armed[0] = True
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, delay)
+                    if choice == 0:
+                        pooled = pool.write_wav(small, RATE)
+                    elif choice == 1:
+                        pooled = pool.write_wav(big, RATE)
+                    else:
+                        pooled = pool.acquire(5000, RATE)
+                    pooled.release()
+                except Interrupted:
+                    interrupted += 1
+                finally:
+                    armed[0] = False
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            gc.collect()
+            all_slots_come_back(pool)
+            assert pool.slots == 3
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted > 0  # the handler did cut calls short

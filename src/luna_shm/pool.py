@@ -25,6 +25,7 @@ import re as _re
 import threading as _threading
 import time as _time
 import warnings as _warnings
+import weakref as _weakref
 from typing import Any, Self
 
 import numpy as np
@@ -51,11 +52,21 @@ _SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 _FILL_UNDER_LOCK_BYTES = 16384
 
 
+class _Lease:
+    """A call's claim on a slot, then its PooledWav's: the slot is theirs while this
+    object lives. A slot whose lease died without giving it back (an exception, or a
+    signal handler that raised, between taking the slot and handing it over or between
+    a release's steps) is found again when the pool runs dry (AudioPool._reclaim_lost):
+    Python can raise at every call, so no order of statements alone closes those gaps."""
+
+    __slots__ = ("__weakref__",)
+
+
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("byte_view", "fd", "identity", "length", "mapping", "path", "readonly",
-                 "verified", "watched")
+    __slots__ = ("byte_view", "fd", "identity", "lease", "length", "mapping", "path",
+                 "readonly", "verified", "watched")
 
     def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
         self.fd = fd
@@ -70,6 +81,8 @@ class _Slot:
         # checked (still_named) and the watch has reported nothing since.
         self.watched = False
         self.verified = False
+        # Who holds the slot: None while it is free (or lost before a lease was set).
+        self.lease: _weakref.ReferenceType[_Lease] | None = None
 
     def still_named(self) -> bool:
         """True while path names this slot's file, at the slot's full length.
@@ -103,15 +116,16 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-def _unreleased(pool: AudioPool, slot: _Slot, path: str, owner_pid: int) -> None:
+def _unreleased(pool: AudioPool, slot: _Slot, lease: _Lease | None, path: str,
+                owner_pid: int) -> None:
     # A PooledWav dropped without release() (from its __del__). In a forked child it
     # does nothing, and nothing leaked once the pool is closed (its close released
     # every slot).
     if owner_pid != _resource.current_pid or pool.closed:
         return
+    pool._give_back(slot, lease)  # first: warnings may be errors (-W error)
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
                    ResourceWarning, stacklevel=2)
-    pool._give_back(slot)
 
 
 class PooledWav(_resource.Resource):
@@ -129,13 +143,15 @@ class PooledWav(_resource.Resource):
     """
 
     _pool: AudioPool | None = None
+    _lease: _Lease | None = None
 
     # Made on every pool write: its __init__ sets only what it must, with writable passed
     # by position (a keyword costs 0.1 us, a fifth of the object).
-    def __init__(self, pool: AudioPool, slot: _Slot, spec: _lowlevel.WavSpec, frames: int,
-                 offset: int, writable: bool) -> None:
+    def __init__(self, pool: AudioPool, slot: _Slot, lease: _Lease, spec: _lowlevel.WavSpec,
+                 frames: int, offset: int, writable: bool) -> None:
         self._pool = pool
         self._slot = slot
+        self._lease = lease
         self._spec = spec
         self.path = slot.path
         self.frames = frames
@@ -150,7 +166,7 @@ class PooledWav(_resource.Resource):
     def __del__(self) -> None:
         pool = self._pool
         if pool is not None:  # dropped without release()
-            _unreleased(pool, self._slot, self.path, self._pid)
+            _unreleased(pool, self._slot, self._lease, self.path, self._pid)
 
     @property
     def samplerate(self) -> int:
@@ -224,10 +240,13 @@ class PooledWav(_resource.Resource):
         In a forked child this only marks the child's copy released: the slot
         belongs to the parent's pool.
         """
+        # The lease first, into a local: if the rest is cut short (a signal handler that
+        # raises), it dies with this frame and the pool finds the slot again.
+        lease, self._lease = self._lease, None
         pool, self._pool = self._pool, None
         self._array = None
         if pool is not None and self._pid == _resource.current_pid:
-            pool._give_back(self._slot)
+            pool._give_back(self._slot, lease)
 
     def close(self) -> None:
         """The same as :meth:`release` (so that every luna_shm resource closes alike)."""
@@ -496,25 +515,33 @@ class AudioPool(_resource.Resource):
                 f"{_lowlevel.brief(nbytes)} bytes of audio do not fit a slot of this pool "
                 f"(max_bytes={self.max_bytes}); make the pool with a larger max_bytes")
 
-    def _take(self, nbytes: int) -> _Slot:
+    def _take(self, nbytes: int, lease: _Lease) -> _Slot:
+        """A free slot (waiting for one, or growing the pool, as when_busy says), held
+        by lease from the moment it leaves the free list."""
         # Before the lock: in a forked child it may be held by a thread that was not copied.
         self._check_ours()
         self._check_fits(nbytes)
         deadline = None
+        ref = _weakref.ref(lease)
         with self._lock:
             while True:
                 if self._closed:
                     raise ValueError("AudioPool is closed")
-                if self._free:
+                if self._free or self._reclaim_lost():
                     slot = self._free.pop()
+                    slot.lease = ref
                     if self._intact(slot):
                         return slot
                     # Its file was shrunk (its mapping now holds zeros), or its path now
                     # names another file (or none): forget the slot and make a fresh one.
                     self._drop(slot)
-                    return self._new_slot()
+                    slot = self._new_slot()
+                    slot.lease = ref
+                    return slot
                 if self.when_busy == "grow":
-                    return self._new_slot()
+                    slot = self._new_slot()
+                    slot.lease = ref
+                    return slot
                 if deadline is None and self.timeout is not None:
                     deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -557,12 +584,31 @@ class AudioPool(_resource.Resource):
         self._slots.remove(slot)
         _close_slot(slot, unlink=not self.anonymous)
 
-    def _give_back(self, slot: _Slot) -> None:
+    def _give_back(self, slot: _Slot, lease: _Lease | None) -> None:
+        """Return slot, which lease held, to the free list. Nothing when lease no longer
+        holds it (given back already, or found by _reclaim_lost after lease died)."""
         with self._lock:
+            ref = slot.lease
+            if ref is None or ref() is not lease or lease is None:
+                return
+            slot.lease = None
             if not self._closed:
                 self._free.append(slot)
                 if self._waiting:
                     self._cond.notify()
+
+    def _reclaim_lost(self) -> bool:
+        """Under the lock, with no free slot: put back every slot whose lease died without
+        giving it back (see _Lease); True if any."""
+        free = {id(slot) for slot in self._free}
+        found = False
+        for slot in self._slots:
+            ref = slot.lease
+            if (ref is None or ref() is None) and id(slot) not in free:
+                slot.lease = None
+                self._free.append(slot)
+                found = True
+        return found
 
     def write_wav(self, data: object, samplerate: int, *, subtype: str | None = None
                   ) -> PooledWav:
@@ -588,8 +634,9 @@ class AudioPool(_resource.Resource):
                 if pooled is not None:
                     return pooled
         enc = encoding.plan(data, samplerate, subtype, self._check_fits)  # before a copy
+        lease = _Lease()
         for attempt in range(2):
-            slot = self._take(enc.nbytes)
+            slot = self._take(enc.nbytes, lease)
             try:
                 if enc.conversion == "none":  # the common case: one C call, memcpy + header
                     offset = slot.mapping.fill_slot(enc.spec, enc.array)
@@ -600,12 +647,12 @@ class AudioPool(_resource.Resource):
                 if attempt:
                     slot.mapping.check()  # shrunk again while we wrote: give up
             except BaseException:
-                self._give_back(slot)
+                self._give_back(slot, lease)
                 raise
             if not slot.mapping.broken:
                 break
-            self._give_back(slot)  # shrunk while we wrote: _take drops it
-        return PooledWav(self, slot, enc.spec, enc.array.shape[0], offset, False)
+            self._give_back(slot, lease)  # shrunk while we wrote: _take drops it
+        return PooledWav(self, slot, lease, enc.spec, enc.array.shape[0], offset, False)
 
     def _write_small(self, data: np.ndarray, spec: _lowlevel.WavSpec) -> PooledWav | None:
         """write_wav's hot path (see _FILL_UNDER_LOCK_BYTES): a small WAV written as it is
@@ -614,6 +661,8 @@ class AudioPool(_resource.Resource):
         a closed pool) to the general path, the slot still free."""
         if self._pid != _resource.current_pid or data.nbytes > self.max_bytes:
             return None  # the general path raises
+        lease = _Lease()
+        ref = _weakref.ref(lease)
         with self._lock:
             if self._closed or not self._free or not (self._free[-1].verified
                                                       or self.anonymous):
@@ -621,17 +670,18 @@ class AudioPool(_resource.Resource):
             # Taken off the list before the C call: a __del__ run by a collection in it may
             # give another slot back meanwhile.
             slot = self._free.pop()
+            slot.lease = ref
             try:
                 offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
             except BaseException:
-                self._free.append(slot)
+                self._give_back(slot, lease)
                 raise
             if offset <= 0:
                 if offset == 0:  # the watch's events are drained: no slot is verified now
                     self._unverify_all()
-                self._free.append(slot)  # the general path checks it (or drops it)
+                self._give_back(slot, lease)  # the general path checks it (or drops it)
                 return None
-        return PooledWav(self, slot, spec, data.shape[0], offset, False)
+        return PooledWav(self, slot, lease, spec, data.shape[0], offset, False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,
                 dtype: Any = "int16") -> PooledWav:
@@ -652,9 +702,14 @@ class AudioPool(_resource.Resource):
         sample_dtype = formats.check_dtype(dtype)
         spec = formats.spec_for(formats.natural_subtype(sample_dtype), rate, nchannels)
         formats.check_frames_fit(count, spec)  # names a huge count briefly, as WavBuffer does
-        slot = self._take(count * nchannels * sample_dtype.itemsize)
-        offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
-        return PooledWav(self, slot, spec, count, offset, True)
+        lease = _Lease()
+        slot = self._take(count * nchannels * sample_dtype.itemsize, lease)
+        try:
+            offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
+        except BaseException:
+            self._give_back(slot, lease)
+            raise
+        return PooledWav(self, slot, lease, spec, count, offset, True)
 
     def close(self) -> None:
         """Remove the slot files and release the pool; calling it again does nothing.
