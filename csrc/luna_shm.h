@@ -121,8 +121,11 @@ int luna_set_length(int fd, uint64_t len);
  * registry is full; nothing stays mapped then). */
 int luna_map(int fd, uint64_t len, int writable, int populate, void **out);
 
-/* Unregister guard, then unmap what luna_map mapped. Returns 0 or -errno. */
-int luna_unmap(void *addr, uint64_t len, int guard);
+/* Unregister guard, then unmap what luna_map mapped. Returns 0 or -errno.
+ * The address comes last so that Python can bind guard and len ahead of it
+ * (functools.partial) and let cffi's ffi.gc call this with no Python frame
+ * between: a frame is where a signal handler may raise and skip the unmap. */
+int luna_unmap(int guard, uint64_t len, void *addr);
 
 /* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
  * -ENOSYS when the platform has no memfd. */

@@ -57,7 +57,7 @@ int luna_map(int fd, uint64_t len, int writable, int populate, void **out)
     return guard;
 }
 
-int luna_unmap(void *addr, uint64_t len, int guard)
+int luna_unmap(int guard, uint64_t len, void *addr)
 {
     /* Unregistered first: from here on a fault in this range is not ours. */
     int rc = luna_guard_unregister(guard);

@@ -517,3 +517,32 @@ def test_recv_wav_maps_a_memfd_sealed_against_shrinking_with_zero_copies() -> No
                           .replace("os.ftruncate(fd, 0)", "pass"), "off")
     expected = int((np.arange(300_000) % 1000).sum())
     assert _ok(code, out, err) == {"sum": expected, "owned": False, "writeable": False}
+
+
+def test_a_mapping_is_unmapped_even_when_python_code_would_raise_as_it_goes(ram) -> None:
+    # A signal handler that raises runs at the next Python call: if a mapping's
+    # destructor were a Python function, that call would raise, Python would only print
+    # it, and the mapping (and its file's pages) would stay until the process ends. Here
+    # every Python call raises while the last reference to the mapped array goes.
+    path = str(ram / "mapped.wav")
+    write_wav(path, np.arange(1000, dtype=np.int16), 16000)
+    data, _ = read_wav(path)
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        assert path in maps.read()
+
+    def every_call_raises(frame, event, arg):
+        if event == "call":
+            raise RuntimeError("a signal handler raised here")
+
+    unraised: list[object] = []
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraised.append
+    sys.setprofile(every_call_raises)
+    try:
+        del data
+    finally:
+        sys.setprofile(None)
+        sys.unraisablehook = previous_hook
+    assert unraised == []
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        assert path not in maps.read()

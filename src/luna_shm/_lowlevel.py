@@ -228,7 +228,9 @@ class Mapping:
 
     def _adopt(self, address: Any, length: int, writable: bool, guard: int,
                filename: str | None) -> None:
-        self._address = ffi.gc(address, lambda p: lib.luna_unmap(p, length, guard))
+        # No Python function as the destructor: a signal handler that raises in one
+        # would skip the unmap (Python only prints what a destructor raises).
+        self._address = ffi.gc(address, functools.partial(lib.luna_unmap, guard, length))
         self._guard = guard
         self.filename = filename
         self.length = length

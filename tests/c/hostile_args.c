@@ -581,7 +581,7 @@ static void check_live(void)
         EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
                   -ESTALE);
         EXPECT_TRUE(have == before + 20 && file_size(fd) == (uint64_t)len + have);
-        EXPECT_RC(luna_unmap(hmap, (uint64_t)len, hguard), 0);
+        EXPECT_RC(luna_unmap(hguard, (uint64_t)len, hmap), 0);
     }
 
     /* A pool-style watch: quiet through our own writes' absence, woken by an unlink. */
@@ -677,7 +677,7 @@ static void check_pool_fill(void)
     EXPECT_TRUE(slot[len] == 0);
     EXPECT_RC(luna_watch_wait(watch, 0), LUNA_WATCH_CHANGED);
 
-    EXPECT_RC(luna_unmap(addr, SLOT, guard), 0);
+    EXPECT_RC(luna_unmap(guard, SLOT, addr), 0);
     luna_close(watch);
     luna_close(fd);
     unlink(path);
