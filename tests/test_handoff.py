@@ -215,6 +215,24 @@ def test_recv_of_a_descriptor_with_a_foreign_header_raises_and_closes_it(
     os.unlink(path)
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM],
+                         ids=["seqpacket", "datagram"])
+def test_recv_of_a_packet_longer_than_the_header_raises_and_closes_its_descriptor(
+        private_dirs, kind) -> None:
+    # On a stream the bytes after the header stay for the next recv; a packet is read
+    # whole or not at all, so the extra bytes would be dropped unseen.
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    with ours, theirs:
+        send_file(ours, path, header=HANDOFF_HEADER + b"extra")
+        before = open_fds()
+        with pytest.raises(HandoffError, match=r"longer than the 8-byte header "
+                                               r"\(it starts b'LUNAWAV1'\)"):
+            recv_wav(theirs)
+        assert open_fds() == before
+    os.unlink(path)
+
+
 def test_recv_of_two_descriptors_in_one_message_raises_handoff_error(
         private_dirs, pair) -> None:
     ours, theirs = pair

@@ -146,7 +146,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
     Raises:
         EOFError: the peer closed the socket before sending anything.
         HandoffError: the message carried no file descriptor, more than one, or
-            not the handoff header (a ValueError).
+            not the handoff header (a ValueError); on a datagram or seqpacket
+            socket, also a message longer than the header.
         WavError: the received file is not a WAV file we can read, or it
             shrank while it was being copied.
         OSError: the receive or the mapping failed (EBADF for a closed socket).
@@ -159,6 +160,11 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
             raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
         if flags & _socket.MSG_CTRUNC:
             raise HandoffError("recv_wav: the message carried more than one file descriptor")
+        if flags & _socket.MSG_TRUNC:  # a datagram or packet longer than the header
+            raise HandoffError(
+                f"recv_wav: not a luna_shm WAV handoff: the message is longer than the "
+                f"{want}-byte header (it starts {msg!r})"
+            )
         if not fds:
             raise HandoffError(
                 f"recv_wav: the message carried no file descriptor (got {msg!r}); "
