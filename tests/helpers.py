@@ -170,6 +170,19 @@ def assert_child_ok(done: subprocess.CompletedProcess[str]) -> str:
     return done.stdout
 
 
+# Python lines for a child process: fill its fd table under a 64-fd limit, the fds in held
+# (the child imports errno, os and resource).
+FILL_FD_TABLE = """
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+"""
+
+
 def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> object:
     """Run function in a thread and return its result; fail, instead of hanging the suite,
     if it has not returned after deadline seconds."""

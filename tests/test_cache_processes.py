@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH, call_with_deadline, require_private_mounts
+from helpers import FILL_FD_TABLE, LIBRARY_PATH, call_with_deadline, require_private_mounts
 from luna_shm import AudioCache, cache_key
 
 # Audio that any process derives from the key alone: a render, and its oracle.
@@ -661,19 +661,13 @@ def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
     assert out["listing"] == sorted(["lock", f"{key}.wav"])
 
 
-ONE_FREE_FD = """
+ONE_FREE_FD = textwrap.dedent("""
     import errno, json, resource
     from luna_shm import AudioCache, cache_key
     cache = AudioCache("fds")
     key = cache_key("one fd short")
     audio = audio_of(key)  # (numpy imports modules the first time)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    held = []
-    try:
-        while True:
-            held.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError as exc:
-        assert exc.errno == errno.EMFILE, exc
+""") + FILL_FD_TABLE + textwrap.dedent("""
     os.close(held.pop())  # one free: the render's file opens, its pin (a dup) does not
     try:
         cache.get_or_render(key, lambda w: w.write(audio), samplerate=16000)
@@ -684,13 +678,13 @@ ONE_FREE_FD = """
         os.close(fd)
     print(json.dumps([out, sorted(os.listdir(cache.directory)), cache.directory]))
     cache.close()
-"""
+""")
 
 
 def test_a_render_one_fd_short_raises_emfile_naming_its_file_and_leaves_nothing(
         private_dirs) -> None:
     done = subprocess.run([sys.executable, "-c",
-                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(ONE_FREE_FD)],
+                           AUDIO_OF_KEY + "import os\n" + ONE_FREE_FD],
                           env=child_env(private_dirs), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

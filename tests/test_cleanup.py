@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from helpers import (
+    FILL_FD_TABLE,
     LIBRARY_PATH,
     OTHER_UID,
     as_other_user,
@@ -629,13 +630,7 @@ _FILL_FD_TABLE = """
 import errno, json, os, resource, sys
 import luna_shm
 path = luna_shm.get_temp_audio_path(create=True)
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-held = []
-try:
-    while True:
-        held.append(os.open("/dev/null", os.O_RDONLY))
-except OSError as exc:
-    assert exc.errno == errno.EMFILE, exc
+""" + FILL_FD_TABLE + """
 for _ in range(int(sys.argv[1])):  # free fds: 1 lets the dir open, and its scan fail
     os.close(held.pop())
 result = {}
