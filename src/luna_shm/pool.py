@@ -600,11 +600,15 @@ class AudioPool(_resource.Resource):
     def _reclaim_lost(self) -> bool:
         """Under the lock, with no free slot: put back every slot whose lease died without
         giving it back (see _Lease); True if any."""
-        free = {id(slot) for slot in self._free}
         found = False
         for slot in self._slots:
             ref = slot.lease
-            if (ref is None or ref() is None) and id(slot) not in free:
+            if ref is not None and ref() is not None:
+                continue
+            # Asked of the list itself, with no call between the test and the append: a
+            # signal handler that uses the pool (the lock is reentrant) may have run at
+            # the call above, and must not make us add a slot twice.
+            if slot not in self._free:
                 slot.lease = None
                 self._free.append(slot)
                 found = True
