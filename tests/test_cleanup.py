@@ -798,3 +798,19 @@ def test_cleanup_all_skips_a_file_locked_by_a_live_process_until_it_is_killed(
 
     assert cleanup_all_temp_audio() == 1
     assert not os.path.lexists(held)
+
+
+def test_cleanup_all_removes_our_partial_writes_but_no_other_hidden_file(private_dirs) -> None:
+    # Hidden names are ours only as partial_path makes them: a user's dotfile that
+    # happens to start with one of our prefixes is not.
+    partial = f"{private_dirs.ram}/.luna_audio_.partial_{uuid.uuid4().hex}"
+    theirs = [f"{private_dirs.ram}/.luna_audio_hidden",
+              f"{private_dirs.ram}/.luna_daemon_state.json",
+              f"{private_dirs.fallback}/.luna_audio_.partial_notatoken",
+              f"{private_dirs.fallback}/.luna_daemon_{uuid.uuid4().hex}.wav"]
+    for path in [partial, *theirs]:
+        Path(path).write_bytes(b"x")
+    assert cleanup_all_temp_audio() == 1
+    assert not os.path.exists(partial)
+    for path in theirs:
+        assert Path(path).read_bytes() == b"x"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import re as _re
 import uuid as _uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -34,6 +35,7 @@ FALLBACK_ERRNOS = frozenset(
 )
 
 _PARTIAL_MARK = ".partial_"
+_PARTIAL_NAME = _re.compile(_re.escape(f".{AUDIO_PREFIX}{_PARTIAL_MARK}") + "[0-9a-f]{32}")
 
 
 def _new_token() -> str:
@@ -151,6 +153,12 @@ def partial_path(path: str) -> str:
     """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
     directory = _os.path.dirname(path) or "."
     return f"{directory}/.{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+
+
+def is_partial_name(name: str) -> bool:
+    """True for a file name that partial_path makes (and nothing else that is hidden:
+    a user's ``.luna_daemon_state.json`` is not ours)."""
+    return _PARTIAL_NAME.fullmatch(name) is not None
 
 
 def is_our_temp_path(path: str) -> bool:

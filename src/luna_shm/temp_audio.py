@@ -143,10 +143,9 @@ def temp_audio_path(
 
 
 def is_our_name(name: str) -> bool:
-    """True for a file name that our prefixes mark as ours (or our partial writes)."""
-    return name.startswith(placement.OUR_PREFIXES) or (
-        name.startswith(".") and name[1:].startswith(placement.OUR_PREFIXES)
-    )
+    """True for a file name that our prefixes mark as ours, or one of our partial writes
+    (``.luna_audio_.partial_<token>``; no other hidden name)."""
+    return name.startswith(placement.OUR_PREFIXES) or _newfile.is_partial_name(name)
 
 
 def _open_dir(directory: str) -> int:
