@@ -513,6 +513,8 @@ def test_the_command_line_shows_lists_and_clears_a_cache(private_dirs) -> None:
         assert keys[0] in cache and keys[1] not in cache
         held.release()
         assert "entries: 1" in run("stats", "--name", "cli")
+        cache.put(keys[1], tone(keys[1]), 16000).release()
+        assert "removed 2 entries from cache 'cli'" in run("clear", "--name", "cli")
         cache.destroy()
 
 

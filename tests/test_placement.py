@@ -468,3 +468,16 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     assert out["temp_dir"] == "/dev/shm" and out["in_ram"] is True
     assert disk_listing(disk) == [os.path.basename(out["big"])]
     assert any(f"a file of {1 << 20} bytes does not fit in /dev/shm" in m for _, m in out["log"])
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
+def test_a_fallback_dir_on_a_read_only_tmpfs_is_not_a_ram_disk_in_use(read_only) -> None:
+    # LUNA_SHM_DISABLE=1 and TMPDIR on a tmpfs: the RAM disk in use only when writable.
+    done = run_in_private_shm(
+        """
+        import luna_shm
+        print(luna_shm.is_using_ram_disk(), luna_shm.temp_dir())
+        """,
+        read_only=read_only, env={"LUNA_SHM_DISABLE": "1", "TMPDIR": "/dev/shm"},
+    )
+    assert assert_child_ok(done).split() == [str(not read_only), "/dev/shm"]

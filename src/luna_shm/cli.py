@@ -138,8 +138,8 @@ def shown(text: str, encoding: str | None = None) -> str:
     return "'" + "".join(_escaped_char(char, codec) for char in text) + "'"
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {plural or word + 's'}"
 
 
 # ---- status ------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
                 print(f"{key} {_format_bytes(st.st_size)} stored {_format_age(now - st.st_mtime)}"
                       f" ago, used {_format_age(now - st.st_atime)} ago {shown(path)}", file=out)
         else:
-            print(f"removed {_plural(cache.clear(), 'entry')} from cache {args.name!r} "
+            print(f"removed {_plural(cache.clear(), 'entry', 'entries')} from cache {args.name!r} "
                   "(pinned entries stay)", file=out)
     return 0
 

@@ -111,6 +111,16 @@ def lives_in_ram(path: str, info: _lowlevel.FsInfo | None = None) -> bool:
     return fs_name in _RAM_FS_NAMES
 
 
+def _writable_ram(path: str) -> bool:
+    """True when directory path lives in RAM and we can write in it (what
+    is_using_ram_disk promises of the fallback dir too: a read-only tmpfs is no use)."""
+    try:
+        info = _lowlevel.fs_probe(path)
+    except OSError:
+        return False
+    return info.writable and lives_in_ram(path, info)
+
+
 def ram_dir_problem(path: str) -> str | None:
     """Why path cannot serve as our RAM disk, or None when it can."""
     try:
@@ -153,12 +163,12 @@ def _choose() -> Placement:
     if _os.environ.get("LUNA_SHM_DISABLE", "") not in ("", "0"):
         reason = "LUNA_SHM_DISABLE is set"
         log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)
-        return Placement(fallback, lives_in_ram(fallback), reason, ram, fallback)
+        return Placement(fallback, _writable_ram(fallback), reason, ram, fallback)
     problem = ram_dir_problem(ram)
     if problem is None:
         return Placement(ram, True, f"{ram} is a writable RAM disk", ram, fallback)
     log_once(f"luna_shm: falling back to {fallback}: {problem}")
-    return Placement(fallback, lives_in_ram(fallback), problem, ram, fallback)
+    return Placement(fallback, _writable_ram(fallback), problem, ram, fallback)
 
 
 # CPython keeps os.environ's contents in a dict of bytes (os.environ._data), updated by
