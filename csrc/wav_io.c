@@ -206,6 +206,14 @@ int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
         {(void *)&pad, (size_t)(total & 1u)},
     };
     uint64_t old_end = data_offset + *data_bytes + (*data_bytes & 1u);
+    /* A cut since the last append (say to 0 bytes) must be seen before the samples
+     * go in: their write would extend the file over the cut page again, and the
+     * header store below would then land in a fresh zero page of the file with no
+     * fault, describing audio whose first bytes are now zeros. A read of the page
+     * faults if it is cut (the guard turns that into zeros and marks it broken),
+     * which the check after the store reports. */
+    if (header_map)
+        (void)*(volatile const uint8_t *)header_map;
     int rc = write_all(fd, iov, (total & 1u) ? 2 : 1,
                        (int64_t)(data_offset + *data_bytes));
     if (rc == 0 && header_map) {
