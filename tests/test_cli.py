@@ -149,6 +149,18 @@ def test_status_counts_files_bytes_and_oldest_age_per_prefix_and_dir(private_dir
     assert (empty["count"], empty["bytes"], empty["oldest_age_seconds"]) == (0, 0, None)
 
 
+def test_status_prints_a_dir_name_with_a_newline_escaped_on_one_line(private_dirs) -> None:
+    # A name like that would otherwise forge a line of the report (clean escapes too).
+    odd = f"{private_dirs.fallback}/new\nline"
+    os.mkdir(odd, 0o700)
+    done = run_cli(private_dirs, "status", env={"LUNA_SHM_DIR": odd})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert not any(line.startswith("line") for line in lines), done.stdout
+    escaped = repr(odd)
+    assert any(line.startswith(f"ram dir:  {escaped}") for line in lines), done.stdout
+
+
 def test_status_counts_a_file_locked_by_a_live_child_process_as_held(private_dirs) -> None:
     held = make_file(private_dirs.ram)
     make_file(private_dirs.ram)

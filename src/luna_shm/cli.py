@@ -227,11 +227,16 @@ def _yes(flag: bool) -> str:
 
 def _print_status(status: dict[str, Any], out: TextIO) -> None:
     backend = status["backend"]
+    encoding = getattr(out, "encoding", None)
+
+    def safe(text: str) -> str:  # a dir name with a newline must not forge a line
+        return shown(text, encoding)
+
     print(f"luna-shm {status['version']}", file=out)
     print(f"backend:  C layer {backend['module']}: memfd {_yes(backend['memfd'])}, "
           f"O_TMPFILE {_yes(backend['o_tmpfile'])}", file=out)
-    print(f"dir:      {status['dir']}", file=out)
-    print(f"why:      {status['reason']}", file=out)
+    print(f"dir:      {safe(status['dir'])}", file=out)
+    print(f"why:      {safe(status['reason'])}", file=out)
     print(f"in RAM:   {_yes(status['in_ram'])} (filesystem {status['fs_type'] or 'unknown'})",
           file=out)
     if status["bytes_free"] is None:
@@ -239,16 +244,17 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
     else:
         print(f"space:    {_format_bytes(status['bytes_free'])} free of "
               f"{_format_bytes(status['bytes_total'])}", file=out)
-    print(f"ram dir:  {status['ram_dir']}   fallback dir: {status['fallback_dir']}", file=out)
+    print(f"ram dir:  {safe(status['ram_dir'])}   fallback dir: {safe(status['fallback_dir'])}",
+          file=out)
     groups = status["files"]
-    width = max(len("dir"), *(len(g["dir"]) for g in groups))
+    width = max(len("dir"), *(len(safe(g["dir"])) for g in groups))
     print("our files (this user's):", file=out)
     row = "  {:<{width}}  {:<13} {:>6} {:>11} {:>10} {:>5}"
     print(row.format("dir", "prefix", "files", "bytes", "oldest", "held", width=width),
           file=out)
     for g in groups:
         oldest = "-" if g["oldest_age_seconds"] is None else _format_age(g["oldest_age_seconds"])
-        print(row.format(g["dir"], g["prefix"], g["count"], _format_bytes(g["bytes"]), oldest,
+        print(row.format(safe(g["dir"]), g["prefix"], g["count"], _format_bytes(g["bytes"]), oldest,
                          g["held"], width=width), file=out)
 
 
@@ -348,7 +354,8 @@ def build_parser() -> _argparse.ArgumentParser:
         "status", help="the backend, the temp dir in use and why, and our files in it",
         description="Show the C backend's capabilities, the temp dir in use and why, whether "
         "it is really in RAM, its free space, and this user's luna_shm files per dir and "
-        "prefix: count, bytes, oldest age, and how many live processes hold open.",
+        "prefix: count, bytes, oldest age, and how many of them live processes hold (a "
+        "flock: those clean leaves alone).",
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=_run_status)
