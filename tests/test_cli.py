@@ -609,3 +609,22 @@ def test_status_counts_exactly_the_files_clean_removes_or_leaves_held(private_di
     assert group(status, ram, "luna_audio_")["count"] == 3  # unused, held, the partial
     assert group(status, disk, "luna_daemon_")["count"] == 1
     assert os.path.exists(held) and os.path.exists(unreadable) and os.path.exists(roots)
+
+
+@pytest.mark.parametrize("command", [["status"], ["clean", "--dry-run"], ["clean"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(private_dirs,
+                                                                  command) -> None:
+    # `luna-shm clean | head -1`: the pipe's reader is gone before the output is written.
+    for _ in range(3000):  # more output than a pipe buffer and stdout's own buffer hold
+        make_file(private_dirs.ram)
+    child_env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    child_env.update(LUNA_SHM_DIR=private_dirs.ram, TMPDIR=private_dirs.fallback,
+                     PYTHONPATH=LIBRARY_PATH)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([sys.executable, "-m", "luna_shm", *command], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, env=child_env, timeout=120)
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse as _argparse
 import json as _json
+import os as _os
 import re as _re
 import sys as _sys
 import time as _time
@@ -407,7 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None reads ``sys.argv``.
 
     Returns:
-        The exit code: 0 on success, 1 when the command failed, 130 on Ctrl-C.
+        The exit code: 0 on success, 1 when the command failed, 130 on Ctrl-C, 141
+        (as a process killed by SIGPIPE) when the reader of the output went away
+        (``luna-shm clean | head -1``), with no message.
         Bad arguments, ``--help`` and ``--version`` exit through SystemExit
         (code 2, 0 and 0) as argparse does.
     """
@@ -415,7 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args, _sys.stdout)
+        code = handler(args, _sys.stdout)
+        _sys.stdout.flush()  # a reader that went away shows here, not at the exit
+        return code
+    except BrokenPipeError:
+        # Stop quietly, as command-line tools do; the interpreter's last flush of what
+        # is still buffered goes nowhere instead of failing again.
+        devnull = _os.open(_os.devnull, _os.O_WRONLY)
+        _os.dup2(devnull, _sys.stdout.fileno())
+        _os.close(devnull)
+        return 141
     except (OSError, ValueError) as exc:
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=_sys.stderr)
         return 1
