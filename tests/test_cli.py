@@ -628,3 +628,19 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(private_dirs,
     finally:
         os.close(writer)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs) -> None:
+    # LUNA_SHM_DIR through a symlinked parent, TMPDIR the same dir by its own name.
+    alias = f"{private_dirs.ram}/alias"
+    os.symlink(os.path.dirname(private_dirs.fallback), alias)
+    spelled = f"{alias}/{os.path.basename(private_dirs.fallback)}"
+    files = [make_file(private_dirs.fallback) for _ in range(3)]
+    env = {"LUNA_SHM_DIR": spelled}
+    status = json.loads(run_cli(private_dirs, "status", "--json", env=env).stdout)
+    assert sum(g["count"] for g in status["files"]) == 3
+    dry = run_cli(private_dirs, "clean", "--dry-run", env=env)
+    assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3 + 1  # and the total
+    clean = run_cli(private_dirs, "clean", env=env)
+    assert clean.returncode == 0 and len(clean.stdout.splitlines()) == 3 + 1
+    assert not any(os.path.exists(path) for path in files)

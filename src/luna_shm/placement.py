@@ -78,7 +78,19 @@ def our_dirs() -> tuple[str, ...]:
     """The directories whose files with our prefixes are ours to clean up."""
     chosen = current()
     ram, fallback = chosen.ram_dir, chosen.fallback_dir
-    return (ram,) if ram == fallback else (ram, fallback)
+    return (ram,) if ram == fallback or _same_directory(ram, fallback) else (ram, fallback)
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """True when a and b name one directory (a symlinked parent gives it two spellings),
+    so that it is scanned once: counted once by status, listed once by a dry run. A
+    symlink at the last component is not followed (lstat): it is no dir of ours."""
+    try:
+        first, second = _os.lstat(a), _os.lstat(b)
+    except OSError:
+        return False
+    return _stat.S_ISDIR(first.st_mode) and (first.st_dev, first.st_ino) == (
+        second.st_dev, second.st_ino)
 
 
 def mount_fs_type(dev: tuple[int, int]) -> str | None:
