@@ -535,13 +535,9 @@ class AudioPool(_resource.Resource):
                     # Its file was shrunk (its mapping now holds zeros), or its path now
                     # names another file (or none): forget the slot and make a fresh one.
                     self._drop(slot)
-                    slot = self._new_slot()
-                    slot.lease = ref
-                    return slot
+                    break
                 if self.when_busy == "grow":
-                    slot = self._new_slot()
-                    slot.lease = ref
-                    return slot
+                    break
                 if deadline is None and self.timeout is not None:
                     deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -553,6 +549,9 @@ class AudioPool(_resource.Resource):
                     self._cond.wait(remaining)
                 finally:
                     self._waiting -= 1
+            slot = self._new_slot()
+            slot.lease = ref
+            return slot
 
     def _intact(self, slot: _Slot) -> bool:
         """Whether a free slot may be handed out (under the pool's lock): its mapping whole and,
