@@ -1436,10 +1436,13 @@ def _is_pinned(path: str) -> bool:
 
 def _raise_named(exc: BaseException, path: str) -> None:
     """When exc is an OSError without a file name, raise it again naming path (os.write
-    and os.sendfile name none, and an EFBIG or ENOSPC must say which file); else return,
-    for the caller to re-raise exc as it is."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-        raise OSError(exc.errno, exc.strerror, path).with_traceback(exc.__traceback__) from None
+    and os.sendfile name none, and an EFBIG or ENOSPC must say which file), as the file
+    writers do (_newfile.explain_full_disk); else return, for the caller to re-raise exc
+    as it is."""
+    if isinstance(exc, OSError):
+        named = _newfile.explain_full_disk(exc, path)
+        if named is not exc:
+            raise named.with_traceback(exc.__traceback__) from None
 
 
 def _rmdir_quietly(path: str) -> None:
