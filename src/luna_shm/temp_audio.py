@@ -405,7 +405,7 @@ def scan_our_files(
             with _os.scandir(dir_fd) as entries:  # scandir(fd) dups it: EMFILE names nothing
                 names = [e.name for e in entries if wanted(e.name)]
         except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, directory) from None
+            raise _newfile.explain_full_disk(exc, directory) from None
         for name in names:
             try:
                 st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
