@@ -191,13 +191,15 @@ int luna_watch_wait(int fd, int timeout_ms)
     }
 }
 
-int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
-                    uint32_t block, void *dst, uint64_t cap, uint64_t *file_size,
-                    uint64_t *got)
+int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t data_offset,
+                    uint64_t offset, uint32_t block, void *dst, uint64_t cap,
+                    uint64_t *file_size, uint64_t *data_bytes, uint64_t *got)
 {
-    if (!file_size || !got || block == 0 || (!dst && cap))
+    if (!file_size || !data_bytes || !got || block == 0 || (!dst && cap) ||
+        data_offset < 12u || data_offset > LUNA_WAV_MAX_HEADER || offset < data_offset)
         return -EINVAL;
     *got = 0;
+    *data_bytes = 0;
     int bits = luna_watch_wait(watch_fd, timeout_ms);
     if (bits < 0)
         return bits;
@@ -207,13 +209,30 @@ int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t offset,
     *file_size = (uint64_t)st.st_size;
     if (bits != LUNA_WATCH_CHANGED || *file_size <= offset)
         return bits; /* anything but an append: the caller looks at the whole file */
-    uint64_t n = *file_size - offset;
+    /* The data size the writer stored, read before the samples: it stores it only
+     * after the samples it counts are in the file, so every byte below it is the
+     * writer's. Bytes past it are not, yet: an append whose sizes are still to come,
+     * or another process's bytes, which the writer's next append writes over. */
+    uint8_t field[4];
+    int rc = luna_read_at(fd, data_offset - 4u, field, sizeof field);
+    if (rc == -ENODATA)
+        return bits; /* it shrank meanwhile: the caller finds out */
+    if (rc < 0)
+        return rc;
+    *data_bytes = (uint64_t)field[0] | ((uint64_t)field[1] << 8) |
+                  ((uint64_t)field[2] << 16) | ((uint64_t)field[3] << 24);
+    uint64_t end = data_offset + *data_bytes; /* <= 4 GiB + 128: no wrap */
+    if (end > *file_size)
+        end = *file_size;
+    if (end <= offset)
+        return bits;
+    uint64_t n = end - offset;
     if (n > cap)
         n = cap;
     n -= n % block;
     if (n == 0)
         return bits;
-    int rc = luna_read_at(fd, offset, dst, n);
+    rc = luna_read_at(fd, offset, dst, n);
     if (rc == -ENODATA)
         return bits; /* it shrank meanwhile: the caller finds out */
     if (rc < 0)

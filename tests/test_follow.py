@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -402,6 +403,89 @@ def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
     with pytest.raises(WavError, match="the stream shrank under its follower"):
         call_with_deadline(lambda: list(blocks))
     writer.close()
+
+
+# Another process adds bytes past a live stream's data: appends them, or extends the file.
+FOREIGN_BYTES = {
+    "appended": "open(sys.argv[1], 'ab').write(b'\\x7f' * 1000)",
+    "extended": "import os; os.truncate(sys.argv[1], os.path.getsize(sys.argv[1]) + 1000)",
+}
+
+
+@pytest.mark.parametrize("how", sorted(FOREIGN_BYTES))
+def test_bytes_another_process_adds_past_a_live_stream_are_never_followed_as_frames(ram, how):
+    # The writer's next append writes over them; before it does, a follower that took
+    # the file's size for written audio handed them out (and lost as many real frames).
+    path = ram / "live.wav"
+    parts = stream_chunks(10)
+    child = start_follower(path)
+    as_bytes: list[object] = []
+    writer = WavWriter(path, RATE)
+    raw = threading.Thread(target=lambda: as_bytes.append(
+        b"".join(iter_wav_stream(path, header="raw", timeout=30))))
+    raw.start()
+    for i, part in enumerate(parts):
+        writer.write(part)
+        time.sleep(0.02)
+        if i == 4:
+            subprocess.run([sys.executable, "-c", "import sys; " + FOREIGN_BYTES[how],
+                            str(path)], check=True)
+            time.sleep(0.1)  # the followers see the bytes before the next append
+    writer.close()
+    raw.join(60)
+    report = follower_report(child)
+    assert report == {"sha": digest(parts), "frames": 10 * CHUNK, "blocks": report["blocks"],
+                      "error": None}
+    assert as_bytes == [np.concatenate(parts).tobytes()]
+
+
+def data_size_field(path: Path) -> int:
+    """Where a WAV's data chunk size is stored: the 4 bytes before its data."""
+    header = path.read_bytes()[:128]
+    return header.index(b"data") + 4
+
+
+def test_samples_whose_sizes_are_not_stored_yet_wait_for_the_header_that_counts_them(ram):
+    # An append in two steps, as luna_stream_append does it: the samples go in with a
+    # write (inotify tells the follower), the sizes follow by a store into the header
+    # page (no event at all). The follower hands out the samples only once the header
+    # counts them, and sees that without an event.
+    path = ram / "live.wav"
+    first, second = stream_chunks(2)
+    writer = WavWriter(path, RATE)
+    writer.write(first)
+    blocks = follow_wav(path, timeout=10)
+    assert np.array_equal(next(blocks), first)
+    field = data_size_field(path)
+    got: list[np.ndarray] = []
+    waiting = threading.Thread(target=lambda: got.append(next(blocks)), daemon=True)
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), second.tobytes(), field + 4 + first.nbytes)  # the samples
+        waiting.start()
+        time.sleep(0.5)
+        assert got == []  # written, but not counted yet: not frames
+        with mmap.mmap(f.fileno(), field + 4) as page:  # the sizes, with no event
+            page[field:field + 4] = (first.nbytes + second.nbytes).to_bytes(4, "little")
+            page[4:8] = (int.from_bytes(page[4:8], "little") + second.nbytes).to_bytes(
+                4, "little")
+    waiting.join(5)
+    assert len(got) == 1 and np.array_equal(got[0], second)
+    blocks.close()
+    writer.abort()
+
+
+def test_a_live_header_that_goes_back_under_its_follower_is_a_wav_error(ram):
+    path = ram / "live.wav"
+    writer = WavWriter(path, RATE)
+    writer.write(stream_chunks(1)[0])
+    blocks = follow_wav(path, timeout=5)
+    next(blocks)
+    with open(path, "r+b") as f:  # another process rewrites the data size
+        os.pwrite(f.fileno(), (0).to_bytes(4, "little"), data_size_field(path))
+    with pytest.raises(WavError, match=r"live\.wav: the stream's header went back under its "
+                                       r"follower \(it counts 0 bytes of audio, 960 were read\)"):
+        call_with_deadline(lambda: list(blocks))
+    writer.abort()
 
 
 @pytest.mark.parametrize(("kwargs", "match", "kind"), [

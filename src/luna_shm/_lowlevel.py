@@ -654,16 +654,17 @@ def _poll_ms(timeout: float | None) -> int:
     return math.ceil(min(max(timeout, 0.0), (2**31 - 1) / 1000) * 1000)
 
 
-def watch_read(watch_fd: int, timeout: float | None, fd: int, offset: int, block: int,
-               dest: np.ndarray) -> tuple[int, int, int]:
+def watch_read(watch_fd: int, timeout: float | None, fd: int, data_offset: int, offset: int,
+               block: int, dest: np.ndarray) -> tuple[int, int, int, int]:
     """watch_wait, then (when the only event was a write) pread the whole blocks past offset
-    into dest's memory, all in C; returns (WATCH_* bits, bytes read into dest, file size)."""
+    that the header's data size counts into dest's memory, all in C; returns (WATCH_* bits,
+    bytes read into dest, file size, the header's data size or 0 when it was not read)."""
     ms = _poll_ms(timeout)
-    size = ffi.new("uint64_t[2]")
+    out = ffi.new("uint64_t[3]")
     with ffi.from_buffer(dest, require_writable=True) as buf:
-        bits = lib.luna_watch_read(watch_fd, ms, fd, offset, block, buf, len(buf), size,
-                                   size + 1)
-    return check(bits), int(size[1]), int(size[0])
+        bits = lib.luna_watch_read(watch_fd, ms, fd, data_offset, offset, block, buf, len(buf),
+                                   out, out + 1, out + 2)
+    return check(bits), int(out[2]), int(out[0]), int(out[1])
 
 
 def open_regular(path: str) -> int:

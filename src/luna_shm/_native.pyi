@@ -98,11 +98,13 @@ class _Lib:
         watch_fd: int,
         timeout_ms: int,
         fd: int,
+        data_offset: int,
         offset: int,
         block: int,
         dst: Any,
         cap: int,
         file_size: Any,
+        data_bytes: Any,
         got: Any,
     ) -> int: ...
     def luna_pool_fill(

@@ -47,6 +47,12 @@ _MAX_BLOCK_BYTES = 1 << 20
 # flock a few instructions later (in the same final fput): how long we give it.
 _LOCK_RELEASE_GRACE = 0.5
 
+# While a live stream's file holds bytes its header does not count yet, the sizes
+# come by a store into the writer's mapped header page, which makes no event:
+# look again after this long, twice as long each time, up to the longest.
+_UNCOUNTED_RECHECK = 0.0005
+_UNCOUNTED_RECHECK_MAX = 0.05
+
 
 class _Range(NamedTuple):
     """The core tells its driver: bytes [offset, offset + nbytes) of the file are new."""
@@ -76,7 +82,8 @@ class _Woken(NamedTuple):
     bits: int
     block: np.ndarray | None = None
     nbytes: int = 0
-    file_size: int = -1  # the file's size after the wait, when the driver asked
+    file_size: int = -1  # the file's size after the wait, when the driver read a block
+    data_bytes: int = -1  # the data size the header held then, when the driver read a block
 
 
 class _Held(NamedTuple):
@@ -120,19 +127,34 @@ def _open_watched(path: str) -> tuple[int, int]:
 
 
 def _available(info: _lowlevel.WavInfo, file_size: int) -> int:
-    """Bytes of whole frames after the data offset that a follower may read now."""
+    """Bytes of whole frames after the data offset that a follower may read now.
+
+    Of a live WavWriter stream, only what its header counts: the writer appends the
+    samples first (inotify tells us), then stores the new sizes into its mapped header
+    page (no event). Bytes past the count are an append whose sizes are still to come,
+    or another process's, which the writer's next append writes over: never frames.
+    """
     if info.stream_state != _lowlevel.STREAM_LIVE:
         return info.data_bytes
-    # A WavWriter appends the samples first (inotify tells us), then stores the new
-    # sizes into its mapped header page (no event). So the file's size counts too:
-    # every byte below it is written. The pad byte after an odd data size never
-    # completes a frame, except with 1-byte frames: there the last byte waits for
-    # the header to confirm it.
-    in_file = max(file_size - info.data_offset, 0)
-    if info.block_align == 1 and in_file % 2 == 0:
-        in_file -= 1
-    in_file -= in_file % info.block_align
-    return max(info.data_bytes, in_file)
+    counted = min(info.data_bytes, max(file_size - info.data_offset, 0))
+    return counted - counted % info.block_align
+
+
+def _uncounted(data_offset: int, counted: int, file_size: int) -> bool:
+    """True when the file holds bytes past the data (and pad byte) its header counts."""
+    return file_size > data_offset + counted + (counted & 1)
+
+
+def _check_counted(path: str, counted: int, delivered: int) -> None:
+    """Raise WavError when a live stream's header counts less audio than was followed."""
+    if counted < delivered:
+        raise WavError(f"{path}: the stream's header went back under its follower (it "
+                       f"counts {counted} bytes of audio, {delivered} were read)")
+
+
+def _counted_bytes(fd: int, data_offset: int) -> int:
+    """The data size a live stream's header holds now (the 4 bytes before its data)."""
+    return int.from_bytes(_os.pread(fd, 4, data_offset - 4), "little")
 
 
 def _core(path: str, timeout: float | None) -> _Step:
@@ -170,15 +192,29 @@ def _core(path: str, timeout: float | None) -> _Step:
         announced = False  # the first parse is handed out once (iter_wav_stream's header)
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
+        recheck = 0.0  # > 0: the file holds bytes the header does not count; look again then
         info: _lowlevel.WavInfo | None = None
 
         def sleep() -> _Wait:
             """Wait for events; on a live WavWriter's stream, read what comes at once."""
+            nonlocal recheck
+            left = wait_left()
+            if recheck:
+                left = recheck if left is None else min(left, recheck)
+                recheck = min(recheck * 2, _UNCOUNTED_RECHECK_MAX)
             if (info is None or info.stream_state != _lowlevel.STREAM_LIVE
                     or info.block_align < 2 or info.bits == 24):
-                return _Wait(watch, wait_left())
+                return _Wait(watch, left)
             cap = max(min(last_block, _MAX_BLOCK_BYTES) // info.block_align, 1) * info.block_align
-            return _Wait(watch, wait_left(), _Range(fd, info, data_offset + delivered, cap))
+            return _Wait(watch, left, _Range(fd, info, data_offset + delivered, cap))
+
+        def note_uncounted(counted: int, size: int) -> None:
+            """Look again soon while the file holds bytes that the header does not count."""
+            nonlocal recheck
+            if not _uncounted(data_offset, counted, size):
+                recheck = 0.0
+            elif not recheck:
+                recheck = _UNCOUNTED_RECHECK
 
         def ranges(start: int, end: int) -> Iterator[_Range]:
             assert info is not None
@@ -188,7 +224,7 @@ def _core(path: str, timeout: float | None) -> _Step:
 
         woken: _Woken | None = _NOTHING
         while True:
-            bits, held, held_bytes, known_size = woken or _NOTHING
+            bits, held, held_bytes, known_size, known_counted = woken or _NOTHING
             woken = _NOTHING
             if held is not None:
                 yield _Held(held)
@@ -206,11 +242,15 @@ def _core(path: str, timeout: float | None) -> _Step:
                                f"{max(size - data_offset, 0)})")
             if (bits == _lowlevel.WATCH_CHANGED and info is not None
                     and info.stream_state == _lowlevel.STREAM_LIVE and info.block_align > 1):
-                # The hot path: a live WavWriter appended. Every byte below the file's
-                # size is written, and its pad byte never completes a frame: the new
-                # frames are known from fstat alone. A state change comes with a
-                # close event, which takes the full path below.
-                in_file = size - data_offset
+                # The hot path: a live WavWriter appended. The new frames are those
+                # the header's data size counts (see _available), read from its field
+                # alone. A state change comes with a close event, which takes the
+                # full path below.
+                counted = (known_counted if held is not None
+                           else _counted_bytes(fd, data_offset))
+                _check_counted(path, counted, delivered)
+                note_uncounted(counted, size)
+                in_file = min(counted, size - data_offset)
                 end = data_offset + in_file - in_file % info.block_align
                 start = data_offset + delivered
                 if end > start:
@@ -233,6 +273,11 @@ def _core(path: str, timeout: float | None) -> _Step:
                 woken = yield sleep()
                 continue
             data_offset = info.data_offset
+            if info.stream_state == _lowlevel.STREAM_LIVE:
+                _check_counted(path, info.data_bytes, delivered)
+                note_uncounted(info.data_bytes, size)
+            else:
+                recheck = 0.0
             if not announced:
                 announced = True
                 yield _Range(fd, info, info.data_offset, 0)
@@ -353,13 +398,13 @@ def _wake(wait: _Wait, timeout: float | None) -> _Woken:
     info = rng.info
     dtype = formats.dtype_of(info)
     dest = np.empty(rng.nbytes // dtype.itemsize, dtype)
-    bits, got, size = _lowlevel.watch_read(wait.fd, timeout, rng.fd, rng.offset,
-                                           info.block_align, dest)
+    bits, got, size, counted = _lowlevel.watch_read(wait.fd, timeout, rng.fd, info.data_offset,
+                                                    rng.offset, info.block_align, dest)
     if not got:
         return _Woken(bits)
     block = dest[:got // dtype.itemsize]
     return _Woken(bits, block if info.channels == 1 else block.reshape(-1, info.channels), got,
-                  size)
+                  size, counted)
 
 
 def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:

@@ -531,11 +531,21 @@ static void check_live(void)
     EXPECT_RC(luna_live_set_state(header, UINT64_MAX, LUNA_STREAM_DONE), -EINVAL);
     EXPECT_RC(luna_live_set_state(NULL, 60, LUNA_STREAM_DONE), -EINVAL);
     EXPECT_RC(luna_watch_open(NULL, 0), -EINVAL);
-    uint64_t size = 0, got = 0;
+    uint64_t size = 0, counted = 0, got = 0;
     uint8_t buf[16];
-    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 0, buf, sizeof buf, &size, &got), -EINVAL);
-    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 2, NULL, 16, &size, &got), -EINVAL);
-    EXPECT_RC(luna_watch_read(-1, 0, -1, 0, 2, buf, sizeof buf, NULL, &got), -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 44, 0, buf, sizeof buf, &size, &counted, &got),
+              -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 44, 2, NULL, 16, &size, &counted, &got), -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 44, 2, buf, sizeof buf, NULL, &counted, &got),
+              -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 44, 2, buf, sizeof buf, &size, NULL, &got),
+              -EINVAL);
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 8, 44, 2, buf, sizeof buf, &size, &counted, &got),
+              -EINVAL); /* a data offset inside the RIFF header */
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 130, 200, 2, buf, sizeof buf, &size, &counted, &got),
+              -EINVAL); /* past the longest header */
+    EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 40, 2, buf, sizeof buf, &size, &counted, &got),
+              -EINVAL); /* an offset before the data */
 
     /* A live stream appended to through wav_io.c keeps its state chunk. */
     char path[4096];
@@ -552,15 +562,26 @@ static void check_live(void)
     struct luna_wav_info info;
     EXPECT_RC(luna_wav_parse_fd(fd, (uint64_t)len + 100, &info), 0);
     EXPECT_TRUE(info.stream_state == LUNA_STREAM_LIVE && info.data_bytes == 100);
+    /* A follower reads what the header counts, never the bytes past it (here 10
+     * bytes written by someone else), however much room it gives. */
     int watch = luna_watch_open(path, 0);
     EXPECT_TRUE(watch >= 0);
     EXPECT_RC(luna_write_at(fd, (uint64_t)len + 100, data, 10), 0);
     uint8_t got_bytes[64];
-    EXPECT_RC(luna_watch_read(watch, 1000, fd, (uint64_t)len + 100, 4, got_bytes,
-                              sizeof got_bytes, &size, &got), LUNA_WATCH_CHANGED);
-    EXPECT_TRUE(size == (uint64_t)len + 110 && got == 8); /* whole 4-byte blocks only */
+    EXPECT_RC(luna_watch_read(watch, 1000, fd, (uint64_t)len, (uint64_t)len, 4, got_bytes,
+                              sizeof got_bytes, &size, &counted, &got), LUNA_WATCH_CHANGED);
+    EXPECT_TRUE(size == (uint64_t)len + 110 && counted == 100 && got == 64);
+    EXPECT_RC(luna_write_at(fd, (uint64_t)len + 110, data, 10), 0);
+    EXPECT_RC(luna_watch_read(watch, 1000, fd, (uint64_t)len, (uint64_t)len + 64, 8, got_bytes,
+                              sizeof got_bytes, &size, &counted, &got), LUNA_WATCH_CHANGED);
+    EXPECT_TRUE(size == (uint64_t)len + 120 && counted == 100 && got == 32); /* whole blocks */
+    EXPECT_RC(luna_write_at(fd, (uint64_t)len + 120, data, 10), 0);
+    EXPECT_RC(luna_watch_read(watch, 1000, fd, (uint64_t)len, (uint64_t)len + 100, 4, got_bytes,
+                              sizeof got_bytes, &size, &counted, &got), LUNA_WATCH_CHANGED);
+    EXPECT_TRUE(size == (uint64_t)len + 130 && counted == 100 && got == 0);
     EXPECT_RC(luna_watch_wait(watch, 0), 0);
     luna_close(watch);
+    EXPECT_RC(luna_set_length(fd, (uint64_t)len + 100), 0);
 
     /* Appending with the header mapped: the sizes are stored into the mapping; once
      * the file is cut under it (a read of the cut page is a SIGBUS the guard turns
