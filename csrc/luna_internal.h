@@ -30,7 +30,7 @@ int luna_open_unnamed(const char *dir);
  * as luna_open_unnamed, -EINVAL for mode bits past 07777, or -errno. */
 int luna_open_unnamed_locked(const char *dir, unsigned int mode);
 
-/* ---- guard.c: the registry behind luna_map and luna_unmap ----------------- */
+/* ---- guard.c: the registry behind luna_map and luna_mapping_release ----- */
 
 /* Register [addr, addr+len) (a shared file mapping of protection prot, addr
  * page-aligned) and make sure our SIGBUS handler is installed in front of

@@ -114,18 +114,34 @@ int luna_reserve(int fd, uint64_t offset, uint64_t len);
 /* Set the file length. Returns 0 or -errno (-EFBIG for len > INT64_MAX). */
 int luna_set_length(int fd, uint64_t len);
 
-/* Map len bytes of fd shared, read-only or writable; populate=1 pre-faults
- * the pages (MAP_POPULATE). Stores the address in *out and registers the
- * mapping with the SIGBUS guard (guard.c). Returns the guard id (>= 0) for
- * luna_unmap and luna_guard_broken, or -errno (-ENOMEM when the guard's
- * registry is full; nothing stays mapped then). */
-int luna_map(int fd, uint64_t len, int writable, int populate, void **out);
+/* A shared mapping and its SIGBUS guard (guard.c). The caller makes it (all
+ * zero) and gives it to the C call that maps, which fills it in before it
+ * returns: a Python owner (cffi's ffi.gc with luna_mapping_release) exists
+ * before the mapping does, so no Python code runs between the mmap and its
+ * owner, where a signal handler that raises would lose it. addr NULL:
+ * nothing mapped. */
+struct luna_mapping {
+    void *addr;
+    uint64_t len;
+    int guard; /* for luna_guard_broken */
+};
 
-/* Unregister guard, then unmap what luna_map mapped. Returns 0 or -errno.
- * The address comes last so that Python can bind guard and len ahead of it
- * (functools.partial) and let cffi's ffi.gc call this with no Python frame
- * between: a frame is where a signal handler may raise and skip the unmap. */
-int luna_unmap(int guard, uint64_t len, void *addr);
+/* Map len bytes of fd shared, read-only or writable; populate=1 pre-faults
+ * the pages (MAP_POPULATE). Registers the mapping with the SIGBUS guard and
+ * stores it into *m. Returns the guard id (>= 0), or -errno (-EINVAL for a
+ * NULL m, an m that holds a mapping already, len 0 or past SIZE_MAX; -ENOMEM
+ * when the guard's registry is full; nothing stays mapped then). */
+int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mapping *m);
+
+/* Unregister m's guard, then unmap it, and clear m->addr: a second call (or
+ * one for an m that never mapped) does nothing. Returns 0 or -errno (-EINVAL
+ * for NULL). */
+int luna_mapping_release(struct luna_mapping *m);
+
+/* luna_mapping_release(m), shaped as the destructor of the address a view was
+ * given (ffi.gc calls it with that address; Python binds m ahead of it with
+ * functools.partial): the views keep the address, the address keeps m. */
+int luna_mapping_release_view(struct luna_mapping *m, void *view);
 
 /* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
  * -ENOSYS when the platform has no memfd. */
@@ -265,9 +281,9 @@ int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
                        uint64_t n);
 
 /* Open and parse path as luna_wav_open does, then map [0, data end)
- * read-only into *addr with luna_map and close the fd (the mapping keeps the
+ * read-only into *m with luna_map and close the fd (the mapping keeps the
  * file). Returns luna_map's guard id (>= 0), -LUNA_EFORMAT or -errno. */
-int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr);
+int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mapping *m);
 
 /* ---- wav_io.c: moving bytes ---------------------------------------------- */
 

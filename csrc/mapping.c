@@ -33,10 +33,10 @@ int luna_set_length(int fd, uint64_t len)
     return rc == 0 ? 0 : -errno;
 }
 
-int luna_map(int fd, uint64_t len, int writable, int populate, void **out)
+int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mapping *m)
 {
-    if (len == 0 || len > (uint64_t)SIZE_MAX)
-        return -EINVAL;
+    if (!m || m->addr || len == 0 || len > (uint64_t)SIZE_MAX)
+        return -EINVAL; /* m->addr set: m owns a mapping already, never overwrite it */
     int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     int flags = MAP_SHARED;
 #ifdef MAP_POPULATE
@@ -53,17 +53,31 @@ int luna_map(int fd, uint64_t len, int writable, int populate, void **out)
         munmap(addr, (size_t)len);
         return guard;
     }
-    *out = addr;
+    m->len = len;
+    m->guard = guard;
+    m->addr = addr;
     return guard;
 }
 
-int luna_unmap(int guard, uint64_t len, void *addr)
+int luna_mapping_release(struct luna_mapping *m)
 {
+    if (!m)
+        return -EINVAL;
+    if (!m->addr)
+        return 0; /* never mapped, or released already */
+    void *addr = m->addr;
+    m->addr = NULL;
     /* Unregistered first: from here on a fault in this range is not ours. */
-    int rc = luna_guard_unregister(guard);
-    if (munmap(addr, (size_t)len) != 0)
+    int rc = luna_guard_unregister(m->guard);
+    if (munmap(addr, (size_t)m->len) != 0)
         return -errno;
     return rc;
+}
+
+int luna_mapping_release_view(struct luna_mapping *m, void *view)
+{
+    (void)view;
+    return luna_mapping_release(m);
 }
 
 int luna_memfd(const char *name)

@@ -308,13 +308,15 @@ int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
     return luna_close(fd);
 }
 
-int luna_wav_map(const char *path, struct luna_wav_info *out, void **addr)
+int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mapping *m)
 {
+    if (!m || m->addr)
+        return -EINVAL;
     int fd = luna_wav_open(path, out);
     if (fd < 0)
         return fd;
     uint64_t len = out->data_offset + out->data_bytes;
-    int rc = luna_map(fd, len, 0, 0, addr);
+    int rc = luna_map(fd, len, 0, 0, m);
     close(fd); /* the mapping keeps the file */
     return rc;
 }

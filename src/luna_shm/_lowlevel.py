@@ -192,6 +192,13 @@ def reserve(fd: int, length: int, filename: str | None = None) -> None:
     check(lib.luna_reserve(fd, 0, length), filename)
 
 
+def _mapping_owner() -> Any:
+    """An empty struct luna_mapping that unmaps what a C call maps into it when it is
+    collected: made before the call, it owns the mapping from the moment it exists (a
+    signal handler that raises right after the call returns cannot leak it)."""
+    return ffi.gc(ffi.new("struct luna_mapping *"), lib.luna_mapping_release)
+
+
 class Mapping:
     """A shared mapping of a file, unmapped when the last view of it dies.
 
@@ -211,30 +218,33 @@ class Mapping:
 
     def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
                  filename: str | None = None) -> None:
-        out = ffi.new("void **")
-        guard = check(lib.luna_map(fd, length, int(writable), int(populate), out), filename)
-        self._adopt(out[0], length, writable, guard, filename)
+        owner = _mapping_owner()
+        guard = check(lib.luna_map(fd, length, int(writable), int(populate), owner), filename)
+        self._adopt(owner, guard, length, writable, filename)
 
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
         """Open, parse and map a WAV read-only in one C call; the fd is already closed."""
         out = ffi.new("struct luna_wav_info *")
-        address = ffi.new("void **")
-        guard = _check_wav(lib.luna_wav_map(_c_path(path), out, address), out, path)
+        owner = _mapping_owner()
+        guard = _check_wav(lib.luna_wav_map(_c_path(path), out, owner), out, path)
         info = _info(out)
         mapping = cls.__new__(cls)
-        mapping._adopt(address[0], info.data_offset + info.data_bytes, False, guard, path)
+        mapping._adopt(owner, guard, info.data_offset + info.data_bytes, False, path)
         return mapping, info
 
-    def _adopt(self, address: Any, length: int, writable: bool, guard: int,
+    def _adopt(self, owner: Any, guard: int, length: int, writable: bool,
                filename: str | None) -> None:
-        # No Python function as the destructor: a signal handler that raises in one
-        # would skip the unmap (Python only prints what a destructor raises).
-        self._address = ffi.gc(address, functools.partial(lib.luna_unmap, guard, length))
+        # The views keep the address alive, and the address keeps its owner: the
+        # mapping goes with the last view. Both destructors are C functions (a Python
+        # one could be cut short by a signal handler that raises) and the release is
+        # done once, by whichever runs first.
+        self._address = ffi.gc(owner.addr, functools.partial(lib.luna_mapping_release_view,
+                                                             owner))
         self._guard = guard
         self.filename = filename
         self.length = length
-        view = memoryview(ffi.buffer(self._address, length))
+        view = memoryview(ffi.buffer(self._address, self.length))
         self.view = view if writable else view.toreadonly()
 
     @property

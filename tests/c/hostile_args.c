@@ -351,9 +351,22 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_reserve(fd, 0, UINT64_MAX), -EFBIG);
     EXPECT_RC(luna_set_length(fd, TWO_63), -EFBIG);
     EXPECT_RC(luna_set_length(fd, UINT64_MAX), -EFBIG);
-    void *addr = NULL;
-    EXPECT_RC(luna_map(fd, 0, 0, 0, &addr), -EINVAL);
-    EXPECT_TRUE(luna_map(fd, TWO_63, 0, 0, &addr) < 0);
+    struct luna_mapping m = {0};
+    EXPECT_RC(luna_map(fd, 0, 0, 0, &m), -EINVAL);
+    EXPECT_TRUE(luna_map(fd, TWO_63, 0, 0, &m) < 0);
+    EXPECT_RC(luna_map(fd, 10, 0, 0, NULL), -EINVAL);
+    EXPECT_TRUE(m.addr == NULL && luna_mapping_release(&m) == 0); /* nothing mapped */
+    EXPECT_RC(luna_mapping_release(NULL), -EINVAL);
+    /* A struct that owns a mapping is never overwritten (the first would leak), and
+     * is released once however many times it is asked. */
+    EXPECT_TRUE(luna_map(fd, 10, 0, 0, &m) >= 0);
+    void *first = m.addr;
+    EXPECT_RC(luna_map(fd, 10, 0, 0, &m), -EINVAL);
+    EXPECT_RC(luna_wav_map(path, &(struct luna_wav_info){0}, &m), -EINVAL);
+    EXPECT_TRUE(m.addr == first);
+    EXPECT_RC(luna_mapping_release_view(&m, first), 0);
+    EXPECT_TRUE(m.addr == NULL);
+    EXPECT_RC(luna_mapping_release(&m), 0);
     EXPECT_TRUE(file_size(fd) == 10);
 
     /* wav_io.c: offsets past off_t and ranges that pass it. */
@@ -586,8 +599,9 @@ static void check_live(void)
     /* Appending with the header mapped: the sizes are stored into the mapping; once
      * the file is cut under it (a read of the cut page is a SIGBUS the guard turns
      * into zeros), an append still writes its samples but answers -ESTALE. */
-    void *hmap = NULL;
-    int hguard = luna_map(fd, (uint64_t)len, 1, 1, &hmap);
+    struct luna_mapping hm = {0};
+    int hguard = luna_map(fd, (uint64_t)len, 1, 1, &hm);
+    uint8_t *hmap = hm.addr;
     EXPECT_TRUE(hguard >= 0);
     if (hguard >= 0) {
         uint64_t before = have;
@@ -602,7 +616,7 @@ static void check_live(void)
         EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
                   -ESTALE);
         EXPECT_TRUE(have == before + 20 && file_size(fd) == (uint64_t)len + have);
-        EXPECT_RC(luna_unmap(hguard, (uint64_t)len, hmap), 0);
+        EXPECT_RC(luna_mapping_release(&hm), 0);
     }
 
     /* A pool-style watch: quiet through our own writes' absence, woken by an unlink. */
@@ -637,8 +651,8 @@ static void check_pool_fill(void)
     if (fd < 0)
         return;
     EXPECT_RC(luna_set_length(fd, SLOT), 0);
-    void *addr = NULL;
-    int guard = luna_map(fd, SLOT, 1, 1, &addr);
+    struct luna_mapping m = {0};
+    int guard = luna_map(fd, SLOT, 1, 1, &m);
     EXPECT_TRUE(guard >= 0);
     int watch = luna_watch_new();
     EXPECT_TRUE(watch >= 0);
@@ -647,7 +661,7 @@ static void check_pool_fill(void)
         unlink(path);
         return;
     }
-    uint8_t *slot = addr;
+    uint8_t *slot = m.addr;
     struct luna_wav_info info;
 
     /* A quiet watch: the slot is filled, a WAV of the samples. */
@@ -698,7 +712,7 @@ static void check_pool_fill(void)
     EXPECT_TRUE(slot[len] == 0);
     EXPECT_RC(luna_watch_wait(watch, 0), LUNA_WATCH_CHANGED);
 
-    EXPECT_RC(luna_unmap(guard, SLOT, addr), 0);
+    EXPECT_RC(luna_mapping_release(&m), 0);
     luna_close(watch);
     luna_close(fd);
     unlink(path);
