@@ -35,24 +35,36 @@ static int keep_if_regular(int fd, int not_regular, uint64_t *size)
     return fd;
 }
 
-int luna_create_excl(const char *path, unsigned int mode)
+static int open_for_write(const char *path, unsigned int mode, int *created,
+                          uint64_t *old_size);
+static int create_locked(const char *dir, const char *path, unsigned int mode);
+
+int luna_create_excl(const char *path, unsigned int mode, int *cell)
 {
-    if (mode & ~07777u)
+    if (mode & ~07777u || !luna_cell_is_empty(cell))
         return -EINVAL; /* not permission bits: never let open() see them */
     /* O_EXCL with O_CREAT never follows a symlink at path, and fails on any
      * existing name: that is what makes a guessed name safe to use. */
-    return open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                      mode);
+    return luna_store_fd(cell, open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW |
+                                                    O_CLOEXEC, mode));
 }
 
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
-                        uint64_t *old_size)
+                        uint64_t *old_size, int *cell)
+{
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
+    return luna_store_fd(cell, open_for_write(path, mode, created, old_size));
+}
+
+static int open_for_write(const char *path, unsigned int mode, int *created,
+                          uint64_t *old_size)
 {
     *old_size = 0;
     /* The name can vanish between the two opens (a cleanup): then create it
      * again, a few times at most. */
     for (int attempt = 0; attempt < 8; attempt++) {
-        int fd = luna_create_excl(path, mode);
+        int fd = luna_create_excl(path, mode, NULL);
         *created = fd >= 0;
         if (fd != -EEXIST)
             return fd;
@@ -76,15 +88,20 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
     return -ENOENT;
 }
 
-int luna_create_locked(const char *dir, const char *path, unsigned int mode)
+int luna_create_locked(const char *dir, const char *path, unsigned int mode, int *cell)
 {
-    if (mode & ~07777u)
+    if (mode & ~07777u || !luna_cell_is_empty(cell))
         return -EINVAL;
+    return luna_store_fd(cell, create_locked(dir, path, mode));
+}
+
+static int create_locked(const char *dir, const char *path, unsigned int mode)
+{
     /* Lock the file before it has a name, so that no cleanup can ever see it
      * unlocked: an O_TMPFILE file, flocked, then linked in. */
     int fd = luna_open_unnamed_locked(dir, mode);
     if (fd == -EOPNOTSUPP) {
-        fd = luna_create_excl(path, mode); /* tiny window before the lock */
+        fd = luna_create_excl(path, mode, NULL); /* tiny window before the lock */
         if (fd < 0)
             return fd;
         int rc = luna_lock_new_file(fd);
@@ -138,4 +155,15 @@ int luna_close(int fd)
 {
     /* Linux releases the fd even when close reports EINTR: never retry. */
     return close(fd) == 0 || errno == EINTR ? 0 : -errno;
+}
+
+int luna_fd_release(int *cell)
+{
+    if (!cell)
+        return -EINVAL;
+    int fd = *cell;
+    if (fd < 0)
+        return 0; /* never filled, or released already */
+    *cell = -1;
+    return luna_close(fd);
 }

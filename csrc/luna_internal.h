@@ -18,6 +18,21 @@
  * Returns 0 or -errno. */
 int luna_lock_new_file(int fd);
 
+/* An fd cell (see luna_fd_release) that may take a new fd: NULL (no cell) or
+ * empty. One that holds an fd already is refused, never overwritten. */
+static inline int luna_cell_is_empty(const int *cell)
+{
+    return !cell || *cell < 0;
+}
+
+/* fd, stored into cell as well when it is an fd and cell is not NULL. */
+static inline int luna_store_fd(int *cell, int fd)
+{
+    if (cell && fd >= 0)
+        *cell = fd;
+    return fd;
+}
+
 /* ---- mapping.c: unnamed files -------------------------------------------- */
 
 /* Open an unnamed file in directory dir (O_TMPFILE, mode 0600). Returns the

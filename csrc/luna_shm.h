@@ -44,26 +44,39 @@
 
 /* ---- files.c: safe creation and opening ---------------------------------- */
 
+/* Fd cells. A call below that makes an fd for Python takes an int *cell:
+ * NULL, or an empty cell (-1), into which it stores the new fd before it
+ * returns it; a cell that holds an fd is refused (-EINVAL). Python makes the
+ * cell, with luna_fd_release as its destructor (cffi's ffi.gc), before the
+ * call: the fd has an owner from the moment it exists, and a signal handler
+ * that raises as the call returns (where a signal that came during the call
+ * runs) cannot lose it. */
+
+/* Close the fd in *cell, if any, and empty the cell: a second call does
+ * nothing. Returns 0 or -errno (-EINVAL for NULL). */
+int luna_fd_release(int *cell);
+
 /* Create path exclusively: O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC with the
- * given mode. Returns the fd, or -errno (-EEXIST when the name is taken,
- * whatever sits there: file, symlink, FIFO or directory; -EINVAL when mode
- * has bits outside 07777). */
-int luna_create_excl(const char *path, unsigned int mode);
+ * given mode. Returns the fd (also in *cell), or -errno (-EEXIST when the name
+ * is taken, whatever sits there: file, symlink, FIFO or directory; -EINVAL
+ * when mode has bits outside 07777 or cell holds an fd). */
+int luna_create_excl(const char *path, unsigned int mode, int *cell);
 
 /* Open path for writing a whole new content without following a symlink in
  * the last component: creates it (O_EXCL, so *created tells whether this call
  * made it), or opens the regular file there read-write, untouched, and stores
- * its size in *old_size. Returns the fd, or -errno (-EISDIR, -EINVAL for a
- * FIFO or device). */
+ * its size in *old_size. Returns the fd (also in *cell), or -errno (-EISDIR,
+ * -EINVAL for a FIFO or device, or a cell that holds an fd). */
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
-                        uint64_t *old_size);
+                        uint64_t *old_size, int *cell);
 
 /* Create path (in directory dir) with a shared flock already held before the
  * name appears (O_TMPFILE + flock + linkat), so that a concurrent cleanup can
  * never take it for abandoned. Falls back to create + flock where O_TMPFILE
- * is not supported. Returns the fd, or -errno (-EEXIST when the name is
- * taken, -EINVAL when mode has bits outside 07777). */
-int luna_create_locked(const char *dir, const char *path, unsigned int mode);
+ * is not supported. Returns the fd (also in *cell), or -errno (-EEXIST when
+ * the name is taken, -EINVAL when mode has bits outside 07777 or cell holds
+ * an fd). */
+int luna_create_locked(const char *dir, const char *path, unsigned int mode, int *cell);
 
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
  * report its size. Returns the fd, -errno (-EISDIR for a directory), or
@@ -143,9 +156,10 @@ int luna_mapping_release(struct luna_mapping *m);
  * functools.partial): the views keep the address, the address keeps m. */
 int luna_mapping_release_view(struct luna_mapping *m, void *view);
 
-/* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd, or
- * -ENOSYS when the platform has no memfd. */
-int luna_memfd(const char *name);
+/* memfd_create(name, MFD_CLOEXEC|MFD_ALLOW_SEALING). Returns the fd (also in
+ * *cell), or -errno (-ENOSYS when the platform has no memfd, -EINVAL when
+ * cell holds an fd). */
+int luna_memfd(const char *name, int *cell);
 
 /* Seal a memfd against shrinking (F_SEAL_SHRINK), so that no process can
  * truncate it under a reader's mapping. Returns 0 or -errno (-ENOSYS without

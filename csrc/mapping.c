@@ -80,11 +80,13 @@ int luna_mapping_release_view(struct luna_mapping *m, void *view)
     return luna_mapping_release(m);
 }
 
-int luna_memfd(const char *name)
+int luna_memfd(const char *name, int *cell)
 {
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
 #if LUNA_HAS_MEMFD
     int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    return fd < 0 ? -errno : fd;
+    return fd < 0 ? -errno : luna_store_fd(cell, fd);
 #else
     (void)name;
     return -ENOSYS;

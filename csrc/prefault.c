@@ -58,7 +58,7 @@ int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len)
     if (dir == NULL && memfd_name == NULL)
         return -EINVAL;
     /* An unnamed file in dir (mode 0600, shared flock held), or a memfd. */
-    int fd = dir == NULL ? luna_memfd(memfd_name) : luna_open_unnamed_locked(dir, 0600);
+    int fd = dir == NULL ? luna_memfd(memfd_name, NULL) : luna_open_unnamed_locked(dir, 0600);
     if (fd < 0)
         return fd;
     int rc = luna_reserve(fd, 0, len);

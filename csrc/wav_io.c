@@ -85,7 +85,7 @@ int luna_write_wav_path(const char *dir, const char *path,
     uint64_t old_size = 0;
     if (tmp_path != NULL && dir == NULL)
         return -EINVAL; /* a replacement is made in dir */
-    int fd = luna_open_for_write(path, 0600, &created, &old_size);
+    int fd = luna_open_for_write(path, 0600, &created, &old_size, NULL);
     if (fd < 0)
         return fd;
     if (old_size > 0) {
@@ -119,7 +119,7 @@ int luna_write_wav_atomic(const char *dir, const char *path,
     int named = 0;
     int fd = luna_open_unnamed(dir);
     if (fd == -EOPNOTSUPP) {
-        fd = luna_create_excl(tmp_path, 0600);
+        fd = luna_create_excl(tmp_path, 0600, NULL);
         named = 1;
     }
     if (fd < 0)

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -105,22 +105,54 @@ def path_argument(path: object, allowed: str = "str or os.PathLike[str]", *,
 # ---- files -------------------------------------------------------------------
 
 
-def create_excl(path: str, mode: int = 0o600) -> int:
-    """Create path exclusively (never following a link); return the open fd."""
-    return check(lib.luna_create_excl(_c_path(path), mode), path)
+# An fd cell: a cdata int * that holds one open fd (or -1) and closes it when it is
+# collected (see fd_cell).
+FdCell: TypeAlias = Any
 
 
-def open_for_write(path: str, mode: int = 0o600) -> tuple[int, bool, int]:
-    """Create path, or open the regular file there untouched; return (fd, created, old size)."""
+def fd_cell(fd: int = -1) -> FdCell:
+    """A cell for one fd, closed when the cell is collected (C luna_fd_release).
+
+    Made empty before a C call that opens a file and given to it, the cell owns the
+    new fd from the moment it exists: a signal that arrives during the call runs its
+    handler as the call returns, and one that raises there cannot leak the fd. Given
+    an fd, the cell takes it over.
+    """
+    return ffi.gc(ffi.new("int *", fd), lib.luna_fd_release)
+
+
+def release(cell: FdCell) -> None:
+    """Close the cell's fd, once: the cell is empty afterwards."""
+    check(lib.luna_fd_release(cell))
+
+
+def create_excl(path: str, mode: int = 0o600, *, cell: FdCell = None) -> int:
+    """Create path exclusively (never following a link); return the open fd (stored
+    into cell too, when given: see fd_cell)."""
+    return check(lib.luna_create_excl(_c_path(path), mode, _cell_or_null(cell)), path)
+
+
+def open_for_write(path: str, mode: int = 0o600, *,
+                   cell: FdCell = None) -> tuple[int, bool, int]:
+    """Create path, or open the regular file there untouched; return (fd, created, old size)
+    (the fd stored into cell too, when given)."""
     created = ffi.new("int *")
     old_size = ffi.new("uint64_t *")
-    fd = check(lib.luna_open_for_write(_c_path(path), mode, created, old_size), path)
+    fd = check(lib.luna_open_for_write(_c_path(path), mode, created, old_size,
+                                       _cell_or_null(cell)), path)
     return fd, bool(created[0]), int(old_size[0])
 
 
-def create_locked(directory: str, path: str, mode: int = 0o600) -> int:
-    """Create path in directory with a shared flock held before the name appears; the fd."""
-    return check(lib.luna_create_locked(_c_path(directory), _c_path(path), mode), path)
+def create_locked(directory: str, path: str, mode: int = 0o600, *,
+                  cell: FdCell = None) -> int:
+    """Create path in directory with a shared flock held before the name appears; the fd
+    (stored into cell too, when given)."""
+    return check(lib.luna_create_locked(_c_path(directory), _c_path(path), mode,
+                                        _cell_or_null(cell)), path)
+
+
+def _cell_or_null(cell: FdCell) -> Any:
+    return ffi.NULL if cell is None else cell
 
 
 def lock(fd: int, *, exclusive: bool, wait: bool = False) -> bool:
@@ -289,9 +321,10 @@ class Mapping:
                                               _c_spec(spec), data_bytes))
 
 
-def memfd(name: str) -> int:
-    """An anonymous, sealable memory file; ENOSYS where the platform has none."""
-    return check(lib.luna_memfd(_c_path(name)))
+def memfd(name: str, *, cell: FdCell = None) -> int:
+    """An anonymous, sealable memory file; ENOSYS where the platform has none. The fd
+    is stored into cell too, when given."""
+    return check(lib.luna_memfd(_c_path(name), _cell_or_null(cell)))
 
 
 def seal_shrink(fd: int) -> None:

@@ -97,8 +97,10 @@ def create_temp_file(
     size_hint: int | None = None,
     locked: bool = False,
     on_disk: bool = False,
-) -> tuple[str, int]:
-    """Create a new temp file safely and return ``(path, open fd)``; the caller closes fd.
+) -> tuple[str, _lowlevel.FdCell]:
+    """Create a new temp file safely and return ``(path, fd cell)``: the cell owns the
+    open fd from the moment it exists (see :func:`_lowlevel.fd_cell`); the caller takes
+    it over and releases it.
 
     The name is retried on collision like :func:`tempfile.mkstemp`. locked=True
     holds a shared flock from before the name appears, so that
@@ -107,10 +109,15 @@ def create_temp_file(
     raises here: callers run this inside :func:`with_disk_fallback`.
     """
     directory = _directory_for(size_hint, on_disk)
-    if locked:
-        return _claim_fresh_name(directory, prefix, suffix,
-                                 lambda path: _lowlevel.create_locked(directory, path))
-    return _claim_fresh_name(directory, prefix, suffix, _lowlevel.create_excl)
+    cell = _lowlevel.fd_cell()
+
+    def claim(path: str) -> int:
+        if locked:
+            return _lowlevel.create_locked(directory, path, cell=cell)
+        return _lowlevel.create_excl(path, cell=cell)
+
+    path, _ = _claim_fresh_name(directory, prefix, suffix, claim)
+    return path, cell
 
 
 def name_unnamed_file(fd: int, directory: str, suffix: str = ".wav",
@@ -219,9 +226,14 @@ class Destination(NamedTuple):
     """Where a buffer or writer puts its WAV (see :func:`open_destination`)."""
 
     path: str  # the WAV's name once finished
-    fd: int  # open read-write, holding a shared flock
+    cell: _lowlevel.FdCell  # owns the fd: open read-write, holding a shared flock
     created: bool  # this call made the file at path
     partial: str | None  # a new file's name until finish_destination renames it over path
+
+    @property
+    def fd(self) -> int:
+        """The open fd (owned by cell)."""
+        return int(self.cell[0])
 
 
 def still_named(fd: int, path: str) -> bool:
@@ -249,24 +261,26 @@ def open_destination(
     over it by :func:`finish_destination`. A symlink is refused.
     """
     if path is None:
-        new_path, fd = create_temp_file(".wav", size_hint=size_hint, locked=True,
-                                        on_disk=on_disk)
-        return Destination(new_path, fd, True, None)
+        new_path, cell = create_temp_file(".wav", size_hint=size_hint, locked=True,
+                                          on_disk=on_disk)
+        return Destination(new_path, cell, True, None)
     text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     for _ in range(8):
-        fd, created, old_size = _lowlevel.open_for_write(text)
+        cell = _lowlevel.fd_cell()
+        fd, created, old_size = _lowlevel.open_for_write(text, cell=cell)
         try:
             _lowlevel.lock(fd, exclusive=False, wait=True)
             if not old_size and still_named(fd, text):
-                return Destination(text, fd, created, None)
+                return Destination(text, cell, created, None)
         except BaseException:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
             raise
-        _lowlevel.close(fd)
+        _lowlevel.release(cell)
         if old_size:
             partial = partial_path(text)
-            fd = _lowlevel.create_locked(_os.path.dirname(text) or ".", partial)
-            return Destination(text, fd, False, partial)
+            cell = _lowlevel.fd_cell()
+            _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, cell=cell)
+            return Destination(text, cell, False, partial)
         # A cleanup removed the name between our open and our lock: again.
     raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)
 
@@ -280,7 +294,7 @@ def finish_destination(dest: Destination) -> None:
 def discard(dest: Destination) -> None:
     """Undo :func:`open_destination` after a failure: close, remove what we made."""
     try:
-        _lowlevel.close(dest.fd)
+        _lowlevel.release(dest.cell)
     finally:
         doomed = dest.partial
         if doomed is None and (dest.created or is_our_temp_path(dest.path)):

@@ -61,7 +61,7 @@ _MAX_KEYS = 64
 class Prepared(NamedTuple):
     """A file of the reserve: open, every page written, mapped whole and populated."""
 
-    fd: int
+    cell: _lowlevel.FdCell  # owns the open fd
     mapping: _lowlevel.Mapping  # writable, capacity bytes, filename None until named
     capacity: int
 
@@ -208,13 +208,15 @@ class _Reserve:
                         f"luna_shm: prefault reserve: {directory} has {free} bytes free, "
                         f"less than twice {capacity}: no file prepared there", _logging.INFO)
                     return None
-            fd = _lowlevel.prepare_file(directory, MEMFD_NAME, capacity)
+            # This thread runs no signal handler (Python runs them in the main thread
+            # only): nothing can come between the call and the cell that takes the fd.
+            cell = _lowlevel.fd_cell(_lowlevel.prepare_file(directory, MEMFD_NAME, capacity))
             try:
-                mapping = _lowlevel.Mapping(fd, capacity, writable=True, populate=True)
+                mapping = _lowlevel.Mapping(cell[0], capacity, writable=True, populate=True)
             except BaseException:
-                _lowlevel.close(fd)
+                _lowlevel.release(cell)
                 raise
-            return Prepared(fd, mapping, capacity)
+            return Prepared(cell, mapping, capacity)
         except OSError as exc:
             self.note_failure(f"luna_shm: prefault reserve: a file of {capacity} bytes "
                               f"could not be prepared in {directory or 'memfd'}: {exc}")
@@ -312,7 +314,7 @@ def give_back(items: list[Prepared]) -> None:
     """
     for item in items:
         try:
-            _lowlevel.close(item.fd)
+            _lowlevel.release(item.cell)
         except OSError:
             pass
     items.clear()

@@ -36,14 +36,14 @@ def inherited_error(what: str, owner_pid: int) -> RuntimeError:
     )
 
 
-def _warn_leak(fd: int, what: str, owner_pid: int) -> None:
+def _warn_leak(cell: _lowlevel.FdCell, what: str, owner_pid: int) -> None:
     # In a forked child (its interpreter exit, or its garbage collector) the object
     # is only an inherited copy: close the child's fd quietly. Closing it never drops
     # the parent's flock, which belongs to the open file description they share.
     if owner_pid == current_pid:
         _warnings.warn(f"unclosed {what}", ResourceWarning, stacklevel=2)
     try:
-        _lowlevel.close(fd)
+        _lowlevel.release(cell)
     except OSError:
         pass
 
@@ -112,14 +112,16 @@ class FileResource(Resource):
     the fd and never touches the file, its lock or its name.
     """
 
-    _fd: int = -1
+    _fd: int = -1  # the fd in _fd_cell, as a plain int for the hot paths
+    _fd_cell: _lowlevel.FdCell = None
     path: str = ""
 
-    def _own(self, fd: int, path: str) -> None:
-        """Take ownership of fd for path (closed on close() or on leak)."""
-        self._fd = fd
+    def _own(self, cell: _lowlevel.FdCell, path: str) -> None:
+        """Take over the fd in cell for path (closed on close() or on leak)."""
+        self._fd_cell = cell
+        self._fd = cell[0]
         self.path = path
-        self._track(_warn_leak, fd, f"{type(self).__name__} {path!r}", current_pid)
+        self._track(_warn_leak, cell, f"{type(self).__name__} {path!r}", current_pid)
 
     @property
     def closed(self) -> bool:
@@ -151,8 +153,8 @@ class FileResource(Resource):
             return
         self._release()
         self._untrack()
-        fd, self._fd = self._fd, -1
-        _lowlevel.close(fd)
+        self._fd = -1
+        _lowlevel.release(self._fd_cell)
 
     def __enter__(self) -> Self:
         self._check_open()

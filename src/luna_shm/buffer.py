@@ -72,29 +72,31 @@ class WavBuffer(FileResource):
                 raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
         try:
             if anonymous:
-                name, fd = self._open_prepared(None, header) or self._retry_after_drop(
+                name, cell = self._open_prepared(None, header) or self._retry_after_drop(
                     lambda: self._open_memfd(header))
             else:
-                name, fd = self._open_named(path, header)
-            self._own(fd, name)
+                name, cell = self._open_named(path, header)
+            self._own(cell, name)
         finally:
             if path is None:  # only now: preparing the next file must not slow this call
                 _prefault.refill()
 
-    def _open_memfd(self, header: bytes) -> tuple[str, int]:
-        fd = _lowlevel.memfd(_prefault.MEMFD_NAME)
+    def _open_memfd(self, header: bytes) -> tuple[str, _lowlevel.FdCell]:
+        cell = _lowlevel.fd_cell()
+        fd = _lowlevel.memfd(_prefault.MEMFD_NAME, cell=cell)
         name = f"/proc/{_os.getpid()}/fd/{fd}"
         try:
             self._open(fd, name, header)
         except OSError as exc:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
             raise _newfile.explain_full_disk(exc, name) from None
         except BaseException:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
             raise
-        return name, fd
+        return name, cell
 
-    def _open_named(self, path: str | _os.PathLike[str] | None, header: bytes) -> tuple[str, int]:
+    def _open_named(self, path: str | _os.PathLike[str] | None,
+                    header: bytes) -> tuple[str, _lowlevel.FdCell]:
         """Create and map the file; a new temp file that the RAM disk refuses goes to disk."""
         if path is None:
             chosen = placement.current()
@@ -119,27 +121,28 @@ class WavBuffer(FileResource):
                 raise
         return attempt()
 
-    def _open_prepared(self, directory: str | None, header: bytes) -> tuple[str, int] | None:
+    def _open_prepared(self, directory: str | None,
+                       header: bytes) -> tuple[str, _lowlevel.FdCell] | None:
         """Make the buffer from a file of the prefault reserve (a memfd when directory is
         None), or return None: the reserve had none, or the one taken failed (given back,
         counted and logged: the caller takes the normal path)."""
         prepared = _prefault.take(directory, self._length)
         if prepared is None:
             return None
-        fd = prepared.fd
+        fd = prepared.cell[0]
         name = f"/proc/{_os.getpid()}/fd/{fd}" if directory is None else None
         try:
             if directory is not None:
                 name = _newfile.name_unnamed_file(fd, directory)
             assert name is not None
             self._open(fd, name, header, prepared=prepared.mapping)
-            return name, fd
+            return name, prepared.cell
         except BaseException as exc:
             self._mapping = self._array = None
             if directory is not None and name is not None:
-                _newfile.discard(_newfile.Destination(name, fd, True, None))
+                _newfile.discard(_newfile.Destination(name, prepared.cell, True, None))
             else:
-                _lowlevel.close(fd)
+                _lowlevel.release(prepared.cell)
             if not isinstance(exc, OSError):
                 raise
             _prefault.note_failure(f"luna_shm: a prepared buffer file could not be used "
@@ -147,7 +150,7 @@ class WavBuffer(FileResource):
             return None
 
     def _open_destination(self, path: str | _os.PathLike[str] | None, header: bytes,
-                          on_disk: bool) -> tuple[str, int]:
+                          on_disk: bool) -> tuple[str, _lowlevel.FdCell]:
         """One try at making and mapping the file; on failure nothing of it is left and
         an OSError names the file's final path."""
         dest = _newfile.open_destination(path, size_hint=self._length, on_disk=on_disk)
@@ -157,7 +160,7 @@ class WavBuffer(FileResource):
             _newfile.finish_destination(dest)
             assert self._mapping is not None
             self._mapping.filename = dest.path  # errors name the final path
-            return dest.path, dest.fd
+            return dest.path, dest.cell
         except OSError as exc:
             self._mapping = self._array = None
             _newfile.discard(dest)

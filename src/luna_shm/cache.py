@@ -274,7 +274,7 @@ class CachedAudio(FileResource):
         self.key = key
         self.stored = stored
         self._size = size
-        self._own(fd, path)
+        self._own(_lowlevel.fd_cell(fd), path)
 
     @property
     def is_wav(self) -> bool:

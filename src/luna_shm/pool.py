@@ -65,17 +65,18 @@ class _Lease:
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("byte_view", "fd", "identity", "lease", "length", "mapping", "path",
+    __slots__ = ("byte_view", "cell", "fd", "identity", "lease", "length", "mapping", "path",
                  "readonly", "verified", "watched")
 
-    def __init__(self, fd: int, path: str, mapping: _lowlevel.Mapping) -> None:
-        self.fd = fd
+    def __init__(self, cell: _lowlevel.FdCell, path: str, mapping: _lowlevel.Mapping) -> None:
+        self.cell = cell  # owns the fd
+        self.fd: int = cell[0]
         self.path = path
         self.mapping = mapping
         self.length = mapping.length
         self.byte_view = np.frombuffer(mapping.view, dtype=np.uint8)
         self.readonly = mapping.view.toreadonly()
-        st = _os.fstat(fd)
+        st = _os.fstat(self.fd)
         self.identity = (st.st_dev, st.st_ino)
         # watched: the pool's inotify instance watches this file. verified: its name was
         # checked (still_named) and the watch has reported nothing since.
@@ -278,7 +279,7 @@ def _close_slot(slot: _Slot, *, unlink: bool) -> None:
         except FileNotFoundError:
             pass
     try:
-        _lowlevel.close(slot.fd)
+        _lowlevel.release(slot.cell)
     except OSError:
         pass
 
@@ -441,8 +442,9 @@ class AudioPool(_resource.Resource):
 
     def _new_slot(self) -> _Slot:
         if self.anonymous:
-            fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot")
-            slot = self._map_slot(fd, f"/proc/{_os.getpid()}/fd/{fd}")
+            cell = _lowlevel.fd_cell()
+            fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
+            slot = self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
         else:
             # A RAM disk that refuses the slot (at its creation or its reservation)
             # sends it to the disk temp dir.
@@ -463,14 +465,15 @@ class AudioPool(_resource.Resource):
         """One try at a named slot file; on failure it is removed again."""
         # locked=True: the flock is held before the name appears, so a
         # concurrent cleanup never takes a new slot for a dead pool's file.
-        path, fd = _newfile.create_temp_file(
+        path, cell = _newfile.create_temp_file(
             ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True,
             on_disk=on_disk)
-        return self._map_slot(fd, path)
+        return self._map_slot(cell, path)
 
-    def _map_slot(self, fd: int, path: str) -> _Slot:
-        """Reserve and map a new slot file (or memfd) at fd; on failure close fd and
-        remove the named file."""
+    def _map_slot(self, cell: _lowlevel.FdCell, path: str) -> _Slot:
+        """Reserve and map a new slot file (or memfd) whose fd is in cell; on failure
+        release it and remove the named file."""
+        fd = cell[0]
         try:
             _lowlevel.lock(fd, exclusive=False)
             _lowlevel.reserve(fd, self._length, path)
@@ -478,9 +481,9 @@ class AudioPool(_resource.Resource):
                 _lowlevel.seal_shrink(fd)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
-            return _Slot(fd, path, mapping)
+            return _Slot(cell, path, mapping)
         except BaseException:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
             if not self.anonymous:
                 _os.unlink(path)
             raise

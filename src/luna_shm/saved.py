@@ -159,10 +159,10 @@ def save_temp_audio(
                                   prefix, whole.nbytes, on_disk))
     # A stream cannot be replayed: only its creation may move to the disk temp dir.
     chunks = iter(data)
-    path, fd = _newfile.with_disk_fallback(
+    path, cell = _newfile.with_disk_fallback(
         lambda on_disk: _newfile.create_temp_file(suffix, prefix, locked=True,
                                                   on_disk=on_disk))
-    _fill(fd, path, lambda fd, path: _write_chunks(fd, chunks, path))
+    _fill(cell, path, lambda fd, path: _write_chunks(fd, chunks, path))
     return path
 
 
@@ -171,22 +171,22 @@ def _save(write: Callable[[int, str], None], suffix: str, prefix: str, size: int
     """One try at a new file holding what write puts at its fd; nothing left on failure."""
     # Locked while it is written (a stream can take seconds): no concurrent
     # cleanup_all_temp_audio() takes the half-written file for an abandoned one.
-    path, fd = _newfile.create_temp_file(suffix, prefix, size_hint=size, locked=True,
-                                         on_disk=on_disk)
-    _fill(fd, path, write)
+    path, cell = _newfile.create_temp_file(suffix, prefix, size_hint=size, locked=True,
+                                           on_disk=on_disk)
+    _fill(cell, path, write)
     return path
 
 
-def _fill(fd: int, path: str, write: Callable[[int, str], None]) -> None:
-    """Run write(fd, path) and close fd; on any failure remove the file (an OSError
-    names it)."""
+def _fill(cell: _lowlevel.FdCell, path: str, write: Callable[[int, str], None]) -> None:
+    """Run write(fd, path) with the fd in cell, then release it; on any failure remove
+    the file (an OSError names it)."""
     try:
         try:
-            write(fd, path)
+            write(cell[0], path)
         except OSError as exc:
             raise _with_filename(exc, path) from None
         finally:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
     except BaseException:
         with _contextlib.suppress(FileNotFoundError):
             _os.unlink(path)

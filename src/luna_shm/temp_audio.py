@@ -94,10 +94,10 @@ def get_temp_audio_path(
     hint = _newfile.check_size_hint(size_hint)
     if not create:
         return _newfile.new_temp_name(suffix, prefix, size_hint=hint)
-    path, fd = _newfile.with_disk_fallback(
+    path, cell = _newfile.with_disk_fallback(
         lambda on_disk: _newfile.create_temp_file(suffix, prefix, size_hint=hint,
                                                   on_disk=on_disk))
-    _lowlevel.close(fd)
+    _lowlevel.release(cell)
     return path
 
 

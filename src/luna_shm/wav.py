@@ -104,15 +104,15 @@ def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int
             _lowlevel.write_wav_atomic(_os.path.dirname(path), path,
                                        _newfile.partial_path(path), spec, array)
             return path
-        path, fd = _newfile.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
-                                             on_disk=on_disk)
+        path, cell = _newfile.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
+                                               on_disk=on_disk)
         try:
-            _lowlevel.write_wav_fd(fd, spec, array, path)
+            _lowlevel.write_wav_fd(cell[0], spec, array, path)
         except BaseException:
-            _lowlevel.close(fd)
+            _lowlevel.release(cell)
             _os.unlink(path)
             raise
-        _lowlevel.close(fd)
+        _lowlevel.release(cell)
         return path
 
     return _newfile.with_disk_fallback(attempt)

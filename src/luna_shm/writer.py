@@ -72,7 +72,7 @@ class WavWriter(FileResource):
             dest = _newfile.with_disk_fallback(lambda on_disk: self._start(None, header, on_disk))
         else:
             dest = self._start(path, header, False)
-        self._own(dest.fd, dest.path)
+        self._own(dest.cell, dest.path)
 
     def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
                on_disk: bool) -> _newfile.Destination:

@@ -31,6 +31,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -316,8 +317,8 @@ static void check_hostile_sizes(void)
     uint8_t buf[64] = {0};
 
     /* files.c: permission bits only. */
-    EXPECT_RC(luna_create_excl(path, 0x10000u | 0600u), -EINVAL);
-    EXPECT_RC(luna_create_locked(dir_path, path, 0xFFFFFFFFu), -EINVAL);
+    EXPECT_RC(luna_create_excl(path, 0x10000u | 0600u, NULL), -EINVAL);
+    EXPECT_RC(luna_create_locked(dir_path, path, 0xFFFFFFFFu, NULL), -EINVAL);
     EXPECT_TRUE(directory_is_empty());
 
     /* prefault.c: a size no file can have, or nothing to make. A prepared file
@@ -337,10 +338,29 @@ static void check_hostile_sizes(void)
     }
     EXPECT_TRUE(directory_is_empty());
 
-    int fd = luna_create_excl(path, 0600);
-    EXPECT_TRUE(fd >= 0);
+    /* Fd cells: filled by the call that makes the fd, never overwritten, released once. */
+    int cell = -1;
+    int made = luna_create_locked(dir_path, path, 0600, &cell);
+    EXPECT_TRUE(made >= 0 && cell == made);
+    EXPECT_RC(luna_create_excl(tmp_path, 0600, &cell), -EINVAL);
+    EXPECT_RC(luna_open_for_write(path, 0600, &(int){0}, &(uint64_t){0}, &cell), -EINVAL);
+    EXPECT_RC(luna_memfd("cell", &cell), -EINVAL);
+    EXPECT_TRUE(cell == made);
+    EXPECT_RC(luna_fd_release(&cell), 0);
+    EXPECT_TRUE(cell == -1 && fcntl(made, F_GETFD) == -1 && errno == EBADF);
+    EXPECT_RC(luna_fd_release(&cell), 0);
+    EXPECT_RC(luna_fd_release(NULL), -EINVAL);
+    made = luna_open_for_write(path, 0600, &(int){0}, &(uint64_t){0}, &cell);
+    EXPECT_TRUE(made >= 0 && cell == made);
+    EXPECT_RC(luna_fd_release(&cell), 0);
+    unlink(path);
+    EXPECT_TRUE(directory_is_empty());
+
+    int fd = luna_create_excl(path, 0600, &cell);
+    EXPECT_TRUE(fd >= 0 && cell == fd);
     if (fd < 0)
         return;
+    cell = -1; /* fd is closed with luna_close below */
     EXPECT_RC(luna_write_at(fd, 0, "0123456789", 10), 0);
 
     /* mapping.c: space and lengths. */
@@ -412,7 +432,7 @@ static void check_hostile_sizes(void)
     EXPECT_TRUE(directory_is_empty());
 
     /* Streaming: *data_bytes + n must not wrap to a small size. */
-    fd = luna_create_excl(path, 0600);
+    fd = luna_create_excl(path, 0600, NULL);
     EXPECT_TRUE(fd >= 0);
     if (fd < 0)
         return;
@@ -563,7 +583,7 @@ static void check_live(void)
     /* A live stream appended to through wav_io.c keeps its state chunk. */
     char path[4096];
     snprintf(path, sizeof path, "%s/live.wav", dir_path);
-    int fd = luna_create_excl(path, 0600);
+    int fd = luna_create_excl(path, 0600, NULL);
     EXPECT_TRUE(fd >= 0);
     if (fd < 0)
         return;
@@ -646,7 +666,7 @@ static void check_pool_fill(void)
     memset(samples, 0x5A, sizeof samples);
     char path[4096];
     snprintf(path, sizeof path, "%s/slot.wav", dir_path);
-    int fd = luna_create_excl(path, 0600);
+    int fd = luna_create_excl(path, 0600, NULL);
     EXPECT_TRUE(fd >= 0);
     if (fd < 0)
         return;

@@ -1,0 +1,128 @@
+"""Calls cut short anywhere: no fd, no mapping and no locked file outlives them.
+
+A signal that arrives while a call runs C code runs its Python handler as soon as that
+C call returns; a handler that raises (a timeout, Ctrl-C) cuts the call there, or at
+any later function call or return. Each case below runs one producer once per such
+point, in a child process, cut there by a profile hook (call, return and C-return
+events: where CPython runs pending handlers), and counts what stayed behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import LIBRARY_PATH
+
+CUT_EVERYWHERE = r"""
+import gc, json, os, sys, warnings
+import numpy as np
+warnings.simplefilter("ignore", ResourceWarning)  # the objects a cut leaves half made
+from luna_shm import (AudioPool, WavWriter, cleanup_all_temp_audio, create_wav_buffer,
+                      get_temp_audio_path, read_wav, save_temp_audio, write_wav)
+
+DIRS = [os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]]
+data = np.arange(4000, dtype=np.int16)
+source = os.path.join(DIRS[0], "source.wav")
+write_wav(source, data, 16000)
+
+def writer(path):
+    w = WavWriter(path, 16000)
+    w.write(data)
+    w.close()
+
+OPERATIONS = {
+    "write_wav(None)": lambda: write_wav(None, data, 16000),
+    "WavWriter(None)": lambda: writer(None),
+    "WavWriter(path)": lambda: writer(os.path.join(DIRS[0], "given.wav")),
+    "save_temp_audio(bytes)": lambda: save_temp_audio(b"x" * 5000),
+    "save_temp_audio(chunks)": lambda: save_temp_audio(iter([b"x" * 100] * 3)),
+    "get_temp_audio_path(create=True)": lambda: get_temp_audio_path(create=True),
+    "create_wav_buffer": lambda: create_wav_buffer(1000, 16000).close(),
+    "create_wav_buffer(path)": lambda: create_wav_buffer(
+        1000, 16000, path=os.path.join(DIRS[0], "given.wav")).close(),
+    "create_wav_buffer(anonymous=True)": lambda: create_wav_buffer(
+        1000, 16000, anonymous=True).close(),
+    "read_wav": lambda: read_wav(source),
+    "read_wav(mmap=False)": lambda: read_wav(source, mmap=False),
+    "AudioPool": lambda: AudioPool(slots=2, max_bytes=4096).close(),
+}
+
+class Cut(Exception):
+    pass
+
+def run(operation, cut_at):
+    seen = [0]
+    def hook(frame, event, arg):
+        if event in ("call", "return", "c_return"):
+            if seen[0] == cut_at:
+                sys.setprofile(None)
+                raise Cut
+            seen[0] += 1
+    sys.setprofile(hook)
+    try:
+        OPERATIONS[operation]()
+    except Cut:
+        return None
+    finally:
+        sys.setprofile(None)
+    return seen[0]
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+def mappings():
+    with open("/proc/self/maps") as maps:
+        return sum(d in line or "memfd:" in line for line in maps for d in DIRS)
+
+operation = sys.argv[1]
+points = run(operation, -1)  # never cut: how many points the call has
+leaks, locked = [], 0
+for cut_at in range(points):
+    before = (fds(), mappings())
+    run(operation, cut_at)
+    gc.collect()
+    if (fds(), mappings()) != before:
+        leaks.append(cut_at)
+    left = [os.path.join(d, n) for d in DIRS for n in os.listdir(d) if n != "source.wav"]
+    cleanup_all_temp_audio()  # removes every file of ours that nobody holds
+    locked += sum(os.path.exists(p) for p in left if os.path.basename(p) != "given.wav")
+    for p in left:
+        if os.path.exists(p):
+            os.unlink(p)
+print(json.dumps({"points": points, "leaks": leaks, "locked": locked}))
+"""
+
+_NOT_YET = "known open (docs/reliability.md): "
+OPERATIONS = ["write_wav(None)", "WavWriter(None)", "WavWriter(path)", "save_temp_audio(bytes)",
+              "save_temp_audio(chunks)", "get_temp_audio_path(create=True)",
+              "create_wav_buffer", "create_wav_buffer(path)",
+              "create_wav_buffer(anonymous=True)", "read_wav",
+              pytest.param("AudioPool", marks=pytest.mark.xfail(
+                  strict=True, reason=_NOT_YET + "the reclaim scan's directory fd (os.open) "
+                                                 "and the pool's inotify fd")),
+              pytest.param("read_wav(mmap=False)", marks=pytest.mark.xfail(
+                  strict=True, reason=_NOT_YET + "the fd between luna_wav_open_held and "
+                                                 "luna_wav_read_held"))]
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_a_call_cut_short_at_any_point_leaves_no_fd_mapping_or_locked_file(private_dirs,
+                                                                            operation):
+    # Before fd cells (and struct luna_mapping), the fd a C call returned belonged to
+    # nobody until a Python object took it several calls later: write_wav(None) leaked
+    # it at 4 of its points, WavWriter(None) at 22, create_wav_buffer at 25; under random
+    # raising SIGALRM handlers, 6 to 9 fds and 55 mappings in 400 calls.
+    done = subprocess.run(
+        [sys.executable, "-c", CUT_EVERYWHERE, operation], capture_output=True, text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "LUNA_SHM_DIR": private_dirs.ram,
+             "TMPDIR": str(private_dirs.fallback)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["points"] >= 15  # the cuts really ran through the call
+    assert result == {"points": result["points"], "leaks": [], "locked": 0}
