@@ -122,12 +122,14 @@ static int create_locked(const char *dir, const char *path, unsigned int mode)
     return fd;
 }
 
-int luna_open_regular(const char *path, uint64_t *size)
+int luna_open_regular(const char *path, uint64_t *size, int *cell)
 {
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
     int fd = open_retry(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
     if (fd < 0)
         return fd;
-    return keep_if_regular(fd, -LUNA_EFORMAT, size);
+    return luna_store_fd(cell, keep_if_regular(fd, -LUNA_EFORMAT, size));
 }
 
 int luna_lock(int fd, int exclusive, int wait)
@@ -155,6 +157,17 @@ int luna_close(int fd)
 {
     /* Linux releases the fd even when close reports EINTR: never retry. */
     return close(fd) == 0 || errno == EINTR ? 0 : -errno;
+}
+
+int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int *cell)
+{
+    if (!path || !cell || *cell >= 0 || (mode & ~07777u))
+        return -EINVAL;
+    int fd;
+    do {
+        fd = openat(dir_fd, path, flags | O_CLOEXEC, (mode_t)mode);
+    } while (fd < 0 && errno == EINTR);
+    return fd < 0 ? -errno : luna_store_fd(cell, fd);
 }
 
 int luna_fd_release(int *cell)

@@ -8,7 +8,7 @@
  * chunk). JUNK, because every reader skips it without a word (scipy warns
  * about any other unknown chunk); before the data, because the data grows.
  */
-#include "luna_shm.h"
+#include "luna_internal.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -105,15 +105,15 @@ int luna_live_set_state(uint8_t *header_map, uint64_t header_len, int state)
     return -EINVAL;
 }
 
-int luna_watch_open(const char *path, int directory)
+int luna_watch_open(const char *path, int directory, int *cell)
 {
     uint32_t mask = directory
         ? (uint32_t)(IN_CREATE | IN_MOVED_TO | IN_ONLYDIR)
         : (uint32_t)(IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB | IN_DELETE_SELF |
                      IN_MOVE_SELF);
-    if (!path)
+    if (!path || !luna_cell_is_empty(cell))
         return -EINVAL;
-    int fd = luna_watch_new();
+    int fd = luna_watch_new(NULL);
     if (fd < 0)
         return fd;
     if (inotify_add_watch(fd, path, mask) < 0) {
@@ -121,13 +121,15 @@ int luna_watch_open(const char *path, int directory)
         close(fd);
         return -err;
     }
-    return fd;
+    return luna_store_fd(cell, fd);
 }
 
-int luna_watch_new(void)
+int luna_watch_new(int *cell)
 {
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
     int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    return fd < 0 ? -errno : fd;
+    return fd < 0 ? -errno : luna_store_fd(cell, fd);
 }
 
 int luna_watch_add(int watch_fd, const char *path)

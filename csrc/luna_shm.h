@@ -56,6 +56,13 @@
  * nothing. Returns 0 or -errno (-EINVAL for NULL). */
 int luna_fd_release(int *cell);
 
+/* openat(dir_fd, path, flags | O_CLOEXEC, mode), retried on EINTR, for a file
+ * Python opens as it would with os.open: the fd is stored into *cell (which
+ * must be given, and empty) before it is returned. dir_fd may be AT_FDCWD
+ * (-100). Returns the fd or -errno (-EINVAL for a NULL path or cell, a cell
+ * that holds an fd, or mode bits outside 07777). */
+int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int *cell);
+
 /* Create path exclusively: O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC with the
  * given mode. Returns the fd (also in *cell), or -errno (-EEXIST when the name
  * is taken, whatever sits there: file, symlink, FIFO or directory; -EINVAL
@@ -79,10 +86,10 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
 int luna_create_locked(const char *dir, const char *path, unsigned int mode, int *cell);
 
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
- * report its size. Returns the fd, -errno (-EISDIR for a directory), or
- * -LUNA_EFORMAT for anything else that is not a regular file (FIFO, device,
- * socket). */
-int luna_open_regular(const char *path, uint64_t *size);
+ * report its size. Returns the fd (also in *cell), -errno (-EISDIR for a
+ * directory, -EINVAL for a cell that holds an fd), or -LUNA_EFORMAT for
+ * anything else that is not a regular file (FIFO, device, socket). */
+int luna_open_regular(const char *path, uint64_t *size, int *cell);
 
 /* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
  * it when wait=1. Returns 0, -EWOULDBLOCK (wait=0) when another open file
@@ -427,14 +434,15 @@ int luna_live_set_state(uint8_t *header_map, uint64_t header_len, int state);
 
 /* An inotify fd (non-blocking, close-on-exec) watching path: a file for
  * writes, closes after writing, attribute changes, removal and renames, or
- * (directory=1) a directory for names that appear. Returns the fd or -errno
- * (-ENOENT, -ENOTDIR, -EMFILE when out of inotify instances...). */
-int luna_watch_open(const char *path, int directory);
+ * (directory=1) a directory for names that appear. Returns the fd (also in
+ * *cell: see luna_fd_release) or -errno (-ENOENT, -ENOTDIR, -EMFILE when out
+ * of inotify instances, -EINVAL for NULL path or a cell that holds an fd). */
+int luna_watch_open(const char *path, int directory, int *cell);
 
 /* An inotify fd (non-blocking, close-on-exec) with no watch yet, for
- * luna_watch_add. Returns the fd or -errno (-EMFILE when out of inotify
- * instances). */
-int luna_watch_new(void);
+ * luna_watch_add. Returns the fd (also in *cell) or -errno (-EMFILE when out
+ * of inotify instances, -EINVAL for a cell that holds an fd). */
+int luna_watch_new(int *cell);
 
 /* Add path (followed: /proc/self/fd/N watches that open file's inode) to
  * watch_fd, for writes and truncation by anyone, attribute and link-count

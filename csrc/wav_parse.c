@@ -248,7 +248,7 @@ static int open_into(const char *path, struct luna_wav_info *out,
 {
     uint64_t size = 0;
     *held = 0;
-    int fd = luna_open_regular(path, &size);
+    int fd = luna_open_regular(path, &size, NULL);
     if (fd == -LUNA_EFORMAT) {
         *out = (struct luna_wav_info){0};
         out->error = "not a regular file";

@@ -23,7 +23,7 @@ import gc, json, os, sys, warnings
 import numpy as np
 warnings.simplefilter("ignore", ResourceWarning)  # the objects a cut leaves half made
 from luna_shm import (AudioPool, WavWriter, cleanup_all_temp_audio, create_wav_buffer,
-                      get_temp_audio_path, read_wav, save_temp_audio, write_wav)
+                      follow_wav, get_temp_audio_path, read_wav, save_temp_audio, write_wav)
 
 DIRS = [os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]]
 data = np.arange(4000, dtype=np.int16)
@@ -50,6 +50,10 @@ OPERATIONS = {
     "read_wav": lambda: read_wav(source),
     "read_wav(mmap=False)": lambda: read_wav(source, mmap=False),
     "AudioPool": lambda: AudioPool(slots=2, max_bytes=4096).close(),
+    "follow_wav": lambda: list(follow_wav(source, timeout=5)),
+    # An unused file of ours to examine and remove, then the scan of both dirs.
+    "cleanup_all_temp_audio": lambda: (get_temp_audio_path(create=True),
+                                       cleanup_all_temp_audio()),
 }
 
 class Cut(Exception):
@@ -101,10 +105,8 @@ _NOT_YET = "known open (docs/reliability.md): "
 OPERATIONS = ["write_wav(None)", "WavWriter(None)", "WavWriter(path)", "save_temp_audio(bytes)",
               "save_temp_audio(chunks)", "get_temp_audio_path(create=True)",
               "create_wav_buffer", "create_wav_buffer(path)",
-              "create_wav_buffer(anonymous=True)", "read_wav",
-              pytest.param("AudioPool", marks=pytest.mark.xfail(
-                  strict=True, reason=_NOT_YET + "the reclaim scan's directory fd (os.open) "
-                                                 "and the pool's inotify fd")),
+              "create_wav_buffer(anonymous=True)", "read_wav", "AudioPool", "follow_wav",
+              "cleanup_all_temp_audio",
               pytest.param("read_wav(mmap=False)", marks=pytest.mark.xfail(
                   strict=True, reason=_NOT_YET + "the fd between luna_wav_open_held and "
                                                  "luna_wav_read_held"))]

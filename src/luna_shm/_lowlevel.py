@@ -126,6 +126,17 @@ def release(cell: FdCell) -> None:
     check(lib.luna_fd_release(cell))
 
 
+def open_at(path: str, flags: int, *, cell: FdCell, dir_fd: int | None = None,
+            mode: int = 0o600) -> int:
+    """os.open(path, flags | O_CLOEXEC, mode, dir_fd=dir_fd) whose fd goes into cell (see
+    fd_cell) before the call returns; OSError naming path as os.open's."""
+    at = _AT_FDCWD if dir_fd is None else dir_fd
+    return check(lib.luna_open_at(at, _c_path(path), flags, mode, cell), path)
+
+
+_AT_FDCWD = -100  # openat's "relative to the working directory" (Linux)
+
+
 def create_excl(path: str, mode: int = 0o600, *, cell: FdCell = None) -> int:
     """Create path exclusively (never following a link); return the open fd (stored
     into cell too, when given: see fd_cell)."""
@@ -661,14 +672,16 @@ def live_header(spec: WavSpec, data_bytes: int, state: int = STREAM_LIVE) -> byt
     return bytes(ffi.buffer(out, n))
 
 
-def watch_open(path: str, *, directory: bool, filename: str | None = None) -> int:
-    """An inotify fd watching a file (writes, closes, removal) or a directory (new names)."""
-    return check(lib.luna_watch_open(_c_path(path), int(directory)), filename or path)
+def watch_open(path: str, *, directory: bool, cell: FdCell,
+               filename: str | None = None) -> int:
+    """An inotify fd watching a file (writes, closes, removal) or a directory (new names);
+    it goes into cell (see fd_cell) before the call returns."""
+    return check(lib.luna_watch_open(_c_path(path), int(directory), cell), filename or path)
 
 
-def watch_new() -> int:
-    """An inotify fd with no watch yet (see watch_add)."""
-    return check(lib.luna_watch_new())
+def watch_new(*, cell: FdCell) -> int:
+    """An inotify fd with no watch yet (see watch_add); it goes into cell (see fd_cell)."""
+    return check(lib.luna_watch_new(cell))
 
 
 def watch_add(watch_fd: int, path: str, filename: str | None = None) -> None:
@@ -710,10 +723,11 @@ def watch_read(watch_fd: int, timeout: float | None, fd: int, data_offset: int, 
     return check(bits), int(out[2]), int(out[0]), int(out[1])
 
 
-def open_regular(path: str) -> int:
-    """Open a regular file read-only (never blocking on a FIFO); WavError for anything else."""
+def open_regular(path: str, *, cell: FdCell) -> int:
+    """Open a regular file read-only (never blocking on a FIFO), its fd going into cell
+    (see fd_cell); WavError for anything else."""
     size = ffi.new("uint64_t *")
-    rc = lib.luna_open_regular(_c_path(path), size)
+    rc = lib.luna_open_regular(_c_path(path), size, cell)
     if rc == -_EFORMAT:
         raise WavError(f"{path}: not a regular file")
     return check(rc, path)

@@ -109,21 +109,19 @@ def _lock_is_free(fd: int) -> bool:
     return True
 
 
-def _open_watched(path: str) -> tuple[int, int]:
-    """Open path read-only and watch it; (fd, watch fd). The watch is armed before the
-    caller reads anything, so that no write after that goes unseen."""
-    fd = _lowlevel.open_regular(path)
+def _open_watched(path: str) -> tuple[_lowlevel.FdCell, _lowlevel.FdCell]:
+    """Open path read-only and watch it; the fd cells of (the file, the watch). The watch
+    is armed before the caller reads anything, so that no write after that goes unseen."""
+    opened, watch = _lowlevel.fd_cell(), _lowlevel.fd_cell()
+    fd = _lowlevel.open_regular(path, cell=opened)
     try:
-        try:
-            # Through /proc the watch is on the very file we opened, even if the
-            # name has been replaced since.
-            watch = _lowlevel.watch_open(f"/proc/self/fd/{fd}", directory=False, filename=path)
-        except FileNotFoundError:  # no /proc
-            watch = _lowlevel.watch_open(path, directory=False)
-    except BaseException:
-        _lowlevel.close(fd)
-        raise
-    return fd, watch
+        # Through /proc the watch is on the very file we opened, even if the
+        # name has been replaced since.
+        _lowlevel.watch_open(f"/proc/self/fd/{fd}", directory=False, cell=watch,
+                             filename=path)
+    except FileNotFoundError:  # no /proc
+        _lowlevel.watch_open(path, directory=False, cell=watch)
+    return opened, watch
 
 
 def _available(info: _lowlevel.WavInfo, file_size: int) -> int:
@@ -160,7 +158,8 @@ def _counted_bytes(fd: int, data_offset: int) -> int:
 def _core(path: str, timeout: float | None) -> _Step:
     """The follower, as a generator of _Range (new bytes), _Held (a block the driver read)
     and _Wait (block until the driver sends a _Woken): shared by the sync and async forms."""
-    fd = watch = -1
+    fd = watch = -1  # the fds in these cells, as plain ints
+    opened = watching = None
     try:
         last_progress = _time.monotonic()
 
@@ -176,16 +175,18 @@ def _core(path: str, timeout: float | None) -> _Step:
         directory = _os.path.dirname(path) or "."
         while fd < 0:
             try:
-                fd, file_watch = _open_watched(path)
+                opened, file_watch = _open_watched(path)
             except FileNotFoundError:
                 if watch < 0:
-                    watch = _lowlevel.watch_open(directory, directory=True, filename=path)
+                    watching = _lowlevel.fd_cell()
+                    watch = _lowlevel.watch_open(directory, directory=True, cell=watching,
+                                                 filename=path)
                     continue  # armed: look again before waiting
                 yield _Wait(watch, wait_left())
                 continue
-            if watch >= 0:
-                _lowlevel.close(watch)
-            watch = file_watch
+            if watching is not None:
+                _lowlevel.release(watching)
+            watching, fd, watch = file_watch, opened[0], file_watch[0]
 
         delivered = data_offset = 0  # bytes of data already handed out, and where from
         last_block = 4096  # bytes of the last block: what the next one likely holds
@@ -331,9 +332,9 @@ def _core(path: str, timeout: float | None) -> _Step:
                         return
             woken = yield sleep()
     finally:
-        for owned in (watch, fd):
-            if owned >= 0:
-                _lowlevel.close(owned)
+        for owned in (watching, opened):
+            if owned is not None:
+                _lowlevel.release(owned)
 
 
 def _streaming_header(fd: int, info: _lowlevel.WavInfo) -> bool:

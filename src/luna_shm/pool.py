@@ -284,8 +284,8 @@ def _close_slot(slot: _Slot, *, unlink: bool) -> None:
         pass
 
 
-def _close_slots(slots: list[_Slot], watch_fd: int, anonymous: bool, leaked: bool,
-                 owner_pid: int) -> None:
+def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bool,
+                 leaked: bool, owner_pid: int) -> None:
     # In a forked child (close() there, its exit, its garbage collector) the slots are
     # the parent's: only the child's copies of the descriptors are closed.
     ours = owner_pid == _resource.current_pid
@@ -294,24 +294,26 @@ def _close_slots(slots: list[_Slot], watch_fd: int, anonymous: bool, leaked: boo
     for slot in slots:
         _close_slot(slot, unlink=ours and not anonymous)
     slots.clear()
-    if watch_fd >= 0:
+    if watch_cell is not None:
         try:
-            _lowlevel.close(watch_fd)
+            _lowlevel.release(watch_cell)
         except OSError:
             pass
 
 
-def _new_watch(anonymous: bool) -> int:
-    """The inotify fd that watches a named pool's slot files, or -1 (anonymous slots
-    have no name to lose; out of inotify instances, every take checks by stat)."""
-    if anonymous:
-        return -1
-    try:
-        return _lowlevel.watch_new()
-    except OSError as exc:
-        placement.log_once(f"luna_shm: no inotify instance for an AudioPool ({exc.strerror}): "
-                           "its slots are checked with a stat on every take")
-        return -1
+def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
+    """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
+    for anonymous slots (no name to lose) and when out of inotify instances (every take
+    checks by stat)."""
+    cell = _lowlevel.fd_cell()
+    if not anonymous:
+        try:
+            _lowlevel.watch_new(cell=cell)
+        except OSError as exc:
+            placement.log_once(f"luna_shm: no inotify instance for an AudioPool "
+                               f"({exc.strerror}): its slots are checked with a stat on "
+                               "every take")
+    return cell
 
 
 def _is_slot_file(name: str, prefix: str) -> bool:
@@ -389,7 +391,8 @@ class AudioPool(_resource.Resource):
 
     _slots: list[_Slot]
     _closed = True
-    _watch_fd = -1
+    _watch_fd = -1  # the fd in _watch_cell, as a plain int for the hot path
+    _watch_cell: _lowlevel.FdCell = None
 
     def __init__(
         self,
@@ -429,9 +432,10 @@ class AudioPool(_resource.Resource):
         if not anonymous:
             reclaim_dead_pool_files(prefix)
         self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
-        self._watch_fd = _new_watch(self.anonymous)
+        self._watch_cell = _new_watch(self.anonymous)
+        self._watch_fd = self._watch_cell[0]
         self._closed = False
-        self._track(_close_slots, self._slots, self._watch_fd, self.anonymous, True,
+        self._track(_close_slots, self._slots, self._watch_cell, self.anonymous, True,
                     _resource.current_pid)
         try:
             for _ in range(slots):
@@ -727,7 +731,7 @@ class AudioPool(_resource.Resource):
             if not self._closed:
                 self._closed = True
                 self._untrack()
-                _close_slots(self._slots, self._watch_fd, self.anonymous, False, self._pid)
+                _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
             return
         with self._cond:
             if self._closed:
@@ -736,7 +740,7 @@ class AudioPool(_resource.Resource):
             self._free.clear()
             self._cond.notify_all()
         self._untrack()
-        _close_slots(self._slots, self._watch_fd, self.anonymous, False, self._pid)
+        _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

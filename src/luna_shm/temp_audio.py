@@ -148,9 +148,12 @@ def is_our_name(name: str) -> bool:
     return name.startswith(placement.OUR_PREFIXES) or _newfile.is_partial_name(name)
 
 
-def _open_dir(directory: str) -> int:
-    """Open one of our dirs without following a symlink at its last component."""
-    return _os.open(directory, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+def _open_dir(directory: str) -> _lowlevel.FdCell:
+    """Open one of our dirs without following a symlink at its last component: the fd
+    cell that owns its fd (see _lowlevel.fd_cell)."""
+    cell = _lowlevel.fd_cell()
+    _lowlevel.open_at(directory, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW, cell=cell)
+    return cell
 
 
 # A token as _new_token makes it: 32 hex digits of a uuid4 (version nibble 4,
@@ -217,7 +220,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
             "get_temp_audio_path puts in every name"
         )
     try:
-        dir_fd = _open_dir(parent)
+        dir_cell = _open_dir(parent)
     except FileNotFoundError:
         return False
     except OSError as exc:
@@ -226,6 +229,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
             what = "a symlink" if _os.path.islink(parent) else "not a directory"
             raise ValueError(f"refusing to remove {shown}: {parent} is {what}") from None
         raise
+    dir_fd: int = dir_cell[0]
     try:
         try:
             st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -250,7 +254,7 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
             return False
         return True
     finally:
-        _os.close(dir_fd)
+        _lowlevel.release(dir_cell)
 
 
 # What _examine found: a file no live process holds (removed when asked), a file a
@@ -270,12 +274,10 @@ def _examine(
     only tested is released at once, with the fd). verify(name, fd, fstat),
     called under the exclusive lock, can refuse the file (_SKIP).
     """
+    cell = _lowlevel.fd_cell()
     try:
-        fd = _os.open(
-            name,
-            _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC,
-            dir_fd=dir_fd,
-        )
+        fd = _lowlevel.open_at(name, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK,
+                               dir_fd=dir_fd, cell=cell)
     except OSError:
         return _SKIP  # vanished, or became a link: not ours to touch now
     try:
@@ -300,7 +302,7 @@ def _examine(
     except FileNotFoundError:
         return _SKIP
     finally:
-        _os.close(fd)
+        _lowlevel.release(cell)
 
 
 def iter_unused_temp_audio(
@@ -353,8 +355,8 @@ def _iter_unused(
         raise failure
 
 
-def open_scanned_dir(directory: str) -> int | None:
-    """Open one of our dirs for a scan; None when nothing of ours can be there.
+def open_scanned_dir(directory: str) -> _lowlevel.FdCell | None:
+    """Open one of our dirs for a scan (its fd cell); None when nothing of ours can be there.
 
     A missing dir holds nothing; neither does a symlink or a non-directory at its
     name (ELOOP/ENOTDIR), since we never make files through one (placement
@@ -396,9 +398,10 @@ def scan_our_files(
     Raises:
         OSError: directory exists but cannot be read (see :func:`open_scanned_dir`).
     """
-    dir_fd = open_scanned_dir(directory)
-    if dir_fd is None:
+    dir_cell = open_scanned_dir(directory)
+    if dir_cell is None:
         return
+    dir_fd: int = dir_cell[0]
     uid = _os.geteuid()
     try:
         try:
@@ -419,7 +422,7 @@ def scan_our_files(
             if found != _SKIP:
                 yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
     finally:
-        _os.close(dir_fd)
+        _lowlevel.release(dir_cell)
 
 
 def _unused_in(

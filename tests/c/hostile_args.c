@@ -563,7 +563,7 @@ static void check_live(void)
     EXPECT_RC(luna_live_set_state(header, (uint64_t)plain, LUNA_STREAM_DONE), -EINVAL);
     EXPECT_RC(luna_live_set_state(header, UINT64_MAX, LUNA_STREAM_DONE), -EINVAL);
     EXPECT_RC(luna_live_set_state(NULL, 60, LUNA_STREAM_DONE), -EINVAL);
-    EXPECT_RC(luna_watch_open(NULL, 0), -EINVAL);
+    EXPECT_RC(luna_watch_open(NULL, 0, NULL), -EINVAL);
     uint64_t size = 0, counted = 0, got = 0;
     uint8_t buf[16];
     EXPECT_RC(luna_watch_read(-1, 0, -1, 44, 44, 0, buf, sizeof buf, &size, &counted, &got),
@@ -597,7 +597,7 @@ static void check_live(void)
     EXPECT_TRUE(info.stream_state == LUNA_STREAM_LIVE && info.data_bytes == 100);
     /* A follower reads what the header counts, never the bytes past it (here 10
      * bytes written by someone else), however much room it gives. */
-    int watch = luna_watch_open(path, 0);
+    int watch = luna_watch_open(path, 0, NULL);
     EXPECT_TRUE(watch >= 0);
     EXPECT_RC(luna_write_at(fd, (uint64_t)len + 100, data, 10), 0);
     uint8_t got_bytes[64];
@@ -641,7 +641,7 @@ static void check_live(void)
 
     /* A pool-style watch: quiet through our own writes' absence, woken by an unlink. */
     EXPECT_RC(luna_watch_add(-1, path), -EBADF);
-    int pool_watch = luna_watch_new();
+    int pool_watch = luna_watch_new(NULL);
     EXPECT_TRUE(pool_watch >= 0);
     EXPECT_RC(luna_watch_add(pool_watch, NULL), -EINVAL);
     char missing[4200];
@@ -674,7 +674,7 @@ static void check_pool_fill(void)
     struct luna_mapping m = {0};
     int guard = luna_map(fd, SLOT, 1, 1, &m);
     EXPECT_TRUE(guard >= 0);
-    int watch = luna_watch_new();
+    int watch = luna_watch_new(NULL);
     EXPECT_TRUE(watch >= 0);
     EXPECT_TRUE(luna_watch_add(watch, path) >= 0);
     if (guard < 0 || watch < 0) {
