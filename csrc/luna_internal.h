@@ -61,12 +61,6 @@ int luna_guard_register(void *addr, uint64_t len, int prot);
  * id that is not registered. */
 int luna_guard_unregister(int guard);
 
-/* ---- wav_io.c ------------------------------------------------------------- */
-
-/* luna_read_at, then close fd whatever happened. Returns 0 or -errno (as
- * luna_read_at). */
-int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n);
-
 /* ---- decode.c: the conversion luna_read_decode runs on each chunk --------- */
 
 /* Convert count samples stored as (src_format, src_bits) at src (PCM 8-bit

@@ -267,11 +267,11 @@ int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
  * ends before file_size), -EFBIG for file_size > INT64_MAX, or -errno. */
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 
-/* Open path, check it is a regular file and parse it. Returns the open fd,
- * -LUNA_EFORMAT (out->error set; also for a file that holds less than its
- * size says, as /proc and /sys files do) or -errno; closes the fd on
- * failure. */
-int luna_wav_open(const char *path, struct luna_wav_info *out);
+/* Open path, check it is a regular file and parse it. Returns the open fd
+ * (also in *cell), -LUNA_EFORMAT (out->error set; also for a file that holds
+ * less than its size says, as /proc and /sys files do) or -errno (-EINVAL for
+ * a cell that holds an fd); closes the fd on failure. */
+int luna_wav_open(const char *path, struct luna_wav_info *out, int *cell);
 
 /* How much of a file luna_wav_open reads at once: enough for the headers of
  * nearly every real WAV (parsing costs one system call), and for the whole of
@@ -284,22 +284,31 @@ struct luna_wav_file {
     struct luna_wav_info info;
     uint64_t held;          /* bytes of the file's start in prefix */
     uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
+    int fd;                 /* the open file, owned (as an fd cell); -1: none */
 };
+
+/* A struct luna_wav_file of size bytes (at least its size; else NULL) with
+ * no fd, for cffi's ffi.new_allocator; luna_wav_file_free closes its fd, if
+ * any, and frees it. So the struct owns the fd luna_wav_open_held stores in
+ * it from the moment it exists, however the Python code between the open
+ * and the read is cut short. */
+void *luna_wav_file_new(size_t size);
+void luna_wav_file_free(void *f);
 
 /* luna_wav_open, keeping what its first read found in f->prefix: a short
  * file's samples are then in memory already (luna_wav_read_held). Fills f
  * (f->info->error set on -LUNA_EFORMAT; nothing on -errno, f needs no
- * clearing). Returns the open fd, -LUNA_EFORMAT or -errno, as luna_wav_open
- * (also -EINVAL for a NULL f). */
+ * clearing but f->fd = -1) and stores the fd in f->fd. Returns the open fd,
+ * -LUNA_EFORMAT or -errno, as luna_wav_open (also -EINVAL for a NULL f or
+ * one that holds an fd). */
 int luna_wav_open_held(const char *path, struct luna_wav_file *f);
 
 /* Copy n bytes of samples from f->info.data_offset into dst: from f->prefix
- * when they lie in it (no system call), else with luna_read_at on fd; then
- * close fd whatever happened. Returns 0, -ENODATA when the file ended first
- * (it shrank under us), -EINVAL for a NULL f or an f->held past the prefix,
- * or -errno (as luna_read_at; -EBADF from the close of a bad fd). */
-int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
-                       uint64_t n);
+ * when they lie in it (no system call), else with luna_read_at on f->fd; then
+ * close f->fd whatever happened (f->fd = -1). Returns 0, -ENODATA when the
+ * file ended first (it shrank under us), -EINVAL for a NULL f or an f->held
+ * past the prefix, or -errno (as luna_read_at, or the close's). */
+int luna_wav_read_held(struct luna_wav_file *f, void *dst, uint64_t n);
 
 /* Open and parse path as luna_wav_open does, then map [0, data end)
  * read-only into *m with luna_map and close the fd (the mapping keeps the

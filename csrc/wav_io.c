@@ -164,13 +164,6 @@ int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n)
     return 0;
 }
 
-int luna_read_close(int fd, uint64_t offset, void *dst, uint64_t n)
-{
-    int rc = luna_read_at(fd, offset, dst, n);
-    int crc = luna_close(fd);
-    return rc < 0 ? rc : crc;
-}
-
 int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
 {
     int rc = check_range(offset, n);

@@ -7,6 +7,7 @@
 #include "luna_internal.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -275,44 +276,68 @@ static int open_into(const char *path, struct luna_wav_info *out,
     return fd;
 }
 
-int luna_wav_open(const char *path, struct luna_wav_info *out)
+int luna_wav_open(const char *path, struct luna_wav_info *out, int *cell)
 {
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
     uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
     uint64_t held;
-    return open_into(path, out, prefix, &held);
+    return luna_store_fd(cell, open_into(path, out, prefix, &held));
+}
+
+void *luna_wav_file_new(size_t size)
+{
+    if (size < sizeof(struct luna_wav_file))
+        return NULL;
+    struct luna_wav_file *f = malloc(size);
+    if (f)
+        f->fd = -1; /* the rest is filled by luna_wav_open_held */
+    return f;
+}
+
+void luna_wav_file_free(void *p)
+{
+    struct luna_wav_file *f = p;
+    if (f)
+        (void)luna_fd_release(&f->fd);
+    free(f);
 }
 
 int luna_wav_open_held(const char *path, struct luna_wav_file *f)
 {
-    if (!f)
+    if (!f || f->fd >= 0)
         return -EINVAL;
-    return open_into(path, &f->info, f->prefix, &f->held);
+    return luna_store_fd(&f->fd, open_into(path, &f->info, f->prefix, &f->held));
 }
 
-int luna_wav_read_held(int fd, const struct luna_wav_file *f, void *dst,
-                       uint64_t n)
+int luna_wav_read_held(struct luna_wav_file *f, void *dst, uint64_t n)
 {
-    if (!f || f->held > sizeof f->prefix) {
-        (void)luna_close(fd);
+    if (!f)
+        return -EINVAL;
+    if (f->held > sizeof f->prefix) {
+        (void)luna_fd_release(&f->fd);
         return -EINVAL;
     }
     uint64_t off = f->info.data_offset;
-    if (off > f->held || n > f->held - off)
-        return luna_read_close(fd, off, dst, n);
-    /* A short file's samples came with its header: the floor's one read, and
-     * a copy of the bytes that read saw (a later shrink or rewrite of the
-     * file does not reach them, as it would not reach a read that had
-     * finished). */
-    if (n > 0)
+    int rc = 0;
+    if (off > f->held || n > f->held - off) {
+        rc = luna_read_at(f->fd, off, dst, n);
+    } else if (n > 0) {
+        /* A short file's samples came with its header: the floor's one read, and
+         * a copy of the bytes that read saw (a later shrink or rewrite of the
+         * file does not reach them, as it would not reach a read that had
+         * finished). */
         memcpy(dst, f->prefix + off, (size_t)n);
-    return luna_close(fd);
+    }
+    int closed = luna_fd_release(&f->fd);
+    return rc < 0 ? rc : closed;
 }
 
 int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mapping *m)
 {
     if (!m || m->addr)
         return -EINVAL;
-    int fd = luna_wav_open(path, out);
+    int fd = luna_wav_open(path, out, NULL);
     if (fd < 0)
         return fd;
     uint64_t len = out->data_offset + out->data_bytes;

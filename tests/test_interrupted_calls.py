@@ -49,6 +49,7 @@ OPERATIONS = {
         1000, 16000, anonymous=True).close(),
     "read_wav": lambda: read_wav(source),
     "read_wav(mmap=False)": lambda: read_wav(source, mmap=False),
+    "read_wav(dtype=float32)": lambda: read_wav(source, dtype="float32"),
     "AudioPool": lambda: AudioPool(slots=2, max_bytes=4096).close(),
     "follow_wav": lambda: list(follow_wav(source, timeout=5)),
     # An unused file of ours to examine and remove, then the scan of both dirs.
@@ -101,15 +102,11 @@ for cut_at in range(points):
 print(json.dumps({"points": points, "leaks": leaks, "locked": locked}))
 """
 
-_NOT_YET = "known open (docs/reliability.md): "
 OPERATIONS = ["write_wav(None)", "WavWriter(None)", "WavWriter(path)", "save_temp_audio(bytes)",
               "save_temp_audio(chunks)", "get_temp_audio_path(create=True)",
               "create_wav_buffer", "create_wav_buffer(path)",
               "create_wav_buffer(anonymous=True)", "read_wav", "AudioPool", "follow_wav",
-              "cleanup_all_temp_audio",
-              pytest.param("read_wav(mmap=False)", marks=pytest.mark.xfail(
-                  strict=True, reason=_NOT_YET + "the fd between luna_wav_open_held and "
-                                                 "luna_wav_read_held"))]
+              "cleanup_all_temp_audio", "read_wav(mmap=False)", "read_wav(dtype=float32)"]
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

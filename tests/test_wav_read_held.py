@@ -20,14 +20,21 @@ PREFIX = lib.LUNA_WAV_PREFIX_BYTES
 HEADER = 44  # what write_wav writes before int16 mono samples
 
 
+# As the library makes them: C makes the struct with no fd (-1: cffi must not clear it
+# after, which would make it fd 0), and closes the fd it holds (if any) when it frees it.
+new_wav_file = ffi.new_allocator(lib.luna_wav_file_new, lib.luna_wav_file_free,
+                                 should_clear_after_alloc=False)
+
+
 def open_held(path: Path) -> tuple[int, Any]:
-    held = ffi.new("struct luna_wav_file *")
+    held = new_wav_file("struct luna_wav_file *")
     return lib.luna_wav_open_held(os.fsencode(path), held), held
 
 
 def read_held(fd: int, held: Any, dest: np.ndarray) -> int:
+    assert held.fd == fd  # the struct holds the fd the open returned
     with ffi.from_buffer(dest, require_writable=True) as buf:
-        return int(lib.luna_wav_read_held(fd, held, buf, len(buf)))
+        return int(lib.luna_wav_read_held(held, buf, len(buf)))
 
 
 def fd_is_open(fd: int) -> bool:
@@ -107,7 +114,7 @@ def test_a_closed_fd_is_ebadf(ram: Path, nbytes: int) -> None:
     assert read_held(fd, held, np.empty(nbytes // 2, np.int16)) == -errno.EBADF
 
 
-def test_null_arguments_and_a_held_count_past_the_prefix_are_einval_and_close_the_fd(
+def test_null_arguments_and_a_held_count_past_the_prefix_are_einval_and_the_fd_closed(
         ram: Path) -> None:
     path = Path(write_wav(str(ram / "a.wav"), np.ones(16, np.int16), RATE))
     assert lib.luna_wav_open_held(os.fsencode(path), ffi.NULL) == -errno.EINVAL
@@ -115,6 +122,9 @@ def test_null_arguments_and_a_held_count_past_the_prefix_are_einval_and_close_th
     held.held = PREFIX + 1
     assert read_held(fd, held, np.empty(16, np.int16)) == -errno.EINVAL
     assert not fd_is_open(fd)
-    fd, _ = open_held(path)
-    assert lib.luna_wav_read_held(fd, ffi.NULL, ffi.NULL, 0) == -errno.EINVAL
+    assert lib.luna_wav_read_held(ffi.NULL, ffi.NULL, 0) == -errno.EINVAL
+    fd, held = open_held(path)
+    assert lib.luna_wav_open_held(os.fsencode(path), held) == -errno.EINVAL  # holds an fd
+    assert fd_is_open(fd)
+    del held  # never read: the struct closes its fd as it goes
     assert not fd_is_open(fd)

@@ -428,9 +428,10 @@ def parse_wav_bytes(data: bytes | bytearray | memoryview) -> WavInfo:
 
 
 def wav_open(path: str) -> tuple[int, WavInfo]:
-    """Open and parse a WAV file; return (fd, info). The caller closes fd."""
+    """Open and parse a WAV file; return (fd, info). The caller closes fd (for tests and
+    benchmarks: the library's reads keep their fds in cells, see fd_cell)."""
     out = ffi.new("struct luna_wav_info *")
-    fd = _check_wav(lib.luna_wav_open(_c_path(path), out), out, path)
+    fd = _check_wav(lib.luna_wav_open(_c_path(path), out, ffi.NULL), out, path)
     return fd, _info(out)
 
 
@@ -484,8 +485,10 @@ def read_into(fd: int, offset: int, dest: np.ndarray, filename: str | None = Non
         _check_read(lib.luna_read_at(fd, offset, buf, len(buf)), filename)
 
 
-# The C fills every field of a luna_wav_file that it reads: 4 KiB it need not clear first.
-_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+# A struct luna_wav_file made and freed by C: made with no fd (every other field the C
+# fills before it reads it: 4 KiB it need not clear), freed closing the fd it holds.
+_new_wav_file = ffi.new_allocator(lib.luna_wav_file_new, lib.luna_wav_file_free,
+                                  should_clear_after_alloc=False)
 
 
 def read_wav_owned(path: str, dtypes: _Mapping[tuple[int, int], np.dtype[Any]]
@@ -498,23 +501,18 @@ def read_wav_owned(path: str, dtypes: _Mapping[tuple[int, int], np.dtype[Any]]
     frames. A file of up to 4 KiB is read whole by the first call (its samples
     come with the header): the floor's one read, not two.
     """
-    held = _new_uncleared("struct luna_wav_file *")
-    fd = lib.luna_wav_open_held(_c_path(path), held)
+    held = _new_wav_file("struct luna_wav_file *")  # owns the fd, whatever happens
+    rc = lib.luna_wav_open_held(_c_path(path), held)
     out = held.info
-    if fd < 0:
-        _check_wav(fd, out, path)
+    if rc < 0:
+        _check_wav(rc, out, path)
     if out.bits == 24:  # unpacked to int32 while it is read, in cache-sized chunks
-        return _read_decoded(fd, out, path, np.dtype("<i4"), None)
-    count = out.frames * out.channels
-    try:
-        dest = np.empty(count, dtypes[out.format, out.bits])
-    except BaseException:
-        lib.luna_close(fd)
-        raise
+        return _read_decoded(ffi.addressof(held, "fd"), out, path, np.dtype("<i4"), None)
+    dest = np.empty(out.frames * out.channels, dtypes[out.format, out.bits])
     # from_buffer(dest, require_writable=True), positionally: cffi parses keywords slowly
     # (0.2 us, a tenth of what this call may cost beyond its system calls).
     with ffi.from_buffer("char[]", dest, True) as buf:
-        rc = lib.luna_wav_read_held(fd, held, buf, len(buf))
+        rc = lib.luna_wav_read_held(held, buf, len(buf))
     if rc < 0:
         _check_read(rc, path)
     return dest, out.channels, out.samplerate
@@ -540,13 +538,16 @@ def read_wav_decoded(path: str, dtype: np.dtype[Any], out: np.ndarray | None
         WavError, OSError: as read_wav.
     """
     info = ffi.new("struct luna_wav_info *")
-    fd = _check_wav(lib.luna_wav_open(_c_path(path), info), info, path)
-    return _read_decoded(fd, info, path, dtype, out)
+    cell = fd_cell()
+    _check_wav(lib.luna_wav_open(_c_path(path), info, cell), info, path)
+    return _read_decoded(cell, info, path, dtype, out)
 
 
-def _read_decoded(fd: int, info: Any, path: str, dtype: np.dtype[Any], out: np.ndarray | None
-                  ) -> tuple[np.ndarray, int, int]:
-    """read_wav_decoded's read, from fd (parsed into info, closed here whatever happens)."""
+def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
+                  out: np.ndarray | None) -> tuple[np.ndarray, int, int]:
+    """read_wav_decoded's read, from the fd in cell (parsed into info, released here
+    whatever happens)."""
+    fd = cell[0]
     try:
         count = info.frames * info.channels
         if out is None:
@@ -563,7 +564,7 @@ def _read_decoded(fd: int, info: Any, path: str, dtype: np.dtype[Any], out: np.n
             rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
                                       DECODE_TYPES[dtype], count)
     finally:
-        lib.luna_close(fd)
+        lib.luna_fd_release(cell)
     if rc == -errno.EINVAL:
         kind = "float" if info.format == WAVE_FORMAT_IEEE_FLOAT else "PCM"
         raise ValueError(f"{path}: {info.bits}-bit {kind} samples are not read as {dtype} "

@@ -110,7 +110,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!same(rc_buf, &from_buf, rc_fd, &from_fd))
         broken("luna_wav_parse_fd and luna_wav_parse_buffer disagree");
 
-    int fd = luna_wav_open(memfd_path, &from_open);
+    int fd = luna_wav_open(memfd_path, &from_open, NULL);
     if (fd >= 0) {
         close(fd);
         fd = 0;

@@ -403,9 +403,24 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_write_at(fd, TWO_63 - 1, buf, 0), 0);
     EXPECT_RC(luna_write_at(fd, 0, buf, UINT64_MAX), -EFBIG);
     EXPECT_TRUE(file_size(fd) == 10);
-    int dup_fd = dup(fd);
-    EXPECT_RC(luna_read_close(dup_fd, TWO_63, buf, 1), -EINVAL);
-    EXPECT_TRUE(fcntl(dup_fd, F_GETFD) == -1 && errno == EBADF); /* closed anyway */
+    /* A struct luna_wav_file owns its fd: made empty, filled by luna_wav_open_held
+     * only when empty, emptied by luna_wav_read_held whatever happened. */
+    struct luna_wav_file *wf = luna_wav_file_new(sizeof *wf);
+    EXPECT_TRUE(wf && wf->fd == -1 && luna_wav_file_new(8) == NULL);
+    if (wf) {
+        EXPECT_RC(luna_wav_open_held(path, wf), -LUNA_EFORMAT); /* "0123456789" */
+        EXPECT_TRUE(wf->fd == -1);
+        int dup_fd = dup(fd);
+        wf->fd = dup_fd; /* as if a WAV of 10 bytes of data were open */
+        wf->held = 0;
+        wf->info.data_offset = 0;
+        EXPECT_RC(luna_wav_open_held(path, wf), -EINVAL);
+        EXPECT_RC(luna_wav_read_held(wf, buf, 11), -ENODATA);
+        EXPECT_TRUE(wf->fd == -1 && fcntl(dup_fd, F_GETFD) == -1 && errno == EBADF);
+        luna_wav_file_free(wf);
+    }
+    luna_wav_file_free(NULL);
+    EXPECT_RC(luna_wav_read_held(NULL, buf, 1), -EINVAL);
 
     /* Whole-WAV writes: past 4 GiB, or a size no buffer can have. Nothing
      * is written, nothing is left behind. */

@@ -195,7 +195,7 @@ int main(int argc, char **argv)
         if (!same(rc_buf, &from_buf, rc_fd, &from_fd))
             broken(path, "luna_wav_parse_fd disagrees with luna_wav_parse_buffer");
 
-        int fd = luna_wav_open(path, &from_open);
+        int fd = luna_wav_open(path, &from_open, NULL);
         if (fd >= 0) {
             close(fd);
             fd = 0;
