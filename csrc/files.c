@@ -2,7 +2,10 @@
 #include "luna_internal.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -168,6 +171,44 @@ int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int
         fd = openat(dir_fd, path, flags | O_CLOEXEC, (mode_t)mode);
     } while (fd < 0 && errno == EINTR);
     return fd < 0 ? -errno : luna_store_fd(cell, fd);
+}
+
+int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
+{
+    if ((!buf && len) || len > (uint64_t)SSIZE_MAX || !cell || *cell >= 0 || !msg_flags)
+        return -EINVAL;
+    struct iovec iov = {buf, (size_t)len};
+    union {
+        struct cmsghdr align;
+        char bytes[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = sizeof control.bytes;
+    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return -errno; /* -EINTR too: the caller runs its signal handlers, then again */
+    *msg_flags = msg.msg_flags;
+    /* Room for one fd: the kernel installs no more (MSG_CTRUNC says some were
+     * dropped). Any fd beyond the first is closed all the same. */
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            if (*cell < 0) {
+                *cell = fd;
+            } else {
+                close(fd);
+                *msg_flags |= MSG_CTRUNC;
+            }
+        }
+    }
+    return (int)n;
 }
 
 int luna_fd_release(int *cell)

@@ -56,6 +56,16 @@
  * nothing. Returns 0 or -errno (-EINVAL for NULL). */
 int luna_fd_release(int *cell);
 
+/* One recvmsg (MSG_CMSG_CLOEXEC) of at most len bytes into buf on socket
+ * sock, with room for one fd passed along (SCM_RIGHTS): stored into *cell
+ * (which must be empty) before the call returns. Stores the message flags
+ * in *msg_flags (MSG_TRUNC: a datagram longer than len; MSG_CTRUNC: more than
+ * one fd came, the others were closed). Returns the bytes received (0 at
+ * the end of a stream) or -errno (-EAGAIN when a non-blocking socket has
+ * nothing, -EINTR when a signal came first; -EINVAL for NULL pointers, a
+ * cell that holds an fd, or len past SSIZE_MAX). */
+int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags);
+
 /* openat(dir_fd, path, flags | O_CLOEXEC, mode), retried on EINTR, for a file
  * Python opens as it would with os.open: the fd is stored into *cell (which
  * must be given, and empty) before it is returned. dir_fd may be AT_FDCWD

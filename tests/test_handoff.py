@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -278,6 +279,29 @@ def test_recv_on_a_closed_socket_raises_oserror(pair) -> None:
     with pytest.raises(OSError, match="Bad file descriptor") as info:
         recv_wav(theirs)
     assert info.value.errno == errno.EBADF
+
+
+def test_recv_waits_as_the_socket_says_up_to_its_timeout_or_not_at_all(private_dirs,
+                                                                        pair) -> None:
+    # recv_wav receives in C (so that the fd is owned the moment it arrives), but waits as
+    # socket.recv does: a timeout raises TimeoutError, a non-blocking socket
+    # BlockingIOError, and a wait ends when the message comes.
+    ours, theirs = pair
+    theirs.settimeout(0.2)
+    with pytest.raises(TimeoutError, match="timed out"):
+        recv_wav(theirs)
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError) as info:
+        recv_wav(theirs)
+    assert info.value.errno == errno.EAGAIN
+    theirs.settimeout(30)
+    with create_wav_buffer(10, RATE) as buf:
+        buf.array[:] = np.arange(10)
+        sender = threading.Timer(0.1, send_wav, (ours, buf))
+        sender.start()
+        data, rate = recv_wav(theirs)
+        sender.join()
+    assert (data.tolist(), rate) == (list(range(10)), RATE)
 
 
 def test_send_of_a_closed_buffer_raises_value_error(private_dirs, pair) -> None:

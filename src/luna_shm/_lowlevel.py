@@ -137,6 +137,20 @@ def open_at(path: str, flags: int, *, cell: FdCell, dir_fd: int | None = None,
 _AT_FDCWD = -100  # openat's "relative to the working directory" (Linux)
 
 
+def recv_fd(sock_fd: int, buf: bytearray, cell: FdCell) -> tuple[int, int] | None:
+    """One recvmsg into buf with room for one passed fd, which goes into cell (see fd_cell)
+    before the call returns: (bytes received, message flags), or None when a non-blocking
+    socket has nothing yet. A signal that comes first runs its handlers (PEP 475)."""
+    flags = ffi.new("int *")
+    with ffi.from_buffer(buf, require_writable=True) as c_buf:
+        rc = lib.luna_recv_fd(sock_fd, c_buf, len(buf), cell, flags)
+        while rc == -errno.EINTR:  # each call lets the interpreter run pending handlers
+            rc = lib.luna_recv_fd(sock_fd, c_buf, len(buf), cell, flags)
+    if rc == -errno.EAGAIN:
+        return None
+    return check(rc), flags[0]
+
+
 def create_excl(path: str, mode: int = 0o600, *, cell: FdCell = None) -> int:
     """Create path exclusively (never following a link); return the open fd (stored
     into cell too, when given: see fd_cell)."""

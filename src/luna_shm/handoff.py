@@ -20,10 +20,13 @@ a read-only array of its own, which nothing the sender does can change.
 
 from __future__ import annotations
 
+import errno as _errno
 import fcntl as _fcntl
 import os as _os
+import select as _select
 import socket as _socket
 import stat as _stat
+import time as _time
 
 import numpy as np
 
@@ -154,9 +157,11 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
     """
     _check_unix(sock, "recv_wav")
     want = len(HANDOFF_HEADER)
-    msg, fds, flags, _ = _socket.recv_fds(sock, want, 1, _socket.MSG_CMSG_CLOEXEC)
+    cell = _lowlevel.fd_cell()  # owns the fd that comes, from the moment it comes
+    msg, flags = _receive(sock, want, cell)
+    fd: int = cell[0]
     try:
-        if not msg and not fds:
+        if not msg and fd < 0:
             raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
         if flags & _socket.MSG_CTRUNC:
             raise HandoffError("recv_wav: the message carried more than one file descriptor")
@@ -165,7 +170,7 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
                 f"recv_wav: not a luna_shm WAV handoff: the message is longer than the "
                 f"{want}-byte header (it starts {msg!r})"
             )
-        if not fds:
+        if fd < 0:
             raise HandoffError(
                 f"recv_wav: the message carried no file descriptor (got {msg!r}); "
                 "the peer must send with send_wav"
@@ -180,7 +185,27 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
                 f"recv_wav: not a luna_shm WAV handoff: header {msg!r}, "
                 f"expected {HANDOFF_HEADER!r}"
             )
-        return _map_wav(fds[0])
+        return _map_wav(fd)
     finally:
-        for fd in fds:
-            _os.close(fd)
+        _lowlevel.release(cell)
+
+
+def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[bytes, int]:
+    """One message of at most want bytes and the fd passed with it (into cell), waiting as
+    sock.recv would: forever, up to sock's timeout (TimeoutError), or not at all for a
+    non-blocking socket (BlockingIOError). Returns (the bytes, the message flags)."""
+    buf = bytearray(want)
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else _time.monotonic() + timeout
+    while True:
+        got = _lowlevel.recv_fd(sock.fileno(), buf, cell)
+        if got is not None:
+            return bytes(buf[:got[0]]), got[1]
+        if deadline is None:  # a blocking socket whose fd was made non-blocking: wait
+            _select.select([sock], [], [])
+            continue
+        left = deadline - _time.monotonic()
+        if timeout == 0:
+            raise BlockingIOError(_errno.EAGAIN, "recv_wav: nothing to receive yet")
+        if left <= 0 or not _select.select([sock], [], [], left)[0]:
+            raise TimeoutError("timed out")

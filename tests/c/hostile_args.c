@@ -350,6 +350,14 @@ static void check_hostile_sizes(void)
     EXPECT_TRUE(cell == -1 && fcntl(made, F_GETFD) == -1 && errno == EBADF);
     EXPECT_RC(luna_fd_release(&cell), 0);
     EXPECT_RC(luna_fd_release(NULL), -EINVAL);
+    int rflags = 0;
+    EXPECT_RC(luna_recv_fd(-1, NULL, 8, &cell, &rflags), -EINVAL);
+    EXPECT_RC(luna_recv_fd(-1, buf, 8, NULL, &rflags), -EINVAL);
+    EXPECT_RC(luna_recv_fd(-1, buf, 8, &cell, NULL), -EINVAL);
+    EXPECT_RC(luna_recv_fd(-1, buf, UINT64_MAX, &cell, &rflags), -EINVAL);
+    EXPECT_RC(luna_recv_fd(-1, buf, 8, &(int){3}, &rflags), -EINVAL); /* holds an fd */
+    EXPECT_RC(luna_recv_fd(-1, buf, 8, &cell, &rflags), -EBADF);
+    EXPECT_TRUE(cell == -1);
     made = luna_open_for_write(path, 0600, &(int){0}, &(uint64_t){0}, &cell);
     EXPECT_TRUE(made >= 0 && cell == made);
     EXPECT_RC(luna_fd_release(&cell), 0);
