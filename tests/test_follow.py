@@ -392,17 +392,28 @@ def test_a_follower_of_a_file_in_a_missing_directory_fails_at_once(ram):
     assert caught.value.errno == errno.ENOENT
 
 
-def test_a_stream_truncated_under_its_follower_is_a_wav_error_not_a_crash(ram):
-    path = ram / "t.wav"
+@pytest.mark.parametrize(("damage", "match"), [
+    ("cut", r"live\.wav: the stream shrank under its follower"),
+    ("data size", r"live\.wav: the stream's header went back under its follower \(it counts "
+                  r"0 bytes of audio, 960 were read\)"),
+])
+def test_a_stream_cut_or_rewritten_under_its_follower_is_a_wav_error_not_a_crash(ram, damage,
+                                                                                match):
+    # Another process cuts the file below what was read, or rewrites the header's data
+    # size below it.
+    path = ram / "live.wav"
     writer = WavWriter(path, RATE)
     writer.write(stream_chunks(1)[0])
     blocks = follow_wav(path, timeout=5)
     next(blocks)
     with open(path, "r+b") as f:
-        f.truncate(100)  # another process cuts the file below what was read
-    with pytest.raises(WavError, match="the stream shrank under its follower"):
+        if damage == "cut":
+            f.truncate(100)
+        else:
+            os.pwrite(f.fileno(), (0).to_bytes(4, "little"), data_size_field(path))
+    with pytest.raises(WavError, match=match):
         call_with_deadline(lambda: list(blocks))
-    writer.close()
+    writer.abort()
 
 
 # Another process adds bytes past a live stream's data: appends them, or extends the file.
@@ -471,20 +482,6 @@ def test_samples_whose_sizes_are_not_stored_yet_wait_for_the_header_that_counts_
     waiting.join(5)
     assert len(got) == 1 and np.array_equal(got[0], second)
     blocks.close()
-    writer.abort()
-
-
-def test_a_live_header_that_goes_back_under_its_follower_is_a_wav_error(ram):
-    path = ram / "live.wav"
-    writer = WavWriter(path, RATE)
-    writer.write(stream_chunks(1)[0])
-    blocks = follow_wav(path, timeout=5)
-    next(blocks)
-    with open(path, "r+b") as f:  # another process rewrites the data size
-        os.pwrite(f.fileno(), (0).to_bytes(4, "little"), data_size_field(path))
-    with pytest.raises(WavError, match=r"live\.wav: the stream's header went back under its "
-                                       r"follower \(it counts 0 bytes of audio, 960 were read\)"):
-        call_with_deadline(lambda: list(blocks))
     writer.abort()
 
 
