@@ -153,6 +153,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
             socket, also a message longer than the header.
         WavError: the received file is not a WAV file we can read, or it
             shrank while it was being copied.
+        TimeoutError: sock has a timeout and nothing came within it.
+        BlockingIOError: sock is non-blocking and nothing has come yet.
         OSError: the receive or the mapping failed (EBADF for a closed socket).
     """
     _check_unix(sock, "recv_wav")
