@@ -502,6 +502,14 @@ def test_a_non_path_is_a_type_error(ram):
         follow_wav(42)  # type: ignore[arg-type]
 
 
+def test_a_proc_file_is_refused_at_once_not_waited_for(ram):
+    # /proc files say they are empty and read all the same; no write makes them a WAV,
+    # and inotify never reports them: a follower without a timeout waited forever.
+    with pytest.raises(WavError, match=r"/proc/self/status: not a WAV file that is being "
+                                       r"written: its size is 0 but it holds bytes"):
+        call_with_deadline(lambda: list(follow_wav("/proc/self/status")), deadline=10)
+
+
 def test_a_directory_is_not_followed(ram):
     with pytest.raises(OSError):
         collect(ram)

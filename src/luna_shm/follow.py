@@ -271,6 +271,11 @@ def _core(path: str, timeout: float | None) -> _Step:
                 # Not a WAV (yet): an empty placeholder, or a header being written.
                 if size and _lock_is_free(fd) and _lowlevel.writers_gone(fd) is not False:
                     _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
+                if not size and _os.pread(fd, 1, 0):
+                    # Its size says empty, yet it reads: a /proc or /sys file, which no
+                    # write ever makes a WAV (and inotify never reports).
+                    raise WavError(f"{path}: not a WAV file that is being written: its size "
+                                   "is 0 but it holds bytes (a /proc or /sys file?)")
                 woken = yield sleep()
                 continue
             data_offset = info.data_offset
