@@ -173,6 +173,14 @@ int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int
     return fd < 0 ? -errno : luna_store_fd(cell, fd);
 }
 
+int luna_dup(int fd, int *cell)
+{
+    if (!cell || *cell >= 0)
+        return -EINVAL;
+    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    return copy < 0 ? -errno : luna_store_fd(cell, copy);
+}
+
 int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
 {
     if ((!buf && len) || len > (uint64_t)SSIZE_MAX || !cell || *cell >= 0 || !msg_flags)

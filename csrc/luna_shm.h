@@ -56,6 +56,12 @@
  * nothing. Returns 0 or -errno (-EINVAL for NULL). */
 int luna_fd_release(int *cell);
 
+/* A second fd of fd's open file (close-on-exec; it shares the file's flock),
+ * stored into *cell (which must be given, and empty) before it is returned.
+ * Returns the new fd or -errno (-EINVAL for a NULL cell or one that holds an
+ * fd, -EBADF, -EMFILE). */
+int luna_dup(int fd, int *cell);
+
 /* One recvmsg (MSG_CMSG_CLOEXEC) of at most len bytes into buf on socket
  * sock, with room for one fd passed along (SCM_RIGHTS): stored into *cell
  * (which must be empty) before the call returns. Stores the message flags

@@ -138,3 +138,51 @@ def test_a_call_cut_short_at_any_point_leaves_no_fd_mapping_or_locked_file(priva
     result = json.loads(done.stdout)
     assert result["points"] >= 15  # the cuts really ran through the call
     assert result == {"points": result["points"], "leaks": [], "locked": 0}
+
+
+# The cache is not swept point by point: its lock is a Python-level context manager (a
+# mutex and a flock), and no Python-level __enter__/__exit__ can close the instant after
+# the mutex's acquire() returns or the entry into __exit__ (CPython runs pending handlers
+# there; only a `with` on a C-level lock is safe). What is closed: a handler that raises
+# right after the flock is granted.
+FLOCK_GRANTED_THEN_RAISE = r"""
+import os, subprocess, sys, warnings
+import numpy as np
+warnings.simplefilter("ignore", ResourceWarning)
+from luna_shm import AudioCache
+
+class Cut(Exception):
+    pass
+
+def raise_after_the_flock(frame, event, arg):
+    if event == "c_return" and getattr(arg, "__name__", "") == "luna_lock":
+        sys.setprofile(None)
+        raise Cut
+
+cache = AudioCache("flock")
+sys.setprofile(raise_after_the_flock)
+try:
+    cache.put("k", np.arange(100, dtype=np.int16), 16000).release()
+except Cut:
+    print("cut")
+finally:
+    sys.setprofile(None)
+# Another process takes the cache's lock (clear() does) while this one keeps it open.
+other = subprocess.run([sys.executable, "-c",
+                        "from luna_shm import AudioCache\n"
+                        "with AudioCache('flock') as c: print(c.clear())"],
+                       capture_output=True, text=True, timeout=20)
+print(other.returncode, other.stdout.strip(), other.stderr.strip()[-200:])
+cache.close()
+"""
+
+
+def test_a_handler_that_raises_as_the_cache_lock_is_granted_leaves_it_free(private_dirs):
+    # Before: the flock was taken before the try that releases it, so the cut left it
+    # held for as long as the cache stayed open, and every other process waited.
+    done = subprocess.run(
+        [sys.executable, "-c", FLOCK_GRANTED_THEN_RAISE], capture_output=True, text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "LUNA_SHM_DIR": private_dirs.ram,
+             "TMPDIR": str(private_dirs.fallback)})
+    assert (done.returncode, done.stdout) == (0, "cut\n0 0 \n"), done.stderr

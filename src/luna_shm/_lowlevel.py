@@ -137,6 +137,12 @@ def open_at(path: str, flags: int, *, cell: FdCell, dir_fd: int | None = None,
 _AT_FDCWD = -100  # openat's "relative to the working directory" (Linux)
 
 
+def dup(fd: int, *, cell: FdCell, filename: str | None = None) -> int:
+    """A second fd of fd's open file (sharing its flock), going into cell (see fd_cell);
+    OSError naming filename (EMFILE, ...)."""
+    return check(lib.luna_dup(fd, cell), filename)
+
+
 def recv_fd(sock_fd: int, buf: bytearray, cell: FdCell) -> tuple[int, int] | None:
     """One recvmsg into buf with room for one passed fd, which goes into cell (see fd_cell)
     before the call returns: (bytes received, message flags), or None when a non-blocking

@@ -49,7 +49,6 @@ import time as _time
 import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager as _contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,12 +268,12 @@ class CachedAudio(FileResource):
 
     _size: int = -1
 
-    def __init__(self, fd: int, path: str, key: str, *, stored: bool = True,
+    def __init__(self, cell: _lowlevel.FdCell, path: str, key: str, *, stored: bool = True,
                  size: int = -1) -> None:
         self.key = key
         self.stored = stored
         self._size = size
-        self._own(_lowlevel.fd_cell(fd), path)
+        self._own(cell, path)
 
     @property
     def is_wav(self) -> bool:
@@ -347,17 +346,18 @@ class CachedAudio(FileResource):
         return f"<CachedAudio {self.key!r} {self.path!r} {state}>"
 
 
-def _open_private_dir(parent: str, name: str, what: str) -> tuple[int, bool]:
+def _open_private_dir(parent: str, name: str, what: str) -> tuple[_lowlevel.FdCell, bool]:
     """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one.
-    (its fd, True when this call made it)."""
+    (the fd cell of the directory, True when this call made it)."""
     path = f"{parent}/{name}"
     try:
         _os.mkdir(path, 0o700)
         made = True
     except FileExistsError:
         made = False
+    cell = _lowlevel.fd_cell()
     try:
-        fd = _os.open(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW, cell=cell)
     except OSError as exc:
         if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
             kind = "a symbolic link" if _os.path.islink(path) else "not a directory"
@@ -366,14 +366,44 @@ def _open_private_dir(parent: str, name: str, what: str) -> tuple[int, bool]:
         raise
     st = _os.fstat(fd)
     if st.st_uid != _os.geteuid():
-        _os.close(fd)
+        _lowlevel.release(cell)
         raise PermissionError(_errno.EPERM, f"refusing the {what} directory: it belongs to "
                               f"uid {st.st_uid}", path)
     if st.st_mode & 0o077:
-        _os.close(fd)
+        _lowlevel.release(cell)
         raise PermissionError(_errno.EPERM, f"refusing the {what} directory: mode "
                               f"{_stat.S_IMODE(st.st_mode):o} lets others in (want 700)", path)
-    return fd, made
+    return cell, made
+
+
+class _TierLock:
+    """``with tier.locked():``: a class, not a contextlib generator, which a signal
+    handler that raises as it yields would leave suspended holding both locks (until
+    collected: a cleanup that takes the lock meanwhile, in the same thread, hangs).
+
+    Left open: a handler that raises in the instant after the mutex's acquire()
+    returns leaves the mutex held (no Python-level __enter__ can close that window;
+    a ``with`` on a lock does, in C, but this one also takes a flock)."""
+
+    __slots__ = ("exclusive", "tier")
+
+    def __init__(self, tier: _Tier, exclusive: bool) -> None:
+        self.tier = tier
+        self.exclusive = exclusive
+
+    def __enter__(self) -> None:
+        tier = self.tier
+        if tier.pid != _os.getpid():
+            tier._after_fork()
+        tier.thread_lock.acquire()
+        try:  # whatever raises from here on (a handler, right after the flock is granted)
+            _lowlevel.lock(tier.lock_fd, exclusive=self.exclusive, wait=True)
+        except BaseException:
+            tier.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.tier.release()
 
 
 class _Tier:
@@ -384,10 +414,11 @@ class _Tier:
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
         self.what = what
-        dir_fd, self.made = _open_private_dir(parent, self.name, what)
+        dir_cell, self.made = _open_private_dir(parent, self.name, what)
+        self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
         try:
-            self.lock_fd = _os.open(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW
-                                    | _os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            self.lock_fd = _lowlevel.open_at(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
+                                             dir_fd=dir_cell[0], cell=self.lock_cell)
         except BaseException as exc:
             if self.made:
                 _rmdir_quietly(self.directory)
@@ -395,7 +426,7 @@ class _Tier:
                 raise OSError(exc.errno, exc.strerror, self.path(_LOCK_NAME)) from exc
             raise
         finally:
-            _os.close(dir_fd)
+            _lowlevel.release(dir_cell)
         self.pid = _os.getpid()
         self.thread_lock = _threading.Lock()
 
@@ -404,23 +435,27 @@ class _Tier:
 
     def _after_fork(self) -> None:
         # The parent's lock fd shares its open file description with the parent:
-        # a flock on it would not exclude the parent. Open our own.
-        self.lock_fd = _os.open(self.path(_LOCK_NAME), _os.O_RDWR | _os.O_CREAT
-                                | _os.O_NOFOLLOW | _os.O_CLOEXEC, 0o600)
+        # a flock on it would not exclude the parent. Open our own, and close our copy
+        # of the parent's (the parent's flock stays: it holds its own descriptor).
+        cell = _lowlevel.fd_cell()
+        fd = _lowlevel.open_at(self.path(_LOCK_NAME), _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
+                               cell=cell)
+        inherited, self.lock_cell, self.lock_fd = self.lock_cell, cell, fd
+        _lowlevel.release(inherited)
         self.thread_lock = _threading.Lock()
         self.pid = _os.getpid()
 
-    @_contextmanager
-    def locked(self, exclusive: bool = True) -> Iterator[None]:
-        """Hold the tier's lock: across threads (a mutex) and processes (a flock)."""
-        if self.pid != _os.getpid():
-            self._after_fork()
-        with self.thread_lock:
-            _lowlevel.lock(self.lock_fd, exclusive=exclusive, wait=True)
-            try:
-                yield
-            finally:
-                _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
+    def locked(self, exclusive: bool = True) -> _TierLock:
+        """Hold the tier's lock (``with tier.locked():``): across threads (a mutex) and
+        processes (a flock)."""
+        return _TierLock(self, exclusive)
+
+    def release(self) -> None:
+        """Let go of the tier's lock (unlocking a flock not held is harmless)."""
+        try:
+            _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
+        finally:
+            self.thread_lock.release()
 
     def counters(self) -> list[int]:
         """The shared counters (under the lock)."""
@@ -462,8 +497,10 @@ class _Tier:
         """Unlink name under its exclusive flock, taken without waiting; False when held.
         An entry's bytes leave the shared count (under the lock)."""
         path = self.path(name)
+        cell = _lowlevel.fd_cell()
         try:
-            fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
+            fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK,
+                                   cell=cell)
         except OSError:
             return False
         try:
@@ -479,7 +516,7 @@ class _Tier:
                 # gone all the same, and not by us (its bytes were never ours to count).
                 return False
         finally:
-            _os.close(fd)
+            _lowlevel.release(cell)
         if _entry_name(name) is not None:
             self.add({"bytes": -size})
         return True
@@ -504,11 +541,14 @@ class _Tier:
                 removed += 1
         return removed
 
-    def new_part(self, name: str) -> tuple[str, int]:
-        """A new in-flight file for name: (path, fd) with a shared flock held from before
-        its name appeared, so that no sweep (in any process) removes it while we live."""
+    def new_part(self, name: str) -> tuple[str, _lowlevel.FdCell]:
+        """A new in-flight file for name: (path, its fd cell) with a shared flock held from
+        before its name appeared, so that no sweep (in any process) removes it while we
+        live."""
         path = self.path(f".{name}.{_token()}{_PART}")
-        return path, _lowlevel.create_locked(self.directory, path)
+        cell = _lowlevel.fd_cell()
+        _lowlevel.create_locked(self.directory, path, cell=cell)
+        return path, cell
 
     def undo(self) -> None:
         """Close, and remove the directory again when this tier made it (an AudioCache
@@ -555,14 +595,15 @@ class _Tier:
 
     def close(self) -> None:
         if self.lock_fd >= 0:
-            fd, self.lock_fd = self.lock_fd, -1
-            _os.close(fd)
+            self.lock_fd = -1
+            _lowlevel.release(self.lock_cell)
 
 
 def _stale_live(path: str) -> bool:
     """Remove path when it is a .live file no renderer holds (the renderer died); True if so."""
+    cell = _lowlevel.fd_cell()
     try:
-        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
     except OSError:
         return False
     try:
@@ -571,7 +612,7 @@ def _stale_live(path: str) -> bool:
         _remove_dead_live(fd, path)
         return True
     finally:
-        _os.close(fd)
+        _lowlevel.release(cell)
 
 
 def _remove_dead_live(fd: int, path: str) -> None:
@@ -708,8 +749,9 @@ class AudioCache:
         """Pin the committed entry of key in tier, or None (missing, evicted, expired)."""
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
+            cell = _lowlevel.fd_cell()
             try:
-                fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+                fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
             except FileNotFoundError:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
                     return None  # no encoded audio in this cache: one open decides
@@ -719,10 +761,10 @@ class AudioCache:
                 _lowlevel.lock(fd, exclusive=False, wait=True)
                 st = _os.fstat(fd)
                 if st.st_nlink == 0:  # evicted while we waited
-                    _os.close(fd)
+                    _lowlevel.release(cell)
                     continue
                 if self.ttl is not None and _time.time() - st.st_mtime > self.ttl:
-                    _os.close(fd)
+                    _lowlevel.release(cell)
                     with tier.locked():
                         tier.remove_if_unpinned(key + suffix)
                     continue
@@ -735,9 +777,9 @@ class AudioCache:
                         _raise_named(exc, path)
                         raise
             except BaseException:
-                _os.close(fd)
+                _lowlevel.release(cell)
                 raise
-            return CachedAudio(fd, path, key, size=st.st_size)
+            return CachedAudio(cell, path, key, size=st.st_size)
         return None
 
     def get(self, key: str) -> CachedAudio | None:
@@ -795,8 +837,9 @@ class AudioCache:
     def _evict(self, name: str) -> bool:
         """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
         path = self._ram.path(name)
+        cell = _lowlevel.fd_cell()
         try:
-            fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
         except FileNotFoundError:
             return True
         try:
@@ -812,13 +855,14 @@ class AudioCache:
             self._count("evictions")
             return True  # the caller recounts the bytes
         finally:
-            _os.close(fd)
+            _lowlevel.release(cell)
 
     def _copy_in(self, tier: _Tier, src_fd: int, name: str, *, sync: bool
-                 ) -> tuple[str, int]:
-        """Copy src_fd to a new locked partial in tier: (its path, its fd); mtime kept."""
+                 ) -> tuple[str, _lowlevel.FdCell]:
+        """Copy src_fd to a new locked partial in tier: (its path, its fd cell); mtime kept."""
         st = _os.fstat(src_fd)
-        part, fd = tier.new_part(name)
+        part, cell = tier.new_part(name)
+        fd = cell[0]
         try:
             offset = 0
             while offset < st.st_size:
@@ -832,11 +876,11 @@ class AudioCache:
             if sync:
                 _os.fsync(fd)
         except BaseException as exc:
-            _os.close(fd)
+            _lowlevel.release(cell)
             _unlink_quietly(part)
             _raise_named(exc, part)
             raise
-        return part, fd
+        return part, cell
 
     def _spill(self, src_fd: int, name: str) -> None:
         disk = self._disk
@@ -844,11 +888,11 @@ class AudioCache:
         size = _os.fstat(src_fd).st_size
         if size > disk.max_bytes:
             return
-        part, part_fd = self._copy_in(disk, src_fd, name, sync=True)
+        part, part_cell = self._copy_in(disk, src_fd, name, sync=True)
         try:
             self._store_on_disk(disk, part, name, size)
         finally:
-            _os.close(part_fd)
+            _lowlevel.release(part_cell)
 
     def _store_on_disk(self, disk: _Tier, part: str, name: str, size: int) -> None:
         with disk.locked():
@@ -875,23 +919,25 @@ class AudioCache:
             return None
         with held:
             name = _os.path.basename(held.path)
-            part, fd = self._copy_in(self._ram, held.fileno(), name, sync=False)
+            part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
         self._count("reloads")
-        return self._commit(key, part, name, fd)
+        return self._commit(key, part, name, cell)
 
-    def _commit(self, key: str, part_path: str, name: str, fd: int = -1, *,
-                replacing: bool = True) -> CachedAudio:
+    def _commit(self, key: str, part_path: str, name: str,
+                cell: _lowlevel.FdCell = None, *, replacing: bool = True) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
-        fd, when given, is already open on it holding a flock (it becomes the entry's);
-        on failure it is closed and the file removed."""
-        if fd < 0:
-            fd = _os.open(part_path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        cell, when given, holds an fd already open on it holding a flock (it becomes the
+        entry's); on failure it is released and the file removed."""
+        if cell is None:
+            cell = _lowlevel.fd_cell()
+            fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
             try:
                 _lowlevel.lock(fd, exclusive=False, wait=True)
             except BaseException:
-                _os.close(fd)
+                _lowlevel.release(cell)
                 raise
+        fd = cell[0]
         try:
             size = _os.fstat(fd).st_size
             final = self._ram.path(name)
@@ -909,13 +955,13 @@ class AudioCache:
                         else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
-                    return CachedAudio(fd, final, key)
+                    return CachedAudio(cell, final, key)
             suffix = name[len(key):]
             unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
-            return CachedAudio(fd, unstored, key, stored=False)
+            return CachedAudio(cell, unstored, key, stored=False)
         except BaseException:
-            _os.close(fd)
+            _lowlevel.release(cell)
             _unlink_quietly(part_path)
             raise
 
@@ -949,14 +995,14 @@ class AudioCache:
         if enc.nbytes == 0:
             raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
                              "render is never cached")
-        part, fd = self._ram.new_part(key)
+        part, cell = self._ram.new_part(key)
         try:
-            _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
+            _lowlevel.write_wav_fd(cell[0], enc.spec, encoding.data_chunk(enc), part)
         except BaseException:
-            _os.close(fd)
+            _lowlevel.release(cell)
             _unlink_quietly(part)
             raise
-        return self._commit(key, part, key + ".wav", fd)
+        return self._commit(key, part, key + ".wav", cell)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
                   suffix: str = ".mp3") -> CachedAudio:
@@ -980,17 +1026,17 @@ class AudioCache:
             raise TypeError(f"data must be bytes-like, got {_lowlevel.brief(data)}")
         if not len(data):
             raise ValueError("data is empty: an empty render is never cached")
-        part, fd = self._ram.new_part(key)
+        part, cell = self._ram.new_part(key)
         try:
             view = memoryview(data).cast("B")
             while view:
-                view = view[_os.write(fd, view):]
+                view = view[_os.write(cell[0], view):]
         except BaseException as exc:
-            _os.close(fd)
+            _lowlevel.release(cell)
             _unlink_quietly(part)
             _raise_named(exc, part)
             raise
-        return self._commit(key, part, key + suffix, fd)
+        return self._commit(key, part, key + suffix, cell)
 
     # ---- single-flight rendering --------------------------------------------------
 
@@ -1041,8 +1087,9 @@ class AudioCache:
             live = self.live_path(key)
             if live is None:
                 continue
+            cell = _lowlevel.fd_cell()
             try:
-                fd = _os.open(live, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+                fd = _lowlevel.open_at(live, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
             except FileNotFoundError:
                 continue
             try:
@@ -1050,7 +1097,7 @@ class AudioCache:
                 # removal of a failed render, does not take it away from the follower.
                 yield from follow_wav(f"/proc/self/fd/{fd}", timeout=limit)
             finally:
-                _os.close(fd)
+                _lowlevel.release(cell)
             return
         raise KeyError(f"{key!r} is neither in the cache nor being rendered")
 
@@ -1184,11 +1231,8 @@ class AudioCache:
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             # A second descriptor of the same open file: it shares the writer's flock and
             # keeps it after the writer closes, so the entry stays pinned for our caller.
-            try:
-                pin = _os.dup(writer.fileno())
-            except OSError as exc:  # EMFILE: say which file it was for
-                _raise_named(exc, live)
-                raise
+            pin = _lowlevel.fd_cell()
+            _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
             entry = self._commit(key, live, key + ".wav", pin, replacing=False)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
@@ -1206,23 +1250,24 @@ class AudioCache:
     def _write_outcome(self, key: str, ino: int, text: str) -> None:
         path = self._ram.path(key + _OUTCOME)
         try:
-            part, fd = self._ram.new_part(key)
+            part, cell = self._ram.new_part(key)
         except OSError:
             return
         try:
-            _os.write(fd, f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
+            _os.write(cell[0], f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
             _os.rename(part, path)
         except OSError:
             _unlink_quietly(part)
         finally:
-            _os.close(fd)
+            _lowlevel.release(cell)
 
     def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
         done before we looked), unstored audio, or RenderError when the render failed."""
         live = self._ram.path(key + _LIVE)
+        cell = _lowlevel.fd_cell()
         try:
-            fd = _os.open(live, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+            fd = _lowlevel.open_at(live, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
         except FileNotFoundError:
             return None
         try:
@@ -1250,17 +1295,18 @@ class AudioCache:
                 return None
             outcome = self._read_outcome(key, ino)
         finally:
-            _os.close(fd)
+            _lowlevel.release(cell)
         if outcome is None:
             return None
         pid, text = outcome
         if text.startswith("unstored "):
             path = text[len("unstored "):]
+            held = _lowlevel.fd_cell()
             try:
-                held = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+                _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=held)
             except FileNotFoundError:
                 return None
-            _lowlevel.lock(held, exclusive=False, wait=True)
+            _lowlevel.lock(held[0], exclusive=False, wait=True)
             return CachedAudio(held, path, key, stored=False)
         raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
 
@@ -1410,8 +1456,9 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
 def _note_owner(path: str) -> int | None:
     """The inode number in an outcome note at path, or None when path is not a regular
     file that starts as _write_outcome writes one: "<inode> <pid> "."""
+    cell = _lowlevel.fd_cell()
     try:
-        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK | _os.O_CLOEXEC)
+        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK, cell=cell)
     except OSError:
         return None
     try:
@@ -1419,19 +1466,20 @@ def _note_owner(path: str) -> int | None:
             return None
         start = _OUTCOME_START.match(_os.pread(fd, 48, 0))
     finally:
-        _os.close(fd)
+        _lowlevel.release(cell)
     return None if start is None else int(start.group().split()[0])
 
 
 def _is_pinned(path: str) -> bool:
+    cell = _lowlevel.fd_cell()
     try:
-        fd = _os.open(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_CLOEXEC)
+        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
     except OSError:
         return False
     try:
         return not _lowlevel.lock(fd, exclusive=True)
     finally:
-        _os.close(fd)
+        _lowlevel.release(cell)
 
 
 def _raise_named(exc: BaseException, path: str) -> None:

@@ -358,6 +358,10 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_recv_fd(-1, buf, 8, &(int){3}, &rflags), -EINVAL); /* holds an fd */
     EXPECT_RC(luna_recv_fd(-1, buf, 8, &cell, &rflags), -EBADF);
     EXPECT_TRUE(cell == -1);
+    EXPECT_RC(luna_dup(-1, &cell), -EBADF);
+    EXPECT_RC(luna_dup(0, NULL), -EINVAL);
+    EXPECT_RC(luna_dup(0, &(int){3}), -EINVAL);
+    EXPECT_TRUE(cell == -1);
     made = luna_open_for_write(path, 0600, &(int){0}, &(uint64_t){0}, &cell);
     EXPECT_TRUE(made >= 0 && cell == made);
     EXPECT_RC(luna_fd_release(&cell), 0);
