@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,28 @@ def test_null_arguments_and_a_held_count_past_the_prefix_are_einval_and_the_fd_c
     assert fd_is_open(fd)
     del held  # never read: the struct closes its fd as it goes
     assert not fd_is_open(fd)
+
+
+def test_threads_reading_at_once_each_get_their_own_file(ram: Path) -> None:
+    # read_wav(mmap=False) reuses the struct of a finished read: threads (and a signal
+    # handler that reads) must never share one. Short files (read whole by the open) and
+    # long ones, in four threads at once.
+    files = []
+    for i, frames in enumerate([10, 300, 5000, 40000]):
+        samples = (np.arange(frames) * (i + 1) % 30000).astype(np.int16)
+        files.append((write_wav(str(ram / f"{i}.wav"), samples, RATE + i), samples, RATE + i))
+    errors: list[str] = []
+
+    def reader(path: str, samples: np.ndarray, rate: int) -> None:
+        for _ in range(300):
+            back, got_rate = read_wav(path, mmap=False)
+            if got_rate != rate or not np.array_equal(back, samples):
+                errors.append(f"{path}: other audio")
+                return
+
+    threads = [threading.Thread(target=reader, args=f) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
