@@ -392,6 +392,51 @@ def test_a_follower_of_a_file_in_a_missing_directory_fails_at_once(ram):
     assert caught.value.errno == errno.ENOENT
 
 
+def test_bytes_written_before_the_first_header_store_wait_for_it_even_a_pad_byte(ram):
+    # luna_stream_append's order, the writer paused between its two steps: the samples
+    # (with the pad byte an odd 8-bit data size needs) by a write, then the sizes by a
+    # store into the mapped header. While the first header still said 0, the parser's
+    # "to the end of the file" let the pad byte out as a sample (then a WavError, or a
+    # stream shifted by one).
+    import fcntl
+
+    from luna_shm import _lowlevel, formats
+
+    path = ram / "u8.wav"
+    spec = formats.spec_for("PCM_U8", 16000, 1)
+    header = _lowlevel.live_header(spec, 0)
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(follow_wav(path, timeout=10))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with open(path, "w+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # a live writer holds its lock
+        f.write(header)
+        f.flush()
+        with mmap.mmap(f.fileno(), len(header)) as page:
+            follower = threading.Thread(target=follow)
+            follower.start()
+            written = []
+            for n in (3, 4, 5):
+                chunk = np.arange(len(written) + 1, len(written) + n + 1, dtype=np.uint8)
+                total = len(written) + n
+                os.pwrite(f.fileno(), chunk.tobytes() + b"\0" * (total & 1),
+                          len(header) + len(written))
+                time.sleep(0.1)  # the writer is preempted between its two steps
+                page[:] = _lowlevel.live_header(spec, total)
+                written.extend(chunk.tolist())
+                time.sleep(0.1)
+            page[:] = _lowlevel.live_header(spec, len(written), _lowlevel.STREAM_DONE)
+        follower.join(30)
+    assert errors == []
+    assert np.concatenate(got).tolist() == written
+
+
 @pytest.mark.parametrize(("damage", "match"), [
     ("cut", r"live\.wav: the stream shrank under its follower"),
     ("data size", r"live\.wav: the stream's header went back under its follower \(it counts "

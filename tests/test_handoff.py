@@ -304,6 +304,30 @@ def test_recv_waits_as_the_socket_says_up_to_its_timeout_or_not_at_all(private_d
     assert (data.tolist(), rate) == (list(range(10)), RATE)
 
 
+def test_recv_on_a_socket_whose_fd_is_past_1024_waits_and_receives(private_dirs,
+                                                                    pair) -> None:
+    # select() refuses fds of 1024 or more; a daemon with many clients has such sockets.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2001:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit is {hard}: no fd 2000 here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    ours, theirs = pair
+    high = socket.socket(fileno=os.dup2(theirs.fileno(), 2000))
+    try:
+        high.settimeout(30)
+        with create_wav_buffer(10, RATE) as buf:
+            buf.array[:] = np.arange(10)
+            sender = threading.Timer(0.1, send_wav, (ours, buf))
+            sender.start()
+            data, rate = recv_wav(high)
+            sender.join()
+        assert (data.tolist(), rate) == (list(range(10)), RATE)
+    finally:
+        high.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_send_of_a_closed_buffer_raises_value_error(private_dirs, pair) -> None:
     ours, _ = pair
     buf = create_wav_buffer(10, RATE, anonymous=HAS_MEMFD)

@@ -150,6 +150,16 @@ def _check_counted(path: str, counted: int, delivered: int) -> None:
                        f"counts {counted} bytes of audio, {delivered} were read)")
 
 
+def _parse(fd: int, size: int, path: str) -> _lowlevel.WavInfo:
+    """The file's header; of a live WavWriter stream, with the data size its header field
+    holds. (The parser reads a first header's 0 as "to the end of the file", the
+    convention of other programs' streams: that would count bytes no header counted.)"""
+    info = _lowlevel.wav_parse_fd(fd, size, path)
+    if info.stream_state != _lowlevel.STREAM_LIVE:
+        return info
+    return info._replace(data_bytes=_counted_bytes(fd, info.data_offset))
+
+
 def _counted_bytes(fd: int, data_offset: int) -> int:
     """The data size a live stream's header holds now (the 4 bytes before its data)."""
     return int.from_bytes(_os.pread(fd, 4, data_offset - 4), "little")
@@ -264,7 +274,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                     woken = yield sleep()
                     continue
             try:
-                info = _lowlevel.wav_parse_fd(fd, size, path) if size else None
+                info = _parse(fd, size, path) if size else None
             except WavError:
                 info = None
             if info is None:
@@ -305,7 +315,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                                       f"{delivered // info.block_align} frames")
             if state == _lowlevel.STREAM_LIVE:
                 if _lock_is_free(fd):
-                    again = _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)
+                    again = _parse(fd, _os.fstat(fd).st_size, path)
                     if again.stream_state == _lowlevel.STREAM_LIVE:
                         if _available(again, _os.fstat(fd).st_size) > delivered:
                             continue  # the last frames first, then the verdict

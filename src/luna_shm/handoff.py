@@ -203,11 +203,14 @@ def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[b
         got = _lowlevel.recv_fd(sock.fileno(), buf, cell)
         if got is not None:
             return bytes(buf[:got[0]]), got[1]
-        if deadline is None:  # a blocking socket whose fd was made non-blocking: wait
-            _select.select([sock], [], [])
-            continue
-        left = deadline - _time.monotonic()
         if timeout == 0:
             raise BlockingIOError(_errno.EAGAIN, "recv_wav: nothing to receive yet")
-        if left <= 0 or not _select.select([sock], [], [], left)[0]:
+        # poll, not select: select refuses an fd of 1024 or more.
+        waiting = _select.poll()
+        waiting.register(sock, _select.POLLIN)
+        if deadline is None:  # a blocking socket whose fd was made non-blocking: wait
+            waiting.poll()
+            continue
+        left = deadline - _time.monotonic()
+        if left <= 0 or not waiting.poll(left * 1000):
             raise TimeoutError("timed out")
