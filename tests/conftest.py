@@ -65,3 +65,27 @@ def _shared_dirs_stay_untouched() -> Iterator[None]:
     yield
     left = _our_files_in_shared_dirs() - before
     assert not left, f"tests left files in the shared /dev/shm or /tmp: {sorted(left)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _audio_clients_keep_their_runtime_dir_private(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Give every child process a private XDG_RUNTIME_DIR (mode 0700).
+
+    espeak-ng initialises PulseAudio even when it only writes a file (-w). With no
+    XDG_RUNTIME_DIR, libpulse makes its runtime dir as $TMPDIR/pulse-<random> and points
+    ~/.config/pulse/<machine-id>-runtime at it; a later client reuses that link until its
+    target is gone. A test that sets TMPDIR to a private fallback dir would then find a
+    pulse-* directory there, or not, depending on what ran before: with this, never.
+    """
+    runtime = tmp_path_factory.mktemp("xdg_runtime")
+    runtime.chmod(0o700)
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["XDG_RUNTIME_DIR"]
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = saved
