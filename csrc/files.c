@@ -130,6 +130,11 @@ int luna_open_regular(const char *path, uint64_t *size, int *cell)
     if (!luna_cell_is_empty(cell))
         return -EINVAL;
     int fd = open_retry(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    struct stat st;
+    /* A socket (or a device with no driver) cannot be opened at all: ENXIO.
+     * It is still "not a regular file", as a FIFO is, not a missing device. */
+    if (fd == -ENXIO && stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return -LUNA_EFORMAT;
     if (fd < 0)
         return fd;
     return luna_store_fd(cell, keep_if_regular(fd, -LUNA_EFORMAT, size));

@@ -118,8 +118,12 @@ static uint64_t round_to_pages(uint64_t len)
     return (len + page - 1) / page * page;
 }
 
+/* The entry for index, or NULL when no block holds it (an id never handed
+ * out: past the last block there could ever be, or in one not made yet). */
 static struct entry *entry_at(uint32_t index)
 {
+    if (index / BLOCK_ENTRIES >= MAX_BLOCKS)
+        return NULL;
     struct block *b = atomic_load_explicit(&blocks[index / BLOCK_ENTRIES],
                                            memory_order_acquire);
     return b == NULL ? NULL : &b->entries[index % BLOCK_ENTRIES];
@@ -437,5 +441,7 @@ int luna_guard_broken(int id)
     if (e == NULL)
         return -EINVAL;
     unsigned st = (unsigned)(atomic_load(&e->state) & ST_MASK);
+    if (st == ST_FREE || st == ST_CLAIMED)
+        return -EINVAL; /* not a registered mapping: never "intact" */
     return st == ST_FIXING || st == ST_BROKEN;
 }

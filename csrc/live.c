@@ -175,6 +175,8 @@ int luna_watch_wait(int fd, int timeout_ms)
                 return seen;
             return -errno;
         }
+        if (r == 0)
+            return -EINVAL; /* an inotify fd never reads 0 bytes: not one */
         for (ssize_t off = 0; off + (ssize_t)sizeof(struct inotify_event) <= r;) {
             const struct inotify_event *ev =
                 (const struct inotify_event *)(buf.bytes + off);

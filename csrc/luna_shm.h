@@ -81,8 +81,9 @@ int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int
 
 /* Create path exclusively: O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC with the
  * given mode. Returns the fd (also in *cell), or -errno (-EEXIST when the name
- * is taken, whatever sits there: file, symlink, FIFO or directory; -EINVAL
- * when mode has bits outside 07777 or cell holds an fd). */
+ * is taken, whatever sits there: file, symlink, FIFO or directory, but
+ * -EISDIR for a path that ends in "/", taken or not; -EINVAL when mode has
+ * bits outside 07777 or cell holds an fd). */
 int luna_create_excl(const char *path, unsigned int mode, int *cell);
 
 /* Open path for writing a whole new content without following a symlink in
@@ -104,7 +105,8 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode, int
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
  * report its size. Returns the fd (also in *cell), -errno (-EISDIR for a
  * directory, -EINVAL for a cell that holds an fd), or -LUNA_EFORMAT for
- * anything else that is not a regular file (FIFO, device, socket). */
+ * anything else that is not a regular file (FIFO, device, socket: also
+ * one that open() refuses with ENXIO). */
 int luna_open_regular(const char *path, uint64_t *size, int *cell);
 
 /* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
@@ -200,11 +202,11 @@ int luna_link_unnamed(int fd, const char *path);
  * with MAP_POPULATE faults in no new page. dir != NULL: an O_TMPFILE file in
  * dir, mode 0600, holding a shared flock (give it a name with
  * luna_link_unnamed); dir == NULL: a memfd called memfd_name, sealable.
- * On failure nothing is left (the file never had a name). Returns the fd, or
- * -errno: -EOPNOTSUPP (no O_TMPFILE there), -ENOSYS (no memfd), -ENOSPC
- * (no room), -EINVAL (len 0, or both dir and memfd_name NULL), -EFBIG
- * (len > INT64_MAX). */
-int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len);
+ * On failure nothing is left (the file never had a name). Returns the fd
+ * (also in *cell), or -errno: -EOPNOTSUPP (no O_TMPFILE there), -ENOSYS (no
+ * memfd), -ENOSPC (no room), -EINVAL (len 0, both dir and memfd_name NULL,
+ * or a cell that holds an fd), -EFBIG (len > INT64_MAX). */
+int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len, int *cell);
 
 /* ---- guard.c: no SIGBUS from our mappings ---------------------------------- */
 
@@ -233,7 +235,8 @@ struct luna_wav_spec {
 /* Write into out (LUNA_WAV_MAX_HEADER bytes) the header for data_bytes of
  * audio followed by a skippable chunk of tail_bytes (0, or >= 8: a slot's
  * unused space). The data starts at an offset that is a multiple of the
- * sample size. Returns the header length (= data offset), -EINVAL for a spec
+ * sample size (of 2 for 24-bit samples: RIFF chunks start at even offsets,
+ * and no 3-byte alignment is needed to read them). Returns the header length (= data offset), -EINVAL for a spec
  * we do not write (or a tail_bytes that is odd or 1..7), or -EFBIG when
  * data_bytes, tail_bytes or the whole file would pass 4 GiB. */
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
@@ -243,14 +246,17 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
  * the header for data_bytes of audio at the start, the pad byte, and a JUNK
  * chunk covering the rest of the slot. The samples themselves are not
  * touched. Returns the header length (= data offset), -EFBIG when the audio
- * does not fit, or -EINVAL (a bad spec, an odd tail, slot_len > SIZE_MAX). */
+ * does not fit or the slot's unused rest passes 4 GiB (no JUNK chunk can
+ * cover it), or -EINVAL (a bad spec, an odd tail, slot_len > SIZE_MAX); the
+ * slot is untouched on failure. */
 int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
                          const struct luna_wav_spec *spec, uint64_t data_bytes);
 
 /* Copy data_bytes of samples (already in the file's encoding) into a pool
  * slot after the header, then format the slot as luna_wav_format_slot does:
- * a whole pooled write in one call. Returns the header length, -EFBIG when
- * the audio does not fit, or -EINVAL (as luna_wav_format_slot). */
+ * a whole pooled write in one call. Returns the header length, or -EFBIG /
+ * -EINVAL as luna_wav_format_slot, checked before any byte is copied: the
+ * slot is untouched on failure. */
 int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
                        const struct luna_wav_spec *spec, const void *data,
                        uint64_t data_bytes);
@@ -313,8 +319,9 @@ void luna_wav_file_free(void *f);
 
 /* luna_wav_open, keeping what its first read found in f->prefix: a short
  * file's samples are then in memory already (luna_wav_read_held). Fills f
- * (f->info->error set on -LUNA_EFORMAT; nothing on -errno, f needs no
- * clearing but f->fd = -1) and stores the fd in f->fd. Returns the open fd,
+ * (f needs no clearing but f->fd = -1) and stores the fd in f->fd. On any
+ * failure f->fd stays -1 and f->held is 0; f->info may be partly written:
+ * read it only after success or -LUNA_EFORMAT (f->info.error says why). Returns the open fd,
  * -LUNA_EFORMAT or -errno, as luna_wav_open (also -EINVAL for a NULL f or
  * one that holds an fd). */
 int luna_wav_open_held(const char *path, struct luna_wav_file *f);
@@ -478,7 +485,8 @@ int luna_watch_add(int watch_fd, const char *path);
 
 /* Wait up to timeout_ms (-1: forever, 0: do not wait) for events on a
  * luna_watch_open fd and drain them all. Returns the LUNA_WATCH_* bits seen
- * (0 on timeout or when a signal interrupted the wait), or -errno. */
+ * (0 on timeout or when a signal interrupted the wait), or -errno (-EINVAL
+ * for an fd that reads 0 bytes: no inotify fd ever does). */
 int luna_watch_wait(int fd, int timeout_ms);
 
 /* The hot path of a follower of a live WavWriter stream, in one call: wait as

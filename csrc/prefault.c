@@ -51,8 +51,10 @@ static int write_zeros(int fd, uint64_t len)
     return 0;
 }
 
-int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len)
+int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len, int *cell)
 {
+    if (!luna_cell_is_empty(cell))
+        return -EINVAL;
     if (len == 0 || len > (uint64_t)INT64_MAX)
         return len == 0 ? -EINVAL : -EFBIG;
     if (dir == NULL && memfd_name == NULL)
@@ -68,5 +70,5 @@ int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len)
         close(fd); /* unnamed: closing it frees everything it held */
         return rc;
     }
-    return fd;
+    return luna_store_fd(cell, fd);
 }

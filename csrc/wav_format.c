@@ -128,30 +128,47 @@ int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
     return (int)(p - out);
 }
 
-int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
-                         const struct luna_wav_spec *spec, uint64_t data_bytes)
+/* Everything luna_wav_format_slot checks, before a byte of the slot changes:
+ * writes the header into header and the offset of the slot's end of audio
+ * (pad byte included) into *end. Returns the header length or -errno. */
+static int plan_slot(uint8_t *header, uint64_t slot_len,
+                     const struct luna_wav_spec *spec, uint64_t data_bytes,
+                     uint64_t *end)
 {
-    uint8_t header[LUNA_WAV_MAX_HEADER];
-    if (!slot || slot_len > (uint64_t)SIZE_MAX)
-        return -EINVAL;
     /* data_bytes <= 4 GiB once the header accepts it: end cannot wrap. */
     int len = luna_wav_header(header, spec, data_bytes, 8);
     if (len < 0)
         return len;
-    uint64_t end = (uint64_t)len + data_bytes + (data_bytes & 1u);
-    if (end + 8u > slot_len)
+    *end = (uint64_t)len + data_bytes + (data_bytes & 1u);
+    if (*end + 8u > slot_len)
         return -EFBIG;
-    uint64_t tail = slot_len - end;
+    uint64_t tail = slot_len - *end;
     if (tail & 1u)
         return -EINVAL;
-    len = luna_wav_header(header, spec, data_bytes, tail);
-    if (len < 0)
-        return len;
+    return luna_wav_header(header, spec, data_bytes, tail);
+}
+
+/* Store a planned slot's header, pad byte and JUNK chunk. */
+static void format_planned(uint8_t *slot, uint64_t slot_len, const uint8_t *header,
+                           int len, uint64_t data_bytes, uint64_t end)
+{
     if (data_bytes & 1u)
         slot[end - 1] = 0;
     uint8_t *p = put_tag(slot + end, "JUNK");
-    put_u32(p, tail - 8u);
+    put_u32(p, slot_len - end - 8u);
     memcpy(slot, header, (size_t)len);
+}
+
+int luna_wav_format_slot(uint8_t *slot, uint64_t slot_len,
+                         const struct luna_wav_spec *spec, uint64_t data_bytes)
+{
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    uint64_t end;
+    if (!slot || slot_len > (uint64_t)SIZE_MAX)
+        return -EINVAL;
+    int len = plan_slot(header, slot_len, spec, data_bytes, &end);
+    if (len >= 0)
+        format_planned(slot, slot_len, header, len, data_bytes, end);
     return len;
 }
 
@@ -160,13 +177,14 @@ int luna_wav_fill_slot(uint8_t *slot, uint64_t slot_len,
                        uint64_t data_bytes)
 {
     uint8_t header[LUNA_WAV_MAX_HEADER];
+    uint64_t end;
     if (!slot || slot_len > (uint64_t)SIZE_MAX || (!data && data_bytes))
         return -EINVAL;
-    int len = luna_wav_header(header, spec, data_bytes, 8);
+    /* Every check first: a refused fill leaves the slot exactly as it was. */
+    int len = plan_slot(header, slot_len, spec, data_bytes, &end);
     if (len < 0)
         return len;
-    if ((uint64_t)len + data_bytes + (data_bytes & 1u) + 8u > slot_len)
-        return -EFBIG;
     memcpy(slot + len, data, (size_t)data_bytes);
-    return luna_wav_format_slot(slot, slot_len, spec, data_bytes);
+    format_planned(slot, slot_len, header, len, data_bytes, end);
+    return len;
 }

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -332,6 +333,16 @@ def test_read_wav_of_a_fifo_raises_a_wav_error_at_once_instead_of_waiting_for_a_
             print(exc)
     """)
     assert assert_child_ok(done).strip() == f"{fifo}: not a regular file"
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["view", "copy"])
+def test_read_wav_of_a_socket_is_a_wav_error_naming_it_not_enxio(ram, mmap):
+    path = ram / "socket.wav"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        with pytest.raises(WavError) as caught:
+            read_wav(path, mmap=mmap)
+    assert str(caught.value) == f"{path}: not a regular file"
 
 
 def test_create_wav_buffer_takes_exactly_as_many_frames_as_a_wav_header_can_describe():

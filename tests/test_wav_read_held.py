@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ def test_a_fifo_is_not_a_regular_file_at_once(ram: Path) -> None:
     fifo = ram / "pipe.wav"
     os.mkfifo(fifo)
     fd, held = open_held(fifo)  # O_NONBLOCK: no writer is waited for
+    assert fd == -lib.LUNA_EFORMAT
+    assert ffi.string(held.info.error) == b"not a regular file"
+
+
+def test_a_socket_is_not_a_regular_file_either(ram: Path) -> None:
+    # open() refuses a socket with ENXIO; it is "not a regular file", as a FIFO is.
+    path = ram / "socket.wav"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        fd, held = open_held(path)
     assert fd == -lib.LUNA_EFORMAT
     assert ffi.string(held.info.error) == b"not a regular file"
 

@@ -363,12 +363,14 @@ def seal_shrink(fd: int) -> None:
     check(lib.luna_seal_shrink(fd))
 
 
-def prepare_file(directory: str | None, memfd_name: str, length: int) -> int:
+def prepare_file(directory: str | None, memfd_name: str, length: int, *,
+                 cell: FdCell) -> int:
     """A new unnamed file of length bytes, every page allocated and written once (see
     csrc/prefault.c): O_TMPFILE in directory (mode 0600, shared flock held), or a memfd
-    called memfd_name when directory is None. The caller closes the fd."""
+    called memfd_name when directory is None. The fd goes into cell (see fd_cell)
+    before the call returns."""
     c_dir = ffi.NULL if directory is None else _c_path(directory)
-    return check(lib.luna_prepare_file(c_dir, _c_path(memfd_name), length), directory)
+    return check(lib.luna_prepare_file(c_dir, _c_path(memfd_name), length, cell), directory)
 
 
 def link_unnamed(fd: int, path: str) -> None:

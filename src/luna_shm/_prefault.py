@@ -208,9 +208,8 @@ class _Reserve:
                         f"luna_shm: prefault reserve: {directory} has {free} bytes free, "
                         f"less than twice {capacity}: no file prepared there", _logging.INFO)
                     return None
-            # This thread runs no signal handler (Python runs them in the main thread
-            # only): nothing can come between the call and the cell that takes the fd.
-            cell = _lowlevel.fd_cell(_lowlevel.prepare_file(directory, MEMFD_NAME, capacity))
+            cell = _lowlevel.fd_cell()
+            _lowlevel.prepare_file(directory, MEMFD_NAME, capacity, cell=cell)
             try:
                 mapping = _lowlevel.Mapping(cell[0], capacity, writable=True, populate=True)
             except BaseException:

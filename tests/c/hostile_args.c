@@ -31,6 +31,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,19 +324,28 @@ static void check_hostile_sizes(void)
 
     /* prefault.c: a size no file can have, or nothing to make. A prepared file
      * is exactly its size, all zeros, and never has a name. */
-    EXPECT_RC(luna_prepare_file(dir_path, NULL, 0), -EINVAL);
-    EXPECT_RC(luna_prepare_file(dir_path, NULL, TWO_63), -EFBIG);
-    EXPECT_RC(luna_prepare_file(dir_path, NULL, UINT64_MAX), -EFBIG);
-    EXPECT_RC(luna_prepare_file(NULL, NULL, 4096), -EINVAL);
-    int prepared = luna_prepare_file(dir_path, NULL, 5000);
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, 0, NULL), -EINVAL);
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, TWO_63, NULL), -EFBIG);
+    EXPECT_RC(luna_prepare_file(dir_path, NULL, UINT64_MAX, NULL), -EFBIG);
+    EXPECT_RC(luna_prepare_file(NULL, NULL, 4096, NULL), -EINVAL);
+    int prepared_cell = -1;
+    int prepared = luna_prepare_file(dir_path, NULL, 5000, &prepared_cell);
     EXPECT_TRUE(prepared >= 0 || prepared == -EOPNOTSUPP); /* LUNA_NO_O_TMPFILE */
     if (prepared >= 0) {
         uint8_t tail[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+        EXPECT_TRUE(prepared_cell == prepared); /* owned from the moment it exists */
+        EXPECT_RC(luna_prepare_file(dir_path, NULL, 5000, &prepared_cell), -EINVAL);
+        EXPECT_TRUE(prepared_cell == prepared);
         EXPECT_TRUE(file_size(prepared) == 5000);
         EXPECT_RC(luna_read_at(prepared, 4992, tail, 8), 0);
         EXPECT_TRUE(memcmp(tail, (uint8_t[8]){0}, 8) == 0);
-        luna_close(prepared);
+        EXPECT_RC(luna_fd_release(&prepared_cell), 0);
+        EXPECT_TRUE(prepared_cell == -1);
+    } else {
+        EXPECT_TRUE(prepared_cell == -1);
     }
+    EXPECT_RC(luna_prepare_file(NULL, "luna-test", 4096, &prepared_cell) >= 0, 1);
+    EXPECT_RC(luna_fd_release(&prepared_cell), 0);
     EXPECT_TRUE(directory_is_empty());
 
     /* Fd cells: filled by the call that makes the fd, never overwritten, released once. */
@@ -521,6 +531,20 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, UINT64_MAX - 40), -EFBIG);
     EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, sizeof slot), -EFBIG);
     EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, NULL, 100), -EINVAL);
+    /* A refused fill copies nothing: an odd rest of the slot (no chunk ends there), a
+     * rest past 4 GiB (no JUNK chunk covers it; slot_len is only a number here). */
+    memset(slot, 0xA5, sizeof slot);
+    memset(data, 0x3C, 100);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot - 1, &spec, data, 100), -EINVAL);
+    EXPECT_RC(luna_wav_fill_slot(slot, TWO_32 + 4096, &spec, data, 100), -EFBIG);
+    EXPECT_RC(luna_wav_format_slot(slot, sizeof slot - 1, &spec, 100), -EINVAL);
+    EXPECT_RC(luna_wav_format_slot(slot, TWO_32 + 4096, &spec, 100), -EFBIG);
+    int slot_untouched = 1;
+    for (size_t i = 0; i < sizeof slot; i++)
+        slot_untouched &= slot[i] == 0xA5;
+    EXPECT_TRUE(slot_untouched);
+    EXPECT_RC(luna_wav_fill_slot(slot, sizeof slot, &spec, data, 100), 44);
+    EXPECT_TRUE(slot[44] == 0x3C && slot[143] == 0x3C && slot[144] == 'J');
 
     /* convert.c: counts whose buffers cannot exist (3 * count wraps too). */
     EXPECT_RC(luna_float_to_pcm(data, 0, buf, 16, UINT64_MAX), -EFBIG);
@@ -760,6 +784,25 @@ static void check_pool_fill(void)
     EXPECT_RC(luna_watch_wait(watch, 0), LUNA_WATCH_CHANGED);
 
     EXPECT_RC(luna_mapping_release(&m), 0);
+    static uint8_t slot_copy[SLOT];
+    memset(slot_copy, 0x5a, sizeof slot_copy);
+    /* An id that names no registered mapping is unknown, never "intact": the one just
+     * released, one never handed out in a block that exists, ids past the last block
+     * the registry can ever have (once read out of bounds) and negative ones. */
+    int unknown[] = {guard, guard + 1, 255, 256 * 4095 + 7, 1 << 20, INT_MAX, -1, INT_MIN};
+    for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
+        EXPECT_RC(luna_guard_broken(unknown[i]), -EINVAL);
+        EXPECT_RC(luna_guard_unregister(unknown[i]), -EINVAL);
+        EXPECT_RC(luna_pool_fill(unknown[i], -1, slot_copy, SLOT, &spec, samples, 2), -EINVAL);
+    }
+    EXPECT_TRUE(slot_copy[0] == 0x5a && slot_copy[SLOT - 1] == 0x5a);
+    /* An fd that is no inotify fd and reads 0 bytes (a file at its end): an error,
+     * not a drain loop that never ends. */
+    int not_a_watch = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    EXPECT_TRUE(not_a_watch >= 0);
+    EXPECT_RC(luna_watch_wait(not_a_watch, 0), -EINVAL);
+    EXPECT_RC(luna_watch_wait(not_a_watch, 100), -EINVAL);
+    close(not_a_watch);
     luna_close(watch);
     luna_close(fd);
     unlink(path);
@@ -796,6 +839,23 @@ static void check_unnamed_locked(void)
     EXPECT_TRUE(directory_is_empty()); /* it never had a name */
 }
 
+/* ---- 7. files.c: what luna_create_excl says of a path ending in "/" ------ */
+
+static void check_create_excl_trailing_slash(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/sub", dir_path);
+    EXPECT_RC(mkdir(path, 0700), 0);
+    EXPECT_RC(luna_create_excl(path, 0600, NULL), -EEXIST);
+    snprintf(path, sizeof path, "%s/sub/", dir_path);
+    EXPECT_RC(luna_create_excl(path, 0600, NULL), -EISDIR);
+    snprintf(path, sizeof path, "%s/none/", dir_path);
+    EXPECT_RC(luna_create_excl(path, 0600, NULL), -EISDIR);
+    snprintf(path, sizeof path, "%s/sub", dir_path);
+    EXPECT_RC(rmdir(path), 0);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -813,6 +873,7 @@ int main(int argc, char **argv)
     check_live();
     check_pool_fill();
     check_unnamed_locked();
+    check_create_excl_trailing_slash();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
