@@ -410,6 +410,23 @@ int luna_guard_register(void *addr, uint64_t len, int prot)
     }
 }
 
+int luna_guard_shrink(int id, uint64_t len)
+{
+    struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);
+    if (e == NULL)
+        return -EINVAL;
+    uint64_t s = atomic_load(&e->state);
+    if ((s & ST_MASK) != ST_LIVE || len == 0 || len > atomic_load(&e->len))
+        return -EINVAL; /* broken (zeros already) or not ours: leave it as it is */
+    /* A new generation: a handler that read the old length can no longer act. */
+    uint64_t claimed = (s & ~(uint64_t)ST_MASK) + GEN_ONE + ST_CLAIMED;
+    if (!atomic_compare_exchange_strong(&e->state, &s, claimed))
+        return -EINVAL; /* a handler broke it just now */
+    atomic_store(&e->len, len);
+    atomic_store(&e->state, (claimed & ~(uint64_t)ST_MASK) | ST_LIVE);
+    return 0;
+}
+
 int luna_guard_unregister(int id)
 {
     struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);

@@ -57,6 +57,12 @@ int luna_open_unnamed_locked(const char *dir, unsigned int mode);
  * Async-signal-safe: no. Cost: one sigaction query plus a compare-and-swap. */
 int luna_guard_register(void *addr, uint64_t len, int prot);
 
+/* Watch only the first len bytes (0 < len <= its length) of guard's range,
+ * before the rest is unmapped; its state goes through ST_CLAIMED meanwhile,
+ * so that no handler acts on the old length. Returns 0, or -EINVAL for an id
+ * that is not a live, whole mapping, or a len outside (0, length]. */
+int luna_guard_shrink(int guard, uint64_t len);
+
 /* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
  * id that is not registered. */
 int luna_guard_unregister(int guard);

@@ -59,6 +59,23 @@ int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mappi
     return guard;
 }
 
+int luna_mapping_cut(struct luna_mapping *m, uint64_t len)
+{
+    if (!m || !m->addr || len == 0 || len > m->len)
+        return -EINVAL;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t keep = (len + page - 1) / page * page;
+    uint64_t had = (m->len + page - 1) / page * page;
+    /* The guard first: from here on a fault in the tail is not ours. */
+    int rc = luna_guard_shrink(m->guard, len);
+    if (rc < 0)
+        return rc;
+    if (had > keep && munmap((uint8_t *)m->addr + keep, (size_t)(had - keep)) != 0)
+        rc = -errno; /* the tail stays mapped, unguarded and never touched */
+    m->len = len;
+    return rc;
+}
+
 int luna_mapping_release(struct luna_mapping *m)
 {
     if (!m)

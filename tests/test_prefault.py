@@ -211,6 +211,74 @@ def test_a_buffer_from_the_reserve_whose_file_was_cut_raises_estale_instead_of_d
     assert assert_child_ok(done).strip() == f"{errno.ESTALE} {STALE_MESSAGE}"
 
 
+# A child that takes a buffer cut from a larger prepared file (100,000 frames prepared,
+# 99,000 taken: the file is cut by 3 pages), so that its pages past the end would lie
+# past the file's end if they stayed mapped.
+CUT_FROM_THE_RESERVE = """
+    import os, signal, time
+    import numpy as np
+    from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
+    prefault_wav_buffers(per_size=1)
+    create_wav_buffer(100_000, 16000).close()
+    while prefault_stats().files < 1:
+        time.sleep(0.001)
+    cut = create_wav_buffer(99_000, 16000)
+    assert prefault_stats().hits == 1
+    cut.array[:] = np.arange(99_000) % 1000
+"""
+
+
+def test_a_sigbus_raised_elsewhere_in_the_process_is_not_swallowed_by_a_reserve_buffer(ram):
+    # The guard takes a raise()d SIGBUS for a fault passed on by faulthandler and looks
+    # for a mapping of ours whose last byte is gone. A buffer from the reserve kept its
+    # mapping at the prepared file's size, past the cut end: the signal was dropped (the
+    # process's own SIGBUS handler never ran) and the healthy buffer turned ESTALE.
+    body = CUT_FROM_THE_RESERVE + """
+    signal.signal(signal.SIGBUS, lambda signum, frame: print("the handler ran"))
+    cut.fileno()  # a luna_shm call after the handler was set: the guard goes in front
+    create_wav_buffer(10, 16000).close()
+    signal.raise_signal(signal.SIGBUS)
+    expected = np.arange(99_000) % 1000
+    print(bool(np.array_equal(cut.array, expected)))
+    cut.close()
+    os.unlink(cut.path)
+    prefault_wav_buffers(0)
+    """
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", textwrap.dedent(body)],
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
+                          capture_output=True, text=True, timeout=120)
+    assert assert_child_ok(done).split("\n")[:2] == ["the handler ran", "True"]
+
+
+def test_a_cut_buffer_never_breaks_a_healthy_buffer_from_the_reserve(ram):
+    # faulthandler enabled after the mappings runs first on a fault and re-raises it
+    # without the address: the guard then breaks only mappings whose last byte is gone.
+    # Another buffer cut by another program must not take the buffer from the reserve.
+    body = CUT_FROM_THE_RESERVE + """
+    import faulthandler
+    other = create_wav_buffer(50_000, 16000)
+    view = other.array
+    faulthandler.enable()
+    os.truncate(other.path, 0)
+    view[:] = 1
+    try:
+        other.array
+    except OSError as exc:
+        print("other:", exc.errno)
+    expected = np.arange(99_000) % 1000
+    print("cut:", bool(np.array_equal(cut.array, expected)))
+    for buf in (cut, other):
+        buf.close()
+        os.unlink(buf.path)
+    prefault_wav_buffers(0)
+    """
+    # Not -X dev: it enables faulthandler at start, behind the guard.
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)],
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
+                          capture_output=True, text=True, timeout=120)
+    assert assert_child_ok(done).split("\n")[:2] == [f"other: {errno.ESTALE}", "cut: True"]
+
+
 # ---- what the reserve serves, and what it holds --------------------------------------------------
 
 

@@ -277,7 +277,7 @@ class Mapping:
     writes through them reach no file; :meth:`check` raises.
     """
 
-    __slots__ = ("_address", "_guard", "filename", "length", "view")
+    __slots__ = ("_address", "_guard", "_owner", "filename", "length", "view")
 
     def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
                  filename: str | None = None) -> None:
@@ -305,9 +305,24 @@ class Mapping:
         self._address = ffi.gc(owner.addr, functools.partial(lib.luna_mapping_release_view,
                                                              owner))
         self._guard = guard
+        self._owner = owner
         self.filename = filename
         self.length = length
         view = memoryview(ffi.buffer(self._address, self.length))
+        self.view = view if writable else view.toreadonly()
+
+    def cut(self, length: int) -> None:
+        """Keep only the first length bytes mapped, before the file is cut to length.
+
+        A mapping that reaches past its file's end looks broken to the SIGBUS guard
+        (its last byte cannot be read) and may be broken by a SIGBUS that is not ours.
+        No view of the old length may be in use (BufferError otherwise).
+        """
+        writable = not self.view.readonly
+        self.view.release()
+        check(lib.luna_mapping_cut(self._owner, length), self.filename)
+        self.length = length
+        view = memoryview(ffi.buffer(self._address, length))
         self.view = view if writable else view.toreadonly()
 
     @property

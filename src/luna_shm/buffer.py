@@ -175,9 +175,10 @@ class WavBuffer(FileResource):
         """Reserve, write the header, map; or, given the populated mapping of a prepared
         file (every page allocated already), cut it to the exact length and adopt it."""
         if prepared is not None:
-            # The mapping keeps its capacity: the pages past the new end are never touched.
-            _lowlevel.set_length(fd, self._length, name)
+            # The mapping first, so that no page of it ever lies past the file's end.
             prepared.filename = name
+            prepared.cut(self._length)
+            _lowlevel.set_length(fd, self._length, name)
             prepared.view[: self._header_len] = header
         else:
             _lowlevel.reserve(fd, self._length, name)

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -839,7 +840,40 @@ static void check_unnamed_locked(void)
     EXPECT_TRUE(directory_is_empty()); /* it never had a name */
 }
 
-/* ---- 7. files.c: what luna_create_excl says of a path ending in "/" ------ */
+/* ---- 7. mapping.c: a mapping cut to a shorter file ------------------------- */
+
+static void check_mapping_cut(void)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/cut.wav", dir_path);
+    int fd = luna_create_excl(path, 0600, NULL);
+    EXPECT_TRUE(fd >= 0);
+    if (fd < 0)
+        return;
+    EXPECT_RC(luna_set_length(fd, 3 * 4096), 0);
+    struct luna_mapping m = {0};
+    int guard = luna_map(fd, 3 * 4096, 1, 1, &m);
+    EXPECT_TRUE(guard >= 0);
+    EXPECT_RC(luna_mapping_cut(NULL, 100), -EINVAL);
+    EXPECT_RC(luna_mapping_cut(&m, 0), -EINVAL);
+    EXPECT_RC(luna_mapping_cut(&m, 3 * 4096 + 1), -EINVAL);
+    EXPECT_RC(luna_mapping_cut(&m, 5000), 0);
+    EXPECT_TRUE(m.len == 5000);
+    EXPECT_RC(luna_set_length(fd, 5000), 0);
+    /* The kept pages are whole and guarded; the cut one is gone from the mapping. */
+    ((volatile uint8_t *)m.addr)[4999] = 7;
+    EXPECT_RC(luna_guard_broken(guard), 0);
+    EXPECT_RC(msync((uint8_t *)m.addr + 2 * 4096, 4096, MS_ASYNC), -1);
+    EXPECT_TRUE(errno == ENOMEM);
+    EXPECT_RC(luna_mapping_cut(&m, 6000), -EINVAL); /* never longer again */
+    EXPECT_RC(luna_mapping_release(&m), 0);
+    EXPECT_RC(luna_mapping_cut(&m, 100), -EINVAL); /* released */
+    luna_close(fd);
+    unlink(path);
+    EXPECT_TRUE(directory_is_empty());
+}
+
+/* ---- 8. files.c: what luna_create_excl says of a path ending in "/" ------ */
 
 static void check_create_excl_trailing_slash(void)
 {
@@ -873,6 +907,7 @@ int main(int argc, char **argv)
     check_live();
     check_pool_fill();
     check_unnamed_locked();
+    check_mapping_cut();
     check_create_excl_trailing_slash();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
