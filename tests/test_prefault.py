@@ -496,6 +496,136 @@ def test_space_held_by_the_reserve_is_given_back_to_a_create_that_needs_it():
     assert report == {"held": 212_992, "where": "/dev/shm", "left": []}
 
 
+# Each producer of a new temp file makes a 700 KB file; only the producer's own lines differ.
+PRODUCERS_OF_700_KB = {
+    "write_wav": "path = write_wav(None, np.ones(350_000, np.int16), 8000)",
+    "write_wav-atomic": "path = write_wav(None, np.ones(350_000, np.int16), 8000, atomic=True)",
+    "save_temp_audio": "path = save_temp_audio(b'x' * 700_000, '.mp3')",
+    "WavWriter": """
+        with WavWriter(None, 8000) as writer:
+            for _ in range(7):
+                writer.write(np.ones(50_000, np.int16))
+        path = writer.path
+    """,
+    "AudioPool": """
+        pool = AudioPool(slots=1, max_bytes=700_000)
+        path = pool.write_wav(np.ones(350_000, np.int16), 8000).path
+    """,
+    "get_temp_audio_path": """
+        path = get_temp_audio_path(create=True, size_hint=700_000)
+        with open(path, "wb") as f:
+            f.write(b"x" * 700_000)
+    """,
+    "create_wav_buffer-path": """
+        with create_wav_buffer(350_000, 8000, path='/dev/shm/given.wav') as given:
+            path = given.path
+    """,
+}
+
+
+@pytest.mark.parametrize("producer", list(PRODUCERS_OF_700_KB))
+def test_every_producer_gets_the_space_the_reserve_holds_before_it_falls_back_to_disk(producer):
+    # As above, for every producer of a new file: 1 MiB of RAM disk, 200 KB in use, 213 KB
+    # held by the reserve. 700 KB fit only once the reserve gives its space back: a size
+    # hint, or the ENOSPC of the write, must make it do so (they went to the fallback dir).
+    body = textwrap.dedent(PRODUCERS_OF_700_KB[producer]).strip("\n")
+    done = run_in_private_shm(f"""
+        import json, os, time
+        import numpy as np
+        from luna_shm import (AudioPool, WavWriter, create_wav_buffer, get_temp_audio_path,
+                              prefault_stats, prefault_wav_buffers, save_temp_audio,
+                              write_wav)
+        prefault_wav_buffers(per_size=1)
+        first = create_wav_buffer(100_000, 8000)
+        deadline = time.monotonic() + 30
+        while prefault_stats().files < 1:
+            assert time.monotonic() < deadline, prefault_stats()
+            time.sleep(0.001)
+        held = prefault_stats().bytes
+{textwrap.indent(body, " " * 8)}
+        where = os.path.dirname(path)
+        size = os.stat(path).st_size
+        if "pool" in dir():
+            pool.close()
+        first.close()
+        for name in (first.path, path):
+            if os.path.exists(name):
+                os.unlink(name)
+        prefault_wav_buffers(0)
+        print(json.dumps({{"held": held, "where": where, "big": size >= 700_000,
+                          "left": os.listdir("/dev/shm")}}))
+    """, shm_size="1m")
+    report = json.loads(assert_child_ok(done))
+    assert report == {"held": 212_992, "where": "/dev/shm", "big": True, "left": []}
+
+
+def test_a_file_the_refill_thread_is_preparing_never_sends_a_create_to_disk():
+    # 1 MiB of RAM disk, 300 KB in use; 600 buffers of 300 and 450 KB made and removed
+    # in turn, while the refill thread prepares files of both sizes in the space left.
+    # A file it was preparing (not yet kept, so not given back) sent creates to the
+    # fallback dir (24 to 33 of 600 did), or its own failure freed the space only after the
+    # create had given up. Each create must stay on the RAM disk.
+    done = run_in_private_shm("""
+        import json, os
+        from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
+        prefault_wav_buffers(per_size=1)
+        keep = create_wav_buffer(150_000, 8000)
+        fell = 0
+        for i in range(600):
+            buf = create_wav_buffer(150_000 if i % 2 else 225_000, 8000)
+            fell += not buf.path.startswith("/dev/shm/")
+            buf.close()
+            os.unlink(buf.path)
+        keep.close()
+        os.unlink(keep.path)
+        prefault_wav_buffers(0)
+        print(json.dumps({"fell": fell, "left": os.listdir("/dev/shm")}))
+    """, shm_size="1m")
+    assert json.loads(assert_child_ok(done)) == {"fell": 0, "left": []}
+
+
+def test_the_reserve_gives_its_fds_back_to_a_create_that_runs_out_of_them():
+    # Each kept file holds an fd. Under a low RLIMIT_NOFILE, a process makes buffers until
+    # EMFILE, with the reserve off, then on (holding 8 files of two other sizes): it must
+    # make as many both times.
+    done = run_in_private_shm("""
+        import errno, json, os, resource, time
+        from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
+
+        def how_many(sizes):
+            made = []
+            try:
+                while True:
+                    made.append(create_wav_buffer(sizes[len(made) % len(sizes)], 8000))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE, exc
+            count = len(made)
+            for buf in made:
+                buf.close()
+                os.unlink(buf.path)
+            return count
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+        without = how_many([20_000])
+        prefault_wav_buffers(per_size=4)
+        for size in [1000, 5000] * 2:
+            create_wav_buffer(size, 8000).close()
+        deadline = time.monotonic() + 30
+        while prefault_stats().files < 8:
+            assert time.monotonic() < deadline, prefault_stats()
+            time.sleep(0.001)
+        held = prefault_stats().files
+        with_reserve = how_many([20_000])  # a size the reserve holds no file of
+        prefault_wav_buffers(0)
+        for name in os.listdir("/dev/shm"):
+            os.unlink(os.path.join("/dev/shm", name))
+        print(json.dumps({"held": held, "without": without, "with": with_reserve}))
+    """, shm_size="4m")
+    report = json.loads(assert_child_ok(done))
+    assert report["held"] == 8 and report["without"] > 10
+    assert report["with"] == report["without"], report
+
+
 def test_a_nearly_full_ram_disk_gets_no_prepared_file_and_calls_still_succeed():
     done = run_in_private_shm("""
         import json, logging, os, threading

@@ -7,7 +7,8 @@ directory placement chose (the fallback dir when a size hint says the RAM disk
 lacks room), created exclusively with mode 0600, optionally under a shared
 flock held from before the name appears. :func:`with_disk_fallback` is the one
 policy for a RAM disk that refuses the file (full, read-only, ...): make it
-again in the fallback dir, logged once.
+again in the fallback dir, logged once. Space or fds that the prefault reserve
+holds are given back first, before a size hint or a failure sends a file to disk.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from luna_shm import _lowlevel, formats, placement
+from luna_shm import _lowlevel, _prefault, formats, placement
 from luna_shm.placement import AUDIO_PREFIX
 
 _T = TypeVar("_T")
@@ -81,7 +82,7 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
         free = _lowlevel.fs_probe(chosen.ram_dir).bytes_free
     except OSError:
         free = 0
-    if free >= size_hint:
+    if free >= size_hint or _prefault.make_room(chosen.ram_dir, size_hint):
         return chosen.directory
     placement.log_once(
         f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
@@ -196,9 +197,11 @@ def _explained(exc: OSError) -> OSError:
 
 
 def with_disk_fallback(attempt: Callable[[bool], _T]) -> _T:
-    """Make a new temp file: ``attempt(False)`` where placement puts it, and when the RAM
-    disk refused it (an errno of :data:`FALLBACK_ERRNOS` naming a file in the RAM dir),
-    ``attempt(True)`` in the fallback dir, logged once on the ``luna_shm`` logger.
+    """Make a new temp file: ``attempt(False)`` where placement puts it (once more when
+    the prefault reserve held the space or fds it lacked: ``_prefault.retry_if_short``),
+    and when the RAM disk refused it (an errno of :data:`FALLBACK_ERRNOS` naming a file
+    in the RAM dir), ``attempt(True)`` in the fallback dir, logged once on the
+    ``luna_shm`` logger.
 
     Args:
         attempt: makes and fills the file; its argument is on_disk. When it raises,
@@ -212,7 +215,7 @@ def with_disk_fallback(attempt: Callable[[bool], _T]) -> _T:
             hint when the RAM disk is full (:func:`explain_full_disk`).
     """
     try:
-        return attempt(False)
+        return _prefault.retry_if_short(lambda: attempt(False))
     except OSError as exc:
         if not _ram_disk_refused(exc):
             raise _explained(exc) from None

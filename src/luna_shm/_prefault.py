@@ -34,18 +34,27 @@ Design, in the order a call meets it:
 from __future__ import annotations
 
 import atexit as _atexit
+import errno as _errno
 import logging as _logging
 import os as _os
 import threading as _threading
 import time as _time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from luna_shm import _lowlevel, placement
 
 # The memfd name of anonymous buffers (as /proc/<pid>/fd/<n> shows it).
 MEMFD_NAME = f"{placement.AUDIO_PREFIX}buffer"
+
+_T = TypeVar("_T")
+
+# What a create may run short of while the reserve holds it: RAM-disk space or memory
+# (its files' pages), file descriptors (one per file).
+SHORTAGE_ERRNOS = frozenset(
+    {_errno.ENOSPC, _errno.EDQUOT, _errno.ENOMEM, _errno.EMFILE, _errno.ENFILE})
 
 # Key of a kept file: (directory or None for a memfd, size class in bytes).
 _Key = tuple[str | None, int]
@@ -107,8 +116,10 @@ class _Reserve:
         self.lock = _threading.Lock()
         self.wake = _threading.Condition(self.lock)
         # Held by the refill thread from the start of a preparation until the file is
-        # registered (or closed): the before-fork hook takes it first.
-        self.making = _threading.Lock()
+        # registered (or closed): the before-fork hook takes it first, and so does a
+        # create retried after a shortage (retry_if_short; reentrant: that create may
+        # ask make_room).
+        self.making = _threading.RLock()
         self.enabled = False
         self.max_bytes = 0
         self.per_size = 0
@@ -303,8 +314,9 @@ class _Reserve:
             doomed = self.items()
             self.ready.clear()
             self.held = 0
-        give_back(doomed)
-        return bool(doomed)
+        any_kept = bool(doomed)
+        give_back(doomed)  # empties the list
+        return any_kept
 
 
 def give_back(items: list[Prepared]) -> None:
@@ -348,24 +360,51 @@ def note_failure(message: str) -> None:
 
 
 def drop_all() -> bool:
-    """Give back every kept file now (a create hit ENOSPC); True if any was kept."""
+    """Give back every kept file now; True if any was kept."""
     return _reserve.drop_all()
 
 
-def make_room(directory: str, length: int) -> None:
-    """Before a normal create of length bytes in directory: when the reserve holds files
-    there and the directory has less than length bytes free, give every file back, so
-    that the new file goes where it would have gone without the reserve."""
-    with _reserve.lock:
-        held_here = any(items and key[0] == directory for key, items in _reserve.ready.items())
-    if not held_here:
-        return
+def retry_if_short(attempt: Callable[[], _T]) -> _T:
+    """attempt(), and once more when it ran short of what the reserve holds (an errno of
+    SHORTAGE_ERRNOS) while the reserve held files: the reserve never makes a create fail
+    that would succeed without it. The retry waits for a file being prepared, gives back
+    every file, and runs with the refill thread held off, so that it cannot take the
+    space again in between."""
     try:
-        free = _lowlevel.fs_probe(directory).bytes_free
-    except OSError:
-        return
-    if free < length:
-        drop_all()
+        return attempt()
+    except OSError as exc:
+        return retry_after(exc, attempt)
+
+
+def retry_after(failure: OSError, attempt: Callable[[], _T]) -> _T:
+    """attempt() once more, its first try having raised failure, when that was a shortage
+    (an errno of SHORTAGE_ERRNOS) while the reserve was on or held files (see
+    retry_if_short); else raise failure."""
+    if failure.errno in SHORTAGE_ERRNOS:
+        # Waits for a file being prepared, and none is started until the retry is done.
+        # On: retried even when no file is held now: the thread may have held the space
+        # at the failure, then given it up (its own file did not fit either).
+        with _reserve.making:
+            if _reserve.drop_all() or _reserve.enabled:
+                return attempt()
+    raise failure
+
+
+def make_room(directory: str, length: int) -> bool:
+    """Before a create of length bytes in directory, which lacked the room for it: wait
+    for a file being prepared (kept or given up), and when the reserve holds files there
+    and the room is still lacking, give every file back, so that the new file goes where
+    it would have gone without the reserve. True when directory has the room now."""
+    with _reserve.making:
+        with _reserve.lock:
+            held_here = any(items and key[0] == directory
+                            for key, items in _reserve.ready.items())
+        try:
+            if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
+                _reserve.drop_all()
+            return _lowlevel.fs_probe(directory).bytes_free >= length
+        except OSError:
+            return False
 
 
 def stats() -> PrefaultStats:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +21,6 @@ from luna_shm._resource import FileResource
 
 __all__ = ["PrefaultStats", "WavBuffer", "create_wav_buffer", "prefault_stats",
            "prefault_wav_buffers"]
-
-_T = TypeVar("_T")
-
-# Out of space: a create that fails so while the prefault reserve holds files retries
-# once after the reserve gave their space back.
-_SPACE_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.ENOMEM})
 
 class WavBuffer(FileResource):
     """A mapped WAV file whose samples are the numpy array ``array``.
@@ -72,7 +65,7 @@ class WavBuffer(FileResource):
                 raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
         try:
             if anonymous:
-                name, cell = self._open_prepared(None, header) or self._retry_after_drop(
+                name, cell = self._open_prepared(None, header) or _prefault.retry_if_short(
                     lambda: self._open_memfd(header))
             else:
                 name, cell = self._open_named(path, header)
@@ -104,22 +97,9 @@ class WavBuffer(FileResource):
                 prepared = self._open_prepared(chosen.directory, header)
                 if prepared is not None:
                     return prepared
-                _prefault.make_room(chosen.directory, self._length)
-            return _newfile.with_disk_fallback(lambda on_disk: self._retry_after_drop(
-                lambda: self._open_destination(None, header, on_disk), on_disk))
-        return self._open_destination(path, header, False)
-
-    @staticmethod
-    def _retry_after_drop(attempt: Callable[[], _T], on_disk: bool = False) -> _T:
-        """attempt(), and once more when it ran out of space while the prefault reserve
-        held files: the reserve gives their space back first (it never makes a create
-        fail that would succeed without it)."""
-        try:
-            return attempt()
-        except OSError as exc:
-            if on_disk or exc.errno not in _SPACE_ERRNOS or not _prefault.drop_all():
-                raise
-        return attempt()
+            return _newfile.with_disk_fallback(
+                lambda on_disk: self._open_destination(None, header, on_disk))
+        return _prefault.retry_if_short(lambda: self._open_destination(path, header, False))
 
     def _open_prepared(self, directory: str | None,
                        header: bytes) -> tuple[str, _lowlevel.FdCell] | None:

@@ -30,7 +30,16 @@ from typing import Any, Self
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, _resource, encoding, formats, placement, temp_audio
+from luna_shm import (
+    _lowlevel,
+    _newfile,
+    _prefault,
+    _resource,
+    encoding,
+    formats,
+    placement,
+    temp_audio,
+)
 from luna_shm.placement import AUDIO_PREFIX
 
 __all__ = ["AudioPool", "PooledWav"]
@@ -446,9 +455,7 @@ class AudioPool(_resource.Resource):
 
     def _new_slot(self) -> _Slot:
         if self.anonymous:
-            cell = _lowlevel.fd_cell()
-            fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
-            slot = self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
+            slot = _prefault.retry_if_short(self._new_anonymous_slot)
         else:
             # A RAM disk that refuses the slot (at its creation or its reservation)
             # sends it to the disk temp dir.
@@ -464,6 +471,12 @@ class AudioPool(_resource.Resource):
                 pass
         self._slots.append(slot)
         return slot
+
+    def _new_anonymous_slot(self) -> _Slot:
+        """One try at a memfd slot; on failure it is closed again."""
+        cell = _lowlevel.fd_cell()
+        fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
+        return self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
 
     def _new_named_slot(self, on_disk: bool) -> _Slot:
         """One try at a named slot file; on failure it is removed again."""

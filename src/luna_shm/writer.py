@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, _resource, formats
+from luna_shm import _lowlevel, _newfile, _prefault, _resource, formats
 from luna_shm._resource import FileResource
 
 __all__ = ["WavWriter"]
@@ -126,6 +126,12 @@ class WavWriter(FileResource):
                 raise ValueError("I/O operation on closed WavWriter")
             try:
                 stream.append(array, self.path)
+                return
+            except OSError as exc:
+                failure = exc
+            try:  # a failed append leaves the file as it was: try once more when the
+                # prefault reserve held the space it lacked
+                _prefault.retry_after(failure, lambda: stream.append(array, self.path))
                 return
             except OSError as exc:
                 failure = exc
