@@ -290,6 +290,42 @@ def test_the_stale_error_names_the_file_and_says_what_happened(private_dirs) -> 
                            f"while mapped here; its mapping was replaced with zeros: {path!r}")
 
 
+def test_a_rewrite_that_puts_every_byte_back_before_a_touch_is_not_an_error(private_dirs) -> None:
+    # What the docs promise, and no more: ESTALE needs a touch of a page that was gone.
+    # soundfile.write of the same length (truncate, then write) by another process while
+    # the owner touched nothing: the mapping shows the new samples, writes reach the file.
+    body = """
+        import sys
+        import numpy as np
+        from luna_shm import create_wav_buffer
+        buf = create_wav_buffer(100_000, 16000)
+        buf.array[:] = 1
+        print(buf.path, flush=True)
+        sys.stdin.readline()
+        view = buf.array  # no ESTALE
+        print(int(view[0]), int(view[-1]), flush=True)
+        view[:] = 3
+        buf.close()
+    """
+    child = _child(body, "off")
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        path = child.stdout.readline().strip()
+        sf.write(path, np.full(100_000, 2, np.int16), 16000, subtype="PCM_16")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        seen = child.stdout.readline().split()
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    assert seen == ["2", "2"]
+    back, _ = sf.read(path, dtype="int16")
+    assert back.shape == (100_000,) and set(np.unique(back)) == {3}
+
+
 @pytest.mark.parametrize("faulthandler", ["off", "after-mapping"])
 def test_truncating_a_named_buffer_never_kills_a_process_that_mapped_its_file(
         private_dirs, faulthandler) -> None:

@@ -182,11 +182,14 @@ class WavBuffer(FileResource):
 
         Raises:
             ValueError: the buffer is closed.
-            OSError: ``OSError(ESTALE, ..., path)``: another process truncated or
-                rewrote the file (``open(path, "wb")``, ``soundfile.write``,
-                ``os.truncate``) while it was mapped here. Instead of dying of
-                SIGBUS, this process had the mapping replaced with zero pages:
-                what was written to the array since is lost. Make a new buffer.
+            OSError: ``OSError(ESTALE, ..., path)``: another process cut the file
+                (``open(path, "wb")``, ``soundfile.write``, ``os.truncate``) while it
+                was mapped here, and this process touched a page that was gone.
+                Instead of dying of SIGBUS, it had the mapping replaced with zero
+                pages: what was written to the array since is lost. Make a new
+                buffer. A rewrite that put at least as many bytes back before any
+                such touch is not seen: the array shows the new bytes. An anonymous
+                buffer (a memfd sealed against shrinking) cannot be cut at all.
         """
         self._check_mapping()
         assert self._array is not None

@@ -202,9 +202,11 @@ class PooledWav(_resource.Resource):
 
         Raises:
             ValueError: released (arrays taken before still alias the slot).
-            OSError: ESTALE: another process truncated or rewrote the slot's file
-                while it was mapped (its mapping now holds zeros, see
-                :attr:`WavBuffer.array`); the pool drops the slot when released.
+            OSError: ESTALE: another process cut the slot's file while it was
+                mapped and this process touched a lost page (its mapping now holds
+                zeros, see :attr:`WavBuffer.array`); the pool drops the slot when
+                released. Once released, the pool's inotify watch sees any change
+                to the file, a same-length rewrite too, before the slot is reused.
         """
         self._check_held()
         self._slot.mapping.check()
