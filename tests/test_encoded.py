@@ -74,6 +74,11 @@ def test_a_multibyte_memoryview_writes_its_bytes(private_dirs) -> None:
 def test_empty_data_makes_an_empty_file(private_dirs) -> None:
     assert read(save_temp_audio(b"")) == b""
     assert read(save_temp_audio(iter([]))) == b""
+    # An empty view whose shape has a zero in it (memoryview cannot cast it).
+    empty_2d = memoryview(bytearray(6)).cast("B", (3, 2))[:0]
+    assert empty_2d.shape == (0, 2)
+    assert read(save_temp_audio(empty_2d)) == b""
+    assert read(save_temp_audio([b"ab", empty_2d, b"c"])) == b"abc"
 
 
 def test_suffix_and_prefix_name_the_file(private_dirs) -> None:

@@ -24,6 +24,7 @@ from luna_shm import (
     WavWriter,
     create_wav_buffer,
     formats,
+    get_temp_audio_path,
     read_wav,
     write_wav,
 )
@@ -274,6 +275,33 @@ def test_create_wav_buffer_rejects_bad_arguments_before_creating_anything(ram, k
     with pytest.raises(error, match=message):
         create_wav_buffer(**arguments, anonymous=anonymous)
     assert os.listdir(ram) == []
+
+
+FLAG_CALLS = {
+    "create_wav_buffer(anonymous)": lambda ram, flag: create_wav_buffer(10, RATE, anonymous=flag),
+    "AudioPool(anonymous)": lambda ram, flag: AudioPool(1, 4096, anonymous=flag),
+    "write_wav(atomic)": lambda ram, flag: write_wav(None, np.zeros(4, np.int16), RATE,
+                                                     atomic=flag),
+    "read_wav(mmap)": lambda ram, flag: read_wav(write_wav(ram / "r.wav", np.zeros(4, np.int16),
+                                                           RATE), mmap=flag),
+    "read_wav(always_2d)": lambda ram, flag: read_wav(
+        write_wav(ram / "r.wav", np.zeros(4, np.int16), RATE), always_2d=flag),
+    "get_temp_audio_path(create)": lambda ram, flag: get_temp_audio_path(create=flag),
+}
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 0, 1, None, [True]], ids=repr)
+@pytest.mark.parametrize("call", list(FLAG_CALLS))
+def test_a_flag_that_is_not_a_bool_is_refused_naming_it_not_taken_for_its_truth(ram, call, flag):
+    # anonymous="no" made an anonymous buffer, mmap="false" a mapping: truthiness does the
+    # opposite of what such a caller meant.
+    name = call[call.index("(") + 1:-1]
+    with pytest.raises(TypeError, match=rf"^{name} must be True or False, got "):
+        FLAG_CALLS[call](ram, flag)
+    assert os.listdir(ram) in ([], ["r.wav"])
+    made = FLAG_CALLS[call](ram, np.bool_(False))  # numpy's bool is a bool
+    if hasattr(made, "close"):
+        made.close()
 
 
 def test_an_anonymous_buffer_with_a_path_is_refused(ram):

@@ -49,7 +49,7 @@ class WavBuffer(FileResource):
         self.samplerate = formats.check_samplerate(samplerate)
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
-        self.anonymous = bool(anonymous)
+        self.anonymous = formats.check_flag("anonymous", anonymous)
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)

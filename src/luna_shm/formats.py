@@ -97,6 +97,17 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
     return number
 
 
+def check_flag(name: str, value: object) -> bool:
+    """value as a bool: True or False (numpy's bool too); TypeError naming the argument
+    otherwise. Not truthiness: anonymous="no" or mmap="false" would do the opposite of
+    what the caller meant."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {brief(value)}")
+
+
 def check_seconds(name: str, value: object, *, maximum: float | None = None,
                   optional: bool = False) -> float:
     """value as a float number of seconds in [0, maximum] (no maximum: any size).

@@ -417,6 +417,7 @@ class AudioPool(_resource.Resource):
     ) -> None:
         slots = formats.check_int("slots", slots, minimum=1)
         max_bytes = formats.check_int("max_bytes", max_bytes, minimum=1)
+        anonymous = formats.check_flag("anonymous", anonymous)
         if _slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
             raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got "
                              f"{_lowlevel.brief(max_bytes)}")

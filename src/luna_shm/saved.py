@@ -43,6 +43,8 @@ def _type_name(value: object) -> str:
 def _byte_view(chunk: BytesLike) -> memoryview:
     """A flat, C-contiguous byte view of chunk (a non-contiguous memoryview is copied once)."""
     view = memoryview(chunk)
+    if view.nbytes == 0:  # a shape with a zero in it cannot be cast: nothing to write
+        return memoryview(b"")
     if not view.c_contiguous:
         return memoryview(view.tobytes())
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view

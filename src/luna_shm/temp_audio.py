@@ -84,7 +84,7 @@ def get_temp_audio_path(
         TypeError, ValueError: for a bad suffix, prefix or size_hint.
         OSError: when no directory can take the file.
     """
-    if (size_hint is None and not create and type(suffix) is str and suffix == ".wav"
+    if (size_hint is None and create is False and type(suffix) is str and suffix == ".wav"
             and type(prefix) is str and prefix == AUDIO_PREFIX):
         # The defaults are valid name parts: the common call costs a uuid4 and a
         # format, nothing more (placement's directory is cached).
@@ -92,7 +92,7 @@ def get_temp_audio_path(
     _newfile.check_name_part("suffix", suffix)
     _newfile.check_name_part("prefix", prefix)
     hint = _newfile.check_size_hint(size_hint)
-    if not create:
+    if not formats.check_flag("create", create):
         return _newfile.new_temp_name(suffix, prefix, size_hint=hint)
     path, cell = _newfile.with_disk_fallback(
         lambda on_disk: _newfile.create_temp_file(suffix, prefix, size_hint=hint,

@@ -56,6 +56,8 @@ def write_wav(
             message (a list of Python ints is refused: numpy makes it int64).
         OSError: the write failed (ENOSPC, EFBIG, ...); nothing half-written is left.
     """
+    if atomic is not False and atomic is not True:
+        atomic = formats.check_flag("atomic", atomic)
     # The common call (an array like one checked before, written as it is) skips the
     # Encoding: its fixed cost is what a short WAV's write costs beyond its system calls.
     known = encoding.planned_spec(data, samplerate, subtype)
@@ -165,6 +167,10 @@ def read_wav(
         OSError: the file cannot be opened or read.
     """
     path_str = _lowlevel.path_argument(path, "str or os.PathLike[str]")
+    if mmap is not True and mmap is not False:
+        mmap = formats.check_flag("mmap", mmap)
+    if always_2d is not False and always_2d is not True:
+        always_2d = formats.check_flag("always_2d", always_2d)
     if dtype is not None or out is not None:
         samples, channels, samplerate = _read_converted(path_str, dtype, out)
     elif mmap:
