@@ -51,6 +51,14 @@ THREAD_NAME = "luna_shm-prefault"
 NAME = re.compile(r"luna_audio_[0-9a-f]{32}\.wav")
 
 
+def run_child(body: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run body (dedented) in a child Python with flags, importing the library under test:
+    a guard that fails kills the child with SIGBUS, not the test run."""
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(body)],
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
+                          capture_output=True, text=True, timeout=120)
+
+
 def wait_for_files(count: int, deadline: float = 30.0) -> None:
     """Wait until the reserve holds count files (a deadline against hanging, not a timing)."""
     end = time.monotonic() + deadline
@@ -183,47 +191,45 @@ def test_truncate_of_a_buffer_from_the_reserve_keeps_its_length_and_the_kept_fra
     np.testing.assert_array_equal(back, np.arange(100, dtype=np.int16))
 
 
+def reserve_buffer_in_child(name: str, prepared: int, taken: int) -> str:
+    """Lines for a child (4-space indented, for run_child): the reserve on, a file of
+    prepared frames (16 kHz int16) prepared, and a buffer of taken frames made from it,
+    as name."""
+    return f"""
+    import os, signal, time
+    import numpy as np
+    from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
+    prefault_wav_buffers(per_size=1)
+    create_wav_buffer({prepared}, 16000).close()
+    while prefault_stats().files < 1:
+        time.sleep(0.001)
+    {name} = create_wav_buffer({taken}, 16000)
+    assert prefault_stats().hits == 1
+"""
+
+
 def test_a_buffer_from_the_reserve_whose_file_was_cut_raises_estale_instead_of_dying(ram):
     # In a child: should the guard fail, the child dies of SIGBUS, not the test run.
-    body = """
-        import os, time
-        from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
-        prefault_wav_buffers(per_size=1)
-        create_wav_buffer(50_000, 16000).close()
-        while prefault_stats().files < 1:
-            time.sleep(0.001)
-        buf = create_wav_buffer(50_000, 16000)
-        assert prefault_stats().hits == 1
-        view = buf.array
-        os.truncate(buf.path, 0)
-        view[:] = 1
-        try:
-            buf.array
-        except OSError as exc:
-            print(exc.errno, exc.strerror)
-        buf.close()
-        os.unlink(buf.path)
-        prefault_wav_buffers(0)
+    body = reserve_buffer_in_child("buf", 50_000, 50_000) + """
+    view = buf.array
+    os.truncate(buf.path, 0)
+    view[:] = 1
+    try:
+        buf.array
+    except OSError as exc:
+        print(exc.errno, exc.strerror)
+    buf.close()
+    os.unlink(buf.path)
+    prefault_wav_buffers(0)
     """
-    done = subprocess.run([sys.executable, "-X", "dev", "-c", textwrap.dedent(body)],
-                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
-                          capture_output=True, text=True, timeout=120)
+    done = run_child(body, "-X", "dev")
     assert assert_child_ok(done).strip() == f"{errno.ESTALE} {STALE_MESSAGE}"
 
 
 # A child that takes a buffer cut from a larger prepared file (100,000 frames prepared,
 # 99,000 taken: the file is cut by 3 pages), so that its pages past the end would lie
 # past the file's end if they stayed mapped.
-CUT_FROM_THE_RESERVE = """
-    import os, signal, time
-    import numpy as np
-    from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
-    prefault_wav_buffers(per_size=1)
-    create_wav_buffer(100_000, 16000).close()
-    while prefault_stats().files < 1:
-        time.sleep(0.001)
-    cut = create_wav_buffer(99_000, 16000)
-    assert prefault_stats().hits == 1
+CUT_FROM_THE_RESERVE = reserve_buffer_in_child("cut", 100_000, 99_000) + """
     cut.array[:] = np.arange(99_000) % 1000
 """
 
@@ -244,9 +250,7 @@ def test_a_sigbus_raised_elsewhere_in_the_process_is_not_swallowed_by_a_reserve_
     os.unlink(cut.path)
     prefault_wav_buffers(0)
     """
-    done = subprocess.run([sys.executable, "-X", "dev", "-c", textwrap.dedent(body)],
-                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
-                          capture_output=True, text=True, timeout=120)
+    done = run_child(body, "-X", "dev")
     assert assert_child_ok(done).split("\n")[:2] == ["the handler ran", "True"]
 
 
@@ -272,10 +276,7 @@ def test_a_cut_buffer_never_breaks_a_healthy_buffer_from_the_reserve(ram):
         os.unlink(buf.path)
     prefault_wav_buffers(0)
     """
-    # Not -X dev: it enables faulthandler at start, behind the guard.
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)],
-                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH},
-                          capture_output=True, text=True, timeout=120)
+    done = run_child(body)  # not -X dev: it enables faulthandler at start, behind the guard
     assert assert_child_ok(done).split("\n")[:2] == [f"other: {errno.ESTALE}", "cut: True"]
 
 
@@ -468,36 +469,13 @@ def test_a_forked_child_never_uses_or_frees_its_parents_reserve(reserve, ram):
 # ---- a small RAM disk ----------------------------------------------------------------------------
 
 
-def test_space_held_by_the_reserve_is_given_back_to_a_create_that_needs_it():
-    # 1 MiB of RAM disk: a 200 KB buffer stays; its size class is prepared (200,044 bytes
-    # rounded up to 13 x 16 KiB held).
-    # A 700 KB buffer then fits only if the reserve gives its space back, and it must, on
-    # the RAM disk (not in the fallback dir, where it would go if the reserve kept it).
-    done = run_in_private_shm("""
-        import json, os, time
-        from luna_shm import create_wav_buffer, prefault_stats, prefault_wav_buffers
-        prefault_wav_buffers(per_size=1)
-        first = create_wav_buffer(100_000, 8000)
-        deadline = time.monotonic() + 30
-        while prefault_stats().files < 1:
-            assert time.monotonic() < deadline, prefault_stats()
-            time.sleep(0.001)
-        held = prefault_stats().bytes
-        with create_wav_buffer(350_000, 8000) as big:
-            big.array[:] = 1
-            where = os.path.dirname(big.path)
-        for buf in (first, big):
-            buf.close()
-            os.unlink(buf.path)
-        prefault_wav_buffers(0)
-        print(json.dumps({"held": held, "where": where, "left": os.listdir("/dev/shm")}))
-    """, shm_size="1m")
-    report = json.loads(assert_child_ok(done))
-    assert report == {"held": 212_992, "where": "/dev/shm", "left": []}
-
-
 # Each producer of a new temp file makes a 700 KB file; only the producer's own lines differ.
 PRODUCERS_OF_700_KB = {
+    "create_wav_buffer": """
+        with create_wav_buffer(350_000, 8000) as big:
+            big.array[:] = 1
+            path = big.path
+    """,
     "write_wav": "path = write_wav(None, np.ones(350_000, np.int16), 8000)",
     "write_wav-atomic": "path = write_wav(None, np.ones(350_000, np.int16), 8000, atomic=True)",
     "save_temp_audio": "path = save_temp_audio(b'x' * 700_000, '.mp3')",
@@ -525,9 +503,10 @@ PRODUCERS_OF_700_KB = {
 
 @pytest.mark.parametrize("producer", list(PRODUCERS_OF_700_KB))
 def test_every_producer_gets_the_space_the_reserve_holds_before_it_falls_back_to_disk(producer):
-    # As above, for every producer of a new file: 1 MiB of RAM disk, 200 KB in use, 213 KB
-    # held by the reserve. 700 KB fit only once the reserve gives its space back: a size
-    # hint, or the ENOSPC of the write, must make it do so (they went to the fallback dir).
+    # 1 MiB of RAM disk: a 200 KB buffer stays; its size class is prepared (200,044 bytes
+    # rounded up to 13 x 16 KiB held). A 700 KB file then fits only once the reserve gives
+    # its space back, and it must, for every producer: on the RAM disk, not in the
+    # fallback dir, where a size hint or the ENOSPC of the write sent all but buffers.
     body = textwrap.dedent(PRODUCERS_OF_700_KB[producer]).strip("\n")
     done = run_in_private_shm(f"""
         import json, os, time

@@ -290,6 +290,16 @@ static void check_headers(void)
 
 static char dir_path[2048];
 
+/* A new file called name in the test's directory, its path in path; -errno (counted as
+ * a failure) when it cannot be made. */
+static int create_in_dir(char *path, size_t size, const char *name)
+{
+    snprintf(path, size, "%s/%s", dir_path, name);
+    int fd = luna_create_excl(path, 0600, NULL);
+    EXPECT_TRUE(fd >= 0);
+    return fd;
+}
+
 static int directory_is_empty(void)
 {
     DIR *d = opendir(dir_path);
@@ -634,9 +644,7 @@ static void check_live(void)
 
     /* A live stream appended to through wav_io.c keeps its state chunk. */
     char path[4096];
-    snprintf(path, sizeof path, "%s/live.wav", dir_path);
-    int fd = luna_create_excl(path, 0600, NULL);
-    EXPECT_TRUE(fd >= 0);
+    int fd = create_in_dir(path, sizeof path, "live.wav");
     if (fd < 0)
         return;
     int len = luna_live_header(header, &spec, 0, LUNA_STREAM_LIVE);
@@ -717,9 +725,7 @@ static void check_pool_fill(void)
     uint8_t samples[32];
     memset(samples, 0x5A, sizeof samples);
     char path[4096];
-    snprintf(path, sizeof path, "%s/slot.wav", dir_path);
-    int fd = luna_create_excl(path, 0600, NULL);
-    EXPECT_TRUE(fd >= 0);
+    int fd = create_in_dir(path, sizeof path, "slot.wav");
     if (fd < 0)
         return;
     EXPECT_RC(luna_set_length(fd, SLOT), 0);
@@ -845,9 +851,7 @@ static void check_unnamed_locked(void)
 static void check_mapping_cut(void)
 {
     char path[4096];
-    snprintf(path, sizeof path, "%s/cut.wav", dir_path);
-    int fd = luna_create_excl(path, 0600, NULL);
-    EXPECT_TRUE(fd >= 0);
+    int fd = create_in_dir(path, sizeof path, "cut.wav");
     if (fd < 0)
         return;
     EXPECT_RC(luna_set_length(fd, 3 * 4096), 0);
