@@ -176,7 +176,8 @@ int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mappi
  * the file is cut to len: a mapping that reaches past its file's end would
  * count as broken when the guard checks its last byte (a SIGBUS raised by
  * another handler). Returns 0, -EINVAL (NULL or unmapped m, a len outside
- * (0, m->len], a mapping the guard broke already) or -errno (munmap). */
+ * (0, m->len], a mapping the guard broke already) or -errno (munmap: m->len
+ * is unchanged then, so that luna_mapping_release still unmaps it all). */
 int luna_mapping_cut(struct luna_mapping *m, uint64_t len);
 
 /* Unregister m's guard, then unmap it, and clear m->addr: a second call (or

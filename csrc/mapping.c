@@ -71,9 +71,10 @@ int luna_mapping_cut(struct luna_mapping *m, uint64_t len)
     if (rc < 0)
         return rc;
     if (had > keep && munmap((uint8_t *)m->addr + keep, (size_t)(had - keep)) != 0)
-        rc = -errno; /* the tail stays mapped, unguarded and never touched */
+        return -errno; /* the tail stays mapped (unguarded, never touched): m->len
+                        * keeps covering it, so that the release unmaps it all */
     m->len = len;
-    return rc;
+    return 0;
 }
 
 int luna_mapping_release(struct luna_mapping *m)

@@ -228,6 +228,10 @@ int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
          * valid WAV its (unchanged) header describes. Should the cut itself
          * fail, the stray bytes lie past the RIFF end, where readers stop. */
         (void)luna_set_length(fd, old_end);
+        /* The chunk's first byte went over the pad byte of an odd data size:
+         * put the 0 back, or the file differs from before in that byte. */
+        if (*data_bytes & 1u)
+            (void)luna_write_at(fd, old_end - 1, &pad, 1);
         return rc;
     }
     *data_bytes = total;

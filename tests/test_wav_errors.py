@@ -25,6 +25,7 @@ from luna_shm import (
     create_wav_buffer,
     formats,
     get_temp_audio_path,
+    iter_unused_temp_audio,
     read_wav,
     write_wav,
 )
@@ -287,6 +288,7 @@ FLAG_CALLS = {
     "read_wav(always_2d)": lambda ram, flag: read_wav(
         write_wav(ram / "r.wav", np.zeros(4, np.int16), RATE), always_2d=flag),
     "get_temp_audio_path(create)": lambda ram, flag: get_temp_audio_path(create=flag),
+    "iter_unused_temp_audio(remove)": lambda ram, flag: list(iter_unused_temp_audio(remove=flag)),
 }
 
 
@@ -296,9 +298,11 @@ def test_a_flag_that_is_not_a_bool_is_refused_naming_it_not_taken_for_its_truth(
     # anonymous="no" made an anonymous buffer, mmap="false" a mapping: truthiness does the
     # opposite of what such a caller meant.
     name = call[call.index("(") + 1:-1]
+    unused = ram / "luna_audio_unused.wav"  # remove="no" must not remove it
+    unused.write_bytes(b"")
     with pytest.raises(TypeError, match=rf"^{name} must be True or False, got "):
         FLAG_CALLS[call](ram, flag)
-    assert os.listdir(ram) in ([], ["r.wav"])
+    assert set(os.listdir(ram)) - {"r.wav"} == {unused.name}
     made = FLAG_CALLS[call](ram, np.bool_(False))  # numpy's bool is a bool
     if hasattr(made, "close"):
         made.close()

@@ -333,6 +333,28 @@ def test_a_write_that_fails_mid_stream_leaves_a_valid_wav_of_the_chunks_before(l
     assert report["size"] == HEADER + data_bytes
 
 
+def test_a_failed_chunk_after_an_odd_data_size_leaves_the_file_byte_for_byte_as_before():
+    # 3 bytes of 8-bit audio end with a pad byte, where the next chunk starts. A chunk that
+    # does not fit (ENOSPC) went over that pad byte first; the cut after the failure kept
+    # it: the pad held 0xAB, not 0.
+    done = run_in_private_shm("""
+        import json
+        import numpy as np
+        from luna_shm import WavWriter
+        writer = WavWriter("/dev/shm/odd.wav", 8000, 1, "uint8")
+        writer.write(np.full(3, 0x55, np.uint8))
+        before = open(writer.path, "rb").read()
+        try:
+            writer.write(np.full(4 << 20, 0xAB, np.uint8))
+        except OSError as exc:
+            error = exc.errno
+        after = open(writer.path, "rb").read()
+        writer.close()
+        print(json.dumps({"error": error, "pad": before[-1], "same": before == after}))
+    """, shm_size="1m")
+    assert json.loads(assert_child_ok(done)) == {"error": errno.ENOSPC, "pad": 0, "same": True}
+
+
 # ---- threads sharing one writer --------------------------------------------------------------
 
 CHUNK = 480  # 20 ms at 24 kHz

@@ -327,11 +327,13 @@ def iter_unused_temp_audio(
 
     Raises:
         TypeError, ValueError: older_than is not a number of seconds >= 0 (a
-            bool and NaN are refused), raised by this call, before iterating.
+            bool and NaN are refused), or remove is not a bool (remove="no" must
+            never remove), raised by this call, before iterating.
         OSError: while iterating, after the other dir was done: one of our dirs
             exists but cannot be read (EACCES, EMFILE, ...). A missing dir, or a
             symlink or non-directory at its name, holds nothing of ours.
     """
+    remove = formats.check_flag("remove", remove)
     cutoff = None
     if older_than is not None:
         # Before the iterator: a bad value raises at the call. time - inf = -inf, which
