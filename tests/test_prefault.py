@@ -262,6 +262,12 @@ def test_a_cut_buffer_never_breaks_a_healthy_buffer_from_the_reserve(ram):
     import faulthandler
     other = create_wav_buffer(50_000, 16000)
     view = other.array
+    # faulthandler dumps every thread's Python stack, unsafely for a thread that runs
+    # Python meanwhile (it crashed reading the refill thread's frames, 3 runs in 30):
+    # wait until the thread has refilled both sizes and sleeps.
+    while prefault_stats().files < 2:
+        time.sleep(0.001)
+    time.sleep(0.05)
     faulthandler.enable()
     os.truncate(other.path, 0)
     view[:] = 1
@@ -561,6 +567,46 @@ def test_a_file_the_refill_thread_is_preparing_never_sends_a_create_to_disk():
         print(json.dumps({"fell": fell, "left": os.listdir("/dev/shm")}))
     """, shm_size="1m")
     assert json.loads(assert_child_ok(done)) == {"fell": 0, "left": []}
+
+
+def test_a_pool_growing_while_the_thread_prepares_a_file_never_deadlocks():
+    # A pool grows under its lock; a slot that does not fit asks the reserve for room and
+    # waited (holding the pool's lock) for the file being prepared. Meanwhile a garbage
+    # collection in the refill thread finalized a dropped PooledWav, which gives its slot
+    # back under the pool's lock: each thread waited for the other, for good. The window
+    # is held open by the one instrumented call: the thread's file preparation sleeps,
+    # then collects (as any allocation there may). The wait is bounded now.
+    done = run_in_private_shm("""
+        import faulthandler, gc, os, threading, time
+        faulthandler.dump_traceback_later(60, exit=True)
+        gc.disable()  # the dropped PooledWav stays for the refill thread to collect
+        import luna_shm
+        from luna_shm import _lowlevel
+
+        prepare_file = _lowlevel.prepare_file
+        def prepare_then_collect(*args, **kwargs):
+            fd = prepare_file(*args, **kwargs)
+            if threading.current_thread().name == "luna_shm-prefault":
+                time.sleep(0.5)  # the main thread is in the pool's lock by now
+                gc.collect()
+            return fd
+        _lowlevel.prepare_file = prepare_then_collect
+
+        pool = luna_shm.AudioPool(slots=1, max_bytes=600_000, when_busy="grow")
+        held = pool.acquire(1000, 16000)
+        cycle = {"held": held}
+        cycle["cycle"] = cycle
+        del held, cycle
+        luna_shm.prefault_wav_buffers(64 << 20)
+        luna_shm.create_wav_buffer(200_000, 16000, anonymous=True).close()
+        time.sleep(0.1)  # the thread prepares a memfd
+        grown = pool.acquire(1000, 16000)  # its slot does not fit the RAM disk
+        grown.release()
+        pool.close()
+        luna_shm.prefault_wav_buffers(0)
+        print("done")
+    """, shm_size="1m")
+    assert assert_child_ok(done).strip() == "done"
 
 
 def test_the_reserve_gives_its_fds_back_to_a_create_that_runs_out_of_them():

@@ -64,6 +64,10 @@ _PAGE = _os.sysconf("SC_PAGESIZE")
 # How long the refill thread waits after being woken before it prepares a file.
 _SETTLE_SECONDS = 0.001
 
+# The longest a create that lacks room waits for the file being prepared (a few ms at most
+# unless the refill thread waits for a lock the create's caller holds).
+_PREPARATION_WAIT = 1.0
+
 # How many recently asked keys are remembered (those holding files are never forgotten).
 _MAX_KEYS = 64
 
@@ -116,10 +120,14 @@ class _Reserve:
         self.lock = _threading.Lock()
         self.wake = _threading.Condition(self.lock)
         # Held by the refill thread from the start of a preparation until the file is
-        # registered (or closed): the before-fork hook takes it first, and so does a
-        # create retried after a shortage (retry_if_short; reentrant: that create may
-        # ask make_room).
-        self.making = _threading.RLock()
+        # registered (or closed): the before-fork hook takes it first.
+        self.making = _threading.Lock()
+        # A file is being prepared; idle is notified when it is kept or given back.
+        self.preparing = False
+        self.idle = _threading.Condition(self.lock)
+        # Creates being retried after a shortage (hold_off): while any runs, no file is
+        # prepared and one that was being prepared is given back when done.
+        self.held_off = 0
         self.enabled = False
         self.max_bytes = 0
         self.per_size = 0
@@ -184,6 +192,8 @@ class _Reserve:
         """Under lock, changing nothing: the key to prepare a file for (the most recently
         asked first), the less recently asked keys whose files make room for it within
         max_bytes, and the bytes held after that; None when there is nothing to do."""
+        if self.held_off:
+            return None
         for key in reversed(self.recent):
             capacity = key[1]
             if (key in self.failed or capacity > self.max_bytes
@@ -233,6 +243,44 @@ class _Reserve:
                               f"could not be prepared in {directory or 'memfd'}: {exc}")
             return None
 
+    def _prepare_and_keep(self, key: _Key, evicted: list[Prepared]) -> None:
+        """Give back what makes room, prepare a file of key and keep it, unless the reserve
+        was turned off or a retried create holds it off meanwhile: then it is given back
+        before the caller says the preparation is done."""
+        give_back(evicted)
+        item = self._prepare(key)
+        with self.lock:
+            if item is None:
+                self.failed.add(key)  # until it is asked for again
+            elif self._running() and not self.held_off:
+                self.ready.setdefault(key, []).append(item)
+                self.held += key[1]
+                return
+        if item is not None:
+            give_back([item])  # the last reference goes with this frame: unmapped
+
+    def hold_off(self) -> bool:
+        """For a create retried after a shortage: no file is prepared until resume(); one
+        being prepared is waited for, at most _PREPARATION_WAIT seconds (the thread may
+        wait in turn for a lock the caller holds: a pool's, through a PooledWav that the
+        garbage collector finalizes there), and given back; every kept file is given
+        back. True when the reserve is on or held files: the retry may then succeed."""
+        with self.lock:
+            self.held_off += 1
+            self.idle.wait_for(lambda: not self.preparing, _PREPARATION_WAIT)
+            doomed = self.items()
+            self.ready.clear()
+            self.held = 0
+            worth_retrying = bool(doomed) or self.enabled
+        give_back(doomed)
+        return worth_retrying
+
+    def resume(self) -> None:
+        """The end of a hold_off: the refill thread may prepare files again."""
+        with self.lock:
+            self.held_off -= 1
+            self.wake.notify()
+
     def run(self) -> None:
         """The refill thread's loop: prepare what _next_job says, until turned off.
 
@@ -245,18 +293,14 @@ class _Reserve:
                     if not self._running():
                         return
                     key, evicted = self._next_job()
+                    self.preparing = key is not None
                 if key is not None:
-                    give_back(evicted)
-                    item = self._prepare(key)
-                    with self.lock:
-                        if item is None:
-                            self.failed.add(key)  # until it is asked for again
-                        elif self._running():
-                            self.ready.setdefault(key, []).append(item)
-                            self.held += key[1]
-                            item = None
-                    if item is not None:
-                        give_back([item])
+                    try:
+                        self._prepare_and_keep(key, evicted)
+                    finally:
+                        with self.lock:
+                            self.preparing = False
+                            self.idle.notify_all()
                     continue
             with self.lock:
                 while self._running() and self._plan() is None:
@@ -367,9 +411,9 @@ def drop_all() -> bool:
 def retry_if_short(attempt: Callable[[], _T]) -> _T:
     """attempt(), and once more when it ran short of what the reserve holds (an errno of
     SHORTAGE_ERRNOS) while the reserve held files: the reserve never makes a create fail
-    that would succeed without it. The retry waits for a file being prepared, gives back
-    every file, and runs with the refill thread held off, so that it cannot take the
-    space again in between."""
+    that would succeed without it. The retry waits for a file being prepared (bounded),
+    gives back every file, and runs with the refill thread held off, so that it cannot
+    take the space again in between; no lock of the reserve is held while it runs."""
     try:
         return attempt()
     except OSError as exc:
@@ -381,12 +425,14 @@ def retry_after(failure: OSError, attempt: Callable[[], _T]) -> _T:
     (an errno of SHORTAGE_ERRNOS) while the reserve was on or held files (see
     retry_if_short); else raise failure."""
     if failure.errno in SHORTAGE_ERRNOS:
-        # Waits for a file being prepared, and none is started until the retry is done.
         # On: retried even when no file is held now: the thread may have held the space
         # at the failure, then given it up (its own file did not fit either).
-        with _reserve.making:
-            if _reserve.drop_all() or _reserve.enabled:
+        reserve = _reserve
+        try:
+            if reserve.hold_off():
                 return attempt()
+        finally:
+            reserve.resume()
     raise failure
 
 
@@ -395,16 +441,16 @@ def make_room(directory: str, length: int) -> bool:
     for a file being prepared (kept or given up), and when the reserve holds files there
     and the room is still lacking, give every file back, so that the new file goes where
     it would have gone without the reserve. True when directory has the room now."""
-    with _reserve.making:
-        with _reserve.lock:
-            held_here = any(items and key[0] == directory
-                            for key, items in _reserve.ready.items())
-        try:
-            if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
-                _reserve.drop_all()
-            return _lowlevel.fs_probe(directory).bytes_free >= length
-        except OSError:
-            return False
+    reserve = _reserve
+    with reserve.lock:  # a bounded wait: see _Reserve.hold_off
+        reserve.idle.wait_for(lambda: not reserve.preparing, _PREPARATION_WAIT)
+        held_here = any(items and key[0] == directory for key, items in reserve.ready.items())
+    try:
+        if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
+            reserve.drop_all()
+        return _lowlevel.fs_probe(directory).bytes_free >= length
+    except OSError:
+        return False
 
 
 def stats() -> PrefaultStats:
