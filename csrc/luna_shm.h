@@ -171,13 +171,13 @@ struct luna_mapping {
  * when the guard's registry is full; nothing stays mapped then). */
 int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mapping *m);
 
-/* Shorten m to its first len bytes (0 < len <= m->len): the pages past len
- * are unmapped and its guard watches [addr, addr + len) only. Call it before
- * the file is cut to len: a mapping that reaches past its file's end would
- * count as broken when the guard checks its last byte (a SIGBUS raised by
- * another handler). Returns 0, -EINVAL (NULL or unmapped m, a len outside
- * (0, m->len], a mapping the guard broke already) or -errno (munmap: m->len
- * is unchanged then, so that luna_mapping_release still unmaps it all). */
+/* Make m's guard watch only its first len bytes (0 < len <= m->len), before
+ * the file is cut to len: a guarded range that reaches past its file's end
+ * would count as broken when the guard checks its last byte (a SIGBUS raised
+ * by another handler). The pages past len stay mapped until
+ * luna_mapping_release (m->len is unchanged) and must never be touched: a
+ * fault there is not the guard's. Returns 0 or -EINVAL (NULL or unmapped m, a
+ * len outside (0, m->len], a mapping the guard broke already). */
 int luna_mapping_cut(struct luna_mapping *m, uint64_t len);
 
 /* Unregister m's guard, then unmap it, and clear m->addr: a second call (or

@@ -312,11 +312,12 @@ class Mapping:
         self.view = view if writable else view.toreadonly()
 
     def cut(self, length: int) -> None:
-        """Keep only the first length bytes mapped, before the file is cut to length.
+        """Keep only the first length bytes in view and guarded, before the file is cut
+        to length (the rest stays mapped, out of every view, until the unmap).
 
-        A mapping that reaches past its file's end looks broken to the SIGBUS guard
-        (its last byte cannot be read) and may be broken by a SIGBUS that is not ours.
-        No view of the old length may be in use (BufferError otherwise).
+        A guarded range that reaches past its file's end looks broken to the SIGBUS
+        guard (its last byte cannot be read) and may be broken by a SIGBUS that is not
+        ours. No view of the old length may be in use (BufferError otherwise).
         """
         writable = not self.view.readonly
         self.view.release()

@@ -13,9 +13,9 @@ Design, in the order a call meets it:
   holds RAM and a thread, which a library must not start behind a user's back.
 - Files are kept per *key*: the directory (None for memfd buffers) and a size
   class (the length rounded up by at most 1/8, :func:`size_class`). A call takes
-  a file of its key and cuts it to its exact length, the mapping first (its
-  pages past the end are unmapped: no mapping of ours ever reaches past its
-  file's end, which the SIGBUS guard would take for a cut); it never waits.
+  a file of its key and cuts it to its exact length, the mapping's guarded
+  range and view first (no guarded range of ours ever reaches past its file's
+  end, which the SIGBUS guard would take for a cut); it never waits.
 - Every call (hit or miss) marks its key as recently asked for and, once the
   buffer is made, wakes the refill thread, which waits 1 ms (the caller fills
   its buffer meanwhile) and prepares files (two C calls each, without the GIL)
