@@ -58,7 +58,7 @@ int luna_open_unnamed_locked(const char *dir, unsigned int mode);
 int luna_guard_register(void *addr, uint64_t len, int prot);
 
 /* Watch only the first len bytes (0 < len <= its length) of guard's range,
- * before the rest is unmapped; its state goes through ST_CLAIMED meanwhile,
+ * before its file is cut to len; its state goes through ST_CLAIMED meanwhile,
  * so that no handler acts on the old length. Returns 0, or -EINVAL for an id
  * that is not a live, whole mapping, or a len outside (0, length]. */
 int luna_guard_shrink(int guard, uint64_t len);

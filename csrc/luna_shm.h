@@ -245,9 +245,10 @@ struct luna_wav_spec {
  * audio followed by a skippable chunk of tail_bytes (0, or >= 8: a slot's
  * unused space). The data starts at an offset that is a multiple of the
  * sample size (of 2 for 24-bit samples: RIFF chunks start at even offsets,
- * and no 3-byte alignment is needed to read them). Returns the header length (= data offset), -EINVAL for a spec
- * we do not write (or a tail_bytes that is odd or 1..7), or -EFBIG when
- * data_bytes, tail_bytes or the whole file would pass 4 GiB. */
+ * and no 3-byte alignment is needed to read them). Returns the header length
+ * (= data offset), -EINVAL for a spec we do not write (or a tail_bytes that
+ * is odd or 1..7), or -EFBIG when data_bytes, tail_bytes or the whole file
+ * would pass 4 GiB. */
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,
                     uint64_t data_bytes, uint64_t tail_bytes);
 
@@ -330,9 +331,9 @@ void luna_wav_file_free(void *f);
  * file's samples are then in memory already (luna_wav_read_held). Fills f
  * (f needs no clearing but f->fd = -1) and stores the fd in f->fd. On any
  * failure f->fd stays -1 and f->held is 0; f->info may be partly written:
- * read it only after success or -LUNA_EFORMAT (f->info.error says why). Returns the open fd,
- * -LUNA_EFORMAT or -errno, as luna_wav_open (also -EINVAL for a NULL f or
- * one that holds an fd). */
+ * read it only after success or -LUNA_EFORMAT (f->info.error says why).
+ * Returns the open fd, -LUNA_EFORMAT or -errno, as luna_wav_open (also
+ * -EINVAL for a NULL f or one that holds an fd). */
 int luna_wav_open_held(const char *path, struct luna_wav_file *f);
 
 /* Copy n bytes of samples from f->info.data_offset into dst: from f->prefix

@@ -22,8 +22,9 @@ Design, in the order a call meets it:
   until every recent key holds ``per_size`` files,
   within ``max_bytes`` in all: the least recently asked keys give up theirs first.
 - A RAM disk with less free space than twice a file's size gets no file from
-  the thread, and :func:`drop_all` gives the space back when a normal create
-  hits ENOSPC: the reserve never makes a create fail that would succeed.
+  the thread, and every file is given back when a create lacks the space or
+  fds (:func:`make_room`, :func:`retry_if_short`, used by the one creation
+  owner, ``_newfile``): the reserve never makes a create fail that would succeed.
 - Fork: the child starts with the reserve off, closes its copies of the
   parent's files and unmaps its copies of their mappings (the parent's files,
   names, mappings and flocks are untouched); the
@@ -140,6 +141,20 @@ class _Reserve:
 
     def items(self) -> list[Prepared]:
         return [item for items in self.ready.values() for item in items]
+
+    def _take_all(self) -> list[Prepared]:
+        """Under lock: every kept file, taken out of the reserve; the caller gives them
+        back (give_back) once it has let go of the lock."""
+        doomed = self.items()
+        self.ready.clear()
+        self.held = 0
+        return doomed
+
+    def _wait_for_preparation(self) -> None:
+        """Under lock: wait until no file is being prepared, at most _PREPARATION_WAIT
+        seconds: the thread may wait in turn for a lock the caller holds (a pool's,
+        through a PooledWav that the garbage collector finalizes there)."""
+        self.idle.wait_for(lambda: not self.preparing, _PREPARATION_WAIT)
 
     def stats(self) -> PrefaultStats:
         with self.lock:
@@ -261,19 +276,29 @@ class _Reserve:
 
     def hold_off(self) -> bool:
         """For a create retried after a shortage: no file is prepared until resume(); one
-        being prepared is waited for, at most _PREPARATION_WAIT seconds (the thread may
-        wait in turn for a lock the caller holds: a pool's, through a PooledWav that the
-        garbage collector finalizes there), and given back; every kept file is given
+        being prepared is waited for (bounded) and given back; every kept file is given
         back. True when the reserve is on or held files: the retry may then succeed."""
         with self.lock:
             self.held_off += 1
-            self.idle.wait_for(lambda: not self.preparing, _PREPARATION_WAIT)
-            doomed = self.items()
-            self.ready.clear()
-            self.held = 0
+            self._wait_for_preparation()
+            doomed = self._take_all()
             worth_retrying = bool(doomed) or self.enabled
         give_back(doomed)
         return worth_retrying
+
+    def make_room(self, directory: str, length: int) -> bool:
+        """See the module's make_room."""
+        with self.lock:
+            self._wait_for_preparation()
+            held_here = any(items and key[0] == directory for key, items in self.ready.items())
+        try:
+            if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
+                with self.lock:
+                    doomed = self._take_all()
+                give_back(doomed)
+            return _lowlevel.fs_probe(directory).bytes_free >= length
+        except OSError:
+            return False
 
     def resume(self) -> None:
         """The end of a hold_off: the refill thread may prepare files again."""
@@ -338,11 +363,9 @@ class _Reserve:
         """Called holding lock: stop the thread, give back every file."""
         thread, self.thread = self.thread, None
         self.enabled = False
-        doomed = self.items()
-        self.ready.clear()
+        doomed = self._take_all()
         self.recent.clear()
         self.failed.clear()
-        self.held = 0
         self.wake.notify_all()
         self.lock.release()
         try:
@@ -351,16 +374,6 @@ class _Reserve:
                 thread.join()
         finally:
             self.lock.acquire()
-
-    def drop_all(self) -> bool:
-        """Give back every kept file (their RAM-disk space); True if there were any."""
-        with self.lock:
-            doomed = self.items()
-            self.ready.clear()
-            self.held = 0
-        any_kept = bool(doomed)
-        give_back(doomed)  # empties the list
-        return any_kept
 
 
 def give_back(items: list[Prepared]) -> None:
@@ -403,11 +416,6 @@ def note_failure(message: str) -> None:
     _reserve.note_failure(message)
 
 
-def drop_all() -> bool:
-    """Give back every kept file now; True if any was kept."""
-    return _reserve.drop_all()
-
-
 def retry_if_short(attempt: Callable[[], _T]) -> _T:
     """attempt(), and once more when it ran short of what the reserve holds (an errno of
     SHORTAGE_ERRNOS) while the reserve held files: the reserve never makes a create fail
@@ -441,16 +449,7 @@ def make_room(directory: str, length: int) -> bool:
     for a file being prepared (kept or given up), and when the reserve holds files there
     and the room is still lacking, give every file back, so that the new file goes where
     it would have gone without the reserve. True when directory has the room now."""
-    reserve = _reserve
-    with reserve.lock:  # a bounded wait: see _Reserve.hold_off
-        reserve.idle.wait_for(lambda: not reserve.preparing, _PREPARATION_WAIT)
-        held_here = any(items and key[0] == directory for key, items in reserve.ready.items())
-    try:
-        if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
-            reserve.drop_all()
-        return _lowlevel.fs_probe(directory).bytes_free >= length
-    except OSError:
-        return False
+    return _reserve.make_room(directory, length)
 
 
 def stats() -> PrefaultStats:

@@ -155,7 +155,7 @@ class WavBuffer(FileResource):
         """Reserve, write the header, map; or, given the populated mapping of a prepared
         file (every page allocated already), cut it to the exact length and adopt it."""
         if prepared is not None:
-            # The mapping first, so that no page of it ever lies past the file's end.
+            # The guarded range first, so that it never reaches past the file's end.
             prepared.filename = name
             prepared.cut(self._length)
             _lowlevel.set_length(fd, self._length, name)

@@ -167,6 +167,7 @@ def read_wav(
         OSError: the file cannot be opened or read.
     """
     path_str = _lowlevel.path_argument(path, "str or os.PathLike[str]")
+    # The flags are checked inline (a call costs on this hot path): True/False pass.
     if mmap is not True and mmap is not False:
         mmap = formats.check_flag("mmap", mmap)
     if always_2d is not False and always_2d is not True:
