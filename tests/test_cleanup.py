@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -418,6 +419,104 @@ def test_cleanup_unlinks_a_symlink_named_like_ours_and_never_its_target(
         assert _sha256(target) == digest
 
 
+_LISTEN_AND_READ = """
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+directory = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY)  # a short address
+server.bind(f"/proc/self/fd/{directory}/{os.path.basename(sys.argv[1])}")
+server.listen()
+print("ready", flush=True)
+reader = os.open(sys.argv[2], os.O_RDONLY)  # waits for a writer, as a player does
+print(os.read(reader, 100).decode(), flush=True)
+client, _ = server.accept()
+print(client.recv(100).decode(), flush=True)
+"""
+
+
+def test_cleanup_leaves_a_daemons_socket_and_a_fifo_a_reader_waits_on(active_dir) -> None:
+    # Neither holds a flock, and asking whether a live process uses them would disturb
+    # it (a connect, an open that wakes the reader): cleanup_temp_audio leaves both
+    # (found in review: it removed both, and the daemon's clients got ENOENT).
+    token = uuid.uuid4().hex
+    sock_path = f"{active_dir}/luna_daemon_{token}.sock"
+    fifo_path = f"{active_dir}/luna_audio_{token}.fifo"
+    os.mkfifo(fifo_path)
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    daemon = subprocess.Popen([sys.executable, "-c", _LISTEN_AND_READ, sock_path, fifo_path],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert daemon.stdout is not None
+    try:
+        assert daemon.stdout.readline() == "ready\n"
+        assert cleanup_temp_audio(sock_path) is False
+        assert cleanup_temp_audio(fifo_path) is False
+        with open(fifo_path, "w") as fifo:  # the reader still finds its FIFO
+            fifo.write("from the fifo")
+        assert daemon.stdout.readline() == "from the fifo\n"
+        directory = os.open(active_dir, os.O_RDONLY)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                # Its clients still find the daemon (through the dir's fd: a short address).
+                client.connect(f"/proc/self/fd/{directory}/{os.path.basename(sock_path)}")
+                client.sendall(b"from a client")
+        finally:
+            os.close(directory)
+        assert daemon.stdout.readline() == "from a client\n"
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stdout.close()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    assert stat.S_ISFIFO(os.lstat(fifo_path).st_mode)
+
+
+def _immutable(path: str) -> None:
+    """chattr +i path (root only): unlink and rename of it fail with EPERM."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file immutable")
+    done = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not supported here: {done.stderr.strip()}")
+
+
+def test_a_file_that_cannot_be_removed_is_named_whole_and_stops_no_other(active_dir) -> None:
+    # Found in review: the first such file ended cleanup_all's scan of its dir (the
+    # others stayed), and both cleanups named it by its bare name, not its path.
+    ours = [get_temp_audio_path(create=True) for _ in range(5)]
+    stuck = ours[2]
+    _immutable(stuck)
+    try:
+        with pytest.raises(PermissionError) as one:
+            cleanup_temp_audio(stuck)
+        with pytest.raises(PermissionError) as every:
+            cleanup_all_temp_audio()
+        remaining = sorted(os.listdir(active_dir))
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+    assert (one.value.errno, one.value.filename) == (errno.EPERM, stuck)
+    assert (every.value.errno, every.value.filename) == (errno.EPERM, stuck)
+    assert remaining == [os.path.basename(stuck)]
+
+
+def _remove_a_write_only_file_of_ours(directory: str) -> list[object]:
+    """In a forked child that became uid 65534: make a file, chmod it 0200, clean up."""
+    os.environ.update(LUNA_SHM_DIR=directory, TMPDIR=directory)
+    placement.refresh()
+    path = get_temp_audio_path(create=True)
+    assert os.path.dirname(path) == directory
+    os.chmod(path, 0o200)
+    return [cleanup_temp_audio(path), os.path.lexists(path)]
+
+
+def test_cleanup_removes_a_write_only_file_of_ours(private_dirs) -> None:
+    # Its lock is tested through a write-only open (flock takes any open mode); found in
+    # review: the read-only open failed, and the file was reported held and kept forever.
+    os.chmod(private_dirs.ram, 0o711)
+    directory = f"{private_dirs.ram}/theirs"
+    os.mkdir(directory, 0o700)
+    os.chown(directory, OTHER_UID, OTHER_UID)
+    assert as_other_user(_remove_a_write_only_file_of_ours, directory) == [True, False]
+
+
 def test_cleanup_raises_is_a_directory_error_for_a_directory_at_our_name(active_dir) -> None:
     planted = Path(active_dir) / "luna_audio_dir.wav"
     planted.mkdir()
@@ -635,7 +734,8 @@ for _ in range(int(sys.argv[1])):  # free fds: 1 lets the dir open, and its scan
     os.close(held.pop())
 result = {}
 for name, call in (("cleanup_all", luna_shm.cleanup_all_temp_audio),
-                   ("iter_unused", lambda: len(list(luna_shm.iter_unused_temp_audio())))):
+                   ("iter_unused", lambda: len(list(luna_shm.iter_unused_temp_audio()))),
+                   ("cleanup_one", lambda: luna_shm.cleanup_temp_audio(path))):
     try:
         result[name] = ["returned", call()]
     except OSError as exc:
@@ -643,6 +743,7 @@ for name, call in (("cleanup_all", luna_shm.cleanup_all_temp_audio),
 for fd in held:
     os.close(fd)
 result["file_left"] = os.path.exists(path)
+result["path"] = path
 print(json.dumps(result))
 """
 
@@ -658,7 +759,12 @@ def test_cleanup_all_raises_emfile_instead_of_reporting_a_clean_dir_when_the_fd_
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     expected = ["raised", errno.EMFILE, private_dirs.ram]
-    assert result == {"cleanup_all": expected, "iter_unused": expected, "file_left": True}
+    # With one fd free cleanup_temp_audio opens the dir, and then cannot open the file
+    # to test its lock: EMFILE naming the file, not False as if a live process held it.
+    path = result.pop("path")
+    one = ["raised", errno.EMFILE, private_dirs.ram if free_fds == 0 else path]
+    assert result == {"cleanup_all": expected, "iter_unused": expected, "cleanup_one": one,
+                      "file_left": True}
 
 
 def _cleanup_all_as_other_user(closed: str, readable: str) -> dict[str, object]:
@@ -720,6 +826,65 @@ def test_cleanup_all_never_touches_a_file_swapped_after_it_was_examined(
         assert os.readlink(path) == "decoy.wav"
     assert _sha256(decoy) == digest
     assert not os.path.lexists(ours[0]) and not os.path.lexists(ours[2])
+
+
+# A second process that keeps renaming files over one of our names: in turn an unheld
+# file (or a symlink) and a file it holds with a shared flock, as a writer does. It counts
+# the held files that lost their last name while they had ours (st_nlink 0 before it
+# replaced them itself): only a cleanup can have unlinked them.
+_RENAME_HELD_FILES_OVER = """
+import fcntl, os, sys, uuid
+name, between, swaps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+directory = os.path.dirname(name)
+lost = 0
+held = None
+print("ready", flush=True)
+for _ in range(swaps):
+    spare = f"{directory}/spare_{uuid.uuid4().hex}"
+    if between == "symlink":
+        os.symlink("/nonexistent", spare)
+    else:
+        os.close(os.open(spare, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    if held is not None and os.fstat(held).st_nlink == 0:
+        lost += 1
+    os.rename(spare, name)
+    if held is not None:
+        os.close(held)
+    fresh = f"{directory}/held_{uuid.uuid4().hex}"
+    held = os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fcntl.flock(held, fcntl.LOCK_SH)
+    os.rename(fresh, name)
+print(lost, flush=True)
+"""
+
+
+@pytest.mark.parametrize("between", ["regular", "symlink"])
+def test_cleanup_never_unlinks_a_held_file_renamed_over_the_name_as_it_removes_it(
+    private_dirs, between: str
+) -> None:
+    # The race: cleanup examined the name (an unheld file, or a link), and before its
+    # unlink another process renamed a file it holds over the name. An unlink by name
+    # took the held file (found in review: 1 in 7 swaps with a file between, 1 in 140
+    # with a link). Now the entry is moved aside first and removed only if it is the
+    # file examined; another one goes back.
+    name = f"{private_dirs.ram}/luna_audio_{uuid.uuid4().hex}.wav"
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", _RENAME_HELD_FILES_OVER, name, between, "20000"],
+        stdout=subprocess.PIPE, text=True, env=env)
+    assert swapper.stdout is not None
+    try:
+        assert swapper.stdout.readline() == "ready\n"
+        removed = 0
+        while swapper.poll() is None:
+            removed += cleanup_temp_audio(name)
+        lost = int(swapper.stdout.read())
+    finally:
+        swapper.kill()
+        swapper.wait()
+        swapper.stdout.close()
+    assert removed > 0  # the race was run: cleanups did remove the unheld entries
+    assert lost == 0
 
 
 def test_cleanup_all_tolerates_files_vanishing_between_listing_and_examining(

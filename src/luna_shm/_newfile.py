@@ -157,10 +157,15 @@ def new_temp_name(
     return f"{_directory_for(size_hint, on_disk)}/{prefix}{_new_token()}{suffix}"
 
 
+def partial_name() -> str:
+    """A fresh hidden file name of ours (``.luna_audio_.partial_<token>``), which the
+    cleanups recognise: for a file on its way in (an atomic write) or out (a removal)."""
+    return f".{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+
+
 def partial_path(path: str) -> str:
     """A hidden sibling name for writing path atomically (see write_wav(atomic=True))."""
-    directory = _os.path.dirname(path) or "."
-    return f"{directory}/.{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+    return f"{_os.path.dirname(path) or '.'}/{partial_name()}"
 
 
 def is_partial_name(name: str) -> bool:

@@ -173,7 +173,9 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
     The rule: a file of yours that sits directly in one of our two dirs, whose name
     is ``<prefix><uuid4 hex><suffix>`` as get_temp_audio_path makes them (any prefix,
     e.g. ``myapp_``) or starts with ``luna_audio_``/``luna_daemon_``, is removed,
-    unless a live process uses it. A symlink is removed itself, never its target.
+    unless a live process uses it. A symlink is removed itself, never its target; a
+    FIFO, socket or device is left alone (whether a live process uses it cannot be
+    seen without disturbing that process: remove it yourself when it is done).
 
     Args:
         path: a path returned by :func:`get_temp_audio_path` (str or PathLike).
@@ -182,10 +184,10 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
 
     Returns:
         True when this call removed the file. False when nothing was removed: the
-        path is None or empty, the file is already gone, or a live process (in this
+        path is None or empty, the file is already gone, a live process (in this
         process or another) holds it: a ``WavBuffer``, ``WavWriter``, ``AudioPool``
-        slot or an atomic write in progress (logged at DEBUG on the ``luna_shm``
-        logger).
+        slot or an atomic write in progress, or it is a FIFO, socket or device
+        (logged at DEBUG on the ``luna_shm`` logger).
 
     Raises:
         TypeError: path is not a str or PathLike of str (or None); the message
@@ -195,6 +197,9 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
             prefixes nor a uuid4 token.
         IsADirectoryError: a directory stands at the name.
         PermissionError: the file belongs to another user.
+        OSError: the file cannot be opened to test whether it is held (EMFILE,
+            ENFILE) or cannot be removed (EROFS, ...), with the whole path as
+            filename. (A file of yours with mode 000 cannot be tested: False.)
     """
     if path is None:
         return False
@@ -242,17 +247,21 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
         if _stat.S_ISREG(st.st_mode):
             # The same check as cleanup_all_temp_audio: unlinked under our exclusive
             # flock, so never while a buffer, writer, pool slot or partial holds it.
-            if _examine(dir_fd, name, st) == _UNUSED:
+            if _examine(dir_fd, name, st, where=parent) == _UNUSED:
                 return True
             placement.logger.debug(
                 "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
                 "vanished or was replaced meanwhile", text)
             return False
-        try:
-            _os.unlink(name, dir_fd=dir_fd)  # a symlink, FIFO or socket: nothing to hold
-        except FileNotFoundError:
-            return False
-        return True
+        if _stat.S_ISLNK(st.st_mode):  # the link itself: nothing to hold
+            return _unlink_checked(dir_fd, name, (st.st_dev, st.st_ino), parent)
+        # A FIFO, socket or device: no flock says whether a live process uses it (a
+        # daemon listening on a socket, a player about to open a FIFO), and asking
+        # would disturb them (a connect, an open that wakes a blocked reader).
+        placement.logger.debug(
+            "luna_shm: cleanup_temp_audio left %s: a FIFO, socket or device is never "
+            "removed (whether a live process uses it cannot be seen)", text)
+        return False
     finally:
         _lowlevel.release(dir_cell)
 
@@ -262,24 +271,43 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
 _UNUSED, _HELD, _SKIP = "unused", "held", "skip"
 
 
+# Opening a file to test its lock: these errors mean it vanished or is no longer a
+# regular file at that name (a link: ELOOP; a socket: ENXIO): nothing to examine.
+_GONE_ERRNOS = frozenset({_errno.ENOENT, _errno.ELOOP, _errno.ENXIO, _errno.ENOTDIR})
+
+
 def _examine(
-    dir_fd: int, name: str, st: _os.stat_result, *, remove: bool = True,
+    dir_fd: int, name: str, st: _os.stat_result, *, where: str, remove: bool = True,
     verify: Verify | None = None,
 ) -> str:
-    """Whether a live process holds name (the file st describes); unlink it when not
-    and remove=True. Returns _UNUSED, _HELD or _SKIP.
+    """Whether a live process holds name (the file st describes, in the directory where
+    names); unlink it when not and remove=True. Returns _UNUSED, _HELD or _SKIP.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
     we can take the exclusive lock, nobody alive is using the file (a lock we
     only tested is released at once, with the fd). verify(name, fd, fstat),
     called under the exclusive lock, can refuse the file (_SKIP).
+
+    Raises:
+        OSError: the file cannot be opened to test its lock (EMFILE, ENFILE, ...)
+            or removed (EROFS, ...), naming its path.
     """
     cell = _lowlevel.fd_cell()
+    flags = _os.O_NOFOLLOW | _os.O_NONBLOCK
     try:
-        fd = _lowlevel.open_at(name, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK,
-                               dir_fd=dir_fd, cell=cell)
-    except OSError:
-        return _SKIP  # vanished, or became a link: not ours to touch now
+        try:
+            fd = _lowlevel.open_at(name, _os.O_RDONLY | flags, dir_fd=dir_fd, cell=cell)
+        except PermissionError:  # a write-only file of ours: flock takes any open mode
+            fd = _lowlevel.open_at(name, _os.O_WRONLY | flags, dir_fd=dir_fd, cell=cell)
+    except PermissionError:
+        # Mode 000: its lock cannot be tested, so it is neither removed nor counted
+        # (`luna-shm status` and clean agree); chmod makes it examinable again.
+        return _SKIP
+    except OSError as exc:
+        if exc.errno in _GONE_ERRNOS:
+            return _SKIP
+        # EMFILE, ENOMEM, ...: a file whose lock could not be tested is not "held".
+        raise OSError(exc.errno, exc.strerror, f"{where}/{name}") from None
     try:
         opened = _os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
@@ -296,13 +324,57 @@ def _examine(
             return _SKIP
         if verify is not None and not verify(name, fd, opened):
             return _SKIP
-        if remove:
-            _os.unlink(name, dir_fd=dir_fd)
+        if remove and not _unlink_checked(dir_fd, name, (st.st_dev, st.st_ino), where):
+            return _SKIP
         return _UNUSED
     except FileNotFoundError:
         return _SKIP
     finally:
         _lowlevel.release(cell)
+
+
+def _unlink_checked(dir_fd: int, name: str, identity: tuple[int, int], where: str) -> bool:
+    """Unlink name (in the directory where) only while it names the file whose
+    (st_dev, st_ino) is identity; True if it did.
+
+    A check then an unlink of the name leaves an instant in which another process can
+    rename a file it holds over the name, and the unlink would take that one. So the
+    entry is first moved to a fresh hidden name of ours (a rename is atomic), checked
+    there, and removed only if it is the file examined; another file goes back under
+    its name. A process killed in between leaves the file under that hidden name,
+    which cleanup_all_temp_audio recognises.
+
+    Raises:
+        OSError: the rename or unlink failed (EROFS, EPERM, ...), naming the path.
+    """
+    claim = _newfile.partial_name()
+    try:
+        _os.rename(name, claim, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            moved = _os.stat(claim, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False  # another cleanup took it from the hidden name
+        if (moved.st_dev, moved.st_ino) == identity:
+            _os.unlink(claim, dir_fd=dir_fd)
+            return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, f"{where}/{name}") from None
+    _put_back(dir_fd, claim, name, where)
+    return False
+
+
+def _put_back(dir_fd: int, claim: str, name: str, where: str) -> None:
+    """Give a file that _unlink_checked moved by mistake its name back, without
+    replacing whatever took the name meanwhile (a link, then the hidden name goes)."""
+    try:
+        _os.link(claim, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        _os.unlink(claim, dir_fd=dir_fd)
+    except OSError as exc:
+        placement.logger.warning(
+            "luna_shm: a file renamed over %s/%s while it was being removed stays at "
+            "%s/%s: %s", where, name, where, claim, exc.strerror)
 
 
 def iter_unused_temp_audio(
@@ -398,13 +470,18 @@ def scan_our_files(
     unheld file is unlinked, under its exclusive lock, before it is yielded.
 
     Raises:
-        OSError: directory exists but cannot be read (see :func:`open_scanned_dir`).
+        OSError: directory exists but cannot be read (see :func:`open_scanned_dir`);
+            or, after every other file was done, the first file that could not be
+            examined or removed (EMFILE, EROFS, an immutable file, ...), named whole.
     """
     dir_cell = open_scanned_dir(directory)
     if dir_cell is None:
         return
     dir_fd: int = dir_cell[0]
     uid = _os.geteuid()
+    # A file that cannot be examined or removed does not stop the others; the first
+    # such error is raised at the end.
+    failure: OSError | None = None
     try:
         try:
             with _os.scandir(dir_fd) as entries:  # scandir(fd) dups it: EMFILE names nothing
@@ -414,17 +491,23 @@ def scan_our_files(
         for name in names:
             try:
                 st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not _stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+                    continue
+                if cutoff is not None and st.st_mtime > cutoff:
+                    continue
+                found = _examine(dir_fd, name, st, where=directory, remove=remove,
+                                 verify=verify)
             except FileNotFoundError:
                 continue
-            if not _stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            except OSError as exc:
+                failure = failure or exc
                 continue
-            if cutoff is not None and st.st_mtime > cutoff:
-                continue
-            found = _examine(dir_fd, name, st, remove=remove, verify=verify)
             if found != _SKIP:
                 yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
     finally:
         _lowlevel.release(dir_cell)
+    if failure is not None:
+        raise failure
 
 
 def _unused_in(
@@ -458,8 +541,10 @@ def cleanup_all_temp_audio(*, older_than: float | None = None) -> int:
         TypeError, ValueError: older_than is not a number of seconds >= 0 (a
             bool and NaN are refused).
         OSError: one of our dirs exists but cannot be read (EACCES, EMFILE, ...),
-            with that dir as filename; the other dir is cleaned first. A missing
-            dir, or a symlink or non-directory at its name, counts as empty.
+            with that dir as filename, or a file of ours cannot be examined or
+            removed (EROFS, an immutable file, ...), named whole; everything else
+            is cleaned first. A missing dir, or a symlink or non-directory at its
+            name, counts as empty.
     """
     return sum(1 for _ in iter_unused_temp_audio(older_than=older_than, remove=True))
 
