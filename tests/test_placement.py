@@ -21,6 +21,7 @@ import luna_shm
 from helpers import (
     KEPT_IN_TMP,
     LIST_PRIVATE_TMP,
+    as_other_user,
     assert_child_ok,
     child_tmp_on_disk,
     run_in_private_shm,
@@ -266,6 +267,36 @@ def test_fallback_dir_is_slash_tmp_without_a_usable_tmpdir(
     assert path.startswith("/tmp/luna_audio_")
 
 
+def _fallback_dir_as_other_user(tmpdir: str) -> str:
+    """In a forked child that became uid 65534: the fallback dir with TMPDIR=tmpdir."""
+    os.environ.update(LUNA_SHM_DISABLE="1", TMPDIR=tmpdir)
+    placement.refresh()
+    return luna_shm.temp_dir()
+
+
+def test_fallback_dir_passes_over_a_tmpdir_this_user_cannot_write_in(private_dirs) -> None:
+    # As tempfile does; found in review: every file was refused with EACCES there.
+    os.chmod(private_dirs.ram, 0o755)  # root's, which uid 65534 may enter but not write
+    assert as_other_user(_fallback_dir_as_other_user, private_dirs.ram) == "/tmp"
+    writable = f"{private_dirs.ram}/theirs"
+    os.mkdir(writable, 0o700)
+    os.chown(writable, 65534, 65534)
+    assert as_other_user(_fallback_dir_as_other_user, writable) == writable
+
+
+@pytest.mark.parametrize(("value", "disabled"), [
+    ("1", True), ("true", True), ("YES", True), ("on", True), ("anything", True),
+    ("", False), ("0", False), ("false", False), ("No", False), ("OFF", False),
+    (" 0 ", False)])
+def test_luna_shm_disable_takes_the_usual_spellings_of_true_and_false(
+    private_dirs, monkeypatch, value: str, disabled: bool
+) -> None:
+    # Found in review: LUNA_SHM_DISABLE=false turned the RAM disk off.
+    monkeypatch.setenv("LUNA_SHM_DISABLE", value)
+    expected = private_dirs.fallback if disabled else private_dirs.ram
+    assert luna_shm.temp_dir() == expected
+
+
 def _plant_ram_dir(kind: str, ram: str, disk: Path) -> tuple[str, str]:
     """Make an unusable RAM dir candidate; return (its path, the reason expected in the log)."""
     path = f"{ram}/candidate"
@@ -471,8 +502,10 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
 
 
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
-def test_a_fallback_dir_on_a_read_only_tmpfs_is_not_a_ram_disk_in_use(read_only) -> None:
-    # LUNA_SHM_DISABLE=1 and TMPDIR on a tmpfs: the RAM disk in use only when writable.
+def test_a_tmpdir_on_a_read_only_tmpfs_is_passed_over(read_only) -> None:
+    # LUNA_SHM_DISABLE=1 and TMPDIR on a tmpfs: used when writable; read-only, it is
+    # passed over for /tmp (the child's private tmpfs), as tempfile does. (Before, it
+    # was used, and is_using_ram_disk() said True of a dir no file could be made in.)
     done = run_in_private_shm(
         """
         import luna_shm
@@ -480,4 +513,4 @@ def test_a_fallback_dir_on_a_read_only_tmpfs_is_not_a_ram_disk_in_use(read_only)
         """,
         read_only=read_only, env={"LUNA_SHM_DISABLE": "1", "TMPDIR": "/dev/shm"},
     )
-    assert assert_child_ok(done).split() == [str(not read_only), "/dev/shm"]
+    assert assert_child_ok(done).split() == ["True", "/tmp" if read_only else "/dev/shm"]

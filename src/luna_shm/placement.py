@@ -3,7 +3,9 @@
 The RAM dir is ``$LUNA_SHM_DIR`` or ``/dev/shm``; it is used only when it is a
 writable directory on tmpfs/ramfs (not a devtmpfs), not a symlink, and not
 world-writable without the sticky bit. ``LUNA_SHM_DISABLE=1`` forces the
-fallback dir, which is ``$TMPDIR`` (like :mod:`tempfile`) or ``/tmp``.
+fallback dir (any value but empty, ``0``, ``false``, ``no`` or ``off``), which is
+``$TMPDIR`` when it is a directory this user can write in (like :mod:`tempfile`),
+or ``/tmp``.
 
 The choice is cached per value of those three variables, with both dirs as
 absolute paths resolved when it was made (a relative ``LUNA_SHM_DIR`` does not
@@ -49,9 +51,16 @@ def _configured_ram_dir() -> str:
     return _os.path.abspath(configured) if configured else RAM_DISK_DIR
 
 
+# LUNA_SHM_DISABLE values that leave the RAM disk on (compared in lower case).
+_NOT_DISABLED = frozenset({"", "0", "false", "no", "off"})
+
+
 def _configured_fallback_dir() -> str:
     configured = _os.environ.get("TMPDIR")
-    if configured and _os.path.isdir(configured):
+    # As tempfile does, a TMPDIR this user cannot make files in is passed over: every
+    # file would fail there, while /tmp takes them.
+    if (configured and _os.path.isdir(configured)
+            and _os.access(configured, _os.W_OK | _os.X_OK, effective_ids=True)):
         # Resolved: cleanup opens our dirs with O_NOFOLLOW, so a symlinked
         # TMPDIR would leave every file made through it impossible to clean up.
         return _os.path.realpath(configured)
@@ -69,8 +78,8 @@ def ram_dir() -> str:
 
 
 def fallback_dir() -> str:
-    """The disk temp dir: ``$TMPDIR`` when it names a directory, else ``/tmp``
-    (resolved once, like :func:`ram_dir`)."""
+    """The disk temp dir: ``$TMPDIR`` when it names a directory this user can write
+    in, else ``/tmp`` (resolved once, like :func:`ram_dir`)."""
     return current().fallback_dir
 
 
@@ -172,7 +181,7 @@ def _choose() -> Placement:
     # The only place the environment's paths are resolved: every later call
     # uses these absolute paths, whatever the working directory is by then.
     ram, fallback = _configured_ram_dir(), _configured_fallback_dir()
-    if _os.environ.get("LUNA_SHM_DISABLE", "") not in ("", "0"):
+    if _os.environ.get("LUNA_SHM_DISABLE", "").strip().lower() not in _NOT_DISABLED:
         reason = "LUNA_SHM_DISABLE is set"
         log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)
         return Placement(fallback, _writable_ram(fallback), reason, ram, fallback)
