@@ -145,6 +145,19 @@ def test_bad_prefix_or_suffix_is_refused_with_value_error_and_creates_nothing(
 
 
 @pytest.mark.parametrize("which", ["suffix", "prefix"])
+@pytest.mark.parametrize("create", [True, False], ids=["create", "name-only"])
+def test_a_prefix_or_suffix_no_file_name_can_hold_is_refused_naming_it(
+    private_dirs, which, create
+) -> None:
+    # A lone surrogate has no encoding; found in review: a name-only call returned a path
+    # that no writer could open, and create=True raised a UnicodeEncodeError naming nothing.
+    with pytest.raises(ValueError, match=f"{which} cannot be encoded as a file name .*"
+                                         + re.escape(repr(".w\ud800v"))):
+        get_temp_audio_path(**{which: ".w\ud800v"}, create=create)
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize("which", ["suffix", "prefix"])
 @pytest.mark.parametrize("value", [None, b".wav", 3, Path(".wav")],
                          ids=["None", "bytes", "int", "Path"])
 def test_non_string_prefix_or_suffix_is_refused_with_type_error(private_dirs, which, value) -> None:
@@ -387,6 +400,20 @@ def test_temp_audio_path_with_nothing_written_leaves_nothing(active_dir) -> None
         pass
     assert not os.path.lexists(path) and not os.path.lexists(unwritten)
     assert os.listdir(active_dir) == []
+
+
+def test_temp_audio_path_removes_its_file_after_a_block_that_changed_the_temp_dirs(
+    private_dirs, monkeypatch, tmp_path
+) -> None:
+    # Found in review: the removal asked the dirs of the moment, and refused the block's
+    # own file as "not in one of ours".
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with temp_audio_path(create=True) as path:
+        monkeypatch.setenv("LUNA_SHM_DIR", str(elsewhere))
+        monkeypatch.setenv("TMPDIR", str(elsewhere))
+    assert os.path.dirname(path) == private_dirs.ram
+    assert not os.path.lexists(path)
 
 
 def test_temp_audio_path_lets_the_blocks_error_through_when_removal_fails_too(

@@ -55,10 +55,17 @@ def check_name_part(what: str, value: object) -> str:
     if "/" in value or "\0" in value or value in (".", ".."):
         raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got "
                          f"{_lowlevel.brief(value)}")
-    # A str of n characters encodes to at most 4n bytes: most need no encoding to check.
-    if len(value) * 4 > _MAX_NAME_PART and len(_os.fsencode(value)) > _MAX_NAME_PART:
-        raise ValueError(f"{what} is too long for a file name: {len(_os.fsencode(value))} "
-                         f"bytes, at most {_MAX_NAME_PART}")
+    if value.isascii():  # the common case: one byte a character, nothing to encode
+        size = len(value)
+    else:
+        try:
+            size = len(_os.fsencode(value))
+        except UnicodeEncodeError as exc:  # a lone surrogate: no file can have the name
+            raise ValueError(f"{what} cannot be encoded as a file name ({exc.reason}), got "
+                             f"{_lowlevel.brief(value)}") from None
+    if size > _MAX_NAME_PART:
+        raise ValueError(f"{what} is too long for a file name: {size} bytes, at most "
+                         f"{_MAX_NAME_PART}")
     return value
 
 

@@ -130,16 +130,18 @@ def temp_audio_path(
             file cannot be removed after a block that did not raise.
     """
     path = get_temp_audio_path(suffix, prefix, create=create, size_hint=size_hint)
+    # Its own dir, as it is now: the block may change LUNA_SHM_DIR or TMPDIR.
+    made_in = (_os.path.dirname(path),)
     try:
         yield path
     except BaseException:
         try:
-            cleanup_temp_audio(path)
+            _cleanup(path, made_in)
         except (OSError, ValueError) as exc:
             placement.logger.warning("luna_shm: could not remove %s after a failure: %s",
                                      path, exc)
         raise
-    cleanup_temp_audio(path)
+    _cleanup(path, made_in)
 
 
 def is_our_name(name: str) -> bool:
@@ -201,6 +203,11 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
             ENFILE) or cannot be removed (EROFS, ...), with the whole path as
             filename. (A file of yours with mode 000 cannot be tested: False.)
     """
+    return _cleanup(path, placement.our_dirs())
+
+
+def _cleanup(path: object, our_dirs: tuple[str, ...]) -> bool:
+    """cleanup_temp_audio, with the dirs whose files count as ours given."""
     if path is None:
         return False
     text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
@@ -213,10 +220,10 @@ def cleanup_temp_audio(path: str | _os.PathLike[str] | None) -> bool:
     if not _os.path.isabs(text):
         raise ValueError(f"refusing to remove {shown}: not an absolute path")
     parent, name = _os.path.split(text)
-    if parent not in placement.our_dirs():
+    if parent not in our_dirs:
         raise ValueError(
             f"refusing to remove {shown}: its directory is not one of ours "
-            f"({', '.join(placement.our_dirs())})"
+            f"({', '.join(our_dirs)})"
         )
     if not is_made_name(name):
         raise ValueError(
