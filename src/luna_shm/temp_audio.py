@@ -321,19 +321,15 @@ def _examine(
             return _SKIP  # replaced under us
         if not _lowlevel.lock(fd, exclusive=True):
             return _HELD  # in use by a live process
-        # The name could have been renamed over while we locked: check it is
-        # still the file we hold before unlinking it.
-        try:
-            again = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return _SKIP
-        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            return _SKIP
         if verify is not None and not verify(name, fd, opened):
             return _SKIP
-        if remove and not _unlink_checked(dir_fd, name, (st.st_dev, st.st_ino), where):
-            return _SKIP
-        return _UNUSED
+        # The name could have been renamed over while we locked: the removal checks
+        # that it still names the file we hold; a dry run asks the name once more.
+        if remove:
+            return _UNUSED if _unlink_checked(dir_fd, name, (st.st_dev, st.st_ino),
+                                              where) else _SKIP
+        again = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return _UNUSED if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino) else _SKIP
     except FileNotFoundError:
         return _SKIP
     finally:
