@@ -419,6 +419,35 @@ def test_cleanup_unlinks_a_symlink_named_like_ours_and_never_its_target(
         assert _sha256(target) == digest
 
 
+@pytest.mark.parametrize("kind", ["regular", "symlink", "directory"])
+def test_a_removal_that_finds_another_entry_at_the_name_puts_it_back_whole(
+    private_dirs, kind: str
+) -> None:
+    # What the race above leaves to the removal: the name it moved aside is not the file
+    # it examined (here, a stat of another file stands for the one examined). The entry
+    # goes back under its name, and no hidden name of ours stays.
+    name = f"luna_audio_{uuid.uuid4().hex}.wav"
+    path = f"{private_dirs.ram}/{name}"
+    if kind == "regular":
+        Path(path).write_bytes(b"theirs")
+    elif kind == "symlink":
+        os.symlink("/nonexistent", path)
+    else:
+        os.mkdir(path)
+    before = os.lstat(path)
+    examined = os.lstat(private_dirs.ram)
+    dir_fd = os.open(private_dirs.ram, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert temp_audio._unlink_checked(dir_fd, name, (examined.st_dev, examined.st_ino),
+                                          private_dirs.ram) is False
+    finally:
+        os.close(dir_fd)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_nlink) == (
+        before.st_ino, before.st_mode, before.st_nlink)
+    assert os.listdir(private_dirs.ram) == [name]
+
+
 _LISTEN_AND_READ = """
 import os, socket, sys
 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

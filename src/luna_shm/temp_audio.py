@@ -364,14 +364,19 @@ def _unlink_checked(dir_fd: int, name: str, identity: tuple[int, int], where: st
         return False
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, f"{where}/{name}") from None
-    _put_back(dir_fd, claim, name, where)
+    _put_back(dir_fd, claim, name, where, is_dir=_stat.S_ISDIR(moved.st_mode))
     return False
 
 
-def _put_back(dir_fd: int, claim: str, name: str, where: str) -> None:
+def _put_back(dir_fd: int, claim: str, name: str, where: str, *, is_dir: bool) -> None:
     """Give a file that _unlink_checked moved by mistake its name back, without
-    replacing whatever took the name meanwhile (a link, then the hidden name goes)."""
+    replacing whatever took the name meanwhile: a link, then the hidden name goes (a
+    directory, which cannot be linked, is renamed back: that replaces at most an empty
+    directory)."""
     try:
+        if is_dir:
+            _os.rename(claim, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
         _os.link(claim, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         _os.unlink(claim, dir_fd=dir_fd)
     except OSError as exc:
