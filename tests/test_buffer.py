@@ -245,6 +245,30 @@ def test_truncate_fixes_the_header_so_readers_see_the_shorter_audio(ram, kind, d
     assert riff_size == (length_after - 8 if skippable_tail else end - 8)
 
 
+@pytest.mark.parametrize(("dtype", "frames"), [("uint8", 1), ("uint8", 5), ("int16", 1),
+                                               ("int16", 3), ("float32", 1)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_buffer_of_a_few_bytes_cut_to_nothing_reads_as_empty_everywhere(
+    ram, kind, dtype, frames
+) -> None:
+    # Found in review: under 8 bytes of audio cut to 0 frames left those bytes after a data
+    # size of 0, which read_wav took for a streaming writer's unfinished header and read
+    # back as samples (soundfile and scipy read nothing). Such a buffer now has an empty
+    # JUNK chunk after its audio from the start, and the cut leaves a chunk readers skip.
+    data = samples(dtype, frames, 1)
+    with create_wav_buffer(frames, RATE, 1, dtype, anonymous=kind == "anonymous") as buf:
+        buf.array[...] = data
+        whole = [read_wav(buf.path, mmap=False)[0], sf.read(buf.path, dtype="int16")[0],
+                 scipy.io.wavfile.read(buf.path)[1], sox_samples(buf.path, "int16")]
+        buf.truncate(0)
+        views, copies = read_wav(buf.path)[0], read_wav(buf.path, mmap=False)[0]
+        as_float = read_wav(buf.path, dtype="float32")[0]
+        theirs = sf.read(buf.path)[0], scipy.io.wavfile.read(buf.path)[1]
+    np.testing.assert_array_equal(whole[0], data, strict=True)
+    assert [len(x) for x in whole] == [frames] * 4
+    assert [len(x) for x in (views, copies, as_float, *theirs)] == [0] * 5
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sox_reads_the_shorter_audio_after_truncate(ram, kind):
     data = samples("int16", FRAMES, 2)

@@ -54,9 +54,14 @@ class WavBuffer(FileResource):
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)
         data_bytes = self.frames * self.channels * self.dtype.itemsize
-        header = _lowlevel.wav_header(self._spec, data_bytes)
+        padded = data_bytes + (data_bytes & 1)
+        # Under 8 bytes of audio, an empty JUNK chunk follows it: truncate(0) must leave a
+        # tail that readers skip, never a few stray bytes after a data size of 0, which
+        # reads as a streaming writer's unfinished header (the bytes as samples).
+        self._junk = 8 if 0 < padded < 8 else 0
+        header = _lowlevel.wav_header(self._spec, data_bytes, self._junk)
         self._header_len = len(header)
-        self._length = len(header) + data_bytes + (data_bytes & 1)
+        self._length = len(header) + padded + self._junk
 
         if anonymous:
             if path is not None:
@@ -167,6 +172,8 @@ class WavBuffer(FileResource):
             _lowlevel.seal_shrink(fd)
         self._mapping = prepared or _lowlevel.Mapping(fd, self._length, writable=True,
                                                       populate=True, filename=name)
+        if self._junk:
+            self._mapping.view[self._length - 8 : self._length] = b"JUNK\0\0\0\0"
         _lowlevel.lock(fd, exclusive=False, wait=True)
         count = self.frames * self.channels
         flat = np.frombuffer(self._mapping.view, dtype=self.dtype, count=count,
@@ -207,7 +214,9 @@ class WavBuffer(FileResource):
         The header is fixed at once. The file keeps its length, named or
         anonymous: the unused tail becomes a ``JUNK`` chunk that readers skip
         (a tail under 8 bytes is left past the RIFF chunk's end, which readers
-        ignore). A file is never shrunk under the processes that mapped it.
+        ignore; a buffer of under 8 bytes of audio has a JUNK chunk from the start,
+        so that no stray byte follows a data size of 0). A file is never shrunk
+        under the processes that mapped it.
 
         Raises:
             TypeError, ValueError: frames is not an int from 0 to :attr:`frames`,
