@@ -49,11 +49,22 @@ static int spec_is_valid(const struct luna_wav_spec *s)
     return 0;
 }
 
-/* Default speaker mask: the first n positions (FL, FR, FC, LFE, ...), or
- * "unspecified" when there are more channels than named positions. */
+/* Default speaker mask for channels > 2: the layouts that have a usual one, as
+ * libsndfile writes them (quad 0x33, 5.1 0x3F, 7.1 0xFF); else 0, "unspecified".
+ * Naming the first n positions (FL, FR, FC, LFE, ...) made quad a 3.1 with its
+ * fourth channel on the subwoofer. */
 static uint32_t default_channel_mask(uint32_t channels)
 {
-    return channels <= 18 ? (uint32_t)((1u << channels) - 1u) : 0u;
+    switch (channels) {
+    case 4:
+        return 0x33u; /* FL FR BL BR */
+    case 6:
+        return 0x3Fu; /* FL FR FC LFE BL BR */
+    case 8:
+        return 0xFFu; /* FL FR FC LFE BL BR FLC FRC */
+    default:
+        return 0u;
+    }
 }
 
 int luna_wav_header(uint8_t *out, const struct luna_wav_spec *spec,

@@ -372,11 +372,23 @@ def test_files_with_more_than_two_channels_are_extensible_with_the_right_guid_an
     assert fields["valid_bits"] == bits == fields["bits"]
     assert fields["guid"] == KSDATAFORMAT_SUBTYPE[WAVE_FORMAT_IEEE_FLOAT if is_float
                                                   else WAVE_FORMAT_PCM]
-    # The default speaker layout: the first n positions (3: FL FR FC; 6: 5.1), or
-    # "unassigned" when there are more channels than named positions.
-    assert fields["mask"] == {3: 0x7, 6: 0x3F, 300: 0}[channels]
+    # The default speaker layout, as libsndfile's (next test): 6 is 5.1; 3 and 300 have
+    # no usual layout, "unspecified".
+    assert fields["mask"] == {3: 0, 6: 0x3F, 300: 0}[channels]
     assert fields["align"] == channels * bits // 8
     assert fields["byte_rate"] == RATE * channels * bits // 8
+
+
+@pytest.mark.parametrize("channels", range(3, 11))
+def test_the_speaker_mask_of_a_multichannel_file_is_libsndfiles(ram, channels: int) -> None:
+    # Found in review: the first n positions were named, so a quad file said 3.1 and a
+    # player would send its fourth channel to the subwoofer (libsndfile and sox: quad).
+    data = np.zeros((4, channels), np.int16)
+    ours = write_wav(str(ram / "ours.wav"), data, RATE)
+    theirs = str(ram / "theirs.wav")
+    sf.write(theirs, data, RATE, format="WAVEX", subtype="PCM_16")
+    assert (fmt_fields(Path(ours).read_bytes())["mask"]
+            == fmt_fields(Path(theirs).read_bytes())["mask"])
 
 
 @pytest.mark.parametrize("channels", [1, 2])

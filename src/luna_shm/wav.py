@@ -35,7 +35,9 @@ def write_wav(
             keeps reading it whole. A symlink at path is refused, never followed.
         data: array of shape (frames,) or (frames, channels) of uint8, int16,
             int32, float32 or float64. C-contiguous little-endian arrays are
-            written straight from their memory; others are converted once.
+            written straight from their memory; others are converted once. More
+            than 2 channels make a WAVE_FORMAT_EXTENSIBLE header whose speaker
+            mask is libsndfile's: quad, 5.1 or 7.1 for 4, 6 or 8, else unspecified.
         samplerate: frames per second, 1 to 2**32-1.
         subtype: None for the data's own type, or a python-soundfile subtype name
             ("PCM_16", "PCM_24", ...); "PCM_24" keeps the top 24 bits of int32.
