@@ -442,18 +442,48 @@ def test_cleanup_all_temp_audio_never_touches_cache_entries(cache) -> None:
         np.testing.assert_array_equal(hit.array, tone(key))
 
 
-def test_leftovers_of_a_crash_are_removed_when_the_cache_opens(cache) -> None:
+def test_leftovers_of_a_crash_are_removed_when_the_cache_opens(cache, tmp_path) -> None:
     key = cache_key("crashed")
     directory = cache.directory
-    for name in (f".{key}.{uuid.uuid4().hex}.part", f"{key}.live",
-                 f".{key}.{uuid.uuid4().hex}.unstored.wav"):
+    for name in (f".{key}.{os.urandom(12).hex()}.part",
+                 f".{key}.{os.urandom(12).hex()}.unstored.wav"):
         with open(f"{directory}/{name}", "wb") as f:
             f.write(b"RIFF half a file")
+    # A dead renderer's .live file: a WavWriter's WAV, as it was when the process died.
+    with luna_shm.WavWriter(tmp_path / "live.wav", 16000) as writer:
+        writer.write(tone(key)[:100])
+        with open(tmp_path / "live.wav", "rb") as f, open(f"{directory}/{key}.live", "wb") as g:
+            g.write(f.read())
     with AudioCache(cache.name, max_bytes=100_000) as again:
         assert sorted(os.listdir(again.directory)) == ["lock"]
         assert again.get(key) is None
         with again.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000) as e:
             np.testing.assert_array_equal(e.array, tone(key))
+
+
+FOREIGN_NAMES = ["backup.part", "song.live", "x.unstored.txt", "my-notes.outcome",
+                 ".backup.1234.part", f"{'a' * 64}.outcome", f".{'b' * 64}.part.txt"]
+
+
+def test_opening_clearing_and_destroying_never_remove_files_named_like_leftovers(
+        cache) -> None:
+    directory = cache.directory
+    old = os.stat(directory).st_mtime - 3600  # older than the minute a note is kept
+    for name in FOREIGN_NAMES:
+        with open(f"{directory}/{name}", "w") as f:
+            f.write("mine")
+        os.utime(f"{directory}/{name}", (old, old))
+    os.mkdir(f"{directory}/.{'c' * 64}.{os.urandom(12).hex()}.part")  # the shape, not a file
+    AudioCache(cache.name).close()  # the sweep at open
+    cache.clear()
+    with pytest.raises(OSError, match=r"\(not the cache's\) and 5 more") as caught:
+        cache.destroy()  # 8 names kept (7 files, a directory), 3 of them shown
+    assert caught.value.errno == errno.ENOTEMPTY and not cache.closed
+    assert str(caught.value).count("(not the cache's)") == 3
+    for name in FOREIGN_NAMES:
+        with open(f"{directory}/{name}") as f:
+            assert f.read() == "mine"
+    assert len(os.listdir(directory)) == len(FOREIGN_NAMES) + 2  # the directory, the lock
 
 
 def test_counters_are_shared_by_every_instance_of_a_name(cache) -> None:

@@ -23,7 +23,11 @@ The index is the directory itself, files and atomic renames (see the README,
 * ``lock`` serialises what changes the set of entries (commit, eviction,
   discard, clear): the RAM tier never holds more than ``max_bytes`` of
   committed entries, checked and made true under it, before a rename.
-* ``stats`` holds the shared counters; ``.<...>.part`` files are in flight.
+* ``stats`` holds the shared counters; ``.<key>.<24 hex digits>.part`` files are in
+  flight, ``.<key>.<24 hex digits>.unstored.<suffix>`` is audio too large to store.
+  Every sweep and :meth:`AudioCache.destroy` remove only regular files of exactly
+  these shapes (a ``.live`` file also starts as a render's WAV, a note as a note):
+  whatever else is in the directory is not the cache's, and stays.
 * ``<key>.outcome`` is the note a failed (or unstored) render leaves for its
   waiters, naming its file by inode number; the key's next render removes it
   before it starts (a disk may reuse the number), a sweep after a minute,
@@ -75,9 +79,18 @@ _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _LIVE = ".live"
 _OUTCOME = ".outcome"
 _OUTCOME_START = _re.compile(rb"[0-9]{1,20} [0-9]{1,10} ")
+# A .live file is a WavWriter's WAV: its header has the live-stream state chunk.
+_LIVE_START = _re.compile(rb"RIFF.{4}WAVE.{0,96}JUNK\x08\x00\x00\x00lsst", _re.DOTALL)
 _PART = ".part"
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
+# The exact shapes of the in-flight names (see _token and _Tier.new_part): a sweep and
+# destroy() touch only these, never a user's "backup.part" or "x.unstored.txt".
+_ANY_SUFFIX = "|".join(_re.escape(suffix) for suffix in ENTRY_SUFFIXES)
+_PART_NAME = _re.compile(rf"\.[A-Za-z0-9_-]{{1,128}}(?:{_ANY_SUFFIX})?\.[0-9a-f]{{24}}"
+                         rf"{_re.escape(_PART)}")
+_UNSTORED_NAME = _re.compile(rf"\.[A-Za-z0-9_-]{{1,128}}\.[0-9a-f]{{24}}"
+                             rf"{_re.escape(_UNSTORED)}(?:{_ANY_SUFFIX})")
 # The lock file also holds the shared counters: little-endian uint64s, read and written
 # under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
 # fits costs no directory scan; it is only ever too high (it grows before a rename and
@@ -189,7 +202,8 @@ def _json_form(where: str, value: object, within: tuple[int, ...]) -> object:
 
 
 def _token() -> str:
-    """A random name part for an in-flight file (names are also created exclusively)."""
+    """A random name part for an in-flight file (names are also created exclusively):
+    24 lowercase hex digits, the shape _PART_NAME and _UNSTORED_NAME look for."""
     return _os.urandom(12).hex()
 
 
@@ -521,23 +535,52 @@ class _Tier:
             self.add({"bytes": -size})
         return True
 
+    def kind(self, name: str) -> str | None:
+        """What name is to the cache: "entry", "live" (a render), "part" or "unstored"
+        (in flight), "note" (an outcome note), or None when it is not the cache's (any
+        other shape, or not a regular file). The one test that sweep() and leftovers()
+        share: a file the cache did not make is never removed, whatever it is named."""
+        path = self.path(name)
+        if _entry_name(name) is not None:
+            kind = "entry"
+        elif _PART_NAME.fullmatch(name):
+            kind = "part"
+        elif _UNSTORED_NAME.fullmatch(name):
+            kind = "unstored"
+        elif name.endswith(_LIVE) and _KEY.fullmatch(name[:-len(_LIVE)]):
+            # "song.live" is key-shaped too: the WAV header of a render tells them apart.
+            head = _regular_head(path, 128)
+            return "live" if head is not None and _LIVE_START.match(head) else None
+        elif name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)]):
+            # A note is also checked inside: "<inode> <pid> " at its start.
+            return "note" if _note_owner(path) is not None else None
+        else:
+            return None
+        try:
+            st = _os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return kind if _stat.S_ISREG(st.st_mode) else None
+
     def sweep(self) -> int:
-        """Remove leftovers no live process holds: partials, stale .live files, outcomes
-        older than a minute, unstored audio. Under the lock."""
+        """Remove leftovers no live process holds: partials, stale .live files, outcome
+        notes older than a minute, unstored audio (each by its exact shape, see kind).
+        Under the lock."""
         removed = 0
         now = _time.time()
         with _os.scandir(self.directory) as scan:
             names = [item.name for item in scan]
         for name in names:
-            if name.endswith(_PART) or _UNSTORED + "." in name:
+            kind = self.kind(name)
+            if kind in ("part", "unstored"):
                 removed += self.remove_if_unpinned(name)
-            elif name.endswith(_OUTCOME):
+            elif kind == "note":
                 try:
                     if now - _os.lstat(self.path(name)).st_mtime > 60:
                         _os.unlink(self.path(name))
                 except FileNotFoundError:
                     pass
-            elif name.endswith(_LIVE) and _stale_live(self.path(name)):
+            elif kind == "live" and _stale_live(self.path(name)):
                 removed += 1
         return removed
 
@@ -575,22 +618,16 @@ class _Tier:
         why it stays: a pinned entry, a render or write in flight, a file not ours)."""
         notes: list[str] = []
         kept: list[str] = []
+        why = {"entry": "pinned", "live": "being rendered", "part": "in use",
+               "unstored": "in use", None: "not the cache's"}
         with _os.scandir(self.directory) as scan:
-            for item in scan:
-                name = item.name
-                if name == _LOCK_NAME:
-                    continue
-                if (name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)])
-                        and _note_owner(self.path(name)) is not None):
-                    notes.append(name)
-                elif _entry_name(name) is not None:
-                    kept.append(f"{name} (pinned)")
-                elif name.endswith(_LIVE) and _KEY.fullmatch(name[:-len(_LIVE)]):
-                    kept.append(f"{name} (being rendered)")
-                elif name.startswith(".") and (name.endswith(_PART) or _UNSTORED + "." in name):
-                    kept.append(f"{name} (in use)")
-                else:
-                    kept.append(f"{name} (not the cache's)")
+            names = [item.name for item in scan if item.name != _LOCK_NAME]
+        for name in names:
+            kind = self.kind(name)
+            if kind == "note":
+                notes.append(name)
+            elif kind is not None or _os.path.lexists(self.path(name)):  # else: just gone
+                kept.append(f"{name} ({why[kind]})")
         return notes, sorted(kept)
 
     def close(self) -> None:
@@ -1453,9 +1490,9 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
             pass
 
 
-def _note_owner(path: str) -> int | None:
-    """The inode number in an outcome note at path, or None when path is not a regular
-    file that starts as _write_outcome writes one: "<inode> <pid> "."""
+def _regular_head(path: str, size: int) -> bytes | None:
+    """The first size bytes of path, or None when it is not a regular file (a symlink,
+    a FIFO, a directory: opened without blocking and never followed) or is gone."""
     cell = _lowlevel.fd_cell()
     try:
         fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK, cell=cell)
@@ -1464,9 +1501,16 @@ def _note_owner(path: str) -> int | None:
     try:
         if not _stat.S_ISREG(_os.fstat(fd).st_mode):
             return None
-        start = _OUTCOME_START.match(_os.pread(fd, 48, 0))
+        return _os.pread(fd, size, 0)
     finally:
         _lowlevel.release(cell)
+
+
+def _note_owner(path: str) -> int | None:
+    """The inode number in an outcome note at path, or None when path is not a regular
+    file that starts as _write_outcome writes one: "<inode> <pid> "."""
+    head = _regular_head(path, 48)
+    start = None if head is None else _OUTCOME_START.match(head)
     return None if start is None else int(start.group().split()[0])
 
 
