@@ -170,6 +170,31 @@ def test_a_symlinked_foreign_or_open_cache_directory_is_refused(private_dirs, tm
             AudioCache("foreign")
 
 
+def test_a_cache_directory_swapped_for_a_symlink_after_the_open_is_refused_untouched(
+        cache, private_dirs) -> None:
+    key = cache_key("swapped")
+    cache.put(key, tone(key), 16000).release()
+    user = f"{private_dirs.ram}/user_music"  # someone's own files, named like the cache's
+    os.mkdir(user)
+    for name in (f"{key}.wav", "lock"):
+        with open(f"{user}/{name}", "w") as f:
+            f.write("mine")
+    os.rename(cache.directory, cache.directory + ".old")
+    os.symlink(user, cache.directory)
+    for call in (cache.clear, lambda: cache.put(key, tone(key), 16000), cache.stats,
+                 lambda: cache.discard(key), cache.destroy):
+        with pytest.raises(PermissionError, match="replaced after the cache opened "
+                                                  r"\(it is now a symbolic link\)") as caught:
+            call()
+        assert caught.value.errno == errno.EPERM and caught.value.filename == cache.directory
+    assert sorted(os.listdir(user)) == [f"{key}.wav", "lock"]
+    for name in os.listdir(user):
+        with open(f"{user}/{name}") as f:
+            assert f.read() == "mine"
+    cache.close()  # closes without touching it either
+    assert sorted(os.listdir(user)) == [f"{key}.wav", "lock"]
+
+
 def test_least_recently_used_entries_go_first_and_the_bound_holds(cache) -> None:
     keys = [cache_key(f"lru {i}") for i in range(4)]
     for key in keys:  # 4 x ~24 KB in a 100 KB cache

@@ -412,6 +412,9 @@ class _TierLock:
         tier.thread_lock.acquire()
         try:  # whatever raises from here on (a handler, right after the flock is granted)
             _lowlevel.lock(tier.lock_fd, exclusive=self.exclusive, wait=True)
+            # Everything done under the lock goes by path: a directory swapped for a
+            # symlink (or another directory) since the open would be followed there.
+            tier.check_in_place()
         except BaseException:
             tier.release()
             raise
@@ -429,6 +432,8 @@ class _Tier:
         self.max_bytes = max_bytes
         self.what = what
         dir_cell, self.made = _open_private_dir(parent, self.name, what)
+        opened = _os.fstat(dir_cell[0])
+        self.identity = (opened.st_dev, opened.st_ino)
         self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
         try:
             self.lock_fd = _lowlevel.open_at(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
@@ -447,10 +452,40 @@ class _Tier:
     def path(self, name: str) -> str:
         return f"{self.directory}/{name}"
 
+    def in_place(self) -> bool:
+        """True while directory names the directory this tier opened, and its lock file
+        the file whose flock we take (nobody moved, removed or replaced them)."""
+        try:
+            self.check_in_place()
+        except OSError:
+            return False
+        return True
+
+    def check_in_place(self) -> None:
+        """Raise unless the tier is in place (see in_place): FileNotFoundError when the
+        directory is gone, PermissionError when another file has its name (a symlink to
+        someone's own directory, say), whose files are then never touched."""
+        try:
+            st = _os.lstat(self.directory)
+        except FileNotFoundError:
+            raise FileNotFoundError(_errno.ENOENT, f"the {self.what} directory was removed "
+                                    "after the cache opened", self.directory) from None
+        if (st.st_dev, st.st_ino) != self.identity or not _stat.S_ISDIR(st.st_mode):
+            kind = ("a symbolic link" if _stat.S_ISLNK(st.st_mode) else
+                    "another directory" if _stat.S_ISDIR(st.st_mode) else "not a directory")
+            raise PermissionError(_errno.EPERM, f"refusing the {self.what} directory: it was "
+                                  f"replaced after the cache opened (it is now {kind})",
+                                  self.directory)
+        if self.lock_fd >= 0 and not _newfile.still_named(self.lock_fd, self.path(_LOCK_NAME)):
+            raise PermissionError(_errno.EPERM, f"refusing the {self.what} directory: its "
+                                  "lock file was removed or replaced after the cache opened",
+                                  self.path(_LOCK_NAME))
+
     def _after_fork(self) -> None:
         # The parent's lock fd shares its open file description with the parent:
         # a flock on it would not exclude the parent. Open our own, and close our copy
         # of the parent's (the parent's flock stays: it holds its own descriptor).
+        self.check_in_place()  # before an O_CREAT by path
         cell = _lowlevel.fd_cell()
         fd = _lowlevel.open_at(self.path(_LOCK_NAME), _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
                                cell=cell)
@@ -1461,7 +1496,7 @@ class AudioCache:
         if getattr(self, "_ram", None) is None or self._ram.lock_fd < 0:
             return
         self._finalizer.detach()
-        if _os.getpid() == self._ram.pid and _os.path.isdir(self._ram.directory):
+        if _os.getpid() == self._ram.pid and self._ram.in_place():
             with self._ram.locked():
                 self._flush_counts()
         self._ram.close()
