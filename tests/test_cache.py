@@ -270,6 +270,30 @@ def test_expired_entries_are_misses_and_get_rendered_again(private_dirs) -> None
         cache.destroy()
 
 
+def test_an_expired_entry_a_caller_still_holds_is_rendered_again_and_replaced(
+        private_dirs) -> None:
+    with AudioCache("ttl", ttl=60) as cache:
+        key = cache_key("held past its time")
+        held = cache.put(key, tone(key), 16000)  # a player still holds it
+        past = os.stat(held.path).st_mtime - 61  # stored 61 s ago, without sleeping
+        os.utime(held.path, (past, past))
+        fresh = tone(key)[::-1].copy()
+        renders: list[int] = []
+
+        def render(writer) -> None:
+            renders.append(1)
+            writer.write(fresh)
+
+        with held, call_with_deadline(lambda: cache.get_or_render(
+                key, render, samplerate=16000, timeout=5), deadline=30) as entry:
+            assert renders == [1] and entry.stored
+            np.testing.assert_array_equal(entry.array, fresh)
+            np.testing.assert_array_equal(held.array, tone(key))  # the holder's, intact
+        with cache.get(key) as hit:
+            np.testing.assert_array_equal(hit.array, fresh)
+        assert cache.stats().bytes == os.path.getsize(hit.path)
+
+
 def test_a_render_that_raises_or_writes_nothing_is_not_stored_and_the_next_caller_renders(
         cache) -> None:
     key = cache_key("flaky")

@@ -996,7 +996,7 @@ class AudioCache:
         return self._commit(key, part, name, cell)
 
     def _commit(self, key: str, part_path: str, name: str,
-                cell: _lowlevel.FdCell = None, *, replacing: bool = True) -> CachedAudio:
+                cell: _lowlevel.FdCell = None) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         cell, when given, holds an fd already open on it holding a flock (it becomes the
@@ -1022,8 +1022,8 @@ class AudioCache:
                     for suffix in self._suffixes():  # one entry per key, whatever its type
                         # The old entry leaves the count (a pinned one lives on unnamed).
                         if key + suffix == name:
-                            if replacing:  # else: checked absent at the election; a
-                                self._forget(name)  # count too high is safe, see _COUNTERS
+                            # A render's too: an expired entry someone holds is there.
+                            self._forget(name)
                         else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
@@ -1216,7 +1216,13 @@ class AudioCache:
         formats.check_dtype(dtype)
         limit = formats.check_timeout(timeout)
         deadline = None if limit is None else _time.monotonic() + limit
+        live = self._ram.path(key + _LIVE)
         while True:
+            # Every pass, not only a wait, is bounded: whatever makes the loop go round
+            # again (a render that keeps ending before we wait) never outlasts timeout.
+            if deadline is not None and _time.monotonic() > deadline:
+                raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another caller "
+                                   f"to render {key!r}", live)
             found = self.get(key)
             if found is not None and self._readable(found):
                 return found
@@ -1271,8 +1277,7 @@ class AudioCache:
                         return None, ""
                     _os.unlink(part)
                     writer.path = live
-                    if any(_os.path.exists(self._ram.path(key + suffix))
-                           for suffix in self._suffixes()):
+                    if self._present(key):
                         # A renderer committed between our miss and our link (its rename
                         # took the .live name away): no second render, go and get it.
                         _unlink_quietly(live)
@@ -1286,6 +1291,21 @@ class AudioCache:
                     _unlink_quietly(part)
                     writer.close()
         raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
+
+    def _present(self, key: str) -> bool:
+        """True when key has a committed RAM entry that get() would hand out: a regular
+        file, not expired (an expired one that a caller still holds cannot be removed,
+        and a render replaces it, as a put would)."""
+        now = _time.time()
+        for suffix in self._suffixes():
+            try:
+                st = _os.lstat(self._ram.path(key + suffix))
+            except FileNotFoundError:
+                continue
+            if _stat.S_ISREG(st.st_mode) and not (
+                    self.ttl is not None and now - st.st_mtime > self.ttl):
+                return True
+        return False
 
     def _render(self, key: str, writer: WavWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
@@ -1305,7 +1325,7 @@ class AudioCache:
             # keeps it after the writer closes, so the entry stays pinned for our caller.
             pin = _lowlevel.fd_cell()
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
-            entry = self._commit(key, live, key + ".wav", pin, replacing=False)
+            entry = self._commit(key, live, key + ".wav", pin)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
