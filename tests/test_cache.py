@@ -777,6 +777,21 @@ def test_destroy_refuses_while_a_render_is_in_flight(cache) -> None:
     assert key in cache
 
 
+@pytest.mark.parametrize("named", ["as itself", "through a symlink"])
+def test_a_disk_dir_that_is_the_ram_dir_itself_is_refused_naming_it(private_dirs, tmp_path,
+                                                                     named) -> None:
+    disk_dir = private_dirs.ram
+    if named == "through a symlink":
+        disk_dir = str(tmp_path / "disk")
+        os.symlink(private_dirs.ram, disk_dir)
+    with pytest.raises(ValueError, match=rf"disk_dir must be another directory than the "
+                                         rf"RAM dir .*, got '{re.escape(disk_dir)}'"):
+        call_with_deadline(lambda: AudioCache("same", max_bytes=9000, disk_dir=disk_dir,
+                                              ).put(cache_key("a"), tone("a"), 16000),
+                           deadline=30)
+    assert os.listdir(private_dirs.ram) == []
+
+
 @pytest.mark.parametrize("fault", ["missing disk dir", "refused disk dir"])
 def test_a_failed_constructor_leaves_nothing_it_made_and_keeps_what_was_there(
         private_dirs, tmp_path, fault) -> None:

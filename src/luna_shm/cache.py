@@ -712,6 +712,7 @@ class AudioCache:
             ones too, > 0; NaN is refused); None (or infinity) keeps it.
         disk_dir: a directory for a second tier, kept across restarts: entries evicted
             from RAM spill there (within disk_max_bytes) and a RAM miss reloads them.
+            Not the RAM dir itself (a ValueError).
         disk_max_bytes: the disk tier's bound (default 1 GiB).
 
     Raises:
@@ -741,6 +742,7 @@ class AudioCache:
                                                 name="disk_dir")
             if not disk_text:
                 raise ValueError("disk_dir must name a directory, got ''")
+            _check_not_the_ram_dir(disk_text, placement.current().directory)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
@@ -1531,6 +1533,19 @@ class AudioCache:
 
     def __repr__(self) -> str:
         return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
+
+
+def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:
+    """ValueError naming disk_dir when it is the RAM dir itself (however named): the two
+    tiers would be one directory with one lock file, which the first spill, holding the
+    RAM tier's flock, would wait for through its second open for ever."""
+    try:
+        disk, ram = _os.stat(disk_dir), _os.stat(ram_dir)
+    except OSError:
+        return  # a missing disk_dir is reported by the tier that opens it
+    if (disk.st_dev, disk.st_ino) == (ram.st_dev, ram.st_ino):
+        raise ValueError(f"disk_dir must be another directory than the RAM dir {ram_dir!r} "
+                         f"(the cache's first tier), got {disk_dir!r}")
 
 
 def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
