@@ -535,6 +535,44 @@ def test_opening_clearing_and_destroying_never_remove_files_named_like_leftovers
     assert len(os.listdir(directory)) == len(FOREIGN_NAMES) + 2  # the directory, the lock
 
 
+ODD_FILES = {
+    "fifo .live": lambda path: os.mkfifo(path + ".live"),
+    "fifo entry": lambda path: os.mkfifo(path + ".wav"),
+    "symlink entry": lambda path: os.symlink("/etc/hostname", path + ".wav"),
+    "old directory note": lambda path: (os.mkdir(path + ".outcome"),
+                                        os.utime(path + ".outcome", (0, 0))),
+}
+
+
+@pytest.mark.parametrize("odd", list(ODD_FILES), ids=list(ODD_FILES))
+def test_a_fifo_symlink_or_directory_named_like_the_cache_s_files_is_never_opened_or_removed(
+        cache, odd) -> None:
+    key = cache_key(f"odd {odd}")
+    ODD_FILES[odd](f"{cache.directory}/{key}")
+    before = sorted(os.listdir(cache.directory))
+    call_with_deadline(lambda: AudioCache(cache.name).close(), deadline=30)  # sweeps
+    assert call_with_deadline(lambda: cache.get(key), deadline=30) is None
+    assert key not in cache.entries() and cache.stats().entries == 0
+    if odd == "fifo .live":  # no render ever ends that one: refused, naming it
+        with pytest.raises(FileExistsError, match=rf"cannot render '{key}': a file that is "
+                                                  "not the cache's has the name of its "
+                                                  "render") as caught:
+            call_with_deadline(lambda: cache.get_or_render(
+                key, lambda w: w.write(tone(key)), samplerate=16000), deadline=30)
+        assert caught.value.filename == f"{cache.directory}/{key}.live"
+    else:  # rendered, but kept beside it, never renamed over it
+        entry = call_with_deadline(lambda: cache.get_or_render(
+            key, lambda w: w.write(tone(key)), samplerate=16000), deadline=30)
+        with entry:
+            assert entry.stored == (odd == "old directory note")
+            np.testing.assert_array_equal(entry.array, tone(key))
+        cache.discard(key)
+    cache.clear()
+    assert set(before) <= set(os.listdir(cache.directory))  # with an unstored render's note
+    odd_file = next(name for name in before if name != "lock")
+    assert not stat.S_ISREG(os.lstat(f"{cache.directory}/{odd_file}").st_mode)
+
+
 def test_counters_are_shared_by_every_instance_of_a_name(cache) -> None:
     key = cache_key("counted")
     cache.put(key, tone(key), 16000).release()

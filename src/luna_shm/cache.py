@@ -548,9 +548,10 @@ class _Tier:
         path = self.path(name)
         cell = _lowlevel.fd_cell()
         try:
-            fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK,
-                                   cell=cell)
+            fd = _open_regular(path, cell)  # a symlink or FIFO of that name is not ours
         except OSError:
+            return False
+        if fd is None:
             return False
         try:
             if not _lowlevel.lock(fd, exclusive=True):
@@ -671,15 +672,23 @@ class _Tier:
             _lowlevel.release(self.lock_cell)
 
 
+def _is_render_file(fd: int) -> bool:
+    """True when fd (a regular file) starts as a render's .live file: a WavWriter's WAV."""
+    return _LIVE_START.match(_os.pread(fd, 128, 0)) is not None
+
+
 def _stale_live(path: str) -> bool:
-    """Remove path when it is a .live file no renderer holds (the renderer died); True if so."""
+    """Remove path when it is a .live file no renderer holds (the renderer died); True if so.
+    A file of that name that is not a render's (see _Tier.kind) is never removed."""
     cell = _lowlevel.fd_cell()
     try:
-        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
+        fd = _open_regular(path, cell)
     except OSError:
         return False
+    if fd is None:
+        return False
     try:
-        if not _lowlevel.lock(fd, exclusive=True):
+        if not _is_render_file(fd) or not _lowlevel.lock(fd, exclusive=True):
             return False  # a renderer (or a waiter, for a moment) holds it
         _remove_dead_live(fd, path)
         return True
@@ -824,12 +833,12 @@ class AudioCache:
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
             cell = _lowlevel.fd_cell()
-            try:
-                fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
-            except FileNotFoundError:
+            opened = _open_regular(path, cell)  # a symlink or FIFO there: not an entry
+            if opened is None:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
                     return None  # no encoded audio in this cache: one open decides
                 continue
+            fd = opened
             try:
                 # An evictor holds the exclusive lock only around an unlink: waiting is brief.
                 _lowlevel.lock(fd, exclusive=False, wait=True)
@@ -912,10 +921,9 @@ class AudioCache:
         """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
         path = self._ram.path(name)
         cell = _lowlevel.fd_cell()
-        try:
-            fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
-        except FileNotFoundError:
-            return True
+        fd = _open_regular(path, cell)
+        if fd is None:
+            return not _os.path.lexists(path)  # gone; else not an entry: never ours to evict
         try:
             if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
                 return False
@@ -1017,7 +1025,7 @@ class AudioCache:
             final = self._ram.path(name)
             with self._ram.locked():
                 self._flush_counts()
-                if self._make_room(size):
+                if not self._foreign(name) and self._make_room(size):
                     if name != key + ".wav" and not self._suffixes()[1:]:
                         self._ram.add({"encoded": 1})
                         self._encoded = True
@@ -1038,6 +1046,15 @@ class AudioCache:
             _lowlevel.release(cell)
             _unlink_quietly(part_path)
             raise
+
+    def _foreign(self, name: str) -> bool:
+        """True when something that is not a regular file (a symlink, a FIFO, a directory:
+        never the cache's) has the entry name: a commit keeps its audio unstored rather
+        than rename over it."""
+        try:
+            return not _stat.S_ISREG(_os.lstat(self._ram.path(name)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _forget(self, name: str) -> None:
         """Before a rename over name: its bytes leave the count (under the lock)."""
@@ -1162,9 +1179,8 @@ class AudioCache:
             if live is None:
                 continue
             cell = _lowlevel.fd_cell()
-            try:
-                fd = _lowlevel.open_at(live, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
-            except FileNotFoundError:
+            fd = _open_regular(live, cell)
+            if fd is None:
                 continue
             try:
                 # Through the open file: the renderer's rename into the entry, or the
@@ -1318,7 +1334,9 @@ class AudioCache:
         # A note an earlier render of key left goes now, before a waiter can read it: a
         # filesystem that reuses inode numbers (ext4) may have given our file the number
         # it names. Late waiters of that render wait for this one instead.
-        _unlink_quietly(self._ram.path(key + _OUTCOME))
+        note = self._ram.path(key + _OUTCOME)
+        if _note_owner(note) is not None:  # a note; anything else of that name is not ours
+            _unlink_quietly(note)
         try:
             render(writer)
             if writer.frames == 0:
@@ -1360,10 +1378,20 @@ class AudioCache:
         done before we looked), unstored audio, or RenderError when the render failed."""
         live = self._ram.path(key + _LIVE)
         cell = _lowlevel.fd_cell()
-        try:
-            fd = _lowlevel.open_at(live, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
-        except FileNotFoundError:
-            return None
+        fd = _open_regular(live, cell)
+        if fd is None:
+            try:
+                regular = _stat.S_ISREG(_os.lstat(live).st_mode)
+            except FileNotFoundError:
+                return None
+            if regular:
+                return None  # a new render's, since our open: look again
+        if fd is None or not _is_render_file(fd):
+            # Not a render's file, so no render ends it: waiting (or electing again)
+            # would go on for ever. Never ours to remove either.
+            _lowlevel.release(cell)
+            raise FileExistsError(_errno.EEXIST, f"cannot render {key!r}: a file that is "
+                                  "not the cache's has the name of its render", live)
         try:
             ino = _os.fstat(fd).st_ino
             # A caller that wants audio before the render ends uses follow() instead.
@@ -1396,9 +1424,7 @@ class AudioCache:
         if text.startswith("unstored "):
             path = text[len("unstored "):]
             held = _lowlevel.fd_cell()
-            try:
-                _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=held)
-            except FileNotFoundError:
+            if _open_regular(path, held) is None:
                 return None
             _lowlevel.lock(held[0], exclusive=False, wait=True)
             return CachedAudio(held, path, key, stored=False)
@@ -1409,11 +1435,10 @@ class AudioCache:
         The waiter holds that file open, so no later file has its inode number; a note
         of an earlier file with that number was removed when this file's render began
         (or, if it died first, with its .live name)."""
-        path = self._ram.path(key + _OUTCOME)
+        head = _regular_head(self._ram.path(key + _OUTCOME), 1 << 16)  # never a FIFO's open
         try:
-            with open(path, encoding="utf-8") as f:
-                owner, pid, text = f.read().split(" ", 2)
-        except (OSError, ValueError):
+            owner, pid, text = (head or b"").decode("utf-8").split(" ", 2)
+        except ValueError:
             return None
         return (pid, text) if owner == str(ino) else None
 
@@ -1560,17 +1585,34 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
             pass
 
 
+def _open_regular(path: str, cell: _lowlevel.FdCell) -> int | None:
+    """Open path read-only into cell when it is a regular file; None (cell released) when
+    it is gone, a symlink, or not a regular file: a FIFO named like an entry must not
+    block the open (O_NONBLOCK), nor a symlink lead elsewhere (O_NOFOLLOW). Any other
+    OSError is raised, naming path."""
+    try:
+        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK, cell=cell)
+    except OSError as exc:
+        if exc.errno in (_errno.ENOENT, _errno.ELOOP):
+            return None
+        raise
+    if not _stat.S_ISREG(_os.fstat(fd).st_mode):
+        _lowlevel.release(cell)
+        return None
+    return fd
+
+
 def _regular_head(path: str, size: int) -> bytes | None:
     """The first size bytes of path, or None when it is not a regular file (a symlink,
     a FIFO, a directory: opened without blocking and never followed) or is gone."""
     cell = _lowlevel.fd_cell()
     try:
-        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK, cell=cell)
+        fd = _open_regular(path, cell)
     except OSError:
         return None
+    if fd is None:
+        return None
     try:
-        if not _stat.S_ISREG(_os.fstat(fd).st_mode):
-            return None
         return _os.pread(fd, size, 0)
     finally:
         _lowlevel.release(cell)
@@ -1587,8 +1629,10 @@ def _note_owner(path: str) -> int | None:
 def _is_pinned(path: str) -> bool:
     cell = _lowlevel.fd_cell()
     try:
-        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
+        fd = _open_regular(path, cell)
     except OSError:
+        return False
+    if fd is None:
         return False
     try:
         return not _lowlevel.lock(fd, exclusive=True)
