@@ -224,6 +224,45 @@ def test_an_entry_larger_than_the_bound_is_returned_but_never_stored(cache) -> N
     assert [n for n in os.listdir(cache.directory) if n.endswith(".wav")] == []
 
 
+def test_unstored_audio_and_its_note_are_removed_once_no_one_holds_it(cache) -> None:
+    for i in range(5):
+        key = cache_key(f"too large {i}")
+        with cache.put(key, tone(key, 60_000), 16000) as entry:
+            assert not entry.stored and os.path.exists(entry.path)
+        assert sorted(os.listdir(cache.directory)) == ["lock"]
+    for i in range(3):
+        key = cache_key(f"too large render {i}")
+        entry = cache.get_or_render(key, lambda w, key=key: w.write(tone(key, 60_000)),
+                                    samplerate=16000)
+        assert not entry.stored and f"{key}.outcome" in os.listdir(cache.directory)
+        array = entry.array
+        entry.release()
+        assert sorted(os.listdir(cache.directory)) == ["lock"]
+        np.testing.assert_array_equal(array, tone(key, 60_000))  # its mapping keeps it
+
+
+def test_unstored_audio_stays_while_another_process_holds_it(cache) -> None:
+    key = cache_key("too large, held twice")
+    entry = cache.put(key, tone(key, 60_000), 16000)
+    # Another holder, as a waiter of its render holds it: a shared flock on the file.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'rb'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.readline()",
+         entry.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        entry.release()
+        assert os.path.exists(entry.path)  # the other holder's flock keeps it
+    finally:
+        holder.communicate("\n", timeout=60)
+    # Its last holder gone without releasing it through the cache: the next look for
+    # room removes it.
+    for text in ("fits", "fits too, once the first goes"):
+        key = cache_key(text)
+        cache.put(key, tone(key, 30_000), 16000).release()
+    assert sorted(os.listdir(cache.directory)) == [f"{key}.wav", "lock"]
+
+
 def test_pinned_entries_survive_eviction_pressure_and_discard_and_clear(cache) -> None:
     pinned_key = cache_key("pinned")
     pinned_audio = tone(pinned_key, 20000)

@@ -354,6 +354,8 @@ class CachedAudio(FileResource):
 
     def _release(self) -> None:
         self._array = None
+        if not self.stored and self._pid == _resource.current_pid:
+            _remove_unstored(self._fd, self.path, self.key)
 
     def __repr__(self) -> str:
         state = "released" if self.closed else "pinned"
@@ -897,6 +899,7 @@ class AudioCache:
             return False
         total = tier.counters()[0]
         if total + size > tier.max_bytes:
+            tier.sweep()  # unstored audio a killed process never released, too
             now = _time.time()
             kept = []
             for name, st in tier.entries():
@@ -1600,6 +1603,19 @@ def _open_regular(path: str, cell: _lowlevel.FdCell) -> int | None:
         _lowlevel.release(cell)
         return None
     return fd
+
+
+def _remove_unstored(fd: int, path: str, key: str) -> None:
+    """Remove the unstored audio open at fd when no one else holds it (an exclusive flock
+    taken without waiting) and path still names it, with the note that pointed the
+    render's waiters to it. Called as its holder lets go (a forked child's copy never):
+    the RAM disk does not keep audio no one can look up."""
+    if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
+        return
+    note = f"{_os.path.dirname(path)}/{key}{_OUTCOME}"
+    if _note_owner(note) == _os.fstat(fd).st_ino:
+        _unlink_quietly(note)
+    _unlink_quietly(path)
 
 
 def _regular_head(path: str, size: int) -> bytes | None:
