@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -867,6 +868,37 @@ def test_a_disk_dir_that_is_the_ram_dir_itself_is_refused_naming_it(private_dirs
                                               ).put(cache_key("a"), tone("a"), 16000),
                            deadline=30)
     assert os.listdir(private_dirs.ram) == []
+
+
+def test_a_put_replaces_the_key_s_entry_on_disk_too_so_a_restart_never_brings_it_back(
+        private_dirs, tmp_path) -> None:
+    key, other = cache_key("replaced"), cache_key("pushes it out")
+    old, new = tone(key, 3000), tone(key, 3000)[::-1].copy()
+    with AudioCache("spill", max_bytes=7000, disk_dir=tmp_path) as cache:
+        cache.put(key, old, 16000).release()
+        cache.put(other, tone(other, 3000), 16000).release()  # evicts key: spilled
+        cache.put(key, new, 16000).release()  # the new audio of key (evicts other)
+        ram = cache.directory
+        assert cache.stats().disk_entries == 1  # other's: key's new audio was never spilled
+    shutil.rmtree(ram)  # a reboot: the RAM disk is empty again
+    with AudioCache("spill", max_bytes=7000, disk_dir=tmp_path) as cache:
+        assert cache.get(key) is None  # a miss, never the audio the put replaced
+        with cache.get(other) as entry:
+            np.testing.assert_array_equal(entry.array, tone(other, 3000))
+
+
+def test_a_key_spilled_as_wav_then_as_encoded_audio_gets_the_later_one(private_dirs,
+                                                                       tmp_path) -> None:
+    key, other = cache_key("wav, then mp3"), cache_key("pushes it out")
+    mp3 = b"ID3 the newer audio " * 300
+    with AudioCache("spill", max_bytes=7000, disk_dir=tmp_path) as cache:
+        cache.put(key, tone(key, 3000), 16000).release()
+        cache.put(other, tone(other, 3000), 16000).release()  # key.wav spilled
+        cache.put_bytes(key, mp3, ".mp3").release()
+        cache.put(other, tone(other, 3000), 16000).release()  # key.mp3 spilled too
+        assert key not in cache
+        with cache.get(key) as entry:  # reloaded from disk
+            assert entry.path.endswith(".mp3") and entry.read_bytes() == mp3
 
 
 @pytest.mark.parametrize("fault", ["missing disk dir", "refused disk dir"])

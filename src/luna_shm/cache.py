@@ -981,6 +981,10 @@ class AudioCache:
 
     def _store_on_disk(self, disk: _Tier, part: str, name: str, size: int) -> None:
         with disk.locked():
+            key = name.rpartition(".")[0]
+            for suffix in ENTRY_SUFFIXES:  # one entry per key: a spilled WAV of a key
+                if key + suffix != name:    # now stored as MP3 must not win over it
+                    disk.remove_if_unpinned(key + suffix)
             entries = [(n, st) for n, st in disk.entries() if n != name]
             total = sum(st.st_size for _, st in entries)
             entries.sort(key=lambda item: item[1].st_atime_ns)
@@ -1006,12 +1010,14 @@ class AudioCache:
             name = _os.path.basename(held.path)
             part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
         self._count("reloads")
-        return self._commit(key, part, name, cell)
+        return self._commit(key, part, name, cell, reloaded=True)
 
     def _commit(self, key: str, part_path: str, name: str,
-                cell: _lowlevel.FdCell = None) -> CachedAudio:
+                cell: _lowlevel.FdCell = None, *, reloaded: bool = False) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
+        Unless it was reloaded from the disk tier, the key's disk entries go: one entry
+        per key, and a spill of an older one must not come back after a restart.
         cell, when given, holds an fd already open on it holding a flock (it becomes the
         entry's); on failure it is released and the file removed."""
         if cell is None:
@@ -1040,6 +1046,10 @@ class AudioCache:
                         else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
+                    if self._disk is not None and not reloaded:
+                        with self._disk.locked():  # RAM, then disk: as a spill takes them
+                            for suffix in ENTRY_SUFFIXES:
+                                self._disk.remove_if_unpinned(key + suffix)
                     return CachedAudio(cell, final, key)
             suffix = name[len(key):]
             unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
