@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <string.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -207,6 +208,15 @@ int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
      * which the check after the store reports. */
     if (header_map)
         (void)*(volatile const uint8_t *)header_map;
+    /* A cut that kept the header page but not all the samples (to a size above what
+     * a follower has read, say): the write would extend the file again over a hole
+     * of zeros that the sizes then count as audio. Refused before anything is
+     * written; the file stays as the cut left it. */
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    if ((uint64_t)st.st_size < data_offset + *data_bytes)
+        return -ESTALE;
     int rc = write_all(fd, iov, (total & 1u) ? 2 : 1,
                        (int64_t)(data_offset + *data_bytes));
     if (rc == 0 && header_map) {

@@ -461,6 +461,33 @@ def test_a_stream_cut_or_rewritten_under_its_follower_is_a_wav_error_not_a_crash
     writer.abort()
 
 
+
+@pytest.mark.parametrize("then", ["write", "wait"])
+def test_a_live_stream_cut_above_what_its_follower_read_is_a_wav_error_never_zeros(ram, then):
+    # Another process cuts the file below the audio its header counts, but above what the
+    # follower has read: the writer's next append re-extended the file over a hole of
+    # zeros, which the follower yielded as audio; with no append, it waited for more
+    # (found in review).
+    path = ram / "live.wav"
+    writer = WavWriter(path, RATE)
+    writer.write(np.full(CHUNK, 7, np.int16))
+    blocks = follow_wav(path, timeout=10)
+    got = [next(blocks)]  # caught up
+    writer.write(np.full(300_000, 7, np.int16))
+    data_offset = data_size_field(path) + 4
+    subprocess.run(["truncate", "-s", str(data_offset + 2 * CHUNK + 100_000), str(path)],
+                   check=True)
+    if then == "write":
+        with pytest.raises(OSError) as refused:
+            writer.write(np.full(300_000, 7, np.int16))
+        assert refused.value.errno == errno.ESTALE
+    with pytest.raises(WavError, match=r"live\.wav: the stream was cut under its follower "
+                                       r"\(its header counts 600960 bytes of audio, the "
+                                       r"file holds 100960\)"):
+        call_with_deadline(lambda: got.extend(blocks))
+    writer.close()
+    assert all((block == 7).all() for block in got)
+
 # Another process adds bytes past a live stream's data: appends them, or extends the file.
 FOREIGN_BYTES = {
     "appended": "open(sys.argv[1], 'ab').write(b'\\x7f' * 1000)",

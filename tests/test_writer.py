@@ -470,6 +470,27 @@ def test_a_write_after_the_file_was_cut_under_its_mapped_header_raises_estale_na
                            "here; its mapping was replaced with zeros\n"), done.stderr
 
 
+
+def test_a_write_after_the_file_was_cut_below_its_audio_raises_estale_and_leaves_no_hole(
+        ram) -> None:
+    # Another process cuts the file above its header page but below the samples: the
+    # next append wrote at the old end, the file grew again over a hole of zeros, and
+    # the header counted them as audio (found in review).
+    path = ram / "cut.wav"
+    writer = WavWriter(path, 24000)
+    writer.write(np.full(3000, 7, np.int16))
+    cut = os.path.getsize(path) - 2000
+    subprocess.run(["truncate", "-s", str(cut), str(path)], check=True)
+    with pytest.raises(OSError, match="cut by another process below the audio written so "
+                                      "far") as caught:
+        writer.write(np.full(3000, 9, np.int16))
+    assert caught.value.errno == errno.ESTALE and caught.value.filename == str(path)
+    writer.close()
+    raw = path.read_bytes()
+    assert len(raw) == cut  # nothing was written past the cut
+    assert b"\0\0" not in raw[-1000:]  # the samples that are left are all 7s, no hole
+
+
 PAST_4_GIB = """
 import gc
 import os

@@ -33,6 +33,9 @@ StrPath = str | os.PathLike[str]
 # The strerror of the OSError(ESTALE) for a mapping whose file shrank under it.
 STALE_MESSAGE = ("truncated or rewritten by another process while mapped here; "
                  "its mapping was replaced with zeros")
+# The strerror of the OSError(ESTALE) for a stream cut below the audio appended so far.
+CUT_STREAM_MESSAGE = ("cut by another process below the audio written so far; a write "
+                      "would leave a hole of zeros in it")
 
 
 def check(rc: int, filename: str | None = None) -> int:
@@ -669,7 +672,8 @@ class Stream:
         Raises:
             OSError: the write failed (the file keeps the chunks before), or ESTALE:
                 another process truncated the file, so the mapped header page is
-                zeros now and the header would no longer reach the file.
+                zeros now and the header would no longer reach the file, or the file
+                ends before the chunks appended so far (nothing was written).
         """
         # No buffer context manager on this per-chunk path: CPython releases the buffer
         # as soon as the call returns. The C checks the header mapping's guard after
@@ -679,12 +683,17 @@ class Stream:
                                     chunk.nbytes)
         if rc < 0:
             if rc == -errno.ESTALE:
-                raise OSError(errno.ESTALE, STALE_MESSAGE, self._header.filename)
+                message = STALE_MESSAGE if self._header.broken else CUT_STREAM_MESSAGE
+                raise OSError(errno.ESTALE, message, self._header.filename)
             raise OSError(-rc, os.strerror(-rc), filename)
 
     def set_state(self, state: int) -> None:
         """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk."""
-        check(lib.luna_live_set_state(self._header_map, self._data_offset, state))
+        rc = lib.luna_live_set_state(self._header_map, self._data_offset, state)
+        # A header page that another process cut is zeros here now: no state chunk is
+        # left to mark, and nothing would reach the file (its writes said ESTALE).
+        if rc < 0 and not self._header.broken:
+            check(rc)
 
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:

@@ -150,6 +150,21 @@ def _check_counted(path: str, counted: int, delivered: int) -> None:
                        f"counts {counted} bytes of audio, {delivered} were read)")
 
 
+def _check_not_cut(fd: int, path: str, data_offset: int, counted: int, size: int) -> int:
+    """size, or the file's size now when the live stream's header counts more audio than
+    size holds (the count may be newer than size: the writer stores it after the
+    samples). WavError when the file ends before the counted audio: another process cut
+    it, and the writer's next append would extend it over a hole of zeros."""
+    if size >= data_offset + counted:
+        return size
+    size = _os.fstat(fd).st_size
+    if size < data_offset + counted:
+        raise WavError(f"{path}: the stream was cut under its follower (its header counts "
+                       f"{counted} bytes of audio, the file holds "
+                       f"{max(size - data_offset, 0)})")
+    return size
+
+
 def _parse(fd: int, size: int, path: str) -> _lowlevel.WavInfo:
     """The file's header; of a live WavWriter stream, with the data size its header field
     holds. (The parser reads a first header's 0 as "to the end of the file", the
@@ -260,6 +275,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 counted = (known_counted if held is not None
                            else _counted_bytes(fd, data_offset))
                 _check_counted(path, counted, delivered)
+                size = _check_not_cut(fd, path, data_offset, counted, size)
                 note_uncounted(counted, size)
                 in_file = min(counted, size - data_offset)
                 end = data_offset + in_file - in_file % info.block_align
@@ -276,6 +292,11 @@ def _core(path: str, timeout: float | None) -> _Step:
             try:
                 info = _parse(fd, size, path) if size else None
             except WavError:
+                if info is not None and info.stream_state == _lowlevel.STREAM_LIVE:
+                    # A live stream's header that no longer fits the file: its count
+                    # passes the file's end (cut), or was stored after our size.
+                    _check_not_cut(fd, path, data_offset, _counted_bytes(fd, data_offset),
+                                   size)
                 info = None
             if info is None:
                 # Not a WAV (yet): an empty placeholder, or a header being written.
@@ -291,6 +312,7 @@ def _core(path: str, timeout: float | None) -> _Step:
             data_offset = info.data_offset
             if info.stream_state == _lowlevel.STREAM_LIVE:
                 _check_counted(path, info.data_bytes, delivered)
+                size = _check_not_cut(fd, path, data_offset, info.data_bytes, size)
                 note_uncounted(info.data_bytes, size)
             else:
                 recheck = 0.0
@@ -396,7 +418,8 @@ def follow_wav(path: str | _os.PathLike[str], *,
         StreamAbandoned: the WavWriter was killed or aborted (after the frames it
             wrote were yielded).
         TimeoutError: no new frame for timeout seconds (names the file).
-        WavError: the file is not a WAV we can read, or shrank while followed.
+        WavError: the file is not a WAV we can read, or shrank while followed, or
+            another process cut a live stream below the audio its header counts.
         OSError: the file or its directory cannot be opened or watched.
         TypeError, ValueError: (at the call) path is not a path, or timeout is not None
             or a number of seconds >= 0.

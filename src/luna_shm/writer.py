@@ -112,6 +112,8 @@ class WavWriter(FileResource):
             ValueError: the chunk's shape does not match the channel count, or
                 the file would pass 4 GiB.
             OSError: the write failed; the file keeps exactly the chunks before.
+                ESTALE when another process cut the file below those chunks (nothing
+                is written: the chunk would land after a hole of zeros).
         """
         self._check_open()  # before the lock: a forked child never waits for it
         if (type(chunk) is np.ndarray and chunk.dtype == self.dtype
