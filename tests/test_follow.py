@@ -488,6 +488,38 @@ def test_a_live_stream_cut_above_what_its_follower_read_is_a_wav_error_never_zer
     writer.close()
     assert all((block == 7).all() for block in got)
 
+
+# Another process rewrites the file in place (open "wb", then a whole new WAV).
+REWRITES = {
+    "float-stereo-44100": ("sf.write(sys.argv[1], np.full((48000, 2), 0.25, 'float32'), 44100,"
+                           " subtype='FLOAT')",
+                           r"samplerate 24000 -> 44100, channels 1 -> 2, format 1 -> 3, bits "
+                           r"16 -> 32, data offset \d+ -> \d+, state chunk True -> False"),
+    "same-format": ("sf.write(sys.argv[1], np.full(48000, 9, 'int16'), 24000)",
+                    r"data offset \d+ -> 44, state chunk True -> False"),
+}
+
+
+@pytest.mark.parametrize("rewrite", sorted(REWRITES))
+def test_a_live_stream_rewritten_in_place_under_its_follower_is_a_wav_error_naming_it(
+        ram, rewrite):
+    # The follower waited, caught up, while soundfile.write replaced the file's content:
+    # it re-parsed and went on with the new header, yielding another file's audio as
+    # this stream's (found in review).
+    path = ram / "live.wav"
+    writer = WavWriter(path, RATE)
+    writer.write(np.full(CHUNK, 7, np.int16))
+    blocks = follow_wav(path, timeout=10)
+    assert (next(blocks) == 7).all()
+    code, changes = REWRITES[rewrite]
+    subprocess.run([sys.executable, "-c", "import sys; import numpy as np; "
+                    "import soundfile as sf; " + code, str(path)], check=True)
+    with pytest.raises(WavError, match=r"live\.wav: the stream was rewritten under its "
+                                       r"follower \(" + changes + r"\)"):
+        call_with_deadline(lambda: list(blocks))
+    writer.abort()
+
+
 # Another process adds bytes past a live stream's data: appends them, or extends the file.
 FOREIGN_BYTES = {
     "appended": "open(sys.argv[1], 'ab').write(b'\\x7f' * 1000)",

@@ -688,12 +688,12 @@ class Stream:
             raise OSError(-rc, os.strerror(-rc), filename)
 
     def set_state(self, state: int) -> None:
-        """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk."""
-        rc = lib.luna_live_set_state(self._header_map, self._data_offset, state)
-        # A header page that another process cut is zeros here now: no state chunk is
-        # left to mark, and nothing would reach the file (its writes said ESTALE).
-        if rc < 0 and not self._header.broken:
-            check(rc)
+        """Record the stream's state (STREAM_DONE, STREAM_FAIL) in its header's state chunk
+        (nothing when the header no longer holds one)."""
+        # -EINVAL (our arguments are valid): the header page holds no state chunk any
+        # more. Another process cut it (zeros here now; the writes said ESTALE) or
+        # rewrote the file in place (its followers say so): no stream of ours to mark.
+        lib.luna_live_set_state(self._header_map, self._data_offset, state)
 
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:

@@ -165,6 +165,24 @@ def _check_not_cut(fd: int, path: str, data_offset: int, counted: int, size: int
     return size
 
 
+def _layout(info: _lowlevel.WavInfo) -> dict[str, object]:
+    """What stays the same for a stream's whole life: its format, where its data starts,
+    and whether a WavWriter writes it (a state chunk)."""
+    return {"samplerate": info.samplerate, "channels": info.channels, "format": info.format,
+            "bits": info.bits, "data offset": info.data_offset,
+            "state chunk": info.stream_state != _lowlevel.STREAM_NONE}
+
+
+def _check_same_stream(path: str, first: _lowlevel.WavInfo, info: _lowlevel.WavInfo) -> None:
+    """Raise WavError when info's header is not the followed stream's: another process
+    rewrote the file in place (soundfile.write over it), and its bytes are other audio."""
+    was, now = _layout(first), _layout(info)
+    if was != now:
+        changed = ", ".join(f"{key} {was[key]} -> {now[key]}" for key in was
+                            if was[key] != now[key])
+        raise WavError(f"{path}: the stream was rewritten under its follower ({changed})")
+
+
 def _parse(fd: int, size: int, path: str) -> _lowlevel.WavInfo:
     """The file's header; of a live WavWriter stream, with the data size its header field
     holds. (The parser reads a first header's 0 as "to the end of the file", the
@@ -220,6 +238,7 @@ def _core(path: str, timeout: float | None) -> _Step:
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
         recheck = 0.0  # > 0: the file holds bytes the header does not count; look again then
         info: _lowlevel.WavInfo | None = None
+        first: _lowlevel.WavInfo | None = None  # the header the follower started with
 
         def sleep() -> _Wait:
             """Wait for events; on a live WavWriter's stream, read what comes at once."""
@@ -309,6 +328,9 @@ def _core(path: str, timeout: float | None) -> _Step:
                                    "is 0 but it holds bytes (a /proc or /sys file?)")
                 woken = yield sleep()
                 continue
+            if first is None:
+                first = info
+            _check_same_stream(path, first, info)
             data_offset = info.data_offset
             if info.stream_state == _lowlevel.STREAM_LIVE:
                 _check_counted(path, info.data_bytes, delivered)
@@ -338,6 +360,7 @@ def _core(path: str, timeout: float | None) -> _Step:
             if state == _lowlevel.STREAM_LIVE:
                 if _lock_is_free(fd):
                     again = _parse(fd, _os.fstat(fd).st_size, path)
+                    _check_same_stream(path, info, again)
                     if again.stream_state == _lowlevel.STREAM_LIVE:
                         if _available(again, _os.fstat(fd).st_size) > delivered:
                             continue  # the last frames first, then the verdict
@@ -419,7 +442,8 @@ def follow_wav(path: str | _os.PathLike[str], *,
             wrote were yielded).
         TimeoutError: no new frame for timeout seconds (names the file).
         WavError: the file is not a WAV we can read, or shrank while followed, or
-            another process cut a live stream below the audio its header counts.
+            another process cut a live stream below the audio its header counts, or
+            rewrote the file in place (another format, data offset, or writer).
         OSError: the file or its directory cannot be opened or watched.
         TypeError, ValueError: (at the call) path is not a path, or timeout is not None
             or a number of seconds >= 0.
