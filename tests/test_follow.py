@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 import wave
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -828,6 +829,135 @@ def test_a_forked_child_that_closes_its_copy_of_the_writer_does_not_end_the_stre
         writer.write(stream_chunks(2)[1])
     assert stream_state(path) == b"done"
     assert len(collect(path)) >= 1
+
+
+
+def wait_until(condition: Callable[[], bool], deadline: float = 30) -> None:
+    """Return once condition() is true; fail if it is still false after deadline seconds."""
+    give_up = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < give_up, "waited in vain"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("end", ["close", "abort"])
+def test_a_writer_whose_fd_another_process_also_holds_ends_its_waiting_followers(ram, end):
+    # The state goes into the header by a store (no inotify event); the close was the
+    # only event, and it is not the last close while another process holds the fd (handed
+    # over, or inherited): a waiting follower waited for its timeout, or for ever (found
+    # in review).
+    path = ram / "shared.wav"
+    writer = WavWriter(path, RATE)
+    holder = subprocess.Popen(["sleep", "60"], pass_fds=[writer.fileno()])
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(follow_wav(path, timeout=60))
+        except BaseException as exc:
+            errors.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    try:
+        parts = stream_chunks(2)
+        writer.write(parts[0])
+        follower.start()
+        wait_until(lambda: len(got) == 1)
+        writer.write(parts[1])
+        wait_until(lambda: len(got) == 2)  # and then it waits for more
+        getattr(writer, end)()
+        follower.join(30)
+        assert not follower.is_alive(), "the follower did not see the end of the stream"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert digest(got) == digest(parts)
+    if end == "close":
+        assert errors == []
+    else:
+        assert len(errors) == 1 and isinstance(errors[0], StreamAbandoned)
+
+
+# A producer that forks a helper (a multiprocessing worker, fork start method) while its
+# WavWriter is open, reports the helper's pid, writes, then closes or waits to be killed
+# (each step when the test says so on its stdin).
+FORKING_PRODUCER = """
+import multiprocessing, sys, time
+import numpy as np
+from luna_shm import WavWriter
+writer = WavWriter(sys.argv[1], 24000)
+writer.write(np.full(480, 1, np.int16))
+helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+helper.start()
+print(helper.pid, flush=True)
+sys.stdin.readline()
+writer.write(np.full(480, 2, np.int16))
+print("written", flush=True)
+sys.stdin.readline()
+if sys.argv[2] == "close":
+    writer.close()
+print("ended", flush=True)
+time.sleep(600)
+"""
+
+
+def holds_file(pid: int, path: Path) -> bool:
+    """Whether process pid has path open or mapped."""
+    fds = Path(f"/proc/{pid}/fd")
+    opened = any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())
+    return opened or str(path) in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("end", ["close", "SIGKILL"])
+def test_a_child_forked_while_a_writer_is_open_never_keeps_its_stream_from_ending(ram, end):
+    # The child kept the writer's open file (its fd, and the header page's mapping): the
+    # parent's close was not the last one (no close event) and a killed parent left its
+    # flock held, so the follower waited for its timeout, or for ever (found in review).
+    path = ram / "forked.wav"
+    producer = subprocess.Popen([sys.executable, "-c", FORKING_PRODUCER, str(path), end],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert producer.stdin is not None and producer.stdout is not None
+    helper = int(producer.stdout.readline())
+    try:
+        wait_until(lambda: not holds_file(helper, path))  # its at-fork hook has run
+        assert holds_file(producer.pid, path)
+        got: list[np.ndarray] = []
+        errors: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                got.extend(follow_wav(path))  # no timeout: the end alone must end it
+            except BaseException as exc:
+                errors.append(exc)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        wait_until(lambda: len(got) == 1)
+        producer.stdin.write("go\n")
+        producer.stdin.flush()
+        assert producer.stdout.readline() == "written\n"
+        wait_until(lambda: len(got) == 2)  # and then it waits for more
+        producer.stdin.write("end\n")
+        producer.stdin.flush()
+        assert producer.stdout.readline() == "ended\n"
+        if end == "SIGKILL":
+            producer.send_signal(signal.SIGKILL)
+            producer.wait(timeout=60)
+        follower.join(60)
+        assert not follower.is_alive(), "the follower did not see the end of the stream"
+        assert np.concatenate(got).tolist() == [1] * 480 + [2] * 480
+        if end == "close":
+            assert errors == []
+        else:
+            assert len(errors) == 1 and isinstance(errors[0], StreamAbandoned)
+            assert "the writer died" in str(errors[0])
+    finally:
+        os.kill(helper, signal.SIGKILL)
+        producer.kill()
+        producer.wait(timeout=60)
+        producer.stdin.close()
+        producer.stdout.close()
 
 
 def _follow_report(path: str) -> dict[str, object]:

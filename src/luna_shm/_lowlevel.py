@@ -694,6 +694,15 @@ class Stream:
         # more. Another process cut it (zeros here now; the writes said ESTALE) or
         # rewrote the file in place (its followers say so): no stream of ours to mark.
         lib.luna_live_set_state(self._header_map, self._data_offset, state)
+        # The store makes no inotify event, and the close that follows makes its
+        # IN_CLOSE_WRITE only when it is the file's last one (another process may hold
+        # the fd: handed over, or a child forked in between): a timestamp update through
+        # the fd is an IN_ATTRIB that wakes every follower to read the new state. Only a
+        # courtesy: a file we may no longer touch keeps the close event.
+        try:
+            os.utime(self._fd)
+        except OSError:
+            pass
 
 
 def pack_s24_into(src: np.ndarray, dest: np.ndarray) -> None:

@@ -20,9 +20,16 @@ from luna_shm import _lowlevel
 current_pid: int = _os.getpid()
 
 
+# The objects a forked child lets go of at once (FileResource._let_go_at_fork).
+_let_go_in_child: _weakref.WeakSet[FileResource] = _weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     global current_pid
     current_pid = _os.getpid()
+    for resource in list(_let_go_in_child):
+        resource._let_go()
+    _let_go_in_child.clear()
 
 
 _os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -109,7 +116,9 @@ class FileResource(Resource):
     Fork: the object belongs to the process that made it. In a forked child
     every use raises ``RuntimeError`` naming the owner's pid; ``close()`` there
     (and the child's exit, however it leaves) only closes the child's copy of
-    the fd and never touches the file, its lock or its name.
+    the fd and never touches the file, its lock or its name. An object that
+    asked for it (:meth:`_let_go_at_fork`) has the child's copies closed right
+    at the fork.
     """
 
     _fd: int = -1  # the fd in _fd_cell, as a plain int for the hot paths
@@ -143,6 +152,28 @@ class FileResource(Resource):
 
     def _release(self) -> None:
         """Subclass hook: drop what refers to the file before its fd closes."""
+
+    def _let_go_at_fork(self) -> None:
+        """Have every child forked from now on let go of its copies at once (see _let_go).
+
+        For an object whose open file, held by a child too, would keep its lock and delay
+        its last close: a WavWriter's followers learn from those that the writer died.
+        """
+        _let_go_in_child.add(self)
+
+    def _let_go(self) -> None:
+        """In a forked child, right after the fork: close the child's copy of the fd (and
+        drop what _release drops: a mapping holds the open file too), so that the file's
+        lock and last close stay the parent's alone. The object still belongs to the
+        parent: every use raises RuntimeError naming it, close() does nothing more."""
+        if self._fd < 0:
+            return
+        self._release()
+        self._untrack()
+        try:
+            _lowlevel.release(self._fd_cell)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Release the file; calling it again does nothing.

@@ -35,7 +35,10 @@ class WavWriter(FileResource):
 
     Threads may share one writer: each :meth:`write` appends its whole chunk,
     and the header always covers exactly the chunks in the file. A forked
-    child cannot use its parent's writer (``RuntimeError``).
+    child cannot use its parent's writer (``RuntimeError``), and closes its
+    copies of the writer's file and mapping right at the fork: the stream's
+    lock and its end stay the parent's (a follower learns at once that the
+    parent died, even while a child it forked lives on).
 
     While it is open the file is a live stream that :func:`luna_shm.follow_wav`
     follows from any process; :meth:`close` ends it as finished, :meth:`abort`
@@ -73,6 +76,10 @@ class WavWriter(FileResource):
         else:
             dest = self._start(path, header, False)
         self._own(dest.cell, dest.path)
+        # A forked child (a multiprocessing worker) that kept the open file would keep
+        # the flock and the last close: followers would never learn that this process
+        # died, nor see the close event that ends the stream.
+        self._let_go_at_fork()
 
     def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
                on_disk: bool) -> _newfile.Destination:
