@@ -29,6 +29,7 @@ from luna_shm import (
     WavError,
     WavWriter,
     afollow_wav,
+    follow,
     follow_wav,
     iter_wav_stream,
     read_wav,
@@ -344,6 +345,61 @@ def test_a_stream_with_no_progress_raises_timeout_naming_the_file_and_seconds(ra
         with pytest.raises(TimeoutError, match=r"no new audio for 0\.2 s") as caught:
             call_with_deadline(lambda: next(blocks))
     assert caught.value.errno == errno.ETIMEDOUT and caught.value.filename == str(path)
+
+
+
+# Another process opens the file for writing and closes it: the close event a dying writer
+# makes too.
+OPEN_AND_CLOSE = ["sh", "-c", ': >> "$1"', "sh"]
+
+
+def test_a_close_by_another_process_never_holds_a_follower_past_its_timeout(ram, monkeypatch):
+    # After a close event the follower gave the writer's lock 0.5 s to go, sleeping in a
+    # loop that ignored the timeout (found in review: TimeoutError after 0.55 s with
+    # timeout=0.1). A grace longer than any run shows it without timing anything.
+    monkeypatch.setattr(follow, "_LOCK_RELEASE_GRACE", 3600.0)
+    path = ram / "idle.wav"
+    with WavWriter(path, RATE) as writer:  # alive: its lock never goes
+        writer.write(stream_chunks(1)[0])
+        blocks = follow_wav(path, timeout=0.5)
+        next(blocks)
+        subprocess.run([*OPEN_AND_CLOSE, str(path)], check=True)
+        with pytest.raises(TimeoutError, match=r"no new audio for 0\.5 s"):
+            call_with_deadline(lambda: next(blocks))
+
+
+def test_an_async_follower_waits_out_a_close_without_stalling_the_event_loop(ram, monkeypatch):
+    # The same grace ran as time.sleep() in the event loop's thread: every task of the loop
+    # stood still for 0.5 s whenever another process opened and closed the file (found in
+    # review). With a grace longer than any run, a stalled loop never gets to write.
+    monkeypatch.setattr(follow, "_LOCK_RELEASE_GRACE", 3600.0)
+    path = ram / "async.wav"
+    parts = stream_chunks(2)
+    writer = WavWriter(path, RATE)
+    writer.write(parts[0])
+
+    async def main() -> list[np.ndarray]:
+        got: list[np.ndarray] = []
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for block in afollow_wav(path):
+                got.append(block)
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        touch = await asyncio.create_subprocess_exec(*OPEN_AND_CLOSE, str(path))
+        await touch.wait()
+        for _ in range(10):  # the follower takes the close event meanwhile
+            await asyncio.sleep(0.01)
+        writer.write(parts[1])
+        writer.close()
+        await task
+        return got
+
+    got = call_with_deadline(lambda: asyncio.run(main()))
+    assert isinstance(got, list) and digest(got) == digest(parts)
 
 
 @pytest.mark.parametrize("timeout", [float("inf"), 1e300, 10**400, np.int64(60)],

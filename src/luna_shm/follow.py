@@ -44,8 +44,11 @@ __all__ = ["afollow_wav", "follow_wav", "iter_wav_stream"]
 _MAX_BLOCK_BYTES = 1 << 20
 
 # After inotify reports a close-after-write, the kernel drops the writer's
-# flock a few instructions later (in the same final fput): how long we give it.
+# flock a few instructions later (in the same final fput): how long we give it,
+# looking again after the first step, then twice as long each time. (Another
+# process that merely opens and closes the file makes the same event.)
 _LOCK_RELEASE_GRACE = 0.5
+_LOCK_RELEASE_FIRST_STEP = 0.001
 
 # While a live stream's file holds bytes its header does not count yet, the sizes
 # come by a store into the writer's mapped header page, which makes no event:
@@ -237,16 +240,27 @@ def _core(path: str, timeout: float | None) -> _Step:
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
         recheck = 0.0  # > 0: the file holds bytes the header does not count; look again then
+        grace_until = 0.0  # > 0: a writer closed; look for its lock to go until then
+        grace_step = 0.0  # the next look at that lock, this many seconds on
         info: _lowlevel.WavInfo | None = None
         first: _lowlevel.WavInfo | None = None  # the header the follower started with
 
         def sleep() -> _Wait:
             """Wait for events; on a live WavWriter's stream, read what comes at once."""
-            nonlocal recheck
+            nonlocal recheck, grace_until, grace_step
             left = wait_left()
             if recheck:
                 left = recheck if left is None else min(left, recheck)
                 recheck = min(recheck * 2, _UNCOUNTED_RECHECK_MAX)
+            if grace_until:
+                # A wait, not a sleep: afollow_wav's event loop runs on meanwhile, and
+                # the timeout (in left) still holds.
+                step = min(grace_step, grace_until - _time.monotonic())
+                if step > 0:
+                    left = step if left is None else min(left, step)
+                    grace_step *= 2
+                else:
+                    grace_until = 0.0
             if (info is None or info.stream_state != _lowlevel.STREAM_LIVE
                     or info.block_align < 2 or info.bits == 24):
                 return _Wait(watch, left)
@@ -370,14 +384,11 @@ def _core(path: str, timeout: float | None) -> _Step:
                     continue  # it closed just now: read its final state
                 if closed_seen:
                     # A writer closed: if it was the WavWriter, its flock goes a
-                    # moment after the close event (same final fput). Give it that
-                    # moment, unless new audio comes first.
+                    # moment after the close event (same final fput). Look again
+                    # soon for that moment (sleep() waits in short steps).
                     closed_seen = False
-                    grace_end = _time.monotonic() + _LOCK_RELEASE_GRACE
-                    while (_time.monotonic() < grace_end and not _lock_is_free(fd)
-                           and _os.fstat(fd).st_size == size):
-                        _time.sleep(0.001)
-                    continue
+                    grace_until = _time.monotonic() + _LOCK_RELEASE_GRACE
+                    grace_step = _LOCK_RELEASE_FIRST_STEP
             else:
                 # Another program's stream: over once nobody has it open for writing.
                 if closed_seen or not asked_writers:
