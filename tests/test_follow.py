@@ -663,6 +663,13 @@ def test_a_non_path_is_a_type_error(ram):
         follow_wav(42)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("form", [follow_wav, afollow_wav, iter_wav_stream])
+def test_an_empty_path_is_a_value_error_at_the_call_not_a_wait_for_ever(ram, form):
+    # ENOENT for "" read as "not created yet": the follower waited for ever (found in
+    # review).
+    with pytest.raises(ValueError, match=r"^path must not be empty, got ''$"):
+        form("")
+
 def test_a_proc_file_is_refused_at_once_not_waited_for(ram):
     # /proc files say they are empty and read all the same; no write makes them a WAV,
     # and inotify never reports them: a follower without a timeout waited forever.

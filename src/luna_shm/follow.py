@@ -100,6 +100,15 @@ _NOTHING = _Woken(0)
 _Step = Generator[_Wait | _Range | _Held, _Woken | None, None]
 
 
+def _follow_path(path: str | _os.PathLike[str]) -> str:
+    """path as a str; ValueError for "": its ENOENT would read as "not created yet", and
+    the follower would wait for a file that no name can ever give."""
+    path_str = _lowlevel.path_argument(path)
+    if not path_str:
+        raise ValueError(f"path must not be empty, got {path_str!r}")
+    return path_str
+
+
 def _timed_out(path: str, timeout: float) -> TimeoutError:
     return TimeoutError(_errno.ETIMEDOUT, f"no new audio for {timeout:g} s", path)
 
@@ -456,10 +465,10 @@ def follow_wav(path: str | _os.PathLike[str], *,
             another process cut a live stream below the audio its header counts, or
             rewrote the file in place (another format, data offset, or writer).
         OSError: the file or its directory cannot be opened or watched.
-        TypeError, ValueError: (at the call) path is not a path, or timeout is not None
-            or a number of seconds >= 0.
+        TypeError, ValueError: (at the call) path is not a path or is empty, or timeout
+            is not None or a number of seconds >= 0.
     """
-    path_str = _lowlevel.path_argument(path)
+    path_str = _follow_path(path)
     limit = formats.check_timeout(timeout)
     return _follow_sync(path_str, limit)
 
@@ -509,7 +518,7 @@ def afollow_wav(path: str | _os.PathLike[str], *,
     inotify fd): no thread per follower. Reading a block is one ``pread``.
     Same arguments, blocks and exceptions as :func:`follow_wav`.
     """
-    path_str = _lowlevel.path_argument(path)
+    path_str = _follow_path(path)
     limit = formats.check_timeout(timeout)
     return _follow_async(path_str, limit)
 
@@ -584,7 +593,7 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
         TypeError: chunk_frames is not an int (numpy integers are).
         StreamAbandoned, TimeoutError, WavError, OSError: as for :func:`follow_wav`.
     """
-    path_str = _lowlevel.path_argument(path)
+    path_str = _follow_path(path)
     if header not in ("wav", "raw"):
         raise ValueError(f"header must be 'wav' or 'raw', got {_lowlevel.brief(header)}")
     piece_frames = (None if chunk_frames is None
