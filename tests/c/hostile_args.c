@@ -675,9 +675,10 @@ static void check_live(void)
     luna_close(watch);
     EXPECT_RC(luna_set_length(fd, (uint64_t)len + 100), 0);
 
-    /* Appending with the header mapped: the sizes are stored into the mapping; once
-     * the file is cut under it (a read of the cut page is a SIGBUS the guard turns
-     * into zeros), an append still writes its samples but answers -ESTALE. */
+    /* Appending with the header mapped: the sizes are stored into the mapping. A file
+     * cut below the samples appended so far (above the header page, or under it: a
+     * read of the cut page is a SIGBUS the guard turns into zeros) is refused with
+     * -ESTALE before anything is written: a write would extend it over a hole. */
     struct luna_mapping hm = {0};
     int hguard = luna_map(fd, (uint64_t)len, 1, 1, &hm);
     uint8_t *hmap = hm.addr;
@@ -689,12 +690,17 @@ static void check_live(void)
         EXPECT_TRUE(have == before + 10);
         EXPECT_RC(luna_wav_parse_fd(fd, (uint64_t)len + have, &info), 0);
         EXPECT_TRUE(info.data_bytes == have);
+        EXPECT_RC(luna_set_length(fd, (uint64_t)len + have - 2), 0);
+        EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
+                  -ESTALE);
+        EXPECT_TRUE(have == before + 10 && file_size(fd) == (uint64_t)len + have - 2);
+        EXPECT_RC(luna_guard_broken(hguard), 0);
         EXPECT_RC(luna_set_length(fd, 0), 0);
         EXPECT_TRUE(((volatile uint8_t *)hmap)[0] == 0);
         EXPECT_RC(luna_guard_broken(hguard), 1);
         EXPECT_RC(luna_stream_append(fd, hmap, hguard, &spec, (uint64_t)len, &have, data, 10),
                   -ESTALE);
-        EXPECT_TRUE(have == before + 20 && file_size(fd) == (uint64_t)len + have);
+        EXPECT_TRUE(have == before + 10 && file_size(fd) == 0);
         EXPECT_RC(luna_mapping_release(&hm), 0);
     }
 
