@@ -285,7 +285,9 @@ struct luna_wav_info {
     uint64_t frames;
     uint64_t file_size;
     const char *error;      /* static reason when -LUNA_EFORMAT is returned */
-    int32_t stream_state;   /* LUNA_STREAM_*: a live.c state chunk before data */
+    int32_t stream_state;   /* LUNA_STREAM_*: a live.c state chunk before data
+                               (then data_bytes is what its size field counts,
+                               0 included, never "to the end of the file") */
 };
 
 /* Parse a WAV held whole in buf[0..len). Never reads outside buf.

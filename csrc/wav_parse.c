@@ -201,10 +201,15 @@ static int parse(const struct source *src, struct luna_wav_info *out)
             /* A RIFF that ends where the data starts, with data size 0:
              * a streaming writer that has not fixed its header (yet). */
             int riff_ends_here = (uint64_t)riff_size + 8u <= body;
+            /* A WavWriter's stream (its state chunk came first) holds exactly the
+             * audio its size counts, 0 included: bytes past it are an append whose
+             * sizes are still to come, or another process's. */
+            int counted = out->stream_state != LUNA_STREAM_NONE;
             /* An unfinished stream: its data runs to the end of the file. */
-            if (size == 0xFFFFFFFFu ||
-                (size == 0 && (unfinished_riff || riff_ends_here)) ||
-                (size == 0x7FFFFFFFu && size > remaining) || sox_unspecified) {
+            if (!counted &&
+                (size == 0xFFFFFFFFu ||
+                 (size == 0 && (unfinished_riff || riff_ends_here)) ||
+                 (size == 0x7FFFFFFFu && size > remaining) || sox_unspecified)) {
                 out->data_bytes = remaining;
                 data_to_end = 1;
             } else if (size > remaining) {

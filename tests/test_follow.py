@@ -611,6 +611,29 @@ def test_bytes_another_process_adds_past_a_live_stream_are_never_followed_as_fra
     assert as_bytes == [np.concatenate(parts).tobytes()]
 
 
+
+@pytest.mark.parametrize("end", ["close", "abort", "live"])
+def test_bytes_another_process_adds_past_a_writer_that_wrote_nothing_are_never_frames(ram, end):
+    # A first header's data size 0 with a RIFF that ends at the data reads "to the end of
+    # the file" in other programs' streams; the follower (for a stream no longer live) and
+    # read_wav took it so in a WavWriter's too, and yielded another process's bytes as
+    # audio (found in review).
+    path = ram / "empty.wav"
+    writer = WavWriter(path, RATE)
+    subprocess.run([sys.executable, "-c", "import sys; " + FOREIGN_BYTES["appended"],
+                    str(path)], check=True)
+    if end != "live":
+        getattr(writer, end)()
+        if end == "close":
+            assert collect(path) == []
+        else:
+            with pytest.raises(StreamAbandoned, match="aborted the stream after 0 frames"):
+                collect(path)
+    data, rate = read_wav(path)
+    assert (len(data), rate) == (0, RATE)
+    writer.close()
+
+
 def data_size_field(path: Path) -> int:
     """Where a WAV's data chunk size is stored: the 4 bytes before its data."""
     header = path.read_bytes()[:128]

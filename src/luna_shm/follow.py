@@ -196,11 +196,12 @@ def _check_same_stream(path: str, first: _lowlevel.WavInfo, info: _lowlevel.WavI
 
 
 def _parse(fd: int, size: int, path: str) -> _lowlevel.WavInfo:
-    """The file's header; of a live WavWriter stream, with the data size its header field
-    holds. (The parser reads a first header's 0 as "to the end of the file", the
-    convention of other programs' streams: that would count bytes no header counted.)"""
+    """The file's header; of a WavWriter's stream (live, done or failed), with the data
+    size its header field holds: bytes past it were never the writer's audio. (A 0 with a
+    RIFF that ends at the data is "to the end of the file" only in other programs'
+    streams.)"""
     info = _lowlevel.wav_parse_fd(fd, size, path)
-    if info.stream_state != _lowlevel.STREAM_LIVE:
+    if info.stream_state == _lowlevel.STREAM_NONE:
         return info
     return info._replace(data_bytes=_counted_bytes(fd, info.data_offset))
 
