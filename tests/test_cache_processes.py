@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -692,3 +693,81 @@ def test_a_render_one_fd_short_raises_emfile_naming_its_file_and_leaves_nothing(
     assert error == errno.EMFILE
     assert filename == f"{directory}/{cache_key('one fd short')}.live"
     assert listing == ["lock"]
+
+
+# A caller that found key's entry expired (or unreadable) waits on the tier lock, which the
+# test holds; meanwhile a fresh entry takes the name, as another process's put would.
+STALE_LOOKER = """
+    import os, sys, time
+    from luna_shm import AudioCache
+    name, key, go, how = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    rendered = []
+
+    def render(writer):
+        rendered.append(key)
+        writer.write(audio_of(key, 100))
+
+    cache = AudioCache(name, ttl=3600)
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    if how == "get":
+        entry = cache.get(key)
+    else:
+        entry = cache.get_or_render(key, render, samplerate=16000)
+    print("hit" if entry is not None else "miss", len(rendered), flush=True)
+    if entry is not None:
+        entry.release()
+    cache.close()
+"""
+
+
+def _wait_until_waiting_for(process: subprocess.Popen[str], path: str,
+                            deadline: float = 60) -> None:
+    """Return once /proc/locks shows a process blocked on a flock of path (a "->" line);
+    fail when process ended first."""
+    ino = f":{os.stat(path).st_ino} "
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            finish(process)
+            pytest.fail("the process ended without waiting for the lock")
+        with open("/proc/locks") as locks:
+            if any("->" in line and ino in line for line in locks):
+                return
+        time.sleep(0.001)
+    pytest.fail(f"no process came to wait for the lock {path}")
+
+
+@pytest.mark.parametrize("how", ["get", "get_or_render"])
+def test_a_look_up_that_finds_an_entry_stale_never_removes_a_fresh_one_stored_meanwhile(
+        private_dirs, tmp_path: Path, how: str) -> None:
+    # get() of an expired entry, and get_or_render() of an unreadable one, let go of it and
+    # then remove the stale entry under the lock: only if its name still names that file.
+    key, other = cache_key("stale"), cache_key("fresh")
+    go = tmp_path / "go"
+    with AudioCache("stale", ttl=3600) as cache:
+        cache.put(key, audio_of(key), 16000).release()
+        cache.put(other, audio_of(other), 16000).release()
+        path = f"{cache.directory}/{key}.wav"
+        if how == "get":
+            os.utime(path, (time.time(), time.time() - 7200))  # stored two hours ago
+        else:
+            os.truncate(path, 20)  # another process cut it: not a WAV
+        looker = spawn(private_dirs, STALE_LOOKER, "stale", key, str(go), how)
+        assert looker.stdout is not None and looker.stdout.readline().strip() == "ready"
+        lock = os.open(f"{cache.directory}/lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # as a put does around its rename
+            go.touch()
+            _wait_until_waiting_for(looker, f"{cache.directory}/lock")
+            os.rename(f"{cache.directory}/{other}.wav", path)  # a fresh entry for key
+            fresh = os.stat(path).st_ino
+        finally:
+            os.close(lock)
+        out = finish(looker).split()
+        assert os.stat(path).st_ino == fresh, "the fresh entry was removed"
+        if how == "get_or_render":
+            assert out == ["hit", "0"]  # the fresh entry, not a render of its own
+        with cache.get(key) as entry:
+            assert np.array_equal(entry.array, audio_of(other))

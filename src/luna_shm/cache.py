@@ -544,10 +544,17 @@ class _Tier:
                     found.append((item.name, st))
         return found
 
-    def remove_if_unpinned(self, name: str) -> bool:
+    def remove_if_unpinned(self, name: str, only: int | None = None) -> bool:
         """Unlink name under its exclusive flock, taken without waiting; False when held.
-        An entry's bytes leave the shared count (under the lock)."""
+        An entry's bytes leave the shared count (under the lock).
+
+        only, an fd of a file a caller judged stale (expired, unreadable) and then let go
+        of: unlink name only while it still names that file. Another process may have
+        stored a fresh entry under the name since, which is not the caller's to remove
+        (entry names change only under the lock: checked under it, the answer holds)."""
         path = self.path(name)
+        if only is not None and not _newfile.still_named(only, path):
+            return False
         cell = _lowlevel.fd_cell()
         try:
             fd = _open_regular(path, cell)  # a symlink or FIFO of that name is not ours
@@ -696,6 +703,19 @@ def _stale_live(path: str) -> bool:
         return True
     finally:
         _lowlevel.release(cell)
+
+
+def _remove_stale(tier: _Tier, name: str, fd: int) -> bool:
+    """Remove tier's entry name, which a look-up found stale (expired, or not a WAV it
+    can read) through fd, unless it is pinned or name no longer names that file; True
+    when removed. The look-up's own shared flock on fd goes first (it would refuse the
+    removal); fd stays open, so the check under the lock compares with that very file.
+
+    Why not by name alone: between the look-up letting go of the file and the lock,
+    another process can store a fresh entry under the name, which is not stale."""
+    _fcntl.flock(fd, _fcntl.LOCK_UN)
+    with tier.locked():
+        return tier.remove_if_unpinned(name, only=fd)
 
 
 def _remove_dead_live(fd: int, path: str) -> None:
@@ -849,9 +869,8 @@ class AudioCache:
                     _lowlevel.release(cell)
                     continue
                 if self.ttl is not None and _time.time() - st.st_mtime > self.ttl:
+                    _remove_stale(tier, key + suffix, fd)
                     _lowlevel.release(cell)
-                    with tier.locked():
-                        tier.remove_if_unpinned(key + suffix)
                     continue
                 try:
                     _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))  # the LRU clock
@@ -1274,12 +1293,22 @@ class AudioCache:
         try:
             entry._load()  # the header parsed and the samples mapped, as .array would
         except WavError as exc:
+            # Removed only while its name still names this very file (see _remove_stale):
+            # a fresh entry another process stored meanwhile is looked up, not removed.
+            # Its disk-tier copy, if any, goes with the commit of the render that follows.
+            held = _lowlevel.fd_cell()
+            _lowlevel.dup(entry.fileno(), cell=held, filename=entry.path)
             entry.release()
-            if not self.discard(entry.key):
-                raise
-            placement.logger.warning("luna_shm: removed the unreadable cache entry %s (%s); "
-                                     "rendering it again", entry.path, exc)
-            return False
+            try:
+                if _remove_stale(self._ram, _os.path.basename(entry.path), held[0]):
+                    placement.logger.warning("luna_shm: removed the unreadable cache entry "
+                                             "%s (%s); rendering it again", entry.path, exc)
+                    return False
+                if _newfile.still_named(held[0], entry.path):
+                    raise  # another caller holds it
+                return False  # replaced (or removed) by another process: look again
+            finally:
+                _lowlevel.release(held)
         return True
 
     def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
