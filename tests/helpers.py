@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,6 +182,24 @@ try:
 except OSError as exc:
     assert exc.errno == errno.EMFILE, exc
 """
+
+
+def wait_until_someone_waits_for_flock(path: str, inode: int, going_on: Callable[[], bool],
+                                       deadline: float = 60) -> bool:
+    """Wait until /proc/locks shows a flock of the file path (inode number inode, taken
+    before the waiter starts: it may remove the file) that someone waits for (a "->"
+    line): True then; False as soon as going_on() says the one expected to wait ended
+    instead. Fails, instead of hanging the suite, after deadline seconds."""
+    ino = f":{inode} "
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        with open("/proc/locks") as locks:
+            if any("->" in line and ino in line for line in locks):
+                return True
+        if not going_on():
+            return False
+        time.sleep(0.001)
+    pytest.fail(f"no one came to wait for the lock of {path}")
 
 
 def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> object:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import luna_shm
-from helpers import LIBRARY_PATH, REPO, call_with_deadline
+from helpers import LIBRARY_PATH, REPO, call_with_deadline, wait_until_someone_waits_for_flock
 from luna_shm import AudioCache, CachedAudio, cache_key
 from luna_shm.cache import RenderError
 
@@ -350,6 +350,65 @@ def test_a_render_that_raises_or_writes_nothing_is_not_stored_and_the_next_calle
     assert cache.get(key) is None
     with cache.get_or_render(key, lambda w: w.write(tone(key)), samplerate=16000) as good:
         np.testing.assert_array_equal(good.array, tone(key))
+    assert [n for n in os.listdir(cache.directory) if n.endswith((".live", ".part"))] == []
+
+
+@pytest.mark.parametrize("then_raise", [False, True], ids=["closes", "closes-then-raises"])
+def test_a_render_that_closes_its_writer_keeps_its_audio_and_its_waiters(cache,
+                                                                          then_raise) -> None:
+    # Render functions commonly write inside `with writer:`. The cache keeps its own
+    # descriptor of the file (and so the render's flock): a waiter sleeps on until the
+    # render is stored or failed, and then gets what any waiter gets.
+    key = cache_key("closes its writer")
+    closed, go_on = threading.Event(), threading.Event()
+    waiter_rendered: list[str] = []
+
+    def render(writer) -> None:
+        with writer:
+            writer.write(tone(key))
+        closed.set()
+        go_on.wait(30)
+        if then_raise:
+            raise ConnectionError("TTS server went away after the last chunk")
+
+    def waiter_render(writer) -> None:
+        waiter_rendered.append(key)
+        writer.write(tone(key, 10))
+
+    outcomes: dict[str, object] = {}
+
+    def call(who: str, into) -> None:
+        try:
+            with cache.get_or_render(key, into, samplerate=16000) as entry:
+                outcomes[who] = entry.array.copy()
+        except BaseException as exc:
+            outcomes[who] = exc
+
+    renderer = threading.Thread(target=call, args=("renderer", render))
+    renderer.start()
+    assert closed.wait(30)
+    live = cache.live_path(key)
+    assert live is not None
+    inode = os.stat(live).st_ino
+    waiter = threading.Thread(target=call, args=("waiter", waiter_render))
+    waiter.start()
+    waited = wait_until_someone_waits_for_flock(live, inode, waiter.is_alive)
+    go_on.set()
+    renderer.join(30)
+    waiter.join(30)
+    assert waited, outcomes  # the close did not let the waiter go (nor elect it)
+    assert waiter_rendered == []
+    if then_raise:
+        assert isinstance(outcomes["renderer"], ConnectionError), outcomes
+        assert isinstance(outcomes["waiter"], RenderError), outcomes
+        assert "went away after the last chunk" in str(outcomes["waiter"])
+        assert cache.get(key) is None
+    else:
+        np.testing.assert_array_equal(outcomes["renderer"], tone(key))
+        np.testing.assert_array_equal(outcomes["waiter"], tone(key))
+        with cache.get(key) as entry:
+            np.testing.assert_array_equal(entry.array, tone(key))
+    assert cache.stats().renders == 1
     assert [n for n in os.listdir(cache.directory) if n.endswith((".live", ".part"))] == []
 
 

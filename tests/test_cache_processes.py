@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FILL_FD_TABLE, LIBRARY_PATH, call_with_deadline, require_private_mounts
+from helpers import (
+    FILL_FD_TABLE,
+    LIBRARY_PATH,
+    call_with_deadline,
+    require_private_mounts,
+    wait_until_someone_waits_for_flock,
+)
 from luna_shm import AudioCache, cache_key
 
 # Audio that any process derives from the key alone: a render, and its oracle.
@@ -722,23 +728,6 @@ STALE_LOOKER = """
 """
 
 
-def _wait_until_waiting_for(process: subprocess.Popen[str], path: str,
-                            deadline: float = 60) -> None:
-    """Return once /proc/locks shows a process blocked on a flock of path (a "->" line);
-    fail when process ended first."""
-    ino = f":{os.stat(path).st_ino} "
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            finish(process)
-            pytest.fail("the process ended without waiting for the lock")
-        with open("/proc/locks") as locks:
-            if any("->" in line and ino in line for line in locks):
-                return
-        time.sleep(0.001)
-    pytest.fail(f"no process came to wait for the lock {path}")
-
-
 @pytest.mark.parametrize("how", ["get", "get_or_render"])
 def test_a_look_up_that_finds_an_entry_stale_never_removes_a_fresh_one_stored_meanwhile(
         private_dirs, tmp_path: Path, how: str) -> None:
@@ -760,7 +749,10 @@ def test_a_look_up_that_finds_an_entry_stale_never_removes_a_fresh_one_stored_me
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # as a put does around its rename
             go.touch()
-            _wait_until_waiting_for(looker, f"{cache.directory}/lock")
+            lock_path = f"{cache.directory}/lock"
+            assert wait_until_someone_waits_for_flock(
+                lock_path, os.stat(lock_path).st_ino, lambda: looker.poll() is None), \
+                finish(looker)
             os.rename(f"{cache.directory}/{other}.wav", path)  # a fresh entry for key
             fresh = os.stat(path).st_ino
         finally:

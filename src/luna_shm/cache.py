@@ -1238,7 +1238,8 @@ class AudioCache:
 
         Args:
             key: see :func:`cache_key`.
-            render: called with the writer; its return value is ignored.
+            render: called with the writer; its return value is ignored. It may close
+                the writer (``with writer:``): what it wrote is stored all the same.
             samplerate, channels, dtype: the writer's format.
             timeout: seconds to wait for another caller's render (an int or float, numpy
                 ones too, >= 0; 0 does not wait); None or infinity waits as long as it
@@ -1370,7 +1371,13 @@ class AudioCache:
     def _render(self, key: str, writer: WavWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
         """Run render into writer (whose file is key.live, exclusively locked), store the
-        result, then let the waiters go: by then the entry, or the outcome, is there."""
+        result, then let the waiters go: by then the entry, or the outcome, is there.
+
+        The render may close the writer (``with writer:`` is common): the cache takes what
+        it needs before calling it, a second descriptor of the same open file (pin), which
+        shares the writer's flock and keeps it after the writer closes. So the waiters
+        sleep on until the entry is stored (or the render failed), and the entry stays
+        pinned for our caller."""
         self._count("renders")
         ino = _os.fstat(writer.fileno()).st_ino
         # A note an earlier render of key left goes now, before a waiter can read it: a
@@ -1379,22 +1386,27 @@ class AudioCache:
         note = self._ram.path(key + _OUTCOME)
         if _note_owner(note) is not None:  # a note; anything else of that name is not ours
             _unlink_quietly(note)
+        pin = _lowlevel.fd_cell()
         try:
-            render(writer)
-            if writer.frames == 0:
-                raise ValueError(f"the render of {key!r} wrote no frames: not cached")
-            # A second descriptor of the same open file: it shares the writer's flock and
-            # keeps it after the writer closes, so the entry stays pinned for our caller.
-            pin = _lowlevel.fd_cell()
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
+            render(writer)
+            if writer.frames == 0:  # after a close too: the frames its file holds
+                raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             entry = self._commit(key, live, key + ".wav", pin)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
             self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
-            if _newfile.still_named(writer.fileno(), live):
+            # Our file, through the pin, or the writer when the dup failed (a failed
+            # commit released the pin, and removed the file, itself).
+            held = pin[0] if pin[0] >= 0 else -1 if writer.closed else writer.fileno()
+            if held >= 0 and _newfile.still_named(held, live):
                 _unlink_quietly(live)
-            writer.abort()  # its followers (AudioCache.follow) raise StreamAbandoned
+            # Its followers (AudioCache.follow) raise StreamAbandoned; a render that closed
+            # the writer already ended its stream as finished, which stays (nothing left
+            # to abort), but its file is gone and nothing is stored.
+            writer.abort()
+            _lowlevel.release(pin)  # the last descriptor: the waiters wake to the note
             raise
         # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
         _lowlevel.lock(entry.fileno(), exclusive=False)
