@@ -209,6 +209,26 @@ def test_least_recently_used_entries_go_first_and_the_bound_holds(cache) -> None
     assert stats.bytes <= cache.max_bytes and stats.evictions == 1
 
 
+def test_a_rendered_entry_counts_as_used_when_it_is_stored_not_when_its_render_began(
+        cache) -> None:
+    # 4 x ~24 KB in a 100 KB cache; the oldest is used while the newest renders.
+    keys = [cache_key(f"lru render {i}") for i in range(4)]
+    for key in keys[:3]:
+        cache.put(key, tone(key, 12000), 16000).release()
+
+    def render(writer) -> None:
+        for key in keys[:3]:
+            cache.get(key).release()  # all three used after the render began
+        writer.write(tone(keys[3], 12000))
+
+    cache.get_or_render(keys[3], render, samplerate=16000).release()
+    assert [key for key, _, _ in cache.entries()][-1] == keys[3]  # the most recently used
+    newcomer = cache_key("lru render new")
+    cache.put(newcomer, tone(newcomer, 12000), 16000).release()
+    assert keys[0] not in cache  # the least recently used one left, not the new render
+    assert keys[3] in cache and newcomer in cache
+
+
 def test_an_entry_larger_than_the_bound_is_returned_but_never_stored(cache) -> None:
     key = cache_key("very long")
     audio = tone(key, 60000)  # 120 KB > 100 KB

@@ -12,7 +12,7 @@ The index is the directory itself, files and atomic renames (see the README,
 
 * ``<key>.wav`` (or ``<key>.<suffix>`` for encoded audio) is a committed entry:
   it only ever appears complete, by ``rename``. Its mtime is when it was
-  stored (the TTL clock), its atime when it was last used (the LRU clock).
+  stored (the TTL clock), its atime when it was last used or stored (the LRU clock).
 * A holder of an entry keeps a shared flock on it (the pin); evicting takes
   the exclusive flock without waiting and unlinks under it, so a pinned entry
   is never removed, by any process.
@@ -1049,7 +1049,12 @@ class AudioCache:
                 raise
         fd = cell[0]
         try:
-            size = _os.fstat(fd).st_size
+            st = _os.fstat(fd)
+            size = st.st_size
+            # Stored now is used now: the LRU clock (atime) of a render would otherwise be
+            # when its file was made, before every hit during the render, and the next
+            # eviction would take the entry just stored. mtime (the TTL clock) is kept.
+            _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             final = self._ram.path(name)
             with self._ram.locked():
                 self._flush_counts()
@@ -1074,9 +1079,10 @@ class AudioCache:
             unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
             return CachedAudio(cell, unstored, key, stored=False)
-        except BaseException:
+        except BaseException as exc:
             _lowlevel.release(cell)
             _unlink_quietly(part_path)
+            _raise_named(exc, part_path)  # os.utime on an fd names no file
             raise
 
     def _foreign(self, name: str) -> bool:
