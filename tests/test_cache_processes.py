@@ -763,3 +763,35 @@ def test_a_look_up_that_finds_an_entry_stale_never_removes_a_fresh_one_stored_me
             assert out == ["hit", "0"]  # the fresh entry, not a render of its own
         with cache.get(key) as entry:
             assert np.array_equal(entry.array, audio_of(other))
+
+
+DISCARD_WITH_NO_FREE_FD = textwrap.dedent("""
+    import errno, json, resource
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("nofd")
+    key = cache_key("no fd to discard with")
+    cache.put(key, audio_of(key), 16000).release()
+""") + FILL_FD_TABLE + textwrap.dedent("""
+    try:
+        out = ["returned", cache.discard(key)]
+    except OSError as exc:
+        out = [exc.errno, exc.filename]
+    for fd in held:
+        os.close(fd)
+    out.append(os.path.exists(f"{cache.directory}/{key}.wav"))
+    out.append(cache.discard(key))  # with fds again: removed
+    print(json.dumps([out, cache.directory]))
+    cache.close()
+""")
+
+
+def test_discard_with_no_free_fd_raises_emfile_naming_the_entry_instead_of_saying_pinned(
+        private_dirs) -> None:
+    done = subprocess.run([sys.executable, "-c",
+                           AUDIO_OF_KEY + "import os\n" + DISCARD_WITH_NO_FREE_FD],
+                          env=child_env(private_dirs), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    out, directory = json.loads(done.stdout)
+    assert out == [errno.EMFILE, f"{directory}/{cache_key('no fd to discard with')}.wav",
+                   True, True]

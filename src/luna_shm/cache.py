@@ -545,8 +545,10 @@ class _Tier:
         return found
 
     def remove_if_unpinned(self, name: str, only: int | None = None) -> bool:
-        """Unlink name under its exclusive flock, taken without waiting; False when held.
-        An entry's bytes leave the shared count (under the lock).
+        """Unlink name under its exclusive flock, taken without waiting; False when held,
+        or when name is gone or not a regular file (nothing of ours to remove). An entry's
+        bytes leave the shared count (under the lock). Any other failure to open it
+        (EMFILE, EACCES...) raises, naming it: "pinned" would be a lie.
 
         only, an fd of a file a caller judged stale (expired, unreadable) and then let go
         of: unlink name only while it still names that file. Another process may have
@@ -556,10 +558,7 @@ class _Tier:
         if only is not None and not _newfile.still_named(only, path):
             return False
         cell = _lowlevel.fd_cell()
-        try:
-            fd = _open_regular(path, cell)  # a symlink or FIFO of that name is not ours
-        except OSError:
-            return False
+        fd = _open_regular(path, cell)  # a symlink or FIFO of that name is not ours
         if fd is None:
             return False
         try:
@@ -1505,7 +1504,13 @@ class AudioCache:
     # ---- removal and stats ---------------------------------------------------------
 
     def discard(self, key: str) -> bool:
-        """Remove key's entry from both tiers unless it is pinned; True if one was removed."""
+        """Remove key's entry from both tiers unless it is pinned; True if one was removed.
+
+        Raises:
+            TypeError, ValueError: key is not a key (see :func:`cache_key`).
+            OSError: an entry could not be opened to take its lock (EMFILE, ...), naming
+                it (never a False as if it were pinned).
+        """
         self._check_open()
         _check_key(key)
         removed = False
