@@ -21,8 +21,10 @@ import pytest
 from helpers import (
     FILL_FD_TABLE,
     LIBRARY_PATH,
+    assert_child_ok,
     call_with_deadline,
     require_private_mounts,
+    run_in_private_shm,
     wait_until_someone_waits_for_flock,
 )
 from luna_shm import AudioCache, cache_key
@@ -795,3 +797,38 @@ def test_discard_with_no_free_fd_raises_emfile_naming_the_entry_instead_of_sayin
     out, directory = json.loads(done.stdout)
     assert out == [errno.EMFILE, f"{directory}/{cache_key('no fd to discard with')}.wav",
                    True, True]
+
+
+CACHE_ON_A_FULL_RAM_DISK = """
+    import errno, json, os
+    import numpy as np
+    from luna_shm import AudioCache
+    cache = AudioCache("full", max_bytes=100 * 1024 * 1024)
+    big = np.zeros(1_000_000, dtype=np.int16)  # 2 MB on a 1 MB RAM disk
+
+    def render(writer):
+        for _ in range(20):
+            writer.write(big[:50_000])
+
+    out = {}
+    for what, call in [("put", lambda: cache.put("big", big, 16000)),
+                       ("put_bytes", lambda: cache.put_bytes("bytes", bytes(3_000_000))),
+                       ("render", lambda: cache.get_or_render("r", render, samplerate=16000))]:
+        try:
+            call()
+            out[what] = "no error"
+        except OSError as exc:
+            out[what] = [exc.errno, "the RAM disk is full" in str(exc), exc.filename]
+    out["directory"] = cache.directory
+    cache.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_full_ram_disk_under_the_cache_says_so_in_its_enospc_errors() -> None:
+    out = json.loads(assert_child_ok(run_in_private_shm(CACHE_ON_A_FULL_RAM_DISK,
+                                                         shm_size="1m")))
+    directory = out.pop("directory")
+    for what, (error, hint, filename) in out.items():
+        assert error == errno.ENOSPC and hint, (what, out)
+        assert filename.startswith(f"{directory}/"), (what, filename)

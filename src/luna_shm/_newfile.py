@@ -334,7 +334,8 @@ _FULL_DISK_HINT = (
 def explain_full_disk(exc: OSError, path: str) -> OSError:
     """The same error with path as its filename, and a hint when the RAM disk is full."""
     strerror = exc.strerror or ""
-    in_ram = _os.path.dirname(path) == placement.ram_dir() or path.startswith("/proc/")
+    # Anywhere inside the RAM dir: a cache's files are one level deeper than ours.
+    in_ram = path.startswith(_os.path.join(placement.ram_dir(), "")) or path.startswith("/proc/")
     if exc.errno == _errno.ENOSPC and in_ram and _FULL_DISK_HINT not in strerror:
         return OSError(exc.errno, strerror + _FULL_DISK_HINT, path)
     if exc.filename is None and exc.errno is not None:

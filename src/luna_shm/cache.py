@@ -1126,9 +1126,10 @@ class AudioCache:
         part, cell = self._ram.new_part(key)
         try:
             _lowlevel.write_wav_fd(cell[0], enc.spec, encoding.data_chunk(enc), part)
-        except BaseException:
+        except BaseException as exc:
             _lowlevel.release(cell)
             _unlink_quietly(part)
+            _raise_named(exc, part)  # ENOSPC: with the full RAM disk's hint
             raise
         return self._commit(key, part, key + ".wav", cell)
 
