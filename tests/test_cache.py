@@ -837,6 +837,19 @@ def test_get_or_render_checks_its_format_on_a_hit_too(cache) -> None:
         cache.get_or_render(key, print, samplerate=16000, channels="2")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("render", [None, "render", 3], ids=["None", "str", "int"])
+def test_get_or_render_refuses_a_render_that_is_not_callable_before_anything_else(
+        cache, render) -> None:
+    key = cache_key("not callable")
+    with pytest.raises(TypeError, match=f"render must be a callable .*, got {render!r}"):
+        cache.get_or_render(key, render, samplerate=16000)  # type: ignore[arg-type]
+    cache.put(key, tone(key), 16000).release()  # on a hit too
+    with pytest.raises(TypeError, match=f"render must be a callable .*, got {render!r}"):
+        cache.get_or_render(key, render, samplerate=16000)  # type: ignore[arg-type]
+    assert sorted(os.listdir(cache.directory)) == sorted(["lock", f"{key}.wav"])
+    assert cache.stats().renders == 0
+
+
 @pytest.mark.parametrize(("disk_dir", "error", "message"), [
     (3, TypeError, "disk_dir must be a str or os.PathLike.str., got 3"),
     (b"/tmp", TypeError, r"disk_dir must be a str or os.PathLike.str., got b'/tmp'"),

@@ -1255,8 +1255,8 @@ class AudioCache:
             The entry, pinned (``stored`` False when it was too large to keep).
 
         Raises:
-            TypeError, ValueError: a bad key, samplerate, channels, dtype or timeout
-                (NaN is refused), checked before anything else.
+            TypeError, ValueError: a bad key, render (not callable), samplerate,
+                channels, dtype or timeout (NaN is refused), checked before anything else.
             RenderError: the render this caller waited for failed.
             WavError: the stored entry is not a WAV we can read (another process
                 truncated or overwrote it) and another caller holds it; unheld, it
@@ -1268,6 +1268,9 @@ class AudioCache:
         self._check_open()
         _check_key(key)
         # Checked up front, hit or miss: a bad argument never depends on the cache's state.
+        if not callable(render):
+            raise TypeError(f"render must be a callable taking the WavWriter, got "
+                            f"{_lowlevel.brief(render)}")
         formats.check_samplerate(samplerate)
         formats.check_channels(channels)
         formats.check_dtype(dtype)
