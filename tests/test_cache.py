@@ -600,6 +600,20 @@ def test_encoded_entries_keep_their_bytes_and_suffix(cache) -> None:
         assert hit.is_wav and not os.path.exists(hit.path[:-4] + ".mp3")
 
 
+def test_put_bytes_takes_any_bytes_like_view_even_a_strided_one_as_its_bytes_in_order(
+        cache) -> None:
+    key = cache_key("strided")
+    data = bytes(range(200))
+    strided = memoryview(np.frombuffer(data, dtype=np.uint8))[::2]  # not contiguous
+    with cache.put_bytes(key, strided) as entry:
+        assert entry.read_bytes() == data[::2]
+    matrix = np.arange(12, dtype=np.int16).reshape(3, 4)
+    with cache.put_bytes(key, memoryview(matrix.T)) as entry:  # Fortran order
+        assert entry.read_bytes() == matrix.T.tobytes()
+    with pytest.raises(ValueError, match="data is empty"):
+        cache.put_bytes(key, memoryview(data)[::-1][:0])
+
+
 def test_cleanup_all_temp_audio_never_touches_cache_entries(cache) -> None:
     key = cache_key("kept")
     cache.put(key, tone(key), 16000).release()

@@ -1139,7 +1139,8 @@ class AudioCache:
 
         Args:
             key: see :func:`cache_key`.
-            data: the encoded file's bytes.
+            data: the encoded file's bytes: bytes, bytearray or a memoryview (one that is
+                not contiguous is stored as its bytes in order, copied once).
             suffix: one of .mp3, .ogg, .opus, .flac, .aac, .m4a, .webm.
 
         Raises:
@@ -1153,11 +1154,14 @@ class AudioCache:
                              f"got {suffix!r}")
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"data must be bytes-like, got {_lowlevel.brief(data)}")
-        if not len(data):
+        view = memoryview(data)
+        if not view.nbytes:
             raise ValueError("data is empty: an empty render is never cached")
+        # A strided view (a slice with a step, a transposed array) has no flat bytes of its
+        # own to cast: its bytes, in order, are copied once.
+        view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
         part, cell = self._ram.new_part(key)
         try:
-            view = memoryview(data).cast("B")
             while view:
                 view = view[_os.write(cell[0], view):]
         except BaseException as exc:
