@@ -105,6 +105,24 @@ def test_cache_key_refuses_a_list_that_contains_itself() -> None:
         cache_key("hi", options=looped)
 
 
+def test_cache_key_refuses_lists_and_dicts_nested_too_deep_naming_the_argument() -> None:
+    deep: object = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="cache_key argument speed is nested more than "
+                                         "100 lists or dicts deep"):
+        cache_key("hi", speed=deep)
+    wide: object = {"a": 1}
+    for _ in range(150):
+        wide = {"a": wide}
+    with pytest.raises(ValueError, match="cache_key argument voice is nested more than"):
+        cache_key("hi", voice=wide)
+    fine: object = 1
+    for _ in range(99):
+        fine = [fine]
+    assert len(cache_key("hi", speed=fine)) == 64
+
+
 def test_bad_names_keys_and_sizes_raise_naming_what_was_passed(private_dirs) -> None:
     with pytest.raises(ValueError, match=r"name must be .*got '\.\./x'"):
         AudioCache("../x")

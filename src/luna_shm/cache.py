@@ -128,8 +128,8 @@ def cache_key(text: str, *, voice: object = None, engine: object = None,
             not a str (JSON would turn ``1`` and ``None`` into ``"1"`` and ``"null"``, so
             two different values would get one key); the message names where.
         ValueError: a float is NaN or infinite, an int has more than 4300 digits, a
-            str holds a lone surrogate (it has no UTF-8 form), or a list or dict
-            contains itself.
+            str holds a lone surrogate (it has no UTF-8 form), a list or dict
+            contains itself, or lists and dicts are nested more than 100 deep.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {_lowlevel.brief(text)}")
@@ -147,6 +147,10 @@ def cache_key(text: str, *, voice: object = None, engine: object = None,
 # Ints of more digits than this have no str form under Python's default limit (and the
 # limit is a per-process setting: a key must not depend on it).
 _MAX_KEY_INT = 10**4300
+# Lists and dicts nested deeper than this are refused (a ValueError naming the argument):
+# the form is built, and json.dumps writes it, by recursion, which ends in RecursionError
+# far sooner than any real option needs (the interpreter's limit is a per-process setting).
+_MAX_KEY_DEPTH = 100
 
 
 def _utf8_str(where: str, text: str) -> str:
@@ -184,6 +188,10 @@ def _json_form(where: str, value: object, within: tuple[int, ...]) -> object:
     if isinstance(value, list | tuple | dict):
         if id(value) in within:
             raise ValueError(f"cache_key argument {where} contains itself")
+        if len(within) >= _MAX_KEY_DEPTH:
+            argument = where.partition("[")[0]  # the whole path would be 100 indexes long
+            raise ValueError(f"cache_key argument {argument} is nested more than "
+                             f"{_MAX_KEY_DEPTH} lists or dicts deep")
         inner = (*within, id(value))
         if isinstance(value, dict):
             form: dict[str, object] = {}
