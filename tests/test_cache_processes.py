@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -650,15 +651,20 @@ READ_ONLY_CACHE = """
 """
 
 
-def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
-        private_dirs) -> None:
-    prefix = require_private_mounts()
-    done = subprocess.run([*prefix, sys.executable, "-c",
-                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(READ_ONLY_CACHE)],
+def _child_says(private_dirs, script: str, prefix: list[str] | None = None) -> Any:
+    """Run script after AUDIO_OF_KEY (and `import os`) in a child with the private dirs
+    (under the command prefix, if any); what it printed, as JSON."""
+    done = subprocess.run([*(prefix or []), sys.executable, "-c",
+                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(script)],
                           env=child_env(private_dirs), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
+        private_dirs) -> None:
+    out = _child_says(private_dirs, READ_ONLY_CACHE, require_private_mounts())
     # Hits work (the LRU clock stops: it found EROFS, not the entry, refused before).
     assert out["hit"] is True and out["hit_or_render"] is True
     directory = out["directory"]
@@ -692,12 +698,7 @@ ONE_FREE_FD = textwrap.dedent("""
 
 def test_a_render_one_fd_short_raises_emfile_naming_its_file_and_leaves_nothing(
         private_dirs) -> None:
-    done = subprocess.run([sys.executable, "-c",
-                           AUDIO_OF_KEY + "import os\n" + ONE_FREE_FD],
-                          env=child_env(private_dirs), capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    (error, filename), listing, directory = json.loads(done.stdout)
+    (error, filename), listing, directory = _child_says(private_dirs, ONE_FREE_FD)
     assert error == errno.EMFILE
     assert filename == f"{directory}/{cache_key('one fd short')}.live"
     assert listing == ["lock"]
@@ -789,12 +790,7 @@ DISCARD_WITH_NO_FREE_FD = textwrap.dedent("""
 
 def test_discard_with_no_free_fd_raises_emfile_naming_the_entry_instead_of_saying_pinned(
         private_dirs) -> None:
-    done = subprocess.run([sys.executable, "-c",
-                           AUDIO_OF_KEY + "import os\n" + DISCARD_WITH_NO_FREE_FD],
-                          env=child_env(private_dirs), capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    out, directory = json.loads(done.stdout)
+    out, directory = _child_says(private_dirs, DISCARD_WITH_NO_FREE_FD)
     assert out == [errno.EMFILE, f"{directory}/{cache_key('no fd to discard with')}.wav",
                    True, True]
 
