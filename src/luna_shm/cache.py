@@ -623,6 +623,8 @@ class _Tier:
         with _os.scandir(self.directory) as scan:
             names = [item.name for item in scan]
         for name in names:
+            if _entry_name(name) is not None:
+                continue  # entries are evicted, never swept: no lstat of each (see kind)
             kind = self.kind(name)
             if kind in ("part", "unstored"):
                 removed += self.remove_if_unpinned(name)
