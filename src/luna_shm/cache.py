@@ -877,7 +877,7 @@ class AudioCache:
                 if st.st_nlink == 0:  # evicted while we waited
                     _lowlevel.release(cell)
                     continue
-                if self.ttl is not None and _time.time() - st.st_mtime > self.ttl:
+                if self._expired(st, _time.time()):
                     _remove_stale(tier, key + suffix, fd)
                     _lowlevel.release(cell)
                     continue
@@ -931,7 +931,7 @@ class AudioCache:
             now = _time.time()
             kept = []
             for name, st in tier.entries():
-                expired = self.ttl is not None and now - st.st_mtime > self.ttl
+                expired = self._expired(st, now)
                 if expired and tier.remove_if_unpinned(name):
                     continue
                 kept.append((name, st))
@@ -1386,10 +1386,14 @@ class AudioCache:
                 st = _os.lstat(self._ram.path(key + suffix))
             except FileNotFoundError:
                 continue
-            if _stat.S_ISREG(st.st_mode) and not (
-                    self.ttl is not None and now - st.st_mtime > self.ttl):
+            if _stat.S_ISREG(st.st_mode) and not self._expired(st, now):
                 return True
         return False
+
+    def _expired(self, st: _os.stat_result, now: float) -> bool:
+        """True when the entry st describes was stored more than ttl seconds before now
+        (its mtime is the TTL clock)."""
+        return self.ttl is not None and now - st.st_mtime > self.ttl
 
     def _render(self, key: str, writer: WavWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
