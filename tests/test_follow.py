@@ -85,6 +85,22 @@ def collect(path: Path, timeout: float = 30) -> list[np.ndarray]:
     return result
 
 
+def follower_thread(path: Path, timeout: float | None
+                    ) -> tuple[threading.Thread, list[np.ndarray], list[BaseException]]:
+    """A thread, not started yet, that follows path: the blocks it gets go into the first
+    list, as they come, and what follow_wav raised into the second."""
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(follow_wav(path, timeout=timeout))
+        except BaseException as exc:
+            errors.append(exc)
+
+    return threading.Thread(target=follow, daemon=True), got, errors
+
+
 # ---- the producer's state --------------------------------------------------------
 
 
@@ -462,21 +478,12 @@ def test_bytes_written_before_the_first_header_store_wait_for_it_even_a_pad_byte
     path = ram / "u8.wav"
     spec = formats.spec_for("PCM_U8", 16000, 1)
     header = _lowlevel.live_header(spec, 0)
-    got: list[np.ndarray] = []
-    errors: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            got.extend(follow_wav(path, timeout=10))
-        except BaseException as exc:
-            errors.append(exc)
-
+    follower, got, errors = follower_thread(path, timeout=10)
     with open(path, "w+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # a live writer holds its lock
         f.write(header)
         f.flush()
         with mmap.mmap(f.fileno(), len(header)) as page:
-            follower = threading.Thread(target=follow)
             follower.start()
             written = []
             for n in (3, 4, 5):
@@ -935,16 +942,7 @@ def test_a_writer_whose_fd_another_process_also_holds_ends_its_waiting_followers
     path = ram / "shared.wav"
     writer = WavWriter(path, RATE)
     holder = subprocess.Popen(["sleep", "60"], pass_fds=[writer.fileno()])
-    got: list[np.ndarray] = []
-    errors: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            got.extend(follow_wav(path, timeout=60))
-        except BaseException as exc:
-            errors.append(exc)
-
-    follower = threading.Thread(target=follow, daemon=True)
+    follower, got, errors = follower_thread(path, timeout=60)
     try:
         parts = stream_chunks(2)
         writer.write(parts[0])
@@ -1008,16 +1006,8 @@ def test_a_child_forked_while_a_writer_is_open_never_keeps_its_stream_from_endin
     try:
         wait_until(lambda: not holds_file(helper, path))  # its at-fork hook has run
         assert holds_file(producer.pid, path)
-        got: list[np.ndarray] = []
-        errors: list[BaseException] = []
-
-        def follow() -> None:
-            try:
-                got.extend(follow_wav(path))  # no timeout: the end alone must end it
-            except BaseException as exc:
-                errors.append(exc)
-
-        follower = threading.Thread(target=follow, daemon=True)
+        # No timeout: the end of the stream alone must end it.
+        follower, got, errors = follower_thread(path, timeout=None)
         follower.start()
         wait_until(lambda: len(got) == 1)
         producer.stdin.write("go\n")
