@@ -427,6 +427,28 @@ int luna_guard_shrink(int id, uint64_t len)
     return 0;
 }
 
+int luna_guard_break(int id)
+{
+    struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);
+    if (e == NULL)
+        return -EINVAL;
+    for (;;) {
+        uint64_t s = atomic_load(&e->state);
+        unsigned st = (unsigned)(s & ST_MASK);
+        if (st == ST_BROKEN)
+            return 0;
+        if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
+            sched_yield();
+            continue;
+        }
+        if (st != ST_LIVE)
+            return -EINVAL;
+        int broke = break_entry(e, s, 0);
+        if (broke != 0)
+            return broke > 0 ? 0 : -ENOMEM;
+    }
+}
+
 int luna_guard_unregister(int id)
 {
     struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);

@@ -63,6 +63,12 @@ int luna_guard_register(void *addr, uint64_t len, int prot);
  * that is not a live, whole mapping, or a len outside (0, length]. */
 int luna_guard_shrink(int guard, uint64_t len);
 
+/* Break guard's mapping now, as a fault in it would: its range becomes
+ * anonymous zero pages and luna_guard_broken says 1 from then on. Returns 0
+ * (broken now, or before), -EINVAL for an id that is not registered, or
+ * -ENOMEM when the zero pages cannot be mapped (the mapping is left whole). */
+int luna_guard_break(int guard);
+
 /* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
  * id that is not registered. */
 int luna_guard_unregister(int guard);

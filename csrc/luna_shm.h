@@ -180,6 +180,18 @@ int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mappi
  * len outside (0, m->len], a mapping the guard broke already). */
 int luna_mapping_cut(struct luna_mapping *m, uint64_t len);
 
+/* Whether m (a mapping of the whole of fd's file, size bytes long when it was
+ * made) is still what it was: 0 when its guard saw no fault and fstat says
+ * the file is still size bytes long. A file another process cut or rewrote
+ * (os.truncate, open(path, "wb"), soundfile.write, shorter or longer) loses
+ * no page the caller touches as long as its first pages stay: no fault tells
+ * the guard. Such an m is broken here as the guard breaks it on a fault (its
+ * pages become zeros, luna_guard_broken says 1), so that nothing more written
+ * through it reaches the other program's file. Returns 0, 1 (broken: before,
+ * or now), or -errno (-EINVAL for a NULL or unmapped m, fstat's errno,
+ * -ENOMEM when the zero pages cannot be mapped). */
+int luna_mapping_check_size(struct luna_mapping *m, int fd, uint64_t size);
+
 /* Unregister m's guard, then unmap it, and clear m->addr: a second call (or
  * one for an m that never mapped) does nothing. Returns 0 or -errno (-EINVAL
  * for NULL). */

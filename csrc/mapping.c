@@ -69,6 +69,22 @@ int luna_mapping_cut(struct luna_mapping *m, uint64_t len)
     return luna_guard_shrink(m->guard, len);
 }
 
+int luna_mapping_check_size(struct luna_mapping *m, int fd, uint64_t size)
+{
+    if (!m || !m->addr)
+        return -EINVAL;
+    int broken = luna_guard_broken(m->guard);
+    if (broken != 0)
+        return broken;
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    if ((uint64_t)st.st_size == size)
+        return 0;
+    int rc = luna_guard_break(m->guard);
+    return rc < 0 ? rc : 1;
+}
+
 int luna_mapping_release(struct luna_mapping *m)
 {
     if (!m)

@@ -412,6 +412,59 @@ def test_a_truncated_buffer_keeps_its_length_and_every_reader_sees_exactly_the_k
     assert rate == RATE
 
 
+REWRITES: dict[str, Callable[[str], object]] = {
+    "os.truncate-to-the-header": lambda path: os.truncate(path, 44),
+    "soundfile.write-shorter": lambda path: sf.write(path, np.full(10, 7, np.int16), RATE),
+    "soundfile.write-longer": lambda path: sf.write(
+        path, np.full(os.path.getsize(path), 7, np.int16), RATE),
+}
+
+TRUNCATING_OWNER = """
+    import json, os, sys
+    from luna_shm import AudioPool, create_wav_buffer
+    if {kind!r} == "WavBuffer":
+        owner = create_wav_buffer(100_000, 16000)
+    else:
+        owner = AudioPool(1, 1_000_000).acquire(100_000, 16000)
+    owner.array[:] = 3
+    print(owner.path, flush=True)
+    sys.stdin.readline()
+    errors = []
+    for use in (lambda: owner.truncate(5), lambda: owner.array):
+        try:
+            use()
+        except OSError as exc:
+            errors.append([exc.errno, exc.filename == owner.path])
+    print(json.dumps({{"errors": errors}}), flush=True)
+    os._exit(0)  # nothing more touches the file (a pool's close would remove it)
+"""
+
+
+@pytest.mark.parametrize("rewrite", list(REWRITES))
+@pytest.mark.parametrize("kind", ["WavBuffer", "PooledWav"])
+def test_truncate_after_another_process_rewrote_the_file_raises_estale_and_leaves_it_alone(
+        private_dirs, kind, rewrite) -> None:
+    # The rewrite keeps the first page (the header's), so no page the owner touches is
+    # gone: no fault tells the guard. truncate() wrote its header and JUNK chunk into the
+    # other program's file and returned as if all was well.
+    child = _child(TRUNCATING_OWNER.format(kind=kind), "off")
+    try:
+        assert child.stdout is not None
+        path = child.stdout.readline().strip()
+        REWRITES[rewrite](path)
+        with open(path, "rb") as f:
+            theirs = f.read()
+        out, err = child.communicate("go\n", timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    result = _ok(child.returncode, out, err)
+    assert result == {"errors": [[errno.ESTALE, True], [errno.ESTALE, True]]}
+    with open(path, "rb") as f:
+        assert f.read() == theirs
+
+
 # ---- AudioPool ------------------------------------------------------------------------------
 
 

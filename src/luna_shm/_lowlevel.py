@@ -344,6 +344,19 @@ class Mapping:
         if lib.luna_guard_broken(self._guard) > 0:
             raise OSError(errno.ESTALE, STALE_MESSAGE, self.filename)
 
+    def check_file(self, fd: int, length: int) -> None:
+        """check(), and also raise when fd's file (the one mapped here, whole) is no longer
+        length bytes long: another process cut or rewrote it, and the pages this process
+        touches may all be there still, so no fault told the guard. The mapping is then
+        replaced with zeros, as a fault would have it, before the error: nothing more
+        written through it reaches the other program's file. One fstat.
+
+        Raises:
+            OSError: errno ESTALE, as :meth:`check`.
+        """
+        if check(lib.luna_mapping_check_size(self._owner, fd, length), self.filename):
+            raise OSError(errno.ESTALE, STALE_MESSAGE, self.filename)
+
     def fill_slot(self, spec: WavSpec, data: np.ndarray) -> int:
         """Copy data (already in the file's encoding) after the header and format the
         mapping as a WAV of it, in one C call; returns the data offset."""

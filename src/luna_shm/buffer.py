@@ -221,9 +221,14 @@ class WavBuffer(FileResource):
         Raises:
             TypeError, ValueError: frames is not an int from 0 to :attr:`frames`,
                 or the buffer is closed.
-            OSError: ESTALE when the file shrank under this buffer (see :attr:`array`).
+            OSError: ESTALE when the file shrank under this buffer (see :attr:`array`),
+                or another process cut or rewrote it in place (any other length) with
+                no page of ours lost: its header is not ours to write then, and the
+                mapping is replaced with zeros, so that ``array`` raises too.
         """
-        self._check_mapping()
+        self._check_open()
+        assert self._mapping is not None
+        self._mapping.check_file(self._fd, self._length)
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a buffer: frames={_lowlevel.brief(new_frames)} > "
@@ -242,7 +247,7 @@ class WavBuffer(FileResource):
             view[end : end + 8] = b"JUNK" + (tail - 8).to_bytes(4, "little")
         self.frames = new_frames
         self._array = self._array[:new_frames]
-        self._mapping.check()  # shrunk by another process while we wrote
+        self._mapping.check_file(self._fd, self._length)  # cut by another process meanwhile
 
     def _release(self) -> None:
         # The mapping itself lives on while the user's arrays view it.

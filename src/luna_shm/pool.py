@@ -232,19 +232,38 @@ class PooledWav(_resource.Resource):
         return self._pool is None
 
     def truncate(self, frames: int) -> None:
-        """Shorten the WAV to its first frames (the audio came out shorter)."""
+        """Shorten the WAV to its first frames (the audio came out shorter).
+
+        Raises:
+            TypeError, ValueError: frames is not an int from 0 to :attr:`frames`, or
+                the PooledWav was released.
+            OSError: ESTALE: another process cut or rewrote the slot's file (see
+                :attr:`array`; a rewrite that lost none of our pages too: its header
+                is not ours to write).
+        """
         self._check_held()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={_lowlevel.brief(new_frames)} "
                              f"> {self.frames}")
-        self._slot.mapping.check()
+        self._check_slot_file()
         frame_bytes = self._spec.channels * self._spec.bits // 8
         self._slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
-        self._slot.mapping.check()
+        self._check_slot_file()
         self.frames = new_frames
         if self._array is not None:
             self._array = self._array[:new_frames]
+
+    def _check_slot_file(self) -> None:
+        """ESTALE when the slot's mapping is broken or its file no longer has the slot's
+        length (see Mapping.check_file); once the pool closed the slot's fd (its file is
+        gone then), only the mapping is checked."""
+        slot = self._slot
+        fd = slot.cell[0]
+        if fd < 0:
+            slot.mapping.check()
+        else:
+            slot.mapping.check_file(fd, slot.length)
 
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing.

@@ -886,6 +886,40 @@ static void check_mapping_cut(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* ---- 7b. mapping.c: a file rewritten to another length under its mapping -- */
+
+static void check_mapping_check_size(void)
+{
+    char path[4096];
+    int fd = create_in_dir(path, sizeof path, "resized.wav");
+    if (fd < 0)
+        return;
+    EXPECT_RC(luna_set_length(fd, 3 * 4096), 0);
+    struct luna_mapping m = {0};
+    EXPECT_RC(luna_mapping_check_size(NULL, fd, 3 * 4096), -EINVAL);
+    EXPECT_RC(luna_mapping_check_size(&m, fd, 3 * 4096), -EINVAL); /* nothing mapped */
+    int guard = luna_map(fd, 3 * 4096, 1, 1, &m);
+    EXPECT_TRUE(guard >= 0);
+    ((volatile uint8_t *)m.addr)[0] = 7;
+    EXPECT_RC(luna_mapping_check_size(&m, fd, 3 * 4096), 0);
+    EXPECT_RC(luna_mapping_check_size(&m, -1, 3 * 4096), -EBADF);
+    EXPECT_RC(luna_guard_broken(guard), 0);
+    /* Cut to one page: nothing we touch is lost, yet the file is not ours any more. */
+    EXPECT_RC(luna_set_length(fd, 4096), 0);
+    EXPECT_RC(luna_mapping_check_size(&m, fd, 3 * 4096), 1);
+    EXPECT_RC(luna_guard_broken(guard), 1);
+    EXPECT_TRUE(((volatile uint8_t *)m.addr)[0] == 0); /* zeros, as after a fault */
+    ((volatile uint8_t *)m.addr)[5] = 9;              /* reaching no file */
+    uint8_t byte = 1;
+    EXPECT_TRUE(pread(fd, &byte, 1, 5) == 1 && byte == 0);
+    EXPECT_RC(luna_mapping_check_size(&m, fd, 4096), 1); /* broken stays broken */
+    EXPECT_RC(luna_mapping_release(&m), 0);
+    EXPECT_RC(luna_mapping_check_size(&m, fd, 4096), -EINVAL); /* released */
+    luna_close(fd);
+    unlink(path);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 /* ---- 8. files.c: what luna_create_excl says of a path ending in "/" ------ */
 
 static void check_create_excl_trailing_slash(void)
@@ -921,6 +955,7 @@ int main(int argc, char **argv)
     check_pool_fill();
     check_unnamed_locked();
     check_mapping_cut();
+    check_mapping_check_size();
     check_create_excl_trailing_slash();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
