@@ -449,6 +449,59 @@ int luna_guard_break(int id)
     }
 }
 
+/* Whether [start, start+len) and [lo, hi) overlap. */
+static int overlaps(uintptr_t start, uint64_t len, uintptr_t lo, uintptr_t hi)
+{
+    return len > 0 && start < hi && (lo < start || lo - start < len);
+}
+
+int luna_guard_absorb_range(const void *addr, uint64_t len)
+{
+    uintptr_t lo = (uintptr_t)addr;
+    uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + (uintptr_t)len;
+    pid_t self = getpid();
+    int broken = 0;
+    uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
+    for (uint32_t i = 0; i < n * BLOCK_ENTRIES; i++) {
+        struct entry *e = entry_at(i);
+        if (e == NULL)
+            break;
+        for (;;) {
+            uint64_t s = atomic_load(&e->state);
+            unsigned st = (unsigned)(s & ST_MASK);
+            if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
+                sched_yield();
+                continue;
+            }
+            if (st != ST_LIVE && st != ST_BROKEN)
+                break;
+            uintptr_t start = atomic_load(&e->start);
+            uint64_t elen = atomic_load(&e->len);
+            if (atomic_load(&e->state) != s)
+                continue; /* changed while we read it: read again */
+            if (!overlaps(start, elen, lo, hi))
+                break;
+            if (st == ST_BROKEN) { /* by a fault in another thread, maybe just now */
+                broken++;
+                break;
+            }
+            char byte;
+            struct iovec local = {&byte, 1};
+            struct iovec remote = {(void *)(start + elen - 1), 1};
+            if (process_vm_readv(self, &local, 1, &remote, 1, 0) >= 0 || errno != EFAULT) {
+                if (atomic_load(&e->state) != s)
+                    continue; /* a handler put zeros there meanwhile: count it */
+                break;        /* its file still holds all of it */
+            }
+            /* Broken by us, or being broken by a handler: read it again, to wait
+             * for the handler and count it once it is done. */
+            if (break_entry(e, s, 0) < 0)
+                break; /* no memory for the zero pages: left as it was */
+        }
+    }
+    return broken;
+}
+
 int luna_guard_unregister(int id)
 {
     struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);

@@ -69,6 +69,19 @@ int luna_guard_shrink(int guard, uint64_t len);
  * -ENOMEM when the zero pages cannot be mapped (the mapping is left whole). */
 int luna_guard_break(int guard);
 
+/* A system call answered EFAULT for [addr, addr+len): the kernel read or wrote
+ * that memory itself and found a page gone, which raises no SIGBUS. Break every
+ * registered mapping overlapping the range whose last byte can no longer be
+ * read (its file was cut), as a fault in it would: zeros from then on, so that
+ * the call, made again, reads or writes what numpy would. Returns how many
+ * registered mappings overlapping the range are broken after the call, here
+ * or before (a fault in another thread may have broken one between the
+ * caller's EFAULT and this call). A caller retries only while that number
+ * grows: a broken mapping stays broken while its memory is in use, so it
+ * retries a bounded number of times, and an EFAULT that is not the guard's
+ * is returned. Not async-signal-safe (it may wait for a handler). */
+int luna_guard_absorb_range(const void *addr, uint64_t len);
+
 /* Forget guard (before its range is unmapped). Returns 0, or -EINVAL for an
  * id that is not registered. */
 int luna_guard_unregister(int guard);

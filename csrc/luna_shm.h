@@ -396,9 +396,13 @@ int luna_write_wav_atomic(const char *dir, const char *path,
                           const struct luna_wav_spec *spec,
                           const void *data, uint64_t data_bytes);
 
-/* Read exactly n bytes at offset into dst. Returns 0, -ENODATA when the file
- * ended first (it shrank under us), -EINVAL for offset > INT64_MAX, -EFBIG
- * when offset + n passes it, or -errno. */
+/* Read exactly n bytes at offset into dst. A dst in a luna_shm mapping whose
+ * file another process cut (the kernel answers EFAULT there, no SIGBUS) is
+ * broken by the guard, as a fault would break it, and read into again from
+ * the start; so are the sources of the writes of this file (read from where
+ * they stopped: zeros from the lost page on, as numpy reads them). Returns 0,
+ * -ENODATA when the file ended first (it shrank under us), -EINVAL for
+ * offset > INT64_MAX, -EFBIG when offset + n passes it, or -errno. */
 int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n);
 
 /* Write exactly n bytes at offset. Returns 0 or -errno (-EINVAL for

@@ -37,19 +37,42 @@ static int check_range(uint64_t offset, uint64_t n)
     return 0;
 }
 
+/* EFAULT from a write of iov[0..n): some of that memory may lie in a mapping
+ * of ours whose file was cut (the kernel's copy finds the page gone, and raises
+ * no SIGBUS). Returns how many mappings of ours in it are broken (zeros) now:
+ * while that grows, the rest is worth writing again, as numpy would read it. */
+static int absorb_iov(const struct iovec *iov, int n)
+{
+    int found = 0;
+    for (int i = 0; i < n; i++)
+        found += luna_guard_absorb_range(iov[i].iov_base, iov[i].iov_len);
+    return found;
+}
+
 /* Write all of iov[0..n) at off, or at the file position when off < 0,
- * resuming after short writes and EINTR. Callers check their offsets with
- * check_range, so that a real offset is never negative. */
+ * resuming after short writes and EINTR, and after EFAULT from a view of a
+ * cut file (see absorb_iov). Callers check their offsets with check_range, so
+ * that a real offset is never negative. */
 static int write_all(int fd, struct iovec *iov, int n, int64_t off)
 {
+    int broken = 0; /* mappings of ours in what is left, broken at the last EFAULT */
     iov = iov_advance(iov, &n, 0);
     while (n > 0) {
         ssize_t w = off < 0 ? writev(fd, iov, n) : pwritev(fd, iov, n, (off_t)off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EFAULT) {
+                int now = absorb_iov(iov, n);
+                if (now > broken) {
+                    broken = now;
+                    continue;
+                }
+                errno = EFAULT;
+            }
             return -errno;
         }
+        broken = 0; /* what is left is less: count it anew */
         if (w == 0)
             return -EIO;
         if (off >= 0)
@@ -148,13 +171,26 @@ int luna_read_at(int fd, uint64_t offset, void *dst, uint64_t n)
     if (rc < 0)
         return rc;
     char *p = dst;
+    const uint64_t first = offset, total = n;
+    int broken = 0; /* mappings of ours in dst, broken at the last EFAULT */
     while (n > 0) {
         size_t want = n > (uint64_t)SSIZE_MAX ? (size_t)SSIZE_MAX : (size_t)n;
         ssize_t r = pread(fd, p, want, (off_t)offset);
         if (r < 0) {
-            if (errno == EINTR)
+            int err = errno;
+            if (err == EINTR)
                 continue;
-            return -errno;
+            /* dst is (in) a mapping of ours whose file was cut: the guard made it
+             * zeros, what was read into it too, so the read starts over. */
+            int now = err == EFAULT ? luna_guard_absorb_range(dst, total) : 0;
+            if (now > broken) {
+                broken = now;
+                p = dst;
+                offset = first;
+                n = total;
+                continue;
+            }
+            return -err;
         }
         if (r == 0)
             return -ENODATA;

@@ -114,6 +114,67 @@ def test_a_mapped_read_wav_array_survives_its_file_being_truncated_by_another_pr
                       "total": new_samples, "frames": len(original)}
 
 
+CUT_VIEW_USES = {
+    # A view of a cut file handed to a call whose system call reads or writes it: the kernel
+    # answers EFAULT there instead of a SIGBUS, which the guard would have absorbed.
+    "write_wav": "write_wav(out_path, view, 16000)",
+    "write_wav-temp": "out_path = write_wav(None, view, 16000)",
+    "write_wav-atomic": "write_wav(out_path, view, 16000, atomic=True)",
+    "WavWriter.write": "w = WavWriter(out_path, 16000); w.write(view); w.close()",
+    "read_wav-out": "read_wav(out_path, out=view)",
+}
+
+
+@pytest.mark.parametrize("use", list(CUT_VIEW_USES))
+def test_a_view_of_a_cut_file_given_to_a_system_call_reads_or_writes_as_numpy_would(
+        private_dirs, use) -> None:
+    # The kernel reads or writes the view's memory itself and answers EFAULT at a lost page
+    # instead of raising SIGBUS: these calls raised OSError(EFAULT, "Bad address") naming
+    # the other file (the destination, or the source read), where numpy reads zeros.
+    path, out_path = f"{private_dirs.ram}/cut.wav", f"{private_dirs.ram}/out.wav"
+    reading = use == "read_wav-out"
+    if reading:
+        write_wav(out_path, np.full(300_000, 6, np.int16), RATE)
+    else:
+        write_wav(path, np.full(300_000, 5, np.int16), RATE)
+    body = f"""
+        import json, sys
+        import numpy as np
+        from luna_shm import WavWriter, create_wav_buffer, read_wav, write_wav
+        path, out_path = {path!r}, {out_path!r}
+        if {reading}:
+            buf = create_wav_buffer(300_000, 16000, path=path)
+            view = buf.array
+        else:
+            view = read_wav(path)[0]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        {CUT_VIEW_USES[use]}
+        result = {{"view": np.unique(view).tolist()}}
+        if {reading}:
+            try:
+                buf.array
+            except OSError as exc:
+                result["error"] = exc.errno
+            buf.close()
+        else:
+            written = read_wav(out_path, mmap=False)[0]
+            fives = int(np.count_nonzero(written == 5))
+            result["written"] = [len(written), fives, bool((written[fives:] == 0).all())]
+        print(json.dumps(result))
+    """
+    result = _ok(*_run(body, "off", lambda: os.truncate(path, 44)))
+    if reading:
+        # Read in whole, into zero pages that no file sees; the buffer says its file was cut.
+        assert result == {"view": [6], "error": errno.ESTALE}
+    else:
+        # What a copy gives: the samples before the first lost page (at most the first
+        # page's), then zeros.
+        assert result["view"] == [0]
+        frames, fives, zeros_after = result["written"]
+        assert frames == 300_000 and fives <= (4096 - 44) // 2 and zeros_after
+
+
 def test_thousands_of_mapped_arrays_are_guarded_and_only_the_truncated_one_reads_zeros(
         private_dirs) -> None:
     # The registry grows in blocks: 3000 views span many; the truncated one is in the middle.

@@ -920,6 +920,63 @@ static void check_mapping_check_size(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* ---- 7c. wav_io.c: system calls on a mapping whose file was cut ------------ */
+
+static void check_efault_from_a_cut_mapping(void)
+{
+    char path[4096], other_path[4096];
+    int fd = create_in_dir(path, sizeof path, "cut_source.wav");
+    int other = create_in_dir(other_path, sizeof other_path, "other.raw");
+    if (fd < 0 || other < 0)
+        return;
+    const uint64_t len = 3 * 4096;
+    EXPECT_RC(luna_set_length(fd, len), 0);
+    struct luna_mapping m = {0};
+    int guard = luna_map(fd, len, 1, 1, &m);
+    EXPECT_TRUE(guard >= 0);
+    memset(m.addr, 5, (size_t)len);
+    /* The kernel's copy finds the pages gone (EFAULT, no SIGBUS): the guard breaks the
+     * mapping, and the write goes on with zeros, as numpy would read them. */
+    EXPECT_RC(luna_set_length(fd, 0), 0);
+    EXPECT_RC(luna_write_at(other, 0, m.addr, len), 0);
+    EXPECT_RC(luna_guard_broken(guard), 1);
+    EXPECT_TRUE(file_size(other) == len);
+    uint8_t back[3 * 4096];
+    EXPECT_RC(luna_read_at(other, 0, back, len), 0);
+    int zeros = 1;
+    for (size_t i = 0; i < sizeof back; i++)
+        zeros &= back[i] == 0;
+    EXPECT_TRUE(zeros);
+    EXPECT_RC(luna_mapping_release(&m), 0);
+    /* Read into a mapping whose file was cut: read whole, into zero pages. */
+    EXPECT_RC(luna_set_length(fd, len), 0);
+    guard = luna_map(fd, len, 1, 1, &m);
+    EXPECT_TRUE(guard >= 0);
+    EXPECT_RC(luna_set_length(fd, 100), 0);
+    memset(back, 9, sizeof back);
+    EXPECT_RC(luna_write_at(other, 0, back, len), 0);
+    EXPECT_RC(luna_read_at(other, 0, m.addr, len), 0);
+    EXPECT_RC(luna_guard_broken(guard), 1);
+    EXPECT_TRUE(((uint8_t *)m.addr)[0] == 9 && ((uint8_t *)m.addr)[len - 1] == 9);
+    EXPECT_TRUE(file_size(fd) == 100);
+    EXPECT_RC(luna_mapping_release(&m), 0);
+    /* A mapping that is not ours stays not ours: EFAULT, nothing touched. */
+    EXPECT_RC(luna_set_length(fd, len), 0);
+    void *theirs = mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, fd, 0);
+    EXPECT_TRUE(theirs != MAP_FAILED);
+    if (theirs != MAP_FAILED) {
+        EXPECT_RC(luna_set_length(fd, 0), 0);
+        EXPECT_RC(luna_write_at(other, 0, theirs, len), -EFAULT);
+        EXPECT_RC(luna_read_at(other, 0, theirs, 0), 0);
+        munmap(theirs, (size_t)len);
+    }
+    luna_close(fd);
+    luna_close(other);
+    unlink(path);
+    unlink(other_path);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 /* ---- 8. files.c: what luna_create_excl says of a path ending in "/" ------ */
 
 static void check_create_excl_trailing_slash(void)
@@ -956,6 +1013,7 @@ int main(int argc, char **argv)
     check_unnamed_locked();
     check_mapping_cut();
     check_mapping_check_size();
+    check_efault_from_a_cut_mapping();
     check_create_excl_trailing_slash();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
