@@ -54,6 +54,7 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Entry states, in the low bits of the state word; the rest is a generation
@@ -68,6 +69,12 @@ enum {
 #define ST_MASK 7u
 #define GEN_ONE 8u
 
+/* How long a mapping another thread broke may explain a re-raised SIGBUS: the
+ * handler that re-raises (faulthandler) ran between the fault and the raise,
+ * and printing a traceback takes milliseconds. Past it, a raise() is not taken
+ * for an old fault. */
+#define RECENT_NS 2000000000LL
+
 #define BLOCK_ENTRIES 256u
 #define MAX_BLOCKS 4096u /* a million mappings */
 
@@ -76,7 +83,9 @@ struct entry {
     _Atomic uintptr_t start;
     _Atomic uint64_t len;  /* the mapping's length, as mapped */
     _Atomic int prot;
-    _Atomic long breaker; /* the thread whose re-raised signal broke it, or 0 */
+    _Atomic long breaker;     /* the thread that broke it (its fault, a re-raised
+                               * signal or a call's EFAULT) */
+    _Atomic int64_t broken_at; /* when, in CLOCK_MONOTONIC nanoseconds */
 };
 
 struct block {
@@ -112,6 +121,14 @@ static uint64_t page_size(void)
     return page;
 }
 
+/* CLOCK_MONOTONIC in nanoseconds (clock_gettime is async-signal-safe). */
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static uint64_t round_to_pages(uint64_t len)
 {
     uint64_t page = page_size();
@@ -132,18 +149,20 @@ static struct entry *entry_at(uint32_t index)
 /* ---- the handler ---------------------------------------------------------- */
 
 /* Replace e's pages with anonymous zeros if its state is still exactly s
- * (LIVE). Returns 1 when e is broken now (by us or another thread), 0 when
- * the entry changed under us, -1 when the pages could not be replaced (no
- * memory for them: the process then dies as it would have without us).
- * Async-signal-safe. */
-static int break_entry(struct entry *e, uint64_t s, long breaker)
+ * (LIVE), and record this thread as the one that broke it (see
+ * absorb_lost_mappings). Returns 1 when e is broken now (by us or another
+ * thread), 0 when the entry changed under us, -1 when the pages could not be
+ * replaced (no memory for them: the process then dies as it would have
+ * without us). Async-signal-safe. */
+static int break_entry(struct entry *e, uint64_t s)
 {
     uint64_t fixing = (s & ~(uint64_t)ST_MASK) | ST_FIXING;
     if (!atomic_compare_exchange_strong(&e->state, &s, fixing))
         return (s & ST_MASK) == ST_FIXING || (s & ST_MASK) == ST_BROKEN;
     void *start = (void *)atomic_load(&e->start);
     uint64_t len = round_to_pages(atomic_load(&e->len));
-    atomic_store(&e->breaker, breaker);
+    atomic_store(&e->breaker, (long)syscall(SYS_gettid));
+    atomic_store(&e->broken_at, now_ns());
     void *zeros = mmap(start, (size_t)len, atomic_load(&e->prot),
                        MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     unsigned now = zeros == MAP_FAILED ? ST_LIVE : ST_BROKEN;
@@ -173,7 +192,7 @@ static int absorb_fault(uintptr_t addr)
                 break;
             if (st != ST_LIVE)
                 return 1; /* being fixed, or fixed: the access is retried */
-            int broke = break_entry(e, s, 0);
+            int broke = break_entry(e, s);
             if (broke != 0)
                 return broke > 0;
         }
@@ -187,43 +206,58 @@ static int absorb_fault(uintptr_t addr)
  * byte can no longer be read (process_vm_readv answers EFAULT there instead
  * of faulting). Returns 1 when the fault that handler saw may be in one of
  * ours, so the access is worth retrying: a mapping broken now, one being
- * broken, or one that another thread's re-raised signal broke (its fault and
- * this one may have hit the same mapping at once, before either was fixed).
- * A retry that faults again comes to us with its address: no loop. */
+ * broken, or one that another thread broke in the last RECENT_NS (its fault,
+ * its re-raised signal or its call's EFAULT): while that handler ran, before
+ * it re-raised, a fault in another thread came to us with its address and
+ * broke the very mapping this one hit. One this thread broke cannot be it: its
+ * pages were zeros before this thread's fault. A retry that faults again comes
+ * to us with its address: no loop. */
 static int absorb_lost_mappings(void)
 {
     int found = 0;
     pid_t self = getpid();
     long thread = (long)syscall(SYS_gettid);
+    int64_t now = now_ns();
     uint32_t n = atomic_load_explicit(&nblocks, memory_order_acquire);
     for (uint32_t i = 0; i < n * BLOCK_ENTRIES; i++) {
         struct entry *e = entry_at(i);
         if (e == NULL)
             break;
-        uint64_t s = atomic_load(&e->state);
-        unsigned st = (unsigned)(s & ST_MASK);
-        if (st == ST_FIXING) {
-            found = 1;
-            continue;
-        }
-        if (st == ST_BROKEN) {
-            long breaker = atomic_load(&e->breaker);
-            if (breaker != 0 && breaker != thread)
+        for (;;) {
+            uint64_t s = atomic_load(&e->state);
+            unsigned st = (unsigned)(s & ST_MASK);
+            if (st == ST_FIXING) {
                 found = 1;
-            continue;
+                break;
+            }
+            if (st == ST_BROKEN) {
+                if (atomic_load(&e->breaker) != thread &&
+                    now - atomic_load(&e->broken_at) < RECENT_NS)
+                    found = 1;
+                break;
+            }
+            if (st != ST_LIVE)
+                break;
+            uintptr_t start = atomic_load(&e->start);
+            uint64_t len = atomic_load(&e->len);
+            if (atomic_load(&e->state) != s)
+                continue; /* changed while we read it: read again */
+            if (len == 0)
+                break;
+            char byte;
+            struct iovec local = {&byte, 1};
+            struct iovec remote = {(void *)(start + len - 1), 1};
+            if (process_vm_readv(self, &local, 1, &remote, 1, 0) >= 0 || errno != EFAULT) {
+                if (atomic_load(&e->state) != s)
+                    continue; /* another thread put zeros there meanwhile */
+                break;        /* its file still holds all of it */
+            }
+            int broke = break_entry(e, s);
+            if (broke != 0) {
+                found |= broke > 0;
+                break;
+            }
         }
-        if (st != ST_LIVE)
-            continue;
-        uintptr_t start = atomic_load(&e->start);
-        uint64_t len = atomic_load(&e->len);
-        if (atomic_load(&e->state) != s || len == 0)
-            continue;
-        char byte;
-        struct iovec local = {&byte, 1};
-        struct iovec remote = {(void *)(start + len - 1), 1};
-        if (process_vm_readv(self, &local, 1, &remote, 1, 0) < 0 && errno == EFAULT &&
-            break_entry(e, s, thread) > 0)
-            found = 1;
     }
     return found;
 }
@@ -443,7 +477,7 @@ int luna_guard_break(int id)
         }
         if (st != ST_LIVE)
             return -EINVAL;
-        int broke = break_entry(e, s, 0);
+        int broke = break_entry(e, s);
         if (broke != 0)
             return broke > 0 ? 0 : -ENOMEM;
     }
@@ -495,7 +529,7 @@ int luna_guard_absorb_range(const void *addr, uint64_t len)
             }
             /* Broken by us, or being broken by a handler: read it again, to wait
              * for the handler and count it once it is done. */
-            if (break_entry(e, s, 0) < 0)
+            if (break_entry(e, s) < 0)
                 break; /* no memory for the zero pages: left as it was */
         }
     }
