@@ -9,6 +9,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04 /* Linux 6.5: a pidfd of the sender, with SO_PASSPIDFD */
+#endif
+
+/* Bytes kept for an SCM_SECURITY label (SO_PASSSEC) beside a passed fd: an LSM's
+ * context string, e.g. SELinux's "system_u:system_r:unconfined_t:s0-s0:c0.c1023". */
+#define LUNA_SECURITY_LABEL_ROOM 256
+
 /* open() that retries on EINTR (a signal during open of a slow file). */
 static int open_retry(const char *path, int flags, unsigned int mode)
 {
@@ -191,9 +199,14 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
     if ((!buf && len) || len > (uint64_t)SSIZE_MAX || !cell || *cell >= 0 || !msg_flags)
         return -EINVAL;
     struct iovec iov = {buf, (size_t)len};
+    /* Room for the one fd and for what a receiver may have asked for beside it:
+     * SO_PASSCRED puts the sender's credentials on every message, SO_PASSPIDFD a
+     * pidfd too, SO_PASSSEC a security label. Without it the kernel drops the fd
+     * it has no room for (MSG_CTRUNC) and the handoff looks like two fds. */
     union {
         struct cmsghdr align;
-        char bytes[CMSG_SPACE(sizeof(int))];
+        char bytes[CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct ucred)) +
+                   CMSG_SPACE(sizeof(int)) + CMSG_SPACE(LUNA_SECURITY_LABEL_ROOM)];
     } control;
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -207,13 +220,16 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
     /* Room for one fd: the kernel installs no more (MSG_CTRUNC says some were
      * dropped). Any fd beyond the first is closed all the same. */
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+        if (c->cmsg_level != SOL_SOCKET ||
+            (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD))
             continue;
         size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         for (size_t i = 0; i < count; i++) {
             int fd;
             memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-            if (*cell < 0) {
+            if (c->cmsg_type == SCM_PIDFD) {
+                close(fd); /* the sender's pidfd (SO_PASSPIDFD): not ours to keep */
+            } else if (*cell < 0) {
                 *cell = fd;
             } else {
                 close(fd);

@@ -64,9 +64,11 @@ int luna_dup(int fd, int *cell);
 
 /* One recvmsg (MSG_CMSG_CLOEXEC) of at most len bytes into buf on socket
  * sock, with room for one fd passed along (SCM_RIGHTS): stored into *cell
- * (which must be empty) before the call returns. Stores the message flags
- * in *msg_flags (MSG_TRUNC: a datagram longer than len; MSG_CTRUNC: more than
- * one fd came, the others were closed). Returns the bytes received (0 at
+ * (which must be empty) before the call returns. Credentials, a pidfd and a
+ * security label that the receiver asked for (SO_PASSCRED, SO_PASSPIDFD,
+ * SO_PASSSEC) have room beside it and are dropped (a pidfd is closed). Stores
+ * the message flags in *msg_flags (MSG_TRUNC: a datagram longer than len;
+ * MSG_CTRUNC: more than one fd came, the others were closed). Returns the bytes received (0 at
  * the end of a stream) or -errno (-EAGAIN when a non-blocking socket has
  * nothing, -EINTR when a signal came first; -EINVAL for NULL pointers, a
  * cell that holds an fd, or len past SSIZE_MAX). */

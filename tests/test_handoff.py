@@ -249,6 +249,44 @@ def test_recv_of_two_descriptors_in_one_message_raises_handoff_error(
     os.unlink(path)
 
 
+SO_PASSPIDFD = getattr(socket, "SO_PASSPIDFD", 76)  # Linux 6.5; Python 3.13 names it
+
+
+def _ask_for(sock: socket.socket, option: int) -> None:
+    """Turn on a receive option of sock; skip when this kernel does not know it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise
+        pytest.skip(f"this kernel has no socket option {option} ({exc.strerror})")
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM],
+                         ids=["stream", "seqpacket", "datagram"])
+@pytest.mark.parametrize("options", [[socket.SO_PASSCRED], [SO_PASSPIDFD],
+                                     [socket.SO_PASSCRED, SO_PASSPIDFD]],
+                         ids=["SO_PASSCRED", "SO_PASSPIDFD", "both"])
+def test_recv_on_a_socket_that_asks_for_the_peers_credentials_receives_the_wav(
+        private_dirs, kind, options) -> None:
+    # A daemon checks who is on the other end with SO_PASSCRED (or SO_PASSPIDFD): every
+    # message then carries the sender's credentials (and a pidfd) beside the WAV's fd.
+    # Neither is a second WAV, and the pidfd the kernel installs is closed, not leaked.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    with ours, theirs:
+        for option in options:
+            _ask_for(theirs, option)
+        with create_wav_buffer(10, RATE) as buf:
+            buf.array[:] = np.arange(10)
+            send_wav(ours, buf)
+        before = open_fds()
+        data, rate = recv_wav(theirs)
+        assert rate == RATE
+        assert data.tolist() == list(range(10))
+        del data
+        assert open_fds() == before
+
+
 def test_recv_of_a_file_that_is_not_a_wav_raises_wav_error_naming_it(
         private_dirs, pair) -> None:
     ours, theirs = pair

@@ -134,7 +134,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
     """Receive a WAV handed over with :func:`send_wav` and map it with zero copies.
 
     Args:
-        sock: a connected AF_UNIX socket.
+        sock: a connected AF_UNIX socket (``SO_PASSCRED``, ``SO_PASSPIDFD`` or
+            ``SO_PASSSEC`` on it are fine: what they add to the message is dropped).
 
     Returns:
         ``(data, samplerate)``: data is a read-only array of shape (frames,) or
