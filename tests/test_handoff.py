@@ -311,6 +311,25 @@ def test_recv_of_a_pipe_raises_wav_error_not_a_regular_file(pair) -> None:
         recv_wav(theirs)
 
 
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_PATH], ids=["O_WRONLY", "O_PATH"])
+def test_recv_of_a_descriptor_not_open_for_reading_raises_wav_error_saying_so(
+        private_dirs, pair, flags) -> None:
+    # The file is a good WAV, but the peer opened it write-only (or O_PATH): reading it
+    # fails with EBADF, which must not read as "your socket is closed".
+    ours, theirs = pair
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    fd = os.open(path, flags)
+    try:
+        socket.send_fds(ours, [HANDOFF_HEADER], [fd])
+    finally:
+        os.close(fd)
+    before = open_fds()
+    with pytest.raises(WavError, match=f"received fd \\({path}\\): not open for reading"):
+        recv_wav(theirs)
+    assert open_fds() == before
+    os.unlink(path)
+
+
 def test_recv_on_a_closed_socket_raises_oserror(pair) -> None:
     _, theirs = pair
     theirs.close()

@@ -87,6 +87,12 @@ def _describe(fd: int) -> str:
         return "received fd"
 
 
+def _readable(fd: int) -> bool:
+    """True when fd was opened for reading (not O_WRONLY, not O_PATH)."""
+    mode = _fcntl.fcntl(fd, _fcntl.F_GETFL)
+    return not mode & _os.O_PATH and mode & _os.O_ACCMODE != _os.O_WRONLY
+
+
 def _cannot_shrink(fd: int) -> bool:
     """True when no process can ever shrink fd's file: a memfd sealed with F_SEAL_SHRINK."""
     try:
@@ -103,7 +109,13 @@ def _map_wav(fd: int) -> tuple[np.ndarray, int]:
     st = _os.fstat(fd)
     if not _stat.S_ISREG(st.st_mode):
         raise WavError(f"{name}: not a regular file, so not a WAV buffer")
-    info = _lowlevel.wav_parse_fd(fd, st.st_size, name)
+    try:
+        info = _lowlevel.wav_parse_fd(fd, st.st_size, name)
+    except OSError as exc:
+        if exc.errno == _errno.EBADF and not _readable(fd):
+            raise WavError(f"{name}: not open for reading (the sender opened it "
+                           "write-only or O_PATH)") from None
+        raise
     dtype = formats.dtype_of(info)
     count = info.frames * info.channels
     if info.bits == 24:  # no numpy type for packed 24-bit: unpacked, a copy
@@ -152,8 +164,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
         HandoffError: the message carried no file descriptor, more than one, or
             not the handoff header (a ValueError); on a datagram or seqpacket
             socket, also a message longer than the header.
-        WavError: the received file is not a WAV file we can read, or it
-            shrank while it was being copied.
+        WavError: the received file is not a WAV file we can read (not open
+            for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
         BlockingIOError: sock is non-blocking and nothing has come yet.
         OSError: the receive or the mapping failed (EBADF for a closed socket).
