@@ -630,6 +630,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(private_dirs,
     assert (done.returncode, done.stderr) == (141, "")
 
 
+@pytest.mark.parametrize("command", [["status"], ["clean"], ["cache", "stats"]])
+def test_a_command_run_with_stdout_closed_does_its_job_with_no_traceback(private_dirs,
+                                                                       command) -> None:
+    # `luna-shm clean >&-` from a cron job or a daemon's service file: Python starts
+    # with sys.stdout None. The command still runs (its listing goes nowhere, as print's
+    # does then) and exits 0, with nothing on stderr.
+    made = make_file(private_dirs.ram)
+    done = run_cli(private_dirs, *command, preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert os.path.exists(made) == (command != ["clean"])
+
+
 def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs) -> None:
     # LUNA_SHM_DIR through a symlinked parent, TMPDIR the same dir by its own name.
     alias = f"{private_dirs.ram}/alias"

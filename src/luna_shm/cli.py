@@ -410,16 +410,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 1 when the command failed, 130 on Ctrl-C, 141
         (as a process killed by SIGPIPE) when the reader of the output went away
-        (``luna-shm clean | head -1``), with no message.
+        (``luna-shm clean | head -1``), with no message. With no stdout at all (fd 1
+        closed) the command runs and its output goes nowhere.
         Bad arguments, ``--help`` and ``--version`` exit through SystemExit
         (code 2, 0 and 0) as argparse does.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if _sys.stdout is None:
+        # Started with fd 1 closed (`luna-shm clean >&-`), Python has no sys.stdout: the
+        # command still runs, its output going nowhere, as print's does then.
+        with open(_os.devnull, "w", encoding="utf-8") as discard:
+            return _run(handler, args, discard)
+    return _run(handler, args, _sys.stdout)
+
+
+def _run(handler: Handler, args: _argparse.Namespace, out: TextIO) -> int:
+    """Run a command's handler with its output on out: main's exit code."""
     try:
-        code = handler(args, _sys.stdout)
-        _sys.stdout.flush()  # a reader that went away shows here, not at the exit
+        code = handler(args, out)
+        out.flush()  # a reader that went away shows here, not at the exit
         return code
     except BrokenPipeError:
         # Stop quietly, as command-line tools do; the interpreter's last flush of what
