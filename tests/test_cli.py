@@ -27,7 +27,7 @@ from helpers import (
     require_tool,
     run_in_private_shm,
 )
-from luna_shm import _lowlevel, cli, demo, placement
+from luna_shm import AudioCache, _lowlevel, cli, demo, placement
 from luna_shm.cli import parse_duration
 
 STATUS_KEYS = {"version", "backend", "dir", "reason", "in_ram", "fs_type", "bytes_free",
@@ -637,9 +637,25 @@ def test_a_command_run_with_stdout_closed_does_its_job_with_no_traceback(private
     # with sys.stdout None. The command still runs (its listing goes nowhere, as print's
     # does then) and exits 0, with nothing on stderr.
     made = make_file(private_dirs.ram)
+    AudioCache("default").close()
     done = run_cli(private_dirs, *command, preexec_fn=lambda: os.close(1))
     assert (done.returncode, done.stderr) == (0, "")
     assert os.path.exists(made) == (command != ["clean"])
+
+
+@pytest.mark.parametrize("action", ["stats", "ls", "clear"])
+def test_cache_commands_on_a_cache_that_does_not_exist_say_so_and_make_nothing(
+        private_dirs, action) -> None:
+    # A typo in --name (tts-cache for tts_cache) must not report an empty cache, or
+    # "removed 0 entries", and leave a new cache directory behind.
+    AudioCache("tts_cache").close()
+    before = sorted(os.listdir(private_dirs.ram))
+    done = run_cli(private_dirs, "cache", action, "--name", "tts-cache")
+    line = assert_one_error_line(done, 1)
+    assert line == (f"luna-shm cache: error: no cache named 'tts-cache' in "
+                    f"{private_dirs.ram}")
+    assert done.stdout == ""
+    assert sorted(os.listdir(private_dirs.ram)) == before
 
 
 def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs) -> None:

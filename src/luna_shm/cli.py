@@ -7,7 +7,8 @@ Commands:
     clean    remove (or with ``--dry-run`` list) what ``cleanup_all_temp_audio``
              removes: our unused files, optionally only those ``--older-than``.
     demo     one utterance through the RAM disk and back, with timings.
-    cache    ``stats``, ``ls`` or ``clear`` an AudioCache (``--name``, default "default").
+    cache    ``stats``, ``ls`` or ``clear`` an existing AudioCache (``--name``, default
+             "default"); a name no cache has is an error.
 
 The benchmarks live in the checkout, not in the package: ``python
 benchmarks/cases.py [--quick]`` or ``make bench``.
@@ -299,8 +300,13 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
-    from luna_shm.cache import AudioCache
+    from luna_shm.cache import DIR_PREFIX, AudioCache
 
+    # Opening an AudioCache makes its directory: a mistyped --name would report an
+    # empty cache (or "removed 0 entries") and leave a new one behind.
+    parent = placement.current().directory
+    if not _os.path.lexists(f"{parent}/{DIR_PREFIX}{_os.geteuid()}-{args.name}"):
+        raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")
     with AudioCache(args.name, max_bytes=args.max_bytes) as cache:
         if args.action == "stats":
             print(_json.dumps(asdict(cache.stats())) if args.json else "\n".join(
@@ -384,7 +390,8 @@ def build_parser() -> _argparse.ArgumentParser:
     cache = commands.add_parser(
         "cache", help="an AudioCache's counters, its entries, or clear it",
         description="stats: entries, bytes and the shared counters of an AudioCache; ls: its "
-        "entries, least recently used first; clear: remove every entry no process holds.",
+        "entries, least recently used first; clear: remove every entry no process holds. "
+        "The cache must exist: a name no cache has is an error, and nothing is made.",
     )
     cache.add_argument("action", choices=("stats", "ls", "clear"))
     cache.add_argument("--name", default="default", help="the cache's name (default: default)")
