@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import luna_shm
@@ -656,6 +657,26 @@ def test_cache_commands_on_a_cache_that_does_not_exist_say_so_and_make_nothing(
                     f"{private_dirs.ram}")
     assert done.stdout == ""
     assert sorted(os.listdir(private_dirs.ram)) == before
+
+
+def test_cache_ls_escapes_a_path_its_output_encoding_cannot_take(private_dirs,
+                                                                 monkeypatch) -> None:
+    # status and clean print such a path escaped; cache ls failed with a
+    # UnicodeEncodeError on an ASCII stdout (a service's PYTHONIOENCODING, LANG=C).
+    ram = f"{private_dirs.ram}/caf\u00e9"
+    os.mkdir(ram, 0o700)
+    monkeypatch.setenv("LUNA_SHM_DIR", ram)
+    placement.refresh()
+    with AudioCache("odd") as cache:
+        key = luna_shm.cache_key("bonjour")
+        cache.put(key, np.zeros(100, np.int16), 16000).release()
+    done = run_cli(private_dirs, "cache", "ls", "--name", "odd",
+                   env={"LUNA_SHM_DIR": ram, "PYTHONIOENCODING": "ascii"})
+    assert (done.returncode, done.stderr) == (0, "")
+    [line] = done.stdout.splitlines()
+    assert line.startswith(key)
+    assert line.endswith(f" '{private_dirs.ram}/caf\\xe9/luna_cache-{os.geteuid()}-odd/"
+                         f"{key}.wav'")
 
 
 def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs) -> None:

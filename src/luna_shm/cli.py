@@ -313,9 +313,11 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
                 f"{field}: {value}" for field, value in asdict(cache.stats()).items()), file=out)
         elif args.action == "ls":
             now = _time.time()
+            encoding = getattr(out, "encoding", None)
             for key, path, st in cache.entries():
                 print(f"{key} {_format_bytes(st.st_size)} stored {_format_age(now - st.st_mtime)}"
-                      f" ago, used {_format_age(now - st.st_atime)} ago {shown(path)}", file=out)
+                      f" ago, used {_format_age(now - st.st_atime)} ago {shown(path, encoding)}",
+                      file=out)
         else:
             print(f"removed {_plural(cache.clear(), 'entry', 'entries')} from cache {args.name!r} "
                   "(pinned entries stay)", file=out)
