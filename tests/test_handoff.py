@@ -396,11 +396,29 @@ def test_send_of_a_closed_buffer_raises_value_error(private_dirs, pair) -> None:
         os.unlink(path)
 
 
-@pytest.mark.parametrize("thing", [b"RIFF", 3, np.zeros(3)])
-def test_send_of_anything_but_a_wav_buffer_raises_type_error(pair, thing) -> None:
+@pytest.mark.parametrize(("thing", "named"), [
+    (b"RIFF", "b'RIFF'"), (3, "3"), (None, "None"),
+    (np.zeros((3, 2), np.int16), "a numpy array of shape (3, 2) and dtype int16"),
+])
+def test_send_of_anything_but_a_wav_buffer_raises_type_error_naming_it(pair, thing,
+                                                                      named) -> None:
     ours, _ = pair
-    with pytest.raises(TypeError, match="send_wav sends a WavBuffer, got"):
+    with pytest.raises(TypeError) as info:
         send_wav(ours, thing)
+    assert str(info.value) == f"send_wav sends a WavBuffer, got {named}"
+
+
+@pytest.mark.parametrize("function", [recv_wav, lambda sock: send_wav(sock, None)],
+                         ids=["recv_wav", "send_wav"])
+@pytest.mark.parametrize(("thing", "named"), [
+    (None, "None"), ("/run/tts.sock", "'/run/tts.sock'"), (2.5, "2.5"),
+    (7, "7 (a file descriptor? pass socket.socket(fileno=7))"),
+])
+def test_a_socket_argument_that_is_no_socket_raises_type_error_naming_it(
+        function, thing, named) -> None:
+    with pytest.raises(TypeError, match=r"_wav needs a socket\.socket, got ") as info:
+        function(thing)
+    assert str(info.value).endswith(f"got {named}")
 
 
 def test_send_over_a_socket_that_is_not_unix_raises_value_error(private_dirs) -> None:

@@ -41,7 +41,10 @@ HANDOFF_HEADER = b"LUNAWAV1"
 
 def _check_unix(sock: object, who: str) -> _socket.socket:
     if not isinstance(sock, _socket.socket):
-        raise TypeError(f"{who} needs a socket.socket, got {type(sock).__name__}")
+        hint = ""
+        if type(sock) is int and 0 <= sock < 2**31:  # sock.fileno(), say
+            hint = f" (a file descriptor? pass socket.socket(fileno={sock}))"
+        raise TypeError(f"{who} needs a socket.socket, got {_lowlevel.brief(sock)}{hint}")
     if sock.family != _socket.AF_UNIX:
         raise ValueError(
             f"{who} needs an AF_UNIX socket (file descriptors travel only over Unix "
@@ -71,7 +74,7 @@ def send_wav(sock: _socket.socket, buf: WavBuffer) -> None:
     """
     _check_unix(sock, "send_wav")
     if not isinstance(buf, WavBuffer):
-        raise TypeError(f"send_wav sends a WavBuffer, got {type(buf).__name__}")
+        raise TypeError(f"send_wav sends a WavBuffer, got {_lowlevel.brief(buf)}")
     buf.array  # noqa: B018  ValueError for a closed buffer, OSError(ESTALE) for a lost one
     fd = buf.fileno()
     sent = _socket.send_fds(sock, [HANDOFF_HEADER], [fd])
