@@ -208,6 +208,7 @@ def test_a_chunk_of_another_dtype_is_a_type_error_and_changes_nothing(ram, write
     (3, np.zeros((4, 2), np.int16), r"chunk has 2 channel\(s\)"),
     (2, np.zeros((2, 2, 2), np.int16), r"got 3-D shape \(2, 2, 2\)"),
     (1, np.int16(3), r"got 0-D shape \(\)"),
+    (1, np.array(3, np.int16), r"got 0-D shape \(\)"),  # a 0-d array of the writer's dtype
 ])
 def test_a_chunk_with_the_wrong_channel_count_is_a_value_error_and_changes_nothing(
         ram, channels, chunk, message):

@@ -124,7 +124,7 @@ class WavWriter(FileResource):
         """
         self._check_open()  # before the lock: a forked child never waits for it
         if (type(chunk) is np.ndarray and chunk.dtype == self.dtype
-                and chunk.flags.c_contiguous and chunk.ndim <= 2
+                and chunk.flags.c_contiguous and 0 < chunk.ndim <= 2
                 and (chunk.shape[1] if chunk.ndim == 2 else 1) == self.channels):
             array = chunk  # the common case, checked in a few attribute reads
         else:
