@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH
+from helpers import FILL_FD_TABLE, LIBRARY_PATH
 from luna_shm import WavError, create_wav_buffer, get_temp_audio_path, write_wav
 from luna_shm._lowlevel import HAS_MEMFD
 from luna_shm.errors import HandoffError
@@ -328,6 +328,34 @@ def test_recv_of_a_descriptor_not_open_for_reading_raises_wav_error_saying_so(
         recv_wav(theirs)
     assert open_fds() == before
     os.unlink(path)
+
+
+FULL_FD_TABLE_RECEIVER = """
+import errno, os, resource, socket, sys
+from luna_shm.errors import HandoffError
+from luna_shm.handoff import recv_wav
+sock = socket.socket(fileno=int(sys.argv[1]))
+""" + FILL_FD_TABLE + """
+try:
+    recv_wav(sock)
+except HandoffError as exc:
+    print("HandoffError", exc)
+except OSError as exc:
+    print("OSError", errno.errorcode[exc.errno], exc.strerror)
+"""
+
+
+def test_recv_in_a_process_out_of_descriptors_raises_emfile_not_two_descriptors(
+        private_dirs, pair) -> None:
+    # The kernel cannot install the passed fd (the table is full), drops it and sets
+    # MSG_CTRUNC, which must not read as "more than one file descriptor".
+    ours, theirs = pair
+    with create_wav_buffer(10, RATE) as buf:
+        send_wav(ours, buf)
+    done = run_child(FULL_FD_TABLE_RECEIVER, theirs)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OSError EMFILE recv_wav: the peer's file descriptor "
+                                  "could not be received: Too many open files"), done.stdout
 
 
 def test_recv_on_a_closed_socket_raises_oserror(pair) -> None:

@@ -171,7 +171,9 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
             for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
         BlockingIOError: sock is non-blocking and nothing has come yet.
-        OSError: the receive or the mapping failed (EBADF for a closed socket).
+        OSError: the receive or the mapping failed (EBADF for a closed socket);
+            EMFILE when this process had no fd free for the one sent (the kernel
+            drops it: that WAV is lost).
     """
     _check_unix(sock, "recv_wav")
     want = len(HANDOFF_HEADER)
@@ -182,6 +184,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
         if not msg and fd < 0:
             raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
         if flags & _socket.MSG_CTRUNC:
+            if fd < 0:  # the kernel passed none on: it could not install it here
+                raise _lost_descriptor(sock)
             raise HandoffError("recv_wav: the message carried more than one file descriptor")
         if flags & _socket.MSG_TRUNC:  # a datagram or packet longer than the header
             raise HandoffError(
@@ -206,6 +210,18 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
         return _map_wav(fd)
     finally:
         _lowlevel.release(cell)
+
+
+def _lost_descriptor(sock: _socket.socket) -> Exception:
+    """Why the kernel passed a message's fd on to nobody (MSG_CTRUNC, no fd received):
+    an OSError when this process cannot open one more fd (EMFILE, ENFILE), which is
+    almost always it; else a HandoffError (a security module may refuse fds)."""
+    lost = "recv_wav: the peer's file descriptor could not be received"
+    try:
+        _os.close(_os.dup(sock.fileno()))
+    except OSError as exc:
+        return OSError(exc.errno, f"{lost}: {exc.strerror} (the WAV it sent is lost)")
+    return HandoffError(f"{lost}: the kernel dropped it (MSG_CTRUNC)")
 
 
 def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[bytes, int]:
