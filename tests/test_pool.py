@@ -585,7 +585,7 @@ def test_an_empty_or_unsafe_pool_prefix_is_refused_with_value_error_naming_it(
 
 
 def test_a_pool_prefix_that_is_not_a_str_is_a_type_error(private_dirs) -> None:
-    with pytest.raises(TypeError, match="prefix must be a str, got bytes"):
+    with pytest.raises(TypeError, match="prefix must be a str, got b'tts_'"):
         AudioPool(slots=1, max_bytes=100, prefix=b"tts_")  # type: ignore[arg-type]
 
 

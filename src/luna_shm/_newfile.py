@@ -51,7 +51,7 @@ _MAX_NAME_PART = 100
 def check_name_part(what: str, value: object) -> str:
     """value when it is a str usable inside one file name; TypeError/ValueError naming it."""
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+        raise TypeError(f"{what} must be a str, got {_lowlevel.brief(value)}")
     if "/" in value or "\0" in value or value in (".", ".."):
         raise ValueError(f"{what} must not contain '/' or NUL or be '.' or '..', got "
                          f"{_lowlevel.brief(value)}")

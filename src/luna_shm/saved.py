@@ -33,13 +33,6 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover - not Linux
     _IOV_MAX = 1024
 
 
-def _type_name(value: object) -> str:
-    kind = type(value)
-    if kind.__module__ == "builtins":
-        return kind.__qualname__
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
 def _byte_view(chunk: BytesLike) -> memoryview:
     """A flat, C-contiguous byte view of chunk (a non-contiguous memoryview is copied once)."""
     view = memoryview(chunk)
@@ -67,7 +60,7 @@ def _check_data(data: object) -> None:
     if is_buffer or not isinstance(data, Iterable):
         raise TypeError(
             "data must be bytes, bytearray, memoryview or an iterable of them, got "
-            f"{_type_name(data)}"
+            f"{_lowlevel.brief(data)}"
         )
 
 
@@ -75,7 +68,7 @@ def _chunk_view(chunk: object, index: int) -> memoryview:
     if not isinstance(chunk, _BYTES_TYPES):
         raise TypeError(
             f"chunk {index} of data must be bytes, bytearray or memoryview, got "
-            f"{_type_name(chunk)}"
+            f"{_lowlevel.brief(chunk)}"
         )
     return _byte_view(chunk)
 
@@ -142,7 +135,7 @@ def save_temp_audio(
 
     Raises:
         TypeError: data is a str or not bytes-like nor an iterable of bytes-like
-            chunks (the message names the type).
+            chunks (the message names what was passed).
         ValueError: a bad suffix or prefix.
         OSError: the file could not be created or written (ENOSPC with the
             filename when the RAM disk fills during a stream). Bytes that the RAM

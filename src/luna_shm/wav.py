@@ -203,7 +203,7 @@ def _read_converted(path: str, dtype: object, out: np.ndarray | None
     wanted = None if dtype is None else formats.check_dtype(dtype)
     if out is not None:
         if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+            raise TypeError(f"out must be a numpy array, got {_lowlevel.brief(out)}")
         if not (out.flags.c_contiguous and out.flags.writeable) or out.ndim not in (1, 2):
             raise ValueError(f"out must be a writable, C-contiguous 1-D or 2-D array, got "
                              f"shape {out.shape}, contiguous={out.flags.c_contiguous}, "
