@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import ssl
 import stat
 from collections.abc import Iterator
 
@@ -138,6 +140,31 @@ def test_an_exception_from_the_iterator_propagates_and_the_file_is_removed(
 
     with pytest.raises(ConnectionResetError, match="the TTS service hung up"):
         save_temp_audio(failing_stream())
+    assert os.listdir(private_dirs.ram) == []
+
+
+class _ClientError(OSError):
+    """An HTTP client's own error class, as some subclass OSError."""
+
+
+@pytest.mark.parametrize("error", [
+    ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+    socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    _ClientError(errno.EIO, "stream ended early"),
+    ConnectionResetError(errno.ECONNRESET, "the TTS service hung up"),
+], ids=["SSLError", "gaierror", "subclass", "ConnectionResetError"])
+def test_an_oserror_from_the_iterator_propagates_as_itself_without_our_filename(
+        private_dirs, error: OSError) -> None:
+    # The TTS client's own error (an ssl.SSLError is an OSError with errno 1) must reach
+    # the caller's `except ssl.SSLError`, not come back as PermissionError naming our file.
+    def stream() -> Iterator[bytes]:
+        yield b"ID3" + b"\0" * 100
+        raise error
+
+    with pytest.raises(OSError) as info:
+        save_temp_audio(stream())
+    assert info.value is error
+    assert error.filename is None
     assert os.listdir(private_dirs.ram) == []
 
 

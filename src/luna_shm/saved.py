@@ -74,11 +74,15 @@ def _chunk_view(chunk: object, index: int) -> memoryview:
 
 
 def _write_all(fd: int, views: list[memoryview], path: str) -> None:
-    """Write every byte of views at fd's position: writev, repeated on short writes."""
+    """Write every byte of views at fd's position: writev, repeated on short writes; an
+    OSError names path (ENOSPC with the full-RAM-disk hint)."""
     pending = [view for view in views if view.nbytes]
     while pending:
         batch = pending[:_IOV_MAX]
-        written = _os.writev(fd, batch) if len(batch) > 1 else _os.write(fd, batch[0])
+        try:
+            written = _os.writev(fd, batch) if len(batch) > 1 else _os.write(fd, batch[0])
+        except OSError as exc:
+            raise _with_filename(exc, path) from None
         if written == 0:
             raise OSError(_errno.EIO, "the file accepted no more bytes", path)
         done = 0
@@ -174,14 +178,16 @@ def _save(write: Callable[[int, str], None], suffix: str, prefix: str, size: int
 
 def _fill(cell: _lowlevel.FdCell, path: str, write: Callable[[int, str], None]) -> None:
     """Run write(fd, path) with the fd in cell, then release it; on any failure remove
-    the file (an OSError names it)."""
+    the file. What a stream's iterator raises goes on as it is (an ssl.SSLError is an
+    OSError too, but not one of our file's)."""
     try:
         try:
             write(cell[0], path)
-        except OSError as exc:
-            raise _with_filename(exc, path) from None
         finally:
-            _lowlevel.release(cell)
+            try:
+                _lowlevel.release(cell)
+            except OSError as exc:  # the close's error (EIO...) names the file
+                raise _with_filename(exc, path) from None
     except BaseException:
         with _contextlib.suppress(FileNotFoundError):
             _os.unlink(path)
