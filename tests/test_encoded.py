@@ -168,6 +168,20 @@ def test_an_oserror_from_the_iterator_propagates_as_itself_without_our_filename(
     assert os.listdir(private_dirs.ram) == []
 
 
+@pytest.mark.parametrize("wrap", [lambda view: view, lambda view: [b"ID3", view]],
+                         ids=["data", "chunk"])
+@pytest.mark.parametrize("array", [
+    np.array([None, "x"], dtype=object),
+    np.zeros(2, dtype=[("name", object), ("size", np.int32)]),
+], ids=["object", "record-with-an-object"])
+def test_a_memoryview_of_python_objects_is_refused_not_written_as_pointers(
+        private_dirs, wrap, array) -> None:
+    # Its bytes are the addresses of objects in this process: nothing any file should hold.
+    with pytest.raises(TypeError, match=r"memoryview of Python objects \(format '.*O.*'\)"):
+        save_temp_audio(wrap(memoryview(array)))
+    assert os.listdir(private_dirs.ram) == []
+
+
 def test_a_suffix_with_a_slash_is_refused_before_any_file_is_made(private_dirs) -> None:
     with pytest.raises(ValueError, match="suffix must not contain '/'"):
         save_temp_audio(b"x", "/../evil.mp3")

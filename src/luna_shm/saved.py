@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 import errno as _errno
 import os as _os
+import re as _re
 from collections.abc import Callable, Iterable, Iterator
 
 from luna_shm import _lowlevel, _newfile
@@ -23,6 +24,9 @@ BytesLike = bytes | bytearray | memoryview
 
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
+# The ":name:" of a field in a struct format (numpy's record arrays: "T{O:name:i:size:}").
+_FIELD_NAMES = _re.compile(r":[^:]*:")
+
 # Gather up to this many bytes of chunks before one writev: few system calls,
 # bounded memory held for a long stream.
 _BATCH_BYTES = 1 << 20
@@ -33,9 +37,22 @@ except (AttributeError, ValueError, OSError):  # pragma: no cover - not Linux
     _IOV_MAX = 1024
 
 
+def _holds_objects(fmt: str) -> bool:
+    """True when a struct format has Python objects ('O') in it, field names aside."""
+    return "O" in _FIELD_NAMES.sub("", fmt)
+
+
 def _byte_view(chunk: BytesLike) -> memoryview:
-    """A flat, C-contiguous byte view of chunk (a non-contiguous memoryview is copied once)."""
+    """A flat, C-contiguous byte view of chunk (a non-contiguous memoryview is copied once).
+
+    Raises:
+        TypeError: chunk's items are Python objects (a view of an object array): its
+            bytes are addresses in this process, not audio.
+    """
     view = memoryview(chunk)
+    if view.format != "B" and _holds_objects(view.format):
+        raise TypeError(f"data must be bytes, not a memoryview of Python objects (format "
+                        f"{view.format!r}): its bytes are addresses in this process")
     if view.nbytes == 0:  # a shape with a zero in it cannot be cast: nothing to write
         return memoryview(b"")
     if not view.c_contiguous:
