@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from helpers import FILL_FD_TABLE, LIBRARY_PATH
+from helpers import FILL_FD_TABLE, LIBRARY_PATH, call_with_deadline
 from luna_shm import WavError, create_wav_buffer, get_temp_audio_path, write_wav
 from luna_shm._lowlevel import HAS_MEMFD
 from luna_shm.errors import HandoffError
@@ -387,6 +388,18 @@ def test_recv_waits_as_the_socket_says_up_to_its_timeout_or_not_at_all(private_d
         data, rate = recv_wav(theirs)
         sender.join()
     assert (data.tolist(), rate) == (list(range(10)), RATE)
+
+
+def test_recv_on_a_socket_with_so_rcvtimeo_gives_up_when_it_expires_as_recv_does(
+        pair) -> None:
+    # A receive timeout set on the socket itself (not settimeout): sock.recv raises
+    # BlockingIOError when it expires; recv_wav waited for ever.
+    _, theirs = pair
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200_000))
+    with pytest.raises(BlockingIOError) as info:
+        call_with_deadline(lambda: recv_wav(theirs), deadline=30)
+    assert info.value.errno == errno.EAGAIN
+    assert "SO_RCVTIMEO" in str(info.value)
 
 
 def test_recv_on_a_socket_whose_fd_is_past_1024_waits_and_receives(private_dirs,

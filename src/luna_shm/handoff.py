@@ -170,7 +170,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
         WavError: the received file is not a WAV file we can read (not open
             for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
-        BlockingIOError: sock is non-blocking and nothing has come yet.
+        BlockingIOError: sock is non-blocking and nothing has come yet, or its
+            ``SO_RCVTIMEO`` ran out first (as ``sock.recv``).
         OSError: the receive or the mapping failed (EBADF for a closed socket);
             EMFILE when this process had no fd free for the one sent (the kernel
             drops it: that WAV is lost).
@@ -226,8 +227,9 @@ def _lost_descriptor(sock: _socket.socket) -> Exception:
 
 def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[bytes, int]:
     """One message of at most want bytes and the fd passed with it (into cell), waiting as
-    sock.recv would: forever, up to sock's timeout (TimeoutError), or not at all for a
-    non-blocking socket (BlockingIOError). Returns (the bytes, the message flags)."""
+    sock.recv would: forever, up to sock's timeout (TimeoutError), up to its SO_RCVTIMEO
+    or not at all for a non-blocking socket (BlockingIOError). Returns (the bytes, the
+    message flags)."""
     buf = bytearray(want)
     timeout = sock.gettimeout()
     deadline = None if timeout is None else _time.monotonic() + timeout
@@ -237,6 +239,11 @@ def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[b
             return bytes(buf[:got[0]]), got[1]
         if timeout == 0:
             raise BlockingIOError(_errno.EAGAIN, "recv_wav: nothing to receive yet")
+        if deadline is None and _os.get_blocking(sock.fileno()):
+            # A blocking receive said EAGAIN: the socket's own SO_RCVTIMEO ran out (as
+            # sock.recv, give up; waiting on would ignore it for ever).
+            raise BlockingIOError(_errno.EAGAIN, "recv_wav: nothing came within the "
+                                  "socket's receive timeout (SO_RCVTIMEO)")
         # poll, not select: select refuses an fd of 1024 or more.
         waiting = _select.poll()
         waiting.register(sock, _select.POLLIN)
