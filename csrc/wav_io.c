@@ -139,6 +139,14 @@ int luna_write_wav_atomic(const char *dir, const char *path,
                           const struct luna_wav_spec *spec,
                           const void *data, uint64_t data_bytes)
 {
+    /* Only a regular file is replaced (a symlink itself, never its target; a
+     * directory makes the rename fail): a FIFO, socket or device at path is
+     * someone else's (a player's pipe, a daemon's socket, /dev/null for root). */
+    struct stat st;
+    if (path != NULL && lstat(path, &st) == 0 &&
+        (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode) || S_ISCHR(st.st_mode) ||
+         S_ISBLK(st.st_mode)))
+        return -EINVAL;
     /* Unnamed first: if we die mid-write the kernel frees the file. */
     int named = 0;
     int fd = luna_open_unnamed(dir);

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -600,6 +601,40 @@ def test_writing_onto_a_fifo_fails_at_once_instead_of_waiting_for_a_reader(ram):
     number, filename = assert_child_ok(done).split()
     assert int(number) in (errno.ENXIO, errno.EINVAL)
     assert filename == str(fifo)
+
+
+def _make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _make_socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+
+
+def _make_device(path: Path) -> None:
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    except PermissionError:
+        pytest.skip("cannot make a device node here (needs CAP_MKNOD)")
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["in-place", "atomic"])
+@pytest.mark.parametrize("make", [_make_fifo, _make_socket, _make_device],
+                         ids=["fifo", "socket", "device"])
+def test_writing_onto_a_fifo_socket_or_device_is_refused_and_leaves_it_there(
+        ram, make, atomic) -> None:
+    # A player's FIFO, a daemon's listening socket, /dev/null itself (as root): an
+    # atomic write renamed its WAV over them, removing a live file that is not ours.
+    path = ram / "special.wav"
+    make(path)
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    with pytest.raises(OSError, match="not a regular file") as caught:
+        write_wav(path, np.zeros(10, np.int16), RATE, atomic=atomic)
+    assert caught.value.errno == errno.EINVAL
+    assert caught.value.filename == str(path)
+    assert stat.S_IFMT(os.lstat(path).st_mode) == kind
+    assert os.listdir(ram) == ["special.wav"]
 
 
 # ---- failures part-way: a real full RAM disk, a real file size limit ----------------------
