@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno as _errno
 import os as _os
 import re as _re
+import stat as _stat
 import uuid as _uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -265,6 +266,27 @@ def still_named(fd: int, path: str) -> bool:
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
+def explain_special(exc: OSError, path: str) -> OSError:
+    """exc, or, when a FIFO, socket or device sits at path (the C refuses to write over
+    one: EINVAL; opening a socket says ENXIO, one on a nodev mount EACCES), an
+    OSError(EINVAL) that says so."""
+    if exc.errno not in (_errno.EINVAL, _errno.ENXIO, _errno.EACCES):
+        return exc
+    try:
+        mode = _os.lstat(path).st_mode
+    except OSError:
+        return exc
+    kind = _SPECIAL_KINDS.get(_stat.S_IFMT(mode))
+    if kind is None:
+        return exc
+    return OSError(_errno.EINVAL, f"not a regular file ({kind}): a WAV is never written "
+                   "over it", path)
+
+
+_SPECIAL_KINDS = {_stat.S_IFIFO: "a FIFO", _stat.S_IFSOCK: "a socket",
+                  _stat.S_IFCHR: "a character device", _stat.S_IFBLK: "a block device"}
+
+
 def open_destination(
     path: str | _os.PathLike[str] | None,
     *,
@@ -286,7 +308,10 @@ def open_destination(
     text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     for _ in range(8):
         cell = _lowlevel.fd_cell()
-        fd, created, old_size = _lowlevel.open_for_write(text, cell=cell)
+        try:
+            fd, created, old_size = _lowlevel.open_for_write(text, cell=cell)
+        except OSError as exc:
+            raise explain_special(exc, text) from None
         try:
             _lowlevel.lock(fd, exclusive=False, wait=True)
             if not old_size and still_named(fd, text):

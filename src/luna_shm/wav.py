@@ -8,9 +8,7 @@ array over it (``mmap=True``) or reads the samples into a new array with one
 
 from __future__ import annotations
 
-import errno as _errno
 import os as _os
-import stat as _stat
 import typing as _typing
 
 import numpy as np
@@ -87,29 +85,9 @@ def write_wav(
         # was; an empty temp file of ours (from get_temp_audio_path) goes too.
         if not atomic and _newfile.is_our_temp_path(path_str):
             _remove_if_empty(path_str)
-        raise _newfile.explain_full_disk(_explain_special(exc, path_str), path_str) from None
+        failure = _newfile.explain_special(exc, path_str)
+        raise _newfile.explain_full_disk(failure, path_str) from None
     return path_str
-
-
-def _explain_special(exc: OSError, path: str) -> OSError:
-    """exc, or, when a FIFO, socket or device sits at path (the C refuses to write over
-    one: EINVAL; opening a socket says ENXIO, one on a nodev mount EACCES), an
-    OSError(EINVAL) that says so."""
-    if exc.errno not in (_errno.EINVAL, _errno.ENXIO, _errno.EACCES):
-        return exc
-    try:
-        mode = _os.lstat(path).st_mode
-    except OSError:
-        return exc
-    kind = _SPECIAL_KINDS.get(_stat.S_IFMT(mode))
-    if kind is None:
-        return exc
-    return OSError(_errno.EINVAL, f"not a regular file ({kind}): a WAV is never written "
-                   "over it", path)
-
-
-_SPECIAL_KINDS = {_stat.S_IFIFO: "a FIFO", _stat.S_IFSOCK: "a socket",
-                  _stat.S_IFCHR: "a character device", _stat.S_IFBLK: "a block device"}
 
 
 def _remove_if_empty(path: str) -> None:
