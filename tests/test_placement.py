@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 import luna_shm
 from helpers import (
     KEPT_IN_TMP,
+    LIBRARY_PATH,
     LIST_PRIVATE_TMP,
     as_other_user,
     assert_child_ok,
@@ -240,6 +242,35 @@ def test_a_relative_dir_is_resolved_once_and_an_os_chdir_afterwards_changes_noth
     assert luna_shm.cleanup_all_temp_audio() == 1
     assert os.listdir(target) == []
     assert os.listdir(elsewhere / name) == []
+
+
+def test_a_relative_luna_shm_dir_in_a_deleted_working_directory_falls_back_and_says_why(
+        private_dirs, tmp_path) -> None:
+    # A daemon started in a directory that was removed since: a relative LUNA_SHM_DIR
+    # cannot be resolved (os.getcwd fails). Every call raised a bare FileNotFoundError.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        os.chdir({str(gone)!r})
+        os.rmdir({str(gone)!r})
+        import luna_shm
+        from luna_shm import cli, placement
+        path = luna_shm.get_temp_audio_path(create=True)
+        where = placement.current()
+        removed = luna_shm.cleanup_all_temp_audio()
+        print(json.dumps([os.path.dirname(path), where.reason, removed, cli.main(["status"])]))
+    """)
+    env = {**os.environ, "LUNA_SHM_DIR": "rel", "TMPDIR": private_dirs.fallback,
+           "PYTHONPATH": LIBRARY_PATH}
+    env.pop("LUNA_SHM_DISABLE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    directory, reason, removed, status_code = json.loads(done.stdout.splitlines()[-1])
+    assert (directory, removed, status_code) == (private_dirs.fallback, 1, 0)
+    assert reason == ("LUNA_SHM_DIR 'rel' is relative and the working directory it is "
+                      "relative to is gone")
 
 
 def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:

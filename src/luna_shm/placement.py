@@ -47,8 +47,15 @@ class Placement:
 
 
 def _configured_ram_dir() -> str:
+    """$LUNA_SHM_DIR made absolute, or /dev/shm; left relative when it cannot be resolved
+    (its working directory was removed: os.getcwd fails), which _choose refuses."""
     configured = _os.environ.get("LUNA_SHM_DIR")
-    return _os.path.abspath(configured) if configured else RAM_DISK_DIR
+    if not configured:
+        return RAM_DISK_DIR
+    try:
+        return _os.path.abspath(configured)
+    except OSError:  # FileNotFoundError from os.getcwd
+        return configured
 
 
 # LUNA_SHM_DISABLE values that leave the RAM disk on (compared in lower case).
@@ -177,6 +184,14 @@ def log_once(message: str, level: int = _logging.WARNING) -> None:
     logger.log(level, message)
 
 
+def _unresolved_problem(ram: str) -> str | None:
+    """Why a RAM dir that stayed relative (see _configured_ram_dir) is not used."""
+    if _os.path.isabs(ram):
+        return None
+    return (f"LUNA_SHM_DIR {ram!r} is relative and the working directory it is relative "
+            "to is gone")
+
+
 def _choose() -> Placement:
     # The only place the environment's paths are resolved: every later call
     # uses these absolute paths, whatever the working directory is by then.
@@ -185,7 +200,7 @@ def _choose() -> Placement:
         reason = "LUNA_SHM_DISABLE is set"
         log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)
         return Placement(fallback, _writable_ram(fallback), reason, ram, fallback)
-    problem = ram_dir_problem(ram)
+    problem = _unresolved_problem(ram) or ram_dir_problem(ram)
     if problem is None:
         return Placement(ram, True, f"{ram} is a writable RAM disk", ram, fallback)
     log_once(f"luna_shm: falling back to {fallback}: {problem}")
