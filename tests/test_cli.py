@@ -679,6 +679,18 @@ def test_cache_ls_escapes_a_path_its_output_encoding_cannot_take(private_dirs,
                          f"{key}.wav'")
 
 
+def test_cache_stats_does_not_report_its_own_max_bytes_as_the_caches(private_dirs) -> None:
+    # The bound is each opener's own setting (the daemon's AudioCache(max_bytes=...)),
+    # kept nowhere the command could read: it printed its own 256 MiB default instead.
+    with AudioCache("small", max_bytes=1000):
+        stats = json.loads(run_cli(private_dirs, "cache", "stats", "--name", "small",
+                                   "--json").stdout)
+        text = run_cli(private_dirs, "cache", "stats", "--name", "small").stdout
+    assert stats["max_bytes"] is None
+    assert "max_bytes: unknown (each process that opens the cache sets its own)" in text
+    assert str(256 * 1024 * 1024) not in text
+
+
 def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs) -> None:
     # LUNA_SHM_DIR through a symlinked parent, TMPDIR the same dir by its own name.
     alias = f"{private_dirs.ram}/alias"

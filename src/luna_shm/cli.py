@@ -299,6 +299,9 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
 # ---- cache -------------------------------------------------------------------------
 
 
+_UNKNOWN_MAX = "unknown (each process that opens the cache sets its own)"
+
+
 def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
     from luna_shm.cache import DIR_PREFIX, AudioCache
 
@@ -309,8 +312,12 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
         raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")
     with AudioCache(args.name, max_bytes=args.max_bytes) as cache:
         if args.action == "stats":
-            print(_json.dumps(asdict(cache.stats())) if args.json else "\n".join(
-                f"{field}: {value}" for field, value in asdict(cache.stats()).items()), file=out)
+            # The bound is each opener's own (AudioCache(max_bytes=...)), kept nowhere
+            # shared: this command's is no one's.
+            stats = {**asdict(cache.stats()), "max_bytes": None}
+            print(_json.dumps(stats) if args.json else "\n".join(
+                f"{field}: {_UNKNOWN_MAX if value is None else value}"
+                for field, value in stats.items()), file=out)
         elif args.action == "ls":
             now = _time.time()
             encoding = getattr(out, "encoding", None)
@@ -391,7 +398,8 @@ def build_parser() -> _argparse.ArgumentParser:
 
     cache = commands.add_parser(
         "cache", help="an AudioCache's counters, its entries, or clear it",
-        description="stats: entries, bytes and the shared counters of an AudioCache; ls: its "
+        description="stats: entries, bytes and the shared counters of an AudioCache (not its "
+        "max_bytes: each process that opens it sets its own); ls: its "
         "entries, least recently used first; clear: remove every entry no process holds. "
         "The cache must exist: a name no cache has is an error, and nothing is made.",
     )
