@@ -642,6 +642,21 @@ def test_writing_onto_a_fifo_socket_or_device_is_refused_and_leaves_it_there(
     assert os.listdir(ram) == ["special.wav"]
 
 
+@pytest.mark.parametrize("make", [_make_fifo, _make_socket, _make_device],
+                         ids=["fifo", "socket", "device"])
+def test_a_failed_write_never_removes_a_fifo_socket_or_device_at_one_of_our_temp_names(
+        private_dirs, make) -> None:
+    # path = get_temp_audio_path(); os.mkfifo(path): a player reads the FIFO. write_wav
+    # refuses it, and then removed it as "an empty temp file of ours" (size 0).
+    path = Path(get_temp_audio_path())
+    make(path)
+    kind = stat.S_IFMT(os.lstat(path).st_mode)
+    with pytest.raises(OSError, match="not a regular file") as caught:
+        write_wav(path, np.zeros(10, np.int16), RATE)
+    assert caught.value.filename == str(path)
+    assert stat.S_IFMT(os.lstat(path).st_mode) == kind
+
+
 # ---- failures part-way: a real full RAM disk, a real file size limit ----------------------
 
 FAILING_WRITES = """

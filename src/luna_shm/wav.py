@@ -9,6 +9,7 @@ array over it (``mmap=True``) or reads the samples into a new array with one
 from __future__ import annotations
 
 import os as _os
+import stat as _stat
 import typing as _typing
 
 import numpy as np
@@ -91,8 +92,11 @@ def write_wav(
 
 
 def _remove_if_empty(path: str) -> None:
+    """Remove path when it is an empty regular file (a name reserved with create=True); a
+    FIFO, socket or device there (size 0 too) is someone's live file: it stays."""
     try:
-        if _os.lstat(path).st_size == 0:
+        st = _os.lstat(path)
+        if _stat.S_ISREG(st.st_mode) and st.st_size == 0:
             _os.unlink(path)
     except FileNotFoundError:
         pass
