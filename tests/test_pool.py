@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import json
 import os
 import random
 import re
@@ -31,9 +32,11 @@ from helpers import (
     SOUNDFILE_DTYPE,
     SOX_ENCODING,
     as_other_user,
+    assert_child_ok,
     call_with_deadline,
     closed_and_readable_dirs,
     require_tool,
+    run_in_private_shm,
     samples,
 )
 from luna_shm import AudioPool, PooledWav, placement, read_wav, write_wav
@@ -700,6 +703,50 @@ def test_a_slot_whose_file_was_removed_while_free_is_replaced_by_a_fresh_slot(ra
             assert pooled.path != path
             assert_every_reader_sees(pooled.path, data)
     assert slot_files(ram) == []
+
+
+def test_a_slot_that_could_not_be_replaced_is_made_again_by_the_next_call_never_awaited(
+        ) -> None:
+    # Another program removes the only slot's file while the RAM disk (and the fallback
+    # dir on it) is full: the next write drops the slot and cannot make a fresh one
+    # (ENOSPC, as it should). Once there is room again, a call must make the slot it
+    # lacks; it waited instead for a release that could never come ("all 0 slots stayed
+    # busy"), forever without a timeout.
+    done = run_in_private_shm("""
+        import errno, json, os
+        import numpy as np
+        os.mkdir("/dev/shm/fallback")  # TMPDIR: the fallback dir is full too
+        from luna_shm import AudioPool, read_wav
+        data = np.arange(100, dtype=np.int16)
+        pool = AudioPool(slots=1, max_bytes=100_000, timeout=10)
+        with pool.write_wav(data, 16000) as pooled:
+            path = pooled.path
+        os.unlink(path)  # another program removes the free slot's file
+        fill = os.open("/dev/shm/fill", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fill, bytes(65536))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        try:
+            pool.write_wav(data, 16000)
+            first = "written"
+        except OSError as exc:
+            first = errno.errorcode[exc.errno]
+        os.close(fill)
+        os.unlink("/dev/shm/fill")
+        try:
+            with pool.write_wav(data, 16000) as pooled:
+                second = read_wav(pooled.path, mmap=False)[0].tolist() == data.tolist()
+        except TimeoutError as exc:
+            second = str(exc)
+        slots = pool.slots
+        pool.close()
+        print(json.dumps({"first": first, "second": second, "slots": slots,
+                          "left": sorted(os.listdir("/dev/shm"))}))
+    """, shm_size="1m", env={"TMPDIR": "/dev/shm/fallback"})
+    assert json.loads(assert_child_ok(done)) == {
+        "first": "ENOSPC", "second": True, "slots": 1, "left": ["fallback"]}
 
 
 # What another program does to a slot file while the slot is free, after the pool

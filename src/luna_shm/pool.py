@@ -459,6 +459,9 @@ class AudioPool(_resource.Resource):
         self._lock = _threading.RLock()
         self._cond = _threading.Condition(self._lock)
         self._slots = []
+        # How many slots the pool keeps: a slot dropped (_drop) whose replacement could
+        # not be made (a full RAM disk, no fd) is made again by a later call (_take).
+        self._wanted = slots
         self._free: list[_Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
@@ -558,8 +561,9 @@ class AudioPool(_resource.Resource):
                 f"(max_bytes={self.max_bytes}); make the pool with a larger max_bytes")
 
     def _take(self, nbytes: int, lease: _Lease) -> _Slot:
-        """A free slot (waiting for one, or growing the pool, as when_busy says), held
-        by lease from the moment it leaves the free list."""
+        """A free slot (waiting for one, or growing the pool, as when_busy says; making
+        again one the pool lost, see _wanted), held by lease from the moment it leaves
+        the free list."""
         # Before the lock: in a forked child it may be held by a thread that was not copied.
         self._check_ours()
         self._check_fits(nbytes)
@@ -578,8 +582,8 @@ class AudioPool(_resource.Resource):
                     # names another file (or none): forget the slot and make a fresh one.
                     self._drop(slot)
                     break
-                if self.when_busy == "grow":
-                    break
+                if self.when_busy == "grow" or len(self._slots) < self._wanted:
+                    break  # grow, or make again a dropped slot: no release brings it back
                 if deadline is None and self.timeout is not None:
                     deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
