@@ -359,6 +359,21 @@ def test_the_reserve_never_holds_more_than_max_bytes(ram):
         prefault_wav_buffers(0)
 
 
+def test_lowering_per_size_gives_back_the_files_over_the_new_count_at_once(ram):
+    # "per_size of each size": a reserve turned down from 3 to 1 kept its 3 files of each
+    # size, holding memory the caller had just said it did not want to hold.
+    prefault_wav_buffers(per_size=3)
+    try:
+        create_wav_buffer(FRAMES, RATE, anonymous=True).close()
+        wait_for_files(3)
+        before = prefault_stats()
+        prefault_wav_buffers(per_size=1)
+        stats = prefault_stats()
+        assert (stats.files, stats.bytes) == (1, before.bytes // 3), stats
+    finally:
+        prefault_wav_buffers(0)
+
+
 def test_a_buffer_larger_than_max_bytes_is_made_the_normal_way(ram):
     prefault_wav_buffers(max_bytes=100_000)
     try:

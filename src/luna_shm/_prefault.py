@@ -345,6 +345,10 @@ class _Reserve:
                 self.hits = self.misses = self.failures = 0
             self.enabled = True
             doomed: list[Prepared] = []
+            for key, items in self.ready.items():  # over the new count of a size
+                while len(items) > per_size:
+                    doomed.append(items.pop())
+                    self.held -= key[1]
             for key in list(self.recent):  # least recent first: over the new cap
                 if self.held <= max_bytes:
                     break
