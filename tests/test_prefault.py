@@ -374,6 +374,38 @@ def test_lowering_per_size_gives_back_the_files_over_the_new_count_at_once(ram):
         prefault_wav_buffers(0)
 
 
+def test_a_file_being_prepared_when_max_bytes_is_lowered_is_given_back_not_kept(ram):
+    # The refill thread prepares a 1 MiB file; meanwhile the caller lowers max_bytes to
+    # 100 KB (under memory pressure, say). The file, not yet counted, was kept when done:
+    # the reserve held 1 MiB against a max_bytes of 100 KB. The one instrumented call holds
+    # the thread inside its preparation until the new limit is set.
+    done = run_child("""
+        import json, threading
+        from luna_shm import _lowlevel, _prefault, create_wav_buffer, prefault_stats
+        from luna_shm import prefault_wav_buffers
+        inside, go = threading.Event(), threading.Event()
+        prepare_file = _lowlevel.prepare_file
+        def prepare_and_wait(*args, **kwargs):
+            fd = prepare_file(*args, **kwargs)
+            if threading.current_thread().name == "luna_shm-prefault":
+                inside.set()
+                go.wait(60)
+            return fd
+        _lowlevel.prepare_file = prepare_and_wait
+        prefault_wav_buffers(64 << 20, per_size=1)
+        create_wav_buffer(500_000, 16000, anonymous=True).close()
+        assert inside.wait(60)
+        prefault_wav_buffers(100_000, per_size=1)
+        go.set()
+        assert _prefault._reserve.making.acquire(timeout=60)  # the preparation is over
+        _prefault._reserve.making.release()
+        stats = prefault_stats()
+        prefault_wav_buffers(0)
+        print(json.dumps({"files": stats.files, "bytes": stats.bytes}))
+    """)
+    assert json.loads(assert_child_ok(done)) == {"files": 0, "bytes": 0}
+
+
 def test_a_buffer_larger_than_max_bytes_is_made_the_normal_way(ram):
     prefault_wav_buffers(max_bytes=100_000)
     try:

@@ -258,16 +258,22 @@ class _Reserve:
                               f"could not be prepared in {directory or 'memfd'}: {exc}")
             return None
 
+    def _fits(self, key: _Key) -> bool:
+        """Under lock: one more file of key stays within per_size and max_bytes (which a
+        configure may have lowered while the file was being prepared)."""
+        return (len(self.ready.get(key, ())) < self.per_size
+                and self.held + key[1] <= self.max_bytes)
+
     def _prepare_and_keep(self, key: _Key, evicted: list[Prepared]) -> None:
         """Give back what makes room, prepare a file of key and keep it, unless the reserve
-        was turned off or a retried create holds it off meanwhile: then it is given back
-        before the caller says the preparation is done."""
+        was turned off, a retried create holds it off, or its limits were lowered below it
+        meanwhile: then it is given back before the caller says the preparation is done."""
         give_back(evicted)
         item = self._prepare(key)
         with self.lock:
             if item is None:
                 self.failed.add(key)  # until it is asked for again
-            elif self._running() and not self.held_off:
+            elif self._running() and not self.held_off and self._fits(key):
                 self.ready.setdefault(key, []).append(item)
                 self.held += key[1]
                 return
