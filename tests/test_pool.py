@@ -749,6 +749,33 @@ def test_a_slot_that_could_not_be_replaced_is_made_again_by_the_next_call_never_
         "first": "ENOSPC", "second": True, "slots": 1, "left": ["fallback"]}
 
 
+def test_a_file_renamed_over_a_slot_path_as_the_pool_closes_is_never_removed(ram) -> None:
+    # close() asked whether the slot's path still named its file, then unlinked the
+    # path: a file another program (or write_wav(pooled.path, ...)) renamed over it in
+    # between was removed. The profile hook renames it over at that very instant.
+    theirs = samples("int16", 50, 1, seed=4)
+    pool = AudioPool(slots=1, max_bytes=1000)
+    pooled = pool.write_wav(samples("int16", 10, 1), RATE)
+    path = pooled.path
+    renamed: list[str] = []
+
+    def rename_theirs_over_it_right_after_the_pools_stat(frame, event, arg) -> None:
+        if event == "c_return" and arg is os.stat and not renamed:
+            renamed.append(frame.f_code.co_name)
+            write_wav(f"{path}.theirs", theirs, RATE)
+            os.rename(f"{path}.theirs", path)
+
+    sys.setprofile(rename_theirs_over_it_right_after_the_pools_stat)
+    try:
+        pool.close()
+    finally:
+        sys.setprofile(None)
+    assert renamed
+    np.testing.assert_array_equal(read_wav(path, mmap=False)[0], theirs)
+    assert os.listdir(ram) == [os.path.basename(path)]
+    pooled.release()
+
+
 # What another program does to a slot file while the slot is free, after the pool
 # has checked it once (so only the pool's inotify watch can tell).
 TAMPERING = {

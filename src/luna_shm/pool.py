@@ -300,14 +300,10 @@ class PooledWav(_resource.Resource):
 def _close_slot(slot: _Slot, *, unlink: bool) -> None:
     """Close a slot's fd (its mapping lives on with the arrays that view it); with
     unlink=True also remove its name, but only while the name is still this slot's
-    file: a file someone wrote at the slot's path is theirs, never ours to delete."""
+    file: a file someone wrote at the slot's path is theirs, never ours to delete, even
+    one renamed over the path while we remove it (temp_audio.remove_if_same)."""
     if unlink:
-        try:
-            st = _os.stat(slot.path, follow_symlinks=False)
-            if (st.st_dev, st.st_ino) == slot.identity:
-                _os.unlink(slot.path)
-        except FileNotFoundError:
-            pass
+        temp_audio.remove_if_same(slot.path, slot.identity)
     try:
         _lowlevel.release(slot.cell)
     except OSError:

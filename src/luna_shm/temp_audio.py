@@ -368,6 +368,35 @@ def _unlink_checked(dir_fd: int, name: str, identity: tuple[int, int], where: st
     return False
 
 
+def remove_if_same(path: str, identity: tuple[int, int]) -> bool:
+    """Remove path only while it names the file whose (st_dev, st_ino) is identity (a
+    file of ours, e.g. a pool's slot); True if this call removed it.
+
+    Another file at path (renamed over it, before or during this call) is left where it
+    is: a name that already names another file is not touched, and the removal itself
+    goes through the hidden name that :func:`_unlink_checked` checks.
+
+    Raises:
+        OSError: the directory cannot be opened, or the file removed (EROFS, ...),
+            naming the path; a path or directory that is gone is no error.
+    """
+    parent, name = _os.path.split(path)
+    try:
+        dir_cell = _open_dir(parent)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            st = _os.stat(name, dir_fd=dir_cell[0], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != identity:
+            return False
+        return _unlink_checked(dir_cell[0], name, identity, parent)
+    finally:
+        _lowlevel.release(dir_cell)
+
+
 def _put_back(dir_fd: int, claim: str, name: str, where: str, *, is_dir: bool) -> None:
     """Give a file that _unlink_checked moved by mistake its name back, without
     replacing whatever took the name meanwhile: a link, then the hidden name goes (a
