@@ -219,3 +219,49 @@ def test_a_child_forked_while_another_thread_holds_the_locks_neither_hangs_nor_t
     kept = report.pop("files_kept")
     assert isinstance(kept, dict) and all(kept.values()), kept
     assert report == ALL_KEPT
+
+
+FORK_FROM_A_SIGNAL_HANDLER = """
+import faulthandler, json, os, signal, sys, threading
+faulthandler.dump_traceback_later(60, exit=True)
+from luna_shm import _prefault, create_wav_buffer, prefault_stats, prefault_wav_buffers
+
+prefault_wav_buffers(per_size=1)
+workers = []
+
+
+def spawn_worker(signum, frame):  # a daemon's handler that forks a worker
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    workers.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+
+signal.signal(signal.SIGUSR1, spawn_worker)
+sent = []
+
+
+def signal_inside_the_reserves_lock(frame, event, arg):
+    if (event == "c_call" and frame.f_code.co_name == "take" and not sent
+            and _prefault._reserve.lock.locked()):
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+sys.setprofile(signal_inside_the_reserves_lock)
+buf = create_wav_buffer(1000, 16000, anonymous=True)
+sys.setprofile(None)
+buf.close()
+prefault_wav_buffers(0)
+print(json.dumps({"sent": sent, "workers": workers, "thread": any(
+    t.name == "luna_shm-prefault" for t in threading.enumerate())}))
+"""
+
+
+def test_a_fork_from_a_signal_handler_that_interrupted_the_reserve_never_hangs(
+        private_dirs) -> None:
+    # The reserve's before-fork hook takes its locks; a signal handler that forks (a
+    # daemon spawning a worker) and runs while this very thread holds one of them
+    # (inside create_wav_buffer's take) waited for itself forever.
+    assert run(FORK_FROM_A_SIGNAL_HANDLER) == {"sent": [True], "workers": [0],
+                                               "thread": False}

@@ -29,7 +29,7 @@ Design, in the order a call meets it:
   parent's files and unmaps its copies of their mappings (the parent's files,
   names, mappings and flocks are untouched); the
   refill thread does not exist there. The before-fork hook waits for the file
-  being prepared (so none is half-registered at the fork).
+  being prepared (so none is half-registered at the fork), for at most a second.
 """
 
 from __future__ import annotations
@@ -470,14 +470,24 @@ def stats() -> PrefaultStats:
 # ---- fork and exit -------------------------------------------------------------------------
 
 
+# The reserve's locks the before-fork hook took (making, then lock), released after the
+# fork in the parent. It waits for each at most _PREPARATION_WAIT seconds: a signal
+# handler that forks (a daemon spawning a worker) may run while this very thread holds
+# the reserve's lock (or while the refill thread, holding making, waits for that lock),
+# and would otherwise wait for itself forever. The child starts with a fresh reserve
+# either way; at worst it keeps copies of the fds of a file not yet registered.
+_taken_for_fork: list[_threading.Lock] = []
+
+
 def _before_fork() -> None:
-    _reserve.making.acquire()
-    _reserve.lock.acquire()
+    for lock in (_reserve.making, _reserve.lock):
+        if lock.acquire(timeout=_PREPARATION_WAIT):
+            _taken_for_fork.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    _reserve.lock.release()
-    _reserve.making.release()
+    while _taken_for_fork:
+        _taken_for_fork.pop().release()
 
 
 def _after_fork_in_child() -> None:
@@ -485,6 +495,7 @@ def _after_fork_in_child() -> None:
     # and the flocks their open file descriptions hold, as they are. The thread and the
     # held locks do not exist here: a fresh reserve, off.
     global _reserve
+    _taken_for_fork.clear()
     parents, _reserve = _reserve, _Reserve()
     inherited = parents.items()
     parents.ready.clear()
