@@ -557,6 +557,19 @@ def test_a_huge_pool_argument_is_named_by_its_size_not_its_whole_value(
     assert os.listdir(private_dirs.ram) == []
 
 
+@pytest.mark.parametrize(("when_busy", "shown"), [
+    (None, "None"),
+    (["wait"], r"\['wait'\]"),
+    (np.array(["wait", "grow"]), "a numpy array of shape \\(2,\\) and dtype <U4"),
+], ids=["none", "list", "numpy-array"])
+def test_a_when_busy_that_is_not_a_str_is_a_type_error_naming_it(private_dirs, when_busy,
+                                                                   shown) -> None:
+    # A numpy array raised numpy's "truth value of an array is ambiguous", naming nothing.
+    with pytest.raises(TypeError, match=f"^when_busy must be 'wait' or 'grow', got {shown}$"):
+        AudioPool(slots=1, max_bytes=100, when_busy=when_busy)
+    assert os.listdir(private_dirs.ram) == []
+
+
 def test_a_huge_frame_count_for_acquire_or_truncate_is_named_by_its_size(ram) -> None:
     with AudioPool(slots=1, max_bytes=100) as pool:
         with pytest.raises(ValueError, match=r"^frames=an int of 333 bits is too long for a WAV"):

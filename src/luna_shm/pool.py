@@ -436,9 +436,9 @@ class AudioPool(_resource.Resource):
         if _slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
             raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got "
                              f"{_lowlevel.brief(max_bytes)}")
-        if when_busy not in _WHEN_BUSY:
-            raise ValueError(f"when_busy must be 'wait' or 'grow', got "
-                             f"{_lowlevel.brief(when_busy)}")
+        if not isinstance(when_busy, str) or when_busy not in _WHEN_BUSY:
+            error = ValueError if isinstance(when_busy, str) else TypeError
+            raise error(f"when_busy must be 'wait' or 'grow', got {_lowlevel.brief(when_busy)}")
         self.timeout = formats.check_timeout(timeout)
         _check_prefix(prefix)
         if anonymous and not _lowlevel.HAS_MEMFD:
