@@ -421,6 +421,63 @@ def test_close_while_pooled_wavs_are_held_keeps_their_arrays_valid_and_frees_the
         pool.acquire(10, RATE)
 
 
+def test_released_pooled_wavs_kept_after_close_hold_no_slot_memory(ram) -> None:
+    # A released PooledWav kept its slot, so after close() the slot's mapping (RAM of an
+    # unlinked file: a whole slot) lived as long as the handle did, in a list of recent
+    # utterances, say. Only arrays taken from a slot keep it (close()'s promise).
+    pool = AudioPool(slots=2, max_bytes=100_000)
+    kept = [pool.write_wav(samples("int16", 100, 1), RATE), pool.acquire(100, RATE)]
+    files = {(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino))
+             for st in (os.stat(pooled.path) for pooled in kept)}
+    for pooled in kept:
+        pooled.release()
+    pool.close()
+    with open("/proc/self/maps") as maps:  # address, perms, offset, dev, inode, path
+        mapped = {tuple(line.split()[3:5]) for line in maps}
+    assert files & mapped == set()
+    assert [pooled.released for pooled in kept] == [True, True]
+
+
+def test_a_pooled_wav_released_twice_at_once_gives_its_slot_back_once_and_never_raises(
+        ram) -> None:
+    # Two threads may release one PooledWav (a player done with it, a watchdog cancelling
+    # it): the second call, at whatever bytecode of the first it starts, does nothing.
+    # The trace function makes that second call at each opcode of the first in turn.
+    pool = AudioPool(slots=2, max_bytes=1000, timeout=0)
+    opcode = 0
+    while True:
+        pooled = pool.write_wav(samples("int16", 10, 1), RATE)
+        seen = {"count": 0, "done": False}
+
+        def second_release_at_one_opcode(frame, event, arg, target=opcode, seen=seen,
+                                         pooled=pooled):
+            if frame.f_code.co_name != "release" or seen["done"]:
+                return None
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                if seen["count"] == target:
+                    seen["done"] = True
+                    pooled.release()
+                seen["count"] += 1
+            return second_release_at_one_opcode
+
+        sys.settrace(second_release_at_one_opcode)
+        try:
+            pooled.release()
+        finally:
+            sys.settrace(None)
+        assert pooled.released
+        both = [pool.acquire(1, RATE), pool.acquire(1, RATE)]  # timeout=0: both free
+        assert both[0].path != both[1].path
+        for each in both:
+            each.release()
+        if not seen["done"]:
+            break  # past the first release's last opcode
+        opcode += 1
+    assert opcode > 10
+    pool.close()
+
+
 @pytest.mark.parametrize("anonymous", [False, True], ids=["named", "anonymous"])
 def test_a_closed_pool_refuses_a_with_block_like_a_closed_buffer_or_writer(
         private_dirs, anonymous) -> None:

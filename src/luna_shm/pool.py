@@ -126,16 +126,27 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-def _unreleased(pool: AudioPool, slot: _Slot, lease: _Lease | None, path: str,
+def _unreleased(pool: AudioPool, slot: _Slot | None, lease: _Lease | None, path: str,
                 owner_pid: int) -> None:
     # A PooledWav dropped without release() (from its __del__). In a forked child it
     # does nothing, and nothing leaked once the pool is closed (its close released
     # every slot).
-    if owner_pid != _resource.current_pid or pool.closed:
+    if owner_pid != _resource.current_pid or pool.closed or slot is None:
         return
     pool._give_back(slot, lease)  # first: warnings may be errors (-W error)
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
                    ResourceWarning, stacklevel=2)
+
+
+def _check_slot_file(slot: _Slot) -> None:
+    """ESTALE when slot's mapping is broken or its file no longer has the slot's length
+    (see Mapping.check_file); once the pool closed the slot's fd (its file is gone then),
+    only the mapping is checked."""
+    fd = slot.cell[0]
+    if fd < 0:
+        slot.mapping.check()
+    else:
+        slot.mapping.check_file(fd, slot.length)
 
 
 class PooledWav(_resource.Resource):
@@ -154,6 +165,7 @@ class PooledWav(_resource.Resource):
 
     _pool: AudioPool | None = None
     _lease: _Lease | None = None
+    _slot: _Slot | None = None  # None once released (see release)
 
     # Made on every pool write: its __init__ sets only what it must, with writable passed
     # by position (a keyword costs 0.1 us, a fifth of the object).
@@ -191,10 +203,13 @@ class PooledWav(_resource.Resource):
     def _name(self) -> str:
         return f"PooledWav {self.path!r}"
 
-    def _check_held(self) -> None:
-        if self._pool is None:
+    def _check_held(self) -> _Slot:
+        """The held slot; ValueError once released, RuntimeError in a forked child."""
+        slot = self._slot
+        if self._pool is None or slot is None:
             raise ValueError("PooledWav was released")
         self._check_ours()
+        return slot
 
     @property
     def array(self) -> np.ndarray:
@@ -208,13 +223,13 @@ class PooledWav(_resource.Resource):
                 released. Once released, the pool's inotify watch sees any change
                 to the file, a same-length rewrite too, before the slot is reused.
         """
-        self._check_held()
-        self._slot.mapping.check()
+        slot = self._check_held()
+        slot.mapping.check()
         if self._array is None:
             dtype = formats.view_dtype(self._spec)
             if dtype is None:
                 raise ValueError("24-bit samples have no numpy view: read the file with read_wav")
-            view = self._slot.mapping.view if self._writable else self._slot.readonly
+            view = slot.mapping.view if self._writable else slot.readonly
             flat = np.frombuffer(view, dtype=dtype, count=self.frames * self.channels,
                                  offset=self._offset)
             self._array = flat.reshape((self.frames,) if self.channels == 1 else
@@ -241,29 +256,18 @@ class PooledWav(_resource.Resource):
                 :attr:`array`; a rewrite that lost none of our pages too: its header
                 is not ours to write).
         """
-        self._check_held()
+        slot = self._check_held()
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={_lowlevel.brief(new_frames)} "
                              f"> {self.frames}")
-        self._check_slot_file()
+        _check_slot_file(slot)
         frame_bytes = self._spec.channels * self._spec.bits // 8
-        self._slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
-        self._check_slot_file()
+        slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
+        _check_slot_file(slot)
         self.frames = new_frames
         if self._array is not None:
             self._array = self._array[:new_frames]
-
-    def _check_slot_file(self) -> None:
-        """ESTALE when the slot's mapping is broken or its file no longer has the slot's
-        length (see Mapping.check_file); once the pool closed the slot's fd (its file is
-        gone then), only the mapping is checked."""
-        slot = self._slot
-        fd = slot.cell[0]
-        if fd < 0:
-            slot.mapping.check()
-        else:
-            slot.mapping.check_file(fd, slot.length)
 
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing.
@@ -275,9 +279,12 @@ class PooledWav(_resource.Resource):
         # raises), it dies with this frame and the pool finds the slot again.
         lease, self._lease = self._lease, None
         pool, self._pool = self._pool, None
+        # A released handle kept by the caller must not keep the slot's mapping (a whole
+        # slot of RAM) alive once the pool is closed: only arrays taken from it do.
+        slot, self._slot = self._slot, None
         self._array = None
-        if pool is not None and self._pid == _resource.current_pid:
-            pool._give_back(self._slot, lease)
+        if pool is not None and slot is not None and self._pid == _resource.current_pid:
+            pool._give_back(slot, lease)
 
     def close(self) -> None:
         """The same as :meth:`release` (so that every luna_shm resource closes alike)."""
