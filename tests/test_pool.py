@@ -28,6 +28,7 @@ import scipy.io.wavfile
 import soundfile as sf
 
 from helpers import (
+    FILL_FD_TABLE,
     LIBRARY_PATH,
     SOUNDFILE_DTYPE,
     SOX_ENCODING,
@@ -844,6 +845,35 @@ def test_a_file_renamed_over_a_slot_path_as_the_pool_closes_is_never_removed(ram
     np.testing.assert_array_equal(read_wav(path, mmap=False)[0], theirs)
     assert os.listdir(ram) == [os.path.basename(path)]
     pooled.release()
+
+
+CLOSE_WITH_A_FULL_FD_TABLE = """
+import errno, json, os, resource
+import numpy as np
+from luna_shm import AudioPool
+pool = AudioPool(slots=2, max_bytes=1000)
+pool.write_wav(np.ones(10, np.int16), 16000).release()
+paths = [slot.path for slot in pool._slots]
+""" + FILL_FD_TABLE + """
+try:
+    pool.close()
+    closed = "closed"
+except OSError as exc:
+    closed = errno.errorcode[exc.errno]
+for fd in held:
+    os.close(fd)
+print(json.dumps({"closed": closed, "left": [p for p in paths if os.path.exists(p)]}))
+"""
+
+
+def test_a_pool_closes_and_removes_its_slot_files_even_with_a_full_fd_table(ram) -> None:
+    # A daemon that ran out of fds still closes its pool: the slot files go, no EMFILE.
+    done = subprocess.run([sys.executable, "-c", CLOSE_WITH_A_FULL_FD_TABLE],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH,
+                               "LUNA_SHM_DIR": str(ram)})
+    assert json.loads(assert_child_ok(done)) == {"closed": "closed", "left": []}
+    assert os.listdir(ram) == []
 
 
 # What another program does to a slot file while the slot is free, after the pool

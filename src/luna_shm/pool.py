@@ -309,12 +309,14 @@ def _close_slot(slot: _Slot, *, unlink: bool) -> None:
     unlink=True also remove its name, but only while the name is still this slot's
     file: a file someone wrote at the slot's path is theirs, never ours to delete, even
     one renamed over the path while we remove it (temp_audio.remove_if_same)."""
-    if unlink:
-        temp_audio.remove_if_same(slot.path, slot.identity)
+    # The fd first: the removal opens the slot's directory, which a full fd table (a
+    # daemon that ran out of fds, closing its pool) must not refuse.
     try:
         _lowlevel.release(slot.cell)
     except OSError:
         pass
+    if unlink:
+        temp_audio.remove_if_same(slot.path, slot.identity)
 
 
 def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bool,
