@@ -876,6 +876,57 @@ def test_a_pool_closes_and_removes_its_slot_files_even_with_a_full_fd_table(ram)
     assert os.listdir(ram) == []
 
 
+USED_BY_A_DAEMON_THREAD_AT_EXIT = """
+import atexit, json, os, threading, weakref
+# Registered before any weakref.finalize exists, this runs after their exit hook, which
+# finalizes the pool that was never closed, while the daemon thread still uses it.
+assert not weakref.finalize._registered_with_atexit
+results = []
+go = threading.Event()
+
+
+def after_the_pools_finalizer():
+    go.set()
+    worker.join(30)
+    print(json.dumps({"results": results, "left": os.listdir(os.environ["LUNA_SHM_DIR"])}))
+
+
+atexit.register(after_the_pools_finalizer)
+import numpy as np
+from luna_shm import AudioPool
+pool = AudioPool(slots=1, max_bytes=1000)
+pool.write_wav(np.ones(10, np.int16), 16000).release()
+
+
+def use_the_pool_at_exit():
+    go.wait(30)
+    for call in (lambda: pool.write_wav(np.ones(10, np.int16), 16000),
+                 lambda: pool.acquire(10, 16000)):
+        try:
+            results.append(["made", os.path.exists(call().path)])
+        except Exception as exc:
+            results.append([type(exc).__name__, str(exc)])
+
+
+worker = threading.Thread(target=use_the_pool_at_exit, daemon=True)
+worker.start()
+"""
+
+
+def test_a_pool_never_closed_is_closed_at_exit_for_the_daemon_threads_still_using_it(
+        ram) -> None:
+    # At interpreter exit the finalizer of a pool never closed removed its slot files
+    # while the pool lived on for the daemon threads still using it: one got "list.remove
+    # (x): x not in list", the next made a new slot file that outlived the process.
+    done = subprocess.run([sys.executable, "-c", USED_BY_A_DAEMON_THREAD_AT_EXIT],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH,
+                               "LUNA_SHM_DIR": str(ram)})
+    closed = ["ValueError", "AudioPool is closed"]
+    assert json.loads(assert_child_ok(done)) == {"results": [closed, closed], "left": []}
+    assert os.listdir(ram) == []
+
+
 # What another program does to a slot file while the slot is free, after the pool
 # has checked it once (so only the pool's inotify watch can tell).
 TAMPERING = {

@@ -336,6 +336,21 @@ def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bo
             pass
 
 
+def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[_Slot],
+                    watch_cell: _lowlevel.FdCell, anonymous: bool, owner_pid: int) -> None:
+    # The finalizer of a pool never closed: run when it is collected, or at interpreter
+    # exit while it still lives, for daemon threads that may still use it. A live pool
+    # is closed for real, under its lock: they get "AudioPool is closed", never a slot
+    # whose file is gone, and no slot file is made again after this cleanup.
+    pool = pool_ref()
+    if pool is None:
+        _close_slots(slots, watch_cell, anonymous, True, owner_pid)
+        return
+    pool.close()
+    if owner_pid == _resource.current_pid:
+        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
+
+
 def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
     """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
     for anonymous slots (no name to lose) and when out of inotify instances (every take
@@ -474,8 +489,8 @@ class AudioPool(_resource.Resource):
         self._watch_cell = _new_watch(self.anonymous)
         self._watch_fd = self._watch_cell[0]
         self._closed = False
-        self._track(_close_slots, self._slots, self._watch_cell, self.anonymous, True,
-                    _resource.current_pid)
+        self._track(_close_unclosed, _weakref.ref(self), self._slots, self._watch_cell,
+                    self.anonymous, _resource.current_pid)
         try:
             for _ in range(slots):
                 self._free.append(self._new_slot())
