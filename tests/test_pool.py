@@ -508,6 +508,29 @@ def test_a_leaked_pool_warns_resource_warning_and_removes_its_slot_files(
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
+LEAKED_WITH_WARNINGS_AS_ERRORS = """
+import gc, json, os
+from luna_shm import AudioPool
+fds = len(os.listdir("/proc/self/fd"))
+pool = AudioPool(slots=2, max_bytes=1000)
+del pool
+gc.collect()  # the finalizer's ResourceWarning is an error: printed, then ignored
+print(json.dumps({"left": os.listdir(os.environ["LUNA_SHM_DIR"]),
+                  "fds": len(os.listdir("/proc/self/fd")) - fds}))
+"""
+
+
+def test_a_leaked_pool_removes_its_slot_files_even_when_warnings_are_errors(ram) -> None:
+    # Under -W error (as in this suite's own config) the finalizer's "unclosed AudioPool"
+    # was raised before the cleanup: the slot files and descriptors stayed.
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", LEAKED_WITH_WARNINGS_AS_ERRORS],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH, "LUNA_SHM_DIR": str(ram)})
+    assert json.loads(assert_child_ok(done)) == {"left": [], "fds": 0}
+    assert "ResourceWarning: unclosed AudioPool" in done.stderr
+
+
 def test_a_pool_fails_to_start_without_leaving_a_slot_file_or_descriptor(private_dirs,
                                                                          monkeypatch) -> None:
     # The third slot cannot be made (its name is taken by a directory, every try):

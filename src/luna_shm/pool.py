@@ -324,8 +324,6 @@ def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bo
     # In a forked child (close() there, its exit, its garbage collector) the slots are
     # the parent's: only the child's copies of the descriptors are closed.
     ours = owner_pid == _resource.current_pid
-    if leaked and ours:
-        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
     for slot in slots:
         _close_slot(slot, unlink=ours and not anonymous)
     slots.clear()
@@ -334,6 +332,8 @@ def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bo
             _lowlevel.release(watch_cell)
         except OSError:
             pass
+    if leaked and ours:  # last: warnings may be errors (-W error)
+        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
 
 
 def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[_Slot],
