@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import resource
 import stat
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import soundfile as sf
 from helpers import (
     LIBRARY_PATH,
     SOUNDFILE_DTYPE,
+    as_other_user,
     as_soundfile_reads,
     assert_child_ok,
     run_in_private_shm,
@@ -457,6 +459,32 @@ def test_prefault_wav_buffers_takes_numpy_integers_like_every_int_argument():
     finally:
         prefault_wav_buffers(0)
     assert not prefault_stats().enabled
+
+
+def _turn_on_without_then_with_a_thread() -> dict[str, object]:
+    # As uid 65534 (as_other_user), which no other process here counts against this limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))  # this process: no new thread
+    try:
+        prefault_wav_buffers()
+        refused = ""
+    except RuntimeError as exc:
+        refused = str(exc)
+    stats = prefault_stats()
+    prefault_wav_buffers(0)  # raised "cannot join thread before it is started"
+    resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    prefault_wav_buffers()
+    running = prefault_thread_alive()
+    prefault_wav_buffers(0)
+    return {"refused": refused, "enabled": stats.enabled, "running": running}
+
+
+def test_a_reserve_whose_thread_cannot_start_stays_off_and_starts_on_the_next_call(ram):
+    # A container at its pids limit refuses the refill thread: prefault_wav_buffers said
+    # so, but left the reserve "enabled" with a thread that never ran, so that turning it
+    # off raised (at exit too) and no later call ever started a thread.
+    report = as_other_user(_turn_on_without_then_with_a_thread)
+    assert report == {"refused": "can't start new thread", "enabled": False, "running": True}
 
 
 def test_bad_arguments_raise_the_same_errors_with_the_reserve_on(reserve):

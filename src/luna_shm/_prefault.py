@@ -362,9 +362,16 @@ class _Reserve:
                 doomed += items
                 self.held -= len(items) * key[1]
             if self.thread is None:
-                self.thread = _threading.Thread(target=self.run, name="luna_shm-prefault",
-                                                daemon=True)
-                self.thread.start()
+                thread = _threading.Thread(target=self.run, name="luna_shm-prefault",
+                                           daemon=True)
+                try:  # it waits for this lock before it looks at self.thread
+                    thread.start()
+                except BaseException:
+                    # No thread (a pids limit): the reserve stays off, and a later call
+                    # tries again; nothing was prepared, so nothing is held.
+                    self.enabled = False
+                    raise
+                self.thread = thread
             self.wake.notify()
         give_back(doomed)
         return None

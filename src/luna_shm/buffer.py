@@ -329,6 +329,8 @@ def prefault_wav_buffers(max_bytes: int = 8 * 1024 * 1024, *, per_size: int = 2)
 
     Raises:
         TypeError, ValueError: a bad argument, named in the message.
+        RuntimeError: the thread cannot be started (a pids limit): the reserve stays
+            off, and a later call tries again.
     """
     _prefault.configure(formats.check_int("max_bytes", max_bytes),
                         formats.check_int("per_size", per_size, minimum=1))
