@@ -843,6 +843,51 @@ def test_a_slot_that_could_not_be_replaced_is_made_again_by_the_next_call_never_
         "first": "ENOSPC", "second": True, "slots": 1, "left": ["fallback"]}
 
 
+def test_a_caller_waits_for_a_busy_slot_while_a_lost_one_cannot_be_made_again() -> None:
+    # Two slots: one held, the other's file removed by another program while the RAM
+    # disk (and the fallback dir on it) is full, so it cannot be made again. A call in
+    # "wait" mode must wait for the held slot, as it would have with both slots busy,
+    # rather than fail on the slot it cannot make.
+    done = run_in_private_shm("""
+        import errno, json, os, threading, time
+        import numpy as np
+        os.mkdir("/dev/shm/fallback")
+        from luna_shm import AudioPool
+        pool = AudioPool(slots=2, max_bytes=100_000, timeout=60)
+        held = pool.acquire(10, 16000)
+        free = [slot.path for slot in pool._slots if slot.path != held.path]
+        os.unlink(free[0])  # another program removes the free slot's file
+        fill = os.open("/dev/shm/fill", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fill, bytes(65536))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        got = []
+
+        def write():
+            try:
+                with pool.write_wav(np.ones(10, np.int16), 16000) as pooled:
+                    got.append(pooled.path)
+            except Exception as exc:
+                got.append(f"{type(exc).__name__}: {exc}")
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 60
+        while not pool._waiting and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        waited = bool(pool._waiting)
+        held.release()
+        writer.join(60)
+        os.close(fill)
+        os.unlink("/dev/shm/fill")
+        pool.close()
+        print(json.dumps({"waited": waited, "got": got == [held.path]}))
+    """, shm_size="1m", env={"TMPDIR": "/dev/shm/fallback"})
+    assert json.loads(assert_child_ok(done)) == {"waited": True, "got": True}
+
+
 def test_a_file_renamed_over_a_slot_path_as_the_pool_closes_is_never_removed(ram) -> None:
     # close() asked whether the slot's path still named its file, then unlinked the
     # path: a file another program (or write_wav(pooled.path, ...)) renamed over it in

@@ -599,11 +599,16 @@ class AudioPool(_resource.Resource):
                     if self._intact(slot):
                         return slot
                     # Its file was shrunk (its mapping now holds zeros), or its path now
-                    # names another file (or none): forget the slot and make a fresh one.
+                    # names another file (or none): forget the slot; the next turn takes
+                    # another one or makes a fresh one.
                     self._drop(slot)
-                    break
-                if self.when_busy == "grow" or len(self._slots) < self._wanted:
-                    break  # grow, or make again a dropped slot: no release brings it back
+                    continue
+                if self.when_busy == "grow":
+                    return self._new_held_slot(ref)
+                if len(self._slots) < self._wanted:  # no release brings a dropped slot back
+                    made = self._make_again(ref)
+                    if made is not None:
+                        return made
                 if deadline is None and self.timeout is not None:
                     deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -615,9 +620,26 @@ class AudioPool(_resource.Resource):
                     self._cond.wait(remaining)
                 finally:
                     self._waiting -= 1
-            slot = self._new_slot()
-            slot.lease = ref
-            return slot
+
+    def _new_held_slot(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot:
+        """Under the lock: a new slot, held by the lease ref names."""
+        slot = self._new_slot()
+        slot.lease = ref
+        return slot
+
+    def _make_again(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot | None:
+        """Under the lock: a new slot, held by ref, in place of one the pool dropped; None
+        when it cannot be made now (a full RAM disk, no fd left) while the pool has other
+        slots, whose release the caller then waits for. With no slot left, the error is
+        raised: nothing else could end the wait."""
+        try:
+            return self._new_held_slot(ref)
+        except OSError as exc:
+            if not self._slots:
+                raise
+            placement.log_once(f"luna_shm: an AudioPool slot could not be made again "
+                               f"({exc.strerror}): waiting for a busy one instead")
+            return None
 
     def _intact(self, slot: _Slot) -> bool:
         """Whether a free slot may be handed out (under the pool's lock): its mapping whole and,
