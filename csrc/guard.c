@@ -200,6 +200,17 @@ static int absorb_fault(uintptr_t addr)
     return 0;
 }
 
+/* Whether the last byte of [start, start+len) can no longer be read: its page
+ * is gone with its file's end (process_vm_readv answers EFAULT there instead of
+ * faulting). Async-signal-safe. */
+static int last_byte_lost(pid_t self, uintptr_t start, uint64_t len)
+{
+    char byte;
+    struct iovec local = {&byte, 1};
+    struct iovec remote = {(void *)(start + len - 1), 1};
+    return process_vm_readv(self, &local, 1, &remote, 1, 0) < 0 && errno == EFAULT;
+}
+
 /* A SIGBUS raise()d inside this process (si_code SI_TKILL, our pid), without
  * an address: maybe a handler that ran before us (faulthandler) passing on a
  * fault in one of our mappings. Break every registered mapping whose last
@@ -244,10 +255,7 @@ static int absorb_lost_mappings(void)
                 continue; /* changed while we read it: read again */
             if (len == 0)
                 break;
-            char byte;
-            struct iovec local = {&byte, 1};
-            struct iovec remote = {(void *)(start + len - 1), 1};
-            if (process_vm_readv(self, &local, 1, &remote, 1, 0) >= 0 || errno != EFAULT) {
+            if (!last_byte_lost(self, start, len)) {
                 if (atomic_load(&e->state) != s)
                     continue; /* another thread put zeros there meanwhile */
                 break;        /* its file still holds all of it */
@@ -519,10 +527,7 @@ int luna_guard_absorb_range(const void *addr, uint64_t len)
                 broken++;
                 break;
             }
-            char byte;
-            struct iovec local = {&byte, 1};
-            struct iovec remote = {(void *)(start + elen - 1), 1};
-            if (process_vm_readv(self, &local, 1, &remote, 1, 0) >= 0 || errno != EFAULT) {
+            if (!last_byte_lost(self, start, elen)) {
                 if (atomic_load(&e->state) != s)
                     continue; /* a handler put zeros there meanwhile: count it */
                 break;        /* its file still holds all of it */
