@@ -273,6 +273,42 @@ def test_a_relative_luna_shm_dir_in_a_deleted_working_directory_falls_back_and_s
                       "relative to is gone")
 
 
+def test_a_first_call_at_the_fd_limit_raises_emfile_and_never_settles_on_the_wrong_dir(
+        private_dirs) -> None:
+    # A daemon whose first luna_shm call comes at its fd limit: /proc/self/mountinfo could
+    # not be opened, so a RAM dir that is no mount point of its own (a subdirectory of a
+    # tmpfs) was taken for a disk dir ("not a RAM disk (filesystem type 0x1021994)", the
+    # tmpfs magic) and the fallback dir cached for the life of the process.
+    code = textwrap.dedent("""
+        import errno, json, os, resource
+        import luna_shm
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE, exc
+        try:
+            first = luna_shm.get_temp_audio_path()
+        except OSError as exc:
+            first = [errno.errorcode[exc.errno], exc.filename]
+        for fd in held:
+            os.close(fd)
+        print(json.dumps([first, luna_shm.temp_dir(), luna_shm.is_using_ram_disk()]))
+    """)
+    env = {**os.environ, "LUNA_SHM_DIR": private_dirs.ram, "TMPDIR": private_dirs.fallback,
+           "PYTHONPATH": LIBRARY_PATH}
+    env.pop("LUNA_SHM_DISABLE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, directory, in_ram = json.loads(done.stdout.splitlines()[-1])
+    assert first == ["EMFILE", "/proc/self/mountinfo"]
+    assert (directory, in_ram) == (private_dirs.ram, True)
+    assert "not a RAM disk" not in done.stderr
+
+
 def test_fallback_dir_honours_tmpdir(private_dirs, monkeypatch) -> None:
     monkeypatch.setenv("LUNA_SHM_DISABLE", "1")
     other = Path(private_dirs.fallback) / "other"

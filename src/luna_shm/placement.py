@@ -110,7 +110,14 @@ def _same_directory(a: str, b: str) -> bool:
 
 
 def mount_fs_type(dev: tuple[int, int]) -> str | None:
-    """The filesystem type of the mount with this device number, from mountinfo."""
+    """The filesystem type of the mount with this device number, from mountinfo; None
+    when there is no mountinfo to read (no /proc here).
+
+    Raises:
+        OSError: mountinfo could not be read now (EMFILE: a process at its fd limit).
+            A guess made then would be cached as the placement for the life of the
+            process (a tmpfs subdirectory taken for a disk dir), so the caller is told.
+    """
     wanted = f"{dev[0]}:{dev[1]}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
@@ -118,13 +125,17 @@ def mount_fs_type(dev: tuple[int, int]) -> str | None:
                 fields = line.split()
                 if len(fields) > 2 and fields[2] == wanted and "-" in fields:
                     return fields[fields.index("-") + 1]
-    except OSError:
+    except (FileNotFoundError, PermissionError):
         return None
     return None
 
 
 def lives_in_ram(path: str, info: _lowlevel.FsInfo | None = None) -> bool:
-    """True when directory path is on tmpfs or ramfs (a devtmpfs does not count)."""
+    """True when directory path is on tmpfs or ramfs (a devtmpfs does not count).
+
+    Raises:
+        OSError: mountinfo could not be read now (see mount_fs_type).
+    """
     if info is None:
         try:
             info = _lowlevel.fs_probe(path)
