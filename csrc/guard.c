@@ -469,20 +469,28 @@ int luna_guard_shrink(int id, uint64_t len)
     return 0;
 }
 
+/* e's state once no handler is replacing its pages: one that is takes a
+ * moment, and we yield to it meanwhile. Never from a handler (it waits). */
+static uint64_t settled_state(struct entry *e)
+{
+    for (;;) {
+        uint64_t s = atomic_load(&e->state);
+        if ((s & ST_MASK) != ST_FIXING)
+            return s;
+        sched_yield();
+    }
+}
+
 int luna_guard_break(int id)
 {
     struct entry *e = id < 0 ? NULL : entry_at((uint32_t)id);
     if (e == NULL)
         return -EINVAL;
     for (;;) {
-        uint64_t s = atomic_load(&e->state);
+        uint64_t s = settled_state(e);
         unsigned st = (unsigned)(s & ST_MASK);
         if (st == ST_BROKEN)
             return 0;
-        if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
-            sched_yield();
-            continue;
-        }
         if (st != ST_LIVE)
             return -EINVAL;
         int broke = break_entry(e, s);
@@ -509,12 +517,8 @@ int luna_guard_absorb_range(const void *addr, uint64_t len)
         if (e == NULL)
             break;
         for (;;) {
-            uint64_t s = atomic_load(&e->state);
+            uint64_t s = settled_state(e);
             unsigned st = (unsigned)(s & ST_MASK);
-            if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
-                sched_yield();
-                continue;
-            }
             if (st != ST_LIVE && st != ST_BROKEN)
                 break;
             uintptr_t start = atomic_load(&e->start);
@@ -547,12 +551,8 @@ int luna_guard_unregister(int id)
     if (e == NULL)
         return -EINVAL;
     for (;;) {
-        uint64_t s = atomic_load(&e->state);
+        uint64_t s = settled_state(e);
         unsigned st = (unsigned)(s & ST_MASK);
-        if (st == ST_FIXING) { /* a handler is replacing the pages: a moment */
-            sched_yield();
-            continue;
-        }
         if (st != ST_LIVE && st != ST_BROKEN)
             return -EINVAL;
         if (atomic_compare_exchange_strong(&e->state, &s,
