@@ -433,11 +433,17 @@ class _TierLock:
         self.tier.release()
 
 
+def dir_name(name: str) -> str:
+    """The name of the directory of this user's cache called name (in the RAM dir, and in
+    a disk_dir): ``luna_cache-<uid>-<name>``."""
+    return f"{DIR_PREFIX}{_os.geteuid()}-{name}"
+
+
 class _Tier:
     """One directory of entries (the RAM tier, or the disk tier) and its lock."""
 
     def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
-        self.name = f"{DIR_PREFIX}{_os.geteuid()}-{name}"
+        self.name = dir_name(name)
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
         self.what = what

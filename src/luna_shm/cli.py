@@ -303,12 +303,12 @@ _UNKNOWN_MAX = "unknown (each process that opens the cache sets its own)"
 
 
 def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
-    from luna_shm.cache import DIR_PREFIX, AudioCache
+    from luna_shm.cache import AudioCache, dir_name
 
     # Opening an AudioCache makes its directory: a mistyped --name would report an
     # empty cache (or "removed 0 entries") and leave a new one behind.
     parent = placement.current().directory
-    if not _os.path.lexists(f"{parent}/{DIR_PREFIX}{_os.geteuid()}-{args.name}"):
+    if not _os.path.lexists(f"{parent}/{dir_name(args.name)}"):
         raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")
     with AudioCache(args.name, max_bytes=args.max_bytes) as cache:
         if args.action == "stats":
