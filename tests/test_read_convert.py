@@ -145,3 +145,18 @@ def test_a_converted_read_of_a_file_that_shrank_below_its_header_is_a_wav_error(
         handle.truncate(500)
     with pytest.raises(WavError, match="truncated"):
         read_wav(path, dtype="float32")
+
+
+@pytest.mark.parametrize("always_2d", [False, True])
+@pytest.mark.parametrize("out_shape", [(100,), (100, 1), (150,), (150, 1)],
+                         ids=["1-D", "2-D", "1-D-longer", "2-D-longer"])
+def test_out_of_a_mono_file_comes_back_in_its_own_shape_as_soundfile_returns_it(
+        ram, out_shape, always_2d) -> None:
+    path = make_file(ram, "PCM_16", 100, 1)
+    ours_out, theirs_out = np.zeros(out_shape, np.float32), np.zeros(out_shape, np.float32)
+    ours, _ = read_wav(path, out=ours_out, always_2d=always_2d)
+    theirs, _ = sf.read(path, out=theirs_out, always_2d=always_2d)
+    assert ours.shape == theirs.shape == (100, *out_shape[1:])
+    assert np.shares_memory(ours, ours_out) and ours.base is not None
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours_out, theirs_out)

@@ -158,7 +158,8 @@ def read_wav(
         out: an array to read into instead of a new one: C-contiguous, writable,
             int16/int32/float32/float64 (its dtype is the dtype read), shape
             (frames,) for mono or (frames, channels) with at least the file's frames.
-            The returned data is a view of its first frames.
+            The returned data is ``out[:frames]``, of out's own shape (always_2d does
+            not change it), as soundfile returns it.
 
     Returns:
         data of shape (frames,) for mono or (frames, channels), in the file's
@@ -181,7 +182,12 @@ def read_wav(
         mmap = formats.check_flag("mmap", mmap)
     if always_2d is not False and always_2d is not True:
         always_2d = formats.check_flag("always_2d", always_2d)
-    if dtype is not None or out is not None:
+    if out is not None:
+        samples, channels, samplerate = _read_converted(path_str, dtype, out)
+        # out's own shape, as soundfile returns it: a (frames, 1) out of a mono file stays
+        # 2-D, a 1-D one stays 1-D whatever always_2d says.
+        return out[:samples.size // channels], samplerate
+    if dtype is not None:
         samples, channels, samplerate = _read_converted(path_str, dtype, out)
     elif mmap:
         mapping, info = _lowlevel.Mapping.of_wav(path_str)
