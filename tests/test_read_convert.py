@@ -59,9 +59,19 @@ def test_the_file_type_asked_for_by_name_gives_what_a_plain_read_gives(ram) -> N
     np.testing.assert_array_equal(read_wav(u8, dtype="uint8")[0], read_wav(u8)[0])
 
 
-def test_uint8_is_read_from_8_bit_files_only(ram) -> None:
-    path = make_file(ram, "PCM_16", 10, 1)
-    with pytest.raises(ValueError, match="int16 file is not read as uint8"):
+@pytest.mark.parametrize(("subtype", "message"), [
+    ("PCM_16", r"16-bit PCM samples are not read as uint8 \(uint8 reads 8-bit files only\): "
+               "use int16, int32, float32 or float64$"),
+    ("PCM_24", r"24-bit PCM samples are not read as uint8"),  # not "an int32 file"
+    ("PCM_32", r"32-bit PCM samples are not read as uint8"),
+    ("FLOAT", r"32-bit float samples are not read as uint8 \(float samples are read as "
+              r"float32 or float64 only\)$"),  # not "use int16, int32, ..."
+    ("DOUBLE", r"64-bit float samples are not read as uint8"),
+])
+def test_uint8_is_read_from_8_bit_files_only_and_the_refusal_says_what_the_file_holds(
+        ram, subtype, message) -> None:
+    path = make_file(ram, subtype, 10, 1)
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
         read_wav(path, dtype="uint8")
 
 

@@ -606,11 +606,13 @@ DECODE_TYPES: dict[np.dtype[Any], int] = {
 def read_wav_decoded(path: str, dtype: np.dtype[Any], out: np.ndarray | None
                      ) -> tuple[np.ndarray, int, int]:
     """Read a WAV's samples converted to dtype (a DECODE_TYPES key) in one C pass, into
-    a new array or into out's first samples: (flat samples, channels, samplerate).
+    a new array or into out's first samples: (flat samples, channels, samplerate). dtype
+    uint8 reads an 8-bit file's samples as they are.
 
     Raises:
         ValueError: out is too small for the file, or the file's samples are not
-            converted to dtype (float to int).
+            converted to dtype (float to int, anything but 8-bit to uint8), checked
+            before a sample is read.
         WavError, OSError: as read_wav.
     """
     info = ffi.new("struct luna_wav_info *")
@@ -625,6 +627,8 @@ def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
     whatever happens)."""
     fd = cell[0]
     try:
+        if dtype == _UINT8 and info.bits != 8:  # uint8: 8-bit files only, as they are
+            raise ValueError(_not_read_as(path, info, dtype))
         count = info.frames * info.channels
         if out is None:
             dest = np.empty(count, dtype)
@@ -637,16 +641,29 @@ def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
         else:
             dest = out.reshape(-1)[:count]
         with ffi.from_buffer(dest, require_writable=True) as buf:
-            rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
-                                      DECODE_TYPES[dtype], count)
+            if dtype == _UINT8:
+                rc = lib.luna_read_at(fd, info.data_offset, buf, len(buf))
+            else:
+                rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
+                                          DECODE_TYPES[dtype], count)
     finally:
         lib.luna_fd_release(cell)
     if rc == -errno.EINVAL:
-        kind = "float" if info.format == WAVE_FORMAT_IEEE_FLOAT else "PCM"
-        raise ValueError(f"{path}: {info.bits}-bit {kind} samples are not read as {dtype} "
-                         "(float samples are read as float32 or float64 only)")
+        raise ValueError(_not_read_as(path, info, dtype))
     _check_read(rc, path)
     return dest, info.channels, info.samplerate
+
+
+_UINT8 = np.dtype("u1")
+
+
+def _not_read_as(path: str, info: Any, dtype: np.dtype[Any]) -> str:
+    """Why a file's samples are not read as dtype, and what they are read as."""
+    if info.format == WAVE_FORMAT_IEEE_FLOAT:
+        return (f"{path}: {info.bits}-bit float samples are not read as {dtype} (float "
+                "samples are read as float32 or float64 only)")
+    return (f"{path}: {info.bits}-bit PCM samples are not read as {dtype} (uint8 reads 8-bit "
+            "files only): use int16, int32, float32 or float64")
 
 
 def write_at(fd: int, offset: int, data: bytes | np.ndarray, filename: str | None = None) -> None:

@@ -227,10 +227,4 @@ def _read_converted(path: str, dtype: object, out: np.ndarray | None
         if wanted not in _lowlevel.DECODE_TYPES:
             raise ValueError(f"out must be int16, int32, float32 or float64, got {out.dtype}")
     assert wanted is not None
-    if wanted not in _lowlevel.DECODE_TYPES:  # uint8: 8-bit files only, as they are
-        samples, channels, samplerate = _lowlevel.read_wav_owned(path, formats.FILE_DTYPES)
-        if samples.dtype != wanted:
-            raise ValueError(f"{path}: a {samples.dtype} file is not read as {wanted}: "
-                             "use int16, int32, float32 or float64")
-        return samples, channels, samplerate
     return _lowlevel.read_wav_decoded(path, wanted, out)
