@@ -328,6 +328,42 @@ def test_read_wav_reads_sox_synthesised_files_exactly_as_soundfile_does(tmp_path
     assert back.shape[0] == 800
 
 
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize(("bits", "encoding"),
+                         [(8, "unsigned-integer"), (16, "signed-integer"), (24, "signed-integer"),
+                          (32, "signed-integer"), (32, "floating-point"), (64, "floating-point")],
+                         ids=["u8", "s16", "s24", "s32", "f32", "f64"])
+def test_read_wav_reads_what_sox_streams_into_a_pipe_exactly_as_soundfile_does(
+        tmp_path, bits, encoding, channels):
+    # sox cannot seek back in a pipe: its header keeps the "unspecified" data size, 0x7ffff000
+    # rounded down to whole frames, and readers take the data to the end of the file.
+    sox = require_tool("sox")
+    done = subprocess.run(
+        [sox, "-n", "-r", "8000", "-c", str(channels), "-b", str(bits), "-e", encoding,
+         "-t", "wav", "-", "synth", "0.1", "sine", "440", "square", "300", "vol", "0.8"],
+        check=True, capture_output=True, timeout=60,
+    )
+    path = tmp_path / "sox_pipe.wav"
+    path.write_bytes(done.stdout)
+    at = done.stdout.index(b"data")
+    size = int.from_bytes(done.stdout[at + 4 : at + 8], "little")
+    frame = channels * bits // 8
+    assert size == 0x7FFFF000 // frame * frame, "sox wrote a finished header: no pipe test"
+    back = assert_reads_like_soundfile(path, channels)
+    assert back.shape[0] == 800
+
+
+def test_read_wav_reads_what_espeak_ng_streams_to_stdout_exactly_as_soundfile_does(tmp_path):
+    espeak = require_tool("espeak-ng")
+    done = subprocess.run([espeak, "--stdout", "a sentence spoken into a pipe"],
+                          check=True, capture_output=True, timeout=60)
+    path = tmp_path / "espeak_stdout.wav"
+    path.write_bytes(done.stdout)
+    assert done.stdout[40:44] == (0x7FFFF000).to_bytes(4, "little")  # its unfinished header
+    back = assert_reads_like_soundfile(path, 1)
+    assert back.shape[0] == (len(done.stdout) - 44) // 2
+
+
 @pytest.mark.parametrize("subtype", ["ULAW", "ALAW", "IMA_ADPCM", "MS_ADPCM", "GSM610"])
 def test_read_wav_refuses_compressed_encodings_with_a_wav_error_that_names_them(tmp_path, subtype):
     path = tmp_path / "compressed.wav"
