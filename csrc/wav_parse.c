@@ -162,12 +162,21 @@ static int parse(const struct source *src, struct luna_wav_info *out)
 
     int have_fmt = 0, have_data = 0, data_to_end = 0;
     uint64_t off = 12;
+    uint64_t end = 12; /* where the last chunk's body ends, before its pad byte */
     for (int chunks = 0; !(have_fmt && have_data); chunks++) {
         if (chunks == MAX_CHUNKS)
             return fail(out, "too many chunks before the audio data");
         if (off > src->size || src->size - off < 8) {
             if (off < src->size)
                 return fail(out, "truncated chunk header");
+            /* A file cut inside a chunk (a LIST, a bext) before its audio is a
+             * truncated file, not one that never had a data chunk. A last chunk
+             * of odd size may lack its pad byte: that is no cut. */
+            if (end > src->size)
+                return fail(out, have_fmt ? "file ends inside a chunk before the data "
+                                            "chunk (truncated WAV)"
+                                          : "file ends inside a chunk before the fmt "
+                                            "chunk (truncated WAV)");
             return fail(out, have_fmt ? "no data chunk" : "no fmt chunk");
         }
         uint8_t c[8];
@@ -221,7 +230,8 @@ static int parse(const struct source *src, struct luna_wav_info *out)
         }
         if (data_to_end)
             break;
-        off = body + size + (size & 1u); /* chunks are padded to even */
+        end = body + size;
+        off = end + (size & 1u); /* chunks are padded to even */
     }
     if (!have_fmt)
         return fail(out, "data of unknown length comes before the fmt chunk");

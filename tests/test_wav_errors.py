@@ -476,6 +476,17 @@ MALFORMED = [
     ("cut-in-fmt-header", lambda w: w[:16], "truncated chunk header"),
     ("cut-in-fmt-body", lambda w: w[:30], "fmt chunk runs past the end of the file"),
     ("cut-before-data", lambda w: w[:36], "no data chunk"),
+    # A 100-byte LIST chunk between fmt and data, the file cut inside it: a truncated
+    # file, not one without audio (the message said "no data chunk").
+    ("cut-in-a-list-before-data",
+     lambda w: (w[:36] + b"LIST" + struct.pack("<I", 100) + b"INFO" + bytes(96) + w[36:])[:90],
+     r"file ends inside a chunk before the data chunk \(truncated WAV\)$"),
+    ("cut-in-a-list-before-fmt",
+     lambda w: (w[:12] + b"LIST" + struct.pack("<I", 100) + b"INFO" + bytes(96) + w[12:])[:50],
+     r"file ends inside a chunk before the fmt chunk \(truncated WAV\)$"),
+    # A last chunk of odd size without its pad byte is no cut: the audio is missing.
+    ("odd-list-unpadded-at-the-end", lambda w: w[:36] + b"LIST" + struct.pack("<I", 5) + b"INFOx",
+     "no data chunk$"),
     ("cut-in-data-header", lambda w: w[:40], "truncated chunk header"),
     ("cut-in-data", lambda w: w[:60],
      r"data chunk runs past the end of the file \(truncated WAV\)"),
