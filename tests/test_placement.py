@@ -563,6 +563,53 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     assert any(f"a file of {1 << 20} bytes does not fit in /dev/shm" in m for _, m in out["log"])
 
 
+@pytest.mark.parametrize("mount_options", [["-t", "ramfs"], ["-t", "tmpfs", "-o", "size=0"]],
+                         ids=["ramfs", "tmpfs-without-a-size-limit"])
+def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(
+        mount_options: list[str]) -> None:
+    # Found in review: ramfs (and a tmpfs mounted with size=0) reports 0 blocks and 0
+    # free to statvfs, as it has no limit; every producer that knows its size took that
+    # for "0 bytes free" and went to the fallback dir with a "does not fit" warning.
+    done = run_in_private_shm(
+        textwrap.dedent(f"""
+            import os, subprocess, time
+            import numpy as np
+            os.mkdir("/tmp/unlimited")
+            subprocess.run(["mount", *{mount_options!r}, "unlimited", "/tmp/unlimited"],
+                           check=True)
+            os.chmod("/tmp/unlimited", 0o700)
+            os.environ["LUNA_SHM_DIR"] = "/tmp/unlimited"
+            statvfs = os.statvfs("/tmp/unlimited")
+        """) + child_report() + textwrap.dedent("""
+            audio = np.zeros(50_000, np.int16)
+            with luna_shm.create_wav_buffer(1000, 16000) as buf, \\
+                    luna_shm.AudioPool(slots=1, max_bytes=200_000) as pool, \\
+                    pool.write_wav(audio, 16000) as pooled:
+                paths = [luna_shm.get_temp_audio_path(size_hint=1 << 20),
+                         luna_shm.get_temp_audio_path(size_hint=1 << 20, create=True),
+                         luna_shm.write_wav(None, audio, 16000),
+                         luna_shm.write_wav(None, audio, 16000, atomic=True),
+                         luna_shm.save_temp_audio(audio.tobytes()),
+                         buf.path, pooled.path]
+            # The prefault reserve prepares files there too (it asks for twice their size).
+            luna_shm.prefault_wav_buffers(1 << 20)
+            luna_shm.create_wav_buffer(1000, 16000).close()
+            deadline = time.monotonic() + 60
+            while luna_shm.prefault_stats().files == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stats = luna_shm.prefault_stats()
+            luna_shm.prefault_wav_buffers(0)
+            report(paths=paths, blocks=statvfs.f_blocks, prepared=stats.files,
+                   failures=stats.failures)
+        """)
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["blocks"] == 0 and out["temp_dir"] == "/tmp/unlimited" and out["in_ram"]
+    assert [os.path.dirname(path) for path in out["paths"]] == ["/tmp/unlimited"] * 7
+    assert out["prepared"] >= 1 and out["failures"] == 0
+    assert out["log"] == []
+
+
 @pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
 def test_a_tmpdir_on_a_read_only_tmpfs_is_passed_over(read_only) -> None:
     # LUNA_SHM_DISABLE=1 and TMPDIR on a tmpfs: used when writable; read-only, it is

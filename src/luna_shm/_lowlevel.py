@@ -229,6 +229,16 @@ class FsInfo:
     writable: bool
     write_errno: int
 
+    @property
+    def size_limited(self) -> bool:
+        """False for a filesystem with no size limit (ramfs, a tmpfs mounted with
+        size=0): statvfs reports 0 blocks and 0 free there, which says nothing of room."""
+        return self.bytes_total != 0
+
+    def has_room(self, length: int) -> bool:
+        """True when length bytes fit in the free space, or when there is no limit."""
+        return not self.size_limited or self.bytes_free >= length
+
 
 def fs_probe(path: str) -> FsInfo:
     """lstat/statfs/statvfs/access of a directory in one C call."""

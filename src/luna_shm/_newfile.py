@@ -87,10 +87,15 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
     if chosen.directory != chosen.ram_dir or not size_hint:
         return chosen.directory
     try:
-        free = _lowlevel.fs_probe(chosen.ram_dir).bytes_free
+        info = _lowlevel.fs_probe(chosen.ram_dir)
     except OSError:
         free = 0
-    if free >= size_hint or _prefault.make_room(chosen.ram_dir, size_hint):
+    else:
+        # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
+        if info.has_room(size_hint):
+            return chosen.directory
+        free = info.bytes_free
+    if _prefault.make_room(chosen.ram_dir, size_hint):
         return chosen.directory
     placement.log_once(
         f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "

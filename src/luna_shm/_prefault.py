@@ -239,8 +239,9 @@ class _Reserve:
         directory, capacity = key
         try:
             if directory is not None:
-                free = _lowlevel.fs_probe(directory).bytes_free
-                if free < 2 * capacity:
+                info = _lowlevel.fs_probe(directory)
+                free = info.bytes_free
+                if not info.has_room(2 * capacity):
                     placement.log_once(
                         f"luna_shm: prefault reserve: {directory} has {free} bytes free, "
                         f"less than twice {capacity}: no file prepared there", _logging.INFO)
@@ -298,11 +299,11 @@ class _Reserve:
             self._wait_for_preparation()
             held_here = any(items and key[0] == directory for key, items in self.ready.items())
         try:
-            if held_here and _lowlevel.fs_probe(directory).bytes_free < length:
+            if held_here and not _lowlevel.fs_probe(directory).has_room(length):
                 with self.lock:
                     doomed = self._take_all()
                 give_back(doomed)
-            return _lowlevel.fs_probe(directory).bytes_free >= length
+            return _lowlevel.fs_probe(directory).has_room(length)
         except OSError:
             return False
 
