@@ -455,6 +455,25 @@ def test_refresh_temp_dir_notices_a_ram_dir_that_went_away(private_dirs, monkeyp
     assert os.path.dirname(get_temp_audio_path(create=True)) == private_dirs.fallback
 
 
+def test_a_file_whose_size_is_known_says_why_when_the_ram_dir_went_away_unrefreshed(
+        private_dirs, monkeypatch, caplog) -> None:
+    # Found in review: a RAM dir removed after the placement was chosen sent sized files
+    # to the fallback dir (right) saying they "do not fit ... (0 bytes free)" (wrong).
+    gone = f"{private_dirs.ram}/gone"
+    os.mkdir(gone, 0o700)
+    monkeypatch.setenv("LUNA_SHM_DIR", gone)
+    assert luna_shm.temp_dir() == gone
+    os.rmdir(gone)
+    caplog.set_level(logging.INFO, logger="luna_shm")
+
+    path = get_temp_audio_path(size_hint=1000)
+
+    assert os.path.dirname(path) == private_dirs.fallback
+    assert [r.getMessage() for r in luna_records(caplog, gone)] == [
+        f"luna_shm: {gone} cannot be examined (No such file or directory): using "
+        f"{private_dirs.fallback} for a file of 1000 bytes"]
+
+
 # ---- the RAM disk refusing files: real read-only and full mounts -----------------------------
 
 

@@ -236,8 +236,9 @@ class FsInfo:
         return self.bytes_total != 0
 
     def has_room(self, length: int) -> bool:
-        """True when length bytes fit in the free space, or when there is no limit."""
-        return not self.size_limited or self.bytes_free >= length
+        """True when path is a directory where length bytes fit in the free space, or
+        whose filesystem has no limit."""
+        return self.is_dir and (not self.size_limited or self.bytes_free >= length)
 
 
 def fs_probe(path: str) -> FsInfo:

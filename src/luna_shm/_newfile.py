@@ -88,15 +88,18 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
         return chosen.directory
     try:
         info = _lowlevel.fs_probe(chosen.ram_dir)
-    except OSError:
-        free = 0
-    else:
-        # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
-        if info.has_room(size_hint):
-            return chosen.directory
-        free = info.bytes_free
-    if _prefault.make_room(chosen.ram_dir, size_hint):
+        if not info.is_dir:
+            raise NotADirectoryError(_errno.ENOTDIR, _os.strerror(_errno.ENOTDIR))
+    except OSError as exc:  # removed or replaced since the placement was chosen
+        placement.log_once(
+            f"luna_shm: {chosen.ram_dir} cannot be examined ({exc.strerror}): using "
+            f"{chosen.fallback_dir} for a file of {size_hint} bytes"
+        )
+        return chosen.fallback_dir
+    # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
+    if info.has_room(size_hint) or _prefault.make_room(chosen.ram_dir, size_hint):
         return chosen.directory
+    free = info.bytes_free
     placement.log_once(
         f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
         f"({free} bytes free): using {chosen.fallback_dir} for it"
