@@ -618,14 +618,20 @@ def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(
                 time.sleep(0.01)
             stats = luna_shm.prefault_stats()
             luna_shm.prefault_wav_buffers(0)
+            import contextlib, io, luna_shm.cli
+            status = io.StringIO()
+            with contextlib.redirect_stdout(status):
+                luna_shm.cli.main(["status"])
+            space = [line for line in status.getvalue().splitlines() if "space:" in line]
             report(paths=paths, blocks=statvfs.f_blocks, prepared=stats.files,
-                   failures=stats.failures)
+                   failures=stats.failures, space=space)
         """)
     )
     out = json.loads(assert_child_ok(done))
     assert out["blocks"] == 0 and out["temp_dir"] == "/tmp/unlimited" and out["in_ram"]
     assert [os.path.dirname(path) for path in out["paths"]] == ["/tmp/unlimited"] * 7
     assert out["prepared"] >= 1 and out["failures"] == 0
+    assert out["space"] == ["space:    no size limit (its filesystem reports none)"]
     assert out["log"] == []
 
 

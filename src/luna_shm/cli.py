@@ -243,6 +243,8 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
           file=out)
     if status["bytes_free"] is None:
         print("space:    unknown (the dir cannot be examined)", file=out)
+    elif status["bytes_total"] == 0:  # ramfs: statvfs says 0 of 0, as nothing bounds it
+        print("space:    no size limit (its filesystem reports none)", file=out)
     else:
         print(f"space:    {_format_bytes(status['bytes_free'])} free of "
               f"{_format_bytes(status['bytes_total'])}", file=out)
