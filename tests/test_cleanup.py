@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -544,6 +545,37 @@ def test_cleanup_removes_a_write_only_file_of_ours(private_dirs) -> None:
     os.mkdir(directory, 0o700)
     os.chown(directory, OTHER_UID, OTHER_UID)
     assert as_other_user(_remove_a_write_only_file_of_ours, directory) == [True, False]
+
+
+def _clean_up_a_file_of_ours_with_mode_000(directory: str) -> list[object]:
+    """In a forked child that became uid 65534: make a file, chmod it 000, clean up,
+    keeping what the luna_shm logger said."""
+    os.environ.update(LUNA_SHM_DIR=directory, TMPDIR=directory)
+    placement.refresh()
+    said: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("luna_shm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    path = get_temp_audio_path(create=True)
+    os.chmod(path, 0)
+    return [cleanup_temp_audio(path), os.path.lexists(path), said, path]
+
+
+def test_cleanup_of_a_file_of_ours_it_cannot_open_keeps_it_and_says_why(private_dirs) -> None:
+    # Found in review: False, as the README says of a held file, and a DEBUG line saying
+    # it was "held by a live process, or it vanished or was replaced meanwhile": neither.
+    os.chmod(private_dirs.ram, 0o711)
+    directory = f"{private_dirs.ram}/theirs"
+    os.mkdir(directory, 0o700)
+    os.chown(directory, OTHER_UID, OTHER_UID)
+    removed, left, said, path = as_other_user(_clean_up_a_file_of_ours_with_mode_000,
+                                              directory)  # type: ignore[misc]
+    assert (removed, left) == (False, True)
+    assert said == [f"luna_shm: cleanup_temp_audio left {path}: its mode lets this process "
+                    "neither read nor write it, so whether a live process holds it cannot "
+                    "be tested (chmod it first)"]
 
 
 def test_cleanup_raises_is_a_directory_error_for_a_directory_at_our_name(active_dir) -> None:

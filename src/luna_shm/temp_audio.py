@@ -254,11 +254,11 @@ def _cleanup(path: object, our_dirs: tuple[str, ...]) -> bool:
         if _stat.S_ISREG(st.st_mode):
             # The same check as cleanup_all_temp_audio: unlinked under our exclusive
             # flock, so never while a buffer, writer, pool slot or partial holds it.
-            if _examine(dir_fd, name, st, where=parent) == _UNUSED:
+            found = _examine(dir_fd, name, st, where=parent)
+            if found == _UNUSED:
                 return True
-            placement.logger.debug(
-                "luna_shm: cleanup_temp_audio left %s: held by a live process, or it "
-                "vanished or was replaced meanwhile", text)
+            placement.logger.debug("luna_shm: cleanup_temp_audio left %s: %s", text,
+                                   _LEFT_BECAUSE[found])
             return False
         if _stat.S_ISLNK(st.st_mode):  # the link itself: nothing to hold
             return _unlink_checked(dir_fd, name, (st.st_dev, st.st_ino), parent)
@@ -274,8 +274,17 @@ def _cleanup(path: object, our_dirs: tuple[str, ...]) -> bool:
 
 
 # What _examine found: a file no live process holds (removed when asked), a file a
-# live process holds, or nothing to report (vanished, replaced, or refused by verify).
-_UNUSED, _HELD, _SKIP = "unused", "held", "skip"
+# live process holds, a file this process cannot open to test its lock (mode 000), or
+# nothing to report (vanished, replaced, or refused by verify).
+_UNUSED, _HELD, _UNTESTABLE, _SKIP = "unused", "held", "untestable", "skip"
+
+# Why cleanup_temp_audio left a regular file, for its DEBUG line.
+_LEFT_BECAUSE = {
+    _HELD: "held by a live process",
+    _UNTESTABLE: "its mode lets this process neither read nor write it, so whether a live "
+                 "process holds it cannot be tested (chmod it first)",
+    _SKIP: "it vanished or was replaced meanwhile",
+}
 
 
 # Opening a file to test its lock: these errors mean it vanished or is no longer a
@@ -288,7 +297,8 @@ def _examine(
     verify: Verify | None = None,
 ) -> str:
     """Whether a live process holds name (the file st describes, in the directory where
-    names); unlink it when not and remove=True. Returns _UNUSED, _HELD or _SKIP.
+    names); unlink it when not and remove=True. Returns _UNUSED, _HELD, _UNTESTABLE or
+    _SKIP.
 
     Buffers, writers and pool slots hold a shared flock for their lifetime: if
     we can take the exclusive lock, nobody alive is using the file (a lock we
@@ -309,7 +319,7 @@ def _examine(
     except PermissionError:
         # Mode 000: its lock cannot be tested, so it is neither removed nor counted
         # (`luna-shm status` and clean agree); chmod makes it examinable again.
-        return _SKIP
+        return _UNTESTABLE
     except OSError as exc:
         if exc.errno in _GONE_ERRNOS:
             return _SKIP
@@ -539,7 +549,7 @@ def scan_our_files(
             except OSError as exc:
                 failure = failure or exc
                 continue
-            if found != _SKIP:
+            if found in (_UNUSED, _HELD):
                 yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
     finally:
         _lowlevel.release(dir_cell)
