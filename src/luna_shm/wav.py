@@ -33,7 +33,8 @@ def write_wav(
         path: where to write; None makes a new temp audio file (RAM disk first).
             A new or empty file is written in place; a file with content is
             replaced by a new one (rename), so that whoever mapped the old one
-            keeps reading it whole. A symlink at path is refused, never followed.
+            keeps reading it whole. A symlink at path is refused (ELOOP), never
+            followed; atomic=True replaces the link itself, as a rename does.
         data: array of shape (frames,) or (frames, channels) of uint8, int16,
             int32, float32 or float64. C-contiguous little-endian arrays are
             written straight from their memory; others are converted once. More
