@@ -188,12 +188,17 @@ def test_a_suffix_with_a_slash_is_refused_before_any_file_is_made(private_dirs) 
     assert os.listdir(private_dirs.ram) == []
 
 
-def test_bytes_too_big_for_a_small_ram_disk_go_to_the_fallback_dir() -> None:
-    done = run_in_private_shm("""
+@pytest.mark.parametrize("given", ["data", "[data[:1000], data[1000:]]",
+                                   "(data[:1000], bytearray(data[1000:]))"],
+                         ids=["bytes", "a-list-of-chunks", "a-tuple-of-chunks"])
+def test_bytes_too_big_for_a_small_ram_disk_go_to_the_fallback_dir(given: str) -> None:
+    # A list or tuple of chunks can be replayed and its size is known, as bytes; found in
+    # review: it was taken for a stream, so a RAM disk without room raised ENOSPC.
+    done = run_in_private_shm(f"""
         import os
         from luna_shm.saved import save_temp_audio
         data = os.urandom(256 * 1024)
-        path = save_temp_audio(data)
+        path = save_temp_audio({given})
         with open(path, "rb") as f:
             assert f.read() == data
         print(os.path.dirname(path), len(os.listdir("/dev/shm")))

@@ -159,20 +159,27 @@ def save_temp_audio(
             chunks (the message names what was passed).
         ValueError: a bad suffix or prefix.
         OSError: the file could not be created or written (ENOSPC with the
-            filename when the RAM disk fills during a stream). Bytes that the RAM
-            disk refuses (full, read-only) are written to the fallback temp dir
-            instead; a stream of chunks cannot be replayed, so only its creation
-            falls back: a RAM disk that fills during a stream raises.
+            filename when the RAM disk fills during a stream). Bytes (or a list or
+            tuple of chunks) that the RAM disk refuses (full, read-only) are written
+            to the fallback temp dir instead; a stream of chunks (an iterator) cannot
+            be replayed, so only its creation falls back: a RAM disk that fills
+            during a stream raises.
         Any exception the iterator raises. On every failure the file is removed.
     """
     _check_data(data)
     _newfile.check_name_part("suffix", suffix)
     _newfile.check_name_part("prefix", prefix)
-    if isinstance(data, _BYTES_TYPES):
-        whole = _byte_view(data)
+    if isinstance(data, (*_BYTES_TYPES, list, tuple)):
+        # Bytes, or a list or tuple of chunks: its size is known and it can be written
+        # again, so it is placed by its size and falls back whole, as bytes do.
+        if isinstance(data, _BYTES_TYPES):
+            views = [_byte_view(data)]
+        else:
+            views = [_chunk_view(chunk, index) for index, chunk in enumerate(data)]
+        size = sum(view.nbytes for view in views)
         return _newfile.with_disk_fallback(
-            lambda on_disk: _save(lambda fd, path: _write_all(fd, [whole], path), suffix,
-                                  prefix, whole.nbytes, on_disk))
+            lambda on_disk: _save(lambda fd, path: _write_all(fd, views, path), suffix,
+                                  prefix, size, on_disk))
     # A stream cannot be replayed: only its creation may move to the disk temp dir.
     chunks = iter(data)
     path, cell = _newfile.with_disk_fallback(
