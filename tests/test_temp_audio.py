@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import inspect
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -198,6 +199,18 @@ def test_a_huge_bad_size_hint_is_named_by_its_size_not_its_whole_value(
             with temp_audio_path(size_hint=size_hint, create=True):
                 pass
     assert os.listdir(private_dirs.ram) == []
+
+
+def test_a_huge_size_hint_goes_to_the_fallback_dir_and_its_log_line_names_it_by_its_size(
+        private_dirs, caplog) -> None:
+    # Found in review: a valid size hint of 10**5000 raised "ValueError: Exceeds the limit
+    # (4300 digits) for integer string conversion" from the line logging it.
+    caplog.set_level(logging.WARNING, logger="luna_shm")
+    path = get_temp_audio_path(size_hint=10**5000)
+    assert os.path.dirname(path) == private_dirs.fallback
+    [message] = [r.getMessage() for r in caplog.records if r.name == "luna_shm"]
+    assert message.startswith(
+        "luna_shm: a file of a 16610-bit number of bytes does not fit in ")
 
 
 @pytest.mark.parametrize("size_hint", [np.int64(4096), np.uint32(4096), np.int8(0)],

@@ -78,6 +78,13 @@ def check_size_hint(size_hint: object) -> int | None:
     return formats.check_int("size_hint", size_hint)
 
 
+def _bytes_text(count: int) -> str:
+    """A size for a log line: an int too long to print (a size hint of 10**5000 is valid,
+    and str() refuses it past 4300 digits) by its length in bits."""
+    return f"{count} bytes" if count.bit_length() <= 128 else (
+        f"a {count.bit_length()}-bit number of bytes")
+
+
 def _directory_for(size_hint: int | None, on_disk: bool) -> str:
     """The directory for one new file: placement's choice, unless the RAM disk lacks
     room for size_hint bytes (placement, not retry), or on_disk asks for the fallback."""
@@ -93,7 +100,7 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
     except OSError as exc:  # removed or replaced since the placement was chosen
         placement.log_once(
             f"luna_shm: {chosen.ram_dir} cannot be examined ({exc.strerror}): using "
-            f"{chosen.fallback_dir} for a file of {size_hint} bytes"
+            f"{chosen.fallback_dir} for a file of {_bytes_text(size_hint)}"
         )
         return chosen.fallback_dir
     # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
@@ -101,7 +108,7 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
         return chosen.directory
     free = info.bytes_free
     placement.log_once(
-        f"luna_shm: a file of {size_hint} bytes does not fit in {chosen.ram_dir} "
+        f"luna_shm: a file of {_bytes_text(size_hint)} does not fit in {chosen.ram_dir} "
         f"({free} bytes free): using {chosen.fallback_dir} for it"
     )
     return chosen.fallback_dir
