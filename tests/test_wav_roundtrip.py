@@ -343,6 +343,21 @@ def test_atomic_write_leaves_exactly_the_new_file_and_nothing_hidden(ram, existi
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["plain", "atomic"])
+@pytest.mark.parametrize("before", ["nothing", "an-empty-0644-file", "a-0644-file-with-content"])
+def test_a_file_write_wav_makes_at_a_given_path_is_mode_0600_whatever_stood_there(
+        tmp_path, atomic, before):
+    # The README: every file write_wav makes is 0600, at a path you give too; only an
+    # empty file that a plain write fills in place keeps its own mode.
+    path = tmp_path / "out.wav"
+    if before != "nothing":
+        path.write_bytes(b"" if before == "an-empty-0644-file" else b"old audio")
+        path.chmod(0o644)
+    write_wav(path, random_audio("int16", 10, 1), RATE, atomic=atomic)
+    kept = before == "an-empty-0644-file" and not atomic
+    assert path.stat().st_mode & 0o7777 == (0o644 if kept else 0o600)
+
+
 def test_atomic_write_without_a_path_writes_a_new_temp_file(private_dirs):
     data = random_audio("int16", 10, 1)
     path = write_wav(None, data, RATE, atomic=True)
