@@ -828,3 +828,38 @@ def test_a_full_ram_disk_under_the_cache_says_so_in_its_enospc_errors() -> None:
     for what, (error, hint, filename) in out.items():
         assert error == errno.ENOSPC and hint, (what, out)
         assert filename.startswith(f"{directory}/"), (what, filename)
+
+
+KILLED_AT_THE_RENAME = """
+    import os, signal
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("undercount", max_bytes=100_000)
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):  # killed as the new entry takes the old one's name
+        if dst.endswith(".wav") and ".unstored" not in dst:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rename(src, dst, *args, **kwargs)
+
+    os.rename = rename
+    key = cache_key("replaced")
+    cache.put(key, audio_of(key, 1_000), 24000)
+"""
+
+
+def test_a_put_killed_before_its_rename_over_a_larger_entry_never_lets_the_bound_be_exceeded(
+        private_dirs) -> None:
+    with AudioCache("undercount", max_bytes=100_000) as cache:
+        key = cache_key("replaced")
+        cache.put(key, audio_of(key, 20_000), 24000).release()  # 40 KB
+        replacer = spawn(private_dirs, KILLED_AT_THE_RENAME)
+        replacer.communicate(timeout=60)
+        assert replacer.returncode == -signal.SIGKILL
+        # The larger entry is still there, under its name: the shared byte count must
+        # still hold it (this process opened the cache before: no scan sets it right).
+        for i in range(3):  # 3 x 30 KB more: the old 40 KB must make room for the third
+            other = cache_key(f"after {i}")
+            cache.put(other, audio_of(other, 15_000), 24000).release()
+            committed = sum(st.st_size for _, _, st in cache.entries())
+            assert committed <= 100_000, f"{committed} committed bytes after put {i}"
+        cache.destroy()

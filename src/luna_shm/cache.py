@@ -1077,14 +1077,19 @@ class AudioCache:
                     if name != key + ".wav" and not self._suffixes()[1:]:
                         self._ram.add({"encoded": 1})
                         self._encoded = True
+                    replaced = 0
                     for suffix in self._suffixes():  # one entry per key, whatever its type
-                        # The old entry leaves the count (a pinned one lives on unnamed).
                         if key + suffix == name:
                             # A render's too: an expired entry someone holds is there.
-                            self._forget(name)
+                            replaced = self._named_size(name)
                         else:
                             self._ram.remove_if_unpinned(key + suffix)
                     _os.rename(part_path, final)
+                    # The old entry leaves the count (a pinned one lives on unnamed) after
+                    # the rename, never before: killed between the two, the count would be
+                    # too low, and later commits would fill the tier past its bound.
+                    if replaced:
+                        self._ram.add({"bytes": -replaced})
                     if self._disk is not None and not reloaded:
                         with self._disk.locked():  # RAM, then disk: as a spill takes them
                             for suffix in ENTRY_SUFFIXES:
@@ -1109,12 +1114,12 @@ class AudioCache:
         except FileNotFoundError:
             return False
 
-    def _forget(self, name: str) -> None:
-        """Before a rename over name: its bytes leave the count (under the lock)."""
+    def _named_size(self, name: str) -> int:
+        """The size of the RAM entry name, 0 when there is none (under the lock)."""
         try:
-            self._ram.add({"bytes": -_os.lstat(self._ram.path(name)).st_size})
+            return _os.lstat(self._ram.path(name)).st_size
         except FileNotFoundError:
-            pass
+            return 0
 
     def put(self, key: str, data: object, samplerate: int, *,
             subtype: str | None = None) -> CachedAudio:
