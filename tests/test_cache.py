@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -1097,3 +1098,37 @@ def test_get_or_render_renders_again_over_an_entry_another_process_damaged(
     assert message.endswith("); rendering it again")
     with cache.get(key) as again:  # stored whole this time
         np.testing.assert_array_equal(again.array, tone(key))
+
+
+@pytest.mark.parametrize("first", ["wav", "mp3"])
+def test_a_new_entry_of_another_type_replaces_a_held_one_for_every_later_look_up(
+        cache, first) -> None:
+    key = cache_key("said again by another engine")
+    mp3 = b"ID3 the cloud's audio " * 100
+
+    def store(kind: str) -> CachedAudio:
+        return (cache.put(key, tone(key), 16000) if kind == "wav"
+                else cache.put_bytes(key, mp3, ".mp3"))
+
+    held = store(first)  # a player holds the old entry (its pin: a shared flock)
+    old_path, old_bytes = held.path, held.read_bytes()
+    # Stored "later" than the new one will be, as within one tick of the file clock, or
+    # after the clock stepped back: the new one must win all the same.
+    os.utime(old_path, ns=(time.time_ns(), time.time_ns() + 10**10))
+    with store("mp3" if first == "wav" else "wav") as new:
+        assert new.stored
+        newer = new.path
+    with cache.get(key) as hit:  # the new audio, never the held old one's
+        assert hit.path == newer
+    with open(old_path, "rb") as played:  # the holder's file stays, whole, under its name
+        assert played.read() == old_bytes
+    held.release()
+    with cache.get(key) as hit:
+        assert hit.path == newer
+    # Once no one holds it, the old one goes: at the first look-up that comes to it (a
+    # WAV is looked for first), else at the key's next commit (or as it is evicted).
+    if first == "mp3":
+        assert os.path.exists(old_path)
+        cache.put(key, tone(key), 16000).release()
+    assert sorted(os.listdir(cache.directory)) == [os.path.basename(newer), "lock"]
+    assert cache.stats().entries == 1

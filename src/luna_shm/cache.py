@@ -82,6 +82,10 @@ _OUTCOME_START = _re.compile(rb"[0-9]{1,20} [0-9]{1,10} ")
 # A .live file is a WavWriter's WAV: its header has the live-stream state chunk.
 _LIVE_START = _re.compile(rb"RIFF.{4}WAVE.{0,96}JUNK\x08\x00\x00\x00lsst", _re.DOTALL)
 _PART = ".part"
+# The mode of an entry that a newer entry of its key, of another type, replaced while a
+# caller held it (its holder's path must go on naming it): look-ups pass it by, and it
+# goes once no one holds it. Entries are made 0600; only a commit makes one 0400.
+_SUPERSEDED = 0o400
 _UNSTORED = ".unstored"
 _LOCK_NAME = "lock"
 # The exact shapes of the in-flight names (see _token and _Tier.new_part): a sweep and
@@ -733,6 +737,21 @@ def _remove_stale(tier: _Tier, name: str, fd: int) -> bool:
         return tier.remove_if_unpinned(name, only=fd)
 
 
+def _supersede(path: str) -> None:
+    """Mark the held entry at path as replaced by a newer entry of its key, of another
+    type (under the lock, before the newer one's rename): look-ups pass it by from now
+    on, and the first that finds it unheld removes it. A holder's path still names it."""
+    cell = _lowlevel.fd_cell()
+    fd = _open_regular(path, cell)
+    if fd is None:
+        return
+    try:
+        if _newfile.still_named(fd, path):
+            _os.fchmod(fd, _SUPERSEDED)
+    finally:
+        _lowlevel.release(cell)
+
+
 def _remove_dead_live(fd: int, path: str) -> None:
     """Remove the .live file path (open as fd, exclusively locked: its renderer died) if
     it still has that name, and first any outcome note naming its inode: a note of an
@@ -883,6 +902,10 @@ class AudioCache:
                 if st.st_nlink == 0:  # evicted while we waited
                     _lowlevel.release(cell)
                     continue
+                if _stat.S_IMODE(st.st_mode) == _SUPERSEDED:  # the key has a newer entry
+                    _remove_stale(tier, key + suffix, fd)
+                    _lowlevel.release(cell)
+                    continue
                 if self._expired(st, _time.time()):
                     _remove_stale(tier, key + suffix, fd)
                     _lowlevel.release(cell)
@@ -964,7 +987,7 @@ class AudioCache:
         try:
             if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
                 return False
-            if self._disk is not None:
+            if self._disk is not None and _stat.S_IMODE(_os.fstat(fd).st_mode) != _SUPERSEDED:
                 try:
                     self._spill(fd, name)
                 except OSError as exc:
@@ -1082,8 +1105,8 @@ class AudioCache:
                         if key + suffix == name:
                             # A render's too: an expired entry someone holds is there.
                             replaced = self._named_size(name)
-                        else:
-                            self._ram.remove_if_unpinned(key + suffix)
+                        elif not self._ram.remove_if_unpinned(key + suffix):
+                            _supersede(self._ram.path(key + suffix))  # held: it stays
                     _os.rename(part_path, final)
                     # The old entry leaves the count (a pinned one lives on unnamed) after
                     # the rename, never before: killed between the two, the count would be
@@ -1397,7 +1420,8 @@ class AudioCache:
                 st = _os.lstat(self._ram.path(key + suffix))
             except FileNotFoundError:
                 continue
-            if _stat.S_ISREG(st.st_mode) and not self._expired(st, now):
+            if (_stat.S_ISREG(st.st_mode) and not self._expired(st, now)
+                    and _stat.S_IMODE(st.st_mode) != _SUPERSEDED):
                 return True
         return False
 
