@@ -863,3 +863,50 @@ def test_a_put_killed_before_its_rename_over_a_larger_entry_never_lets_the_bound
             committed = sum(st.st_size for _, _, st in cache.entries())
             assert committed <= 100_000, f"{committed} committed bytes after put {i}"
         cache.destroy()
+
+
+CACHE_FILLING_ITS_RAM_DISK = """
+    import json
+    import numpy as np
+    from luna_shm import AudioCache
+    # The default bound (256 MiB) is larger than the RAM disk (1 MB), as it is larger
+    # than a container's default /dev/shm (64 MB): the cache's own entries fill it.
+    import os
+    os.mkdir("/tmp/disk")  # the disk tier (the child's private /tmp)
+    cache = AudioCache("filling", disk_dir="/tmp/disk")
+    held = cache.put("held", np.full(50_000, 7, np.int16), 24000)  # 100 KB, pinned
+    stored = []
+    for i in range(12):  # 12 x 200 KB through a 1 MB RAM disk
+        audio = np.full(100_000, i, np.int16)
+        entry = (cache.put(f"k{i}", audio, 24000) if i % 2 else
+                 cache.put_bytes(f"k{i}", audio.tobytes(), ".mp3"))
+        stored.append(entry.stored)
+        entry.release()
+    with cache.get("k11") as last:
+        newest = last.array[:3].tolist()
+    with cache.get("k1") as first:  # evicted to the disk tier: reloaded into RAM
+        reloaded = first.array[:3].tolist()
+    entries = cache.stats().entries
+    try:  # larger than the whole RAM disk: no entry would make room, none is evicted
+        cache.put("huge", np.zeros(600_000, np.int16), 24000)
+    except OSError as exc:
+        huge = exc.errno
+    out = {"stored": stored, "newest": newest, "held": int(held.array.sum()),
+           "reloaded": reloaded, "reloads": cache.stats().reloads, "huge": huge,
+           "kept": cache.stats().entries == entries,
+           "entries": cache.stats().entries, "evictions": cache.stats().evictions}
+    held.release()
+    cache.destroy()
+    print(json.dumps(out))
+"""
+
+
+def test_a_cache_that_fills_its_ram_disk_makes_room_from_its_own_unpinned_entries() -> None:
+    out = json.loads(assert_child_ok(run_in_private_shm(CACHE_FILLING_ITS_RAM_DISK,
+                                                         shm_size="1m")))
+    assert out["stored"] == [True] * 12  # never ENOSPC while its own old entries fill it
+    assert out["newest"] == [11, 11, 11]
+    assert out["reloaded"] == [1, 1, 1] and out["reloads"] == 1  # from the disk tier
+    assert out["held"] == 7 * 50_000  # the pinned entry stayed, whole
+    assert out["huge"] == errno.ENOSPC and out["kept"]
+    assert 2 <= out["entries"] <= 5 and out["evictions"] >= 7

@@ -1065,7 +1065,13 @@ class AudioCache:
             return None
         with held:
             name = _os.path.basename(held.path)
-            part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
+            try:
+                part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
+            except OSError as exc:  # a full RAM disk: our own entries make room (see put)
+                if (exc.errno != _errno.ENOSPC
+                        or not self._room_on_ram_disk(_os.fstat(held.fileno()).st_size)):
+                    raise
+                part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
         self._count("reloads")
         return self._commit(key, part, name, cell, reloaded=True)
 
@@ -1167,14 +1173,10 @@ class AudioCache:
         if enc.nbytes == 0:
             raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
                              "render is never cached")
-        part, cell = self._ram.new_part(key)
-        try:
-            _lowlevel.write_wav_fd(cell[0], enc.spec, encoding.data_chunk(enc), part)
-        except BaseException as exc:
-            _lowlevel.release(cell)
-            _unlink_quietly(part)
-            _raise_named(exc, part)  # ENOSPC: with the full RAM disk's hint
-            raise
+        def write(fd: int, part: str) -> None:
+            _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
+
+        part, cell = self._new_part_written(key, enc.nbytes, write)
         return self._commit(key, part, key + ".wav", cell)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
@@ -1204,16 +1206,64 @@ class AudioCache:
         # A strided view (a slice with a step, a transposed array) has no flat bytes of its
         # own to cast: its bytes, in order, are copied once.
         view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
-        part, cell = self._ram.new_part(key)
-        try:
-            while view:
-                view = view[_os.write(cell[0], view):]
-        except BaseException as exc:
-            _lowlevel.release(cell)
-            _unlink_quietly(part)
-            _raise_named(exc, part)
-            raise
+        def write(fd: int, part: str) -> None:
+            rest = view
+            while rest:
+                rest = rest[_os.write(fd, rest):]
+
+        part, cell = self._new_part_written(key, view.nbytes, write)
         return self._commit(key, part, key + suffix, cell)
+
+    def _new_part_written(self, key: str, nbytes: int, write: Callable[[int, str], None]
+                          ) -> tuple[str, _lowlevel.FdCell]:
+        """A new locked partial of key that write(fd, path) filled with about nbytes:
+        (its path, its fd cell). When the RAM disk is full, the cache's own unpinned
+        entries make room (see _room_on_ram_disk) and it is written once more. On
+        failure nothing is left, and the OSError names the partial (ENOSPC: with the
+        full RAM disk's hint)."""
+        for again in (False, True):
+            part, cell = self._ram.new_part(key)
+            try:
+                write(cell[0], part)
+                return part, cell
+            except BaseException as exc:
+                _lowlevel.release(cell)
+                _unlink_quietly(part)
+                if (not again and isinstance(exc, OSError) and exc.errno == _errno.ENOSPC
+                        and self._room_on_ram_disk(nbytes)):
+                    continue
+                _raise_named(exc, part)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _room_on_ram_disk(self, nbytes: int) -> bool:
+        """Evict the least recently used unpinned entries (spilling them to the disk tier)
+        until the file system under the cache has room for nbytes more; True when it has.
+
+        max_bytes bounds the cache, not the RAM disk: with the default 256 MiB in a
+        container whose /dev/shm is 64 MB, the cache's own entries fill it, and without
+        this every later put would fail with ENOSPC while nothing is ever evicted."""
+        tier = self._ram
+        needed = nbytes + 2 * _os.sysconf("SC_PAGE_SIZE")  # the header, the last page
+
+        def free() -> int:
+            fs = _os.statvfs(tier.directory)
+            return fs.f_bavail * fs.f_frsize
+
+        def room() -> bool:
+            return free() >= needed
+
+        with tier.locked():
+            tier.sweep()  # unstored audio a killed process never released, too
+            entries = sorted(tier.entries(), key=lambda item: item[1].st_atime_ns)
+            if free() + sum(st.st_blocks * 512 for _, st in entries) < needed:
+                return False  # even all of them would not do: keep them
+            for name, _ in entries:
+                if room():
+                    break
+                self._evict(name)
+            tier.set_bytes(sum(st.st_size for _, st in tier.entries()))
+            return room()
 
     # ---- single-flight rendering --------------------------------------------------
 
