@@ -1132,3 +1132,25 @@ def test_a_new_entry_of_another_type_replaces_a_held_one_for_every_later_look_up
         cache.put(key, tone(key), 16000).release()
     assert sorted(os.listdir(cache.directory)) == [os.path.basename(newer), "lock"]
     assert cache.stats().entries == 1
+
+
+def test_in_says_true_only_for_an_entry_get_would_hand_out(private_dirs, tmp_path) -> None:
+    with AudioCache("contains", ttl=60) as cache:
+        expired, linked, fifo, folder = (cache_key(f"in {i}") for i in range(4))
+        held = cache.put(expired, tone(expired), 16000)  # held: the look-up cannot remove it
+        past = os.stat(held.path).st_mtime - 61  # stored 61 s ago, without sleeping
+        os.utime(held.path, (past, past))
+        elsewhere = tmp_path / "elsewhere.wav"
+        elsewhere.write_bytes(b"RIFF")
+        os.symlink(elsewhere, f"{cache.directory}/{linked}.wav")
+        os.mkfifo(f"{cache.directory}/{fifo}.wav")
+        os.mkdir(f"{cache.directory}/{folder}.wav")
+        for key in (expired, linked, fifo, folder):
+            assert cache.get(key) is None
+            assert key not in cache, key
+        held.release()
+        cache.clear()
+        os.unlink(f"{cache.directory}/{linked}.wav")
+        os.unlink(f"{cache.directory}/{fifo}.wav")
+        os.rmdir(f"{cache.directory}/{folder}.wav")
+        cache.destroy()

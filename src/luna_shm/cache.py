@@ -941,9 +941,10 @@ class AudioCache:
         return found
 
     def __contains__(self, key: str) -> bool:
+        """True when key has a RAM entry that :meth:`get` would hand out (a regular file,
+        not expired, not replaced); a disk-tier entry is not looked at."""
         self._check_open()
-        _check_key(key)
-        return any(_os.path.exists(self._ram.path(key + s)) for s in self._suffixes())
+        return self._present(_check_key(key))
 
     # ---- storing -------------------------------------------------------------------
 
