@@ -910,3 +910,44 @@ def test_a_cache_that_fills_its_ram_disk_makes_room_from_its_own_unpinned_entrie
     assert out["held"] == 7 * 50_000  # the pinned entry stayed, whole
     assert out["huge"] == errno.ENOSPC and out["kept"]
     assert 2 <= out["entries"] <= 5 and out["evictions"] >= 7
+
+
+READ_ONLY_DISK_TIER = """
+    import json, subprocess, sys
+    from luna_shm import AudioCache, cache_key
+    disk = sys.argv[1]
+    cache = AudioCache("rodisk", max_bytes=100_000, disk_dir=disk)
+    keys = [cache_key(f"spilled {i}") for i in range(3)]
+    for key in keys:  # 3 x ~48 KB through a 100 KB RAM tier: the first is spilled to disk
+        cache.put(key, audio_of(key, 24_000), 24000).release()
+    # The disk tier's file system turns read-only (ext4's errors=remount-ro, say).
+    subprocess.run(["mount", "--bind", disk, disk], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", disk], check=True)
+    out = {"spills": cache.stats().spills}
+    try:
+        with cache.put(keys[0], audio_of(keys[1], 2_000), 24000) as entry:
+            out["put"] = entry.stored
+    except OSError as exc:
+        out["put"] = [exc.errno, exc.filename]
+    with cache.get(keys[0]) as hit:
+        out["new"] = bool(np.array_equal(hit.array, audio_of(keys[1], 2_000)))
+    cache.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_put_over_a_spilled_key_on_a_read_only_disk_tier_is_stored_and_says_so(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run([*require_private_mounts(), sys.executable, "-c",
+                           AUDIO_OF_KEY + "import os\n" + textwrap.dedent(READ_ONLY_DISK_TIER),
+                           str(disk)], env=child_env(private_dirs), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["spills"] >= 1
+    # Stored in RAM, and returned: the stale copy on disk that it could not remove is
+    # logged, not raised as if nothing had been stored.
+    assert out["put"] is True and out["new"] is True
+    assert "could not remove" in done.stderr and "Read-only file system" in done.stderr

@@ -1121,9 +1121,7 @@ class AudioCache:
                     if replaced:
                         self._ram.add({"bytes": -replaced})
                     if self._disk is not None and not reloaded:
-                        with self._disk.locked():  # RAM, then disk: as a spill takes them
-                            for suffix in ENTRY_SUFFIXES:
-                                self._disk.remove_if_unpinned(key + suffix)
+                        self._drop_from_disk(key)
                     return CachedAudio(cell, final, key)
             suffix = name[len(key):]
             unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
@@ -1134,6 +1132,22 @@ class AudioCache:
             _unlink_quietly(part_path)
             _raise_named(exc, part_path)  # os.utime on an fd names no file
             raise
+
+    def _drop_from_disk(self, key: str) -> None:
+        """Remove key's disk-tier entries, older than the one just stored in RAM (under
+        the RAM lock: RAM, then disk, as a spill takes them). One the disk tier cannot
+        remove (a read-only or failing disk) stays, with a warning logged: the new
+        entry is stored, and its caller gets it, not an OSError that says otherwise."""
+        disk = self._disk
+        assert disk is not None
+        try:
+            with disk.locked():
+                for suffix in ENTRY_SUFFIXES:
+                    disk.remove_if_unpinned(key + suffix)
+        except OSError as exc:
+            placement.logger.warning("luna_shm: could not remove the older entry of %r from "
+                                     "the disk tier %s (a restart may bring it back): %s",
+                                     key, disk.directory, exc)
 
     def _foreign(self, name: str) -> bool:
         """True when something that is not a regular file (a symlink, a FIFO, a directory:
