@@ -878,12 +878,20 @@ CACHE_FILLING_ITS_RAM_DISK = """
     stored = []
     for i in range(12):  # 12 x 200 KB through a 1 MB RAM disk
         audio = np.full(100_000, i, np.int16)
-        entry = (cache.put(f"k{i}", audio, 24000) if i % 2 else
-                 cache.put_bytes(f"k{i}", audio.tobytes(), ".mp3"))
+        if i % 3 == 0:
+            entry = cache.put_bytes(f"k{i}", audio.tobytes(), ".mp3")
+        elif i % 3 == 1:
+            entry = cache.put(f"k{i}", audio, 24000)
+        else:  # streamed in 10 chunks: the RAM disk fills up in the middle of it
+            entry = cache.get_or_render(
+                f"k{i}", lambda w: [w.write(part) for part in np.split(audio, 10)],
+                samplerate=24000)
         stored.append(entry.stored)
         entry.release()
     with cache.get("k11") as last:
         newest = last.array[:3].tolist()
+    with cache.get("k10") as other:
+        newest += other.array[-3:].tolist()
     with cache.get("k1") as first:  # evicted to the disk tier: reloaded into RAM
         reloaded = first.array[:3].tolist()
     entries = cache.stats().entries
@@ -904,8 +912,9 @@ CACHE_FILLING_ITS_RAM_DISK = """
 def test_a_cache_that_fills_its_ram_disk_makes_room_from_its_own_unpinned_entries() -> None:
     out = json.loads(assert_child_ok(run_in_private_shm(CACHE_FILLING_ITS_RAM_DISK,
                                                          shm_size="1m")))
-    assert out["stored"] == [True] * 12  # never ENOSPC while its own old entries fill it
-    assert out["newest"] == [11, 11, 11]
+    # Puts, put_bytes and renders: never ENOSPC while its own old entries fill it.
+    assert out["stored"] == [True] * 12
+    assert out["newest"] == [11, 11, 11, 10, 10, 10]
     assert out["reloaded"] == [1, 1, 1] and out["reloads"] == 1  # from the disk tier
     assert out["held"] == 7 * 50_000  # the pinned entry stayed, whole
     assert out["huge"] == errno.ENOSPC and out["kept"]

@@ -1259,11 +1259,10 @@ class AudioCache:
         container whose /dev/shm is 64 MB, the cache's own entries fill it, and without
         this every later put would fail with ENOSPC while nothing is ever evicted."""
         tier = self._ram
-        needed = nbytes + 2 * _os.sysconf("SC_PAGE_SIZE")  # the header, the last page
+        needed = nbytes + _ROOM_MARGIN
 
         def free() -> int:
-            fs = _os.statvfs(tier.directory)
-            return fs.f_bavail * fs.f_frsize
+            return _free_bytes(tier.directory)
 
         def room() -> bool:
             return free() >= needed
@@ -1441,8 +1440,14 @@ class AudioCache:
         live = self._ram.path(key + _LIVE)
         for _ in range(8):
             part = self._ram.path(f".{key}.{_token()}{_PART}")
-            writer: WavWriter | None = WavWriter(part, samplerate, channels, dtype)
-            assert writer is not None
+            try:
+                writer: WavWriter | None = _RenderWriter(part, samplerate, channels, dtype)
+            except OSError as exc:  # a full RAM disk: our own entries make room (see put)
+                if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(0):
+                    raise
+                writer = _RenderWriter(part, samplerate, channels, dtype)
+            assert isinstance(writer, _RenderWriter)
+            writer.make_room = self._room_on_ram_disk
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
                 # immediate (unless a sweep holds it for a moment: then we wait).
@@ -1745,6 +1750,40 @@ class AudioCache:
 
     def __repr__(self) -> str:
         return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
+
+
+class _RenderWriter(WavWriter):
+    """The WavWriter a render streams into: before a chunk that the RAM disk may have no
+    room for, the cache's own unpinned entries make room (make_room, see
+    AudioCache._room_on_ram_disk). A render cannot simply be run again, and a chunk
+    refused with ENOSPC is not retried here: WavWriter.write's failure would keep the
+    file's flock until a garbage collection. So the room is looked at before the write
+    (fstatvfs), only when what was free at the last look, less what was written since,
+    may not hold the chunk: another process that fills the RAM disk meanwhile still
+    ends the render with ENOSPC."""
+
+    make_room: Callable[[int], bool] | None = None
+    _free = 0
+
+    def write(self, chunk: object) -> None:
+        nbytes = int(getattr(chunk, "nbytes", 0))
+        if self.make_room is not None and nbytes + _ROOM_MARGIN > self._free:
+            self._free = _free_bytes(self.fileno())
+            if nbytes + _ROOM_MARGIN > self._free:
+                self.make_room(nbytes)
+                self._free = _free_bytes(self.fileno())
+        super().write(chunk)
+        self._free -= nbytes
+
+
+# Room for a file's header and its last, partly filled page, beyond its samples.
+_ROOM_MARGIN = 2 * _os.sysconf("SC_PAGE_SIZE")
+
+
+def _free_bytes(fd_or_path: int | str) -> int:
+    """The bytes this user may still write on the file system of fd_or_path."""
+    fs = _os.statvfs(fd_or_path)
+    return fs.f_bavail * fs.f_frsize
 
 
 def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:
