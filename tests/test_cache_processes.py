@@ -960,3 +960,42 @@ def test_a_put_over_a_spilled_key_on_a_read_only_disk_tier_is_stored_and_says_so
     # logged, not raised as if nothing had been stored.
     assert out["put"] is True and out["new"] is True
     assert "could not remove" in done.stderr and "Read-only file system" in done.stderr
+
+
+CACHE_ON_A_RAM_DISK_WITH_NO_SIZE_LIMIT = """
+    import json, os, subprocess, sys
+    import numpy as np
+    os.mkdir("/tmp/unlimited")
+    subprocess.run(["mount", *sys.argv[1:], "unlimited", "/tmp/unlimited"], check=True)
+    os.chmod("/tmp/unlimited", 0o700)
+    os.environ["LUNA_SHM_DIR"] = "/tmp/unlimited"
+    from luna_shm import AudioCache
+    cache = AudioCache("unlimited", max_bytes=10_000_000)
+    for i in range(3):
+        cache.put(f"k{i}", np.full(10_000, i, np.int16), 24000).release()
+    audio = np.arange(20_000, dtype=np.int16)
+    with cache.get_or_render("rendered", lambda w: [w.write(part) for part in
+                                                    np.split(audio, 10)],
+                             samplerate=24000) as entry:
+        whole = bool(np.array_equal(entry.array, audio))
+    out = {"blocks": os.statvfs("/tmp/unlimited").f_blocks, "whole": whole,
+           "kept": [f"k{i}" in cache for i in range(3)],
+           "evictions": cache.stats().evictions, "entries": cache.stats().entries}
+    cache.destroy()
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mount_options", [["-t", "ramfs"], ["-t", "tmpfs", "-o", "size=0"]],
+                         ids=["ramfs", "tmpfs-without-a-size-limit"])
+def test_a_render_on_a_ram_disk_with_no_size_limit_evicts_nothing(
+        mount_options: list[str]) -> None:
+    # Found in review: ramfs (and a tmpfs mounted with size=0) reports 0 blocks and 0
+    # free to statvfs, as nothing bounds it; a render's room check took that for a full
+    # RAM disk and evicted every unpinned entry of the cache before its first chunk.
+    body = ("import sys\nsys.argv[1:] = " + repr(mount_options) + "\n"
+            + textwrap.dedent(CACHE_ON_A_RAM_DISK_WITH_NO_SIZE_LIMIT))
+    out = json.loads(assert_child_ok(run_in_private_shm(body)))
+    assert out["blocks"] == 0 and out["whole"]
+    assert out["kept"] == [True, True, True]
+    assert out["evictions"] == 0 and out["entries"] == 4

@@ -48,6 +48,7 @@ import os as _os
 import re as _re
 import stat as _stat
 import struct as _struct
+import sys as _sys
 import threading as _threading
 import time as _time
 import warnings as _warnings
@@ -1781,8 +1782,12 @@ _ROOM_MARGIN = 2 * _os.sysconf("SC_PAGE_SIZE")
 
 
 def _free_bytes(fd_or_path: int | str) -> int:
-    """The bytes this user may still write on the file system of fd_or_path."""
+    """The bytes this user may still write on the file system of fd_or_path; for one
+    with no size limit (ramfs, a tmpfs mounted with size=0: statvfs reports 0 blocks
+    and 0 free there), as many as an index can count, never a reason to evict."""
     fs = _os.statvfs(fd_or_path)
+    if fs.f_blocks == 0:
+        return _sys.maxsize
     return fs.f_bavail * fs.f_frsize
 
 
