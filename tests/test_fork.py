@@ -265,3 +265,40 @@ def test_a_fork_from_a_signal_handler_that_interrupted_the_reserve_never_hangs(
     # (inside create_wav_buffer's take) waited for itself forever.
     assert run(FORK_FROM_A_SIGNAL_HANDLER) == {"sent": [True], "workers": [0],
                                                "thread": False}
+
+
+TEMP_PATH_BLOCK = """
+import json, os, sys
+from luna_shm import temp_audio_path, write_wav
+import numpy as np
+
+how = sys.argv[1]
+report = {}
+try:
+    with temp_audio_path() as path:
+        write_wav(path, np.zeros(100, np.int16), 8000)
+        pid = os.fork()
+        if pid == 0:  # the child leaves the block its parent is still in
+            if how == "sys.exit":
+                sys.exit(0)
+            if how == "raise":
+                raise RuntimeError("the child failed")
+        else:  # ("end": the child runs to the end of the block)
+            _, status = os.waitpid(pid, 0)
+            report["child_exit"] = os.waitstatus_to_exitcode(status)
+            report["kept"] = os.path.isfile(path)
+except RuntimeError:
+    pass
+if pid == 0:
+    os._exit(0)
+report["removed"] = not os.path.exists(path)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "raise", "end"])
+def test_a_child_forked_inside_a_temp_audio_path_block_never_removes_the_parents_file(
+        private_dirs, how) -> None:
+    # The child unwinds its copy of the parent's stack: the block's cleanup ran there and
+    # removed the file the parent was still using (found in review).
+    assert run(TEMP_PATH_BLOCK, how) == {"child_exit": 0, "kept": True, "removed": True}

@@ -116,7 +116,8 @@ def temp_audio_path(
     file is removed with :func:`cleanup_temp_audio` (so a file a live buffer,
     writer or pool still holds is left to its holder). When the block raised, a
     failure to remove is logged on the ``luna_shm`` logger and the block's own
-    exception goes on.
+    exception goes on. A child forked inside the block that leaves it (``sys.exit``
+    unwinds the block in the child too) removes nothing: the file is its parent's.
 
     Args:
         suffix, prefix, create, size_hint: as for :func:`get_temp_audio_path`.
@@ -132,16 +133,21 @@ def temp_audio_path(
     path = get_temp_audio_path(suffix, prefix, create=create, size_hint=size_hint)
     # Its own dir, as it is now: the block may change LUNA_SHM_DIR or TMPDIR.
     made_in = (_os.path.dirname(path),)
+    owner = _os.getpid()
     try:
         yield path
     except BaseException:
-        try:
-            _cleanup(path, made_in)
-        except (OSError, ValueError) as exc:
-            placement.logger.warning("luna_shm: could not remove %s after a failure: %s",
-                                     path, exc)
+        # A child forked inside the block that leaves it (sys.exit unwinds the copy of
+        # the parent's stack) must not remove the file its parent is still writing.
+        if _os.getpid() == owner:
+            try:
+                _cleanup(path, made_in)
+            except (OSError, ValueError) as exc:
+                placement.logger.warning("luna_shm: could not remove %s after a failure: %s",
+                                         path, exc)
         raise
-    _cleanup(path, made_in)
+    if _os.getpid() == owner:
+        _cleanup(path, made_in)
 
 
 def is_our_name(name: str) -> bool:
