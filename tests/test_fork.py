@@ -302,3 +302,58 @@ def test_a_child_forked_inside_a_temp_audio_path_block_never_removes_the_parents
     # The child unwinds its copy of the parent's stack: the block's cleanup ran there and
     # removed the file the parent was still using (found in review).
     assert run(TEMP_PATH_BLOCK, how) == {"child_exit": 0, "kept": True, "removed": True}
+
+
+FORK_INSIDE_A_RENDER = """
+import json, os, sys
+import numpy as np
+from luna_shm import AudioCache, cache_key
+
+how = sys.argv[1]
+parent = os.getpid()
+cache = AudioCache("forked_render", max_bytes=1_000_000)
+key = cache_key("forked inside a render")
+report = {}
+
+
+def render(writer):
+    writer.write(np.full(100, 1, np.int16))
+    pid = os.fork()
+    if pid == 0:  # a helper that leaves the render its parent goes on with
+        if how == "sys.exit":
+            sys.exit(0)
+        if how == "raise":
+            raise ValueError("the helper failed")
+        return  # "return": back into get_or_render
+    _, status = os.waitpid(pid, 0)
+    report["child_exit"] = os.waitstatus_to_exitcode(status)
+    writer.write(np.full(100, 2, np.int16))
+
+
+try:
+    entry = cache.get_or_render(key, render, samplerate=8000)
+except Exception as exc:
+    if os.getpid() == parent:
+        raise
+    expected = ("the helper failed" if how == "raise" else
+                f"a child forked inside the render of {key!r} returned from it: the render "
+                f"belongs to process {parent}; end the child with os._exit()")
+    os._exit(0 if str(exc) == expected else 3)
+report["audio"] = entry.array.tolist() == [1] * 100 + [2] * 100
+report["stored"] = entry.stored
+entry.release()
+report["files"] = sorted(os.listdir(cache.directory))
+cache.destroy()
+report["files"] = [name.replace(key, "<key>") for name in report["files"]]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "raise", "return"])
+def test_a_child_forked_inside_a_render_never_ends_or_removes_the_parents_render(
+        private_dirs, how) -> None:
+    # The child's copy of get_or_render ran the failure path: it wrote a failure note and
+    # removed the parent's .live file, whose commit then failed (found in review); a child
+    # that returned from the render went on to commit it.
+    assert run(FORK_INSIDE_A_RENDER, how) == {
+        "child_exit": 0, "audio": True, "stored": True, "files": ["<key>.wav", "lock"]}

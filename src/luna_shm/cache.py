@@ -1358,7 +1358,9 @@ class AudioCache:
         Args:
             key: see :func:`cache_key`.
             render: called with the writer; its return value is ignored. It may close
-                the writer (``with writer:``): what it wrote is stored all the same.
+                the writer (``with writer:``): what it wrote is stored all the same. A
+                child it forks that leaves it (``sys.exit``, an exception) leaves the
+                render to the parent; one that returns from it gets ``RuntimeError``.
             samplerate, channels, dtype: the writer's format.
             timeout: seconds to wait for another caller's render (an int or float, numpy
                 ones too, >= 0; 0 does not wait); None or infinity waits as long as it
@@ -1512,6 +1514,7 @@ class AudioCache:
         sleep on until the entry is stored (or the render failed), and the entry stays
         pinned for our caller."""
         self._count("renders")
+        owner = _resource.current_pid
         ino = _os.fstat(writer.fileno()).st_ino
         # A note an earlier render of key left goes now, before a waiter can read it: a
         # filesystem that reuses inode numbers (ext4) may have given our file the number
@@ -1523,12 +1526,21 @@ class AudioCache:
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
             render(writer)
+            if _resource.current_pid != owner:
+                raise RuntimeError(
+                    f"a child forked inside the render of {key!r} returned from it: the "
+                    f"render belongs to process {owner}; end the child with os._exit()")
             if writer.frames == 0:  # after a close too: the frames its file holds
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             entry = self._commit(key, live, key + ".wav", pin)
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
+            if _resource.current_pid != owner:
+                # A child forked inside render that leaves it (sys.exit unwinds its copy
+                # of our stack): the render, its file, its note and its waiters are the
+                # parent's, which goes on rendering.
+                raise
             self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
             # Our file, through the pin, or the writer when the dup failed (a failed
             # commit released the pin, and removed the file, itself).
