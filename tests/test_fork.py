@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH
+from helpers import LIBRARY_PATH, wait_until_someone_waits_for_flock
+from luna_shm import AudioCache, cache_key
+from luna_shm.cache import RenderError
 
 PRELUDE = """
 import gc, json, os, sys, threading, time
@@ -357,3 +362,83 @@ def test_a_child_forked_inside_a_render_never_ends_or_removes_the_parents_render
     # that returned from the render went on to commit it.
     assert run(FORK_INSIDE_A_RENDER, how) == {
         "child_exit": 0, "audio": True, "stored": True, "files": ["<key>.wav", "lock"]}
+
+
+# A renderer whose render forks a helper (a multiprocessing worker of its engine, fork
+# start method) that lives on, then fails or is killed, as the test says on its stdin.
+RENDER_WITH_A_HELPER = """
+import multiprocessing, sys, time
+import numpy as np
+from luna_shm import AudioCache, cache_key
+
+cache = AudioCache("helped")
+
+
+def render(writer):
+    writer.write(np.full(100, 1, np.int16))
+    helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+    helper.start()
+    print(helper.pid, flush=True)
+    sys.stdin.readline()
+    raise RuntimeError("the engine failed")
+
+
+try:
+    cache.get_or_render(cache_key("helped"), render, samplerate=8000)
+except RuntimeError:
+    pass
+print("failed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("end", ["fail", "SIGKILL"])
+def test_a_helper_forked_by_a_render_never_keeps_its_waiters_waiting(private_dirs, end):
+    # The render's second descriptor of its file (the pin that holds the exclusive flock
+    # the waiters sleep on) stayed open in the helper: after the renderer failed or was
+    # killed, the waiters slept for as long as the helper lived (found in review).
+    key = cache_key("helped")
+    renderer = subprocess.Popen([sys.executable, "-c", RENDER_WITH_A_HELPER],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert renderer.stdin is not None and renderer.stdout is not None
+    helper = int(renderer.stdout.readline())
+    outcome: list[object] = []
+    cache = AudioCache("helped")
+    try:
+        live = cache.live_path(key)
+        assert live is not None
+        inode = os.stat(live).st_ino
+
+        def wait_for_the_render() -> None:
+            try:
+                with cache.get_or_render(key, lambda w: w.write(np.full(10, 2, np.int16)),
+                                         samplerate=8000) as entry:
+                    outcome.append(entry.array.tolist())
+            except RenderError as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait_for_the_render, daemon=True)
+        waiter.start()
+        wait_until_someone_waits_for_flock(live, inode, waiter.is_alive)
+        if end == "fail":
+            renderer.stdin.write("go\n")
+            renderer.stdin.flush()
+            assert renderer.stdout.readline() == "failed\n"
+        else:
+            renderer.send_signal(signal.SIGKILL)
+            renderer.wait(timeout=60)
+        waiter.join(60)
+        assert not waiter.is_alive(), "the waiter slept on while the helper lived"
+        if end == "fail":  # told at once that the render failed
+            assert len(outcome) == 1 and isinstance(outcome[0], RenderError), outcome
+            assert "the engine failed" in str(outcome[0])
+        else:  # elected to render in the dead renderer's place
+            assert outcome == [[2] * 10]
+    finally:
+        os.kill(helper, signal.SIGKILL)
+        renderer.kill()
+        renderer.wait(timeout=60)
+        renderer.stdin.close()
+        renderer.stdout.close()
+        cache.destroy()

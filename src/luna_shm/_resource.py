@@ -22,6 +22,8 @@ current_pid: int = _os.getpid()
 
 # The objects a forked child lets go of at once (FileResource._let_go_at_fork).
 _let_go_in_child: _weakref.WeakSet[FileResource] = _weakref.WeakSet()
+# The fd cells a forked child closes at once (close_in_child).
+_closed_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -30,6 +32,23 @@ def _after_fork_in_child() -> None:
     for resource in list(_let_go_in_child):
         resource._let_go()
     _let_go_in_child.clear()
+    for cell in list(_closed_in_child):
+        try:
+            _lowlevel.release(cell)
+        except OSError:
+            pass
+    _closed_in_child.clear()
+
+
+def close_in_child(cell: _lowlevel.FdCell) -> None:
+    """Have every child forked from now on (while cell lives) close its copy of cell's fd
+    at once.
+
+    For an fd whose flock others wait for, or that pins a file, held outside any object
+    (a render's pin of its file): a child that kept the open file would keep the lock
+    for as long as it lives, after this process released it, or died.
+    """
+    _closed_in_child.add(cell)
 
 
 _os.register_at_fork(after_in_child=_after_fork_in_child)

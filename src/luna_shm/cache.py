@@ -1525,6 +1525,10 @@ class AudioCache:
         pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
+            # A helper the render forks (a multiprocessing worker of the engine) must not
+            # keep the exclusive flock: the waiters would sleep while it lives, after this
+            # process failed or died (the writer lets go of its own fd at a fork).
+            _resource.close_in_child(pin)
             render(writer)
             if _resource.current_pid != owner:
                 raise RuntimeError(
@@ -1577,6 +1581,10 @@ class AudioCache:
         done before we looked), unstored audio, or RenderError when the render failed."""
         live = self._ram.path(key + _LIVE)
         cell = _lowlevel.fd_cell()
+        # A child another thread forks while this one waits must not keep the shared
+        # flock the kernel grants it: the entry the render becomes would stay pinned, and
+        # a waiter that finds the renderer dead would wait for the child to take its own.
+        _resource.close_in_child(cell)
         fd = _open_regular(live, cell)
         if fd is None:
             try:
