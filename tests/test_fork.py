@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from helpers import LIBRARY_PATH, wait_until_someone_waits_for_flock
-from luna_shm import AudioCache, cache_key
+from luna_shm import AudioCache, cache_key, cleanup_temp_audio, create_wav_buffer
 from luna_shm.cache import RenderError
 
 PRELUDE = """
@@ -441,4 +441,45 @@ def test_a_helper_forked_by_a_render_never_keeps_its_waiters_waiting(private_dir
         renderer.wait(timeout=60)
         renderer.stdin.close()
         renderer.stdout.close()
+        cache.destroy()
+
+
+def test_a_buffer_and_a_cache_entry_closed_after_a_fork_are_free_while_the_child_lives(
+        private_dirs) -> None:
+    # The child kept its copies of the buffer's and the entry's open files, and with them
+    # their flocks: after the parent closed them, cleanup_temp_audio said "held by a live
+    # process" and discard "pinned" for as long as the child lived (found in review).
+    cache = AudioCache("forked_pins", max_bytes=1_000_000)
+    key = cache_key("pinned at the fork")
+    cache.put(key, np.full(100, 1, np.int16), 8000).release()
+    buf = create_wav_buffer(100, 8000)
+    entry = cache.get(key)
+    assert entry is not None
+    ready_read, ready_write = os.pipe()
+    stay_read, stay_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: a helper that lives on
+        os.close(ready_read)
+        os.close(stay_write)
+        os.close(ready_write)  # its at-fork hooks have run
+        os.read(stay_read, 1)
+        os._exit(0)
+    os.close(ready_write)
+    os.close(stay_read)
+    try:
+        assert os.read(ready_read, 1) == b""
+        # By inode: a file made with O_TMPFILE keeps its "#<inode> (deleted)" name there.
+        held = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
+        with open(f"/proc/{pid}/maps") as maps:
+            held |= {int(line.split()[4]) for line in maps}
+        for path in (buf.path, entry.path):
+            assert os.stat(path).st_ino not in held, path
+        buf.close()
+        entry.release()
+        assert cleanup_temp_audio(buf.path) is True
+        assert cache.discard(key) is True
+    finally:
+        os.close(stay_write)
+        os.close(ready_read)
+        os.waitpid(pid, 0)
         cache.destroy()

@@ -75,6 +75,10 @@ class WavBuffer(FileResource):
             else:
                 name, cell = self._open_named(path, header)
             self._own(cell, name)
+            # A forked child (a multiprocessing worker) that kept the open file (or the
+            # mapping) would keep the flock: the file would stay "in use" to every cleanup
+            # after this process closed the buffer, or died, for as long as the child lives.
+            self._let_go_at_fork()
         finally:
             if path is None:  # only now: preparing the next file must not slow this call
                 _prefault.refill()

@@ -301,6 +301,9 @@ class CachedAudio(FileResource):
         self.stored = stored
         self._size = size
         self._own(cell, path)
+        # A forked child that kept the pin would keep the entry from eviction, discard and
+        # clear (in every process) after this process released it, for as long as it lives.
+        self._let_go_at_fork()
 
     @property
     def is_wav(self) -> bool:
