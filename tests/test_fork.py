@@ -483,3 +483,83 @@ def test_a_buffer_and_a_cache_entry_closed_after_a_fork_are_free_while_the_child
         os.close(ready_read)
         os.waitpid(pid, 0)
         cache.destroy()
+
+
+RENDER_WHEN_TOLD = """
+import sys
+import numpy as np
+from luna_shm import AudioCache, cache_key
+
+cache = AudioCache("waited")
+
+
+def render(writer):
+    writer.write(np.full(100, 1, np.int16))
+    print("rendering", flush=True)
+    sys.stdin.readline()
+    writer.write(np.full(100, 2, np.int16))
+
+
+cache.get_or_render(cache_key("waited"), render, samplerate=8000).release()
+print("stored", flush=True)
+"""
+
+
+def test_a_child_forked_while_a_thread_waits_for_a_render_never_pins_the_entry(
+        private_dirs) -> None:
+    # The child kept the waiter's descriptor of the render's file, on which the kernel
+    # then granted the waiter its shared flock: the entry the file became stayed pinned
+    # (discard, clear and eviction refused it) for as long as the child lived (found in
+    # review).
+    key = cache_key("waited")
+    renderer = subprocess.Popen([sys.executable, "-c", RENDER_WHEN_TOLD],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert renderer.stdin is not None and renderer.stdout is not None
+    assert renderer.stdout.readline() == "rendering\n"
+    cache = AudioCache("waited")
+    got: list[object] = []
+    stay_read, stay_write = os.pipe()
+    pid = -1
+    try:
+        live = cache.live_path(key)
+        assert live is not None
+        inode = os.stat(live).st_ino
+
+        def wait_for_the_render() -> None:
+            with cache.get_or_render(key, lambda w: None, samplerate=8000) as entry:
+                got.append(entry.array.tolist())
+
+        waiter = threading.Thread(target=wait_for_the_render, daemon=True)
+        waiter.start()
+        wait_until_someone_waits_for_flock(live, inode, waiter.is_alive)
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: a helper that lives on
+            os.close(ready_read)
+            os.close(stay_write)
+            os.close(ready_write)  # its at-fork hooks have run
+            os.read(stay_read, 1)
+            os._exit(0)
+        # The child closes its copies when it first runs, which a busy machine may delay
+        # past the render's end: wait for it, or the entry is (briefly) pinned by right.
+        os.close(ready_write)
+        assert os.read(ready_read, 1) == b""
+        os.close(ready_read)
+        renderer.stdin.write("go\n")
+        renderer.stdin.flush()
+        assert renderer.stdout.readline() == "stored\n"
+        waiter.join(60)
+        assert not waiter.is_alive()
+        assert got == [[1] * 100 + [2] * 100]
+        assert cache.discard(key) is True  # while the child lives
+    finally:
+        os.close(stay_write)
+        os.close(stay_read)
+        if pid > 0:
+            os.waitpid(pid, 0)
+        renderer.kill()
+        renderer.wait(timeout=60)
+        renderer.stdin.close()
+        renderer.stdout.close()
+        cache.destroy()
