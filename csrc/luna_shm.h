@@ -423,10 +423,11 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n);
  * none) is header_map's SIGBUS guard: when the mapping is broken after the
  * store, another process cut the file and the sizes went to zeros, not to the
  * file. Returns 0 or -errno (-ESTALE then, with *data_bytes counting the
- * samples, which went in; -ESTALE also, before anything is written, when the
- * file is shorter than data_offset + *data_bytes: another process cut it below
- * the samples appended so far, and a write would extend it over a hole of
- * zeros; -EFBIG when *data_bytes + n passes 4 GiB or wraps, -EINVAL when
+ * samples, which went in; -ESTALE also, before anything is written, when
+ * header_map no longer holds the header stored last (another process rewrote
+ * the file in place, or cut the page: zeros) or the file is shorter than
+ * data_offset + *data_bytes: another process cut it below the samples appended
+ * so far, and a write would extend it over a hole of zeros; -EFBIG when *data_bytes + n passes 4 GiB or wraps, -EINVAL when
  * data_offset is not where spec's header ends). */
 int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
                        const struct luna_wav_spec *spec, uint64_t data_offset,

@@ -218,6 +218,19 @@ int luna_write_at(int fd, uint64_t offset, const void *src, uint64_t n)
     return write_all(fd, &iov, 1, (int64_t)offset);
 }
 
+/* The header of a stream of data_bytes whose data starts at data_offset: a
+ * plain one, or a live.c one (state "live") when that is where it ends. */
+static int stream_header(uint8_t *out, const struct luna_wav_spec *spec,
+                         uint64_t data_bytes, uint64_t data_offset)
+{
+    int len = luna_wav_header(out, spec, data_bytes, 0);
+    if (len >= 0 && (uint64_t)len != data_offset) /* a live.c stream header */
+        len = luna_live_header(out, spec, data_bytes, LUNA_STREAM_LIVE);
+    if (len < 0)
+        return len;
+    return (uint64_t)len == data_offset ? len : -EINVAL;
+}
+
 int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
                        const struct luna_wav_spec *spec, uint64_t data_offset,
                        uint64_t *data_bytes, const void *data, uint64_t n)
@@ -229,13 +242,9 @@ int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
     uint64_t total = *data_bytes + n;
     /* total <= 4 GiB once the header accepts it, data_offset == len <= 128:
      * no sum below can wrap. */
-    int len = luna_wav_header(header, spec, total, 0);
-    if (len >= 0 && (uint64_t)len != data_offset) /* a live.c stream header */
-        len = luna_live_header(header, spec, total, LUNA_STREAM_LIVE);
+    int len = stream_header(header, spec, total, data_offset);
     if (len < 0)
         return len;
-    if ((uint64_t)len != data_offset)
-        return -EINVAL;
     /* Samples first, header second: a reader in between sees sizes that
      * cover only bytes that are already there. The pad byte keeps an odd
      * data size a well-formed chunk; the next append overwrites it. */
@@ -250,8 +259,20 @@ int luna_stream_append(int fd, uint8_t *header_map, int header_guard,
      * fault, describing audio whose first bytes are now zeros. A read of the page
      * faults if it is cut (the guard turns that into zeros and marks it broken),
      * which the check after the store reports. */
-    if (header_map)
+    if (header_map) {
         (void)*(volatile const uint8_t *)header_map;
+        /* Another program that rewrote the file in place (soundfile.write over it: a
+         * truncation to 0, then a WAV of its own as long as ours or longer) left the
+         * header page in the file, holding its header: our store would put our sizes
+         * over it and our samples after its own, a WAV of another file's audio. The
+         * page must still hold the header we stored last (zeros, if it was cut). */
+        uint8_t was[LUNA_WAV_MAX_HEADER];
+        int was_len = stream_header(was, spec, *data_bytes, data_offset);
+        if (was_len < 0)
+            return was_len;
+        if (memcmp(header_map, was, (size_t)was_len) != 0)
+            return -ESTALE;
+    }
     /* A cut that kept the header page but not all the samples (to a size above what
      * a follower has read, say): the write would extend the file again over a hole
      * of zeros that the sizes then count as audio. Refused before anything is

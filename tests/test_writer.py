@@ -492,6 +492,36 @@ def test_a_write_after_the_file_was_cut_below_its_audio_raises_estale_and_leaves
     assert b"\0\0" not in raw[-1000:]  # the samples that are left are all 7s, no hole
 
 
+# Another program rewrites the file in place (open "wb", then a whole WAV of its own).
+REWRITTEN_UNDER_THE_WRITER = {
+    "same-format": "sf.write(sys.argv[1], np.full(48000, 9, np.int16), 16000)",
+    "float-stereo": "sf.write(sys.argv[1], np.full((9000, 2), 0.5, np.float32), 44100)",
+}
+
+
+@pytest.mark.parametrize("rewrite", sorted(REWRITTEN_UNDER_THE_WRITER))
+@pytest.mark.parametrize("dtype", ["int16", "float32"])
+def test_a_write_after_another_program_rewrote_the_file_in_place_raises_estale_and_writes_nothing(
+        ram, rewrite, dtype) -> None:
+    # soundfile.write over a live stream keeps the writer's header page (the file is as
+    # long as before, or longer): the next append stored the writer's header over the
+    # other program's and put its chunk after the other program's samples, with no error.
+    # The file then read as this stream's audio with another file's samples inside
+    # (found in review).
+    path = ram / "rewritten.wav"
+    writer = WavWriter(path, RATE, dtype=dtype)
+    writer.write(samples(dtype, 3000, 1))
+    subprocess.run([sys.executable, "-c", "import sys; import numpy as np; import soundfile "
+                    "as sf; " + REWRITTEN_UNDER_THE_WRITER[rewrite], str(path)], check=True)
+    theirs = path.read_bytes()
+    with pytest.raises(OSError, match="rewritten by another process: its header is not this "
+                                      "writer's any more") as caught:
+        writer.write(samples(dtype, 3000, 1, seed=1))
+    assert caught.value.errno == errno.ESTALE and caught.value.filename == str(path)
+    writer.abort()
+    assert path.read_bytes() == theirs  # the other program's WAV, as it wrote it
+
+
 PAST_4_GIB = """
 import gc
 import os

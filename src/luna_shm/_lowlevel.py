@@ -36,6 +36,9 @@ STALE_MESSAGE = ("truncated or rewritten by another process while mapped here; "
 # The strerror of the OSError(ESTALE) for a stream cut below the audio appended so far.
 CUT_STREAM_MESSAGE = ("cut by another process below the audio written so far; a write "
                       "would leave a hole of zeros in it")
+# The strerror of the OSError(ESTALE) for a stream another program rewrote in place.
+REWRITTEN_STREAM_MESSAGE = ("rewritten by another process: its header is not this writer's "
+                            "any more; nothing was written")
 
 
 def check(rc: int, filename: str | None = None) -> int:
@@ -714,7 +717,9 @@ class Stream:
             OSError: the write failed (the file keeps the chunks before), or ESTALE:
                 another process truncated the file, so the mapped header page is
                 zeros now and the header would no longer reach the file, or the file
-                ends before the chunks appended so far (nothing was written).
+                ends before the chunks appended so far, or another process rewrote
+                it in place (its header page holds another header) (nothing was
+                written).
         """
         # No buffer context manager on this per-chunk path: CPython releases the buffer
         # as soon as the call returns. The C checks the header mapping's guard after
@@ -724,7 +729,12 @@ class Stream:
                                     chunk.nbytes)
         if rc < 0:
             if rc == -errno.ESTALE:
-                message = STALE_MESSAGE if self._header.broken else CUT_STREAM_MESSAGE
+                if self._header.broken:
+                    message = STALE_MESSAGE
+                elif os.fstat(self._fd).st_size < self._data_offset + self.data_bytes:
+                    message = CUT_STREAM_MESSAGE
+                else:  # the header page holds another program's header
+                    message = REWRITTEN_STREAM_MESSAGE
                 raise OSError(errno.ESTALE, message, self._header.filename)
             raise OSError(-rc, os.strerror(-rc), filename)
 

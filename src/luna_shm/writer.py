@@ -120,7 +120,8 @@ class WavWriter(FileResource):
                 the file would pass 4 GiB.
             OSError: the write failed; the file keeps exactly the chunks before.
                 ESTALE when another process cut the file below those chunks (nothing
-                is written: the chunk would land after a hole of zeros).
+                is written: the chunk would land after a hole of zeros) or rewrote it
+                in place (nothing is written: the file is the other program's now).
         """
         self._check_open()  # before the lock: a forked child never waits for it
         if (type(chunk) is np.ndarray and chunk.dtype == self.dtype
