@@ -200,7 +200,7 @@ int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t data_offset,
                     uint64_t *file_size, uint64_t *data_bytes, uint64_t *got)
 {
     if (!file_size || !data_bytes || !got || block == 0 || (!dst && cap) ||
-        data_offset < 12u || data_offset > LUNA_WAV_MAX_HEADER || offset < data_offset)
+        data_offset < 20u || data_offset > LUNA_WAV_MAX_HEADER || offset < data_offset)
         return -EINVAL;
     *got = 0;
     *data_bytes = 0;
@@ -216,13 +216,18 @@ int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t data_offset,
     /* The data size the writer stored, read before the samples: it stores it only
      * after the samples it counts are in the file, so every byte below it is the
      * writer's. Bytes past it are not, yet: an append whose sizes are still to come,
-     * or another process's bytes, which the writer's next append writes over. */
-    uint8_t field[4];
-    int rc = luna_read_at(fd, data_offset - 4u, field, sizeof field);
+     * or another process's bytes, which the writer's next append writes over. With
+     * the chunk id before it: a file another process rewrote in place has other
+     * bytes there (its samples, say), which are no count of ours. */
+    uint8_t chunk[8];
+    int rc = luna_read_at(fd, data_offset - 8u, chunk, sizeof chunk);
     if (rc == -ENODATA)
         return bits; /* it shrank meanwhile: the caller finds out */
     if (rc < 0)
         return rc;
+    if (memcmp(chunk, "data", 4) != 0)
+        return bits; /* not our header any more: the caller parses it again */
+    const uint8_t *field = chunk + 4;
     *data_bytes = (uint64_t)field[0] | ((uint64_t)field[1] << 8) |
                   ((uint64_t)field[2] << 16) | ((uint64_t)field[3] << 24);
     uint64_t end = data_offset + *data_bytes; /* <= 4 GiB + 128: no wrap */

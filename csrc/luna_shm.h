@@ -528,7 +528,8 @@ int luna_watch_wait(int fd, int timeout_ms);
 /* The hot path of a follower of a live WavWriter stream, in one call: wait as
  * luna_watch_wait and store fd's size in *file_size; when the only event was a
  * write (and the file holds bytes past offset), store the data size that the
- * header holds (the 4 bytes before data_offset) in *data_bytes and read the
+ * header holds (the 4 bytes before data_offset, when the 4 before them still
+ * say "data": else nothing is read) in *data_bytes and read the
  * whole blocks (block bytes each) of fd from offset up to the end of the data
  * that size counts, never past it nor the file's end, at most cap bytes, into
  * dst, storing how many in *got (0 when none were read, also when the file
@@ -536,7 +537,7 @@ int luna_watch_wait(int fd, int timeout_ms);
  * header's count are not the writer's yet: luna_stream_append stores the sizes
  * after the samples, and another process may have appended. Returns the
  * LUNA_WATCH_* bits or -errno (-EINVAL for block 0, a NULL pointer, a
- * data_offset outside [12, LUNA_WAV_MAX_HEADER] or an offset before it). */
+ * data_offset outside [20, LUNA_WAV_MAX_HEADER] or an offset before it). */
 int luna_watch_read(int watch_fd, int timeout_ms, int fd, uint64_t data_offset,
                     uint64_t offset, uint32_t block, void *dst, uint64_t cap,
                     uint64_t *file_size, uint64_t *data_bytes, uint64_t *got);

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -581,6 +581,64 @@ def test_a_live_stream_rewritten_in_place_under_its_follower_is_a_wav_error_nami
     with pytest.raises(WavError, match=r"live\.wav: the stream was rewritten under its "
                                        r"follower \(" + changes + r"\)"):
         call_with_deadline(lambda: list(blocks))
+    writer.abort()
+
+
+# Another process rewrites the file in place and keeps it open (no close event): a plain
+# 44-byte header, then 1000s, except the two samples that lie where the live header's data
+# size was (bytes 56-59), which read there as a count of 4000 bytes.
+REWRITE_KEPT_OPEN = """
+import sys
+import numpy as np
+other = np.full(48000, 1000, np.int16)
+other[6:8] = (4000, 0)
+header = (b"RIFF" + (36 + other.nbytes).to_bytes(4, "little") + b"WAVEfmt "
+          + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+          + (24000).to_bytes(4, "little") + (48000).to_bytes(4, "little")
+          + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+          + b"data" + other.nbytes.to_bytes(4, "little"))
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(0)
+    f.write(header + other.tobytes())
+    f.flush()
+    print("rewritten", flush=True)
+    sys.stdin.read()  # the file stays open for writing until the test is done
+"""
+
+
+@pytest.mark.parametrize("form", ["follow_wav", "iter_wav_stream"])
+def test_a_stream_rewritten_in_place_while_its_follower_waits_for_a_chunk_is_a_wav_error(
+        ram, form):
+    # The follower waited in its hot path (follow_wav: one C call that waits, then reads
+    # what the data size field counts; iter_wav_stream: a wait, then a read of the field)
+    # when another process rewrote the file and kept it open: the write events alone woke
+    # it, it read the other file's bytes at the old field as a count, and yielded the
+    # other file's samples as this stream's frames (found in review).
+    path = ram / "live.wav"
+    first, second = stream_chunks(2)
+    writer = WavWriter(path, RATE)
+    writer.write(first)
+    blocks: Iterator[object] = (follow_wav(path, timeout=10) if form == "follow_wav"
+                                else iter_wav_stream(path, header="raw", timeout=10))
+    assert np.array_equal(np.frombuffer(next(blocks), np.int16), first)
+    got: list[object] = []
+    waiting = threading.Thread(target=lambda: got.append(next(blocks)), daemon=True)
+    waiting.start()  # waits in the hot path for the next chunk
+    writer.write(second)
+    waiting.join(30)
+    assert len(got) == 1 and np.array_equal(np.frombuffer(got[0], np.int16), second)
+    with subprocess.Popen([sys.executable, "-c", REWRITE_KEPT_OPEN, str(path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as other:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline() == "rewritten\n"
+        try:
+            with pytest.raises(WavError, match=r"live\.wav: the stream was rewritten under its "
+                                               r"follower \(data offset \d+ -> 44, state "
+                                               r"chunk True -> False\)"):
+                call_with_deadline(lambda: got.extend(blocks))
+        finally:
+            other.stdin.close()
+    assert len(got) == 1
     writer.abort()
 
 

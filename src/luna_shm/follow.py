@@ -203,12 +203,20 @@ def _parse(fd: int, size: int, path: str) -> _lowlevel.WavInfo:
     info = _lowlevel.wav_parse_fd(fd, size, path)
     if info.stream_state == _lowlevel.STREAM_NONE:
         return info
-    return info._replace(data_bytes=_counted_bytes(fd, info.data_offset))
+    counted = _counted_bytes(fd, info.data_offset)
+    if counted is None:  # rewritten since the parse: the next look parses it again
+        return info
+    return info._replace(data_bytes=counted)
 
 
-def _counted_bytes(fd: int, data_offset: int) -> int:
-    """The data size a live stream's header holds now (the 4 bytes before its data)."""
-    return int.from_bytes(_os.pread(fd, 4, data_offset - 4), "little")
+def _counted_bytes(fd: int, data_offset: int) -> int | None:
+    """The data size a live stream's header holds now (the 4 bytes before its data), or
+    None when the 4 bytes before those no longer say "data": another process rewrote
+    the file in place (or cut it), and what lies there is no count of ours."""
+    chunk = _os.pread(fd, 8, data_offset - 8)
+    if chunk[:4] != b"data":
+        return None
+    return int.from_bytes(chunk[4:], "little")
 
 
 def _core(path: str, timeout: float | None) -> _Step:
@@ -310,13 +318,14 @@ def _core(path: str, timeout: float | None) -> _Step:
                                f"bytes of audio were read, the file now holds "
                                f"{max(size - data_offset, 0)})")
             if (bits == _lowlevel.WATCH_CHANGED and info is not None
-                    and info.stream_state == _lowlevel.STREAM_LIVE and info.block_align > 1):
+                    and info.stream_state == _lowlevel.STREAM_LIVE and info.block_align > 1
+                    and (counted := (known_counted if held is not None
+                                     else _counted_bytes(fd, data_offset))) is not None):
                 # The hot path: a live WavWriter appended. The new frames are those
                 # the header's data size counts (see _available), read from its field
-                # alone. A state change comes with a close event, which takes the
-                # full path below.
-                counted = (known_counted if held is not None
-                           else _counted_bytes(fd, data_offset))
+                # alone. A state change comes with a close event, and a field that is
+                # no longer after "data" (None: another process rewrote the file) is
+                # no count of ours: both take the full path below.
                 _check_counted(path, counted, delivered)
                 size = _check_not_cut(fd, path, data_offset, counted, size)
                 note_uncounted(counted, size)
@@ -338,8 +347,9 @@ def _core(path: str, timeout: float | None) -> _Step:
                 if info is not None and info.stream_state == _lowlevel.STREAM_LIVE:
                     # A live stream's header that no longer fits the file: its count
                     # passes the file's end (cut), or was stored after our size.
-                    _check_not_cut(fd, path, data_offset, _counted_bytes(fd, data_offset),
-                                   size)
+                    counted = _counted_bytes(fd, data_offset)
+                    if counted is not None:
+                        _check_not_cut(fd, path, data_offset, counted, size)
                 info = None
             if info is None:
                 # Not a WAV (yet): an empty placeholder, or a header being written.
