@@ -23,7 +23,7 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import as_other_user, call_with_deadline, require_tool, samples
+from helpers import LIBRARY_PATH, as_other_user, call_with_deadline, require_tool, samples
 from luna_shm import (
     StreamAbandoned,
     WavError,
@@ -757,6 +757,64 @@ def test_an_empty_path_is_a_value_error_at_the_call_not_a_wait_for_ever(ram, for
     # review).
     with pytest.raises(ValueError, match=r"^path must not be empty, got ''$"):
         form("")
+
+# A follower in its own process that prints its pid, then how many frames it followed.
+FOLLOW_AND_COUNT = """
+import os, sys
+print(os.getpid(), flush=True)
+from luna_shm import follow_wav
+print(sum(len(block) for block in follow_wav(sys.argv[1], timeout=60)), flush=True)
+"""
+
+
+def reading_one_byte_at_0(pid: int, path: Path) -> bool:
+    """True while a thread of process pid is held in a system call on its fd of path whose
+    next arguments are 1 and 0: pread(fd, buf, 1, 0) (/proc/<pid>/task/<tid>/syscall: the
+    number, then the arguments in hex)."""
+    fds = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                fds.add(hex(int(fd)))
+        except FileNotFoundError:
+            continue
+    for task in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()
+        if len(fields) > 4 and fields[1] in fds and fields[3:5] == ["0x1", "0x0"]:
+            return True
+    return False
+
+
+def test_an_empty_file_that_a_writer_fills_meanwhile_is_followed_not_taken_for_a_proc_file(
+        ram, tmp_path):
+    # The follower found the file empty, then read a byte of it to tell a /proc file (size
+    # 0, yet it reads) from a placeholder; a WavWriter that wrote its header in between made
+    # that read succeed, and a follower started before the writer raised "not a WAV file
+    # that is being written ... (a /proc or /sys file?)" (found in review: 1 follower in
+    # 75 started before a writer at a new path). strace holds that read for 3 s while the
+    # writer here streams and closes.
+    strace = require_tool("strace")
+    path = ram / "live.wav"
+    path.write_bytes(b"")  # get_temp_audio_path(create=True) or a writer's first moment
+    command = [strace, "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-e", "signal=none",
+               "-e", "trace=pread64", "-e", "inject=pread64:delay_enter=3000000:when=1",
+               "-P", str(path), sys.executable, "-c", FOLLOW_AND_COUNT, str(path)]
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as child:
+        assert child.stdout is not None
+        pid = int(child.stdout.readline())
+        end = time.monotonic() + 60
+        while not reading_one_byte_at_0(pid, path):
+            assert child.poll() is None and time.monotonic() < end, "it never read the file"
+            time.sleep(0.002)
+        parts = stream_chunks(3)
+        with WavWriter(path, RATE) as writer:  # in the empty file, as the follower reads it
+            for part in parts:
+                writer.write(part)
+        out, err = child.communicate(timeout=60)
+    assert (child.returncode, out.split()) == (0, [str(3 * CHUNK)]), err
+
 
 def test_a_proc_file_is_refused_at_once_not_waited_for(ram):
     # /proc files say they are empty and read all the same; no write makes them a WAV,

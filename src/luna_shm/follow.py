@@ -356,6 +356,8 @@ def _core(path: str, timeout: float | None) -> _Step:
                 if size and _lock_is_free(fd) and _lowlevel.writers_gone(fd) is not False:
                     _lowlevel.wav_parse_fd(fd, _os.fstat(fd).st_size, path)  # raises
                 if not size and _os.pread(fd, 1, 0):
+                    if _os.fstat(fd).st_size:
+                        continue  # a writer filled the empty file meanwhile: look again
                     # Its size says empty, yet it reads: a /proc or /sys file, which no
                     # write ever makes a WAV (and inotify never reports).
                     raise WavError(f"{path}: not a WAV file that is being written: its size "
