@@ -356,6 +356,34 @@ def test_a_failed_chunk_after_an_odd_data_size_leaves_the_file_byte_for_byte_as_
     assert json.loads(assert_child_ok(done)) == {"error": errno.ENOSPC, "pad": 0, "same": True}
 
 
+def test_a_writer_closed_after_a_failed_chunk_lets_go_of_its_file_lock_at_once():
+    # Found in review: the failed write kept its exception in a local of its own frame (a
+    # cycle through the traceback), and with it the stream's header mapping, which holds
+    # the open file: after close() the flock stayed until a garbage collection, so
+    # followers and cleanups took the closed stream for a live one.
+    done = run_in_private_shm("""
+        import fcntl, gc, json, os
+        import numpy as np
+        from luna_shm import WavWriter
+        gc.disable()
+        writer = WavWriter("/dev/shm/failed.wav", 8000, 1, "int16")
+        writer.write(np.ones(100, np.int16))
+        try:
+            writer.write(np.ones(1 << 20, np.int16))
+        except OSError as exc:
+            error = exc.errno
+        writer.close()
+        fd = os.open("/dev/shm/failed.wav", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        print(json.dumps({"error": error, "free": free}))
+    """, shm_size="1m")
+    assert json.loads(assert_child_ok(done)) == {"error": errno.ENOSPC, "free": True}
+
+
 # ---- threads sharing one writer --------------------------------------------------------------
 
 CHUNK = 480  # 20 ms at 24 kHz

@@ -459,7 +459,13 @@ def retry_after(failure: OSError, attempt: Callable[[], _T]) -> _T:
                 return attempt()
         finally:
             reserve.resume()
-    raise failure
+    try:
+        raise failure
+    finally:
+        # failure's traceback holds this frame: without this, the cycle would keep what
+        # the failed attempt referred to (a WavWriter's stream mapping, and so its file's
+        # flock) alive until a garbage collection.
+        del failure, attempt
 
 
 def make_room(directory: str, length: int) -> bool:

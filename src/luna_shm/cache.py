@@ -1779,12 +1779,10 @@ class AudioCache:
 class _RenderWriter(WavWriter):
     """The WavWriter a render streams into: before a chunk that the RAM disk may have no
     room for, the cache's own unpinned entries make room (make_room, see
-    AudioCache._room_on_ram_disk). A render cannot simply be run again, and a chunk
-    refused with ENOSPC is not retried here: WavWriter.write's failure would keep the
-    file's flock until a garbage collection. So the room is looked at before the write
-    (fstatvfs), only when what was free at the last look, less what was written since,
-    may not hold the chunk: another process that fills the RAM disk meanwhile still
-    ends the render with ENOSPC."""
+    AudioCache._room_on_ram_disk). A render cannot simply be run again, so the room is
+    looked at before the write (fstatvfs), only when what was free at the last look,
+    less what was written since, may not hold the chunk: another process that fills the
+    RAM disk meanwhile still ends the render with ENOSPC."""
 
     make_room: Callable[[int], bool] | None = None
     _free = 0

@@ -149,10 +149,17 @@ class WavWriter(FileResource):
             # writes anything (no check of ours on every chunk), and so does a file size
             # limit (RLIMIT_FSIZE) of this process when the write reaches it. The first is a
             # ValueError that says so.
-            if failure.errno == _errno.EFBIG:
-                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
-                                        self._data_offset)
-            raise _newfile.explain_full_disk(failure, self.path) from None
+            try:
+                if failure.errno == _errno.EFBIG:
+                    formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
+                                            self._data_offset)
+                raise _newfile.explain_full_disk(failure, self.path) from None
+            finally:
+                # failure's traceback holds this frame: without this, the cycle would
+                # keep the stream's header mapping, and so the file and its flock,
+                # after close(), until a garbage collection (followers and cleanups
+                # would take the closed stream for a live one).
+                del failure
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not
