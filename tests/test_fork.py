@@ -444,6 +444,26 @@ def test_a_helper_forked_by_a_render_never_keeps_its_waiters_waiting(private_dir
         cache.destroy()
 
 
+def fork_a_helper_that_lives_on(stay_read: int, stay_write: int) -> int:
+    """Fork a child that lives until stay_write is closed, and return its pid once it has
+    run its at-fork hooks: it closes the copies luna_shm lets go of when it first runs,
+    which a busy machine may delay past the parent's next steps."""
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: a helper that lives on
+        os.close(ready_read)
+        os.close(stay_write)
+        os.close(ready_write)  # its at-fork hooks have run
+        os.read(stay_read, 1)
+        os._exit(0)
+    os.close(ready_write)
+    try:
+        assert os.read(ready_read, 1) == b""
+    finally:
+        os.close(ready_read)
+    return pid
+
+
 def test_a_buffer_and_a_cache_entry_closed_after_a_fork_are_free_while_the_child_lives(
         private_dirs) -> None:
     # The child kept its copies of the buffer's and the entry's open files, and with them
@@ -455,19 +475,10 @@ def test_a_buffer_and_a_cache_entry_closed_after_a_fork_are_free_while_the_child
     buf = create_wav_buffer(100, 8000)
     entry = cache.get(key)
     assert entry is not None
-    ready_read, ready_write = os.pipe()
     stay_read, stay_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: a helper that lives on
-        os.close(ready_read)
-        os.close(stay_write)
-        os.close(ready_write)  # its at-fork hooks have run
-        os.read(stay_read, 1)
-        os._exit(0)
-    os.close(ready_write)
+    pid = fork_a_helper_that_lives_on(stay_read, stay_write)
     os.close(stay_read)
     try:
-        assert os.read(ready_read, 1) == b""
         # By inode: a file made with O_TMPFILE keeps its "#<inode> (deleted)" name there.
         held = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
         with open(f"/proc/{pid}/maps") as maps:
@@ -480,7 +491,6 @@ def test_a_buffer_and_a_cache_entry_closed_after_a_fork_are_free_while_the_child
         assert cache.discard(key) is True
     finally:
         os.close(stay_write)
-        os.close(ready_read)
         os.waitpid(pid, 0)
         cache.destroy()
 
@@ -533,19 +543,7 @@ def test_a_child_forked_while_a_thread_waits_for_a_render_never_pins_the_entry(
         waiter = threading.Thread(target=wait_for_the_render, daemon=True)
         waiter.start()
         wait_until_someone_waits_for_flock(live, inode, waiter.is_alive)
-        ready_read, ready_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child: a helper that lives on
-            os.close(ready_read)
-            os.close(stay_write)
-            os.close(ready_write)  # its at-fork hooks have run
-            os.read(stay_read, 1)
-            os._exit(0)
-        # The child closes its copies when it first runs, which a busy machine may delay
-        # past the render's end: wait for it, or the entry is (briefly) pinned by right.
-        os.close(ready_write)
-        assert os.read(ready_read, 1) == b""
-        os.close(ready_read)
+        pid = fork_a_helper_that_lives_on(stay_read, stay_write)
         renderer.stdin.write("go\n")
         renderer.stdin.flush()
         assert renderer.stdout.readline() == "stored\n"
