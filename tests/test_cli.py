@@ -32,7 +32,7 @@ from luna_shm import AudioCache, _lowlevel, cli, demo, placement
 from luna_shm.cli import parse_duration
 
 STATUS_KEYS = {"version", "backend", "dir", "reason", "in_ram", "fs_type", "bytes_free",
-               "bytes_total", "ram_dir", "fallback_dir", "files"}
+               "bytes_total", "size_limited", "ram_dir", "fallback_dir", "files"}
 GROUP_KEYS = {"dir", "prefix", "count", "bytes", "oldest_age_seconds", "held"}
 DAY = 86400
 
@@ -126,6 +126,7 @@ def test_status_json_is_one_object_with_the_documented_fields(private_dirs) -> N
     assert status["fallback_dir"] == private_dirs.fallback
     assert status["in_ram"] is True and status["fs_type"] == "tmpfs"
     assert 0 < status["bytes_free"] <= status["bytes_total"]
+    assert status["size_limited"] is True
     assert all(set(g) == GROUP_KEYS for g in status["files"])
 
 

@@ -623,8 +623,10 @@ def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(
             with contextlib.redirect_stdout(status):
                 luna_shm.cli.main(["status"])
             space = [line for line in status.getvalue().splitlines() if "space:" in line]
+            as_json = luna_shm.cli.collect_status()
             report(paths=paths, blocks=statvfs.f_blocks, prepared=stats.files,
-                   failures=stats.failures, space=space)
+                   failures=stats.failures, space=space,
+                   json_space=[as_json[k] for k in ("bytes_total", "size_limited")])
         """)
     )
     out = json.loads(assert_child_ok(done))
@@ -632,6 +634,7 @@ def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(
     assert [os.path.dirname(path) for path in out["paths"]] == ["/tmp/unlimited"] * 7
     assert out["prepared"] >= 1 and out["failures"] == 0
     assert out["space"] == ["space:    no size limit (its filesystem reports none)"]
+    assert out["json_space"] == [0, False]
     assert out["log"] == []
 
 

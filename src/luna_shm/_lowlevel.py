@@ -234,14 +234,33 @@ class FsInfo:
 
     @property
     def size_limited(self) -> bool:
-        """False for a filesystem with no size limit (ramfs, a tmpfs mounted with
-        size=0): statvfs reports 0 blocks and 0 free there, which says nothing of room."""
-        return self.bytes_total != 0
+        """False for a filesystem with no size limit (see room_left)."""
+        return room_left(self.bytes_total, self.bytes_free) != NO_SIZE_LIMIT
 
     def has_room(self, length: int) -> bool:
         """True when path is a directory where length bytes fit in the free space, or
         whose filesystem has no limit."""
-        return self.is_dir and (not self.size_limited or self.bytes_free >= length)
+        return self.is_dir and room_left(self.bytes_total, self.bytes_free) >= length
+
+
+# What room_left counts on a filesystem with no size limit: more than anything can need.
+NO_SIZE_LIMIT = sys.maxsize
+
+
+def room_left(bytes_total: int, bytes_free: int) -> int:
+    """The bytes a file may still grow by on a filesystem of bytes_total bytes with
+    bytes_free free for this user; NO_SIZE_LIMIT when bytes_total is 0: ramfs and a tmpfs
+    mounted with size=0 report 0 blocks and 0 free in statvfs, which says nothing of room.
+    The one place that rule lives (placement, the prefault reserve, the cache's eviction,
+    ``luna-shm status``)."""
+    return bytes_free if bytes_total != 0 else NO_SIZE_LIMIT
+
+
+def room_on(fd_or_path: int | str) -> int:
+    """room_left of the filesystem an open fd or a path is on, from (f)statvfs: one system
+    call, for a caller that needs no more than the room (a render between chunks)."""
+    fs = os.statvfs(fd_or_path)
+    return room_left(fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize)
 
 
 def fs_probe(path: str) -> FsInfo:

@@ -48,7 +48,6 @@ import os as _os
 import re as _re
 import stat as _stat
 import struct as _struct
-import sys as _sys
 import threading as _threading
 import time as _time
 import warnings as _warnings
@@ -1266,7 +1265,7 @@ class AudioCache:
         needed = nbytes + _ROOM_MARGIN
 
         def free() -> int:
-            return _free_bytes(tier.directory)
+            return _lowlevel.room_on(tier.directory)
 
         def room() -> bool:
             return free() >= needed
@@ -1790,26 +1789,16 @@ class _RenderWriter(WavWriter):
     def write(self, chunk: object) -> None:
         nbytes = int(getattr(chunk, "nbytes", 0))
         if self.make_room is not None and nbytes + _ROOM_MARGIN > self._free:
-            self._free = _free_bytes(self.fileno())
+            self._free = _lowlevel.room_on(self.fileno())
             if nbytes + _ROOM_MARGIN > self._free:
                 self.make_room(nbytes)
-                self._free = _free_bytes(self.fileno())
+                self._free = _lowlevel.room_on(self.fileno())
         super().write(chunk)
         self._free -= nbytes
 
 
 # Room for a file's header and its last, partly filled page, beyond its samples.
 _ROOM_MARGIN = 2 * _os.sysconf("SC_PAGE_SIZE")
-
-
-def _free_bytes(fd_or_path: int | str) -> int:
-    """The bytes this user may still write on the file system of fd_or_path; for one
-    with no size limit (ramfs, a tmpfs mounted with size=0: statvfs reports 0 blocks
-    and 0 free there), as many as an index can count, never a reason to evict."""
-    fs = _os.statvfs(fd_or_path)
-    if fs.f_blocks == 0:
-        return _sys.maxsize
-    return fs.f_bavail * fs.f_frsize
 
 
 def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:

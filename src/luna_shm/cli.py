@@ -188,7 +188,9 @@ def collect_status() -> dict[str, Any]:
 
     Returns:
         Keys: version, backend {module, memfd, o_tmpfile}, dir, reason, in_ram,
-        fs_type, bytes_free, bytes_total (None when the dir cannot be examined),
+        fs_type, bytes_free, bytes_total, size_limited (None when the dir cannot be
+        examined; size_limited False on a filesystem with no size limit, whose
+        statvfs says 0 bytes of 0),
         ram_dir, fallback_dir, and files: one entry per dir and prefix with
         dir, prefix, count, bytes, oldest_age_seconds (None without files), held.
     """
@@ -196,12 +198,14 @@ def collect_status() -> dict[str, Any]:
     fs_type: str | None = None
     bytes_free: int | None = None
     bytes_total: int | None = None
+    size_limited: bool | None = None
     try:
         info = _lowlevel.fs_probe(where.directory)
     except OSError:
         pass
     else:
         fs_type, bytes_free, bytes_total = _fs_type_name(info), info.bytes_free, info.bytes_total
+        size_limited = info.size_limited
     now = _time.time()
     files = [group for directory in placement.our_dirs() for group in _scan(directory, now)]
     return {
@@ -217,6 +221,7 @@ def collect_status() -> dict[str, Any]:
         "fs_type": fs_type,
         "bytes_free": bytes_free,
         "bytes_total": bytes_total,
+        "size_limited": size_limited,
         "ram_dir": where.ram_dir,
         "fallback_dir": where.fallback_dir,
         "files": [asdict(group) for group in files],
@@ -243,7 +248,7 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
           file=out)
     if status["bytes_free"] is None:
         print("space:    unknown (the dir cannot be examined)", file=out)
-    elif status["bytes_total"] == 0:  # ramfs: statvfs says 0 of 0, as nothing bounds it
+    elif not status["size_limited"]:
         print("space:    no size limit (its filesystem reports none)", file=out)
     else:
         print(f"space:    {_format_bytes(status['bytes_free'])} free of "
