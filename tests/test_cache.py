@@ -451,6 +451,73 @@ def test_a_render_that_closes_its_writer_keeps_its_audio_and_its_waiters(cache,
     assert [n for n in os.listdir(cache.directory) if n.endswith((".live", ".part"))] == []
 
 
+@pytest.mark.parametrize("then_raise", [False, True], ids=["closes", "closes-then-raises"])
+def test_a_render_that_closes_its_writer_ends_its_followers_stream_only_when_it_returns(
+        cache, then_raise) -> None:
+    # A follower (a player) of a render that wrote inside `with writer:` and then raised
+    # was shown a finished stream at the close: it played the audio as complete, while
+    # the render failed and nothing was stored. The stream now ends when render returns:
+    # as finished when it is stored, as abandoned when the render raised.
+    key = cache_key("closes, and only then fails")
+    closed, go_on = threading.Event(), threading.Event()
+    inside: dict[str, object] = {}
+
+    def render(writer) -> None:
+        with writer:
+            writer.write(tone(key))
+        inside["closed"] = writer.closed
+        try:
+            writer.write(tone(key, 10))
+        except ValueError as exc:
+            inside["write after close"] = str(exc)
+        closed.set()
+        go_on.wait(30)
+        if then_raise:
+            raise ConnectionError("TTS server went away after the last chunk")
+
+    outcomes: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            cache.get_or_render(key, render, samplerate=16000).release()
+        except BaseException as exc:
+            outcomes["renderer"] = exc
+
+    def follow(blocks: list[np.ndarray]) -> None:
+        try:
+            for block in cache.follow(key, timeout=30):
+                blocks.append(block)
+                followed.set()
+            outcomes["follower"] = "finished"
+        except BaseException as exc:
+            outcomes["follower"] = exc
+
+    renderer = threading.Thread(target=call)
+    renderer.start()
+    assert closed.wait(30)
+    blocks: list[np.ndarray] = []
+    followed = threading.Event()
+    follower = threading.Thread(target=follow, args=(blocks,))
+    follower.start()
+    assert followed.wait(30)
+    follower.join(0.5)
+    # The close did not end the stream: the follower still waits for the render.
+    assert follower.is_alive(), outcomes
+    go_on.set()
+    renderer.join(30)
+    follower.join(30)
+    assert inside == {"closed": True, "write after close": "I/O operation on closed WavWriter"}
+    np.testing.assert_array_equal(np.concatenate(blocks), tone(key))
+    if then_raise:
+        assert isinstance(outcomes["renderer"], ConnectionError), outcomes
+        assert isinstance(outcomes["follower"], luna_shm.StreamAbandoned), outcomes
+        assert cache.get(key) is None
+    else:
+        assert outcomes == {"follower": "finished"}
+        with cache.get(key) as entry:
+            np.testing.assert_array_equal(entry.array, tone(key))
+
+
 def test_threads_waiting_on_a_failing_render_get_a_render_error(cache) -> None:
     key = cache_key("fails for everyone")
     started, release = threading.Event(), threading.Event()

@@ -1439,19 +1439,20 @@ class AudioCache:
         return True
 
     def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
-                      ) -> tuple[WavWriter | None, str]:
+                      ) -> tuple[_RenderWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
         (None, "") when another live renderer has it."""
         live = self._ram.path(key + _LIVE)
         for _ in range(8):
             part = self._ram.path(f".{key}.{_token()}{_PART}")
             try:
-                writer: WavWriter | None = _RenderWriter(part, samplerate, channels, dtype)
+                writer: _RenderWriter | None = _RenderWriter(part, samplerate, channels,
+                                                             dtype)
             except OSError as exc:  # a full RAM disk: our own entries make room (see put)
                 if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(0):
                     raise
                 writer = _RenderWriter(part, samplerate, channels, dtype)
-            assert isinstance(writer, _RenderWriter)
+            assert writer is not None
             writer.make_room = self._room_on_ram_disk
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
@@ -1505,7 +1506,7 @@ class AudioCache:
         (its mtime is the TTL clock)."""
         return self.ttl is not None and now - st.st_mtime > self.ttl
 
-    def _render(self, key: str, writer: WavWriter, live: str,
+    def _render(self, key: str, writer: _RenderWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
         """Run render into writer (whose file is key.live, exclusively locked), store the
         result, then let the waiters go: by then the entry, or the outcome, is there.
@@ -1531,7 +1532,11 @@ class AudioCache:
             # keep the exclusive flock: the waiters would sleep while it lives, after this
             # process failed or died (the writer lets go of its own fd at a fork).
             _resource.close_in_child(pin)
-            render(writer)
+            writer.rendering = True
+            try:
+                render(writer)
+            finally:
+                writer.rendering = False
             if _resource.current_pid != owner:
                 raise RuntimeError(
                     f"a child forked inside the render of {key!r} returned from it: the "
@@ -1553,9 +1558,8 @@ class AudioCache:
             held = pin[0] if pin[0] >= 0 else -1 if writer.closed else writer.fileno()
             if held >= 0 and _newfile.still_named(held, live):
                 _unlink_quietly(live)
-            # Its followers (AudioCache.follow) raise StreamAbandoned; a render that closed
-            # the writer already ended its stream as finished, which stays (nothing left
-            # to abort), but its file is gone and nothing is stored.
+            # Its followers (AudioCache.follow) raise StreamAbandoned, after a render that
+            # closed the writer too (its close left the stream live, see _RenderWriter).
             writer.abort()
             _lowlevel.release(pin)  # the last descriptor: the waiters wake to the note
             raise
@@ -1781,10 +1785,35 @@ class _RenderWriter(WavWriter):
     AudioCache._room_on_ram_disk). A render cannot simply be run again, so the room is
     looked at before the write (fstatvfs), only when what was free at the last look,
     less what was written since, may not hold the chunk: another process that fills the
-    RAM disk meanwhile still ends the render with ENOSPC."""
+    RAM disk meanwhile still ends the render with ENOSPC.
+
+    While render(writer) runs (rendering, set by AudioCache._render), close() and abort()
+    end the render's writing but not its stream: whether the stream ends as finished or
+    as failed is known only when render returns. A render that closes its writer (``with
+    writer:``) and then raises must not have shown its followers a finished stream of
+    audio that is never stored; they learn that it failed (StreamAbandoned)."""
 
     make_room: Callable[[int], bool] | None = None
     _free = 0
+    rendering = False
+    _closed_by_render = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_by_render or super().closed
+
+    def _check_open(self) -> None:
+        if self._closed_by_render:
+            raise ValueError("I/O operation on closed WavWriter")
+        super()._check_open()
+
+    def close(self) -> None:
+        if self.rendering and self._pid == _resource.current_pid:
+            with self._lock:  # waits for a write in progress, as WavWriter.close does
+                self._closed_by_render = True
+            return
+        self._closed_by_render = False
+        super().close()
 
     def write(self, chunk: object) -> None:
         nbytes = int(getattr(chunk, "nbytes", 0))
