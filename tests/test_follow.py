@@ -1189,3 +1189,43 @@ def test_a_follower_that_may_not_take_a_lease_ends_a_final_header_and_waits_on_a
                                      f"'{path}'"}
     else:
         assert report == {"frames": 100}
+
+
+def test_an_async_follower_cancelled_as_its_wait_ends_raises_cancelled_error(ram):
+    # asyncio.wait_for (CPython 3.11) swallows a cancellation that comes in the same loop
+    # turn as the wake-up (gh-86296): the cancelled consumer went on iterating. Here the
+    # chunk makes the inotify fd readable and the cancel is queued before the next turn,
+    # so the two land together; on the old code the task ended normally every time.
+    rounds = 20
+
+    async def one_round(path: Path) -> str:
+        loop = asyncio.get_running_loop()
+        parts = stream_chunks(2)
+        writer = WavWriter(path, RATE)
+        writer.write(parts[0])
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in afollow_wav(path, timeout=30):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await first.wait()  # the consumer now waits in the follower, with a timeout
+        writer.write(parts[1])
+        loop.call_soon(task.cancel)
+        loop.call_soon(writer.close)  # a follower that goes on ends with the stream
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        finally:
+            writer.close()
+        return "went on"
+
+    async def main() -> list[str]:
+        return [await one_round(ram / f"c{i}.wav") for i in range(rounds)]
+
+    before = set(os.listdir("/proc/self/fd"))
+    outcomes = call_with_deadline(lambda: asyncio.run(main()))
+    assert outcomes == ["cancelled"] * rounds
+    assert set(os.listdir("/proc/self/fd")) <= before  # each follower's fds closed

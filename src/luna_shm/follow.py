@@ -537,6 +537,12 @@ def afollow_wav(path: str | _os.PathLike[str], *,
 
 
 async def _readable(fd: int, timeout: float | None) -> None:
+    """Wait until fd is readable, at most timeout seconds (None: no limit).
+
+    ``asyncio.timeout``, not ``asyncio.wait_for``: on CPython 3.11, wait_for returns
+    normally when a cancellation comes in the same loop turn as the wake-up
+    (gh-86296), and a cancelled consumer would go on iterating.
+    """
     loop = _asyncio.get_running_loop()
     ready: _asyncio.Future[None] = loop.create_future()
 
@@ -546,7 +552,8 @@ async def _readable(fd: int, timeout: float | None) -> None:
 
     loop.add_reader(fd, wake)
     try:
-        await _asyncio.wait_for(ready, timeout)
+        async with _asyncio.timeout(timeout):
+            await ready
     except TimeoutError:
         pass
     finally:
