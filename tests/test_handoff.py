@@ -477,3 +477,99 @@ def test_send_after_the_peer_closed_raises_broken_pipe_error(private_dirs, pair)
         with pytest.raises(BrokenPipeError):
             send_wav(ours, buf)
         os.unlink(buf.path)
+
+
+# ---- a peer that claims more audio than a receiver takes ----------------------------------
+
+HUGE_SPARSE_SENDER = """
+    import os, socket, struct, sys
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    data = 0xFFFFFFD0  # int16 mono: 2 GiB frames, 4 GiB of audio, all holes
+    header = (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+              + b"data" + struct.pack("<I", data))
+    fd = os.memfd_create("huge", 0)  # no seals: recv_wav copies it
+    os.write(fd, header)
+    os.ftruncate(fd, len(header) + data)  # sparse: costs the sender nothing
+    socket.send_fds(sock, [b"LUNAWAV1"], [fd])
+    sock.recv(1)  # keep the file until the receiver is done
+"""
+
+CAPPED_RECEIVER = """
+    import os, resource, socket, sys
+    from luna_shm.errors import HandoffError
+    from luna_shm.handoff import recv_wav
+    # An address space of 2 GiB: the old receiver's 4 GiB array is a MemoryError here,
+    # never 4 GiB of this shared machine's memory.
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        recv_wav(sock)
+    except HandoffError as exc:
+        print("refused:", exc)
+    except MemoryError:
+        print("allocated")
+    print("fds", len(os.listdir("/proc/self/fd")) - before)
+"""
+
+
+@needs_memfd
+def test_recv_of_a_sparse_file_claiming_4_gib_refuses_before_allocating(pair) -> None:
+    # A peer's unsealed sparse memfd whose header claims 4 GiB made recv_wav allocate
+    # (and fill) a 4 GiB copy: a hostile or buggy client could make a daemon take it.
+    ours, theirs = pair
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    sender = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HUGE_SPARSE_SENDER), str(ours.fileno())],
+        pass_fds=[ours.fileno()], env=env)
+    try:
+        received = run_child(CAPPED_RECEIVER, theirs)
+    finally:
+        theirs.sendall(b"x")
+        sender.wait(timeout=60)
+    assert received.returncode == 0, received.stderr
+    assert received.stdout.splitlines() == [
+        "refused: recv_wav: the received WAV holds 4294967248 bytes of audio (2147483624 "
+        "frames of 1 channel, int16), more than max_bytes=1073741824; the file was not "
+        "read",
+        "fds 0",
+    ]
+
+
+@pytest.mark.parametrize("anonymous", BUFFER_KINDS)
+def test_recv_takes_audio_up_to_max_bytes_and_refuses_one_byte_less(
+        private_dirs, pair, anonymous) -> None:
+    ours, theirs = pair
+    with create_wav_buffer(100, RATE, 2, "int16", anonymous=anonymous) as buf:
+        buf.array[:] = 7
+        send_wav(ours, buf)
+        before = open_fds()
+        with pytest.raises(HandoffError, match=r"holds 400 bytes of audio \(100 frames of 2 "
+                                               r"channels, int16\), more than max_bytes=399"):
+            recv_wav(theirs, max_bytes=399)
+        assert open_fds() == before
+        send_wav(ours, buf)
+        data, _ = recv_wav(theirs, max_bytes=400)
+        assert data.shape == (100, 2) and (data == 7).all()
+        send_wav(ours, buf)
+        data, _ = recv_wav(theirs, max_bytes=None)
+        assert data.shape == (100, 2)
+
+
+@pytest.mark.parametrize(("max_bytes", "error", "message"), [
+    (-1, ValueError, "max_bytes must be >= 0, got -1"),
+    (1.5, TypeError, "max_bytes must be an int, got 1.5"),
+    (True, TypeError, "max_bytes must be an int, got True"),
+    ("1", TypeError, "max_bytes must be an int, got '1'"),
+])
+def test_recv_with_a_max_bytes_that_is_no_size_raises_naming_it_and_leaves_the_message(
+        private_dirs, pair, max_bytes, error, message) -> None:
+    ours, theirs = pair
+    path = write_wav(None, np.arange(10, dtype=np.int16), RATE)
+    send_file(ours, path)
+    with pytest.raises(error, match=message):
+        recv_wav(theirs, max_bytes=max_bytes)
+    data, _ = recv_wav(theirs)  # the handoff is still there for a call that can take it
+    np.testing.assert_array_equal(data, np.arange(10))
+    os.unlink(path)

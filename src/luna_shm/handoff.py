@@ -27,6 +27,7 @@ import select as _select
 import socket as _socket
 import stat as _stat
 import time as _time
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,11 @@ from luna_shm.errors import HandoffError, WavError
 __all__ = ["HANDOFF_HEADER", "recv_wav", "send_wav"]
 
 HANDOFF_HEADER = b"LUNAWAV1"
+
+# recv_wav's default cap on the audio it takes: the header of a sparse file (no memory
+# to its sender) may claim 4 GiB, which a receiver would copy into memory of its own.
+# 1 GiB is 46 minutes of 48 kHz stereo float32, 6 hours of 24 kHz mono int16.
+_DEFAULT_MAX_BYTES = 1 << 30
 
 
 def _check_unix(sock: object, who: str) -> _socket.socket:
@@ -105,9 +111,23 @@ def _cannot_shrink(fd: int) -> bool:
     return bool(seals & _fcntl.F_SEAL_SHRINK)
 
 
-def _map_wav(fd: int) -> tuple[np.ndarray, int]:
+def _check_size(info: _lowlevel.WavInfo, dtype: np.dtype[Any], max_bytes: int | None
+                ) -> None:
+    """Raise HandoffError when the array of info's audio would pass max_bytes."""
+    nbytes = info.frames * info.channels * dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        channels = f"{info.channels} channel{'s' if info.channels > 1 else ''}"
+        raise HandoffError(
+            f"recv_wav: the received WAV holds {nbytes} bytes of audio ({info.frames} "
+            f"frames of {channels}, {dtype}), more than max_bytes={max_bytes}; the file "
+            "was not read"
+        )
+
+
+def _map_wav(fd: int, max_bytes: int | None) -> tuple[np.ndarray, int]:
     """Parse the WAV in fd and return a read-only array of its samples (fd stays open):
-    a view of the sender's memory when its file cannot shrink, a private copy otherwise."""
+    a view of the sender's memory when its file cannot shrink, a private copy otherwise;
+    HandoffError, before any of it is read, when that array would pass max_bytes."""
     name = _describe(fd)
     st = _os.fstat(fd)
     if not _stat.S_ISREG(st.st_mode):
@@ -120,6 +140,7 @@ def _map_wav(fd: int) -> tuple[np.ndarray, int]:
                            "write-only or O_PATH)") from None
         raise
     dtype = formats.dtype_of(info)
+    _check_size(info, dtype, max_bytes)
     count = info.frames * info.channels
     if info.bits == 24:  # no numpy type for packed 24-bit: unpacked, a copy
         raw = np.empty(count * 3, dtype=np.uint8)
@@ -145,12 +166,17 @@ def _map_wav(fd: int) -> tuple[np.ndarray, int]:
     return samples.reshape(shape), info.samplerate
 
 
-def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
+def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
+             ) -> tuple[np.ndarray, int]:
     """Receive a WAV handed over with :func:`send_wav` and map it with zero copies.
 
     Args:
         sock: a connected AF_UNIX socket (``SO_PASSCRED``, ``SO_PASSPIDFD`` or
             ``SO_PASSSEC`` on it are fine: what they add to the message is dropped).
+        max_bytes: the largest array this takes (its ``nbytes``; default 1 GiB, None:
+            no limit). A peer's header may claim 4 GiB of a sparse file that costs it
+            nothing, and a copy of it would cost the receiver 4 GiB: a daemon that
+            receives from clients it does not trust sets what it can afford.
 
     Returns:
         ``(data, samplerate)``: data is a read-only array of shape (frames,) or
@@ -163,10 +189,13 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
         lives as long as the array.
 
     Raises:
+        TypeError, ValueError: (at the call) sock is not an AF_UNIX socket, or
+            max_bytes is not None or an int >= 0 (naming what was passed).
         EOFError: the peer closed the socket before sending anything.
         HandoffError: the message carried no file descriptor, more than one, or
             not the handoff header (a ValueError); on a datagram or seqpacket
-            socket, also a message longer than the header.
+            socket, also a message longer than the header; the WAV's array would
+            be larger than max_bytes (nothing of it was read).
         WavError: the received file is not a WAV file we can read (not open
             for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
@@ -177,6 +206,8 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
             drops it: that WAV is lost).
     """
     _check_unix(sock, "recv_wav")
+    if max_bytes is not None:
+        max_bytes = formats.check_int("max_bytes", max_bytes)
     want = len(HANDOFF_HEADER)
     cell = _lowlevel.fd_cell()  # owns the fd that comes, from the moment it comes
     msg, flags = _receive(sock, want, cell)
@@ -208,7 +239,7 @@ def recv_wav(sock: _socket.socket) -> tuple[np.ndarray, int]:
                 f"recv_wav: not a luna_shm WAV handoff: header {msg!r}, "
                 f"expected {HANDOFF_HEADER!r}"
             )
-        return _map_wav(fd)
+        return _map_wav(fd, max_bytes)
     finally:
         _lowlevel.release(cell)
 
