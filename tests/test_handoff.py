@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -572,4 +573,73 @@ def test_recv_with_a_max_bytes_that_is_no_size_raises_naming_it_and_leaves_the_m
         recv_wav(theirs, max_bytes=max_bytes)
     data, _ = recv_wav(theirs)  # the handoff is still there for a call that can take it
     np.testing.assert_array_equal(data, np.arange(10))
+    os.unlink(path)
+
+
+# ---- a header split across two sends ------------------------------------------------------
+
+SPLITTING_SENDER = """
+    import os, socket, sys
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    socket.send_fds(sock, [b"LUNA"], [fd])  # the fd comes with the first half
+    os.close(fd)
+    sock.recv(1)  # the receiver has looked meanwhile
+    sock.sendall(b"WAV1")
+"""
+
+
+def wait_readable(sock: socket.socket) -> None:
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
+    assert waiting.poll(60_000), "the sender sent nothing"
+
+
+@pytest.mark.parametrize("wait", ["non-blocking", "timeout"])
+def test_a_header_split_across_two_sends_never_loses_its_descriptor(private_dirs, pair,
+                                                                     wait) -> None:
+    # The fd came with the first half; the rest, not there yet, made recv_wav raise
+    # BlockingIOError (or TimeoutError) and close the fd: the caller's next call got the
+    # second half alone ("no file descriptor"), and the WAV was lost.
+    ours, theirs = pair
+    theirs.settimeout(0 if wait == "non-blocking" else 0.05)
+    path = write_wav(None, np.arange(10, dtype=np.int16), RATE)
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    sender = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SPLITTING_SENDER), str(ours.fileno()), path],
+        pass_fds=[ours.fileno()], env=env)
+    try:
+        wait_readable(theirs)
+        before = open_fds()
+        with pytest.raises(BlockingIOError if wait == "non-blocking" else TimeoutError,
+                           match="4 of the 8 header bytes"):
+            recv_wav(theirs)
+        theirs.sendall(b"g")  # a byte to the sender: now it sends the rest
+        wait_readable(theirs)
+        data, rate = recv_wav(theirs)
+        np.testing.assert_array_equal(data, np.arange(10))
+        assert rate == RATE
+        assert open_fds() == before  # the kept fd, closed once mapped
+        assert sender.wait(timeout=60) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+        os.unlink(path)
+
+
+def test_a_split_header_whose_peer_closes_raises_and_closes_the_kept_descriptor(
+        private_dirs, pair) -> None:
+    ours, theirs = pair
+    theirs.setblocking(False)
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    before = open_fds()
+    send_file(ours, path, header=b"LUNA")
+    with pytest.raises(BlockingIOError, match="4 of the 8 header bytes"):
+        recv_wav(theirs)
+    assert open_fds() == before + 1  # kept for the next call
+    ours.close()
+    with pytest.raises(HandoffError, match=r"header b'LUNA', expected b'LUNAWAV1'"):
+        recv_wav(theirs)
+    assert open_fds() == before - 1  # ours closed, the kept fd too
     os.unlink(path)

@@ -26,7 +26,9 @@ import os as _os
 import select as _select
 import socket as _socket
 import stat as _stat
+import threading as _threading
 import time as _time
+import weakref as _weakref
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,14 @@ HANDOFF_HEADER = b"LUNAWAV1"
 # to its sender) may claim 4 GiB, which a receiver would copy into memory of its own.
 # 1 GiB is 46 minutes of 48 kHz stereo float32, 6 hours of 24 kHz mono int16.
 _DEFAULT_MAX_BYTES = 1 << 30
+
+# Handoffs whose header came in part, with its fd, on a stream socket where the rest
+# had not come yet (a non-blocking socket, or its timeout ran out): the next recv_wav
+# on the same socket object goes on with it, so that the fd is never lost. A socket
+# that goes away takes its entry along, and the cell's destructor closes the fd.
+_partial: _weakref.WeakKeyDictionary[_socket.socket, tuple[bytes, _lowlevel.FdCell]] = (
+    _weakref.WeakKeyDictionary())
+_partial_lock = _threading.Lock()
 
 
 def _check_unix(sock: object, who: str) -> _socket.socket:
@@ -200,7 +210,10 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
             for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
         BlockingIOError: sock is non-blocking and nothing has come yet, or its
-            ``SO_RCVTIMEO`` ran out first (as ``sock.recv``).
+            ``SO_RCVTIMEO`` ran out first (as ``sock.recv``). Both also when a
+            stream's header came in part, with its fd, and the rest not yet: the
+            next recv_wav on the same socket object goes on with it (the fd is
+            kept, never lost; it is closed with the socket object).
         OSError: the receive or the mapping failed (EBADF for a closed socket);
             EMFILE when this process had no fd free for the one sent (the kernel
             drops it: that WAV is lost).
@@ -209,8 +222,14 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
     if max_bytes is not None:
         max_bytes = formats.check_int("max_bytes", max_bytes)
     want = len(HANDOFF_HEADER)
-    cell = _lowlevel.fd_cell()  # owns the fd that comes, from the moment it comes
-    msg, flags = _receive(sock, want, cell)
+    with _partial_lock:
+        pending = _partial.pop(sock, None)
+    if pending is not None:  # the rest of a header that came in part, with its fd
+        msg, cell = pending
+        flags = 0
+    else:
+        cell = _lowlevel.fd_cell()  # owns the fd that comes, from the moment it comes
+        msg, flags = _receive(sock, want, cell)
     fd: int = cell[0]
     try:
         if not msg and fd < 0:
@@ -230,7 +249,7 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
                 "the peer must send with send_wav"
             )
         while len(msg) < want and sock.type == _socket.SOCK_STREAM:
-            more = sock.recv(want - len(msg))  # the rest of a header split by the stream
+            more = _rest_of_header(sock, msg, cell)  # the rest of a header split by the stream
             if not more:
                 break
             msg += more
@@ -241,7 +260,31 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
             )
         return _map_wav(fd, max_bytes)
     finally:
-        _lowlevel.release(cell)
+        if not _kept(sock, cell):
+            _lowlevel.release(cell)
+
+
+def _kept(sock: _socket.socket, cell: _lowlevel.FdCell) -> bool:
+    """True when cell waits in _partial for the rest of sock's header."""
+    with _partial_lock:
+        pending = _partial.get(sock)
+    return pending is not None and pending[1] is cell
+
+
+def _rest_of_header(sock: _socket.socket, msg: bytes, cell: _lowlevel.FdCell) -> bytes:
+    """The next bytes of a header that came in part (msg) with the fd in cell. When they
+    have not come yet (BlockingIOError, TimeoutError: as sock.recv), msg and cell are
+    kept for the next recv_wav on sock: the fd stays received, never lost."""
+    try:
+        return sock.recv(len(HANDOFF_HEADER) - len(msg))
+    except (BlockingIOError, TimeoutError) as exc:
+        with _partial_lock:
+            _partial[sock] = (msg, cell)
+        raise type(exc)(
+            _errno.EAGAIN if isinstance(exc, BlockingIOError) else _errno.ETIMEDOUT,
+            f"recv_wav: {len(msg)} of the {len(HANDOFF_HEADER)} header bytes came, with "
+            "the file descriptor; the rest has not come yet (the next recv_wav on this "
+            "socket goes on with it)") from None
 
 
 def _lost_descriptor(sock: _socket.socket) -> Exception:
