@@ -150,7 +150,7 @@ static int parse(const struct source *src, struct luna_wav_info *out)
     if (rc < 0)
         return rc;
     if (memcmp(h, "RF64", 4) == 0)
-        return fail(out, "RF64 (WAV over 4 GiB) files are not supported");
+        return fail(out, "RF64 files are not supported, whatever their size (only RIFF WAV is read)");
     if (memcmp(h, "RIFX", 4) == 0)
         return fail(out, "big-endian RIFX files are not supported");
     if (memcmp(h, "RIFF", 4) != 0)

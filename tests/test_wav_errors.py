@@ -48,7 +48,6 @@ BAD_DATA = [
     pytest.param(np.zeros((4, 2, 2), np.int16), ValueError, r"got 3-D shape \(4, 2, 2\)", id="3-D"),
     pytest.param(np.int16(5), ValueError, r"got 0-D shape \(\)", id="0-D-scalar"),
     pytest.param(np.zeros((), np.float32), ValueError, r"got 0-D shape \(\)", id="0-D-array"),
-    pytest.param(np.zeros((5, 0), np.int16), ValueError, "channels .* got 0", id="zero-channels"),
     pytest.param(np.zeros(8, bool), TypeError, "unsupported sample dtype bool", id="bool"),
     pytest.param(np.zeros(8, np.complex64), TypeError, "unsupported sample dtype complex64",
                  id="complex64"),
@@ -69,7 +68,11 @@ BAD_DATA = [
                  "40000 channels of 16-bit samples make a frame of 80000 bytes",
                  id="frame-too-wide-for-block-align"),
     pytest.param(np.zeros((1, 65536), np.uint8), ValueError,
-                 "channels must be between 1 and 65535, got 65536", id="65536-channels"),
+                 r"data has 65536 channels \(shape \(1, 65536\)\): a WAV holds at most 65535",
+                 id="65536-channels"),
+    pytest.param(np.zeros((5, 0), np.int16), ValueError,
+                 r"data has 0 channels \(shape \(5, 0\)\): a WAV needs at least one",
+                 id="zero-channels"),
 ]
 
 
@@ -105,6 +108,13 @@ def test_write_wav_rejects_a_bad_samplerate_naming_it(ram, samplerate, error, me
 def test_write_wav_accepts_numpy_integer_samplerates_at_the_limits(ram, samplerate):
     write_wav(ram / "out.wav", np.zeros(4, np.uint8), samplerate)
     assert read_wav(ram / "out.wav")[1] == int(samplerate)
+
+
+def test_messages_count_one_channel_in_the_singular(ram):
+    with pytest.raises(ValueError, match="samplerate 4294967295 with 1 channel of 16-bit "
+                                         "samples overflows the WAV byte-rate field"):
+        write_wav(ram / "out.wav", np.zeros(2, np.int16), 2**32 - 1)
+    assert os.listdir(ram) == []
 
 
 def test_write_wav_rejects_a_byte_rate_that_overflows_its_32_bit_field(ram):
@@ -263,7 +273,7 @@ def test_a_huge_argument_is_named_by_its_type_and_size_not_its_whole_value(ram, 
      "^dtype must be one of uint8, int16, int32, float32 or float64, got None$"),
     (dict(dtype="int"), TypeError, r"got 'int' \(numpy int64\)$"),
     (dict(frames=2**31, channels=2), ValueError,
-     "frames=2147483648 is too long for a WAV file: with 2 channel.s. of 16-bit samples it "
+     "frames=2147483648 is too long for a WAV file: with 2 channels of 16-bit samples it "
      r"holds at most 1073741814 frames \(4 GiB; RF64 is not supported\)"),
     (dict(frames=2**62, channels=4, dtype="float64"), ValueError,
      f"frames={2**62} is too long for a WAV file: .* at most 134217725 frames"),
@@ -470,7 +480,7 @@ MALFORMED = [
     ("text", lambda w: b"this is a text file, not audio\n" * 4,
      r"not a RIFF file \(no 'RIFF' at offset 0\)"),
     ("riff-but-avi", lambda w: w[:8] + b"AVI " + w[12:], "RIFF file is not a WAVE file"),
-    ("rf64", lambda w: b"RF64" + w[4:], r"RF64 \(WAV over 4 GiB\) files are not supported"),
+    ("rf64", lambda w: b"RF64" + w[4:], r"RF64 files are not supported, whatever their size"),
     ("rifx", lambda w: b"RIFX" + w[4:], "big-endian RIFX files are not supported"),
     ("cut-after-wave", lambda w: w[:12], "no fmt chunk"),
     ("cut-in-fmt-header", lambda w: w[:16], "truncated chunk header"),

@@ -188,7 +188,8 @@ def test_float_streams_keep_their_fact_chunk_frame_count_current(ram):
     ("float32", np.zeros(4, np.float64), "chunk dtype float64 does not match the writer's float32"),
     ("uint8", np.zeros(4, np.int16), "chunk dtype int16 does not match the writer's uint8"),
     ("int32", np.zeros(4, np.int64), "unsupported sample dtype int64"),
-    ("int16", np.zeros(4, bool), "unsupported sample dtype bool"),
+    ("int16", np.zeros(4, bool), "chunk has unsupported sample dtype bool"),
+    ("int16", "abc", "chunk must be a numpy array of .* samples, got 'abc'"),
 ])
 def test_a_chunk_of_another_dtype_is_a_type_error_and_changes_nothing(ram, writer_dtype, chunk,
                                                                       message):
@@ -202,11 +203,14 @@ def test_a_chunk_of_another_dtype_is_a_type_error_and_changes_nothing(ram, write
 
 
 @pytest.mark.parametrize(("channels", "chunk", "message"), [
-    (2, np.zeros(4, np.int16), r"chunk has 1 channel\(s\) \(shape \(4,\)\); the writer has 2"),
+    (2, np.zeros(4, np.int16), r"chunk has 1 channel \(shape \(4,\)\); the writer has 2"),
     (1, np.zeros((4, 2), np.int16),
-     r"chunk has 2 channel\(s\) \(shape \(4, 2\)\); the writer has 1"),
-    (3, np.zeros((4, 2), np.int16), r"chunk has 2 channel\(s\)"),
-    (2, np.zeros((2, 2, 2), np.int16), r"got 3-D shape \(2, 2, 2\)"),
+     r"chunk has 2 channels \(shape \(4, 2\)\); the writer has 1"),
+    (3, np.zeros((4, 2), np.int16), r"chunk has 2 channels"),
+    (1, np.zeros((4, 0), np.int16),
+     r"chunk has 0 channels \(shape \(4, 0\)\): a WAV needs at least one"),
+    (2, np.zeros((2, 2, 2), np.int16),
+     r"chunk must have shape \(frames,\) or \(frames, channels\), got 3-D shape \(2, 2, 2\)"),
     (1, np.int16(3), r"got 0-D shape \(\)"),
     (1, np.array(3, np.int16), r"got 0-D shape \(\)"),  # a 0-d array of the writer's dtype
 ])

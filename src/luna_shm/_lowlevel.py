@@ -669,8 +669,8 @@ def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
                 out.ndim == 1 and info.channels != 1):
             raise ValueError(
                 f"out has shape {out.shape}, but {path} has {info.frames} frames of "
-                f"{info.channels} channel(s): pass out of shape (frames,) for mono or "
-                "(frames, channels), with at least as many frames")
+                f"{info.channels} channel{'' if info.channels == 1 else 's'}: pass out of "
+                "shape (frames,) for mono or (frames, channels), with at least as many frames")
         else:
             dest = out.reshape(-1)[:count]
         with ffi.from_buffer(dest, require_writable=True) as buf:

@@ -159,6 +159,11 @@ def check_samplerate(samplerate: object) -> int:
     return check_int("samplerate", samplerate, minimum=1, maximum=MAX_SAMPLERATE)
 
 
+def plural(count: int, noun: str) -> str:
+    """count and noun for a message, in the right number: "1 channel", "2 channels"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def check_channels(channels: object) -> int:
     """channels as an int in 1..65535."""
     return check_int("channels", channels, minimum=1, maximum=MAX_CHANNELS)
@@ -200,9 +205,9 @@ def check_frames_fit(frames: int, spec: WavSpec) -> None:
     limit = max_frames(spec)
     if frames > limit:
         raise ValueError(
-            f"frames={brief(frames)} is too long for a WAV file: with {spec.channels} "
-            f"channel(s) of {spec.bits}-bit samples it holds at most {limit} frames "
-            "(4 GiB; RF64 is not supported)"
+            f"frames={brief(frames)} is too long for a WAV file: with "
+            f"{plural(spec.channels, 'channel')} of {spec.bits}-bit samples it holds at most "
+            f"{limit} frames (4 GiB; RF64 is not supported)"
         )
 
 
@@ -230,17 +235,18 @@ def check_dtype(dtype: object) -> np.dtype[Any]:
     return SUBTYPES[subtype][2]
 
 
-def _as_array(data: object) -> np.ndarray:
-    """data as a numpy array; a list numpy makes an unsupported type of is named as such."""
+def _as_array(data: object, what: str) -> np.ndarray:
+    """data as a numpy array; a list numpy makes an unsupported type of is named as such.
+    what names data in messages ("data", or WavWriter.write's "chunk")."""
     if isinstance(data, np.ndarray):
         return data
     if data is None:
-        raise TypeError(f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got None")
+        raise TypeError(f"{what} must be a numpy array of {SUPPORTED_DTYPES} samples, got None")
     if isinstance(data, (bytes, bytearray)) or (isinstance(data, memoryview)
                                                  and data.format in ("B", "b", "c")):
         # numpy would make 8-bit samples of a bytearray's bytes: PCM int16 as noise.
         raise TypeError(
-            f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got raw bytes "
+            f"{what} must be a numpy array of {SUPPORTED_DTYPES} samples, got raw bytes "
             f"({type(data).__name__} of {memoryview(data).nbytes} bytes): say what they "
             "hold with np.frombuffer(data, dtype=np.int16) (or their sample type); an "
             "encoded file (MP3, a whole WAV) goes to save_temp_audio"
@@ -248,7 +254,7 @@ def _as_array(data: object) -> np.ndarray:
     try:
         array = np.asarray(data)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"data ({brief(data)}) is not an array of samples: {exc}") from None
+        raise ValueError(f"{what} ({brief(data)}) is not an array of samples: {exc}") from None
     if (array.dtype.kind, array.dtype.itemsize) in _NATURAL_SUBTYPE:
         return array
     if isinstance(data, (list, tuple)):
@@ -257,12 +263,12 @@ def _as_array(data: object) -> np.ndarray:
     else:
         got = f"{brief(data)}, which numpy makes {array.dtype}"
     raise TypeError(
-        f"data must be a numpy array of {SUPPORTED_DTYPES} samples, got {got}: "
+        f"{what} must be a numpy array of {SUPPORTED_DTYPES} samples, got {got}: "
         "pass e.g. np.asarray(data, dtype=np.int16)"
     )
 
 
-def audio_array(data: object) -> np.ndarray:
+def audio_array(data: object, what: str = "data") -> np.ndarray:
     """data as a 1-D or 2-D array of a WAV sample type, checked but not yet made
     contiguous and little-endian (see :func:`contiguous_samples`): a caller checks the
     size it will write before a strided view of gigabytes is copied.
@@ -271,18 +277,33 @@ def audio_array(data: object) -> np.ndarray:
     it (a list of Python floats: float64); a list of Python ints (int64) is refused with
     a hint.
     """
-    array = _as_array(data)
+    array = _as_array(data, what)
     if array.dtype.kind in "bcOSUVMm":
-        raise TypeError(f"unsupported sample dtype {array.dtype}: use {SUPPORTED_DTYPES}")
+        raise TypeError(f"{what} has unsupported sample dtype {array.dtype}: use "
+                        f"{SUPPORTED_DTYPES}")
     natural_subtype(array.dtype)  # TypeError for float16, int64, ...
     if array.ndim not in (1, 2):
         raise ValueError(
-            f"data must have shape (frames,) or (frames, channels), got {array.ndim}-D "
+            f"{what} must have shape (frames,) or (frames, channels), got {array.ndim}-D "
             f"shape {array.shape}"
         )
     if array.ndim == 2:
-        check_channels(array.shape[1])
+        _check_array_channels(array, what)
     return array
+
+
+def _check_array_channels(array: np.ndarray, what: str) -> None:
+    """ValueError naming the shape when a (frames, channels) array has no channel or more
+    than a WAV holds."""
+    channels = array.shape[1]
+    if channels == 0:
+        raise ValueError(
+            f"{what} has 0 channels (shape {array.shape}): a WAV needs at least one; pass "
+            "shape (frames,) for mono or (frames, channels)")
+    if channels > MAX_CHANNELS:
+        raise ValueError(
+            f"{what} has {channels} channels (shape {array.shape}): a WAV holds at most "
+            f"{MAX_CHANNELS} (is the array transposed? pass (frames, channels))")
 
 
 def contiguous_samples(array: np.ndarray) -> np.ndarray:
@@ -333,11 +354,12 @@ def check_block_align(spec: WavSpec) -> None:
     sample_bytes = spec.bits // 8
     if spec.channels * sample_bytes > 0xFFFF:
         raise ValueError(
-            f"{spec.channels} channels of {spec.bits}-bit samples make a frame of "
+            f"{plural(spec.channels, 'channel')} of {spec.bits}-bit samples make a frame of "
             f"{spec.channels * sample_bytes} bytes; WAV allows at most 65535"
         )
     if spec.samplerate * spec.channels * sample_bytes > 0xFFFFFFFF:
         raise ValueError(
-            f"samplerate {spec.samplerate} with {spec.channels} channels of {spec.bits}-bit "
+            f"samplerate {spec.samplerate} with {plural(spec.channels, 'channel')} of "
+            f"{spec.bits}-bit "
             "samples overflows the WAV byte-rate field"
         )

@@ -164,14 +164,14 @@ class WavWriter(FileResource):
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not
         (the 4 GiB limit too, before a strided chunk is copied)."""
-        array = formats.audio_array(chunk)
+        array = formats.audio_array(chunk, "chunk")
         if array.dtype.newbyteorder("<") != self.dtype:
             raise TypeError(f"chunk dtype {array.dtype} does not match the writer's {self.dtype}")
         chunk_channels = formats.channels_of(array)
         if chunk_channels != self.channels:
             raise ValueError(
-                f"chunk has {chunk_channels} channel(s) (shape {array.shape}); the writer "
-                f"has {self.channels}"
+                f"chunk has {formats.plural(chunk_channels, 'channel')} (shape "
+                f"{array.shape}); the writer has {self.channels}"
             )
         stream = self._stream
         if stream is not None:
