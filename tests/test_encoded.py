@@ -119,6 +119,34 @@ def test_data_that_is_neither_bytes_nor_iterable_is_a_type_error_naming_it(
     assert os.listdir(private_dirs.ram) == []
 
 
+@pytest.mark.parametrize(("data", "why"), [
+    ({b"RIFF": 1, b"data": 2}, "iterating a mapping yields its keys"),
+    ({b"one": b"two"}.keys(), "a set holds its items in no order"),
+    ({b"one": b"two"}.items(), "a set holds its items in no order"),
+    ({b"a", b"b"}, "a set holds its items in no order"),
+    (frozenset({b"a"}), "a set holds its items in no order"),
+    ({}, "iterating a mapping yields its keys"),
+], ids=["dict", "dict-keys", "dict-items", "set", "frozenset", "empty-dict"])
+def test_a_mapping_or_set_is_a_type_error_naming_its_type_and_saves_nothing(
+        private_dirs, data, why: str) -> None:
+    kind = type(data).__name__
+    with pytest.raises(TypeError, match=rf"ordered iterable .* got a {kind} .*{why}"):
+        save_temp_audio(data)
+    assert os.listdir(private_dirs.ram) == []
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ((n for n in [1, 2]), "chunk 0 of data must be bytes, bytearray or memoryview, got 1$"),
+    ([b"ok", None], "chunk 1 of data must be bytes, bytearray or memoryview, got None$"),
+    ([[b"nested"]], r"chunk 0 of data must be .* got \[b'nested'\]$"),
+], ids=["generator-of-ints", "list-with-none", "nested-list"])
+def test_chunks_that_are_not_bytes_are_a_type_error_naming_the_chunk(
+        private_dirs, data, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        save_temp_audio(data)
+    assert os.listdir(private_dirs.ram) == []
+
+
 def test_a_buffer_that_is_not_bytes_bytearray_or_memoryview_is_refused(private_dirs) -> None:
     import array
 

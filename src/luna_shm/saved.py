@@ -13,7 +13,7 @@ import contextlib as _contextlib
 import errno as _errno
 import os as _os
 import re as _re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 
 from luna_shm import _lowlevel, _newfile
 from luna_shm.placement import AUDIO_PREFIX
@@ -79,6 +79,20 @@ def _check_data(data: object) -> None:
             "data must be bytes, bytearray, memoryview or an iterable of them, got "
             f"{_lowlevel.brief(data)}"
         )
+    # Chunks are written in the order they come: a mapping yields its keys, and a set
+    # (a dict's keys() or items() too) in no order that the audio had.
+    why = (_UNORDERED_MAPPING if isinstance(data, Mapping)
+           else _UNORDERED_SET if isinstance(data, Set) else None)
+    if why is not None:
+        raise TypeError(
+            "data must be bytes, bytearray, memoryview or an ordered iterable of them (a "
+            f"list, a tuple, a generator of chunks), got a {type(data).__name__} "
+            f"{_lowlevel.brief(data)}: {why}"
+        )
+
+
+_UNORDERED_MAPPING = "iterating a mapping yields its keys, not audio"
+_UNORDERED_SET = "a set holds its items in no order (and each only once)"
 
 
 def _chunk_view(chunk: object, index: int) -> memoryview:
@@ -155,8 +169,9 @@ def save_temp_audio(
         :func:`cleanup_temp_audio`.
 
     Raises:
-        TypeError: data is a str or not bytes-like nor an iterable of bytes-like
-            chunks (the message names what was passed).
+        TypeError: data is a str, a mapping or a set (whose iteration is no audio in
+            order), or neither bytes-like nor an iterable of bytes-like chunks, or a
+            chunk is not bytes-like (the message names what was passed).
         ValueError: a bad suffix or prefix.
         OSError: the file could not be created or written (ENOSPC with the
             filename when the RAM disk fills during a stream). Bytes (or a list or
