@@ -66,6 +66,17 @@ static uint32_t get_u32(const uint8_t *p)
            ((uint32_t)p[3] << 24);
 }
 
+/* True when the 8 bytes at hdr look like a chunk header whose body fits in
+ * room bytes: an id of four printable ASCII characters (the first no space).
+ * Audio does not start so: silence is zeros, and samples are not text. */
+static int is_chunk_header(const uint8_t *hdr, uint64_t room)
+{
+    for (int i = 0; i < 4; i++)
+        if (hdr[i] < 0x20 || hdr[i] > 0x7e || (i == 0 && hdr[i] == ' '))
+            return 0;
+    return get_u32(hdr + 4) <= room;
+}
+
 /* The LUNA_STREAM_* value of a state chunk's four state bytes. */
 static int32_t stream_state_of(const uint8_t *tag)
 {
@@ -150,7 +161,8 @@ static int parse(const struct source *src, struct luna_wav_info *out)
     if (rc < 0)
         return rc;
     if (memcmp(h, "RF64", 4) == 0)
-        return fail(out, "RF64 files are not supported, whatever their size (only RIFF WAV is read)");
+        return fail(out, "RF64 files are not supported, whatever their size "
+                         "(only RIFF WAV is read)");
     if (memcmp(h, "RIFX", 4) == 0)
         return fail(out, "big-endian RIFX files are not supported");
     if (memcmp(h, "RIFF", 4) != 0)
@@ -214,6 +226,16 @@ static int parse(const struct source *src, struct luna_wav_info *out)
              * audio its size counts, 0 included: bytes past it are an append whose
              * sizes are still to come, or another process's. */
             int counted = out->stream_state != LUNA_STREAM_NONE;
+            /* A data size 0 followed by a chunk (a LIST, an id3 that a tagger
+             * added without fixing the RIFF size) is an empty data chunk, as
+             * libsndfile and scipy read it: a stream's bytes are audio. */
+            if (!counted && size == 0 && remaining >= 8) {
+                uint8_t next[8];
+                rc = source_read(src, body, next, 8, out);
+                if (rc < 0)
+                    return rc;
+                counted = is_chunk_header(next, remaining - 8);
+            }
             /* An unfinished stream: its data runs to the end of the file. */
             if (!counted &&
                 (size == 0xFFFFFFFFu ||

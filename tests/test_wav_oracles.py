@@ -480,3 +480,25 @@ def test_odd_data_sizes_are_followed_by_a_zero_pad_byte(ram, dtype, channels, fr
     else:
         assert len(raw) == offset + size
     assert int.from_bytes(raw[4:8], "little") == len(raw) - 8
+
+
+def _pcm16_mono_header(riff_size: int, data_size: int) -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", data_size))
+
+
+@pytest.mark.parametrize("tail", [
+    b"LIST" + struct.pack("<I", 4) + b"INFO",
+    b"id3 " + struct.pack("<I", 10) + b"ID3\x04\x00\x00\x00\x00\x00\x00",
+], ids=["LIST", "id3"])
+def test_an_empty_data_chunk_followed_by_a_chunk_the_riff_size_omits_reads_no_frames(
+        tmp_path: Path, tail: bytes) -> None:
+    # A 0-frame WAV whose RIFF size ends at the data chunk, then a chunk a tagger added
+    # without fixing the RIFF size: its bytes are a chunk, not samples of a stream.
+    path = tmp_path / "empty.wav"
+    path.write_bytes(_pcm16_mono_header(36, 0) + tail)
+    expected, _ = sf.read(path, dtype="int16")
+    assert len(expected) == len(scipy.io.wavfile.read(path)[1]) == 0
+    data, rate = read_wav(path)
+    assert (rate, len(data)) == (16000, 0)
