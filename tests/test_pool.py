@@ -747,6 +747,52 @@ def test_a_slot_file_whose_marker_was_overwritten_is_not_reclaimed(private_dirs)
         assert os.path.isfile(first) and not os.path.lexists(second)
 
 
+KILLED_WHILE_MAKING_A_SLOT = """
+import os, signal
+from luna_shm import AudioPool, pool
+
+made = pool._Slot.__init__
+
+def killed_after_mapping(self, *args):  # the slot's file is reserved and mapped, not marked
+    made(self, *args)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pool._Slot.__init__ = killed_after_mapping
+AudioPool(slots=1, max_bytes=3000, prefix="tts_")
+"""
+
+
+@pytest.mark.parametrize("where", ["ram", "fallback"])
+def test_a_pool_killed_while_making_a_slot_leaves_no_file_that_no_pool_reclaims(
+        private_dirs, where: str) -> None:
+    env = {"LUNA_SHM_DISABLE": "1"} if where == "fallback" else {}
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_MAKING_A_SLOT],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH, **env})
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    with AudioPool(slots=1, max_bytes=3000, prefix="tts_"):
+        pass
+    assert os.listdir(private_dirs.ram) == os.listdir(private_dirs.fallback) == []
+
+
+def test_a_new_pool_reclaims_unmarked_slot_files_only_while_they_hold_nothing(
+        private_dirs) -> None:
+    # What a pool killed before its marker left where O_TMPFILE is missing (or an older
+    # luna_shm left): a slot-named file, empty or page-sized zeros.
+    unmarked = [b"", bytes(8192)]
+    kept = [bytes(8191) + b"\1", bytes(4096 + 1), b"\1"]  # content, or no slot's size
+    names = {f"tts_pool_{os.urandom(16).hex()}.wav": content for content in unmarked + kept}
+    for directory in (private_dirs.ram, private_dirs.fallback):
+        for name, content in names.items():
+            Path(directory, name).write_bytes(content)
+    with AudioPool(slots=1, max_bytes=3000, prefix="tts_") as pool:
+        mine = os.path.basename(pool._slots[0].path)
+        for directory in (private_dirs.ram, private_dirs.fallback):
+            left = {n: Path(directory, n).read_bytes() for n in os.listdir(directory)}
+            left.pop(mine, None)
+            assert sorted(left.values()) == sorted(kept)
+
+
 def test_pool_writes_of_the_largest_audio_never_reach_the_slot_marker(ram) -> None:
     from luna_shm.pool import _SLOT_MARKER
 

@@ -248,15 +248,19 @@ def test_eight_processes_and_a_cleanup_loop_never_collide_lose_a_held_file_or_le
 
 
 def _strace_prefix(syscalls: str, delay_us: int, *, when: int | None = None,
-                   only_path: str | None = None, log: str = "/dev/null") -> list[str]:
+                   only_path: str | None = None, log: str = "/dev/null",
+                   after: str | None = None) -> list[str]:
     """strace arguments that hold up each of these system calls (or only the when-th one,
-    or only those on only_path) for delay_us microseconds."""
+    or only those on only_path) for delay_us microseconds; and, after them, each of the
+    system calls in after for as long once it is done."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (it delays one system call to open a window)")
     inject = f"inject={syscalls}:delay_enter={delay_us}" + (f":when={when}" if when else "")
-    return [strace, "-f", "-qq", "-o", log, "-e", "signal=none", "-e", f"trace={syscalls}",
-            "-e", inject, *(["-P", only_path] if only_path else [])]
+    traced = syscalls + (f",{after}" if after else "")
+    delay_after = ["-e", f"inject={after}:delay_exit={delay_us}"] if after else []
+    return [strace, "-f", "-qq", "-o", log, "-e", "signal=none", "-e", f"trace={traced}",
+            "-e", inject, *delay_after, *(["-P", only_path] if only_path else [])]
 
 
 def _run_delayed(code: str, prefix: list[str], window_open) -> dict:
@@ -306,7 +310,10 @@ def _opened_by(path: str):
 
 def test_a_pool_slot_being_made_is_never_taken_by_a_concurrent_cleanup(private_dirs) -> None:
     # Every flock of the child waits half a second: a slot file that had a name before its
-    # lock would be removed by the cleanup that runs in that window.
+    # lock would be removed by the cleanup that runs in that window. Where the slot is
+    # made unnamed (O_TMPFILE) and linked once locked and marked, the window is held open
+    # after the link instead: the cleanup finds the new name while the pool is still
+    # making the slot.
     result = _run_delayed("""
         import json, os
         import numpy as np
@@ -314,7 +321,8 @@ def test_a_pool_slot_being_made_is_never_taken_by_a_concurrent_cleanup(private_d
         with AudioPool(slots=1, max_bytes=1000) as pool, \\
                 pool.write_wav(np.arange(10, dtype=np.int16), 8000) as pooled:
             print(json.dumps({"exists": os.path.isfile(pooled.path)}))
-    """, _strace_prefix("flock", 500_000), _appeared(private_dirs.ram, "luna_audio_pool_"))
+    """, _strace_prefix("flock", 500_000, after="linkat"),
+        _appeared(private_dirs.ram, "luna_audio_pool_"))
     assert result["removed_meanwhile"] == 0
     assert result["exists"] is True
 

@@ -114,6 +114,17 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
     return chosen.fallback_dir
 
 
+def directory_for(size_hint: int | None, on_disk: bool = False) -> str:
+    """The directory a new file of size_hint bytes goes to: placement's choice, the
+    fallback dir when the RAM disk lacks room for it, or when on_disk asks for it."""
+    return _directory_for(size_hint, on_disk)
+
+
+def new_name_in(directory: str, suffix: str = ".wav", prefix: str = AUDIO_PREFIX) -> str:
+    """A fresh temp name (``<prefix><uuid4 hex><suffix>``) in directory; nothing created."""
+    return f"{directory}/{prefix}{_new_token()}{suffix}"
+
+
 def create_temp_file(
     suffix: str = ".wav",
     prefix: str = AUDIO_PREFIX,

@@ -351,6 +351,14 @@ def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[_Sl
         _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
 
 
+def _prepare_slot(slot: _Slot) -> None:
+    """Make a new slot's file what every slot is: every page touched once (now, not on
+    the hot path), the slot marker in its last bytes, an empty WAV."""
+    slot.byte_view[:] = 0
+    slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
+    slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
+
+
 def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
     """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
     for anonymous slots (no name to lose) and when out of inotify instances (every take
@@ -388,13 +396,39 @@ def _carries_slot_marker(fd: int, st: _os.stat_result) -> bool:
             and int.from_bytes(head[4:8], "little") == size - 8 and tail == _SLOT_MARKER)
 
 
+_ZERO_CHECK_BYTES = 1 << 20
+
+
+def _never_marked(fd: int, st: _os.stat_result) -> bool:
+    """True for a slot file made before its marker: empty, or page-sized and all zeros
+    (a pool killed between its creation and its marker, where O_TMPFILE was missing,
+    or a version of luna_shm that named slot files first). It holds nothing."""
+    size = st.st_size
+    if size == 0:
+        return True
+    if size % _PAGE or size - 8 > formats.MAX_WAV_BYTES:
+        return False
+    offset = 0
+    try:
+        while offset < size:
+            block = _os.pread(fd, min(_ZERO_CHECK_BYTES, size - offset), offset)
+            if not block or block.count(0) != len(block):
+                return False
+            offset += len(block)
+    except OSError:
+        return False
+    return True
+
+
 def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
     """Remove slot files of pools whose process died; return how many.
 
     Only this user's regular files named ``<prefix>pool_<32 hex>.wav``, which no
     live process holds locked, and which carry the marker every slot file gets
-    when it is made (checked under the exclusive lock, just before the unlink):
-    a user's file that merely starts with the prefix is never touched.
+    when it is made, or hold nothing yet (empty, or page-sized zeros: a slot file
+    whose pool died before it was marked); checked under the exclusive lock, just
+    before the unlink. A user's file that merely starts with the prefix, or holds
+    anything, is never touched.
 
     Raises:
         TypeError, ValueError: prefix is not a str of letters, digits, '_' or '-'.
@@ -406,7 +440,7 @@ def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
             removed += temp_audio.remove_unused_files(
                 directory, f"{prefix}{_POOL_MARK}",
                 verify=lambda name, fd, st: _is_slot_file(name, prefix)
-                and _carries_slot_marker(fd, st))
+                and (_carries_slot_marker(fd, st) or _never_marked(fd, st)))
         except OSError as exc:
             # Reclaim is housekeeping: a dir we cannot read keeps its dead slots, and
             # the new pool is made all the same.
@@ -505,9 +539,6 @@ class AudioPool(_resource.Resource):
             # A RAM disk that refuses the slot (at its creation or its reservation)
             # sends it to the disk temp dir.
             slot = _newfile.with_disk_fallback(self._new_named_slot)
-        slot.byte_view[:] = 0  # touch every page once, now, not on the hot path
-        slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
-        slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
         if self._watch_fd >= 0:
             try:  # the open file itself, whatever its path names by now
                 _lowlevel.watch_add(self._watch_fd, f"/proc/self/fd/{slot.fd}", slot.path)
@@ -521,20 +552,69 @@ class AudioPool(_resource.Resource):
         """One try at a memfd slot; on failure it is closed again."""
         cell = _lowlevel.fd_cell()
         fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
-        return self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
+        slot = self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
+        try:
+            _prepare_slot(slot)
+        except BaseException:
+            _close_slot(slot, unlink=False)
+            raise
+        return slot
 
     def _new_named_slot(self, on_disk: bool) -> _Slot:
-        """One try at a named slot file; on failure it is removed again."""
+        """One try at a named slot file; on failure it is removed again (or never named).
+
+        Where O_TMPFILE works, the file is made unnamed, zeroed, marked and formatted, and
+        only then named: a pool killed while it makes a slot leaves nothing behind. A
+        file named first and killed before its marker carried none, and so no later pool
+        reclaimed it (a custom prefix is no cleanup_all_temp_audio's either)."""
+        if _lowlevel.HAS_O_TMPFILE:
+            slot = self._new_unnamed_slot(on_disk)
+            if slot is not None:
+                return slot
         # locked=True: the flock is held before the name appears, so a
         # concurrent cleanup never takes a new slot for a dead pool's file.
         path, cell = _newfile.create_temp_file(
             ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True,
             on_disk=on_disk)
-        return self._map_slot(cell, path)
+        slot = self._map_slot(cell, path, named=True)
+        try:
+            _prepare_slot(slot)
+        except BaseException:
+            _close_slot(slot, unlink=True)
+            raise
+        return slot
 
-    def _map_slot(self, cell: _lowlevel.FdCell, path: str) -> _Slot:
+    def _new_unnamed_slot(self, on_disk: bool) -> _Slot | None:
+        """A slot made as an unnamed file (O_TMPFILE, flocked), prepared, then linked under
+        a fresh slot name; None when the directory has no O_TMPFILE (EOPNOTSUPP)."""
+        directory = _newfile.directory_for(self._length, on_disk)
+        prefix = f"{self._prefix}{_POOL_MARK}"
+        path = _newfile.new_name_in(directory, ".wav", prefix)
+        cell = _lowlevel.fd_cell()
+        try:
+            _lowlevel.prepare_file(directory, "", self._length, cell=cell)
+        except OSError as exc:
+            if exc.errno == _errno.EOPNOTSUPP:
+                return None
+            # Named as the file it would have been: with_disk_fallback moves a slot the
+            # RAM disk refused (ENOSPC, ...) to the fallback dir by its directory.
+            raise OSError(exc.errno, exc.strerror, path) from None
+        slot = self._map_slot(cell, path, named=False)
+        try:
+            _prepare_slot(slot)
+            try:
+                _lowlevel.link_unnamed(slot.fd, path)
+            except FileExistsError:
+                path = _newfile.name_unnamed_file(slot.fd, directory, ".wav", prefix)
+        except BaseException:
+            _close_slot(slot, unlink=False)
+            raise
+        slot.path = slot.mapping.filename = path
+        return slot
+
+    def _map_slot(self, cell: _lowlevel.FdCell, path: str, *, named: bool = False) -> _Slot:
         """Reserve and map a new slot file (or memfd) whose fd is in cell; on failure
-        release it and remove the named file."""
+        release it and, when named, remove the file at path."""
         fd = cell[0]
         try:
             _lowlevel.lock(fd, exclusive=False)
@@ -546,7 +626,7 @@ class AudioPool(_resource.Resource):
             return _Slot(cell, path, mapping)
         except BaseException:
             _lowlevel.release(cell)
-            if not self.anonymous:
+            if named:
                 _os.unlink(path)
             raise
 
