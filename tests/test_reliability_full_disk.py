@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import textwrap
 
@@ -221,8 +222,12 @@ except OSError as exc:
     report(error=error(exc))
 """, shm_size="64k", env={"KIND": kind})
     assert out["error"]["errno"] == errno.ENOSPC
-    assert out["error"]["filename"].startswith("/tmp/luna_audio_")
-    assert out["error"]["filename"] in out["error"]["text"]
+    if kind == "AudioPool":  # refused before any slot is made: it names both dirs' room
+        assert out["error"]["filename"] == "/dev/shm"
+        assert "2 slots of " in out["error"]["text"] and "/tmp has " in out["error"]["text"]
+    else:
+        assert out["error"]["filename"].startswith("/tmp/luna_audio_")
+        assert out["error"]["filename"] in out["error"]["text"]
     assert out["shm"] == [] and out["tmp"] == []
 
 
@@ -403,3 +408,42 @@ def test_save_temp_audio_falls_back_whole_for_bytes_and_only_at_creation_for_a_s
     assert out["path"].startswith("/tmp/luna_audio_") and out["same"] is True
     assert out["tmp"] == [os.path.basename(out["path"])]
     assert out["shm"] == ([] if disk == "read-only" else ["filler"])
+
+
+POOL_OF = """
+slots, anonymous = int(os.environ["SLOTS"]), os.environ["ANONYMOUS"] == "1"
+try:
+    with AudioPool(slots=slots, max_bytes=4000, anonymous=anonymous) as pool:
+        result = pool.slots
+except OSError as exc:
+    result = error(exc)
+report(result=result)
+"""
+
+
+@pytest.mark.parametrize("slots", [10**30, 10_000], ids=["10**30", "10000"])
+def test_a_pool_of_more_slots_than_both_dirs_hold_is_refused_up_front_naming_the_numbers(
+        slots) -> None:
+    # 8 KiB slots: 10,000 of them (82 MB) fit neither the 1 MiB RAM disk nor the 64 MiB
+    # /tmp beside it. Slot after slot filled both before the last one failed.
+    out = run_child(POOL_OF, shm_size="1m", env={"SLOTS": str(slots), "ANONYMOUS": "0"})
+    assert out["result"]["errno"] == errno.ENOSPC
+    assert out["result"]["text"].startswith(
+        f"[Errno 28] {slots} slots of 8192 bytes ({slots * 8192} bytes) cannot fit: "
+        "/dev/shm has ")
+    assert " bytes free and /tmp has " in out["result"]["text"]
+    assert out["shm"] == out["tmp"] == []
+    assert not any("refused a new file" in m for m in out["log"]), out["log"]
+
+
+def test_a_pool_that_fits_the_two_dirs_together_is_made_across_them() -> None:
+    out = run_child(POOL_OF, shm_size="1m", env={"SLOTS": "200", "ANONYMOUS": "0"})
+    assert out["result"] == 200
+
+
+def test_an_anonymous_pool_larger_than_the_machines_memory_is_refused_up_front() -> None:
+    out = run_child(POOL_OF, shm_size="1m", env={"SLOTS": str(10**30), "ANONYMOUS": "1"})
+    assert out["result"]["errno"] == errno.ENOMEM
+    assert re.search(r"^\[Errno 12\] 1000000000000000000000000000000 anonymous slots of "
+                     r"8192 bytes cannot fit in this machine's memory \(\d+ bytes\)$",
+                     out["result"]["text"]), out["result"]

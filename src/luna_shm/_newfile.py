@@ -120,6 +120,51 @@ def directory_for(size_hint: int | None, on_disk: bool = False) -> str:
     return _directory_for(size_hint, on_disk)
 
 
+def check_room(count: int, length: int, what: str) -> None:
+    """OSError(ENOSPC) naming the numbers when count new files of length bytes cannot
+    fit in the free space of the RAM disk and the fallback dir together (counted once
+    when they share a filesystem): a caller that makes them one by one (a pool's slots)
+    would otherwise fill both before it gave up. A dir that cannot be examined counts
+    as empty; a filesystem with no size limit (ramfs) takes anything.
+
+    Raises:
+        OSError: ENOSPC, the RAM dir (or the fallback dir in use) as its filename.
+    """
+    total = count * length
+    room = _free_space()
+    if room is None or total <= sum(free for _, free in room):
+        return
+    chosen = placement.current()
+    if chosen.directory == chosen.ram_dir and _prefault.make_room(chosen.ram_dir, total):
+        return  # the reserve gave its files back, and the RAM disk alone has the room now
+    room = _free_space()
+    if room is None or total <= sum(free for _, free in room):
+        return
+    free_text = " and ".join(f"{directory} has {free} bytes free" for directory, free in room)
+    raise OSError(_errno.ENOSPC, f"{_lowlevel.brief(count)} {what} of {length} bytes "
+                  f"({_bytes_text(total)}) cannot fit: {free_text or 'no dir is usable'}",
+                  chosen.directory)
+
+
+def _free_space() -> list[tuple[str, int]] | None:
+    """(dir, bytes free) of the dir in use and the fallback dir, one a filesystem; None
+    when one of them has no size limit."""
+    chosen = placement.current()
+    found: dict[int, tuple[str, int]] = {}
+    for directory in dict.fromkeys((chosen.directory, chosen.fallback_dir)):
+        try:
+            info = _lowlevel.fs_probe(directory)
+            device = _os.stat(directory).st_dev
+        except OSError:
+            continue
+        if not info.is_dir or not info.writable:
+            continue
+        if not info.size_limited:
+            return None
+        found.setdefault(device, (directory, info.bytes_free))
+    return list(found.values())
+
+
 def new_name_in(directory: str, suffix: str = ".wav", prefix: str = AUDIO_PREFIX) -> str:
     """A fresh temp name (``<prefix><uuid4 hex><suffix>``) in directory; nothing created."""
     return f"{directory}/{prefix}{_new_token()}{suffix}"

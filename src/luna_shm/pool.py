@@ -359,6 +359,18 @@ def _prepare_slot(slot: _Slot) -> None:
     slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
 
 
+def _check_memory(count: int, length: int) -> None:
+    """OSError(ENOMEM) naming the numbers when count memfd slots of length bytes exceed
+    this machine's memory: they would be made one by one until the memory ran out."""
+    try:
+        memory = _os.sysconf("SC_PHYS_PAGES") * _PAGE
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        return
+    if count * length > memory:
+        raise OSError(_errno.ENOMEM, f"{_lowlevel.brief(count)} anonymous slots of {length} "
+                      f"bytes cannot fit in this machine's memory ({memory} bytes)")
+
+
 def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
     """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
     for anonymous slots (no name to lose) and when out of inotify instances (every take
@@ -470,7 +482,10 @@ class AudioPool(_resource.Resource):
 
     Raises:
         ValueError, TypeError: bad arguments.
-        OSError: the slots cannot be made (ENOSPC when the RAM disk is too small).
+        OSError: the slots cannot be made (ENOSPC when the RAM disk is too small):
+            ENOSPC up front, naming the numbers, when they exceed the free space of
+            the RAM disk and the fallback dir together (ENOMEM: anonymous slots
+            beyond the machine's memory).
     """
 
     _slots: list[_Slot]
@@ -519,6 +534,11 @@ class AudioPool(_resource.Resource):
         self._free: list[_Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
+            # Refused up front: slot after slot would fill the RAM disk, then the
+            # fallback dir, before the last one failed.
+            _newfile.check_room(slots, self._length, "slots")
+        else:
+            _check_memory(slots, self._length)
         self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
         self._watch_cell = _new_watch(self.anonymous)
         self._watch_fd = self._watch_cell[0]
