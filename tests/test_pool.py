@@ -793,6 +793,36 @@ def test_a_new_pool_reclaims_unmarked_slot_files_only_while_they_hold_nothing(
             assert sorted(left.values()) == sorted(kept)
 
 
+REWRITTEN_THEN_KILLED = """
+import os, subprocess
+import numpy as np
+from luna_shm import AudioPool
+
+pool = AudioPool(slots=1, max_bytes=3000, prefix="tts_")
+pool.write_wav(np.ones(100, np.int16), 16000).release()
+path = pool._slots[0].path
+size = os.path.getsize(path)
+# Another program rewrites the free slot in place, at its full length, marker and all.
+subprocess.run(["dd", "if=/dev/urandom", f"of={path}", f"bs={size}", "count=1",
+                "conv=notrunc"], check=True, capture_output=True)
+with pool.write_wav(np.full(100, 3, np.int16), 16000) as again:  # still its slot
+    assert again.path == path
+os._exit(0)  # dies without closing: its slot file stays, unlocked
+"""
+
+
+def test_a_slot_rewritten_in_place_and_used_again_is_reclaimed_after_its_pool_dies(
+        private_dirs) -> None:
+    done = subprocess.run([sys.executable, "-c", REWRITTEN_THEN_KILLED], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert done.returncode == 0, done.stderr
+    [left] = os.listdir(private_dirs.ram)
+    with AudioPool(slots=1, max_bytes=3000, prefix="tts_") as pool:
+        assert not os.path.lexists(f"{private_dirs.ram}/{left}")
+        assert os.listdir(private_dirs.ram) == [os.path.basename(pool._slots[0].path)]
+
+
 def test_pool_writes_of_the_largest_audio_never_reach_the_slot_marker(ram) -> None:
     from luna_shm.pool import _SLOT_MARKER
 

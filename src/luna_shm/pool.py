@@ -371,6 +371,15 @@ def _check_memory(count: int, length: int) -> None:
                       f"bytes cannot fit in this machine's memory ({memory} bytes)")
 
 
+def _restore_marker(slot: _Slot) -> None:
+    """Write the slot marker again when another program wrote over it: a slot rewritten
+    in place at its full length is still handed out (its next write is ours), so it must
+    stay reclaimable if the pool dies."""
+    tail = slot.byte_view[-len(_SLOT_MARKER):]
+    if tail.tobytes() != _SLOT_MARKER:
+        tail[:] = np.frombuffer(_SLOT_MARKER, np.uint8)
+
+
 def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
     """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
     for anonymous slots (no name to lose) and when out of inotify instances (every take
@@ -755,6 +764,8 @@ class AudioPool(_resource.Resource):
         elif slot.verified:
             return True
         named = slot.still_named()
+        if named:
+            _restore_marker(slot)
         slot.verified = named and slot.watched
         return named
 
