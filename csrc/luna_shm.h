@@ -392,8 +392,9 @@ int luna_write_wav_path(const char *dir, const char *path,
 /* Write a whole WAV so that it appears under path (in directory dir) at once:
  * an unnamed O_TMPFILE file (or, where that is not possible, tmp_path created
  * exclusively) is written, given the name tmp_path, and renamed over path
- * (a regular file or a symlink there is replaced). On failure nothing new is
- * left. Returns 0 or -errno (-EINVAL for a FIFO, socket or device at path,
+ * (a regular file or a symlink there is replaced). The new file is 0600, or
+ * has the permission bits (0777) of the regular file of this user
+ * that it replaces. On failure nothing new is left. Returns 0 or -errno (-EINVAL for a FIFO, socket or device at path,
  * before anything is written; -EISDIR for a directory). */
 int luna_write_wav_atomic(const char *dir, const char *path,
                           const char *tmp_path,

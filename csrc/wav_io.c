@@ -143,10 +143,17 @@ int luna_write_wav_atomic(const char *dir, const char *path,
      * directory makes the rename fail): a FIFO, socket or device at path is
      * someone else's (a player's pipe, a daemon's socket, /dev/null for root). */
     struct stat st;
-    if (path != NULL && lstat(path, &st) == 0 &&
-        (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode) || S_ISCHR(st.st_mode) ||
-         S_ISBLK(st.st_mode)))
-        return -EINVAL;
+    int keep_mode = -1; /* the permission bits of a file of ours being replaced */
+    if (path != NULL && lstat(path, &st) == 0) {
+        if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode) || S_ISCHR(st.st_mode) ||
+            S_ISBLK(st.st_mode))
+            return -EINVAL;
+        /* A regular file of this user keeps its permission bits (never the
+         * setuid, setgid or sticky bits): the replacement is no wider than it
+         * was. Another user's file, or a symlink, gets a private 0600. */
+        if (S_ISREG(st.st_mode) && st.st_uid == geteuid())
+            keep_mode = (int)(st.st_mode & 0777);
+    }
     /* Unnamed first: if we die mid-write the kernel frees the file. */
     int named = 0;
     int fd = luna_open_unnamed(dir);
@@ -159,6 +166,8 @@ int luna_write_wav_atomic(const char *dir, const char *path,
     /* Locked before it has a name: a concurrent cleanup never takes the
      * partial file for an abandoned one. */
     int rc = luna_lock_new_file(fd);
+    if (rc == 0 && keep_mode >= 0 && keep_mode != 0600)
+        rc = fchmod(fd, (mode_t)keep_mode) == 0 ? 0 : -errno;
     if (rc == 0)
         rc = luna_write_wav_fd(fd, spec, data, data_bytes);
     if (rc == 0 && !named) {

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import LIBRARY_PATH, as_soundfile_reads, assert_child_ok
-from luna_shm import read_wav, write_wav
+from luna_shm import WavWriter, create_wav_buffer, read_wav, write_wav
 
 RATE = 16000
 
@@ -340,22 +340,61 @@ def test_atomic_write_leaves_exactly_the_new_file_and_nothing_hidden(ram, existi
     assert write_wav(path, data, RATE, atomic=True) == str(path)
     assert_same_bits(read_wav(path)[0], data)
     assert os.listdir(ram) == ["a.wav"]
-    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o600  # what the replaced file of ours was
 
 
 @pytest.mark.parametrize("atomic", [False, True], ids=["plain", "atomic"])
-@pytest.mark.parametrize("before", ["nothing", "an-empty-0644-file", "a-0644-file-with-content"])
-def test_a_file_write_wav_makes_at_a_given_path_is_mode_0600_whatever_stood_there(
-        tmp_path, atomic, before):
-    # The README: every file write_wav makes is 0600, at a path you give too; only an
-    # empty file that a plain write fills in place keeps its own mode.
+@pytest.mark.parametrize(("before", "mode", "expected"), [
+    (None, None, 0o600),
+    (b"", 0o644, 0o644),
+    (b"old audio", 0o644, 0o644),
+    (b"old audio", 0o640, 0o640),
+    (b"old audio", 0o4755, 0o755),  # never the setuid bit
+], ids=["nothing", "an-empty-0644-file", "a-0644-file-with-content",
+        "a-0640-file-with-content", "a-setuid-file-with-content"])
+def test_a_file_write_wav_makes_keeps_the_permissions_of_the_users_file_it_replaces(
+        tmp_path, atomic, before, mode, expected):
+    # The README: a new file is 0600; one that replaces (or fills) a regular file of
+    # this user keeps that file's permission bits, never wider than they were.
     path = tmp_path / "out.wav"
-    if before != "nothing":
-        path.write_bytes(b"" if before == "an-empty-0644-file" else b"old audio")
-        path.chmod(0o644)
+    if before is not None:
+        path.write_bytes(before)
+        path.chmod(mode)
+    data = random_audio("int16", 10, 1)
+    write_wav(path, data, RATE, atomic=atomic)
+    assert path.stat().st_mode & 0o7777 == expected
+    assert_same_bits(read_wav(path)[0], data)
+    assert os.listdir(tmp_path) == ["out.wav"]
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["plain", "atomic"])
+def test_a_file_of_another_user_that_write_wav_replaces_becomes_a_private_file_of_ours(
+        tmp_path, atomic):
+    path = tmp_path / "out.wav"
+    path.write_bytes(b"their audio")
+    path.chmod(0o666)
+    try:
+        os.chown(path, 65534, 65534)
+    except PermissionError:
+        pytest.skip("cannot give a file to another user here (needs CAP_CHOWN)")
     write_wav(path, random_audio("int16", 10, 1), RATE, atomic=atomic)
-    kept = before == "an-empty-0644-file" and not atomic
-    assert path.stat().st_mode & 0o7777 == (0o644 if kept else 0o600)
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o600)
+
+
+@pytest.mark.parametrize("maker", ["WavWriter", "create_wav_buffer"])
+def test_a_writer_or_buffer_that_replaces_a_users_file_keeps_its_permissions(ram, maker):
+    path = ram / "out.wav"
+    path.write_bytes(b"old audio")
+    path.chmod(0o644)
+    if maker == "WavWriter":
+        with WavWriter(path, RATE) as writer:
+            writer.write(np.ones(10, np.int16))
+    else:
+        with create_wav_buffer(10, RATE, path=path) as buf:
+            buf.array[:] = 1
+    assert path.stat().st_mode & 0o7777 == 0o644
+    assert (read_wav(path, mmap=False)[0] == 1).all()
 
 
 def test_atomic_write_without_a_path_writes_a_new_temp_file(private_dirs):

@@ -390,14 +390,25 @@ def open_destination(
         except BaseException:
             _lowlevel.release(cell)
             raise
+        mode = replacement_mode(_os.fstat(fd)) if old_size else 0o600
         _lowlevel.release(cell)
         if old_size:
             partial = partial_path(text)
             cell = _lowlevel.fd_cell()
-            _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, cell=cell)
+            _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, mode, cell=cell)
             return Destination(text, cell, False, partial)
         # A cleanup removed the name between our open and our lock: again.
     raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)
+
+
+def replacement_mode(replaced: _os.stat_result) -> int:
+    """The mode of a new file that replaces the file replaced describes: its permission
+    bits when it is a regular file of this user (no wider than it was; never setuid,
+    setgid or sticky), else a private 0600 (another user chose that mode for theirs).
+    csrc/wav_io.c (luna_write_wav_atomic) applies the same rule."""
+    if _stat.S_ISREG(replaced.st_mode) and replaced.st_uid == _os.geteuid():
+        return _stat.S_IMODE(replaced.st_mode) & 0o777
+    return 0o600
 
 
 def finish_destination(dest: Destination) -> None:
