@@ -999,3 +999,51 @@ def test_a_render_on_a_ram_disk_with_no_size_limit_evicts_nothing(
     assert out["blocks"] == 0 and out["whole"]
     assert out["kept"] == [True, True, True]
     assert out["evictions"] == 0 and out["entries"] == 4
+
+
+KILLED_AFTER_THE_RENAME_OVER_A_SPILLED_KEY = """
+    import os, signal, sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("newest", max_bytes=20_000, disk_dir=sys.argv[1])
+    key = cache_key("spilled, then put again")
+    final = f"{cache.directory}/{key}.wav"
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):  # killed once the new entry has its name
+        real_rename(src, dst, *args, **kwargs)
+        if dst == final:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename
+    cache.put(key, audio_of(key, 1_200), 24000)
+"""
+
+
+def test_a_put_killed_after_its_rename_never_lets_an_older_disk_copy_come_back(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("spilled, then put again")
+    with AudioCache("newest", max_bytes=20_000, disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()  # 4.8 KB, the older audio
+        for i in range(4):  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
+            other = cache_key(f"filler {i}")
+            cache.put(other, audio_of(other), 24000).release()
+        tier = disk / f"luna_cache-{os.geteuid()}-newest"
+        assert (tier / f"{key}.wav").exists()
+        # Another process puts the key again and is killed right after its rename.
+        replacer = spawn(private_dirs, KILLED_AFTER_THE_RENAME_OVER_A_SPILLED_KEY, str(disk))
+        replacer.communicate(timeout=60)
+        assert replacer.returncode == -signal.SIGKILL
+        with cache.get(key) as newest:  # the new entry is in RAM
+            assert np.array_equal(newest.array, audio_of(key, 1_200))
+    # A reboot: the RAM tier is gone, the disk tier stays. The older audio must not
+    # come back (found in review: the put dropped the disk copy after its rename).
+    for name in os.listdir(private_dirs.ram):
+        shutil.rmtree(f"{private_dirs.ram}/{name}")
+    with AudioCache("newest", max_bytes=20_000, disk_dir=disk) as cache:
+        found = cache.get(key)
+        if found is not None:
+            with found:
+                assert np.array_equal(found.array, audio_of(key, 1_200))
+        cache.destroy()

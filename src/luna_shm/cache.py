@@ -1117,14 +1117,17 @@ class AudioCache:
                             replaced = self._named_size(name)
                         elif not self._ram.remove_if_unpinned(key + suffix):
                             _supersede(self._ram.path(key + suffix))  # held: it stays
+                    # The key's disk copies go before the rename, never after: killed
+                    # between the two, an older copy would outlive the new entry (an
+                    # eviction that cannot spill, a reboot) and come back in its place.
+                    if self._disk is not None and not reloaded:
+                        self._drop_from_disk(key)
                     _os.rename(part_path, final)
                     # The old entry leaves the count (a pinned one lives on unnamed) after
                     # the rename, never before: killed between the two, the count would be
                     # too low, and later commits would fill the tier past its bound.
                     if replaced:
                         self._ram.add({"bytes": -replaced})
-                    if self._disk is not None and not reloaded:
-                        self._drop_from_disk(key)
                     return CachedAudio(cell, final, key)
             suffix = name[len(key):]
             unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
