@@ -1047,3 +1047,67 @@ def test_a_put_killed_after_its_rename_never_lets_an_older_disk_copy_come_back(
             with found:
                 assert np.array_equal(found.array, audio_of(key, 1_200))
         cache.destroy()
+
+
+RELOADER_HELD_IN_ITS_COPY = """
+    import os, sys
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("typed", max_bytes=20_000, disk_dir=sys.argv[1])
+    key = cache_key("a wav, then an mp3")
+    real_sendfile = os.sendfile
+    held = []
+
+    def sendfile(*args):  # the reload's copy to RAM waits here, the disk copy pinned
+        if not held:
+            held.append(True)
+            print("copying", flush=True)
+            sys.stdin.readline()
+        return real_sendfile(*args)
+
+    os.sendfile = sendfile
+    entry = cache.get(key)
+    print("none" if entry is None else os.path.basename(entry.path), flush=True)
+"""
+
+
+def test_a_reload_racing_a_spill_of_another_type_never_brings_the_older_type_back(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("a wav, then an mp3")
+    mp3 = b"ID3\x04" + bytes(range(256)) * 8
+    tier = disk / f"luna_cache-{os.geteuid()}-typed"
+    with AudioCache("typed", max_bytes=20_000, disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()  # the older audio, a WAV
+
+        def fill(round_: int) -> None:  # 5 x 4.8 KB through a 20 KB RAM tier: key spills
+            for i in range(5):
+                other = cache_key(f"filler {round_} {i}")
+                cache.put(other, audio_of(other), 24000).release()
+
+        fill(0)
+        assert sorted(os.listdir(tier)).count(f"{key}.wav") == 1
+        reloader = subprocess.Popen(
+            [sys.executable, "-c", AUDIO_OF_KEY + textwrap.dedent(RELOADER_HELD_IN_ITS_COPY),
+             str(disk)], env=child_env(private_dirs), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert reloader.stdout is not None and reloader.stdin is not None
+        assert reloader.stdout.readline().strip() == "copying"
+        # While the reload copies the WAV: the newer audio, an MP3, is put and spilled.
+        cache.put_bytes(key, mp3, ".mp3").release()
+        fill(1)
+        assert f"{key}.mp3" in os.listdir(tier)
+        reloader.stdin.write("go\n")
+        reloader.stdin.flush()
+        got = finish(reloader).strip()
+        assert got in ("none", f"{key}.mp3"), got
+        # Every later look-up, in RAM and after a reboot, gets the MP3 (found in review:
+        # the reload stored the WAV over it, and both types stayed on disk).
+        with cache.get(key) as later:
+            assert later.path.endswith(".mp3") and later.read_bytes() == mp3
+    for name in os.listdir(private_dirs.ram):
+        shutil.rmtree(f"{private_dirs.ram}/{name}")
+    with AudioCache("typed", max_bytes=20_000, disk_dir=disk) as cache:
+        with cache.get(key) as after_reboot:
+            assert after_reboot.path.endswith(".mp3") and after_reboot.read_bytes() == mp3
+        cache.destroy()

@@ -740,6 +740,26 @@ def _remove_stale(tier: _Tier, name: str, fd: int) -> bool:
         return tier.remove_if_unpinned(name, only=fd)
 
 
+class _Replaced(Exception):
+    """A reload's source on the disk tier stopped being the key's newest audio during
+    the copy (see AudioCache._commit): the copy is not stored."""
+
+
+def _still_newest(source: CachedAudio) -> bool:
+    """True while the pinned disk entry source is still its key's entry: named by its
+    path and not superseded by a newer entry of another type."""
+    return (_newfile.still_named(source.fileno(), source.path)
+            and _stat.S_IMODE(_os.fstat(source.fileno()).st_mode) != _SUPERSEDED)
+
+
+def _remove_or_supersede(tier: _Tier, name: str) -> None:
+    """Remove tier's entry name, which a newer entry of its key replaces; one a caller
+    holds (a reload copying it, a hit) is superseded instead, so that no look-up ever
+    takes it again and the first that finds it unheld removes it (under the lock)."""
+    if not tier.remove_if_unpinned(name):
+        _supersede(tier.path(name))
+
+
 def _supersede(path: str) -> None:
     """Mark the held entry at path as replaced by a newer entry of its key, of another
     type (under the lock, before the newer one's rename): look-ups pass it by from now
@@ -1045,7 +1065,7 @@ class AudioCache:
             key = name.rpartition(".")[0]
             for suffix in ENTRY_SUFFIXES:  # one entry per key: a spilled WAV of a key
                 if key + suffix != name:    # now stored as MP3 must not win over it
-                    disk.remove_if_unpinned(key + suffix)
+                    _remove_or_supersede(disk, key + suffix)
             entries = [(n, st) for n, st in disk.entries() if n != name]
             total = sum(st.st_size for _, st in entries)
             entries.sort(key=lambda item: item[1].st_atime_ns)
@@ -1061,32 +1081,52 @@ class AudioCache:
         self._count("spills")
 
     def _reload(self, key: str) -> CachedAudio | None:
-        """Copy key's disk entry back into RAM and pin it there; None when there is none."""
+        """Copy key's disk entry back into RAM and pin it there; None when there is none.
+
+        The disk copy stays pinned until the commit, which stores the RAM copy only while
+        that disk copy is still the key's newest audio (see _commit): a put, or a spill
+        of another type, in another process during the copy made it old."""
         disk = self._disk
         assert disk is not None
-        held = self._open_entry(disk, key)
-        if held is None:
-            return None
-        with held:
-            name = _os.path.basename(held.path)
-            try:
-                part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
-            except OSError as exc:  # a full RAM disk: our own entries make room (see put)
-                if (exc.errno != _errno.ENOSPC
-                        or not self._room_on_ram_disk(_os.fstat(held.fileno()).st_size)):
-                    raise
-                part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
-        self._count("reloads")
-        return self._commit(key, part, name, cell, reloaded=True)
+        for _ in range(3):  # a third replacement during our copies: a miss
+            held = self._open_entry(disk, key)
+            if held is None:
+                return None
+            with held:
+                name = _os.path.basename(held.path)
+                try:
+                    part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
+                except OSError as exc:  # a full RAM disk: our own entries make room (see put)
+                    if (exc.errno != _errno.ENOSPC
+                            or not self._room_on_ram_disk(_os.fstat(held.fileno()).st_size)):
+                        raise
+                    part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
+                try:
+                    entry = self._commit(key, part, name, cell, source=held)
+                except _Replaced:
+                    found = self._open_entry(self._ram, key)  # a put's newer entry, if any
+                    if found is not None:
+                        return found
+                    continue
+            self._count("reloads")
+            return entry
+        return None
 
     def _commit(self, key: str, part_path: str, name: str,
-                cell: _lowlevel.FdCell = None, *, reloaded: bool = False) -> CachedAudio:
+                cell: _lowlevel.FdCell = None, *, source: CachedAudio | None = None
+                ) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         Unless it was reloaded from the disk tier, the key's disk entries go: one entry
         per key, and a spill of an older one must not come back after a restart.
         cell, when given, holds an fd already open on it holding a flock (it becomes the
-        entry's); on failure it is released and the file removed."""
+        entry's); on failure it is released and the file removed.
+
+        source: the pinned disk entry a reload copied part_path from. Every change of a
+        key's disk entries happens under the RAM lock (a commit drops them, an eviction
+        spills), so checked under it, "source is still named and not superseded" means
+        no newer audio of the key was stored since the copy began; else _Replaced is
+        raised (nothing stored, the file removed)."""
         if cell is None:
             cell = _lowlevel.fd_cell()
             fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
@@ -1105,6 +1145,8 @@ class AudioCache:
             _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             final = self._ram.path(name)
             with self._ram.locked():
+                if source is not None and not _still_newest(source):
+                    raise _Replaced(source.path)
                 self._flush_counts()
                 if not self._foreign(name) and self._make_room(size):
                     if name != key + ".wav" and not self._suffixes()[1:]:
@@ -1115,12 +1157,12 @@ class AudioCache:
                         if key + suffix == name:
                             # A render's too: an expired entry someone holds is there.
                             replaced = self._named_size(name)
-                        elif not self._ram.remove_if_unpinned(key + suffix):
-                            _supersede(self._ram.path(key + suffix))  # held: it stays
+                        else:  # held: it stays, superseded
+                            _remove_or_supersede(self._ram, key + suffix)
                     # The key's disk copies go before the rename, never after: killed
                     # between the two, an older copy would outlive the new entry (an
                     # eviction that cannot spill, a reboot) and come back in its place.
-                    if self._disk is not None and not reloaded:
+                    if self._disk is not None and source is None:
                         self._drop_from_disk(key)
                     _os.rename(part_path, final)
                     # The old entry leaves the count (a pinned one lives on unnamed) after
@@ -1149,7 +1191,7 @@ class AudioCache:
         try:
             with disk.locked():
                 for suffix in ENTRY_SUFFIXES:
-                    disk.remove_if_unpinned(key + suffix)
+                    _remove_or_supersede(disk, key + suffix)
         except OSError as exc:
             placement.logger.warning("luna_shm: could not remove the older entry of %r from "
                                      "the disk tier %s (a restart may bring it back): %s",
