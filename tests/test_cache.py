@@ -1221,3 +1221,13 @@ def test_in_says_true_only_for_an_entry_get_would_hand_out(private_dirs, tmp_pat
         os.unlink(f"{cache.directory}/{fifo}.wav")
         os.rmdir(f"{cache.directory}/{folder}.wav")
         cache.destroy()
+
+
+@pytest.mark.parametrize(("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError),
+                                                ("1", TypeError), (True, TypeError)])
+def test_get_refuses_a_timeout_that_is_not_seconds_naming_it(private_dirs, timeout: object,
+                                                             error: type[Exception]) -> None:
+    with AudioCache("bad-timeout") as cache:
+        with pytest.raises(error, match="timeout"):
+            cache.get(cache_key("x"), timeout=timeout)
+        cache.destroy()

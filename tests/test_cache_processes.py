@@ -1111,3 +1111,55 @@ def test_a_reload_racing_a_spill_of_another_type_never_brings_the_older_type_bac
         with cache.get(key) as after_reboot:
             assert after_reboot.path.endswith(".mp3") and after_reboot.read_bytes() == mp3
         cache.destroy()
+
+
+RENDERER_STOPPED_HOLDING_ITS_ENTRY = """
+    import os, signal
+    from luna_shm import AudioCache, cache_key
+    from luna_shm import cache as cache_module
+    cache = AudioCache("stopped")
+    key = cache_key("a renderer stopped")
+    real_commit = cache_module.AudioCache._commit
+
+    def commit(self, *args, **kwargs):  # stopped once the entry has its name, still locked
+        entry = real_commit(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return entry
+
+    cache_module.AudioCache._commit = commit
+    cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                        samplerate=24000).release()
+    cache.close()
+"""
+
+
+def test_get_and_get_or_render_bound_their_wait_for_a_stopped_renderer_s_entry_by_timeout(
+        private_dirs) -> None:
+    key = cache_key("a renderer stopped")
+    with AudioCache("stopped") as cache:
+        renderer = spawn(private_dirs, RENDERER_STOPPED_HOLDING_ITS_ENTRY)
+        try:
+            _, status = os.waitpid(renderer.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            entry = f"{cache.directory}/{key}.wav"
+            assert os.path.exists(entry)
+            # The stopped renderer holds the entry's flock exclusively: a hit would wait
+            # for it for ever (found in review: get() had no timeout, and get_or_render's
+            # timeout bounded only the wait for a render in flight).
+            with pytest.raises(TimeoutError) as info:
+                call_with_deadline(lambda: cache.get_or_render(
+                    key, lambda writer: writer.write(audio_of(key)), samplerate=24000,
+                    timeout=0.05), deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == entry
+            with pytest.raises(TimeoutError, match="timed out waiting for") as info:
+                call_with_deadline(lambda: cache.get(key, timeout=0.05), deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == entry
+            with pytest.raises(TimeoutError):
+                call_with_deadline(lambda: cache.get(key, timeout=0), deadline=30)
+        finally:
+            os.kill(renderer.pid, signal.SIGCONT)
+        finish(renderer)
+        with cache.get(key, timeout=5) as hit:  # the renderer went on: its entry is there
+            assert np.array_equal(hit.array, audio_of(key))
+        assert cache.stats().renders == 1
+        cache.destroy()

@@ -416,19 +416,26 @@ class _TierLock:
     returns leaves the mutex held (no Python-level __enter__ can close that window;
     a ``with`` on a lock does, in C, but this one also takes a flock)."""
 
-    __slots__ = ("exclusive", "tier")
+    __slots__ = ("deadline", "exclusive", "tier")
 
-    def __init__(self, tier: _Tier, exclusive: bool) -> None:
+    def __init__(self, tier: _Tier, exclusive: bool, deadline: float | None) -> None:
         self.tier = tier
         self.exclusive = exclusive
+        self.deadline = deadline
 
     def __enter__(self) -> None:
         tier = self.tier
         if tier.pid != _os.getpid():
             tier._after_fork()
-        tier.thread_lock.acquire()
+        lock_path = tier.path(_LOCK_NAME)
+        if self.deadline is None:
+            tier.thread_lock.acquire()
+        elif not tier.thread_lock.acquire(timeout=max(0.0, self.deadline - _time.monotonic())):
+            raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for the {tier.what}'s "
+                               "lock (another thread holds it)", lock_path)
         try:  # whatever raises from here on (a handler, right after the flock is granted)
-            _lowlevel.lock(tier.lock_fd, exclusive=self.exclusive, wait=True)
+            _lock_by(tier.lock_fd, exclusive=self.exclusive, deadline=self.deadline,
+                     what=f"the {tier.what}'s lock (another process holds it)", path=lock_path)
             # Everything done under the lock goes by path: a directory swapped for a
             # symlink (or another directory) since the open would be followed there.
             tier.check_in_place()
@@ -517,10 +524,11 @@ class _Tier:
         self.thread_lock = _threading.Lock()
         self.pid = _os.getpid()
 
-    def locked(self, exclusive: bool = True) -> _TierLock:
+    def locked(self, exclusive: bool = True, deadline: float | None = None) -> _TierLock:
         """Hold the tier's lock (``with tier.locked():``): across threads (a mutex) and
-        processes (a flock)."""
-        return _TierLock(self, exclusive)
+        processes (a flock). deadline (time.monotonic()), when given, bounds the wait:
+        TimeoutError (ETIMEDOUT) naming the lock file."""
+        return _TierLock(self, exclusive, deadline)
 
     def release(self) -> None:
         """Let go of the tier's lock (unlocking a flock not held is harmless)."""
@@ -703,6 +711,24 @@ class _Tier:
             _lowlevel.release(self.lock_cell)
 
 
+def _lock_by(fd: int, *, exclusive: bool, deadline: float | None, what: str,
+             path: str) -> None:
+    """Take fd's flock, waiting until deadline (time.monotonic()) at most; None waits as
+    long as it takes. Past the deadline: TimeoutError (ETIMEDOUT) saying what it waited
+    for and naming path. flock has no timeout of its own: a bounded wait polls, backing
+    off from 0.5 ms to 20 ms (the holder of an entry's or the cache's lock lets go
+    within microseconds, unless it is stopped or stuck, which is what the bound is for)."""
+    if deadline is None:
+        _lowlevel.lock(fd, exclusive=exclusive, wait=True)
+        return
+    pause = 0.0005
+    while not _lowlevel.lock(fd, exclusive=exclusive):
+        if _time.monotonic() >= deadline:
+            raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for {what}", path)
+        _time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
 def _is_render_file(fd: int) -> bool:
     """True when fd (a regular file) starts as a render's .live file: a WavWriter's WAV."""
     return _LIVE_START.match(_os.pread(fd, 128, 0)) is not None
@@ -727,7 +753,7 @@ def _stale_live(path: str) -> bool:
         _lowlevel.release(cell)
 
 
-def _remove_stale(tier: _Tier, name: str, fd: int) -> bool:
+def _remove_stale(tier: _Tier, name: str, fd: int, deadline: float | None = None) -> bool:
     """Remove tier's entry name, which a look-up found stale (expired, or not a WAV it
     can read) through fd, unless it is pinned or name no longer names that file; True
     when removed. The look-up's own shared flock on fd goes first (it would refuse the
@@ -736,7 +762,7 @@ def _remove_stale(tier: _Tier, name: str, fd: int) -> bool:
     Why not by name alone: between the look-up letting go of the file and the lock,
     another process can store a fresh entry under the name, which is not stale."""
     _fcntl.flock(fd, _fcntl.LOCK_UN)
-    with tier.locked():
+    with tier.locked(deadline=deadline):
         return tier.remove_if_unpinned(name, only=fd)
 
 
@@ -907,8 +933,11 @@ class AudioCache:
 
     # ---- look-ups ------------------------------------------------------------------
 
-    def _open_entry(self, tier: _Tier, key: str) -> CachedAudio | None:
-        """Pin the committed entry of key in tier, or None (missing, evicted, expired)."""
+    def _open_entry(self, tier: _Tier, key: str, deadline: float | None = None
+                    ) -> CachedAudio | None:
+        """Pin the committed entry of key in tier, or None (missing, evicted, expired).
+        deadline (time.monotonic()) bounds the waits for the entry's lock and the
+        tier's: TimeoutError (ETIMEDOUT) naming the file."""
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
             cell = _lowlevel.fd_cell()
@@ -919,18 +948,22 @@ class AudioCache:
                 continue
             fd = opened
             try:
-                # An evictor holds the exclusive lock only around an unlink: waiting is brief.
-                _lowlevel.lock(fd, exclusive=False, wait=True)
+                # An evictor holds the exclusive lock around a spill and an unlink, a
+                # renderer from its commit until its entry is pinned: waiting is brief,
+                # unless that process is stopped or stuck (deadline bounds it then).
+                _lock_by(fd, exclusive=False, deadline=deadline,
+                         what=f"the lock of the entry of {key!r} (another process holds it)",
+                         path=path)
                 st = _os.fstat(fd)
                 if st.st_nlink == 0:  # evicted while we waited
                     _lowlevel.release(cell)
                     continue
                 if _stat.S_IMODE(st.st_mode) == _SUPERSEDED:  # the key has a newer entry
-                    _remove_stale(tier, key + suffix, fd)
+                    _remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
                 if self._expired(st, _time.time()):
-                    _remove_stale(tier, key + suffix, fd)
+                    _remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
                 try:
@@ -947,19 +980,35 @@ class AudioCache:
             return CachedAudio(cell, path, key, size=st.st_size)
         return None
 
-    def get(self, key: str) -> CachedAudio | None:
+    def get(self, key: str, *, timeout: float | None = None) -> CachedAudio | None:
         """The entry of key, pinned until released, or None on a miss.
 
         A RAM miss with a disk tier reloads the entry from disk into RAM.
 
+        Args:
+            key: see :func:`cache_key`.
+            timeout: seconds to wait for the locks a hit takes (an int or float, numpy
+                ones too, >= 0; 0 does not wait); None or infinity waits as long as it
+                takes. Another process holds an entry's lock for an instant (a renderer
+                storing it, an eviction): only one that is stopped or stuck there makes
+                a get wait, and a server that must answer bounds that wait.
+
         Raises:
-            TypeError, ValueError: key is not a key (see :func:`cache_key`).
+            TypeError, ValueError: key is not a key (see :func:`cache_key`), or a bad
+                timeout (NaN is refused).
+            TimeoutError: timeout passed while another process held the entry's lock
+                (or the cache's), ETIMEDOUT, naming the file.
         """
         self._check_open()
         _check_key(key)
-        found = self._open_entry(self._ram, key)
+        limit = formats.check_timeout(timeout)
+        return self._get(key, None if limit is None else _time.monotonic() + limit)
+
+    def _get(self, key: str, deadline: float | None) -> CachedAudio | None:
+        """get(), its waits bounded by deadline (time.monotonic(); None: no bound)."""
+        found = self._open_entry(self._ram, key, deadline)
         if found is None and self._disk is not None:
-            found = self._reload(key)
+            found = self._reload(key, deadline)
         self._count("hits" if found is not None else "misses")
         return found
 
@@ -1080,7 +1129,7 @@ class AudioCache:
             _os.rename(part, disk.path(name))
         self._count("spills")
 
-    def _reload(self, key: str) -> CachedAudio | None:
+    def _reload(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Copy key's disk entry back into RAM and pin it there; None when there is none.
 
         The disk copy stays pinned until the commit, which stores the RAM copy only while
@@ -1089,7 +1138,7 @@ class AudioCache:
         disk = self._disk
         assert disk is not None
         for _ in range(3):  # a third replacement during our copies: a miss
-            held = self._open_entry(disk, key)
+            held = self._open_entry(disk, key, deadline)
             if held is None:
                 return None
             with held:
@@ -1102,9 +1151,10 @@ class AudioCache:
                         raise
                     part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
                 try:
-                    entry = self._commit(key, part, name, cell, source=held)
+                    entry = self._commit(key, part, name, cell, source=held,
+                                         deadline=deadline)
                 except _Replaced:
-                    found = self._open_entry(self._ram, key)  # a put's newer entry, if any
+                    found = self._open_entry(self._ram, key, deadline)  # a put's, if any
                     if found is not None:
                         return found
                     continue
@@ -1113,8 +1163,8 @@ class AudioCache:
         return None
 
     def _commit(self, key: str, part_path: str, name: str,
-                cell: _lowlevel.FdCell = None, *, source: CachedAudio | None = None
-                ) -> CachedAudio:
+                cell: _lowlevel.FdCell = None, *, source: CachedAudio | None = None,
+                deadline: float | None = None) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         Unless it was reloaded from the disk tier, the key's disk entries go: one entry
@@ -1126,7 +1176,8 @@ class AudioCache:
         key's disk entries happens under the RAM lock (a commit drops them, an eviction
         spills), so checked under it, "source is still named and not superseded" means
         no newer audio of the key was stored since the copy began; else _Replaced is
-        raised (nothing stored, the file removed)."""
+        raised (nothing stored, the file removed). deadline bounds the wait for the
+        lock (a reload for a get with a timeout)."""
         if cell is None:
             cell = _lowlevel.fd_cell()
             fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
@@ -1144,7 +1195,7 @@ class AudioCache:
             # eviction would take the entry just stored. mtime (the TTL clock) is kept.
             _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             final = self._ram.path(name)
-            with self._ram.locked():
+            with self._ram.locked(deadline=deadline):
                 if source is not None and not _still_newest(source):
                     raise _Replaced(source.path)
                 self._flush_counts()
@@ -1349,8 +1400,8 @@ class AudioCache:
 
         Args:
             key: a key from :func:`cache_key`.
-            timeout: seconds to wait for the render's next block (a number >= 0;
-                None or infinity: no limit).
+            timeout: seconds to wait for the render's next block, or for a stored
+                entry's lock (a number >= 0; None or infinity: no limit).
 
         Raises:
             TypeError, ValueError: a bad key or timeout (raised by the call itself).
@@ -1368,7 +1419,7 @@ class AudioCache:
         # A render can end between the two looks (its file is renamed into the entry):
         # look again; a third time is another render, which we follow.
         for _ in range(3):
-            entry = self.get(key)
+            entry = self._get(key, None if limit is None else _time.monotonic() + limit)
             if entry is not None:
                 with entry:
                     yield entry.array.copy()
@@ -1409,9 +1460,9 @@ class AudioCache:
                 child it forks that leaves it (``sys.exit``, an exception) leaves the
                 render to the parent; one that returns from it gets ``RuntimeError``.
             samplerate, channels, dtype: the writer's format.
-            timeout: seconds to wait for another caller's render (an int or float, numpy
-                ones too, >= 0; 0 does not wait); None or infinity waits as long as it
-                runs.
+            timeout: seconds to wait for another caller's render, and for the locks a
+                hit takes (see :meth:`get`), in all (an int or float, numpy ones too,
+                >= 0; 0 does not wait); None or infinity waits as long as it runs.
 
         Returns:
             The entry, pinned (``stored`` False when it was too large to keep).
@@ -1423,7 +1474,8 @@ class AudioCache:
             WavError: the stored entry is not a WAV we can read (another process
                 truncated or overwrote it) and another caller holds it; unheld, it
                 is removed (with a warning logged) and the key rendered again.
-            TimeoutError: timeout passed while another caller rendered.
+            TimeoutError: timeout passed while another caller rendered, or held the
+                entry's lock (a renderer stopped while it stored the entry).
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
@@ -1445,8 +1497,8 @@ class AudioCache:
             if deadline is not None and _time.monotonic() > deadline:
                 raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another caller "
                                    f"to render {key!r}", live)
-            found = self.get(key)
-            if found is not None and self._readable(found):
+            found = self._get(key, deadline)
+            if found is not None and self._readable(found, deadline):
                 return found
             writer, part = self._start_render(key, samplerate, channels, dtype)
             if writer is not None:
@@ -1455,7 +1507,7 @@ class AudioCache:
             if outcome is not None:
                 return outcome
 
-    def _readable(self, entry: CachedAudio) -> bool:
+    def _readable(self, entry: CachedAudio, deadline: float | None) -> bool:
         """True when entry (a hit) can be read. A WAV entry that does not parse (another
         process truncated or overwrote it) is released and removed, and False returned
         for the caller to render the key again; when it cannot be removed (another
@@ -1472,7 +1524,8 @@ class AudioCache:
             _lowlevel.dup(entry.fileno(), cell=held, filename=entry.path)
             entry.release()
             try:
-                if _remove_stale(self._ram, _os.path.basename(entry.path), held[0]):
+                if _remove_stale(self._ram, _os.path.basename(entry.path), held[0],
+                                 deadline):
                     placement.logger.warning("luna_shm: removed the unreadable cache entry "
                                              "%s (%s); rendering it again", entry.path, exc)
                     return False
@@ -1655,16 +1708,8 @@ class AudioCache:
             # A caller that wants audio before the render ends uses follow() instead.
             # The renderer holds an exclusive flock until the entry is stored (or it
             # failed, or died): the kernel grants our shared one then, no polling.
-            if deadline is None:
-                _lowlevel.lock(fd, exclusive=False, wait=True)
-            else:
-                pause = 0.0005
-                while not _lowlevel.lock(fd, exclusive=False):
-                    if _time.monotonic() >= deadline:
-                        raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another "
-                                           f"caller to render {key!r}", live)
-                    _time.sleep(pause)
-                    pause = min(pause * 2, 0.02)
+            _lock_by(fd, exclusive=False, deadline=deadline,
+                     what=f"another caller to render {key!r}", path=live)
             if _newfile.still_named(fd, live):
                 # A renderer that ends renames or removes its .live file before it
                 # lets go of the lock: still named, it died. Remove it (exclusive, so
