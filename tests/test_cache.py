@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import io
 import json
 import os
 import re
@@ -17,12 +18,20 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 import luna_shm
-from helpers import LIBRARY_PATH, REPO, call_with_deadline, wait_until_someone_waits_for_flock
+from helpers import (
+    LIBRARY_PATH,
+    REPO,
+    as_other_user,
+    call_with_deadline,
+    closed_and_readable_dirs,
+    wait_until_someone_waits_for_flock,
+)
 from luna_shm import AudioCache, CachedAudio, cache_key
 from luna_shm.cache import RenderError
 
@@ -1231,3 +1240,49 @@ def test_get_refuses_a_timeout_that_is_not_seconds_naming_it(private_dirs, timeo
         with pytest.raises(error, match="timeout"):
             cache.get(cache_key("x"), timeout=timeout)
         cache.destroy()
+
+
+def _look_at_a_cache_whose_lock_file_is_read_only(directory: str) -> dict[str, object]:
+    """As uid 65534, in directory (its own): a cache whose lock file is then made 0444
+    (a monitoring account's view), looked at through the CLI and the API."""
+    from luna_shm import cli
+
+    os.environ["LUNA_SHM_DIR"] = directory
+    key = cache_key("watched")
+    with AudioCache("watched") as cache:
+        cache.put(key, np.arange(100, dtype=np.int16), 24000).release()
+        lock = f"{cache.directory}/lock"
+    os.chmod(lock, 0o444)
+    out: dict[str, object] = {"lock": lock}
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        out["cli"] = [cli.main(["cache", "stats", "--name", "watched", "--json"]),
+                      cli.main(["cache", "ls", "--name", "watched"])]
+    out["shown"] = shown.getvalue()
+    with AudioCache("watched") as cache:
+        out["entries"] = [k for k, _, _ in cache.entries()]
+        with cache.get(key) as hit:
+            out["hit"] = hit.array[:3].tolist()
+        for what, change in (("put", lambda: cache.put(key, np.ones(9, np.int16), 24000)),
+                             ("discard", lambda: cache.discard(key))):
+            try:
+                change()
+            except PermissionError as exc:
+                out[what] = [exc.errno, exc.filename, str(exc)]
+    out["files"] = sorted(os.listdir(os.path.dirname(lock)))
+    return out
+
+
+def test_a_cache_whose_lock_file_is_read_only_to_its_user_can_be_looked_at(ram) -> None:
+    _, readable = closed_and_readable_dirs(str(ram))
+    out: Any = as_other_user(_look_at_a_cache_whose_lock_file_is_read_only, readable)
+    key = cache_key("watched")
+    # Found in review: PermissionError (EACCES) naming the lock file, from the open.
+    assert out["cli"] == [0, 0]
+    stats, listing = out["shown"].split("\n", 1)
+    assert json.loads(stats)["entries"] == 1 and listing.startswith(key)
+    assert out["entries"] == [key] and out["hit"] == [0, 1, 2]
+    for what in ("put", "discard"):  # refused before anything is touched, saying why
+        assert out[what][:2] == [errno.EACCES, out["lock"]]
+        assert "can only be looked at" in out[what][2]
+    assert out["files"] == sorted([f"{key}.wav", "lock"])

@@ -629,6 +629,8 @@ READ_ONLY_CACHE = """
     subprocess.run(["mount", "--bind", ram, ram], check=True)
     subprocess.run(["mount", "-o", "remount,bind,ro", ram], check=True)
     out = {}
+    reopened = AudioCache("ro")  # opened for looking only (its lock file read-only)
+    out["reopened entries"] = reopened.stats().entries
     with cache.get(key) as hit:
         out["hit"] = bool(np.array_equal(hit.array, audio_of(key)))
     with cache.get_or_render(key, lambda w: 1 / 0, samplerate=16000) as hit:
@@ -638,7 +640,7 @@ READ_ONLY_CACHE = """
                                                    samplerate=16000)),
             ("put", lambda: cache.put(missing, audio_of(key), 16000)),
             ("discard", lambda: cache.discard(key)),
-            ("reopen", lambda: AudioCache("ro"))]:
+            ("reopened put", lambda: reopened.put(missing, audio_of(key), 16000))]:
         try:
             call()
             out[name] = "no error"
@@ -646,6 +648,7 @@ READ_ONLY_CACHE = """
             out[name] = [exc.errno == errno.EROFS, exc.filename]
     out["listing"] = sorted(os.listdir(cache.directory))
     out["directory"] = cache.directory
+    reopened.close()
     cache.close()
     print(json.dumps(out))
 """
@@ -672,7 +675,9 @@ def test_a_cache_remounted_read_only_serves_hits_and_names_what_it_cannot_write(
     for name in ("render", "put"):  # the partial they could not create
         assert out[name][0] is True and out[name][1].startswith(f"{directory}/."), out
     assert out["discard"] == [True, f"{directory}/{key}.wav"]
-    assert out["reopen"] == [True, f"{directory}/lock"]
+    # Opened again, it can be looked at, and says why it cannot be changed.
+    assert out["reopened entries"] == 1
+    assert out["reopened put"] == [True, f"{directory}/lock"]
     assert out["listing"] == sorted(["lock", f"{key}.wav"])
 
 
@@ -1163,3 +1168,55 @@ def test_get_and_get_or_render_bound_their_wait_for_a_stopped_renderer_s_entry_b
             assert np.array_equal(hit.array, audio_of(key))
         assert cache.stats().renders == 1
         cache.destroy()
+
+
+LOOKS_AT_A_READ_ONLY_CACHE = """
+    import json, os, subprocess, sys
+    import numpy as np
+    from luna_shm import AudioCache, cache_key
+    key = cache_key("watched")
+    with AudioCache("watched") as cache:
+        cache.put(key, np.arange(2400, dtype=np.int16), 24000).release()
+        cache.get(key).release()
+        directory = cache.directory
+    # A monitoring view: the cache directory bound read-only onto itself.
+    subprocess.run(["mount", "--bind", directory, directory], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", directory], check=True)
+    out = {}
+    for action in ("stats", "ls"):
+        cli = subprocess.run([sys.executable, "-m", "luna_shm", "cache", action, "--name",
+                              "watched", "--json"], capture_output=True, text=True)
+        out[action] = [cli.returncode, cli.stdout, cli.stderr]
+    with AudioCache("watched") as cache:
+        out["entries"] = [k for k, _, _ in cache.entries()]
+        with cache.get(key) as hit:
+            out["hit"] = hit.array[:3].tolist()
+        out["hits"] = cache.stats().hits
+        try:
+            cache.put(cache_key("new"), np.ones(10, np.int16), 24000)
+        except OSError as exc:
+            out["put"] = [exc.errno, exc.filename]
+        try:
+            cache.clear()
+        except OSError as exc:
+            out["clear"] = [exc.errno, exc.filename]
+    out["files"] = sorted(os.listdir(directory))
+    print(json.dumps(out))
+"""
+
+
+def test_a_cache_on_a_read_only_mount_can_be_looked_at_by_the_cli_and_the_api() -> None:
+    out = json.loads(assert_child_ok(run_in_private_shm(LOOKS_AT_A_READ_ONLY_CACHE)))
+    key = cache_key("watched")
+    # Found in review: EROFS naming the lock file, as the open asked for write access.
+    returncode, stdout, stderr = out["stats"]
+    assert returncode == 0, stderr
+    stats = json.loads(stdout)
+    assert stats["entries"] == 1 and stats["hits"] == 1 and stats["bytes"] > 4800
+    returncode, stdout, stderr = out["ls"]
+    assert returncode == 0 and stdout.startswith(key), stderr
+    assert out["entries"] == [key] and out["hit"] == [0, 1, 2]
+    assert out["hits"] == 2  # the shared count and this process's own, not written out
+    lock = f"/dev/shm/luna_cache-{os.geteuid()}-watched/lock"
+    assert out["put"][0] == errno.EROFS and out["clear"] == [errno.EROFS, lock]
+    assert out["files"] == sorted([f"{key}.wav", "lock"])

@@ -454,7 +454,16 @@ def dir_name(name: str) -> str:
 
 
 class _Tier:
-    """One directory of entries (the RAM tier, or the disk tier) and its lock."""
+    """One directory of entries (the RAM tier, or the disk tier) and its lock.
+
+    A tier whose lock file cannot be opened for writing (a read-only mount, a lock file
+    of mode 0444: a monitoring view) opens it read-only, as flock works on any open
+    file: it can be looked at (stats, entries, get), and whatever would change it raises
+    write_error's errno naming the lock file (check_writable), before touching anything.
+    """
+
+    # Why the lock file was opened read-only (EACCES, EPERM or EROFS), else None.
+    write_error: OSError | None = None
 
     def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
         self.name = dir_name(name)
@@ -466,8 +475,7 @@ class _Tier:
         self.identity = (opened.st_dev, opened.st_ino)
         self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
         try:
-            self.lock_fd = _lowlevel.open_at(_LOCK_NAME, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
-                                             dir_fd=dir_cell[0], cell=self.lock_cell)
+            self.lock_fd = self._open_lock(_LOCK_NAME, dir_cell[0], self.lock_cell)
         except BaseException as exc:
             if self.made:
                 _rmdir_quietly(self.directory)
@@ -481,6 +489,35 @@ class _Tier:
 
     def path(self, name: str) -> str:
         return f"{self.directory}/{name}"
+
+    def _open_lock(self, name: str, dir_fd: int | None, cell: _lowlevel.FdCell) -> int:
+        """Open the lock file (name, relative to dir_fd when given) into cell: read-write,
+        made if missing; read-only, with write_error set, when write access is refused.
+        A refused read-only open raises the first refusal."""
+        try:
+            return _lowlevel.open_at(name, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
+                                     dir_fd=dir_fd, cell=cell)
+        except OSError as exc:
+            if exc.errno not in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+                raise
+            refused = exc
+        try:
+            fd = _lowlevel.open_at(name, _os.O_RDONLY | _os.O_NOFOLLOW, dir_fd=dir_fd,
+                                   cell=cell)
+        except OSError:
+            raise refused from None
+        code = refused.errno or _errno.EACCES
+        self.write_error = OSError(code, f"the {self.what} can only be looked at here: its "
+                                   "lock file could not be opened for writing "
+                                   f"({_os.strerror(code)})", self.path(_LOCK_NAME))
+        return fd
+
+    def check_writable(self) -> None:
+        """Raise (the errno that refused write access, naming the lock file) when the
+        tier was opened read-only; see the class docstring."""
+        error = self.write_error
+        if error is not None:
+            raise OSError(error.errno, error.strerror, error.filename)
 
     def in_place(self) -> bool:
         """True while directory names the directory this tier opened, and its lock file
@@ -517,8 +554,7 @@ class _Tier:
         # of the parent's (the parent's flock stays: it holds its own descriptor).
         self.check_in_place()  # before an O_CREAT by path
         cell = _lowlevel.fd_cell()
-        fd = _lowlevel.open_at(self.path(_LOCK_NAME), _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
-                               cell=cell)
+        fd = self._open_lock(self.path(_LOCK_NAME), None, cell)
         inherited, self.lock_cell, self.lock_fd = self.lock_cell, cell, fd
         _lowlevel.release(inherited)
         self.thread_lock = _threading.Lock()
@@ -546,6 +582,7 @@ class _Tier:
 
     def add(self, deltas: dict[str, int]) -> list[int]:
         """Add deltas to the shared counters (under the lock); the new values."""
+        self.check_writable()
         values = self.counters()
         for i, name in enumerate(_COUNTERS):
             values[i] = max(0, values[i] + deltas.get(name, 0))
@@ -554,6 +591,7 @@ class _Tier:
 
     def set_bytes(self, total: int) -> None:
         """Record the committed bytes a scan found (under the lock)."""
+        self.check_writable()
         values = self.counters()
         values[0] = total
         _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
@@ -583,6 +621,7 @@ class _Tier:
         of: unlink name only while it still names that file. Another process may have
         stored a fresh entry under the name since, which is not the caller's to remove
         (entry names change only under the lock: checked under it, the answer holds)."""
+        self.check_writable()
         path = self.path(name)
         if only is not None and not _newfile.still_named(only, path):
             return False
@@ -639,6 +678,7 @@ class _Tier:
         """Remove leftovers no live process holds: partials, stale .live files, outcome
         notes older than a minute, unstored audio (each by its exact shape, see kind).
         Under the lock."""
+        self.check_writable()
         removed = 0
         now = _time.time()
         with _os.scandir(self.directory) as scan:
@@ -663,6 +703,7 @@ class _Tier:
         """A new in-flight file for name: (path, its fd cell) with a shared flock held from
         before its name appeared, so that no sweep (in any process) removes it while we
         live."""
+        self.check_writable()
         path = self.path(f".{name}.{_token()}{_PART}")
         cell = _lowlevel.fd_cell()
         _lowlevel.create_locked(self.directory, path, cell=cell)
@@ -760,7 +801,10 @@ def _remove_stale(tier: _Tier, name: str, fd: int, deadline: float | None = None
     removal); fd stays open, so the check under the lock compares with that very file.
 
     Why not by name alone: between the look-up letting go of the file and the lock,
-    another process can store a fresh entry under the name, which is not stale."""
+    another process can store a fresh entry under the name, which is not stale.
+    A tier opened read-only removes nothing: the look-up passes the entry by."""
+    if tier.write_error is not None:
+        return False
     _fcntl.flock(fd, _fcntl.LOCK_UN)
     with tier.locked(deadline=deadline):
         return tier.remove_if_unpinned(name, only=fd)
@@ -867,10 +911,11 @@ class AudioCache:
             if disk_text is not None:
                 disk = _Tier(_os.path.abspath(disk_text), name,
                              disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
-            with ram.locked():
-                ram.sweep()
-                ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
-            if disk is not None:
+            if ram.write_error is None:  # else: looked at, never changed (see _Tier)
+                with ram.locked():
+                    ram.sweep()
+                    ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
+            if disk is not None and disk.write_error is None:
                 with disk.locked():  # a killed process's spills in flight
                     disk.sweep()
         except BaseException:
@@ -916,9 +961,15 @@ class AudioCache:
 
     def _flush_counts(self) -> dict[str, int]:
         """Add this process's counts to the shared ones; the totals. Under the RAM lock.
-        (Hits and misses are counted here first: a hit takes no lock.)"""
+        (Hits and misses are counted here first: a hit takes no lock.) A cache opened
+        read-only writes nothing: the totals add this process's counts, kept."""
         if self._counts_pid != _resource.current_pid:
             self._forget_parent_counts()
+        if self._ram.write_error is not None:
+            with self._counts_lock:
+                mine = [self._counts[name] for name in _COUNTERS]
+            shared = self._ram.counters()
+            return {name: shared[i] + mine[i] for i, name in enumerate(_COUNTERS)}
         with self._counts_lock:
             pending, self._counts = self._counts, dict.fromkeys(_COUNTERS, 0)
         return dict(zip(_COUNTERS, self._ram.add(pending), strict=True))
@@ -1540,6 +1591,7 @@ class AudioCache:
                       ) -> tuple[_RenderWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
         (None, "") when another live renderer has it."""
+        self._ram.check_writable()  # a cache opened read-only renders nothing
         live = self._ram.path(key + _LIVE)
         for _ in range(8):
             part = self._ram.path(f".{key}.{_token()}{_PART}")
