@@ -1220,3 +1220,54 @@ def test_a_cache_on_a_read_only_mount_can_be_looked_at_by_the_cli_and_the_api() 
     lock = f"/dev/shm/luna_cache-{os.geteuid()}-watched/lock"
     assert out["put"][0] == errno.EROFS and out["clear"] == [errno.EROFS, lock]
     assert out["files"] == sorted([f"{key}.wav", "lock"])
+
+
+def test_puts_into_a_full_cache_list_its_directory_once_per_queue_not_once_per_put(
+        private_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    audio = np.arange(100, dtype=np.int16)  # 244-byte entries
+    with AudioCache("full", max_bytes=244 * 300) as cache:
+        for i in range(300):
+            cache.put(f"fill{i}", audio, 24000).release()
+        listed: list[str] = []
+        real_scandir = os.scandir
+
+        def scandir(path: Any = ".") -> Any:  # the real listing, counted
+            if str(path) == cache.directory:
+                listed.append(str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        for i in range(50):  # each evicts one
+            cache.put(f"new{i}", audio, 24000).release()
+        monkeypatch.undo()
+        # Found in review: two listings of all 300 entries per put (a sweep, then the
+        # entries), so a put into a full cache of 10,000 entries took ~80 ms.
+        assert len(listed) <= 2, f"{len(listed)} listings of the directory for 50 puts"
+        stats = cache.stats()
+        assert stats.entries == 300 and stats.evictions == 50
+        assert [key for key, _, _ in cache.entries()][:3] == ["fill50", "fill51", "fill52"]
+        cache.destroy()
+
+
+HITS_TWO_ENTRIES = """
+    from luna_shm import AudioCache
+    with AudioCache("lru") as cache:
+        for key in ("k1", "k2"):
+            cache.get(key).release()
+"""
+
+
+def test_eviction_stays_least_recently_used_when_other_processes_hit_entries_meanwhile(
+        private_dirs) -> None:
+    audio = np.arange(100, dtype=np.int16)  # 244-byte entries, 10 fit
+    with AudioCache("lru", max_bytes=2440) as cache:
+        for i in range(10):
+            cache.put(f"k{i}", audio, 24000).release()
+        cache.put("k10", audio, 24000).release()  # full: k0 goes (a scan, this process)
+        finish(spawn(private_dirs, HITS_TWO_ENTRIES))  # k1 and k2 used since that scan
+        cache.put("k11", audio, 24000).release()
+        cache.put("k12", audio, 24000).release()
+        keys = {key for key, _, _ in cache.entries()}
+        assert {"k1", "k2"} <= keys and not keys & {"k0", "k3", "k4"}, sorted(keys)
+        assert [key for key, _, _ in cache.entries()][-2:] == ["k11", "k12"]
+        cache.destroy()

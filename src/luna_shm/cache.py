@@ -39,6 +39,7 @@ files (partials, a stale ``.live``), which the next pass under the lock removes.
 
 from __future__ import annotations
 
+import collections as _collections
 import errno as _errno
 import fcntl as _fcntl
 import hashlib as _hashlib
@@ -98,8 +99,9 @@ _UNSTORED_NAME = _re.compile(rf"\.[A-Za-z0-9_-]{{1,128}}\.[0-9a-f]{{24}}"
 # The lock file also holds the shared counters: little-endian uint64s, read and written
 # under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
 # fits costs no directory scan; it is only ever too high (it grows before a rename and
-# shrinks after an unlink), and every scan (at open, and whenever it says "full") sets it
-# to the truth again: so the bound holds even after a kill -9 between the two.
+# shrinks after an unlink), and every scan (at open, and whenever it says "full" and the
+# last scan's queue cannot make room) sets it to the truth again: so the bound holds even
+# after a kill -9 between the two (too high, it only keeps the tier below its bound).
 # "encoded" goes from 0 to 1 once encoded audio is stored (it widens every look-up).
 _COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads",
              "encoded")
@@ -905,6 +907,9 @@ class AudioCache:
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
         self._encoded = False
+        # The RAM entries the last eviction scan did not come to: (name, inode, atime_ns),
+        # least recently used first (see _evict_queued). Used under the RAM lock only.
+        self._victims: _collections.deque[tuple[str, int, int]] = _collections.deque()
         ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
         disk: _Tier | None = None
         try:
@@ -1073,33 +1078,77 @@ class AudioCache:
 
     def _make_room(self, size: int) -> bool:
         """Under the RAM lock: make size more bytes fit (the shared count grows by them);
-        False when they cannot (nothing is stored then). A cache that looks full is
-        scanned: expired entries go, then the least recently used unpinned ones."""
+        False when they cannot (nothing is stored then). A cache that looks full evicts
+        from the queue of its last scan (see _evict_queued); when that is not enough it
+        is scanned: expired entries go, then the least recently used unpinned ones."""
         tier = self._ram
         if size > tier.max_bytes:
             return False
         total = tier.counters()[0]
         if total + size > tier.max_bytes:
-            tier.sweep()  # unstored audio a killed process never released, too
-            now = _time.time()
-            kept = []
-            for name, st in tier.entries():
-                expired = self._expired(st, now)
-                if expired and tier.remove_if_unpinned(name):
-                    continue
-                kept.append((name, st))
-            total = sum(st.st_size for _, st in kept)
-            kept.sort(key=lambda item: item[1].st_atime_ns)
-            for name, st in kept:
-                if total + size <= tier.max_bytes:
-                    break
-                if self._evict(name):
-                    total -= st.st_size
+            total = self._evict_queued(total, size)
+        if total + size > tier.max_bytes:
+            total = self._evict_scanned(size)
             tier.set_bytes(total)
             if total + size > tier.max_bytes:
                 return False
         tier.add({"bytes": size})  # before the rename: too high, never too low
         return True
+
+    def _evict_scanned(self, size: int) -> int:
+        """Scan the RAM tier (under its lock) and evict until size more bytes fit: expired
+        entries first, then the least recently used unpinned ones; the committed bytes
+        left. The entries it did not come to are queued, oldest first, for the next
+        commits that find the cache full (_evict_queued): a full cache is scanned once
+        per queue, not once per commit (a scan of 10,000 entries takes tens of ms)."""
+        tier = self._ram
+        tier.sweep()  # unstored audio a killed process never released, too
+        now = _time.time()
+        kept = []
+        for name, st in tier.entries():
+            expired = self._expired(st, now)
+            if expired and tier.remove_if_unpinned(name):
+                continue
+            kept.append((name, st))
+        total = sum(st.st_size for _, st in kept)
+        kept.sort(key=lambda item: item[1].st_atime_ns)
+        tried = 0
+        for name, st in kept:
+            if total + size <= tier.max_bytes:
+                break
+            tried += 1
+            if self._evict(name):
+                total -= st.st_size
+        self._victims = _collections.deque(
+            (name, st.st_ino, st.st_atime_ns) for name, st in kept[tried:])
+        return total
+
+    def _evict_queued(self, total: int, size: int) -> int:
+        """Evict the entries the last scan queued, oldest first, until size more bytes
+        fit in total (the shared count, lowered by what goes); the new total.
+
+        Exactly LRU, across processes: an entry is evicted only while it is the very file
+        the scan saw (inode) with the access time it saw. One used since (a hit, in any
+        process, sets its atime), replaced or gone leaves the queue: what a scan did not
+        see, or saw changed, was stored or used after every entry still queued."""
+        tier = self._ram
+        queue = self._victims
+        now = _time.time()
+        while queue and total + size > tier.max_bytes:
+            name, ino, atime_ns = queue.popleft()
+            try:
+                st = _os.lstat(tier.path(name))
+            except FileNotFoundError:
+                continue
+            if (st.st_ino, st.st_atime_ns) != (ino, atime_ns):
+                continue
+            if self._expired(st, now):
+                if tier.remove_if_unpinned(name):  # it lowers the shared count itself
+                    total -= st.st_size
+            elif self._evict(name):
+                tier.add({"bytes": -st.st_size})
+                total -= st.st_size
+        return total
 
     def _evict(self, name: str) -> bool:
         """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
