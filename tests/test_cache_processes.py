@@ -1271,3 +1271,40 @@ def test_eviction_stays_least_recently_used_when_other_processes_hit_entries_mea
         assert {"k1", "k2"} <= keys and not keys & {"k0", "k3", "k4"}, sorted(keys)
         assert [key for key, _, _ in cache.entries()][-2:] == ["k11", "k12"]
         cache.destroy()
+
+
+HOLDS_THE_CACHE_LOCK_STOPPED = """
+    import fcntl, os, signal, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a process stopped in the middle of a commit
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lock(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("spilled, then asked for")
+    with AudioCache("held", max_bytes=20_000, disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()
+        for i in range(4):  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
+            other = cache_key(f"filler {i}")
+            cache.put(other, audio_of(other), 24000).release()
+        lock = f"{cache.directory}/lock"
+        holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
+        try:
+            _, status = os.waitpid(holder.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            before = sorted(os.listdir(cache.directory))
+            # The reload copies the disk entry, then needs the cache's lock to store it.
+            with pytest.raises(TimeoutError, match="cache's lock") as info:
+                call_with_deadline(lambda: cache.get(key, timeout=0.05), deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == lock
+            assert sorted(os.listdir(cache.directory)) == before  # its copy went again
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.communicate(timeout=30)
+        with cache.get(key, timeout=5) as reloaded:
+            assert np.array_equal(reloaded.array, audio_of(key))
+        cache.destroy()
