@@ -561,3 +561,43 @@ def test_a_child_forked_while_a_thread_waits_for_a_render_never_pins_the_entry(
         renderer.stdin.close()
         renderer.stdout.close()
         cache.destroy()
+
+
+# Another thread holds a module-level lock of luna_shm while the main thread forks; the
+# child's first call that takes that lock must not wait for a thread it does not have.
+HELD_MODULE_LOCK = """
+import json, os, sys, threading, time
+from luna_shm import get_temp_audio_path, placement
+
+holding, done = threading.Event(), threading.Event()
+
+def hold():
+    with placement._lock:  # a thread busy in placement (log_once, refresh, a new choice)
+        holding.set()
+        done.wait()
+
+holder = threading.Thread(target=hold)
+holder.start()
+holding.wait()
+pid = os.fork()
+if pid == 0:
+    os.environ["LUNA_SHM_DIR"] = sys.argv[1]  # a new choice: current() takes the lock
+    get_temp_audio_path()
+    os._exit(0)
+done.set()
+holder.join()
+deadline = time.monotonic() + 20
+while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+if waited[0] == 0:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(json.dumps({"child_exit": os.waitstatus_to_exitcode(waited[1]) if waited[0] else "hung"}))
+"""
+
+
+def test_a_child_forked_while_another_thread_holds_the_placement_lock_makes_paths(
+        private_dirs) -> None:
+    other = os.path.join(private_dirs.ram, "child_ram")
+    os.mkdir(other, 0o700)
+    assert run(HELD_MODULE_LOCK, str(other)) == {"child_exit": 0}

@@ -182,6 +182,16 @@ def ram_dir_problem(path: str) -> str | None:
 
 
 _lock = _threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # Another thread of the parent may have held the lock at the fork: that thread does
+    # not exist in the child, which would wait for it for ever on its next placement call.
+    global _lock
+    _lock = _threading.Lock()
+
+
+_os.register_at_fork(after_in_child=_new_lock_in_child)
 _cache: dict[tuple[object, ...], Placement] = {}
 _logged: set[str] = set()
 
