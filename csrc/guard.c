@@ -104,6 +104,24 @@ static struct sigaction prev_actions[2];
 static _Atomic(struct sigaction *) prev_action;
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* In a forked child: another thread of the parent may have held either mutex at
+ * the fork (inside grow() or ensure_installed()); that thread does not exist
+ * here, and the child's next registration that needs the mutex would wait for
+ * it for ever. Both start unlocked. Whatever that thread left half done stays
+ * consistent for the child: a block stored but not counted is allocated again
+ * (the first one leaks), a half-made reinstall is made again. */
+static void unlock_in_child(void)
+{
+    pthread_mutex_init(&grow_lock, NULL);
+    pthread_mutex_init(&install_lock, NULL);
+}
+
+/* Registered when the library is loaded, before any thread can call us. */
+__attribute__((constructor)) static void register_fork_hook(void)
+{
+    pthread_atfork(NULL, NULL, unlock_in_child);
+}
+
 /* Per thread: inside a call to the previous handler; the address of the last
  * kernel fault we passed on. initial-exec: no allocation on first use inside
  * a signal handler. */

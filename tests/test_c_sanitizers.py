@@ -39,3 +39,14 @@ def test_c_layer_refuses_hostile_sizes_and_converts_at_any_alignment_under_sanit
     assert int(summary.group(1)) > 4500  # every group of checks ran (decode.c: about 2,600)
     assert done.returncode == 0
     assert list(victim_dir.iterdir()) == []  # nothing was left behind
+
+
+def test_a_child_forked_while_another_thread_holds_a_guard_mutex_still_registers(
+        tmp_path: Path) -> None:
+    # tests/c/guard_fork.c: a thread holds guard.c's grow_lock (or install_lock) across
+    # a real fork; the child's registration that needs it must not wait for ever.
+    binary, env = build_sanitized("guard_fork.c", tmp_path, with_csrc=False)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, env=env, timeout=120)
+    reports = [mark for mark in SANITIZER_MARKS if mark in done.stderr]
+    assert reports == [], done.stderr[-4000:]
+    assert (done.stdout, done.stderr, done.returncode) == ("2 passed, 0 failed\n", "", 0)
