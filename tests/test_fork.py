@@ -21,6 +21,7 @@ import pytest
 from helpers import LIBRARY_PATH, wait_until_someone_waits_for_flock
 from luna_shm import AudioCache, cache_key, cleanup_temp_audio, create_wav_buffer
 from luna_shm.cache import RenderError
+from luna_shm.pool import reclaim_dead_pool_files
 
 PRELUDE = """
 import gc, json, os, sys, threading, time
@@ -601,3 +602,62 @@ def test_a_child_forked_while_another_thread_holds_the_placement_lock_makes_path
     other = os.path.join(private_dirs.ram, "child_ram")
     os.mkdir(other, 0o700)
     assert run(HELD_MODULE_LOCK, str(other)) == {"child_exit": 0}
+
+
+# A pool's process forks a helper that never uses the pool, then is SIGKILLed. The helper
+# reports once its at-fork hooks have run, then lives until its stdin closes.
+POOL_OWNER_KILLED = """
+import json, os, sys
+import numpy as np
+from luna_shm import AudioPool
+
+pool = AudioPool(slots=3, max_bytes=4000, anonymous=sys.argv[1] == "anonymous")
+held = pool.write_wav(np.full(100, 1, np.int16), 8000)
+held.array  # a handle whose array was asked for before the fork
+acquired = pool.acquire(100, 8000)
+acquired.array[:] = 2
+pid = os.fork()
+if pid == 0:
+    print(json.dumps({"child": os.getpid(), "slots": sorted(s.path for s in pool._slots)}),
+          flush=True)
+    sys.stdin.read()  # until the test lets go
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("kind", ["named", "anonymous"])
+def test_a_pools_slots_are_reclaimable_after_its_process_is_killed_while_an_idle_child_lives(
+        private_dirs, kind) -> None:
+    # Named slots: their files stayed flock-held, out of every reclaim, while the child
+    # lived. Anonymous (memfd) slots: their RAM stayed.
+    owner = subprocess.Popen([sys.executable, "-X", "dev", "-c", POOL_OWNER_KILLED, kind],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert owner.stdin is not None and owner.stdout is not None
+    try:
+        child = json.loads(owner.stdout.readline())
+        slots = child["slots"]
+        assert len(slots) == 3
+        inodes = {os.stat(p).st_ino for p in slots}
+        owner.kill()
+        owner.wait(timeout=60)
+        # The helper closed its copies of the slot files, their mappings and the pool's
+        # inotify fd at the fork: nothing of the dead pool is held while it lives.
+        proc = f"/proc/{child['child']}"
+        fds = {fd: os.readlink(f"{proc}/fd/{fd}") for fd in os.listdir(f"{proc}/fd")}
+        open_inodes = {os.stat(f"{proc}/fd/{fd}").st_ino for fd in fds}
+        with open(f"{proc}/maps") as maps:
+            mapped_inodes = {int(line.split()[4]) for line in maps}
+        assert inodes & open_inodes == set()
+        assert inodes & mapped_inodes == set()
+        assert [link for link in fds.values() if "inotify" in link] == []
+        if kind == "named":
+            assert reclaim_dead_pool_files() == 3
+            assert [p for p in slots if os.path.exists(p)] == []
+        os.kill(child["child"], 0)  # the helper still lives
+    finally:
+        owner.kill()
+        owner.wait(timeout=60)
+        owner.stdin.close()  # the helper's stdin too: it leaves
+        owner.stdout.close()

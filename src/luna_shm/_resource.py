@@ -20,8 +20,8 @@ from luna_shm import _lowlevel
 current_pid: int = _os.getpid()
 
 
-# The objects a forked child lets go of at once (FileResource._let_go_at_fork).
-_let_go_in_child: _weakref.WeakSet[FileResource] = _weakref.WeakSet()
+# The objects a forked child lets go of at once (Resource._let_go_at_fork).
+_let_go_in_child: _weakref.WeakSet[Resource] = _weakref.WeakSet()
 # The fd cells a forked child closes at once (close_in_child).
 _closed_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
 
@@ -99,6 +99,21 @@ class Resource:
         if self._finalizer is not None:
             self._finalizer.detach()
 
+    def _let_go_at_fork(self) -> None:
+        """Have every child forked from now on let go of its copies at once (see _let_go).
+
+        For an object whose open files, held by a child too, would keep their locks and
+        delay their last close: a WavWriter's followers learn from those that the writer
+        died; a pool's slot files stay flock-held, out of every reclaim, while a child
+        lives after the pool's process was killed.
+        """
+        _let_go_in_child.add(self)
+
+    def _let_go(self) -> None:
+        """In a forked child, right after the fork (no other thread exists, and a lock
+        the parent's threads held may stay held: take none): close the child's copies
+        of what the object holds. Subclasses that call _let_go_at_fork say how."""
+
     def _check_ours(self) -> None:
         """RuntimeError naming the owner when a forked child uses an inherited object."""
         if self._pid != current_pid:
@@ -171,14 +186,6 @@ class FileResource(Resource):
 
     def _release(self) -> None:
         """Subclass hook: drop what refers to the file before its fd closes."""
-
-    def _let_go_at_fork(self) -> None:
-        """Have every child forked from now on let go of its copies at once (see _let_go).
-
-        For an object whose open file, held by a child too, would keep its lock and delay
-        its last close: a WavWriter's followers learn from those that the writer died.
-        """
-        _let_go_in_child.add(self)
 
     def _let_go(self) -> None:
         """In a forked child, right after the fork: close the child's copy of the fd (and

@@ -14,7 +14,9 @@ Slots hold a shared flock for the pool's lifetime, so
 :func:`cleanup_all_temp_audio` never removes a live pool's files, and a new
 pool reclaims the slot files of pools whose process died (only files that
 carry the slot marker). A pool belongs to the process that made it: a forked
-child can neither take its slots nor remove its files.
+child can neither take its slots nor remove its files, and closes its copies of
+the slots' descriptors and mappings at the fork (a killed parent's slots are then
+reclaimable while the child lives).
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class _Lease:
 class _Slot:
     """One pre-faulted file (or memfd) of a pool and its mapping."""
 
-    __slots__ = ("byte_view", "cell", "fd", "identity", "lease", "length", "mapping", "path",
-                 "readonly", "verified", "watched")
+    __slots__ = ("array", "byte_view", "cell", "fd", "identity", "lease", "length", "mapping",
+                 "path", "readonly", "verified", "watched")
 
     def __init__(self, cell: _lowlevel.FdCell, path: str, mapping: _lowlevel.Mapping) -> None:
         self.cell = cell  # owns the fd
@@ -93,6 +95,21 @@ class _Slot:
         self.verified = False
         # Who holds the slot: None while it is free (or lost before a lease was set).
         self.lease: _weakref.ReferenceType[_Lease] | None = None
+        # Its holder's array (PooledWav.array), made on first use. Kept here, not in the
+        # PooledWav, so that a forked child drops it with the slot (see let_go).
+        self.array: np.ndarray | None = None
+
+    def let_go(self) -> None:
+        """In a forked child: close the child's copy of the fd and drop the child's
+        references to the mapping (which holds the open file too, and with it the
+        flock): unmapped at once unless the user keeps an array of it. The slot is
+        the parent's: the child never uses it again (its pool refuses)."""
+        try:
+            _lowlevel.release(self.cell)
+        except OSError:
+            pass
+        del self.mapping, self.byte_view, self.readonly
+        self.array = None
 
     def still_named(self) -> bool:
         """True while path names this slot's file, at the slot's full length.
@@ -179,7 +196,7 @@ class PooledWav(_resource.Resource):
         self.frames = frames
         self._offset = offset
         self._writable = writable
-        self._array: np.ndarray | None = None  # made on first use: most callers want the path
+        slot.array = None  # made on first use: most callers want the path
         # Not _track(): a PooledWav is made on every pool write, and a __del__ costs
         # nothing to set up where a weakref.finalize costs about 1 us (its leak check
         # needs only what the object holds anyway: the pool and the slot).
@@ -225,16 +242,17 @@ class PooledWav(_resource.Resource):
         """
         slot = self._check_held()
         slot.mapping.check()
-        if self._array is None:
+        array = slot.array
+        if array is None:
             dtype = formats.view_dtype(self._spec)
             if dtype is None:
                 raise ValueError("24-bit samples have no numpy view: read the file with read_wav")
             view = slot.mapping.view if self._writable else slot.readonly
             flat = np.frombuffer(view, dtype=dtype, count=self.frames * self.channels,
                                  offset=self._offset)
-            self._array = flat.reshape((self.frames,) if self.channels == 1 else
-                                       (self.frames, self.channels))
-        return self._array
+            array = slot.array = flat.reshape((self.frames,) if self.channels == 1 else
+                                              (self.frames, self.channels))
+        return array
 
     @property
     def released(self) -> bool:
@@ -266,8 +284,8 @@ class PooledWav(_resource.Resource):
         slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
         _check_slot_file(slot)
         self.frames = new_frames
-        if self._array is not None:
-            self._array = self._array[:new_frames]
+        if slot.array is not None:
+            slot.array = slot.array[:new_frames]
 
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing.
@@ -282,7 +300,8 @@ class PooledWav(_resource.Resource):
         # A released handle kept by the caller must not keep the slot's mapping (a whole
         # slot of RAM) alive once the pool is closed: only arrays taken from it do.
         slot, self._slot = self._slot, None
-        self._array = None
+        if slot is not None and pool is not None:
+            slot.array = None
         if pool is not None and slot is not None and self._pid == _resource.current_pid:
             pool._give_back(slot, lease)
 
@@ -486,8 +505,10 @@ class AudioPool(_resource.Resource):
             years) waits forever.
 
     A pool belongs to the process that made it: in a forked child its methods
-    raise ``RuntimeError`` and ``close()`` only closes the child's copies of the
-    descriptors (the parent's slot files stay as they are).
+    raise ``RuntimeError``, and the child's copies of the slots' descriptors and
+    mappings and of the inotify fd are closed right at the fork (the parent's slot
+    files stay as they are, and its ``close()`` or death frees them while the child
+    lives; an array the child keeps holds its slot's file).
 
     Raises:
         ValueError, TypeError: bad arguments.
@@ -549,6 +570,7 @@ class AudioPool(_resource.Resource):
         else:
             _check_memory(slots, self._length)
         self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
+        self._let_go_at_fork()  # before the first fd: a child forked from here on drops it
         self._watch_cell = _new_watch(self.anonymous)
         self._watch_fd = self._watch_cell[0]
         self._closed = False
@@ -560,6 +582,22 @@ class AudioPool(_resource.Resource):
         except BaseException:
             self.close()
             raise
+
+    def _let_go(self) -> None:
+        """In a forked child, right after the fork: close the child's copies of every
+        slot's fd and of the inotify fd, and drop its mappings (see _Slot.let_go). A
+        child that never uses the pool then holds nothing of it: killed, the parent
+        leaves slot files that the next pool reclaims (their flocks go with its last
+        descriptor), whoever it forked. The pool stays the parent's: every use raises
+        RuntimeError. Without the lock: a parent thread may have held it at the fork."""
+        for slot in list(self._slots):
+            slot.let_go()
+        self._free = []
+        self._watch_fd = -1
+        try:
+            _lowlevel.release(self._watch_cell)
+        except OSError:
+            pass
 
     def _new_slot(self) -> _Slot:
         if self.anonymous:
