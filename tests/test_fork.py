@@ -661,3 +661,79 @@ def test_a_pools_slots_are_reclaimable_after_its_process_is_killed_while_an_idle
         owner.wait(timeout=60)
         owner.stdin.close()  # the helper's stdin too: it leaves
         owner.stdout.close()
+
+
+# Threads released together make the first locked cache call of a forked child: each may
+# find the tier still the parent's and reopen its lock file. Each child then counts its
+# descriptors of the lock file (its own one only) and the errors its threads met.
+FIRST_CACHE_CALL_IN_THREADS = """
+import json, os, sys, threading, time
+from luna_shm import AudioCache
+
+cache = AudioCache("first_call_in_threads", max_bytes=1_000_000)
+lock_inode = os.stat(os.path.join(cache.directory, "lock")).st_ino
+
+
+def lock_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.stat(f"/proc/self/fd/{fd}").st_ino == lock_inode
+        except OSError:  # the listing's own fd, closed by now
+            pass
+    return count
+
+
+def child() -> None:
+    sys.setswitchinterval(1e-6)
+    barrier = threading.Barrier(8)
+    errors = []
+
+    def first_call() -> None:
+        barrier.wait()
+        try:
+            cache.stats()
+        except BaseException as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=first_call, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    for thread in threads:
+        thread.join(max(0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        os.write(1, b'"hung"\\n')
+    else:
+        os.write(1, (json.dumps([lock_fds(), errors]) + "\\n").encode())
+
+
+for _ in range(int(sys.argv[1])):  # up to the first child that goes wrong
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(write_end, 1)
+            child()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as report:
+        line = report.read()
+    os.waitpid(pid, 0)
+    print(line, end="", flush=True)
+    if line != "[1, []]\\n":
+        break
+cache.close()
+"""
+
+
+def test_threads_making_the_first_cache_call_of_a_forked_child_open_one_lock_fd(
+        private_dirs) -> None:
+    done = subprocess.run([sys.executable, "-X", "dev", "-W", MULTITHREADED_FORK_IS_MEANT,
+                           "-c", FIRST_CACHE_CALL_IN_THREADS, "40"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert (done.returncode, done.stderr) == (0, "")
+    children = [json.loads(line) for line in done.stdout.splitlines()]
+    assert children == [[1, []]] * 40

@@ -409,6 +409,19 @@ def _open_private_dir(parent: str, name: str, what: str) -> tuple[_lowlevel.FdCe
     return cell, made
 
 
+# The tiers and caches whose thread locks (and pending counts) a forked child makes anew
+# at once, before any of its threads can take them.
+_made_anew_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
+
+
+def _make_anew_in_child() -> None:
+    for each in list(_made_anew_in_child):
+        each._after_fork_in_child()
+
+
+_os.register_at_fork(after_in_child=_make_anew_in_child)
+
+
 class _TierLock:
     """``with tier.locked():``: a class, not a contextlib generator, which a signal
     handler that raises as it yields would leave suspended holding both locks (until
@@ -427,14 +440,23 @@ class _TierLock:
 
     def __enter__(self) -> None:
         tier = self.tier
-        if tier.pid != _os.getpid():
-            tier._after_fork()
         lock_path = tier.path(_LOCK_NAME)
         if self.deadline is None:
             tier.thread_lock.acquire()
         elif not tier.thread_lock.acquire(timeout=max(0.0, self.deadline - _time.monotonic())):
             raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for the {tier.what}'s "
                                "lock (another thread holds it)", lock_path)
+        if tier.pid != _os.getpid():
+            # Under the thread lock, which the child made anew (_after_fork_in_child):
+            # one thread of a forked child opens the child's lock fd, and the others use
+            # it. (Two that both did closed each other's fd, or left one holding a flock
+            # on an fd nobody would unlock: the child hung.) On failure only the thread
+            # lock is let go: an unlock through the inherited fd would be the parent's.
+            try:
+                tier._after_fork()
+            except BaseException:
+                tier.thread_lock.release()
+                raise
         try:  # whatever raises from here on (a handler, right after the flock is granted)
             _lock_by(tier.lock_fd, exclusive=self.exclusive, deadline=self.deadline,
                      what=f"the {tier.what}'s lock (another process holds it)", path=lock_path)
@@ -487,6 +509,13 @@ class _Tier:
         finally:
             _lowlevel.release(dir_cell)
         self.pid = _os.getpid()
+        self.thread_lock = _threading.Lock()
+        _made_anew_in_child.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """Right after a fork, in the child: a thread lock of its own (a thread of the
+        parent may have held the parent's at the fork, and does not exist here). The
+        lock fd is reopened later, by the first locked call (_after_fork), under it."""
         self.thread_lock = _threading.Lock()
 
     def path(self, name: str) -> str:
@@ -559,7 +588,6 @@ class _Tier:
         fd = self._open_lock(self.path(_LOCK_NAME), None, cell)
         inherited, self.lock_cell, self.lock_fd = self.lock_cell, cell, fd
         _lowlevel.release(inherited)
-        self.thread_lock = _threading.Lock()
         self.pid = _os.getpid()
 
     def locked(self, exclusive: bool = True, deadline: float | None = None) -> _TierLock:
@@ -906,6 +934,7 @@ class AudioCache:
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
+        _made_anew_in_child.add(self)
         self._encoded = False
         # The RAM entries the last eviction scan did not come to: (name, inode, atime_ns),
         # least recently used first (see _evict_queued). Used under the RAM lock only.
@@ -955,6 +984,9 @@ class AudioCache:
             self._forget_parent_counts()
         with self._counts_lock:
             self._counts[what] += n
+
+    def _after_fork_in_child(self) -> None:
+        self._forget_parent_counts()
 
     def _forget_parent_counts(self) -> None:
         """In a forked child: the counts not yet written out are the parent's, which
