@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH, wait_until_someone_waits_for_flock
+from helpers import LIBRARY_PATH, call_with_deadline, wait_until_someone_waits_for_flock
 from luna_shm import AudioCache, cache_key, cleanup_temp_audio, create_wav_buffer
 from luna_shm.cache import RenderError
 from luna_shm.pool import reclaim_dead_pool_files
@@ -737,3 +737,55 @@ def test_threads_making_the_first_cache_call_of_a_forked_child_open_one_lock_fd(
     assert (done.returncode, done.stderr) == (0, "")
     children = [json.loads(line) for line in done.stdout.splitlines()]
     assert children == [[1, []]] * 40
+
+
+# A thread of the cache's process is inside a locked cache call (a put, a sweep, a spill)
+# while the main thread forks a helper that never uses the cache; then the process is
+# SIGKILLed. The helper reports once its at-fork hooks ran, then lives until stdin closes.
+CACHE_LOCK_HOLDER_KILLED = """
+import json, os, sys, threading
+from luna_shm import AudioCache
+
+cache = AudioCache("forked_lock_holder", max_bytes=1_000_000)
+holding = threading.Event()
+
+def hold():
+    with cache._ram.locked():
+        holding.set()
+        threading.Event().wait()
+
+threading.Thread(target=hold, daemon=True).start()
+holding.wait()
+pid = os.fork()
+if pid == 0:
+    print(json.dumps(os.getpid()), flush=True)
+    sys.stdin.read()  # until the test lets go
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+def test_a_cache_process_killed_holding_its_lock_leaves_it_free_while_an_idle_child_lives(
+        private_dirs) -> None:
+    owner = subprocess.Popen([sys.executable, "-X", "dev", "-W", MULTITHREADED_FORK_IS_MEANT,
+                              "-c", CACHE_LOCK_HOLDER_KILLED],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": LIBRARY_PATH})
+    assert owner.stdin is not None and owner.stdout is not None
+    opened: list[AudioCache] = []
+    try:
+        child = json.loads(owner.stdout.readline())
+        owner.kill()
+        owner.wait(timeout=60)
+        # The helper's copy of the lock fd (the killed owner's open file description,
+        # flock and all) was closed at the fork: the lock died with the owner.
+        call_with_deadline(lambda: opened.append(
+            AudioCache("forked_lock_holder", max_bytes=1_000_000)), 20)
+        os.kill(child, 0)  # the helper still lives
+    finally:
+        owner.kill()
+        owner.wait(timeout=60)
+        owner.stdin.close()  # the helper's stdin too: it leaves, and its flock with it
+        owner.stdout.close()
+        for cache in opened:
+            cache.destroy()

@@ -514,9 +514,20 @@ class _Tier:
 
     def _after_fork_in_child(self) -> None:
         """Right after a fork, in the child: a thread lock of its own (a thread of the
-        parent may have held the parent's at the fork, and does not exist here). The
-        lock fd is reopened later, by the first locked call (_after_fork), under it."""
+        parent may have held the parent's at the fork, and does not exist here), and a
+        lock fd of its own at once (_after_fork). The inherited fd shares the parent's
+        open file description, with the flock a parent thread may hold right now: kept by
+        a child that never uses the cache, it would keep that flock for as long as the
+        child lives once the parent is killed, and every process of the cache would wait.
+        When the reopen fails (the directory was removed), the first locked call tries
+        again, under the thread lock, and raises."""
         self.thread_lock = _threading.Lock()
+        if self.lock_fd < 0:  # closed
+            return
+        try:
+            self._after_fork()
+        except OSError:
+            pass
 
     def path(self, name: str) -> str:
         return f"{self.directory}/{name}"
