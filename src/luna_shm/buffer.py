@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+import threading as _threading
 from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, _prefault, formats, placement
+from luna_shm import _lowlevel, _newfile, _prefault, _resource, formats, placement
 from luna_shm._prefault import PrefaultStats
 from luna_shm._resource import FileResource
 
@@ -30,10 +31,17 @@ class WavBuffer(FileResource):
             which other processes of the same user can open while it lives.
         samplerate, channels, frames, dtype: what the WAV holds.
         anonymous: True for a memfd buffer.
+
+    Threads may share one buffer: :meth:`truncate` and :meth:`close` take turns,
+    and ``array`` in one thread while another closes the buffer returns the array
+    (its mapping lives as long as the array does) or raises ``ValueError``.
     """
 
     _mapping: _lowlevel.Mapping | None = None
     _array: np.ndarray | None = None
+    # Held by truncate and close: a truncate that a close cut into would use the
+    # closed descriptor (or one another thread opened since under the same number).
+    _lock = _threading.Lock()  # a half-built buffer's close; __init__ makes its own
 
     def __init__(
         self,
@@ -50,6 +58,7 @@ class WavBuffer(FileResource):
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
         self.anonymous = formats.check_flag("anonymous", anonymous)
+        self._lock = _threading.Lock()
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)
@@ -202,15 +211,14 @@ class WavBuffer(FileResource):
                 such touch is not seen: the array shows the new bytes. An anonymous
                 buffer (a memfd sealed against shrinking) cannot be cut at all.
         """
-        self._check_mapping()
-        assert self._array is not None
-        return self._array
-
-    def _check_mapping(self) -> None:
-        """Raise ValueError when closed, OSError(ESTALE) when the file shrank under us."""
+        # Read once each: a close in another thread drops both (array first) at any
+        # point in here, and an array taken is safe to hand out (it keeps its mapping).
+        array, mapping = self._array, self._mapping
         self._check_open()
-        assert self._mapping is not None
-        self._mapping.check()
+        if array is None or mapping is None:  # closed since the reads
+            raise ValueError("I/O operation on closed WavBuffer")
+        mapping.check()
+        return array
 
     def truncate(self, frames: int) -> None:
         """Shorten the WAV to its first ``frames`` frames (the audio came out shorter).
@@ -230,14 +238,19 @@ class WavBuffer(FileResource):
                 no page of ours lost: its header is not ours to write then, and the
                 mapping is replaced with zeros, so that ``array`` raises too.
         """
-        self._check_open()
-        assert self._mapping is not None
-        self._mapping.check_file(self._fd, self._length)
+        self._check_open()  # before the lock: a forked child never waits for it
         new_frames = formats.check_frames(frames)
+        with self._lock:
+            self._check_open()  # closed by another thread meanwhile
+            self._truncate(new_frames)
+
+    def _truncate(self, new_frames: int) -> None:
+        """truncate, under the lock, on the open buffer."""
+        assert self._mapping is not None and self._array is not None
+        self._mapping.check_file(self._fd, self._length)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a buffer: frames={_lowlevel.brief(new_frames)} > "
                              f"{self.frames}")
-        assert self._mapping is not None and self._array is not None
         data_bytes = new_frames * self.channels * self.dtype.itemsize
         end = self._header_len + data_bytes + (data_bytes & 1)
         view = self._mapping.view
@@ -252,6 +265,18 @@ class WavBuffer(FileResource):
         self.frames = new_frames
         self._array = self._array[:new_frames]
         self._mapping.check_file(self._fd, self._length)  # cut by another process meanwhile
+
+    def close(self) -> None:
+        """Unmap (once no array views it) and close the file; calling it again does
+        nothing. Waits for a truncate in progress.
+
+        In a forked child this closes only the child's copy of the descriptor.
+        """
+        if self._pid != _resource.current_pid:
+            super().close()  # the parent's lock may be held by a thread not copied here
+            return
+        with self._lock:
+            super().close()
 
     def _release(self) -> None:
         # The mapping itself lives on while the user's arrays view it.
