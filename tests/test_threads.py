@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from helpers import call_with_deadline
-from luna_shm import create_wav_buffer, read_wav
+from numpy.testing import assert_array_equal
+
+from luna_shm import AudioPool, PooledWav, create_wav_buffer, read_wav
 
 RATE = 16000
 
@@ -83,6 +85,71 @@ def test_a_buffer_closed_while_other_threads_read_its_array_and_truncate_it_only
             if not anonymous:
                 read_wav(buf.path)  # the header is whole whatever the order was
                 os.unlink(buf.path)
+        return unexpected
+
+    unexpected = call_with_deadline(rounds)
+    assert unexpected == []
+
+
+# ---- AudioPool -------------------------------------------------------------------------
+
+
+def churn_descriptors() -> None:
+    """Open and close files: a descriptor number another thread closed is soon reused."""
+    for _ in range(60):
+        fd = os.open("/dev/null", os.O_RDONLY)
+        os.close(fd)
+
+
+def test_a_pool_closed_while_a_holder_truncates_never_uses_a_closed_slot_descriptor(ram):
+    def rounds() -> list[BaseException]:
+        unexpected: list[BaseException] = []
+        for _ in range(150):
+            pool = AudioPool(2, 8192)
+            held = pool.acquire(1000, RATE)
+            held.array[:] = np.arange(1000, dtype=np.int16)
+
+            def shorten(held: PooledWav = held) -> None:
+                for frames in range(999, 899, -1):
+                    held.truncate(frames)
+
+            unexpected += run_together(shorten, pool.close, churn_descriptors)
+            # Arrays taken from a pool stay valid after its close: the samples are intact
+            # (a truncate that compared the slot with another file's size zeroed them).
+            assert_array_equal(held.array, np.arange(held.frames, dtype=np.int16))
+            held.release()
+        return unexpected
+
+    unexpected = call_with_deadline(rounds)
+    assert unexpected == []
+
+
+def test_a_holder_truncating_while_another_thread_releases_never_writes_the_next_holders_slot(
+        ram):
+    def rounds() -> list[BaseException]:
+        unexpected: list[BaseException] = []
+        with AudioPool(1, 8192) as pool:
+            for _ in range(150):
+                held = pool.acquire(1000, RATE)
+                taken: list[PooledWav] = []
+
+                def shorten(held: PooledWav = held) -> None:
+                    for frames in range(999, 899, -1):
+                        held.truncate(frames)
+
+                def release_and_take(held: PooledWav = held,
+                                     taken: list[PooledWav] = taken) -> None:
+                    held.release()
+                    taken.append(pool.acquire(500, RATE))
+
+                errors = run_together(shorten, release_and_take)
+                unexpected += [e for e in errors
+                               if not (isinstance(e, ValueError)
+                                       and str(e) == "PooledWav was released")]
+                nxt = taken[0]
+                # The next holder's file says what it acquired, whatever the order was.
+                assert read_wav(nxt.path)[0].shape == (500,)
+                nxt.release()
         return unexpected
 
     unexpected = call_with_deadline(rounds)

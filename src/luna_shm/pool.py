@@ -275,17 +275,28 @@ class PooledWav(_resource.Resource):
                 is not ours to write).
         """
         slot = self._check_held()
+        pool = self._pool
         new_frames = formats.check_frames(frames)
         if new_frames > self.frames:
             raise ValueError(f"cannot grow a pooled WAV: frames={_lowlevel.brief(new_frames)} "
                              f"> {self.frames}")
-        _check_slot_file(slot)
-        frame_bytes = self._spec.channels * self._spec.bits // 8
-        slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
-        _check_slot_file(slot)
-        self.frames = new_frames
-        if slot.array is not None:
-            slot.array = slot.array[:new_frames]
+        if pool is None:
+            raise ValueError("PooledWav was released")
+        # Under the pool's lock: a close() in another thread closes the slot's fd (the
+        # number may be another file's by the time we fstat it: a wrong size would zero
+        # our mapping), and a release() in another thread may hand the slot to the next
+        # holder, whose header this must never write.
+        with pool._lock:
+            if self._slot is not slot:
+                raise ValueError("PooledWav was released")
+            _check_slot_file(slot)
+            frame_bytes = self._spec.channels * self._spec.bits // 8
+            slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
+            _check_slot_file(slot)
+            self.frames = new_frames
+            array = slot.array  # read once: a release() in another thread drops it
+            if array is not None and self._slot is slot:
+                slot.array = array[:new_frames]
 
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing.
@@ -969,8 +980,10 @@ class AudioPool(_resource.Resource):
             self._closed = True
             self._free.clear()
             self._cond.notify_all()
-        self._untrack()
-        _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
+            self._untrack()
+            # Under the lock: a holder's truncate() in another thread checks its slot's
+            # fd under it, and must never find the number closed (or another file's).
+            _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
