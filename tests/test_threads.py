@@ -16,11 +16,19 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-
-from helpers import call_with_deadline
 from numpy.testing import assert_array_equal
 
-from luna_shm import AudioPool, PooledWav, create_wav_buffer, read_wav
+from helpers import call_with_deadline
+from luna_shm import (
+    AudioCache,
+    AudioPool,
+    PooledWav,
+    WavBuffer,
+    WavWriter,
+    create_wav_buffer,
+    read_wav,
+)
+from luna_shm.cache import RenderError
 
 RATE = 16000
 
@@ -72,11 +80,11 @@ def test_a_buffer_closed_while_other_threads_read_its_array_and_truncate_it_only
         for _ in range(150):
             buf = create_wav_buffer(400, RATE, anonymous=anonymous)
 
-            def fill() -> None:
+            def fill(buf: WavBuffer = buf) -> None:
                 for i in range(40):
                     buf.array[i] = i
 
-            def shorten() -> None:
+            def shorten(buf: WavBuffer = buf) -> None:
                 for frames in range(399, 359, -1):
                     buf.truncate(frames)
 
@@ -150,6 +158,51 @@ def test_a_holder_truncating_while_another_thread_releases_never_writes_the_next
                 # The next holder's file says what it acquired, whatever the order was.
                 assert read_wav(nxt.path)[0].shape == (500,)
                 nxt.release()
+        return unexpected
+
+    unexpected = call_with_deadline(rounds)
+    assert unexpected == []
+
+
+# ---- AudioCache ------------------------------------------------------------------------
+
+AUDIO = np.arange(800, dtype=np.int16)
+
+
+def render_audio(writer: WavWriter) -> None:
+    writer.write(AUDIO)
+
+
+def test_a_cache_closed_while_other_threads_use_it_only_says_closed_and_leaves_nothing(ram):
+    def user(cache: AudioCache, first: int) -> Callable[[], None]:
+        def use() -> None:
+            for n in range(8):
+                key = f"k{(first + n) % 5}"
+                entry = cache.get(key)
+                if entry is not None:
+                    entry.release()
+                cache.put(key, AUDIO, RATE).release()
+                cache.put_bytes(key + "b", b"ID3 not audio", ".mp3").release()
+                cache.get_or_render(key + "r", render_audio, samplerate=RATE).release()
+                _ = key in cache  # another thread may have discarded it
+                cache.discard(key)
+                cache.stats()
+                cache.entries()
+        return use
+
+    def rounds() -> list[BaseException]:
+        unexpected: list[BaseException] = []
+        for n in range(60):
+            cache = AudioCache(f"shared{n % 3}")
+            errors = run_together(*[user(cache, first) for first in range(4)], cache.close)
+            closed = f"I/O operation on closed AudioCache {cache.name!r}"
+            # A waiter of a render that the close cut short gets the render's error.
+            unexpected += [e for e in errors
+                           if not closed_error(e, f"AudioCache {cache.name!r}")
+                           and not (isinstance(e, RenderError)
+                                    and str(e).endswith(f"ValueError: {closed}"))]
+        for n in range(3):
+            AudioCache(f"shared{n}").destroy()  # ENOTEMPTY if a render or write was left
         return unexpected
 
     unexpected = call_with_deadline(rounds)

@@ -458,6 +458,10 @@ class _TierLock:
                 tier.thread_lock.release()
                 raise
         try:  # whatever raises from here on (a handler, right after the flock is granted)
+            # Checked under the mutex, which close() takes too: a cache that another
+            # thread closed meanwhile has no lock file, and its number may be another
+            # file's by now (a flock or a counter written there would be that file's).
+            tier.check_open()
             _lock_by(tier.lock_fd, exclusive=self.exclusive, deadline=self.deadline,
                      what=f"the {tier.what}'s lock (another process holds it)", path=lock_path)
             # Everything done under the lock goes by path: a directory swapped for a
@@ -490,6 +494,7 @@ class _Tier:
     write_error: OSError | None = None
 
     def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
+        self.cache_name = name
         self.name = dir_name(name)
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
@@ -561,6 +566,11 @@ class _Tier:
         if error is not None:
             raise OSError(error.errno, error.strerror, error.filename)
 
+    def check_open(self) -> None:
+        """ValueError once the tier was closed (its cache closed or destroyed)."""
+        if self.lock_fd < 0:
+            raise ValueError(f"I/O operation on closed AudioCache {self.cache_name!r}")
+
     def in_place(self) -> bool:
         """True while directory names the directory this tier opened, and its lock file
         the file whose flock we take (nobody moved, removed or replaced them)."""
@@ -610,7 +620,8 @@ class _Tier:
     def release(self) -> None:
         """Let go of the tier's lock (unlocking a flock not held is harmless)."""
         try:
-            _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
+            if self.lock_fd >= 0:  # else closed: no flock to let go of
+                _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
         finally:
             self.thread_lock.release()
 
@@ -767,7 +778,9 @@ class _Tier:
                     _unlink_quietly(self.path(_LOCK_NAME))
                     _rmdir_quietly(self.directory)
         finally:
-            self.close()
+            # No thread uses a tier whose cache is not made yet; and a call cut short
+            # inside the mutex's open window (see _TierLock) leaves it held for ever.
+            self.close(wait=False)
 
     def leftovers(self) -> tuple[list[str], list[str]]:
         """What keeps the directory after a clear (under the lock): (the outcome notes of
@@ -787,7 +800,23 @@ class _Tier:
                 kept.append(f"{name} ({why[kind]})")
         return notes, sorted(kept)
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Close the lock file; again does nothing. Under the mutex, so that no thread
+        holding the tier's lock has its lock file closed under it (see _TierLock).
+
+        wait=False (the leak finalizer, a failed construction) closes it without the
+        mutex: no thread uses the tier (the cache is collected, or was never made), or it
+        is interpreter exit, when a daemon thread may hold the mutex for ever (or a call
+        cut short in its open window left it held). In a forked child the
+        mutex may be held by a thread that was not copied: the child's copy of the file
+        is closed without it."""
+        if not wait or self.pid != _os.getpid():
+            self._close_file()
+            return
+        with self.thread_lock:
+            self._close_file()
+
+    def _close_file(self) -> None:
         if self.lock_fd >= 0:
             self.lock_fd = -1
             _lowlevel.release(self.lock_cell)
@@ -1027,7 +1056,17 @@ class AudioCache:
         in this cache (by any process), so that a miss costs one failed open."""
         if not self._encoded:  # one pread, no lock: the flag only ever goes from 0 to 1
             offset = 8 * _COUNTERS.index("encoded")
-            self._encoded = _os.pread(self._ram.lock_fd, 8, offset) not in (b"", bytes(8))
+            fd = self._ram.lock_fd
+            self._ram.check_open()  # closed by another thread since the call began
+            try:
+                self._encoded = _os.pread(fd, 8, offset) not in (b"", bytes(8))
+            except OSError as exc:
+                # Closed by another thread after we read the number (a number reused
+                # meanwhile by another file only makes look-ups try every suffix, never
+                # a wrong hit).
+                if exc.errno == _errno.EBADF:
+                    self._ram.check_open()
+                raise
         return ENTRY_SUFFIXES if self._encoded else (".wav",)
 
     # ---- look-ups ------------------------------------------------------------------
@@ -1997,8 +2036,13 @@ class AudioCache:
             return
         self._finalizer.detach()
         if _os.getpid() == self._ram.pid and self._ram.in_place():
-            with self._ram.locked():
-                self._flush_counts()
+            try:
+                with self._ram.locked():
+                    self._flush_counts()
+            except ValueError:
+                if not self.closed:
+                    raise
+                return  # another thread closed it meanwhile
         self._ram.close()
         if self._disk is not None:
             self._disk.close()
@@ -2084,7 +2128,7 @@ def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
         _warnings.warn(f"unclosed AudioCache {name!r}", ResourceWarning, stacklevel=2)
     for tier in tiers:
         try:
-            tier.close()
+            tier.close(wait=False)
         except OSError:
             pass
 
