@@ -28,7 +28,7 @@ from luna_shm import (
     create_wav_buffer,
     read_wav,
 )
-from luna_shm.cache import RenderError
+from luna_shm.cache import CachedAudio, RenderError
 
 RATE = 16000
 
@@ -203,6 +203,37 @@ def test_a_cache_closed_while_other_threads_use_it_only_says_closed_and_leaves_n
                                     and str(e).endswith(f"ValueError: {closed}"))]
         for n in range(3):
             AudioCache(f"shared{n}").destroy()  # ENOTEMPTY if a render or write was left
+        return unexpected
+
+    unexpected = call_with_deadline(rounds)
+    assert unexpected == []
+
+
+def test_an_entry_released_while_another_thread_loads_its_array_gives_the_audio_or_closed(
+        ram):
+    other = ram / "other.bin"
+    other.write_bytes(b"RIFF" + bytes(5000))
+
+    def churn_with_another_file() -> None:
+        """Open and close another file: its descriptor takes a number just closed."""
+        for _ in range(20):
+            fd = os.open(other, os.O_RDONLY)
+            os.close(fd)
+
+    def rounds() -> list[BaseException]:
+        unexpected: list[BaseException] = []
+        with AudioCache("released") as cache:
+            cache.put("key", AUDIO, RATE).release()
+            for _ in range(300):
+                entry = cache.get("key")
+                assert entry is not None
+
+                def load(entry: CachedAudio = entry) -> None:
+                    assert_array_equal(entry.array, AUDIO)
+
+                errors = run_together(load, entry.release, churn_with_another_file)
+                unexpected += [e for e in errors if not closed_error(e, "CachedAudio")]
+            cache.destroy()
         return unexpected
 
     unexpected = call_with_deadline(rounds)

@@ -285,7 +285,9 @@ class CachedAudio(FileResource):
         live: reserved for issue 11 (always False here): True will mean the entry is
             still being rendered and :meth:`blocks` follows it as it grows.
 
-    Use it in ``with`` or call :meth:`release` (the same as ``close()``).
+    Use it in ``with`` or call :meth:`release` (the same as ``close()``). Threads may
+    share one: a release in one thread while another reads :attr:`array` leaves the
+    reader with the array or ``ValueError`` (closed).
     """
 
     key: str = ""
@@ -293,6 +295,9 @@ class CachedAudio(FileResource):
     live: bool = False
     _array: np.ndarray | None = None
     _samplerate: int | None = None
+    # Held by _load and close: a load that a release cut into would parse and map the
+    # closed descriptor (or another file's, opened meanwhile under its number).
+    _lock = _threading.Lock()  # a half-built entry's close; __init__ makes its own
 
     _size: int = -1
 
@@ -301,6 +306,7 @@ class CachedAudio(FileResource):
         self.key = key
         self.stored = stored
         self._size = size
+        self._lock = _threading.Lock()
         self._own(cell, path)
         # A forked child that kept the pin would keep the entry from eviction, discard and
         # clear (in every process) after this process released it, for as long as it lives.
@@ -311,11 +317,23 @@ class CachedAudio(FileResource):
         """True for a WAV entry (array and samplerate work), False for encoded audio."""
         return self.path.endswith(".wav")
 
-    def _load(self) -> None:
-        self._check_open()
+    def _load(self) -> tuple[np.ndarray, int]:
+        """(array, samplerate), mapped on first use."""
+        self._check_open()  # before the lock: a forked child never waits for it
         if not self.is_wav:
             raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
                              "(read_bytes) or hand its path to a decoder")
+        with self._lock:
+            self._check_open()  # released by another thread meanwhile
+            array, samplerate = self._array, self._samplerate
+            if array is None or samplerate is None:
+                self._map()
+                array, samplerate = self._array, self._samplerate
+        assert array is not None and samplerate is not None
+        return array, samplerate
+
+    def _map(self) -> None:
+        """Parse and map the file (under the lock, open)."""
         # Parsed and mapped through the pinned descriptor: no second open, and the very
         # file our flock holds (a put of the same key may have renamed a newer one over
         # the name meanwhile).
@@ -335,18 +353,14 @@ class CachedAudio(FileResource):
             ValueError: the entry is encoded audio, or was released.
             WavError: the file is not a WAV we can read.
         """
-        if self._array is None:
-            self._load()
-        assert self._array is not None
-        return self._array
+        array = self._array  # read once: a release in another thread drops it
+        return array if array is not None else self._load()[0]
 
     @property
     def samplerate(self) -> int:
         """The entry's sample rate (WAV entries)."""
-        if self._samplerate is None:
-            self._load()
-        assert self._samplerate is not None
-        return self._samplerate
+        samplerate = self._samplerate
+        return samplerate if samplerate is not None else self._load()[1]
 
     def read_bytes(self) -> bytes:
         """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
@@ -368,6 +382,14 @@ class CachedAudio(FileResource):
         An array taken from :attr:`array` stays valid: its mapping keeps the file.
         """
         self.close()
+
+    def close(self) -> None:
+        """The same as :meth:`release`. Waits for a load of :attr:`array` in progress."""
+        if self._pid != _resource.current_pid:
+            super().close()  # the lock may be held by a thread not copied here
+            return
+        with self._lock:
+            super().close()
 
     def _release(self) -> None:
         self._array = None
