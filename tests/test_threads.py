@@ -238,3 +238,26 @@ def test_an_entry_released_while_another_thread_loads_its_array_gives_the_audio_
 
     unexpected = call_with_deadline(rounds)
     assert unexpected == []
+
+
+def test_an_entry_released_while_another_thread_reads_its_bytes_gives_them_or_closed(ram):
+    stored = b"ID3" + bytes(range(256)) * 8
+
+    def rounds() -> list[BaseException]:
+        unexpected: list[BaseException] = []
+        with AudioCache("read_bytes") as cache:
+            cache.put_bytes("key", stored, ".mp3").release()
+            for _ in range(300):
+                entry = cache.get("key")
+                assert entry is not None
+
+                def read(entry: CachedAudio = entry) -> None:
+                    assert entry.read_bytes() == stored
+
+                errors = run_together(read, entry.release, churn_descriptors)
+                unexpected += [e for e in errors if not closed_error(e, "CachedAudio")]
+            cache.destroy()
+        return unexpected
+
+    unexpected = call_with_deadline(rounds)
+    assert unexpected == []

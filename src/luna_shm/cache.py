@@ -295,7 +295,7 @@ class CachedAudio(FileResource):
     live: bool = False
     _array: np.ndarray | None = None
     _samplerate: int | None = None
-    # Held by _load and close: a load that a release cut into would parse and map the
+    # Held by _load, read_bytes and close: a read that a release cut into would use the
     # closed descriptor (or another file's, opened meanwhile under its number).
     _lock = _threading.Lock()  # a half-built entry's close; __init__ makes its own
 
@@ -364,8 +364,10 @@ class CachedAudio(FileResource):
 
     def read_bytes(self) -> bytes:
         """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
-        self._check_open()
-        return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
+        self._check_open()  # before the lock: a forked child never waits for it
+        with self._lock:  # a release in another thread closes the descriptor
+            self._check_open()
+            return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The audio as blocks of frames, in order.
