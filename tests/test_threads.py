@@ -10,7 +10,9 @@ bytecodes, which the default 5 ms makes rare, happens in most rounds.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from helpers import call_with_deadline
+from helpers import LIBRARY_PATH, call_with_deadline
 from luna_shm import (
     AudioCache,
     AudioPool,
@@ -261,3 +263,77 @@ def test_an_entry_released_while_another_thread_reads_its_bytes_gives_them_or_cl
 
     unexpected = call_with_deadline(rounds)
     assert unexpected == []
+
+
+# ---- a signal handler that closes what its own thread is using -------------------------
+
+HANDLER_CLOSES = {
+    "WavWriter": """
+        from luna_shm import WavWriter, read_wav
+        chunk = np.ones(100, np.int16)
+        def make():
+            return WavWriter(None, 16000)
+        def use(obj):
+            for _ in range(3000):
+                obj.write(chunk)
+        def check(obj):
+            assert read_wav(obj.path)[0].shape == (obj.frames,)
+            os.unlink(obj.path)
+    """,
+    "WavBuffer": """
+        from luna_shm import create_wav_buffer, read_wav
+        def make():
+            return create_wav_buffer(4000, 16000)
+        def use(obj):
+            for frames in range(3999, 0, -1):
+                obj.truncate(frames)
+        def check(obj):
+            read_wav(obj.path)
+            os.unlink(obj.path)
+    """,
+    "CachedAudio": """
+        from luna_shm import AudioCache
+        cache = AudioCache("handler")
+        cache.put("key", np.ones(4000, np.int16), 16000).release()
+        def make():
+            return cache.get("key")
+        def use(obj):
+            obj.array  # parsed and mapped on first use
+            for _ in range(3000):
+                obj.read_bytes()
+        def check(obj):
+            assert cache.stats().pinned == 0  # the release happened
+    """,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HANDLER_CLOSES))
+def test_a_signal_handler_that_closes_an_object_its_thread_is_using_never_deadlocks(
+        ram, kind):
+    code = textwrap.dedent("""
+        import os, signal
+        import numpy as np
+    """) + textwrap.dedent(HANDLER_CLOSES[kind]) + textwrap.dedent("""
+        current = None
+        def handler(signum, frame):
+            current.close()
+        signal.signal(signal.SIGALRM, handler)
+        for turn in range(200):
+            current = make()
+            signal.setitimer(signal.ITIMER_REAL, 0.00005 * (1 + turn % 7))
+            try:
+                use(current)
+            except ValueError as exc:
+                assert "closed" in str(exc), exc
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            current.close()
+            assert current.closed
+            check(current)
+        print("done")
+    """)
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    # A deadline for the child: a handler waiting for its own thread's lock hangs it.
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "done\n"

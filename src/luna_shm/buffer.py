@@ -41,7 +41,11 @@ class WavBuffer(FileResource):
     _array: np.ndarray | None = None
     # Held by truncate and close: a truncate that a close cut into would use the
     # closed descriptor (or one another thread opened since under the same number).
-    _lock = _threading.Lock()  # a half-built buffer's close; __init__ makes its own
+    # Reentrant, for a signal handler that closes the buffer while its own thread is
+    # in truncate: that close is left to the truncate's end (_close_after).
+    _lock = _threading.RLock()  # a half-built buffer's close; __init__ makes its own
+    _busy = False  # a truncate runs, in the thread that holds the lock
+    _close_after = False
 
     def __init__(
         self,
@@ -58,7 +62,7 @@ class WavBuffer(FileResource):
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
         self.anonymous = formats.check_flag("anonymous", anonymous)
-        self._lock = _threading.Lock()
+        self._lock = _threading.RLock()
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)
@@ -241,8 +245,15 @@ class WavBuffer(FileResource):
         self._check_open()  # before the lock: a forked child never waits for it
         new_frames = formats.check_frames(frames)
         with self._lock:
-            self._check_open()  # closed by another thread meanwhile
-            self._truncate(new_frames)
+            self._busy = True  # first: a handler may run at any call from here on
+            try:
+                self._check_open()  # closed by another thread meanwhile
+                self._truncate(new_frames)
+            finally:
+                self._busy = False
+                if self._close_after:  # by a signal handler, in this thread
+                    self._close_after = False
+                    super().close()
 
     def _truncate(self, new_frames: int) -> None:
         """truncate, under the lock, on the open buffer."""
@@ -268,7 +279,8 @@ class WavBuffer(FileResource):
 
     def close(self) -> None:
         """Unmap (once no array views it) and close the file; calling it again does
-        nothing. Waits for a truncate in progress.
+        nothing. Waits for a truncate in progress (called by a signal handler that
+        interrupted this thread's truncate, it closes the buffer as that returns).
 
         In a forked child this closes only the child's copy of the descriptor.
         """
@@ -276,6 +288,9 @@ class WavBuffer(FileResource):
             super().close()  # the parent's lock may be held by a thread not copied here
             return
         with self._lock:
+            if self._busy:  # a signal handler interrupted this thread's truncate
+                self._close_after = True
+                return
             super().close()
 
     def _release(self) -> None:

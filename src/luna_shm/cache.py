@@ -297,7 +297,11 @@ class CachedAudio(FileResource):
     _samplerate: int | None = None
     # Held by _load, read_bytes and close: a read that a release cut into would use the
     # closed descriptor (or another file's, opened meanwhile under its number).
-    _lock = _threading.Lock()  # a half-built entry's close; __init__ makes its own
+    # Reentrant, for a signal handler that releases the entry while its own thread
+    # reads it: that release is left to the read's end (_close_after).
+    _lock = _threading.RLock()  # a half-built entry's close; __init__ makes its own
+    _busy = False  # a read runs, in the thread that holds the lock
+    _close_after = False
 
     _size: int = -1
 
@@ -306,7 +310,7 @@ class CachedAudio(FileResource):
         self.key = key
         self.stored = stored
         self._size = size
-        self._lock = _threading.Lock()
+        self._lock = _threading.RLock()
         self._own(cell, path)
         # A forked child that kept the pin would keep the entry from eviction, discard and
         # clear (in every process) after this process released it, for as long as it lives.
@@ -324,11 +328,18 @@ class CachedAudio(FileResource):
             raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
                              "(read_bytes) or hand its path to a decoder")
         with self._lock:
-            self._check_open()  # released by another thread meanwhile
-            array, samplerate = self._array, self._samplerate
-            if array is None or samplerate is None:
-                self._map()
+            self._busy = True  # first: a handler may run at any call from here on
+            try:
+                self._check_open()  # released by another thread meanwhile
                 array, samplerate = self._array, self._samplerate
+                if array is None or samplerate is None:
+                    self._map()
+                    array, samplerate = self._array, self._samplerate
+            finally:
+                self._busy = False  # inline, not a call: nothing can cut in before it
+                if self._close_after:  # a release a signal handler made meanwhile
+                    self._close_after = False
+                    super().close()
         assert array is not None and samplerate is not None
         return array, samplerate
 
@@ -366,8 +377,15 @@ class CachedAudio(FileResource):
         """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
         self._check_open()  # before the lock: a forked child never waits for it
         with self._lock:  # a release in another thread closes the descriptor
-            self._check_open()
-            return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
+            self._busy = True  # first: a handler may run at any call from here on
+            try:
+                self._check_open()
+                return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
+            finally:
+                self._busy = False
+                if self._close_after:  # a release a signal handler made meanwhile
+                    self._close_after = False
+                    super().close()
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The audio as blocks of frames, in order.
@@ -391,6 +409,9 @@ class CachedAudio(FileResource):
             super().close()  # the lock may be held by a thread not copied here
             return
         with self._lock:
+            if self._busy:  # a signal handler interrupted this thread's read
+                self._close_after = True
+                return
             super().close()
 
     def _release(self) -> None:

@@ -48,6 +48,10 @@ class WavWriter(FileResource):
     _stream: _lowlevel.Stream | None = None
     _end_state: int = _lowlevel.STREAM_DONE
     _closed_data_bytes: int = 0  # what the stream held when it was closed
+    # A write is in progress in the thread that holds the lock; a close that a signal
+    # handler made meanwhile, in that very thread, waits for the write's end.
+    _writing = False
+    _close_after_write = False
 
     def __init__(
         self,
@@ -59,7 +63,9 @@ class WavWriter(FileResource):
         # Held around each append and around close: the C append reads and then
         # advances the data size, so two threads in it at once would write their
         # chunks at the same offset (the GIL is released during the C call).
-        self._lock = _threading.Lock()
+        # Reentrant: a signal handler that closes the writer while its own thread is
+        # in write() must not wait for itself for ever (see close).
+        self._lock = _threading.RLock()
         self.samplerate = formats.check_samplerate(samplerate)
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
@@ -134,32 +140,43 @@ class WavWriter(FileResource):
             stream = self._stream
             if stream is None:  # another thread closed the writer meanwhile
                 raise ValueError("I/O operation on closed WavWriter")
+            self._writing = True
             try:
-                stream.append(array, self.path)
-                return
-            except OSError as exc:
-                failure = exc
-            try:  # a failed append leaves the file as it was: try once more when the
-                # prefault reserve held the space it lacked
-                _prefault.retry_after(failure, lambda: stream.append(array, self.path))
-                return
-            except OSError as exc:
-                failure = exc
-            # EFBIG: the C refuses a chunk that would take the file past 4 GiB before it
-            # writes anything (no check of ours on every chunk), and so does a file size
-            # limit (RLIMIT_FSIZE) of this process when the write reaches it. The first is a
-            # ValueError that says so.
-            try:
-                if failure.errno == _errno.EFBIG:
-                    formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
-                                            self._data_offset)
-                raise _newfile.explain_full_disk(failure, self.path) from None
+                try:
+                    stream.append(array, self.path)
+                except OSError as exc:
+                    self._append_failed(stream, array, exc)
             finally:
-                # failure's traceback holds this frame: without this, the cycle would
-                # keep the stream's header mapping, and so the file and its flock,
-                # after close(), until a garbage collection (followers and cleanups
-                # would take the closed stream for a live one).
-                del failure
+                self._writing = False
+                if self._close_after_write:  # by a signal handler, in this thread
+                    self._close_after_write = False
+                    super().close()
+
+    def _append_failed(self, stream: _lowlevel.Stream, array: np.ndarray,
+                       failure: OSError) -> None:
+        """After a failed append (under the lock): append again when that can help, or
+        raise the error the caller gets."""
+        try:  # a failed append leaves the file as it was: try once more when the
+            # prefault reserve held the space it lacked
+            _prefault.retry_after(failure, lambda: stream.append(array, self.path))
+            return
+        except OSError as exc:
+            failure = exc
+        # EFBIG: the C refuses a chunk that would take the file past 4 GiB before it
+        # writes anything (no check of ours on every chunk), and so does a file size
+        # limit (RLIMIT_FSIZE) of this process when the write reaches it. The first is a
+        # ValueError that says so.
+        try:
+            if failure.errno == _errno.EFBIG:
+                formats.check_data_fits(stream.data_bytes + array.nbytes, self._spec,
+                                        self._data_offset)
+            raise _newfile.explain_full_disk(failure, self.path) from None
+        finally:
+            # failure's traceback holds this frame: without this, the cycle would
+            # keep the stream's header mapping, and so the file and its flock,
+            # after close(), until a garbage collection (followers and cleanups
+            # would take the closed stream for a live one).
+            del failure
 
     def _checked(self, chunk: object) -> np.ndarray:
         """chunk as an array the writer can append, or TypeError/ValueError saying why not
@@ -182,12 +199,21 @@ class WavWriter(FileResource):
     def close(self) -> None:
         """Close the file; calling it again does nothing. Waits for a write in progress.
 
-        In a forked child this closes only the child's copy of the descriptor.
+        Called by a signal handler that interrupted this thread's write, it closes the
+        writer as that write returns. In a forked child this closes only the child's
+        copy of the descriptor.
         """
         if self._pid != _resource.current_pid:
             super().close()  # the parent's lock may be held by a thread not copied here
             return
         with self._lock:
+            if self._writing:
+                # Only the thread in write() can get here now: a signal handler that
+                # interrupted it. Closing under it would leave the write the closed
+                # descriptor (or another file's, opened since under its number): the
+                # write closes the writer as it returns.
+                self._close_after_write = True
+                return
             super().close()
 
     def abort(self) -> None:
