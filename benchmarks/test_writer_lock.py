@@ -1,7 +1,8 @@
 """The cost of WavWriter's lock: one 20 ms chunk (24 kHz int16, 480 frames) per write.
 
 ``locked`` is ``WavWriter.write`` as shipped (the append runs under a
-``threading.Lock`` so that threads may share a writer); ``unlocked`` is the same
+``threading.RLock`` so that threads may share a writer, reentrant so that a signal
+handler that closes the writer mid-write does not wait for itself); ``unlocked`` is the same
 write without the lock, as it was before (the same checks, the same C append);
 ``lock-only`` times an acquire and release of a bare lock, for scale. All three
 run in one session, each on its own writer in a private directory on the RAM disk.
@@ -57,7 +58,7 @@ def _calls(writer: WavWriter, how: str) -> Callable[[], object]:
         return lambda: writer.write(chunk)
     if how == "unlocked":
         return lambda: write_without_lock(writer, chunk)
-    lock = threading.Lock()
+    lock = threading.RLock()
 
     def lock_only() -> None:
         with lock:
