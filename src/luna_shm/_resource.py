@@ -4,6 +4,7 @@ fork."""
 from __future__ import annotations
 
 import os as _os
+import threading as _threading
 import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable
@@ -153,14 +154,28 @@ class FileResource(Resource):
     the fd and never touches the file, its lock or its name. An object that
     asked for it (:meth:`_let_go_at_fork`) has the child's copies closed right
     at the fork.
+
+    Threads: a use of the fd (or of what maps it) that a close in another thread
+    must not cut into runs under the object's lock, marked busy: ``with
+    self._lock:``, ``self._busy = True`` at once, then the use in a ``try`` whose
+    ``finally`` calls :meth:`_end_use`. close() takes the lock too, so it waits for
+    such a use; called by a signal handler that interrupted its own thread's use
+    (the lock is reentrant), it closes as that use ends. Closing under the use
+    would leave it the closed descriptor, or another file's, opened since under
+    its number.
     """
 
     _fd: int = -1  # the fd in _fd_cell, as a plain int for the hot paths
     _fd_cell: _lowlevel.FdCell = None
     path: str = ""
+    # A half-built object's close takes the class's lock; _own gives each its own.
+    _lock: _threading.RLock = _threading.RLock()
+    _busy = False  # a use of the fd runs, in the thread that holds _lock
+    _close_after = False  # a close asked for during that use (by a signal handler)
 
     def _own(self, cell: _lowlevel.FdCell, path: str) -> None:
         """Take over the fd in cell for path (closed on close() or on leak)."""
+        self._lock = _threading.RLock()
         self._fd_cell = cell
         self._fd = cell[0]
         self.path = path
@@ -201,11 +216,31 @@ class FileResource(Resource):
         except OSError:
             pass
 
+    def _end_use(self) -> None:
+        """The end of a use of the fd (its ``finally``, under the lock): not busy any
+        more, and a close that a signal handler asked for meanwhile is made now."""
+        self._busy = False
+        if self._close_after:
+            self._close_after = False
+            self._close_now()
+
     def close(self) -> None:
-        """Release the file; calling it again does nothing.
+        """Release the file; calling it again does nothing. Waits for a use of the file
+        in progress in another thread; called by a signal handler that interrupted
+        this thread's use, it closes as that use ends.
 
         In a forked child this closes only the child's copy of the descriptor.
         """
+        if self._pid != current_pid:
+            self._close_now()  # the lock may be held by a thread not copied here
+            return
+        with self._lock:
+            if self._busy:
+                self._close_after = True
+                return
+            self._close_now()
+
+    def _close_now(self) -> None:
         if self._fd < 0:
             return
         self._release()

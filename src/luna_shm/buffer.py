@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-import threading as _threading
 from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, _prefault, _resource, formats, placement
+from luna_shm import _lowlevel, _newfile, _prefault, formats, placement
 from luna_shm._prefault import PrefaultStats
 from luna_shm._resource import FileResource
 
@@ -39,13 +38,6 @@ class WavBuffer(FileResource):
 
     _mapping: _lowlevel.Mapping | None = None
     _array: np.ndarray | None = None
-    # Held by truncate and close: a truncate that a close cut into would use the
-    # closed descriptor (or one another thread opened since under the same number).
-    # Reentrant, for a signal handler that closes the buffer while its own thread is
-    # in truncate: that close is left to the truncate's end (_close_after).
-    _lock = _threading.RLock()  # a half-built buffer's close; __init__ makes its own
-    _busy = False  # a truncate runs, in the thread that holds the lock
-    _close_after = False
 
     def __init__(
         self,
@@ -62,7 +54,6 @@ class WavBuffer(FileResource):
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
         self.anonymous = formats.check_flag("anonymous", anonymous)
-        self._lock = _threading.RLock()
         self._spec = formats.spec_for(formats.natural_subtype(self.dtype), self.samplerate,
                                       self.channels)
         formats.check_frames_fit(self.frames, self._spec)
@@ -250,10 +241,7 @@ class WavBuffer(FileResource):
                 self._check_open()  # closed by another thread meanwhile
                 self._truncate(new_frames)
             finally:
-                self._busy = False
-                if self._close_after:  # by a signal handler, in this thread
-                    self._close_after = False
-                    super().close()
+                self._end_use()
 
     def _truncate(self, new_frames: int) -> None:
         """truncate, under the lock, on the open buffer."""
@@ -284,14 +272,7 @@ class WavBuffer(FileResource):
 
         In a forked child this closes only the child's copy of the descriptor.
         """
-        if self._pid != _resource.current_pid:
-            super().close()  # the parent's lock may be held by a thread not copied here
-            return
-        with self._lock:
-            if self._busy:  # a signal handler interrupted this thread's truncate
-                self._close_after = True
-                return
-            super().close()
+        super().close()
 
     def _release(self) -> None:
         # The mapping itself lives on while the user's arrays view it.

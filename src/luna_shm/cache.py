@@ -295,13 +295,6 @@ class CachedAudio(FileResource):
     live: bool = False
     _array: np.ndarray | None = None
     _samplerate: int | None = None
-    # Held by _load, read_bytes and close: a read that a release cut into would use the
-    # closed descriptor (or another file's, opened meanwhile under its number).
-    # Reentrant, for a signal handler that releases the entry while its own thread
-    # reads it: that release is left to the read's end (_close_after).
-    _lock = _threading.RLock()  # a half-built entry's close; __init__ makes its own
-    _busy = False  # a read runs, in the thread that holds the lock
-    _close_after = False
 
     _size: int = -1
 
@@ -310,7 +303,6 @@ class CachedAudio(FileResource):
         self.key = key
         self.stored = stored
         self._size = size
-        self._lock = _threading.RLock()
         self._own(cell, path)
         # A forked child that kept the pin would keep the entry from eviction, discard and
         # clear (in every process) after this process released it, for as long as it lives.
@@ -336,10 +328,7 @@ class CachedAudio(FileResource):
                     self._map()
                     array, samplerate = self._array, self._samplerate
             finally:
-                self._busy = False  # inline, not a call: nothing can cut in before it
-                if self._close_after:  # a release a signal handler made meanwhile
-                    self._close_after = False
-                    super().close()
+                self._end_use()
         assert array is not None and samplerate is not None
         return array, samplerate
 
@@ -382,10 +371,7 @@ class CachedAudio(FileResource):
                 self._check_open()
                 return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
             finally:
-                self._busy = False
-                if self._close_after:  # a release a signal handler made meanwhile
-                    self._close_after = False
-                    super().close()
+                self._end_use()
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The audio as blocks of frames, in order.
@@ -402,17 +388,6 @@ class CachedAudio(FileResource):
         An array taken from :attr:`array` stays valid: its mapping keeps the file.
         """
         self.close()
-
-    def close(self) -> None:
-        """The same as :meth:`release`. Waits for a load of :attr:`array` in progress."""
-        if self._pid != _resource.current_pid:
-            super().close()  # the lock may be held by a thread not copied here
-            return
-        with self._lock:
-            if self._busy:  # a signal handler interrupted this thread's read
-                self._close_after = True
-                return
-            super().close()
 
     def _release(self) -> None:
         self._array = None

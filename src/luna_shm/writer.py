@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-import threading as _threading
 from types import TracebackType
 from typing import Any
 
@@ -48,10 +47,6 @@ class WavWriter(FileResource):
     _stream: _lowlevel.Stream | None = None
     _end_state: int = _lowlevel.STREAM_DONE
     _closed_data_bytes: int = 0  # what the stream held when it was closed
-    # A write is in progress in the thread that holds the lock; a close that a signal
-    # handler made meanwhile, in that very thread, waits for the write's end.
-    _writing = False
-    _close_after_write = False
 
     def __init__(
         self,
@@ -60,12 +55,6 @@ class WavWriter(FileResource):
         channels: int = 1,
         dtype: Any = "int16",
     ) -> None:
-        # Held around each append and around close: the C append reads and then
-        # advances the data size, so two threads in it at once would write their
-        # chunks at the same offset (the GIL is released during the C call).
-        # Reentrant: a signal handler that closes the writer while its own thread is
-        # in write() must not wait for itself for ever (see close).
-        self._lock = _threading.RLock()
         self.samplerate = formats.check_samplerate(samplerate)
         self.channels = formats.check_channels(channels)
         self.dtype = formats.check_dtype(dtype)
@@ -136,21 +125,21 @@ class WavWriter(FileResource):
             array = chunk  # the common case, checked in a few attribute reads
         else:
             array = self._checked(chunk)
+        # The object's lock (see FileResource) around each append and around close: the
+        # C append reads and then advances the data size, so two threads in it at once
+        # would write their chunks at the same offset (the GIL is released during it).
         with self._lock:
             stream = self._stream
             if stream is None:  # another thread closed the writer meanwhile
                 raise ValueError("I/O operation on closed WavWriter")
-            self._writing = True
+            self._busy = True  # a close by a signal handler waits for its end
             try:
                 try:
                     stream.append(array, self.path)
                 except OSError as exc:
                     self._append_failed(stream, array, exc)
             finally:
-                self._writing = False
-                if self._close_after_write:  # by a signal handler, in this thread
-                    self._close_after_write = False
-                    super().close()
+                self._end_use()
 
     def _append_failed(self, stream: _lowlevel.Stream, array: np.ndarray,
                        failure: OSError) -> None:
@@ -195,26 +184,6 @@ class WavWriter(FileResource):
             formats.check_data_fits(stream.data_bytes + array.size * self.dtype.itemsize,
                                     self._spec, self._data_offset)
         return formats.contiguous_samples(array)
-
-    def close(self) -> None:
-        """Close the file; calling it again does nothing. Waits for a write in progress.
-
-        Called by a signal handler that interrupted this thread's write, it closes the
-        writer as that write returns. In a forked child this closes only the child's
-        copy of the descriptor.
-        """
-        if self._pid != _resource.current_pid:
-            super().close()  # the parent's lock may be held by a thread not copied here
-            return
-        with self._lock:
-            if self._writing:
-                # Only the thread in write() can get here now: a signal handler that
-                # interrupted it. Closing under it would leave the write the closed
-                # descriptor (or another file's, opened since under its number): the
-                # write closes the writer as it returns.
-                self._close_after_write = True
-                return
-            super().close()
 
     def abort(self) -> None:
         """End the stream as failed: followers raise StreamAbandoned; the file keeps the
