@@ -149,6 +149,47 @@ def test_the_received_descriptor_is_closed_once_mapped(pair) -> None:
     assert len(data) == 100
 
 
+@pytest.mark.parametrize("anonymous", BUFFER_KINDS)
+def test_a_buffer_closed_as_it_is_sent_is_sent_whole_never_another_file(
+        private_dirs, pair, anonymous) -> None:
+    # A close that lands between send_wav's look at the buffer's descriptor and the send
+    # (another thread's, or a signal handler's in this one: here a profile hook, at the
+    # call of socket.send_fds) closed the descriptor, and a file opened meanwhile under
+    # its number was sent in the buffer's place. The close now waits for the send.
+    audio = np.arange(800, dtype=np.int16)
+    other = os.path.join(private_dirs.ram, "other.wav")
+    write_wav(other, np.full(50, 7, np.int16), 8000)
+    buf = create_wav_buffer(len(audio), 16000, anonymous=anonymous)
+    buf.array[:] = audio
+    number = buf.fileno()
+    cut_in: list[bool] = []
+
+    def hook(frame, event, arg) -> None:
+        if event == "call" and frame.f_code.co_name == "send_fds" and not cut_in:
+            buf.close()
+            try:
+                os.fstat(number)
+                cut_in.append(False)  # the close waits for the send
+            except OSError:  # closed: another file takes the number meanwhile
+                fd = os.open(other, os.O_RDONLY)  # the lowest free number: often it
+                if fd != number:
+                    os.dup2(fd, number)
+                    os.close(fd)
+                cut_in.append(True)
+
+    sys.setprofile(hook)
+    try:
+        send_wav(pair[0], buf)
+    finally:
+        sys.setprofile(None)
+        if cut_in == [True]:
+            os.close(number)
+    received, rate = recv_wav(pair[1])
+    assert (rate, received.tolist()) == (16000, audio.tolist())  # not the other file's
+    assert cut_in == [False]
+    assert buf.closed  # as the send returned
+
+
 @needs_memfd
 def test_a_truncated_anonymous_buffer_arrives_with_its_new_length(pair) -> None:
     ours, theirs = pair

@@ -9,9 +9,11 @@ import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from luna_shm import _lowlevel
+
+_T = TypeVar("_T")
 
 # The id of this process. A forked child sets it again before any of its own Python
 # code runs (os.register_at_fork), so "was this object made in this process?" is one
@@ -215,6 +217,20 @@ class FileResource(Resource):
             _lowlevel.release(self._fd_cell)
         except OSError:
             pass
+
+    def _use_fd(self, use: Callable[[int], _T]) -> _T:
+        """use(fd) under the object's lock while it is open (ValueError when closed): a
+        close in another thread, or by a signal handler in this one, waits for it to
+        return, so that use never has the descriptor closed under it, or another file's
+        opened since under its number (send_wav hands it to another process)."""
+        self._check_open()  # before the lock: a forked child never waits for it
+        with self._lock:
+            self._busy = True  # first: a handler may run at any call from here on
+            try:
+                self._check_open()  # closed by another thread meanwhile
+                return use(self._fd)
+            finally:
+                self._end_use()
 
     def _end_use(self) -> None:
         """The end of a use of the fd (its ``finally``, under the lock): not busy any

@@ -233,15 +233,10 @@ class WavBuffer(FileResource):
                 no page of ours lost: its header is not ours to write then, and the
                 mapping is replaced with zeros, so that ``array`` raises too.
         """
-        self._check_open()  # before the lock: a forked child never waits for it
+        self._check_open()  # a closed buffer says so before a bad frames does
         new_frames = formats.check_frames(frames)
-        with self._lock:
-            self._busy = True  # first: a handler may run at any call from here on
-            try:
-                self._check_open()  # closed by another thread meanwhile
-                self._truncate(new_frames)
-            finally:
-                self._end_use()
+        # Under the buffer's lock: a close in another thread closes the descriptor.
+        self._use_fd(lambda fd: self._truncate(new_frames))
 
     def _truncate(self, new_frames: int) -> None:
         """truncate, under the lock, on the open buffer."""

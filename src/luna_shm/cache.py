@@ -364,14 +364,8 @@ class CachedAudio(FileResource):
 
     def read_bytes(self) -> bytes:
         """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
-        self._check_open()  # before the lock: a forked child never waits for it
-        with self._lock:  # a release in another thread closes the descriptor
-            self._busy = True  # first: a handler may run at any call from here on
-            try:
-                self._check_open()
-                return _os.pread(self._fd, _os.fstat(self._fd).st_size, 0)
-            finally:
-                self._end_use()
+        # Under the entry's lock: a release in another thread closes the descriptor.
+        return self._use_fd(lambda fd: _os.pread(fd, _os.fstat(fd).st_size, 0))
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The audio as blocks of frames, in order.

@@ -92,8 +92,9 @@ def send_wav(sock: _socket.socket, buf: WavBuffer) -> None:
     if not isinstance(buf, WavBuffer):
         raise TypeError(f"send_wav sends a WavBuffer, got {_lowlevel.brief(buf)}")
     buf.array  # noqa: B018  ValueError for a closed buffer, OSError(ESTALE) for a lost one
-    fd = buf.fileno()
-    sent = _socket.send_fds(sock, [HANDOFF_HEADER], [fd])
+    # Under the buffer's lock: a close in another thread between our look at its
+    # descriptor and the send would send a closed number, or another file's.
+    sent = buf._use_fd(lambda fd: _socket.send_fds(sock, [HANDOFF_HEADER], [fd]))
     if sent < len(HANDOFF_HEADER):  # a stream socket took part of it: the fd went with it
         sock.sendall(HANDOFF_HEADER[sent:])
 
