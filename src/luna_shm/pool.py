@@ -630,13 +630,7 @@ class AudioPool(_resource.Resource):
         """One try at a memfd slot; on failure it is closed again."""
         cell = _lowlevel.fd_cell()
         fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
-        slot = self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
-        try:
-            _prepare_slot(slot)
-        except BaseException:
-            _close_slot(slot, unlink=False)
-            raise
-        return slot
+        return self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
 
     def _new_named_slot(self, on_disk: bool) -> _Slot:
         """One try at a named slot file; on failure it is removed again (or never named).
@@ -654,13 +648,7 @@ class AudioPool(_resource.Resource):
         path, cell = _newfile.create_temp_file(
             ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True,
             on_disk=on_disk)
-        slot = self._map_slot(cell, path, named=True)
-        try:
-            _prepare_slot(slot)
-        except BaseException:
-            _close_slot(slot, unlink=True)
-            raise
-        return slot
+        return self._map_slot(cell, path, named=True)
 
     def _new_unnamed_slot(self, on_disk: bool) -> _Slot | None:
         """A slot made as an unnamed file (O_TMPFILE, flocked), prepared, then linked under
@@ -677,9 +665,8 @@ class AudioPool(_resource.Resource):
             # Named as the file it would have been: with_disk_fallback moves a slot the
             # RAM disk refused (ENOSPC, ...) to the fallback dir by its directory.
             raise OSError(exc.errno, exc.strerror, path) from None
-        slot = self._map_slot(cell, path, named=False)
+        slot = self._map_slot(cell, path)
         try:
-            _prepare_slot(slot)
             try:
                 _lowlevel.link_unnamed(slot.fd, path)
             except FileExistsError:
@@ -691,8 +678,8 @@ class AudioPool(_resource.Resource):
         return slot
 
     def _map_slot(self, cell: _lowlevel.FdCell, path: str, *, named: bool = False) -> _Slot:
-        """Reserve and map a new slot file (or memfd) whose fd is in cell; on failure
-        release it and, when named, remove the file at path."""
+        """Reserve, map and prepare (see _prepare_slot) a new slot file (or memfd) whose
+        fd is in cell; on failure release it and, when named, remove the file at path."""
         fd = cell[0]
         try:
             _lowlevel.lock(fd, exclusive=False)
@@ -701,12 +688,18 @@ class AudioPool(_resource.Resource):
                 _lowlevel.seal_shrink(fd)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
-            return _Slot(cell, path, mapping)
+            slot = _Slot(cell, path, mapping)
         except BaseException:
             _lowlevel.release(cell)
             if named:
                 _os.unlink(path)
             raise
+        try:
+            _prepare_slot(slot)
+        except BaseException:
+            _close_slot(slot, unlink=named)
+            raise
+        return slot
 
     @property
     def slots(self) -> int:
