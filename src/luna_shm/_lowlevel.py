@@ -57,6 +57,12 @@ def _check_wav(rc: int, info: Any, filename: str | None) -> int:
     return check(rc, filename)
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """count and noun for a message, in the right number: "1 channel", "2 channels"
+    (nouns, when the plural is not noun + "s": "entries")."""
+    return f"{count} {noun}" if count == 1 else f"{count} {nouns or noun + 's'}"
+
+
 def brief(value: object, limit: int = 80) -> str:
     """How an error message names a value the caller passed: its repr when that is short,
     else its type and size (never 500 KB of someone's bytes, nor an int's 10,000 digits)."""
@@ -669,7 +675,7 @@ def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
                 out.ndim == 1 and info.channels != 1):
             raise ValueError(
                 f"out has shape {out.shape}, but {path} has {info.frames} frames of "
-                f"{info.channels} channel{'' if info.channels == 1 else 's'}: pass out of "
+                f"{plural(info.channels, 'channel')}: pass out of "
                 "shape (frames,) for mono or (frames, channels), with at least as many frames")
         else:
             dest = out.reshape(-1)[:count]

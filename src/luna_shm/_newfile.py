@@ -85,7 +85,7 @@ def _bytes_text(count: int) -> str:
         f"a {count.bit_length()}-bit number of bytes")
 
 
-def _directory_for(size_hint: int | None, on_disk: bool) -> str:
+def directory_for(size_hint: int | None, on_disk: bool) -> str:
     """The directory for one new file: placement's choice, unless the RAM disk lacks
     room for size_hint bytes (placement, not retry), or on_disk asks for the fallback."""
     chosen = placement.current()
@@ -112,12 +112,6 @@ def _directory_for(size_hint: int | None, on_disk: bool) -> str:
         f"({free} bytes free): using {chosen.fallback_dir} for it"
     )
     return chosen.fallback_dir
-
-
-def directory_for(size_hint: int | None, on_disk: bool = False) -> str:
-    """The directory a new file of size_hint bytes goes to: placement's choice, the
-    fallback dir when the RAM disk lacks room for it, or when on_disk asks for it."""
-    return _directory_for(size_hint, on_disk)
 
 
 def check_room(count: int, length: int, what: str) -> None:
@@ -188,7 +182,7 @@ def create_temp_file(
     on_disk=True puts it in the fallback dir. A RAM disk that refuses the file
     raises here: callers run this inside :func:`with_disk_fallback`.
     """
-    directory = _directory_for(size_hint, on_disk)
+    directory = directory_for(size_hint, on_disk)
     cell = _lowlevel.fd_cell()
 
     def claim(path: str) -> int:
@@ -231,9 +225,9 @@ def new_temp_name(
     on_disk: bool = False,
 ) -> str:
     """A fresh temp audio name (nothing created): RAM disk first, or the fallback dir."""
-    if size_hint is None and not on_disk:  # placement's choice as it is: no _directory_for
+    if size_hint is None and not on_disk:  # placement's choice as it is: no directory_for
         return f"{placement.current().directory}/{prefix}{_new_token()}{suffix}"
-    return f"{_directory_for(size_hint, on_disk)}/{prefix}{_new_token()}{suffix}"
+    return f"{directory_for(size_hint, on_disk)}/{prefix}{_new_token()}{suffix}"
 
 
 def partial_name() -> str:

@@ -140,10 +140,6 @@ def shown(text: str, encoding: str | None = None) -> str:
     return "'" + "".join(_escaped_char(char, codec) for char in text) + "'"
 
 
-def _plural(count: int, word: str, plural: str | None = None) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {plural or word + 's'}"
-
-
 # ---- status ------------------------------------------------------------------------
 
 
@@ -295,7 +291,8 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
     except OSError as exc:
         failure = exc  # a dir we cannot read: the total of what was done, then the error
     note = " (dry run: nothing was removed)" if args.dry_run else ""
-    print(f"{verb} {_plural(count, 'file')}, {_format_bytes(total)} in total{note}", file=out)
+    print(f"{verb} {_lowlevel.plural(count, 'file')}, {_format_bytes(total)} in total{note}",
+          file=out)
     if failure is not None:
         out.flush()
         print(f"{PROG} {args.command}: error: {_one_line(failure)}", file=_sys.stderr)
@@ -333,8 +330,9 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
                       f" ago, used {_format_age(now - st.st_atime)} ago {shown(path, encoding)}",
                       file=out)
         else:
-            print(f"removed {_plural(cache.clear(), 'entry', 'entries')} from cache {args.name!r} "
-                  "(pinned entries stay)", file=out)
+            removed = _lowlevel.plural(cache.clear(), "entry", "entries")
+            print(f"removed {removed} from cache {args.name!r} (pinned entries stay)",
+                  file=out)
     return 0
 
 

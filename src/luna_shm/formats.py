@@ -22,6 +22,7 @@ from luna_shm._lowlevel import (
     WavInfo,
     WavSpec,
     brief,
+    plural,
     wav_header_size,
 )
 
@@ -157,11 +158,6 @@ def check_timeout(timeout: object) -> float | None:
 def check_samplerate(samplerate: object) -> int:
     """samplerate as an int in 1..2**32-1; TypeError/ValueError naming the bad value."""
     return check_int("samplerate", samplerate, minimum=1, maximum=MAX_SAMPLERATE)
-
-
-def plural(count: int, noun: str) -> str:
-    """count and noun for a message, in the right number: "1 channel", "2 channels"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def check_channels(channels: object) -> int:

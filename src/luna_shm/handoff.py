@@ -127,7 +127,7 @@ def _check_size(info: _lowlevel.WavInfo, dtype: np.dtype[Any], max_bytes: int | 
     """Raise HandoffError when the array of info's audio would pass max_bytes."""
     nbytes = info.frames * info.channels * dtype.itemsize
     if max_bytes is not None and nbytes > max_bytes:
-        channels = f"{info.channels} channel{'s' if info.channels > 1 else ''}"
+        channels = _lowlevel.plural(info.channels, "channel")
         raise HandoffError(
             f"recv_wav: the received WAV holds {nbytes} bytes of audio ({info.frames} "
             f"frames of {channels}, {dtype}), more than max_bytes={max_bytes}; the file "

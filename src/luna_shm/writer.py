@@ -176,7 +176,7 @@ class WavWriter(FileResource):
         chunk_channels = formats.channels_of(array)
         if chunk_channels != self.channels:
             raise ValueError(
-                f"chunk has {formats.plural(chunk_channels, 'channel')} (shape "
+                f"chunk has {_lowlevel.plural(chunk_channels, 'channel')} (shape "
                 f"{array.shape}); the writer has {self.channels}"
             )
         stream = self._stream
