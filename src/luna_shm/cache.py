@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections as _collections
 import errno as _errno
 import fcntl as _fcntl
+import functools as _functools
 import hashlib as _hashlib
 import json as _json
 import math as _math
@@ -55,7 +56,7 @@ import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -67,6 +68,8 @@ from luna_shm.wav import mapped_samples
 from luna_shm.writer import WavWriter
 
 __all__ = ["AudioCache", "CacheStats", "CachedAudio", "RenderError", "cache_key"]
+
+_T = TypeVar("_T")
 
 DIR_PREFIX = "luna_cache-"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -1339,13 +1342,10 @@ class AudioCache:
                 return None
             with held:
                 name = _os.path.basename(held.path)
-                try:
-                    part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
-                except OSError as exc:  # a full RAM disk: our own entries make room (see put)
-                    if (exc.errno != _errno.ENOSPC
-                            or not self._room_on_ram_disk(_os.fstat(held.fileno()).st_size)):
-                        raise
-                    part, cell = self._copy_in(self._ram, held.fileno(), name, sync=False)
+                part, cell = self._with_room(
+                    _os.fstat(held.fileno()).st_size,
+                    _functools.partial(self._copy_in, self._ram, held.fileno(), name,
+                                       sync=False))
                 try:
                     entry = self._commit(key, part, name, cell, source=held,
                                          deadline=deadline)
@@ -1531,20 +1531,28 @@ class AudioCache:
         entries make room (see _room_on_ram_disk) and it is written once more. On
         failure nothing is left, and the OSError names the partial (ENOSPC: with the
         full RAM disk's hint)."""
-        for again in (False, True):
+        def attempt() -> tuple[str, _lowlevel.FdCell]:
             part, cell = self._ram.new_part(key)
             try:
                 write(cell[0], part)
-                return part, cell
             except BaseException as exc:
                 _lowlevel.release(cell)
                 _unlink_quietly(part)
-                if (not again and isinstance(exc, OSError) and exc.errno == _errno.ENOSPC
-                        and self._room_on_ram_disk(nbytes)):
-                    continue
                 _raise_named(exc, part)
                 raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            return part, cell
+
+        return self._with_room(nbytes, attempt)
+
+    def _with_room(self, nbytes: int, attempt: Callable[[], _T]) -> _T:
+        """attempt(), and once more when it failed for a full RAM disk (ENOSPC) and the
+        cache's own unpinned entries made room for nbytes (see _room_on_ram_disk)."""
+        try:
+            return attempt()
+        except OSError as exc:
+            if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(nbytes):
+                raise
+        return attempt()
 
     def _room_on_ram_disk(self, nbytes: int) -> bool:
         """Evict the least recently used unpinned entries (spilling them to the disk tier)
@@ -1740,13 +1748,8 @@ class AudioCache:
         live = self._ram.path(key + _LIVE)
         for _ in range(8):
             part = self._ram.path(f".{key}.{_token()}{_PART}")
-            try:
-                writer: _RenderWriter | None = _RenderWriter(part, samplerate, channels,
-                                                             dtype)
-            except OSError as exc:  # a full RAM disk: our own entries make room (see put)
-                if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(0):
-                    raise
-                writer = _RenderWriter(part, samplerate, channels, dtype)
+            writer: _RenderWriter | None = self._with_room(
+                0, _functools.partial(_RenderWriter, part, samplerate, channels, dtype))
             assert writer is not None
             writer.make_room = self._room_on_ram_disk
             try:
