@@ -68,6 +68,14 @@ def audio_of(key: str, frames: int = 2400) -> np.ndarray:
     return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
 
 
+def put_fillers(cache: AudioCache, count: int, tag: str = "") -> None:
+    """Put count other entries of 4.8 KB: through a 20 KB RAM tier, the older ones spill
+    to the disk tier."""
+    for i in range(count):
+        other = cache_key(f"filler {tag}{i}")
+        cache.put(other, audio_of(other), 24000).release()
+
+
 RENDER_MANY = """
     import os, sys, threading, time
     from luna_shm import AudioCache, cache_key
@@ -1031,9 +1039,7 @@ def test_a_put_killed_after_its_rename_never_lets_an_older_disk_copy_come_back(
     key = cache_key("spilled, then put again")
     with AudioCache("newest", max_bytes=20_000, disk_dir=disk) as cache:
         cache.put(key, audio_of(key), 24000).release()  # 4.8 KB, the older audio
-        for i in range(4):  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
-            other = cache_key(f"filler {i}")
-            cache.put(other, audio_of(other), 24000).release()
+        put_fillers(cache, 4)  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
         tier = disk / f"luna_cache-{os.geteuid()}-newest"
         assert (tier / f"{key}.wav").exists()
         # Another process puts the key again and is killed right after its rename.
@@ -1086,9 +1092,7 @@ def test_a_reload_racing_a_spill_of_another_type_never_brings_the_older_type_bac
         cache.put(key, audio_of(key), 24000).release()  # the older audio, a WAV
 
         def fill(round_: int) -> None:  # 5 x 4.8 KB through a 20 KB RAM tier: key spills
-            for i in range(5):
-                other = cache_key(f"filler {round_} {i}")
-                cache.put(other, audio_of(other), 24000).release()
+            put_fillers(cache, 5, f"{round_} ")
 
         fill(0)
         assert sorted(os.listdir(tier)).count(f"{key}.wav") == 1
@@ -1288,9 +1292,7 @@ def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lo
     key = cache_key("spilled, then asked for")
     with AudioCache("held", max_bytes=20_000, disk_dir=disk) as cache:
         cache.put(key, audio_of(key), 24000).release()
-        for i in range(4):  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
-            other = cache_key(f"filler {i}")
-            cache.put(other, audio_of(other), 24000).release()
+        put_fillers(cache, 4)  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
         lock = f"{cache.directory}/lock"
         holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
         try:
