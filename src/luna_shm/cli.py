@@ -307,7 +307,8 @@ _UNKNOWN_MAX = "unknown (each process that opens the cache sets its own)"
 
 
 def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
-    from luna_shm.cache import AudioCache, dir_name
+    from luna_shm.cache import AudioCache
+    from luna_shm.cache._files import dir_name
 
     # Opening an AudioCache makes its directory: a mistyped --name would report an
     # empty cache (or "removed 0 entries") and leave a new one behind.

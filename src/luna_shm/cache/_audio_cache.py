@@ -1,236 +1,69 @@
-"""AudioCache: a bounded TTS cache on the RAM disk, shared by every process of this user.
-
-``cache_key(text, voice=..., engine=..., **options)`` names an utterance;
-``AudioCache(name)`` is a directory of complete entry files (0600, in a 0700
-directory per cache name and user inside our RAM dir) that every process
-opening the same name shares. ``get(key)`` returns a :class:`CachedAudio`
-pinned while held; ``get_or_render(key, render, ...)`` renders a missing key
-once, whatever the number of callers in this and other processes.
-
-The index is the directory itself, files and atomic renames (see the README,
-"A TTS cache", for why not SQLite):
-
-* ``<key>.wav`` (or ``<key>.<suffix>`` for encoded audio) is a committed entry:
-  it only ever appears complete, by ``rename``. Its mtime is when it was
-  stored (the TTL clock), its atime when it was last used or stored (the LRU clock).
-* A holder of an entry keeps a shared flock on it (the pin); evicting takes
-  the exclusive flock without waiting and unlinks under it, so a pinned entry
-  is never removed, by any process.
-* ``<key>.live`` is the entry being rendered: a WAV that a :class:`WavWriter`
-  fills, whose header is valid after every chunk. The renderer holds an
-  exclusive flock on it; waiters block on a shared flock, which the kernel
-  grants when the renderer finished, failed or died.
-* ``lock`` serialises what changes the set of entries (commit, eviction,
-  discard, clear): the RAM tier never holds more than ``max_bytes`` of
-  committed entries, checked and made true under it, before a rename.
-* ``stats`` holds the shared counters; ``.<key>.<24 hex digits>.part`` files are in
-  flight, ``.<key>.<24 hex digits>.unstored.<suffix>`` is audio too large to store.
-  Every sweep and :meth:`AudioCache.destroy` remove only regular files of exactly
-  these shapes (a ``.live`` file also starts as a render's WAV, a note as a note):
-  whatever else is in the directory is not the cache's, and stays.
-* ``<key>.outcome`` is the note a failed (or unstored) render leaves for its
-  waiters, naming its file by inode number; the key's next render removes it
-  before it starts (a disk may reuse the number), a sweep after a minute,
-  :meth:`AudioCache.destroy` at once.
-
-A kill -9 at any point leaves committed entries complete and at most in-flight
-files (partials, a stale ``.live``), which the next pass under the lock removes.
+"""AudioCache: the policy over the tiers: look-ups, puts, renders and their waiters and
+followers, eviction, spills to the disk tier and reloads from it.
 """
 
 from __future__ import annotations
 
 import collections as _collections
 import errno as _errno
-import fcntl as _fcntl
 import functools as _functools
-import hashlib as _hashlib
-import json as _json
-import math as _math
 import os as _os
 import re as _re
 import stat as _stat
-import struct as _struct
 import threading as _threading
 import time as _time
-import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from luna_shm import _lowlevel, _newfile, _resource, encoding, formats, placement
-from luna_shm._resource import FileResource
+from luna_shm.cache._entry import CachedAudio, CacheStats
+from luna_shm.cache._files import (
+    ENCODED_SUFFIXES,
+    ENTRY_SUFFIXES,
+    LIVE,
+    LOCK_NAME,
+    OUTCOME,
+    PART,
+    SUPERSEDED,
+    UNSTORED,
+    is_pinned,
+    is_render_file,
+    lock_by,
+    note_owner,
+    open_regular,
+    raise_named,
+    regular_head,
+    remove_dead_live,
+    stale_live,
+    token,
+    unlink_quietly,
+)
+from luna_shm.cache._keys import check_key
+from luna_shm.cache._render_writer import ROOM_MARGIN, RenderWriter
+from luna_shm.cache._tier import (
+    COUNTERS,
+    Tier,
+    made_anew_in_child,
+    remove_or_supersede,
+    remove_stale,
+    warn_leak,
+)
 from luna_shm.errors import LunaShmError, WavError
 from luna_shm.follow import follow_wav
-from luna_shm.wav import mapped_samples
 from luna_shm.writer import WavWriter
 
-__all__ = ["AudioCache", "CacheStats", "CachedAudio", "RenderError", "cache_key"]
-
 _T = TypeVar("_T")
-
-DIR_PREFIX = "luna_cache-"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_DISK_MAX_BYTES = 1024 * 1024 * 1024
-# Encoded entries (put_bytes): a small fixed table, so that a lookup is a few stats,
-# never a directory scan. ".wav" is first: the common case costs one open.
-ENCODED_SUFFIXES = (".mp3", ".ogg", ".opus", ".flac", ".aac", ".m4a", ".webm")
-ENTRY_SUFFIXES = (".wav", *ENCODED_SUFFIXES)
-_KEY = _re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-_LIVE = ".live"
-_OUTCOME = ".outcome"
-_OUTCOME_START = _re.compile(rb"[0-9]{1,20} [0-9]{1,10} ")
-# A .live file is a WavWriter's WAV: its header has the live-stream state chunk.
-_LIVE_START = _re.compile(rb"RIFF.{4}WAVE.{0,96}JUNK\x08\x00\x00\x00lsst", _re.DOTALL)
-_PART = ".part"
-# The mode of an entry that a newer entry of its key, of another type, replaced while a
-# caller held it (its holder's path must go on naming it): look-ups pass it by, and it
-# goes once no one holds it. Entries are made 0600; only a commit makes one 0400.
-_SUPERSEDED = 0o400
-_UNSTORED = ".unstored"
-_LOCK_NAME = "lock"
-# The exact shapes of the in-flight names (see _token and _Tier.new_part): a sweep and
-# destroy() touch only these, never a user's "backup.part" or "x.unstored.txt".
-_ANY_SUFFIX = "|".join(_re.escape(suffix) for suffix in ENTRY_SUFFIXES)
-_PART_NAME = _re.compile(rf"\.[A-Za-z0-9_-]{{1,128}}(?:{_ANY_SUFFIX})?\.[0-9a-f]{{24}}"
-                         rf"{_re.escape(_PART)}")
-_UNSTORED_NAME = _re.compile(rf"\.[A-Za-z0-9_-]{{1,128}}\.[0-9a-f]{{24}}"
-                             rf"{_re.escape(_UNSTORED)}(?:{_ANY_SUFFIX})")
-# The lock file also holds the shared counters: little-endian uint64s, read and written
-# under the lock. "bytes" is the committed bytes of the tier, kept so that a commit that
-# fits costs no directory scan; it is only ever too high (it grows before a rename and
-# shrinks after an unlink), and every scan (at open, and whenever it says "full" and the
-# last scan's queue cannot make room) sets it to the truth again: so the bound holds even
-# after a kill -9 between the two (too high, it only keeps the tier below its bound).
-# "encoded" goes from 0 to 1 once encoded audio is stored (it widens every look-up).
-_COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads",
-             "encoded")
 _NOT_STATS = ("bytes", "encoded")
-_COUNTERS_FORMAT = _struct.Struct(f"<{len(_COUNTERS)}Q")
 
 
 class RenderError(LunaShmError, RuntimeError):
     """The render of a key that this caller waited for failed (in this or another process)."""
-
-
-def cache_key(text: str, *, voice: object = None, engine: object = None,
-              **options: object) -> str:
-    """A stable key for an utterance: the SHA-256 of a canonical JSON form of the arguments.
-
-    The same arguments give the same key in every process and Python version
-    (keys sorted, no whitespace, floats as their shortest repr). numpy scalars count
-    as the Python numbers of their value (``np.int64(1)`` as ``1``).
-
-    Args:
-        text: what is said.
-        voice, engine, options: anything else the audio depends on; JSON values
-            only (str, int, float, bool, None, lists and str-keyed dicts of them).
-
-    Returns:
-        64 lowercase hex digits.
-
-    Raises:
-        TypeError: text is not a str, a value is not JSON, or a dict has a key that is
-            not a str (JSON would turn ``1`` and ``None`` into ``"1"`` and ``"null"``, so
-            two different values would get one key); the message names where.
-        ValueError: a float is NaN or infinite, an int has more than 4300 digits, a
-            str holds a lone surrogate (it has no UTF-8 form), a list or dict
-            contains itself, or lists and dicts are nested more than 100 deep.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {_lowlevel.brief(text)}")
-    form = {"text": _json_form("text", text, ()), "voice": _json_form("voice", voice, ()),
-            "engine": _json_form("engine", engine, ()),
-            "options": {name: _json_form(name, value, ()) for name, value in options.items()}}
-    try:
-        canonical = _json.dumps(form, sort_keys=True, ensure_ascii=False,
-                                separators=(",", ":"), allow_nan=False)
-    except ValueError as exc:  # sys.set_int_max_str_digits lowered below 4300 digits
-        raise ValueError(f"cache_key arguments have no canonical JSON form: {exc}") from None
-    return _hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-# Ints of more digits than this have no str form under Python's default limit (and the
-# limit is a per-process setting: a key must not depend on it).
-_MAX_KEY_INT = 10**4300
-# Lists and dicts nested deeper than this are refused (a ValueError naming the argument):
-# the form is built, and json.dumps writes it, by recursion, which ends in RecursionError
-# far sooner than any real option needs (the interpreter's limit is a per-process setting).
-_MAX_KEY_DEPTH = 100
-
-
-def _utf8_str(where: str, text: str) -> str:
-    """text, when it has a UTF-8 form (no lone surrogate); else ValueError naming where."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"cache_key argument {where} holds a lone surrogate "
-                         f"{text[exc.start]!r} at index {exc.start}, which has no UTF-8 "
-                         f"form: got {_lowlevel.brief(text)}") from None
-    return text
-
-
-def _json_form(where: str, value: object, within: tuple[int, ...]) -> object:
-    """value as plain JSON values (numpy scalars as Python numbers), checked so that
-    json.dumps gives its one canonical form; where names it in an error (``speed['a'][0]``),
-    within holds the ids of the lists and dicts around it (a cycle is refused)."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return _utf8_str(where, value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        number = int(value)
-        if not -_MAX_KEY_INT < number < _MAX_KEY_INT:
-            raise ValueError(f"cache_key argument {where} is too large an int for a key (at "
-                             f"most 4300 digits), got {_lowlevel.brief(number)}")
-        return number
-    if isinstance(value, float | np.floating):
-        real = float(value)
-        if not _math.isfinite(real):
-            raise ValueError(f"cache_key arguments must be finite numbers: {where} is {real!r}")
-        return real
-    if isinstance(value, list | tuple | dict):
-        if id(value) in within:
-            raise ValueError(f"cache_key argument {where} contains itself")
-        if len(within) >= _MAX_KEY_DEPTH:
-            argument = where.partition("[")[0]  # the whole path would be 100 indexes long
-            raise ValueError(f"cache_key argument {argument} is nested more than "
-                             f"{_MAX_KEY_DEPTH} lists or dicts deep")
-        inner = (*within, id(value))
-        if isinstance(value, dict):
-            form: dict[str, object] = {}
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise TypeError(f"cache_key argument {where} has a dict key that is not a "
-                                    f"str: {_lowlevel.brief(key)} (only str-keyed dicts have "
-                                    "one JSON form)")
-                name = _utf8_str(f"{where} (a dict key)", key)
-                form[name] = _json_form(f"{where}[{_lowlevel.brief(key)}]", item, inner)
-            return form
-        return [_json_form(f"{where}[{i}]", item, inner) for i, item in enumerate(value)]
-    raise TypeError(f"cache_key arguments must be JSON values (str, int, float, bool, None, "
-                    f"lists and str-keyed dicts of them): {where} is a {type(value).__name__}, "
-                    f"{_lowlevel.brief(value)}")
-
-
-def _token() -> str:
-    """A random name part for an in-flight file (names are also created exclusively):
-    24 lowercase hex digits, the shape _PART_NAME and _UNSTORED_NAME look for."""
-    return _os.urandom(12).hex()
-
-
-def _check_key(key: object) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"key must be a str (see cache_key), got {_lowlevel.brief(key)}")
-    if not _KEY.fullmatch(key):
-        raise ValueError(f"key must be 1 to 128 characters of A-Z, a-z, 0-9, '_' or '-' "
-                         f"(cache_key makes one), got {key!r}")
-    return key
 
 
 def _check_bytes(what: str, value: object, *, optional: bool = False) -> int | None:
@@ -250,653 +83,6 @@ def _check_ttl(ttl: object) -> float:
     return seconds
 
 
-def _entry_name(name: str) -> tuple[str, str] | None:
-    """(key, suffix) when name is a committed entry's file name, else None."""
-    key, dot, suffix = name.rpartition(".")
-    if not dot or f".{suffix}" not in ENTRY_SUFFIXES or not _KEY.fullmatch(key):
-        return None
-    return key, f".{suffix}"
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """What :meth:`AudioCache.stats` counts (the counters are shared by all processes)."""
-
-    entries: int
-    bytes: int
-    max_bytes: int
-    pinned: int
-    hits: int
-    misses: int
-    evictions: int
-    renders: int
-    spills: int
-    reloads: int
-    disk_entries: int
-    disk_bytes: int
-
-
-class CachedAudio(FileResource):
-    """A cache entry pinned while held: never evicted, by any process, until released.
-
-    Attributes:
-        key: the entry's key.
-        path: the entry's file: a complete WAV, or the stored encoded file.
-        stored: False for audio that was rendered but not stored (larger than the
-            cache's bound, or every entry pinned): path is then a file of its own
-            in the cache directory, removed once no one holds it.
-        live: reserved for issue 11 (always False here): True will mean the entry is
-            still being rendered and :meth:`blocks` follows it as it grows.
-
-    Use it in ``with`` or call :meth:`release` (the same as ``close()``). Threads may
-    share one: a release in one thread while another reads :attr:`array` leaves the
-    reader with the array or ``ValueError`` (closed).
-    """
-
-    key: str = ""
-    stored: bool = True
-    live: bool = False
-    _array: np.ndarray | None = None
-    _samplerate: int | None = None
-
-    _size: int = -1
-
-    def __init__(self, cell: _lowlevel.FdCell, path: str, key: str, *, stored: bool = True,
-                 size: int = -1) -> None:
-        self.key = key
-        self.stored = stored
-        self._size = size
-        self._own(cell, path)
-        # A forked child that kept the pin would keep the entry from eviction, discard and
-        # clear (in every process) after this process released it, for as long as it lives.
-        self._let_go_at_fork()
-
-    @property
-    def is_wav(self) -> bool:
-        """True for a WAV entry (array and samplerate work), False for encoded audio."""
-        return self.path.endswith(".wav")
-
-    def _load(self) -> tuple[np.ndarray, int]:
-        """(array, samplerate), mapped on first use."""
-        self._check_open()  # before the lock: a forked child never waits for it
-        if not self.is_wav:
-            raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
-                             "(read_bytes) or hand its path to a decoder")
-        with self._lock:
-            self._busy = True  # first: a handler may run at any call from here on
-            try:
-                self._check_open()  # released by another thread meanwhile
-                array, samplerate = self._array, self._samplerate
-                if array is None or samplerate is None:
-                    self._map()
-                    array, samplerate = self._array, self._samplerate
-            finally:
-                self._end_use()
-        assert array is not None and samplerate is not None
-        return array, samplerate
-
-    def _map(self) -> None:
-        """Parse and map the file (under the lock, open)."""
-        # Parsed and mapped through the pinned descriptor: no second open, and the very
-        # file our flock holds (a put of the same key may have renamed a newer one over
-        # the name meanwhile).
-        size = self._size if self._size >= 0 else _os.fstat(self._fd).st_size
-        info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
-        mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
-                                    writable=False, populate=False, filename=self.path)
-        samples = mapped_samples(mapping, info)
-        self._array = samples if info.channels == 1 else samples.reshape(-1, info.channels)
-        self._samplerate = info.samplerate
-
-    @property
-    def array(self) -> np.ndarray:
-        """The samples: a read-only zero-copy view of the entry, shaped like read_wav's.
-
-        Raises:
-            ValueError: the entry is encoded audio, or was released.
-            WavError: the file is not a WAV we can read.
-        """
-        array = self._array  # read once: a release in another thread drops it
-        return array if array is not None else self._load()[0]
-
-    @property
-    def samplerate(self) -> int:
-        """The entry's sample rate (WAV entries)."""
-        samplerate = self._samplerate
-        return samplerate if samplerate is not None else self._load()[1]
-
-    def read_bytes(self) -> bytes:
-        """The whole file's bytes (for encoded entries: the MP3, Opus... as stored)."""
-        # Under the entry's lock: a release in another thread closes the descriptor.
-        return self._use_fd(lambda fd: _os.pread(fd, _os.fstat(fd).st_size, 0))
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        """The audio as blocks of frames, in order.
-
-        A CachedAudio is always a complete entry, so this yields the whole array once;
-        to play an entry while another caller still renders it, use
-        :meth:`AudioCache.follow`.
-        """
-        yield self.array
-
-    def release(self) -> None:
-        """Unpin the entry (the same as :meth:`close`); calling it again does nothing.
-
-        An array taken from :attr:`array` stays valid: its mapping keeps the file.
-        """
-        self.close()
-
-    def _release(self) -> None:
-        self._array = None
-        if not self.stored and self._pid == _resource.current_pid:
-            _remove_unstored(self._fd, self.path, self.key)
-
-    def __repr__(self) -> str:
-        state = "released" if self.closed else "pinned"
-        return f"<CachedAudio {self.key!r} {self.path!r} {state}>"
-
-
-def _open_private_dir(parent: str, name: str, what: str) -> tuple[_lowlevel.FdCell, bool]:
-    """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one.
-    (the fd cell of the directory, True when this call made it)."""
-    path = f"{parent}/{name}"
-    try:
-        _os.mkdir(path, 0o700)
-        made = True
-    except FileExistsError:
-        made = False
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW, cell=cell)
-    except OSError as exc:
-        if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
-            kind = "a symbolic link" if _os.path.islink(path) else "not a directory"
-            raise PermissionError(_errno.EPERM, f"refusing the {what} directory: it is {kind}",
-                                  path) from None
-        raise
-    st = _os.fstat(fd)
-    if st.st_uid != _os.geteuid():
-        _lowlevel.release(cell)
-        raise PermissionError(_errno.EPERM, f"refusing the {what} directory: it belongs to "
-                              f"uid {st.st_uid}", path)
-    if st.st_mode & 0o077:
-        _lowlevel.release(cell)
-        raise PermissionError(_errno.EPERM, f"refusing the {what} directory: mode "
-                              f"{_stat.S_IMODE(st.st_mode):o} lets others in (want 700)", path)
-    return cell, made
-
-
-# The tiers and caches whose thread locks (and pending counts) a forked child makes anew
-# at once, before any of its threads can take them.
-_made_anew_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
-
-
-def _make_anew_in_child() -> None:
-    for each in list(_made_anew_in_child):
-        each._after_fork_in_child()
-
-
-_os.register_at_fork(after_in_child=_make_anew_in_child)
-
-
-class _TierLock:
-    """``with tier.locked():``: a class, not a contextlib generator, which a signal
-    handler that raises as it yields would leave suspended holding both locks (until
-    collected: a cleanup that takes the lock meanwhile, in the same thread, hangs).
-
-    Left open: a handler that raises in the instant after the mutex's acquire()
-    returns leaves the mutex held (no Python-level __enter__ can close that window;
-    a ``with`` on a lock does, in C, but this one also takes a flock)."""
-
-    __slots__ = ("deadline", "exclusive", "tier")
-
-    def __init__(self, tier: _Tier, exclusive: bool, deadline: float | None) -> None:
-        self.tier = tier
-        self.exclusive = exclusive
-        self.deadline = deadline
-
-    def __enter__(self) -> None:
-        tier = self.tier
-        lock_path = tier.path(_LOCK_NAME)
-        if self.deadline is None:
-            tier.thread_lock.acquire()
-        elif not tier.thread_lock.acquire(timeout=max(0.0, self.deadline - _time.monotonic())):
-            raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for the {tier.what}'s "
-                               "lock (another thread holds it)", lock_path)
-        if tier.pid != _os.getpid():
-            # Under the thread lock, which the child made anew (_after_fork_in_child):
-            # one thread of a forked child opens the child's lock fd, and the others use
-            # it. (Two that both did closed each other's fd, or left one holding a flock
-            # on an fd nobody would unlock: the child hung.) On failure only the thread
-            # lock is let go: an unlock through the inherited fd would be the parent's.
-            try:
-                tier._after_fork()
-            except BaseException:
-                tier.thread_lock.release()
-                raise
-        try:  # whatever raises from here on (a handler, right after the flock is granted)
-            # Checked under the mutex, which close() takes too: a cache that another
-            # thread closed meanwhile has no lock file, and its number may be another
-            # file's by now (a flock or a counter written there would be that file's).
-            tier.check_open()
-            _lock_by(tier.lock_fd, exclusive=self.exclusive, deadline=self.deadline,
-                     what=f"the {tier.what}'s lock (another process holds it)", path=lock_path)
-            # Everything done under the lock goes by path: a directory swapped for a
-            # symlink (or another directory) since the open would be followed there.
-            tier.check_in_place()
-        except BaseException:
-            tier.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.tier.release()
-
-
-def dir_name(name: str) -> str:
-    """The name of the directory of this user's cache called name (in the RAM dir, and in
-    a disk_dir): ``luna_cache-<uid>-<name>``."""
-    return f"{DIR_PREFIX}{_os.geteuid()}-{name}"
-
-
-class _Tier:
-    """One directory of entries (the RAM tier, or the disk tier) and its lock.
-
-    A tier whose lock file cannot be opened for writing (a read-only mount, a lock file
-    of mode 0444: a monitoring view) opens it read-only, as flock works on any open
-    file: it can be looked at (stats, entries, get), and whatever would change it raises
-    write_error's errno naming the lock file (check_writable), before touching anything.
-    """
-
-    # Why the lock file was opened read-only (EACCES, EPERM or EROFS), else None.
-    write_error: OSError | None = None
-
-    def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
-        self.cache_name = name
-        self.name = dir_name(name)
-        self.directory = f"{parent}/{self.name}"
-        self.max_bytes = max_bytes
-        self.what = what
-        dir_cell, self.made = _open_private_dir(parent, self.name, what)
-        opened = _os.fstat(dir_cell[0])
-        self.identity = (opened.st_dev, opened.st_ino)
-        self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
-        try:
-            self.lock_fd = self._open_lock(_LOCK_NAME, dir_cell[0], self.lock_cell)
-        except BaseException as exc:
-            if self.made:
-                _rmdir_quietly(self.directory)
-            if isinstance(exc, OSError):  # named by dir_fd: say where
-                raise OSError(exc.errno, exc.strerror, self.path(_LOCK_NAME)) from exc
-            raise
-        finally:
-            _lowlevel.release(dir_cell)
-        self.pid = _os.getpid()
-        self.thread_lock = _threading.Lock()
-        _made_anew_in_child.add(self)
-
-    def _after_fork_in_child(self) -> None:
-        """Right after a fork, in the child: a thread lock of its own (a thread of the
-        parent may have held the parent's at the fork, and does not exist here), and a
-        lock fd of its own at once (_after_fork). The inherited fd shares the parent's
-        open file description, with the flock a parent thread may hold right now: kept by
-        a child that never uses the cache, it would keep that flock for as long as the
-        child lives once the parent is killed, and every process of the cache would wait.
-        When the reopen fails (the directory was removed), the first locked call tries
-        again, under the thread lock, and raises."""
-        self.thread_lock = _threading.Lock()
-        if self.lock_fd < 0:  # closed
-            return
-        try:
-            self._after_fork()
-        except OSError:
-            pass
-
-    def path(self, name: str) -> str:
-        return f"{self.directory}/{name}"
-
-    def _open_lock(self, name: str, dir_fd: int | None, cell: _lowlevel.FdCell) -> int:
-        """Open the lock file (name, relative to dir_fd when given) into cell: read-write,
-        made if missing; read-only, with write_error set, when write access is refused.
-        A refused read-only open raises the first refusal."""
-        try:
-            return _lowlevel.open_at(name, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
-                                     dir_fd=dir_fd, cell=cell)
-        except OSError as exc:
-            if exc.errno not in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
-                raise
-            refused = exc
-        try:
-            fd = _lowlevel.open_at(name, _os.O_RDONLY | _os.O_NOFOLLOW, dir_fd=dir_fd,
-                                   cell=cell)
-        except OSError:
-            raise refused from None
-        code = refused.errno or _errno.EACCES
-        self.write_error = OSError(code, f"the {self.what} can only be looked at here: its "
-                                   "lock file could not be opened for writing "
-                                   f"({_os.strerror(code)})", self.path(_LOCK_NAME))
-        return fd
-
-    def check_writable(self) -> None:
-        """Raise (the errno that refused write access, naming the lock file) when the
-        tier was opened read-only; see the class docstring."""
-        error = self.write_error
-        if error is not None:
-            raise OSError(error.errno, error.strerror, error.filename)
-
-    def check_open(self) -> None:
-        """ValueError once the tier was closed (its cache closed or destroyed)."""
-        if self.lock_fd < 0:
-            raise ValueError(f"I/O operation on closed AudioCache {self.cache_name!r}")
-
-    def in_place(self) -> bool:
-        """True while directory names the directory this tier opened, and its lock file
-        the file whose flock we take (nobody moved, removed or replaced them)."""
-        try:
-            self.check_in_place()
-        except OSError:
-            return False
-        return True
-
-    def check_in_place(self) -> None:
-        """Raise unless the tier is in place (see in_place): FileNotFoundError when the
-        directory is gone, PermissionError when another file has its name (a symlink to
-        someone's own directory, say), whose files are then never touched."""
-        try:
-            st = _os.lstat(self.directory)
-        except FileNotFoundError:
-            raise FileNotFoundError(_errno.ENOENT, f"the {self.what} directory was removed "
-                                    "after the cache opened", self.directory) from None
-        if (st.st_dev, st.st_ino) != self.identity or not _stat.S_ISDIR(st.st_mode):
-            kind = ("a symbolic link" if _stat.S_ISLNK(st.st_mode) else
-                    "another directory" if _stat.S_ISDIR(st.st_mode) else "not a directory")
-            raise PermissionError(_errno.EPERM, f"refusing the {self.what} directory: it was "
-                                  f"replaced after the cache opened (it is now {kind})",
-                                  self.directory)
-        if self.lock_fd >= 0 and not _newfile.still_named(self.lock_fd, self.path(_LOCK_NAME)):
-            raise PermissionError(_errno.EPERM, f"refusing the {self.what} directory: its "
-                                  "lock file was removed or replaced after the cache opened",
-                                  self.path(_LOCK_NAME))
-
-    def _after_fork(self) -> None:
-        # The parent's lock fd shares its open file description with the parent:
-        # a flock on it would not exclude the parent. Open our own, and close our copy
-        # of the parent's (the parent's flock stays: it holds its own descriptor).
-        self.check_in_place()  # before an O_CREAT by path
-        cell = _lowlevel.fd_cell()
-        fd = self._open_lock(self.path(_LOCK_NAME), None, cell)
-        inherited, self.lock_cell, self.lock_fd = self.lock_cell, cell, fd
-        _lowlevel.release(inherited)
-        self.pid = _os.getpid()
-
-    def locked(self, exclusive: bool = True, deadline: float | None = None) -> _TierLock:
-        """Hold the tier's lock (``with tier.locked():``): across threads (a mutex) and
-        processes (a flock). deadline (time.monotonic()), when given, bounds the wait:
-        TimeoutError (ETIMEDOUT) naming the lock file."""
-        return _TierLock(self, exclusive, deadline)
-
-    def release(self) -> None:
-        """Let go of the tier's lock (unlocking a flock not held is harmless)."""
-        try:
-            if self.lock_fd >= 0:  # else closed: no flock to let go of
-                _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
-        finally:
-            self.thread_lock.release()
-
-    def counters(self) -> list[int]:
-        """The shared counters (under the lock)."""
-        raw = _os.pread(self.lock_fd, _COUNTERS_FORMAT.size, 0)
-        if len(raw) < _COUNTERS_FORMAT.size:
-            return [0] * len(_COUNTERS)
-        return list(_COUNTERS_FORMAT.unpack(raw))
-
-    def add(self, deltas: dict[str, int]) -> list[int]:
-        """Add deltas to the shared counters (under the lock); the new values."""
-        self.check_writable()
-        values = self.counters()
-        for i, name in enumerate(_COUNTERS):
-            values[i] = max(0, values[i] + deltas.get(name, 0))
-        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
-        return values
-
-    def set_bytes(self, total: int) -> None:
-        """Record the committed bytes a scan found (under the lock)."""
-        self.check_writable()
-        values = self.counters()
-        values[0] = total
-        _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
-
-    def entries(self) -> list[tuple[str, _os.stat_result]]:
-        """(name, lstat) of each committed entry (call under the lock for a consistent view)."""
-        found = []
-        with _os.scandir(self.directory) as scan:
-            for item in scan:
-                if _entry_name(item.name) is None:
-                    continue
-                try:
-                    st = item.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if _stat.S_ISREG(st.st_mode):
-                    found.append((item.name, st))
-        return found
-
-    def remove_if_unpinned(self, name: str, only: int | None = None) -> bool:
-        """Unlink name under its exclusive flock, taken without waiting; False when held,
-        or when name is gone or not a regular file (nothing of ours to remove). An entry's
-        bytes leave the shared count (under the lock). Any other failure to open it
-        (EMFILE, EACCES...) raises, naming it: "pinned" would be a lie.
-
-        only, an fd of a file a caller judged stale (expired, unreadable) and then let go
-        of: unlink name only while it still names that file. Another process may have
-        stored a fresh entry under the name since, which is not the caller's to remove
-        (entry names change only under the lock: checked under it, the answer holds)."""
-        self.check_writable()
-        path = self.path(name)
-        if only is not None and not _newfile.still_named(only, path):
-            return False
-        cell = _lowlevel.fd_cell()
-        fd = _open_regular(path, cell)  # a symlink or FIFO of that name is not ours
-        if fd is None:
-            return False
-        try:
-            if not _lowlevel.lock(fd, exclusive=True):
-                return False
-            if not _newfile.still_named(fd, path):
-                return False
-            size = _os.fstat(fd).st_size
-            try:
-                _os.unlink(path)
-            except FileNotFoundError:
-                # Its owner removed it after dropping its lock (a render's partial):
-                # gone all the same, and not by us (its bytes were never ours to count).
-                return False
-        finally:
-            _lowlevel.release(cell)
-        if _entry_name(name) is not None:
-            self.add({"bytes": -size})
-        return True
-
-    def kind(self, name: str) -> str | None:
-        """What name is to the cache: "entry", "live" (a render), "part" or "unstored"
-        (in flight), "note" (an outcome note), or None when it is not the cache's (any
-        other shape, or not a regular file). The one test that sweep() and leftovers()
-        share: a file the cache did not make is never removed, whatever it is named."""
-        path = self.path(name)
-        if _entry_name(name) is not None:
-            kind = "entry"
-        elif _PART_NAME.fullmatch(name):
-            kind = "part"
-        elif _UNSTORED_NAME.fullmatch(name):
-            kind = "unstored"
-        elif name.endswith(_LIVE) and _KEY.fullmatch(name[:-len(_LIVE)]):
-            # "song.live" is key-shaped too: the WAV header of a render tells them apart.
-            head = _regular_head(path, 128)
-            return "live" if head is not None and _LIVE_START.match(head) else None
-        elif name.endswith(_OUTCOME) and _KEY.fullmatch(name[:-len(_OUTCOME)]):
-            # A note is also checked inside: "<inode> <pid> " at its start.
-            return "note" if _note_owner(path) is not None else None
-        else:
-            return None
-        try:
-            st = _os.lstat(path)
-        except FileNotFoundError:
-            return None
-        return kind if _stat.S_ISREG(st.st_mode) else None
-
-    def sweep(self) -> int:
-        """Remove leftovers no live process holds: partials, stale .live files, outcome
-        notes older than a minute, unstored audio (each by its exact shape, see kind).
-        Under the lock."""
-        self.check_writable()
-        removed = 0
-        now = _time.time()
-        with _os.scandir(self.directory) as scan:
-            names = [item.name for item in scan]
-        for name in names:
-            if _entry_name(name) is not None:
-                continue  # entries are evicted, never swept: no lstat of each (see kind)
-            kind = self.kind(name)
-            if kind in ("part", "unstored"):
-                removed += self.remove_if_unpinned(name)
-            elif kind == "note":
-                try:
-                    if now - _os.lstat(self.path(name)).st_mtime > 60:
-                        _os.unlink(self.path(name))
-                except FileNotFoundError:
-                    pass
-            elif kind == "live" and _stale_live(self.path(name)):
-                removed += 1
-        return removed
-
-    def new_part(self, name: str) -> tuple[str, _lowlevel.FdCell]:
-        """A new in-flight file for name: (path, its fd cell) with a shared flock held from
-        before its name appeared, so that no sweep (in any process) removes it while we
-        live."""
-        self.check_writable()
-        path = self.path(f".{name}.{_token()}{_PART}")
-        cell = _lowlevel.fd_cell()
-        _lowlevel.create_locked(self.directory, path, cell=cell)
-        return path, cell
-
-    def undo(self) -> None:
-        """Close, and remove the directory again when this tier made it (an AudioCache
-        whose construction failed leaves nothing of its own).
-
-        Another process can have opened the same cache in the moment since the mkdir:
-        the directory is removed only when no one holds its lock and nothing but the
-        lock file is in it (a process that opened it between our mkdir and now would
-        find its files gone: an OSError, in a window of microseconds, never data lost).
-        """
-        try:
-            if self.made and _lowlevel.lock(self.lock_fd, exclusive=True):
-                with _os.scandir(self.directory) as scan:
-                    alone = [item.name for item in scan] == [_LOCK_NAME]
-                if alone:
-                    _unlink_quietly(self.path(_LOCK_NAME))
-                    _rmdir_quietly(self.directory)
-        finally:
-            # No thread uses a tier whose cache is not made yet; and a call cut short
-            # inside the mutex's open window (see _TierLock) leaves it held for ever.
-            self.close(wait=False)
-
-    def leftovers(self) -> tuple[list[str], list[str]]:
-        """What keeps the directory after a clear (under the lock): (the outcome notes of
-        failed renders, ours to remove; every other name but the lock file, each with
-        why it stays: a pinned entry, a render or write in flight, a file not ours)."""
-        notes: list[str] = []
-        kept: list[str] = []
-        why = {"entry": "pinned", "live": "being rendered", "part": "in use",
-               "unstored": "in use", None: "not the cache's"}
-        with _os.scandir(self.directory) as scan:
-            names = [item.name for item in scan if item.name != _LOCK_NAME]
-        for name in names:
-            kind = self.kind(name)
-            if kind == "note":
-                notes.append(name)
-            elif kind is not None or _os.path.lexists(self.path(name)):  # else: just gone
-                kept.append(f"{name} ({why[kind]})")
-        return notes, sorted(kept)
-
-    def close(self, *, wait: bool = True) -> None:
-        """Close the lock file; again does nothing. Under the mutex, so that no thread
-        holding the tier's lock has its lock file closed under it (see _TierLock).
-
-        wait=False (the leak finalizer, a failed construction) closes it without the
-        mutex: no thread uses the tier (the cache is collected, or was never made), or it
-        is interpreter exit, when a daemon thread may hold the mutex for ever (or a call
-        cut short in its open window left it held). In a forked child the
-        mutex may be held by a thread that was not copied: the child's copy of the file
-        is closed without it."""
-        if not wait or self.pid != _os.getpid():
-            self._close_file()
-            return
-        with self.thread_lock:
-            self._close_file()
-
-    def _close_file(self) -> None:
-        if self.lock_fd >= 0:
-            self.lock_fd = -1
-            _lowlevel.release(self.lock_cell)
-
-
-def _lock_by(fd: int, *, exclusive: bool, deadline: float | None, what: str,
-             path: str) -> None:
-    """Take fd's flock, waiting until deadline (time.monotonic()) at most; None waits as
-    long as it takes. Past the deadline: TimeoutError (ETIMEDOUT) saying what it waited
-    for and naming path. flock has no timeout of its own: a bounded wait polls, backing
-    off from 0.5 ms to 20 ms (the holder of an entry's or the cache's lock lets go
-    within microseconds, unless it is stopped or stuck, which is what the bound is for)."""
-    if deadline is None:
-        _lowlevel.lock(fd, exclusive=exclusive, wait=True)
-        return
-    pause = 0.0005
-    while not _lowlevel.lock(fd, exclusive=exclusive):
-        if _time.monotonic() >= deadline:
-            raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for {what}", path)
-        _time.sleep(pause)
-        pause = min(pause * 2, 0.02)
-
-
-def _is_render_file(fd: int) -> bool:
-    """True when fd (a regular file) starts as a render's .live file: a WavWriter's WAV."""
-    return _LIVE_START.match(_os.pread(fd, 128, 0)) is not None
-
-
-def _stale_live(path: str) -> bool:
-    """Remove path when it is a .live file no renderer holds (the renderer died); True if so.
-    A file of that name that is not a render's (see _Tier.kind) is never removed."""
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = _open_regular(path, cell)
-    except OSError:
-        return False
-    if fd is None:
-        return False
-    try:
-        if not _is_render_file(fd) or not _lowlevel.lock(fd, exclusive=True):
-            return False  # a renderer (or a waiter, for a moment) holds it
-        _remove_dead_live(fd, path)
-        return True
-    finally:
-        _lowlevel.release(cell)
-
-
-def _remove_stale(tier: _Tier, name: str, fd: int, deadline: float | None = None) -> bool:
-    """Remove tier's entry name, which a look-up found stale (expired, or not a WAV it
-    can read) through fd, unless it is pinned or name no longer names that file; True
-    when removed. The look-up's own shared flock on fd goes first (it would refuse the
-    removal); fd stays open, so the check under the lock compares with that very file.
-
-    Why not by name alone: between the look-up letting go of the file and the lock,
-    another process can store a fresh entry under the name, which is not stale.
-    A tier opened read-only removes nothing: the look-up passes the entry by."""
-    if tier.write_error is not None:
-        return False
-    _fcntl.flock(fd, _fcntl.LOCK_UN)
-    with tier.locked(deadline=deadline):
-        return tier.remove_if_unpinned(name, only=fd)
-
-
 class _Replaced(Exception):
     """A reload's source on the disk tier stopped being the key's newest audio during
     the copy (see AudioCache._commit): the copy is not stored."""
@@ -906,43 +92,7 @@ def _still_newest(source: CachedAudio) -> bool:
     """True while the pinned disk entry source is still its key's entry: named by its
     path and not superseded by a newer entry of another type."""
     return (_newfile.still_named(source.fileno(), source.path)
-            and _stat.S_IMODE(_os.fstat(source.fileno()).st_mode) != _SUPERSEDED)
-
-
-def _remove_or_supersede(tier: _Tier, name: str) -> None:
-    """Remove tier's entry name, which a newer entry of its key replaces; one a caller
-    holds (a reload copying it, a hit) is superseded instead, so that no look-up ever
-    takes it again and the first that finds it unheld removes it (under the lock)."""
-    if not tier.remove_if_unpinned(name):
-        _supersede(tier.path(name))
-
-
-def _supersede(path: str) -> None:
-    """Mark the held entry at path as replaced by a newer entry of its key, of another
-    type (under the lock, before the newer one's rename): look-ups pass it by from now
-    on, and the first that finds it unheld removes it. A holder's path still names it."""
-    cell = _lowlevel.fd_cell()
-    fd = _open_regular(path, cell)
-    if fd is None:
-        return
-    try:
-        if _newfile.still_named(fd, path):
-            _os.fchmod(fd, _SUPERSEDED)
-    finally:
-        _lowlevel.release(cell)
-
-
-def _remove_dead_live(fd: int, path: str) -> None:
-    """Remove the .live file path (open as fd, exclusively locked: its renderer died) if
-    it still has that name, and first any outcome note naming its inode: a note of an
-    earlier render whose file had the same number, which the dead one never got to drop
-    (see AudioCache._render). Its waiters then find neither, and elect a new renderer."""
-    if not _newfile.still_named(fd, path):
-        return
-    note = path[:-len(_LIVE)] + _OUTCOME
-    if _note_owner(note) == _os.fstat(fd).st_ino:
-        _unlink_quietly(note)
-    _unlink_quietly(path)
+            and _stat.S_IMODE(_os.fstat(source.fileno()).st_mode) != SUPERSEDED)
 
 
 class AudioCache:
@@ -988,21 +138,21 @@ class AudioCache:
             if not disk_text:
                 raise ValueError("disk_dir must name a directory, got ''")
             _check_not_the_ram_dir(disk_text, placement.current().directory)
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts = dict.fromkeys(COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
-        _made_anew_in_child.add(self)
+        made_anew_in_child.add(self)
         self._encoded = False
         # The RAM entries the last eviction scan did not come to: (name, inode, atime_ns),
         # least recently used first (see _evict_queued). Used under the RAM lock only.
         self._victims: _collections.deque[tuple[str, int, int]] = _collections.deque()
-        ram = _Tier(placement.current().directory, name, self.max_bytes, "cache")
-        disk: _Tier | None = None
+        ram = Tier(placement.current().directory, name, self.max_bytes, "cache")
+        disk: Tier | None = None
         try:
             if disk_text is not None:
-                disk = _Tier(_os.path.abspath(disk_text), name,
-                             disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
-            if ram.write_error is None:  # else: looked at, never changed (see _Tier)
+                disk = Tier(_os.path.abspath(disk_text), name,
+                            disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
+            if ram.write_error is None:  # else: looked at, never changed (see Tier)
                 with ram.locked():
                     ram.sweep()
                     ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
@@ -1018,7 +168,7 @@ class AudioCache:
             raise
         self._ram, self._disk = ram, disk
         tiers = [ram] if disk is None else [ram, disk]
-        self._finalizer = _weakref.finalize(self, _warn_leak, tiers, name, _os.getpid())
+        self._finalizer = _weakref.finalize(self, warn_leak, tiers, name, _os.getpid())
 
     @property
     def directory(self) -> str:
@@ -1049,7 +199,7 @@ class AudioCache:
         """In a forked child: the counts not yet written out are the parent's, which
         it will write itself; start from zero (with a lock of our own: another thread
         of the parent may have held its lock at the fork)."""
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts = dict.fromkeys(COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
 
@@ -1061,18 +211,18 @@ class AudioCache:
             self._forget_parent_counts()
         if self._ram.write_error is not None:
             with self._counts_lock:
-                mine = [self._counts[name] for name in _COUNTERS]
+                mine = [self._counts[name] for name in COUNTERS]
             shared = self._ram.counters()
-            return {name: shared[i] + mine[i] for i, name in enumerate(_COUNTERS)}
+            return {name: shared[i] + mine[i] for i, name in enumerate(COUNTERS)}
         with self._counts_lock:
-            pending, self._counts = self._counts, dict.fromkeys(_COUNTERS, 0)
-        return dict(zip(_COUNTERS, self._ram.add(pending), strict=True))
+            pending, self._counts = self._counts, dict.fromkeys(COUNTERS, 0)
+        return dict(zip(COUNTERS, self._ram.add(pending), strict=True))
 
     def _suffixes(self) -> tuple[str, ...]:
         """The entry suffixes to look for: ".wav" alone until encoded audio was stored
         in this cache (by any process), so that a miss costs one failed open."""
         if not self._encoded:  # one pread, no lock: the flag only ever goes from 0 to 1
-            offset = 8 * _COUNTERS.index("encoded")
+            offset = 8 * COUNTERS.index("encoded")
             fd = self._ram.lock_fd
             self._ram.check_open()  # closed by another thread since the call began
             try:
@@ -1088,7 +238,7 @@ class AudioCache:
 
     # ---- look-ups ------------------------------------------------------------------
 
-    def _open_entry(self, tier: _Tier, key: str, deadline: float | None = None
+    def _open_entry(self, tier: Tier, key: str, deadline: float | None = None
                     ) -> CachedAudio | None:
         """Pin the committed entry of key in tier, or None (missing, evicted, expired).
         deadline (time.monotonic()) bounds the waits for the entry's lock and the
@@ -1096,7 +246,7 @@ class AudioCache:
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
             cell = _lowlevel.fd_cell()
-            opened = _open_regular(path, cell)  # a symlink or FIFO there: not an entry
+            opened = open_regular(path, cell)  # a symlink or FIFO there: not an entry
             if opened is None:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
                     return None  # no encoded audio in this cache: one open decides
@@ -1106,19 +256,19 @@ class AudioCache:
                 # An evictor holds the exclusive lock around a spill and an unlink, a
                 # renderer from its commit until its entry is pinned: waiting is brief,
                 # unless that process is stopped or stuck (deadline bounds it then).
-                _lock_by(fd, exclusive=False, deadline=deadline,
-                         what=f"the lock of the entry of {key!r} (another process holds it)",
-                         path=path)
+                lock_by(fd, exclusive=False, deadline=deadline,
+                        what=f"the lock of the entry of {key!r} (another process holds it)",
+                        path=path)
                 st = _os.fstat(fd)
                 if st.st_nlink == 0:  # evicted while we waited
                     _lowlevel.release(cell)
                     continue
-                if _stat.S_IMODE(st.st_mode) == _SUPERSEDED:  # the key has a newer entry
-                    _remove_stale(tier, key + suffix, fd, deadline)
+                if _stat.S_IMODE(st.st_mode) == SUPERSEDED:  # the key has a newer entry
+                    remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
                 if self._expired(st, _time.time()):
-                    _remove_stale(tier, key + suffix, fd, deadline)
+                    remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
                 try:
@@ -1127,7 +277,7 @@ class AudioCache:
                     # A cache on a file system remounted read-only still serves its
                     # hits (its LRU clock stops); anything else names the entry.
                     if exc.errno != _errno.EROFS:
-                        _raise_named(exc, path)
+                        raise_named(exc, path)
                         raise
             except BaseException:
                 _lowlevel.release(cell)
@@ -1155,7 +305,7 @@ class AudioCache:
                 (or the cache's), ETIMEDOUT, naming the file.
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         limit = formats.check_timeout(timeout)
         return self._get(key, None if limit is None else _time.monotonic() + limit)
 
@@ -1171,7 +321,7 @@ class AudioCache:
         """True when key has a RAM entry that :meth:`get` would hand out (a regular file,
         not expired, not replaced); a disk-tier entry is not looked at."""
         self._check_open()
-        return self._present(_check_key(key))
+        return self._present(check_key(key))
 
     # ---- storing -------------------------------------------------------------------
 
@@ -1253,13 +403,13 @@ class AudioCache:
         """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
         path = self._ram.path(name)
         cell = _lowlevel.fd_cell()
-        fd = _open_regular(path, cell)
+        fd = open_regular(path, cell)
         if fd is None:
             return not _os.path.lexists(path)  # gone; else not an entry: never ours to evict
         try:
             if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
                 return False
-            if self._disk is not None and _stat.S_IMODE(_os.fstat(fd).st_mode) != _SUPERSEDED:
+            if self._disk is not None and _stat.S_IMODE(_os.fstat(fd).st_mode) != SUPERSEDED:
                 try:
                     self._spill(fd, name)
                 except OSError as exc:
@@ -1271,7 +421,7 @@ class AudioCache:
         finally:
             _lowlevel.release(cell)
 
-    def _copy_in(self, tier: _Tier, src_fd: int, name: str, *, sync: bool
+    def _copy_in(self, tier: Tier, src_fd: int, name: str, *, sync: bool
                  ) -> tuple[str, _lowlevel.FdCell]:
         """Copy src_fd to a new locked partial in tier: (its path, its fd cell); mtime kept."""
         st = _os.fstat(src_fd)
@@ -1291,8 +441,8 @@ class AudioCache:
                 _os.fsync(fd)
         except BaseException as exc:
             _lowlevel.release(cell)
-            _unlink_quietly(part)
-            _raise_named(exc, part)
+            unlink_quietly(part)
+            raise_named(exc, part)
             raise
         return part, cell
 
@@ -1308,12 +458,12 @@ class AudioCache:
         finally:
             _lowlevel.release(part_cell)
 
-    def _store_on_disk(self, disk: _Tier, part: str, name: str, size: int) -> None:
+    def _store_on_disk(self, disk: Tier, part: str, name: str, size: int) -> None:
         with disk.locked():
             key = name.rpartition(".")[0]
             for suffix in ENTRY_SUFFIXES:  # one entry per key: a spilled WAV of a key
                 if key + suffix != name:    # now stored as MP3 must not win over it
-                    _remove_or_supersede(disk, key + suffix)
+                    remove_or_supersede(disk, key + suffix)
             entries = [(n, st) for n, st in disk.entries() if n != name]
             total = sum(st.st_size for _, st in entries)
             entries.sort(key=lambda item: item[1].st_atime_ns)
@@ -1405,7 +555,7 @@ class AudioCache:
                             # A render's too: an expired entry someone holds is there.
                             replaced = self._named_size(name)
                         else:  # held: it stays, superseded
-                            _remove_or_supersede(self._ram, key + suffix)
+                            remove_or_supersede(self._ram, key + suffix)
                     # The key's disk copies go before the rename, never after: killed
                     # between the two, an older copy would outlive the new entry (an
                     # eviction that cannot spill, a reboot) and come back in its place.
@@ -1419,13 +569,13 @@ class AudioCache:
                         self._ram.add({"bytes": -replaced})
                     return CachedAudio(cell, final, key)
             suffix = name[len(key):]
-            unstored = self._ram.path(f".{key}.{_token()}{_UNSTORED}{suffix}")
+            unstored = self._ram.path(f".{key}.{token()}{UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
             return CachedAudio(cell, unstored, key, stored=False)
         except BaseException as exc:
             _lowlevel.release(cell)
-            _unlink_quietly(part_path)
-            _raise_named(exc, part_path)  # os.utime on an fd names no file
+            unlink_quietly(part_path)
+            raise_named(exc, part_path)  # os.utime on an fd names no file
             raise
 
     def _drop_from_disk(self, key: str) -> None:
@@ -1438,7 +588,7 @@ class AudioCache:
         try:
             with disk.locked():
                 for suffix in ENTRY_SUFFIXES:
-                    _remove_or_supersede(disk, key + suffix)
+                    remove_or_supersede(disk, key + suffix)
         except OSError as exc:
             placement.logger.warning("luna_shm: could not remove the older entry of %r from "
                                      "the disk tier %s (a restart may bring it back): %s",
@@ -1478,7 +628,7 @@ class AudioCache:
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         enc = encoding.plan(data, samplerate, subtype)
         if enc.nbytes == 0:
             raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
@@ -1504,7 +654,7 @@ class AudioCache:
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         if suffix not in ENCODED_SUFFIXES:
             raise ValueError(f"suffix must be one of {', '.join(ENCODED_SUFFIXES)}, "
                              f"got {suffix!r}")
@@ -1537,8 +687,8 @@ class AudioCache:
                 write(cell[0], part)
             except BaseException as exc:
                 _lowlevel.release(cell)
-                _unlink_quietly(part)
-                _raise_named(exc, part)
+                unlink_quietly(part)
+                raise_named(exc, part)
                 raise
             return part, cell
 
@@ -1562,7 +712,7 @@ class AudioCache:
         container whose /dev/shm is 64 MB, the cache's own entries fill it, and without
         this every later put would fail with ENOSPC while nothing is ever evicted."""
         tier = self._ram
-        needed = nbytes + _ROOM_MARGIN
+        needed = nbytes + ROOM_MARGIN
 
         def free() -> int:
             return _lowlevel.room_on(tier.directory)
@@ -1590,7 +740,7 @@ class AudioCache:
         :meth:`follow` plays it while it renders; so does ``follow_wav`` of this path.
         """
         self._check_open()
-        path = self._ram.path(_check_key(key) + _LIVE)
+        path = self._ram.path(check_key(key) + LIVE)
         return path if _os.path.exists(path) else None
 
     def follow(self, key: str, *, timeout: float | None = None) -> Iterator[np.ndarray]:
@@ -1616,7 +766,7 @@ class AudioCache:
             TimeoutError: no new block for timeout seconds.
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         return self._follow(key, formats.check_timeout(timeout))
 
     def _follow(self, key: str, limit: float | None) -> Iterator[np.ndarray]:
@@ -1632,7 +782,7 @@ class AudioCache:
             if live is None:
                 continue
             cell = _lowlevel.fd_cell()
-            fd = _open_regular(live, cell)
+            fd = open_regular(live, cell)
             if fd is None:
                 continue
             try:
@@ -1684,7 +834,7 @@ class AudioCache:
             Whatever ``render`` raised, in the caller that ran it.
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         # Checked up front, hit or miss: a bad argument never depends on the cache's state.
         if not callable(render):
             raise TypeError(f"render must be a callable taking the WavWriter, got "
@@ -1694,7 +844,7 @@ class AudioCache:
         formats.check_dtype(dtype)
         limit = formats.check_timeout(timeout)
         deadline = None if limit is None else _time.monotonic() + limit
-        live = self._ram.path(key + _LIVE)
+        live = self._ram.path(key + LIVE)
         while True:
             # Every pass, not only a wait, is bounded: whatever makes the loop go round
             # again (a render that keeps ending before we wait) never outlasts timeout.
@@ -1721,15 +871,15 @@ class AudioCache:
         try:
             entry._load()  # the header parsed and the samples mapped, as .array would
         except WavError as exc:
-            # Removed only while its name still names this very file (see _remove_stale):
+            # Removed only while its name still names this very file (see remove_stale):
             # a fresh entry another process stored meanwhile is looked up, not removed.
             # Its disk-tier copy, if any, goes with the commit of the render that follows.
             held = _lowlevel.fd_cell()
             _lowlevel.dup(entry.fileno(), cell=held, filename=entry.path)
             entry.release()
             try:
-                if _remove_stale(self._ram, _os.path.basename(entry.path), held[0],
-                                 deadline):
+                if remove_stale(self._ram, _os.path.basename(entry.path), held[0],
+                                deadline):
                     placement.logger.warning("luna_shm: removed the unreadable cache entry "
                                              "%s (%s); rendering it again", entry.path, exc)
                     return False
@@ -1741,15 +891,15 @@ class AudioCache:
         return True
 
     def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
-                      ) -> tuple[_RenderWriter | None, str]:
+                      ) -> tuple[RenderWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
         (None, "") when another live renderer has it."""
         self._ram.check_writable()  # a cache opened read-only renders nothing
-        live = self._ram.path(key + _LIVE)
+        live = self._ram.path(key + LIVE)
         for _ in range(8):
-            part = self._ram.path(f".{key}.{_token()}{_PART}")
-            writer: _RenderWriter | None = self._with_room(
-                0, _functools.partial(_RenderWriter, part, samplerate, channels, dtype))
+            part = self._ram.path(f".{key}.{token()}{PART}")
+            writer: RenderWriter | None = self._with_room(
+                0, _functools.partial(RenderWriter, part, samplerate, channels, dtype))
             assert writer is not None
             writer.make_room = self._room_on_ram_disk
             try:
@@ -1764,7 +914,7 @@ class AudioCache:
                         # process took the partial in that moment. Make a new one.
                         break
                     except FileExistsError:
-                        if _stale_live(live):
+                        if stale_live(live):
                             continue  # its renderer died: link again
                         return None, ""
                     _os.unlink(part)
@@ -1772,7 +922,7 @@ class AudioCache:
                     if self._present(key):
                         # A renderer committed between our miss and our link (its rename
                         # took the .live name away): no second render, go and get it.
-                        _unlink_quietly(live)
+                        unlink_quietly(live)
                         return None, ""
                     done, writer = writer, None
                     return done, live
@@ -1780,7 +930,7 @@ class AudioCache:
                 if writer is not None:
                     # Unlinked before the close drops its flock: a sweep never finds
                     # an unlocked partial of ours that we are about to remove.
-                    _unlink_quietly(part)
+                    unlink_quietly(part)
                     writer.close()
         raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
 
@@ -1795,7 +945,7 @@ class AudioCache:
             except FileNotFoundError:
                 continue
             if (_stat.S_ISREG(st.st_mode) and not self._expired(st, now)
-                    and _stat.S_IMODE(st.st_mode) != _SUPERSEDED):
+                    and _stat.S_IMODE(st.st_mode) != SUPERSEDED):
                 return True
         return False
 
@@ -1804,7 +954,7 @@ class AudioCache:
         (its mtime is the TTL clock)."""
         return self.ttl is not None and now - st.st_mtime > self.ttl
 
-    def _render(self, key: str, writer: _RenderWriter, live: str,
+    def _render(self, key: str, writer: RenderWriter, live: str,
                 render: Callable[[WavWriter], object]) -> CachedAudio:
         """Run render into writer (whose file is key.live, exclusively locked), store the
         result, then let the waiters go: by then the entry, or the outcome, is there.
@@ -1820,9 +970,9 @@ class AudioCache:
         # A note an earlier render of key left goes now, before a waiter can read it: a
         # filesystem that reuses inode numbers (ext4) may have given our file the number
         # it names. Late waiters of that render wait for this one instead.
-        note = self._ram.path(key + _OUTCOME)
-        if _note_owner(note) is not None:  # a note; anything else of that name is not ours
-            _unlink_quietly(note)
+        note = self._ram.path(key + OUTCOME)
+        if note_owner(note) is not None:  # a note; anything else of that name is not ours
+            unlink_quietly(note)
         pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
@@ -1855,9 +1005,9 @@ class AudioCache:
             # commit released the pin, and removed the file, itself).
             held = pin[0] if pin[0] >= 0 else -1 if writer.closed else writer.fileno()
             if held >= 0 and _newfile.still_named(held, live):
-                _unlink_quietly(live)
+                unlink_quietly(live)
             # Its followers (AudioCache.follow) raise StreamAbandoned, after a render that
-            # closed the writer too (its close left the stream live, see _RenderWriter).
+            # closed the writer too (its close left the stream live, see RenderWriter).
             writer.abort()
             _lowlevel.release(pin)  # the last descriptor: the waiters wake to the note
             raise
@@ -1867,7 +1017,7 @@ class AudioCache:
         return entry
 
     def _write_outcome(self, key: str, ino: int, text: str) -> None:
-        path = self._ram.path(key + _OUTCOME)
+        path = self._ram.path(key + OUTCOME)
         try:
             part, cell = self._ram.new_part(key)
         except OSError:
@@ -1876,20 +1026,20 @@ class AudioCache:
             _os.write(cell[0], f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
             _os.rename(part, path)
         except OSError:
-            _unlink_quietly(part)
+            unlink_quietly(part)
         finally:
             _lowlevel.release(cell)
 
     def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
         done before we looked), unstored audio, or RenderError when the render failed."""
-        live = self._ram.path(key + _LIVE)
+        live = self._ram.path(key + LIVE)
         cell = _lowlevel.fd_cell()
         # A child another thread forks while this one waits must not keep the shared
         # flock the kernel grants it: the entry the render becomes would stay pinned, and
         # a waiter that finds the renderer dead would wait for the child to take its own.
         _resource.close_in_child(cell)
-        fd = _open_regular(live, cell)
+        fd = open_regular(live, cell)
         if fd is None:
             try:
                 regular = _stat.S_ISREG(_os.lstat(live).st_mode)
@@ -1897,7 +1047,7 @@ class AudioCache:
                 return None
             if regular:
                 return None  # a new render's, since our open: look again
-        if fd is None or not _is_render_file(fd):
+        if fd is None or not is_render_file(fd):
             # Not a render's file, so no render ends it: waiting (or electing again)
             # would go on for ever. Never ours to remove either.
             _lowlevel.release(cell)
@@ -1908,15 +1058,15 @@ class AudioCache:
             # A caller that wants audio before the render ends uses follow() instead.
             # The renderer holds an exclusive flock until the entry is stored (or it
             # failed, or died): the kernel grants our shared one then, no polling.
-            _lock_by(fd, exclusive=False, deadline=deadline,
-                     what=f"another caller to render {key!r}", path=live)
+            lock_by(fd, exclusive=False, deadline=deadline,
+                    what=f"another caller to render {key!r}", path=live)
             if _newfile.still_named(fd, live):
                 # A renderer that ends renames or removes its .live file before it
                 # lets go of the lock: still named, it died. Remove it (exclusive, so
                 # that no other waiter is between its lock and this check) and let
                 # the loop elect a new renderer.
                 _lowlevel.lock(fd, exclusive=True, wait=True)
-                _remove_dead_live(fd, live)
+                remove_dead_live(fd, live)
                 return None
             outcome = self._read_outcome(key, ino)
         finally:
@@ -1927,7 +1077,7 @@ class AudioCache:
         if text.startswith("unstored "):
             path = text[len("unstored "):]
             held = _lowlevel.fd_cell()
-            if _open_regular(path, held) is None:
+            if open_regular(path, held) is None:
                 return None
             _lowlevel.lock(held[0], exclusive=False, wait=True)
             return CachedAudio(held, path, key, stored=False)
@@ -1938,7 +1088,7 @@ class AudioCache:
         The waiter holds that file open, so no later file has its inode number; a note
         of an earlier file with that number was removed when this file's render began
         (or, if it died first, with its .live name)."""
-        head = _regular_head(self._ram.path(key + _OUTCOME), 1 << 16)  # never a FIFO's open
+        head = regular_head(self._ram.path(key + OUTCOME), 1 << 16)  # never a FIFO's open
         try:
             owner, pid, text = (head or b"").decode("utf-8").split(" ", 2)
         except ValueError:
@@ -1956,7 +1106,7 @@ class AudioCache:
                 it (never a False as if it were pinned).
         """
         self._check_open()
-        _check_key(key)
+        check_key(key)
         removed = False
         for tier in (self._ram, self._disk):
             if tier is None:
@@ -2013,8 +1163,8 @@ class AudioCache:
                 with tier.locked():
                     notes, _ = tier.leftovers()
                     for note in notes:
-                        _unlink_quietly(tier.path(note))
-                    _unlink_quietly(tier.path(_LOCK_NAME))
+                        unlink_quietly(tier.path(note))
+                    unlink_quietly(tier.path(LOCK_NAME))
                 tier.close()
                 _os.rmdir(tier.directory)
         finally:
@@ -2027,7 +1177,7 @@ class AudioCache:
         with self._ram.locked():
             totals = self._flush_counts()
             entries = self._ram.entries()
-            pinned = sum(1 for name, _ in entries if _is_pinned(self._ram.path(name)))
+            pinned = sum(1 for name, _ in entries if is_pinned(self._ram.path(name)))
         disk_entries: list[tuple[str, _os.stat_result]] = []
         if self._disk is not None:
             with self._disk.locked():
@@ -2036,7 +1186,7 @@ class AudioCache:
             entries=len(entries), bytes=sum(st.st_size for _, st in entries),
             max_bytes=self.max_bytes, pinned=pinned,
             disk_entries=len(disk_entries), disk_bytes=sum(st.st_size for _, st in disk_entries),
-            **{k: totals.get(k, 0) for k in _COUNTERS if k not in _NOT_STATS},
+            **{k: totals.get(k, 0) for k in COUNTERS if k not in _NOT_STATS},
         )
 
     def entries(self) -> list[tuple[str, str, _os.stat_result]]:
@@ -2074,57 +1224,6 @@ class AudioCache:
         return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
 
 
-class _RenderWriter(WavWriter):
-    """The WavWriter a render streams into: before a chunk that the RAM disk may have no
-    room for, the cache's own unpinned entries make room (make_room, see
-    AudioCache._room_on_ram_disk). A render cannot simply be run again, so the room is
-    looked at before the write (fstatvfs), only when what was free at the last look,
-    less what was written since, may not hold the chunk: another process that fills the
-    RAM disk meanwhile still ends the render with ENOSPC.
-
-    While render(writer) runs (rendering, set by AudioCache._render), close() and abort()
-    end the render's writing but not its stream: whether the stream ends as finished or
-    as failed is known only when render returns. A render that closes its writer (``with
-    writer:``) and then raises must not have shown its followers a finished stream of
-    audio that is never stored; they learn that it failed (StreamAbandoned)."""
-
-    make_room: Callable[[int], bool] | None = None
-    _free = 0
-    rendering = False
-    _closed_by_render = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed_by_render or super().closed
-
-    def _check_open(self) -> None:
-        if self._closed_by_render:
-            raise ValueError("I/O operation on closed WavWriter")
-        super()._check_open()
-
-    def close(self) -> None:
-        if self.rendering and self._pid == _resource.current_pid:
-            with self._lock:  # waits for a write in progress, as WavWriter.close does
-                self._closed_by_render = True
-            return
-        self._closed_by_render = False
-        super().close()
-
-    def write(self, chunk: object) -> None:
-        nbytes = int(getattr(chunk, "nbytes", 0))
-        if self.make_room is not None and nbytes + _ROOM_MARGIN > self._free:
-            self._free = _lowlevel.room_on(self.fileno())
-            if nbytes + _ROOM_MARGIN > self._free:
-                self.make_room(nbytes)
-                self._free = _lowlevel.room_on(self.fileno())
-        super().write(chunk)
-        self._free -= nbytes
-
-
-# Room for a file's header and its last, partly filled page, beyond its samples.
-_ROOM_MARGIN = 2 * _os.sysconf("SC_PAGE_SIZE")
-
-
 def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:
     """ValueError naming disk_dir when it is the RAM dir itself (however named): the two
     tiers would be one directory with one lock file, which the first spill, holding the
@@ -2136,110 +1235,3 @@ def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:
     if (disk.st_dev, disk.st_ino) == (ram.st_dev, ram.st_ino):
         raise ValueError(f"disk_dir must be another directory than the RAM dir {ram_dir!r} "
                          f"(the cache's first tier), got {disk_dir!r}")
-
-
-def _warn_leak(tiers: list[_Tier], name: str, owner_pid: int) -> None:
-    # Counters not yet written out are lost (they need the lock, which a finalizer must
-    # not wait for); the entries themselves are all on disk already.
-    if owner_pid == _os.getpid():
-        _warnings.warn(f"unclosed AudioCache {name!r}", ResourceWarning, stacklevel=2)
-    for tier in tiers:
-        try:
-            tier.close(wait=False)
-        except OSError:
-            pass
-
-
-def _open_regular(path: str, cell: _lowlevel.FdCell) -> int | None:
-    """Open path read-only into cell when it is a regular file; None (cell released) when
-    it is gone, a symlink, or not a regular file: a FIFO named like an entry must not
-    block the open (O_NONBLOCK), nor a symlink lead elsewhere (O_NOFOLLOW). Any other
-    OSError is raised, naming path."""
-    try:
-        fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_NOFOLLOW | _os.O_NONBLOCK, cell=cell)
-    except OSError as exc:
-        if exc.errno in (_errno.ENOENT, _errno.ELOOP):
-            return None
-        raise
-    if not _stat.S_ISREG(_os.fstat(fd).st_mode):
-        _lowlevel.release(cell)
-        return None
-    return fd
-
-
-def _remove_unstored(fd: int, path: str, key: str) -> None:
-    """Remove the unstored audio open at fd when no one else holds it (an exclusive flock
-    taken without waiting) and path still names it, with the note that pointed the
-    render's waiters to it. Called as its holder lets go (a forked child's copy never):
-    the RAM disk does not keep audio no one can look up."""
-    if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
-        return
-    note = f"{_os.path.dirname(path)}/{key}{_OUTCOME}"
-    if _note_owner(note) == _os.fstat(fd).st_ino:
-        _unlink_quietly(note)
-    _unlink_quietly(path)
-
-
-def _regular_head(path: str, size: int) -> bytes | None:
-    """The first size bytes of path, or None when it is not a regular file (a symlink,
-    a FIFO, a directory: opened without blocking and never followed) or is gone."""
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = _open_regular(path, cell)
-    except OSError:
-        return None
-    if fd is None:
-        return None
-    try:
-        return _os.pread(fd, size, 0)
-    finally:
-        _lowlevel.release(cell)
-
-
-def _note_owner(path: str) -> int | None:
-    """The inode number in an outcome note at path, or None when path is not a regular
-    file that starts as _write_outcome writes one: "<inode> <pid> "."""
-    head = _regular_head(path, 48)
-    start = None if head is None else _OUTCOME_START.match(head)
-    return None if start is None else int(start.group().split()[0])
-
-
-def _is_pinned(path: str) -> bool:
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = _open_regular(path, cell)
-    except OSError:
-        return False
-    if fd is None:
-        return False
-    try:
-        return not _lowlevel.lock(fd, exclusive=True)
-    finally:
-        _lowlevel.release(cell)
-
-
-def _raise_named(exc: BaseException, path: str) -> None:
-    """When exc is an OSError without a file name, raise it again naming path (os.write
-    and os.sendfile name none, and an EFBIG or ENOSPC must say which file), as the file
-    writers do (_newfile.explain_full_disk); else return, for the caller to re-raise exc
-    as it is."""
-    if isinstance(exc, OSError):
-        named = _newfile.explain_full_disk(exc, path)
-        if named is not exc:
-            raise named.with_traceback(exc.__traceback__) from None
-
-
-def _rmdir_quietly(path: str) -> None:
-    """Remove an empty directory; leave it when it is not empty or gone (OSError)."""
-    try:
-        _os.rmdir(path)
-    except OSError:
-        pass
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        _os.unlink(path)
-    except FileNotFoundError:
-        pass
-
