@@ -11,9 +11,13 @@ import os as _os
 import re as _re
 import stat as _stat
 import time as _time
+from collections.abc import Callable
+from typing import TypeVar
 
 from luna_shm import _lowlevel, _newfile
 from luna_shm.cache._keys import KEY
+
+_T = TypeVar("_T")
 
 DIR_PREFIX = "luna_cache-"
 # Encoded entries (put_bytes): a small fixed table, so that a lookup is a few stats,
@@ -117,20 +121,13 @@ def is_render_file(fd: int) -> bool:
 def stale_live(path: str) -> bool:
     """Remove path when it is a .live file no renderer holds (the renderer died); True if so.
     A file of that name that is not a render's (see Tier.kind) is never removed."""
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = open_regular(path, cell)
-    except OSError:
-        return False
-    if fd is None:
-        return False
-    try:
+    def remove_if_dead(fd: int) -> bool:
         if not is_render_file(fd) or not _lowlevel.lock(fd, exclusive=True):
             return False  # a renderer (or a waiter, for a moment) holds it
         remove_dead_live(fd, path)
         return True
-    finally:
-        _lowlevel.release(cell)
+
+    return use_regular(path, remove_if_dead, False)
 
 
 def supersede(path: str) -> None:
@@ -178,6 +175,24 @@ def open_regular(path: str, cell: _lowlevel.FdCell) -> int | None:
     return fd
 
 
+def use_regular(path: str, use: Callable[[int], _T], otherwise: _T) -> _T:
+    """use(fd) of path opened read-only (then closed) when it is a regular file; otherwise
+    when it is not one (gone, a symlink, a FIFO, a directory: see open_regular) or cannot
+    be opened at all: the looks made through it (a note's owner, a pin, a dead render)
+    take "cannot tell" for "no"."""
+    cell = _lowlevel.fd_cell()
+    try:
+        fd = open_regular(path, cell)
+    except OSError:
+        return otherwise
+    if fd is None:
+        return otherwise
+    try:
+        return use(fd)
+    finally:
+        _lowlevel.release(cell)
+
+
 def remove_unstored(fd: int, path: str, key: str) -> None:
     """Remove the unstored audio open at fd when no one else holds it (an exclusive flock
     taken without waiting) and path still names it, with the note that pointed the
@@ -194,17 +209,7 @@ def remove_unstored(fd: int, path: str, key: str) -> None:
 def regular_head(path: str, size: int) -> bytes | None:
     """The first size bytes of path, or None when it is not a regular file (a symlink,
     a FIFO, a directory: opened without blocking and never followed) or is gone."""
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = open_regular(path, cell)
-    except OSError:
-        return None
-    if fd is None:
-        return None
-    try:
-        return _os.pread(fd, size, 0)
-    finally:
-        _lowlevel.release(cell)
+    return use_regular(path, lambda fd: _os.pread(fd, size, 0), None)
 
 
 def note_owner(path: str) -> int | None:
@@ -216,17 +221,8 @@ def note_owner(path: str) -> int | None:
 
 
 def is_pinned(path: str) -> bool:
-    cell = _lowlevel.fd_cell()
-    try:
-        fd = open_regular(path, cell)
-    except OSError:
-        return False
-    if fd is None:
-        return False
-    try:
-        return not _lowlevel.lock(fd, exclusive=True)
-    finally:
-        _lowlevel.release(cell)
+    """True when someone holds path's flock (a holder's shared pin, a renderer's lock)."""
+    return use_regular(path, lambda fd: not _lowlevel.lock(fd, exclusive=True), False)
 
 
 def raise_named(exc: BaseException, path: str) -> None:
