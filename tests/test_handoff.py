@@ -579,6 +579,60 @@ def test_recv_of_a_sparse_file_claiming_4_gib_refuses_before_allocating(pair) ->
     ]
 
 
+SPARSE_24_BIT_SENDER = """
+    import os, socket, struct, sys
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    frames = 64 << 20  # 24-bit mono: 192 MiB packed, 256 MiB as int32, all holes
+    data = frames * 3
+    header = (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 48000, 3, 24)
+              + b"data" + struct.pack("<I", data))
+    fd = os.memfd_create("pcm24", 0)
+    os.write(fd, header)
+    os.ftruncate(fd, len(header) + data)
+    socket.send_fds(sock, [b"LUNAWAV1"], [fd])
+    sock.recv(1)
+"""
+
+RECEIVER_WITH_ROOM_FOR_THE_ARRAY_ALONE = """
+    import os, resource, socket, sys
+    import numpy as np
+    from luna_shm.handoff import recv_wav
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    array_bytes = (64 << 20) * 4
+    with open("/proc/self/status") as status:
+        now = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    # Room for the int32 array and 64 MiB more, not for a 192 MiB packed copy beside it.
+    limit = now + array_bytes + (64 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        data, rate = recv_wav(sock, max_bytes=array_bytes)
+    except MemoryError:
+        print("allocated more than the array")
+    else:
+        print(data.dtype, data.shape, rate, int(np.count_nonzero(data)))
+"""
+
+
+@needs_memfd
+def test_recv_of_24_bit_audio_takes_no_more_memory_than_its_int32_array(pair) -> None:
+    # max_bytes bounds the array recv_wav returns; 24-bit audio was read whole as packed
+    # bytes, then unpacked, so a receiver needed 1.75x max_bytes for a moment. It is now
+    # decoded as it is read, in cache-sized chunks.
+    ours, theirs = pair
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    sender = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SPARSE_24_BIT_SENDER), str(ours.fileno())],
+        pass_fds=[ours.fileno()], env=env)
+    try:
+        received = run_child(RECEIVER_WITH_ROOM_FOR_THE_ARRAY_ALONE, theirs)
+    finally:
+        theirs.sendall(b"x")
+        sender.wait(timeout=60)
+    assert received.returncode == 0, received.stderr
+    assert received.stdout.splitlines() == ["int32 (67108864,) 16000 0"]
+
+
 @pytest.mark.parametrize("anonymous", BUFFER_KINDS)
 def test_recv_takes_audio_up_to_max_bytes_and_refuses_one_byte_less(
         private_dirs, pair, anonymous) -> None:

@@ -679,24 +679,36 @@ def _read_decoded(cell: FdCell, info: Any, path: str, dtype: np.dtype[Any],
                 "shape (frames,) for mono or (frames, channels), with at least as many frames")
         else:
             dest = out.reshape(-1)[:count]
-        with ffi.from_buffer(dest, require_writable=True) as buf:
-            if dtype == _UINT8:
-                rc = lib.luna_read_at(fd, info.data_offset, buf, len(buf))
-            else:
-                rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
-                                          DECODE_TYPES[dtype], count)
+        if dtype == _UINT8:
+            read_into(fd, info.data_offset, dest, path)
+        else:
+            read_decoded_into(fd, info, dest, path)
     finally:
         lib.luna_fd_release(cell)
-    if rc == -errno.EINVAL:
-        raise ValueError(_not_read_as(path, info, dtype))
-    _check_read(rc, path)
     return dest, info.channels, info.samplerate
+
+
+def read_decoded_into(fd: int, info: Any, dest: np.ndarray, filename: str | None) -> None:
+    """Read the samples that info (a WavInfo, or the C struct) describes from fd into dest
+    (a flat array of a DECODE_TYPES dtype, one element a sample), converted as they are
+    read, in cache-sized chunks: never a copy of the file's bytes beside dest.
+
+    Raises:
+        ValueError: info's samples are not converted to dest's dtype (float to int).
+        WavError: the file ended before its samples did; OSError: the read failed.
+    """
+    with ffi.from_buffer(dest, require_writable=True) as buf:
+        rc = lib.luna_read_decode(fd, info.data_offset, info.format, info.bits, buf,
+                                  DECODE_TYPES[dest.dtype], dest.size)
+    if rc == -errno.EINVAL:
+        raise ValueError(_not_read_as(filename, info, dest.dtype))
+    _check_read(rc, filename)
 
 
 _UINT8 = np.dtype("u1")
 
 
-def _not_read_as(path: str, info: Any, dtype: np.dtype[Any]) -> str:
+def _not_read_as(path: str | None, info: Any, dtype: np.dtype[Any]) -> str:
     """Why a file's samples are not read as dtype, and what they are read as."""
     if info.format == WAVE_FORMAT_IEEE_FLOAT:
         return (f"{path}: {info.bits}-bit float samples are not read as {dtype} (float "

@@ -153,10 +153,10 @@ def _map_wav(fd: int, max_bytes: int | None) -> tuple[np.ndarray, int]:
     dtype = formats.dtype_of(info)
     _check_size(info, dtype, max_bytes)
     count = info.frames * info.channels
-    if info.bits == 24:  # no numpy type for packed 24-bit: unpacked, a copy
-        raw = np.empty(count * 3, dtype=np.uint8)
-        _lowlevel.read_into(fd, info.data_offset, raw, name)
-        samples = _lowlevel.unpack_s24(raw, count)
+    if info.bits == 24:  # no numpy type for packed 24-bit: int32, unpacked as it is read
+        # (in cache-sized chunks: max_bytes bounds all the memory the copy takes)
+        samples = np.empty(count, dtype=dtype)
+        _lowlevel.read_decoded_into(fd, info, samples, name)
         samples.flags.writeable = False
     elif count and not _cannot_shrink(fd):
         # The sender may cut this file at any time (ftruncate of an unsealed
