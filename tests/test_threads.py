@@ -10,6 +10,7 @@ bytecodes, which the default 5 ms makes rare, happens in most rounds.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -337,3 +338,138 @@ def test_a_signal_handler_that_closes_an_object_its_thread_is_using_never_deadlo
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "done\n"
+
+
+# ---- a close by a signal handler at each line of a guarded use -------------------------
+
+
+class GuardedUse:
+    """A use of an object's descriptor, and what its file must hold after it.
+
+    make(cleanups) gives the object (and appends what undoes the rest); use(obj) is the
+    use, whose lines are those of code (the function that guards it); check(obj,
+    outcome, used) checks the file, used telling whether the use returned (True) or
+    said "closed" (False).
+    """
+
+    def __init__(self, make, use, code, check):
+        self.make, self.use, self.code, self.check = make, use, code, check
+
+
+def _writer_holds(writer: WavWriter, outcome: object, used: bool) -> None:
+    assert read_wav(writer.path)[0].shape == ((100,) if used else (0,))
+    os.unlink(writer.path)
+
+
+def _buffer_holds(buf: WavBuffer, outcome: object, used: bool) -> None:
+    assert read_wav(buf.path)[0].tolist() == list(range(200 if used else 400))
+    os.unlink(buf.path)
+
+
+def _entry_read(entry: CachedAudio, outcome: object, used: bool) -> None:
+    with open(entry.path, "rb") as f:
+        whole = f.read()
+    if used:
+        assert outcome == whole
+
+
+def _entry_mapped(entry: CachedAudio, outcome: object, used: bool) -> None:
+    if used:
+        assert np.asarray(outcome).tolist() == list(range(300))
+
+
+def _cache_entry(cleanups: list[Callable[[], None]]) -> CachedAudio:
+    """An entry of the cache that the first call makes (and the cleanups destroy)."""
+    if not cleanups:
+        cache = AudioCache("guarded")
+        cleanups.append(cache.destroy)
+        cache.put("key", np.arange(300, dtype=np.int16), RATE).release()
+    destroy = cleanups[0]
+    assert isinstance(destroy.__self__, AudioCache)  # type: ignore[attr-defined]
+    return destroy.__self__.get("key")  # type: ignore[attr-defined]
+
+
+def _numbered_buffer(cleanups: list[Callable[[], None]]) -> WavBuffer:
+    buf = create_wav_buffer(400, RATE)
+    buf.array[:] = np.arange(400, dtype=np.int16)
+    return buf
+
+
+GUARDED_USES = {
+    "WavWriter.write": GuardedUse(
+        lambda cleanups: WavWriter(None, RATE), lambda w: w.write(np.ones(100, np.int16)),
+        WavWriter.write.__code__, _writer_holds),
+    "WavBuffer.truncate": GuardedUse(
+        _numbered_buffer, lambda b: b.truncate(200), WavBuffer._use_fd.__code__,
+        _buffer_holds),
+    "CachedAudio.read_bytes": GuardedUse(
+        _cache_entry, lambda e: e.read_bytes(), CachedAudio._use_fd.__code__, _entry_read),
+    "CachedAudio.array": GuardedUse(
+        _cache_entry, lambda e: e.array, CachedAudio._load.__code__, _entry_mapped),
+}
+
+
+def _lines_run(code, action: Callable[[], object]) -> list[int]:
+    """The line numbers of code that action runs, in order, each once."""
+    seen: list[int] = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        if event == "line" and frame.f_lineno not in seen:
+            seen.append(frame.f_lineno)
+        return trace
+
+    sys.settrace(trace)
+    try:
+        action()
+    finally:
+        sys.settrace(None)
+    return seen
+
+
+@pytest.mark.parametrize("kind", sorted(GUARDED_USES))
+def test_a_close_by_a_signal_handler_at_any_line_of_a_use_closes_before_it_or_after_it(
+        private_dirs, kind):
+    # A signal handler that closes the object may run between any two lines of its use
+    # (here at each line in turn: a trace hook raises SIGUSR2 there). The use must then
+    # either say "closed" before it touches the descriptor, or run whole with the close
+    # made as it ends; never go on with the descriptor closed under it (EBADF, or the
+    # file opened meanwhile under its number).
+    case = GUARDED_USES[kind]
+    cleanups: list[Callable[[], None]] = []
+    probe = case.make(cleanups)
+    lines = _lines_run(case.code, lambda: case.use(probe))
+    probe.close()
+    assert len(lines) > 3
+    for line in lines:
+        obj = case.make(cleanups)
+        raised: list[int] = []
+
+        def close_here(signum, frame, obj=obj) -> None:
+            obj.close()
+
+        def trace(frame, event, arg, line=line, raised=raised):
+            if frame.f_code is not case.code:
+                return None
+            if event == "line" and frame.f_lineno == line and not raised:
+                raised.append(line)
+                signal.raise_signal(signal.SIGUSR2)
+            return trace
+
+        before = signal.signal(signal.SIGUSR2, close_here)
+        sys.settrace(trace)
+        try:
+            outcome, used = case.use(obj), True
+        except ValueError as exc:
+            assert "closed" in str(exc), (line, exc)
+            outcome, used = None, False
+        finally:
+            sys.settrace(None)
+            signal.signal(signal.SIGUSR2, before)
+        assert raised == [line]
+        assert obj.closed, line
+        case.check(obj, outcome, used)
+        del outcome  # an array taken keeps its mapping, and so the entry's pin
+    for cleanup in cleanups:
+        cleanup()

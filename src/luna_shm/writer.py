@@ -129,11 +129,13 @@ class WavWriter(FileResource):
         # C append reads and then advances the data size, so two threads in it at once
         # would write their chunks at the same offset (the GIL is released during it).
         with self._lock:
-            stream = self._stream
-            if stream is None:  # another thread closed the writer meanwhile
-                raise ValueError("I/O operation on closed WavWriter")
-            self._busy = True  # a close by a signal handler waits for its end
+            # Busy first, then the look at the stream: a signal handler's close between
+            # the two would otherwise close the descriptor under the append.
+            self._busy = True
             try:
+                stream = self._stream
+                if stream is None:  # closed by another thread, or a handler, meanwhile
+                    raise ValueError("I/O operation on closed WavWriter")
                 try:
                     stream.append(array, self.path)
                 except OSError as exc:
