@@ -473,3 +473,110 @@ def test_a_close_by_a_signal_handler_at_any_line_of_a_use_closes_before_it_or_af
         del outcome  # an array taken keeps its mapping, and so the entry's pin
     for cleanup in cleanups:
         cleanup()
+
+
+# ---- a use by a signal handler inside a use of the same object --------------------------
+
+
+class NestedUse:
+    """One guarded use of an object, which a signal handler repeats inside it.
+
+    make(cleanups) gives the object (as for GuardedUse); outer(obj) is the use
+    interrupted (at the call of the function named ``at``, made from the function named
+    ``within``); inner(obj) the use the first handler makes there; result(obj, outcome)
+    checks what the outer use returned and what the object's file holds once all is over.
+    """
+
+    def __init__(self, make, outer, inner, at, within, result):
+        self.make, self.outer, self.inner = make, outer, inner
+        self.at, self.within, self.result = at, within, result
+
+
+def _both_chunks(writer: WavWriter, outcome: object) -> None:
+    # The handler's chunk went in first (it ran before the outer append), then the outer one.
+    assert read_wav(writer.path)[0].tolist() == [2] * 50 + [1] * 100
+    os.unlink(writer.path)
+
+
+def _outer_truncate_last(buf: WavBuffer, outcome: object) -> None:
+    assert read_wav(buf.path)[0].tolist() == list(range(200))
+    os.unlink(buf.path)
+
+
+def _entry_bytes(entry: CachedAudio, outcome: object) -> None:
+    with open(entry.path, "rb") as f:
+        assert outcome == f.read()  # the entry's bytes, not the other file's
+
+
+NESTED_USES = {
+    "WavWriter.write": NestedUse(
+        lambda cleanups: WavWriter(None, RATE),
+        lambda w: w.write(np.ones(100, np.int16)),
+        lambda w: w.write(np.full(50, 2, np.int16)),
+        "append", "write", _both_chunks),
+    "WavBuffer.truncate": NestedUse(
+        _numbered_buffer, lambda b: b.truncate(200), lambda b: b.truncate(300),
+        "_truncate", "<lambda>", _outer_truncate_last),
+    "CachedAudio.read_bytes": NestedUse(
+        _cache_entry, lambda e: e.read_bytes(), lambda e: e.read_bytes(),
+        "<lambda>", "_use_fd", _entry_bytes),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NESTED_USES))
+def test_a_close_by_a_signal_handler_after_a_nested_use_waits_for_the_outer_use(
+        private_dirs, kind):
+    # A handler that runs inside a use of an object (here SIGUSR1's, raised by a profile
+    # hook at the chosen call) and uses the object itself ended its own use by marking
+    # the object not busy, though the outer use went on: a close by a second handler
+    # (SIGUSR2's) then closed the descriptor under it, and the outer use failed, or
+    # went to the file opened meanwhile under its number. The close now waits for the
+    # outer use to end.
+    case = NESTED_USES[kind]
+    other = os.path.join(private_dirs.ram, "other.wav")
+    with open(other, "wb") as f:
+        f.write(b"not this file" * 100)
+    cleanups: list[Callable[[], None]] = []
+    obj = case.make(cleanups)
+    number = obj.fileno()
+    took_number: list[bool] = []
+
+    def use_inside(signum, frame) -> None:
+        case.inner(obj)
+
+    def close_inside(signum, frame) -> None:
+        obj.close()
+        try:
+            os.fstat(number)
+            took_number.append(False)  # the close waits for the outer use
+        except OSError:  # closed: another file takes its number meanwhile
+            fd = os.open(other, os.O_RDWR)
+            if fd != number:
+                os.dup2(fd, number)
+                os.close(fd)
+            took_number.append(True)
+
+    def hook(frame, event, arg) -> None:
+        if (event == "call" and not took_number and frame.f_code.co_name == case.at
+                and frame.f_back.f_code.co_name == case.within):
+            signal.raise_signal(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGUSR2)
+
+    before = (signal.signal(signal.SIGUSR1, use_inside),
+              signal.signal(signal.SIGUSR2, close_inside))
+    sys.setprofile(hook)
+    try:
+        outcome = case.outer(obj)
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGUSR1, before[0])
+        signal.signal(signal.SIGUSR2, before[1])
+        if took_number == [True]:
+            os.close(number)
+    assert took_number == [False]
+    assert obj.closed  # as the outer use ended
+    with open(other, "rb") as f:
+        assert f.read() == b"not this file" * 100
+    case.result(obj, outcome)
+    for cleanup in cleanups:
+        cleanup()

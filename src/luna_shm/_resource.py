@@ -158,13 +158,15 @@ class FileResource(Resource):
     at the fork.
 
     Threads: a use of the fd (or of what maps it) that a close in another thread
-    must not cut into runs under the object's lock, marked busy: ``with
-    self._lock:``, ``self._busy = True`` at once, then the use in a ``try`` whose
-    ``finally`` calls :meth:`_end_use`. close() takes the lock too, so it waits for
-    such a use; called by a signal handler that interrupted its own thread's use
-    (the lock is reentrant), it closes as that use ends. Closing under the use
-    would leave it the closed descriptor, or another file's, opened since under
-    its number.
+    must not cut into runs under the object's lock, counted: ``with self._lock:``,
+    :meth:`_begin_use` at once, then, in a ``try`` whose ``finally`` calls
+    :meth:`_end_use`, a look that the object is still open and the use. close()
+    takes the lock too, so it waits for such a use; called by a signal handler that
+    interrupted its own thread's use (the lock is reentrant), it closes as the
+    outermost use ends. Uses are counted, not flagged: a handler may use the object
+    inside a use, and the end of its use must not leave the outer one unguarded.
+    Closing under a use would leave it the closed descriptor, or another file's,
+    opened since under its number.
     """
 
     _fd: int = -1  # the fd in _fd_cell, as a plain int for the hot paths
@@ -172,8 +174,8 @@ class FileResource(Resource):
     path: str = ""
     # A half-built object's close takes the class's lock; _own gives each its own.
     _lock: _threading.RLock = _threading.RLock()
-    _busy = False  # a use of the fd runs, in the thread that holds _lock
-    _close_after = False  # a close asked for during that use (by a signal handler)
+    _uses = 0  # uses of the fd running (nested ones: signal handlers'), in the lock's thread
+    _close_after = False  # a close asked for during them (by a signal handler)
 
     def _own(self, cell: _lowlevel.FdCell, path: str) -> None:
         """Take over the fd in cell for path (closed on close() or on leak)."""
@@ -225,18 +227,24 @@ class FileResource(Resource):
         opened since under its number (send_wav hands it to another process)."""
         self._check_open()  # before the lock: a forked child never waits for it
         with self._lock:
-            self._busy = True  # first: a handler may run at any call from here on
+            self._begin_use()  # first: a handler may run at any call from here on
             try:
-                self._check_open()  # closed by another thread meanwhile
+                self._check_open()  # closed by another thread, or a handler, meanwhile
                 return use(self._fd)
             finally:
                 self._end_use()
 
+    def _begin_use(self) -> None:
+        """The start of a use of the fd (under the lock, right before its ``try``): a
+        close from now on waits for its end. One that a handler makes before the count
+        is up closes at once, which the use's own look at the object then sees."""
+        self._uses += 1
+
     def _end_use(self) -> None:
-        """The end of a use of the fd (its ``finally``, under the lock): not busy any
-        more, and a close that a signal handler asked for meanwhile is made now."""
-        self._busy = False
-        if self._close_after:
+        """The end of a use of the fd (its ``finally``, under the lock): at the end of
+        the outermost one, a close that a signal handler asked for meanwhile is made."""
+        self._uses -= 1
+        if self._close_after and not self._uses:
             self._close_after = False
             self._close_now()
 
@@ -251,7 +259,7 @@ class FileResource(Resource):
             self._close_now()  # the lock may be held by a thread not copied here
             return
         with self._lock:
-            if self._busy:
+            if self._uses:
                 self._close_after = True
                 return
             self._close_now()

@@ -129,9 +129,9 @@ class WavWriter(FileResource):
         # C append reads and then advances the data size, so two threads in it at once
         # would write their chunks at the same offset (the GIL is released during it).
         with self._lock:
-            # Busy first, then the look at the stream: a signal handler's close between
-            # the two would otherwise close the descriptor under the append.
-            self._busy = True
+            # The use first, then the look at the stream: a signal handler's close
+            # between the two would otherwise close the descriptor under the append.
+            self._begin_use()
             try:
                 stream = self._stream
                 if stream is None:  # closed by another thread, or a handler, meanwhile

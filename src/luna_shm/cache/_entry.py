@@ -81,7 +81,7 @@ class CachedAudio(FileResource):
             raise ValueError(f"{self.path} holds encoded audio, not a WAV: read its bytes "
                              "(read_bytes) or hand its path to a decoder")
         with self._lock:
-            self._busy = True  # first: a handler may run at any call from here on
+            self._begin_use()  # first: a handler may run at any call from here on
             try:
                 self._check_open()  # released by another thread meanwhile
                 array, samplerate = self._array, self._samplerate
