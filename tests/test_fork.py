@@ -8,18 +8,29 @@ tries to use it. The first child then checks its own files and objects.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from helpers import LIBRARY_PATH, call_with_deadline, wait_until_someone_waits_for_flock
-from luna_shm import AudioCache, cache_key, cleanup_temp_audio, create_wav_buffer
+from luna_shm import (
+    AudioCache,
+    WavWriter,
+    afollow_wav,
+    cache_key,
+    cleanup_temp_audio,
+    create_wav_buffer,
+    follow_wav,
+    iter_wav_stream,
+)
 from luna_shm.cache import RenderError
 from luna_shm.pool import reclaim_dead_pool_files
 
@@ -445,10 +456,13 @@ def test_a_helper_forked_by_a_render_never_keeps_its_waiters_waiting(private_dir
         cache.destroy()
 
 
-def fork_a_helper_that_lives_on(stay_read: int, stay_write: int) -> int:
+def fork_a_helper_that_lives_on(stay_read: int, stay_write: int,
+                                then: Callable[[], object] | None = None,
+                                report: int = -1) -> int:
     """Fork a child that lives until stay_write is closed, and return its pid once it has
     run its at-fork hooks: it closes the copies luna_shm lets go of when it first runs,
-    which a busy machine may delay past the parent's next steps."""
+    which a busy machine may delay past the parent's next steps. Given then, the child
+    calls it as stay_write closes, and writes what it raised (or "no error") to report."""
     ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child: a helper that lives on
@@ -456,6 +470,13 @@ def fork_a_helper_that_lives_on(stay_read: int, stay_write: int) -> int:
         os.close(stay_write)
         os.close(ready_write)  # its at-fork hooks have run
         os.read(stay_read, 1)
+        if then is not None:
+            try:
+                then()
+                outcome = "no error"
+            except BaseException as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            os.write(report, outcome.encode())
         os._exit(0)
     os.close(ready_write)
     try:
@@ -789,3 +810,102 @@ def test_a_cache_process_killed_holding_its_lock_leaves_it_free_while_an_idle_ch
         owner.stdout.close()
         for cache in opened:
             cache.destroy()
+
+
+class Follower:
+    """A follower of path, driven one block at a time as its kind does: first() and
+    more() in this process, in_child() in a forked child; close() when done."""
+
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind
+        self.loop = asyncio.new_event_loop() if kind == "afollow_wav" else None
+        if kind == "follow_wav":
+            self.it = follow_wav(path, timeout=10)
+        elif kind == "iter_wav_stream":
+            self.it = iter_wav_stream(path, header="raw", timeout=10)
+        else:
+            self.agen = afollow_wav(path, timeout=10)
+
+    def more(self) -> bytes:
+        """The next block's bytes (b"" at the end)."""
+        try:
+            if self.loop is None:
+                block = next(self.it)
+            else:
+                block = self.loop.run_until_complete(self.agen.__anext__())
+        except (StopIteration, StopAsyncIteration):
+            return b""
+        return block if isinstance(block, bytes) else block.tobytes()
+
+    def in_child(self) -> None:
+        """Ask for the next block without an event loop (the loop is the parent's)."""
+        if self.loop is None:
+            next(self.it)
+        else:
+            self.agen.__anext__().send(None)
+
+    def close(self) -> None:
+        if self.loop is None:
+            self.it.close()  # type: ignore[attr-defined]
+        else:
+            self.loop.run_until_complete(self.agen.aclose())
+            self.loop.close()
+
+
+def open_fds() -> set[int]:
+    """This process's open fds (not the one that lists them, closed by then)."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")
+            if os.path.lexists(f"/proc/self/fd/{fd}")}
+
+
+@pytest.mark.parametrize("kind", ["follow_wav", "afollow_wav", "iter_wav_stream"])
+def test_a_forked_child_drops_a_followers_fds_and_refuses_to_iterate_it(
+        private_dirs, kind) -> None:
+    # A child forked by a follower's process (a TTS daemon forking a worker) kept the
+    # follower's descriptor of the file and its inotify fd: a removed file's RAM stayed
+    # taken while the child lived. The child now closes both at the fork, and iterating
+    # the parent's follower there raises RuntimeError naming the parent.
+    writer = WavWriter(None, 8000)
+    writer.write(np.full(100, 1, np.int16))
+    before = open_fds()
+    follower = Follower(kind, writer.path)
+    loop_fds = open_fds() - before  # an event loop's own
+    assert follower.more() == np.full(100, 1, np.int16).tobytes()
+    ours = open_fds() - before - loop_fds
+    kinds = sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in ours)
+    assert kinds == sorted(["anon_inode:inotify", writer.path]), kinds
+    inode = os.stat(writer.path).st_ino
+    stay_read, stay_write = os.pipe()
+    result_read, result_write = os.pipe()
+    pid = fork_a_helper_that_lives_on(stay_read, stay_write, then=follower.in_child,
+                                      report=result_write)
+    os.close(stay_read)
+    os.close(result_write)
+    reported = b""
+    try:
+        child_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in ours & child_fds}
+        assert "anon_inode:inotify" not in held
+        assert inode not in {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in child_fds}
+        os.close(stay_write)
+        stay_write = -1
+        with os.fdopen(result_read, "rb") as result:
+            reported = result.read()
+    finally:
+        if stay_write >= 0:
+            os.close(stay_write)
+        if not reported:
+            os.kill(pid, signal.SIGKILL)  # it waits on a follower it shares with us
+        os.waitpid(pid, 0)
+    assert reported.decode() == (
+        f"RuntimeError: {kind} {writer.path!r} belongs to process {os.getpid()}, which "
+        f"made it; this process ({pid}) is a forked child and cannot use it: make a new "
+        "one here")
+    writer.write(np.full(50, 2, np.int16))  # the parent follows on
+    writer.close()
+    rest = b""
+    while block := follower.more():
+        rest += block
+    assert rest == np.full(50, 2, np.int16).tobytes()
+    follower.close()
+    os.unlink(writer.path)

@@ -20,6 +20,11 @@ renders"):
 - Waiting: inotify on the file (writes, close after writing), armed before the
   file's state is read, so that no change between the two is missed. An idle
   follower sleeps in poll(); it uses no CPU.
+
+A follower belongs to the process that started iterating it: a forked child closes
+its copies of the follower's fds at the fork (they would keep a removed file's RAM,
+and the inotify instance, for as long as the child lives), and iterating the
+parent's follower there raises RuntimeError naming the parent.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from luna_shm import _lowlevel, formats
+from luna_shm import _lowlevel, _resource, formats
 from luna_shm.errors import StreamAbandoned, WavError
 
 __all__ = ["afollow_wav", "follow_wav", "iter_wav_stream"]
@@ -121,10 +126,26 @@ def _lock_is_free(fd: int) -> bool:
     return True
 
 
+def _follower_cell() -> _lowlevel.FdCell:
+    """An empty fd cell for a follower, whose fd a forked child closes at the fork
+    (registered before it is filled: a fork from another thread at any point after
+    finds it)."""
+    cell = _lowlevel.fd_cell()
+    _resource.close_in_child(cell)
+    return cell
+
+
+def _check_owner(owner: int, what: str, path: str) -> None:
+    """RuntimeError naming the owner when a forked child iterates its parent's follower
+    (whose fds it closed at the fork)."""
+    if owner != _resource.current_pid:
+        raise _resource.inherited_error(f"{what} {path!r}", owner)
+
+
 def _open_watched(path: str) -> tuple[_lowlevel.FdCell, _lowlevel.FdCell]:
     """Open path read-only and watch it; the fd cells of (the file, the watch). The watch
     is armed before the caller reads anything, so that no write after that goes unseen."""
-    opened, watch = _lowlevel.fd_cell(), _lowlevel.fd_cell()
+    opened, watch = _follower_cell(), _follower_cell()
     fd = _lowlevel.open_regular(path, cell=opened)
     try:
         # Through /proc the watch is on the very file we opened, even if the
@@ -242,7 +263,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 opened, file_watch = _open_watched(path)
             except FileNotFoundError:
                 if watch < 0:
-                    watching = _lowlevel.fd_cell()
+                    watching = _follower_cell()
                     watch = _lowlevel.watch_open(directory, directory=True, cell=watching,
                                                  filename=path)
                     continue  # armed: look again before waiting
@@ -478,6 +499,8 @@ def follow_wav(path: str | _os.PathLike[str], *,
             another process cut a live stream below the audio its header counts, or
             rewrote the file in place (another format, data offset, or writer).
         OSError: the file or its directory cannot be opened or watched.
+        RuntimeError: a forked child iterates the follower its parent started (the
+            child closed its copies of the follower's fds at the fork).
         TypeError, ValueError: (at the call) path is not a path or is empty, or timeout
             is not None or a number of seconds >= 0.
     """
@@ -504,6 +527,7 @@ def _wake(wait: _Wait, timeout: float | None) -> _Woken:
 
 
 def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
+    owner = _resource.current_pid
     core = _core(path, timeout)
     try:
         step = next(core)
@@ -512,10 +536,12 @@ def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
                 step = core.send(_wake(step, step.timeout))
             elif isinstance(step, _Held):
                 yield step.block
+                _check_owner(owner, "follow_wav", path)
                 step = next(core)
             else:
                 if step.nbytes:
                     yield _block(step, path)
+                    _check_owner(owner, "follow_wav", path)
                 step = next(core)
     except StopIteration:
         return
@@ -561,6 +587,7 @@ async def _readable(fd: int, timeout: float | None) -> None:
 
 
 async def _follow_async(path: str, timeout: float | None) -> AsyncIterator[np.ndarray]:
+    owner = _resource.current_pid
     core = _core(path, timeout)
     try:
         step = next(core)
@@ -570,10 +597,12 @@ async def _follow_async(path: str, timeout: float | None) -> AsyncIterator[np.nd
                 step = core.send(_wake(step, 0))
             elif isinstance(step, _Held):
                 yield step.block
+                _check_owner(owner, "afollow_wav", path)
                 step = next(core)
             else:
                 if step.nbytes:
                     yield _block(step, path)
+                    _check_owner(owner, "afollow_wav", path)
                 step = next(core)
     except StopIteration:
         return
@@ -624,6 +653,7 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
 
 def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
                   timeout: float | None) -> Iterator[bytes]:
+    owner = _resource.current_pid
     core = _core(path, timeout)
     pending = bytearray()
     piece = 0
@@ -637,6 +667,7 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
             assert isinstance(step, _Range)  # no prefetch asked for: no _Held
             if not sent_header:
                 yield streamed_wav_header(step.info)
+                _check_owner(owner, "iter_wav_stream", path)
                 sent_header = True
             if not step.nbytes:
                 step = next(core)
@@ -646,11 +677,13 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
                 raise WavError(f"{path}: file shrank while it was being read")
             if chunk_frames is None:
                 yield data
+                _check_owner(owner, "iter_wav_stream", path)
             else:
                 piece = chunk_frames * step.info.block_align
                 pending += data
                 while len(pending) >= piece:
                     yield bytes(pending[:piece])
+                    _check_owner(owner, "iter_wav_stream", path)
                     del pending[:piece]
             step = next(core)
     except StopIteration:
