@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from helpers import (
     LIST_PRIVATE_TMP,
     as_other_user,
     assert_child_ok,
+    call_with_deadline,
     child_tmp_on_disk,
     run_in_private_shm,
 )
@@ -651,3 +653,49 @@ def test_a_tmpdir_on_a_read_only_tmpfs_is_passed_over(read_only) -> None:
         read_only=read_only, env={"LUNA_SHM_DISABLE": "1", "TMPDIR": "/dev/shm"},
     )
     assert assert_child_ok(done).split() == ["True", "/tmp" if read_only else "/dev/shm"]
+
+
+def test_a_probe_while_another_thread_changes_the_environment_caches_what_it_probed(
+        private_dirs, monkeypatch) -> None:
+    # current() read the environment for its cache key, then _choose read it again for
+    # the probe: a thread that set LUNA_SHM_DIR between the two had the placement of
+    # the new value cached under the old one, and every later call with the old value
+    # (this thread's own, set back) got the other directory. The key is now what was
+    # probed.
+    first = private_dirs.ram
+    second = os.path.join(first, "second")
+    os.mkdir(second, 0o700)
+    before = sys.getswitchinterval()
+
+    def rounds() -> list[str]:
+        wrong: list[str] = []
+        for _ in range(1000):
+            os.environ["LUNA_SHM_DIR"] = first
+            placement.refresh()
+            barrier = threading.Barrier(2)
+
+            def change(barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                os.environ["LUNA_SHM_DIR"] = second
+
+            def probe(barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                placement.refresh()
+
+            threads = [threading.Thread(target=change), threading.Thread(target=probe)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            os.environ["LUNA_SHM_DIR"] = first  # no refresh: what the cache holds
+            if placement.current().ram_dir != first:
+                wrong.append(placement.current().ram_dir)
+        return wrong
+
+    monkeypatch.setenv("LUNA_SHM_DIR", first)  # restored afterwards
+    sys.setswitchinterval(1e-5)  # a thread switch between any two bytecodes, often
+    try:
+        wrong = call_with_deadline(rounds)
+    finally:
+        sys.setswitchinterval(before)
+    assert wrong == []

@@ -46,10 +46,10 @@ class Placement:
     fallback_dir: str
 
 
-def _configured_ram_dir() -> str:
-    """$LUNA_SHM_DIR made absolute, or /dev/shm; left relative when it cannot be resolved
-    (its working directory was removed: os.getcwd fails), which _choose refuses."""
-    configured = _os.environ.get("LUNA_SHM_DIR")
+def _configured_ram_dir(configured: str | None) -> str:
+    """$LUNA_SHM_DIR (configured) made absolute, or /dev/shm; left relative when it cannot
+    be resolved (its working directory was removed: os.getcwd fails), which _choose
+    refuses."""
     if not configured:
         return RAM_DISK_DIR
     try:
@@ -62,8 +62,8 @@ def _configured_ram_dir() -> str:
 _NOT_DISABLED = frozenset({"", "0", "false", "no", "off"})
 
 
-def _configured_fallback_dir() -> str:
-    configured = _os.environ.get("TMPDIR")
+def _configured_fallback_dir(configured: str | None) -> str:
+    """$TMPDIR (configured) resolved when this user can make files there, else /tmp."""
     # As tempfile does, a TMPDIR this user cannot make files in is passed over: every
     # file would fail there, while /tmp takes them.
     if (configured and _os.path.isdir(configured)
@@ -192,7 +192,11 @@ def _new_lock_in_child() -> None:
 
 
 _os.register_at_fork(after_in_child=_new_lock_in_child)
-_cache: dict[tuple[object, ...], Placement] = {}
+
+# The values of LUNA_SHM_DIR, LUNA_SHM_DISABLE and TMPDIR (bytes, or str where os.environ
+# keeps no bytes; None when unset).
+_EnvironmentKey = tuple[bytes | str | None, bytes | str | None, bytes | str | None]
+_cache: dict[_EnvironmentKey, Placement] = {}  # at most one: the last key probed
 _logged: set[str] = set()
 
 
@@ -213,11 +217,17 @@ def _unresolved_problem(ram: str) -> str | None:
             "to is gone")
 
 
-def _choose() -> Placement:
+def _choose(key: _EnvironmentKey) -> Placement:
+    """The placement for the environment whose values key holds (see _environment_key):
+    those values alone, never os.environ read again, which another thread may have
+    changed since, so that the placement cached under key is key's."""
+    configured_ram, disable, configured_fallback = (
+        None if value is None else _os.fsdecode(value) for value in key)
     # The only place the environment's paths are resolved: every later call
     # uses these absolute paths, whatever the working directory is by then.
-    ram, fallback = _configured_ram_dir(), _configured_fallback_dir()
-    if _os.environ.get("LUNA_SHM_DISABLE", "").strip().lower() not in _NOT_DISABLED:
+    ram = _configured_ram_dir(configured_ram)
+    fallback = _configured_fallback_dir(configured_fallback)
+    if (disable or "").strip().lower() not in _NOT_DISABLED:
         reason = "LUNA_SHM_DISABLE is set"
         log_once(f"luna_shm: using {fallback}: {reason}", _logging.INFO)
         return Placement(fallback, _writable_ram(fallback), reason, ram, fallback)
@@ -231,14 +241,15 @@ def _choose() -> Placement:
 # CPython keeps os.environ's contents in a dict of bytes (os.environ._data), updated by
 # every os.environ change. Reading it directly costs about 0.05 us a key instead of 1 us
 # through os.environ.get (which encodes the key and decodes the value each time), and
-# current() runs on every new file. Elsewhere, os.environ itself is read.
+# current() runs on every new file. A probe decodes the values of that one read (_choose).
 _ENV_BYTES: dict[bytes, bytes] | None = getattr(_os.environ, "_data", None)
 if not isinstance(_ENV_BYTES, dict) or not all(isinstance(k, bytes) for k in _ENV_BYTES):
     _ENV_BYTES = None
 
 
-def _environment_key() -> tuple[object, ...]:
-    """What the cached placement depends on: LUNA_SHM_DIR, LUNA_SHM_DISABLE and TMPDIR."""
+def _environment_key() -> _EnvironmentKey:
+    """What the cached placement depends on: LUNA_SHM_DIR, LUNA_SHM_DISABLE and TMPDIR,
+    read once (a probe uses these very values: see _choose)."""
     if _ENV_BYTES is not None:
         return (_ENV_BYTES.get(b"LUNA_SHM_DIR"), _ENV_BYTES.get(b"LUNA_SHM_DISABLE"),
                 _ENV_BYTES.get(b"TMPDIR"))
@@ -251,7 +262,7 @@ def current() -> Placement:
     key = _environment_key()
     placement = _cache.get(key)
     if placement is None:
-        placement = _choose()
+        placement = _choose(key)
         with _lock:
             _cache.clear()
             _cache[key] = placement
