@@ -31,6 +31,7 @@ from luna_shm import (
     create_wav_buffer,
     read_wav,
 )
+from luna_shm import pool as pool_module
 from luna_shm.cache import CachedAudio, RenderError
 
 RATE = 16000
@@ -580,3 +581,167 @@ def test_a_close_by_a_signal_handler_after_a_nested_use_waits_for_the_outer_use(
     case.result(obj, outcome)
     for cleanup in cleanups:
         cleanup()
+
+
+def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_truncate_never_zeroes_the_audio(
+        private_dirs):
+    # A handler that closes the pool while its thread is in PooledWav.truncate (the
+    # pool's lock is reentrant: it takes it at once) closed the slot's descriptor under
+    # the truncate's look at its file: fstat of the closed number (EBADF), or of the file
+    # opened meanwhile under it, whose other size made the truncate replace the slot's
+    # mapping with zeros: the holder's array, valid after a close, lost its audio. The
+    # close now waits for the truncate.
+    audio = np.arange(1000, dtype=np.int16)
+    other = os.path.join(private_dirs.ram, "other.wav")
+    with open(other, "wb") as f:
+        f.write(b"not this file")
+    with AudioPool(1, 8192) as probe_pool:
+        probe = probe_pool.acquire(1000, RATE)
+        codes = (PooledWav.truncate.__code__, pool_module._check_slot_file.__code__)
+        lines = [(code, line) for code in codes
+                 for line in _lines_run(code, lambda: probe.truncate(500))]
+        probe.release()
+    assert len(lines) > 5
+    for code, line in lines:
+        pool = AudioPool(1, 8192)
+        held = pool.acquire(1000, RATE)
+        kept = held.array
+        kept[:] = audio
+        number = pool._slots[0].fd
+        raised: list[bool] = []
+
+        def close_here(signum, frame, pool=pool, number=number, raised=raised) -> None:
+            pool.close()
+            try:
+                os.fstat(number)
+                raised.append(False)  # not closed yet
+            except OSError:  # closed: another file takes its number meanwhile
+                fd = os.open(other, os.O_RDONLY)
+                if fd != number:
+                    os.dup2(fd, number)
+                    os.close(fd)
+                raised.append(True)
+
+        def trace(frame, event, arg, code=code, line=line, raised=raised):
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == line and not raised:
+                signal.raise_signal(signal.SIGUSR2)
+            return trace
+
+        before = signal.signal(signal.SIGUSR2, close_here)
+        sys.settrace(trace)
+        try:
+            held.truncate(500)
+        except ValueError as exc:
+            assert "released" in str(exc) or "closed" in str(exc), (line, exc)
+        finally:
+            sys.settrace(None)
+            signal.signal(signal.SIGUSR2, before)
+            if raised == [True]:
+                os.close(number)
+        assert len(raised) == 1, (code.co_name, line)
+        assert pool.closed
+        # (past the first 500 frames, a truncate that ran writes its tail chunk)
+        assert kept[:500].tolist() == audio[:500].tolist(), (code.co_name, line)
+        held.release()
+        del kept
+    with open(other, "rb") as f:
+        assert f.read() == b"not this file"
+
+
+def _lines_in(files: tuple[str, ...], action: Callable[[], object]) -> list[tuple[object, int]]:
+    """The (code, line number) pairs that action runs in the given source files, in
+    order, each once."""
+    seen: list[tuple[object, int]] = []
+
+    def trace(frame, event, arg):
+        if not frame.f_code.co_filename.endswith(files):
+            return None
+        if event == "line" and (frame.f_code, frame.f_lineno) not in seen:
+            seen.append((frame.f_code, frame.f_lineno))
+        return trace
+
+    sys.settrace(trace)
+    try:
+        action()
+    finally:
+        sys.settrace(None)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["first write", "hot path"])
+def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_write_never_reads_another_fd(
+        private_dirs, path):
+    # A handler that closes the pool while its thread is in write_wav closed the pool's
+    # inotify fd under the write's look at it (a slot is handed out only while the watch
+    # is quiet): the write drained whatever had taken the number meanwhile, here a pipe
+    # holding another part of the program's bytes. The close now waits for the write.
+    data = np.arange(100, dtype=np.int16)
+
+    def new_pool() -> AudioPool:
+        pool = AudioPool(1, 8192)
+        if path == "hot path":  # a slot verified by a first write: the one-call path
+            pool.write_wav(data, RATE).release()
+        return pool
+
+    written: list[PooledWav] = []
+    with new_pool() as probe_pool:
+        lines = _lines_in(("luna_shm/pool.py", "luna_shm/_lowlevel.py"),
+                          lambda: written.append(probe_pool.write_wav(data, RATE)))
+        written.pop().release()
+    assert len(lines) > 10
+    fired = 0
+    for code, line in lines:
+        pool = new_pool()
+        number = pool._watch_fd
+        assert number >= 0
+        pipes: list[tuple[int, int]] = []
+
+        def close_here(signum, frame, pool=pool, number=number, pipes=pipes) -> None:
+            pool.close()
+            try:
+                os.fstat(number)
+            except OSError:  # closed: a pipe takes its number meanwhile
+                read_end, write_end = os.pipe2(os.O_NONBLOCK)
+                os.write(write_end, b"their bytes")
+                if read_end != number:  # else it took the number by itself
+                    os.dup2(read_end, number)
+                pipes.append((read_end, write_end))
+
+        done: list[bool] = []
+
+        def trace(frame, event, arg, code=code, line=line, done=done):
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == line and not done:
+                done.append(True)
+                signal.raise_signal(signal.SIGUSR2)
+            return trace
+
+        before = signal.signal(signal.SIGUSR2, close_here)
+        sys.settrace(trace)
+        try:
+            pooled = pool.write_wav(data, RATE)
+        except ValueError as exc:
+            assert "closed" in str(exc), (code, line, exc)
+            pooled = None
+        finally:
+            sys.settrace(None)
+            signal.signal(signal.SIGUSR2, before)
+        if not done:  # a line of the probe's that this write did not run (a cache's)
+            pool.close()
+        fired += bool(done)
+        assert pool.closed
+        if pooled is not None:
+            assert pooled.array.tolist() == data.tolist()
+            pooled.release()
+        for read_end, write_end in pipes:
+            try:
+                left = os.read(number, 100)
+            except BlockingIOError:
+                left = b""
+            for fd in {number, read_end, write_end}:
+                os.close(fd)
+            assert left == b"their bytes", (code.co_name, line)
+    assert fired > 10

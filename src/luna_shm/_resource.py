@@ -88,6 +88,8 @@ class Resource:
 
     _pid: int = -1
     _finalizer: _weakref.finalize | None = None  # type: ignore[type-arg]
+    _uses = 0  # uses running (nested ones: signal handlers'), in the thread holding the lock
+    _close_after = False  # a close asked for during them (by a signal handler)
 
     def _track(self, on_leak: Callable[..., None], *args: Any) -> None:
         """Belong to this process, and call on_leak(*args) if collected unclosed.
@@ -116,6 +118,30 @@ class Resource:
         """In a forked child, right after the fork (no other thread exists, and a lock
         the parent's threads held may stay held: take none): close the child's copies
         of what the object holds. Subclasses that call _let_go_at_fork say how."""
+
+    def _begin_use(self) -> None:
+        """The start of a use that a close must not cut into (under the object's
+        reentrant lock, right before the use's ``try``, whose ``finally`` calls
+        :meth:`_end_use`): a close from now on waits for its end. One that a handler
+        makes before the count is up closes at once, which the use's own look at the
+        object then sees.
+
+        Uses are counted, not flagged: a signal handler may use the object inside a
+        use, and the end of its use must not leave the outer one unguarded.
+        """
+        self._uses += 1
+
+    def _end_use(self) -> None:
+        """The end of a use (its ``finally``, under the lock): at the end of the
+        outermost one, a close that a signal handler asked for meanwhile is made."""
+        self._uses -= 1
+        if self._close_after and not self._uses:
+            self._close_after = False
+            self._close_now()
+
+    def _close_now(self) -> None:  # pragma: no cover - every subclass that counts uses says
+        """What close() does at once, or at the end of the use it waited for."""
+        raise NotImplementedError
 
     def _check_ours(self) -> None:
         """RuntimeError naming the owner when a forked child uses an inherited object."""
@@ -174,8 +200,6 @@ class FileResource(Resource):
     path: str = ""
     # A half-built object's close takes the class's lock; _own gives each its own.
     _lock: _threading.RLock = _threading.RLock()
-    _uses = 0  # uses of the fd running (nested ones: signal handlers'), in the lock's thread
-    _close_after = False  # a close asked for during them (by a signal handler)
 
     def _own(self, cell: _lowlevel.FdCell, path: str) -> None:
         """Take over the fd in cell for path (closed on close() or on leak)."""
@@ -233,20 +257,6 @@ class FileResource(Resource):
                 return use(self._fd)
             finally:
                 self._end_use()
-
-    def _begin_use(self) -> None:
-        """The start of a use of the fd (under the lock, right before its ``try``): a
-        close from now on waits for its end. One that a handler makes before the count
-        is up closes at once, which the use's own look at the object then sees."""
-        self._uses += 1
-
-    def _end_use(self) -> None:
-        """The end of a use of the fd (its ``finally``, under the lock): at the end of
-        the outermost one, a close that a signal handler asked for meanwhile is made."""
-        self._uses -= 1
-        if self._close_after and not self._uses:
-            self._close_after = False
-            self._close_now()
 
     def close(self) -> None:
         """Release the file; calling it again does nothing. Waits for a use of the file

@@ -282,21 +282,30 @@ class PooledWav(_resource.Resource):
                              f"> {self.frames}")
         if pool is None:
             raise ValueError("PooledWav was released")
-        # Under the pool's lock: a close() in another thread closes the slot's fd (the
-        # number may be another file's by the time we fstat it: a wrong size would zero
-        # our mapping), and a release() in another thread may hand the slot to the next
-        # holder, whose header this must never write.
+        # Under the pool's lock, a use of the pool: a close() in another thread, or in a
+        # signal handler of this one, closes the slot's fd (the number may be another
+        # file's by the time we fstat it: a wrong size would zero our mapping), and a
+        # release() in another thread may hand the slot to the next holder, whose header
+        # this must never write.
         with pool._lock:
-            if self._slot is not slot:
-                raise ValueError("PooledWav was released")
-            _check_slot_file(slot)
-            frame_bytes = self._spec.channels * self._spec.bits // 8
-            slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
-            _check_slot_file(slot)
-            self.frames = new_frames
-            array = slot.array  # read once: a release() in another thread drops it
-            if array is not None and self._slot is slot:
-                slot.array = array[:new_frames]
+            pool._begin_use()  # first: a handler may run at any call from here on
+            try:
+                if self._slot is not slot:
+                    raise ValueError("PooledWav was released")
+                self._truncate(slot, new_frames)
+            finally:
+                pool._end_use()
+
+    def _truncate(self, slot: _Slot, new_frames: int) -> None:
+        """truncate, in a use of the pool, on the held slot."""
+        _check_slot_file(slot)
+        frame_bytes = self._spec.channels * self._spec.bits // 8
+        slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
+        _check_slot_file(slot)
+        self.frames = new_frames
+        array = slot.array  # read once: a release() in another thread drops it
+        if array is not None and self._slot is slot:
+            slot.array = array[:new_frames]
 
     def release(self) -> None:
         """Give the slot back to the pool; calling it again does nothing.
@@ -742,24 +751,15 @@ class AudioPool(_resource.Resource):
         ref = _weakref.ref(lease)
         with self._lock:
             while True:
-                if self._closed:
-                    raise ValueError("AudioPool is closed")
-                if self._free or self._reclaim_lost():
-                    slot = self._free.pop()
-                    slot.lease = ref
-                    if self._intact(slot):
-                        return slot
-                    # Its file was shrunk (its mapping now holds zeros), or its path now
-                    # names another file (or none): forget the slot; the next turn takes
-                    # another one or makes a fresh one.
-                    self._drop(slot)
-                    continue
-                if self.when_busy == "grow":
-                    return self._new_held_slot(ref)
-                if len(self._slots) < self._wanted:  # no release brings a dropped slot back
-                    made = self._make_again(ref)
-                    if made is not None:
-                        return made
+                # A use of the pool (its watch and slot fds), but not the wait below:
+                # a close in another thread must not wait for that.
+                self._begin_use()  # first: a handler may run at any call from here on
+                try:
+                    slot = self._take_now(ref)
+                finally:
+                    self._end_use()
+                if slot is not None:
+                    return slot
                 if deadline is None and self.timeout is not None:
                     deadline = _time.monotonic() + self.timeout
                 remaining = None if deadline is None else deadline - _time.monotonic()
@@ -771,6 +771,30 @@ class AudioPool(_resource.Resource):
                     self._cond.wait(remaining)
                 finally:
                     self._waiting -= 1
+
+    def _take_now(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot | None:
+        """In a use of the pool: a slot held by ref (free, or made: see _take), or None
+        when the caller must wait for a release."""
+        while True:
+            if self._closed:
+                raise ValueError("AudioPool is closed")
+            if self._free or self._reclaim_lost():
+                slot = self._free.pop()
+                slot.lease = ref
+                if self._intact(slot):
+                    return slot
+                # Its file was shrunk (its mapping now holds zeros), or its path now
+                # names another file (or none): forget the slot; the next turn takes
+                # another one or makes a fresh one.
+                self._drop(slot)
+                continue
+            if self.when_busy == "grow":
+                return self._new_held_slot(ref)
+            if len(self._slots) < self._wanted:  # no release brings a dropped slot back
+                made = self._make_again(ref)
+                if made is not None:
+                    return made
+            return None
 
     def _new_held_slot(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot:
         """Under the lock: a new slot, held by the lease ref names."""
@@ -908,23 +932,32 @@ class AudioPool(_resource.Resource):
         lease = _Lease()
         ref = _weakref.ref(lease)
         with self._lock:
-            if self._closed or not self._free or not (self._free[-1].verified
-                                                      or self.anonymous):
-                return None
-            # Taken off the list before the C call: a __del__ run by a collection in it may
-            # give another slot back meanwhile.
-            slot = self._free.pop()
-            slot.lease = ref
+            # A use (see _begin_use and _end_use), counted inline on this hot path: the
+            # two method calls cost about 0.1 us, a fortieth of the whole write.
+            self._uses += 1  # first: a handler may run at any call from here on
             try:
-                offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
-            except BaseException:
-                self._give_back(slot, lease)
-                raise
-            if offset <= 0:
-                if offset == 0:  # the watch's events are drained: no slot is verified now
-                    self._unverify_all()
-                self._give_back(slot, lease)  # the general path checks it (or drops it)
-                return None
+                if self._closed or not self._free or not (self._free[-1].verified
+                                                          or self.anonymous):
+                    return None
+                # Taken off the list before the C call: a __del__ run by a collection in
+                # it may give another slot back meanwhile.
+                slot = self._free.pop()
+                slot.lease = ref
+                try:
+                    offset = slot.mapping.pool_fill(self._watch_fd, spec, data)
+                except BaseException:
+                    self._give_back(slot, lease)
+                    raise
+                if offset <= 0:
+                    if offset == 0:  # the watch's events are drained: no slot verified now
+                        self._unverify_all()
+                    self._give_back(slot, lease)  # the general path checks it (or drops it)
+                    return None
+            finally:
+                self._uses -= 1  # as _end_use
+                if self._close_after and not self._uses:
+                    self._close_after = False
+                    self._close_now()
         return PooledWav(self, slot, lease, spec, data.shape[0], offset, False)
 
     def acquire(self, frames: int, samplerate: int, channels: int = 1,
@@ -958,8 +991,11 @@ class AudioPool(_resource.Resource):
     def close(self) -> None:
         """Remove the slot files and release the pool; calling it again does nothing.
 
-        Arrays taken from the pool stay valid: their mapping lives as long as they do.
-        In a forked child only the child's copies of the descriptors are closed.
+        Waits for a use of the pool in another thread (a take, a truncate); called by a
+        signal handler that interrupted this thread's use, it refuses every later use
+        at once and closes the files as that use ends. Arrays taken from the pool stay
+        valid: their mapping lives as long as they do. In a forked child only the
+        child's copies of the descriptors are closed.
         """
         if self._pid != _resource.current_pid:
             if not self._closed:
@@ -971,12 +1007,24 @@ class AudioPool(_resource.Resource):
             if self._closed:
                 return
             self._closed = True
-            self._free.clear()
             self._cond.notify_all()
             self._untrack()
-            # Under the lock: a holder's truncate() in another thread checks its slot's
-            # fd under it, and must never find the number closed (or another file's).
-            _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
+            if self._uses:
+                # A signal handler that interrupted this thread's use of the pool (the
+                # lock is reentrant): the fds close as that use ends (_end_use).
+                self._close_after = True
+                return
+            self._close_now()
+
+    def _close_now(self) -> None:
+        """Close the slot fds (removing the files) and the watch, under the lock: a
+        holder's truncate() in another thread checks its slot's fd under it, and must
+        never find the number closed (or another file's). The free list stays whole
+        until then: a use that a handler's close interrupted may be about to take from
+        it (the pool's _closed stops every later use)."""
+        self._free.clear()
+        self._watch_fd = -1
+        _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
