@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py src/luna_shm/*.py src/luna_shm/cache/*.py)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py src/luna_shm/*.py src/luna_shm/cache/*.py src/luna_shm/pool/*.py)
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
 .PHONY: demo test test-c system-deps lint dist-check sdist-check bench fuzz clean

@@ -749,15 +749,16 @@ def test_a_slot_file_whose_marker_was_overwritten_is_not_reclaimed(private_dirs)
 
 KILLED_WHILE_MAKING_A_SLOT = """
 import os, signal
-from luna_shm import AudioPool, pool
+from luna_shm import AudioPool
+from luna_shm.pool import _slot_files
 
-made = pool._Slot.__init__
+made = _slot_files.Slot.__init__
 
 def killed_after_mapping(self, *args):  # the slot's file is reserved and mapped, not marked
     made(self, *args)
     os.kill(os.getpid(), signal.SIGKILL)
 
-pool._Slot.__init__ = killed_after_mapping
+_slot_files.Slot.__init__ = killed_after_mapping
 AudioPool(slots=1, max_bytes=3000, prefix="tts_")
 """
 
@@ -824,7 +825,7 @@ def test_a_slot_rewritten_in_place_and_used_again_is_reclaimed_after_its_pool_di
 
 
 def test_pool_writes_of_the_largest_audio_never_reach_the_slot_marker(ram) -> None:
-    from luna_shm.pool import _SLOT_MARKER
+    from luna_shm.pool._slot_files import SLOT_MARKER as _SLOT_MARKER
 
     for max_bytes in (1, 2, 3999, 4096 - 128 - 9 - 16, 4096 - 128 - 9 - 15, 4096, 10_001):
         with AudioPool(slots=1, max_bytes=max_bytes) as pool:

@@ -31,8 +31,8 @@ from luna_shm import (
     create_wav_buffer,
     read_wav,
 )
-from luna_shm import pool as pool_module
 from luna_shm.cache import CachedAudio, RenderError
+from luna_shm.pool import _slot_files
 
 RATE = 16000
 
@@ -597,7 +597,7 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_truncate_never_zeroe
         f.write(b"not this file")
     with AudioPool(1, 8192) as probe_pool:
         probe = probe_pool.acquire(1000, RATE)
-        codes = (PooledWav.truncate.__code__, pool_module._check_slot_file.__code__)
+        codes = (PooledWav.truncate.__code__, _slot_files.check_slot_file.__code__)
         lines = [(code, line) for code in codes
                  for line in _lines_run(code, lambda: probe.truncate(500))]
         probe.release()
@@ -687,7 +687,8 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_write_never_reads_an
 
     written: list[PooledWav] = []
     with new_pool() as probe_pool:
-        lines = _lines_in(("luna_shm/pool.py", "luna_shm/_lowlevel.py"),
+        lines = _lines_in(("luna_shm/pool/_audio_pool.py", "luna_shm/pool/_slot_files.py",
+                           "luna_shm/_lowlevel.py"),
                           lambda: written.append(probe_pool.write_wav(data, RATE)))
         written.pop().release()
     assert len(lines) > 10

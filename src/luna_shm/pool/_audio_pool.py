@@ -1,29 +1,11 @@
-"""AudioPool: reusable RAM-disk WAV slots whose pages are already allocated and mapped.
-
-A fresh tmpfs file pays for every new page it touches (about 0.1 ms for the
-125 pages of 500 KB on our machines); a slot pays once, when the pool starts.
-``pool.write_wav(data, rate)`` then costs one copy (or one C conversion) into
-memory that *is* the file. A slot's path must still name its own file when the
-slot is handed out: one inotify instance per pool watches every slot file, so that
-check is a ``stat`` only after someone else touched one (otherwise one ``FIONREAD``
-of the watch). A small write takes that check and its copy in one C call. Each slot
-is a complete, valid WAV at every moment: the unused space after the audio is a
-``JUNK`` chunk that readers skip.
-
-Slots hold a shared flock for the pool's lifetime, so
-:func:`cleanup_all_temp_audio` never removes a live pool's files, and a new
-pool reclaims the slot files of pools whose process died (only files that
-carry the slot marker). A pool belongs to the process that made it: a forked
-child can neither take its slots nor remove its files, and closes its copies of
-the slots' descriptors and mappings at the fork (a killed parent's slots are then
-reclaimable while the child lives).
+"""AudioPool and PooledWav: lending slots to callers (taking, waiting or growing, checking
+that a slot is still its own file), writing audio into them, and giving them back.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os as _os
-import re as _re
 import threading as _threading
 import time as _time
 import warnings as _warnings
@@ -40,22 +22,25 @@ from luna_shm import (
     encoding,
     formats,
     placement,
-    temp_audio,
 )
 from luna_shm.placement import AUDIO_PREFIX
+from luna_shm.pool._slot_files import (
+    POOL_MARK,
+    Lease,
+    Slot,
+    check_memory,
+    check_prefix,
+    check_slot_file,
+    close_slot,
+    close_slots,
+    new_watch,
+    prepare_slot,
+    reclaim_dead_pool_files,
+    restore_marker,
+    slot_length,
+)
 
-__all__ = ["AudioPool", "PooledWav"]
-
-_PAGE = _os.sysconf("SC_PAGESIZE")
-_HEADER_ROOM = 128  # >= LUNA_WAV_MAX_HEADER
-_POOL_MARK = "pool_"
 _WHEN_BUSY = ("wait", "grow")
-# The last bytes of every slot file, written when the slot is made: a new pool reclaims
-# only unlocked files that carry it (and a RIFF/WAVE header covering the whole file),
-# never a file merely named like a slot. It lies inside the slot's tail JUNK chunk,
-# past anything a pool write can reach (see _slot_length), so readers skip it.
-_SLOT_MARKER = b"luna_shm:pool1\0\0"
-_SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 # A pooled write of at most this many bytes, written as it is, is copied under the pool's
 # lock together with its slot's checks, in one C call (luna_pool_fill): what a small write
 # costs is its crossings into C, while a large copy under the lock would keep other
@@ -63,87 +48,7 @@ _SAFE_PREFIX = _re.compile(r"[A-Za-z0-9_-]+")
 _FILL_UNDER_LOCK_BYTES = 16384
 
 
-class _Lease:
-    """A call's claim on a slot, then its PooledWav's: the slot is theirs while this
-    object lives. A slot whose lease died without giving it back (an exception, or a
-    signal handler that raised, between taking the slot and handing it over or between
-    a release's steps) is found again when the pool runs dry (AudioPool._reclaim_lost):
-    Python can raise at every call, so no order of statements alone closes those gaps."""
-
-    __slots__ = ("__weakref__",)
-
-
-class _Slot:
-    """One pre-faulted file (or memfd) of a pool and its mapping."""
-
-    __slots__ = ("array", "byte_view", "cell", "fd", "identity", "lease", "length", "mapping",
-                 "path", "readonly", "verified", "watched")
-
-    def __init__(self, cell: _lowlevel.FdCell, path: str, mapping: _lowlevel.Mapping) -> None:
-        self.cell = cell  # owns the fd
-        self.fd: int = cell[0]
-        self.path = path
-        self.mapping = mapping
-        self.length = mapping.length
-        self.byte_view = np.frombuffer(mapping.view, dtype=np.uint8)
-        self.readonly = mapping.view.toreadonly()
-        st = _os.fstat(self.fd)
-        self.identity = (st.st_dev, st.st_ino)
-        # watched: the pool's inotify instance watches this file. verified: its name was
-        # checked (still_named) and the watch has reported nothing since.
-        self.watched = False
-        self.verified = False
-        # Who holds the slot: None while it is free (or lost before a lease was set).
-        self.lease: _weakref.ReferenceType[_Lease] | None = None
-        # Its holder's array (PooledWav.array), made on first use. Kept here, not in the
-        # PooledWav, so that a forked child drops it with the slot (see let_go).
-        self.array: np.ndarray | None = None
-
-    def let_go(self) -> None:
-        """In a forked child: close the child's copy of the fd and drop the child's
-        references to the mapping (which holds the open file too, and with it the
-        flock): unmapped at once unless the user keeps an array of it. The slot is
-        the parent's: the child never uses it again (its pool refuses)."""
-        try:
-            _lowlevel.release(self.cell)
-        except OSError:
-            pass
-        del self.mapping, self.byte_view, self.readonly
-        self.array = None
-
-    def still_named(self) -> bool:
-        """True while path names this slot's file, at the slot's full length.
-
-        A ``write_wav(pooled.path, ...)`` replaces the name with a new file, and
-        another program may cut or remove it: a slot whose path no longer is its
-        own file must never be handed out, or its holder's path would hold other audio.
-        """
-        try:
-            st = _os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.identity and st.st_size == self.length
-
-
-def _slot_length(max_bytes: int) -> int:
-    # Room for the largest header, the audio, its pad byte, the tail chunk's header
-    # and the marker: a write of max_bytes ends at most at _HEADER_ROOM + max_bytes +
-    # 1 + 8, which is <= length - len(_SLOT_MARKER), so it never reaches the marker.
-    need = _HEADER_ROOM + max_bytes + 1 + 8 + len(_SLOT_MARKER)
-    return -(-need // _PAGE) * _PAGE
-
-
-def _check_prefix(prefix: object) -> str:
-    _newfile.check_name_part("prefix", prefix)
-    assert isinstance(prefix, str)
-    if not _SAFE_PREFIX.fullmatch(prefix):
-        raise ValueError(
-            "prefix must be one or more letters, digits, '_' or '-' (the start of the "
-            f"pool's file names), got {prefix!r}")
-    return prefix
-
-
-def _unreleased(pool: AudioPool, slot: _Slot | None, lease: _Lease | None, path: str,
+def _unreleased(pool: AudioPool, slot: Slot | None, lease: Lease | None, path: str,
                 owner_pid: int) -> None:
     # A PooledWav dropped without release() (from its __del__). In a forked child it
     # does nothing, and nothing leaked once the pool is closed (its close released
@@ -153,17 +58,6 @@ def _unreleased(pool: AudioPool, slot: _Slot | None, lease: _Lease | None, path:
     pool._give_back(slot, lease)  # first: warnings may be errors (-W error)
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
                    ResourceWarning, stacklevel=2)
-
-
-def _check_slot_file(slot: _Slot) -> None:
-    """ESTALE when slot's mapping is broken or its file no longer has the slot's length
-    (see Mapping.check_file); once the pool closed the slot's fd (its file is gone then),
-    only the mapping is checked."""
-    fd = slot.cell[0]
-    if fd < 0:
-        slot.mapping.check()
-    else:
-        slot.mapping.check_file(fd, slot.length)
 
 
 class PooledWav(_resource.Resource):
@@ -181,12 +75,12 @@ class PooledWav(_resource.Resource):
     """
 
     _pool: AudioPool | None = None
-    _lease: _Lease | None = None
-    _slot: _Slot | None = None  # None once released (see release)
+    _lease: Lease | None = None
+    _slot: Slot | None = None  # None once released (see release)
 
     # Made on every pool write: its __init__ sets only what it must, with writable passed
     # by position (a keyword costs 0.1 us, a fifth of the object).
-    def __init__(self, pool: AudioPool, slot: _Slot, lease: _Lease, spec: _lowlevel.WavSpec,
+    def __init__(self, pool: AudioPool, slot: Slot, lease: Lease, spec: _lowlevel.WavSpec,
                  frames: int, offset: int, writable: bool) -> None:
         self._pool = pool
         self._slot = slot
@@ -220,7 +114,7 @@ class PooledWav(_resource.Resource):
     def _name(self) -> str:
         return f"PooledWav {self.path!r}"
 
-    def _check_held(self) -> _Slot:
+    def _check_held(self) -> Slot:
         """The held slot; ValueError once released, RuntimeError in a forked child."""
         slot = self._slot
         if self._pool is None or slot is None:
@@ -296,12 +190,12 @@ class PooledWav(_resource.Resource):
             finally:
                 pool._end_use()
 
-    def _truncate(self, slot: _Slot, new_frames: int) -> None:
+    def _truncate(self, slot: Slot, new_frames: int) -> None:
         """truncate, in a use of the pool, on the held slot."""
-        _check_slot_file(slot)
+        check_slot_file(slot)
         frame_bytes = self._spec.channels * self._spec.bits // 8
         slot.mapping.format_slot(self._spec, new_frames * frame_bytes)
-        _check_slot_file(slot)
+        check_slot_file(slot)
         self.frames = new_frames
         array = slot.array  # read once: a release() in another thread drops it
         if array is not None and self._slot is slot:
@@ -343,39 +237,7 @@ class PooledWav(_resource.Resource):
         return f"<PooledWav {self.path!r} {state}: {self.frames} frames, {self.samplerate} Hz>"
 
 
-def _close_slot(slot: _Slot, *, unlink: bool) -> None:
-    """Close a slot's fd (its mapping lives on with the arrays that view it); with
-    unlink=True also remove its name, but only while the name is still this slot's
-    file: a file someone wrote at the slot's path is theirs, never ours to delete, even
-    one renamed over the path while we remove it (temp_audio.remove_if_same)."""
-    # The fd first: the removal opens the slot's directory, which a full fd table (a
-    # daemon that ran out of fds, closing its pool) must not refuse.
-    try:
-        _lowlevel.release(slot.cell)
-    except OSError:
-        pass
-    if unlink:
-        temp_audio.remove_if_same(slot.path, slot.identity)
-
-
-def _close_slots(slots: list[_Slot], watch_cell: _lowlevel.FdCell, anonymous: bool,
-                 leaked: bool, owner_pid: int) -> None:
-    # In a forked child (close() there, its exit, its garbage collector) the slots are
-    # the parent's: only the child's copies of the descriptors are closed.
-    ours = owner_pid == _resource.current_pid
-    for slot in slots:
-        _close_slot(slot, unlink=ours and not anonymous)
-    slots.clear()
-    if watch_cell is not None:
-        try:
-            _lowlevel.release(watch_cell)
-        except OSError:
-            pass
-    if leaked and ours:  # last: warnings may be errors (-W error)
-        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
-
-
-def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[_Slot],
+def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[Slot],
                     watch_cell: _lowlevel.FdCell, anonymous: bool, owner_pid: int) -> None:
     # The finalizer of a pool never closed: run when it is collected, or at interpreter
     # exit while it still lives, for daemon threads that may still use it. A live pool
@@ -383,130 +245,11 @@ def _close_unclosed(pool_ref: _weakref.ReferenceType[AudioPool], slots: list[_Sl
     # whose file is gone, and no slot file is made again after this cleanup.
     pool = pool_ref()
     if pool is None:
-        _close_slots(slots, watch_cell, anonymous, True, owner_pid)
+        close_slots(slots, watch_cell, anonymous, True, owner_pid)
         return
     pool.close()
     if owner_pid == _resource.current_pid:
         _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
-
-
-def _prepare_slot(slot: _Slot) -> None:
-    """Make a new slot's file what every slot is: every page touched once (now, not on
-    the hot path), the slot marker in its last bytes, an empty WAV."""
-    slot.byte_view[:] = 0
-    slot.byte_view[-len(_SLOT_MARKER):] = np.frombuffer(_SLOT_MARKER, np.uint8)
-    slot.mapping.format_slot(formats.spec_for("PCM_16", 16000, 1), 0)
-
-
-def _check_memory(count: int, length: int) -> None:
-    """OSError(ENOMEM) naming the numbers when count memfd slots of length bytes exceed
-    this machine's memory: they would be made one by one until the memory ran out."""
-    try:
-        memory = _os.sysconf("SC_PHYS_PAGES") * _PAGE
-    except (ValueError, OSError):  # pragma: no cover - not Linux
-        return
-    if count * length > memory:
-        raise OSError(_errno.ENOMEM, f"{_lowlevel.brief(count)} anonymous slots of {length} "
-                      f"bytes cannot fit in this machine's memory ({memory} bytes)")
-
-
-def _restore_marker(slot: _Slot) -> None:
-    """Write the slot marker again when another program wrote over it: a slot rewritten
-    in place at its full length is still handed out (its next write is ours), so it must
-    stay reclaimable if the pool dies."""
-    tail = slot.byte_view[-len(_SLOT_MARKER):]
-    if tail.tobytes() != _SLOT_MARKER:
-        tail[:] = np.frombuffer(_SLOT_MARKER, np.uint8)
-
-
-def _new_watch(anonymous: bool) -> _lowlevel.FdCell:
-    """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
-    for anonymous slots (no name to lose) and when out of inotify instances (every take
-    checks by stat)."""
-    cell = _lowlevel.fd_cell()
-    if not anonymous:
-        try:
-            _lowlevel.watch_new(cell=cell)
-        except OSError as exc:
-            placement.log_once(f"luna_shm: no inotify instance for an AudioPool "
-                               f"({exc.strerror}): its slots are checked with a stat on "
-                               "every take")
-    return cell
-
-
-def _is_slot_file(name: str, prefix: str) -> bool:
-    return (name.startswith(prefix) and name.endswith(".wav")
-            and len(name) == len(prefix) + len(_POOL_MARK) + 32 + 4
-            and name[len(prefix):].startswith(_POOL_MARK)
-            and all(c in "0123456789abcdef" for c in name[len(prefix) + len(_POOL_MARK):-4]))
-
-
-def _carries_slot_marker(fd: int, st: _os.stat_result) -> bool:
-    """True for a file a pool made: page-sized, a RIFF/WAVE header whose size covers
-    the whole file, and the slot marker in its last bytes."""
-    size = st.st_size
-    if size < _PAGE or size % _PAGE:
-        return False
-    try:
-        head = _os.pread(fd, 12, 0)
-        tail = _os.pread(fd, len(_SLOT_MARKER), size - len(_SLOT_MARKER))
-    except OSError:
-        return False
-    return (head[:4] == b"RIFF" and head[8:12] == b"WAVE"
-            and int.from_bytes(head[4:8], "little") == size - 8 and tail == _SLOT_MARKER)
-
-
-_ZERO_CHECK_BYTES = 1 << 20
-
-
-def _never_marked(fd: int, st: _os.stat_result) -> bool:
-    """True for a slot file made before its marker: empty, or page-sized and all zeros
-    (a pool killed between its creation and its marker, where O_TMPFILE was missing,
-    or a version of luna_shm that named slot files first). It holds nothing."""
-    size = st.st_size
-    if size == 0:
-        return True
-    if size % _PAGE or size - 8 > formats.MAX_WAV_BYTES:
-        return False
-    offset = 0
-    try:
-        while offset < size:
-            block = _os.pread(fd, min(_ZERO_CHECK_BYTES, size - offset), offset)
-            if not block or block.count(0) != len(block):
-                return False
-            offset += len(block)
-    except OSError:
-        return False
-    return True
-
-
-def reclaim_dead_pool_files(prefix: str = AUDIO_PREFIX) -> int:
-    """Remove slot files of pools whose process died; return how many.
-
-    Only this user's regular files named ``<prefix>pool_<32 hex>.wav``, which no
-    live process holds locked, and which carry the marker every slot file gets
-    when it is made, or hold nothing yet (empty, or page-sized zeros: a slot file
-    whose pool died before it was marked); checked under the exclusive lock, just
-    before the unlink. A user's file that merely starts with the prefix, or holds
-    anything, is never touched.
-
-    Raises:
-        TypeError, ValueError: prefix is not a str of letters, digits, '_' or '-'.
-    """
-    _check_prefix(prefix)
-    removed = 0
-    for directory in placement.our_dirs():
-        try:
-            removed += temp_audio.remove_unused_files(
-                directory, f"{prefix}{_POOL_MARK}",
-                verify=lambda name, fd, st: _is_slot_file(name, prefix)
-                and (_carries_slot_marker(fd, st) or _never_marked(fd, st)))
-        except OSError as exc:
-            # Reclaim is housekeeping: a dir we cannot read keeps its dead slots, and
-            # the new pool is made all the same.
-            placement.log_once(f"luna_shm: cannot reclaim dead pool slots in {directory}: "
-                               f"{exc.strerror}")
-    return removed
 
 
 class AudioPool(_resource.Resource):
@@ -538,7 +281,7 @@ class AudioPool(_resource.Resource):
             beyond the machine's memory).
     """
 
-    _slots: list[_Slot]
+    _slots: list[Slot]
     _closed = True
     _watch_fd = -1  # the fd in _watch_cell, as a plain int for the hot path
     _watch_cell: _lowlevel.FdCell = None
@@ -556,21 +299,21 @@ class AudioPool(_resource.Resource):
         slots = formats.check_int("slots", slots, minimum=1)
         max_bytes = formats.check_int("max_bytes", max_bytes, minimum=1)
         anonymous = formats.check_flag("anonymous", anonymous)
-        if _slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
+        if slot_length(max_bytes) - 8 > formats.MAX_WAV_BYTES:  # the RIFF covers the slot
             raise ValueError(f"max_bytes must fit a WAV file (< 4 GiB), got "
                              f"{_lowlevel.brief(max_bytes)}")
         if not isinstance(when_busy, str) or when_busy not in _WHEN_BUSY:
             error = ValueError if isinstance(when_busy, str) else TypeError
             raise error(f"when_busy must be 'wait' or 'grow', got {_lowlevel.brief(when_busy)}")
         self.timeout = formats.check_timeout(timeout)
-        _check_prefix(prefix)
+        check_prefix(prefix)
         if anonymous and not _lowlevel.HAS_MEMFD:
             raise OSError(_errno.ENOSYS, "memfd_create is not available on this platform")
         self.max_bytes = max_bytes
         self.anonymous = bool(anonymous)
         self.when_busy = when_busy
         self._prefix = prefix
-        self._length = _slot_length(max_bytes)
+        self._length = slot_length(max_bytes)
         # The hot path takes the lock with a C-level ``with self._lock``, without
         # Condition.__enter__'s Python frame. Reentrant: a garbage collection can run
         # anywhere the lock is held, and a dropped PooledWav's __del__ then gives its slot
@@ -581,17 +324,17 @@ class AudioPool(_resource.Resource):
         # How many slots the pool keeps: a slot dropped (_drop) whose replacement could
         # not be made (a full RAM disk, no fd) is made again by a later call (_take).
         self._wanted = slots
-        self._free: list[_Slot] = []
+        self._free: list[Slot] = []
         if not anonymous:
             reclaim_dead_pool_files(prefix)
             # Refused up front: slot after slot would fill the RAM disk, then the
             # fallback dir, before the last one failed.
             _newfile.check_room(slots, self._length, "slots")
         else:
-            _check_memory(slots, self._length)
+            check_memory(slots, self._length)
         self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
         self._let_go_at_fork()  # before the first fd: a child forked from here on drops it
-        self._watch_cell = _new_watch(self.anonymous)
+        self._watch_cell = new_watch(self.anonymous)
         self._watch_fd = self._watch_cell[0]
         self._closed = False
         self._track(_close_unclosed, _weakref.ref(self), self._slots, self._watch_cell,
@@ -605,7 +348,7 @@ class AudioPool(_resource.Resource):
 
     def _let_go(self) -> None:
         """In a forked child, right after the fork: close the child's copies of every
-        slot's fd and of the inotify fd, and drop its mappings (see _Slot.let_go). A
+        slot's fd and of the inotify fd, and drop its mappings (see Slot.let_go). A
         child that never uses the pool then holds nothing of it: killed, the parent
         leaves slot files that the next pool reclaims (their flocks go with its last
         descriptor), whoever it forked. The pool stays the parent's: every use raises
@@ -619,7 +362,7 @@ class AudioPool(_resource.Resource):
         except OSError:
             pass
 
-    def _new_slot(self) -> _Slot:
+    def _new_slot(self) -> Slot:
         if self.anonymous:
             slot = _prefault.retry_if_short(self._new_anonymous_slot)
         else:
@@ -635,13 +378,13 @@ class AudioPool(_resource.Resource):
         self._slots.append(slot)
         return slot
 
-    def _new_anonymous_slot(self) -> _Slot:
+    def _new_anonymous_slot(self) -> Slot:
         """One try at a memfd slot; on failure it is closed again."""
         cell = _lowlevel.fd_cell()
-        fd = _lowlevel.memfd(f"{self._prefix}{_POOL_MARK}slot", cell=cell)
+        fd = _lowlevel.memfd(f"{self._prefix}{POOL_MARK}slot", cell=cell)
         return self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
 
-    def _new_named_slot(self, on_disk: bool) -> _Slot:
+    def _new_named_slot(self, on_disk: bool) -> Slot:
         """One try at a named slot file; on failure it is removed again (or never named).
 
         Where O_TMPFILE works, the file is made unnamed, zeroed, marked and formatted, and
@@ -655,15 +398,15 @@ class AudioPool(_resource.Resource):
         # locked=True: the flock is held before the name appears, so a
         # concurrent cleanup never takes a new slot for a dead pool's file.
         path, cell = _newfile.create_temp_file(
-            ".wav", f"{self._prefix}{_POOL_MARK}", size_hint=self._length, locked=True,
+            ".wav", f"{self._prefix}{POOL_MARK}", size_hint=self._length, locked=True,
             on_disk=on_disk)
         return self._map_slot(cell, path, named=True)
 
-    def _new_unnamed_slot(self, on_disk: bool) -> _Slot | None:
+    def _new_unnamed_slot(self, on_disk: bool) -> Slot | None:
         """A slot made as an unnamed file (O_TMPFILE, flocked), prepared, then linked under
         a fresh slot name; None when the directory has no O_TMPFILE (EOPNOTSUPP)."""
         directory = _newfile.directory_for(self._length, on_disk)
-        prefix = f"{self._prefix}{_POOL_MARK}"
+        prefix = f"{self._prefix}{POOL_MARK}"
         path = _newfile.new_name_in(directory, ".wav", prefix)
         cell = _lowlevel.fd_cell()
         try:
@@ -681,13 +424,13 @@ class AudioPool(_resource.Resource):
             except FileExistsError:
                 path = _newfile.name_unnamed_file(slot.fd, directory, ".wav", prefix)
         except BaseException:
-            _close_slot(slot, unlink=False)
+            close_slot(slot, unlink=False)
             raise
         slot.path = slot.mapping.filename = path
         return slot
 
-    def _map_slot(self, cell: _lowlevel.FdCell, path: str, *, named: bool = False) -> _Slot:
-        """Reserve, map and prepare (see _prepare_slot) a new slot file (or memfd) whose
+    def _map_slot(self, cell: _lowlevel.FdCell, path: str, *, named: bool = False) -> Slot:
+        """Reserve, map and prepare (see prepare_slot) a new slot file (or memfd) whose
         fd is in cell; on failure release it and, when named, remove the file at path."""
         fd = cell[0]
         try:
@@ -697,16 +440,16 @@ class AudioPool(_resource.Resource):
                 _lowlevel.seal_shrink(fd)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
-            slot = _Slot(cell, path, mapping)
+            slot = Slot(cell, path, mapping)
         except BaseException:
             _lowlevel.release(cell)
             if named:
                 _os.unlink(path)
             raise
         try:
-            _prepare_slot(slot)
+            prepare_slot(slot)
         except BaseException:
-            _close_slot(slot, unlink=named)
+            close_slot(slot, unlink=named)
             raise
         return slot
 
@@ -740,7 +483,7 @@ class AudioPool(_resource.Resource):
                 f"{_lowlevel.brief(nbytes)} bytes of audio do not fit a slot of this pool "
                 f"(max_bytes={self.max_bytes}); make the pool with a larger max_bytes")
 
-    def _take(self, nbytes: int, lease: _Lease) -> _Slot:
+    def _take(self, nbytes: int, lease: Lease) -> Slot:
         """A free slot (waiting for one, or growing the pool, as when_busy says; making
         again one the pool lost, see _wanted), held by lease from the moment it leaves
         the free list."""
@@ -772,7 +515,7 @@ class AudioPool(_resource.Resource):
                 finally:
                     self._waiting -= 1
 
-    def _take_now(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot | None:
+    def _take_now(self, ref: _weakref.ReferenceType[Lease]) -> Slot | None:
         """In a use of the pool: a slot held by ref (free, or made: see _take), or None
         when the caller must wait for a release."""
         while True:
@@ -796,13 +539,13 @@ class AudioPool(_resource.Resource):
                     return made
             return None
 
-    def _new_held_slot(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot:
+    def _new_held_slot(self, ref: _weakref.ReferenceType[Lease]) -> Slot:
         """Under the lock: a new slot, held by the lease ref names."""
         slot = self._new_slot()
         slot.lease = ref
         return slot
 
-    def _make_again(self, ref: _weakref.ReferenceType[_Lease]) -> _Slot | None:
+    def _make_again(self, ref: _weakref.ReferenceType[Lease]) -> Slot | None:
         """Under the lock: a new slot, held by ref, in place of one the pool dropped; None
         when it cannot be made now (a full RAM disk, no fd left) while the pool has other
         slots, whose release the caller then waits for. With no slot left, the error is
@@ -816,7 +559,7 @@ class AudioPool(_resource.Resource):
                                f"({exc.strerror}): waiting for a busy one instead")
             return None
 
-    def _intact(self, slot: _Slot) -> bool:
+    def _intact(self, slot: Slot) -> bool:
         """Whether a free slot may be handed out (under the pool's lock): its mapping whole and,
         when named, its path still its own file at full length. The name is checked with
         a stat only when the watch saw an event since that slot's last check (any event
@@ -831,7 +574,7 @@ class AudioPool(_resource.Resource):
             return True
         named = slot.still_named()
         if named:
-            _restore_marker(slot)
+            restore_marker(slot)
         slot.verified = named and slot.watched
         return named
 
@@ -841,14 +584,14 @@ class AudioPool(_resource.Resource):
         for each in self._slots:
             each.verified = False
 
-    def _drop(self, slot: _Slot) -> None:
+    def _drop(self, slot: Slot) -> None:
         """Forget a slot that must not be handed out again. Its own file goes (the pool
         made it, whoever cut it since); another file at its path, renamed over it, is
         left alone."""
         self._slots.remove(slot)
-        _close_slot(slot, unlink=not self.anonymous)
+        close_slot(slot, unlink=not self.anonymous)
 
-    def _give_back(self, slot: _Slot, lease: _Lease | None) -> None:
+    def _give_back(self, slot: Slot, lease: Lease | None) -> None:
         """Return slot, which lease held, to the free list. Nothing when lease no longer
         holds it (given back already, or found by _reclaim_lost after lease died)."""
         with self._lock:
@@ -863,7 +606,7 @@ class AudioPool(_resource.Resource):
 
     def _reclaim_lost(self) -> bool:
         """Under the lock, with no free slot: put back every slot whose lease died without
-        giving it back (see _Lease); True if any."""
+        giving it back (see Lease); True if any."""
         found = False
         for slot in self._slots:
             ref = slot.lease
@@ -902,7 +645,7 @@ class AudioPool(_resource.Resource):
                 if pooled is not None:
                     return pooled
         enc = encoding.plan(data, samplerate, subtype, self._check_fits)  # before a copy
-        lease = _Lease()
+        lease = Lease()
         for attempt in range(2):
             slot = self._take(enc.nbytes, lease)
             try:
@@ -929,7 +672,7 @@ class AudioPool(_resource.Resource):
         a closed pool) to the general path, the slot still free."""
         if self._pid != _resource.current_pid or data.nbytes > self.max_bytes:
             return None  # the general path raises
-        lease = _Lease()
+        lease = Lease()
         ref = _weakref.ref(lease)
         with self._lock:
             # A use (see _begin_use and _end_use), counted inline on this hot path: the
@@ -979,7 +722,7 @@ class AudioPool(_resource.Resource):
         sample_dtype = formats.check_dtype(dtype)
         spec = formats.spec_for(formats.natural_subtype(sample_dtype), rate, nchannels)
         formats.check_frames_fit(count, spec)  # names a huge count briefly, as WavBuffer does
-        lease = _Lease()
+        lease = Lease()
         slot = self._take(count * nchannels * sample_dtype.itemsize, lease)
         try:
             offset = slot.mapping.format_slot(spec, count * nchannels * sample_dtype.itemsize)
@@ -1001,7 +744,7 @@ class AudioPool(_resource.Resource):
             if not self._closed:
                 self._closed = True
                 self._untrack()
-                _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
+                close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
             return
         with self._cond:
             if self._closed:
@@ -1024,7 +767,7 @@ class AudioPool(_resource.Resource):
         it (the pool's _closed stops every later use)."""
         self._free.clear()
         self._watch_fd = -1
-        _close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
+        close_slots(self._slots, self._watch_cell, self.anonymous, False, self._pid)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
