@@ -9,6 +9,7 @@ bytecodes, which the default 5 ms makes rare, happens in most rounds.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -746,3 +747,121 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_write_never_reads_an
                 os.close(fd)
             assert left == b"their bytes", (code.co_name, line)
     assert fired > 10
+
+# A TTS daemon's SIGTERM handler closes its cache: the signal can come while the main
+# thread is inside one of the cache's calls that holds its lock. The profile hook sends
+# the signal at a call made under the lock (named in WHERE): the handler runs in os.kill.
+CACHE_CLOSED_BY_A_HANDLER = """
+import faulthandler, fcntl, json, os, signal, sys
+import numpy as np
+faulthandler.dump_traceback_later(20, exit=True)  # a handler waiting for its own lock
+from luna_shm import AudioCache
+
+where = sys.argv[1]
+audio = np.ones(1000, np.int16)  # 2,044 bytes
+# "spill": a RAM tier that one entry fills, and a disk tier.
+disk = sys.argv[2] if where == "spill" else None
+cache = AudioCache("handler", max_bytes=3000 if disk else 10**6, disk_dir=disk)
+cache.put("first", audio, 16000).release()
+cache.get("first").release()  # a hit, not yet written out to the shared counters
+locks = [f"{cache.directory}/lock"]
+if disk:
+    locks.append(f"{disk}/luna_cache-{os.getuid()}-handler/lock")
+
+
+def flocked(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+seen = {}
+
+
+def handler(signum, frame):
+    try:
+        if where == "stats-in-the-handler":
+            cache.stats()
+        else:
+            cache.close()
+            seen["closed at once"] = cache.closed
+            seen["locks kept"] = [flocked(path) for path in locks]
+    except Exception as exc:
+        seen["handler raised"] = f"{type(exc).__name__}: {exc}"
+        raise
+
+
+def under_the_lock(frame, event, arg):
+    if event != "call" or seen.get("sent"):
+        return
+    tier = frame.f_locals.get("self")
+    what = getattr(tier, "what", None)
+    if ((where == "spill" and frame.f_code.co_name == "entries" and what == "disk cache")
+            or (where != "spill" and frame.f_code.co_name == "counters")):
+        seen["sent"] = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+signal.signal(signal.SIGUSR1, handler)
+sys.setprofile(under_the_lock)
+try:
+    if where in ("stats", "stats-in-the-handler"):
+        seen["result"] = cache.stats().hits
+    else:  # "put"; "spill": the put evicts "first", which spills to the disk tier
+        cache.put("second", audio, 16000).release()
+        seen["result"] = "stored"
+except Exception as exc:
+    seen["call raised"] = f"{type(exc).__name__}: {exc}"
+finally:
+    sys.setprofile(None)
+seen["closed after the call"] = cache.closed
+seen["locks free"] = [not flocked(path) for path in locks]
+cache.close()
+with AudioCache("handler", disk_dir=disk) as again:
+    stats = again.stats()
+    seen["hits"], seen["spills"] = stats.hits, stats.spills
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("where", ["put", "stats", "spill"])
+def test_a_signal_handler_that_closes_the_cache_inside_its_locked_section_closes_as_it_ends(
+        ram, tmp_path, where):
+    done = subprocess.run(
+        [sys.executable, "-c", CACHE_CLOSED_BY_A_HANDLER, where, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, capture_output=True, text=True,
+        timeout=60)
+    # Found in review: the handler's close waited for the lock its own thread held (a
+    # plain mutex): the process hung for ever.
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen.pop("result") == (1 if where == "stats" else "stored")
+    # The close waited for the call to let go of the lock (its lock files stayed
+    # open and flocked under it), then closed the cache and wrote its hit out.
+    locks = [True, True] if where == "spill" else [True]
+    assert seen == {"sent": True, "closed at once": False, "locks kept": locks,
+                    "closed after the call": True, "locks free": locks,
+                    "hits": 1, "spills": 1 if where == "spill" else 0}
+
+
+def test_a_signal_handler_that_calls_the_cache_inside_its_locked_section_gets_an_error(
+        ram, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", CACHE_CLOSED_BY_A_HANDLER, "stats-in-the-handler",
+         str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": LIBRARY_PATH}, capture_output=True, text=True,
+        timeout=60)
+    # Found in review: it waited for the lock its own thread held, for ever.
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    seen.pop("hits")  # the counts the interrupted stats() was writing out are lost
+    raised = ("RuntimeError: AudioCache 'handler' was called from inside one of its own "
+              "calls in this thread, which holds the cache's lock (by a signal handler "
+              "that interrupted it?): only close() may be called there")
+    assert seen == {"sent": True, "handler raised": raised, "call raised": raised,
+                    "closed after the call": False, "locks free": [True], "spills": 0}

@@ -1198,21 +1198,50 @@ class AudioCache:
         return [(name.rpartition(".")[0], self._ram.path(name), st) for name, st in entries]
 
     def close(self) -> None:
-        """Write this process's counters out and close the lock files; again does nothing."""
-        if getattr(self, "_ram", None) is None or self._ram.lock_fd < 0:
+        """Write this process's counters out and close the lock files; again does nothing.
+
+        Safe in a signal handler (a TTS daemon's SIGTERM handler): one that interrupted
+        this very thread inside a call of the cache that holds its lock can neither take
+        that lock (it would wait for itself for ever) nor close the lock file under the
+        call (its flock would go with it). It returns at once, and the cache closes as
+        that call lets go of the lock, counters written out (``closed`` is False until
+        then; a failure to write them is logged, not raised into that call). A handler
+        that then ends the process with ``os._exit()`` loses this process's counts not
+        yet written out; the entries are all on disk already.
+        """
+        ram = getattr(self, "_ram", None)
+        if ram is None or ram.lock_fd < 0:
+            return
+        tiers = [ram] if self._disk is None else [ram, self._disk]
+        held = [tier for tier in tiers if tier.held_here()]
+        if held:  # a handler inside this thread's locked section: see the docstring
+            for tier in held:  # the inner lock (the disk's) goes first, then the RAM's
+                tier.close_after = self._close_after_handler
             return
         self._finalizer.detach()
-        if _os.getpid() == self._ram.pid and self._ram.in_place():
-            try:
-                with self._ram.locked():
-                    self._flush_counts()
-            except ValueError:
-                if not self.closed:
-                    raise
-                return  # another thread closed it meanwhile
-        self._ram.close()
-        if self._disk is not None:
-            self._disk.close()
+        try:
+            if _os.getpid() == ram.pid and ram.in_place():
+                try:
+                    with ram.locked():
+                        self._flush_counts()
+                except ValueError:
+                    if not self.closed:
+                        raise
+                    # another thread closed it meanwhile
+        finally:
+            for tier in tiers:
+                tier.close()
+
+    def _close_after_handler(self) -> None:
+        """The close a signal handler asked for (see close), made as the call it
+        interrupted lets go of a lock: the close happens once no lock is held. Its
+        failure to write the counters out is logged: raised, it would replace what the
+        interrupted call returns, and that call did what it was asked."""
+        try:
+            self.close()
+        except OSError as exc:
+            placement.logger.warning("luna_shm: AudioCache %r closed without writing its "
+                                     "counters out: %s", self.name, exc)
 
     def __enter__(self) -> AudioCache:
         return self

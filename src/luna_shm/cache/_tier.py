@@ -14,6 +14,7 @@ import threading as _threading
 import time as _time
 import warnings as _warnings
 import weakref as _weakref
+from collections.abc import Callable
 from typing import Any
 
 from luna_shm import _lowlevel, _newfile
@@ -72,7 +73,13 @@ class TierLock:
 
     Left open: a handler that raises in the instant after the mutex's acquire()
     returns leaves the mutex held (no Python-level __enter__ can close that window;
-    a ``with`` on a lock does, in C, but this one also takes a flock)."""
+    a ``with`` on a lock does, in C, but this one also takes a flock).
+
+    The mutex is reentrant only so that a thread can tell that it holds it (a signal
+    handler that interrupted one of its locked sections: see AudioCache.close); it is
+    never taken twice: a second ``with tier.locked():`` in the thread that holds it
+    raises RuntimeError. (Granted, its flock would be a no-op, and its exit would let go
+    of the flock under the section it interrupted; waiting, it would wait for itself.)"""
 
     __slots__ = ("deadline", "exclusive", "tier")
 
@@ -84,6 +91,11 @@ class TierLock:
     def __enter__(self) -> None:
         tier = self.tier
         lock_path = tier.path(LOCK_NAME)
+        if tier.held_here():
+            raise RuntimeError(f"AudioCache {tier.cache_name!r} was called from inside one "
+                               "of its own calls in this thread, which holds the "
+                               f"{tier.what}'s lock (by a signal handler that interrupted "
+                               "it?): only close() may be called there")
         if self.deadline is None:
             tier.thread_lock.acquire()
         elif not tier.thread_lock.acquire(timeout=max(0.0, self.deadline - _time.monotonic())):
@@ -129,6 +141,10 @@ class Tier:
 
     # Why the lock file was opened read-only (EACCES, EPERM or EROFS), else None.
     write_error: OSError | None = None
+    # What to call once the thread that holds the lock lets go of it: a close that a
+    # signal handler asked for while it interrupted that thread's locked section (see
+    # AudioCache.close). Set and run in that thread only.
+    close_after: Callable[[], None] | None = None
 
     def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
         self.cache_name = name
@@ -151,7 +167,7 @@ class Tier:
         finally:
             _lowlevel.release(dir_cell)
         self.pid = _os.getpid()
-        self.thread_lock = _threading.Lock()
+        self.thread_lock = _threading.RLock()  # reentrant only to say who holds it
         made_anew_in_child.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -163,7 +179,8 @@ class Tier:
         child lives once the parent is killed, and every process of the cache would wait.
         When the reopen fails (the directory was removed), the first locked call tries
         again, under the thread lock, and raises."""
-        self.thread_lock = _threading.Lock()
+        self.thread_lock = _threading.RLock()
+        self.close_after = None  # a parent thread's, which does not exist here
         if self.lock_fd < 0:  # closed
             return
         try:
@@ -254,13 +271,27 @@ class Tier:
         TimeoutError (ETIMEDOUT) naming the lock file."""
         return TierLock(self, exclusive, deadline)
 
+    def held_here(self) -> bool:
+        """True when this very thread holds the tier's lock (its mutex): a signal handler
+        that runs now interrupted one of the thread's locked sections. Asked of the
+        mutex itself, which records its owner as acquire() takes it, so that the answer
+        is right in the instant after acquire() returns too (an owner we recorded
+        ourselves would not be yet: a handler can run there)."""
+        return bool(self.thread_lock._is_owned())  # type: ignore[attr-defined]
+
     def release(self) -> None:
-        """Let go of the tier's lock (unlocking a flock not held is harmless)."""
+        """Let go of the tier's lock (unlocking a flock not held is harmless); then make
+        the close a signal handler asked for meanwhile (close_after), if any."""
         try:
             if self.lock_fd >= 0:  # else closed: no flock to let go of
                 _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
         finally:
             self.thread_lock.release()
+            # Only a handler in this thread sets it, and only while the mutex was held:
+            # one that runs from here on finds it free and closes by itself.
+            then, self.close_after = self.close_after, None
+            if then is not None:
+                then()
 
     def counters(self) -> list[int]:
         """The shared counters (under the lock)."""
@@ -439,7 +470,9 @@ class Tier:
 
     def close(self, *, wait: bool = True) -> None:
         """Close the lock file; again does nothing. Under the mutex, so that no thread
-        holding the tier's lock has its lock file closed under it (see TierLock).
+        holding the tier's lock has its lock file closed under it (see TierLock). Never
+        called by the thread that holds it (AudioCache.close makes such a close wait
+        for the lock to be let go: see close_after).
 
         wait=False (the leak finalizer, a failed construction) closes it without the
         mutex: no thread uses the tier (the cache is collected, or was never made), or it
