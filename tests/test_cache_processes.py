@@ -1310,3 +1310,45 @@ def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lo
         with cache.get(key, timeout=5) as reloaded:
             assert np.array_equal(reloaded.array, audio_of(key))
         cache.destroy()
+
+
+def test_looking_at_a_cache_whose_lock_a_stopped_process_holds_is_bounded_by_timeout(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("looked at")
+    with AudioCache("watched", disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()
+        cache.get(key).release()  # a hit not yet written out
+        locks = {"cache": f"{cache.directory}/lock",
+                 "disk cache": f"{disk}/luna_cache-{os.geteuid()}-watched/lock"}
+        for what, lock in locks.items():
+            holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
+            try:
+                _, status = os.waitpid(holder.pid, os.WUNTRACED)
+                assert os.WIFSTOPPED(status), status
+                before = sorted(os.listdir(cache.directory))
+                # Found in review: each of these waited for the stopped holder for ever
+                # (stats, entries and clear had no timeout, nor had the open).
+                calls = {"stats": lambda: cache.stats(timeout=0.05),
+                         "clear": lambda: cache.clear(timeout=np.float64(0.05)),
+                         "open": lambda: AudioCache("watched", disk_dir=disk, timeout=0)}
+                if what == "cache":  # entries() looks at the RAM tier only
+                    calls["entries"] = lambda: cache.entries(timeout=0.05)
+                for name, call in calls.items():
+                    with pytest.raises(TimeoutError, match=f"the {what}'s lock") as info:
+                        call_with_deadline(call, deadline=30)
+                    assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT,
+                                                                       lock), name
+                if what == "cache":
+                    assert sorted(os.listdir(cache.directory)) == before
+                else:  # clear() emptied the RAM tier before it waited for the disk's
+                    assert os.listdir(cache.directory) == ["lock"]
+            finally:
+                os.kill(holder.pid, signal.SIGKILL)
+                holder.communicate(timeout=30)
+        with pytest.raises(ValueError, match="timeout"):
+            cache.stats(timeout=float("nan"))
+        assert cache.entries(timeout=5) == [] and cache.clear(timeout=5) == 0
+        assert cache.stats(timeout=5).hits == 1
+        cache.destroy()

@@ -660,6 +660,56 @@ def test_cache_commands_on_a_cache_that_does_not_exist_say_so_and_make_nothing(
     assert sorted(os.listdir(private_dirs.ram)) == before
 
 
+@contextmanager
+def lock_held_by_a_stopped_process(path: str) -> Iterator[None]:
+    """A child process takes path's flock and stops itself (SIGSTOP), as a process stopped
+    or hung in the middle of a commit would; killed at the end."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\n"), path])
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize("action", ["stats", "ls", "clear"])
+def test_cache_commands_give_up_on_a_lock_a_stopped_process_holds_after_their_timeout(
+        private_dirs, action) -> None:
+    with AudioCache("held") as cache:
+        cache.put(luna_shm.cache_key("kept"), np.zeros(100, np.int16), 16000).release()
+        lock = f"{cache.directory}/lock"
+    with lock_held_by_a_stopped_process(lock):
+        # Found in review: the command waited for the stopped holder for ever.
+        done = run_cli(private_dirs, "cache", action, "--name", "held", "--timeout", "0.1")
+        line = assert_one_error_line(done, 1)
+        assert line == (f"luna-shm cache: error: [Errno {errno.ETIMEDOUT}] gave up after "
+                        "0.1 s (--timeout) waiting for the lock of cache 'held': another "
+                        f"process holds it (stopped or hung?): '{lock}'")
+        assert done.stdout == ""
+    assert run_cli(private_dirs, "cache", action, "--name", "held").returncode == 0
+
+
+def test_cache_commands_wait_for_the_cache_s_lock_for_10_seconds_by_default(
+        private_dirs) -> None:
+    with AudioCache("held") as cache:
+        lock = f"{cache.directory}/lock"
+    with lock_held_by_a_stopped_process(lock):
+        # run_cli's own deadline (120 s) fails the test if it hangs, as it did.
+        done = run_cli(private_dirs, "cache", "stats", "--name", "held", "--json")
+    assert "gave up after 10 s (--timeout)" in assert_one_error_line(done, 1)
+    helped = run_cli(private_dirs, "cache", "--help")
+    assert "--timeout SECONDS" in helped.stdout and "(default: 10)" in helped.stdout
+    for bad in ("soon", "-1"):
+        done = run_cli(private_dirs, "cache", "stats", "--name", "held", "--timeout", bad)
+        assert done.returncode == 2 and "--timeout" in done.stderr
+
+
 def test_cache_ls_escapes_a_path_its_output_encoding_cannot_take(private_dirs,
                                                                  monkeypatch) -> None:
     # status and clean print such a path escaped; cache ls failed with a

@@ -8,7 +8,9 @@ Commands:
              removes: our unused files, optionally only those ``--older-than``.
     demo     one utterance through the RAM disk and back, with timings.
     cache    ``stats``, ``ls`` or ``clear`` an existing AudioCache (``--name``, default
-             "default"); a name no cache has is an error.
+             "default"); a name no cache has is an error. ``--timeout`` (default 10 s)
+             bounds the wait for the cache's lock: a process stopped or hung holding
+             it makes the command fail instead of hang.
 
 The benchmarks live in the checkout, not in the package: ``python
 benchmarks/cases.py [--quick]`` or ``make bench``.
@@ -304,9 +306,21 @@ def _run_clean(args: _argparse.Namespace, out: TextIO) -> int:
 
 
 _UNKNOWN_MAX = "unknown (each process that opens the cache sets its own)"
+CACHE_TIMEOUT = 10.0  # seconds: `luna-shm cache --timeout`'s default
 
 
 def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
+    """The cache command, every wait for the cache's locks bounded by --timeout in all:
+    on expiry a TimeoutError (ETIMEDOUT) that says so, naming the lock file (exit 1)."""
+    try:
+        return _cache_command(args, out, _time.monotonic() + args.timeout)
+    except TimeoutError as exc:
+        raise TimeoutError(exc.errno, f"gave up after {args.timeout:g} s (--timeout) "
+                           f"waiting for the lock of cache {args.name!r}: another "
+                           "process holds it (stopped or hung?)", exc.filename) from None
+
+
+def _cache_command(args: _argparse.Namespace, out: TextIO, deadline: float) -> int:
     from luna_shm.cache import AudioCache
     from luna_shm.cache._files import dir_name
 
@@ -315,23 +329,27 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
     parent = placement.current().directory
     if not _os.path.lexists(f"{parent}/{dir_name(args.name)}"):
         raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")
-    with AudioCache(args.name, max_bytes=args.max_bytes) as cache:
+
+    def left() -> float:
+        return max(0.0, deadline - _time.monotonic())
+
+    with AudioCache(args.name, max_bytes=args.max_bytes, timeout=left()) as cache:
         if args.action == "stats":
             # The bound is each opener's own (AudioCache(max_bytes=...)), kept nowhere
             # shared: this command's is no one's.
-            stats = {**asdict(cache.stats()), "max_bytes": None}
+            stats = {**asdict(cache.stats(timeout=left())), "max_bytes": None}
             print(_json.dumps(stats) if args.json else "\n".join(
                 f"{field}: {_UNKNOWN_MAX if value is None else value}"
                 for field, value in stats.items()), file=out)
         elif args.action == "ls":
             now = _time.time()
             encoding = getattr(out, "encoding", None)
-            for key, path, st in cache.entries():
+            for key, path, st in cache.entries(timeout=left()):
                 print(f"{key} {_format_bytes(st.st_size)} stored {_format_age(now - st.st_mtime)}"
                       f" ago, used {_format_age(now - st.st_atime)} ago {shown(path, encoding)}",
                       file=out)
         else:
-            removed = _lowlevel.plural(cache.clear(), "entry", "entries")
+            removed = _lowlevel.plural(cache.clear(timeout=left()), "entry", "entries")
             print(f"removed {removed} from cache {args.name!r} (pinned entries stay)",
                   file=out)
     return 0
@@ -407,13 +425,20 @@ def build_parser() -> _argparse.ArgumentParser:
         description="stats: entries, bytes and the shared counters of an AudioCache (not its "
         "max_bytes: each process that opens it sets its own); ls: its "
         "entries, least recently used first; clear: remove every entry no process holds. "
-        "The cache must exist: a name no cache has is an error, and nothing is made.",
+        "The cache must exist: a name no cache has is an error, and nothing is made. "
+        "Every wait for the cache's lock (held for an instant by the processes that use "
+        "it) is bounded by --timeout, in all: a process stopped or hung holding it makes "
+        "the command fail (exit 1, naming the lock file) instead of hang.",
     )
     cache.add_argument("action", choices=("stats", "ls", "clear"))
     cache.add_argument("--name", default="default", help="the cache's name (default: default)")
     cache.add_argument("--max-bytes", type=int, default=256 * 1024 * 1024,
                        help=_argparse.SUPPRESS)
     cache.add_argument("--json", action="store_true", help="stats as one JSON object")
+    cache.add_argument("--timeout", type=_duration_argument, default=CACHE_TIMEOUT,
+                       metavar="SECONDS",
+                       help="give up waiting for the cache's lock after this long: seconds "
+                       f"(or 90s, 2m); 0 does not wait (default: {CACHE_TIMEOUT:g})")
     cache.set_defaults(handler=_run_cache)
 
     return parser

@@ -83,6 +83,13 @@ def _check_ttl(ttl: object) -> float:
     return seconds
 
 
+def _deadline(timeout: object) -> float | None:
+    """The time.monotonic() by which a wait of timeout seconds ends (None: no limit);
+    timeout checked as formats.check_timeout does (TypeError, ValueError naming it)."""
+    limit = formats.check_timeout(timeout)
+    return None if limit is None else _time.monotonic() + limit
+
+
 class _Replaced(Exception):
     """A reload's source on the disk tier stopped being the key's newest audio during
     the copy (see AudioCache._commit): the copy is not stored."""
@@ -109,9 +116,16 @@ class AudioCache:
             from RAM spill there (within disk_max_bytes) and a RAM miss reloads them.
             Not the RAM dir itself (a ValueError).
         disk_max_bytes: the disk tier's bound (default 1 GiB).
+        timeout: seconds to wait for the cache's locks at the open (it removes the
+            leftovers of killed processes and counts its bytes under them), as for
+            :meth:`stats`; None waits as long as it takes.
 
     Raises:
-        TypeError, ValueError: a bad name, size, ttl or disk_dir, named in the message.
+        TypeError, ValueError: a bad name, size, ttl, disk_dir or timeout, named in the
+            message.
+        TimeoutError: timeout passed while another process held a lock of the cache
+            (stopped or stuck there), ETIMEDOUT, naming its lock file; nothing is left
+            of the open.
         PermissionError: the cache directory is a symlink, belongs to another user
             or lets others in.
         OSError: the directory cannot be made or opened.
@@ -121,7 +135,7 @@ class AudioCache:
 
     def __init__(self, name: str = "default", *, max_bytes: int = DEFAULT_MAX_BYTES,
                  ttl: float | None = None, disk_dir: str | _os.PathLike[str] | None = None,
-                 disk_max_bytes: int | None = None) -> None:
+                 disk_max_bytes: int | None = None, timeout: float | None = None) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {_lowlevel.brief(name)}")
         if not _NAME.fullmatch(name):
@@ -131,6 +145,7 @@ class AudioCache:
         self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
         self.ttl = None if ttl is None else _check_ttl(ttl)
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)
+        deadline = _deadline(timeout)
         disk_text = None
         if disk_dir is not None:
             disk_text = _lowlevel.path_argument(disk_dir, "a str or os.PathLike[str]",
@@ -153,11 +168,11 @@ class AudioCache:
                 disk = Tier(_os.path.abspath(disk_text), name,
                             disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
             if ram.write_error is None:  # else: looked at, never changed (see Tier)
-                with ram.locked():
+                with ram.locked(deadline=deadline):
                     ram.sweep()
                     ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
             if disk is not None and disk.write_error is None:
-                with disk.locked():  # a killed process's spills in flight
+                with disk.locked(deadline=deadline):  # a killed process's spills in flight
                     disk.sweep()
         except BaseException:
             # A failed constructor leaves nothing it made (a directory that was there
@@ -202,6 +217,10 @@ class AudioCache:
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._counts_lock = _threading.Lock()
         self._counts_pid = _resource.current_pid
+
+    def _counts_pending(self) -> bool:
+        """True when this process counted something not yet written out."""
+        return self._counts_pid == _resource.current_pid and any(self._counts.values())
 
     def _flush_counts(self) -> dict[str, int]:
         """Add this process's counts to the shared ones; the totals. Under the RAM lock.
@@ -306,8 +325,7 @@ class AudioCache:
         """
         self._check_open()
         check_key(key)
-        limit = formats.check_timeout(timeout)
-        return self._get(key, None if limit is None else _time.monotonic() + limit)
+        return self._get(key, _deadline(timeout))
 
     def _get(self, key: str, deadline: float | None) -> CachedAudio | None:
         """get(), its waits bounded by deadline (time.monotonic(); None: no bound)."""
@@ -842,8 +860,7 @@ class AudioCache:
         formats.check_samplerate(samplerate)
         formats.check_channels(channels)
         formats.check_dtype(dtype)
-        limit = formats.check_timeout(timeout)
-        deadline = None if limit is None else _time.monotonic() + limit
+        deadline = _deadline(timeout)
         live = self._ram.path(key + LIVE)
         while True:
             # Every pass, not only a wait, is bounded: whatever makes the loop go round
@@ -1116,14 +1133,23 @@ class AudioCache:
                     removed |= tier.remove_if_unpinned(key + suffix)
         return removed
 
-    def clear(self) -> int:
-        """Remove every unpinned entry (both tiers) and leftovers; return how many entries."""
+    def clear(self, *, timeout: float | None = None) -> int:
+        """Remove every unpinned entry (both tiers) and leftovers; return how many entries.
+
+        Args:
+            timeout: seconds to wait for the cache's locks, as for :meth:`stats`.
+
+        Raises:
+            TimeoutError: timeout passed while another process held a lock of the cache,
+                ETIMEDOUT, naming its lock file (the entries removed before stay removed).
+        """
         self._check_open()
+        deadline = _deadline(timeout)
         removed = 0
         for tier in (self._ram, self._disk):
             if tier is None:
                 continue
-            with tier.locked():
+            with tier.locked(deadline=deadline):
                 for name, _ in tier.entries():
                     removed += tier.remove_if_unpinned(name)
                 tier.sweep()
@@ -1171,16 +1197,30 @@ class AudioCache:
             for tier in tiers:
                 tier.close()
 
-    def stats(self) -> CacheStats:
-        """Entries and bytes now (a consistent view, under the lock) and the shared counters."""
+    def stats(self, *, timeout: float | None = None) -> CacheStats:
+        """Entries and bytes now (a consistent view, under the lock) and the shared counters.
+
+        Args:
+            timeout: seconds to wait for the cache's locks, in all (an int or float, numpy
+                ones too, >= 0; 0 does not wait); None or infinity waits as long as it
+                takes. Another process holds them for an instant (a commit, an
+                eviction); one stopped or stuck there would keep a monitoring call
+                waiting for ever.
+
+        Raises:
+            TypeError, ValueError: a bad timeout (NaN is refused).
+            TimeoutError: timeout passed while another process held a lock of the cache,
+                ETIMEDOUT, naming its lock file.
+        """
         self._check_open()
-        with self._ram.locked():
+        deadline = _deadline(timeout)
+        with self._ram.locked(deadline=deadline):
             totals = self._flush_counts()
             entries = self._ram.entries()
             pinned = sum(1 for name, _ in entries if is_pinned(self._ram.path(name)))
         disk_entries: list[tuple[str, _os.stat_result]] = []
         if self._disk is not None:
-            with self._disk.locked():
+            with self._disk.locked(deadline=deadline):
                 disk_entries = self._disk.entries()
         return CacheStats(
             entries=len(entries), bytes=sum(st.st_size for _, st in entries),
@@ -1189,16 +1229,26 @@ class AudioCache:
             **{k: totals.get(k, 0) for k in COUNTERS if k not in _NOT_STATS},
         )
 
-    def entries(self) -> list[tuple[str, str, _os.stat_result]]:
-        """(key, path, lstat) of each RAM entry, least recently used first."""
+    def entries(self, *, timeout: float | None = None) -> list[tuple[str, str, _os.stat_result]]:
+        """(key, path, lstat) of each RAM entry, least recently used first.
+
+        Args:
+            timeout: seconds to wait for the cache's lock, as for :meth:`stats`.
+
+        Raises:
+            TimeoutError: timeout passed while another process held the cache's lock,
+                ETIMEDOUT, naming the lock file.
+        """
         self._check_open()
-        with self._ram.locked():
+        deadline = _deadline(timeout)
+        with self._ram.locked(deadline=deadline):
             entries = self._ram.entries()
         entries.sort(key=lambda item: item[1].st_atime_ns)
         return [(name.rpartition(".")[0], self._ram.path(name), st) for name, st in entries]
 
     def close(self) -> None:
         """Write this process's counters out and close the lock files; again does nothing.
+        Only counts to write out make it take the cache's lock (and wait for it).
 
         Safe in a signal handler (a TTS daemon's SIGTERM handler): one that interrupted
         this very thread inside a call of the cache that holds its lock can neither take
@@ -1220,7 +1270,9 @@ class AudioCache:
             return
         self._finalizer.detach()
         try:
-            if _os.getpid() == ram.pid and ram.in_place():
+            # Only counts to write out take the lock: with none (a monitoring process,
+            # `luna-shm cache`), a process stopped holding it never keeps a close waiting.
+            if _os.getpid() == ram.pid and self._counts_pending() and ram.in_place():
                 try:
                     with ram.locked():
                         self._flush_counts()
