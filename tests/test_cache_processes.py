@@ -1352,3 +1352,103 @@ def test_looking_at_a_cache_whose_lock_a_stopped_process_holds_is_bounded_by_tim
         assert cache.entries(timeout=5) == [] and cache.clear(timeout=5) == 0
         assert cache.stats(timeout=5).hits == 1
         cache.destroy()
+
+
+@pytest.mark.parametrize("call", ["get", "get_or_render", "follow"])
+def test_a_reload_whose_eviction_must_spill_bounds_its_wait_for_a_stopped_disk_lock_holder(
+        private_dirs, tmp_path: Path, call: str) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("spilled, then asked for while the disk tier is held")
+    with AudioCache("held", max_bytes=20_000, disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()
+        put_fillers(cache, 4)  # through a 20 KB RAM tier: the key spills, the RAM is full
+        lock = f"{disk}/luna_cache-{os.geteuid()}-held/lock"
+        holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
+        calls = {
+            "get": lambda: cache.get(key, timeout=0.05),
+            "get_or_render": lambda: cache.get_or_render(
+                key, lambda writer: writer.write(audio_of(key)), samplerate=24000,
+                timeout=0.05),
+            "follow": lambda: next(cache.follow(key, timeout=0.05)),
+        }
+        try:
+            _, status = os.waitpid(holder.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            before = {path: sorted(os.listdir(path))
+                      for path in (cache.directory, os.path.dirname(lock))}
+            # The reload's commit must evict the oldest filler, which spills to the disk
+            # tier: found in review, that spill waited for the disk tier's lock for ever,
+            # whatever the call's timeout.
+            with pytest.raises(TimeoutError, match="disk cache's lock") as info:
+                call_with_deadline(calls[call], deadline=30)
+            assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT, lock)
+            # Nothing changed: the filler was not evicted, no copy is left in either tier.
+            assert {path: sorted(os.listdir(path)) for path in before} == before
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.communicate(timeout=30)
+        with cache.get(key, timeout=5) as reloaded:
+            assert np.array_equal(reloaded.array, audio_of(key))
+        stats = cache.stats()
+        assert (stats.reloads, stats.renders, stats.spills) == (1, 0, 2)
+        cache.destroy()
+
+
+RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
+    import json, os, subprocess, sys, threading
+    import numpy as np
+    from luna_shm import AudioCache
+    os.mkdir("/tmp/disk")  # the disk tier (the child's private /tmp)
+    # 300 KB entries through a 1 MB RAM disk (the default bound is larger): the fourth
+    # put finds it full and evicts k0, which spills to the disk tier.
+    cache = AudioCache("full", disk_dir="/tmp/disk")
+    for i in range(4):
+        cache.put(f"k{i}", np.full(150_000, i, np.int16), 24000).release()
+    lock = f"{cache.directory}/lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\\n"), lock])
+    # A call that hangs must not leave the stopped holder behind: the test fails then.
+    watchdog = threading.Timer(40, lambda: (holder.kill(), os._exit(3)))
+    watchdog.daemon = True
+    watchdog.start()
+    _, status = os.waitpid(holder.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    before = sorted(os.listdir(cache.directory))
+    out = {"spilled": os.listdir("/tmp/disk/" + os.path.basename(cache.directory))}
+    calls = {"get": lambda: cache.get("k0", timeout=0.05),
+             "get_or_render": lambda: cache.get_or_render(
+                 "k0", lambda writer: writer.write(np.ones(10, np.int16)),
+                 samplerate=24000, timeout=0.05)}
+    # The reload's copy finds the RAM disk full: the room it makes (evicting the cache's
+    # own entries) takes the cache's lock, which the stopped process holds.
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "returned"
+        except OSError as exc:
+            out[name] = [type(exc).__name__, exc.errno, exc.filename]
+    out["unchanged"] = sorted(os.listdir(cache.directory)) == before
+    holder.kill()
+    holder.wait()
+    with cache.get("k0", timeout=5) as reloaded:
+        out["reloaded"] = reloaded.array.tolist() == [0] * 150_000
+    out["lock"] = lock
+    cache.destroy()
+    print(json.dumps(out))
+"""
+
+
+def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_timeout(
+        ) -> None:
+    # Found in review: the room a reload makes on a full RAM disk waited for the cache's
+    # lock for ever, whatever the call's timeout (the child's own deadline fails it).
+    out = json.loads(assert_child_ok(run_in_private_shm(
+        RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD, shm_size="1m", timeout=60)))
+    assert sorted(out["spilled"]) == ["k0.wav", "lock"]
+    timed_out = ["TimeoutError", errno.ETIMEDOUT, out["lock"]]
+    assert out["get"] == timed_out and out["get_or_render"] == timed_out
+    assert out["unchanged"] and out["reloaded"]

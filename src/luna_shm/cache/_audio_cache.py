@@ -320,8 +320,10 @@ class AudioCache:
         Raises:
             TypeError, ValueError: key is not a key (see :func:`cache_key`), or a bad
                 timeout (NaN is refused).
-            TimeoutError: timeout passed while another process held the entry's lock
-                (or the cache's), ETIMEDOUT, naming the file.
+            TimeoutError: timeout passed while another process held the entry's lock,
+                or a lock of the cache that a reload takes (to store its copy, to make
+                room on a full RAM disk, to spill the entry it evicts to the disk tier),
+                ETIMEDOUT, naming the file.
         """
         self._check_open()
         check_key(key)
@@ -343,26 +345,27 @@ class AudioCache:
 
     # ---- storing -------------------------------------------------------------------
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, size: int, deadline: float | None = None) -> bool:
         """Under the RAM lock: make size more bytes fit (the shared count grows by them);
         False when they cannot (nothing is stored then). A cache that looks full evicts
         from the queue of its last scan (see _evict_queued); when that is not enough it
-        is scanned: expired entries go, then the least recently used unpinned ones."""
+        is scanned: expired entries go, then the least recently used unpinned ones.
+        deadline bounds the spills' waits for the disk tier's lock (see _evict)."""
         tier = self._ram
         if size > tier.max_bytes:
             return False
         total = tier.counters()[0]
         if total + size > tier.max_bytes:
-            total = self._evict_queued(total, size)
+            total = self._evict_queued(total, size, deadline)
         if total + size > tier.max_bytes:
-            total = self._evict_scanned(size)
+            total = self._evict_scanned(size, deadline)
             tier.set_bytes(total)
             if total + size > tier.max_bytes:
                 return False
         tier.add({"bytes": size})  # before the rename: too high, never too low
         return True
 
-    def _evict_scanned(self, size: int) -> int:
+    def _evict_scanned(self, size: int, deadline: float | None = None) -> int:
         """Scan the RAM tier (under its lock) and evict until size more bytes fit: expired
         entries first, then the least recently used unpinned ones; the committed bytes
         left. The entries it did not come to are queued, oldest first, for the next
@@ -384,13 +387,13 @@ class AudioCache:
             if total + size <= tier.max_bytes:
                 break
             tried += 1
-            if self._evict(name):
+            if self._evict(name, deadline):
                 total -= st.st_size
         self._victims = _collections.deque(
             (name, st.st_ino, st.st_atime_ns) for name, st in kept[tried:])
         return total
 
-    def _evict_queued(self, total: int, size: int) -> int:
+    def _evict_queued(self, total: int, size: int, deadline: float | None = None) -> int:
         """Evict the entries the last scan queued, oldest first, until size more bytes
         fit in total (the shared count, lowered by what goes); the new total.
 
@@ -412,13 +415,18 @@ class AudioCache:
             if self._expired(st, now):
                 if tier.remove_if_unpinned(name):  # it lowers the shared count itself
                     total -= st.st_size
-            elif self._evict(name):
+            elif self._evict(name, deadline):
                 tier.add({"bytes": -st.st_size})
                 total -= st.st_size
         return total
 
-    def _evict(self, name: str) -> bool:
-        """Evict one RAM entry (spilling it to disk first); False when it is pinned."""
+    def _evict(self, name: str, deadline: float | None = None) -> bool:
+        """Evict one RAM entry (spilling it to disk first); False when it is pinned.
+
+        A spill that fails leaves the entry evicted all the same (a warning logged: the
+        disk tier is a second chance, not a copy every entry must have), except one
+        that timed out waiting for the disk tier's lock (deadline, the caller's): that
+        TimeoutError is the caller's, and the entry stays."""
         path = self._ram.path(name)
         cell = _lowlevel.fd_cell()
         fd = open_regular(path, cell)
@@ -429,7 +437,9 @@ class AudioCache:
                 return False
             if self._disk is not None and _stat.S_IMODE(_os.fstat(fd).st_mode) != SUPERSEDED:
                 try:
-                    self._spill(fd, name)
+                    self._spill(fd, name, deadline)
+                except TimeoutError:
+                    raise
                 except OSError as exc:
                     placement.logger.warning("luna_shm: could not spill %s to %s: %s",
                                              path, self._disk.directory, exc)
@@ -464,7 +474,9 @@ class AudioCache:
             raise
         return part, cell
 
-    def _spill(self, src_fd: int, name: str) -> None:
+    def _spill(self, src_fd: int, name: str, deadline: float | None = None) -> None:
+        """Copy the RAM entry name (open as src_fd) to the disk tier and store it there;
+        deadline bounds the wait for the disk tier's lock. On failure the copy goes."""
         disk = self._disk
         assert disk is not None
         size = _os.fstat(src_fd).st_size
@@ -472,12 +484,16 @@ class AudioCache:
             return
         part, part_cell = self._copy_in(disk, src_fd, name, sync=True)
         try:
-            self._store_on_disk(disk, part, name, size)
+            self._store_on_disk(disk, part, name, size, deadline)
+        except BaseException:
+            unlink_quietly(part)  # still ours: our flock kept every sweep off it
+            raise
         finally:
             _lowlevel.release(part_cell)
 
-    def _store_on_disk(self, disk: Tier, part: str, name: str, size: int) -> None:
-        with disk.locked():
+    def _store_on_disk(self, disk: Tier, part: str, name: str, size: int,
+                       deadline: float | None = None) -> None:
+        with disk.locked(deadline=deadline):
             key = name.rpartition(".")[0]
             for suffix in ENTRY_SUFFIXES:  # one entry per key: a spilled WAV of a key
                 if key + suffix != name:    # now stored as MP3 must not win over it
@@ -513,7 +529,7 @@ class AudioCache:
                 part, cell = self._with_room(
                     _os.fstat(held.fileno()).st_size,
                     _functools.partial(self._copy_in, self._ram, held.fileno(), name,
-                                       sync=False))
+                                       sync=False), deadline)
                 try:
                     entry = self._commit(key, part, name, cell, source=held,
                                          deadline=deadline)
@@ -541,7 +557,8 @@ class AudioCache:
         spills), so checked under it, "source is still named and not superseded" means
         no newer audio of the key was stored since the copy began; else _Replaced is
         raised (nothing stored, the file removed). deadline bounds the wait for the
-        lock (a reload for a get with a timeout)."""
+        lock, and the spills' waits for the disk tier's (a reload for a get with a
+        timeout)."""
         if cell is None:
             cell = _lowlevel.fd_cell()
             fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
@@ -563,7 +580,7 @@ class AudioCache:
                 if source is not None and not _still_newest(source):
                     raise _Replaced(source.path)
                 self._flush_counts()
-                if not self._foreign(name) and self._make_room(size):
+                if not self._foreign(name) and self._make_room(size, deadline):
                     if name != key + ".wav" and not self._suffixes()[1:]:
                         self._ram.add({"encoded": 1})
                         self._encoded = True
@@ -712,23 +729,27 @@ class AudioCache:
 
         return self._with_room(nbytes, attempt)
 
-    def _with_room(self, nbytes: int, attempt: Callable[[], _T]) -> _T:
+    def _with_room(self, nbytes: int, attempt: Callable[[], _T],
+                   deadline: float | None = None) -> _T:
         """attempt(), and once more when it failed for a full RAM disk (ENOSPC) and the
-        cache's own unpinned entries made room for nbytes (see _room_on_ram_disk)."""
+        cache's own unpinned entries made room for nbytes (see _room_on_ram_disk, whose
+        waits deadline bounds)."""
         try:
             return attempt()
         except OSError as exc:
-            if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(nbytes):
+            if exc.errno != _errno.ENOSPC or not self._room_on_ram_disk(nbytes, deadline):
                 raise
         return attempt()
 
-    def _room_on_ram_disk(self, nbytes: int) -> bool:
+    def _room_on_ram_disk(self, nbytes: int, deadline: float | None = None) -> bool:
         """Evict the least recently used unpinned entries (spilling them to the disk tier)
         until the file system under the cache has room for nbytes more; True when it has.
 
         max_bytes bounds the cache, not the RAM disk: with the default 256 MiB in a
         container whose /dev/shm is 64 MB, the cache's own entries fill it, and without
-        this every later put would fail with ENOSPC while nothing is ever evicted."""
+        this every later put would fail with ENOSPC while nothing is ever evicted.
+        deadline (a call's with a timeout) bounds the waits for the locks of both tiers:
+        TimeoutError (ETIMEDOUT) naming the lock file."""
         tier = self._ram
         needed = nbytes + ROOM_MARGIN
 
@@ -738,7 +759,7 @@ class AudioCache:
         def room() -> bool:
             return free() >= needed
 
-        with tier.locked():
+        with tier.locked(deadline=deadline):
             tier.sweep()  # unstored audio a killed process never released, too
             entries = sorted(tier.entries(), key=lambda item: item[1].st_atime_ns)
             if free() + sum(st.st_blocks * 512 for _, st in entries) < needed:
@@ -746,7 +767,7 @@ class AudioCache:
             for name, _ in entries:
                 if room():
                     break
-                self._evict(name)
+                self._evict(name, deadline)
             tier.set_bytes(sum(st.st_size for _, st in tier.entries()))
             return room()
 
@@ -773,7 +794,7 @@ class AudioCache:
         Args:
             key: a key from :func:`cache_key`.
             timeout: seconds to wait for the render's next block, or for a stored
-                entry's lock (a number >= 0; None or infinity: no limit).
+                entry's locks as :meth:`get` (a number >= 0; None or infinity: no limit).
 
         Raises:
             TypeError, ValueError: a bad key or timeout (raised by the call itself).
@@ -781,7 +802,8 @@ class AudioCache:
             ValueError: the entry is encoded audio (see :meth:`put_bytes`).
             StreamAbandoned: the render failed or its process died (a WavError): the
                 next :meth:`get_or_render` renders it again.
-            TimeoutError: no new block for timeout seconds.
+            TimeoutError: no new block for timeout seconds, or a lock held past it
+                (see :meth:`get`).
         """
         self._check_open()
         check_key(key)
@@ -871,7 +893,7 @@ class AudioCache:
             found = self._get(key, deadline)
             if found is not None and self._readable(found, deadline):
                 return found
-            writer, part = self._start_render(key, samplerate, channels, dtype)
+            writer, part = self._start_render(key, samplerate, channels, dtype, deadline)
             if writer is not None:
                 return self._render(key, writer, part, render)
             outcome = self._wait(key, deadline)
@@ -907,16 +929,18 @@ class AudioCache:
                 _lowlevel.release(held)
         return True
 
-    def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any
-                      ) -> tuple[RenderWriter | None, str]:
+    def _start_render(self, key: str, samplerate: int, channels: int, dtype: Any,
+                      deadline: float | None = None) -> tuple[RenderWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
-        (None, "") when another live renderer has it."""
+        (None, "") when another live renderer has it. deadline bounds the waits of the
+        room made on a full RAM disk for its file (see _with_room)."""
         self._ram.check_writable()  # a cache opened read-only renders nothing
         live = self._ram.path(key + LIVE)
         for _ in range(8):
             part = self._ram.path(f".{key}.{token()}{PART}")
             writer: RenderWriter | None = self._with_room(
-                0, _functools.partial(RenderWriter, part, samplerate, channels, dtype))
+                0, _functools.partial(RenderWriter, part, samplerate, channels, dtype),
+                deadline)
             assert writer is not None
             writer.make_room = self._room_on_ram_disk
             try:
