@@ -430,6 +430,21 @@ def _lines_run(code, action: Callable[[], object]) -> list[int]:
     return seen
 
 
+def _signal_at(code, line: int, fired: list) -> Callable:
+    """A trace function (sys.settrace) that raises SIGUSR2 once, when code reaches line,
+    and appends the line to fired then."""
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            signal.raise_signal(signal.SIGUSR2)
+        return trace
+
+    return trace
+
+
 @pytest.mark.parametrize("kind", sorted(GUARDED_USES))
 def test_a_close_by_a_signal_handler_at_any_line_of_a_use_closes_before_it_or_after_it(
         private_dirs, kind):
@@ -451,14 +466,7 @@ def test_a_close_by_a_signal_handler_at_any_line_of_a_use_closes_before_it_or_af
         def close_here(signum, frame, obj=obj) -> None:
             obj.close()
 
-        def trace(frame, event, arg, line=line, raised=raised):
-            if frame.f_code is not case.code:
-                return None
-            if event == "line" and frame.f_lineno == line and not raised:
-                raised.append(line)
-                signal.raise_signal(signal.SIGUSR2)
-            return trace
-
+        trace = _signal_at(case.code, line, raised)
         before = signal.signal(signal.SIGUSR2, close_here)
         sys.settrace(trace)
         try:
@@ -623,13 +631,7 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_truncate_never_zeroe
                     os.close(fd)
                 raised.append(True)
 
-        def trace(frame, event, arg, code=code, line=line, raised=raised):
-            if frame.f_code is not code:
-                return None
-            if event == "line" and frame.f_lineno == line and not raised:
-                signal.raise_signal(signal.SIGUSR2)
-            return trace
-
+        trace = _signal_at(code, line, [])
         before = signal.signal(signal.SIGUSR2, close_here)
         sys.settrace(trace)
         try:
@@ -711,16 +713,9 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_write_never_reads_an
                     os.dup2(read_end, number)
                 pipes.append((read_end, write_end))
 
-        done: list[bool] = []
+        done: list[int] = []
 
-        def trace(frame, event, arg, code=code, line=line, done=done):
-            if frame.f_code is not code:
-                return None
-            if event == "line" and frame.f_lineno == line and not done:
-                done.append(True)
-                signal.raise_signal(signal.SIGUSR2)
-            return trace
-
+        trace = _signal_at(code, line, done)
         before = signal.signal(signal.SIGUSR2, close_here)
         sys.settrace(trace)
         try:
