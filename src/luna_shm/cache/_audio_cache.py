@@ -453,9 +453,8 @@ class AudioCache:
                  ) -> tuple[str, _lowlevel.FdCell]:
         """Copy src_fd to a new locked partial in tier: (its path, its fd cell); mtime kept."""
         st = _os.fstat(src_fd)
-        part, cell = tier.new_part(name)
-        fd = cell[0]
-        try:
+
+        def copy(fd: int, part: str) -> None:
             offset = 0
             while offset < st.st_size:
                 # sendfile, not copy_file_range: that one refuses RAM -> disk (EXDEV)
@@ -467,12 +466,8 @@ class AudioCache:
             _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))
             if sync:
                 _os.fsync(fd)
-        except BaseException as exc:
-            _lowlevel.release(cell)
-            unlink_quietly(part)
-            raise_named(exc, part)
-            raise
-        return part, cell
+
+        return tier.written_part(name, copy)
 
     def _spill(self, src_fd: int, name: str, deadline: float | None = None) -> None:
         """Copy the RAM entry name (open as src_fd) to the disk tier and store it there;
@@ -716,18 +711,7 @@ class AudioCache:
         entries make room (see _room_on_ram_disk) and it is written once more. On
         failure nothing is left, and the OSError names the partial (ENOSPC: with the
         full RAM disk's hint)."""
-        def attempt() -> tuple[str, _lowlevel.FdCell]:
-            part, cell = self._ram.new_part(key)
-            try:
-                write(cell[0], part)
-            except BaseException as exc:
-                _lowlevel.release(cell)
-                unlink_quietly(part)
-                raise_named(exc, part)
-                raise
-            return part, cell
-
-        return self._with_room(nbytes, attempt)
+        return self._with_room(nbytes, _functools.partial(self._ram.written_part, key, write))
 
     def _with_room(self, nbytes: int, attempt: Callable[[], _T],
                    deadline: float | None = None) -> _T:

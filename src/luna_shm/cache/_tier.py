@@ -32,6 +32,7 @@ from luna_shm.cache._files import (
     note_owner,
     open_private_dir,
     open_regular,
+    raise_named,
     regular_head,
     rmdir_quietly,
     stale_live,
@@ -427,6 +428,21 @@ class Tier:
         path = self.path(f".{name}.{token()}{PART}")
         cell = _lowlevel.fd_cell()
         _lowlevel.create_locked(self.directory, path, cell=cell)
+        return path, cell
+
+    def written_part(self, name: str, write: Callable[[int, str], None]
+                     ) -> tuple[str, _lowlevel.FdCell]:
+        """A new in-flight file for name (see new_part) that write(fd, path) filled: (path,
+        its fd cell). On failure nothing is left, and an OSError that names no file (os.write,
+        os.sendfile) names the partial (ENOSPC: with the full RAM disk's hint)."""
+        path, cell = self.new_part(name)
+        try:
+            write(cell[0], path)
+        except BaseException as exc:
+            _lowlevel.release(cell)
+            unlink_quietly(path)
+            raise_named(exc, path)
+            raise
         return path, cell
 
     def undo(self) -> None:
