@@ -394,7 +394,11 @@ DATA_CALLS: dict[str, Call] = {
 WRONG_KIND: dict[str, Any] = {"an object array": np.array([1, "a"], object),
               "a complex array": np.zeros(4, complex), "a bool array": np.zeros(4, bool),
               "a datetime array": np.zeros(4, "datetime64[s]"),
-              "a str array": np.array(["a", "b"]), "a structured array": np.zeros(4, "i2,i2")}
+              "a str array": np.array(["a", "b"]), "a structured array": np.zeros(4, "i2,i2"),
+              # Numbers of a width or sign no WAV stores (int64: np.array of Python ints).
+              "an int64 array": np.zeros(4, np.int64), "a uint64 array": np.zeros(4, np.uint64),
+              "a uint32 array": np.zeros(4, np.uint32), "a uint16 array": np.zeros(4, np.uint16),
+              "an int8 array": np.zeros(4, np.int8), "a float16 array": np.zeros(4, np.float16)}
 WRONG_SHAPE: dict[str, Any] = {"a 0-d array": (np.array(1, np.int16), r"got 0-D shape \(\)"),
                "a 3-d array": (np.zeros((2, 2, 2), np.int16), r"got 3-D shape \(2, 2, 2\)"),
                "an array with no channel": (np.zeros((4, 0), np.int16), r"has 0 channels"),
