@@ -303,7 +303,9 @@ DTYPE_CALLS: dict[str, Call] = {
 NOT_DTYPES: dict[str, Any] = {"'int8'": "int8", "'int64'": "int64", "'float16'": "float16",
               "'complex64'": "complex64", "bool": bool, "object": object,
               "the subtype name 'PCM_16'": "PCM_16", "1.5": 1.5, "True": True,
-              "a dict": {"dtype": "int16"}, "the bytes b'int16'": b"int16x"}
+              "a dict": {"dtype": "int16"}, "the bytes b'int16'": b"int16x",
+              # A sample where its type is wanted: numpy would take its dtype silently.
+              "numpy's float64(1.5)": np.float64(1.5), "numpy's int16(3)": np.int16(3)}
 
 
 def _dtype_rows() -> Iterator[Any]:

@@ -212,13 +212,15 @@ def check_dtype(dtype: object) -> np.dtype[Any]:
 
     Raises:
         TypeError: naming what the caller passed (None is refused, not read as
-            numpy's default float64).
+            numpy's default float64; so is a numpy sample or array, not read as its type).
     """
     # The message is made only on failure: repr of a numpy dtype costs ~20 us.
     def message() -> str:
         return f"dtype must be one of {SUPPORTED_DTYPES}, got {brief(dtype)}"
 
-    if dtype is None:
+    # A sample (np.float64(1.5)) or an array is no type, though np.dtype takes its dtype:
+    # WavWriter(path, rate, 1, audio[0]) would silently be a writer of whatever that was.
+    if dtype is None or isinstance(dtype, (np.generic, np.ndarray)):
         raise TypeError(message())
     try:
         resolved = np.dtype(dtype)  # type: ignore[call-overload]
