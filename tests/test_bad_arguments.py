@@ -470,7 +470,9 @@ def _other_rows() -> Iterator[Any]:
     # Encoded audio is bytes: text, numbers, samples (an int16 array is no MP3) and
     # unordered containers are refused by name.
     for label, value in {"None": None, "a str": "abc", "the int 1": 1, "1.5": 1.5,
-                         "an int16 array": np.zeros(4, np.int16)}.items():
+                         "an int16 array": np.zeros(4, np.int16),
+                         # numpy exports no buffer of dates: memoryview() raises ValueError
+                         "a datetime64 array": np.zeros(4, "datetime64[s]")}.items():
         yield row(save, value, TypeError, r"^data must be bytes, bytearray, memoryview or an "
                   r"iterable of them, got ", f"save_temp_audio(data=) refuses {label}")
     yield row(save, {"a": b"x"}, TypeError, r"^data must be .*ordered.*got a dict",

@@ -72,6 +72,8 @@ def _check_data(data: object) -> None:
         memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         is_buffer = False
+    except ValueError:  # a buffer it cannot export (numpy's dates): no bytes either
+        is_buffer = True
     else:
         is_buffer = True
     if is_buffer or not isinstance(data, Iterable):
