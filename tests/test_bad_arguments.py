@@ -545,6 +545,15 @@ def _other_rows() -> Iterator[Any]:
         yield row(lambda w, v: cache_key("t", speed=v), value, error, pattern,
                   f"cache_key(**options) refuses {label}, naming the option")
 
+    # The disk tier's directory: a path like the others, named as disk_dir.
+    for label, (value, error, pattern) in {
+            "the int 3": (3, TypeError, r"^disk_dir must be a str or os\.PathLike\[str\], got 3$"),
+            "bytes": (b"/tmp", TypeError, r"^disk_dir must be a str or .*, got b'/tmp'$"),
+            "a NUL byte": ("a\0b", ValueError, r"^disk_dir contains a NUL byte: 'a\\x00b'$"),
+            "''": ("", ValueError, r"^disk_dir must name a directory, got ''$")}.items():
+        yield row(lambda w, v: _new_cache(disk_dir=v), value, error, pattern,
+                  f"AudioCache(disk_dir=) refuses {label} naming disk_dir")
+
     # The pool's naming and waiting policy.
     for label, (value, error) in {"''": ("", ValueError), "'a/b'": ("a/b", ValueError),
                                   "'a b'": ("a b", ValueError), "None": (None, TypeError),

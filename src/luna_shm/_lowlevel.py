@@ -101,7 +101,8 @@ def _c_path(path: str) -> bytes:
 def path_argument(path: object, allowed: str = "str or os.PathLike[str]", *,
                   name: str = "path") -> str:
     """path as a str; TypeError naming the argument (name) and what was passed, briefly
-    (a read_wav(bytes) of a whole WAV must not put 500 KB into the message)."""
+    (a read_wav(bytes) of a whole WAV must not put 500 KB into the message); ValueError
+    naming it when it holds a NUL byte."""
     try:
         path_str = os.fspath(path)  # type: ignore[call-overload]
     except TypeError:
@@ -111,6 +112,10 @@ def path_argument(path: object, allowed: str = "str or os.PathLike[str]", *,
         if isinstance(path, (bytes, bytearray, memoryview)) and len(path) > 256:
             hint = " (WAV bytes in memory are not a path: write them to a file first)"
         raise TypeError(f"{name} must be {allowed}, got {brief(path)}{hint}")
+    # Here, not only when the C layer encodes it: a path that goes to os.stat first
+    # (AudioCache's disk_dir) got the os module's "embedded null byte", naming nothing.
+    if "\0" in path_str:
+        raise ValueError(f"{name} contains a NUL byte: {brief(path_str)}")
     return path_str
 
 
