@@ -573,18 +573,27 @@ def _other_rows() -> Iterator[Any]:
     # Hand-offs need a Unix socket and a WavBuffer.
     for label, value in {"None": None, "an fd number": 3, "a str": "/run/tts.sock"}.items():
         yield row(lambda w, v: recv_wav(v), value, TypeError,
-                  r"^recv_wav needs a socket\.socket, got ",
-                  f"recv_wav(sock=) refuses {label}")
+                  r"^recv_wav: sock must be a socket\.socket, got ",
+                  f"recv_wav(sock=) refuses {label} naming sock")
         yield row(lambda w, v: send_wav(v, w.buffer), value, TypeError,
-                  r"^send_wav needs a socket\.socket, got ", f"send_wav(sock=) refuses {label}")
+                  r"^send_wav: sock must be a socket\.socket, got ",
+                  f"send_wav(sock=) refuses {label} naming sock")
+    def over_inet(w: World, v: Any) -> object:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inet:
+            return v(inet, w)
+
+    for label, value in {"recv_wav": lambda sock, w: recv_wav(sock),
+                         "send_wav": lambda sock, w: send_wav(sock, w.buffer)}.items():
+        yield row(over_inet, value, ValueError, rf"^{label}: sock must be an AF_UNIX socket ",
+                  f"{label}(sock=) refuses a TCP socket with a ValueError naming sock")
     for label, value in {"None": None, "its path": "x.wav",
                          "an array": np.zeros(4, np.int16)}.items():
         def send(w: World, v: object) -> None:
             left, right = socket.socketpair()
             with left, right:
                 send_wav(left, v)  # type: ignore[arg-type]
-        yield row(send, value, TypeError, r"^send_wav sends a WavBuffer, got ",
-                  f"send_wav(buf=) refuses {label}")
+        yield row(send, value, TypeError, r"^send_wav: buf must be a WavBuffer, got ",
+                  f"send_wav(buf=) refuses {label} naming buf")
 
 
 # ---- the table -----------------------------------------------------------------------------

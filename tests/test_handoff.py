@@ -488,7 +488,7 @@ def test_send_of_anything_but_a_wav_buffer_raises_type_error_naming_it(pair, thi
     ours, _ = pair
     with pytest.raises(TypeError) as info:
         send_wav(ours, thing)
-    assert str(info.value) == f"send_wav sends a WavBuffer, got {named}"
+    assert str(info.value) == f"send_wav: buf must be a WavBuffer, got {named}"
 
 
 @pytest.mark.parametrize("function", [recv_wav, lambda sock: send_wav(sock, None)],
@@ -499,7 +499,7 @@ def test_send_of_anything_but_a_wav_buffer_raises_type_error_naming_it(pair, thi
 ])
 def test_a_socket_argument_that_is_no_socket_raises_type_error_naming_it(
         function, thing, named) -> None:
-    with pytest.raises(TypeError, match=r"_wav needs a socket\.socket, got ") as info:
+    with pytest.raises(TypeError, match=r"_wav: sock must be a socket\.socket, got ") as info:
         function(thing)
     assert str(info.value).endswith(f"got {named}")
 
@@ -507,7 +507,7 @@ def test_a_socket_argument_that_is_no_socket_raises_type_error_naming_it(
 def test_send_over_a_socket_that_is_not_unix_raises_value_error(private_dirs) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as inet, \
             create_wav_buffer(10, RATE) as buf:
-        with pytest.raises(ValueError, match="needs an AF_UNIX socket"):
+        with pytest.raises(ValueError, match=r"^send_wav: sock must be an AF_UNIX socket"):
             send_wav(inet, buf)
         os.unlink(buf.path)
 

@@ -60,11 +60,12 @@ def _check_unix(sock: object, who: str) -> _socket.socket:
         hint = ""
         if type(sock) is int and 0 <= sock < 2**31:  # sock.fileno(), say
             hint = f" (a file descriptor? pass socket.socket(fileno={sock}))"
-        raise TypeError(f"{who} needs a socket.socket, got {_lowlevel.brief(sock)}{hint}")
+        raise TypeError(f"{who}: sock must be a socket.socket, got {_lowlevel.brief(sock)}"
+                        f"{hint}")
     if sock.family != _socket.AF_UNIX:
         raise ValueError(
-            f"{who} needs an AF_UNIX socket (file descriptors travel only over Unix "
-            f"sockets), got {sock.family!r}"
+            f"{who}: sock must be an AF_UNIX socket (file descriptors travel only over "
+            f"Unix sockets), got {sock.family!r}"
         )
     return sock
 
@@ -90,7 +91,7 @@ def send_wav(sock: _socket.socket, buf: WavBuffer) -> None:
     """
     _check_unix(sock, "send_wav")
     if not isinstance(buf, WavBuffer):
-        raise TypeError(f"send_wav sends a WavBuffer, got {_lowlevel.brief(buf)}")
+        raise TypeError(f"send_wav: buf must be a WavBuffer, got {_lowlevel.brief(buf)}")
     buf.array  # noqa: B018  ValueError for a closed buffer, OSError(ESTALE) for a lost one
     # Under the buffer's lock: a close in another thread between our look at its
     # descriptor and the send would send a closed number, or another file's.
