@@ -29,6 +29,7 @@ import pytest
 from luna_shm import (
     AudioCache,
     AudioPool,
+    LunaShmError,
     PooledWav,
     WavBuffer,
     WavWriter,
@@ -63,6 +64,7 @@ class World:
     fallback: Path
     source: str
     out: str
+    fifo: str
     pool: AudioPool
     pooled: PooledWav
     buffer: WavBuffer
@@ -76,6 +78,8 @@ def world(private_dirs: Any) -> Iterator[World]:
     ram, fallback = Path(private_dirs.ram), Path(private_dirs.fallback)
     source = str(ram / "source.wav")
     write_wav(source, AUDIO, RATE)
+    fifo = str(ram / "player.fifo")
+    os.mkfifo(fifo)
     pool = AudioPool(slots=2, max_bytes=4096, timeout=5)  # one slot held, one free
     cache = AudioCache("badargs", max_bytes=1 << 20)
     key = cache_key("hello")
@@ -83,8 +87,8 @@ def world(private_dirs: Any) -> Iterator[World]:
     # The private dirs go with everything in them: closing is enough.
     with pool, cache, pool.acquire(16, RATE) as pooled, create_wav_buffer(16, RATE) as buffer, \
             WavWriter(str(ram / "live.wav"), RATE) as writer:
-        yield World(ram, fallback, source, str(ram / "out.wav"), pool, pooled, buffer, writer,
-                    cache, key)
+        yield World(ram, fallback, source, str(ram / "out.wav"), fifo, pool, pooled, buffer,
+                    writer, cache, key)
 
 
 def _files(world: World) -> set[str]:
@@ -377,6 +381,19 @@ def _path_rows() -> Iterator[Any]:
         yield pytest.param(lambda w, v, fn=fn: fn(w, str(w.ram)), None, IsADirectoryError,
                            r"Is a directory",
                            id=f"{call} refuses a directory with IsADirectoryError naming it")
+    # A FIFO where a file is wanted (a player's pipe): refused at once, never opened (an
+    # open would block until a writer came), never written over.
+    for call in ("write_wav(path=)", "write_wav(path=, atomic=True)",
+                 "create_wav_buffer(path=)", "WavWriter(path=)"):
+        fn = PATH_CALLS[call]
+        yield pytest.param(lambda w, v, fn=fn: fn(w, w.fifo), None, OSError,
+                           r"not a regular file \(a FIFO\)",
+                           id=f"{call} refuses a FIFO with EINVAL naming it")
+    for call in ("read_wav(path=)", "follow_wav(path=)", "iter_wav_stream(path=)"):
+        fn = PATH_CALLS[call]
+        yield pytest.param(lambda w, v, fn=fn: fn(w, w.fifo), None, LunaShmError,
+                           r"player\.fifo: not a regular file",
+                           id=f"{call} refuses a FIFO with a WavError naming it")
 
 
 # ---- audio arrays -------------------------------------------------------------------------
