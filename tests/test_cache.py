@@ -681,6 +681,31 @@ def test_a_wait_for_another_render_is_bounded_by_timeout(cache) -> None:
     assert cache.live_path(key) is None
 
 
+def test_get_or_render_with_timeout_0_takes_a_hit_and_renders_a_miss_without_waiting(
+        cache) -> None:
+    # "0 does not wait": it must still look. The loop checked its deadline before its
+    # first look-up, so timeout=0 raised TimeoutError on a hit, and on a miss that no one
+    # else was rendering.
+    hit, miss = cache_key("stored"), cache_key("not stored")
+    cache.put(hit, tone(hit), 16000).release()
+    renders: list[str] = []
+
+    def render(writer) -> None:
+        renders.append("rendered")
+        writer.write(tone(miss))
+
+    with cache.get_or_render(hit, render, samplerate=16000, timeout=0) as entry:
+        np.testing.assert_array_equal(entry.array, tone(hit))
+    with cache.get_or_render(miss, render, samplerate=16000, timeout=0) as entry:
+        np.testing.assert_array_equal(entry.array, tone(miss))
+    assert renders == ["rendered"]
+    slow = cache_key("slow")  # a wait for another caller's render still raises at once
+    with (render_in_flight(cache, slow),
+          pytest.raises(TimeoutError, match="waiting for another caller")):
+        call_with_deadline(lambda: cache.get_or_render(slow, render, samplerate=16000,
+                                                       timeout=0))
+
+
 def test_encoded_entries_keep_their_bytes_and_suffix(cache) -> None:
     key = cache_key("cloud", engine="elevenlabs")
     mp3 = b"ID3\x04\x00" + bytes(range(256)) * 10

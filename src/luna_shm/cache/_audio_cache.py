@@ -869,11 +869,6 @@ class AudioCache:
         deadline = _deadline(timeout)
         live = self._ram.path(key + LIVE)
         while True:
-            # Every pass, not only a wait, is bounded: whatever makes the loop go round
-            # again (a render that keeps ending before we wait) never outlasts timeout.
-            if deadline is not None and _time.monotonic() > deadline:
-                raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another caller "
-                                   f"to render {key!r}", live)
             found = self._get(key, deadline)
             if found is not None and self._readable(found, deadline):
                 return found
@@ -883,6 +878,13 @@ class AudioCache:
             outcome = self._wait(key, deadline)
             if outcome is not None:
                 return outcome
+            # Every pass, not only a wait, is bounded: whatever makes the loop go round
+            # again (a render that keeps ending before we wait) never outlasts timeout.
+            # Checked after a pass, not before the first: timeout=0 still looks (a hit,
+            # or a render of our own: neither waits for anyone).
+            if deadline is not None and _time.monotonic() > deadline:
+                raise TimeoutError(_errno.ETIMEDOUT, "timed out waiting for another caller "
+                                   f"to render {key!r}", live)
 
     def _readable(self, entry: CachedAudio, deadline: float | None) -> bool:
         """True when entry (a hit) can be read. A WAV entry that does not parse (another
