@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -411,15 +412,17 @@ GUARDED_USES = {
 }
 
 
-def _lines_run(code, action: Callable[[], object]) -> list[int]:
-    """The line numbers of code that action runs, in order, each once."""
-    seen: list[int] = []
+def _lines_traced(wanted: Callable[[Any], bool], action: Callable[[], object]
+                  ) -> list[tuple[object, int]]:
+    """The (code, line number) pairs that action runs in the code objects wanted(code)
+    accepts, in order, each once."""
+    seen: list[tuple[object, int]] = []
 
     def trace(frame, event, arg):
-        if frame.f_code is not code:
+        if not wanted(frame.f_code):
             return None
-        if event == "line" and frame.f_lineno not in seen:
-            seen.append(frame.f_lineno)
+        if event == "line" and (frame.f_code, frame.f_lineno) not in seen:
+            seen.append((frame.f_code, frame.f_lineno))
         return trace
 
     sys.settrace(trace)
@@ -428,6 +431,11 @@ def _lines_run(code, action: Callable[[], object]) -> list[int]:
     finally:
         sys.settrace(None)
     return seen
+
+
+def _lines_run(code, action: Callable[[], object]) -> list[int]:
+    """The line numbers of code that action runs, in order, each once."""
+    return [line for _, line in _lines_traced(lambda seen: seen is code, action)]
 
 
 def _signal_at(code, line: int, fired: list) -> Callable:
@@ -656,21 +664,7 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_truncate_never_zeroe
 def _lines_in(files: tuple[str, ...], action: Callable[[], object]) -> list[tuple[object, int]]:
     """The (code, line number) pairs that action runs in the given source files, in
     order, each once."""
-    seen: list[tuple[object, int]] = []
-
-    def trace(frame, event, arg):
-        if not frame.f_code.co_filename.endswith(files):
-            return None
-        if event == "line" and (frame.f_code, frame.f_lineno) not in seen:
-            seen.append((frame.f_code, frame.f_lineno))
-        return trace
-
-    sys.settrace(trace)
-    try:
-        action()
-    finally:
-        sys.settrace(None)
-    return seen
+    return _lines_traced(lambda code: code.co_filename.endswith(files), action)
 
 
 @pytest.mark.parametrize("path", ["first write", "hot path"])
