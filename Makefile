@@ -11,21 +11,13 @@ CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 .PHONY: demo test test-c system-deps lint dist-check sdist-check bench fuzz clean
 
 # The library alone (what the demo needs), then the test, benchmark and dev tools on top.
-# pyproject.toml's build and runtime requirements go into the venv in one pip call, and the
-# package is built there: pip's isolated build env would download and install setuptools
-# and cffi a second time (about 5 s of a first `make demo`).
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
-REQUIREMENTS := $(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
-	print(*(r.replace(" ", "") for r in p["build-system"]["requires"] + p["project"]["dependencies"]))'
-
 $(RUNTIME): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $$($(REQUIREMENTS))
-	$(PIP) --no-build-isolation --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
 $(STAMP): $(RUNTIME)
-	$(PIP) --no-build-isolation -e '.[test,bench,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench,dev]'
 	touch $@
 
 demo: $(RUNTIME)
