@@ -438,6 +438,20 @@ def _lines_run(code, action: Callable[[], object]) -> list[int]:
     return [line for _, line in _lines_traced(lambda seen: seen is code, action)]
 
 
+def _another_file_under(number: int, path: str, flags: int) -> bool:
+    """After a close: when the descriptor number is closed, open path under it (as a busy
+    process's next open would) and return True; False while number is still open."""
+    try:
+        os.fstat(number)
+        return False
+    except OSError:
+        fd = os.open(path, flags)
+        if fd != number:
+            os.dup2(fd, number)
+            os.close(fd)
+        return True
+
+
 def _signal_at(code, line: int, fired: list) -> Callable:
     """A trace function (sys.settrace) that raises SIGUSR2 once, when code reaches line,
     and appends the line to fired then."""
@@ -563,16 +577,8 @@ def test_a_close_by_a_signal_handler_after_a_nested_use_waits_for_the_outer_use(
         case.inner(obj)
 
     def close_inside(signum, frame) -> None:
-        obj.close()
-        try:
-            os.fstat(number)
-            took_number.append(False)  # the close waits for the outer use
-        except OSError:  # closed: another file takes its number meanwhile
-            fd = os.open(other, os.O_RDWR)
-            if fd != number:
-                os.dup2(fd, number)
-                os.close(fd)
-            took_number.append(True)
+        obj.close()  # False: the close waits for the outer use
+        took_number.append(_another_file_under(number, other, os.O_RDWR))
 
     def hook(frame, event, arg) -> None:
         if (event == "call" and not took_number and frame.f_code.co_name == case.at
@@ -628,16 +634,8 @@ def test_a_pool_closed_by_a_signal_handler_at_any_line_of_a_truncate_never_zeroe
         raised: list[bool] = []
 
         def close_here(signum, frame, pool=pool, number=number, raised=raised) -> None:
-            pool.close()
-            try:
-                os.fstat(number)
-                raised.append(False)  # not closed yet
-            except OSError:  # closed: another file takes its number meanwhile
-                fd = os.open(other, os.O_RDONLY)
-                if fd != number:
-                    os.dup2(fd, number)
-                    os.close(fd)
-                raised.append(True)
+            pool.close()  # False: not closed yet
+            raised.append(_another_file_under(number, other, os.O_RDONLY))
 
         trace = _signal_at(code, line, [])
         before = signal.signal(signal.SIGUSR2, close_here)
