@@ -26,9 +26,11 @@ from luna_shm import (
     WavWriter,
     afollow_wav,
     cache_key,
+    cleanup_all_temp_audio,
     cleanup_temp_audio,
     create_wav_buffer,
     follow_wav,
+    get_temp_audio_path,
     iter_wav_stream,
 )
 from luna_shm.cache import RenderError
@@ -909,3 +911,70 @@ def test_a_forked_child_drops_a_followers_fds_and_refuses_to_iterate_it(
     assert rest == np.full(50, 2, np.int16).tobytes()
     follower.close()
     os.unlink(writer.path)
+
+
+
+def forking_at_a_moments_lock(caller: str, children: list[int], stay_read: int,
+                              stay_write: int):  # type: ignore[no-untyped-def]
+    """A profile hook that forks a child that lives on (once) as the function called caller
+    has just taken an exclusive flock through _lowlevel.lock."""
+    def hook(frame, event, arg):  # type: ignore[no-untyped-def]
+        if (event == "return" and frame.f_code.co_name == "lock" and arg is True
+                and frame.f_code.co_filename.endswith("_lowlevel.py")
+                and frame.f_locals["exclusive"] and frame.f_back.f_code.co_name == caller
+                and not children):
+            children.append(fork_a_helper_that_lives_on(stay_read, stay_write))
+    return hook
+
+
+# Each a moment-long exclusive flock on a file taken to test that no live process holds it
+# (then remove it, or count it as pinned): the function that takes it, and what runs it.
+MOMENTS = {
+    "a cleanup's test": ("_examine", lambda cache, key: cleanup_all_temp_audio()),
+    "an eviction's": ("_evict", lambda cache, key: cache.put(
+        cache_key("pushes the first out"), np.full(3000, 2, np.int16), 8000).release()),
+    "a discard's": ("remove_if_unpinned", lambda cache, key: cache.discard(key)),
+    "a pin count's": ("<lambda>", lambda cache, key: cache.stats()),
+}
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_child_forked_during_a_moments_flock_on_a_file_holds_neither_the_file_nor_its_lock(
+        private_dirs, moment) -> None:
+    # The moment-long exclusive flock a cleanup, an eviction, a discard or a pin count takes
+    # on a file was an fd a fork in that moment copied: the child kept the lock (the entry
+    # then missed in every get, which could not pin it) and a removed file's RAM for as long
+    # as it lived (found in review).
+    caller, action = MOMENTS[moment]
+    cache = AudioCache("moments", max_bytes=8000)
+    key = cache_key("first")
+    cache.put(key, np.full(3000, 1, np.int16), 8000).release()
+    path = get_temp_audio_path()
+    with open(path, "wb") as f:
+        f.write(b"RIFF" + bytes(100))
+    target = path if moment == "a cleanup's test" else cache.entries()[0][1]
+    inode = os.stat(target).st_ino
+    stay_read, stay_write = os.pipe()
+    children: list[int] = []
+    sys.setprofile(forking_at_a_moments_lock(caller, children, stay_read, stay_write))
+    try:
+        action(cache, key)
+    finally:
+        sys.setprofile(None)
+    os.close(stay_read)
+    try:
+        assert children, f"{caller} never took a file's lock"
+        pid = children[0]
+        held = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert inode not in held
+        if moment == "a pin count's":
+            entry = cache.get(key)  # a hit: the child holds no lock that stops its pin
+            assert entry is not None
+            entry.release()
+        else:
+            assert not os.path.exists(target)
+    finally:
+        os.close(stay_write)
+        for pid in children:
+            os.waitpid(pid, 0)
+        cache.destroy()

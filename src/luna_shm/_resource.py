@@ -54,6 +54,20 @@ def close_in_child(cell: _lowlevel.FdCell) -> None:
     _closed_in_child.add(cell)
 
 
+def cell_closed_in_child() -> _lowlevel.FdCell:
+    """An empty fd cell (see _lowlevel.fd_cell) whose fd every child forked while it lives
+    closes at once: registered before it is filled, so a fork from another thread at any
+    moment after finds it.
+
+    For an fd opened to take a flock for a moment (a cleanup's or an eviction's test of
+    whether a live process holds a file): a child forked in that moment would otherwise
+    keep the lock, and a removed file's RAM, for as long as it lives.
+    """
+    cell = _lowlevel.fd_cell()
+    _closed_in_child.add(cell)
+    return cell
+
+
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 

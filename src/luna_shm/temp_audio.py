@@ -23,7 +23,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from luna_shm import _lowlevel, _newfile, formats, placement
+from luna_shm import _lowlevel, _newfile, _resource, formats, placement
 from luna_shm.placement import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -315,7 +315,7 @@ def _examine(
         OSError: the file cannot be opened to test its lock (EMFILE, ENFILE, ...)
             or removed (EROFS, ...), naming its path.
     """
-    cell = _lowlevel.fd_cell()
+    cell = _resource.cell_closed_in_child()  # the exclusive lock: never a child's
     flags = _os.O_NOFOLLOW | _os.O_NONBLOCK
     try:
         try:

@@ -428,7 +428,7 @@ class AudioCache:
         that timed out waiting for the disk tier's lock (deadline, the caller's): that
         TimeoutError is the caller's, and the entry stays."""
         path = self._ram.path(name)
-        cell = _lowlevel.fd_cell()
+        cell = _resource.cell_closed_in_child()  # its exclusive lock: never a child's
         fd = open_regular(path, cell)
         if fd is None:
             return not _os.path.lexists(path)  # gone; else not an entry: never ours to evict

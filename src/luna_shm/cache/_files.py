@@ -14,7 +14,7 @@ import time as _time
 from collections.abc import Callable
 from typing import TypeVar
 
-from luna_shm import _lowlevel, _newfile
+from luna_shm import _lowlevel, _newfile, _resource
 from luna_shm.cache._keys import KEY
 
 _T = TypeVar("_T")
@@ -179,8 +179,9 @@ def use_regular(path: str, use: Callable[[int], _T], otherwise: _T) -> _T:
     """use(fd) of path opened read-only (then closed) when it is a regular file; otherwise
     when it is not one (gone, a symlink, a FIFO, a directory: see open_regular) or cannot
     be opened at all: the looks made through it (a note's owner, a pin, a dead render)
-    take "cannot tell" for "no"."""
-    cell = _lowlevel.fd_cell()
+    take "cannot tell" for "no". A child forked meanwhile closes its copy of the fd at
+    once: use may take the file's lock for a moment."""
+    cell = _resource.cell_closed_in_child()
     try:
         fd = open_regular(path, cell)
     except OSError:

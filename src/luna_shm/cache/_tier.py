@@ -17,7 +17,7 @@ import weakref as _weakref
 from collections.abc import Callable
 from typing import Any
 
-from luna_shm import _lowlevel, _newfile
+from luna_shm import _lowlevel, _newfile, _resource
 from luna_shm.cache._files import (
     LIVE,
     LIVE_START,
@@ -346,7 +346,7 @@ class Tier:
         path = self.path(name)
         if only is not None and not _newfile.still_named(only, path):
             return False
-        cell = _lowlevel.fd_cell()
+        cell = _resource.cell_closed_in_child()  # its exclusive lock: never a child's
         fd = open_regular(path, cell)  # a symlink or FIFO of that name is not ours
         if fd is None:
             return False
