@@ -699,3 +699,40 @@ def test_a_probe_while_another_thread_changes_the_environment_caches_what_it_pro
     finally:
         sys.setswitchinterval(before)
     assert wrong == []
+
+
+def test_a_probe_that_ends_after_a_refresh_leaves_the_refreshed_choice_cached(
+        private_dirs, monkeypatch) -> None:
+    # A thread whose first call probed the directories (the RAM dir still there), then was
+    # overtaken by a refresh_temp_dir() that saw the RAM dir gone, stored its older choice
+    # over the refreshed one: every later call went to the removed directory until the
+    # next refresh. A probe begun before a refresh no longer replaces its result.
+    gone = f"{private_dirs.ram}/gone"
+    os.mkdir(gone, 0o700)
+    monkeypatch.setenv("LUNA_SHM_DIR", gone)
+    placement.refresh()
+    placement._cache.clear()  # the next current() probes (as a first call does)
+    probed, go_on = threading.Event(), threading.Event()
+
+    def hold_the_probed_choice(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "return" and frame.f_code is placement._choose.__code__:
+            probed.set()
+            go_on.wait(30)
+
+    def first_call() -> None:
+        sys.setprofile(hold_the_probed_choice)
+        try:
+            placement.current()
+        finally:
+            sys.setprofile(None)
+
+    thread = threading.Thread(target=first_call)
+    thread.start()
+    try:
+        assert probed.wait(30)
+        os.rmdir(gone)
+        assert luna_shm.refresh_temp_dir() == private_dirs.fallback
+    finally:
+        go_on.set()
+        thread.join()
+    assert luna_shm.temp_dir() == private_dirs.fallback

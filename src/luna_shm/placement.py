@@ -197,6 +197,7 @@ _os.register_at_fork(after_in_child=_new_lock_in_child)
 # keeps no bytes; None when unset).
 _EnvironmentKey = tuple[bytes | str | None, bytes | str | None, bytes | str | None]
 _cache: dict[_EnvironmentKey, Placement] = {}  # at most one: the last key probed
+_refreshes = 0  # how many refresh() calls began: a probe begun before one is not cached
 _logged: set[str] = set()
 
 
@@ -262,16 +263,22 @@ def current() -> Placement:
     key = _environment_key()
     placement = _cache.get(key)
     if placement is None:
+        refreshes = _refreshes
         placement = _choose(key)
         with _lock:
-            _cache.clear()
-            _cache[key] = placement
+            # A refresh() since the probe began may have seen the directories change
+            # (a mount, a removal): its choice stays; this call still returns its own.
+            if refreshes == _refreshes:
+                _cache.clear()
+                _cache[key] = placement
     return placement
 
 
 def refresh() -> Placement:
     """Forget the cached choice and probe the directories again."""
+    global _refreshes
     with _lock:
+        _refreshes += 1
         _cache.clear()
         _logged.clear()
     return current()
