@@ -507,6 +507,60 @@ def test_a_close_by_a_signal_handler_at_any_line_of_a_use_closes_before_it_or_af
         cleanup()
 
 
+def _ctrl_c_as_a_use_ends(use: Callable[[], object]) -> None:
+    """Run use with a real SIGINT (KeyboardInterrupt) raised as a use's ``finally`` calls
+    _end_use (the first such call), and check that use raised it."""
+    def interrupt_as_the_use_ends(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "call" and frame.f_code.co_name == "_end_use":
+            sys.settrace(None)
+            signal.raise_signal(signal.SIGINT)  # the default handler: KeyboardInterrupt
+        return None
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.settrace(interrupt_as_the_use_ends)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            use()
+    finally:
+        sys.settrace(None)
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("kind", sorted(GUARDED_USES))
+def test_a_ctrl_c_as_a_use_ends_leaves_the_object_closable(private_dirs, kind):
+    # A Ctrl-C (a SIGINT handler that raises) that ran as a use's ``finally`` entered
+    # _end_use, before its first line, left the count of uses up: every later close()
+    # took itself for one asked inside a use, and left the fd (and its flock) open for
+    # an end of use that never came, until a garbage collection. The count now goes
+    # down in the ``finally`` itself, before any call a handler can run at.
+    case = GUARDED_USES[kind]
+    cleanups: list[Callable[[], None]] = []
+    obj = case.make(cleanups)
+    _ctrl_c_as_a_use_ends(lambda: case.use(obj))
+    fd = obj.fileno()
+    obj.close()
+    assert obj.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, not left open for a collection
+    for cleanup in cleanups:
+        cleanup()
+
+
+@pytest.mark.parametrize("use", ["acquire", "truncate"])
+def test_a_ctrl_c_as_a_pool_use_ends_leaves_the_pool_closable(private_dirs, use):
+    # As above, for the pool's uses (taking a slot; a held slot's truncate): the pool's
+    # close() waited for ever, its slot files and fds kept.
+    pool = AudioPool(2, 8192)
+    held = pool.acquire(100, RATE)
+    if use == "acquire":
+        _ctrl_c_as_a_use_ends(lambda: pool.acquire(100, RATE))
+    else:
+        _ctrl_c_as_a_use_ends(lambda: held.truncate(50))
+    pool.close()
+    assert pool.closed
+    assert [name for name in os.listdir(private_dirs.ram) if "pool_" in name] == []
+
+
 # ---- a use by a signal handler inside a use of the same object --------------------------
 
 

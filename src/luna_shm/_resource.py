@@ -146,9 +146,14 @@ class Resource:
         self._uses += 1
 
     def _end_use(self) -> None:
-        """The end of a use (its ``finally``, under the lock): at the end of the
-        outermost one, a close that a signal handler asked for meanwhile is made."""
-        self._uses -= 1
+        """The end of a use, once its ``finally`` (under the lock) has taken the count down
+        itself (``self._uses -= 1``, then this call): at the end of the outermost use, a
+        close that a signal handler asked for meanwhile is made.
+
+        The count goes down in the ``finally``, not here: a handler may run as a call
+        starts, and one that raised there (Ctrl-C) left the count up, so every later
+        close took itself for one asked inside a use and never closed.
+        """
         if self._close_after and not self._uses:
             self._close_after = False
             self._close_now()
@@ -270,6 +275,7 @@ class FileResource(Resource):
                 self._check_open()  # closed by another thread, or a handler, meanwhile
                 return use(self._fd)
             finally:
+                self._uses -= 1  # here, before any call: see _end_use
                 self._end_use()
 
     def close(self) -> None:

@@ -141,6 +141,7 @@ class WavWriter(FileResource):
                 except OSError as exc:
                     self._append_failed(stream, array, exc)
             finally:
+                self._uses -= 1  # here, before any call: see Resource._end_use
                 self._end_use()
 
     def _append_failed(self, stream: _lowlevel.Stream, array: np.ndarray,

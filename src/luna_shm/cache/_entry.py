@@ -89,6 +89,7 @@ class CachedAudio(FileResource):
                     self._map()
                     array, samplerate = self._array, self._samplerate
             finally:
+                self._uses -= 1  # here, before any call: see Resource._end_use
                 self._end_use()
         assert array is not None and samplerate is not None
         return array, samplerate

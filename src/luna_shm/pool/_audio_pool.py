@@ -188,6 +188,7 @@ class PooledWav(_resource.Resource):
                     raise ValueError("PooledWav was released")
                 self._truncate(slot, new_frames)
             finally:
+                pool._uses -= 1  # here, before any call: see Resource._end_use
                 pool._end_use()
 
     def _truncate(self, slot: Slot, new_frames: int) -> None:
@@ -500,6 +501,7 @@ class AudioPool(_resource.Resource):
                 try:
                     slot = self._take_now(ref)
                 finally:
+                    self._uses -= 1  # here, before any call: see Resource._end_use
                     self._end_use()
                 if slot is not None:
                     return slot
@@ -697,7 +699,7 @@ class AudioPool(_resource.Resource):
                     self._give_back(slot, lease)  # the general path checks it (or drops it)
                     return None
             finally:
-                self._uses -= 1  # as _end_use
+                self._uses -= 1  # here, before any call: see Resource._end_use
                 if self._close_after and not self._uses:
                     self._close_after = False
                     self._close_now()
