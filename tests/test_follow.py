@@ -1229,3 +1229,100 @@ def test_an_async_follower_cancelled_as_its_wait_ends_raises_cancelled_error(ram
     outcomes = call_with_deadline(lambda: asyncio.run(main()))
     assert outcomes == ["cancelled"] * rounds
     assert set(os.listdir("/proc/self/fd")) <= before  # each follower's fds closed
+
+
+# ---- an async follower left before its stream ends ----------------------------------
+
+
+def follower_fds() -> list[str]:
+    """What this process's fds name of the kinds a follower opens: WAV files, watches."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the fd that listed them
+            pass
+    return sorted(name for name in names if name.endswith(".wav") or "inotify" in name)
+
+
+async def leave_by_async_with(path: Path) -> list[str]:
+    before = follower_fds()
+    async with afollow_wav(path, timeout=30) as chunks:
+        async for _ in chunks:
+            break
+        held = follower_fds()
+    assert len(held) == len(before) + 2  # inside, it holds its two
+    return follower_fds()
+
+
+async def leave_by_aclosing(path: Path) -> list[str]:
+    import contextlib
+    async with contextlib.aclosing(afollow_wav(path, timeout=30)) as chunks:
+        async for _ in chunks:
+            break
+    return follower_fds()
+
+
+async def leave_by_aclose(path: Path) -> list[str]:
+    chunks = afollow_wav(path, timeout=30)
+    async for _ in chunks:
+        break
+    await chunks.aclose()
+    await chunks.aclose()  # idempotent
+    return follower_fds()
+
+
+async def leave_by_break(path: Path) -> list[str]:
+    # No await between the break and the look: asyncio's finalizer hook, which closed an
+    # abandoned async generator, only schedules its aclose() for a later loop turn.
+    async for _ in afollow_wav(path, timeout=30):
+        break
+    return follower_fds()
+
+
+@pytest.mark.parametrize("leave", [leave_by_async_with, leave_by_aclosing, leave_by_aclose,
+                                   leave_by_break])
+def test_an_async_follower_left_mid_stream_closes_its_fds_at_once(ram, leave) -> None:
+    # A player that stops on barge-in leaves the follower while the stream is live: the
+    # follower's file and inotify fds stayed open until a later loop turn or a gc cycle.
+    path = ram / "barge_in.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        before = follower_fds()
+        left = call_with_deadline(lambda: asyncio.run(leave(path)))
+    assert left == before
+
+
+def test_an_async_follower_another_task_waits_in_is_closed_by_cancelling_that_task(
+        ram) -> None:
+    # Closing the fds under a wait registered with the loop would leave the loop watching
+    # a closed number (or another file opened under it): refused, naming the way out.
+    path = ram / "waiting.wav"
+
+    async def main() -> tuple[str, str, list[str]]:
+        chunks = afollow_wav(path, timeout=30)
+        first = asyncio.Event()
+
+        async def play() -> None:
+            async for _ in chunks:
+                first.set()
+
+        task = asyncio.create_task(play())
+        await first.wait()
+        await asyncio.sleep(0)  # the player is back in its wait
+        with pytest.raises(RuntimeError, match="another task iterates it: cancel") as closing:
+            await chunks.aclose()
+        with pytest.raises(RuntimeError, match="already being iterated") as iterating:
+            await chunks.__anext__()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert repr(chunks) == f"<AsyncFollower {str(path)!r} closed>"
+        return str(closing.value), str(iterating.value), follower_fds()
+
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        before = follower_fds()
+        closing, iterating, left = call_with_deadline(lambda: asyncio.run(main()))
+    assert str(path) in closing and str(path) in iterating
+    assert left == before

@@ -7,7 +7,7 @@ WAV I/O:
     write_wav, read_wav, create_wav_buffer / WavBuffer, WavWriter, AudioPool;
     prefault_wav_buffers / prefault_stats (buffers from pre-faulted files)
 Live streams (play while it renders):
-    follow_wav, afollow_wav, iter_wav_stream; StreamAbandoned
+    follow_wav, afollow_wav (an AsyncFollower), iter_wav_stream; StreamAbandoned
 A TTS cache:
     AudioCache, CachedAudio, cache_key
 Hand-offs:
@@ -26,7 +26,7 @@ from luna_shm.buffer import (
 )
 from luna_shm.cache import AudioCache, CachedAudio, cache_key
 from luna_shm.errors import HandoffError, LunaShmError, StreamAbandoned, WavError
-from luna_shm.follow import afollow_wav, follow_wav, iter_wav_stream
+from luna_shm.follow import AsyncFollower, afollow_wav, follow_wav, iter_wav_stream
 from luna_shm.handoff import recv_wav, send_wav
 from luna_shm.pool import AudioPool, PooledWav
 from luna_shm.saved import save_temp_audio
@@ -54,6 +54,7 @@ __all__ = [
     "DAEMON_PREFIX",
     "FALLBACK_DIR",
     "RAM_DISK_DIR",
+    "AsyncFollower",
     "AudioCache",
     "AudioPool",
     "CachedAudio",

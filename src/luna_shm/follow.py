@@ -34,7 +34,7 @@ import errno as _errno
 import fcntl as _fcntl
 import os as _os
 import time as _time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -42,7 +42,7 @@ import numpy as np
 from luna_shm import _lowlevel, _resource, formats
 from luna_shm.errors import StreamAbandoned, WavError
 
-__all__ = ["afollow_wav", "follow_wav", "iter_wav_stream"]
+__all__ = ["AsyncFollower", "afollow_wav", "follow_wav", "iter_wav_stream"]
 
 # A block is at most this many bytes (a follower that starts after a long
 # stream is written gets it in pieces of bounded size).
@@ -550,16 +550,121 @@ def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
 
 
 def afollow_wav(path: str | _os.PathLike[str], *,
-                timeout: float | None = None) -> AsyncIterator[np.ndarray]:
+                timeout: float | None = None) -> AsyncFollower:
     """The asyncio form of :func:`follow_wav`: ``async for block in afollow_wav(path)``.
 
     The wait is registered with the running loop (``loop.add_reader`` on the
     inotify fd): no thread per follower. Reading a block is one ``pread``.
     Same arguments, blocks and exceptions as :func:`follow_wav`.
+
+    Returns:
+        An :class:`AsyncFollower`: an async iterator of numpy arrays that is also an
+        async context manager (``async with afollow_wav(path) as blocks:``) and has
+        ``aclose()``; leaving it mid-stream (``break`` and dropping it, the ``with``
+        block, ``aclose()``) closes its fds at once, as a ``follow_wav`` generator's.
     """
     path_str = _follow_path(path)
     limit = formats.check_timeout(timeout)
-    return _follow_async(path_str, limit)
+    return AsyncFollower(path_str, limit)
+
+
+class AsyncFollower:
+    """What :func:`afollow_wav` returns: the blocks of a live WAV, for ``async for``.
+
+    It owns the follower's fds (the file's and its inotify watch's) from its first
+    ``__anext__`` until the stream ends, an exception comes out of it, or it is closed:
+    by ``close()``/``aclose()`` (idempotent), by leaving ``async with``, or by being
+    dropped (a ``break`` out of ``async for afollow_wav(...)``): at once in every case,
+    not at a later loop turn (an async generator's ``aclose`` is scheduled by the
+    event loop's finalizer hook) nor at a gc cycle. A follower in the middle of its wait
+    cannot be closed from another task (RuntimeError, as an async generator's aclose):
+    cancel the task that iterates it, which closes it.
+    """
+
+    _core: _Step | None = None  # None: not opened yet and never to be, or closed
+    _busy = False  # an __anext__ is running (waiting on the loop, most of the time)
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        self._path = path
+        self._owner = _resource.current_pid
+        self._started = False
+        # A generator that opens nothing before its first step; its finally closes the
+        # fds, also when this object is dropped (the generator goes with it).
+        self._core = _core(path, timeout)
+
+    def __aiter__(self) -> AsyncFollower:
+        return self
+
+    async def __anext__(self) -> np.ndarray:
+        core = self._core
+        if self._busy:
+            raise RuntimeError(f"afollow_wav {self._path!r} is already being iterated "
+                               "(by another task)")
+        if core is None:
+            raise StopAsyncIteration
+        self._busy = True
+        try:
+            if self._started:
+                _check_owner(self._owner, "afollow_wav", self._path)
+            self._started = True
+            block = await self._next_block(core)
+        except BaseException:  # the follower ends with its error (CancelledError too)
+            self._close_core()
+            raise
+        finally:
+            self._busy = False
+        if block is None:  # the stream is over
+            self._close_core()
+            raise StopAsyncIteration
+        return block
+
+    async def _next_block(self, core: _Step) -> np.ndarray | None:
+        """Drive the core to its next block, awaiting the loop for each wait it asks;
+        None when the stream is over (a StopIteration may not leave a coroutine)."""
+        try:
+            step = next(core)
+            while True:
+                if isinstance(step, _Wait):
+                    await _readable(step.fd, step.timeout)
+                    step = core.send(_wake(step, 0))
+                elif isinstance(step, _Held):
+                    return step.block
+                elif step.nbytes:
+                    return _block(step, self._path)
+                else:
+                    step = next(core)
+        except StopIteration:
+            return None
+
+    def _close_core(self) -> None:
+        core, self._core = self._core, None
+        if core is not None:
+            core.close()
+
+    def close(self) -> None:
+        """Stop following: close the file and watch fds now (idempotent).
+
+        Raises:
+            RuntimeError: another task is in the middle of ``__anext__`` on it.
+        """
+        if self._busy:
+            raise RuntimeError(f"afollow_wav {self._path!r} cannot be closed while "
+                               "another task iterates it: cancel that task")
+        self._close_core()
+
+    async def aclose(self) -> None:
+        """``close()``, for ``contextlib.aclosing`` and code written for async generators."""
+        self.close()
+
+    async def __aenter__(self) -> AsyncFollower:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else "open"
+        return f"<AsyncFollower {self._path!r} {state}>"
 
 
 async def _readable(fd: int, timeout: float | None) -> None:
@@ -584,30 +689,6 @@ async def _readable(fd: int, timeout: float | None) -> None:
         pass
     finally:
         loop.remove_reader(fd)
-
-
-async def _follow_async(path: str, timeout: float | None) -> AsyncIterator[np.ndarray]:
-    owner = _resource.current_pid
-    core = _core(path, timeout)
-    try:
-        step = next(core)
-        while True:
-            if isinstance(step, _Wait):
-                await _readable(step.fd, step.timeout)
-                step = core.send(_wake(step, 0))
-            elif isinstance(step, _Held):
-                yield step.block
-                _check_owner(owner, "afollow_wav", path)
-                step = next(core)
-            else:
-                if step.nbytes:
-                    yield _block(step, path)
-                    _check_owner(owner, "afollow_wav", path)
-                step = next(core)
-    except StopIteration:
-        return
-    finally:
-        core.close()
 
 
 def streamed_wav_header(info: _lowlevel.WavInfo) -> bytes:
