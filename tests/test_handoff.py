@@ -676,11 +676,20 @@ def test_recv_with_a_max_bytes_that_is_no_size_raises_naming_it_and_leaves_the_m
 SPLITTING_SENDER = """
     import os, socket, sys
     sock = socket.socket(fileno=int(sys.argv[1]))
-    fd = os.open(sys.argv[2], os.O_RDONLY)
-    socket.send_fds(sock, [b"LUNA"], [fd])  # the fd comes with the first half
-    os.close(fd)
+    first, second, half = sys.argv[2:]
+    fd = os.open(first, os.O_RDONLY)
+    if half == "first":  # the fd comes with the first half of the header, or the second
+        socket.send_fds(sock, [b"LUNA"], [fd])
+    else:
+        sock.sendall(b"LUNA")
     sock.recv(1)  # the receiver has looked meanwhile
-    sock.sendall(b"WAV1")
+    if half == "first":
+        sock.sendall(b"WAV1")
+    else:
+        socket.send_fds(sock, [b"WAV1"], [fd])
+    os.close(fd)
+    fd = os.open(second, os.O_RDONLY)
+    socket.send_fds(sock, [b"LUNAWAV1"], [fd])  # the next message, as send_wav sends it
 """
 
 
@@ -690,37 +699,52 @@ def wait_readable(sock: socket.socket) -> None:
     assert waiting.poll(60_000), "the sender sent nothing"
 
 
+def start_sender(script: str, sock: socket.socket, *args: str) -> subprocess.Popen[bytes]:
+    """A sender process that gets sock's fd as its first argument."""
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script),
+                             str(sock.fileno()), *args], pass_fds=[sock.fileno()], env=env)
+
+
+def stop_sender(sender: subprocess.Popen[bytes]) -> None:
+    """Kill the sender if it still runs (a test that failed before it was done)."""
+    if sender.poll() is None:
+        sender.kill()
+        sender.wait()
+
+
+@pytest.mark.parametrize("half", ["first", "second"], ids=["fd-first", "fd-second"])
 @pytest.mark.parametrize("wait", ["non-blocking", "timeout"])
 def test_a_header_split_across_two_sends_never_loses_its_descriptor(private_dirs, pair,
-                                                                     wait) -> None:
+                                                                     wait, half) -> None:
     # The fd came with the first half; the rest, not there yet, made recv_wav raise
     # BlockingIOError (or TimeoutError) and close the fd: the caller's next call got the
-    # second half alone ("no file descriptor"), and the WAV was lost.
+    # second half alone ("no file descriptor"), and the WAV was lost. A hand-made sender
+    # that put the fd on the second half got HandoffError("no file descriptor") for the
+    # first half, then HandoffError(header b'WAV1') for the second: the WAV was lost too.
     ours, theirs = pair
     theirs.settimeout(0 if wait == "non-blocking" else 0.05)
-    path = write_wav(None, np.arange(10, dtype=np.int16), RATE)
-    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
-    sender = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SPLITTING_SENDER), str(ours.fileno()), path],
-        pass_fds=[ours.fileno()], env=env)
+    first = write_wav(None, np.arange(10, dtype=np.int16), RATE)
+    second = write_wav(None, np.arange(5, dtype=np.int16), RATE)
+    sender = start_sender(SPLITTING_SENDER, ours, first, second, half)
     try:
         wait_readable(theirs)
         before = open_fds()
         with pytest.raises(BlockingIOError if wait == "non-blocking" else TimeoutError,
-                           match="4 of the 8 header bytes"):
+                           match="4 of the 8 header bytes came"):
             recv_wav(theirs)
         theirs.sendall(b"g")  # a byte to the sender: now it sends the rest
-        wait_readable(theirs)
+        theirs.settimeout(60)
         data, rate = recv_wav(theirs)
         np.testing.assert_array_equal(data, np.arange(10))
         assert rate == RATE
+        np.testing.assert_array_equal(recv_wav(theirs)[0], np.arange(5))  # in step
         assert open_fds() == before  # the kept fd, closed once mapped
         assert sender.wait(timeout=60) == 0
     finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
-        os.unlink(path)
+        stop_sender(sender)
+        os.unlink(first)
+        os.unlink(second)
 
 
 def test_a_split_header_whose_peer_closes_raises_and_closes_the_kept_descriptor(
@@ -738,3 +762,64 @@ def test_a_split_header_whose_peer_closes_raises_and_closes_the_kept_descriptor(
         recv_wav(theirs)
     assert open_fds() == before - 1  # ours closed, the kept fd too
     os.unlink(path)
+
+
+def test_a_header_whose_first_half_carried_two_descriptors_leaves_the_stream_in_step(
+        private_dirs, pair) -> None:
+    # HandoffError came as soon as the first half came, with two fds: the second half
+    # stayed in the stream, and the next recv_wav read it glued to the next message's
+    # first half (b'WAV1LUNA', taking and closing that message's fd); so did every call
+    # after it, and no WAV on the socket was ever received again.
+    ours, theirs = pair
+    first = write_wav(None, np.zeros(10, np.int16), RATE)
+    second = write_wav(None, np.arange(5, dtype=np.int16), RATE)
+    fds = [os.open(first, os.O_RDONLY) for _ in range(2)]
+    socket.send_fds(ours, [b"LUNA"], fds)
+    for fd in fds:
+        os.close(fd)
+    ours.sendall(b"WAV1")
+    for _ in range(2):
+        send_file(ours, second)
+    before = open_fds()
+    with pytest.raises(HandoffError, match="more than one file descriptor"):
+        recv_wav(theirs)
+    assert open_fds() == before
+    for _ in range(2):
+        np.testing.assert_array_equal(recv_wav(theirs)[0], np.arange(5))
+    assert open_fds() == before
+    os.unlink(first)
+    os.unlink(second)
+
+
+@pytest.mark.parametrize("header", [b"SOMEWAV!", HANDOFF_HEADER + b"!"],
+                         ids=["foreign", "one-byte-too-long"])
+def test_a_stream_out_of_step_raises_saying_so_and_takes_no_later_message(
+        private_dirs, pair, header) -> None:
+    # The bytes where a handoff header belonged were something else: where the peer's
+    # next message starts cannot be known. Each later call read 8 bytes across two
+    # messages (b'!LUNAWAV', b'1LUNAWAV'...), took and closed the fd of each, and said
+    # only "not a luna_shm WAV handoff"; now they say the stream is out of step and take
+    # nothing.
+    ours, theirs = pair
+    path = write_wav(None, np.zeros(10, np.int16), RATE)
+    for message in (header, HANDOFF_HEADER, HANDOFF_HEADER):
+        send_file(ours, path, header=message)
+    before = open_fds()
+    if header == b"SOMEWAV!":
+        with pytest.raises(HandoffError, match=r"header b'SOMEWAV!', expected b'LUNAWAV1'; "
+                                               r"this stream is out of step"):
+            recv_wav(theirs)
+    else:
+        recv_wav(theirs)  # its header is whole: the extra byte cannot be seen yet
+        with pytest.raises(HandoffError, match=r"header b'!LUNAWAV', expected b'LUNAWAV1'; "
+                                               r"this stream is out of step"):
+            recv_wav(theirs)
+    waiting = theirs.recv(64, socket.MSG_PEEK)
+    for _ in range(2):
+        with pytest.raises(HandoffError, match=r"recv_wav: this stream socket is out of step "
+                                               r"since .* close it"):
+            recv_wav(theirs)
+    assert theirs.recv(64, socket.MSG_PEEK) == waiting  # nothing more taken
+    assert open_fds() == before
+    os.unlink(path)
+

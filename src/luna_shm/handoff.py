@@ -46,11 +46,32 @@ HANDOFF_HEADER = b"LUNAWAV1"
 # 1 GiB is 46 minutes of 48 kHz stereo float32, 6 hours of 24 kHz mono int16.
 _DEFAULT_MAX_BYTES = 1 << 30
 
-# Handoffs whose header came in part, with its fd, on a stream socket where the rest
-# had not come yet (a non-blocking socket, or its timeout ran out): the next recv_wav
-# on the same socket object goes on with it, so that the fd is never lost. A socket
-# that goes away takes its entry along, and the cell's destructor closes the fd.
-_partial: _weakref.WeakKeyDictionary[_socket.socket, tuple[bytes, _lowlevel.FdCell]] = (
+class _Part:
+    """A message being received: its header bytes so far, the cell that owns the fd that
+    came with them (empty until one comes), and the first thing found wrong with it,
+    raised once its header is all read, so that a stream stays in step."""
+
+    __slots__ = ("cell", "error", "msg")
+
+    def __init__(self) -> None:
+        self.msg = b""
+        self.cell: _lowlevel.FdCell = _lowlevel.fd_cell()
+        self.error: Exception | None = None
+
+    def wrong(self, error: Exception) -> None:
+        """Note what is wrong with the message (the first thing only)."""
+        if self.error is None:
+            self.error = error
+
+
+# Headers that came in part on a stream socket, the rest not yet (a non-blocking socket,
+# or its timeout ran out): the next recv_wav on the same socket
+# object goes on with it, so that the fd is never lost and the stream stays in step. A
+# socket that goes away takes its entry along, and the cell's destructor closes the fd.
+_partial: _weakref.WeakKeyDictionary[_socket.socket, _Part] = _weakref.WeakKeyDictionary()
+# Stream sockets where something else stood where a header belonged (what it was): where
+# the peer's next message starts cannot be known, so nothing more is read from them.
+_out_of_step: _weakref.WeakKeyDictionary[_socket.socket, bytes] = (
     _weakref.WeakKeyDictionary())
 _partial_lock = _threading.Lock()
 
@@ -207,15 +228,20 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
         HandoffError: the message carried no file descriptor, more than one, or
             not the handoff header (a ValueError); on a datagram or seqpacket
             socket, also a message longer than the header; the WAV's array would
-            be larger than max_bytes (nothing of it was read).
+            be larger than max_bytes (nothing of it was read). On a stream the
+            header is read whole first (its fd may come with any part of it), so
+            the next call reads the next message; but where something else stood
+            in place of a header, where the next message starts cannot be known:
+            that call and every later one on the socket object raise HandoffError
+            saying the stream is out of step (close it), and read nothing more.
         WavError: the received file is not a WAV file we can read (not open
             for reading, too), or it shrank while it was being copied.
         TimeoutError: sock has a timeout and nothing came within it.
         BlockingIOError: sock is non-blocking and nothing has come yet, or its
             ``SO_RCVTIMEO`` ran out first (as ``sock.recv``). Both also when a
-            stream's header came in part, with its fd, and the rest not yet: the
-            next recv_wav on the same socket object goes on with it (the fd is
-            kept, never lost; it is closed with the socket object).
+            stream's header came in part and the rest not yet: the next recv_wav
+            on the same socket object goes on with it (an fd that came is kept,
+            never lost; it is closed with the socket object).
         OSError: the receive or the mapping failed (EBADF for a closed socket);
             EMFILE when this process had no fd free for the one sent (the kernel
             drops it: that WAV is lost).
@@ -223,70 +249,99 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
     _check_unix(sock, "recv_wav")
     if max_bytes is not None:
         max_bytes = formats.check_int("max_bytes", max_bytes)
-    want = len(HANDOFF_HEADER)
-    with _partial_lock:
-        pending = _partial.pop(sock, None)
-    if pending is not None:  # the rest of a header that came in part, with its fd
-        msg, cell = pending
-        flags = 0
-    else:
-        cell = _lowlevel.fd_cell()  # owns the fd that comes, from the moment it comes
-        msg, flags = _receive(sock, want, cell)
-    fd: int = cell[0]
+    part = _resume(sock)
     try:
-        if not msg and fd < 0:
-            raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
-        if flags & _socket.MSG_CTRUNC:
-            if fd < 0:  # the kernel passed none on: it could not install it here
-                raise _lost_descriptor(sock)
-            raise HandoffError("recv_wav: the message carried more than one file descriptor")
-        if flags & _socket.MSG_TRUNC:  # a datagram or packet longer than the header
-            raise HandoffError(
-                f"recv_wav: not a luna_shm WAV handoff: the message is longer than the "
-                f"{want}-byte header (it starts {msg!r})"
-            )
-        if fd < 0:
-            raise HandoffError(
-                f"recv_wav: the message carried no file descriptor (got {msg!r}); "
-                "the peer must send with send_wav"
-            )
-        while len(msg) < want and sock.type == _socket.SOCK_STREAM:
-            more = _rest_of_header(sock, msg, cell)  # the rest of a header split by the stream
-            if not more:
-                break
-            msg += more
-        if msg != HANDOFF_HEADER:
-            raise HandoffError(
-                f"recv_wav: not a luna_shm WAV handoff: header {msg!r}, "
-                f"expected {HANDOFF_HEADER!r}"
-            )
-        return _map_wav(fd, max_bytes)
-    finally:
-        if not _kept(sock, cell):
-            _lowlevel.release(cell)
-
-
-def _kept(sock: _socket.socket, cell: _lowlevel.FdCell) -> bool:
-    """True when cell waits in _partial for the rest of sock's header."""
-    with _partial_lock:
-        pending = _partial.get(sock)
-    return pending is not None and pending[1] is cell
-
-
-def _rest_of_header(sock: _socket.socket, msg: bytes, cell: _lowlevel.FdCell) -> bytes:
-    """The next bytes of a header that came in part (msg) with the fd in cell. When they
-    have not come yet (BlockingIOError, TimeoutError: as sock.recv), msg and cell are
-    kept for the next recv_wav on sock: the fd stays received, never lost."""
-    try:
-        return sock.recv(len(HANDOFF_HEADER) - len(msg))
+        _receive_header(sock, part)
     except (BlockingIOError, TimeoutError) as exc:
-        with _partial_lock:
-            _partial[sock] = (msg, cell)
+        if not part.msg:
+            raise
+        _keep(sock, part)
         raise type(exc)(
             _errno.EAGAIN if isinstance(exc, BlockingIOError) else _errno.ETIMEDOUT,
-            f"recv_wav: {len(msg)} of the {len(HANDOFF_HEADER)} header bytes came, with "
-            "the file descriptor; the rest has not come yet (the next recv_wav on this "
-            "socket goes on with it)") from None
+            f"recv_wav: {len(part.msg)} of the {len(HANDOFF_HEADER)} header bytes came, "
+            f"{'with the' if part.cell[0] >= 0 else 'no'} file descriptor yet; the rest has "
+            "not come yet (the next recv_wav on this socket goes on with it)") from None
+    try:
+        return _map_wav(_checked_fd(sock, part), max_bytes)
+    finally:
+        _lowlevel.release(part.cell)
+
+
+def _resume(sock: _socket.socket) -> _Part:
+    """The message that a recv_wav on sock left part-read, or a new one; HandoffError
+    when sock is out of step."""
+    with _partial_lock:
+        misread = _out_of_step.get(sock)
+        part = _partial.pop(sock, None)
+    if misread is not None:
+        raise HandoffError(
+            f"recv_wav: this stream socket is out of step since a message began {misread!r} "
+            f"where the handoff header {HANDOFF_HEADER!r} belonged: where later messages "
+            "start cannot be known; close it")
+    return _Part() if part is None else part
+
+
+def _keep(sock: _socket.socket, part: _Part) -> None:
+    with _partial_lock:
+        _partial[sock] = part
+
+
+def _receive_header(sock: _socket.socket, part: _Part) -> None:
+    """Receive into part until its header is whole: one message on a datagram or packet
+    socket; on a stream, as many receives as the peer split the header into (its fd may
+    come with any part), until 8 bytes or the end of the stream. What is wrong with the
+    message is noted in part, to raise once the header is all read."""
+    want = len(HANDOFF_HEADER)
+    while True:
+        # Room for one fd per receive: once one came, another goes into a spare cell.
+        cell = part.cell if part.cell[0] < 0 else _lowlevel.fd_cell()
+        data, flags = _receive(sock, want - len(part.msg), cell)
+        if cell is not part.cell:
+            if cell[0] >= 0 or flags & _socket.MSG_CTRUNC:
+                part.wrong(_more_than_one())
+            _lowlevel.release(cell)
+        elif flags & _socket.MSG_CTRUNC:
+            part.wrong(_lost_descriptor(sock) if cell[0] < 0 else _more_than_one())
+        if flags & _socket.MSG_TRUNC:  # a datagram or packet longer than the header
+            part.wrong(HandoffError(
+                f"recv_wav: not a luna_shm WAV handoff: the message is longer than the "
+                f"{want}-byte header (it starts {data!r})"))
+        part.msg += data
+        if not data or len(part.msg) >= want or sock.type != _socket.SOCK_STREAM:
+            return
+
+
+def _more_than_one() -> HandoffError:
+    return HandoffError("recv_wav: the message carried more than one file descriptor")
+
+
+def _checked_fd(sock: _socket.socket, part: _Part) -> int:
+    """The fd of a message whose header was all read; the error of one that is wrong (a
+    stream where something else stood where a header belonged is out of step from now on:
+    see _resume)."""
+    msg, fd = part.msg, int(part.cell[0])
+    if not msg and fd < 0 and part.error is None:
+        raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
+    step = ""
+    if sock.type == _socket.SOCK_STREAM and len(msg) == len(HANDOFF_HEADER) \
+            and msg != HANDOFF_HEADER:
+        with _partial_lock:
+            _out_of_step[sock] = msg
+        step = ("; this stream is out of step (where its next message starts cannot be "
+                "known): close it")
+    elif part.error is not None:
+        raise part.error
+    if fd < 0:
+        raise HandoffError(
+            f"recv_wav: the message carried no file descriptor (got {msg!r}); "
+            f"the peer must send with send_wav{step}"
+        )
+    if msg != HANDOFF_HEADER:
+        raise HandoffError(
+            f"recv_wav: not a luna_shm WAV handoff: header {msg!r}, "
+            f"expected {HANDOFF_HEADER!r}{step}"
+        )
+    return fd
 
 
 def _lost_descriptor(sock: _socket.socket) -> Exception:
