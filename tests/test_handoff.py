@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -822,4 +823,66 @@ def test_a_stream_out_of_step_raises_saying_so_and_takes_no_later_message(
     assert theirs.recv(64, socket.MSG_PEEK) == waiting  # nothing more taken
     assert open_fds() == before
     os.unlink(path)
+
+
+STALLING_SENDER = """
+    import os, signal, socket, sys
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    socket.send_fds(sock, [b"LUNA"], [fd])
+    os.kill(os.getpid(), signal.SIGSTOP)  # stalls mid-message, until SIGCONT
+    sock.sendall(b"WAV1")
+    fd = os.open(sys.argv[3], os.O_RDONLY)
+    socket.send_fds(sock, [b"LUNAWAV1"], [fd])  # the next message, as send_wav sends it
+"""
+
+
+class Interrupted(Exception):
+    """What the test's SIGALRM handler raises: a caller's own deadline."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+@pytest.mark.parametrize("wait", ["timeout", "signal"])
+def test_a_receive_given_up_mid_message_goes_on_with_it_when_retried(private_dirs, pair,
+                                                                    wait) -> None:
+    # The sender stalls (SIGSTOP) after the first half of a header, with its fd. The
+    # receiver gives up: its socket's timeout runs out, or its own deadline (a SIGALRM
+    # handler that raises) cuts the wait. The retry must take the rest of that message,
+    # then the next one. With the handler's exception, the fd was closed and the rest of
+    # the header left in the stream: the retry raised HandoffError ("no file descriptor").
+    ours, theirs = pair
+    first = write_wav(None, np.arange(10, dtype=np.int16), RATE)
+    second = write_wav(None, np.arange(5, dtype=np.int16), RATE)
+    sender = start_sender(STALLING_SENDER, ours, first, second)
+    old_handler = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        _, status = os.waitpid(sender.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)  # mid-message: the first half and the fd are sent
+        before = open_fds()
+        if wait == "timeout":
+            theirs.settimeout(0.2)
+            with pytest.raises(TimeoutError, match="4 of the 8 header bytes came"):
+                recv_wav(theirs)
+        else:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Interrupted):
+                recv_wav(theirs)
+        assert open_fds() == before + 1  # the fd that came, kept for the retry
+        os.kill(sender.pid, signal.SIGCONT)
+        theirs.settimeout(60)
+        np.testing.assert_array_equal(recv_wav(theirs)[0], np.arange(10))
+        np.testing.assert_array_equal(recv_wav(theirs)[0], np.arange(5))
+        assert open_fds() == before
+        assert sender.wait(timeout=60) == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if sender.poll() is None:
+            os.kill(sender.pid, signal.SIGCONT)
+        stop_sender(sender)
+        os.unlink(first)
+        os.unlink(second)
 

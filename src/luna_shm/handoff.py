@@ -65,7 +65,7 @@ class _Part:
 
 
 # Headers that came in part on a stream socket, the rest not yet (a non-blocking socket,
-# or its timeout ran out): the next recv_wav on the same socket
+# its timeout ran out, a signal handler raised): the next recv_wav on the same socket
 # object goes on with it, so that the fd is never lost and the stream stays in step. A
 # socket that goes away takes its entry along, and the cell's destructor closes the fd.
 _partial: _weakref.WeakKeyDictionary[_socket.socket, _Part] = _weakref.WeakKeyDictionary()
@@ -241,7 +241,8 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
             ``SO_RCVTIMEO`` ran out first (as ``sock.recv``). Both also when a
             stream's header came in part and the rest not yet: the next recv_wav
             on the same socket object goes on with it (an fd that came is kept,
-            never lost; it is closed with the socket object).
+            never lost; it is closed with the socket object). So does a call that
+            any other exception cut short there (a signal handler's).
         OSError: the receive or the mapping failed (EBADF for a closed socket);
             EMFILE when this process had no fd free for the one sent (the kernel
             drops it: that WAV is lost).
@@ -253,14 +254,16 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
     try:
         _receive_header(sock, part)
     except (BlockingIOError, TimeoutError) as exc:
-        if not part.msg:
+        if not _kept(sock, part):
             raise
-        _keep(sock, part)
         raise type(exc)(
             _errno.EAGAIN if isinstance(exc, BlockingIOError) else _errno.ETIMEDOUT,
             f"recv_wav: {len(part.msg)} of the {len(HANDOFF_HEADER)} header bytes came, "
             f"{'with the' if part.cell[0] >= 0 else 'no'} file descriptor yet; the rest has "
             "not come yet (the next recv_wav on this socket goes on with it)") from None
+    except BaseException:  # a signal handler's exception, say: the retry goes on too
+        _kept(sock, part)
+        raise
     try:
         return _map_wav(_checked_fd(sock, part), max_bytes)
     finally:
@@ -281,9 +284,15 @@ def _resume(sock: _socket.socket) -> _Part:
     return _Part() if part is None else part
 
 
-def _keep(sock: _socket.socket, part: _Part) -> None:
-    with _partial_lock:
-        _partial[sock] = part
+def _kept(sock: _socket.socket, part: _Part) -> bool:
+    """After a receive was cut short: keep part for the next recv_wav on sock when it is a
+    stream header begun and not whole (True); else close its fd, if one came (False)."""
+    if 0 < len(part.msg) < len(HANDOFF_HEADER) and sock.type == _socket.SOCK_STREAM:
+        with _partial_lock:
+            _partial[sock] = part
+        return True
+    _lowlevel.release(part.cell)
+    return False
 
 
 def _receive_header(sock: _socket.socket, part: _Part) -> None:
@@ -296,6 +305,7 @@ def _receive_header(sock: _socket.socket, part: _Part) -> None:
         # Room for one fd per receive: once one came, another goes into a spare cell.
         cell = part.cell if part.cell[0] < 0 else _lowlevel.fd_cell()
         data, flags = _receive(sock, want - len(part.msg), cell)
+        part.msg += data
         if cell is not part.cell:
             if cell[0] >= 0 or flags & _socket.MSG_CTRUNC:
                 part.wrong(_more_than_one())
@@ -306,7 +316,6 @@ def _receive_header(sock: _socket.socket, part: _Part) -> None:
             part.wrong(HandoffError(
                 f"recv_wav: not a luna_shm WAV handoff: the message is longer than the "
                 f"{want}-byte header (it starts {data!r})"))
-        part.msg += data
         if not data or len(part.msg) >= want or sock.type != _socket.SOCK_STREAM:
             return
 
