@@ -886,3 +886,38 @@ def test_a_receive_given_up_mid_message_goes_on_with_it_when_retried(private_dir
         os.unlink(first)
         os.unlink(second)
 
+
+TRICKLING_SENDER = """
+    import os, socket, sys, time
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    sock.recv(1)  # the receiver is in recv_wav
+    socket.send_fds(sock, [b"L"], [fd])
+    for byte in b"UNAWAV1":  # each byte well within the receiver's timeout of the last
+        time.sleep(0.15)
+        sock.sendall(bytes([byte]))
+"""
+
+
+def test_a_header_that_trickles_in_raises_timeout_error_after_the_sockets_timeout(
+        private_dirs, pair) -> None:
+    # Each part of a header was waited for with the socket's whole timeout again: a peer
+    # that sends a byte every 0.15 s held a recv_wav with a 0.5 s timeout for 1.05 s (8
+    # bytes could hold it for 8 timeouts). The timeout bounds the whole call, as
+    # socket.sendall's does; the retry goes on with the part that came.
+    ours, theirs = pair
+    path = write_wav(None, np.arange(10, dtype=np.int16), RATE)
+    sender = start_sender(TRICKLING_SENDER, ours, path)
+    try:
+        theirs.settimeout(0.5)
+        before = open_fds()
+        theirs.sendall(b"g")
+        with pytest.raises(TimeoutError, match=r"\d of the 8 header bytes came"):
+            recv_wav(theirs)
+        theirs.settimeout(60)
+        np.testing.assert_array_equal(recv_wav(theirs)[0], np.arange(10))
+        assert open_fds() == before
+        assert sender.wait(timeout=60) == 0
+    finally:
+        stop_sender(sender)
+        os.unlink(path)

@@ -236,7 +236,9 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
             saying the stream is out of step (close it), and read nothing more.
         WavError: the received file is not a WAV file we can read (not open
             for reading, too), or it shrank while it was being copied.
-        TimeoutError: sock has a timeout and nothing came within it.
+        TimeoutError: sock has a timeout and the message did not come within it
+            (the timeout bounds the whole call, as ``sock.sendall``'s does, also
+            when the header comes in parts).
         BlockingIOError: sock is non-blocking and nothing has come yet, or its
             ``SO_RCVTIMEO`` ran out first (as ``sock.recv``). Both also when a
             stream's header came in part and the rest not yet: the next recv_wav
@@ -251,8 +253,10 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
     if max_bytes is not None:
         max_bytes = formats.check_int("max_bytes", max_bytes)
     part = _resume(sock)
+    timeout = sock.gettimeout()
+    deadline = None if timeout is None else _time.monotonic() + timeout  # for the whole call
     try:
-        _receive_header(sock, part)
+        _receive_header(sock, part, timeout, deadline)
     except (BlockingIOError, TimeoutError) as exc:
         if not _kept(sock, part):
             raise
@@ -295,7 +299,8 @@ def _kept(sock: _socket.socket, part: _Part) -> bool:
     return False
 
 
-def _receive_header(sock: _socket.socket, part: _Part) -> None:
+def _receive_header(sock: _socket.socket, part: _Part, timeout: float | None,
+                    deadline: float | None) -> None:
     """Receive into part until its header is whole: one message on a datagram or packet
     socket; on a stream, as many receives as the peer split the header into (its fd may
     come with any part), until 8 bytes or the end of the stream. What is wrong with the
@@ -304,7 +309,7 @@ def _receive_header(sock: _socket.socket, part: _Part) -> None:
     while True:
         # Room for one fd per receive: once one came, another goes into a spare cell.
         cell = part.cell if part.cell[0] < 0 else _lowlevel.fd_cell()
-        data, flags = _receive(sock, want - len(part.msg), cell)
+        data, flags = _receive(sock, want - len(part.msg), cell, timeout, deadline)
         part.msg += data
         if cell is not part.cell:
             if cell[0] >= 0 or flags & _socket.MSG_CTRUNC:
@@ -365,14 +370,13 @@ def _lost_descriptor(sock: _socket.socket) -> Exception:
     return HandoffError(f"{lost}: the kernel dropped it (MSG_CTRUNC)")
 
 
-def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell) -> tuple[bytes, int]:
+def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell, timeout: float | None,
+             deadline: float | None) -> tuple[bytes, int]:
     """One message of at most want bytes and the fd passed with it (into cell), waiting as
-    sock.recv would: forever, up to sock's timeout (TimeoutError), up to its SO_RCVTIMEO
-    or not at all for a non-blocking socket (BlockingIOError). Returns (the bytes, the
-    message flags)."""
+    sock.recv would, but up to deadline (the call's, from sock's timeout, when it has one:
+    TimeoutError), up to its SO_RCVTIMEO or not at all for a non-blocking socket
+    (BlockingIOError). Returns (the bytes, the message flags)."""
     buf = bytearray(want)
-    timeout = sock.gettimeout()
-    deadline = None if timeout is None else _time.monotonic() + timeout
     while True:
         got = _lowlevel.recv_fd(sock.fileno(), buf, cell)
         if got is not None:
