@@ -569,7 +569,8 @@ def afollow_wav(path: str | _os.PathLike[str], *,
 
 
 class AsyncFollower:
-    """What :func:`afollow_wav` returns: the blocks of a live WAV, for ``async for``.
+    """What :func:`afollow_wav` returns (call that: it checks the arguments): the blocks
+    of a live WAV, for ``async for``.
 
     It owns the follower's fds (the file's and its inotify watch's) from its first
     ``__anext__`` until the stream ends, an exception comes out of it, or it is closed:
