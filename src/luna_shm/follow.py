@@ -126,15 +126,6 @@ def _lock_is_free(fd: int) -> bool:
     return True
 
 
-def _follower_cell() -> _lowlevel.FdCell:
-    """An empty fd cell for a follower, whose fd a forked child closes at the fork
-    (registered before it is filled: a fork from another thread at any point after
-    finds it)."""
-    cell = _lowlevel.fd_cell()
-    _resource.close_in_child(cell)
-    return cell
-
-
 def _check_owner(owner: int, what: str, path: str) -> None:
     """RuntimeError naming the owner when a forked child iterates its parent's follower
     (whose fds it closed at the fork)."""
@@ -145,7 +136,7 @@ def _check_owner(owner: int, what: str, path: str) -> None:
 def _open_watched(path: str) -> tuple[_lowlevel.FdCell, _lowlevel.FdCell]:
     """Open path read-only and watch it; the fd cells of (the file, the watch). The watch
     is armed before the caller reads anything, so that no write after that goes unseen."""
-    opened, watch = _follower_cell(), _follower_cell()
+    opened, watch = _resource.cell_closed_in_child(), _resource.cell_closed_in_child()
     fd = _lowlevel.open_regular(path, cell=opened)
     try:
         # Through /proc the watch is on the very file we opened, even if the
@@ -263,7 +254,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 opened, file_watch = _open_watched(path)
             except FileNotFoundError:
                 if watch < 0:
-                    watching = _follower_cell()
+                    watching = _resource.cell_closed_in_child()
                     watch = _lowlevel.watch_open(directory, directory=True, cell=watching,
                                                  filename=path)
                     continue  # armed: look again before waiting
