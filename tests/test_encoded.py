@@ -126,7 +126,10 @@ def test_data_that_is_neither_bytes_nor_iterable_is_a_type_error_naming_it(
     ({b"a", b"b"}, "a set holds its items in no order"),
     (frozenset({b"a"}), "a set holds its items in no order"),
     ({}, "iterating a mapping yields its keys"),
-], ids=["dict", "dict-keys", "dict-items", "set", "frozenset", "empty-dict"])
+    (iter({b"a", b"b"}), "a set holds its items in no order"),
+    (iter({b"RIFF": 1, b"data": 2}), "iterating a mapping yields its keys"),
+], ids=["dict", "dict-keys", "dict-items", "set", "frozenset", "empty-dict", "iter-set",
+        "iter-dict"])
 def test_a_mapping_or_set_is_a_type_error_naming_its_type_and_saves_nothing(
         private_dirs, data, why: str) -> None:
     kind = type(data).__name__

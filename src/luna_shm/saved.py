@@ -84,7 +84,8 @@ def _check_data(data: object) -> None:
     # Chunks are written in the order they come: a mapping yields its keys, and a set
     # (a dict's keys() or items() too) in no order that the audio had.
     why = (_UNORDERED_MAPPING if isinstance(data, Mapping)
-           else _UNORDERED_SET if isinstance(data, Set) else None)
+           else _UNORDERED_SET if isinstance(data, Set)
+           else _UNORDERED_ITERATORS.get(type(data)))
     if why is not None:
         raise TypeError(
             "data must be bytes, bytearray, memoryview or an ordered iterable of them (a "
@@ -95,6 +96,9 @@ def _check_data(data: object) -> None:
 
 _UNORDERED_MAPPING = "iterating a mapping yields its keys, not audio"
 _UNORDERED_SET = "a set holds its items in no order (and each only once)"
+# The iterators of those (iter(a_set), iter(a_dict)): as they are.
+_UNORDERED_ITERATORS: dict[type, str] = {type(iter(set())): _UNORDERED_SET,
+                                         type(iter({})): _UNORDERED_MAPPING}
 
 
 def _chunk_view(chunk: object, index: int) -> memoryview:
