@@ -541,10 +541,17 @@ def _other_rows() -> Iterator[Any]:
         yield row(lambda w, v: w.cache.put_bytes(cache_key("b"), v), value, TypeError,
                   r"^data must be bytes-like, got ",
                   f"AudioCache.put_bytes(data=) refuses {label} naming data")
-    for label, value in {"'.wav'": ".wav", "'mp3'": "mp3", "None": None}.items():
+    for label, value in {"'.wav'": ".wav", "'mp3'": "mp3"}.items():
         yield row(lambda w, v: w.cache.put_bytes(cache_key("b"), b"x", v), value, ValueError,
-                  r"^suffix must be one of \.mp3, ",
+                  r"^suffix must be one of \.mp3, .*, got '",
                   f"AudioCache.put_bytes(suffix=) refuses {label} naming suffix")
+    # A wrong type is a TypeError (it was a ValueError, as if the value were a wrong str).
+    for label, (value, shown) in {"None": (None, "None"), "bytes": (b".mp3", r"b'\.mp3'"),
+                                  "the int 1": (1, "1")}.items():
+        yield row(lambda w, v: w.cache.put_bytes(cache_key("b"), b"x", v), value, TypeError,
+                  rf"^suffix must be a str, one of \.mp3, .*, got {shown}$",
+                  f"AudioCache.put_bytes(suffix=) refuses {label} with a TypeError naming "
+                  "suffix and the value")
     for label, value in {"None": None, "a str": "render", "the int 1": 1}.items():
         yield row(lambda w, v: w.cache.get_or_render(cache_key("r"), v, samplerate=RATE),
                   value, TypeError, r"^render must be a callable taking the WavWriter, got ",

@@ -680,11 +680,15 @@ class AudioCache:
             suffix: one of .mp3, .ogg, .opus, .flac, .aac, .m4a, .webm.
 
         Raises:
-            TypeError, ValueError: a bad key, data or suffix; empty data.
+            TypeError: key, data or suffix of a wrong type (suffix: not a str).
+            ValueError: a bad key or suffix; empty data.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
         check_key(key)
+        if not isinstance(suffix, str):
+            raise TypeError(f"suffix must be a str, one of {', '.join(ENCODED_SUFFIXES)}, "
+                            f"got {_lowlevel.brief(suffix)}")
         if suffix not in ENCODED_SUFFIXES:
             raise ValueError(f"suffix must be one of {', '.join(ENCODED_SUFFIXES)}, "
                              f"got {suffix!r}")
