@@ -11,7 +11,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,25 @@ def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> 
     if errors:
         raise errors[0]
     return result[0]
+
+
+@contextmanager
+def lock_held_by_a_stopped_process(path: str) -> Iterator[None]:
+    """A child process takes path's flock (exclusive) and stops itself (SIGSTOP), as a
+    process stopped or hung in the middle of a commit would; the block runs once it is
+    stopped, and the child is killed at the end."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\n"), path])
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:

@@ -266,6 +266,10 @@ SECONDS_CALLS: dict[str, Call] = {
     "AudioCache.follow(timeout=)": lambda w, v: w.cache.follow(w.key, timeout=v),
     "AudioCache.get_or_render(timeout=)": lambda w, v: w.cache.get_or_render(
         w.key, _render, samplerate=RATE, timeout=v),
+    "AudioCache.put(timeout=)": lambda w, v: w.cache.put(w.key, AUDIO, RATE, timeout=v),
+    "AudioCache.put_bytes(timeout=)": lambda w, v: w.cache.put_bytes(w.key, b"x", timeout=v),
+    "AudioCache.discard(timeout=)": lambda w, v: w.cache.discard(w.key, timeout=v),
+    "AudioCache.destroy(timeout=)": lambda w, v: w.cache.destroy(timeout=v),
 }
 # Not numbers: what a config file gives ("10"), bools (True is no timeout), a list, a
 # dict, a complex number. Numbers that are no duration: negative ones, NaN, -inf.

@@ -24,6 +24,7 @@ from helpers import (
     LIBRARY_PATH,
     assert_child_ok,
     call_with_deadline,
+    lock_held_by_a_stopped_process,
     require_private_mounts,
     run_in_private_shm,
     wait_until_someone_waits_for_flock,
@@ -1277,14 +1278,6 @@ def test_eviction_stays_least_recently_used_when_other_processes_hit_entries_mea
         cache.destroy()
 
 
-HOLDS_THE_CACHE_LOCK_STOPPED = """
-    import fcntl, os, signal, sys
-    fd = os.open(sys.argv[1], os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # as a process stopped in the middle of a commit
-    os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lock(
         private_dirs, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
@@ -1294,19 +1287,13 @@ def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lo
         cache.put(key, audio_of(key), 24000).release()
         put_fillers(cache, 4)  # 4 x 4.8 KB more through a 20 KB RAM tier: the key spills
         lock = f"{cache.directory}/lock"
-        holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
-        try:
-            _, status = os.waitpid(holder.pid, os.WUNTRACED)
-            assert os.WIFSTOPPED(status), status
+        with lock_held_by_a_stopped_process(lock):
             before = sorted(os.listdir(cache.directory))
             # The reload copies the disk entry, then needs the cache's lock to store it.
             with pytest.raises(TimeoutError, match="cache's lock") as info:
                 call_with_deadline(lambda: cache.get(key, timeout=0.05), deadline=30)
             assert info.value.errno == errno.ETIMEDOUT and info.value.filename == lock
             assert sorted(os.listdir(cache.directory)) == before  # its copy went again
-        finally:
-            os.kill(holder.pid, signal.SIGKILL)
-            holder.communicate(timeout=30)
         with cache.get(key, timeout=5) as reloaded:
             assert np.array_equal(reloaded.array, audio_of(key))
         cache.destroy()
@@ -1323,10 +1310,7 @@ def test_looking_at_a_cache_whose_lock_a_stopped_process_holds_is_bounded_by_tim
         locks = {"cache": f"{cache.directory}/lock",
                  "disk cache": f"{disk}/luna_cache-{os.geteuid()}-watched/lock"}
         for what, lock in locks.items():
-            holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
-            try:
-                _, status = os.waitpid(holder.pid, os.WUNTRACED)
-                assert os.WIFSTOPPED(status), status
+            with lock_held_by_a_stopped_process(lock):
                 before = sorted(os.listdir(cache.directory))
                 # Found in review: each of these waited for the stopped holder for ever
                 # (stats, entries and clear had no timeout, nor had the open).
@@ -1344,14 +1328,57 @@ def test_looking_at_a_cache_whose_lock_a_stopped_process_holds_is_bounded_by_tim
                     assert sorted(os.listdir(cache.directory)) == before
                 else:  # clear() emptied the RAM tier before it waited for the disk's
                     assert os.listdir(cache.directory) == ["lock"]
-            finally:
-                os.kill(holder.pid, signal.SIGKILL)
-                holder.communicate(timeout=30)
         with pytest.raises(ValueError, match="timeout"):
             cache.stats(timeout=float("nan"))
         assert cache.entries(timeout=5) == [] and cache.clear(timeout=5) == 0
         assert cache.stats(timeout=5).hits == 1
         cache.destroy()
+
+
+@pytest.mark.parametrize("what", ["cache", "disk cache"])
+def test_puts_and_removals_bound_their_wait_for_a_stopped_holder_of_a_cache_lock(
+        private_dirs, tmp_path: Path, what: str) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    key = cache_key("stored, then put again while a lock is held")
+    other = cache_key("another sentence")
+    with AudioCache("held", disk_dir=disk) as cache:
+        cache.put(key, audio_of(key), 24000).release()
+        tiers = {"cache": cache.directory,
+                 "disk cache": f"{disk}/luna_cache-{os.geteuid()}-held"}
+        lock = f"{tiers[what]}/lock"
+        # New audio for the key (a WAV; encoded bytes, which replace the WAV of another
+        # type), another key's put (timeout=0: one try), a discard of the key.
+        calls = {
+            "put": lambda: cache.put(key, audio_of(other), 24000, timeout=0.05),
+            "put_bytes": lambda: cache.put_bytes(key, b"ID3 new", timeout=np.float64(0.05)),
+            "put of another key": lambda: cache.put(other, audio_of(other), 24000,
+                                                    timeout=0),
+            "discard": lambda: cache.discard(key, timeout=0.05),
+        }
+        with lock_held_by_a_stopped_process(lock):
+            before = {path: sorted(os.listdir(path)) for path in tiers.values()}
+            count = cache._ram.counters()[0]  # the RAM tier's shared byte count
+            for name, call in calls.items():
+                # Found in review: each of these waited for the stopped holder for ever.
+                with pytest.raises(TimeoutError, match=f"the {what}'s lock") as info:
+                    call_with_deadline(call, deadline=30)
+                assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT,
+                                                                   lock), name
+                # No partial and no entry left in either tier, nothing removed, and the
+                # bytes the put made room for out of the count again.
+                assert {path: sorted(os.listdir(path)) for path in before} == before, name
+                assert cache._ram.counters()[0] == count, name
+            with cache.get(key, timeout=5) as kept:  # a hit takes no lock of the cache
+                assert kept.is_wav and np.array_equal(kept.array, audio_of(key))
+            with pytest.raises(TimeoutError, match=f"the {what}'s lock") as info:
+                call_with_deadline(lambda: cache.destroy(timeout=0.05), deadline=30)
+            assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT, lock)
+            assert not cache.closed and os.path.isdir(cache.directory)
+        with cache.put(other, audio_of(other), 24000, timeout=5) as stored:
+            assert stored.stored
+        cache.destroy(timeout=5)
+        assert not os.path.exists(cache.directory) and cache.closed
 
 
 @pytest.mark.parametrize("call", ["get", "get_or_render", "follow"])
@@ -1364,7 +1391,6 @@ def test_a_reload_whose_eviction_must_spill_bounds_its_wait_for_a_stopped_disk_l
         cache.put(key, audio_of(key), 24000).release()
         put_fillers(cache, 4)  # through a 20 KB RAM tier: the key spills, the RAM is full
         lock = f"{disk}/luna_cache-{os.geteuid()}-held/lock"
-        holder = spawn(private_dirs, HOLDS_THE_CACHE_LOCK_STOPPED, lock)
         calls = {
             "get": lambda: cache.get(key, timeout=0.05),
             "get_or_render": lambda: cache.get_or_render(
@@ -1372,9 +1398,7 @@ def test_a_reload_whose_eviction_must_spill_bounds_its_wait_for_a_stopped_disk_l
                 timeout=0.05),
             "follow": lambda: next(cache.follow(key, timeout=0.05)),
         }
-        try:
-            _, status = os.waitpid(holder.pid, os.WUNTRACED)
-            assert os.WIFSTOPPED(status), status
+        with lock_held_by_a_stopped_process(lock):
             before = {path: sorted(os.listdir(path))
                       for path in (cache.directory, os.path.dirname(lock))}
             # The reload's commit must evict the oldest filler, which spills to the disk
@@ -1385,9 +1409,6 @@ def test_a_reload_whose_eviction_must_spill_bounds_its_wait_for_a_stopped_disk_l
             assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT, lock)
             # Nothing changed: the filler was not evicted, no copy is left in either tier.
             assert {path: sorted(os.listdir(path)) for path in before} == before
-        finally:
-            os.kill(holder.pid, signal.SIGKILL)
-            holder.communicate(timeout=30)
         with cache.get(key, timeout=5) as reloaded:
             assert np.array_equal(reloaded.array, audio_of(key))
         stats = cache.stats()
@@ -1422,7 +1443,11 @@ RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
     calls = {"get": lambda: cache.get("k0", timeout=0.05),
              "get_or_render": lambda: cache.get_or_render(
                  "k0", lambda writer: writer.write(np.ones(10, np.int16)),
-                 samplerate=24000, timeout=0.05)}
+                 samplerate=24000, timeout=0.05),
+             # A put's file does not fit either: the room it makes waits the same way.
+             "put": lambda: cache.put("k9", np.full(150_000, 9, np.int16), 24000,
+                                      timeout=0.05),
+             "put_bytes": lambda: cache.put_bytes("k9", bytes(300_000), timeout=0.05)}
     # The reload's copy finds the RAM disk full: the room it makes (evicting the cache's
     # own entries) takes the cache's lock, which the stopped process holds.
     for name, call in calls.items():
@@ -1445,10 +1470,12 @@ RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
 def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_timeout(
         ) -> None:
     # Found in review: the room a reload makes on a full RAM disk waited for the cache's
-    # lock for ever, whatever the call's timeout (the child's own deadline fails it).
+    # lock for ever, whatever the call's timeout (the child's own deadline fails it); so
+    # did a put's, which had no timeout.
     out = json.loads(assert_child_ok(run_in_private_shm(
         RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD, shm_size="1m", timeout=60)))
     assert sorted(out["spilled"]) == ["k0.wav", "lock"]
     timed_out = ["TimeoutError", errno.ETIMEDOUT, out["lock"]]
-    assert out["get"] == timed_out and out["get_or_render"] == timed_out
+    for call in ("get", "get_or_render", "put", "put_bytes"):
+        assert out[call] == timed_out, call
     assert out["unchanged"] and out["reloaded"]

@@ -25,6 +25,7 @@ from helpers import (
     as_other_user,
     assert_child_ok,
     closed_and_readable_dirs,
+    lock_held_by_a_stopped_process,
     require_tool,
     run_in_private_shm,
 )
@@ -658,24 +659,6 @@ def test_cache_commands_on_a_cache_that_does_not_exist_say_so_and_make_nothing(
                     f"{private_dirs.ram}")
     assert done.stdout == ""
     assert sorted(os.listdir(private_dirs.ram)) == before
-
-
-@contextmanager
-def lock_held_by_a_stopped_process(path: str) -> Iterator[None]:
-    """A child process takes path's flock and stops itself (SIGSTOP), as a process stopped
-    or hung in the middle of a commit would; killed at the end."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, signal, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.kill(os.getpid(), signal.SIGSTOP)\n"), path])
-    try:
-        _, status = os.waitpid(holder.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), status
-        yield
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 @pytest.mark.parametrize("action", ["stats", "ls", "clear"])

@@ -552,8 +552,9 @@ class AudioCache:
         spills), so checked under it, "source is still named and not superseded" means
         no newer audio of the key was stored since the copy began; else _Replaced is
         raised (nothing stored, the file removed). deadline bounds the wait for the
-        lock, and the spills' waits for the disk tier's (a reload for a get with a
-        timeout)."""
+        lock, and the waits for the disk tier's: the spills', and the removal of the
+        key's disk copies (a reload for a get with a timeout, a put with one). Past it,
+        TimeoutError, and the key's entries are as they were."""
         if cell is None:
             cell = _lowlevel.fd_cell()
             fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
@@ -576,6 +577,18 @@ class AudioCache:
                     raise _Replaced(source.path)
                 self._flush_counts()
                 if not self._foreign(name) and self._make_room(size, deadline):
+                    # The key's disk copies go before the rename, never after: killed
+                    # between the two, an older copy would outlive the new entry (an
+                    # eviction that cannot spill, a reboot) and come back in its place.
+                    # First of all changes: the wait for the disk tier's lock is the one
+                    # a deadline cuts short here, and then the key's entries are as they
+                    # were (the bytes made room for leave the count again).
+                    if self._disk is not None and source is None:
+                        try:
+                            self._drop_from_disk(key, deadline)
+                        except TimeoutError:
+                            self._ram.add({"bytes": -size})
+                            raise
                     if name != key + ".wav" and not self._suffixes()[1:]:
                         self._ram.add({"encoded": 1})
                         self._encoded = True
@@ -586,11 +599,6 @@ class AudioCache:
                             replaced = self._named_size(name)
                         else:  # held: it stays, superseded
                             remove_or_supersede(self._ram, key + suffix)
-                    # The key's disk copies go before the rename, never after: killed
-                    # between the two, an older copy would outlive the new entry (an
-                    # eviction that cannot spill, a reboot) and come back in its place.
-                    if self._disk is not None and source is None:
-                        self._drop_from_disk(key)
                     _os.rename(part_path, final)
                     # The old entry leaves the count (a pinned one lives on unnamed) after
                     # the rename, never before: killed between the two, the count would be
@@ -608,17 +616,21 @@ class AudioCache:
             raise_named(exc, part_path)  # os.utime on an fd names no file
             raise
 
-    def _drop_from_disk(self, key: str) -> None:
-        """Remove key's disk-tier entries, older than the one just stored in RAM (under
-        the RAM lock: RAM, then disk, as a spill takes them). One the disk tier cannot
-        remove (a read-only or failing disk) stays, with a warning logged: the new
-        entry is stored, and its caller gets it, not an OSError that says otherwise."""
+    def _drop_from_disk(self, key: str, deadline: float | None = None) -> None:
+        """Remove key's disk-tier entries, older than the one about to be stored in RAM
+        (under the RAM lock: RAM, then disk, as a spill takes them). One the disk tier
+        cannot remove (a read-only or failing disk) stays, with a warning logged: the new
+        entry is stored, and its caller gets it, not an OSError that says otherwise.
+        deadline bounds the wait for the disk tier's lock: TimeoutError (ETIMEDOUT)
+        naming its lock file, raised (the caller stores nothing then)."""
         disk = self._disk
         assert disk is not None
         try:
-            with disk.locked():
+            with disk.locked(deadline=deadline):
                 for suffix in ENTRY_SUFFIXES:
                     remove_or_supersede(disk, key + suffix)
+        except TimeoutError:
+            raise
         except OSError as exc:
             placement.logger.warning("luna_shm: could not remove the older entry of %r from "
                                      "the disk tier %s (a restart may bring it back): %s",
@@ -641,20 +653,26 @@ class AudioCache:
             return 0
 
     def put(self, key: str, data: object, samplerate: int, *,
-            subtype: str | None = None) -> CachedAudio:
+            subtype: str | None = None, timeout: float | None = None) -> CachedAudio:
         """Store data as key's WAV entry (replacing any) and return it pinned.
 
         Args:
             key: see :func:`cache_key`.
             data, samplerate, subtype: as for :func:`luna_shm.write_wav`.
+            timeout: seconds to wait for the cache's locks, in all, as for :meth:`stats`
+                (a TTS server's put must not hang on a process stopped holding them).
 
         Returns:
             The entry; ``stored`` is False when it is larger than max_bytes or every
             other entry is pinned (the audio is still there until released).
 
         Raises:
-            TypeError, ValueError: a bad key, data, samplerate or subtype; data with no
-                frames (as for get_or_render and put_bytes, empty audio is never cached).
+            TypeError, ValueError: a bad key, data, samplerate, subtype or timeout; data
+                with no frames (as for get_or_render and put_bytes, empty audio is never
+                cached).
+            TimeoutError: timeout passed while another process held a lock of the cache,
+                ETIMEDOUT, naming its lock file: nothing is left of the put, and the
+                key's older entry is as it was.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
@@ -663,14 +681,15 @@ class AudioCache:
         if enc.nbytes == 0:
             raise ValueError(f"data has no frames (got {_lowlevel.brief(data)}): an empty "
                              "render is never cached")
+        deadline = _deadline(timeout)
         def write(fd: int, part: str) -> None:
             _lowlevel.write_wav_fd(fd, enc.spec, encoding.data_chunk(enc), part)
 
-        part, cell = self._new_part_written(key, enc.nbytes, write)
-        return self._commit(key, part, key + ".wav", cell)
+        part, cell = self._new_part_written(key, enc.nbytes, write, deadline)
+        return self._commit(key, part, key + ".wav", cell, deadline=deadline)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
-                  suffix: str = ".mp3") -> CachedAudio:
+                  suffix: str = ".mp3", *, timeout: float | None = None) -> CachedAudio:
         """Store encoded audio (e.g. MP3 from a cloud TTS) as key's entry and return it pinned.
 
         Args:
@@ -678,10 +697,13 @@ class AudioCache:
             data: the encoded file's bytes: bytes, bytearray or a memoryview (one that is
                 not contiguous is stored as its bytes in order, copied once).
             suffix: one of .mp3, .ogg, .opus, .flac, .aac, .m4a, .webm.
+            timeout: seconds to wait for the cache's locks, as for :meth:`put`.
 
         Raises:
-            TypeError: key, data or suffix of a wrong type (suffix: not a str).
-            ValueError: a bad key or suffix; empty data.
+            TypeError: key, data, suffix or timeout of a wrong type (suffix: not a str).
+            ValueError: a bad key, suffix or timeout; empty data.
+            TimeoutError: as for :meth:`put`: nothing is left of it, the older entry
+                stays as it was.
             OSError: the RAM disk refused the file; nothing is left of it.
         """
         self._check_open()
@@ -697,6 +719,7 @@ class AudioCache:
         view = memoryview(data)
         if not view.nbytes:
             raise ValueError("data is empty: an empty render is never cached")
+        deadline = _deadline(timeout)
         # A strided view (a slice with a step, a transposed array) has no flat bytes of its
         # own to cast: its bytes, in order, are copied once.
         view = (view if view.c_contiguous else memoryview(view.tobytes())).cast("B")
@@ -705,17 +728,18 @@ class AudioCache:
             while rest:
                 rest = rest[_os.write(fd, rest):]
 
-        part, cell = self._new_part_written(key, view.nbytes, write)
-        return self._commit(key, part, key + suffix, cell)
+        part, cell = self._new_part_written(key, view.nbytes, write, deadline)
+        return self._commit(key, part, key + suffix, cell, deadline=deadline)
 
-    def _new_part_written(self, key: str, nbytes: int, write: Callable[[int, str], None]
-                          ) -> tuple[str, _lowlevel.FdCell]:
+    def _new_part_written(self, key: str, nbytes: int, write: Callable[[int, str], None],
+                          deadline: float | None = None) -> tuple[str, _lowlevel.FdCell]:
         """A new locked partial of key that write(fd, path) filled with about nbytes:
         (its path, its fd cell). When the RAM disk is full, the cache's own unpinned
-        entries make room (see _room_on_ram_disk) and it is written once more. On
-        failure nothing is left, and the OSError names the partial (ENOSPC: with the
-        full RAM disk's hint)."""
-        return self._with_room(nbytes, _functools.partial(self._ram.written_part, key, write))
+        entries make room (see _room_on_ram_disk, whose waits deadline bounds) and it is
+        written once more. On failure nothing is left, and the OSError names the partial
+        (ENOSPC: with the full RAM disk's hint)."""
+        return self._with_room(nbytes, _functools.partial(self._ram.written_part, key, write),
+                               deadline)
 
     def _with_room(self, nbytes: int, attempt: Callable[[], _T],
                    deadline: float | None = None) -> _T:
@@ -1128,23 +1152,40 @@ class AudioCache:
 
     # ---- removal and stats ---------------------------------------------------------
 
-    def discard(self, key: str) -> bool:
+    def discard(self, key: str, *, timeout: float | None = None) -> bool:
         """Remove key's entry from both tiers unless it is pinned; True if one was removed.
 
+        Args:
+            key: see :func:`cache_key`.
+            timeout: seconds to wait for the cache's locks, as for :meth:`stats`.
+
         Raises:
-            TypeError, ValueError: key is not a key (see :func:`cache_key`).
+            TypeError, ValueError: key is not a key (see :func:`cache_key`), or a bad
+                timeout.
+            TimeoutError: timeout passed while another process held a lock of the cache,
+                ETIMEDOUT, naming its lock file; nothing was removed (both tiers' locks
+                are taken before anything is: a RAM entry gone while its disk copy stays
+                would come back at the next get).
             OSError: an entry could not be opened to take its lock (EMFILE, ...), naming
                 it (never a False as if it were pinned).
         """
         self._check_open()
         check_key(key)
+        deadline = _deadline(timeout)
+        with self._ram.locked(deadline=deadline):  # RAM, then disk, as a spill takes them
+            if self._disk is None:
+                return self._discard_from(self._ram, key)
+            with self._disk.locked(deadline=deadline):
+                in_ram = self._discard_from(self._ram, key)
+                return self._discard_from(self._disk, key) or in_ram
+
+    @staticmethod
+    def _discard_from(tier: Tier, key: str) -> bool:
+        """Remove key's unpinned entries of every type from tier (under its lock); True
+        if one was removed."""
         removed = False
-        for tier in (self._ram, self._disk):
-            if tier is None:
-                continue
-            with tier.locked():
-                for suffix in ENTRY_SUFFIXES:
-                    removed |= tier.remove_if_unpinned(key + suffix)
+        for suffix in ENTRY_SUFFIXES:
+            removed |= tier.remove_if_unpinned(key + suffix)
         return removed
 
     def clear(self, *, timeout: float | None = None) -> int:
@@ -1158,7 +1199,10 @@ class AudioCache:
                 ETIMEDOUT, naming its lock file (the entries removed before stay removed).
         """
         self._check_open()
-        deadline = _deadline(timeout)
+        return self._clear(_deadline(timeout))
+
+    def _clear(self, deadline: float | None) -> int:
+        """clear(), its waits for the locks bounded by deadline (None: no bound)."""
         removed = 0
         for tier in (self._ram, self._disk):
             if tier is None:
@@ -1169,14 +1213,22 @@ class AudioCache:
                 tier.sweep()
         return removed
 
-    def destroy(self) -> None:
+    def destroy(self, *, timeout: float | None = None) -> None:
         """Clear the cache and remove its directories (when no entry is pinned), then close.
 
         Meant for when no other process uses the cache (tests, examples, uninstall).
         It removes only what it knows as the cache's own: entries, the notes that failed
         renders leave for their waiters, leftovers no process holds, and the lock file.
 
+        Args:
+            timeout: seconds to wait for the cache's locks, in all, as for :meth:`stats`.
+
         Raises:
+            TypeError, ValueError: a bad timeout.
+            TimeoutError: timeout passed while another process held a lock of the cache,
+                ETIMEDOUT, naming its lock file: the cache stays open (the entries
+                removed before stay removed, as for :meth:`clear`), unless a process
+                took a lock after the directories were found empty (see below).
             OSError: ENOTEMPTY when an entry is still pinned, a render or a write is in
                 flight (in any process), or a directory holds a file that is not the
                 cache's: the message names them, nothing but unpinned entries was
@@ -1186,10 +1238,11 @@ class AudioCache:
             ValueError: the cache is closed.
         """
         self._check_open()
-        self.clear()
+        deadline = _deadline(timeout)
+        self._clear(deadline)
         tiers = [tier for tier in (self._ram, self._disk) if tier is not None]
         for tier in tiers:
-            with tier.locked():
+            with tier.locked(deadline=deadline):
                 _, kept = tier.leftovers()
             if kept:
                 shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3
@@ -1200,7 +1253,7 @@ class AudioCache:
         self._finalizer.detach()
         try:
             for tier in tiers:
-                with tier.locked():
+                with tier.locked(deadline=deadline):
                     notes, _ = tier.leftovers()
                     for note in notes:
                         unlink_quietly(tier.path(note))
