@@ -900,9 +900,93 @@ def test_a_signal_handler_that_calls_the_cache_inside_its_locked_section_gets_an
     # Found in review: it waited for the lock its own thread held, for ever.
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    seen.pop("hits")  # the counts the interrupted stats() was writing out are lost
     raised = ("RuntimeError: AudioCache 'handler' was called from inside one of its own "
               "calls in this thread, which holds the cache's lock (by a signal handler "
               "that interrupted it?): only close() may be called there")
+    # The hit the interrupted stats() was writing out went out with the close (it was
+    # lost: see the next test).
     assert seen == {"sent": True, "handler raised": raised, "call raised": raised,
-                    "closed after the call": False, "locks free": [True], "spills": 0}
+                    "closed after the call": False, "locks free": [True], "hits": 1,
+                    "spills": 0}
+
+
+def _write_out_moments(codes: set[Any]) -> Callable:
+    """A profile function's test (frame, event, arg) -> bool: True at each moment where
+    CPython runs a pending signal handler inside the functions whose code is in codes:
+    as a Python function they call begins ("call"), and as a C function they call
+    returns ("c_return"). Not at "c_call": no handler runs between a C call's arguments
+    and the call, and a raise there could skip the __exit__ of a ``with lock:`` (its
+    lock then held for ever), which no handler can."""
+
+    def at_moment(frame, event, arg) -> bool:
+        if event == "c_return":
+            return frame.f_code in codes
+        return event == "call" and frame.f_back is not None and frame.f_back.f_code in codes
+
+    return at_moment
+
+
+def _signal_at_moment(moment: Callable, number: int) -> Callable:
+    """A profile function that sends this process SIGUSR1 once, at the moment (counted
+    from 0) that moment(frame, event, arg) picks as number."""
+    passed = [0]
+
+    def hook(frame, event, arg) -> None:
+        if moment(frame, event, arg):
+            if passed[0] == number:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            passed[0] += 1
+
+    return hook
+
+
+def test_counts_whose_write_out_a_signal_handler_s_error_cuts_short_are_kept(
+        private_dirs):
+    # A handler that calls the cache while stats() holds its lock raises RuntimeError
+    # there, by design. Raised inside the write-out of this process's counts, it lost
+    # them: they had left this process and were never written. At each moment of the
+    # write-out in turn, the hit counted before must go out once: now, or with the
+    # next write-out (here the next stats()); never lost, never written twice.
+    from luna_shm.cache._tier import Tier
+
+    moment = _write_out_moments({AudioCache._flush_counts.__code__, Tier.add.__code__})
+    with AudioCache("kept") as cache:
+        cache.put("k", np.ones(100, np.int16), 16000).release()
+        seen: list[tuple[str, str]] = []
+
+        def probe(frame, event, arg) -> None:
+            if moment(frame, event, arg):
+                seen.append((event, getattr(arg, "__name__", frame.f_code.co_name)))
+
+        sys.setprofile(probe)
+        try:
+            cache.stats()
+        finally:
+            sys.setprofile(None)
+        assert ("call", "add") in seen and ("c_return", "pwrite") in seen, seen
+        raised: list[tuple[str, str]] = []
+
+        def handler(signum, frame) -> None:
+            cache.stats()  # RuntimeError: only close() may be called there
+
+        before = signal.signal(signal.SIGUSR1, handler)
+        try:
+            for at, where in enumerate(seen):
+                cache.get("k").release()  # one hit not yet written out
+                sys.setprofile(_signal_at_moment(moment, at))
+                try:
+                    cache.stats()
+                except RuntimeError as exc:
+                    assert "only close() may be called there" in str(exc), where
+                    raised.append(where)
+                finally:
+                    sys.setprofile(None)
+                assert cache.stats().hits == at + 1, where
+        finally:
+            signal.signal(signal.SIGUSR1, before)
+        # Cut short before the write (the counts out of this process's hands, not in the
+        # file: they were lost) and right after it (they must not go out again).
+        assert ("call", "add") in raised and ("c_return", "pwrite") in raised, raised
+    with AudioCache("kept") as again:
+        assert again.stats().hits == len(seen)
+        again.destroy()

@@ -233,9 +233,28 @@ class AudioCache:
                 mine = [self._counts[name] for name in COUNTERS]
             shared = self._ram.counters()
             return {name: shared[i] + mine[i] for i, name in enumerate(COUNTERS)}
+        shared = self._ram.counters()
+        pending: dict[str, int] | None = None
+        try:
+            with self._counts_lock:
+                pending, self._counts = self._counts, dict.fromkeys(COUNTERS, 0)
+            return dict(zip(COUNTERS, self._ram.add(pending, shared), strict=True))
+        except BaseException:
+            # Cut short: by a signal handler's exception (one that calls the cache in
+            # this locked section raises RuntimeError), or a failed write. The counts
+            # taken out and not written stay this process's, for the next write-out or
+            # the close. Whether they were written is read back from the file: nobody
+            # else writes it while we hold the lock, and our write changes it (pending
+            # counts are positive), so it still holds what we read only if we did not.
+            if pending is not None and self._ram.counters() == shared:
+                self._keep_counts(pending)
+            raise
+
+    def _keep_counts(self, pending: dict[str, int]) -> None:
+        """Give back counts a write-out took and did not write (see _flush_counts)."""
         with self._counts_lock:
-            pending, self._counts = self._counts, dict.fromkeys(COUNTERS, 0)
-        return dict(zip(COUNTERS, self._ram.add(pending), strict=True))
+            for name, n in pending.items():
+                self._counts[name] += n
 
     def _suffixes(self) -> tuple[str, ...]:
         """The entry suffixes to look for: ".wav" alone until encoded audio was stored

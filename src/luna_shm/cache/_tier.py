@@ -301,10 +301,12 @@ class Tier:
             return [0] * len(COUNTERS)
         return list(_COUNTERS_FORMAT.unpack(raw))
 
-    def add(self, deltas: dict[str, int]) -> list[int]:
-        """Add deltas to the shared counters (under the lock); the new values."""
+    def add(self, deltas: dict[str, int], values: list[int] | None = None) -> list[int]:
+        """Add deltas to the shared counters (under the lock); the new values. values:
+        the counters as the caller read them under this very hold of the lock (saves
+        a read). The one pwrite is the only change: cut short before it, nothing was."""
         self.check_writable()
-        values = self.counters()
+        values = self.counters() if values is None else list(values)
         for i, name in enumerate(COUNTERS):
             values[i] = max(0, values[i] + deltas.get(name, 0))
         _os.pwrite(self.lock_fd, _COUNTERS_FORMAT.pack(*values), 0)
