@@ -177,7 +177,7 @@ def _strace() -> str:
     return strace
 
 
-_ENTRY = re.compile(r"^(\d+) ([a-z0-9_]+)\(")
+_ENTRY = re.compile(r"^(\d+) +([a-z0-9_]+)\(")  # strace pads short pids
 
 
 def kill_points(log: str) -> list[tuple[str, int]]:
