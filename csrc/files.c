@@ -106,6 +106,13 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode, int
     return luna_store_fd(cell, create_locked(dir, path, mode));
 }
 
+int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell)
+{
+    if (mode & ~07777u || !luna_cell_is_empty(cell))
+        return -EINVAL;
+    return luna_store_fd(cell, luna_open_unnamed_locked(dir, mode));
+}
+
 static int create_locked(const char *dir, const char *path, unsigned int mode)
 {
     /* Lock the file before it has a name, so that no cleanup can ever see it

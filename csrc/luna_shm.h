@@ -104,6 +104,13 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
  * an fd). */
 int luna_create_locked(const char *dir, const char *path, unsigned int mode, int *cell);
 
+/* A new unnamed file (O_TMPFILE) in dir, of exactly mode, with a shared flock held:
+ * fill it, then give it its name with luna_link_unnamed, so that the name never
+ * shows the file before its content (a process killed meanwhile leaves nothing).
+ * Returns the fd (also in *cell), or -errno (-EOPNOTSUPP where dir has no
+ * O_TMPFILE, -EINVAL when mode has bits outside 07777 or cell holds an fd). */
+int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell);
+
 /* Open a regular file read-only (O_NONBLOCK so a FIFO never hangs us), and
  * report its size. Returns the fd (also in *cell), -errno (-EISDIR for a
  * directory, -EINVAL for a cell that holds an fd), or -LUNA_EFORMAT for

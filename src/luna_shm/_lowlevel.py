@@ -199,6 +199,14 @@ def create_locked(directory: str, path: str, mode: int = 0o600, *,
                                         _cell_or_null(cell)), path)
 
 
+def create_unnamed_locked(directory: str, mode: int = 0o600, *, cell: FdCell = None) -> int:
+    """A new unnamed (O_TMPFILE) file in directory with a shared flock held; the fd (stored
+    into cell too, when given). Name it with :func:`link_unnamed` once it is filled.
+    OSError(EOPNOTSUPP) where directory has no O_TMPFILE."""
+    return check(lib.luna_create_unnamed_locked(_c_path(directory), mode, _cell_or_null(cell)),
+                 directory)
+
+
 def _cell_or_null(cell: FdCell) -> Any:
     return ffi.NULL if cell is None else cell
 

@@ -194,6 +194,73 @@ def create_temp_file(
     return path, cell
 
 
+class NewFile(NamedTuple):
+    """A new temp file being filled (see :func:`create_unnamed_temp_file`)."""
+
+    path: str  # its name: from the start when named, else once publish() links it
+    cell: _lowlevel.FdCell  # owns the fd: open read-write, holding a shared flock
+    named: bool
+    suffix: str
+    prefix: str
+
+
+def create_unnamed_temp_file(
+    suffix: str = ".wav",
+    prefix: str = AUDIO_PREFIX,
+    *,
+    size_hint: int | None = None,
+    on_disk: bool = False,
+) -> NewFile:
+    """A new temp file, flocked, that gets its name only from :func:`publish`, once it
+    is filled: a process killed before that leaves no file behind (the kernel frees an
+    unnamed one), and no name ever shows it empty or half-made.
+
+    ``path`` is the name it is meant to have, which errors name meanwhile (so that
+    :func:`with_disk_fallback` sees which directory refused it). Where the directory
+    has no O_TMPFILE, the file is made named at once, as :func:`create_temp_file` makes
+    it; :func:`drop` undoes either.
+    """
+    if _lowlevel.HAS_O_TMPFILE:
+        directory = directory_for(size_hint, on_disk)
+        path = f"{directory}/{prefix}{_new_token()}{suffix}"
+        cell = _lowlevel.fd_cell()
+        try:
+            _lowlevel.create_unnamed_locked(directory, cell=cell)
+            return NewFile(path, cell, False, suffix, prefix)
+        except OSError as exc:
+            if exc.errno != _errno.EOPNOTSUPP:
+                raise OSError(exc.errno, exc.strerror, path) from None
+    path, cell = create_temp_file(suffix, prefix, size_hint=size_hint, locked=True,
+                                  on_disk=on_disk)
+    return NewFile(path, cell, True, suffix, prefix)
+
+
+def publish(new: NewFile) -> str:
+    """Give a filled :class:`NewFile` its name and return its path: new.path, or a fresh
+    name in the same directory when another file took that one meanwhile."""
+    if new.named:
+        return new.path
+    try:
+        _lowlevel.link_unnamed(new.cell[0], new.path)
+    except FileExistsError:
+        return name_unnamed_file(new.cell[0], _os.path.dirname(new.path), new.suffix,
+                                 new.prefix)
+    return new.path
+
+
+def drop(new: NewFile) -> None:
+    """Undo :func:`create_unnamed_temp_file` after a failure: close, and remove the file
+    when it has a name already (never when publish() named it: a caller's file)."""
+    try:
+        _lowlevel.release(new.cell)
+    finally:
+        if new.named:
+            try:
+                _os.unlink(new.path)
+            except FileNotFoundError:
+                pass
+
+
 def name_unnamed_file(fd: int, directory: str, suffix: str = ".wav",
                       prefix: str = AUDIO_PREFIX) -> str:
     """Give an unnamed file (O_TMPFILE in directory, already flocked) a fresh temp name

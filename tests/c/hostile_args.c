@@ -330,6 +330,7 @@ static void check_hostile_sizes(void)
     /* files.c: permission bits only. */
     EXPECT_RC(luna_create_excl(path, 0x10000u | 0600u, NULL), -EINVAL);
     EXPECT_RC(luna_create_locked(dir_path, path, 0xFFFFFFFFu, NULL), -EINVAL);
+    EXPECT_RC(luna_create_unnamed_locked(dir_path, 0xFFFFFFFFu, NULL), -EINVAL);
     EXPECT_TRUE(directory_is_empty());
 
     /* prefault.c: a size no file can have, or nothing to make. A prepared file
@@ -365,6 +366,7 @@ static void check_hostile_sizes(void)
     EXPECT_RC(luna_create_excl(tmp_path, 0600, &cell), -EINVAL);
     EXPECT_RC(luna_open_for_write(path, 0600, &(int){0}, &(uint64_t){0}, &cell), -EINVAL);
     EXPECT_RC(luna_memfd("cell", &cell), -EINVAL);
+    EXPECT_RC(luna_create_unnamed_locked(dir_path, 0600, &cell), -EINVAL);
     EXPECT_TRUE(cell == made);
     EXPECT_RC(luna_fd_release(&cell), 0);
     EXPECT_TRUE(cell == -1 && fcntl(made, F_GETFD) == -1 && errno == EBADF);
