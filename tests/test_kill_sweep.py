@@ -309,7 +309,7 @@ def _named_before_filled(op: str) -> pytest.ParameterSet:
         "empty file under a final name")))
 
 
-OPERATIONS = [_named_before_filled("write_wav-new"), "write_wav-atomic-replace",
+OPERATIONS = ["write_wav-new", "write_wav-atomic-replace",
               "write_wav-plain-replace", _named_before_filled("save_temp_audio"),
               _named_before_filled("WavWriter"), "create_wav_buffer",
               "AudioPool", "AudioCache.put", "AudioCache.get_or_render"]

@@ -105,9 +105,10 @@ def _remove_if_empty(path: str) -> None:
 
 def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int,
                          atomic: bool) -> str:
-    """Write a new temp audio file: through the fd that created it (locked while it is
-    written), or, atomic, unnamed first and then linked under a fresh uuid4 name. A
-    RAM disk that refuses it (full, read-only) sends it to the disk temp dir."""
+    """Write a new temp audio file: unnamed (locked while it is written) and then named
+    (O_TMPFILE; elsewhere named first), or, atomic, linked under a hidden name and
+    renamed to a fresh uuid4 name. A RAM disk that refuses it (full, read-only) sends
+    it to the disk temp dir."""
 
     def attempt(on_disk: bool) -> str:
         if atomic:
@@ -116,15 +117,16 @@ def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int
             _lowlevel.write_wav_atomic(_os.path.dirname(path), path,
                                        _newfile.partial_path(path), spec, array)
             return path
-        path, cell = _newfile.create_temp_file(".wav", size_hint=nbytes + 128, locked=True,
-                                               on_disk=on_disk)
+        # Written unnamed, then named: a process killed on the way leaves no empty file.
+        new = _newfile.create_unnamed_temp_file(".wav", size_hint=nbytes + 128,
+                                                on_disk=on_disk)
         try:
-            _lowlevel.write_wav_fd(cell[0], spec, array, path)
+            _lowlevel.write_wav_fd(new.cell[0], spec, array, new.path)
+            path = _newfile.publish(new)
         except BaseException:
-            _lowlevel.release(cell)
-            _os.unlink(path)
+            _newfile.drop(new)
             raise
-        _lowlevel.release(cell)
+        _lowlevel.release(new.cell)
         return path
 
     return _newfile.with_disk_fallback(attempt)
