@@ -90,6 +90,9 @@ OPS = {
     "write_wav-atomic-replace": (None, lambda _: write_wav(TARGET, AUDIO, 8000, atomic=True)),
     "write_wav-plain-replace": (None, lambda _: write_wav(TARGET, AUDIO, 8000)),
     "save_temp_audio": (None, lambda _: save_temp_audio(ENCODED)),
+    # Mutable chunks are written one by one (a client may reuse its buffer).
+    "save_temp_audio-stream": (None, lambda _: save_temp_audio(
+        bytearray(ENCODED[start:start + 2000]) for start in (0, 2000, 4000))),
     "WavWriter": (None, writer_op),
     "create_wav_buffer": (None, buffer_op),
     "AudioPool": (None, pool_op),
@@ -245,7 +248,7 @@ def _check(op: str, ram: Path, target: Path) -> None:
         data = read_both(target)
         assert np.array_equal(data, OLD) or np.array_equal(data, AUDIO), "a mix of old and new"
         assert all(_PARTIAL.fullmatch(n) for n in files_in(ram) if n != target.name)
-    elif op == "save_temp_audio":
+    elif op.startswith("save_temp_audio"):
         for name in files_in(ram):
             assert re.fullmatch(r"luna_audio_[0-9a-f]{32}\.mp3", name), name
             assert (ram / name).read_bytes() == ENCODED, f"{name} is not the whole file"
@@ -310,7 +313,7 @@ def _named_before_filled(op: str) -> pytest.ParameterSet:
 
 
 OPERATIONS = ["write_wav-new", "write_wav-atomic-replace",
-              "write_wav-plain-replace", _named_before_filled("save_temp_audio"),
+              "write_wav-plain-replace", "save_temp_audio", "save_temp_audio-stream",
               _named_before_filled("WavWriter"), "create_wav_buffer",
               "AudioPool", "AudioCache.put", "AudioCache.get_or_render"]
 

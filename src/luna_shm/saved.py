@@ -203,37 +203,42 @@ def save_temp_audio(
                                   prefix, size, on_disk))
     # A stream cannot be replayed: only its creation may move to the disk temp dir.
     chunks = iter(data)
-    path, cell = _newfile.with_disk_fallback(
-        lambda on_disk: _newfile.create_temp_file(suffix, prefix, locked=True,
-                                                  on_disk=on_disk))
-    _fill(cell, path, lambda fd, path: _write_chunks(fd, chunks, path))
-    return path
+    new = _newfile.with_disk_fallback(
+        lambda on_disk: _newfile.create_unnamed_temp_file(suffix, prefix, on_disk=on_disk))
+    return _fill(new, lambda fd, path: _write_chunks(fd, chunks, path))
 
 
 def _save(write: Callable[[int, str], None], suffix: str, prefix: str, size: int,
           on_disk: bool) -> str:
     """One try at a new file holding what write puts at its fd; nothing left on failure."""
-    # Locked while it is written (a stream can take seconds): no concurrent
-    # cleanup_all_temp_audio() takes the half-written file for an abandoned one.
-    path, cell = _newfile.create_temp_file(suffix, prefix, size_hint=size, locked=True,
-                                           on_disk=on_disk)
-    _fill(cell, path, write)
-    return path
+    new = _newfile.create_unnamed_temp_file(suffix, prefix, size_hint=size, on_disk=on_disk)
+    return _fill(new, write)
 
 
-def _fill(cell: _lowlevel.FdCell, path: str, write: Callable[[int, str], None]) -> None:
-    """Run write(fd, path) with the fd in cell, then release it; on any failure remove
-    the file. What a stream's iterator raises goes on as it is (an ssl.SSLError is an
-    OSError too, but not one of our file's)."""
+def _fill(new: _newfile.NewFile, write: Callable[[int, str], None]) -> str:
+    """Run write(fd, path) into the new file, name it and close it; return its path. On
+    any failure nothing is left. The file is written unnamed (locked: a stream can take
+    seconds) and named last, so that a process killed on the way leaves no empty or
+    half-written file under a temp name. What a stream's iterator raises goes on as it
+    is (an ssl.SSLError is an OSError too, but not one of our file's)."""
     try:
-        try:
-            write(cell[0], path)
-        finally:
-            try:
-                _lowlevel.release(cell)
-            except OSError as exc:  # the close's error (EIO...) names the file
-                raise _with_filename(exc, path) from None
+        write(new.cell[0], new.path)
+        path = _newfile.publish(new)
     except BaseException:
+        _newfile.drop(new)
+        raise
+    try:
+        _release(new.cell, path)
+    except OSError:  # a close that failed (EIO) may have lost what was written
         with _contextlib.suppress(FileNotFoundError):
             _os.unlink(path)
         raise
+    return path
+
+
+def _release(cell: _lowlevel.FdCell, path: str) -> None:
+    """Close the file's fd; the close's error (EIO...) names the file."""
+    try:
+        _lowlevel.release(cell)
+    except OSError as exc:
+        raise _with_filename(exc, path) from None
