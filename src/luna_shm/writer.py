@@ -67,7 +67,7 @@ class WavWriter(FileResource):
         if path is None:
             # A RAM disk that refuses the new file, at its creation or at its header,
             # sends it to the disk temp dir; later chunks cannot move (see write).
-            dest = _newfile.with_disk_fallback(lambda on_disk: self._start(None, header, on_disk))
+            dest = _newfile.with_disk_fallback(lambda on_disk: self._start_new(header, on_disk))
         else:
             dest = self._start(path, header, False)
         self._own(dest.cell, dest.path)
@@ -76,19 +76,43 @@ class WavWriter(FileResource):
         # died, nor see the close event that ends the stream.
         self._let_go_at_fork()
 
-    def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
+    def _start_new(self, header: bytes, on_disk: bool) -> _newfile.Destination:
+        """One try at a new temp file: made unnamed, given its header, and only then
+        named, so that a process killed on the way leaves no empty file under a temp
+        name; on failure nothing is left and an OSError names the path it was to have."""
+        new = _newfile.create_unnamed_temp_file(".wav", on_disk=on_disk)
+        try:
+            header_page = self._begin(new.cell[0], header, new.path, new.path)
+            path = _newfile.publish(new)
+        except OSError as exc:
+            self._stream = None
+            _newfile.drop(new)
+            raise _newfile.explain_full_disk(exc, new.path) from None
+        except BaseException:
+            self._stream = None
+            _newfile.drop(new)
+            raise
+        header_page.filename = path  # errors name the final path
+        return _newfile.Destination(path, new.cell, True, None)
+
+    def _begin(self, fd: int, header: bytes, written: str, path: str) -> _lowlevel.Mapping:
+        """Write the header (errors name written, the file's name now) and start the
+        stream; return the header's mapping (errors name path)."""
+        _lowlevel.write_at(fd, 0, header, written)
+        # The header is rewritten after every chunk: through a shared
+        # mapping of its page that costs a memory store, not a system call.
+        header_page = _lowlevel.Mapping(fd, len(header), writable=True, populate=True,
+                                        filename=path)
+        self._stream = _lowlevel.Stream(fd, self._spec, header_page, self._data_offset)
+        return header_page
+
+    def _start(self, path: str | _os.PathLike[str], header: bytes,
                on_disk: bool) -> _newfile.Destination:
-        """Open the file and write its header; on failure nothing is left and an OSError
-        names the file."""
+        """Open the file at a given path and write its header; on failure nothing is
+        left and an OSError names the file."""
         dest = _newfile.open_destination(path, on_disk=on_disk)
         try:
-            _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
-            # The header is rewritten after every chunk: through a shared
-            # mapping of its page that costs a memory store, not a system call.
-            header_page = _lowlevel.Mapping(dest.fd, len(header), writable=True,
-                                            populate=True, filename=dest.path)
-            self._stream = _lowlevel.Stream(dest.fd, self._spec, header_page,
-                                            self._data_offset)
+            self._begin(dest.fd, header, dest.partial or dest.path, dest.path)
             _newfile.finish_destination(dest)
         except OSError as exc:
             self._stream = None
