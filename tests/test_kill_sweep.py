@@ -52,8 +52,9 @@ BEGIN, END = "/luna-kill-sweep-begin", "/luna-kill-sweep-end"
 ZYGOTE = r"""
 import os, sys
 import numpy as np
-from luna_shm import (AudioCache, AudioPool, WavWriter, create_wav_buffer, save_temp_audio,
-                      temp_dir, write_wav)
+import time
+from luna_shm import (AudioCache, AudioPool, WavWriter, create_wav_buffer, prefault_stats,
+                      prefault_wav_buffers, save_temp_audio, temp_dir, write_wav)
 
 # The placement is chosen once a process (its probe reads /proc/self/mountinfo, whose
 # length, and so its number of reads, changes with the machine's mounts): chosen here,
@@ -80,6 +81,18 @@ def buffer_op(_):
         buf.array[:] = AUDIO
 
 
+def prefault_setup():
+    # The reserve's thread prepares files of a size once a buffer asked for it: wait
+    # until it holds its two and sleeps, so that the buffer of the round takes one.
+    prefault_wav_buffers()
+    with create_wav_buffer(len(AUDIO), 8000) as first:
+        pass
+    os.unlink(first.path)
+    deadline = time.monotonic() + 30
+    while prefault_stats().files < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def pool_op(_):
     with AudioPool(slots=2, max_bytes=8192) as pool:
         pool.write_wav(AUDIO, 8000).release()
@@ -95,6 +108,7 @@ OPS = {
         bytearray(ENCODED[start:start + 2000]) for start in (0, 2000, 4000))),
     "WavWriter": (None, writer_op),
     "create_wav_buffer": (None, buffer_op),
+    "create_wav_buffer-prefaulted": (prefault_setup, buffer_op),
     "AudioPool": (None, pool_op),
     "AudioCache.put": (lambda: AudioCache("killsweep", max_bytes=1 << 20),
                        lambda cache: cache.put("k" * 64, AUDIO, 8000).release()),
@@ -183,26 +197,32 @@ def _strace() -> str:
 _ENTRY = re.compile(r"^(\d+) +([a-z0-9_]+)\(")  # strace pads short pids
 
 
+_MARKER_CALLS = ("access", "faccessat", "faccessat2")
+
+
 def kill_points(log: str) -> list[tuple[str, int]]:
-    """(name, k) for each call from just after the begin marker through the end marker:
-    the k-th call of that name in its process, counted from strace's attach as strace
-    counts ``when``."""
+    """(name, k) for each call of the operation's thread from just after the begin
+    marker through the end marker: the k-th call of that name in that thread, counted
+    from strace's attach, as strace counts ``when``. Another thread's calls (the prefault
+    reserve's) are no points: strace counts them apart but injects by name alone, so
+    they would be ambiguous. ``futex`` calls are no points either: a lock wait, which
+    changes no file, and whose count depends on how the threads met."""
     counts: Counter[tuple[str, str]] = Counter()
     points: list[tuple[str, int]] = []
-    inside = False
+    main = None
     for line in log.splitlines():
         entry = _ENTRY.match(line)
         if entry is None:  # "<... resumed>", "+++ exited", "--- SIG..."
             continue
         pid, name = entry.groups()
         counts[pid, name] += 1
-        if inside:
+        if pid == main and name != "futex":
             points.append((name, counts[pid, name]))
-        if name in ("access", "faccessat", "faccessat2") and BEGIN in line:
-            inside = True
-        if name in ("access", "faccessat", "faccessat2") and END in line:
+        if main is None and name in _MARKER_CALLS and BEGIN in line:
+            main = pid
+        if pid == main and name in _MARKER_CALLS and END in line:
             break
-    assert inside and points and points[-1][0] in ("access", "faccessat", "faccessat2"), (
+    assert main is not None and points and points[-1][0] in _MARKER_CALLS, (
         "the dry run's trace holds no whole operation")
     return points
 
@@ -254,7 +274,7 @@ def _check(op: str, ram: Path, target: Path) -> None:
             assert (ram / name).read_bytes() == ENCODED, f"{name} is not the whole file"
     elif op == "WavWriter":
         _check_temp_wav(ram, _is_prefix_of_whole_chunks)
-    elif op == "create_wav_buffer":
+    elif op.startswith("create_wav_buffer"):
         _check_temp_wav(ram, lambda data: len(data) == FRAMES and (
             np.array_equal(data, AUDIO) or not data.any()))
     elif op == "AudioPool":
@@ -308,7 +328,7 @@ def _clean(op: str, ram: Path, fallback: Path, target: Path) -> None:
 
 OPERATIONS = ["write_wav-new", "write_wav-atomic-replace",
               "write_wav-plain-replace", "save_temp_audio", "save_temp_audio-stream",
-              "WavWriter", "create_wav_buffer",
+              "WavWriter", "create_wav_buffer", "create_wav_buffer-prefaulted",
               "AudioPool", "AudioCache.put", "AudioCache.get_or_render"]
 
 
@@ -332,7 +352,9 @@ def test_sigkill_at_every_system_call_leaves_only_whole_files_and_cleanable_left
         for name, nth in points:
             if replaces:
                 write_wav(target, OLD, 8000)
-            status = server.round(op, [strace, "-f", "-o", "/dev/null", "-e", f"trace={name}",
+            # No -f: the operation's thread alone is traced, so that no other thread's
+            # call of the same name comes first.
+            status = server.round(op, [strace, "-o", "/dev/null", "-e", f"trace={name}",
                                        "-e", "signal=none",
                                        "-e", f"inject={name}:signal=SIGKILL:when={nth}"])
             assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL, (

@@ -122,19 +122,21 @@ class WavBuffer(FileResource):
         if prepared is None:
             return None
         fd = prepared.cell[0]
-        name = f"/proc/{_os.getpid()}/fd/{fd}" if directory is None else None
+        if directory is None:
+            name = f"/proc/{_os.getpid()}/fd/{fd}"
+        else:  # named last, once cut and given its header (see _open_new)
+            name = _newfile.new_name_in(directory)
         try:
-            if directory is not None:
-                name = _newfile.name_unnamed_file(fd, directory)
-            assert name is not None
             self._open(fd, name, header, prepared=prepared.mapping)
+            if directory is not None:
+                name = _newfile.publish(_newfile.NewFile(name, prepared.cell, False, ".wav",
+                                                         placement.AUDIO_PREFIX))
+                assert self._mapping is not None
+                self._mapping.filename = name
             return name, prepared.cell
         except BaseException as exc:
             self._mapping = self._array = None
-            if directory is not None and name is not None:
-                _newfile.discard(_newfile.Destination(name, prepared.cell, True, None))
-            else:
-                _lowlevel.release(prepared.cell)
+            _lowlevel.release(prepared.cell)  # never named: the kernel frees it
             if not isinstance(exc, OSError):
                 raise
             _prefault.note_failure(f"luna_shm: a prepared buffer file could not be used "
