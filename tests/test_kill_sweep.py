@@ -47,6 +47,8 @@ ENCODED = bytes(range(256)) * 20
 CHUNK_ENDS = (0, 1000, 2000, 3000)  # the writer's and the render's three chunks
 CACHE = "killsweep"
 KEY = "k" * 64
+SPILLED_KEY = "s" * 64  # put into a cache that holds one entry: KEY goes to the disk tier
+SPILL_MAX_BYTES = 8000
 BEGIN, END = "/luna-kill-sweep-begin", "/luna-kill-sweep-end"
 
 ZYGOTE = r"""
@@ -93,6 +95,12 @@ def prefault_setup():
         time.sleep(0.01)
 
 
+def spill_setup():
+    cache = AudioCache("killsweep", max_bytes=8000, disk_dir=os.environ["KILL_SWEEP_DISK"])
+    cache.put("k" * 64, AUDIO, 8000).release()
+    return cache
+
+
 def pool_op(_):
     with AudioPool(slots=2, max_bytes=8192) as pool:
         pool.write_wav(AUDIO, 8000).release()
@@ -112,6 +120,8 @@ OPS = {
     "AudioPool": (None, pool_op),
     "AudioCache.put": (lambda: AudioCache("killsweep", max_bytes=1 << 20),
                        lambda cache: cache.put("k" * 64, AUDIO, 8000).release()),
+    "AudioCache.put-spilling": (spill_setup,
+                                lambda cache: cache.put("s" * 64, AUDIO, 8000).release()),
     "AudioCache.get_or_render": (
         lambda: AudioCache("killsweep", max_bytes=1 << 20),
         lambda cache: cache.get_or_render("k" * 64, render, samplerate=8000).release()),
@@ -173,9 +183,10 @@ class Zygote:
 
 
 @contextmanager
-def zygote(target: Path) -> Iterator[Zygote]:
+def zygote(target: Path, disk: Path) -> Iterator[Zygote]:
     env = {**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDONTWRITEBYTECODE": "1",
-           "OPENBLAS_NUM_THREADS": "1", "KILL_SWEEP_TARGET": str(target)}
+           "OPENBLAS_NUM_THREADS": "1", "KILL_SWEEP_TARGET": str(target),
+           "KILL_SWEEP_DISK": str(disk)}
     process = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -260,7 +271,7 @@ def _is_prefix_of_whole_chunks(data: np.ndarray) -> bool:
     return len(data) in CHUNK_ENDS and np.array_equal(data, AUDIO[:len(data)])
 
 
-def _check(op: str, ram: Path, target: Path) -> None:
+def _check(op: str, ram: Path, target: Path, disk: Path | None) -> None:
     """Invariant 1 (and 3 for a replaced file): what is visible under a name after the kill."""
     if op == "write_wav-new":
         _check_temp_wav(ram, lambda data: np.array_equal(data, AUDIO))
@@ -285,37 +296,47 @@ def _check(op: str, ram: Path, target: Path) -> None:
             data = read_both(ram / name, None)
             assert len(data) == 0 or np.array_equal(data, AUDIO), f"{name}: {len(data)} frames"
     else:
-        _check_cache(ram)
+        _check_cache(ram, disk, SPILL_MAX_BYTES if disk else 1 << 20)
 
 
 def _cache_dir(ram: Path) -> Path:
     return ram / f"luna_cache-{os.getuid()}-{CACHE}"
 
 
-def _check_cache(ram: Path) -> None:
-    """Invariant 4: the entry is whole; a new AudioCache opens without hanging, sweeps the
-    in-flight files, and agrees with the files about what it holds."""
-    directory = _cache_dir(ram)
-    entry = directory / f"{KEY}.wav"
-    if entry.exists():
-        np.testing.assert_array_equal(read_both(entry), AUDIO)
-    cache = call_with_deadline(lambda: AudioCache(CACHE, max_bytes=1 << 20), 30)
+_ENTRY_NAME = re.compile(r"[a-z]{64}\.wav")
+
+
+def _check_cache(ram: Path, disk: Path | None, max_bytes: int) -> None:
+    """Invariant 4: every entry is whole; a new AudioCache opens without hanging, sweeps
+    the in-flight files of both tiers, agrees with the files about what it holds, and
+    gives each key's exact audio or a miss."""
+    tiers = [_cache_dir(ram), *([_cache_dir(disk)] if disk else [])]
+    entries = {tier: [n for n in files_in(tier) if _ENTRY_NAME.fullmatch(n)] for tier in tiers}
+    for tier, names in entries.items():
+        for name in names:
+            np.testing.assert_array_equal(read_both(tier / name), AUDIO)
+    cache = call_with_deadline(lambda: AudioCache(CACHE, max_bytes=max_bytes, disk_dir=disk),
+                               30)
     try:
-        left = [n for n in files_in(directory) if n != "lock" and n != entry.name]
-        assert left == [], f"the open left in-flight files: {left}"
-        got = cache.get(KEY, timeout=5)
-        if got is not None:
-            with got:
-                np.testing.assert_array_equal(got.array, AUDIO)
-        assert (got is None) == (not entry.exists())
+        for tier, names in entries.items():
+            left = [n for n in files_in(tier) if n != "lock" and n not in names]
+            assert left == [], f"the open left in-flight files in {tier}: {left}"
+        sizes = [[(tier / n).stat().st_size for n in entries[tier]] for tier in tiers]
         stats = cache.stats(timeout=5)
-        sizes = [entry.stat().st_size] if entry.exists() else []
-        assert (stats.entries, stats.bytes) == (len(sizes), sum(sizes))
+        assert (stats.entries, stats.bytes) == (len(sizes[0]), sum(sizes[0]))
+        if disk:
+            assert (stats.disk_entries, stats.disk_bytes) == (len(sizes[1]), sum(sizes[1]))
+        for key in (KEY, SPILLED_KEY):
+            got = cache.get(key, timeout=5)  # from the disk tier: reloaded
+            assert (got is None) == all(f"{key}.wav" not in names for names in entries.values())
+            if got is not None:
+                with got:
+                    np.testing.assert_array_equal(got.array, AUDIO)
     finally:
         cache.destroy()
 
 
-def _clean(op: str, ram: Path, fallback: Path, target: Path) -> None:
+def _clean(op: str, ram: Path, fallback: Path, target: Path, disk: Path | None) -> None:
     """Invariant 2: the documented cleaner removes every leftover; then nothing of ours."""
     if op == "AudioPool":
         call_with_deadline(lambda: AudioPool(slots=1, max_bytes=8192).close(), 30)
@@ -324,12 +345,14 @@ def _clean(op: str, ram: Path, fallback: Path, target: Path) -> None:
     cleanup_all_temp_audio()
     kept = [target.name] if target.exists() else []
     assert files_in(ram) == kept and files_in(fallback) == []
+    assert disk is None or files_in(disk) == []
 
 
 OPERATIONS = ["write_wav-new", "write_wav-atomic-replace",
               "write_wav-plain-replace", "save_temp_audio", "save_temp_audio-stream",
               "WavWriter", "create_wav_buffer", "create_wav_buffer-prefaulted",
-              "AudioPool", "AudioCache.put", "AudioCache.get_or_render"]
+              "AudioPool", "AudioCache.put", "AudioCache.put-spilling",
+              "AudioCache.get_or_render"]
 
 
 @pytest.mark.parametrize("op", OPERATIONS)
@@ -340,15 +363,20 @@ def test_sigkill_at_every_system_call_leaves_only_whole_files_and_cleanable_left
     target = ram / "given.wav"
     replaces = op.endswith("-replace")
     log = tmp_path / "dry-run.strace"
-    with zygote(target) as server:
+    disk_dir = tmp_path / "disk"  # the cache's disk tier, for the op that spills to it
+    disk_dir.mkdir()
+    disk = disk_dir if op.endswith("-spilling") else None
+    with zygote(target, disk_dir) as server:
         if replaces:
             write_wav(target, OLD, 8000)
         status = server.round(op, [strace, "-f", "-o", str(log), "-e", "trace=all",
                                    "-e", "signal=none"])
         assert os.waitstatus_to_exitcode(status) == 0, "the dry run failed"
         points = kill_points(log.read_text())
-        _check(op, ram, target)
-        _clean(op, ram, fallback, target)
+        if disk is not None:  # the operation did spill: its kills fall inside a spill
+            assert (_cache_dir(disk) / f"{KEY}.wav").is_file()
+        _check(op, ram, target, disk)
+        _clean(op, ram, fallback, target, disk)
         for name, nth in points:
             if replaces:
                 write_wav(target, OLD, 8000)
@@ -360,8 +388,8 @@ def test_sigkill_at_every_system_call_leaves_only_whole_files_and_cleanable_left
             assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL, (
                 f"call {nth} of {name} did not come again: the operation did not repeat")
             try:
-                _check(op, ram, target)
-                _clean(op, ram, fallback, target)
+                _check(op, ram, target, disk)
+                _clean(op, ram, fallback, target, disk)
             except (AssertionError, OSError, ValueError) as exc:
                 raise AssertionError(f"killed at call {nth} of {name} "
                                      f"({points.index((name, nth)) + 1} of {len(points)}): "
