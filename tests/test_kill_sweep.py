@@ -52,9 +52,8 @@ SPILL_MAX_BYTES = 8000
 BEGIN, END = "/luna-kill-sweep-begin", "/luna-kill-sweep-end"
 
 ZYGOTE = r"""
-import os, sys
+import os, sys, time
 import numpy as np
-import time
 from luna_shm import (AudioCache, AudioPool, WavWriter, create_wav_buffer, prefault_stats,
                       prefault_wav_buffers, save_temp_audio, temp_dir, write_wav)
 
@@ -180,8 +179,11 @@ class Zygote:
             status = self.process.stdout.readline().split()
             assert status[:1] == ["status"], f"the zygote failed: {status}"
         finally:
-            if tracer.poll() is None and tracer.wait(timeout=60) is None:
+            try:
+                tracer.wait(timeout=60)  # strace ends with its tracee
+            except subprocess.TimeoutExpired:
                 tracer.kill()
+                tracer.wait()
             tracer.stderr.close()  # type: ignore[union-attr]
         return int(status[1])
 
