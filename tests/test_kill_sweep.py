@@ -54,8 +54,9 @@ BEGIN, END = "/luna-kill-sweep-begin", "/luna-kill-sweep-end"
 ZYGOTE = r"""
 import os, sys, time
 import numpy as np
-from luna_shm import (AudioCache, AudioPool, WavWriter, create_wav_buffer, prefault_stats,
-                      prefault_wav_buffers, save_temp_audio, temp_dir, write_wav)
+from luna_shm import (AudioCache, AudioPool, WavWriter, cleanup_all_temp_audio,
+                      create_wav_buffer, prefault_stats, prefault_wav_buffers, save_temp_audio,
+                      temp_dir, write_wav)
 
 # The placement is chosen once a process (its probe reads /proc/self/mountinfo, whose
 # length, and so its number of reads, changes with the machine's mounts): chosen here,
@@ -119,6 +120,9 @@ OPS = {
     "create_wav_buffer": (None, buffer_op),
     "create_wav_buffer-prefaulted": (prefault_setup, buffer_op),
     "AudioPool": (None, pool_op),
+    # An unused file of ours, moved aside to a hidden name, checked there and removed.
+    "cleanup_all_temp_audio": (lambda: write_wav(None, AUDIO, 8000),
+                               lambda _: cleanup_all_temp_audio()),
     "AudioCache.put": (lambda: AudioCache("killsweep", max_bytes=1 << 20),
                        lambda cache: cache.put("k" * 64, AUDIO, 8000).release()),
     "AudioCache.put-spilling": (spill_setup,
@@ -279,7 +283,7 @@ def _is_prefix_of_whole_chunks(data: np.ndarray) -> bool:
 
 def _check(op: str, ram: Path, target: Path, disk: Path | None) -> None:
     """Invariant 1 (and 3 for a replaced file): what is visible under a name after the kill."""
-    if op == "write_wav-new":
+    if op in ("write_wav-new", "cleanup_all_temp_audio"):
         _check_temp_wav(ram, lambda data: np.array_equal(data, AUDIO))
     elif op.endswith("-replace"):
         data = read_both(target)
@@ -366,7 +370,7 @@ OPERATIONS = ["write_wav-new", "write_wav-atomic-replace",
               "write_wav-plain-replace", "save_temp_audio", "save_temp_audio-stream",
               "WavWriter", "WavWriter-replace", "create_wav_buffer", "create_wav_buffer-replace",
               "create_wav_buffer-prefaulted",
-              "AudioPool", "AudioCache.put", "AudioCache.put-spilling",
+              "AudioPool", "cleanup_all_temp_audio", "AudioCache.put", "AudioCache.put-spilling",
               "AudioCache.get_or_render"]
 
 
