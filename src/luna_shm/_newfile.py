@@ -5,7 +5,9 @@ Every producer of a new temp file (``write_wav(None, ...)``, ``create_wav_buffer
 ``get_temp_audio_path(create=True)``) makes it here: a fresh uuid4 name in the
 directory placement chose (the fallback dir when a size hint says the RAM disk
 lacks room), created exclusively with mode 0600, optionally under a shared
-flock held from before the name appears. :func:`with_disk_fallback` is the one
+flock held from before the name appears, or made unnamed and named only once
+filled (:func:`create_unnamed_temp_file`, :func:`publish`: a process killed
+meanwhile leaves nothing). :func:`with_disk_fallback` is the one
 policy for a RAM disk that refuses the file (full, read-only, ...): make it
 again in the fallback dir, logged once. Space or fds that the prefault reserve
 holds are given back first, before a size hint or a failure sends a file to disk.
