@@ -224,7 +224,7 @@ def create_unnamed_temp_file(
     """
     if _lowlevel.HAS_O_TMPFILE:
         directory = directory_for(size_hint, on_disk)
-        path = f"{directory}/{prefix}{_new_token()}{suffix}"
+        path = new_name_in(directory, suffix, prefix)
         cell = _lowlevel.fd_cell()
         try:
             _lowlevel.create_unnamed_locked(directory, cell=cell)
@@ -379,10 +379,11 @@ def with_disk_fallback(attempt: Callable[[bool], _T]) -> _T:
 class Destination(NamedTuple):
     """Where a buffer or writer puts its WAV (see :func:`open_destination`)."""
 
-    path: str  # the WAV's name once finished
+    path: str  # the WAV's name once finished (a new temp file's: see finish_destination)
     cell: _lowlevel.FdCell  # owns the fd: open read-write, holding a shared flock
     created: bool  # this call made the file at path
     partial: str | None  # a new file's name until finish_destination renames it over path
+    new: NewFile | None = None  # a new temp file, named by finish_destination (publish)
 
     @property
     def fd(self) -> int:
@@ -430,15 +431,15 @@ def open_destination(
     """Open where a WAV will be written, holding a shared flock (the file is in use).
 
     None makes a new temp audio file (on_disk: in the fallback dir; run it inside
-    :func:`with_disk_fallback`). A given path is created, or the empty regular
+    :func:`with_disk_fallback`), unnamed until :func:`finish_destination` names it
+    (see :func:`create_unnamed_temp_file`). A given path is created, or the empty regular
     file there (from get_temp_audio_path) is used; a file with content is never
     cut under a reader that mapped it: a new file is made beside it and renamed
     over it by :func:`finish_destination`. A symlink is refused.
     """
     if path is None:
-        new_path, cell = create_temp_file(".wav", size_hint=size_hint, locked=True,
-                                          on_disk=on_disk)
-        return Destination(new_path, cell, True, None)
+        new = create_unnamed_temp_file(".wav", size_hint=size_hint, on_disk=on_disk)
+        return Destination(new.path, new.cell, True, None, new)
     text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     for _ in range(8):
         cell = _lowlevel.fd_cell()
@@ -474,14 +475,22 @@ def replacement_mode(replaced: _os.stat_result) -> int:
     return 0o600
 
 
-def finish_destination(dest: Destination) -> None:
-    """Give a replacement file its final name (a no-op when it already has it)."""
+def finish_destination(dest: Destination) -> str:
+    """Give the written file its final name and return it: a replacement's is dest.path
+    (a no-op when the file already has it); a new temp file's too, unless another file
+    took that name meanwhile (see :func:`publish`)."""
+    if dest.new is not None:
+        return publish(dest.new)
     if dest.partial is not None:
         _os.rename(dest.partial, dest.path)
+    return dest.path
 
 
 def discard(dest: Destination) -> None:
     """Undo :func:`open_destination` after a failure: close, remove what we made."""
+    if dest.new is not None:
+        drop(dest.new)
+        return
     try:
         _lowlevel.release(dest.cell)
     finally:

@@ -110,7 +110,8 @@ class WavBuffer(FileResource):
                 prepared = self._open_prepared(chosen.directory, header)
                 if prepared is not None:
                     return prepared
-            return _newfile.with_disk_fallback(lambda on_disk: self._open_new(header, on_disk))
+            return _newfile.with_disk_fallback(
+                lambda on_disk: self._open_destination(None, header, on_disk))
         return _prefault.retry_if_short(lambda: self._open_destination(path, header, False))
 
     def _open_prepared(self, directory: str | None,
@@ -143,40 +144,20 @@ class WavBuffer(FileResource):
                                    f"({exc}): made a new one")
             return None
 
-    def _open_new(self, header: bytes, on_disk: bool) -> tuple[str, _lowlevel.FdCell]:
-        """One try at a new temp file: made unnamed, reserved, given its header and
-        mapped, and only then named, so that a process killed on the way leaves no
-        headerless file under a temp name; on failure nothing of it is left and an
-        OSError names the path it was to have."""
-        new = _newfile.create_unnamed_temp_file(".wav", size_hint=self._length,
-                                                on_disk=on_disk)
-        try:
-            self._open(new.cell[0], new.path, header)
-            path = _newfile.publish(new)
-        except OSError as exc:
-            self._mapping = self._array = None
-            _newfile.drop(new)
-            raise _newfile.explain_full_disk(exc, new.path) from None
-        except BaseException:
-            self._mapping = self._array = None
-            _newfile.drop(new)
-            raise
-        assert self._mapping is not None
-        self._mapping.filename = path  # errors name the final path
-        return path, new.cell
-
-    def _open_destination(self, path: str | _os.PathLike[str], header: bytes,
+    def _open_destination(self, path: str | _os.PathLike[str] | None, header: bytes,
                           on_disk: bool) -> tuple[str, _lowlevel.FdCell]:
-        """One try at making and mapping the file; on failure nothing of it is left and
-        an OSError names the file's final path."""
+        """One try at making and mapping the file (a new temp file: unnamed until it is
+        reserved, given its header and mapped, so that a process killed on the way
+        leaves no headerless file under a temp name); on failure nothing of it is left
+        and an OSError names the file's final path."""
         dest = _newfile.open_destination(path, size_hint=self._length, on_disk=on_disk)
         name = dest.partial or dest.path
         try:
             self._open(dest.fd, name, header)
-            _newfile.finish_destination(dest)
+            final = _newfile.finish_destination(dest)
             assert self._mapping is not None
-            self._mapping.filename = dest.path  # errors name the final path
-            return dest.path, dest.cell
+            self._mapping.filename = final  # errors name the final path
+            return final, dest.cell
         except OSError as exc:
             self._mapping = self._array = None
             _newfile.discard(dest)

@@ -67,7 +67,7 @@ class WavWriter(FileResource):
         if path is None:
             # A RAM disk that refuses the new file, at its creation or at its header,
             # sends it to the disk temp dir; later chunks cannot move (see write).
-            dest = _newfile.with_disk_fallback(lambda on_disk: self._start_new(header, on_disk))
+            dest = _newfile.with_disk_fallback(lambda on_disk: self._start(None, header, on_disk))
         else:
             dest = self._start(path, header, False)
         self._own(dest.cell, dest.path)
@@ -75,25 +75,6 @@ class WavWriter(FileResource):
         # the flock and the last close: followers would never learn that this process
         # died, nor see the close event that ends the stream.
         self._let_go_at_fork()
-
-    def _start_new(self, header: bytes, on_disk: bool) -> _newfile.Destination:
-        """One try at a new temp file: made unnamed, given its header, and only then
-        named, so that a process killed on the way leaves no empty file under a temp
-        name; on failure nothing is left and an OSError names the path it was to have."""
-        new = _newfile.create_unnamed_temp_file(".wav", on_disk=on_disk)
-        try:
-            header_page = self._begin(new.cell[0], header, new.path, new.path)
-            path = _newfile.publish(new)
-        except OSError as exc:
-            self._stream = None
-            _newfile.drop(new)
-            raise _newfile.explain_full_disk(exc, new.path) from None
-        except BaseException:
-            self._stream = None
-            _newfile.drop(new)
-            raise
-        header_page.filename = path  # errors name the final path
-        return _newfile.Destination(path, new.cell, True, None)
 
     def _begin(self, fd: int, header: bytes, written: str, path: str) -> _lowlevel.Mapping:
         """Write the header (errors name written, the file's name now) and start the
@@ -106,14 +87,15 @@ class WavWriter(FileResource):
         self._stream = _lowlevel.Stream(fd, self._spec, header_page, self._data_offset)
         return header_page
 
-    def _start(self, path: str | _os.PathLike[str], header: bytes,
+    def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
                on_disk: bool) -> _newfile.Destination:
-        """Open the file at a given path and write its header; on failure nothing is
-        left and an OSError names the file."""
+        """Open the file and write its header (a new temp file: unnamed until then, so
+        that a process killed on the way leaves no empty file under a temp name); on
+        failure nothing is left and an OSError names the file."""
         dest = _newfile.open_destination(path, on_disk=on_disk)
         try:
-            self._begin(dest.fd, header, dest.partial or dest.path, dest.path)
-            _newfile.finish_destination(dest)
+            header_page = self._begin(dest.fd, header, dest.partial or dest.path, dest.path)
+            final = _newfile.finish_destination(dest)
         except OSError as exc:
             self._stream = None
             _newfile.discard(dest)
@@ -122,7 +104,8 @@ class WavWriter(FileResource):
             self._stream = None
             _newfile.discard(dest)
             raise
-        return dest
+        header_page.filename = final  # errors name the final path
+        return dest._replace(path=final)
 
     @property
     def frames(self) -> int:
