@@ -17,17 +17,18 @@ CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 OUTER_PIP := $(shell $(PYTHON) -c 'import pip, sys;   sys.exit(tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3))' 2>/dev/null && echo yes)
 PIP := $(if $(OUTER_PIP),$(PYTHON) -m pip --python $(PY),$(PY) -m pip)
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check
+VENV_OWN_PIP := $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null
 
 # The library alone (what the demo needs), then the test, benchmark and dev tools on top,
 # and a pip of the venv's own (the packaging tests and `python -m build` run it).
 $(RUNTIME): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(if $(OUTER_PIP),--without-pip) $(VENV)
-	$(if $(OUTER_PIP),,$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null)
+	$(if $(OUTER_PIP),,$(VENV_OWN_PIP))
 	$(PIP_INSTALL) --no-compile -e .
 	touch $@
 
 $(STAMP): $(RUNTIME)
-	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null
+	$(VENV_OWN_PIP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench,dev]'
 	touch $@
 

@@ -64,7 +64,7 @@ def cell_closed_in_child() -> _lowlevel.FdCell:
     keep the lock, and a removed file's RAM, for as long as it lives.
     """
     cell = _lowlevel.fd_cell()
-    _closed_in_child.add(cell)
+    close_in_child(cell)
     return cell
 
 

@@ -125,7 +125,7 @@ class WavBuffer(FileResource):
         fd = prepared.cell[0]
         if directory is None:
             name = f"/proc/{_os.getpid()}/fd/{fd}"
-        else:  # named last, once cut and given its header (see _open_new)
+        else:  # named last, once cut and given its header (see _open_destination)
             name = _newfile.new_name_in(directory)
         try:
             self._open(fd, name, header, prepared=prepared.mapping)

@@ -76,17 +76,6 @@ class WavWriter(FileResource):
         # died, nor see the close event that ends the stream.
         self._let_go_at_fork()
 
-    def _begin(self, fd: int, header: bytes, written: str, path: str) -> _lowlevel.Mapping:
-        """Write the header (errors name written, the file's name now) and start the
-        stream; return the header's mapping (errors name path)."""
-        _lowlevel.write_at(fd, 0, header, written)
-        # The header is rewritten after every chunk: through a shared
-        # mapping of its page that costs a memory store, not a system call.
-        header_page = _lowlevel.Mapping(fd, len(header), writable=True, populate=True,
-                                        filename=path)
-        self._stream = _lowlevel.Stream(fd, self._spec, header_page, self._data_offset)
-        return header_page
-
     def _start(self, path: str | _os.PathLike[str] | None, header: bytes,
                on_disk: bool) -> _newfile.Destination:
         """Open the file and write its header (a new temp file: unnamed until then, so
@@ -94,7 +83,13 @@ class WavWriter(FileResource):
         failure nothing is left and an OSError names the file."""
         dest = _newfile.open_destination(path, on_disk=on_disk)
         try:
-            header_page = self._begin(dest.fd, header, dest.partial or dest.path, dest.path)
+            _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
+            # The header is rewritten after every chunk: through a shared
+            # mapping of its page that costs a memory store, not a system call.
+            header_page = _lowlevel.Mapping(dest.fd, len(header), writable=True,
+                                            populate=True, filename=dest.path)
+            self._stream = _lowlevel.Stream(dest.fd, self._spec, header_page,
+                                            self._data_offset)
             final = _newfile.finish_destination(dest)
         except OSError as exc:
             self._stream = None
