@@ -9,7 +9,7 @@ import warnings as _warnings
 import weakref as _weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NoReturn, Self, SupportsIndex, TypeVar
 
 from luna_shm import _lowlevel
 
@@ -91,7 +91,25 @@ def _warn_leak(cell: _lowlevel.FdCell, what: str, owner_pid: int) -> None:
         pass
 
 
-class Resource:
+class OwnedHere:
+    """Base of objects that own open files (fds, flocks, mappings) in this process: they
+    are never pickled or copied. A pickle would carry fd numbers that mean nothing in
+    another process; a copy would share this object's fds and state with a second
+    owner, and each would close them under the other. Both raise a TypeError saying
+    what to pass instead."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # pickle, copy.copy and copy.deepcopy all come here (none has a __copy__).
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled or copied: it owns open files in "
+            f"this process, which a pickle cannot carry and a copy would share; give "
+            f"another process the path (or the cache's name) to open there, and use this "
+            f"object itself here")
+
+
+class Resource(OwnedHere):
     """Base of every luna_shm object that owns something until :meth:`close`.
 
     It belongs to the process that made it (``_pid``), leaves its ``with`` block

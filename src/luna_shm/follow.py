@@ -559,7 +559,7 @@ def afollow_wav(path: str | _os.PathLike[str], *,
     return AsyncFollower(path_str, limit)
 
 
-class AsyncFollower:
+class AsyncFollower(_resource.OwnedHere):
     """What :func:`afollow_wav` returns (call that: it checks the arguments): the blocks
     of a live WAV, for ``async for``.
 

@@ -102,7 +102,7 @@ def _still_newest(source: CachedAudio) -> bool:
             and _stat.S_IMODE(_os.fstat(source.fileno()).st_mode) != SUPERSEDED)
 
 
-class AudioCache:
+class AudioCache(_resource.OwnedHere):
     """A bounded cache of rendered audio on the RAM disk, shared by this user's processes.
 
     Args:
