@@ -518,9 +518,12 @@ def test_following_a_render_that_fails_raises_stream_abandoned_and_stores_nothin
 
     def follow() -> int:
         frames = 0
-        with AudioCache("failing") as cache, pytest.raises(StreamAbandoned):
-            for block in cache.follow(key, timeout=30):
-                frames += len(block)
+        with AudioCache("failing") as cache:
+            # Named by its .live file (found in review: by /proc/self/fd/<n>).
+            live = f"{cache.directory}/{key}.live"
+            with pytest.raises(StreamAbandoned, match=f"^{live}: the writer aborted"):
+                for block in cache.follow(key, timeout=30):
+                    frames += len(block)
         return frames
 
     frames = call_with_deadline(follow, 60)
@@ -1166,6 +1169,59 @@ def test_get_and_get_or_render_bound_their_wait_for_a_stopped_renderer_s_entry_b
             assert info.value.errno == errno.ETIMEDOUT and info.value.filename == entry
             with pytest.raises(TimeoutError):
                 call_with_deadline(lambda: cache.get(key, timeout=0), deadline=30)
+        finally:
+            os.kill(renderer.pid, signal.SIGCONT)
+        finish(renderer)
+        with cache.get(key, timeout=5) as hit:  # the renderer went on: its entry is there
+            assert np.array_equal(hit.array, audio_of(key))
+        assert cache.stats().renders == 1
+        cache.destroy()
+
+
+RENDERER_STOPPED_MID_RENDER = """
+    import os, signal
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("mid-render")
+    key = cache_key("a render stopped half way")
+    audio = audio_of(key)
+
+    def render(writer):
+        writer.write(audio[:1200])
+        os.kill(os.getpid(), signal.SIGSTOP)  # a debugger, a hung engine
+        writer.write(audio[1200:])
+
+    cache.get_or_render(key, render, samplerate=24000).release()
+    cache.close()
+"""
+
+
+def test_waits_for_a_renderer_stopped_mid_render_are_bounded_by_timeout(private_dirs) -> None:
+    key = cache_key("a render stopped half way")
+    with AudioCache("mid-render") as cache:
+        renderer = spawn(private_dirs, RENDERER_STOPPED_MID_RENDER)
+        try:
+            _, status = os.waitpid(renderer.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            live = f"{cache.directory}/{key}.live"
+            before = sorted(os.listdir(cache.directory))
+            with pytest.raises(TimeoutError, match="another caller to render") as info:
+                call_with_deadline(lambda: cache.get_or_render(
+                    key, lambda writer: writer.write(audio_of(key)), samplerate=24000,
+                    timeout=0.5), deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == live
+            # follow() has the first half, then no new block for timeout seconds (found
+            # in review: its TimeoutError named /proc/self/fd/<n>, closed by then).
+            blocks: list[np.ndarray] = []
+
+            def follow() -> None:
+                for block in cache.follow(key, timeout=0.5):
+                    blocks.append(block.copy())
+
+            with pytest.raises(TimeoutError, match="no new audio") as info:
+                call_with_deadline(follow, deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == live
+            assert np.array_equal(np.concatenate(blocks), audio_of(key)[:1200])
+            assert sorted(os.listdir(cache.directory)) == before  # nothing of ours left
         finally:
             os.kill(renderer.pid, signal.SIGCONT)
         finish(renderer)

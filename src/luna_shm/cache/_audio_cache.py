@@ -856,10 +856,14 @@ class AudioCache(_resource.OwnedHere):
             fd = open_regular(live, cell)
             if fd is None:
                 continue
+            through = f"/proc/self/fd/{fd}"
             try:
                 # Through the open file: the renderer's rename into the entry, or the
                 # removal of a failed render, does not take it away from the follower.
-                yield from follow_wav(f"/proc/self/fd/{fd}", timeout=limit)
+                yield from follow_wav(through, timeout=limit)
+            except (OSError, WavError) as exc:
+                _name_the_live_file(exc, through, live)
+                raise
             finally:
                 _lowlevel.release(cell)
             return
@@ -1389,6 +1393,23 @@ class AudioCache(_resource.OwnedHere):
 
     def __repr__(self) -> str:
         return f"<AudioCache {self.name!r} in {self.directory!r}, max {self.max_bytes} bytes>"
+
+
+def _name_the_live_file(exc: OSError | WavError, through: str, live: str) -> None:
+    """Raise exc again naming the .live file live where it names through, the
+    /proc/self/fd path that follow() reads the render by (a number that means nothing to
+    the caller, and is closed by the time it sees the error); else return, for the
+    caller to re-raise exc as it is."""
+    if isinstance(exc, OSError):
+        if exc.filename != through:
+            return
+        named: BaseException = type(exc)(exc.errno, exc.strerror, live)
+    else:
+        text = str(exc)
+        if not text.startswith(through):
+            return
+        named = type(exc)(live + text[len(through):])
+    raise named.with_traceback(exc.__traceback__) from None
 
 
 def _check_not_the_ram_dir(disk_dir: str, ram_dir: str) -> None:
