@@ -225,14 +225,15 @@ def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> 
 
 
 @contextmanager
-def lock_held_by_a_stopped_process(path: str) -> Iterator[None]:
-    """A child process takes path's flock (exclusive) and stops itself (SIGSTOP), as a
-    process stopped or hung in the middle of a commit would; the block runs once it is
-    stopped, and the child is killed at the end."""
+def lock_held_by_a_stopped_process(path: str, *, shared: bool = False) -> Iterator[None]:
+    """A child process takes path's flock (exclusive; shared, as a waiter of a render
+    holds it for a moment, when shared) and stops itself (SIGSTOP), as a process stopped
+    or hung in the middle of a commit would; the block runs once it is stopped, and the
+    child is killed at the end."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, signal, sys\n"
         "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"fcntl.flock(fd, fcntl.{'LOCK_SH' if shared else 'LOCK_EX'})\n"
         "os.kill(os.getpid(), signal.SIGSTOP)\n"), path])
     try:
         _, status = os.waitpid(holder.pid, os.WUNTRACED)

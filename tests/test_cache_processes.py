@@ -1231,6 +1231,48 @@ def test_waits_for_a_renderer_stopped_mid_render_are_bounded_by_timeout(private_
         cache.destroy()
 
 
+RENDERER_KILLED_MID_RENDER = """
+    import os, signal
+    from luna_shm import AudioCache, cache_key
+    cache = AudioCache("dead-render")
+    key = cache_key("a render killed half way")
+
+    def render(writer):
+        writer.write(audio_of(key)[:1200])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    cache.get_or_render(key, render, samplerate=24000)
+"""
+
+
+def test_a_wait_on_a_dead_render_that_a_stopped_waiter_holds_is_bounded_by_timeout(
+        private_dirs) -> None:
+    key = cache_key("a render killed half way")
+    with AudioCache("dead-render") as cache:
+        renderer = spawn(private_dirs, RENDERER_KILLED_MID_RENDER)
+        renderer.communicate(timeout=60)
+        assert renderer.returncode == -signal.SIGKILL
+        live = f"{cache.directory}/{key}.live"
+        before = sorted(os.listdir(cache.directory))
+        assert f"{key}.live" in before
+        # Another waiter of that render, stopped in the moment it holds its shared lock
+        # of the .live file: the dead render's file can be removed only once it lets go
+        # (found in review: the wait to take it exclusively had no bound, whatever the
+        # timeout).
+        with lock_held_by_a_stopped_process(live, shared=True):
+            with pytest.raises(TimeoutError, match=key) as info:
+                call_with_deadline(lambda: cache.get_or_render(
+                    key, lambda writer: writer.write(audio_of(key)), samplerate=24000,
+                    timeout=0.5), deadline=30)
+            assert info.value.errno == errno.ETIMEDOUT and info.value.filename == live
+            assert sorted(os.listdir(cache.directory)) == before
+        with cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                                 samplerate=24000, timeout=5) as entry:
+            assert entry.stored and np.array_equal(entry.array, audio_of(key))
+        assert sorted(os.listdir(cache.directory)) == sorted(["lock", f"{key}.wav"])
+        cache.destroy()
+
+
 LOOKS_AT_A_READ_ONLY_CACHE = """
     import json, os, subprocess, sys
     import numpy as np

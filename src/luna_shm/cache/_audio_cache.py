@@ -1142,8 +1142,11 @@ class AudioCache(_resource.OwnedHere):
                 # A renderer that ends renames or removes its .live file before it
                 # lets go of the lock: still named, it died. Remove it (exclusive, so
                 # that no other waiter is between its lock and this check) and let
-                # the loop elect a new renderer.
-                _lowlevel.lock(fd, exclusive=True, wait=True)
+                # the loop elect a new renderer. The other waiters hold it for a
+                # moment only, unless one is stopped there: deadline bounds that too.
+                lock_by(fd, exclusive=True, deadline=deadline,
+                        what=f"the other waiters of the dead render of {key!r} to let "
+                        "go of its file", path=live)
                 remove_dead_live(fd, live)
                 return None
             outcome = self._read_outcome(key, ino)
