@@ -273,6 +273,71 @@ def test_an_entry_larger_than_the_bound_is_returned_but_never_stored(cache) -> N
     assert [n for n in os.listdir(cache.directory) if n.endswith(".wav")] == []
 
 
+def _files_of(directory: str) -> dict[str, int]:
+    """The entries in a tier's directory: {file name: size}."""
+    names = [n for n in os.listdir(directory) if n != "lock" and not n.startswith(".")]
+    return {n: os.lstat(f"{directory}/{n}").st_size for n in names}
+
+
+def _store(cache: AudioCache, how: str, key: str, frames: int, **kwargs: Any) -> CachedAudio:
+    """key's audio of that many frames, stored by put (a WAV) or put_bytes (an MP3's
+    bytes of the same size)."""
+    audio = tone(key, frames)
+    if how == "put":
+        return cache.put(key, audio, 16000, **kwargs)
+    return cache.put_bytes(key, audio.tobytes(), ".mp3", **kwargs)
+
+
+@pytest.mark.parametrize("how", ["put", "put_bytes"])
+@pytest.mark.parametrize("older", ["in RAM", "on the disk tier", "evicted by the put",
+                                   "held"])
+def test_a_put_too_large_to_store_leaves_the_key_a_miss_in_both_tiers(
+        private_dirs, tmp_path, how: str, older: str) -> None:
+    # Found in review: the put returned stored=False and left the key's older entry,
+    # which every later get returned (reloaded from the disk tier too), though a put
+    # stores its data "replacing any".
+    disk = tmp_path
+    key = cache_key("said again, at length")
+    with AudioCache("unstored", max_bytes=20_000, disk_dir=disk) as cache:
+        disk_tier = f"{disk}/luna_cache-{os.geteuid()}-unstored"
+        held = _store(cache, how, key, 2400)
+        if older != "held":
+            held.release()
+        pins: list[CachedAudio] = []
+        if older == "on the disk tier":  # 4 more entries of 4.8 KB: the oldest spills
+            for i in range(4):
+                other = cache_key(f"filler {i}")
+                cache.put(other, tone(other, 2400), 16000).release()
+            assert key not in cache and any(n.startswith(key) for n in _files_of(disk_tier))
+        if older == "evicted by the put":  # the put's room is made by spilling it
+            for i in range(2):
+                other = cache_key(f"pinned {i}")
+                pins.append(cache.put(other, tone(other, 3600), 16000))
+        size = 30_000 if older != "evicted by the put" else 4500  # > max_bytes, or no room
+        with _store(cache, how, key, size) as big:
+            assert not big.stored
+        assert key not in cache
+        assert cache.get(key) is None  # no older audio in RAM, none reloaded from disk
+        if older == "held":  # its holder keeps reading it; it is never looked up again
+            expected = tone(key, 2400)
+            got = held.array if how == "put" else np.frombuffer(held.read_bytes(), np.int16)
+            np.testing.assert_array_equal(got, expected)
+            del got  # its mapping pins the entry too
+            held.release()
+            assert cache.get(key) is None  # and this look-up removes it, unheld now
+        for pin in pins:
+            pin.release()
+        # The counts agree with the files of both tiers.
+        stats = cache.stats()
+        ram_files, disk_files = _files_of(cache.directory), _files_of(disk_tier)
+        assert not [n for n in [*ram_files, *disk_files] if n.startswith(key)]
+        assert (stats.entries, stats.bytes) == (len(ram_files), sum(ram_files.values()))
+        assert cache._ram.counters()[0] == stats.bytes  # the RAM tier's shared byte count
+        assert (stats.disk_entries, stats.disk_bytes) == (len(disk_files),
+                                                          sum(disk_files.values()))
+        cache.destroy()
+
+
 def test_unstored_audio_and_its_note_are_removed_once_no_one_holds_it(cache) -> None:
     for i in range(5):
         key = cache_key(f"too large {i}")

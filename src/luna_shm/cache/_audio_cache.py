@@ -562,7 +562,8 @@ class AudioCache(_resource.OwnedHere):
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         Unless it was reloaded from the disk tier, the key's disk entries go: one entry
-        per key, and a spill of an older one must not come back after a restart.
+        per key, and a spill of an older one must not come back after a restart; kept
+        unstored, its RAM entries go too (see _drop_older).
         cell, when given, holds an fd already open on it holding a flock (it becomes the
         entry's); on failure it is released and the file removed.
 
@@ -625,6 +626,11 @@ class AudioCache(_resource.OwnedHere):
                     if replaced:
                         self._ram.add({"bytes": -replaced})
                     return CachedAudio(cell, final, key)
+                if source is None:
+                    # Kept unstored, it still replaces the key's older audio (a put
+                    # "replacing any", a render after a miss): a later get must not
+                    # return what the caller replaced. Disk first, as for a stored one.
+                    self._drop_older(key, deadline)
             suffix = name[len(key):]
             unstored = self._ram.path(f".{key}.{token()}{UNSTORED}{suffix}")
             _os.rename(part_path, unstored)
@@ -655,6 +661,17 @@ class AudioCache(_resource.OwnedHere):
                                      "the disk tier %s (a restart may bring it back): %s",
                                      key, disk.directory, exc)
 
+    def _drop_older(self, key: str, deadline: float | None = None) -> None:
+        """Under the RAM lock: remove key's entries of every type, older than audio of
+        the key that a commit keeps unstored (it does not fit), from the disk tier, then
+        from RAM; one a caller holds is superseded instead, as a commit of another type
+        does (its holder reads on; no look-up takes it again). deadline bounds the wait
+        for the disk tier's lock (see _drop_from_disk): past it, nothing was removed."""
+        if self._disk is not None:
+            self._drop_from_disk(key, deadline)
+        for suffix in self._suffixes():
+            remove_or_supersede(self._ram, key + suffix)
+
     def _foreign(self, name: str) -> bool:
         """True when something that is not a regular file (a symlink, a FIFO, a directory:
         never the cache's) has the entry name: a commit keeps its audio unstored rather
@@ -683,7 +700,10 @@ class AudioCache(_resource.OwnedHere):
 
         Returns:
             The entry; ``stored`` is False when it is larger than max_bytes or every
-            other entry is pinned (the audio is still there until released).
+            other entry is pinned (the audio is still there until released). It
+            replaces the key's older entries all the same: they leave both tiers (one a
+            caller holds stays readable to it, and is never looked up again), and the
+            next :meth:`get` of key is a miss.
 
         Raises:
             TypeError, ValueError: a bad key, data, samplerate, subtype or timeout; data
@@ -710,6 +730,9 @@ class AudioCache(_resource.OwnedHere):
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview,
                   suffix: str = ".mp3", *, timeout: float | None = None) -> CachedAudio:
         """Store encoded audio (e.g. MP3 from a cloud TTS) as key's entry and return it pinned.
+
+        Like :meth:`put`, it replaces the key's older entries, of every type, also when
+        it is too large to store (``stored`` False).
 
         Args:
             key: see :func:`cache_key`.
