@@ -270,6 +270,7 @@ SECONDS_CALLS: dict[str, Call] = {
     "AudioCache.put_bytes(timeout=)": lambda w, v: w.cache.put_bytes(w.key, b"x", timeout=v),
     "AudioCache.discard(timeout=)": lambda w, v: w.cache.discard(w.key, timeout=v),
     "AudioCache.destroy(timeout=)": lambda w, v: w.cache.destroy(timeout=v),
+    "AudioCache.close(timeout=)": lambda w, v: w.cache.close(timeout=v),
 }
 # Not numbers: what a config file gives ("10"), bools (True is no timeout), a list, a
 # dict, a complex number. Numbers that are no duration: negative ones, NaN, -inf.

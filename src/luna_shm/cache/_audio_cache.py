@@ -58,6 +58,10 @@ from luna_shm.writer import WavWriter
 _T = TypeVar("_T")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_DISK_MAX_BYTES = 1024 * 1024 * 1024
+# close()'s wait for the cache's lock to write its counts out, when none is given (and at
+# the end of a `with` block): ample for a holder that is working, bounded for one that
+# is stopped. The CLI's default --timeout is the same.
+CLOSE_TIMEOUT = 10.0
 _NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _NOT_STATS = ("bytes", "encoded")
 
@@ -1362,9 +1366,24 @@ class AudioCache(_resource.OwnedHere):
         entries.sort(key=lambda item: item[1].st_atime_ns)
         return [(name.rpartition(".")[0], self._ram.path(name), st) for name, st in entries]
 
-    def close(self) -> None:
+    def close(self, *, timeout: float | None = CLOSE_TIMEOUT) -> None:
         """Write this process's counters out and close the lock files; again does nothing.
         Only counts to write out make it take the cache's lock (and wait for it).
+
+        Args:
+            timeout: seconds to wait for the cache's lock to write the counts out (an int
+                or float, numpy ones too, >= 0; 0 does not wait); None or infinity waits
+                as long as it takes. Past it, the cache closes all the same and this
+                process's counts not yet written out (hits, misses... since its last
+                locked call) are lost, with a warning logged naming the lock file: they
+                are statistics, the entries are all stored already, and a daemon's
+                shutdown must not hang on a process stopped or stuck holding the lock.
+                The default (10 s) is also what the end of ``with AudioCache(...)``
+                waits, which can pass no timeout.
+
+        Raises:
+            TypeError, ValueError: a bad timeout (the cache stays open).
+            OSError: the counts could not be written (the cache is closed all the same).
 
         Safe in a signal handler (a TTS daemon's SIGTERM handler): one that interrupted
         this very thread inside a call of the cache that holds its lock can neither take
@@ -1375,6 +1394,7 @@ class AudioCache(_resource.OwnedHere):
         that then ends the process with ``os._exit()`` loses this process's counts not
         yet written out; the entries are all on disk already.
         """
+        deadline = _deadline(timeout)  # first: a bad timeout leaves the cache as it was
         ram = getattr(self, "_ram", None)
         if ram is None or ram.lock_fd < 0:
             return
@@ -1390,8 +1410,14 @@ class AudioCache(_resource.OwnedHere):
             # `luna-shm cache`), a process stopped holding it never keeps a close waiting.
             if _os.getpid() == ram.pid and self._counts_pending() and ram.in_place():
                 try:
-                    with ram.locked():
+                    with ram.locked(deadline=deadline):
                         self._flush_counts()
+                except TimeoutError as exc:
+                    with self._counts_lock:
+                        lost = ", ".join(f"{name}={n}" for name, n in self._counts.items() if n)
+                    placement.logger.warning("luna_shm: AudioCache %r closed without writing "
+                                             "out this process's counts (%s): %s", self.name,
+                                             lost, exc)
                 except ValueError:
                     if not self.closed:
                         raise
