@@ -1476,6 +1476,34 @@ def test_a_close_with_counts_to_write_out_gives_up_on_a_stopped_lock_holder(
         cache.destroy()
 
 
+def test_a_close_while_another_thread_waits_for_a_stopped_lock_holder_is_bounded(
+        private_dirs, tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cache = AudioCache("waited-on", disk_dir=disk)
+    lock = f"{cache.directory}/lock"
+    looked: list[object] = []
+    with lock_held_by_a_stopped_process(lock):
+        # Another thread's call that waits as long as it takes, holding the cache's
+        # mutex meanwhile (a TTS daemon's worker).
+        worker = threading.Thread(target=lambda: looked.append(cache.entries()))
+        worker.start()
+        inode = os.stat(lock).st_ino
+        wait_until_someone_waits_for_flock(lock, inode, worker.is_alive)
+        # Found in review: close() waited for that call to end (the lock files are
+        # closed under the mutex, never under a call that uses them): for ever.
+        call_with_deadline(lambda: cache.close(timeout=0.05), deadline=60)
+        assert not cache.closed  # the waiting call's, until it ends
+        assert lock in _open_files()
+    worker.join(60)
+    assert not worker.is_alive() and looked == [[]]  # the call ended as it would have
+    assert cache.closed and lock not in _open_files()  # and the cache closed after it
+    assert not [name for name in _open_files() if "luna_cache-" in name]
+    with pytest.raises(ValueError, match="closed AudioCache"):
+        cache.stats()
+    AudioCache("waited-on", disk_dir=disk).destroy()
+
+
 @pytest.mark.parametrize("what", ["cache", "disk cache"])
 def test_puts_and_removals_bound_their_wait_for_a_stopped_holder_of_a_cache_lock(
         private_dirs, tmp_path: Path, what: str) -> None:

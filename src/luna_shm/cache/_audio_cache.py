@@ -1379,7 +1379,12 @@ class AudioCache(_resource.OwnedHere):
                 are statistics, the entries are all stored already, and a daemon's
                 shutdown must not hang on a process stopped or stuck holding the lock.
                 The default (10 s) is also what the end of ``with AudioCache(...)``
-                waits, which can pass no timeout.
+                waits, which can pass no timeout. It bounds the wait for another
+                thread's call that holds the lock too (one waiting, with no timeout of
+                its own, for a stopped process): past it, the close is left to that call,
+                and the cache closes as it lets go of the lock (``closed`` is False until
+                then; a call of that thread that goes on to take a lock raises
+                ``ValueError``, closed).
 
         Raises:
             TypeError, ValueError: a bad timeout (the cache stays open).
@@ -1405,6 +1410,7 @@ class AudioCache(_resource.OwnedHere):
                 tier.close_after = self._close_after_handler
             return
         self._finalizer.detach()
+        timed_out: TimeoutError | None = None
         try:
             # Only counts to write out take the lock: with none (a monitoring process,
             # `luna-shm cache`), a process stopped holding it never keeps a close waiting.
@@ -1413,18 +1419,36 @@ class AudioCache(_resource.OwnedHere):
                     with ram.locked(deadline=deadline):
                         self._flush_counts()
                 except TimeoutError as exc:
-                    with self._counts_lock:
-                        lost = ", ".join(f"{name}={n}" for name, n in self._counts.items() if n)
-                    placement.logger.warning("luna_shm: AudioCache %r closed without writing "
-                                             "out this process's counts (%s): %s", self.name,
-                                             lost, exc)
+                    timed_out = exc
                 except ValueError:
                     if not self.closed:
                         raise
                     # another thread closed it meanwhile
         finally:
-            for tier in tiers:
-                tier.close()
+            self._close_tiers(tiers, deadline)
+        if timed_out is not None and self.closed:  # else handed over: they go out then
+            with self._counts_lock:
+                lost = ", ".join(f"{name}={n}" for name, n in self._counts.items() if n)
+            placement.logger.warning("luna_shm: AudioCache %r closed without writing out "
+                                     "this process's counts (%s): %s", self.name, lost,
+                                     timed_out)
+
+    def _close_tiers(self, tiers: list[Tier], deadline: float | None) -> None:
+        """Close the tiers' lock files, in order, each under its mutex (see Tier.close).
+        A tier whose mutex another thread holds past deadline (its call waits for a
+        process stopped holding the lock) is left open, with the tiers after it (that
+        call may go on to them): the close is handed to that tier's next holder, which
+        makes it as it lets go (close_after), or made here if the mutex came free in the
+        meantime."""
+        for tier in tiers:
+            if tier.close(deadline=deadline):
+                continue
+            tier.close_after = self._close_after_handler
+            # The holder may have let go between our wait and the line above, and read
+            # close_after before we set it: then the mutex is free now (or its next
+            # holder reads close_after as it lets go).
+            if not tier.close(deadline=_time.monotonic()):
+                return
 
     def _close_after_handler(self) -> None:
         """The close a signal handler asked for (see close), made as the call it

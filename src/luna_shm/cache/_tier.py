@@ -143,8 +143,9 @@ class Tier:
     # Why the lock file was opened read-only (EACCES, EPERM or EROFS), else None.
     write_error: OSError | None = None
     # What to call once the thread that holds the lock lets go of it: a close that a
-    # signal handler asked for while it interrupted that thread's locked section (see
-    # AudioCache.close). Set and run in that thread only.
+    # signal handler asked for while it interrupted that thread's locked section, or
+    # that another thread's close() could not wait for (see AudioCache.close). Read and
+    # run after the mutex is let go (see release).
     close_after: Callable[[], None] | None = None
 
     def __init__(self, parent: str, name: str, max_bytes: int, what: str) -> None:
@@ -288,10 +289,15 @@ class Tier:
                 _fcntl.flock(self.lock_fd, _fcntl.LOCK_UN)
         finally:
             self.thread_lock.release()
-            # Only a handler in this thread sets it, and only while the mutex was held:
-            # one that runs from here on finds it free and closes by itself.
-            then, self.close_after = self.close_after, None
+            # Read after the mutex is let go, never before: a close in another thread
+            # that sets it after our read finds the mutex free, and closes by itself
+            # (see AudioCache.close); a handler that runs from here on does too. Cleared
+            # only when we take it to run: a None stored back could erase one that
+            # another thread set meanwhile, for the next holder to run. Run twice (read
+            # by two threads), the close does nothing the second time.
+            then = self.close_after
             if then is not None:
+                self.close_after = None
                 then()
 
     def counters(self) -> list[int]:
@@ -486,11 +492,13 @@ class Tier:
                 kept.append(f"{name} ({why[kind]})")
         return notes, sorted(kept)
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self, *, wait: bool = True, deadline: float | None = None) -> bool:
         """Close the lock file; again does nothing. Under the mutex, so that no thread
         holding the tier's lock has its lock file closed under it (see TierLock). Never
         called by the thread that holds it (AudioCache.close makes such a close wait
-        for the lock to be let go: see close_after).
+        for the lock to be let go: see close_after). True once closed; False when
+        another thread held the mutex until deadline (time.monotonic(); None: no
+        limit), and the file is still open.
 
         wait=False (the leak finalizer, a failed construction) closes it without the
         mutex: no thread uses the tier (the cache is collected, or was never made), or it
@@ -500,9 +508,18 @@ class Tier:
         is closed without it."""
         if not wait or self.pid != _os.getpid():
             self._close_file()
-            return
-        with self.thread_lock:
+            return True
+        if deadline is None:
+            with self.thread_lock:  # in C: no handler runs between the acquire and the try
+                self._close_file()
+            return True
+        if not self.thread_lock.acquire(timeout=max(0.0, deadline - _time.monotonic())):
+            return False
+        try:
             self._close_file()
+        finally:
+            self.thread_lock.release()
+        return True
 
     def _close_file(self) -> None:
         if self.lock_fd >= 0:
