@@ -245,13 +245,7 @@ OPERATIONS = ["write_wav-new", "write_wav-atomic-replace", "write_wav-plain-repl
 # Operations with rows that fail today, and why (strict: a fix makes the test say so).
 _NO_FILENAME = "an OSError naming no file"
 KNOWN = {
-    "WavWriter-replace": f"{_NO_FILENAME}: flock, fstat",
-    "create_wav_buffer-replace": f"{_NO_FILENAME}: flock, fstat",
-    "AudioPool": f"{_NO_FILENAME}: flock, fstat; close() stops at the first slot it "
-                 "cannot remove",
-    "cleanup_all_temp_audio": f"{_NO_FILENAME}: flock, stat",
-    "cleanup_temp_audio": f"{_NO_FILENAME}: flock, stat",
-    "follow_wav": f"{_NO_FILENAME}: fstat, fcntl",
+    "AudioPool": "close() stops at the first slot it cannot remove",
     "AudioCache.get_or_render": f"{_NO_FILENAME}: flock, fstat, pread",
     "AudioCache.get": f"{_NO_FILENAME}: flock, fstat",
     "AudioCache.get-disk": f"{_NO_FILENAME}: flock, fstat, pread",

@@ -49,6 +49,15 @@ def check(rc: int, filename: str | None = None) -> int:
     return rc
 
 
+def named(exc: OSError, filename: str, *, relative: str | None = None) -> OSError:
+    """exc, or the same error naming filename when exc names no file (a call on an fd:
+    ``os.fstat``, ``os.pread``, flock) or only the name relative, which meant something
+    only with the directory fd it was given (``os.stat(name, dir_fd=...)``)."""
+    if exc.errno is not None and exc.filename in (None, relative):
+        return OSError(exc.errno, exc.strerror, filename)
+    return exc
+
+
 def _check_wav(rc: int, info: Any, filename: str | None) -> int:
     """Like :func:`check`, but a WAV format failure becomes :class:`WavError`."""
     if rc == -_EFORMAT:
@@ -212,8 +221,10 @@ def _cell_or_null(cell: FdCell) -> Any:
     return ffi.NULL if cell is None else cell
 
 
-def lock(fd: int, *, exclusive: bool, wait: bool = False) -> bool:
+def lock(fd: int, *, exclusive: bool, wait: bool = False, filename: str | None = None
+         ) -> bool:
     """Take a flock (waiting when wait=True); False when another open file holds it.
+    A failure (ENOLCK: the kernel's lock table is full) raises OSError naming filename.
 
     A signal interrupts a wait as it does Python's own blocking calls (PEP 475): its
     handler runs, and the exception it raises (KeyboardInterrupt, say) ends the wait;
@@ -223,7 +234,7 @@ def lock(fd: int, *, exclusive: bool, wait: bool = False) -> bool:
         rc = lib.luna_lock(fd, int(exclusive), int(wait))
     if rc == -errno.EWOULDBLOCK:
         return False
-    check(rc)
+    check(rc, filename)
     return True
 
 

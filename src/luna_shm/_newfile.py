@@ -397,7 +397,10 @@ def still_named(fd: int, path: str) -> bool:
         named = _os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    opened = _os.fstat(fd)
+    try:
+        opened = _os.fstat(fd)
+    except OSError as exc:
+        raise _lowlevel.named(exc, path) from None
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
@@ -448,13 +451,16 @@ def open_destination(
         except OSError as exc:
             raise explain_special(exc, text) from None
         try:
-            _lowlevel.lock(fd, exclusive=False, wait=True)
+            _lowlevel.lock(fd, exclusive=False, wait=True, filename=text)
             if not old_size and still_named(fd, text):
                 return Destination(text, cell, created, None)
+            mode = replacement_mode(_os.fstat(fd)) if old_size else 0o600
+        except OSError as exc:
+            _lowlevel.release(cell)
+            raise _lowlevel.named(exc, text) from None
         except BaseException:
             _lowlevel.release(cell)
             raise
-        mode = replacement_mode(_os.fstat(fd)) if old_size else 0o600
         _lowlevel.release(cell)
         if old_size:
             partial = partial_path(text)

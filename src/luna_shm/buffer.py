@@ -186,7 +186,7 @@ class WavBuffer(FileResource):
                                                       populate=True, filename=name)
         if self._junk:
             self._mapping.view[self._length - 8 : self._length] = b"JUNK\0\0\0\0"
-        _lowlevel.lock(fd, exclusive=False, wait=True)
+        _lowlevel.lock(fd, exclusive=False, wait=True, filename=name)
         count = self.frames * self.channels
         flat = np.frombuffer(self._mapping.view, dtype=self.dtype, count=count,
                              offset=self._header_len)

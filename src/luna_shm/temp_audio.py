@@ -335,7 +335,7 @@ def _examine(
         opened = _os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
             return _SKIP  # replaced under us
-        if not _lowlevel.lock(fd, exclusive=True):
+        if not _lowlevel.lock(fd, exclusive=True, filename=f"{where}/{name}"):
             return _HELD  # in use by a live process
         if verify is not None and not verify(name, fd, opened):
             return _SKIP
@@ -348,6 +348,8 @@ def _examine(
         return _UNUSED if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino) else _SKIP
     except FileNotFoundError:
         return _SKIP
+    except OSError as exc:  # fstat, flock, stat: named by its path, as the docstring says
+        raise _lowlevel.named(exc, f"{where}/{name}", relative=name) from None
     finally:
         _lowlevel.release(cell)
 
@@ -406,6 +408,8 @@ def remove_if_same(path: str, identity: tuple[int, int]) -> bool:
             st = _os.stat(name, dir_fd=dir_cell[0], follow_symlinks=False)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise _lowlevel.named(exc, path, relative=name) from None
         if (st.st_dev, st.st_ino) != identity:
             return False
         return _unlink_checked(dir_cell[0], name, identity, parent)

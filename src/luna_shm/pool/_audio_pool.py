@@ -435,7 +435,7 @@ class AudioPool(_resource.Resource):
         fd is in cell; on failure release it and, when named, remove the file at path."""
         fd = cell[0]
         try:
-            _lowlevel.lock(fd, exclusive=False)
+            _lowlevel.lock(fd, exclusive=False, filename=path)
             _lowlevel.reserve(fd, self._length, path)
             if self.anonymous:
                 _lowlevel.seal_shrink(fd)
