@@ -147,17 +147,29 @@ def close_slots(slots: list[Slot], watch_cell: _lowlevel.FdCell, anonymous: bool
                 leaked: bool, owner_pid: int) -> None:
     # In a forked child (close() there, its exit, its garbage collector) the slots are
     # the parent's: only the child's copies of the descriptors are closed.
+    # A slot that cannot be removed (EROFS, EMFILE for its directory) stops no other:
+    # every slot is closed and removed before the first failure is raised, naming its
+    # file; what stays is unlocked, and the next pool reclaims it.
     ours = owner_pid == _resource.current_pid
+    failure: OSError | None = None
     for slot in slots:
-        close_slot(slot, unlink=ours and not anonymous)
+        try:
+            close_slot(slot, unlink=ours and not anonymous)
+        except OSError as exc:
+            failure = failure or exc
     slots.clear()
     if watch_cell is not None:
         try:
             _lowlevel.release(watch_cell)
         except OSError:
             pass
-    if leaked and ours:  # last: warnings may be errors (-W error)
-        _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
+    try:
+        if failure is not None:
+            raise failure
+    finally:
+        del failure
+        if leaked and ours:  # last: warnings may be errors (-W error)
+            _warnings.warn("unclosed AudioPool", ResourceWarning, stacklevel=2)
 
 
 def prepare_slot(slot: Slot) -> None:
