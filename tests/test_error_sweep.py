@@ -114,15 +114,21 @@ REMOVERS = ("cleanup_all_temp_audio", "cleanup_temp_audio")
 SPILLING = ("AudioCache.put-spilling", "AudioCache.get-disk")
 
 
-def _outcome_problems(op: str, report: dict[str, Any]) -> list[str]:
+# The calls of the hand-off on its socket, which has no name (a failure of any other
+# call, on the file whose fd came, names that file).
+SOCKET_CALLS = ("sendmsg", "recvmsg")
+
+
+def _outcome_problems(op: str, report: dict[str, Any], inject: tuple[str, int] | None
+                      ) -> list[str]:
     """What is wrong with the outcomes the child reported."""
     problems = []
     first, again = report["outcome"], report["again"]
     if not first["ok"]:
         types = first["types"]
+        on_socket = inject is not None and inject[0] in SOCKET_CALLS
         documented = "WavError" in types or ("OSError" in types and first["errno"] is not None
-                                            and (first["filename"] != "None"
-                                                 or op == "send_wav-recv_wav"))
+                                            and (first["filename"] != "None" or on_socket))
         if not documented:
             problems.append(f"raised {types[0]} (errno {first['errno']}, filename "
                             f"{first['filename']}): {first['text']} at {first['where']}")
@@ -228,7 +234,7 @@ def _round(server: Any, op: str, strace: list[str], inject: tuple[str, int] | No
     status, report = server.round(op, strace, mode="error")
     if os.waitstatus_to_exitcode(status) != 0 or report is None:
         return [f"the child ended with status {os.waitstatus_to_exitcode(status)}"]
-    problems = _outcome_problems(op, report)
+    problems = _outcome_problems(op, report, inject)
     try:
         problems += _dir_problems(op, report, snapshots, target,
                                   {"ram": ram, "fallback": fallback})
