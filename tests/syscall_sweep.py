@@ -62,7 +62,8 @@ ZYGOTE = r"""
 import gc, json, os, shutil, signal, socket, sys, time, traceback
 import numpy as np
 from luna_shm import (AudioCache, AudioPool, WavWriter, cleanup_all_temp_audio,
-                      cleanup_temp_audio, create_wav_buffer, follow_wav, prefault_stats,
+                      cleanup_temp_audio, create_wav_buffer, follow_wav, get_temp_audio_path,
+                      prefault_stats,
                       prefault_wav_buffers, read_wav, recv_wav, save_temp_audio, send_wav,
                       temp_dir, write_wav)
 
@@ -147,6 +148,22 @@ def pool_op(_):
         pool.write_wav(AUDIO, 8000).release()
 
 
+def anonymous_op(_):
+    with create_wav_buffer(len(AUDIO), 8000, anonymous=True) as buf:
+        buf.array[:] = AUDIO
+
+
+def anonymous_pool_op(_):
+    with AudioPool(slots=2, max_bytes=8192, anonymous=True) as pool:
+        pool.write_wav(AUDIO, 8000).release()
+
+
+def read_float_op(path):
+    data, _ = read_wav(path, dtype="float32")
+    if not np.array_equal(data, AUDIO / np.float32(32768)):
+        raise AssertionError("wrong audio")
+
+
 def same(data):
     if not np.array_equal(data, AUDIO):
         raise AssertionError(f"wrong audio: {len(data)} frames")
@@ -221,6 +238,10 @@ OPS = {
     "send_wav-recv_wav": (handoff_setup, handoff_op, None, None),
     "cleanup_temp_audio": (lambda: write_wav(None, AUDIO, 8000), cleanup_temp_audio,
                            lambda _: cleanup_temp_audio(write_wav(None, AUDIO, 8000)), None),
+    "get_temp_audio_path-create": (None, lambda _: get_temp_audio_path(create=True), None, None),
+    "create_wav_buffer-anonymous": (None, anonymous_op, None, None),
+    "read_wav-float32": (lambda: write_wav(None, AUDIO, 8000), read_float_op, None, None),
+    "AudioPool-anonymous": (None, anonymous_pool_op, None, None),
     "AudioCache.get": (stored_setup, cache_get, None, None),
     "AudioCache.get-disk": (spilled_setup, cache_get, None, None),
 }
