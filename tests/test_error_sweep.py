@@ -268,7 +268,6 @@ OPERATIONS = ["write_wav-new", "write_wav-atomic-replace", "write_wav-plain-repl
 # Each is an OSError naming no file, raised in cache/ (left to the work on the cache).
 _NO_FILENAME = "an OSError naming no file, in cache/"
 KNOWN = {
-    "AudioPool-anonymous": "an OSError naming no file: fcntl (seal_shrink)",
     "AudioCache.get_or_render": f"{_NO_FILENAME}: pread64 (_suffixes), flock (_start_render, "
                                 "_render), fstat (_render)",
     "AudioCache.get": f"{_NO_FILENAME}: fstat (open_regular, _open_entry), flock (lock_by)",

@@ -454,9 +454,10 @@ def memfd(name: str, *, cell: FdCell = None) -> int:
     return check(lib.luna_memfd(_c_path(name), _cell_or_null(cell)))
 
 
-def seal_shrink(fd: int) -> None:
-    """Forbid every process to shrink this memfd (F_SEAL_SHRINK)."""
-    check(lib.luna_seal_shrink(fd))
+def seal_shrink(fd: int, filename: str | None = None) -> None:
+    """Forbid every process to shrink this memfd (F_SEAL_SHRINK); a failure raises
+    OSError naming filename (its ``/proc/<pid>/fd/<n>`` path)."""
+    check(lib.luna_seal_shrink(fd), filename)
 
 
 def prepare_file(directory: str | None, memfd_name: str, length: int, *,

@@ -181,7 +181,7 @@ class WavBuffer(FileResource):
             _lowlevel.reserve(fd, self._length, name)
             _lowlevel.write_at(fd, 0, header, name)
         if self.anonymous:
-            _lowlevel.seal_shrink(fd)
+            _lowlevel.seal_shrink(fd, name)
         self._mapping = prepared or _lowlevel.Mapping(fd, self._length, writable=True,
                                                       populate=True, filename=name)
         if self._junk:

@@ -438,7 +438,7 @@ class AudioPool(_resource.Resource):
             _lowlevel.lock(fd, exclusive=False, filename=path)
             _lowlevel.reserve(fd, self._length, path)
             if self.anonymous:
-                _lowlevel.seal_shrink(fd)
+                _lowlevel.seal_shrink(fd, path)
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
                                         filename=path)
             slot = Slot(cell, path, mapping)
