@@ -436,7 +436,10 @@ def _core(path: str, timeout: float | None) -> _Step:
                     if gone:
                         return
             woken = yield sleep()
-    except OSError as exc:  # os.fstat, os.pread, flock, a lease's fcntl: on the fd alone
+    except OSError as exc:
+        if exc.filename is not None:  # ours, named already (TimeoutError, ...)
+            raise
+        # os.fstat, os.pread, flock, a lease's fcntl: calls on the fd alone
         raise _lowlevel.named(exc, path) from None
     finally:
         for owned in (watching, opened):

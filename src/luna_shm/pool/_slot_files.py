@@ -156,7 +156,8 @@ def close_slots(slots: list[Slot], watch_cell: _lowlevel.FdCell, anonymous: bool
         try:
             close_slot(slot, unlink=ours and not anonymous)
         except OSError as exc:
-            failure = failure or exc
+            if failure is None:
+                failure = exc
     slots.clear()
     if watch_cell is not None:
         try:
