@@ -335,7 +335,7 @@ def _examine(
         opened = _os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
             return _SKIP  # replaced under us
-        if not _lowlevel.lock(fd, exclusive=True, filename=f"{where}/{name}"):
+        if not _lowlevel.lock(fd, exclusive=True):  # a failure: named below
             return _HELD  # in use by a live process
         if verify is not None and not verify(name, fd, opened):
             return _SKIP
