@@ -266,14 +266,7 @@ OPERATIONS = ["write_wav-new", "write_wav-atomic-replace", "write_wav-plain-repl
 
 # Operations with rows that fail today, and why (strict: a fix makes the test say so).
 # Each is an OSError naming no file, raised in cache/ (left to the work on the cache).
-_NO_FILENAME = "an OSError naming no file, in cache/"
-KNOWN = {
-    "AudioCache.get_or_render": f"{_NO_FILENAME}: pread64 (_suffixes), flock (_start_render, "
-                                "_render), fstat (_render)",
-    "AudioCache.get": f"{_NO_FILENAME}: fstat (open_regular, _open_entry), flock (lock_by)",
-    "AudioCache.get-disk": f"{_NO_FILENAME}: pread64 (_suffixes), fstat (open_regular, "
-                           "_open_entry, _reload, _copy_in, CachedAudio._map), flock (lock_by)",
-}
+KNOWN: dict[str, str] = {}  # operation -> why its rows fail (a strict xfail)
 
 
 def _marked(op: str) -> Any:

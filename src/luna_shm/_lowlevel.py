@@ -58,6 +58,14 @@ def named(exc: OSError, filename: str, *, relative: str | None = None) -> OSErro
     return exc
 
 
+def fstat(fd: int, filename: str) -> os.stat_result:
+    """os.fstat(fd); its OSError names filename (os.fstat's names no file)."""
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        raise named(exc, filename) from None
+
+
 def _check_wav(rc: int, info: Any, filename: str | None) -> int:
     """Like :func:`check`, but a WAV format failure becomes :class:`WavError`."""
     if rc == -_EFORMAT:

@@ -275,7 +275,7 @@ class AudioCache(_resource.OwnedHere):
                 # a wrong hit).
                 if exc.errno == _errno.EBADF:
                     self._ram.check_open()
-                raise
+                raise _lowlevel.named(exc, self._ram.path(LOCK_NAME)) from None
         return ENTRY_SUFFIXES if self._encoded else (".wav",)
 
     # ---- look-ups ------------------------------------------------------------------
@@ -301,7 +301,7 @@ class AudioCache(_resource.OwnedHere):
                 lock_by(fd, exclusive=False, deadline=deadline,
                         what=f"the lock of the entry of {key!r} (another process holds it)",
                         path=path)
-                st = _os.fstat(fd)
+                st = _lowlevel.fstat(fd, path)
                 if st.st_nlink == 0:  # evicted while we waited
                     _lowlevel.release(cell)
                     continue
@@ -456,11 +456,13 @@ class AudioCache(_resource.OwnedHere):
         if fd is None:
             return not _os.path.lexists(path)  # gone; else not an entry: never ours to evict
         try:
-            if not _lowlevel.lock(fd, exclusive=True) or not _newfile.still_named(fd, path):
+            if not _lowlevel.lock(fd, exclusive=True, filename=path) \
+                    or not _newfile.still_named(fd, path):
                 return False
-            if self._disk is not None and _stat.S_IMODE(_os.fstat(fd).st_mode) != SUPERSEDED:
+            if self._disk is not None and \
+                    _stat.S_IMODE(_lowlevel.fstat(fd, path).st_mode) != SUPERSEDED:
                 try:
-                    self._spill(fd, name, deadline)
+                    self._spill(fd, path, deadline)
                 except TimeoutError:
                     raise
                 except OSError as exc:
@@ -472,10 +474,11 @@ class AudioCache(_resource.OwnedHere):
         finally:
             _lowlevel.release(cell)
 
-    def _copy_in(self, tier: Tier, src_fd: int, name: str, *, sync: bool
+    def _copy_in(self, tier: Tier, src_fd: int, src_path: str, *, sync: bool
                  ) -> tuple[str, _lowlevel.FdCell]:
-        """Copy src_fd to a new locked partial in tier: (its path, its fd cell); mtime kept."""
-        st = _os.fstat(src_fd)
+        """Copy src_fd (the entry at src_path, in the other tier) to a new locked partial
+        of the same name in tier: (its path, its fd cell); mtime kept."""
+        st = _lowlevel.fstat(src_fd, src_path)
 
         def copy(fd: int, part: str) -> None:
             offset = 0
@@ -490,17 +493,18 @@ class AudioCache(_resource.OwnedHere):
             if sync:
                 _os.fsync(fd)
 
-        return tier.written_part(name, copy)
+        return tier.written_part(_os.path.basename(src_path), copy)
 
-    def _spill(self, src_fd: int, name: str, deadline: float | None = None) -> None:
-        """Copy the RAM entry name (open as src_fd) to the disk tier and store it there;
-        deadline bounds the wait for the disk tier's lock. On failure the copy goes."""
+    def _spill(self, src_fd: int, src_path: str, deadline: float | None = None) -> None:
+        """Copy the RAM entry at src_path (open as src_fd) to the disk tier and store it
+        there; deadline bounds the wait for the disk tier's lock. On failure the copy goes."""
         disk = self._disk
         assert disk is not None
-        size = _os.fstat(src_fd).st_size
+        size = _lowlevel.fstat(src_fd, src_path).st_size
         if size > disk.max_bytes:
             return
-        part, part_cell = self._copy_in(disk, src_fd, name, sync=True)
+        name = _os.path.basename(src_path)
+        part, part_cell = self._copy_in(disk, src_fd, src_path, sync=True)
         try:
             self._store_on_disk(disk, part, name, size, deadline)
         except BaseException:
@@ -545,8 +549,8 @@ class AudioCache(_resource.OwnedHere):
             with held:
                 name = _os.path.basename(held.path)
                 part, cell = self._with_room(
-                    _os.fstat(held.fileno()).st_size,
-                    _functools.partial(self._copy_in, self._ram, held.fileno(), name,
+                    _lowlevel.fstat(held.fileno(), held.path).st_size,
+                    _functools.partial(self._copy_in, self._ram, held.fileno(), held.path,
                                        sync=False), deadline)
                 try:
                     entry = self._commit(key, part, name, cell, source=held,
@@ -1010,7 +1014,7 @@ class AudioCache(_resource.OwnedHere):
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
                 # immediate (unless a sweep holds it for a moment: then we wait).
-                _lowlevel.lock(writer.fileno(), exclusive=True, wait=True)
+                _lowlevel.lock(writer.fileno(), exclusive=True, wait=True, filename=part)
                 while True:
                     try:
                         _os.link(part, live)  # the election: one link wins
@@ -1071,7 +1075,7 @@ class AudioCache(_resource.OwnedHere):
         pinned for our caller."""
         self._count("renders")
         owner = _resource.current_pid
-        ino = _os.fstat(writer.fileno()).st_ino
+        ino = _lowlevel.fstat(writer.fileno(), writer.path).st_ino
         # A note an earlier render of key left goes now, before a waiter can read it: a
         # filesystem that reuses inode numbers (ext4) may have given our file the number
         # it names. Late waiters of that render wait for this one instead.
@@ -1117,7 +1121,7 @@ class AudioCache(_resource.OwnedHere):
             _lowlevel.release(pin)  # the last descriptor: the waiters wake to the note
             raise
         # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
-        _lowlevel.lock(entry.fileno(), exclusive=False)
+        _lowlevel.lock(entry.fileno(), exclusive=False, filename=entry.path)
         writer.close()
         return entry
 
@@ -1159,7 +1163,7 @@ class AudioCache(_resource.OwnedHere):
             raise FileExistsError(_errno.EEXIST, f"cannot render {key!r}: a file that is "
                                   "not the cache's has the name of its render", live)
         try:
-            ino = _os.fstat(fd).st_ino
+            ino = _lowlevel.fstat(fd, live).st_ino
             # A caller that wants audio before the render ends uses follow() instead.
             # The renderer holds an exclusive flock until the entry is stored (or it
             # failed, or died): the kernel grants our shared one then, no polling.
@@ -1187,7 +1191,7 @@ class AudioCache(_resource.OwnedHere):
             held = _lowlevel.fd_cell()
             if open_regular(path, held) is None:
                 return None
-            _lowlevel.lock(held[0], exclusive=False, wait=True)
+            _lowlevel.lock(held[0], exclusive=False, wait=True, filename=path)
             return CachedAudio(held, path, key, stored=False)
         raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
 

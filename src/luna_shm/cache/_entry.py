@@ -99,7 +99,7 @@ class CachedAudio(FileResource):
         # Parsed and mapped through the pinned descriptor: no second open, and the very
         # file our flock holds (a put of the same key may have renamed a newer one over
         # the name meanwhile).
-        size = self._size if self._size >= 0 else _os.fstat(self._fd).st_size
+        size = self._size if self._size >= 0 else _lowlevel.fstat(self._fd, self.path).st_size
         info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
         mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
                                     writable=False, populate=False, filename=self.path)

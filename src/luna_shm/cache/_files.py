@@ -103,10 +103,10 @@ def lock_by(fd: int, *, exclusive: bool, deadline: float | None, what: str,
     off from 0.5 ms to 20 ms (the holder of an entry's or the cache's lock lets go
     within microseconds, unless it is stopped or stuck, which is what the bound is for)."""
     if deadline is None:
-        _lowlevel.lock(fd, exclusive=exclusive, wait=True)
+        _lowlevel.lock(fd, exclusive=exclusive, wait=True, filename=path)
         return
     pause = 0.0005
-    while not _lowlevel.lock(fd, exclusive=exclusive):
+    while not _lowlevel.lock(fd, exclusive=exclusive, filename=path):
         if _time.monotonic() >= deadline:
             raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for {what}", path)
         _time.sleep(pause)
@@ -169,7 +169,7 @@ def open_regular(path: str, cell: _lowlevel.FdCell) -> int | None:
         if exc.errno in (_errno.ENOENT, _errno.ELOOP):
             return None
         raise
-    if not _stat.S_ISREG(_os.fstat(fd).st_mode):
+    if not _stat.S_ISREG(_lowlevel.fstat(fd, path).st_mode):
         _lowlevel.release(cell)
         return None
     return fd
