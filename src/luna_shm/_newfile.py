@@ -263,6 +263,29 @@ def drop(new: NewFile) -> None:
                 pass
 
 
+def fill(new: NewFile, write: Callable[[int, str], None]) -> str:
+    """Run write(fd, path) into a file from :func:`create_unnamed_temp_file`, name it
+    (:func:`publish`) and close it; return its path. On any failure nothing is left: the
+    file is filled before it has a name, and a close that fails after the naming (EIO,
+    ENOSPC on a network disk: what was written may be lost) removes it again, its
+    OSError naming the file. What write raises goes on as it is."""
+    try:
+        write(new.cell[0], new.path)
+        path = publish(new)
+    except BaseException:
+        drop(new)
+        raise
+    try:
+        _lowlevel.release(new.cell)
+    except OSError as exc:
+        try:
+            _os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise explain_full_disk(OSError(exc.errno, exc.strerror, path), path) from None
+    return path
+
+
 def name_unnamed_file(fd: int, directory: str, suffix: str = ".wav",
                       prefix: str = AUDIO_PREFIX) -> str:
     """Give an unnamed file (O_TMPFILE in directory, already flocked) a fresh temp name

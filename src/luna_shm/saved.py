@@ -9,7 +9,6 @@ calls: bytes in one ``write``, chunks gathered and written with ``writev``.
 
 from __future__ import annotations
 
-import contextlib as _contextlib
 import errno as _errno
 import os as _os
 import re as _re
@@ -205,40 +204,13 @@ def save_temp_audio(
     chunks = iter(data)
     new = _newfile.with_disk_fallback(
         lambda on_disk: _newfile.create_unnamed_temp_file(suffix, prefix, on_disk=on_disk))
-    return _fill(new, lambda fd, path: _write_chunks(fd, chunks, path))
+    return _newfile.fill(new, lambda fd, path: _write_chunks(fd, chunks, path))
 
 
 def _save(write: Callable[[int, str], None], suffix: str, prefix: str, size: int,
           on_disk: bool) -> str:
     """One try at a new file holding what write puts at its fd; nothing left on failure."""
     new = _newfile.create_unnamed_temp_file(suffix, prefix, size_hint=size, on_disk=on_disk)
-    return _fill(new, write)
+    return _newfile.fill(new, write)
 
 
-def _fill(new: _newfile.NewFile, write: Callable[[int, str], None]) -> str:
-    """Run write(fd, path) into the new file, name it and close it; return its path. On
-    any failure nothing is left. The file is written unnamed (locked: a stream can take
-    seconds) and named last, so that a process killed on the way leaves no empty or
-    half-written file under a temp name. What a stream's iterator raises goes on as it
-    is (an ssl.SSLError is an OSError too, but not one of our file's)."""
-    try:
-        write(new.cell[0], new.path)
-        path = _newfile.publish(new)
-    except BaseException:
-        _newfile.drop(new)
-        raise
-    try:
-        _release(new.cell, path)
-    except OSError:  # a close that failed (EIO) may have lost what was written
-        with _contextlib.suppress(FileNotFoundError):
-            _os.unlink(path)
-        raise
-    return path
-
-
-def _release(cell: _lowlevel.FdCell, path: str) -> None:
-    """Close the file's fd; the close's error (EIO...) names the file."""
-    try:
-        _lowlevel.release(cell)
-    except OSError as exc:
-        raise _with_filename(exc, path) from None

@@ -120,14 +120,8 @@ def _write_new_temp_file(array: np.ndarray, spec: _lowlevel.WavSpec, nbytes: int
         # Written unnamed, then named: a process killed on the way leaves no empty file.
         new = _newfile.create_unnamed_temp_file(".wav", size_hint=nbytes + 128,
                                                 on_disk=on_disk)
-        try:
-            _lowlevel.write_wav_fd(new.cell[0], spec, array, new.path)
-            path = _newfile.publish(new)
-        except BaseException:
-            _newfile.drop(new)
-            raise
-        _lowlevel.release(new.cell)
-        return path
+        return _newfile.fill(new, lambda fd, path: _lowlevel.write_wav_fd(fd, spec, array,
+                                                                           path))
 
     return _newfile.with_disk_fallback(attempt)
 
