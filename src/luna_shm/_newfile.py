@@ -420,10 +420,7 @@ def still_named(fd: int, path: str) -> bool:
         named = _os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    try:
-        opened = _os.fstat(fd)
-    except OSError as exc:
-        raise _lowlevel.named(exc, path) from None
+    opened = _lowlevel.fstat(fd, path)
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 

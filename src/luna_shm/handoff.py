@@ -162,10 +162,7 @@ def _map_wav(fd: int, max_bytes: int | None) -> tuple[np.ndarray, int]:
     a view of the sender's memory when its file cannot shrink, a private copy otherwise;
     HandoffError, before any of it is read, when that array would pass max_bytes."""
     name = _describe(fd)
-    try:
-        st = _os.fstat(fd)
-    except OSError as exc:  # named like every later failure on this fd
-        raise _lowlevel.named(exc, name) from None
+    st = _lowlevel.fstat(fd, name)  # named like every later failure on this fd
     if not _stat.S_ISREG(st.st_mode):
         raise WavError(f"{name}: not a regular file, so not a WAV buffer")
     try:

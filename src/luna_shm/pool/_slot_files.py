@@ -58,10 +58,7 @@ class Slot:
         self.length = mapping.length
         self.byte_view = np.frombuffer(mapping.view, dtype=np.uint8)
         self.readonly = mapping.view.toreadonly()
-        try:
-            st = _os.fstat(self.fd)
-        except OSError as exc:
-            raise _lowlevel.named(exc, path) from None
+        st = _lowlevel.fstat(self.fd, path)
         self.identity = (st.st_dev, st.st_ino)
         # watched: the pool's inotify instance watches this file. verified: its name was
         # checked (still_named) and the watch has reported nothing since.
