@@ -251,6 +251,9 @@ def test_a_relative_luna_shm_dir_in_a_deleted_working_directory_falls_back_and_s
         private_dirs, tmp_path) -> None:
     # A daemon started in a directory that was removed since: a relative LUNA_SHM_DIR
     # cannot be resolved (os.getcwd fails). Every call raised a bare FileNotFoundError.
+    # -P keeps "" (the working directory) off sys.path: with it there, CPython 3.13.0-3.13.2
+    # fail any missing module attribute in a removed working directory with SystemError
+    # (python/cpython#130932), and the stdlib's own `import socket` does one.
     gone = tmp_path / "gone"
     gone.mkdir()
     code = textwrap.dedent(f"""
@@ -267,7 +270,7 @@ def test_a_relative_luna_shm_dir_in_a_deleted_working_directory_falls_back_and_s
     env = {**os.environ, "LUNA_SHM_DIR": "rel", "TMPDIR": private_dirs.fallback,
            "PYTHONPATH": LIBRARY_PATH}
     env.pop("LUNA_SHM_DISABLE", None)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                           env=env, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     directory, reason, removed, status_code = json.loads(done.stdout.splitlines()[-1])
