@@ -263,6 +263,12 @@ def force_first_token(monkeypatch: pytest.MonkeyPatch, first: str) -> list[str]:
 
 OTHER_UID = 65534  # "nobody": a real second user for tests that need one
 
+# CPython 3.12+ warns (DeprecationWarning) on every fork of a process with threads. Tests
+# that fork so on purpose filter that one warning (the interpreter's, not the library's):
+# with -W in a child's command line, or as a mark on the test.
+MULTITHREADED_FORK_IS_MEANT = "ignore:This process:DeprecationWarning"
+fork_with_threads_is_meant = pytest.mark.filterwarnings(MULTITHREADED_FORK_IS_MEANT)
+
 
 def as_other_user(action: Callable[..., object], *args: object) -> object:
     """Run action(*args) in a forked child that is uid 65534; return what it returned (JSON).

@@ -23,7 +23,14 @@ import pytest
 import scipy.io.wavfile
 import soundfile as sf
 
-from helpers import LIBRARY_PATH, as_other_user, call_with_deadline, require_tool, samples
+from helpers import (
+    LIBRARY_PATH,
+    as_other_user,
+    call_with_deadline,
+    fork_with_threads_is_meant,
+    require_tool,
+    samples,
+)
 from luna_shm import (
     StreamAbandoned,
     WavError,
@@ -1166,6 +1173,7 @@ def follow_as_other_user(path: Path) -> dict[str, object]:
     return result
 
 
+@fork_with_threads_is_meant  # as_other_user forks in call_with_deadline's thread
 @pytest.mark.parametrize("streamed", [False, True], ids=["final-header", "streamed-header"])
 def test_a_follower_that_may_not_take_a_lease_ends_a_final_header_and_waits_on_a_streamed_one(
         ram, streamed):

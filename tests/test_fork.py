@@ -20,7 +20,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from helpers import LIBRARY_PATH, call_with_deadline, wait_until_someone_waits_for_flock
+from helpers import (
+    LIBRARY_PATH,
+    MULTITHREADED_FORK_IS_MEANT,
+    call_with_deadline,
+    fork_with_threads_is_meant,
+    wait_until_someone_waits_for_flock,
+)
 from luna_shm import (
     AudioCache,
     WavWriter,
@@ -114,11 +120,6 @@ if pid == 0:
 else:
     parent_report(wait_for(pid))
 """
-
-
-# CPython 3.12+ warns on every fork of a process with threads; these scripts fork so on
-# purpose, and the warning is the interpreter's, not the library's.
-MULTITHREADED_FORK_IS_MEANT = "ignore:This process:DeprecationWarning"
 
 
 def run(script: str, *args: str) -> dict[str, object]:
@@ -539,6 +540,7 @@ print("stored", flush=True)
 """
 
 
+@fork_with_threads_is_meant  # the waiting thread is there on purpose
 def test_a_child_forked_while_a_thread_waits_for_a_render_never_pins_the_entry(
         private_dirs) -> None:
     # The child kept the waiter's descriptor of the render's file, on which the kernel

@@ -32,6 +32,7 @@ from helpers import (
     as_other_user,
     as_soundfile_reads,
     assert_child_ok,
+    fork_with_threads_is_meant,
     run_in_private_shm,
     samples,
 )
@@ -499,6 +500,7 @@ def test_bad_arguments_raise_the_same_errors_with_the_reserve_on(reserve):
 # ---- fork ----------------------------------------------------------------------------------------
 
 
+@fork_with_threads_is_meant  # the reserve's thread runs on purpose (the README says it warns)
 def test_a_forked_child_never_uses_or_frees_its_parents_reserve(reserve, ram):
     for anonymous in (False, True):
         create_wav_buffer(FRAMES, RATE, anonymous=anonymous).close()
