@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py src/luna_shm/*.py src/luna_shm/cache/*.py src/luna_shm/pool/*.py)
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
-.PHONY: demo test test-c system-deps lint dist-check sdist-check bench fuzz clean
+.PHONY: demo test test-c system-deps lint dist-check sdist-check test-all-pythons bench fuzz clean
 
 # When $(PYTHON)'s own pip can install into another environment (pip 22.3+: --python), the
 # venv is made without a pip of its own and that pip installs into it: ensurepip alone took
@@ -76,6 +76,17 @@ dist-check: $(STAMP)
 	  (cd / && $(CURDIR)/.venv-dist/bin/python $(CURDIR)/tests/smoke_installed.py) || exit 1; \
 	done; rm -rf .venv-dist
 
+# The whole suite on each other CPython 3.12+ that dist-check finds (not part of make test:
+# about 15 min a version here), each from its own venv (.venv-3.12, .venv-3.13), built by
+# the same rules as $(VENV); the editable installs share one abi3 extension.
+test-all-pythons:
+	@for py in $(wordlist 2,9,$(DIST_PYTHONS)); do \
+	  v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
+	  $(MAKE) --no-print-directory PYTHON=$$py VENV=.venv-$$v .venv-$$v/.installed && \
+	  echo "== the suite on $$($$py -VV | head -1)" && \
+	  PYTHONDEVMODE=1 .venv-$$v/bin/python -m pytest -q || exit 1; \
+	done
+
 # What a packager does (not part of make test: it runs the suite a second time): unpack the
 # sdist in a fresh folder, `pip install '.[test]'` there (not editable) and run pytest in it.
 SDIST_DIR ?= $(CURDIR)/build/sdist-check
@@ -123,5 +134,5 @@ fuzz:
 	  -artifact_prefix=artifacts/ corpus
 
 clean:
-	rm -rf $(VENV) .venv-dist build dist *.egg-info src/luna_shm/_native*.so src/luna_shm/_native.c \
+	rm -rf $(VENV) .venv-dist .venv-3.* build dist *.egg-info src/luna_shm/_native*.so src/luna_shm/_native.c \
 	  .pytest_cache .hypothesis .benchmarks benchmarks/_luna_floors* benchmarks/build
