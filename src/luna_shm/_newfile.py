@@ -268,7 +268,9 @@ def fill(new: NewFile, write: Callable[[int, str], None]) -> str:
     (:func:`publish`) and close it; return its path. On any failure nothing is left: the
     file is filled before it has a name, and a close that fails after the naming (EIO,
     ENOSPC on a network disk: what was written may be lost) removes it again, its
-    OSError naming the file. What write raises goes on as it is."""
+    OSError naming the file. The file is locked while it is written (a stream can take
+    seconds). What write raises goes on as it is (a stream's ssl.SSLError is an OSError
+    too, but not one of our file's)."""
     try:
         write(new.cell[0], new.path)
         path = publish(new)
@@ -282,7 +284,7 @@ def fill(new: NewFile, write: Callable[[int, str], None]) -> str:
             _os.unlink(path)
         except FileNotFoundError:
             pass
-        raise explain_full_disk(OSError(exc.errno, exc.strerror, path), path) from None
+        raise explain_full_disk(exc, path) from None  # it names the file
     return path
 
 

@@ -118,7 +118,7 @@ def _write_all(fd: int, views: list[memoryview], path: str) -> None:
         try:
             written = _os.writev(fd, batch) if len(batch) > 1 else _os.write(fd, batch[0])
         except OSError as exc:
-            raise _with_filename(exc, path) from None
+            raise _newfile.explain_full_disk(exc, path) from None
         if written == 0:
             raise OSError(_errno.EIO, "the file accepted no more bytes", path)
         done = 0
@@ -146,12 +146,6 @@ def _write_chunks(fd: int, chunks: Iterator[object], path: str) -> None:
             _write_all(fd, batch, path)
             batch, size = [], 0
     _write_all(fd, batch, path)
-
-
-def _with_filename(exc: OSError, path: str) -> OSError:
-    if exc.filename is None and exc.errno is not None:
-        exc = OSError(exc.errno, exc.strerror, path)
-    return _newfile.explain_full_disk(exc, path)
 
 
 def save_temp_audio(
