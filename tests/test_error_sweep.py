@@ -24,9 +24,10 @@ again with nothing injected, and reports both outcomes and its open fds (see
   left no new file of ours under a final name (a ``WavWriter``'s stream excepted: its
   file stays a valid WAV of the whole chunks before the failure, as documented), one
   that succeeded exactly its one file, whole; every file there before is unchanged,
-  a replaced one holds its old content or the new; the hidden leftovers go with the
-  documented cleaner (``clean``; a new ``AudioCache``, for a cache, which must agree
-  with its files and give a miss or the exact audio).
+  a replaced one holds its old content or the new; a remover that raised left no file
+  under a hidden name of its own (it gives a file it moved aside its name back); the
+  hidden leftovers go with the documented cleaner (``clean``; a new ``AudioCache``, for
+  a cache, which must agree with its files and give a miss or the exact audio).
 
 The errno is that of the call's family (:data:`ERRNOS`). Calls not injected, and why:
 
@@ -219,8 +220,14 @@ def _dir_problems(op: str, report: dict[str, Any], snapshots: Path, target: Path
         problems.append(f"{len(new_files)} slot files left")
     if op in PRODUCERS and ok and len(new_files) != 1:
         problems.append(f"{len(new_files)} new files for one that succeeded")
-    # A remover may have removed the file (or moved it aside, for the cleaner) when
-    # it raised: the caller asked for it gone.
+    # A remover that raised may have removed the file (the caller asked for it gone),
+    # but never left it under a hidden name of its own: a failed removal gives the
+    # file its name back.
+    for side in dirs:
+        before, after = snapshots / "before" / side, snapshots / "after" / side
+        hidden = set(files_in(after)) - set(files_in(before)) - _finals(after)
+        if op in REMOVERS and hidden:
+            problems.append(f"it left {sorted(hidden)} hidden")
     removed = report["outcome"].get("result") in (True, 1)
     if op in REMOVERS and ok and removed != bool(gone):
         problems.append(f"said {report['outcome']['result']}, removed {gone}")

@@ -366,21 +366,30 @@ def _unlink_checked(dir_fd: int, name: str, identity: tuple[int, int], where: st
     which cleanup_all_temp_audio recognises.
 
     Raises:
-        OSError: the rename or unlink failed (EROFS, EPERM, ...), naming the path.
+        OSError: the rename, the check or the unlink failed (EROFS, EPERM, EIO...),
+            naming the path; the file is back under its name (unless giving it back
+            failed too: then a warning says where it is).
     """
     claim = _newfile.partial_name()
     try:
         _os.rename(name, claim, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        try:
-            moved = _os.stat(claim, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False  # another cleanup took it from the hidden name
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, f"{where}/{name}") from None
+    moved: _os.stat_result | None = None
+    try:
+        moved = _os.stat(claim, dir_fd=dir_fd, follow_symlinks=False)
         if (moved.st_dev, moved.st_ino) == identity:
             _os.unlink(claim, dir_fd=dir_fd)
             return True
     except FileNotFoundError:
-        return False
+        return False  # another cleanup took it from the hidden name
     except OSError as exc:
+        # The file is under our hidden name and stays: give it its name back, so that
+        # a failed removal leaves the directory as it found it (the caller may retry).
+        is_dir = moved is not None and _stat.S_ISDIR(moved.st_mode)
+        _put_back(dir_fd, claim, name, where, is_dir=is_dir)
         raise OSError(exc.errno, exc.strerror, f"{where}/{name}") from None
     _put_back(dir_fd, claim, name, where, is_dir=_stat.S_ISDIR(moved.st_mode))
     return False
