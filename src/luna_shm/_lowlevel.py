@@ -29,8 +29,6 @@ WAVE_FORMAT_PCM: int = lib.LUNA_WAVE_FORMAT_PCM
 WAVE_FORMAT_IEEE_FLOAT: int = lib.LUNA_WAVE_FORMAT_IEEE_FLOAT
 _EFORMAT: int = lib.LUNA_EFORMAT
 
-StrPath = str | os.PathLike[str]
-
 # The strerror of the OSError(ESTALE) for a mapping whose file shrank under it.
 STALE_MESSAGE = ("truncated or rewritten by another process while mapped here; "
                  "its mapping was replaced with zeros")
@@ -888,8 +886,6 @@ STREAM_DONE: int = lib.LUNA_STREAM_DONE
 STREAM_FAIL: int = lib.LUNA_STREAM_FAIL
 WATCH_CHANGED: int = lib.LUNA_WATCH_CHANGED
 WATCH_CLOSED: int = lib.LUNA_WATCH_CLOSED
-WATCH_GONE: int = lib.LUNA_WATCH_GONE
-WATCH_NAMED: int = lib.LUNA_WATCH_NAMED
 
 
 def live_header(spec: WavSpec, data_bytes: int, state: int = STREAM_LIVE) -> bytes:
