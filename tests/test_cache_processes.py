@@ -1648,3 +1648,108 @@ def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_ti
     for call in ("get", "get_or_render", "put", "put_bytes"):
         assert out[call] == timed_out, call
     assert out["unchanged"] and out["reloaded"]
+
+
+# For a child: the cache files (but the lock file) that it still has open.
+CACHE_FILES_OPEN = """
+    def cache_files_open(directory):
+        named = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(directory) and not target.endswith("/lock"):
+                named.append(target)
+        return named
+"""
+
+
+WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO = """
+    import json, os, signal
+    from luna_shm import AudioCache, cache_key
+    from luna_shm.cache import _audio_cache
+    key = cache_key("rendered too large to store")
+    real_open_regular = _audio_cache.open_regular
+
+    def open_regular(path, cell):  # stopped once the render's unstored audio is open
+        fd = real_open_regular(path, cell)
+        if fd is not None and ".unstored" in path:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return fd
+
+    _audio_cache.open_regular = open_regular
+    cache = AudioCache("unstored", max_bytes=1000)
+    try:
+        cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                            samplerate=24000, timeout=3)
+        out = {"call": "returned"}
+    except OSError as exc:
+        out = {"call": [type(exc).__name__, exc.errno, exc.filename, str(exc)]}
+    out["open"] = cache_files_open(cache.directory)
+    cache.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_waiter_bounds_its_wait_for_a_stopped_remover_of_the_render_s_unstored_audio(
+        private_dirs) -> None:
+    key = cache_key("rendered too large to store")
+    with AudioCache("unstored", max_bytes=1000) as cache:  # the 4.8 KB render does not fit
+        live = f"{cache.directory}/{key}.live"
+        waiter: subprocess.Popen[str] | None = None
+
+        def render(writer: Any) -> None:
+            nonlocal waiter
+            writer.write(audio_of(key))
+            waiter = spawn(private_dirs,
+                           CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
+            end = time.monotonic() + 60  # until it waits for our render (it has its file)
+            while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
+                          for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
+                assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
+                time.sleep(0.005)
+
+        entry = cache.get_or_render(key, render, samplerate=24000)
+        assert waiter is not None and not entry.stored
+        remover = None
+        try:
+            # The waiter read the note that points it to the unstored audio, and opened it.
+            _, status = os.waitpid(waiter.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            unstored = entry.path
+            inode = os.stat(unstored).st_ino
+            # The removal of that audio once no one holds it (as a sweep, or our release,
+            # makes it), stopped while it holds the file exclusively: it opened it before
+            # our release, and its lock is granted as we let go.
+            remover = subprocess.Popen([sys.executable, "-c", (
+                "import fcntl, os, signal, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.kill(os.getpid(), signal.SIGSTOP)\n"), unstored])
+            wait_until_someone_waits_for_flock(unstored, inode, lambda: remover.poll() is None)
+            entry.release()  # our release removes the file and its note (no one holds it)
+            _, status = os.waitpid(remover.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            os.kill(waiter.pid, signal.SIGCONT)
+            # Found in review: the waiter's shared lock of the unstored audio had no bound,
+            # whatever the call's timeout: it waited for the stopped remover for ever.
+            out = json.loads(finish(waiter, timeout=20))
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
+            if remover is not None:
+                remover.kill()
+                remover.wait()
+        name, code, filename, message = out["call"]
+        assert (name, code, filename) == ("TimeoutError", errno.ETIMEDOUT, unstored)
+        assert "unstored audio" in message and key in message
+        assert out["open"] == []  # the waiter let go of the file it could not lock
+        assert os.listdir(cache.directory) == ["lock"]
+        # The cache renders the key again, for this process and others.
+        with cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                                 samplerate=24000, timeout=5) as again:
+            assert not again.stored and np.array_equal(again.array, audio_of(key))
+        assert os.listdir(cache.directory) == ["lock"]
+        cache.destroy(timeout=5)

@@ -935,7 +935,9 @@ class AudioCache(_resource.OwnedHere):
                 truncated or overwrote it) and another caller holds it; unheld, it
                 is removed (with a warning logged) and the key rendered again.
             TimeoutError: timeout passed while another caller rendered, or held the
-                entry's lock (a renderer stopped while it stored the entry).
+                entry's lock (a renderer stopped while it stored the entry), or another
+                process held the file this call needed (a sweep or a removal stopped
+                while it held a render's unstored audio), ETIMEDOUT, naming the file.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
@@ -1141,7 +1143,9 @@ class AudioCache(_resource.OwnedHere):
 
     def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
-        done before we looked), unstored audio, or RenderError when the render failed."""
+        done before we looked), unstored audio, or RenderError when the render failed.
+        deadline bounds every wait for a lock (the render's file, then its unstored
+        audio): TimeoutError (ETIMEDOUT) naming the file."""
         live = self._ram.path(key + LIVE)
         cell = _lowlevel.fd_cell()
         # A child another thread forks while this one waits must not keep the shared
@@ -1191,7 +1195,16 @@ class AudioCache(_resource.OwnedHere):
             held = _lowlevel.fd_cell()
             if open_regular(path, held) is None:
                 return None
-            _lowlevel.lock(held[0], exclusive=False, wait=True, filename=path)
+            try:
+                # Its renderer holds it shared (as we will) until it lets go of it; then
+                # a sweep, or that release's own removal of audio no one holds, takes it
+                # exclusively for a moment, unless stopped there: deadline bounds that.
+                lock_by(held[0], exclusive=False, deadline=deadline,
+                        what=f"the unstored audio of the render of {key!r} (another "
+                        "process holds it)", path=path)
+            except BaseException:
+                _lowlevel.release(held)
+                raise
             return CachedAudio(held, path, key, stored=False)
         raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
 
