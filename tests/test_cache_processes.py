@@ -1650,6 +1650,19 @@ def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_ti
     assert out["unchanged"] and out["reloaded"]
 
 
+def _holds_a_flock(inode: int, pid: int) -> bool:
+    """True when /proc/locks shows process pid holding (not waiting for) a flock of the
+    file with inode number inode."""
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            if fields[1] == "->" or fields[1] != "FLOCK":
+                continue
+            if fields[4] == str(pid) and fields[5].endswith(f":{inode}"):
+                return True
+    return False
+
+
 # For a child: the cache files (but the lock file) that it still has open.
 CACHE_FILES_OPEN = """
     def cache_files_open(directory):
@@ -1752,4 +1765,93 @@ def test_a_waiter_bounds_its_wait_for_a_stopped_remover_of_the_render_s_unstored
                                  samplerate=24000, timeout=5) as again:
             assert not again.stored and np.array_equal(again.array, audio_of(key))
         assert os.listdir(cache.directory) == ["lock"]
+        cache.destroy(timeout=5)
+
+
+RENDERER_STOPPED_BEFORE_LOCKING_ITS_NEW_FILE = """
+    import json, os, signal
+    from luna_shm import AudioCache, cache_key
+    from luna_shm.cache import _audio_cache
+    key = cache_key("a render whose new file a sweep holds")
+    real_render_writer = _audio_cache.RenderWriter
+
+    def render_writer(*args, **kwargs):  # stopped once its partial is made (locked shared)
+        writer = real_render_writer(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return writer
+
+    _audio_cache.RenderWriter = render_writer
+    cache = AudioCache("swept")
+    try:
+        cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                            samplerate=24000, timeout=3)
+        out = {"call": "returned"}
+    except OSError as exc:
+        out = {"call": [type(exc).__name__, exc.errno, exc.filename, str(exc)]}
+    out["open"] = cache_files_open(cache.directory)
+    cache.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_renderer_bounds_its_wait_for_a_stopped_sweep_that_holds_its_new_file(
+        private_dirs) -> None:
+    key = cache_key("a render whose new file a sweep holds")
+    with AudioCache("swept") as cache:
+        renderer = spawn(private_dirs,
+                         CACHE_FILES_OPEN + RENDERER_STOPPED_BEFORE_LOCKING_ITS_NEW_FILE)
+        sweeper = None
+        try:
+            _, status = os.waitpid(renderer.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            [part] = [name for name in os.listdir(cache.directory) if name.endswith(".part")]
+            part = f"{cache.directory}/{part}"
+            inode = os.stat(part).st_ino
+            # A sweep in another process that finds the renderer's new file unlocked in the
+            # moment its upgrade to exclusive drops the shared lock (flock converts so),
+            # and is stopped holding it exclusively, as remove_if_unpinned holds it until
+            # its unlink. The kernel gives the upgrade no such moment unless a third
+            # holder blocks it: the sweeper is that holder first (shared), then takes it
+            # exclusively once the renderer has let go of its own lock.
+            sweeper = subprocess.Popen([sys.executable, "-c", (
+                "import fcntl, os, signal, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+                "print('shared', flush=True)\n"
+                "sys.stdin.readline()\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.kill(os.getpid(), signal.SIGSTOP)\n"), part],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert sweeper.stdout is not None and sweeper.stdin is not None
+            assert sweeper.stdout.readline() == "shared\n"
+            os.kill(renderer.pid, signal.SIGCONT)
+            end = time.monotonic() + 60
+            while _holds_a_flock(inode, renderer.pid):  # its upgrade dropped its own lock
+                assert time.monotonic() < end, "the renderer kept its shared lock"
+                time.sleep(0.001)
+            sweeper.stdin.write("\n")
+            sweeper.stdin.flush()
+            _, status = os.waitpid(sweeper.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            assert _holds_a_flock(inode, sweeper.pid)
+            # Found in review: the upgrade waited for the stopped sweep for ever, whatever
+            # the call's timeout.
+            out = json.loads(finish(renderer, timeout=20))
+        finally:
+            if renderer.poll() is None:
+                renderer.kill()
+                renderer.wait()
+            if sweeper is not None:
+                sweeper.kill()
+                sweeper.communicate()
+        name, code, filename, message = out["call"]
+        assert (name, code, filename) == ("TimeoutError", errno.ETIMEDOUT, part)
+        assert "sweep" in message and key in message
+        assert out["open"] == []  # the renderer closed its writer
+        assert os.listdir(cache.directory) == ["lock"]  # and removed its new file
+        with cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                                 samplerate=24000, timeout=5) as entry:
+            assert entry.stored and np.array_equal(entry.array, audio_of(key))
+        assert sorted(os.listdir(cache.directory)) == sorted(["lock", f"{key}.wav"])
+        assert cache.stats(timeout=5).renders == 1  # the timed-out one never rendered
         cache.destroy(timeout=5)

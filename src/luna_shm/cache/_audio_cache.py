@@ -937,7 +937,8 @@ class AudioCache(_resource.OwnedHere):
             TimeoutError: timeout passed while another caller rendered, or held the
                 entry's lock (a renderer stopped while it stored the entry), or another
                 process held the file this call needed (a sweep or a removal stopped
-                while it held a render's unstored audio), ETIMEDOUT, naming the file.
+                while it held a render's unstored audio, or this caller's new render
+                file), ETIMEDOUT, naming the file.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
@@ -1003,7 +1004,8 @@ class AudioCache(_resource.OwnedHere):
                       deadline: float | None = None) -> tuple[RenderWriter | None, str]:
         """Become key's renderer: a writer whose file is now key.live, exclusively locked.
         (None, "") when another live renderer has it. deadline bounds the waits of the
-        room made on a full RAM disk for its file (see _with_room)."""
+        room made on a full RAM disk for its file (see _with_room), and for the lock of
+        that file: past it, TimeoutError naming the file, which is removed."""
         self._ram.check_writable()  # a cache opened read-only renders nothing
         live = self._ram.path(key + LIVE)
         for _ in range(8):
@@ -1015,8 +1017,11 @@ class AudioCache(_resource.OwnedHere):
             writer.make_room = self._room_on_ram_disk
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
-                # immediate (unless a sweep holds it for a moment: then we wait).
-                _lowlevel.lock(writer.fileno(), exclusive=True, wait=True, filename=part)
+                # immediate (unless a sweep holds it for a moment: then we wait, until
+                # deadline at most; past it, the partial goes, in the finally below).
+                lock_by(writer.fileno(), exclusive=True, deadline=deadline,
+                        what=f"a sweep in another process to let go of the new render "
+                        f"file of {key!r}", path=part)
                 while True:
                     try:
                         _os.link(part, live)  # the election: one link wins
