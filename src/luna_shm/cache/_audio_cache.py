@@ -564,16 +564,17 @@ class AudioCache(_resource.OwnedHere):
             return entry
         return None
 
-    def _commit(self, key: str, part_path: str, name: str,
-                cell: _lowlevel.FdCell = None, *, source: CachedAudio | None = None,
-                deadline: float | None = None) -> CachedAudio:
+    def _commit(self, key: str, part_path: str, name: str, cell: _lowlevel.FdCell, *,
+                source: CachedAudio | None = None, deadline: float | None = None
+                ) -> CachedAudio:
         """Pin the complete file at part_path and give it the entry name under the lock;
         when it does not fit, keep it as unstored audio. The caller's file is consumed.
         Unless it was reloaded from the disk tier, the key's disk entries go: one entry
         per key, and a spill of an older one must not come back after a restart; kept
         unstored, its RAM entries go too (see _drop_older).
-        cell, when given, holds an fd already open on it holding a flock (it becomes the
-        entry's); on failure it is released and the file removed.
+        cell holds an fd open on it that holds its flock (it becomes the entry's): every
+        caller has one (the partial it wrote, the render's pin), so no lock is waited for
+        here but the tiers'; on failure it is released and the file removed.
 
         source: the pinned disk entry a reload copied part_path from. Every change of a
         key's disk entries happens under the RAM lock (a commit drops them, an eviction
@@ -583,14 +584,6 @@ class AudioCache(_resource.OwnedHere):
         lock, and the waits for the disk tier's: the spills', and the removal of the
         key's disk copies (a reload for a get with a timeout, a put with one). Past it,
         TimeoutError, and the key's entries are as they were."""
-        if cell is None:
-            cell = _lowlevel.fd_cell()
-            fd = _lowlevel.open_at(part_path, _os.O_RDONLY | _os.O_NOFOLLOW, cell=cell)
-            try:
-                _lowlevel.lock(fd, exclusive=False, wait=True)
-            except BaseException:
-                _lowlevel.release(cell)
-                raise
         fd = cell[0]
         try:
             st = _os.fstat(fd)
