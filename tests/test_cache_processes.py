@@ -1855,3 +1855,110 @@ def test_a_renderer_bounds_its_wait_for_a_stopped_sweep_that_holds_its_new_file(
         assert sorted(os.listdir(cache.directory)) == sorted(["lock", f"{key}.wav"])
         assert cache.stats(timeout=5).renders == 1  # the timed-out one never rendered
         cache.destroy(timeout=5)
+
+
+DESTROY_WHILE_ANOTHER_THREAD_WAITS_FOR_A_STOPPED_HOLDER = """
+    import json, os, signal, subprocess, sys, threading, time
+    from luna_shm import AudioCache
+    from luna_shm.cache import _tier
+    cache = AudioCache("destroyed")
+    lock = f"{cache.directory}/lock"
+    inode = os.stat(lock).st_ino
+    # A process that has the lock file open (before destroy() removes its name), and
+    # takes its lock when told to, then is stopped holding it.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\\n"
+        "print('open', flush=True)\\n"
+        "sys.stdin.readline()\\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\\n"), lock],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "open\\n"
+    looked = []
+
+    def look():  # another thread's call that waits as long as it takes (no timeout)
+        try:
+            looked.append(cache.stats().entries)
+        except OSError as exc:
+            looked.append([type(exc).__name__, exc.errno])
+
+    worker = threading.Thread(target=look)
+    real_leftovers, real_release = _tier.Tier.leftovers, _tier.Tier.release
+    calls = []
+    # The first look at the leftovers finds the directory empty; the second is made as
+    # destroy() removes the notes and the lock file.
+    pause_after = 1 if sys.argv[1] == "found empty" else 2
+
+    def leftovers(self):
+        calls.append("leftovers")
+        return real_leftovers(self)
+
+    def release(self):
+        real_release(self)
+        if len(calls) == pause_after and threading.current_thread() is threading.main_thread():
+            # destroy() let go of the lock: now the process takes it and is stopped
+            # holding it, and the other thread's call takes the mutex and waits for it.
+            calls.append("paused")
+            holder.stdin.write("\\n")
+            holder.stdin.flush()
+            _, status = os.waitpid(holder.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            worker.start()
+            while True:
+                with open("/proc/locks") as locks:
+                    if any("->" in line and f":{inode} " in line for line in locks):
+                        break
+                time.sleep(0.001)
+
+    _tier.Tier.leftovers, _tier.Tier.release = leftovers, release
+    # A call that hangs must not leave the stopped holder behind: the test fails then.
+    watchdog = threading.Timer(20, lambda: (holder.kill(), os._exit(3)))
+    watchdog.daemon = True
+    watchdog.start()
+    out = {}
+    try:
+        cache.destroy(timeout=0.5)
+        out["destroy"] = "returned"
+    except OSError as exc:
+        out["destroy"] = [type(exc).__name__, exc.errno, exc.filename, str(exc)]
+    out["closed at once"] = cache.closed
+    holder.kill()
+    holder.communicate()
+    worker.join(20)
+    out["worker"] = [worker.is_alive(), looked]
+    out["closed"] = cache.closed  # by the worker's call, as it let go of the lock
+    out["open"] = cache_files_open(cache.directory) + [
+        os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(lock)]
+    out["lock"] = lock
+    out["left"] = sorted(os.listdir(cache.directory))
+    again = AudioCache("destroyed")  # usable again: in this process and others
+    again.destroy(timeout=5)
+    out["after"] = [again.closed, os.path.exists(again.directory)]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("when", ["found empty", "lock file removed"])
+def test_destroy_bounds_its_close_while_another_thread_waits_for_a_stopped_lock_holder(
+        private_dirs, when: str) -> None:
+    out = json.loads(finish(spawn(
+        private_dirs, CACHE_FILES_OPEN + DESTROY_WHILE_ANOTHER_THREAD_WAITS_FOR_A_STOPPED_HOLDER,
+        when), timeout=60))
+    # Found in review: past its timeout, destroy() closed the cache's lock file under the
+    # mutex with no bound: it waited for the other thread's call, which waited for the
+    # stopped process, for ever (the child's watchdog ends it then: exit status 3).
+    name, code, filename, message = out["destroy"]
+    assert (name, code, filename) == ("TimeoutError", errno.ETIMEDOUT, out["lock"])
+    assert "another thread holds it" in message
+    # The close was handed to that call, as close() hands it: the cache closed as the
+    # call let go of the lock, after the stopped holder went, and the call ended as it
+    # would have: it counted the entries, or found the lock file gone.
+    assert out["closed at once"] is False
+    looked = [0] if when == "found empty" else [["PermissionError", errno.EPERM]]
+    assert out["worker"] == [False, looked] and out["closed"] is True
+    assert out["open"] == []
+    # The directory stays, with its lock file when destroy() had not removed it yet.
+    assert out["left"] == (["lock"] if when == "found empty" else [])
+    assert out["after"] == [True, False]

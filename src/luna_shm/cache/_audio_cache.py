@@ -1293,16 +1293,20 @@ class AudioCache(_resource.OwnedHere):
 
         Raises:
             TypeError, ValueError: a bad timeout.
-            TimeoutError: timeout passed while another process held a lock of the cache,
-                ETIMEDOUT, naming its lock file: the cache stays open (the entries
-                removed before stay removed, as for :meth:`clear`), unless a process
-                took a lock after the directories were found empty (see below).
+            TimeoutError: timeout passed while another process held a lock of the cache
+                (or another thread's call held it, waiting for such a process), ETIMEDOUT,
+                naming its lock file: the cache stays open (the entries removed before
+                stay removed, as for :meth:`clear`), unless a process or a thread took a
+                lock after the directories were found empty (see below).
             OSError: ENOTEMPTY when an entry is still pinned, a render or a write is in
                 flight (in any process), or a directory holds a file that is not the
                 cache's: the message names them, nothing but unpinned entries was
                 removed and the cache stays open (release and call again). Any other
-                OSError, or a process that uses the cache meanwhile, leaves the cache
-                closed: the directories may then still be there.
+                OSError, or a process or thread that uses the cache meanwhile, leaves
+                the cache closed: the directories may then still be there. A call of
+                another thread that holds a lock of the cache past timeout then closes
+                it as it lets go of the lock, as for :meth:`close` (``closed`` is False
+                until then).
             ValueError: the cache is closed.
         """
         self._check_open()
@@ -1326,11 +1330,19 @@ class AudioCache(_resource.OwnedHere):
                     for note in notes:
                         unlink_quietly(tier.path(note))
                     unlink_quietly(tier.path(LOCK_NAME))
-                tier.close()
+                # Closed before the rmdir (an open file that was unlinked can stay in
+                # its directory: NFS keeps it as .nfsXXXX until it is closed), under the
+                # mutex, which another thread's call may have taken since and hold past
+                # deadline (waiting, with no timeout of its own, for a stopped process).
+                if not tier.close(deadline=deadline):
+                    raise TimeoutError(_errno.ETIMEDOUT, f"timed out waiting for the "
+                                       f"{tier.what}'s lock (another thread holds it)",
+                                       tier.path(LOCK_NAME))
                 _os.rmdir(tier.directory)
         finally:
-            for tier in tiers:
-                tier.close()
+            # Bounded as close() is: a tier that such a call holds is closed as it lets
+            # go of it (see _close_tiers).
+            self._close_tiers(tiers, deadline)
 
     def stats(self, *, timeout: float | None = None) -> CacheStats:
         """Entries and bytes now (a consistent view, under the lock) and the shared counters.
