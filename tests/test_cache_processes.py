@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -1394,6 +1395,41 @@ def test_a_get_that_reloads_bounds_its_wait_for_a_stopped_holder_of_the_cache_lo
             assert sorted(os.listdir(cache.directory)) == before  # its copy went again
         with cache.get(key, timeout=5) as reloaded:
             assert np.array_equal(reloaded.array, audio_of(key))
+        cache.destroy()
+
+
+def test_a_renderer_bounds_its_commit_s_wait_for_a_stopped_holder_of_the_cache_lock(
+        private_dirs) -> None:
+    key, slow = cache_key("rendered, then stored"), cache_key("rendered slowly")
+    with AudioCache("commit-held") as cache:
+        lock = f"{cache.directory}/lock"
+        holder = contextlib.ExitStack()
+
+        def render(writer: Any) -> None:
+            writer.write(audio_of(key))
+            holder.enter_context(lock_held_by_a_stopped_process(lock))  # as it ends
+
+        with holder:
+            # Found in review: the renderer's commit waited for the lock with no bound,
+            # whatever timeout its caller gave (its waiters were bounded, it was not).
+            with pytest.raises(TimeoutError, match="cache's lock") as info:
+                call_with_deadline(lambda: cache.get_or_render(
+                    key, render, samplerate=24000, timeout=0.2), deadline=30)
+            assert (info.value.errno, info.value.filename) == (errno.ETIMEDOUT, lock)
+            # The failed render left nothing but the note its waiters read.
+            assert sorted(os.listdir(cache.directory)) == sorted(["lock", key + ".outcome"])
+        with cache.get_or_render(key, lambda w: w.write(audio_of(key)), samplerate=24000,
+                                 timeout=5) as entry:
+            assert entry.stored and np.array_equal(entry.array, audio_of(key))
+
+        def slow_render(writer: Any) -> None:
+            time.sleep(0.5)
+            writer.write(audio_of(slow))
+
+        # The render's own time is no wait: a render longer than timeout is stored.
+        with cache.get_or_render(slow, slow_render, samplerate=24000, timeout=0.1) as entry:
+            assert entry.stored and np.array_equal(entry.array, audio_of(slow))
+        assert cache.stats().renders == 3
         cache.destroy()
 
 

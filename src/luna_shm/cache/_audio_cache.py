@@ -915,7 +915,10 @@ class AudioCache(_resource.OwnedHere):
             samplerate, channels, dtype: the writer's format.
             timeout: seconds to wait for another caller's render, and for the locks a
                 hit takes (see :meth:`get`), in all (an int or float, numpy ones too,
-                >= 0; 0 does not wait); None or infinity waits as long as it runs.
+                >= 0; 0 does not wait); None or infinity waits as long as it runs. A
+                caller that renders also bounds each wait for the cache's locks after
+                its render began (room for its chunks, the store) by what was left of
+                timeout then: the render's own time is not a wait.
 
         Returns:
             The entry, pinned (``stored`` False when it was too large to keep).
@@ -931,7 +934,9 @@ class AudioCache(_resource.OwnedHere):
                 entry's lock (a renderer stopped while it stored the entry), or another
                 process held the file this call needed (a sweep or a removal stopped
                 while it held a render's unstored audio, or this caller's new render
-                file), ETIMEDOUT, naming the file.
+                file), or the cache's lock when this caller's render was to be stored
+                (the render failed then, as its waiters learn), ETIMEDOUT, naming the
+                file.
             OSError: the RAM disk refused the entry.
             Whatever ``render`` raised, in the caller that ran it.
         """
@@ -952,7 +957,7 @@ class AudioCache(_resource.OwnedHere):
                 return found
             writer, part = self._start_render(key, samplerate, channels, dtype, deadline)
             if writer is not None:
-                return self._render(key, writer, part, render)
+                return self._render(key, writer, part, render, deadline)
             outcome = self._wait(key, deadline)
             if outcome is not None:
                 return outcome
@@ -1007,7 +1012,6 @@ class AudioCache(_resource.OwnedHere):
                 0, _functools.partial(RenderWriter, part, samplerate, channels, dtype),
                 deadline)
             assert writer is not None
-            writer.make_room = self._room_on_ram_disk
             try:
                 # Nobody else knows the partial's name: the upgrade to exclusive is
                 # immediate (unless a sweep holds it for a moment: then we wait, until
@@ -1064,9 +1068,16 @@ class AudioCache(_resource.OwnedHere):
         return self.ttl is not None and now - st.st_mtime > self.ttl
 
     def _render(self, key: str, writer: RenderWriter, live: str,
-                render: Callable[[WavWriter], object]) -> CachedAudio:
+                render: Callable[[WavWriter], object], deadline: float | None = None
+                ) -> CachedAudio:
         """Run render into writer (whose file is key.live, exclusively locked), store the
         result, then let the waiters go: by then the entry, or the outcome, is there.
+
+        deadline (the caller's timeout) bounds the waits for the cache's locks that come
+        after the render began: the room made for its chunks, the commit. The render's
+        own time is the caller's code, not a wait, so each of those waits gets what was
+        left of the timeout when the render began (past it, TimeoutError naming the lock
+        file: the render fails, as for any failed commit).
 
         The render may close the writer (``with writer:`` is common): the cache takes what
         it needs before calling it, a second descriptor of the same open file (pin), which
@@ -1082,6 +1093,12 @@ class AudioCache(_resource.OwnedHere):
         note = self._ram.path(key + OUTCOME)
         if note_owner(note) is not None:  # a note; anything else of that name is not ours
             unlink_quietly(note)
+        left = None if deadline is None else max(0.0, deadline - _time.monotonic())
+
+        def wait_until() -> float | None:
+            return None if left is None else _time.monotonic() + left
+
+        writer.make_room = lambda nbytes: self._room_on_ram_disk(nbytes, wait_until())
         pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
@@ -1100,7 +1117,7 @@ class AudioCache(_resource.OwnedHere):
                     f"render belongs to process {owner}; end the child with os._exit()")
             if writer.frames == 0:  # after a close too: the frames its file holds
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
-            entry = self._commit(key, live, key + ".wav", pin)
+            entry = self._commit(key, live, key + ".wav", pin, deadline=wait_until())
             if not entry.stored:
                 self._write_outcome(key, ino, "unstored " + entry.path)
         except BaseException as exc:
