@@ -1730,9 +1730,10 @@ WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO = """
     _audio_cache.open_regular = open_regular
     cache = AudioCache("unstored", max_bytes=1000)
     try:
-        cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
-                            samplerate=24000, timeout=3)
-        out = {"call": "returned"}
+        with cache.get_or_render(key, lambda writer: writer.write(audio_of(key)),
+                                 samplerate=24000, timeout=3) as entry:
+            out = {"call": "returned", "named": os.path.exists(entry.path),
+                   "audio": bool(np.array_equal(entry.array, audio_of(key)))}
     except OSError as exc:
         out = {"call": [type(exc).__name__, exc.errno, exc.filename, str(exc)]}
     out["open"] = cache_files_open(cache.directory)
@@ -1801,6 +1802,47 @@ def test_a_waiter_bounds_its_wait_for_a_stopped_remover_of_the_render_s_unstored
                                  samplerate=24000, timeout=5) as again:
             assert not again.stored and np.array_equal(again.array, audio_of(key))
         assert os.listdir(cache.directory) == ["lock"]
+        cache.destroy(timeout=5)
+
+
+def test_a_waiter_never_gets_unstored_audio_whose_file_was_removed_before_it_took_it(
+        private_dirs) -> None:
+    key = cache_key("rendered too large to store")
+    with AudioCache("unstored", max_bytes=1000) as cache:  # the 4.8 KB render does not fit
+        live = f"{cache.directory}/{key}.live"
+        waiter: subprocess.Popen[str] | None = None
+
+        def render(writer: Any) -> None:
+            nonlocal waiter
+            writer.write(audio_of(key))
+            waiter = spawn(private_dirs,
+                           CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
+            end = time.monotonic() + 60  # until it waits for our render (it has its file)
+            while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
+                          for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
+                assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
+                time.sleep(0.005)
+
+        entry = cache.get_or_render(key, render, samplerate=24000)
+        assert waiter is not None and not entry.stored
+        try:
+            # The waiter read the note that points it to the unstored audio and opened
+            # it, but holds no lock of it yet: our release removes it (no one holds it).
+            _, status = os.waitpid(waiter.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            entry.release()
+            assert not os.path.exists(entry.path)
+            os.kill(waiter.pid, signal.SIGCONT)
+            out = json.loads(finish(waiter, timeout=20))
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
+        # Found in review: the waiter took the removed file and returned it, its path
+        # naming nothing (a player given it fails). It renders the key itself instead.
+        assert out == {"call": "returned", "named": True, "audio": True, "open": []}, out
+        assert os.listdir(cache.directory) == ["lock"]
+        assert cache.stats().renders == 2
         cache.destroy(timeout=5)
 
 

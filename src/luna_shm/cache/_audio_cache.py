@@ -1217,9 +1217,16 @@ class AudioCache(_resource.OwnedHere):
                 lock_by(held[0], exclusive=False, deadline=deadline,
                         what=f"the unstored audio of the render of {key!r} (another "
                         "process holds it)", path=path)
+                # Opened but not yet locked, it was no one's: its removal may have come
+                # first. Audio whose path names nothing is no answer (a player given
+                # the path fails): look again, which renders the key here.
+                named = _newfile.still_named(held[0], path)
             except BaseException:
                 _lowlevel.release(held)
                 raise
+            if not named:
+                _lowlevel.release(held)
+                return None
             return CachedAudio(held, path, key, stored=False)
         raise RenderError(f"rendering {key!r} failed in process {pid}: {text}")
 
