@@ -10,13 +10,21 @@ CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
 .PHONY: demo test test-c system-deps lint dist-check sdist-check test-all-pythons bench fuzz clean
 
-# When $(PYTHON)'s own pip can install into another environment (pip 22.3+: --python), the
-# venv is made without a pip of its own and that pip installs into it: ensurepip alone took
-# about 4 s of a first `make demo` here, and byte-compiling numpy at install (--no-compile:
-# Python compiles what it imports, once) 2-3 s more. Else the standard venv and its pip.
-OUTER_PIP := $(shell $(PYTHON) -c 'import pip, sys;   sys.exit(tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3))' 2>/dev/null && echo yes)
+# An interpreter as these rules name it: its major.minor and its real path, so python3,
+# python3.11 and pyenv's 3.11.7/bin/python are one, and a venv's python is the one that made it.
+WHICH_PYTHON := import os, sys; print("%d.%d" % sys.version_info[:2], os.path.realpath(sys.executable))
+
+# $(PYTHON), asked once: which interpreter it is, and "outer-pip" when its own pip can install
+# into another environment (pip 22.3+: --python). Then the venv is made without a pip of its
+# own and that pip installs into it: ensurepip alone took about 4 s of a first `make demo`
+# here, and byte-compiling numpy at install (--no-compile: Python compiles what it imports,
+# once) 2-3 s more. Else the standard venv and its pip.
+PYTHON_FACTS := $(shell $(PYTHON) -c '$(WHICH_PYTHON); import pip; sys.exit(tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3))' 2>/dev/null && echo outer-pip)
+PYTHON_ID := $(filter-out outer-pip,$(PYTHON_FACTS))
+OUTER_PIP := $(filter outer-pip,$(PYTHON_FACTS))
 PIP := $(if $(OUTER_PIP),$(PYTHON) -m pip --python $(PY),$(PY) -m pip)
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check
+NEEDS_PYTHON = $(if $(PYTHON_ID),,$(error PYTHON=$(PYTHON) does not run))
 VENV_OWN_PIP := $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null
 
 # The library alone (what the demo needs), then the test, benchmark and dev tools on top,
@@ -61,10 +69,12 @@ test: $(STAMP) system-deps test-c lint dist-check
 
 # What a user installs: the sdist, the wheel built from it (tagged abi3: one wheel for
 # CPython 3.11 and later), installed into a clean venv for each CPython 3.11+ found here,
-# and used from outside the checkout.
-DIST_PYTHONS := $(PYTHON) $(shell for v in 3.12 3.13; do \
-  for c in python$$v $$HOME/.pyenv/versions/$$v*/bin/python; do \
-    $$c -c '' 2>/dev/null && { echo $$c; break; }; done; done)
+# and used from outside the checkout. The interpreters: $(PYTHON), then a 3.11, a 3.12 and a
+# 3.13 (pythonX.Y on PATH, else pyenv's), each once whatever PYTHON is (an interpreter is its
+# real path). Looked up only by the targets that use them: each probe starts an interpreter.
+DIST_PYTHONS = $(NEEDS_PYTHON)$(shell { echo '$(PYTHON_ID)'; for v in 3.11 3.12 3.13; do \
+    for c in python$$v $$HOME/.pyenv/versions/$$v*/bin/python; do \
+      $$c -c '$(WHICH_PYTHON)' 2>/dev/null && break; done; done; } | awk '!seen[$$2]++ { print $$2 }')
 dist-check: $(STAMP)
 	rm -rf dist
 	$(PY) -m build --outdir dist . >/dev/null
@@ -76,9 +86,10 @@ dist-check: $(STAMP)
 	  (cd / && $(CURDIR)/.venv-dist/bin/python $(CURDIR)/tests/smoke_installed.py) || exit 1; \
 	done; rm -rf .venv-dist
 
-# The whole suite on each other CPython 3.12+ that dist-check finds (not part of make test:
-# about 15 min a version here), each from its own venv (.venv-3.12, .venv-3.13), built by
-# the same rules as $(VENV); the editable installs share one abi3 extension.
+# The whole suite on each other CPython that dist-check finds (not part of make test: about
+# 15 min a version here), each from its own venv (.venv-3.12 and .venv-3.13; .venv-3.11 and
+# .venv-3.12 with PYTHON=python3.13), built by the same rules as $(VENV); the editable installs
+# share one abi3 extension.
 test-all-pythons:
 	@for py in $(wordlist 2,9,$(DIST_PYTHONS)); do \
 	  v=$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
