@@ -9,6 +9,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.py src/lu
 CFLAGS_STRICT := -std=gnu11 -Wall -Wextra -Werror -O3 -fno-trapping-math
 
 .PHONY: demo test test-c system-deps lint dist-check sdist-check test-all-pythons bench fuzz clean
+.PHONY: FORCE
 
 # An interpreter as these rules name it: its major.minor and its real path, so python3,
 # python3.11 and pyenv's 3.11.7/bin/python are one, and a venv's python is the one that made it.
@@ -27,9 +28,32 @@ PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check
 NEEDS_PYTHON = $(if $(PYTHON_ID),,$(error PYTHON=$(PYTHON) does not run))
 VENV_OWN_PIP := $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null
 
+# Which interpreter made $(VENV). When PYTHON names another one (`make test PYTHON=python3.13`
+# after a `make test`), the venv is removed, and the rules below make it again with that one.
+# The same one costs nothing: the record is read here (no process started), its rule runs only
+# when it differs, and only a rewritten record is newer than the steps that depend on it. A
+# venv from before the record (none yet) is asked once which interpreter it runs on, and its
+# record is dated as the venv.
+MADE_BY := $(VENV)/.made-by
+ifneq ($(file <$(MADE_BY)),$(PYTHON_ID))
+$(MADE_BY): FORCE
+endif
+$(MADE_BY):
+	$(NEEDS_PYTHON)
+	@made_by=$$(cat $@ 2>/dev/null || $(PY) -c '$(WHICH_PYTHON)' 2>/dev/null); \
+	if [ "$$made_by" = "$(PYTHON_ID)" ]; then \
+	  echo "$$made_by" >$@ && touch -r $(VENV)/pyvenv.cfg $@; \
+	else \
+	  if [ -n "$$made_by" ]; then \
+	    echo "$(VENV) was made by Python $$made_by; making it again with $(PYTHON_ID)"; fi; \
+	  rm -rf $(VENV) && mkdir -p $(VENV) && echo "$(PYTHON_ID)" >$@; \
+	fi
+
+FORCE:
+
 # The library alone (what the demo needs), then the test, benchmark and dev tools on top,
 # and a pip of the venv's own (the packaging tests and `python -m build` run it).
-$(RUNTIME): $(SOURCES)
+$(RUNTIME): $(SOURCES) $(MADE_BY)
 	test -x $(PY) || $(PYTHON) -m venv $(if $(OUTER_PIP),--without-pip) $(VENV)
 	$(if $(OUTER_PIP),,$(VENV_OWN_PIP))
 	$(PIP_INSTALL) --no-compile -e .

@@ -1,7 +1,7 @@
 """What a user meets when installing.
 
-Without a C compiler, pip stops with one clear line; the Makefile checks the wheel on each
-CPython 3.11+ found, once each whatever PYTHON names.
+Without a C compiler, pip stops with one clear line; the Makefile's venv and its wheel checks
+follow the interpreter that PYTHON names.
 """
 
 from __future__ import annotations
@@ -88,3 +88,41 @@ def test_dist_check_installs_the_wheel_into_each_interpreter_once_whatever_pytho
         assert found[0] == _which_python(python)
         assert _which_python(sys.executable) in found and _which_python(other) in found
         assert len(found) == len(set(found)), found
+
+
+def test_make_makes_the_venv_again_only_when_python_names_another_interpreter(
+        tmp_path: Path) -> None:
+    # Before, a .venv made by one Python was kept whatever PYTHON named. Only the record's
+    # rule runs here (the venv itself takes a minute to make): a venv it removed is made
+    # again by the rules that depend on the record.
+    venv = tmp_path / "venv"
+    record = venv / ".made-by"
+    other = _another_python()
+    kept = venv / "kept"
+    for python, made_again in ((sys.executable, True), (sys.executable, False),
+                               (other, True), (other, False), (sys.executable, True)):
+        done = _make(f"PYTHON={python}", f"VENV={venv}", str(record))
+        assert done.returncode == 0, done.stderr
+        assert record.read_text().strip() == _which_python(python)
+        assert kept.exists() is not made_again, (python, done.stdout)
+        kept.touch()
+        assert _make(f"PYTHON={python}", f"VENV={venv}", "-q", str(record)).returncode == 0
+
+
+def test_make_keeps_a_venv_made_before_the_record_by_the_same_interpreter(
+        tmp_path: Path) -> None:
+    # A .venv from before the Makefile kept a record is asked once which interpreter it runs
+    # on; its record is dated as the venv, so the install steps after it do not run again.
+    venv = tmp_path / "venv"
+    ours = _which_python(sys.executable)
+    assert ours is not None
+    base = ours.split(maxsplit=1)[1]
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (venv / ".installed-runtime").touch()
+    done = _make(f"VENV={venv}", f"PYTHON={sys.executable}", str(venv / ".made-by"))
+    assert done.returncode == 0, done.stderr
+    assert (venv / ".installed-runtime").exists()
+    assert (venv / ".made-by").read_text().strip() == ours
+    # The install step is up to date (the sources are older than its stamp, made just now).
+    assert _make(f"VENV={venv}", f"PYTHON={sys.executable}", "-q",
+                 str(venv / ".installed-runtime")).returncode == 0
