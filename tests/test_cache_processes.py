@@ -1686,6 +1686,59 @@ def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_ti
     assert out["unchanged"] and out["reloaded"]
 
 
+RENDER_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
+    import json, os, subprocess, sys, threading
+    import numpy as np
+    from luna_shm import AudioCache
+    # 300 KB entries through a 1 MB RAM disk: after three, a render's 300 KB chunk does not
+    # fit, and the room it makes (evicting the cache's own entries) needs the cache's lock.
+    cache = AudioCache("full")
+    for i in range(3):
+        cache.put(f"k{i}", np.full(150_000, i, np.int16), 24000).release()
+    lock = f"{cache.directory}/lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, signal, sys\\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\\n"), lock])
+    watchdog = threading.Timer(40, lambda: (holder.kill(), os._exit(3)))
+    watchdog.daemon = True
+    watchdog.start()
+    _, status = os.waitpid(holder.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    before = sorted(os.listdir(cache.directory))
+    out = {}
+    try:
+        cache.get_or_render("k9", lambda writer: writer.write(np.full(150_000, 9, np.int16)),
+                            samplerate=24000, timeout=0.05)
+        out["call"] = "returned"
+    except OSError as exc:
+        out["call"] = [type(exc).__name__, exc.errno, exc.filename]
+    out["before"], out["after"] = before, sorted(os.listdir(cache.directory))
+    holder.kill()
+    holder.wait()
+    with cache.get_or_render("k9", lambda writer: writer.write(np.full(150_000, 9, np.int16)),
+                             samplerate=24000, timeout=5) as entry:
+        out["rendered"] = entry.stored and entry.array.tolist() == [9] * 150_000
+    out["lock"] = lock
+    cache.destroy()
+    print(json.dumps(out))
+"""
+
+
+def test_a_render_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_timeout(
+        ) -> None:
+    # Found in review: the room a render's chunk makes on a full RAM disk waited for the
+    # cache's lock for ever, whatever the call's timeout (the child's own deadline failed
+    # it); the render now fails with the wait's TimeoutError, as the renderer's own error.
+    out = json.loads(assert_child_ok(run_in_private_shm(
+        RENDER_INTO_A_FULL_RAM_DISK_WHILE_HELD, shm_size="1m", timeout=60)))
+    assert out["call"] == ["TimeoutError", errno.ETIMEDOUT, out["lock"]]
+    # Nothing evicted, nothing left of the render but the note its waiters read.
+    assert out["after"] == sorted(out["before"] + ["k9.outcome"])
+    assert out["rendered"]
+
+
 def _holds_a_flock(inode: int, pid: int) -> bool:
     """True when /proc/locks shows process pid holding (not waiting for) a flock of the
     file with inode number inode."""
