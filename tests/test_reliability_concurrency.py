@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import LIBRARY_PATH
+from helpers import LIBRARY_PATH, call_with_deadline, lock_held_by_a_stopped_process
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -344,6 +344,37 @@ def test_a_buffer_or_writer_opened_at_a_temp_path_is_never_removed_by_a_concurre
                                   os.stat(held.path), os.fstat(held.fileno()))}}))
     """, _strace_prefix("flock", 500_000), _opened_by(path))
     assert result["exists"] is True and result["same"] is True
+
+
+@pytest.mark.parametrize("kind", ["create_wav_buffer", "WavWriter"])
+def test_a_buffer_or_writer_at_a_temp_path_never_waits_for_a_cleanup_stopped_holding_it(
+        private_dirs, kind) -> None:
+    path = get_temp_audio_path(create=True)  # empty and unlocked
+    audio = np.arange(-500, 500, dtype=np.int16)
+
+    def produce() -> tuple[bool, bool]:
+        if kind == "create_wav_buffer":
+            with create_wav_buffer(len(audio), 8000, path=path) as held:
+                held.array[:] = audio
+                named = os.path.samestat(os.stat(path), os.fstat(held.fileno()))
+        else:
+            with WavWriter(path, 8000) as held:
+                held.write(audio)
+                named = os.path.samestat(os.stat(path), os.fstat(held.fileno()))
+        return named, held.path == path
+
+    # The exclusive flock a cleanup takes to test whether the file is in use, held by a
+    # process stopped there. Found in review: the producer's shared flock waited for it for
+    # ever. It now writes a new file beside it and renames it over the name, which the
+    # cleanup, continued, leaves alone (it takes only the file it examined).
+    with lock_held_by_a_stopped_process(path):
+        original = os.stat(path)
+        assert call_with_deadline(produce, deadline=30) == (True, True)
+        assert not os.path.samestat(os.stat(path), original)
+    data, rate = read_wav(path, mmap=False)
+    assert rate == 8000 and np.array_equal(data, audio)
+    assert sorted(os.listdir(private_dirs.ram)) == [os.path.basename(path)]
+    assert cleanup_temp_audio(path) is True
 
 
 @pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "replacing-plain"])

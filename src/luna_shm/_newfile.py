@@ -460,7 +460,9 @@ def open_destination(
     (see :func:`create_unnamed_temp_file`). A given path is created, or the empty regular
     file there (from get_temp_audio_path) is used; a file with content is never
     cut under a reader that mapped it: a new file is made beside it and renamed
-    over it by :func:`finish_destination`. A symlink is refused.
+    over it by :func:`finish_destination`, as is an empty file that a remover holds
+    locked (a cleanup stopped while testing it is never waited for). A symlink is
+    refused.
     """
     if path is None:
         new = create_unnamed_temp_file(".wav", size_hint=size_hint, on_disk=on_disk)
@@ -473,10 +475,15 @@ def open_destination(
         except OSError as exc:
             raise explain_special(exc, text) from None
         try:
-            _lowlevel.lock(fd, exclusive=False, wait=True, filename=text)
-            if not old_size and still_named(fd, text):
+            # Only a remover (a cleanup testing whether the file is in use) holds a file
+            # exclusively, for an instant, unless it is stopped there: never wait for it.
+            # A new file beside it, renamed over the name, is ours whatever the remover
+            # does next (it takes only the very file it examined).
+            in_removal = not _lowlevel.lock(fd, exclusive=False, filename=text)
+            if not old_size and not in_removal and still_named(fd, text):
                 return Destination(text, cell, created, None)
-            mode = replacement_mode(_os.fstat(fd)) if old_size else 0o600
+            beside = bool(old_size) or in_removal
+            mode = replacement_mode(_lowlevel.fstat(fd, text)) if beside else 0o600
         except OSError as exc:
             _lowlevel.release(cell)
             raise _lowlevel.named(exc, text) from None
@@ -484,7 +491,7 @@ def open_destination(
             _lowlevel.release(cell)
             raise
         _lowlevel.release(cell)
-        if old_size:
+        if beside:
             partial = partial_path(text)
             cell = _lowlevel.fd_cell()
             _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, mode, cell=cell)
