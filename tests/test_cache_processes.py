@@ -1652,7 +1652,11 @@ RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
              # A put's file does not fit either: the room it makes waits the same way.
              "put": lambda: cache.put("k9", np.full(150_000, 9, np.int16), 24000,
                                       timeout=0.05),
-             "put_bytes": lambda: cache.put_bytes("k9", bytes(300_000), timeout=0.05)}
+             "put_bytes": lambda: cache.put_bytes("k9", bytes(300_000), timeout=0.05),
+             # A new key's render: its 300 KB chunk does not fit either.
+             "render": lambda: cache.get_or_render(
+                 "k8", lambda writer: writer.write(np.full(150_000, 8, np.int16)),
+                 samplerate=24000, timeout=0.05)}
     # The reload's copy finds the RAM disk full: the room it makes (evicting the cache's
     # own entries) takes the cache's lock, which the stopped process holds.
     for name, call in calls.items():
@@ -1661,11 +1665,15 @@ RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
             out[name] = "returned"
         except OSError as exc:
             out[name] = [type(exc).__name__, exc.errno, exc.filename]
-    out["unchanged"] = sorted(os.listdir(cache.directory)) == before
+    # Nothing evicted; the failed render left only the note its waiters read.
+    out["unchanged"] = sorted(os.listdir(cache.directory)) == sorted(before + ["k8.outcome"])
     holder.kill()
     holder.wait()
     with cache.get("k0", timeout=5) as reloaded:
         out["reloaded"] = reloaded.array.tolist() == [0] * 150_000
+    with cache.get_or_render("k8", lambda writer: writer.write(np.full(150_000, 8, np.int16)),
+                             samplerate=24000, timeout=5) as entry:
+        out["rendered"] = entry.stored and entry.array.tolist() == [8] * 150_000
     out["lock"] = lock
     cache.destroy()
     print(json.dumps(out))
@@ -1676,67 +1684,14 @@ def test_a_reload_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_ti
         ) -> None:
     # Found in review: the room a reload makes on a full RAM disk waited for the cache's
     # lock for ever, whatever the call's timeout (the child's own deadline fails it); so
-    # did a put's, which had no timeout.
+    # did a put's, which had no timeout, and a render's for its chunk (until b289de7).
     out = json.loads(assert_child_ok(run_in_private_shm(
         RELOAD_INTO_A_FULL_RAM_DISK_WHILE_HELD, shm_size="1m", timeout=60)))
     assert sorted(out["spilled"]) == ["k0.wav", "lock"]
     timed_out = ["TimeoutError", errno.ETIMEDOUT, out["lock"]]
-    for call in ("get", "get_or_render", "put", "put_bytes"):
+    for call in ("get", "get_or_render", "put", "put_bytes", "render"):
         assert out[call] == timed_out, call
-    assert out["unchanged"] and out["reloaded"]
-
-
-RENDER_INTO_A_FULL_RAM_DISK_WHILE_HELD = """
-    import json, os, subprocess, sys, threading
-    import numpy as np
-    from luna_shm import AudioCache
-    # 300 KB entries through a 1 MB RAM disk: after three, a render's 300 KB chunk does not
-    # fit, and the room it makes (evicting the cache's own entries) needs the cache's lock.
-    cache = AudioCache("full")
-    for i in range(3):
-        cache.put(f"k{i}", np.full(150_000, i, np.int16), 24000).release()
-    lock = f"{cache.directory}/lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, signal, sys\\n"
-        "fd = os.open(sys.argv[1], os.O_RDONLY)\\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\\n"
-        "os.kill(os.getpid(), signal.SIGSTOP)\\n"), lock])
-    watchdog = threading.Timer(40, lambda: (holder.kill(), os._exit(3)))
-    watchdog.daemon = True
-    watchdog.start()
-    _, status = os.waitpid(holder.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status), status
-    before = sorted(os.listdir(cache.directory))
-    out = {}
-    try:
-        cache.get_or_render("k9", lambda writer: writer.write(np.full(150_000, 9, np.int16)),
-                            samplerate=24000, timeout=0.05)
-        out["call"] = "returned"
-    except OSError as exc:
-        out["call"] = [type(exc).__name__, exc.errno, exc.filename]
-    out["before"], out["after"] = before, sorted(os.listdir(cache.directory))
-    holder.kill()
-    holder.wait()
-    with cache.get_or_render("k9", lambda writer: writer.write(np.full(150_000, 9, np.int16)),
-                             samplerate=24000, timeout=5) as entry:
-        out["rendered"] = entry.stored and entry.array.tolist() == [9] * 150_000
-    out["lock"] = lock
-    cache.destroy()
-    print(json.dumps(out))
-"""
-
-
-def test_a_render_into_a_full_ram_disk_bounds_its_wait_for_room_by_the_call_s_timeout(
-        ) -> None:
-    # Found in review: the room a render's chunk makes on a full RAM disk waited for the
-    # cache's lock for ever, whatever the call's timeout (the child's own deadline failed
-    # it); the render now fails with the wait's TimeoutError, as the renderer's own error.
-    out = json.loads(assert_child_ok(run_in_private_shm(
-        RENDER_INTO_A_FULL_RAM_DISK_WHILE_HELD, shm_size="1m", timeout=60)))
-    assert out["call"] == ["TimeoutError", errno.ETIMEDOUT, out["lock"]]
-    # Nothing evicted, nothing left of the render but the note its waiters read.
-    assert out["after"] == sorted(out["before"] + ["k9.outcome"])
-    assert out["rendered"]
+    assert out["unchanged"] and out["reloaded"] and out["rendered"]
 
 
 def _holds_a_flock(inode: int, pid: int) -> bool:
@@ -1795,26 +1750,35 @@ WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO = """
 """
 
 
+def _render_unstored_with_a_waiter(cache: AudioCache, key: str, private_dirs: Any
+                                   ) -> tuple[Any, subprocess.Popen[str]]:
+    """Render key (too large for cache: kept unstored) while a child process waits for the
+    render and stops once it has opened the unstored audio (before it locks it); returns
+    the renderer's entry and the waiter."""
+    live = f"{cache.directory}/{key}.live"
+    waiter: subprocess.Popen[str] | None = None
+
+    def render(writer: Any) -> None:
+        nonlocal waiter
+        writer.write(audio_of(key))
+        waiter = spawn(private_dirs,
+                       CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
+        end = time.monotonic() + 60  # until it waits for our render (it has its file)
+        while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
+                      for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
+            assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
+            time.sleep(0.005)
+
+    entry = cache.get_or_render(key, render, samplerate=24000)
+    assert waiter is not None and not entry.stored
+    return entry, waiter
+
+
 def test_a_waiter_bounds_its_wait_for_a_stopped_remover_of_the_render_s_unstored_audio(
         private_dirs) -> None:
     key = cache_key("rendered too large to store")
     with AudioCache("unstored", max_bytes=1000) as cache:  # the 4.8 KB render does not fit
-        live = f"{cache.directory}/{key}.live"
-        waiter: subprocess.Popen[str] | None = None
-
-        def render(writer: Any) -> None:
-            nonlocal waiter
-            writer.write(audio_of(key))
-            waiter = spawn(private_dirs,
-                           CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
-            end = time.monotonic() + 60  # until it waits for our render (it has its file)
-            while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
-                          for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
-                assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
-                time.sleep(0.005)
-
-        entry = cache.get_or_render(key, render, samplerate=24000)
-        assert waiter is not None and not entry.stored
+        entry, waiter = _render_unstored_with_a_waiter(cache, key, private_dirs)
         remover = None
         try:
             # The waiter read the note that points it to the unstored audio, and opened it.
@@ -1862,22 +1826,7 @@ def test_a_waiter_never_gets_unstored_audio_whose_file_was_removed_before_it_too
         private_dirs) -> None:
     key = cache_key("rendered too large to store")
     with AudioCache("unstored", max_bytes=1000) as cache:  # the 4.8 KB render does not fit
-        live = f"{cache.directory}/{key}.live"
-        waiter: subprocess.Popen[str] | None = None
-
-        def render(writer: Any) -> None:
-            nonlocal waiter
-            writer.write(audio_of(key))
-            waiter = spawn(private_dirs,
-                           CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
-            end = time.monotonic() + 60  # until it waits for our render (it has its file)
-            while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
-                          for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
-                assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
-                time.sleep(0.005)
-
-        entry = cache.get_or_render(key, render, samplerate=24000)
-        assert waiter is not None and not entry.stored
+        entry, waiter = _render_unstored_with_a_waiter(cache, key, private_dirs)
         try:
             # The waiter read the note that points it to the unstored audio and opened
             # it, but holds no lock of it yet: our release removes it (no one holds it).
