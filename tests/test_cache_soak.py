@@ -1,0 +1,617 @@
+"""A randomized soak of AudioCache: every scenario at once, under kills, stops and a hostile.
+
+Five worker processes share one cache (a small RAM tier that evicts and spills to a disk tier
+all the time, a ttl'd second view of it) and loop over random operations on twelve keys:
+renders (in chunks, slow or fast, failing on purpose, empty, too large to store), gets, puts
+(WAV and encoded), follows of renders in flight, discards, stats, clears, reopens; they hold
+some entries for a while. Every audio any of them gets is checked against the one audio its
+key can have. Meanwhile a chaos thread here kills workers (SIGKILL, and starts a new one),
+stops them (SIGSTOP for 0.1-2 s), and corrupts entry files no one holds (truncated, or their
+header overwritten), as a hostile program would. At the end a fresh cache of that name must
+open, agree with its files, give every key's exact audio, clean to nothing and be destroyed.
+
+What a worker may see (the documented outcomes) is recorded as events, anything else as a
+violation: TimeoutError only while some process was stopped (checked here against the stop
+windows, on the shared CLOCK_MONOTONIC), WavError only once an entry was corrupted,
+RenderError only for a failure on purpose (or a renderer's own timeout), StreamAbandoned and
+KeyError for follows.
+
+The seed is printed; ``LUNA_SOAK_SEED=<seed>`` runs that seed again (the same random choices,
+not the same interleaving: that depends on the scheduler). ``LUNA_SOAK_SECONDS`` makes the
+soak longer than its default 25 s for manual runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from helpers import LIBRARY_PATH, call_with_deadline
+from luna_shm import AudioCache, WavError, read_wav
+
+SOAK_SECONDS = float(os.environ.get("LUNA_SOAK_SECONDS", "25"))
+WORKERS = 5
+NAME = "soak"
+MAX_BYTES = 32_000  # about 8 of the small keys: eviction and spills all the time
+DISK_MAX_BYTES = 48_000
+TTL = 0.5  # the ttl'd view a worker uses for a quarter of its calls
+CALL_TIMEOUT = 10.0  # most calls of a worker; a stop lasts 2 s at most
+SHORT_TIMEOUT = 1.5  # a quarter of them: a stop makes them time out
+
+# Shared by the workers and this test: the keys and the one audio each can have.
+COMMON = r'''
+import numpy as np
+from luna_shm import cache_key
+
+SAMPLERATE = 16000
+KEYS = [cache_key(f"soak sentence {i}") for i in range(12)]
+LARGE = set(KEYS[:2])  # 60 KB each: more than the RAM tier's bound, rendered but not stored
+
+
+def audio_of(key):
+    """The key's audio: only ever this, whoever renders or puts it."""
+    frames = 30_000 if key in LARGE else 400 + int(key[12:16], 16) % 2600
+    rng = np.random.default_rng(int(key[:12], 16))
+    return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
+
+
+def encoded_of(key):
+    """The key's encoded audio (put_bytes as .mp3): its bytes only ever these."""
+    return b"ID3 not really an mp3 " + key.encode() * 7
+'''
+
+WORKER = COMMON + r'''
+import collections, json, os, random, sys, time, traceback
+import soundfile
+from luna_shm import AudioCache, StreamAbandoned, WavError
+from luna_shm.cache import RenderError
+
+cfg = json.loads(sys.argv[1])
+rng = random.Random(cfg["seed"])
+TIMEOUT = cfg["timeout"]
+log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+state = {"op": None, "key": None, "start": 0.0, "timeout": TIMEOUT}
+tally = collections.Counter()  # what this worker met, reported as it stops (coverage)
+
+
+def report(kind, **fields):
+    """One JSON line (one O_APPEND write: whole even if we are killed right after)."""
+    fields.update(kind=kind, worker=cfg["worker"], pid=os.getpid(), op=state["op"],
+                  key=state["key"], start=state["start"], end=time.monotonic())
+    os.write(log_fd, (json.dumps(fields) + "\n").encode())
+
+
+def violation(what, **fields):
+    report("violation", what=what, **fields)
+
+
+class OnPurpose(Exception):
+    pass
+
+
+def open_caches():
+    plain = AudioCache(cfg["name"], max_bytes=cfg["max_bytes"], disk_dir=cfg["disk"],
+                       disk_max_bytes=cfg["disk_max_bytes"], timeout=TIMEOUT)
+    try:
+        ttl = AudioCache(cfg["name"], max_bytes=cfg["max_bytes"], ttl=cfg["ttl"],
+                         disk_dir=cfg["disk"], disk_max_bytes=cfg["disk_max_bytes"],
+                         timeout=TIMEOUT)
+    except BaseException:
+        plain.close(timeout=TIMEOUT)
+        raise
+    return plain, ttl
+
+
+def check_entry(entry, key, where):
+    """Its audio is the key's, through the mapping and (while its path names the pinned
+    file) through the path with soundfile; an encoded entry holds the key's bytes."""
+    if entry.key != key:
+        violation(f"{where}: an entry of key {entry.key} for {key}")
+    if not entry.is_wav:
+        if not entry.path.endswith(".mp3") or entry.read_bytes() != encoded_of(key):
+            violation(f"{where}: wrong encoded audio", path=entry.path)
+        return
+    try:
+        array = entry.array
+    except WavError as exc:
+        report("wav_error", what=f"{where}: {exc}")
+        return
+    if entry.samplerate != SAMPLERATE or not np.array_equal(array, audio_of(key)):
+        violation(f"{where}: wrong audio", path=entry.path, stored=entry.stored,
+                  frames=len(array), want=len(audio_of(key)))
+        return
+    try:
+        with open(entry.path, "rb") as file:
+            if os.fstat(file.fileno()).st_ino != os.fstat(entry.fileno()).st_ino:
+                return  # replaced by a newer entry (a put, another render) meanwhile
+            data, rate = soundfile.read(file, dtype="int16")
+    except FileNotFoundError:
+        return
+    if rate != SAMPLERATE or not np.array_equal(data, audio_of(key)):
+        violation(f"{where}: its path reads other audio", path=entry.path)
+
+
+held = []
+
+
+def keep_or_release(entry, key, where):
+    if entry is None:
+        return
+    check_entry(entry, key, where)
+    if len(held) < 3 and rng.random() < 0.25:
+        held.append((entry, key, where))
+    else:
+        entry.release()
+
+
+def release_some():
+    while held and (len(held) >= 3 or rng.random() < 0.3):
+        entry, key, where = held.pop(rng.randrange(len(held)))
+        check_entry(entry, key, where + " (at its release)")
+        entry.release()
+
+
+def make_render(key):
+    audio = audio_of(key)
+    chunks = rng.randint(1, 5)
+    pause = rng.choice([0, 0, 0.002, 0.01, 0.03])
+    plan = rng.choices(["ok", "fail", "empty"], weights=[85, 12, 3])[0]
+    use_with = rng.random() < 0.3
+
+    def body(writer):
+        if plan == "empty":
+            return
+        for i, block in enumerate(np.array_split(audio, chunks)):
+            if plan == "fail" and i == chunks // 2:
+                raise OnPurpose(f"on purpose {key[:8]}")
+            writer.write(block)
+            if pause:
+                time.sleep(pause)
+
+    def render(writer):
+        if use_with:
+            with writer:
+                body(writer)
+        else:
+            body(writer)
+
+    return render, plan
+
+
+def do_get_or_render(cache, key):
+    render, plan = make_render(key)
+    state["op"] = f"get_or_render/{plan}"
+    try:
+        entry = cache.get_or_render(key, render, samplerate=SAMPLERATE, timeout=state["timeout"])
+    except OnPurpose:
+        tally["render failed on purpose"] += 1
+        if plan != "fail":
+            violation("OnPurpose raised by a render that was not to fail")
+        return
+    except ValueError as exc:
+        if plan != "empty" or "wrote no frames" not in str(exc):
+            raise
+        tally["render empty"] += 1
+        return
+    if key in LARGE and entry.is_wav and entry.stored:
+        violation("audio larger than max_bytes was stored", path=entry.path)
+    tally["get_or_render " + ("stored" if entry.stored else "unstored")] += 1
+    keep_or_release(entry, key, "get_or_render")
+
+
+def do_get(cache, key):
+    entry = cache.get(key, timeout=state["timeout"])
+    tally["get hit" if entry is not None else "get miss"] += 1
+    keep_or_release(entry, key, "get")
+
+
+def do_put(cache, key):
+    entry = cache.put(key, audio_of(key), SAMPLERATE, timeout=state["timeout"])
+    if key in LARGE and entry.stored:
+        violation("audio larger than max_bytes was stored by put", path=entry.path)
+    keep_or_release(entry, key, "put")
+
+
+def do_put_bytes(cache, key):
+    keep_or_release(cache.put_bytes(key, encoded_of(key), ".mp3", timeout=state["timeout"]), key,
+                    "put_bytes")
+
+
+def do_follow(cache, key):
+    audio = audio_of(key)
+    got = 0
+    stream = cache.follow(key, timeout=state["timeout"])
+    blocks = 0
+    try:
+        for block in stream:
+            blocks += 1
+            block = np.asarray(block)
+            if block.ndim != 1 or not np.array_equal(block, audio[got:got + len(block)]):
+                violation("follow: a block that is not the next part of the audio",
+                          at=got, frames=len(block))
+                return
+            got += len(block)
+    except StreamAbandoned:
+        tally["follow abandoned"] += 1
+        return
+    except KeyError:
+        tally["follow of nothing"] += 1
+        return
+    except ValueError as exc:
+        if "encoded audio" not in str(exc):
+            raise
+        tally["follow of encoded"] += 1
+        return
+    finally:
+        stream.close()
+    tally["follow in blocks" if blocks > 1 else "follow whole"] += 1
+    if got != len(audio):
+        violation("follow: the stream ended early without StreamAbandoned", got=got,
+                  want=len(audio))
+
+
+def do_discard(cache, key):
+    cache.discard(key, timeout=state["timeout"])
+
+
+def do_contains(cache, key):
+    key in cache
+
+
+def do_stats(cache, key):
+    stats = cache.stats(timeout=state["timeout"])
+    if stats.bytes > cfg["max_bytes"] or stats.disk_bytes > cfg["disk_max_bytes"]:
+        violation("stats: over the bound", bytes=stats.bytes, disk_bytes=stats.disk_bytes)
+
+
+def do_clear(cache, key):
+    cache.clear(timeout=state["timeout"])
+
+
+OPS = {do_get_or_render: 35, do_get: 20, do_put: 8, do_put_bytes: 2, do_follow: 12,
+       do_discard: 5, do_contains: 2, do_stats: 5, do_clear: 1}
+NAMES = list(OPS)
+WEIGHTS = list(OPS.values())
+
+
+def run():
+    caches = open_caches()
+    while not os.path.exists(cfg["stop"]):
+        op = rng.choices(NAMES, weights=WEIGHTS)[0]
+        key = rng.choice(KEYS)
+        cache = caches[1] if rng.random() < 0.25 else caches[0]
+        # A quarter of the calls wait less than the longest stop: their timeouts (and the
+        # state a call that timed out leaves) come up too, while a process is stopped.
+        timeout = cfg["short_timeout"] if rng.random() < 0.25 else TIMEOUT
+        state.update(op=op.__name__[3:], key=key, start=time.monotonic(), timeout=timeout)
+        try:
+            if rng.random() < 0.005:
+                state["op"] = "reopen"
+                for entry, _, _ in held:
+                    entry.release()
+                held.clear()
+                for old in caches:
+                    old.close(timeout=TIMEOUT)
+                caches = open_caches()
+                continue
+            op(cache, key)
+            release_some()
+        except TimeoutError as exc:
+            tally["timeout"] += 1
+            report("timeout", what=str(exc))
+        except RenderError as exc:
+            tally["RenderError"] += 1
+            text = str(exc)
+            if "TimeoutError" in text:
+                report("timeout", what=text)  # the renderer's own wait timed out
+            elif "on purpose" not in text and "wrote no frames" not in text:
+                violation(f"RenderError: {text}")
+        except StreamAbandoned as exc:
+            violation(f"StreamAbandoned outside a follow: {exc}")
+        except WavError as exc:
+            tally["WavError"] += 1
+            report("wav_error", what=str(exc))
+        except Exception as exc:
+            violation(f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+    for entry, _, _ in held:
+        entry.release()
+    for cache in caches:
+        cache.close(timeout=TIMEOUT)
+    report("summary", tally=dict(tally))
+
+
+run()
+'''
+
+
+def child_env(ram: str, fallback: str) -> dict[str, str]:
+    """The environment of a worker: the test's private dirs, this checkout's luna_shm."""
+    env = {k: v for k, v in os.environ.items() if k != "LUNA_SHM_DISABLE"}
+    env.update(LUNA_SHM_DIR=ram, TMPDIR=fallback, PYTHONPATH=LIBRARY_PATH)
+    return env
+
+
+@dataclass
+class Soak:
+    """The workers and what the chaos thread did to them (times: time.monotonic())."""
+
+    tmp: Path
+    env: dict[str, str]
+    rng: random.Random
+    script: Path
+    disk: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    killed: set[int] = field(default_factory=set)
+    stops: list[tuple[float, float]] = field(default_factory=list)
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    spawned: int = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.spawned += 1
+        cfg = {"name": NAME, "disk": str(self.disk), "seed": self.rng.getrandbits(64),
+               "worker": self.spawned, "timeout": CALL_TIMEOUT,
+               "short_timeout": SHORT_TIMEOUT, "log": str(self.log),
+               "stop": str(self.stop_file), "max_bytes": MAX_BYTES,
+               "disk_max_bytes": DISK_MAX_BYTES, "ttl": TTL}
+        with open(self.tmp / f"worker{self.spawned}.err", "wb") as err:
+            worker = subprocess.Popen([sys.executable, str(self.script), json.dumps(cfg)],
+                                      env=self.env, stdout=subprocess.DEVNULL, stderr=err,
+                                      cwd=self.tmp)
+        self.workers.append(worker)
+        return worker
+
+    @property
+    def log(self) -> Path:
+        return self.tmp / "events.jsonl"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.tmp / "stop"
+
+    def alive(self) -> list[subprocess.Popen[bytes]]:
+        return [w for w in self.workers if w.poll() is None]
+
+
+def entry_files(directory: Path) -> list[Path]:
+    """The committed entries among directory's files (<64 hex>.wav or .mp3)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if len(p.stem) == 64 and p.suffix in (".wav", ".mp3"))
+
+
+def corrupt_one(soak: Soak, tiers: list[Path]) -> None:
+    """As a hostile program: truncate a WAV entry, or overwrite its header, while no one
+    holds it (its exclusive flock, taken without waiting, as an eviction takes it: a
+    holder's mapping is never changed under it, which no cache could defend)."""
+    candidates = [p for tier in tiers for p in entry_files(tier) if p.suffix == ".wav"]
+    if not candidates:
+        return
+    path = soak.rng.choice(candidates)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # gone meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # pinned
+        try:
+            if os.lstat(path).st_ino != os.fstat(fd).st_ino:
+                return  # replaced meanwhile
+        except FileNotFoundError:
+            return
+        size = os.fstat(fd).st_size
+        if soak.rng.random() < 0.5:
+            os.ftruncate(fd, soak.rng.randrange(size))
+        else:
+            os.pwrite(fd, bytes(soak.rng.getrandbits(8) | 1 for _ in range(12)), 0)
+        soak.counts["corruptions"] += 1
+    finally:
+        os.close(fd)
+
+
+def chaos(soak: Soak, tiers: list[Path], end: float, errors: list[BaseException]) -> None:
+    """Until end: kill a worker (and start another), stop one for a while, corrupt an entry."""
+    try:
+        while time.monotonic() < end:
+            time.sleep(soak.rng.uniform(0.05, 0.6))
+            action = soak.rng.choices(["kill", "stop", "stop+kill", "corrupt"],
+                                      weights=[3, 3, 1, 4])[0]
+            alive = soak.alive()
+            if action == "corrupt" or not alive:
+                corrupt_one(soak, tiers)
+                continue
+            worker = soak.rng.choice(alive)
+            if action.startswith("stop"):
+                began = time.monotonic()
+                worker.send_signal(signal.SIGSTOP)
+                time.sleep(soak.rng.uniform(0.1, 2.0))
+                if action == "stop":
+                    worker.send_signal(signal.SIGCONT)
+                soak.stops.append((began, time.monotonic()))
+                soak.counts["stops"] += 1
+            if action.endswith("kill"):  # stopped or not: whatever it held, it holds no more
+                worker.send_signal(signal.SIGKILL)
+                worker.wait(timeout=60)
+                soak.killed.add(worker.pid)
+                soak.counts["kills"] += 1
+                soak.spawn()
+    except BaseException as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+
+
+def read_events(log: Path) -> list[dict[str, object]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line]
+
+
+def processes_running(marker: str) -> list[int]:
+    """Pids of live processes whose command line holds marker (a worker script path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def cache_dir(parent: Path) -> Path:
+    return parent / f"luna_cache-{os.getuid()}-{NAME}"
+
+
+def names_in(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory)) if directory.is_dir() else []
+
+
+def check_what_the_workers_saw(soak: Soak, events: list[dict[str, object]],
+                               seed: int) -> None:
+    """No violation; every timeout while some process was stopped; WavError only after
+    a corruption."""
+    violations = [e for e in events if e["kind"] == "violation"]
+    kinds = collections.Counter(str(e["what"])[:60] for e in violations)
+    assert violations == [], (f"seed {seed}: {len(violations)} violations {dict(kinds)}: "
+                              f"{violations[:5]}")
+    unexplained = [e for e in events if e["kind"] == "timeout" and not any(
+        began <= float(e["end"]) + 0.001 and ended >= float(e["start"]) - 0.001  # type: ignore[arg-type]
+        for began, ended in soak.stops)]
+    assert unexplained == [], (f"seed {seed}: timeouts while no process was stopped: "
+                               f"{unexplained[:5]} (stops {soak.stops})")
+    if not soak.counts["corruptions"]:
+        wav_errors = [e for e in events if e["kind"] == "wav_error"]
+        assert wav_errors == [], f"seed {seed}: WavError with no entry corrupted: {wav_errors}"
+
+
+def check_the_cache_after(soak: Soak, ram: Path, disk: Path, seed: int) -> None:
+    """A fresh cache opens, agrees with its files, gives every key's exact audio (or,
+    for an entry the hostile corrupted, WavError then a render), cleans to nothing."""
+    namespace: dict[str, object] = {}
+    exec(COMMON, namespace)
+    keys: list[str] = namespace["KEYS"]  # type: ignore[assignment]
+    audio_of = namespace["audio_of"]
+    encoded_of = namespace["encoded_of"]
+    ram_dir, disk_dir = cache_dir(ram), cache_dir(disk)
+    cache = call_with_deadline(lambda: AudioCache(
+        NAME, max_bytes=MAX_BYTES, disk_dir=disk, disk_max_bytes=DISK_MAX_BYTES,
+        timeout=30), 90)
+    assert isinstance(cache, AudioCache)
+    try:
+        # The open swept both tiers: entries, the lock and failed renders' notes remain.
+        for tier in (ram_dir, disk_dir):
+            entries = {p.name for p in entry_files(tier)}
+            left = [n for n in names_in(tier) if n != "lock" and n not in entries
+                    and not (tier == ram_dir and n.endswith(".outcome"))]
+            assert left == [], f"seed {seed}: the open left in-flight files in {tier}: {left}"
+        stats = cache.stats(timeout=30)
+        ram_sizes = [p.stat().st_size for p in entry_files(ram_dir)]
+        disk_sizes = [p.stat().st_size for p in entry_files(disk_dir)]
+        assert (stats.entries, stats.bytes) == (len(ram_sizes), sum(ram_sizes)), seed
+        assert (stats.disk_entries, stats.disk_bytes) == (len(disk_sizes), sum(disk_sizes))
+        assert stats.bytes <= MAX_BYTES and stats.disk_bytes <= DISK_MAX_BYTES, (seed, stats)
+        assert stats.pinned == 0, (seed, stats)
+        for key in keys:
+            entry = cache.get(key, timeout=30)
+            if entry is not None:
+                with entry:
+                    if not entry.is_wav:
+                        assert entry.read_bytes() == encoded_of(key), (seed, entry.path)  # type: ignore[operator]
+                    else:
+                        try:
+                            np.testing.assert_array_equal(entry.array, audio_of(key))  # type: ignore[operator]
+                        except WavError:
+                            assert soak.counts["corruptions"], (seed, entry.path)
+
+            def render(writer, key=key) -> None:  # type: ignore[no-untyped-def]
+                writer.write(audio_of(key))  # type: ignore[operator]
+
+            with cache.get_or_render(key, render, samplerate=16000, timeout=30) as entry:
+                if entry.is_wav:
+                    np.testing.assert_array_equal(entry.array, audio_of(key))  # type: ignore[operator]
+                    np.testing.assert_array_equal(read_wav(entry.path, mmap=False)[0],
+                                                  audio_of(key))  # type: ignore[operator]
+                else:
+                    assert entry.read_bytes() == encoded_of(key), (seed, entry.path)  # type: ignore[operator]
+        cache.clear(timeout=30)
+        left_ram = [n for n in names_in(ram_dir) if n != "lock" and not n.endswith(".outcome")]
+        left_disk = [n for n in names_in(disk_dir) if n != "lock"]
+        assert (left_ram, left_disk) == ([], []), f"seed {seed}: after clear()"
+        call_with_deadline(lambda: cache.destroy(timeout=30), 90)
+    finally:
+        if not cache.closed:
+            cache.close(timeout=30)
+    assert names_in(ram) == [] and names_in(disk) == [], (seed, names_in(ram), names_in(disk))
+
+
+def test_a_randomized_soak_of_processes_killed_stopped_and_a_hostile_keeps_every_promise(
+        private_dirs, tmp_path) -> None:
+    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
+    print(f"soak seed {seed} (rerun: LUNA_SOAK_SEED={seed}), {SOAK_SECONDS} s")
+    ram, fallback = Path(private_dirs.ram), Path(private_dirs.fallback)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "soak_worker.py"
+    script.write_text(WORKER)
+    soak = Soak(tmp_path, child_env(private_dirs.ram, private_dirs.fallback),
+                random.Random(seed), script, disk)
+    errors: list[BaseException] = []
+    try:
+        for _ in range(WORKERS):
+            soak.spawn()
+        end = time.monotonic() + SOAK_SECONDS
+        thread = threading.Thread(target=chaos, args=(soak, [cache_dir(ram), cache_dir(disk)],
+                                                      end, errors), daemon=True)
+        thread.start()
+        thread.join(SOAK_SECONDS + 120)
+        assert not thread.is_alive(), f"seed {seed}: the chaos thread hung"
+        assert errors == [], f"seed {seed}: the chaos thread failed: {errors}"
+        soak.stop_file.touch()
+        hung = []
+        for worker in soak.workers:
+            try:
+                worker.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                hung.append(worker.pid)
+                worker.kill()
+                worker.wait()
+        assert hung == [], f"seed {seed}: workers did not stop: {hung}"
+    finally:
+        for worker in soak.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGCONT)
+                worker.kill()
+                worker.wait()
+    failed = {w.pid: (w.returncode, (tmp_path / f"worker{i + 1}.err").read_text()[-3000:])
+              for i, w in enumerate(soak.workers)
+              if w.pid not in soak.killed and w.returncode != 0}
+    assert failed == {}, f"seed {seed}: workers failed: {failed}"
+    events = read_events(soak.log)
+    kinds = collections.Counter(str(e["kind"]) for e in events)
+    met: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event["kind"] == "summary":
+            met.update(event["tally"])  # type: ignore[arg-type]
+    print(f"soak seed {seed}: {soak.spawned} workers, chaos {dict(soak.counts)}, "
+          f"events {dict(kinds)}, the workers that stopped met {dict(sorted(met.items()))}")
+    check_what_the_workers_saw(soak, events, seed)
+    assert processes_running(str(script)) == [], f"seed {seed}: workers left running"
+    check_the_cache_after(soak, ram, disk, seed)
+    assert names_in(fallback) == [], (seed, names_in(fallback))
