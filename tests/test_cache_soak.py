@@ -33,13 +33,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from helpers import LIBRARY_PATH, call_with_deadline
-from luna_shm import AudioCache, WavError, read_wav
+from luna_shm import AudioCache, WavError, WavWriter, read_wav
 
 SOAK_SECONDS = float(os.environ.get("LUNA_SOAK_SECONDS", "25"))
 WORKERS = 5
@@ -72,22 +74,40 @@ def encoded_of(key):
     return b"ID3 not really an mp3 " + key.encode() * 7
 '''
 
+_COMMON: dict[str, Any] = {}
+exec(COMMON, _COMMON)
+KEYS: list[str] = _COMMON["KEYS"]
+audio_of: Callable[[str], np.ndarray] = _COMMON["audio_of"]
+encoded_of: Callable[[str], bytes] = _COMMON["encoded_of"]
+
 WORKER = COMMON + r'''
-import collections, json, os, random, sys, time, traceback
+import collections, json, os, random, sys, threading, time, traceback
 import soundfile
 from luna_shm import AudioCache, StreamAbandoned, WavError
 from luna_shm.cache import RenderError
 
 cfg = json.loads(sys.argv[1])
-rng = random.Random(cfg["seed"])
 TIMEOUT = cfg["timeout"]
 log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-state = {"op": None, "key": None, "start": 0.0, "timeout": TIMEOUT}
+# Each thread's own: its random choices, the call it is in, the entries it holds.
+me = threading.local()
 tally = collections.Counter()  # what this worker met, reported as it stops (coverage)
+tally_lock = threading.Lock()
+
+
+def count(what):
+    with tally_lock:
+        tally[what] += 1
+
+
+def limit():
+    """The timeout of this thread's call now."""
+    return me.state["timeout"]
 
 
 def report(kind, **fields):
     """One JSON line (one O_APPEND write: whole even if we are killed right after)."""
+    state = getattr(me, "state", {"op": None, "key": None, "start": 0.0})
     fields.update(kind=kind, worker=cfg["worker"], pid=os.getpid(), op=state["op"],
                   key=state["key"], start=state["start"], end=time.monotonic())
     os.write(log_fd, (json.dumps(fields) + "\n").encode())
@@ -143,32 +163,29 @@ def check_entry(entry, key, where):
         violation(f"{where}: its path reads other audio", path=entry.path)
 
 
-held = []
-
-
 def keep_or_release(entry, key, where):
     if entry is None:
         return
     check_entry(entry, key, where)
-    if len(held) < 3 and rng.random() < 0.25:
-        held.append((entry, key, where))
+    if len(me.held) < 3 and me.rng.random() < 0.25:
+        me.held.append((entry, key, where))
     else:
         entry.release()
 
 
 def release_some():
-    while held and (len(held) >= 3 or rng.random() < 0.3):
-        entry, key, where = held.pop(rng.randrange(len(held)))
+    while me.held and (len(me.held) >= 3 or me.rng.random() < 0.3):
+        entry, key, where = me.held.pop(me.rng.randrange(len(me.held)))
         check_entry(entry, key, where + " (at its release)")
         entry.release()
 
 
 def make_render(key):
     audio = audio_of(key)
-    chunks = rng.randint(1, 5)
-    pause = rng.choice([0, 0, 0.002, 0.01, 0.03])
-    plan = rng.choices(["ok", "fail", "empty"], weights=[85, 12, 3])[0]
-    use_with = rng.random() < 0.3
+    chunks = me.rng.randint(1, 5)
+    pause = me.rng.choice([0, 0, 0.002, 0.01, 0.03])
+    plan = me.rng.choices(["ok", "fail", "empty"], weights=[85, 12, 3])[0]
+    use_with = me.rng.random() < 0.3
 
     def body(writer):
         if plan == "empty":
@@ -192,47 +209,47 @@ def make_render(key):
 
 def do_get_or_render(cache, key):
     render, plan = make_render(key)
-    state["op"] = f"get_or_render/{plan}"
+    me.state["op"] = f"get_or_render/{plan}"
     try:
-        entry = cache.get_or_render(key, render, samplerate=SAMPLERATE, timeout=state["timeout"])
+        entry = cache.get_or_render(key, render, samplerate=SAMPLERATE, timeout=limit())
     except OnPurpose:
-        tally["render failed on purpose"] += 1
+        count("render failed on purpose")
         if plan != "fail":
             violation("OnPurpose raised by a render that was not to fail")
         return
     except ValueError as exc:
         if plan != "empty" or "wrote no frames" not in str(exc):
             raise
-        tally["render empty"] += 1
+        count("render empty")
         return
     if key in LARGE and entry.is_wav and entry.stored:
         violation("audio larger than max_bytes was stored", path=entry.path)
-    tally["get_or_render " + ("stored" if entry.stored else "unstored")] += 1
+    count("get_or_render " + ("stored" if entry.stored else "unstored"))
     keep_or_release(entry, key, "get_or_render")
 
 
 def do_get(cache, key):
-    entry = cache.get(key, timeout=state["timeout"])
-    tally["get hit" if entry is not None else "get miss"] += 1
+    entry = cache.get(key, timeout=limit())
+    count("get hit" if entry is not None else "get miss")
     keep_or_release(entry, key, "get")
 
 
 def do_put(cache, key):
-    entry = cache.put(key, audio_of(key), SAMPLERATE, timeout=state["timeout"])
+    entry = cache.put(key, audio_of(key), SAMPLERATE, timeout=limit())
     if key in LARGE and entry.stored:
         violation("audio larger than max_bytes was stored by put", path=entry.path)
     keep_or_release(entry, key, "put")
 
 
 def do_put_bytes(cache, key):
-    keep_or_release(cache.put_bytes(key, encoded_of(key), ".mp3", timeout=state["timeout"]), key,
-                    "put_bytes")
+    entry = cache.put_bytes(key, encoded_of(key), ".mp3", timeout=limit())
+    keep_or_release(entry, key, "put_bytes")
 
 
 def do_follow(cache, key):
     audio = audio_of(key)
     got = 0
-    stream = cache.follow(key, timeout=state["timeout"])
+    stream = cache.follow(key, timeout=limit())
     blocks = 0
     try:
         for block in stream:
@@ -244,26 +261,26 @@ def do_follow(cache, key):
                 return
             got += len(block)
     except StreamAbandoned:
-        tally["follow abandoned"] += 1
+        count("follow abandoned")
         return
     except KeyError:
-        tally["follow of nothing"] += 1
+        count("follow of nothing")
         return
     except ValueError as exc:
         if "encoded audio" not in str(exc):
             raise
-        tally["follow of encoded"] += 1
+        count("follow of encoded")
         return
     finally:
         stream.close()
-    tally["follow in blocks" if blocks > 1 else "follow whole"] += 1
+    count("follow in blocks" if blocks > 1 else "follow whole")
     if got != len(audio):
         violation("follow: the stream ended early without StreamAbandoned", got=got,
                   want=len(audio))
 
 
 def do_discard(cache, key):
-    cache.discard(key, timeout=state["timeout"])
+    cache.discard(key, timeout=limit())
 
 
 def do_contains(cache, key):
@@ -271,13 +288,13 @@ def do_contains(cache, key):
 
 
 def do_stats(cache, key):
-    stats = cache.stats(timeout=state["timeout"])
+    stats = cache.stats(timeout=limit())
     if stats.bytes > cfg["max_bytes"] or stats.disk_bytes > cfg["disk_max_bytes"]:
         violation("stats: over the bound", bytes=stats.bytes, disk_bytes=stats.disk_bytes)
 
 
 def do_clear(cache, key):
-    cache.clear(timeout=state["timeout"])
+    cache.clear(timeout=limit())
 
 
 OPS = {do_get_or_render: 35, do_get: 20, do_put: 8, do_put_bytes: 2, do_follow: 12,
@@ -286,33 +303,35 @@ NAMES = list(OPS)
 WEIGHTS = list(OPS.values())
 
 
-def run():
-    caches = open_caches()
+def run(caches, seed, threads):
+    me.rng = random.Random(seed)
+    me.state = {"op": None, "key": None, "start": 0.0, "timeout": TIMEOUT}
+    me.held = []
     while not os.path.exists(cfg["stop"]):
-        op = rng.choices(NAMES, weights=WEIGHTS)[0]
-        key = rng.choice(KEYS)
-        cache = caches[1] if rng.random() < 0.25 else caches[0]
+        op = me.rng.choices(NAMES, weights=WEIGHTS)[0]
+        key = me.rng.choice(KEYS)
+        cache = caches[1] if me.rng.random() < 0.25 else caches[0]
         # A quarter of the calls wait less than the longest stop: their timeouts (and the
         # state a call that timed out leaves) come up too, while a process is stopped.
-        timeout = cfg["short_timeout"] if rng.random() < 0.25 else TIMEOUT
-        state.update(op=op.__name__[3:], key=key, start=time.monotonic(), timeout=timeout)
+        timeout = cfg["short_timeout"] if me.rng.random() < 0.25 else TIMEOUT
+        me.state.update(op=op.__name__[3:], key=key, start=time.monotonic(), timeout=timeout)
         try:
-            if rng.random() < 0.005:
-                state["op"] = "reopen"
-                for entry, _, _ in held:
+            if threads == 1 and me.rng.random() < 0.005:  # (closed under another thread: no)
+                me.state["op"] = "reopen"
+                for entry, _, _ in me.held:
                     entry.release()
-                held.clear()
+                me.held.clear()
                 for old in caches:
                     old.close(timeout=TIMEOUT)
-                caches = open_caches()
+                caches[:] = open_caches()
                 continue
             op(cache, key)
             release_some()
         except TimeoutError as exc:
-            tally["timeout"] += 1
+            count("timeout")
             report("timeout", what=str(exc))
         except RenderError as exc:
-            tally["RenderError"] += 1
+            count("RenderError")
             text = str(exc)
             if "TimeoutError" in text:
                 report("timeout", what=text)  # the renderer's own wait timed out
@@ -321,18 +340,29 @@ def run():
         except StreamAbandoned as exc:
             violation(f"StreamAbandoned outside a follow: {exc}")
         except WavError as exc:
-            tally["WavError"] += 1
+            count("WavError")
             report("wav_error", what=str(exc))
         except Exception as exc:
             violation(f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
-    for entry, _, _ in held:
+    for entry, _, _ in me.held:
         entry.release()
+
+
+def main():
+    """cfg["threads"] threads (one or two) share this process's caches, as a server's do."""
+    caches = list(open_caches())
+    threads = [threading.Thread(target=run, args=(caches, cfg["seed"] + i, cfg["threads"]))
+               for i in range(cfg["threads"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     for cache in caches:
         cache.close(timeout=TIMEOUT)
     report("summary", tally=dict(tally))
 
 
-run()
+main()
 '''
 
 
@@ -364,7 +394,8 @@ class Soak:
                "worker": self.spawned, "timeout": CALL_TIMEOUT,
                "short_timeout": SHORT_TIMEOUT, "log": str(self.log),
                "stop": str(self.stop_file), "max_bytes": MAX_BYTES,
-               "disk_max_bytes": DISK_MAX_BYTES, "ttl": TTL}
+               "disk_max_bytes": DISK_MAX_BYTES, "ttl": TTL,
+               "threads": self.rng.choice([1, 2])}
         with open(self.tmp / f"worker{self.spawned}.err", "wb") as err:
             worker = subprocess.Popen([sys.executable, str(self.script), json.dumps(cfg)],
                                       env=self.env, stdout=subprocess.DEVNULL, stderr=err,
@@ -454,7 +485,7 @@ def chaos(soak: Soak, tiers: list[Path], end: float, errors: list[BaseException]
         errors.append(exc)
 
 
-def read_events(log: Path) -> list[dict[str, object]]:
+def read_events(log: Path) -> list[dict[str, Any]]:
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if line]
@@ -483,7 +514,7 @@ def names_in(directory: Path) -> list[str]:
     return sorted(os.listdir(directory)) if directory.is_dir() else []
 
 
-def check_what_the_workers_saw(soak: Soak, events: list[dict[str, object]],
+def check_what_the_workers_saw(soak: Soak, events: list[dict[str, Any]],
                                seed: int) -> None:
     """No violation; every timeout while some process was stopped; WavError only after
     a corruption."""
@@ -492,7 +523,7 @@ def check_what_the_workers_saw(soak: Soak, events: list[dict[str, object]],
     assert violations == [], (f"seed {seed}: {len(violations)} violations {dict(kinds)}: "
                               f"{violations[:5]}")
     unexplained = [e for e in events if e["kind"] == "timeout" and not any(
-        began <= float(e["end"]) + 0.001 and ended >= float(e["start"]) - 0.001  # type: ignore[arg-type]
+        began <= float(e["end"]) + 0.001 and ended >= float(e["start"]) - 0.001
         for began, ended in soak.stops)]
     assert unexplained == [], (f"seed {seed}: timeouts while no process was stopped: "
                                f"{unexplained[:5]} (stops {soak.stops})")
@@ -504,11 +535,6 @@ def check_what_the_workers_saw(soak: Soak, events: list[dict[str, object]],
 def check_the_cache_after(soak: Soak, ram: Path, disk: Path, seed: int) -> None:
     """A fresh cache opens, agrees with its files, gives every key's exact audio (or,
     for an entry the hostile corrupted, WavError then a render), cleans to nothing."""
-    namespace: dict[str, object] = {}
-    exec(COMMON, namespace)
-    keys: list[str] = namespace["KEYS"]  # type: ignore[assignment]
-    audio_of = namespace["audio_of"]
-    encoded_of = namespace["encoded_of"]
     ram_dir, disk_dir = cache_dir(ram), cache_dir(disk)
     cache = call_with_deadline(lambda: AudioCache(
         NAME, max_bytes=MAX_BYTES, disk_dir=disk, disk_max_bytes=DISK_MAX_BYTES,
@@ -528,28 +554,28 @@ def check_the_cache_after(soak: Soak, ram: Path, disk: Path, seed: int) -> None:
         assert (stats.disk_entries, stats.disk_bytes) == (len(disk_sizes), sum(disk_sizes))
         assert stats.bytes <= MAX_BYTES and stats.disk_bytes <= DISK_MAX_BYTES, (seed, stats)
         assert stats.pinned == 0, (seed, stats)
-        for key in keys:
+        for key in KEYS:
             entry = cache.get(key, timeout=30)
             if entry is not None:
                 with entry:
                     if not entry.is_wav:
-                        assert entry.read_bytes() == encoded_of(key), (seed, entry.path)  # type: ignore[operator]
+                        assert entry.read_bytes() == encoded_of(key), (seed, entry.path)
                     else:
                         try:
-                            np.testing.assert_array_equal(entry.array, audio_of(key))  # type: ignore[operator]
+                            np.testing.assert_array_equal(entry.array, audio_of(key))
                         except WavError:
                             assert soak.counts["corruptions"], (seed, entry.path)
 
-            def render(writer, key=key) -> None:  # type: ignore[no-untyped-def]
-                writer.write(audio_of(key))  # type: ignore[operator]
+            def render(writer: WavWriter, key: str = key) -> None:
+                writer.write(audio_of(key))
 
             with cache.get_or_render(key, render, samplerate=16000, timeout=30) as entry:
                 if entry.is_wav:
-                    np.testing.assert_array_equal(entry.array, audio_of(key))  # type: ignore[operator]
+                    np.testing.assert_array_equal(entry.array, audio_of(key))
                     np.testing.assert_array_equal(read_wav(entry.path, mmap=False)[0],
-                                                  audio_of(key))  # type: ignore[operator]
+                                                  audio_of(key))
                 else:
-                    assert entry.read_bytes() == encoded_of(key), (seed, entry.path)  # type: ignore[operator]
+                    assert entry.read_bytes() == encoded_of(key), (seed, entry.path)
         cache.clear(timeout=30)
         left_ram = [n for n in names_in(ram_dir) if n != "lock" and not n.endswith(".outcome")]
         left_disk = [n for n in names_in(disk_dir) if n != "lock"]
@@ -608,7 +634,7 @@ def test_a_randomized_soak_of_processes_killed_stopped_and_a_hostile_keeps_every
     met: collections.Counter[str] = collections.Counter()
     for event in events:
         if event["kind"] == "summary":
-            met.update(event["tally"])  # type: ignore[arg-type]
+            met.update(event["tally"])
     print(f"soak seed {seed}: {soak.spawned} workers, chaos {dict(soak.counts)}, "
           f"events {dict(kinds)}, the workers that stopped met {dict(sorted(met.items()))}")
     check_what_the_workers_saw(soak, events, seed)
