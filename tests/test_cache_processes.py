@@ -534,6 +534,93 @@ def test_following_a_render_that_fails_raises_stream_abandoned_and_stores_nothin
         assert cache.get(key) is None and cache.live_path(key) is None
 
 
+STOPPED_AT_ITS_LINK = """
+    import os, sys
+    from luna_shm import AudioCache
+    key = sys.argv[1]
+    print(os.getpid(), flush=True)
+    with AudioCache("gave-way") as cache:
+        def render(writer):
+            writer.write(audio_of(key) + 1)  # never runs: another caller stored the key
+        with cache.get_or_render(key, render, samplerate=24000, timeout=60) as entry:
+            print("got", bool((entry.array == audio_of(key)).all()), flush=True)
+"""
+
+
+def test_a_follower_of_a_render_that_gives_way_to_a_stored_entry_never_sees_it_end_empty(
+        private_dirs) -> None:
+    """A caller that missed links its new file as key.live (the election), then finds that
+    another caller stored the key meanwhile, and gives way: it removes key.live and renders
+    nothing. A follower that opened key.live in that moment followed a stream that ends
+    there: it must end as abandoned (StreamAbandoned), not as a finished stream of no audio
+    (a player would play silence for the sentence and call it done). Found by the soak
+    (tests/test_cache_soak.py, seed 1286003585 of a denser variant): the caller is stopped
+    right after its link (strace injects SIGSTOP at it) while this process follows its
+    .live file and stores the key."""
+    from luna_shm import StreamAbandoned
+    from syscall_sweep import strace_path
+
+    strace = strace_path()
+    key = cache_key("a render that gives way")
+    with AudioCache("gave-way") as cache:
+        live = f"{cache.directory}/{key}.live"
+        caller = subprocess.Popen(
+            [strace, "-f", "-o", "/dev/null", "-e", "trace=link,linkat",
+             "-e", "inject=link,linkat:signal=SIGSTOP:when=1", sys.executable, "-c",
+             AUDIO_OF_KEY + textwrap.dedent(STOPPED_AT_ITS_LINK), key],
+            env=child_env(private_dirs), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            assert caller.stdout is not None
+            pid = int(caller.stdout.readline())
+            end = time.monotonic() + 60
+            while not os.path.exists(live):  # its election won; it stops at once
+                assert time.monotonic() < end and caller.poll() is None, "no render began"
+                time.sleep(0.001)
+            with open(f"/proc/{pid}/stat") as stat:
+                while stat.read().rsplit(")", 1)[1].split()[0] not in "tT":
+                    assert time.monotonic() < end, "the caller did not stop after its link"
+                    time.sleep(0.001)
+                    stat.seek(0)
+            ino = os.stat(live).st_ino
+            seen: list[object] = []
+
+            def follow() -> None:
+                try:
+                    seen.extend(cache.follow(key, timeout=30))
+                    seen.append("finished")
+                except StreamAbandoned as exc:
+                    seen.append(exc)
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+
+            def following() -> bool:
+                for fd in os.listdir("/proc/self/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.stat(f"/proc/self/fd/{fd}").st_ino == ino:
+                            return True
+                return False
+
+            while not following():  # the follower holds the .live file open
+                assert time.monotonic() < end and follower.is_alive()
+                time.sleep(0.001)
+            cache.put(key, audio_of(key), 24000).release()  # another caller stores it
+            os.kill(pid, signal.SIGCONT)
+            follower.join(60)
+            assert not follower.is_alive(), "the follower hung"
+            assert finish(caller).split() == ["got", "True"]  # it gave way to the entry
+            # Abandoned (the stream it followed holds nothing), or the key's audio in full.
+            abandoned = len(seen) == 1 and isinstance(seen[0], StreamAbandoned)
+            assert abandoned or (seen[-1:] == ["finished"] and len(seen) > 1 and np.array_equal(
+                np.concatenate(seen[:-1]), audio_of(key))), f"the follower saw {seen!r}"
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+        cache.clear()
+
+
 def test_follow_gives_a_stored_entry_at_once_and_refuses_an_unknown_key(private_dirs) -> None:
     key = cache_key("stored before")
     with AudioCache("stored") as cache:

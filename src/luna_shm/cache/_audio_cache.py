@@ -856,7 +856,9 @@ class AudioCache(_resource.OwnedHere):
             KeyError: key is neither stored nor being rendered now (at the first block).
             ValueError: the entry is encoded audio (see :meth:`put_bytes`).
             StreamAbandoned: the render failed or its process died (a WavError): the
-                next :meth:`get_or_render` renders it again.
+                next :meth:`get_or_render` renders it again. Also when the caller whose
+                render file was followed gave way before rendering anything (another
+                caller had stored the key meanwhile): the next look-up finds the entry.
             TimeoutError: no new block for timeout seconds, or a lock held past it
                 (see :meth:`get`).
         """
@@ -1042,9 +1044,12 @@ class AudioCache(_resource.OwnedHere):
             finally:
                 if writer is not None:
                     # Unlinked before the close drops its flock: a sweep never finds
-                    # an unlocked partial of ours that we are about to remove.
+                    # an unlocked partial of ours that we are about to remove. Its
+                    # stream ends as failed, not finished: a follower may have opened it
+                    # as key.live (between our link and _present), and a finished stream
+                    # of no frames would be the audio of key to it (silence, "done").
                     unlink_quietly(part)
-                    writer.close()
+                    writer.abort()
         raise OSError(_errno.EAGAIN, "the render file kept vanishing", live)  # pragma: no cover
 
     def _present(self, key: str) -> bool:
