@@ -554,9 +554,9 @@ def test_a_follower_of_a_render_that_gives_way_to_a_stored_entry_never_sees_it_e
     nothing. A follower that opened key.live in that moment followed a stream that ends
     there: it must end as abandoned (StreamAbandoned), not as a finished stream of no audio
     (a player would play silence for the sentence and call it done). Found by the soak
-    (tests/test_cache_soak.py, seed 1286003585 of a denser variant): the caller is stopped
-    right after its link (strace injects SIGSTOP at it) while this process follows its
-    .live file and stores the key."""
+    (tests/test_cache_soak.py, run with 8 workers, a 12 KB RAM tier and chaos every
+    0.02-0.2 s). Here the caller is stopped right after its link (strace injects SIGSTOP
+    at it) while this process follows its .live file and stores the key."""
     from luna_shm import StreamAbandoned
     from syscall_sweep import strace_path
 
@@ -619,6 +619,73 @@ def test_a_follower_of_a_render_that_gives_way_to_a_stored_entry_never_sees_it_e
                 caller.kill()
                 caller.wait()
         cache.clear()
+
+
+DYING_RENDERER = """
+    import sys, time
+    from luna_shm import AudioCache
+    key = sys.argv[1]
+    def render(writer):
+        for i in range(6000):  # 60 s: killed long before
+            writer.write(audio_of(key, 240))
+            if i == 0:
+                print("rendering", flush=True)
+            time.sleep(0.01)
+    AudioCache("died-under-a-waiter").get_or_render(key, render, samplerate=24000)
+"""
+
+FOLLOWER_WITHOUT_TIMEOUT = """
+    import sys
+    from luna_shm import AudioCache, StreamAbandoned
+    key = sys.argv[1]
+    with AudioCache("died-under-a-waiter") as cache:
+        try:
+            for n, block in enumerate(cache.follow(key)):
+                if n == 0:
+                    print("following", flush=True)
+        except StreamAbandoned:
+            print("abandoned", flush=True)
+"""
+
+
+def test_a_follower_learns_that_the_render_died_while_a_waiter_held_its_file(
+        private_dirs) -> None:
+    """The renderer dies (SIGKILL) while a waiter of its render takes the .live file's
+    shared lock, which the kernel grants at that death, and is stopped (or killed) there
+    for longer than the follower's grace for the writer's lock to go. The follower must
+    still learn that the render died (StreamAbandoned) once that waiter is gone, not sleep
+    until its timeout (for ever with none): nothing that happens after makes an event on
+    the file. The follower is stopped until the waiter holds the lock, to order the three."""
+    key = cache_key("a render that died under a waiter")
+    renderer = spawn(private_dirs, DYING_RENDERER, key)
+    follower = None
+    try:
+        assert renderer.stdout is not None and renderer.stdout.readline().strip() == "rendering"
+        follower = spawn(private_dirs, FOLLOWER_WITHOUT_TIMEOUT, key)
+        assert follower.stdout is not None and follower.stdout.readline().strip() == "following"
+        follower.send_signal(signal.SIGSTOP)
+        with AudioCache("died-under-a-waiter") as cache:
+            live = f"{cache.directory}/{key}.live"
+        with contextlib.ExitStack() as stack:
+            waiter = threading.Thread(target=lambda: stack.enter_context(
+                lock_held_by_a_stopped_process(live, shared=True)))
+            waiter.start()  # it waits for the renderer's lock, then stops holding it
+            renderer.kill()
+            renderer.communicate()
+            waiter.join(60)
+            assert not waiter.is_alive(), "the waiter never got the lock"
+            follower.send_signal(signal.SIGCONT)
+            # Past the follower's grace for the writer's lock (0.5 s): it sleeps now.
+            time.sleep(2)
+        # The waiter was killed: no one holds the dead render's file now. The follower
+        # has no timeout: it learns, or it hangs (finish fails after 60 s then).
+        assert finish(follower, 60).strip() == "abandoned"
+    finally:
+        for child in (renderer, follower):
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGCONT)
+                child.kill()
+                child.wait()
 
 
 def test_follow_gives_a_stored_entry_at_once_and_refuses_an_unknown_key(private_dirs) -> None:

@@ -13,7 +13,9 @@ renders"):
   "fail"). close() stores "done" (abort() "fail") before the lock goes. So: state
   "done" = finished; "fail" = aborted; "live" with the lock free = the writer
   died (the kernel drops the flock of a killed process; nothing could write
-  "done") -- known at once, no timeout.
+  "done") -- known at once, no timeout. So is "live" after a close event with the
+  file open for writing nowhere (a read lease): another process may hold the lock
+  then (a waiter of a cache's render takes it as the writer dies).
 - Any other writer (sox, espeak-ng, ffmpeg, a shell redirect): the stream ends
   when no process has the file open for writing, asked with a read lease
   (F_SETLEASE), after inotify reports a close-after-write.
@@ -406,14 +408,20 @@ def _core(path: str, timeout: float | None) -> _Step:
                 raise StreamAbandoned(f"{path}: the writer aborted the stream after "
                                       f"{delivered // info.block_align} frames")
             if state == _lowlevel.STREAM_LIVE:
-                if _lock_is_free(fd):
+                if _lock_is_free(fd) or ((closed_seen or grace_until)
+                                         and _lowlevel.writers_gone(fd) is True):
+                    # The lock free, or, after a close, the file open for writing
+                    # nowhere: another process can hold the lock when the writer dies
+                    # (a waiter of a cache's render takes it then, as the kernel grants
+                    # it) for longer than the grace below, stopped there; nothing that
+                    # happens after it lets go makes an event on the file.
                     again = _parse(fd, _os.fstat(fd).st_size, path)
                     _check_same_stream(path, info, again)
                     if again.stream_state == _lowlevel.STREAM_LIVE:
                         if _available(again, _os.fstat(fd).st_size) > delivered:
                             continue  # the last frames first, then the verdict
                         raise StreamAbandoned(
-                            f"{path}: the writer died (its lock is gone and it never "
+                            f"{path}: the writer died (it let go of the file and never "
                             f"marked the end) after {delivered // info.block_align} frames")
                     continue  # it closed just now: read its final state
                 if closed_seen:
