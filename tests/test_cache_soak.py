@@ -11,8 +11,10 @@ header overwritten), as a hostile program would. At the end a fresh cache of tha
 open, agree with its files, give every key's exact audio, clean to nothing and be destroyed.
 
 What a worker may see (the documented outcomes) is recorded as events, anything else as a
-violation: TimeoutError only while some process was stopped (checked here against the stop
-windows, on the shared CLOCK_MONOTONIC), WavError only once an entry was corrupted,
+violation: TimeoutError of a call with the long (10 s) timeout only while some process was
+stopped (checked here against the stop windows, on the shared CLOCK_MONOTONIC; a quarter of
+the calls wait 2 s at most, to make stops time them out), WavError only once an entry was
+corrupted,
 RenderError only for a failure on purpose (or a renderer's own timeout), StreamAbandoned and
 KeyError for follows.
 
@@ -332,12 +334,13 @@ def run(caches, seed, threads):
             release_some()
         except TimeoutError as exc:
             count("timeout")
-            report("timeout", what=str(exc))
+            report("timeout", what=str(exc), limit=limit())
         except RenderError as exc:
             count("RenderError")
             text = str(exc)
             if "TimeoutError" in text:
-                report("timeout", what=text)  # the renderer's own wait timed out
+                # The renderer's own wait timed out: its call reports it, with its limit.
+                report("renderer_timeout", what=text)
             elif "on purpose" not in text and "wrote no frames" not in text:
                 violation(f"RenderError: {text}")
         except StreamAbandoned as exc:
@@ -525,9 +528,13 @@ def check_what_the_workers_saw(soak: Soak, events: list[dict[str, Any]],
     kinds = collections.Counter(str(e["what"])[:60] for e in violations)
     assert violations == [], (f"seed {seed}: {len(violations)} violations {dict(kinds)}: "
                               f"{violations[:5]}")
-    unexplained = [e for e in events if e["kind"] == "timeout" and not any(
-        began <= float(e["end"]) + 0.001 and ended >= float(e["start"]) - 0.001
-        for began, ended in soak.stops)]
+    # A call with the long timeout times out only while some process is stopped. One with
+    # the short one may also on a loaded machine, by the contract: its timeout bounds the
+    # whole call (a renderer's store gets what its wait for an earlier render left), and
+    # no call promises a lock within 2 s; its hangs would show as a worker that does not stop.
+    unexplained = [e for e in events if e["kind"] == "timeout" and e["limit"] == CALL_TIMEOUT
+                   and not any(began <= e["end"] + 0.001 and ended >= e["start"] - 0.001
+                               for began, ended in soak.stops)]
     assert unexplained == [], (f"seed {seed}: timeouts while no process was stopped: "
                                f"{unexplained[:5]} (stops {soak.stops})")
     if not soak.counts["corruptions"]:
