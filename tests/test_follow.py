@@ -926,6 +926,43 @@ def test_iter_wav_stream_raw_in_chunks_of_exact_frames(ram):
     assert b"".join(pieces) == data.tobytes()
 
 
+def _pieces_before(pieces: Iterator[bytes], error: type[BaseException]) -> list[bytes]:
+    """The pieces an iterator yields before it raises error (which it must)."""
+    got: list[bytes] = []
+    with pytest.raises(error):
+        for piece in pieces:
+            got.append(piece)
+    return got
+
+
+@pytest.mark.parametrize("header", ["raw", "wav"])
+def test_iter_wav_stream_in_chunks_yields_an_aborted_streams_last_short_piece_first(
+        ram, header):
+    # Found by the stream soak: the frames short of a whole piece were dropped when the
+    # stream was abandoned, where follow_wav yields every frame the writer wrote first.
+    path = ram / "s.wav"
+    data = samples("int16", 1000, 2)
+    with WavWriter(path, RATE, 2) as writer:
+        writer.write(data)
+        writer.abort()
+    got = _pieces_before(iter_wav_stream(path, header=header, chunk_frames=300, timeout=30),
+                         StreamAbandoned)
+    body = got[1:] if header == "wav" else got
+    assert [len(p) for p in body] == [1200, 1200, 1200, 400]
+    assert b"".join(body) == data.tobytes()
+
+
+def test_iter_wav_stream_in_chunks_yields_the_last_short_piece_before_a_timeout(ram):
+    path = ram / "s.wav"
+    data = samples("int16", 70, 1)
+    with WavWriter(path, RATE) as writer:
+        writer.write(data)
+        got = _pieces_before(iter_wav_stream(path, header="raw", chunk_frames=50, timeout=0.1),
+                             TimeoutError)
+    assert [len(p) for p in got] == [100, 40]
+    assert b"".join(got) == data.tobytes()
+
+
 def test_iter_wav_stream_of_an_empty_finished_stream_is_just_the_header(ram):
     path = ram / "empty.wav"
     WavWriter(path, RATE).close()

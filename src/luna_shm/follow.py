@@ -716,7 +716,9 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
             0xFFFFFFFF (the streamed-WAV convention players accept), then the
             samples; "raw" yields the samples alone (``aplay -t raw``, wyoming).
         chunk_frames: None yields the samples as they arrive; a number yields
-            pieces of exactly that many frames (the last one may be shorter).
+            pieces of exactly that many frames (the last one may be shorter: at the
+            end of the stream, and before the error that ends it, so that every frame
+            read is yielded, as by follow_wav).
         timeout: as for :func:`follow_wav`.
 
     Returns:
@@ -776,5 +778,13 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
         if pending:
             yield bytes(pending)
         return
+    except (WavError, OSError):
+        # StreamAbandoned, TimeoutError, a shrunk file...: the frames already read are
+        # the stream's. follow_wav yields every one of them before its error, so the
+        # short last piece comes before this one's (else the frames a writer wrote
+        # before it died or aborted would be lost to a caller who asked for pieces).
+        if pending:
+            yield bytes(pending)
+        raise
     finally:
         core.close()
