@@ -16,6 +16,7 @@ follower in another process knows every frame it must get.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -236,16 +237,44 @@ class Follower(Worker):
         self.followed.add(path)
         expected = stream_signal(stream["seed"], stream["frames"], stream["channels"],
                                  stream["dtype"])
-        how = rng.choice(["follow_wav", "iter_raw", "iter_wav"])
+        how = rng.choice(["follow_wav", "afollow_wav", "iter_raw", "iter_wav"])
         frame_bytes = stream["channels"] * np.dtype(stream["dtype"]).itemsize
+        # Now and then a player leaves mid-stream (barge-in): after this many bytes.
+        leave_at = (rng.randrange(0, stream["frames"] + 1) * frame_bytes
+                    if rng.random() < 0.1 else None)
         got = bytearray()
         chunk_frames = None
         short_piece: int | None = None
         outcome, error = "complete", None
+
+        def take(block: np.ndarray) -> bool:
+            """Add a block of follow_wav or afollow_wav; True when the player leaves."""
+            shape_ok = (block.dtype == np.dtype(stream["dtype"]) and
+                        block.ndim == (1 if stream["channels"] == 1 else 2) and
+                        (block.ndim == 1 or block.shape[1] == stream["channels"]))
+            if not shape_ok:
+                self.violation("a followed block is not shaped like read_wav's result",
+                               path=path, how=how, dtype=str(block.dtype),
+                               shape=list(block.shape))
+            got.extend(np.ascontiguousarray(block).tobytes())
+            return leave_at is not None and len(got) >= leave_at
+
+        async def follow_async() -> bool:
+            async with luna_shm.afollow_wav(path, timeout=FOLLOW_TIMEOUT) as blocks:
+                async for block in blocks:
+                    if take(block):
+                        return True
+            return False
+
         try:
             if how == "follow_wav":
                 for block in follow_wav(path, timeout=FOLLOW_TIMEOUT):
-                    got += np.ascontiguousarray(block).tobytes()
+                    if take(block):
+                        outcome = "left"
+                        break
+            elif how == "afollow_wav":
+                if asyncio.run(follow_async()):
+                    outcome = "left"
             else:
                 chunk_frames = rng.choice([None, 1, rng.randrange(1, 3000)])
                 header = "wav" if how == "iter_wav" else "raw"
@@ -262,6 +291,9 @@ class Follower(Worker):
                     got += piece
                     if chunk_frames is not None and len(piece) != chunk_frames * frame_bytes:
                         short_piece = len(piece)
+                    if leave_at is not None and len(got) >= leave_at:
+                        outcome = "left"
+                        break
         except StreamAbandoned as exc:
             outcome, error = "abandoned", str(exc)
         except TimeoutError as exc:

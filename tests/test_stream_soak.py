@@ -8,10 +8,11 @@ dirs of the private_dirs fixture (the workers inherit LUNA_SHM_DIR and TMPDIR):
 - writers stream a seeded signal through WavWriter (path=None, or a get_temp_audio_path
   published before its file exists) in random chunks and pauses, and end each stream as
   done, aborted (abort() or an exception out of the with block) or by their own SIGKILL;
-- followers follow published streams (follow_wav, iter_wav_stream raw and wav) with a
-  timeout far above the longest SIGSTOP: what they get must be an exact prefix of the
-  stream's signal, whole frames, ending at the full signal, or with StreamAbandoned when
-  the writer died or aborted; a TimeoutError only for a file that is not there;
+- followers follow published streams (follow_wav, afollow_wav, iter_wav_stream raw and
+  wav, now and then leaving mid-stream) with a timeout far above the longest SIGSTOP: what
+  they get must be an exact prefix of the stream's signal, whole frames, ending at the
+  full signal, or with StreamAbandoned when the writer died or aborted (after every frame
+  it wrote, when it aborted); a TimeoutError only for a file that is not there;
 - pool workers write into AudioPool slots (two prefixes, sometimes anonymous), WavBuffers
   and plain write_wav files and read them back, and hand buffers over with send_wav/recv_wav;
 - a cleaner runs cleanup_all_temp_audio (sometimes older_than), cleanup_temp_audio of
