@@ -331,6 +331,68 @@ def test_a_producer_killed_mid_stream_makes_every_follower_raise_promptly(ram):
     assert report["frames"] >= 6 * 480
 
 
+# Holds argv[1]'s flock exclusively, as a cleanup or another follower does while it tests
+# the lock, until a line comes on stdin (a test of it stopped, or descheduled, that long).
+EXCLUSIVE_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _asleep_in_poll(thread: threading.Thread) -> bool:
+    """True once thread waits in poll() (state S; wchan names poll, or is hidden)."""
+    task = Path(f"/proc/self/task/{thread.native_id}")
+    for _ in range(1000):
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (task / "wchan").read_text()
+        if state == "S" and ("poll" in wchan or wchan in ("", "0")):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_dead_writers_follower_learns_it_when_another_process_lets_its_lock_go(ram):
+    # Found by the stream soak's reasoning: a follower that tested the lock of a dead
+    # writer's stream while another process held it exclusively (a cleanup testing it,
+    # stopped or descheduled there) took it for the writer's and slept until its timeout,
+    # for ever with none: letting a flock go makes no inotify event.
+    path = ram / "dead.wav"
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+    assert producer.stdout is not None
+    producer.stdout.readline()
+    producer.send_signal(signal.SIGKILL)
+    producer.wait(timeout=60)
+    producer.stdout.close()
+    holder = subprocess.Popen([sys.executable, "-c", EXCLUSIVE_HOLDER, str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    outcome: list[BaseException] = []
+    got: list[np.ndarray] = []
+
+    def follow() -> None:
+        try:
+            for block in follow_wav(path):  # no timeout: the death alone must end it
+                got.append(block)
+        except StreamAbandoned as exc:
+            outcome.append(exc)
+
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        worker = threading.Thread(target=follow, daemon=True)
+        worker.start()
+        assert _asleep_in_poll(worker)  # its frames read, the lock tested: held
+    finally:
+        holder.communicate("\n", timeout=60)  # lets the lock go
+    worker.join(60)
+    assert not worker.is_alive(), "the follower hung after the lock was let go"
+    assert len(outcome) == 1 and "the writer died" in str(outcome[0])
+    assert sum(len(block) for block in got) == 480
+
+
 def test_a_follower_started_after_the_producer_was_killed_raises_at_once(ram):
     path = ram / "dead.wav"
     producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],

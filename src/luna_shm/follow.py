@@ -57,6 +57,12 @@ _MAX_BLOCK_BYTES = 1 << 20
 _LOCK_RELEASE_GRACE = 0.5
 _LOCK_RELEASE_FIRST_STEP = 0.001
 
+# A live stream's lock held exclusively by another process (a cleanup or another
+# follower testing it; a writer holds it shared): whether the writer lives cannot be
+# told until that process lets go, which makes no event. Look again after the first
+# step, twice as long each time, up to the longest, while it holds the lock.
+_LOCK_CONTENDED_MAX = 0.1
+
 # While a live stream's file holds bytes its header does not count yet, the sizes
 # come by a store into the writer's mapped header page, which makes no event:
 # look again after this long, twice as long each time, up to the longest.
@@ -126,6 +132,16 @@ def _lock_is_free(fd: int) -> bool:
         return False
     _fcntl.flock(fd, _fcntl.LOCK_UN)
     return True
+
+
+def _lock_held_exclusively(fd: int) -> bool:
+    """True when another open file holds the lock exclusively (a cleanup or a follower
+    testing it): then a failed exclusive test says nothing of the writer, which holds it
+    shared. Asked only after such a test failed."""
+    if not _lowlevel.lock(fd, exclusive=False, wait=False):
+        return True
+    _fcntl.flock(fd, _fcntl.LOCK_UN)
+    return False
 
 
 def _check_owner(owner: int, what: str, path: str) -> None:
@@ -274,6 +290,7 @@ def _core(path: str, timeout: float | None) -> _Step:
         recheck = 0.0  # > 0: the file holds bytes the header does not count; look again then
         grace_until = 0.0  # > 0: a writer closed; look for its lock to go until then
         grace_step = 0.0  # the next look at that lock, this many seconds on
+        contended = 0.0  # > 0: another process holds the lock exclusively; look again then
         info: _lowlevel.WavInfo | None = None
         first: _lowlevel.WavInfo | None = None  # the header the follower started with
 
@@ -281,6 +298,8 @@ def _core(path: str, timeout: float | None) -> _Step:
             """Wait for events; on a live WavWriter's stream, read what comes at once."""
             nonlocal recheck, grace_until, grace_step
             left = wait_left()
+            if contended:
+                left = contended if left is None else min(left, contended)
             if recheck:
                 left = recheck if left is None else min(left, recheck)
                 recheck = min(recheck * 2, _UNCOUNTED_RECHECK_MAX)
@@ -431,6 +450,14 @@ def _core(path: str, timeout: float | None) -> _Step:
                     closed_seen = False
                     grace_until = _time.monotonic() + _LOCK_RELEASE_GRACE
                     grace_step = _LOCK_RELEASE_FIRST_STEP
+                if _lock_held_exclusively(fd):
+                    # Not the writer's lock (it holds it shared): a cleanup or another
+                    # follower that tests it, stopped or slow meanwhile. Its release
+                    # makes no event, and the writer may have died: look again soon.
+                    contended = (min(contended * 2, _LOCK_CONTENDED_MAX) if contended
+                                 else _LOCK_RELEASE_FIRST_STEP)
+                else:
+                    contended = 0.0  # a live writer holds it: sleep until an event
             else:
                 # Another program's stream: over once nobody has it open for writing.
                 if closed_seen or not asked_writers:
