@@ -354,12 +354,9 @@ def _asleep_in_poll(thread: threading.Thread) -> bool:
     return False
 
 
-def test_a_dead_writers_follower_learns_it_when_another_process_lets_its_lock_go(ram):
-    # Found by the stream soak's reasoning: a follower that tested the lock of a dead
-    # writer's stream while another process held it exclusively (a cleanup testing it,
-    # stopped or descheduled there) took it for the writer's and slept until its timeout,
-    # for ever with none: letting a flock go makes no inotify event.
-    path = ram / "dead.wav"
+def write_then_die(path: Path) -> None:
+    """A PRODUCER process that writes its first chunk to path, then is killed (SIGKILL):
+    its stream stays "live" with no writer."""
     producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],
                                 stdout=subprocess.PIPE, text=True)
     assert producer.stdout is not None
@@ -367,6 +364,15 @@ def test_a_dead_writers_follower_learns_it_when_another_process_lets_its_lock_go
     producer.send_signal(signal.SIGKILL)
     producer.wait(timeout=60)
     producer.stdout.close()
+
+
+def test_a_dead_writers_follower_learns_it_when_another_process_lets_its_lock_go(ram):
+    # Found by the stream soak's reasoning: a follower that tested the lock of a dead
+    # writer's stream while another process held it exclusively (a cleanup testing it,
+    # stopped or descheduled there) took it for the writer's and slept until its timeout,
+    # for ever with none: letting a flock go makes no inotify event.
+    path = ram / "dead.wav"
+    write_then_die(path)
     holder = subprocess.Popen([sys.executable, "-c", EXCLUSIVE_HOLDER, str(path)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdin is not None and holder.stdout is not None
@@ -395,13 +401,7 @@ def test_a_dead_writers_follower_learns_it_when_another_process_lets_its_lock_go
 
 def test_a_follower_started_after_the_producer_was_killed_raises_at_once(ram):
     path = ram / "dead.wav"
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path)],
-                                stdout=subprocess.PIPE, text=True)
-    assert producer.stdout is not None
-    producer.stdout.readline()
-    producer.send_signal(signal.SIGKILL)
-    producer.wait(timeout=60)
-    producer.stdout.close()
+    write_then_die(path)
     with pytest.raises(StreamAbandoned, match="the writer died"):
         collect(path)  # no timeout needed: the verdict is in the file and the lock
 
