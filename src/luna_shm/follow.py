@@ -126,22 +126,25 @@ def _timed_out(path: str, timeout: float) -> TimeoutError:
     return TimeoutError(_errno.ETIMEDOUT, f"no new audio for {timeout:g} s", path)
 
 
-def _lock_is_free(fd: int) -> bool:
-    """True when no live WavWriter holds the file (we can take its lock exclusively)."""
-    if not _lowlevel.lock(fd, exclusive=True, wait=False):
+def _can_lock(fd: int, *, exclusive: bool) -> bool:
+    """True when the file's lock can be taken now (exclusive, or shared); a lock taken to
+    test it is let go at once."""
+    if not _lowlevel.lock(fd, exclusive=exclusive, wait=False):
         return False
     _fcntl.flock(fd, _fcntl.LOCK_UN)
     return True
+
+
+def _lock_is_free(fd: int) -> bool:
+    """True when no live WavWriter holds the file (we can take its lock exclusively)."""
+    return _can_lock(fd, exclusive=True)
 
 
 def _lock_held_exclusively(fd: int) -> bool:
     """True when another open file holds the lock exclusively (a cleanup or a follower
     testing it): then a failed exclusive test says nothing of the writer, which holds it
     shared. Asked only after such a test failed."""
-    if not _lowlevel.lock(fd, exclusive=False, wait=False):
-        return True
-    _fcntl.flock(fd, _fcntl.LOCK_UN)
-    return False
+    return not _can_lock(fd, exclusive=False)
 
 
 def _check_owner(owner: int, what: str, path: str) -> None:
