@@ -51,6 +51,11 @@ from luna_shm import (
 # A follower's timeout: far above the longest SIGSTOP the test's chaos thread sends (2 s),
 # so that a stopped writer never makes a follower time out on a loaded machine.
 FOLLOW_TIMEOUT = 10.0
+# asyncio's debug mode (on under PYTHONDEVMODE) logs every step of a task longer than
+# slow_callback_duration (0.1 s) to stderr, which the test fails on. The chaos thread stops
+# this process for up to 2 s in the middle of any step, and a loaded machine delays it more:
+# only a step longer than that says something about afollow_wav.
+SLOW_STEP = 5.0
 # The pools' two prefixes: the default one (cleanup_all_temp_audio removes a dead pool's
 # slots) and one that only a new pool's reclaim removes.
 POOL_PREFIXES = ("luna_audio_", "soakpool_")
@@ -273,8 +278,10 @@ class Follower(Worker):
                         outcome = "left"
                         break
             elif how == "afollow_wav":
-                if asyncio.run(follow_async()):
-                    outcome = "left"
+                with asyncio.Runner() as runner:
+                    runner.get_loop().slow_callback_duration = SLOW_STEP
+                    if runner.run(follow_async()):
+                        outcome = "left"
             else:
                 chunk_frames = rng.choice([None, 1, rng.randrange(1, 3000)])
                 header = "wav" if how == "iter_wav" else "raw"
