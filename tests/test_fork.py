@@ -592,13 +592,18 @@ def test_a_child_forked_while_a_thread_waits_for_a_render_never_pins_the_entry(
 # Another thread holds a module-level lock of luna_shm while the main thread forks; the
 # child's first call that takes that lock must not wait for a thread it does not have.
 HELD_MODULE_LOCK = """
-import json, os, sys, threading, time
-from luna_shm import get_temp_audio_path, placement
+import json, os, socket, sys, threading, time
+import numpy as np
+from luna_shm import create_wav_buffer, get_temp_audio_path, handoff, placement, recv_wav, send_wav
 
+which = sys.argv[1]
+# placement's: a thread busy in placement (log_once, refresh, a new choice); handoff's: a
+# thread's recv_wav looking up what an earlier receive on its socket left part-read.
+lock = {"placement": placement._lock, "handoff": handoff._partial_lock}[which]
 holding, done = threading.Event(), threading.Event()
 
 def hold():
-    with placement._lock:  # a thread busy in placement (log_once, refresh, a new choice)
+    with lock:
         holding.set()
         done.wait()
 
@@ -607,8 +612,17 @@ holder.start()
 holding.wait()
 pid = os.fork()
 if pid == 0:
-    os.environ["LUNA_SHM_DIR"] = sys.argv[1]  # a new choice: current() takes the lock
-    get_temp_audio_path()
+    if which == "placement":
+        os.environ["LUNA_SHM_DIR"] = sys.argv[2]  # a new choice: current() takes the lock
+        get_temp_audio_path()
+    else:  # a hand-off of the child's own: every recv_wav takes the lock
+        left, right = socket.socketpair()
+        buf = create_wav_buffer(10, 8000, anonymous=True)
+        buf.array[:] = 7
+        send_wav(left, buf)
+        buf.close()
+        data, _ = recv_wav(right)
+        assert (data == 7).all()
     os._exit(0)
 done.set()
 holder.join()
@@ -622,11 +636,12 @@ print(json.dumps({"child_exit": os.waitstatus_to_exitcode(waited[1]) if waited[0
 """
 
 
-def test_a_child_forked_while_another_thread_holds_the_placement_lock_makes_paths(
-        private_dirs) -> None:
+@pytest.mark.parametrize("which", ["placement", "handoff"])
+def test_a_child_forked_while_another_thread_holds_a_module_lock_goes_on_with_its_calls(
+        private_dirs, which) -> None:
     other = os.path.join(private_dirs.ram, "child_ram")
     os.mkdir(other, 0o700)
-    assert run(HELD_MODULE_LOCK, str(other)) == {"child_exit": 0}
+    assert run(HELD_MODULE_LOCK, which, str(other)) == {"child_exit": 0}
 
 
 # A pool's process forks a helper that never uses the pool, then is SIGKILLed. The helper

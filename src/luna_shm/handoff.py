@@ -76,6 +76,16 @@ _out_of_step: _weakref.WeakKeyDictionary[_socket.socket, bytes] = (
 _partial_lock = _threading.Lock()
 
 
+def _new_lock_in_child() -> None:
+    # Another thread of the parent may have held the lock at the fork (in a recv_wav):
+    # that thread does not exist in the child, whose every recv_wav would wait for it.
+    global _partial_lock
+    _partial_lock = _threading.Lock()
+
+
+_os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _check_unix(sock: object, who: str) -> _socket.socket:
     if not isinstance(sock, _socket.socket):
         hint = ""
