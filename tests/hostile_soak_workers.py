@@ -298,17 +298,18 @@ class User(Worker):
 
     # ---- checks ----
 
-    def check_array(self, what: str, path: str | None, got: np.ndarray, rate: int,
-                    data: np.ndarray, samplerate: int, *, exact: bool = False,
+    def check_array(self, what: str, path: str | tuple[str, ...] | None, got: np.ndarray,
+                    rate: int, data: np.ndarray, samplerate: int, *, exact: bool = False,
                     stream: bool = False) -> None:
-        """got (read from path) against data, written there: exact, or (touched)
-        plausible byte by byte."""
+        """got (read from path, or through each of several paths) against data, written
+        there: exact, or (one of them touched) plausible byte by byte."""
         same = (got.dtype == data.dtype and got.shape == data.shape and rate == samplerate
                 and np.ascontiguousarray(got).tobytes() == data.tobytes())
         if same:
             self.count(f"{what} exact")
             return
-        if exact or path is None or path not in self.touched():
+        paths = (path,) if isinstance(path, str) else path or ()
+        if exact or not self.touched().intersection(paths):
             self.violation(f"{what}: not what was written, and nothing touched it", path=path,
                            dtype=str(got.dtype), shape=list(got.shape), rate=rate,
                            want_dtype=str(data.dtype), want_shape=list(data.shape),
@@ -401,6 +402,72 @@ class User(Worker):
                 time.sleep(rng.choice([0, 0.001]))
         finally:
             cleanup_temp_audio(path)
+
+    def do_copy(self, rng: random.Random) -> None:
+        """write_wav of a view of a file the hostile may cut meanwhile: the C layer's
+        writev meets the lost pages (EFAULT), which the guard makes zeros."""
+        data, rate = self.data()
+        first = write_wav(None, data, rate)
+        second = None
+        try:
+            try:
+                view, view_rate = read_wav(first)
+            except (WavError, OSError) as exc:
+                self.documented("read_wav", exc, first)
+                return
+            time.sleep(rng.choice([0, 0.001, 0.005]))
+            second = write_wav(None, view, view_rate)
+            try:
+                got, got_rate = read_wav(second, mmap=rng.random() < 0.5)
+            except (WavError, OSError) as exc:
+                self.documented("read_wav of a copy", exc, second)
+                return
+            self.check_array("write_wav of a view", (first, second), got, got_rate, data,
+                             rate)
+        finally:
+            cleanup_temp_audio(first)
+            if second is not None:
+                cleanup_temp_audio(second)
+
+    def do_read_into(self, rng: random.Random) -> None:
+        """read_wav(out=) into a named buffer's array: pread meets lost pages of the
+        buffer (EFAULT) when the hostile cut its file."""
+        data, rate = self.data()
+        source = write_wav(None, data, rate)
+        frames = data.shape[0]
+        channels = 1 if data.ndim == 1 else data.shape[1]
+        try:
+            if data.dtype == np.uint8:
+                return  # out= takes int16, int32, float32 or float64
+            with create_wav_buffer(frames, rate, channels, data.dtype) as buf:
+                out = None
+                try:
+                    try:
+                        out = buf.array
+                        read_wav(source, out=out)
+                        got = buf.array
+                    except OSError as exc:  # ESTALE from the buffer, or the source's
+                        named = exc.filename if exc.filename in (source, buf.path) else source
+                        self.documented("read_wav(out=buffer)", exc, named,
+                                        stale=named == buf.path, wav=False)
+                        return
+                    except WavError as exc:
+                        self.documented("read_wav(out=buffer)", exc, source)
+                        return
+                    except ValueError as exc:
+                        # out no longer fits the source: a hostile rewrote it as another WAV
+                        if source not in self.touched():
+                            self.violation(f"read_wav(out=): ValueError for an untouched "
+                                           f"file: {exc}", path=source)
+                        return
+                    self.check_array("read_wav(out=buffer)", (source, buf.path), got, rate,
+                                     data, rate)
+                finally:
+                    del out
+                    buf.close()
+                    cleanup_temp_audio(buf.path)
+        finally:
+            cleanup_temp_audio(source)
 
     def do_buffer(self, rng: random.Random) -> None:
         data, rate = self.data()
@@ -672,8 +739,9 @@ class User(Worker):
     def thread_loop(self, index: int) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         pools: list[AudioPool] = []
-        moves = ["plain", "linger", "buffer", "pool", "handoff", "stream", "follow", "held"]
-        weights = [15, 10, 20, 20, 12, 8, 8, 12]
+        moves = ["plain", "linger", "copy", "read_into", "buffer", "pool", "handoff", "stream",
+                 "follow", "held"]
+        weights = [12, 10, 6, 6, 18, 18, 12, 8, 8, 12]
         try:
             while not self.stopping():
                 move = rng.choices(moves, weights)[0]
