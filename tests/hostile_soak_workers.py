@@ -70,6 +70,10 @@ DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 FOLLOW_TIMEOUT = 10.0  # far above the chaos thread's longest SIGSTOP (2 s)
 HANDOFF_TIMEOUT = 10.0
 MAX_BYTES = 60000  # the largest file a user makes: the FOREIGN sources cover it
+# The pools' prefixes: the default one (cleanup_all_temp_audio removes a dead pool's slots)
+# and one that only a new pool's reclaim removes (and only slots that still look made by a
+# pool: one a hostile rewrote is not ours to remove any more).
+POOL_PREFIXES = ("luna_audio_", "hostpool_")
 
 
 def signal_of(seed: int, frames: int, channels: int, dtype: str) -> np.ndarray:
@@ -534,7 +538,8 @@ class User(Worker):
             if pools:
                 pools.pop().close()
             pools.append(AudioPool(slots=rng.randrange(1, 4), max_bytes=MAX_BYTES,
-                                   timeout=30, anonymous=rng.random() < 0.15))
+                                   prefix=rng.choice(POOL_PREFIXES), timeout=30,
+                                   anonymous=rng.random() < 0.15))
         pool = pools[0]
         held = []
         try:
@@ -711,6 +716,7 @@ class User(Worker):
             if path not in str(exc):
                 self.violation(f"follow_wav: {type(exc).__name__} not naming the file: {exc}",
                                path=path)
+            self.count(f"follow_wav {type(exc).__name__}")
         except TimeoutError as exc:
             if exc.filename != path:
                 self.documented("follow_wav", exc, path)
@@ -810,7 +816,12 @@ class User(Worker):
 
 def main() -> None:
     role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    assert luna_shm.temp_dir().startswith(os.environ["LUNA_SHM_DIR"])
+    # The hostile cuts every file in these dirs: only ever the test's private ones.
+    ram, fallback = os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]
+    if not (os.path.basename(ram).startswith("luna_shm_test_")
+            and os.path.basename(fallback) == "fallback"):
+        sys.exit(f"refusing to run outside the test's private dirs: {ram}, {fallback}")
+    assert luna_shm.temp_dir().startswith(ram)
     {"user": User, "hostile": Hostile}[role](role, ctl, seed).run()
 
 

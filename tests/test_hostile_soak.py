@@ -39,8 +39,12 @@ PooledWav, read_wav, WavWriter.write, follow_wav, send_wav, recv_wav):
   to their number after a warm-up once it closed everything (+0), and its fds and
   mapping lines in all within a small slack (4 fds; 40 + 8 a thread lines: thread
   stacks and malloc arenas);
-- at the end, every process gone, cleanup_all_temp_audio() and a new pool's reclaim
-  leave both private dirs empty (hidden .luna_audio_* names too).
+- at the end, every process gone, cleanup_all_temp_audio() and a new pool's reclaim (of
+  each of the two pool prefixes) leave both private dirs empty (hidden .luna_audio_*
+  names too), but for slots of dead pools of the second prefix that a hostile touched:
+  a reclaim removes only files that still look made by a pool (reclaim_dead_pool_files:
+  "a file that holds anything is never touched"), and cleanup_all_temp_audio only
+  luna_audio_ names.
 
 LUNA_SOAK_SEED=<n> runs a seed again (the same choices; the scheduling differs),
 LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
@@ -59,6 +63,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hostile_soak_workers import POOL_PREFIXES
 
 from helpers import LIBRARY_PATH
 from luna_shm import AudioPool, cleanup_all_temp_audio
@@ -180,9 +186,21 @@ def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_
 
     # Every process is gone: one cleanup and a new pool's reclaim leave nothing of ours.
     cleanup_all_temp_audio()
-    with AudioPool(slots=1, max_bytes=4096):
-        pass
-    left = sorted(os.listdir(private_dirs.ram)) + sorted(os.listdir(private_dirs.fallback))
+    for prefix in POOL_PREFIXES:
+        with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
+            pass
+    touched = {json.loads(line)[0] for line in
+               (ctl / "touched").read_text(encoding="utf-8").splitlines()}
+    left, kept = [], []
+    for directory in (private_dirs.ram, private_dirs.fallback):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            # A dead pool's slot under a prefix of its own that a hostile rewrote: a
+            # reclaim removes only files that still look made by a pool (documented).
+            if name.startswith(f"{POOL_PREFIXES[1]}pool_") and path in touched:
+                kept.append(name)
+            else:
+                left.append(name)
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 
@@ -194,7 +212,8 @@ def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_
             counts[key] = counts.get(key, 0) + n
     ends = [r for r in records if r.get("event") == "end" and "before" in r]
     summary = (f"seed {seed}: {len(soak.ended)} processes, {len(soak.killed)} killed, "
-               f"{soak.stops} stopped; {len(ends)} users ended normally")
+               f"{soak.stops} stopped; {len(ends)} users ended normally; {len(kept)} dead "
+               f"{POOL_PREFIXES[1]} slots a hostile touched left to their owner")
     print(summary)
     for key in sorted(counts):
         print(f"  {key}: {counts[key]}")
