@@ -545,12 +545,18 @@ class User(Worker):
         try:
             for _ in range(rng.randrange(1, pool.slots + 1)):
                 data, rate = self.data()
-                try:
-                    pooled = pool.write_wav(data, rate)
-                except OSError as exc:
-                    self.documented("pool.write_wav", exc, exc.filename or "(no file named)",
-                                    stale=True, wav=False)
-                    continue
+                if rng.random() < 0.4:
+                    pooled = self.acquired(rng, pool, data, rate)
+                    if pooled is None:
+                        continue
+                    data = data[:pooled.frames]
+                else:
+                    try:
+                        pooled = pool.write_wav(data, rate)
+                    except OSError as exc:
+                        self.documented("pool.write_wav", exc,
+                                        exc.filename or "(no file named)", stale=True, wav=False)
+                        continue
                 held.append((pooled, data, rate))
             for pooled, data, rate in held:
                 if rng.random() < 0.5:
@@ -576,6 +582,22 @@ class User(Worker):
         finally:
             for pooled, _, _ in held:
                 pooled.release()
+
+    def acquired(self, rng: random.Random, pool: AudioPool, data: np.ndarray,
+                 rate: int) -> luna_shm.PooledWav | None:
+        """A slot from acquire, rendered into through its array and maybe truncated; None
+        (released) when the slot's file was cut meanwhile (ESTALE, checked)."""
+        channels = 1 if data.ndim == 1 else data.shape[1]
+        pooled = pool.acquire(data.shape[0], rate, channels, data.dtype)
+        try:
+            pooled.array[...] = data
+            if rng.random() < 0.4:
+                pooled.truncate(rng.randrange(0, data.shape[0] + 1))
+        except OSError as exc:
+            self.documented("PooledWav (acquired)", exc, pooled.path, stale=True, wav=False)
+            pooled.release()
+            return None
+        return pooled
 
     def do_handoff(self, rng: random.Random) -> None:
         data, rate = self.data()
