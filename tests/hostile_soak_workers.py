@@ -583,6 +583,46 @@ class User(Worker):
             for pooled, _, _ in held:
                 pooled.release()
 
+    def do_shared_pool(self, rng: random.Random) -> None:
+        """A pool that every thread of the process uses, which one of them now and then
+        closes (and replaces) while others write, read or fault in its slots."""
+        with self.held_lock:
+            pool = self.shared_pool
+            if pool is None or pool.closed:
+                pool = self.shared_pool = AudioPool(
+                    slots=rng.randrange(2, 5), max_bytes=MAX_BYTES,
+                    prefix=rng.choice(POOL_PREFIXES), timeout=30)
+        if rng.random() < 0.05:
+            pool.close()
+            self.count("shared pool closed")
+            return
+        data, rate = self.data()
+        pooled = None
+        try:
+            if rng.random() < 0.4:
+                pooled = self.acquired(rng, pool, data, rate)
+                if pooled is None:
+                    return
+                data = data[:pooled.frames]
+            else:
+                pooled = pool.write_wav(data, rate)
+            time.sleep(rng.choice([0, 0.001, 0.005, 0.03]))
+            got = pooled.array
+            self.check_array("shared PooledWav.array", pooled.path, got, rate, data, rate)
+        except ValueError as exc:
+            # Another thread closed the pool: documented, "AudioPool is closed" for a
+            # write_wav/acquire, "PooledWav was released" for a slot it held.
+            if not ("closed" in str(exc) or "released" in str(exc)):
+                raise
+            self.count("shared pool: closed under a user")
+        except OSError as exc:
+            self.documented("shared PooledWav", exc,
+                            pooled.path if pooled is not None else exc.filename or "?",
+                            stale=True, wav=False)
+        finally:
+            if pooled is not None:
+                pooled.release()
+
     def acquired(self, rng: random.Random, pool: AudioPool, data: np.ndarray,
                  rate: int) -> luna_shm.PooledWav | None:
         """A slot from acquire, rendered into through its array and maybe truncated; None
@@ -767,9 +807,9 @@ class User(Worker):
     def thread_loop(self, index: int) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         pools: list[AudioPool] = []
-        moves = ["plain", "linger", "copy", "read_into", "buffer", "pool", "handoff", "stream",
-                 "follow", "held"]
-        weights = [12, 10, 6, 6, 18, 18, 12, 8, 8, 12]
+        moves = ["plain", "linger", "copy", "read_into", "buffer", "pool", "shared_pool",
+                 "handoff", "stream", "follow", "held"]
+        weights = [12, 10, 6, 6, 18, 12, 10, 12, 8, 8, 12]
         try:
             while not self.stopping():
                 move = rng.choices(moves, weights)[0]
@@ -782,6 +822,8 @@ class User(Worker):
                         self.do_follow(rng, self.streams)
                     elif move == "held":
                         self.check_held(rng)
+                    elif move == "shared_pool":
+                        self.do_shared_pool(rng)
                     else:
                         getattr(self, f"do_{move}")(rng)
                     self.count(move)
@@ -796,6 +838,7 @@ class User(Worker):
 
     def run(self) -> None:
         self.streams: list[Any] = []
+        self.shared_pool: AudioPool | None = None
         prefault = self.rng.random() < 0.4
         if prefault:
             luna_shm.prefault_wav_buffers(2 * 1024 * 1024)
@@ -823,6 +866,8 @@ class User(Worker):
         with self.held_lock:
             self.held.clear()
             self.streams.clear()
+            if self.shared_pool is not None:
+                self.shared_pool.close()
         if prefault:
             luna_shm.prefault_wav_buffers(0)
         gc.collect()
