@@ -226,7 +226,10 @@ class Worker:
             what = rng.choices(["truncate", "cut_and_extend", "rewrite", "soundfile",
                                 "append", "extend"], [30, 20, 20, 10, 10, 10])[0]
             k = rng.randrange(len(FOREIGN))
-            os.write(self._touched, (json.dumps([path, what]) + "\n").encode())
+            # By name and by identity: a cleanup moves a file to a hidden name of its own
+            # for an instant before the unlink, and a hostile may cut it there.
+            os.write(self._touched, (json.dumps([path, what, st.st_dev, st.st_ino])
+                                     + "\n").encode())
             self.count(f"hostile {what}")
             if what == "truncate":
                 os.ftruncate(fd, rng.choice([0, rng.randrange(1, 45), rng.randrange(0, size + 1),
@@ -258,10 +261,15 @@ class Worker:
             data, rate = soundfile.read(io.BytesIO(FOREIGN[k]), dtype="int16")
             soundfile.write(path, data, rate, format="WAV", subtype="PCM_16")
 
-    def touched(self) -> set[str]:
+    def touched(self) -> set[Any]:
+        """The paths and the (st_dev, st_ino) of the files a hostile touched so far."""
+        found: set[Any] = set()
         with open(os.path.join(self.ctl, "touched"), encoding="utf-8") as f:
-            return {json.loads(line)[0] for line in f.read().splitlines(keepends=True)
-                    if line.endswith("\n")}
+            for line in f.read().splitlines(keepends=True):
+                if line.endswith("\n"):
+                    path, _, dev, ino = json.loads(line)
+                    found.update((path, (dev, ino)))
+        return found
 
 
 class Hostile(Worker):
@@ -293,6 +301,7 @@ class User(Worker):
     def __init__(self, role: str, ctl: str, seed: int) -> None:
         super().__init__(role, ctl, seed)
         self.held: list[tuple[str, np.ndarray, Any]] = []  # (what, array, check)
+        self.identities: dict[str, tuple[int, int]] = {}  # path -> (st_dev, st_ino)
         self.held_lock = threading.Lock()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock_path = os.path.join(ctl, "sock", f"{os.getpid()}")
@@ -302,9 +311,19 @@ class User(Worker):
 
     # ---- checks ----
 
+    def mine(self, path: str) -> str:
+        """path, a file this process just made; its identity is remembered (see touched)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return path
+        with self.held_lock:
+            self.identities[path] = (st.st_dev, st.st_ino)
+        return path
+
     def check_array(self, what: str, path: str | tuple[str, ...] | None, got: np.ndarray,
                     rate: int, data: np.ndarray, samplerate: int, *, exact: bool = False,
-                    stream: bool = False) -> None:
+                    stream: bool = False, identities: tuple[Any, ...] = ()) -> None:
         """got (read from path, or through each of several paths) against data, written
         there: exact, or (one of them touched) plausible byte by byte."""
         same = (got.dtype == data.dtype and got.shape == data.shape and rate == samplerate
@@ -313,11 +332,14 @@ class User(Worker):
             self.count(f"{what} exact")
             return
         paths = (path,) if isinstance(path, str) else path or ()
-        if exact or not self.touched().intersection(paths):
+        with self.held_lock:
+            keys = {*paths, *(self.identities[p] for p in paths if p in self.identities),
+                    *(tuple(i) for i in identities)}
+        if exact or not self.touched().intersection(keys):
             self.violation(f"{what}: not what was written, and nothing touched it", path=path,
                            dtype=str(got.dtype), shape=list(got.shape), rate=rate,
                            want_dtype=str(data.dtype), want_shape=list(data.shape),
-                           want_rate=samplerate)
+                           want_rate=samplerate, dump=self.dump(got, data))
             return
         offsets = STREAM_DATA_OFFSETS if stream else OUR_DATA_OFFSETS
         if not plausible(np.ascontiguousarray(got).tobytes(), data.tobytes(),
@@ -372,7 +394,7 @@ class User(Worker):
 
     def do_plain(self, rng: random.Random) -> None:
         data, rate = self.data()
-        path = write_wav(None, data, rate)
+        path = self.mine(write_wav(None, data, rate))
         try:
             mmap = rng.random() < 0.7
             try:
@@ -393,7 +415,7 @@ class User(Worker):
         """A view read again and again for a while: the hostile cuts it meanwhile, and
         the other threads map and unmap while this one faults."""
         data, rate = self.data()
-        path = write_wav(None, data, rate)
+        path = self.mine(write_wav(None, data, rate))
         try:
             try:
                 got, got_rate = read_wav(path)
@@ -411,7 +433,7 @@ class User(Worker):
         """write_wav of a view of a file the hostile may cut meanwhile: the C layer's
         writev meets the lost pages (EFAULT), which the guard makes zeros."""
         data, rate = self.data()
-        first = write_wav(None, data, rate)
+        first = self.mine(write_wav(None, data, rate))
         second = None
         try:
             try:
@@ -420,7 +442,7 @@ class User(Worker):
                 self.documented("read_wav", exc, first)
                 return
             time.sleep(rng.choice([0, 0.001, 0.005]))
-            second = write_wav(None, view, view_rate)
+            second = self.mine(write_wav(None, view, view_rate))
             try:
                 got, got_rate = read_wav(second, mmap=rng.random() < 0.5)
             except (WavError, OSError) as exc:
@@ -437,13 +459,14 @@ class User(Worker):
         """read_wav(out=) into a named buffer's array: pread meets lost pages of the
         buffer (EFAULT) when the hostile cut its file."""
         data, rate = self.data()
-        source = write_wav(None, data, rate)
+        source = self.mine(write_wav(None, data, rate))
         frames = data.shape[0]
         channels = 1 if data.ndim == 1 else data.shape[1]
         try:
             if data.dtype == np.uint8:
                 return  # out= takes int16, int32, float32 or float64
             with create_wav_buffer(frames, rate, channels, data.dtype) as buf:
+                self.mine(buf.path)
                 out = None
                 try:
                     try:
@@ -460,7 +483,8 @@ class User(Worker):
                         return
                     except ValueError as exc:
                         # out no longer fits the source: a hostile rewrote it as another WAV
-                        if source not in self.touched():
+                        if not self.touched().intersection(
+                                {source, self.identities.get(source)}):
                             self.violation(f"read_wav(out=): ValueError for an untouched "
                                            f"file: {exc}", path=source)
                         return
@@ -479,6 +503,8 @@ class User(Worker):
         frames = data.shape[0]
         channels = 1 if data.ndim == 1 else data.shape[1]
         with create_wav_buffer(frames, rate, channels, data.dtype, anonymous=anonymous) as buf:
+            if not anonymous:
+                self.mine(buf.path)
             try:
                 self.use_buffer(rng, buf, data, rate, anonymous)
             finally:
@@ -553,6 +579,7 @@ class User(Worker):
                 else:
                     try:
                         pooled = pool.write_wav(data, rate)
+                        self.mine(pooled.path)
                     except OSError as exc:
                         self.documented("pool.write_wav", exc,
                                         exc.filename or "(no file named)", stale=True, wav=False)
@@ -606,6 +633,7 @@ class User(Worker):
                 data = data[:pooled.frames]
             else:
                 pooled = pool.write_wav(data, rate)
+                self.mine(pooled.path)
             time.sleep(rng.choice([0, 0.001, 0.005, 0.03]))
             got = pooled.array
             self.check_array("shared PooledWav.array", pooled.path, got, rate, data, rate)
@@ -629,6 +657,7 @@ class User(Worker):
         (released) when the slot's file was cut meanwhile (ESTALE, checked)."""
         channels = 1 if data.ndim == 1 else data.shape[1]
         pooled = pool.acquire(data.shape[0], rate, channels, data.dtype)
+        self.mine(pooled.path)
         try:
             pooled.array[...] = data
             if rng.random() < 0.4:
@@ -649,6 +678,7 @@ class User(Worker):
         if far:
             with create_wav_buffer(frames, rate, channels, data.dtype,
                                    anonymous=anonymous) as buf:
+                ident = self.identities.get(self.mine(buf.path)) if not anonymous else None
                 try:
                     buf.array[...] = data
                 except OSError as exc:
@@ -663,7 +693,7 @@ class User(Worker):
                         send_wav(sock, buf)
                         # What was sent, after the message: the receiver's oracle.
                         sock.sendall((json.dumps([rate, frames, channels, str(data.dtype),
-                                                  None if anonymous else buf.path])
+                                                  None if anonymous else buf.path, ident])
                                       + "\n").encode())
                     except OSError as exc:
                         if exc.errno == errno.ESTALE:
@@ -677,7 +707,7 @@ class User(Worker):
             right.settimeout(HANDOFF_TIMEOUT)
             with create_wav_buffer(frames, rate, channels, data.dtype,
                                    anonymous=anonymous) as buf:
-                path = None if anonymous else buf.path
+                path = None if anonymous else self.mine(buf.path)
                 try:
                     buf.array[...] = data
                     send_wav(left, buf)
@@ -720,15 +750,17 @@ class User(Worker):
                     continue
             if not said.endswith(b"\n"):
                 continue  # the sender was killed before it said what it sent
-            seed, frames, channels, dtype, path = json.loads(said)
+            seed, frames, channels, dtype, path, ident = json.loads(said)
             want = signal_of(seed, frames, channels, dtype)
+            ids = () if ident is None else (ident,)
             # A named buffer is copied at the hand-off, as its file was then.
-            self.check_array("recv_wav far", path, got, rate, want, seed, exact=path is None)
+            self.check_array("recv_wav far", path, got, rate, want, seed, exact=path is None,
+                             identities=ids)
             if self.rng.random() < 0.5:
                 self.hold("held far array", got,
-                          lambda a, p=path, g=rate, d=want, r=seed:
+                          lambda a, p=path, g=rate, d=want, r=seed, i=ids:
                           self.check_array("held far array", p, a, g, d, r,
-                                           exact=p is None))
+                                           exact=p is None, identities=i))
 
     def do_stream(self, rng: random.Random, streams: list[Any]) -> None:
         data, rate = self.data()
@@ -736,7 +768,7 @@ class User(Worker):
         path = None
         try:
             with WavWriter(None, rate, channels, data.dtype) as writer:
-                path = writer.path
+                path = self.mine(writer.path)
                 with self.held_lock:
                     streams.append((path, data, rate))
                     del streams[:-6]
@@ -787,7 +819,7 @@ class User(Worker):
         want = data.tobytes()
         if bytes(got) == want[:len(got)]:
             self.count("follow_wav exact")
-        elif path not in self.touched():
+        elif not self.touched().intersection({path, self.identities.get(path)}):
             self.violation("follow_wav: not what was written, and nothing touched it",
                            path=path, got=len(got), want=len(want))
         elif not plausible(bytes(got), want, STREAM_DATA_OFFSETS[str(data.dtype)]):
