@@ -8,11 +8,15 @@ In the private dirs of the private_dirs fixture (the workers inherit LUNA_SHM_DI
 TMPDIR), tests/hostile_soak_workers.py runs:
 
 - users (separate processes, 2-4 threads each, some with the prefault reserve on): read_wav
-  of write_wav files (views, some handed to another thread to check and drop, and copies),
-  named and anonymous WavBuffers filled and read back (and truncated), AudioPool slots
-  written and read (PooledWav.array, read_wav of the slot), send_wav/recv_wav inside a
-  process and to another user's Unix socket, WavWriter streams read back and followed by
-  follow_wav in another thread; about 40% run a hostile thread too;
+  of write_wav files (views, some read again and again for a while, some handed to
+  another thread to check and drop, and copies), write_wav of such a view and
+  read_wav(out=) into a named buffer (the C layer's EFAULT path), named and anonymous
+  WavBuffers filled and read back (and truncated), AudioPool slots of two prefixes
+  written (write_wav, or acquire and its array, then PooledWav.truncate) and read
+  (PooledWav.array, read_wav of the slot), a pool shared by the threads that one of them
+  closes now and then, send_wav/recv_wav inside a process and to another user's Unix
+  socket, WavWriter streams read back and followed by follow_wav in another thread; about
+  40% run a hostile thread too;
 - a hostile process that picks files in the private dirs at random and truncates them
   (to 0, mid-header, anywhere, a page boundary), cuts and extends them back, rewrites
   them (truncate + other bytes; soundfile.write's bytes and soundfile.write itself),
@@ -22,13 +26,18 @@ What is accepted (README "Errors" and "Limits", the docstrings of WavBuffer.arra
 PooledWav, read_wav, WavWriter.write, follow_wav, send_wav, recv_wav):
 
 - what a user reads back is exact (dtype, shape, samplerate, every byte) when no hostile
-  touched its file (a hostile logs each file before it touches it) and always for
-  anonymous buffers and slots (sealed memfds: they cannot be cut and are in no dir);
+  touched its file (a hostile logs each file, by name and by st_dev/st_ino, before it
+  touches it: a cleanup moves a file to a hidden name for an instant before the unlink,
+  where a hostile may cut it) and always for anonymous buffers and slots (sealed memfds:
+  they cannot be cut and are in no dir);
 - a file a hostile touched may read, byte by byte, as what the user wrote, zeros (a
   mapping whose pages were cut became zero pages; a cut extended back reads zeros), or the
   hostile's bytes at that offset (a rewrite that put the bytes back before any touch is
   seen through the mapping; a read after a rewrite reads the new file), with the data
-  starting where a WAV of ours or the hostile's WAV has it. Anything else is garbage;
+  starting where a WAV of ours or the hostile's WAV has it. Anything else is garbage.
+  (A hostile's bytes are known to every process: seeded random bytes and soundfile WAVs;
+  soundfile.write itself writes only the 16-bit one, since a float WAV's PEAK chunk holds
+  the time it was written);
 - errors: OSError(ESTALE) whose filename is the path from WavBuffer.array/.truncate,
   PooledWav.array, send_wav, WavWriter.write; WavError naming the path (a file that is
   no whole WAV any more, a follower's "shrank/cut/rewritten under its follower"); another
