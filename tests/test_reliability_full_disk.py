@@ -447,3 +447,36 @@ def test_an_anonymous_pool_larger_than_the_machines_memory_is_refused_up_front()
     assert re.search(r"^\[Errno 12\] 1000000000000000000000000000000 anonymous slots of "
                      r"8192 bytes cannot fit in this machine's memory \(\d+ bytes\)$",
                      out["result"]["text"]), out["result"]
+
+
+# ---- AudioCache: the lock file's counters on a full disk ---------------------------------------
+
+CACHE_ON_FULL_DISK = """
+from luna_shm import AudioCache
+os.mkdir("/tmp/disk", 0o700)
+tier = os.environ["TIER"]
+if tier == "disk":
+    subprocess.run(["mount", "-o", "remount,size=64k", "/tmp"], check=True)
+fill("/dev/shm" if tier == "ram" else "/tmp")
+try:
+    AudioCache("full", disk_dir="/tmp/disk" if tier == "disk" else None).close()
+    report(error=None, disk=os.listdir("/tmp/disk"))
+except OSError as exc:
+    report(error=error(exc), disk=os.listdir("/tmp/disk"))
+"""
+
+
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_a_new_cache_on_a_full_disk_raises_enospc_naming_its_lock_file_and_leaves_nothing(tier):
+    # A new lock file has no page for its shared counters yet: on a full disk their first
+    # write failed, as a bare OSError with no file name: the RAM tier's at the open, the
+    # disk tier's later, in the middle of the first spill or removal that counted bytes.
+    out = run_child(CACHE_ON_FULL_DISK, shm_size="64k", env={"TIER": tier})
+    parent = "/dev/shm" if tier == "ram" else "/tmp/disk"
+    lock = f"{parent}/luna_cache-{os.geteuid()}-full/lock"
+    assert out["error"] is not None, "the cache opened on a full disk"
+    assert out["error"]["errno"] == errno.ENOSPC
+    assert out["error"]["filename"] == lock
+    assert ("--shm-size" in out["error"]["text"]) == (tier == "ram")
+    # Nothing of the cache is left in either tier.
+    assert out["shm"] == (["filler"] if tier == "ram" else []) and out["disk"] == []

@@ -160,11 +160,20 @@ class Tier:
         self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
         try:
             self.lock_fd = self._open_lock(LOCK_NAME, dir_cell[0], self.lock_cell)
+            if self.write_error is None:
+                # The shared counters' page, reserved now: a new lock file has none, and
+                # on a full disk their first write (at the open, or mid-spill or
+                # mid-removal for the disk tier) would fail after the tier had changed.
+                _lowlevel.reserve(self.lock_fd, _COUNTERS_FORMAT.size)
         except BaseException as exc:
+            _lowlevel.release(self.lock_cell)
+            self.lock_fd = -1
             if self.made:
+                unlink_quietly(self.path(LOCK_NAME))
                 rmdir_quietly(self.directory)
             if isinstance(exc, OSError):  # named by dir_fd: say where
-                raise OSError(exc.errno, exc.strerror, self.path(LOCK_NAME)) from exc
+                raise _newfile.explain_full_disk(
+                    OSError(exc.errno, exc.strerror), self.path(LOCK_NAME)) from exc
             raise
         finally:
             _lowlevel.release(dir_cell)
