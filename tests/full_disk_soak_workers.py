@@ -1,0 +1,912 @@
+"""The processes of tests/test_full_disk_soak.py (run as a script, one role a process).
+
+    python full_disk_soak_workers.py run SEED SECONDS         (the soak, in its namespace)
+    python full_disk_soak_workers.py ROLE CTL_DIR SEED        (worker, filler or watcher)
+
+``run`` is started by the test inside a private mount namespace (helpers.run_in_private_shm).
+It mounts two small private tmpfs, the RAM dir and the fallback dir (LUNA_SHM_DIR and TMPDIR
+of every process it starts), and a control dir; starts the workers, a filler and a watcher;
+SIGKILLs (and replaces) workers at random; tells everyone to stop; then checks the end state.
+Its last line on stdout is a JSON summary: {"seed", "failures", "counts", ...}.
+
+- A worker (one or two threads) loops over random public-API producers of files: each call
+  either succeeds, and what it made reads back exactly (read_wav, and python-soundfile or the
+  stdlib wave module) from one of the two dirs, or raises a documented error (Worker.failed):
+  OSError ENOSPC/EDQUOT naming a path in one of our dirs (a file the fallback dir refused
+  when the producer falls back; the given path when it was given; a RAM-dir file's message
+  with the --shm-size hint), TimeoutError where a timeout applies, a cache's RenderError
+  naming its cause. Anything else is a violation.
+- The filler makes and removes balloon files (``balloon_*``) of random sizes in both dirs,
+  so that ENOSPC comes and goes at any step.
+- The watcher scans both dirs at random moments: a file under one of our final names that
+  no process holds (no flock in /proc/locks, before and after it is read) must be empty (a
+  name reserved by get_temp_audio_path(create=True)) or a complete WAV whose RIFF size
+  covers exactly the file; only a WavWriter's stream whose state still says "live" (its
+  writer died: a SIGKILL between its samples and its header store) may have bytes past
+  the RIFF end, and a write_wav(path, atomic=False) in place is not checked (a new file at
+  a given path is written where it is, documented; the worker lists those paths first).
+
+Every role appends JSON lines to CTL/out/<role>-<pid>.jsonl: {"violation": ...} the moment
+it sees one, {"count": ...} tallies when it stops.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import json
+import logging
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import wave
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+import luna_shm
+from luna_shm import (
+    AudioCache,
+    AudioPool,
+    WavWriter,
+    cache_key,
+    cleanup_all_temp_audio,
+    cleanup_temp_audio,
+    create_wav_buffer,
+    get_temp_audio_path,
+    read_wav,
+    save_temp_audio,
+    write_wav,
+)
+from luna_shm.cache import RenderError
+
+ROOT = "/tmp/fullsoak"  # inside the test's private /tmp (a private tmpfs)
+RAM, FALLBACK, CTL = f"{ROOT}/ram", f"{ROOT}/fallback", f"{ROOT}/ctl"
+RAM_SIZE, FALLBACK_SIZE = 3 * 1024 * 1024, 3 * 1024 * 1024
+CACHE_NAME = "fullsoak"
+CACHE_DISK = f"{FALLBACK}/fullsoak_cache"  # the cache's disk tier (not a name of ours)
+CACHE_MAX, CACHE_DISK_MAX = 200_000, 300_000
+WORKERS = 3
+POOL_PREFIXES = ("luna_audio_", "fsoak_")
+DTYPES = ("uint8", "int16", "int32", "float32", "float64")
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+SHUTDOWN = 60.0  # seconds a worker has to finish once told to stop: a hang, not a pace
+CALL_TIMEOUT = 10.0  # the pools' and cache's timeouts: no process here is ever stopped
+KEYS = [cache_key(f"full disk soak {i}") for i in range(8)]
+# A worker's steps and their weights (Worker.do_<step>).
+OPS = {"write_new": 14, "write_given": 10, "buffer": 10, "writer_new": 10, "writer_given": 6,
+       "pool": 10, "save_bytes": 6, "save_stream": 5, "create_path": 5, "cache": 12,
+       "cleanup_all": 4}
+
+
+def audio_of(key: str) -> np.ndarray:
+    """A cache key's audio: only ever this, whoever renders or puts it."""
+    rng = np.random.default_rng(int(key[:12], 16))
+    frames = 400 + int(key[12:16], 16) % 12_000
+    return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
+
+
+def signal_of(rng: random.Random, max_bytes: int) -> np.ndarray:
+    """Random audio of a random type and channel count, at most max_bytes of samples."""
+    dtype = rng.choice(DTYPES)
+    channels = rng.choice([1, 1, 2])
+    frames = rng.randrange(1, max(2, max_bytes // (channels * np.dtype(dtype).itemsize)))
+    gen = np.random.default_rng(rng.getrandbits(48))
+    shape = (frames,) if channels == 1 else (frames, channels)
+    if dtype.startswith("float"):
+        return (gen.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
+    info = np.iinfo(dtype)
+    return gen.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def some_size(rng: random.Random) -> int:
+    """Bytes of audio for one producer: mostly small, now and then most of a dir."""
+    return rng.choice([rng.randrange(100, 20_000), rng.randrange(20_000, 300_000),
+                       rng.randrange(300_000, 1_500_000)])
+
+
+def in_dir(path: str, directory: str) -> bool:
+    return path.startswith(directory + "/")
+
+
+class Reporter:
+    """JSON lines into CTL/out/<role>-<pid>.jsonl, each with one write (a process may be
+    killed at any moment: its lines are whole)."""
+
+    def __init__(self, role: str, ctl: str, seed: int) -> None:
+        self.role = role
+        self.ctl = ctl
+        out = os.path.join(ctl, "out", f"{role}-{os.getpid()}.jsonl")
+        self._out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.RLock()
+        self._flushed = time.monotonic()
+
+    def report(self, **record: Any) -> None:
+        record.update(role=self.role, pid=os.getpid())
+        os.write(self._out, (json.dumps(record, default=str) + "\n").encode())
+
+    def violation(self, what: str, **details: Any) -> None:
+        self.report(violation=what, **details)
+
+    def count(self, what: str) -> None:
+        """Tally what; the tallies go out every second (a worker may be killed at any
+        moment: what it did until then still counts)."""
+        with self._lock:
+            self.counts[what] += 1
+            if time.monotonic() - self._flushed > 1.0:
+                self.finish()
+
+    def finish(self) -> None:
+        """Report the tallies not reported yet."""
+        with self._lock:
+            self.report(counts=dict(self.counts))
+            self.counts.clear()
+            self._flushed = time.monotonic()
+
+    def stopping(self) -> bool:
+        return os.path.exists(os.path.join(self.ctl, "stop"))
+
+
+# ---- the workers ---------------------------------------------------------------------------
+
+
+class Worker(Reporter):
+    """One or two threads, each looping over random producers until told to stop."""
+
+    def __init__(self, ctl: str, seed: int) -> None:
+        super().__init__("worker", ctl, seed)
+        self.seed = seed
+
+    def run(self) -> None:
+        rng = random.Random(self.seed)
+        if rng.random() < 0.5:
+            # The reserve of pre-faulted unnamed RAM files: a create that lacks space
+            # gets it back first (every producer), so it meets every full disk too.
+            luna_shm.prefault_wav_buffers(rng.choice([256 * 1024, 1024 * 1024]),
+                                          per_size=rng.choice([1, 2]))
+            self.count("prefault reserve on")
+        threads = [threading.Thread(target=self.loop, args=(rng.getrandbits(48),))
+                   for _ in range(rng.choice([1, 2]))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = luna_shm.prefault_stats()
+        if stats.hits or stats.misses or stats.failures:
+            self.count(f"prefault hits {stats.hits}, misses {stats.misses}, "
+                       f"failures {stats.failures}")
+        luna_shm.prefault_wav_buffers(0)
+        self.finish()
+
+    def loop(self, seed: int) -> None:
+        state = ThreadState(random.Random(seed))
+        try:
+            while not self.stopping():
+                op = state.rng.choices(list(OPS), list(OPS.values()))[0]
+                self.call(op, lambda op=op: getattr(self, f"do_{op}")(state))
+        finally:
+            self.call("shutdown", state.close)
+
+    def call(self, op: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+            self.count(f"{op}: ok")
+        except Exception as exc:  # each documented failure is accepted in failed()
+            self.failed(op, exc)
+
+    # -- what a failure may be --
+
+    def failed(self, op: str, exc: BaseException, *, given: str | None = None) -> None:
+        """Count exc when the README documents it for op, else report a violation.
+
+        An OSError of a full disk names a path in one of our dirs (a cache's file one
+        level deeper; a pool's room check names the RAM dir itself); a producer that
+        falls back names the fallback dir's file; one given a path names that path; a
+        RAM-dir file's ENOSPC carries the --shm-size hint.
+        """
+        where = getattr(exc, "luna_where", None)
+        given = getattr(exc, "luna_given", given)
+        if isinstance(exc, TimeoutError) and op in ("pool", "cache"):
+            self.count(f"{op}: TimeoutError")
+            return
+        if isinstance(exc, RenderError) and op == "cache":
+            text = str(exc)
+            if "No space left on device" in text or "TimeoutError" in text:
+                self.count(f"{op}: RenderError")
+            else:
+                self.violation("a RenderError that names no documented cause", op=op,
+                               error=text)
+            return
+        if isinstance(exc, _Violation):
+            self.violation(str(exc), op=op, **exc.details)
+            return
+        if not isinstance(exc, OSError) or exc.errno not in FULL:
+            self.violation(f"undocumented {type(exc).__name__}: {exc}", op=op,
+                           traceback=traceback.format_exc())
+            return
+        name = exc.filename
+        problems = []
+        if not isinstance(name, str) or not (
+                name in (RAM, FALLBACK) or in_dir(name, RAM) or in_dir(name, FALLBACK)):
+            problems.append("its filename is not in our dirs")
+        elif name in (RAM, FALLBACK) and op != "pool":
+            problems.append("its filename is a dir, not the file")
+        elif given is not None and name != given:
+            problems.append(f"its filename is not the given path {given}")
+        elif where == "fallback" and not (in_dir(name, FALLBACK) or name == RAM):
+            problems.append("a producer that falls back names no fallback file")
+        # A pool refused up front says why in numbers (test_reliability_full_disk.py).
+        room = op == "pool" and name == RAM and " cannot fit: " in (exc.strerror or "")
+        if not room and os.strerror(exc.errno) not in (exc.strerror or ""):
+            problems.append("its message does not say what failed")
+        if (isinstance(name, str) and in_dir(name, RAM) and exc.errno == errno.ENOSPC
+                and "--shm-size" not in (exc.strerror or "")):
+            problems.append("a full RAM disk's error has no --shm-size hint")
+        if problems:
+            self.violation("; ".join(problems), op=op, errno=exc.errno,
+                           error=str(exc), filename=name, given=given, where=where,
+                           traceback="".join(traceback.format_exception(exc)))
+            return
+        self.count(f"{op}: {errno.errorcode[exc.errno]}"
+                   f" {'ram' if isinstance(name, str) and name.startswith(RAM) else 'fallback'}")
+
+    # -- checks of what succeeded --
+
+    def check_audio(self, path: str, data: np.ndarray, what: str, *,
+                    may_vanish: bool) -> None:
+        """path holds exactly data, by read_wav and python-soundfile (or wave); a file
+        nobody holds may be removed by any cleanup meanwhile (may_vanish)."""
+        if os.path.dirname(path) not in (RAM, FALLBACK):
+            raise _Violation(f"{what} is outside our dirs", path=path)
+        try:
+            with open(path, "rb") as f:
+                whole = f.read()
+            got, _ = read_wav(path, mmap=False)
+        except FileNotFoundError:
+            if not may_vanish:
+                raise _Violation(f"a held {what} was removed", path=path) from None
+            self.count(f"{what}: removed before read back")
+            return
+        if got.shape != data.shape or got.dtype != data.dtype or got.tobytes() != data.tobytes():
+            raise _Violation(f"{what} does not read back (read_wav)", path=path)
+        oracle = oracle_samples(whole, data)
+        if oracle is not None and not np.array_equal(oracle, expected_by_oracle(data)):
+            raise _Violation(f"{what} does not read back (soundfile/wave)", path=path)
+
+    # -- the producers --
+
+    def do_write_new(self, s: ThreadState) -> None:
+        data = signal_of(s.rng, some_size(s.rng))
+        with where("fallback"):
+            path = write_wav(None, data, 16000, atomic=s.rng.random() < 0.3)
+        self.check_audio(path, data, "write_wav(None) file", may_vanish=True)
+        s.mine.append(path)
+
+    def do_write_given(self, s: ThreadState) -> None:
+        data = signal_of(s.rng, some_size(s.rng))
+        hint = data.nbytes + 128 if s.rng.random() < 0.5 else None
+        path = get_temp_audio_path(size_hint=hint)
+        atomic = s.rng.random() < 0.5
+        if not atomic:  # written in place (documented): the watcher does not check it
+            self.publish_in_place(path)
+        try:
+            with where("given", path):
+                write_wav(path, data, 16000, atomic=atomic)
+        except OSError:
+            if os.path.lexists(path):
+                self.violation("a failed write_wav left its file", path=path)
+            raise
+        self.check_audio(path, data, "write_wav(path) file", may_vanish=True)
+        s.mine.append(path)
+
+    def publish_in_place(self, path: str) -> None:
+        fd = os.open(os.path.join(self.ctl, "in_place"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            os.write(fd, (path + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def do_buffer(self, s: ThreadState) -> None:
+        data = signal_of(s.rng, some_size(s.rng))
+        channels = 1 if data.ndim == 1 else data.shape[1]
+        with where("fallback"):
+            buf = create_wav_buffer(data.shape[0], 16000, channels, data.dtype)
+        buf.array[...] = data
+        self.check_audio(buf.path, data, "WavBuffer", may_vanish=False)
+        if s.rng.random() < 0.5:
+            s.buffers.append((buf, data))  # kept a while: space taken, the file held
+        else:
+            buf.close()
+            self.check_audio(buf.path, data, "closed WavBuffer", may_vanish=True)
+        while len(s.buffers) > 2 or (s.buffers and s.rng.random() < 0.3):
+            kept, kept_data = s.buffers.pop(0)
+            self.check_audio(kept.path, kept_data, "kept WavBuffer", may_vanish=False)
+            # Its pages written again, on a disk the filler may have filled meanwhile:
+            # reserved at its creation, they never fault (SIGBUS).
+            again = kept_data[::-1].copy()
+            kept.array[...] = again
+            self.check_audio(kept.path, again, "kept WavBuffer", may_vanish=False)
+            kept.close()
+
+    def do_writer_new(self, s: ThreadState) -> None:
+        self.stream(s, None)
+
+    def do_writer_given(self, s: ThreadState) -> None:
+        self.stream(s, get_temp_audio_path())
+
+    def stream(self, s: ThreadState, given: str | None) -> None:
+        """A WavWriter streams random chunks; a full disk at its creation falls back
+        (path None) or raises naming the path; mid-stream it raises naming the file,
+        which keeps exactly the chunks before; then close() or abort()."""
+        rng = s.rng
+        data = signal_of(rng, some_size(rng))
+        channels = 1 if data.ndim == 1 else data.shape[1]
+        op = "writer_new" if given is None else "writer_given"
+        try:
+            with where("fallback" if given is None else "given", given):
+                writer = WavWriter(given, 16000, channels, data.dtype)
+        except OSError:
+            if given is not None and os.path.lexists(given):
+                self.violation("a WavWriter that failed at its creation left its file",
+                               path=given)
+            raise
+        done, full = 0, None
+        try:
+            while done < data.shape[0]:
+                size = min(data.shape[0] - done, rng.choice([1, rng.randrange(1, 4000),
+                                                             rng.randrange(1, 40_000)]))
+                try:
+                    writer.write(data[done:done + size])
+                except OSError as exc:
+                    full = exc
+                    self.failed(op + " mid-stream", exc, given=writer.path)
+                    break
+                done += size
+                if rng.random() < 0.2:
+                    self.check_named(writer)
+                    time.sleep(rng.uniform(0, 0.02))
+            self.check_named(writer)
+            if writer.frames != done:
+                self.violation("writer.frames is not what was written", path=writer.path,
+                               frames=writer.frames, written=done)
+        finally:
+            if (full is not None and rng.random() < 0.5) or rng.random() < 0.1:
+                writer.abort()
+            else:
+                writer.close()
+        self.check_audio(writer.path, data[:done], "finished WavWriter file", may_vanish=True)
+        s.mine.append(writer.path)
+
+    def check_named(self, writer: WavWriter) -> None:
+        """A live WavWriter's file is never removed or replaced (its path names it)."""
+        try:
+            named = os.stat(writer.path).st_ino
+        except FileNotFoundError:
+            named = None
+        if named != os.fstat(writer.fileno()).st_ino:
+            raise _Violation("a live WavWriter's file was removed or replaced",
+                             path=writer.path)
+
+    def do_pool(self, s: ThreadState) -> None:
+        rng = s.rng
+        if s.pool is None or rng.random() < 0.1:
+            if s.pool is not None:
+                s.pool.close()
+                s.pool = None
+            with where("fallback"):
+                s.pool = AudioPool(slots=rng.randrange(1, 4),
+                                   max_bytes=rng.choice([8192, 60_000, 250_000]),
+                                   prefix=rng.choice(POOL_PREFIXES), timeout=CALL_TIMEOUT,
+                                   when_busy=rng.choice(["wait", "grow"]))
+        pool = s.pool
+        held = []
+        try:
+            for _ in range(rng.randrange(1, pool.slots + 1)):
+                data = signal_of(rng, pool.max_bytes)
+                with where("fallback"):
+                    if rng.random() < 0.7:
+                        pooled = pool.write_wav(data, 16000)
+                    else:  # its pages written through the mapping: reserved, no SIGBUS
+                        channels = 1 if data.ndim == 1 else data.shape[1]
+                        pooled = pool.acquire(data.shape[0], 16000, channels, data.dtype)
+                        pooled.array[...] = data
+                held.append((pooled, data))
+                self.check_audio(pooled.path, data, "pool slot", may_vanish=False)
+            for pooled, data in held:
+                self.check_audio(pooled.path, data, "pool slot", may_vanish=False)
+        finally:
+            for pooled, _ in held:
+                pooled.release()
+
+    def do_save_bytes(self, s: ThreadState) -> None:
+        payload = s.rng.randbytes(some_size(s.rng))
+        with where("fallback"):
+            path = save_temp_audio(payload if s.rng.random() < 0.6 else
+                                   [payload[:1000], payload[1000:]], ".mp3")
+        self.check_bytes(path, payload)
+        s.mine.append(path)
+
+    def do_save_stream(self, s: ThreadState) -> None:
+        payload = s.rng.randbytes(some_size(s.rng))
+        pieces = [payload[i:i + 30_000] for i in range(0, len(payload), 30_000)]
+
+        def chunks() -> Iterator[bytes]:
+            for piece in pieces:
+                if s.rng.random() < 0.2:
+                    time.sleep(s.rng.uniform(0, 0.01))
+                yield piece
+
+        # A stream falls back only at its creation: mid-stream, the RAM file is named.
+        path = save_temp_audio(chunks(), ".mp3")
+        self.check_bytes(path, payload)
+        s.mine.append(path)
+
+    def check_bytes(self, path: str, payload: bytes) -> None:
+        if os.path.dirname(path) not in (RAM, FALLBACK):
+            raise _Violation("a saved file is outside our dirs", path=path)
+        try:
+            with open(path, "rb") as f:
+                got = f.read()
+        except FileNotFoundError:
+            self.count("saved file: removed before read back")
+            return
+        if got != payload:
+            raise _Violation("a saved file does not hold what was saved", path=path,
+                             size=len(got), of=len(payload))
+
+    def do_create_path(self, s: ThreadState) -> None:
+        with where("fallback"):
+            path = get_temp_audio_path(create=True, size_hint=s.rng.choice([None, 1000]))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.count("created path: removed before looked at")
+            return
+        if st.st_size != 0 or os.path.dirname(path) not in (RAM, FALLBACK):
+            raise _Violation("get_temp_audio_path(create=True) made no empty file in our dirs",
+                             path=path, size=st.st_size)
+        s.mine.append(path)
+
+    def do_cleanup_all(self, s: ThreadState) -> None:
+        if s.rng.random() < 0.5:
+            cleanup_all_temp_audio(older_than=s.rng.choice([0, 0.5]))
+        else:
+            cleanup_all_temp_audio()
+        while len(s.mine) > 4 or (s.mine and s.rng.random() < 0.5):
+            result = cleanup_temp_audio(s.mine.pop(s.rng.randrange(len(s.mine))))
+            if not isinstance(result, bool):
+                raise _Violation("cleanup_temp_audio returned no bool", result=repr(result))
+
+    def do_cache(self, s: ThreadState) -> None:
+        rng = s.rng
+        if s.cache is None:
+            s.cache = AudioCache(CACHE_NAME, max_bytes=CACHE_MAX, disk_dir=CACHE_DISK,
+                                 disk_max_bytes=CACHE_DISK_MAX, timeout=CALL_TIMEOUT)
+        cache = s.cache
+        key = rng.choice(KEYS)
+        want = audio_of(key)
+        what = rng.choice(["get", "put", "render", "render", "reopen"])
+        if what == "reopen":
+            cache.close()
+            s.cache = None
+            return
+        if what == "get":
+            entry = cache.get(key, timeout=CALL_TIMEOUT)
+            if entry is None:
+                self.count("cache get: miss")
+                return
+        elif what == "put":
+            entry = cache.put(key, want, 16000, timeout=CALL_TIMEOUT)
+        else:
+            def render(writer: WavWriter) -> None:
+                for i in range(0, len(want), 1000):
+                    writer.write(want[i:i + 1000])
+
+            entry = cache.get_or_render(key, render, samplerate=16000, timeout=CALL_TIMEOUT)
+        with entry:
+            if entry.array.tobytes() != want.tobytes() or entry.samplerate != 16000:
+                raise _Violation(f"the cache's {what} of a key gave other audio", key=key,
+                                 path=entry.path)
+
+
+class ThreadState:
+    """What one worker thread holds between steps."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.mine: list[str] = []  # files it made and may clean up itself
+        self.buffers: list[tuple[luna_shm.WavBuffer, np.ndarray]] = []
+        self.pool: AudioPool | None = None
+        self.cache: AudioCache | None = None
+
+    def close(self) -> None:
+        for buf, _ in self.buffers:
+            buf.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+class _Violation(Exception):
+    """A check of a worker failed (reported with its details)."""
+
+    def __init__(self, what: str, **details: Any) -> None:
+        super().__init__(what)
+        self.details = details
+
+
+@contextmanager
+def where(place: str, given: str | None = None) -> Iterator[None]:
+    """Mark an OSError raised in the block with where its file should be: the fallback
+    dir ("fallback": a producer that falls back), or the given path ("given")."""
+    try:
+        yield
+    except OSError as exc:
+        exc.luna_where = place  # type: ignore[attr-defined]
+        exc.luna_given = given  # type: ignore[attr-defined]
+        raise
+
+
+def expected_by_oracle(data: np.ndarray) -> np.ndarray:
+    """data as python-soundfile returns it (8-bit as int16: (x - 128) << 8)."""
+    if data.dtype == np.uint8:
+        return ((data.astype(np.int16) - 128) << 8).astype(np.int16)
+    return data
+
+
+def oracle_samples(whole: bytes, data: np.ndarray) -> np.ndarray | None:
+    """The samples python-soundfile reads from the file's bytes (the stdlib wave module
+    for the 8-bit and 16-bit ones, every other time), in data's shape."""
+    if data.dtype in (np.uint8, np.int16) and len(whole) % 2:
+        return None
+    if data.dtype in (np.uint8, np.int16) and hash(whole[-64:]) % 2:
+        with wave.open(io.BytesIO(whole)) as w:
+            raw = w.readframes(w.getnframes())
+        got = np.frombuffer(raw, data.dtype)
+        return expected_by_oracle(got.reshape(data.shape))
+    dtype = "int16" if data.dtype == np.uint8 else data.dtype.name
+    got, _ = sf.read(io.BytesIO(whole), dtype=dtype, always_2d=data.ndim == 2)
+    return got.reshape(data.shape)
+
+
+# ---- the filler ----------------------------------------------------------------------------
+
+
+class Filler(Reporter):
+    """Balloon files (balloon_*, not a name of ours) made and removed at random in both
+    dirs: a dir filled to the last page, part-filled, or freed again."""
+
+    def __init__(self, ctl: str, seed: int) -> None:
+        super().__init__("filler", ctl, seed)
+        self.rng = random.Random(seed)
+        self.balloons: list[str] = []
+
+    def run(self) -> None:
+        rng = self.rng
+        serial = 0
+        while not self.stopping():
+            what = rng.choices(["blow", "fill", "pop", "pop_all"], [40, 15, 35, 10])[0]
+            if what in ("blow", "fill") and len(self.balloons) < 6:
+                serial += 1
+                directory = rng.choice([RAM, FALLBACK])
+                path = f"{directory}/balloon_{os.getpid()}_{serial}"
+                size = (1 << 40) if what == "fill" else rng.randrange(4096, RAM_SIZE)
+                self.blow(path, size)
+                self.count(what)
+            elif what == "pop" and self.balloons:
+                os.unlink(self.balloons.pop(rng.randrange(len(self.balloons))))
+                self.count(what)
+            elif what == "pop_all":
+                while self.balloons:
+                    os.unlink(self.balloons.pop())
+                self.count(what)
+            time.sleep(rng.choice([0, rng.uniform(0, 0.05), rng.uniform(0, 0.4)]))
+        while self.balloons:
+            os.unlink(self.balloons.pop())
+        self.finish()
+
+    def blow(self, path: str, size: int) -> None:
+        """Write up to size bytes into a new balloon at path (less when the dir fills)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.balloons.append(path)
+        block = b"\xa5" * 65536
+        try:
+            done = 0
+            while done < size:
+                try:
+                    done += os.write(fd, block[:min(len(block), size - done)])
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    self.count("a dir filled up")
+                    break
+        finally:
+            os.close(fd)
+
+
+# ---- the watcher ---------------------------------------------------------------------------
+
+
+def held_inodes() -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every file that some process holds a lock on (/proc/locks:
+    the luna_shm objects that own a file hold a shared flock on it)."""
+    held = set()
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            if "->" in fields:  # a waiter: it holds nothing yet
+                continue
+            major, minor, inode = fields[5].split(":")
+            held.add((int(major, 16), int(minor, 16), int(inode)))
+    return held
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int]:
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+
+
+class Watcher(Reporter):
+    """Scans both dirs at random moments for visible half-made files of ours."""
+
+    def __init__(self, ctl: str, seed: int) -> None:
+        super().__init__("watcher", ctl, seed)
+        self.rng = random.Random(seed)
+
+    def run(self) -> None:
+        while not self.stopping():
+            for directory in (RAM, FALLBACK):
+                for name in os.listdir(directory):
+                    # Our WAVs (save_temp_audio's .mp3 files are checked by their makers).
+                    if name.startswith(luna_shm.AUDIO_PREFIX) and name.endswith(".wav"):
+                        self.check(f"{directory}/{name}")
+            time.sleep(self.rng.uniform(0, 0.05))
+        self.finish()
+
+    def in_place(self) -> set[str]:
+        try:
+            with open(os.path.join(self.ctl, "in_place")) as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+    def check(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, ELOOP_ERRORS):
+            return
+        try:
+            before = os.fstat(fd)
+            if before.st_size == 0:
+                self.count("empty (a reserved name)")
+                return
+            if identity(before) in held_inodes():
+                self.count("held")
+                return
+            whole = b""
+            while chunk := os.pread(fd, 1 << 20, len(whole)):
+                whole += chunk
+            after = os.fstat(fd)
+            if identity(after) in held_inodes():
+                self.count("held")
+                return
+            try:
+                still = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if (still.st_ino != after.st_ino or after.st_size != before.st_size
+                    or after.st_mtime_ns != before.st_mtime_ns or len(whole) != after.st_size):
+                self.count("changed while read")
+                return
+            problem = wav_problem(whole)
+            if problem is None:
+                self.count("complete")
+                try:
+                    read_wav(path, mmap=False)
+                except FileNotFoundError:
+                    pass
+                except luna_shm.WavError as exc:
+                    if os.path.exists(path) and os.lstat(path).st_ino == after.st_ino:
+                        self.violation("read_wav refuses a complete file", path=path,
+                                       error=str(exc))
+                return
+            if path in self.in_place():
+                self.count("in-place write_wav(path) not checked")
+                return
+            self.violation("a visible file of ours, held by no one, is not a complete WAV",
+                           path=path, problem=problem, size=len(whole),
+                           head=whole[:96].hex())
+        finally:
+            os.close(fd)
+
+
+ELOOP_ERRORS = OSError  # O_NOFOLLOW on a symlink (none of ours): skipped
+
+
+def wav_problem(whole: bytes) -> str | None:
+    """None when whole is a complete WAV (its RIFF size covering exactly the bytes; a
+    WavWriter's stream still "live", whose writer died, may have bytes past it) that
+    python-soundfile reads, else what is wrong."""
+    if len(whole) < 12 or whole[:4] != b"RIFF" or whole[8:12] != b"WAVE":
+        return "no RIFF/WAVE header"
+    riff_end = struct.unpack_from("<I", whole, 4)[0] + 8
+    live = b"lsstlive" in whole[:128]
+    if riff_end != len(whole) and not (live and riff_end < len(whole)):
+        return f"its RIFF size says {riff_end} bytes, the file has {len(whole)}"
+    try:
+        sf.info(io.BytesIO(whole[:riff_end]))
+    except Exception as exc:  # soundfile's LibsndfileError and friends
+        return f"python-soundfile cannot read it: {exc}"
+    return None
+
+
+# ---- the soak itself (in the private mount namespace) -------------------------------------
+
+
+def mount_dirs() -> None:
+    for directory, size in ((RAM, RAM_SIZE), (FALLBACK, FALLBACK_SIZE)):
+        os.makedirs(directory)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        directory], check=True)
+    os.mkdir(CACHE_DISK, 0o700)  # the disk tier's parent (its cache dir is made in it)
+    for sub in ("out", "err"):
+        os.makedirs(f"{CTL}/{sub}")
+
+
+class Soak:
+    """The running processes, and what the chaos thread did to them."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.env = dict(os.environ, LUNA_SHM_DIR=RAM, TMPDIR=FALLBACK)
+        self.env.pop("LUNA_SHM_DISABLE", None)
+        self.procs: list[tuple[str, subprocess.Popen[bytes], str]] = []
+        self.killed: set[int] = set()
+        self.lock = threading.Lock()
+
+    def start(self, role: str) -> None:
+        seed = self.rng.getrandbits(48)
+        err = f"{CTL}/err/{role}-{seed}.txt"
+        with open(err, "wb") as out:
+            proc = subprocess.Popen([sys.executable, __file__, role, CTL, str(seed)],
+                                    env=self.env, stdout=out, stderr=out)
+        self.procs.append((role, proc, err))
+
+    def chaos(self, done: threading.Event) -> None:
+        """SIGKILL a random worker now and then, and start another in its place."""
+        while not done.wait(self.rng.uniform(0.3, 2.0)):
+            with self.lock:
+                workers = [p for p in self.procs if p[0] == "worker" and p[1].poll() is None]
+                if not workers:
+                    continue
+                _, proc, _ = self.rng.choice(workers)
+                self.killed.add(proc.pid)
+                proc.kill()
+                proc.wait()
+                self.start("worker")
+
+
+def listing() -> list[str]:
+    return [f"{d}/{n}" for d in (RAM, FALLBACK) for n in sorted(os.listdir(d))]
+
+
+def soak(seed: int, seconds: float) -> dict[str, Any]:
+    mount_dirs()
+    os.environ.update(LUNA_SHM_DIR=RAM, TMPDIR=FALLBACK)
+    assert luna_shm.refresh_temp_dir() == RAM, luna_shm.temp_dir()
+    run = Soak(seed)
+    for _ in range(WORKERS):
+        run.start("worker")
+    run.start("filler")
+    run.start("watcher")
+    done = threading.Event()
+    chaos = threading.Thread(target=run.chaos, args=(done,))
+    chaos.start()
+    failures: list[str] = []
+    try:
+        done.wait(seconds)
+    finally:
+        done.set()
+        chaos.join()
+        open(f"{CTL}/stop", "w").close()
+        deadline = time.monotonic() + SHUTDOWN
+        for role, proc, _ in run.procs:
+            try:
+                proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failures.append(f"{role} {proc.pid} did not stop within {SHUTDOWN} s")
+                proc.kill()
+                proc.wait()
+    for role, proc, err in run.procs:
+        with open(err, errors="replace") as f:
+            text = f.read()
+        if text:  # a warning, a traceback: PYTHONDEVMODE shows ResourceWarnings there
+            failures.append(f"{role} {proc.pid} wrote to stderr: {text[-3000:]}")
+        if proc.pid not in run.killed and proc.returncode != 0:
+            failures.append(f"{role} {proc.pid} exited with {proc.returncode}"
+                            + (" (SIGBUS)" if proc.returncode == -signal.SIGBUS else ""))
+    counts: collections.Counter[str] = collections.Counter()
+    for name in sorted(os.listdir(f"{CTL}/out")):
+        with open(f"{CTL}/out/{name}", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            record = json.loads(line)
+            if "violation" in record:
+                failures.append(json.dumps(record))
+            for what, n in record.get("counts", {}).items():
+                counts[f"{record['role']}: {what}"] += n
+    # Every process is gone (the filler removed its balloons): one cleanup and new pools'
+    # reclaims leave nothing of ours but the cache's directories.
+    balloons = [p for p in listing() if os.path.basename(p).startswith("balloon_")]
+    if balloons:
+        failures.append(f"the filler left balloons: {balloons}")
+        for path in balloons:
+            os.unlink(path)
+    cleanup_all_temp_audio()
+    for prefix in POOL_PREFIXES:
+        with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
+            pass
+    cache_dir = f"{RAM}/luna_cache-{os.geteuid()}-{CACHE_NAME}"
+    left = [p for p in listing() if p not in (cache_dir, CACHE_DISK)]
+    if left:
+        failures.append(f"files left after the final cleanup and reclaims: {left}")
+    failures += check_cache(counts)
+    left = listing()
+    if left:
+        failures.append(f"files left after the cache was destroyed: {left}")
+    return {"seed": seed, "failures": failures, "counts": dict(sorted(counts.items())),
+            "processes": len(run.procs), "killed": len(run.killed)}
+
+
+def check_cache(counts: collections.Counter[str]) -> list[str]:
+    """A fresh cache on the same dirs agrees with its files: every key it has gives
+    exactly that key's audio (from RAM, or reloaded from the disk tier); then it is
+    destroyed, leaving nothing."""
+    failures = []
+    cache = AudioCache(CACHE_NAME, max_bytes=CACHE_MAX, disk_dir=CACHE_DISK,
+                       disk_max_bytes=CACHE_DISK_MAX, timeout=CALL_TIMEOUT)
+    try:
+        for key, path, _ in cache.entries():
+            if key not in KEYS:
+                failures.append(f"the cache has an entry of no key of ours: {path}")
+        for key in KEYS:
+            entry = cache.get(key, timeout=CALL_TIMEOUT)
+            if entry is None:
+                continue
+            with entry:
+                counts["end: cache entries"] += 1
+                if entry.array.tobytes() != audio_of(key).tobytes():
+                    failures.append(f"the cache's entry of {key} holds other audio")
+    finally:
+        cache.destroy(timeout=CALL_TIMEOUT)
+    os.rmdir(CACHE_DISK)
+    return failures
+
+
+def main() -> None:
+    if sys.argv[1] == "run":
+        result = soak(int(sys.argv[2]), float(sys.argv[3]))
+        print(json.dumps(result))
+        return
+    role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # The fallback's log lines (a warning each: with no handler, Python's last resort
+    # prints them on stderr, which the soak fails on) are the library's to write.
+    logging.getLogger("luna_shm").addHandler(logging.NullHandler())
+    logging.getLogger("luna_shm").propagate = False
+    assert luna_shm.temp_dir() == RAM, luna_shm.temp_dir()
+    {"worker": Worker, "filler": Filler, "watcher": Watcher}[role](ctl, seed).run()
+
+
+if __name__ == "__main__":
+    main()
