@@ -14,8 +14,9 @@ Its last line on stdout is a JSON summary: {"seed", "failures", "counts", ...}.
   stdlib wave module) from one of the two dirs, or raises a documented error (Worker.failed):
   OSError ENOSPC/EDQUOT naming a path in one of our dirs (a file the fallback dir refused
   when the producer falls back; the given path when it was given; a RAM-dir file's message
-  with the --shm-size hint), TimeoutError where a timeout applies, a cache's RenderError
-  naming its cause. Anything else is a violation.
+  with the --shm-size hint), a cache's RenderError naming a full disk. Anything else is a
+  violation, a TimeoutError too: pools and the cache wait 10 s at most, and no process
+  here is ever stopped, so only a hang runs that out.
 - The filler makes and removes balloon files (``balloon_*``) of random sizes in both dirs,
   so that ENOSPC comes and goes at any step.
 - The watcher scans both dirs at random moments: a file under one of our final names that
@@ -78,6 +79,7 @@ CACHE_DISK = f"{FALLBACK}/fullsoak_cache"  # the cache's disk tier (not a name o
 CACHE_MAX, CACHE_DISK_MAX = 200_000, 300_000
 WORKERS = 3
 POOL_PREFIXES = ("luna_audio_", "fsoak_")
+OWN_PREFIX = "fsown"  # + <pid>t<n>_: one worker thread's own pool prefix
 DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SHUTDOWN = 60.0  # seconds a worker has to finish once told to stop: a hang, not a pace
@@ -190,7 +192,7 @@ class Worker(Reporter):
         self.finish()
 
     def loop(self, seed: int) -> None:
-        state = ThreadState(random.Random(seed))
+        state = ThreadState(random.Random(seed), f"{OWN_PREFIX}{os.getpid()}t{seed % 1000}_")
         try:
             while not self.stopping():
                 op = state.rng.choices(list(OPS), list(OPS.values()))[0]
@@ -217,12 +219,15 @@ class Worker(Reporter):
         """
         where = getattr(exc, "luna_where", None)
         given = getattr(exc, "luna_given", given)
-        if isinstance(exc, TimeoutError) and op in ("pool", "cache"):
-            self.count(f"{op}: TimeoutError")
+        if isinstance(exc, TimeoutError):
+            # Pools and the cache take a timeout, but no process here is ever stopped:
+            # only a hang (or a machine loaded for CALL_TIMEOUT seconds) runs it out.
+            self.violation(f"a call timed out after {CALL_TIMEOUT} s: {exc}", op=op,
+                           traceback="".join(traceback.format_exception(exc)))
             return
         if isinstance(exc, RenderError) and op == "cache":
             text = str(exc)
-            if "No space left on device" in text or "TimeoutError" in text:
+            if "No space left on device" in text:
                 self.count(f"{op}: RenderError")
             else:
                 self.violation("a RenderError that names no documented cause", op=op,
@@ -388,6 +393,13 @@ class Worker(Reporter):
         self.check_audio(writer.path, data[:done], "finished WavWriter file", may_vanish=True)
         s.mine.append(writer.path)
 
+    def check_no_slots(self, s: ThreadState, what: str) -> None:
+        """No file of the thread's own pool prefix is left (it has no pool now)."""
+        left = [f"{d}/{n}" for d in (RAM, FALLBACK) for n in os.listdir(d)
+                if n.startswith(s.prefix)]
+        if left:
+            raise _Violation(what, files=left)
+
     def check_named(self, writer: WavWriter) -> None:
         """A live WavWriter's file is never removed or replaced (its path names it)."""
         try:
@@ -404,11 +416,19 @@ class Worker(Reporter):
             if s.pool is not None:
                 s.pool.close()
                 s.pool = None
-            with where("fallback"):
-                s.pool = AudioPool(slots=rng.randrange(1, 4),
-                                   max_bytes=rng.choice([8192, 60_000, 250_000]),
-                                   prefix=rng.choice(POOL_PREFIXES), timeout=CALL_TIMEOUT,
-                                   when_busy=rng.choice(["wait", "grow"]))
+                self.check_no_slots(s, "a closed pool left slot files")
+            # The thread's own prefix, now and then: no other pool reclaims its files, so
+            # a pool that failed (or closed) must have removed every one it made.
+            prefix = rng.choice([*POOL_PREFIXES, s.prefix])
+            try:
+                with where("fallback"):
+                    s.pool = AudioPool(slots=rng.randrange(1, 4),
+                                       max_bytes=rng.choice([8192, 60_000, 250_000]),
+                                       prefix=prefix, timeout=CALL_TIMEOUT,
+                                       when_busy=rng.choice(["wait", "grow"]))
+            except OSError:
+                self.check_no_slots(s, "a pool that failed to be made left slot files")
+                raise
         pool = s.pool
         held = []
         try:
@@ -523,8 +543,9 @@ class Worker(Reporter):
 class ThreadState:
     """What one worker thread holds between steps."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, prefix: str) -> None:
         self.rng = rng
+        self.prefix = prefix  # the thread's own pool prefix
         self.mine: list[str] = []  # files it made and may clean up itself
         self.buffers: list[tuple[luna_shm.WavBuffer, np.ndarray]] = []
         self.pool: AudioPool | None = None
@@ -853,8 +874,18 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
         failures.append(f"the filler left balloons: {balloons}")
         for path in balloons:
             os.unlink(path)
+    # A worker thread's own pool prefix: a worker that was not killed closed its pools,
+    # removing their files; a killed one's are reclaimed below.
+    own = {n.split("_pool_")[0] + "_" for n in
+           (os.path.basename(p) for p in listing()) if n.startswith(OWN_PREFIX)}
+    for prefix in sorted(own):
+        pid = int(prefix[len(OWN_PREFIX):].split("t")[0])
+        if pid not in run.killed:
+            failures.append(f"worker {pid}, which was not killed, left files of its own "
+                            f"pool prefix {prefix}: "
+                            f"{[p for p in listing() if os.path.basename(p).startswith(prefix)]}")
     cleanup_all_temp_audio()
-    for prefix in POOL_PREFIXES:
+    for prefix in [*POOL_PREFIXES, *sorted(own)]:
         with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
             pass
     cache_dir = f"{RAM}/luna_cache-{os.geteuid()}-{CACHE_NAME}"

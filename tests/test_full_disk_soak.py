@@ -19,8 +19,8 @@ What is checked (tests/full_disk_soak_workers.py has the details):
   python-soundfile or the stdlib wave module) from one of the two dirs, or raises a
   documented error: OSError ENOSPC/EDQUOT naming its file (in the fallback dir when the
   producer falls back, the path itself when one was given, with the --shm-size hint in
-  the RAM dir), TimeoutError where a timeout applies, a cache's RenderError naming the
-  renderer's failure;
+  the RAM dir), a cache's RenderError naming the renderer's full disk; a TimeoutError is a
+  hang (no process is ever stopped here, and the calls wait 10 s);
 - no process dies but by the test's SIGKILL (SIGBUS is the worst failure), and none writes
   to stderr (PYTHONDEVMODE: ResourceWarnings count);
 - a watcher process scans both dirs at random moments: a file under one of our final names
