@@ -85,6 +85,7 @@ FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SHUTDOWN = 60.0  # seconds a worker has to finish once told to stop: a hang, not a pace
 CALL_TIMEOUT = 10.0  # the pools' and cache's timeouts: no process here is ever stopped
 KEYS = [cache_key(f"full disk soak {i}") for i in range(8)]
+ENCODED_KEYS = [cache_key(f"full disk soak mp3 {i}") for i in range(3)]  # put_bytes only
 # A worker's steps and their weights (Worker.do_<step>).
 OPS = {"write_new": 14, "write_given": 10, "buffer": 10, "writer_new": 10, "writer_given": 6,
        "pool": 10, "save_bytes": 6, "save_stream": 5, "create_path": 5, "cache": 12,
@@ -96,6 +97,11 @@ def audio_of(key: str) -> np.ndarray:
     rng = np.random.default_rng(int(key[:12], 16))
     frames = 400 + int(key[12:16], 16) % 12_000
     return rng.integers(-32768, 32767, size=frames, dtype=np.int16)
+
+
+def encoded_of(key: str) -> bytes:
+    """An encoded key's bytes (put_bytes as .mp3): only ever these."""
+    return b"ID3 not really an mp3 " + key.encode() * (50 + int(key[:4], 16) % 2000)
 
 
 def signal_of(rng: random.Random, max_bytes: int) -> np.ndarray:
@@ -301,7 +307,9 @@ class Worker(Reporter):
     def do_write_given(self, s: ThreadState) -> None:
         data = signal_of(s.rng, some_size(s.rng))
         hint = data.nbytes + 128 if s.rng.random() < 0.5 else None
-        path = get_temp_audio_path(size_hint=hint)
+        # Its name reserved by an empty file now and then.
+        reserved = s.rng.random() < 0.3
+        path = get_temp_audio_path(size_hint=hint, create=reserved)
         atomic = s.rng.random() < 0.5
         if not atomic:  # written in place (documented): the watcher does not check it
             self.publish_in_place(path)
@@ -309,8 +317,16 @@ class Worker(Reporter):
             with where("given", path):
                 write_wav(path, data, 16000, atomic=atomic)
         except OSError:
-            if os.path.lexists(path):
-                self.violation("a failed write_wav left its file", path=path)
+            # "A file the call created is removed, a file with content is left as it
+            # was": a name reserved before the call may stay as it was, empty (atomic=True
+            # leaves it; atomic=False removes an empty temp file of ours too).
+            try:
+                size: int | None = os.lstat(path).st_size
+            except FileNotFoundError:
+                size = None
+            if size is not None and (size or not reserved):
+                self.violation("a failed write_wav left a file", path=path, size=size,
+                               atomic=atomic, reserved=reserved)
             raise
         self.check_audio(path, data, "write_wav(path) file", may_vanish=True)
         s.mine.append(path)
@@ -348,7 +364,7 @@ class Worker(Reporter):
         self.stream(s, None)
 
     def do_writer_given(self, s: ThreadState) -> None:
-        self.stream(s, get_temp_audio_path())
+        self.stream(s, get_temp_audio_path(create=s.rng.random() < 0.3))
 
     def stream(self, s: ThreadState, given: str | None) -> None:
         """A WavWriter streams random chunks; a full disk at its creation falls back
@@ -362,6 +378,8 @@ class Worker(Reporter):
             with where("fallback" if given is None else "given", given):
                 writer = WavWriter(given, 16000, channels, data.dtype)
         except OSError:
+            # The file it made is removed, and so is an empty temp file of ours that
+            # reserved the name (see _newfile.discard).
             if given is not None and os.path.lexists(given):
                 self.violation("a WavWriter that failed at its creation left its file",
                                path=given)
@@ -514,13 +532,27 @@ class Worker(Reporter):
             s.cache = AudioCache(CACHE_NAME, max_bytes=CACHE_MAX, disk_dir=CACHE_DISK,
                                  disk_max_bytes=CACHE_DISK_MAX, timeout=CALL_TIMEOUT)
         cache = s.cache
-        key = rng.choice(KEYS)
-        want = audio_of(key)
-        what = rng.choice(["get", "put", "render", "render", "reopen"])
+        what = rng.choice(["get", "put", "render", "render", "bytes", "reopen"])
         if what == "reopen":
             cache.close()
             s.cache = None
             return
+        if what == "bytes":
+            key = rng.choice(ENCODED_KEYS)
+            if rng.random() < 0.5:
+                entry = cache.put_bytes(key, encoded_of(key), ".mp3", timeout=CALL_TIMEOUT)
+            else:
+                entry = cache.get(key, timeout=CALL_TIMEOUT)
+                if entry is None:
+                    self.count("cache get: miss")
+                    return
+            with entry:
+                if entry.read_bytes() != encoded_of(key):
+                    raise _Violation("the cache gave other bytes of an encoded key",
+                                     key=key, path=entry.path)
+            return
+        key = rng.choice(KEYS)
+        want = audio_of(key)
         if what == "get":
             entry = cache.get(key, timeout=CALL_TIMEOUT)
             if entry is None:
@@ -529,9 +561,13 @@ class Worker(Reporter):
         elif what == "put":
             entry = cache.put(key, want, 16000, timeout=CALL_TIMEOUT)
         else:
+            slow = rng.random() < 0.3  # a render others wait for
+
             def render(writer: WavWriter) -> None:
                 for i in range(0, len(want), 1000):
                     writer.write(want[i:i + 1000])
+                    if slow:
+                        time.sleep(0.005)
 
             entry = cache.get_or_render(key, render, samplerate=16000, timeout=CALL_TIMEOUT)
         with entry:
@@ -806,7 +842,7 @@ class Soak:
 
     def chaos(self, done: threading.Event) -> None:
         """SIGKILL a random worker now and then, and start another in its place."""
-        while not done.wait(self.rng.uniform(0.3, 2.0)):
+        while not done.wait(self.rng.uniform(0.5, 3.0)):
             with self.lock:
                 workers = [p for p in self.procs if p[0] == "worker" and p[1].poll() is None]
                 if not workers:
@@ -909,7 +945,7 @@ def check_cache(counts: collections.Counter[str]) -> list[str]:
                        disk_max_bytes=CACHE_DISK_MAX, timeout=CALL_TIMEOUT)
     try:
         for key, path, _ in cache.entries():
-            if key not in KEYS:
+            if key not in KEYS and key not in ENCODED_KEYS:
                 failures.append(f"the cache has an entry of no key of ours: {path}")
         for key in KEYS:
             entry = cache.get(key, timeout=CALL_TIMEOUT)
@@ -919,6 +955,14 @@ def check_cache(counts: collections.Counter[str]) -> list[str]:
                 counts["end: cache entries"] += 1
                 if entry.array.tobytes() != audio_of(key).tobytes():
                     failures.append(f"the cache's entry of {key} holds other audio")
+        for key in ENCODED_KEYS:
+            entry = cache.get(key, timeout=CALL_TIMEOUT)
+            if entry is None:
+                continue
+            with entry:
+                counts["end: cache entries"] += 1
+                if entry.read_bytes() != encoded_of(key):
+                    failures.append(f"the cache's entry of {key} holds other bytes")
     finally:
         cache.destroy(timeout=CALL_TIMEOUT)
     os.rmdir(CACHE_DISK)
