@@ -480,3 +480,18 @@ def test_a_new_cache_on_a_full_disk_raises_enospc_naming_its_lock_file_and_leave
     assert ("--shm-size" in out["error"]["text"]) == (tier == "ram")
     # Nothing of the cache is left in either tier.
     assert out["shm"] == (["filler"] if tier == "ram" else []) and out["disk"] == []
+
+
+def test_files_that_do_not_fit_the_ram_disk_are_logged_once_not_one_line_and_one_memo_each():
+    # Each message's numbers (its size, the bytes free) made it a new message to log_once:
+    # a process whose files kept falling back logged a warning per file, and remembered
+    # every line for ever (a daemon's memory grew by a line a file).
+    out = run_child("""
+from luna_shm import placement
+for frames in range(40_000, 40_050):
+    os.unlink(write_wav(None, np.zeros(frames, np.int16), 8000))
+report(memos=len(placement._logged))
+""", shm_size="64k")
+    fallbacks = [m for m in out["log"] if "does not fit in /dev/shm" in m]
+    assert len(fallbacks) == 1 and "a file of 80128 bytes" in fallbacks[0], out["log"]
+    assert out["memos"] <= 2, out["log"]

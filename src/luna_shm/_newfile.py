@@ -102,16 +102,19 @@ def directory_for(size_hint: int | None, on_disk: bool) -> str:
     except OSError as exc:  # removed or replaced since the placement was chosen
         placement.log_once(
             f"luna_shm: {chosen.ram_dir} cannot be examined ({exc.strerror}): using "
-            f"{chosen.fallback_dir} for a file of {_bytes_text(size_hint)}"
+            f"{chosen.fallback_dir} for a file of {_bytes_text(size_hint)}",
+            key=f"cannot examine {chosen.ram_dir} ({exc.strerror})",
         )
         return chosen.fallback_dir
     # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
     if info.has_room(size_hint) or _prefault.make_room(chosen.ram_dir, size_hint):
         return chosen.directory
     free = info.bytes_free
+    # Once, for the first such file: a full RAM disk sends every later one too.
     placement.log_once(
         f"luna_shm: a file of {_bytes_text(size_hint)} does not fit in {chosen.ram_dir} "
-        f"({free} bytes free): using {chosen.fallback_dir} for it"
+        f"({free} bytes free): using {chosen.fallback_dir} for it",
+        key=f"a file does not fit in {chosen.ram_dir}",
     )
     return chosen.fallback_dir
 

@@ -193,10 +193,10 @@ class _Reserve:
             if self.enabled:
                 self.wake.notify()
 
-    def note_failure(self, message: str) -> None:
+    def note_failure(self, message: str, key: str) -> None:
         with self.lock:
             self.failures += 1
-        placement.log_once(message, _logging.INFO)
+        placement.log_once(message, _logging.INFO, key=key)
 
     # ---- the refill thread ---------------------------------------------------------------
 
@@ -244,7 +244,8 @@ class _Reserve:
                 if not info.has_room(2 * capacity):
                     placement.log_once(
                         f"luna_shm: prefault reserve: {directory} has {free} bytes free, "
-                        f"less than twice {capacity}: no file prepared there", _logging.INFO)
+                        f"less than twice {capacity}: no file prepared there", _logging.INFO,
+                        key=f"prefault reserve: {directory} short of room")
                     return None
             cell = _lowlevel.fd_cell()
             _lowlevel.prepare_file(directory, MEMFD_NAME, capacity, cell=cell)
@@ -256,7 +257,9 @@ class _Reserve:
             return Prepared(cell, mapping, capacity)
         except OSError as exc:
             self.note_failure(f"luna_shm: prefault reserve: a file of {capacity} bytes "
-                              f"could not be prepared in {directory or 'memfd'}: {exc}")
+                              f"could not be prepared in {directory or 'memfd'}: {exc}",
+                              f"prefault reserve: cannot prepare in {directory or 'memfd'} "
+                              f"({exc.strerror})")
             return None
 
     def _fits(self, key: _Key) -> bool:
@@ -429,9 +432,10 @@ def refill() -> None:
     _reserve.refill()
 
 
-def note_failure(message: str) -> None:
-    """Count and log (once, INFO) a prepared file that could not be used."""
-    _reserve.note_failure(message)
+def note_failure(message: str, key: str) -> None:
+    """Count and log (once a key, INFO: see placement.log_once) a prepared file that
+    could not be used."""
+    _reserve.note_failure(message, key)
 
 
 def retry_if_short(attempt: Callable[[], _T]) -> _T:

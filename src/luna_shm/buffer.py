@@ -141,7 +141,8 @@ class WavBuffer(FileResource):
             if not isinstance(exc, OSError):
                 raise
             _prefault.note_failure(f"luna_shm: a prepared buffer file could not be used "
-                                   f"({exc}): made a new one")
+                                   f"({exc}): made a new one",
+                                   f"a prepared buffer file could not be used ({exc.strerror})")
             return None
 
     def _open_destination(self, path: str | _os.PathLike[str] | None, header: bytes,

@@ -201,12 +201,23 @@ _refreshes = 0  # how many refresh() calls began: a probe begun before one is no
 _logged: set[str] = set()
 
 
-def log_once(message: str, level: int = _logging.WARNING) -> None:
-    """Log message on the luna_shm logger the first time it is seen."""
+def log_once(message: str, level: int = _logging.WARNING, *, key: str | None = None) -> None:
+    """Log message on the luna_shm logger the first time it is seen (until refresh()).
+
+    Args:
+        message: the line to log.
+        level: its logging level.
+        key: what makes it the same event again, when the message carries numbers
+            that change every time (a file's size, the bytes free): only the first
+            message of a key is logged, and only the key is remembered. Without a key
+            every distinct message counts as a new event, and is remembered for as long
+            as the process lives.
+    """
     with _lock:
-        if message in _logged:
+        seen = message if key is None else key
+        if seen in _logged:
             return
-        _logged.add(message)
+        _logged.add(seen)
     logger.log(level, message)
 
 
