@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -867,6 +868,11 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
         run.start("worker")
     run.start("filler")
     run.start("watcher")
+    # The soak's time starts once every process has imported what it needs (each makes
+    # its report file then): on a loaded machine that alone can take seconds.
+    ready = time.monotonic() + SHUTDOWN
+    while len(os.listdir(f"{CTL}/out")) < WORKERS + 2 and time.monotonic() < ready:
+        time.sleep(0.05)
     done = threading.Event()
     chaos = threading.Thread(target=run.chaos, args=(done,))
     chaos.start()
@@ -975,12 +981,34 @@ def main() -> None:
         print(json.dumps(result))
         return
     role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    # The fallback's log lines (a warning each: with no handler, Python's last resort
-    # prints them on stderr, which the soak fails on) are the library's to write.
-    logging.getLogger("luna_shm").addHandler(logging.NullHandler())
-    logging.getLogger("luna_shm").propagate = False
     assert luna_shm.temp_dir() == RAM, luna_shm.temp_dir()
-    {"worker": Worker, "filler": Filler, "watcher": Watcher}[role](ctl, seed).run()
+    process = {"worker": Worker, "filler": Filler, "watcher": Watcher}[role](ctl, seed)
+    # The fallback's log lines (warnings: with no handler, Python's last resort prints
+    # them on stderr, which the soak fails on) are checked here instead: each is logged
+    # once a process, whatever its numbers.
+    logging.getLogger("luna_shm").addHandler(LoggedOnce(process))
+    logging.getLogger("luna_shm").propagate = False
+    process.run()
+
+
+class LoggedOnce(logging.Handler):
+    """A violation when the luna_shm logger says the same thing twice (but for its
+    numbers and names) in one process."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__(logging.DEBUG)
+        self.reporter = reporter
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.INFO:  # DEBUG lines: one a call, by design
+            return
+        message = record.getMessage()
+        kind = re.sub(r"[0-9a-f]{32}|\d+", "N", message)
+        if kind in self.seen:
+            self.reporter.violation("the luna_shm logger said it again", message=message)
+        self.seen.add(kind)
+        self.reporter.count(f"logged: {kind}")
 
 
 if __name__ == "__main__":
