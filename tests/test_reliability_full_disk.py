@@ -495,3 +495,21 @@ report(memos=len(placement._logged))
     fallbacks = [m for m in out["log"] if "does not fit in /dev/shm" in m]
     assert len(fallbacks) == 1 and "a file of 80128 bytes" in fallbacks[0], out["log"]
     assert out["memos"] <= 2, out["log"]
+
+
+def test_a_full_ram_disk_that_refuses_two_producers_is_logged_once_without_the_hint():
+    # The refusal's line quoted the error's own text, which a WavWriter's gives with the
+    # --shm-size hint: "(No space left on device (the RAM disk is full: ...))". And the
+    # line was its own key: the same refusal of a producer whose error has no hint was
+    # logged again (both lines came from one process in the full-disk soak).
+    out = run_child("""
+fill("/dev/shm")
+with WavWriter(None, 8000) as writer:
+    writer.write(DATA[:100])
+with AudioPool(slots=1, max_bytes=4096) as pool:
+    report(slot=pool.write_wav(DATA[:100], 8000).path, writer=writer.path)
+""", shm_size="64k")
+    assert out["writer"].startswith("/tmp/") and out["slot"].startswith("/tmp/")
+    refusals = [m for m in out["log"] if "refused a new file" in m]
+    assert refusals == ["luna_shm: /dev/shm refused a new file (No space left on device): "
+                        "using /tmp for such files"], out["log"]

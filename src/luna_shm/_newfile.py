@@ -362,8 +362,11 @@ def _ram_disk_refused(exc: OSError) -> bool:
         return False
     if _os.path.dirname(exc.filename) != chosen.ram_dir or chosen.fallback_dir == chosen.ram_dir:
         return False
+    # The errno's own words: an error on its way out may carry the --shm-size hint
+    # already, which is the caller's to read, not this line's.
+    reason = _os.strerror(exc.errno)
     placement.log_once(
-        f"luna_shm: {chosen.ram_dir} refused a new file ({exc.strerror}): "
+        f"luna_shm: {chosen.ram_dir} refused a new file ({reason}): "
         f"using {chosen.fallback_dir} for such files"
     )
     return True
