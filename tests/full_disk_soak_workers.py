@@ -19,13 +19,16 @@ Its last line on stdout is a JSON summary: {"seed", "failures", "counts", ...}.
   here is ever stopped, so only a hang runs that out.
 - The filler makes and removes balloon files (``balloon_*``) of random sizes in both dirs,
   so that ENOSPC comes and goes at any step.
-- The watcher scans both dirs at random moments: a file under one of our final names that
-  no process holds (no flock in /proc/locks, before and after it is read) must be empty (a
-  name reserved by get_temp_audio_path(create=True)) or a complete WAV whose RIFF size
-  covers exactly the file; only a WavWriter's stream whose state still says "live" (its
-  writer died: a SIGKILL between its samples and its header store) may have bytes past
-  the RIFF end, and a write_wav(path, atomic=False) in place is not checked (a new file at
-  a given path is written where it is, documented; the worker lists those paths first).
+- The watcher scans both dirs at random moments: a WAV under one of our final names that
+  no process holds (every luna_shm object holds its file with a shared flock: none in
+  /proc/locks, and the watcher gets its exclusive lock without waiting, as a cleanup
+  does, and holds it while it reads) must be empty (a name reserved by
+  get_temp_audio_path(create=True)) or a complete WAV, unchanged while read, whose RIFF
+  size covers exactly the file; only a WavWriter's stream whose state still says "live"
+  (its writer died: a SIGKILL between its samples and its header store) may have bytes
+  past the RIFF end, and a write_wav(path, atomic=False) in place is not checked (a new
+  file at a given path is written where it is, unlocked, documented; the worker lists
+  those paths first).
 
 Every role appends JSON lines to CTL/out/<role>-<pid>.jsonl: {"violation": ...} the moment
 it sees one, {"count": ...} tallies when it stops.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -428,6 +432,17 @@ class Worker(Reporter):
         if named != os.fstat(writer.fileno()).st_ino:
             raise _Violation("a live WavWriter's file was removed or replaced",
                              path=writer.path)
+        # In use: held with a shared flock (a cleanup's exclusive test fails), on the
+        # open file of the writer itself.
+        fd = os.open(writer.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        finally:
+            os.close(fd)
+        raise _Violation("a live WavWriter's file is not locked", path=writer.path,
+                         frames=writer.frames)
 
     def do_pool(self, s: ThreadState) -> None:
         rng = s.rng
@@ -742,32 +757,34 @@ class Watcher(Reporter):
     def check(self, path: str) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (FileNotFoundError, ELOOP_ERRORS):
+        except OSError:  # gone, or a symlink (none of ours)
             return
         try:
-            before = os.fstat(fd)
-            if before.st_size == 0:
+            if os.fstat(fd).st_size == 0:
                 self.count("empty (a reserved name)")
                 return
-            if identity(before) in held_inodes():
+            # /proc/locks first (it disturbs no one), but it is read a page at a time and
+            # skips locks taken or let go of between the pages: a free file is then made
+            # sure of as a cleanup does, by taking its lock exclusively without waiting
+            # (every luna_shm holder holds it shared from before the file has a name).
+            # Held by us while it is read, the file cannot get a luna_shm holder, so
+            # nothing but a write_wav(path) in place (unlocked, documented) may change it.
+            if identity(os.fstat(fd)) in held_inodes():
                 self.count("held")
                 return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.count("held (seen by the lock test)")
+                return
+            before = os.fstat(fd)
             whole = b""
             while chunk := os.pread(fd, 1 << 20, len(whole)):
                 whole += chunk
             after = os.fstat(fd)
-            if identity(after) in held_inodes():
-                self.count("held")
-                return
-            try:
-                still = os.lstat(path)
-            except FileNotFoundError:
-                return
-            if (still.st_ino != after.st_ino or after.st_size != before.st_size
-                    or after.st_mtime_ns != before.st_mtime_ns or len(whole) != after.st_size):
-                self.count("changed while read")
-                return
-            problem = wav_problem(whole)
+            changed = (after.st_size != before.st_size or len(whole) != after.st_size
+                       or after.st_mtime_ns != before.st_mtime_ns)
+            problem = "it changed while it was read" if changed else wav_problem(whole)
             if problem is None:
                 self.count("complete")
                 try:
@@ -787,9 +804,6 @@ class Watcher(Reporter):
                            head=whole[:96].hex())
         finally:
             os.close(fd)
-
-
-ELOOP_ERRORS = OSError  # O_NOFOLLOW on a symlink (none of ours): skipped
 
 
 def wav_problem(whole: bytes) -> str | None:

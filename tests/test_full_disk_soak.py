@@ -24,8 +24,12 @@ What is checked (tests/full_disk_soak_workers.py has the details):
 - no process dies but by the test's SIGKILL (SIGBUS is the worst failure), and none writes
   to stderr (PYTHONDEVMODE: ResourceWarnings count);
 - a watcher process scans both dirs at random moments: a file under one of our final names
-  that no process holds (flock, as every luna_shm object holds its file) is empty (a
-  reserved name) or a complete WAV whose RIFF size covers the whole file;
+  that no process holds (a shared flock, as every luna_shm object holds its file: the
+  watcher takes it exclusively without waiting, as a cleanup does) is empty (a reserved
+  name) or a complete WAV whose RIFF size covers the whole file;
+- a live WavWriter's file stays named and locked; a failed producer at a given path leaves
+  nothing there (a name reserved before the call may stay empty); a failed or closed pool
+  leaves no slot file; the luna_shm logger says its once-a-process lines once;
 - at the end, once every process is gone, one cleanup_all_temp_audio() and new pools'
   reclaims leave nothing of ours but the cache's directories; a fresh AudioCache on them
   gives each key it has that key's exact audio, and its destroy() leaves both dirs empty.
