@@ -160,10 +160,14 @@ class Tier:
         self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
         try:
             self.lock_fd = self._open_lock(LOCK_NAME, dir_cell[0], self.lock_cell)
-            if self.write_error is None:
+            if (self.write_error is None
+                    and _os.fstat(self.lock_fd).st_size < _COUNTERS_FORMAT.size):
                 # The shared counters' page, reserved now: a new lock file has none, and
                 # on a full disk their first write (at the open, or mid-spill or
                 # mid-removal for the disk tier) would fail after the tier had changed.
+                # Only while they were never written: on a filesystem without fallocate
+                # the C library writes zeros where it reads them, which could race with
+                # a counters write of another process.
                 _lowlevel.reserve(self.lock_fd, _COUNTERS_FORMAT.size)
         except BaseException as exc:
             _lowlevel.release(self.lock_cell)
