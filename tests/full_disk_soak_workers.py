@@ -989,22 +989,6 @@ def check_cache(counts: collections.Counter[str]) -> list[str]:
     return failures
 
 
-def main() -> None:
-    if sys.argv[1] == "run":
-        result = soak(int(sys.argv[2]), float(sys.argv[3]))
-        print(json.dumps(result))
-        return
-    role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    assert luna_shm.temp_dir() == RAM, luna_shm.temp_dir()
-    process = {"worker": Worker, "filler": Filler, "watcher": Watcher}[role](ctl, seed)
-    # The fallback's log lines (warnings: with no handler, Python's last resort prints
-    # them on stderr, which the soak fails on) are checked here instead: each is logged
-    # once a process, whatever its numbers.
-    logging.getLogger("luna_shm").addHandler(LoggedOnce(process))
-    logging.getLogger("luna_shm").propagate = False
-    process.run()
-
-
 # The lines luna_shm logs once a process (placement.log_once); others are one an event
 # (an entry the cache could not spill is lost: each says which).
 ONCE = ("refused a new file", "does not fit in", "cannot be examined", "prefault reserve")
@@ -1028,6 +1012,22 @@ class LoggedOnce(logging.Handler):
             self.reporter.violation("the luna_shm logger said it again", message=message)
         self.seen.add(kind)
         self.reporter.count(f"logged: {kind}")
+
+
+def main() -> None:
+    if sys.argv[1] == "run":
+        result = soak(int(sys.argv[2]), float(sys.argv[3]))
+        print(json.dumps(result))
+        return
+    role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    assert luna_shm.temp_dir() == RAM, luna_shm.temp_dir()
+    process = {"worker": Worker, "filler": Filler, "watcher": Watcher}[role](ctl, seed)
+    # The fallback's log lines (warnings: with no handler, Python's last resort prints
+    # them on stderr, which the soak fails on) are checked here instead: each is logged
+    # once a process, whatever its numbers.
+    logging.getLogger("luna_shm").addHandler(LoggedOnce(process))
+    logging.getLogger("luna_shm").propagate = False
+    process.run()
 
 
 if __name__ == "__main__":
