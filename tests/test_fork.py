@@ -287,6 +287,67 @@ def test_a_fork_from_a_signal_handler_that_interrupted_the_reserve_never_hangs(
                                                "thread": False}
 
 
+# Signals that come faster than the reserve's before-fork hook waits for a lock (a daemon
+# whose handler forks a worker for each SIGUSR1 or SIGCHLD): the first arrives while the
+# main thread's own fork is inside that hook, holding the reserve's locks; each handler's
+# fork runs the hook again, nested, in the same thread.
+FORKS_FROM_SIGNALS_INSIDE_THE_FORK_HOOK = """
+import faulthandler, json, os, signal, sys, threading, time
+faulthandler.dump_traceback_later(20, exit=True)
+from luna_shm import _prefault, prefault_wav_buffers
+
+prefault_wav_buffers(per_size=1)
+workers, done = [], threading.Event()
+
+
+def spawn_worker(signum, frame):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    workers.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+
+signal.signal(signal.SIGUSR1, spawn_worker)
+
+
+def inside_the_hook(frame, event, arg):
+    if (event == "c_call" and frame.f_code.co_name == "_before_fork" and not sent
+            and _prefault._reserve.making.locked()):
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def more_signals():  # a signal every 0.2 s, while the main thread's fork is not done
+    while not done.wait(0.2):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+sent = []
+threading.Thread(target=more_signals, daemon=True).start()
+sys.setprofile(inside_the_hook)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+sys.setprofile(None)
+done.set()
+main = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+prefault_wav_buffers(0)
+print(json.dumps({"sent": sent, "main": main, "workers": set(workers) == {0}}))
+"""
+
+
+def test_forks_from_signal_handlers_nested_inside_the_reserves_fork_hook_never_stall(
+        private_dirs) -> None:
+    # Each nested hook waited (1 s) for the reserve's locks the hook it interrupted held,
+    # in the same thread: signals that came faster nested the hooks deeper for ever, while
+    # every thread that took a file from the reserve waited for its lock (the fork soak,
+    # seed 215687993935107's worker). A nested hook also let go of the locks the one it
+    # interrupted had taken.
+    assert run(FORKS_FROM_SIGNALS_INSIDE_THE_FORK_HOOK) == {"sent": [True], "main": 0,
+                                                            "workers": True}
+
+
 TEMP_PATH_BLOCK = """
 import json, os, sys
 from luna_shm import temp_audio_path, write_wav

@@ -488,24 +488,41 @@ def stats() -> PrefaultStats:
 # ---- fork and exit -------------------------------------------------------------------------
 
 
-# The reserve's locks the before-fork hook took (making, then lock), released after the
-# fork in the parent. It waits for each at most _PREPARATION_WAIT seconds: a signal
-# handler that forks (a daemon spawning a worker) may run while this very thread holds
-# the reserve's lock (or while the refill thread, holding making, waits for that lock),
-# and would otherwise wait for itself forever. The child starts with a fresh reserve
-# either way; at worst it keeps copies of the fds of a file not yet registered.
-_taken_for_fork: list[_threading.Lock] = []
+# The reserve's locks each before-fork hook running in this thread took (making, then lock),
+# innermost hook last, released after the fork in the parent. A hook waits for each at most
+# _PREPARATION_WAIT seconds: a signal handler that forks (a daemon spawning a worker) may
+# run while this very thread holds the reserve's lock (or while the refill thread, holding
+# making, waits for that lock), and would otherwise wait for itself forever. A hook that a
+# handler's fork runs inside another hook of this thread (the handler interrupted it) does
+# not wait at all: the locks it would wait for are the interrupted hook's, and signals that
+# came faster than the wait nested the hooks deeper for ever, while every other thread
+# waited for the reserve. The child starts with a fresh reserve either way; at worst it
+# keeps copies of the fds of a file not yet registered.
+_taken_for_fork = _threading.local()
+
+
+def _hooks_in_this_thread() -> list[list[_threading.Lock]]:
+    levels: list[list[_threading.Lock]] | None = getattr(_taken_for_fork, "levels", None)
+    if levels is None:
+        levels = _taken_for_fork.levels = []
+    return levels
 
 
 def _before_fork() -> None:
+    levels = _hooks_in_this_thread()
+    nested = bool(levels)
+    taken: list[_threading.Lock] = []
+    levels.append(taken)
     for lock in (_reserve.making, _reserve.lock):
-        if lock.acquire(timeout=_PREPARATION_WAIT):
-            _taken_for_fork.append(lock)
+        if lock.acquire(timeout=0 if nested else _PREPARATION_WAIT):
+            taken.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    while _taken_for_fork:
-        _taken_for_fork.pop().release()
+    levels = _hooks_in_this_thread()
+    if levels:
+        for lock in reversed(levels.pop()):
+            lock.release()
 
 
 def _after_fork_in_child() -> None:
@@ -513,7 +530,7 @@ def _after_fork_in_child() -> None:
     # and the flocks their open file descriptions hold, as they are. The thread and the
     # held locks do not exist here: a fresh reserve, off.
     global _reserve
-    _taken_for_fork.clear()
+    _taken_for_fork.levels = []  # the parent's hooks' locks are the parent's reserve's
     parents, _reserve = _reserve, _Reserve()
     inherited = parents.items()
     parents.ready.clear()
