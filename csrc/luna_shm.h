@@ -401,7 +401,9 @@ int luna_write_wav_path(const char *dir, const char *path,
  * exclusively) is written, given the name tmp_path, and renamed over path
  * (a regular file or a symlink there is replaced). The new file is 0600, or
  * has the permission bits (0777) of the regular file of this user
- * that it replaces. On failure nothing new is left. Returns 0 or -errno (-EINVAL for a FIFO, socket or device at path,
+ * that it replaces. On failure nothing new is left. A child that another
+ * thread forks meanwhile closes its copy of the new file's fd at once (it
+ * would hold the file's lock for as long as it lived). Returns 0 or -errno (-EINVAL for a FIFO, socket or device at path,
  * before anything is written; -EISDIR for a directory). */
 int luna_write_wav_atomic(const char *dir, const char *path,
                           const char *tmp_path,

@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -134,6 +136,55 @@ int luna_write_wav_path(const char *dir, const char *path,
     return rc < 0 ? rc : crc;
 }
 
+/* The fds of the new files luna_write_wav_atomic holds, flocked, while it
+ * fills and names them (fd + 1; 0 is a free slot). A child that another
+ * thread forks meanwhile has copies of them, and would keep the file's lock
+ * (and, once its name is removed, its RAM) for as long as it lived: every
+ * cleanup would take the file for one in use. The child closes them at once
+ * (pthread_atfork): they are all other threads' (a fork never runs from
+ * inside this call), which the child does not have. A slot is emptied before
+ * its fd is closed, so that a child never closes a number that another thread
+ * reused meanwhile; one forked between the two keeps its copy, as one forked
+ * between the open and the slot's claim does. More writes at once than slots:
+ * the others go unrecorded, as before. */
+#define IN_FLIGHT_SLOTS 64
+static _Atomic int in_flight[IN_FLIGHT_SLOTS];
+
+static void close_in_flight_in_child(void)
+{
+    for (int i = 0; i < IN_FLIGHT_SLOTS; i++) {
+        int held = atomic_exchange(&in_flight[i], 0);
+        if (held > 0)
+            close(held - 1);
+    }
+}
+
+/* Registered when the library is loaded, before any thread can call us. */
+__attribute__((constructor)) static void register_in_flight_hook(void)
+{
+    pthread_atfork(NULL, NULL, close_in_flight_in_child);
+}
+
+/* Record fd as held by this call: the slot to pass to let_go_in_flight, or -1
+ * when every slot is taken (or fd cannot be recorded). */
+static int hold_in_flight(int fd)
+{
+    if (fd < 0 || fd == INT_MAX)
+        return -1;
+    for (int i = 0; i < IN_FLIGHT_SLOTS; i++) {
+        int free_slot = 0;
+        if (atomic_compare_exchange_strong(&in_flight[i], &free_slot, fd + 1))
+            return i;
+    }
+    return -1;
+}
+
+static void let_go_in_flight(int slot)
+{
+    if (slot >= 0 && slot < IN_FLIGHT_SLOTS)
+        atomic_store(&in_flight[slot], 0);
+}
+
 int luna_write_wav_atomic(const char *dir, const char *path,
                           const char *tmp_path,
                           const struct luna_wav_spec *spec,
@@ -163,6 +214,7 @@ int luna_write_wav_atomic(const char *dir, const char *path,
     }
     if (fd < 0)
         return fd;
+    int slot = hold_in_flight(fd); /* a child forked meanwhile closes its copy */
     /* Locked before it has a name: a concurrent cleanup never takes the
      * partial file for an abandoned one. */
     int rc = luna_lock_new_file(fd);
@@ -178,6 +230,7 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         rc = -errno;
     if (rc < 0 && named)
         unlink(tmp_path);
+    let_go_in_flight(slot);
     int crc = luna_close(fd);
     return rc < 0 ? rc : crc;
 }

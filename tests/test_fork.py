@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -38,6 +39,7 @@ from luna_shm import (
     follow_wav,
     get_temp_audio_path,
     iter_wav_stream,
+    write_wav,
 )
 from luna_shm.cache import RenderError
 from luna_shm.pool import reclaim_dead_pool_files
@@ -1056,3 +1058,39 @@ def test_a_child_forked_during_a_moments_flock_on_a_file_holds_neither_the_file_
         for pid in children:
             os.waitpid(pid, 0)
         cache.destroy()
+
+
+@fork_with_threads_is_meant  # the writing thread is there on purpose
+def test_a_child_forked_while_another_thread_writes_a_file_atomically_never_holds_it(
+        private_dirs) -> None:
+    # write_wav(atomic=True) makes, flocks, fills and names the new file inside one C call:
+    # a fork from another thread meanwhile copied that descriptor, and the child kept the
+    # file's lock (and, once it was removed, its RAM) for as long as it lived:
+    # cleanup_temp_audio said "held by a live process" (found by the fork soak). Each try
+    # forks a few ms into a 32 MB write, which takes longer than that.
+    data = np.zeros(16_000_000, np.int16)
+    for _ in range(3):
+        path = get_temp_audio_path(prefix="atomic_")
+        writing = threading.Event()
+
+        def write(path: str = path, writing: threading.Event = writing) -> None:
+            writing.set()
+            write_wav(path, data, 8000, atomic=True)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writing.wait()
+        time.sleep(0.003)
+        stay_read, stay_write = os.pipe()
+        pid = fork_a_helper_that_lives_on(stay_read, stay_write)
+        os.close(stay_read)
+        try:
+            writer.join()
+            inode = os.stat(path).st_ino
+            held = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+                    for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert inode not in held
+            assert cleanup_temp_audio(path) is True  # while the child lives
+        finally:
+            os.close(stay_write)
+            os.waitpid(pid, 0)
