@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <stdio.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -145,8 +146,9 @@ int luna_write_wav_path(const char *dir, const char *path,
  * inside this call), which the child does not have. A slot is emptied before
  * its fd is closed, so that a child never closes a number that another thread
  * reused meanwhile; one forked between the two keeps its copy, as one forked
- * between the open and the slot's claim does. More writes at once than slots:
- * the others go unrecorded, as before. */
+ * between the open and the slot's claim does (without the lock: see the end of
+ * luna_write_wav_atomic). More writes at once than slots: the others go
+ * unrecorded, as before. */
 #define IN_FLIGHT_SLOTS 64
 static _Atomic int in_flight[IN_FLIGHT_SLOTS];
 
@@ -230,6 +232,11 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         rc = -errno;
     if (rc < 0 && named)
         unlink(tmp_path);
+    /* The lock belongs to the open file description, which a child forked in
+     * the instants around the open or the close (its fd table and its memory
+     * are copied one after the other) may share: let go of it for every copy
+     * first, so that no cleanup ever takes the finished file for one in use. */
+    (void)flock(fd, LOCK_UN);
     let_go_in_flight(slot);
     int crc = luna_close(fd);
     return rc < 0 ? rc : crc;
