@@ -15,9 +15,11 @@ that forks workers:
   (get_or_render with renders in progress, put, get), send_wav/recv_wav over
   socketpairs, get_temp_audio_path(create=True), temp_audio_path blocks and
   cleanup_all_temp_audio. Each checks that what it reads back is exact.
-- The main thread makes calls too, and forks at random moments (sometimes inside a
-  temp_audio_path block), and so does its SIGUSR1 handler (sent by a thread of the worker
-  and by this test). Each child, under a watchdog (faulthandler: a hang writes every
+- The main thread makes calls too, and forks at random moments (os.fork, sometimes inside
+  a temp_audio_path block, or a multiprocessing worker of the fork start method), and so
+  does its SIGUSR1 handler (sent by a thread of the worker and by this test). A handler
+  that interrupted a fork's at-fork hooks has its child leave by os._exit: Python only
+  prints an exception that leaves a hook, and the child would go on with the fork. Each child, under a watchdog (faulthandler: a hang writes every
   thread's stack and exits), uses what it inherited (each use must raise RuntimeError
   naming the parent's pid and the child's, but the AudioCache's: README, Limits, a forked
   child may use its parent's AudioCache), makes and uses its own objects of every kind
