@@ -30,6 +30,7 @@ from helpers import (
 )
 from luna_shm import (
     AudioCache,
+    WavBuffer,
     WavWriter,
     afollow_wav,
     cache_key,
@@ -1093,4 +1094,61 @@ def test_a_child_forked_while_another_thread_writes_a_file_atomically_never_hold
             assert cleanup_temp_audio(path) is True  # while the child lives
         finally:
             os.close(stay_write)
+            os.waitpid(pid, 0)
+
+
+def forking_as_returns(function: str, children: list[int], stay_read: int,
+                       stay_write: int):  # type: ignore[no-untyped-def]
+    """A profile hook that forks a child that lives on (once) as the function called
+    function returns."""
+    def hook(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "return" and frame.f_code.co_name == function and not children:
+            children.append(fork_a_helper_that_lives_on(stay_read, stay_write))
+    return hook
+
+
+# Each a new file that a call makes, flocked, before the object that will own it exists
+# (or, for write_wav(None), for the whole write): the call, and the function that returns
+# the file's descriptor to it.
+MADE_FILES: dict[str, tuple[str, Callable[[], str]]] = {
+    "write_wav(None)": ("create_unnamed_temp_file",
+                        lambda: write_wav(None, np.zeros(100, np.int16), 8000)),
+    "create_wav_buffer": ("create_unnamed_temp_file",
+                          lambda: closed_path(create_wav_buffer(100, 8000))),
+    "WavWriter(None)": ("create_unnamed_temp_file", lambda: closed_path(WavWriter(None, 8000))),
+    "WavWriter(path)": ("open_destination", lambda: closed_path(
+        WavWriter(get_temp_audio_path(prefix="given_"), 8000))),
+}
+
+
+def closed_path(thing: WavWriter | WavBuffer) -> str:
+    thing.close()
+    return thing.path
+
+
+@pytest.mark.parametrize("call", MADE_FILES)
+def test_a_child_forked_while_a_call_makes_a_file_never_holds_it(private_dirs, call) -> None:
+    # The descriptor of a new file, flocked from its creation, was copied by a fork before
+    # the object that owns it (which closes a child's copies at the fork) existed, or
+    # during the whole of a write_wav(None): the child kept the file's lock for as long as
+    # it lived, and cleanup_temp_audio said "held by a live process" after the parent
+    # closed it (found while checking the fork soak's finding in write_wav(atomic=True)).
+    function, make = MADE_FILES[call]
+    stay_read, stay_write = os.pipe()
+    children: list[int] = []
+    sys.setprofile(forking_as_returns(function, children, stay_read, stay_write))
+    try:
+        path = make()
+    finally:
+        sys.setprofile(None)
+    os.close(stay_read)
+    try:
+        assert children, f"{function} never returned"
+        pid = children[0]
+        held = {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert os.stat(path).st_ino not in held
+        assert cleanup_temp_audio(path) is True  # while the child lives
+    finally:
+        os.close(stay_write)
+        for pid in children:
             os.waitpid(pid, 0)
