@@ -264,7 +264,21 @@ class Worker:
     def move_plain(self, rng: random.Random) -> str | None:
         data = audio_of(rng.getrandbits(32), rng.randrange(1, 3000), rng.choice([1, 2]))
         atomic = rng.random() < 0.3
-        path = write_wav(get_temp_audio_path(prefix=PLAIN_PREFIX), data, 16000, atomic=atomic)
+        # None: a new luna_audio_ file, which another thread's cleanup_all_temp_audio may
+        # remove before it is read (documented: nothing holds it): read at once, checked
+        # only when still there.
+        given = rng.random() < 0.7
+        path = write_wav(get_temp_audio_path(prefix=PLAIN_PREFIX) if given else None, data,
+                         16000, atomic=atomic)
+        if not given:
+            try:
+                got = read_wav(path, mmap=False)[0]
+            except FileNotFoundError:
+                return None
+            if cleanup_temp_audio(path) is not True and os.path.exists(path):
+                return (f"cleanup_temp_audio of an unheld file of ours (write_wav(None), "
+                        f"atomic={atomic}): not removed: {path}; held by {holders(path)}")
+            return exactly("read_wav", got, data)
         got, rate = read_wav(path, mmap=rng.random() < 0.5)
         problem = exactly("read_wav", got, data) or (None if rate == 16000 else "rate")
         del got

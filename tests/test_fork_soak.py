@@ -19,10 +19,11 @@ that forks workers:
   a temp_audio_path block, or a multiprocessing worker of the fork start method), and so
   does its SIGUSR1 handler (sent by a thread of the worker and by this test). A handler
   that interrupted a fork's at-fork hooks has its child leave by os._exit: Python only
-  prints an exception that leaves a hook, and the child would go on with the fork. Each child, under a watchdog (faulthandler: a hang writes every
-  thread's stack and exits), uses what it inherited (each use must raise RuntimeError
-  naming the parent's pid and the child's, but the AudioCache's: README, Limits, a forked
-  child may use its parent's AudioCache), makes and uses its own objects of every kind
+  prints an exception that leaves a hook, and the child would go on with the fork. Each
+  child, under a watchdog (faulthandler: a hang writes every thread's stack and exits),
+  uses what it inherited (each use must raise RuntimeError naming the parent's pid and the
+  child's, but the AudioCache's: README, Limits, a forked child may use its parent's
+  AudioCache), makes and uses its own objects of every kind
   above (in one or two threads, the reserve on or not), then closes or drops what it
   inherited, or not, and leaves by sys.exit, the end of the script, os._exit or an
   exception (from a signal handler, these unwind the parent's call the handler
