@@ -135,6 +135,20 @@ def holders(path: str) -> list[str]:
     return found
 
 
+def removed(path: str) -> bool:
+    """cleanup_temp_audio(path) of a file nothing of ours holds any more: True, or False
+    for at most a few seconds (then it is gone, or someone holds it for real). A child
+    forked in the instant holds copies of the fds of the moment until its at-fork hooks
+    close them, its first steps (README, Limits: Fork), which a loaded machine delays."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        if cleanup_temp_audio(path) is True or not os.path.exists(path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
 def content(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -275,14 +289,14 @@ class Worker:
                 got = read_wav(path, mmap=False)[0]
             except FileNotFoundError:
                 return None
-            if cleanup_temp_audio(path) is not True and os.path.exists(path):
+            if not removed(path):
                 return (f"cleanup_temp_audio of an unheld file of ours (write_wav(None), "
                         f"atomic={atomic}): not removed: {path}; held by {holders(path)}")
             return exactly("read_wav", got, data)
         got, rate = read_wav(path, mmap=rng.random() < 0.5)
         problem = exactly("read_wav", got, data) or (None if rate == 16000 else "rate")
         del got
-        if cleanup_temp_audio(path) is not True:
+        if not removed(path):
             return (f"cleanup_temp_audio of an unheld file of ours (write_wav, atomic="
                     f"{atomic}): not removed: {path}; held by {holders(path)}")
         return problem
@@ -392,7 +406,7 @@ class Worker:
             path = get_temp_audio_path(prefix=PLAIN_PREFIX, create=True)
             if os.stat(path).st_size != 0:
                 return f"get_temp_audio_path(create=True): not empty: {path}"
-            if cleanup_temp_audio(path) is not True:
+            if not removed(path):
                 return (f"cleanup_temp_audio of an unheld file of ours (create=True): not "
                         f"removed: {path}; held by {holders(path)}")
             return None
@@ -481,6 +495,10 @@ class Worker:
         # collected unclosed. Not luna_shm's: its objects warn "unclosed WavBuffer ...".
         warnings.filterwarnings("ignore", "unclosed <socket", ResourceWarning)
         warnings.filterwarnings("ignore", "unclosed file <_io", ResourceWarning)
+        # The same inside luna_shm: a cleanup's `with os.scandir(dir_fd) as entries:` that
+        # the handler interrupted between the call and the with (no Python code can close
+        # that window for an exception a signal handler raises).
+        warnings.filterwarnings("ignore", "unclosed scandir iterator", ResourceWarning)
         # An fd, not a file object: one the child leaves open would warn at its exit.
         hang = os.open(os.path.join(self.ctl, "err", f"hang-{os.getpid()}.txt"),
                        os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
