@@ -135,16 +135,35 @@ def holders(path: str) -> list[str]:
     return found
 
 
-def removed(path: str) -> bool:
+def holder_pids(path: str) -> set[int]:
+    """The pids of the processes with an fd of path open."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return set()
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode:
+                        found.add(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def removed(path: str, started: Callable[[], set[int]]) -> bool:
     """cleanup_temp_audio(path) of a file nothing of ours holds any more: True, or False
-    for at most a few seconds (then it is gone, or someone holds it for real). A child
-    forked in the instant holds copies of the fds of the moment until its at-fork hooks
-    close them, its first steps (README, Limits: Fork), which a loaded machine delays."""
+    while a child forked in the instant has not yet closed its copies of the fds of the
+    moment: its at-fork hooks do, its first steps (README, Limits: Fork), which a loaded
+    machine delays. A holder that started (past its hooks: started() has its pid) holds
+    it for real: False at once. At most a few seconds in all."""
     deadline = time.monotonic() + 5.0
     while True:
         if cleanup_temp_audio(path) is True or not os.path.exists(path):
             return True
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or holder_pids(path) & started():
             return False
         time.sleep(0.01)
 
@@ -289,14 +308,14 @@ class Worker:
                 got = read_wav(path, mmap=False)[0]
             except FileNotFoundError:
                 return None
-            if not removed(path):
+            if not removed(path, self.started_children):
                 return (f"cleanup_temp_audio of an unheld file of ours (write_wav(None), "
                         f"atomic={atomic}): not removed: {path}; held by {holders(path)}")
             return exactly("read_wav", got, data)
         got, rate = read_wav(path, mmap=rng.random() < 0.5)
         problem = exactly("read_wav", got, data) or (None if rate == 16000 else "rate")
         del got
-        if not removed(path):
+        if not removed(path, self.started_children):
             return (f"cleanup_temp_audio of an unheld file of ours (write_wav, atomic="
                     f"{atomic}): not removed: {path}; held by {holders(path)}")
         return problem
@@ -406,7 +425,7 @@ class Worker:
             path = get_temp_audio_path(prefix=PLAIN_PREFIX, create=True)
             if os.stat(path).st_size != 0:
                 return f"get_temp_audio_path(create=True): not empty: {path}"
-            if not removed(path):
+            if not removed(path, self.started_children):
                 return (f"cleanup_temp_audio of an unheld file of ours (create=True): not "
                         f"removed: {path}; held by {holders(path)}")
             return None
@@ -503,6 +522,12 @@ class Worker:
         hang = os.open(os.path.join(self.ctl, "err", f"hang-{os.getpid()}.txt"),
                        os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         faulthandler.dump_traceback_later(WATCHDOG, exit=True, file=hang)
+        self.report(event="child started")  # past its at-fork hooks
+
+    def started_children(self) -> set[int]:
+        """The children of this worker that ran their at-fork hooks."""
+        with open(os.path.join(self.ctl, "out", f"{self.pid}.jsonl")) as out:
+            return {json.loads(line)["pid"] for line in out if '"child started"' in line}
 
     def multiprocessing_child(self, plan: dict[str, Any], parent: int) -> None:
         """The target of a multiprocessing worker (fork start method)."""
