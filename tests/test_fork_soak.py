@@ -14,7 +14,9 @@ that forks workers:
   iter_wav_stream as another thread writes them, an AudioCache shared by every worker
   (get_or_render with renders in progress, put, get), send_wav/recv_wav over
   socketpairs, get_temp_audio_path(create=True), temp_audio_path blocks and
-  cleanup_all_temp_audio. Each checks that what it reads back is exact.
+  cleanup_all_temp_audio. Each checks that what it reads back is exact, and that
+  cleanup_temp_audio removes a file nothing holds any more (retried for a few seconds only
+  while a holder is a child not yet past its at-fork hooks, which close its copies).
 - The main thread makes calls too, and forks at random moments (os.fork, sometimes inside
   a temp_audio_path block, or a multiprocessing worker of the fork start method), and so
   does its SIGUSR1 handler (sent by a thread of the worker and by this test). A handler
