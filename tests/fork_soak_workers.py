@@ -168,6 +168,18 @@ def removed(path: str, started: Callable[[], set[int]]) -> bool:
         time.sleep(0.01)
 
 
+def swallows_exceptions(frame: Any) -> bool:
+    """Whether the code a signal handler interrupted (frame and its callers) runs where
+    Python ignores (prints) an exception: a weakref callback or finalizer, a __del__."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith(
+                ("/weakref.py", "/_weakrefset.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def content(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -687,6 +699,12 @@ class Worker:
         if os.getpid() != self.pid:
             return  # a child's copy of the handler (the signal was meant for the parent)
         plan = self.plan(self.handler_rng)
+        if swallows_exceptions(frame) and plan["leave"] != "os._exit":
+            # The handler interrupted a weakref callback, a finalizer or a __del__ (the
+            # gc runs them in any thread): Python only prints an exception that leaves
+            # one, so the child would go on with its parent's code. Not luna_shm's.
+            plan["leave"] = "os._exit"
+            self.count("child of a handler inside a callback: leaves by os._exit")
         if self.forking and plan["leave"] != "os._exit":
             # The handler interrupted a fork's at-fork hooks (the reserve's before-fork
             # hook waits for its locks; logging's): Python ignores (prints) an exception
