@@ -632,6 +632,19 @@ class Worker:
             gc.collect()
         self.report(event="child", plan=plan)  # the watchdog watches the exit too
         leave = plan["leave"]
+        code = int(EXPECTED_EXIT[leave])
+        default_hook = sys.unraisablehook
+
+        def left_anyway(unraisable: Any) -> None:
+            # The leave went through a place where Python only prints an exception (a
+            # weakref callback such as importlib's module-lock one, a finalizer, an at-fork
+            # hook, a __del__ that the handler interrupted): leave as planned from here,
+            # rather than go on with the parent's code. Not luna_shm's.
+            if isinstance(unraisable.exc_value, (LeaveByEnd, ChildFails, SystemExit)):
+                os._exit(code)
+            default_hook(unraisable)
+
+        sys.unraisablehook = left_anyway
         if leave == "os._exit":
             os._exit(0)
         if leave == "sys.exit":
