@@ -16,6 +16,7 @@ holds are given back first, before a size hint or a failure sends a file to disk
 from __future__ import annotations
 
 import errno as _errno
+import fcntl as _fcntl
 import os as _os
 import re as _re
 import stat as _stat
@@ -284,6 +285,15 @@ def fill(new: NewFile, write: Callable[[int, str], None]) -> str:
     except BaseException:
         drop(new)
         raise
+    try:
+        # The lock let go of first, for every copy of the open file: a child that another
+        # thread forks during the close may copy the fd before the cell says it is closed
+        # (a fork copies the fd table, then the memory), and would keep the file "in use"
+        # to every cleanup for as long as it lived. Nobody else has this fd. (Should the
+        # unlock fail, the close lets go of the lock all the same.)
+        _fcntl.flock(new.cell[0], _fcntl.LOCK_UN)
+    except OSError:
+        pass
     try:
         _lowlevel.release(new.cell)
     except OSError as exc:
