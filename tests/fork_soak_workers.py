@@ -158,12 +158,22 @@ def removed(path: str, started: Callable[[], set[int]]) -> bool:
     while a child forked in the instant has not yet closed its copies of the fds of the
     moment: its at-fork hooks do, its first steps (README, Limits: Fork), which a loaded
     machine delays. A holder that started (past its hooks: started() has its pid) holds
-    it for real: False at once. At most a few seconds in all."""
-    deadline = time.monotonic() + 5.0
+    it for real when it still does 0.5 s later: a child's own cleanup_all_temp_audio takes
+    the file's flock for the instant of its test (and then removes it). At most a few
+    seconds in all."""
+    now = time.monotonic()
+    deadline, started_holder_since = now + 5.0, None
     while True:
         if cleanup_temp_audio(path) is True or not os.path.exists(path):
             return True
-        if time.monotonic() > deadline or holder_pids(path) & started():
+        now = time.monotonic()
+        if not holder_pids(path) & started():
+            started_holder_since = None
+        elif started_holder_since is None:
+            started_holder_since = now
+        elif now - started_holder_since > 0.5:
+            return False
+        if now > deadline:
             return False
         time.sleep(0.01)
 
