@@ -172,8 +172,11 @@ class Tier:
         except BaseException as exc:
             _lowlevel.release(self.lock_cell)
             self.lock_fd = -1
+            # Only an empty directory goes: a lock file made here stays, as another
+            # process may have opened it since (or be about to make it in this directory,
+            # through its own open of the directory): an unlinked lock file would split the
+            # cache's lock in two. Its counters page is reserved by the next open.
             if self.made:
-                unlink_quietly(self.path(LOCK_NAME))
                 rmdir_quietly(self.directory)
             if isinstance(exc, OSError):  # named by dir_fd: say where
                 raise _newfile.explain_full_disk(
