@@ -114,12 +114,12 @@ def held_by_someone(path: str) -> bool:
     return False
 
 
-def holders(path: str) -> list[str]:
-    """The processes with an fd of path open (pid, and whose child it is), to explain."""
+def _fds_open_on(path: str) -> list[tuple[str, str]]:
+    """(pid, fd) of every fd of every process that has path's file open."""
     try:
         inode = os.stat(path).st_ino
-    except OSError as exc:
-        return [f"{type(exc).__name__}: {exc}"]
+    except OSError:
+        return []
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -127,30 +127,32 @@ def holders(path: str) -> list[str]:
         try:
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode:
-                    with open(f"/proc/{pid}/stat") as stat:
-                        parent = stat.read().rsplit(")", 1)[1].split()[1]
-                    found.append(f"pid {pid} (child of {parent}) fd {fd}")
+                    found.append((pid, fd))
         except OSError:
             pass
     return found
 
 
+def holders(path: str) -> list[str]:
+    """The processes with an fd of path open (pid, and whose child it is), to explain."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return [f"{type(exc).__name__}: {exc}"]
+    found = []
+    for pid, fd in _fds_open_on(path):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = stat.read().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        found.append(f"pid {pid} (child of {parent}) fd {fd}")
+    return found
+
+
 def holder_pids(path: str) -> set[int]:
     """The pids of the processes with an fd of path open."""
-    try:
-        inode = os.stat(path).st_ino
-    except OSError:
-        return set()
-    found = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.stat(f"/proc/{pid}/fd/{fd}").st_ino == inode:
-                        found.add(int(pid))
-            except OSError:
-                pass
-    return found
+    return {int(pid) for pid, _ in _fds_open_on(path)}
 
 
 def removed(path: str, started: Callable[[], set[int]]) -> bool:
