@@ -1904,6 +1904,14 @@ WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO = """
 """
 
 
+def _fd_target(pid: int, fd: str) -> str | None:
+    """What pid's fd names now, or None once it is closed."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
 def _render_unstored_with_a_waiter(cache: AudioCache, key: str, private_dirs: Any
                                    ) -> tuple[Any, subprocess.Popen[str]]:
     """Render key (too large for cache: kept unstored) while a child process waits for the
@@ -1918,7 +1926,9 @@ def _render_unstored_with_a_waiter(cache: AudioCache, key: str, private_dirs: An
         waiter = spawn(private_dirs,
                        CACHE_FILES_OPEN + WAITER_STOPPED_BEFORE_TAKING_THE_UNSTORED_AUDIO)
         end = time.monotonic() + 60  # until it waits for our render (it has its file)
-        while not any(os.path.realpath(f"/proc/{waiter.pid}/fd/{fd}") == live
+        # os.readlink, not realpath: an fd the starting child closes between the listing
+        # and the look is gone (realpath raised FileNotFoundError there, in CI).
+        while not any(_fd_target(waiter.pid, fd) == live
                       for fd in os.listdir(f"/proc/{waiter.pid}/fd")):
             assert waiter.poll() is None and time.monotonic() < end, "no waiter came"
             time.sleep(0.005)
