@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -990,6 +991,60 @@ def test_a_forked_child_drops_a_followers_fds_and_refuses_to_iterate_it(
     while block := follower.more():
         rest += block
     assert rest == np.full(50, 2, np.int16).tobytes()
+    follower.close()
+    os.unlink(writer.path)
+
+
+def wait_until_polling(thread: threading.Thread) -> None:
+    """Return once thread sleeps in the kernel's poll (a follower's wait, or an event
+    loop's epoll_wait), at most 30 s from now."""
+    deadline = time.monotonic() + 30
+    wchan = pathlib.Path(f"/proc/self/task/{thread.native_id}/wchan")
+    while "poll" not in wchan.read_text():
+        assert time.monotonic() < deadline, "the thread never waited in poll"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("kind", ["follow_wav", "afollow_wav", "iter_wav_stream"])
+def test_a_child_forked_while_another_thread_waits_in_a_follower_refuses_it_naming_the_parent(
+        private_dirs, kind) -> None:
+    # Found by the fork soak: a child forked while another thread of its parent waited
+    # inside a follow_wav or iter_wav_stream generator inherited the generator marked
+    # "running", and Python refused it with "generator already executing" (ValueError)
+    # before our owner check could run; an afollow_wav that a task awaited said "already
+    # being iterated (by another task)". Each now raises the RuntimeError naming the parent.
+    writer = WavWriter(None, 8000)
+    writer.write(np.full(100, 1, np.int16))
+    follower = Follower(kind, writer.path)
+    assert follower.more() == np.full(100, 1, np.int16).tobytes()
+    blocks: list[bytes] = []
+    waiting = threading.Thread(target=lambda: blocks.append(follower.more()))
+    waiting.start()
+    reported = b""
+    try:
+        wait_until_polling(waiting)
+        stay_read, stay_write = os.pipe()
+        result_read, result_write = os.pipe()
+        pid = fork_a_helper_that_lives_on(stay_read, stay_write, then=follower.in_child,
+                                          report=result_write)
+        os.close(stay_read)
+        os.close(result_write)
+        os.close(stay_write)
+        with os.fdopen(result_read, "rb") as result:
+            reported = result.read()
+        if not reported:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    finally:
+        writer.write(np.full(50, 2, np.int16))  # the parent's waiting thread follows on
+        writer.close()
+        waiting.join(timeout=30)
+    assert reported.decode() == (
+        f"RuntimeError: {kind} {writer.path!r} belongs to process {os.getpid()}, which "
+        f"made it; this process ({pid}) is a forked child and cannot use it: make a new "
+        "one here")
+    assert blocks == [np.full(50, 2, np.int16).tobytes()]
+    assert follower.more() == b""
     follower.close()
     os.unlink(writer.path)
 

@@ -37,7 +37,7 @@ import fcntl as _fcntl
 import os as _os
 import time as _time
 from collections.abc import Generator, Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -45,6 +45,8 @@ from luna_shm import _lowlevel, _resource, formats
 from luna_shm.errors import StreamAbandoned, WavError
 
 __all__ = ["AsyncFollower", "afollow_wav", "follow_wav", "iter_wav_stream"]
+
+_T = TypeVar("_T")
 
 # A block is at most this many bytes (a follower that starts after a long
 # stream is written gets it in pieces of bounded size).
@@ -540,7 +542,44 @@ def follow_wav(path: str | _os.PathLike[str], *,
     """
     path_str = _follow_path(path)
     limit = formats.check_timeout(timeout)
-    return _follow_sync(path_str, limit)
+    return _Follower(_follow_sync(path_str, limit), "follow_wav", path_str)
+
+
+class _Follower(_resource.OwnedHere, Iterator[_T]):
+    """What follow_wav and iter_wav_stream return: their generator, behind an owner check.
+
+    The check runs before the generator is resumed, because a child forked while another
+    thread of its parent was inside the generator inherits it marked "running", and
+    Python would refuse it there with "generator already executing" (ValueError) before
+    any of our code ran. It belongs to the process that started iterating it.
+    """
+
+    __slots__ = ("_owner", "_path", "_steps", "_what")
+
+    def __init__(self, steps: Generator[_T, None, None], what: str, path: str) -> None:
+        self._steps = steps
+        self._what = what
+        self._path = path
+        self._owner: int | None = None
+
+    def __iter__(self) -> _Follower[_T]:
+        return self
+
+    def __next__(self) -> _T:
+        if self._owner is None:
+            self._owner = _resource.current_pid
+        else:
+            _check_owner(self._owner, self._what, self._path)
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop following and close the follower's fds now, as a generator's close().
+        In a forked child, which closed its copies at the fork, it does nothing."""
+        if self._owner is None or self._owner == _resource.current_pid:
+            self._steps.close()
+
+    def __repr__(self) -> str:
+        return f"<{self._what} {self._path!r}>"
 
 
 def _wake(wait: _Wait, timeout: float | None) -> _Woken:
@@ -560,8 +599,7 @@ def _wake(wait: _Wait, timeout: float | None) -> _Woken:
                   size, counted)
 
 
-def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
-    owner = _resource.current_pid
+def _follow_sync(path: str, timeout: float | None) -> Generator[np.ndarray, None, None]:
     core = _core(path, timeout)
     try:
         step = next(core)
@@ -570,12 +608,10 @@ def _follow_sync(path: str, timeout: float | None) -> Iterator[np.ndarray]:
                 step = core.send(_wake(step, step.timeout))
             elif isinstance(step, _Held):
                 yield step.block
-                _check_owner(owner, "follow_wav", path)
                 step = next(core)
             else:
                 if step.nbytes:
                     yield _block(step, path)
-                    _check_owner(owner, "follow_wav", path)
                 step = next(core)
     except StopIteration:
         return
@@ -632,6 +668,8 @@ class AsyncFollower(_resource.OwnedHere):
 
     async def __anext__(self) -> np.ndarray:
         core = self._core
+        if self._started:  # first: a forked child may inherit _busy set by a parent's task
+            _check_owner(self._owner, "afollow_wav", self._path)
         if self._busy:
             raise RuntimeError(f"afollow_wav {self._path!r} is already being iterated "
                                "(by another task)")
@@ -639,8 +677,6 @@ class AsyncFollower(_resource.OwnedHere):
             raise StopAsyncIteration
         self._busy = True
         try:
-            if self._started:
-                _check_owner(self._owner, "afollow_wav", self._path)
             self._started = True
             block = await self._next_block(core)
         except BaseException:  # the follower ends with its error (CancelledError too)
@@ -766,12 +802,12 @@ def iter_wav_stream(path: str | _os.PathLike[str], *, header: Literal["wav", "ra
     piece_frames = (None if chunk_frames is None
                     else formats.check_int("chunk_frames", chunk_frames, minimum=1))
     limit = formats.check_timeout(timeout)
-    return _stream_bytes(path_str, header == "wav", piece_frames, limit)
+    return _Follower(_stream_bytes(path_str, header == "wav", piece_frames, limit),
+                     "iter_wav_stream", path_str)
 
 
 def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
-                  timeout: float | None) -> Iterator[bytes]:
-    owner = _resource.current_pid
+                  timeout: float | None) -> Generator[bytes, None, None]:
     core = _core(path, timeout)
     pending = bytearray()
     piece = 0
@@ -785,7 +821,6 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
             assert isinstance(step, _Range)  # no prefetch asked for: no _Held
             if not sent_header:
                 yield streamed_wav_header(step.info)
-                _check_owner(owner, "iter_wav_stream", path)
                 sent_header = True
             if not step.nbytes:
                 step = next(core)
@@ -795,13 +830,11 @@ def _stream_bytes(path: str, with_header: bool, chunk_frames: int | None,
                 raise WavError(f"{path}: file shrank while it was being read")
             if chunk_frames is None:
                 yield data
-                _check_owner(owner, "iter_wav_stream", path)
             else:
                 piece = chunk_frames * step.info.block_align
                 pending += data
                 while len(pending) >= piece:
                     yield bytes(pending[:piece])
-                    _check_owner(owner, "iter_wav_stream", path)
                     del pending[:piece]
             step = next(core)
     except StopIteration:
