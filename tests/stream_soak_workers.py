@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from soak_worker import DTYPES, Reporter, private_dirs_only, seeded_audio
 
 import luna_shm
 from luna_shm import (
@@ -59,41 +60,22 @@ SLOW_STEP = 5.0
 # The pools' two prefixes: the default one (cleanup_all_temp_audio removes a dead pool's
 # slots) and one that only a new pool's reclaim removes.
 POOL_PREFIXES = ("luna_audio_", "soakpool_")
-DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 
 
 def stream_signal(seed: int, frames: int, channels: int, dtype: str) -> np.ndarray:
     """The audio of a stream, a function of its seed: (frames, channels) of dtype."""
-    rng = np.random.default_rng(seed)
-    shape = (frames, channels)
-    if dtype.startswith("float"):
-        return (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    return seeded_audio(seed, frames, channels, dtype).reshape(frames, channels)
 
 
-class Worker:
-    """What every role shares: its rng, its report file, the stop flag."""
+class Worker(Reporter):
+    """What every role shares: its rng, its report file (out/ROLE-PID.jsonl), the stop
+    flag, and its loop of steps."""
 
     def __init__(self, role: str, ctl: str, seed: int) -> None:
-        self.role = role
-        self.ctl = ctl
+        super().__init__(role, ctl)
         self.rng = random.Random(seed)
         self.seed = seed
-        out = os.path.join(ctl, "out", f"{role}-{os.getpid()}.jsonl")
-        self._out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.report(event="start", seed=seed)
-
-    def report(self, **record: Any) -> None:
-        """One JSON line, written at once (a worker may be killed at any moment)."""
-        record.update(role=self.role, pid=os.getpid())
-        os.write(self._out, (json.dumps(record) + "\n").encode())
-
-    def violation(self, what: str, **details: Any) -> None:
-        self.report(violation=what, **details)
-
-    def stopping(self) -> bool:
-        return os.path.exists(os.path.join(self.ctl, "stop"))
 
     def run(self) -> None:
         while not self.stopping():
@@ -498,7 +480,7 @@ ROLES: dict[str, Callable[[str, str, int], Worker]] = {
 
 def main() -> None:
     role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    assert luna_shm.temp_dir().startswith(os.environ["LUNA_SHM_DIR"])
+    private_dirs_only()  # the cleaner removes every unused file of ours in them
     ROLES[role](role, ctl, seed).run()
 
 

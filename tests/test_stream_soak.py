@@ -33,16 +33,22 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soak import (
+    Soak,
+    assert_soak_passed,
+    make_ctl,
+    names_left,
+    read_records,
+    soak_settings,
+    sweep,
+    violations,
+)
+
 from helpers import LIBRARY_PATH
-from luna_shm import AudioPool, cleanup_all_temp_audio
 
 WORKERS = str(Path(__file__).resolve().parent / "stream_soak_workers.py")
 ROLES = {"writer": 2, "follower": 3, "pool": 2, "cleaner": 1}
@@ -50,116 +56,23 @@ LONGEST_STOP = 2.0  # seconds; the followers' timeout (10 s) is far above it
 SHUTDOWN = 90.0  # seconds a worker has to finish once told to stop: a hang, not a pace
 
 
-@dataclass
-class Soak:
-    """The running workers, and what the chaos thread did to them."""
-
-    ctl: Path
-    env: dict[str, str]
-    rng: random.Random
-    workers: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    killed: set[int] = field(default_factory=set)
-    ended: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    stops: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self, role: str) -> None:
-        seed = self.rng.getrandbits(48)
-        err = open(self.ctl / "err" / f"{role}-{seed}.txt", "wb")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen([sys.executable, WORKERS, role, str(self.ctl), str(seed)],
-                                    env=self.env, stdout=err, stderr=err)
-        finally:
-            err.close()
-        proc.err_path = err.name  # type: ignore[attr-defined]
-        self.workers.append((role, proc))
-
-    def chaos(self, done: threading.Event) -> None:
-        """SIGKILL a random worker (and start another in its place), or SIGSTOP one for
-        0.1-2 s, again and again until done."""
-        rng = self.rng
-        while not done.wait(rng.uniform(0.2, 0.8)):
-            with self.lock:
-                index = rng.randrange(len(self.workers))
-                role, proc = self.workers[index]
-                if proc.poll() is not None:  # it ended by itself (a writer's own SIGKILL)
-                    self.ended.append(self.workers.pop(index))
-                    self.start(role)
-                    continue
-                if rng.random() < 0.35:
-                    self.killed.add(proc.pid)
-                    proc.kill()
-                    proc.wait()
-                    self.ended.append(self.workers.pop(index))
-                    self.start(role)
-                    continue
-            os.kill(proc.pid, signal.SIGSTOP)
-            self.stops += 1
-            try:
-                done.wait(rng.uniform(0.1, LONGEST_STOP))
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-
-
-def _records(ctl: Path) -> list[dict[str, Any]]:
-    records = []
-    for out in sorted((ctl / "out").iterdir()):
-        for line in out.read_text(encoding="utf-8").splitlines():
-            records.append(json.loads(line))  # a killed worker's lines are whole: one write
-    return records
-
-
 def test_streams_pools_and_cleanups_soaked_with_kills_and_stops_break_no_promise(
         private_dirs, tmp_path) -> None:
-    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
-    seconds = float(os.environ.get("LUNA_SOAK_SECONDS") or 25)
-    print(f"stream soak: seed {seed}, {seconds} s (again: LUNA_SOAK_SEED={seed})")
-    ctl = tmp_path / "ctl"
-    for sub in ("out", "err"):
-        (ctl / sub).mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=LIBRARY_PATH)
-    soak = Soak(ctl, env, random.Random(seed))
-    for role, count in ROLES.items():
-        for _ in range(count):
-            soak.start(role)
-    done = threading.Event()
-    chaos = threading.Thread(target=soak.chaos, args=(done,))
-    chaos.start()
-    try:
-        done.wait(seconds)
-    finally:
-        done.set()
-        chaos.join()
-        (ctl / "stop").touch()
-        stopping = time.monotonic()
-        # Writers first: their streams end, so the followers' follows end too.
-        hung = []
-        order = sorted(soak.workers, key=lambda w: w[0] != "writer")
-        deadline = time.monotonic() + SHUTDOWN
-        for role, proc in order:
-            try:
-                proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                hung.append(f"{role} {proc.pid} did not stop within {SHUTDOWN} s")
-                proc.kill()
-                proc.wait()
-    soak.ended.extend(soak.workers)
-    print(f"every worker stopped {time.monotonic() - stopping:.1f} s after being told to")
-
-    failures = list(hung)
-    for role, proc in soak.ended:
-        # Nothing on stderr (a warning, a traceback), killed or not; PYTHONDEVMODE from
-        # the test's environment shows ResourceWarnings there.
-        err = Path(proc.err_path).read_text(errors="replace")  # type: ignore[attr-defined]
-        if err:
-            failures.append(f"{role} {proc.pid} wrote to stderr: {err[-3000:]}")
-        if proc.pid in soak.killed or proc.returncode == 0:
-            continue
-        if role == "writer" and proc.returncode == -signal.SIGKILL:
-            continue  # a writer's own SIGKILL (the fate "die")
-        failures.append(f"{role} {proc.pid} exited with {proc.returncode}")
-    records = _records(ctl)
-    failures += [json.dumps(r) for r in records if "violation" in r]
+    seed, seconds = soak_settings("stream", 25)
+    ctl = make_ctl(tmp_path / "ctl")
+    soak = Soak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
+                lambda role, each: [sys.executable, WORKERS, role, str(ctl), str(each)])
+    soak.start_all(ROLES)
+    # SIGKILL a random worker (and start another in its place), or SIGSTOP one for 0.1-2 s;
+    # a writer that ended by its own SIGKILL is replaced. Writers stop first: their
+    # streams end, so the followers' follows end too.
+    failures = soak.run(seconds, lambda done: soak.kill_or_stop(
+        done, every=(0.2, 0.8), kill_chance=0.35, longest_stop=LONGEST_STOP,
+        replace_ended=True), shutdown=SHUTDOWN, first="writer")
+    failures += soak.failures(  # a writer's own SIGKILL (the fate "die")
+        may_end=lambda w: w.role == "writer" and w.proc.returncode == -signal.SIGKILL)
+    records = read_records(ctl)
+    failures += violations(records)
 
     # Followers' outcomes against how each stream ended (known once every worker is gone).
     ends: dict[str, dict[str, Any]] = {}
@@ -183,10 +96,8 @@ def test_streams_pools_and_cleanups_soaked_with_kills_and_stops_break_no_promise
                             f"of the {end['frames']} written: {r}")
 
     # Every process is gone: one cleanup and a new pool's reclaim leave nothing of ours.
-    cleanup_all_temp_audio()
-    with AudioPool(slots=1, max_bytes=4096, prefix="soakpool_"):
-        pass
-    left = sorted(os.listdir(private_dirs.ram)) + sorted(os.listdir(private_dirs.fallback))
+    sweep(["soakpool_"])
+    left = names_left(private_dirs.ram, private_dirs.fallback)
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 
@@ -202,6 +113,6 @@ def test_streams_pools_and_cleanups_soaked_with_kills_and_stops_break_no_promise
     for r in outcomes:  # shown with -s, or when the test fails
         if r["outcome"] != "complete":
             print("follow:", json.dumps(r))
-    assert not failures, f"LUNA_SOAK_SEED={seed}: {summary}\n" + "\n".join(failures[:30])
+    assert_soak_passed(seed, summary, failures)
     # The soak did something: at least one stream followed to its end.
     assert counts.get("complete", 0) >= 1, summary
