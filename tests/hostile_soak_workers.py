@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import soundfile
+from soak_worker import DTYPES, Reporter, private_dirs_only, seeded_audio
 
 import luna_shm
 from luna_shm import (
@@ -66,7 +67,6 @@ from luna_shm import (
     write_wav,
 )
 
-DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 FOLLOW_TIMEOUT = 10.0  # far above the chaos thread's longest SIGSTOP (2 s)
 HANDOFF_TIMEOUT = 10.0
 MAX_BYTES = 60000  # the largest file a user makes: the FOREIGN sources cover it
@@ -78,14 +78,7 @@ POOL_PREFIXES = ("luna_audio_", "hostpool_")
 
 def signal_of(seed: int, frames: int, channels: int, dtype: str) -> np.ndarray:
     """Seeded audio, (frames,) for mono or (frames, channels), of dtype."""
-    rng = np.random.default_rng(seed)
-    shape = (frames, channels)
-    if dtype.startswith("float"):
-        data = (rng.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    else:
-        info = np.iinfo(dtype)
-        data = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    return data[:, 0].copy() if channels == 1 else data
+    return seeded_audio(seed, frames, channels, dtype)
 
 
 def _foreign_sources() -> list[bytes]:
@@ -142,48 +135,17 @@ def plausible(got: bytes, ours: bytes, our_offset: int) -> bool:
     return False
 
 
-class Stop(Exception):
-    """The test told the worker to stop."""
-
-
-class Worker:
-    """What both roles share: the rng, the report file, the stop flag."""
+class Worker(Reporter):
+    """What both roles share: the rng, the report file (out/ROLE-PID.jsonl) and its
+    counts, the stop flag, the touched log, the hostile's moves."""
 
     def __init__(self, role: str, ctl: str, seed: int) -> None:
-        self.role = role
-        self.ctl = ctl
+        super().__init__(role, ctl)
         self.rng = random.Random(seed)
         self.dirs = [os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]]
-        out = os.path.join(ctl, "out", f"{role}-{os.getpid()}.jsonl")
-        self._out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._touched = os.open(os.path.join(ctl, "touched"),
                                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.counts: dict[str, int] = {}
-        self.counts_lock = threading.Lock()
-        self._counted = time.monotonic()
         self.report(event="start", seed=seed)
-
-    def report(self, **record: Any) -> None:
-        """One JSON line, written at once (a worker may be killed at any moment)."""
-        record.update(role=self.role, pid=os.getpid())
-        os.write(self._out, (json.dumps(record, default=str) + "\n").encode())
-
-    def violation(self, what: str, **details: Any) -> None:
-        self.report(violation=what, **details)
-
-    def count(self, what: str) -> None:
-        with self.counts_lock:
-            self.counts[what] = self.counts.get(what, 0) + 1
-            now = time.monotonic()
-            if now - self._counted < 1.0:
-                return
-            self._counted = now
-            counts = dict(self.counts)
-        # Now and then, so that a killed worker's counts are in the summary too.
-        self.report(event="counts", counts=counts)
-
-    def stopping(self) -> bool:
-        return os.path.exists(os.path.join(self.ctl, "stop"))
 
     # ---- the hostile's moves (a process, or a thread inside a user) ----
 
@@ -275,7 +237,7 @@ class Worker:
 class Hostile(Worker):
     def run(self) -> None:
         self.hostile_loop(self.rng)
-        self.report(event="end", counts=self.counts)
+        self.report_counts(event="end")
 
 
 def _fd_and_map_counts(dirs: list[str]) -> dict[str, int]:
@@ -904,8 +866,7 @@ class User(Worker):
             luna_shm.prefault_wav_buffers(0)
         gc.collect()
         after = _fd_and_map_counts(self.dirs)
-        self.report(event="end", counts=self.counts, before=before, after=after,
-                    threads=len(threads))
+        self.report_counts(event="end", before=before, after=after, threads=len(threads))
         slack = {"fds": 4, "our_fds": 0, "maps": 40 + 8 * len(threads), "our_maps": 0}
         for key, extra in slack.items():
             if after[key] > before[key] + extra:
@@ -915,12 +876,7 @@ class User(Worker):
 
 def main() -> None:
     role, ctl, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    # The hostile cuts every file in these dirs: only ever the test's private ones.
-    ram, fallback = os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]
-    if not (os.path.basename(ram).startswith("luna_shm_test_")
-            and os.path.basename(fallback) == "fallback"):
-        sys.exit(f"refusing to run outside the test's private dirs: {ram}, {fallback}")
-    assert luna_shm.temp_dir().startswith(ram)
+    private_dirs_only()  # the hostile cuts every file in them
     {"user": User, "hostile": Hostile}[role](role, ctl, seed).run()
 
 

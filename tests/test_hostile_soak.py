@@ -64,19 +64,22 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hostile_soak_workers import POOL_PREFIXES
+from soak import (
+    Soak,
+    assert_soak_passed,
+    make_ctl,
+    read_records,
+    soak_settings,
+    sweep,
+    total_counts,
+    violations,
+)
 
 from helpers import LIBRARY_PATH
-from luna_shm import AudioPool, cleanup_all_temp_audio
 
 WORKERS = str(Path(__file__).resolve().parent / "hostile_soak_workers.py")
 ROLES = {"user": 3, "hostile": 1}
@@ -84,120 +87,24 @@ LONGEST_STOP = 2.0  # seconds; the follow and hand-off timeouts (10 s) are far a
 SHUTDOWN = 90.0  # seconds a worker has to finish once told to stop: a hang, not a pace
 
 
-@dataclass
-class Soak:
-    """The running workers, and what the chaos thread did to them."""
-
-    ctl: Path
-    env: dict[str, str]
-    rng: random.Random
-    workers: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    killed: set[int] = field(default_factory=set)
-    ended: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    stops: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self, role: str) -> None:
-        seed = self.rng.getrandbits(48)
-        err = open(self.ctl / "err" / f"{role}-{seed}.txt", "wb")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen([sys.executable, WORKERS, role, str(self.ctl), str(seed)],
-                                    env=self.env, stdout=err, stderr=err)
-        finally:
-            err.close()
-        proc.err_path = err.name  # type: ignore[attr-defined]
-        self.workers.append((role, proc))
-
-    def chaos(self, done: threading.Event) -> None:
-        """SIGKILL a random worker (and start another in its place), or SIGSTOP one for
-        0.1-2 s, again and again until done."""
-        rng = self.rng
-        while not done.wait(rng.uniform(0.3, 1.2)):
-            with self.lock:
-                index = rng.randrange(len(self.workers))
-                role, proc = self.workers[index]
-                if rng.random() < 0.3:
-                    self.killed.add(proc.pid)
-                    proc.kill()
-                    proc.wait()
-                    self.ended.append(self.workers.pop(index))
-                    self.start(role)
-                    continue
-            os.kill(proc.pid, signal.SIGSTOP)
-            self.stops += 1
-            try:
-                done.wait(rng.uniform(0.1, LONGEST_STOP))
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
-
-
-def _records(ctl: Path) -> list[dict[str, Any]]:
-    records = []
-    for out in sorted((ctl / "out").iterdir()):
-        for line in out.read_text(encoding="utf-8").splitlines():
-            records.append(json.loads(line))  # a killed worker's lines are whole: one write
-    return records
-
-
 def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_files(
         private_dirs, tmp_path) -> None:
-    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
-    seconds = float(os.environ.get("LUNA_SOAK_SECONDS") or 20)
-    print(f"hostile soak: seed {seed}, {seconds} s (again: LUNA_SOAK_SEED={seed})")
-    ctl = tmp_path / "ctl"
-    for sub in ("out", "err", "sock"):
-        (ctl / sub).mkdir(parents=True)
+    seed, seconds = soak_settings("hostile", 20)
+    ctl = make_ctl(tmp_path / "ctl", "sock")
     (ctl / "touched").touch()
-    env = dict(os.environ, PYTHONPATH=LIBRARY_PATH)
-    soak = Soak(ctl, env, random.Random(seed))
-    for role, count in ROLES.items():
-        for _ in range(count):
-            soak.start(role)
-    done = threading.Event()
-    chaos = threading.Thread(target=soak.chaos, args=(done,))
-    chaos.start()
-    try:
-        done.wait(seconds)
-    finally:
-        done.set()
-        chaos.join()
-        (ctl / "stop").touch()
-        stopping = time.monotonic()
-        hung = []
-        deadline = time.monotonic() + SHUTDOWN
-        for role, proc in soak.workers:
-            try:
-                proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                hung.append(f"{role} {proc.pid} did not stop within {SHUTDOWN} s")
-                proc.kill()
-                proc.wait()
-    soak.ended.extend(soak.workers)
-    print(f"every worker stopped {time.monotonic() - stopping:.1f} s after being told to")
-
-    failures = list(hung)
-    for role, proc in soak.ended:
-        err = Path(proc.err_path).read_text(errors="replace")  # type: ignore[attr-defined]
-        if err:
-            failures.append(f"{role} {proc.pid} wrote to stderr: {err[-3000:]}")
-        if proc.pid in soak.killed or proc.returncode == 0:
-            continue
-        failures.append(f"{role} {proc.pid} exited with {proc.returncode}"
-                        + (" (SIGBUS: the guard let a fault through)"
-                           if proc.returncode == -signal.SIGBUS else ""))
-    records = _records(ctl)
-    # Each kind of violation once (its first record), with how often it was seen.
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if "violation" in r:
-            kinds.setdefault(r["violation"], []).append(r)
-    failures += [f"{len(rs)} x {json.dumps(rs[0])[:3000]}" for rs in kinds.values()]
+    soak = Soak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
+                lambda role, each: [sys.executable, WORKERS, role, str(ctl), str(each)])
+    soak.start_all(ROLES)
+    # SIGKILL a random worker (and start another in its place), or SIGSTOP one for 0.1-2 s.
+    failures = soak.run(seconds, lambda done: soak.kill_or_stop(
+        done, every=(0.3, 1.2), kill_chance=0.3, longest_stop=LONGEST_STOP),
+        shutdown=SHUTDOWN)
+    failures += soak.failures()
+    records = read_records(ctl)
+    failures += violations(records)
 
     # Every process is gone: one cleanup and a new pool's reclaim leave nothing of ours.
-    cleanup_all_temp_audio()
-    for prefix in POOL_PREFIXES:
-        with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
-            pass
+    sweep(POOL_PREFIXES)
     touched = {json.loads(line)[0] for line in
                (ctl / "touched").read_text(encoding="utf-8").splitlines()}
     left, kept = [], []
@@ -213,12 +120,7 @@ def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 
-    # The last counts each process reported (a killed one's too).
-    last: dict[int, dict[str, int]] = {r["pid"]: r["counts"] for r in records if "counts" in r}
-    counts: dict[str, int] = {}
-    for each in last.values():
-        for key, n in each.items():
-            counts[key] = counts.get(key, 0) + n
+    counts = total_counts(records)  # the last counts of each process (a killed one's too)
     ends = [r for r in records if r.get("event") == "end" and "before" in r]
     summary = (f"seed {seed}: {len(soak.ended)} processes, {len(soak.killed)} killed, "
                f"{soak.stops} stopped; {len(ends)} users ended normally; {len(kept)} dead "
@@ -228,7 +130,7 @@ def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_
         print(f"  {key}: {counts[key]}")
     for r in ends:
         print("  fds/maps before -> after:", r["before"], r["after"])
-    assert not failures, f"LUNA_SOAK_SEED={seed}: {summary}\n" + "\n".join(failures[:30])
+    assert_soak_passed(seed, summary, failures)
     # The soak did something: the hostiles touched files, and users read touched files.
     assert sum(n for k, n in counts.items() if k.startswith("hostile")) > 0, summary
     assert sum(n for k, n in counts.items() if k.endswith((" touched", "ESTALE"))) > 0, summary
