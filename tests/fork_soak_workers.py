@@ -39,8 +39,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from soak_worker import Reporter, private_dirs_only, seeded_audio
 
-import luna_shm
 from luna_shm import (
     AudioCache,
     AudioPool,
@@ -70,9 +70,7 @@ TIMEOUT = 30.0  # followers, renders waited for
 
 def audio_of(seed: int, frames: int, channels: int = 1) -> np.ndarray:
     """Seeded int16 audio, (frames,) or (frames, channels)."""
-    data = np.random.default_rng(seed).integers(-32768, 32767, (frames, channels),
-                                                dtype=np.int16, endpoint=True)
-    return data[:, 0].copy() if channels == 1 else data
+    return seeded_audio(seed, frames, channels, "int16")
 
 
 def key_audio(index: int) -> np.ndarray:
@@ -81,10 +79,6 @@ def key_audio(index: int) -> np.ndarray:
 
 
 KEYS = [cache_key(f"fork soak {i}") for i in range(CACHE_KEYS)]
-
-
-class Stop(Exception):
-    """The test told the worker to stop."""
 
 
 class LeaveByEnd(BaseException):
@@ -197,45 +191,23 @@ def content(path: str) -> bytes:
         return f.read()
 
 
-class Worker:
+class Worker(Reporter):
+    """The daemon: its threads' moves, its forks and their children's lives, its checks.
+    Its children report into its file (out/worker-PID.jsonl), naming it as "worker"."""
+
     def __init__(self, ctl: str, seed: int) -> None:
-        self.ctl = ctl
+        super().__init__("worker", ctl)
         self.seed = seed
         self.rng = random.Random(seed)
-        self.pid = os.getpid()
-        self._out = os.open(os.path.join(ctl, "out", f"{self.pid}.jsonl"),
-                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.counts: dict[str, int] = {}
-        # Reentrant: the SIGUSR1 handler counts and records children, and may interrupt
-        # this very thread there.
-        self.counts_lock = threading.RLock()
-        self._counted = time.monotonic()
+        # Reentrant (as Reporter's counts_lock): the SIGUSR1 handler records children,
+        # and may interrupt this very thread there.
         self.children: list[tuple[int, str, str]] = []  # pid, expected exit, how forked
         self.children_lock = threading.RLock()
         self.handler_rng = random.Random(self.rng.getrandbits(64))
         self.stop_event = threading.Event()
 
-    # ---- reporting ----
-
-    def report(self, **record: Any) -> None:
-        record.update(pid=os.getpid(), worker=self.pid)
-        os.write(self._out, (json.dumps(record, default=str) + "\n").encode())
-
-    def violation(self, what: str, **details: Any) -> None:
-        self.report(violation=what, **details)
-
-    def count(self, what: str) -> None:
-        with self.counts_lock:
-            self.counts[what] = self.counts.get(what, 0) + 1
-            now = time.monotonic()
-            if now - self._counted < 1.0 or os.getpid() != self.pid:
-                return
-            self._counted = now
-            counts = dict(self.counts)
-        self.report(event="counts", counts=counts)
-
     def stopping(self) -> bool:
-        return self.stop_event.is_set() or os.path.exists(os.path.join(self.ctl, "stop"))
+        return self.stop_event.is_set() or super().stopping()
 
     # ---- the shared objects, and the parent's kept ones ----
 
@@ -550,7 +522,7 @@ class Worker:
 
     def started_children(self) -> set[int]:
         """The children of this worker that ran their at-fork hooks."""
-        with open(os.path.join(self.ctl, "out", f"{self.pid}.jsonl")) as out:
+        with open(self.out_path) as out:
             return {json.loads(line)["pid"] for line in out if '"child started"' in line}
 
     def multiprocessing_child(self, plan: dict[str, Any], parent: int) -> None:
@@ -796,7 +768,7 @@ class Worker:
         self.cache.close()
         if self.prefault:
             prefault_wav_buffers(0)
-        self.report(event="end", counts=self.counts)
+        self.report_counts(event="end")
 
 
 FORK = multiprocessing.get_context("fork")
@@ -820,12 +792,7 @@ INHERITED_USES = sorted(INHERITED_USES_CODE)
 
 def main() -> None:
     ctl, seed = sys.argv[1], int(sys.argv[2])
-    # Children remove and clean files: only ever in the test's private dirs.
-    ram, fallback = os.environ["LUNA_SHM_DIR"], os.environ["TMPDIR"]
-    if not (os.path.basename(ram).startswith("luna_shm_test_")
-            and os.path.basename(fallback) == "fallback"):
-        sys.exit(f"refusing to run outside the test's private dirs: {ram}, {fallback}")
-    assert luna_shm.temp_dir().startswith(ram)
+    private_dirs_only()  # children remove and clean files
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # the test's: a worker that hangs
     try:
         Worker(ctl, seed).run()

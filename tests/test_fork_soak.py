@@ -49,24 +49,32 @@ LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from fork_soak_workers import CACHE_NAME, KEYS, PLAIN_PREFIX, key_audio
+from soak import (
+    Soak,
+    Worker,
+    assert_soak_passed,
+    make_ctl,
+    names_left,
+    read_records,
+    soak_settings,
+    sweep,
+    total_counts,
+    violations,
+)
 
 from helpers import LIBRARY_PATH, MULTITHREADED_FORK_IS_MEANT, call_with_deadline
-from luna_shm import AudioCache, AudioPool, cleanup_all_temp_audio, cleanup_temp_audio
+from luna_shm import AudioCache, cleanup_temp_audio
 
 WORKERS = str(Path(__file__).resolve().parent / "fork_soak_workers.py")
 WORKER_COUNT = 3
@@ -74,31 +82,15 @@ SHUTDOWN = 120.0  # seconds a worker has to finish once told to stop (a child ma
 
 
 @dataclass
-class Soak:
-    """The running workers, and what the chaos thread did to them."""
+class ForkSoak(Soak):
+    """The soak's workers (each the leader of its process group, with its children), and
+    the SIGUSR1 the chaos sent them."""
 
-    ctl: Path
-    env: dict[str, str]
-    rng: random.Random
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    killed: set[int] = field(default_factory=set)
-    ended: list[subprocess.Popen[bytes]] = field(default_factory=list)
     signals: int = 0
 
-    def start(self) -> None:
-        seed = self.rng.getrandbits(48)
-        err = open(self.ctl / "err" / f"worker-{seed}.txt", "wb")  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-W", MULTITHREADED_FORK_IS_MEANT, WORKERS, str(self.ctl),
-                 str(seed)], env=self.env, stdout=err, stderr=err, start_new_session=True)
-        finally:
-            err.close()
-        self.workers.append(proc)
-
-    def ready(self, proc: subprocess.Popen[bytes]) -> bool:
+    def ready(self, worker: Worker) -> bool:
         """Whether the worker set up its SIGUSR1 handler (before, the signal kills it)."""
-        out = self.ctl / "out" / f"{proc.pid}.jsonl"
+        out = self.ctl / "out" / f"worker-{worker.pid}.jsonl"
         return out.exists() and '"event": "ready"' in out.read_text(encoding="utf-8")
 
     def chaos(self, done: threading.Event) -> None:
@@ -106,25 +98,12 @@ class Soak:
         another; more often send one SIGUSR1 (its handler forks)."""
         rng = self.rng
         while not done.wait(rng.uniform(0.1, 0.6)):
-            index = rng.randrange(len(self.workers))
-            proc = self.workers[index]
+            worker = self.workers[rng.randrange(len(self.workers))]
             if rng.random() < 0.08:
-                self.killed.add(proc.pid)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                self.ended.append(self.workers.pop(index))
-                self.start()
-            elif self.ready(proc):
-                os.kill(proc.pid, signal.SIGUSR1)
+                self.kill(worker)
+            elif self.ready(worker):
+                os.kill(worker.pid, signal.SIGUSR1)
                 self.signals += 1
-
-
-def records(ctl: Path) -> list[dict[str, Any]]:
-    found = []
-    for out in sorted((ctl / "out").iterdir()):
-        for line in out.read_text(encoding="utf-8").splitlines():
-            found.append(json.loads(line))  # a killed worker's lines are whole: one write
-    return found
 
 
 def check_the_cache(seed: int) -> list[str]:
@@ -159,80 +138,32 @@ def check_the_cache(seed: int) -> list[str]:
                     reason="opt-in until it has a longer record: LUNA_FORK_SOAK=1")
 def test_forks_at_random_moments_of_threads_busy_in_luna_shm_never_hang_or_touch_the_parent(
         private_dirs, tmp_path) -> None:
-    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
-    seconds = float(os.environ.get("LUNA_SOAK_SECONDS") or 20)
-    print(f"fork soak: seed {seed}, {seconds} s (again: LUNA_SOAK_SEED={seed})")
-    ctl = tmp_path / "ctl"
-    for sub in ("out", "err"):
-        (ctl / sub).mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=LIBRARY_PATH)
-    soak = Soak(ctl, env, random.Random(seed))
-    for _ in range(WORKER_COUNT):
-        soak.start()
-    done = threading.Event()
-    chaos = threading.Thread(target=soak.chaos, args=(done,))
-    chaos.start()
-    hung = []
-    try:
-        done.wait(seconds)
-    finally:
-        done.set()
-        chaos.join()
-        (ctl / "stop").touch()
-        deadline = time.monotonic() + SHUTDOWN
-        for proc in soak.workers:
-            try:
-                proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                hung.append(f"worker {proc.pid} did not stop within {SHUTDOWN} s (its "
-                            "threads' stacks are in its err file)")
-                os.kill(proc.pid, signal.SIGUSR2)  # faulthandler: every thread's stack
-                time.sleep(1)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            else:
-                try:  # children it left behind, if any (there should be none)
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    hung.append(f"worker {proc.pid} left processes behind")
-                except ProcessLookupError:
-                    pass
-    soak.ended.extend(soak.workers)
-
-    failures = list(hung)
-    for err in sorted((ctl / "err").iterdir()):
-        text = err.read_text(errors="replace")
-        if text:
-            failures.append(f"{err.name}: {text[-4000:]}")
-    for proc in soak.ended:
-        if proc.pid not in soak.killed and proc.returncode != 0:
-            failures.append(f"worker {proc.pid} exited with {proc.returncode}")
-    found = records(ctl)
-    kinds: dict[str, list[dict[str, Any]]] = {}
-    for r in found:
-        if "violation" in r:
-            kinds.setdefault(r["violation"], []).append(r)
-    failures += [f"{len(rs)} x {json.dumps(rs[0])[:4000]}" for rs in kinds.values()]
+    seed, seconds = soak_settings("fork", 20)
+    ctl = make_ctl(tmp_path / "ctl")
+    soak = ForkSoak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
+                    lambda role, each: [sys.executable, "-W", MULTITHREADED_FORK_IS_MEANT,
+                                        WORKERS, str(ctl), str(each)],
+                    new_session=True, stacks_signal=signal.SIGUSR2)
+    soak.start_all({"worker": WORKER_COUNT})
+    failures = soak.run(seconds, soak.chaos, shutdown=SHUTDOWN)
+    failures += soak.failures()  # the children's watchdogs write into CTL/err too
+    found = read_records(ctl)
+    failures += violations(found)
 
     # Every process is gone: the cache agrees with its files; one cleanup and a new pool's
     # reclaim leave nothing of ours (the plain files of killed workers: by their name).
     failures += check_the_cache(seed)
-    cleanup_all_temp_audio()
-    with AudioPool(slots=1, max_bytes=4096):
-        pass
+    sweep(["luna_audio_"])
     plain = 0
     for directory in (private_dirs.ram, private_dirs.fallback):
         for name in os.listdir(directory):
             if name.startswith(PLAIN_PREFIX):
                 plain += cleanup_temp_audio(os.path.join(directory, name))
-    left = sorted(os.listdir(private_dirs.ram)) + sorted(os.listdir(private_dirs.fallback))
+    left = names_left(private_dirs.ram, private_dirs.fallback)
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 
-    last: dict[int, dict[str, int]] = {r["pid"]: r["counts"] for r in found if "counts" in r}
-    counts: dict[str, int] = {}
-    for each in last.values():
-        for key, n in each.items():
-            counts[key] = counts.get(key, 0) + n
+    counts = total_counts(found)
     children = [r for r in found if r.get("event") == "child"]
     leaves: dict[str, int] = {}
     for r in children:
@@ -248,7 +179,7 @@ def test_forks_at_random_moments_of_threads_busy_in_luna_shm_never_hang_or_touch
         print(f"  {key}: {counts[key]}")
     for key in sorted(leaves):
         print(f"  children leaving by {key}: {leaves[key]}")
-    assert not failures, f"LUNA_SOAK_SEED={seed}: {summary}\n" + "\n".join(failures[:30])
+    assert_soak_passed(seed, summary, failures)
     # The soak did something: children of both kinds of fork left, in every way.
     assert ends > 0 and counts.get("child exited (by a signal handler)", 0) > 0, summary
     assert counts.get("child exited (by the main thread)", 0) > 0, summary
