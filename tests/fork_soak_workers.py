@@ -22,7 +22,6 @@ stopped. It stops (finishes its calls, closes everything, exits 0) once CTL_DIR/
 from __future__ import annotations
 
 import faulthandler
-import fcntl
 import gc
 import json
 import multiprocessing
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from soak_worker import Reporter, private_dirs_only, seeded_audio
+from soak_worker import Reporter, held_by_someone, private_dirs_only, seeded_audio
 
 from luna_shm import (
     AudioCache,
@@ -94,18 +93,6 @@ def exactly(what: str, got: np.ndarray, want: np.ndarray) -> str | None:
         return (f"{what}: not what was written ({got.dtype}{got.shape} against "
                 f"{want.dtype}{want.shape})")
     return None
-
-
-def held_by_someone(path: str) -> bool:
-    """Whether a process holds path's flock (as a cleanup from another process tests it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _fds_open_on(path: str) -> list[tuple[str, str]]:

@@ -30,8 +30,9 @@ Its last line on stdout is a JSON summary: {"seed", "failures", "counts", ...}.
   file at a given path is written where it is, unlocked, documented; the worker lists
   those paths first).
 
-Every role appends JSON lines to CTL/out/<role>-<pid>.jsonl: {"violation": ...} the moment
-it sees one, {"count": ...} tallies when it stops.
+Every role reports through soak_worker.Reporter, in JSON lines in CTL/out/<role>-<pid>.jsonl:
+{"violation": ...} the moment it sees one, {"counts": ...} its tallies so far, now and then
+and when it stops. The driving (start, kill, stop, judge) is tests/soak.py's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import logging
 import os
 import random
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -55,10 +55,13 @@ import traceback
 import wave
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
+from soak import Soak, make_ctl, read_records, sweep, total_counts, violations
+from soak_worker import DTYPES, Reporter, held_by_someone, seeded_audio
 
 import luna_shm
 from luna_shm import (
@@ -85,7 +88,6 @@ CACHE_MAX, CACHE_DISK_MAX = 200_000, 300_000
 WORKERS = 3
 POOL_PREFIXES = ("luna_audio_", "fsoak_")
 OWN_PREFIX = "fsown"  # + <pid>t<n>_: one worker thread's own pool prefix
-DTYPES = ("uint8", "int16", "int32", "float32", "float64")
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SHUTDOWN = 60.0  # seconds a worker has to finish once told to stop: a hang, not a pace
 CALL_TIMEOUT = 10.0  # the pools' and cache's timeouts: no process here is ever stopped
@@ -114,12 +116,7 @@ def signal_of(rng: random.Random, max_bytes: int) -> np.ndarray:
     dtype = rng.choice(DTYPES)
     channels = rng.choice([1, 1, 2])
     frames = rng.randrange(1, max(2, max_bytes // (channels * np.dtype(dtype).itemsize)))
-    gen = np.random.default_rng(rng.getrandbits(48))
-    shape = (frames,) if channels == 1 else (frames, channels)
-    if dtype.startswith("float"):
-        return (gen.integers(-(2**23), 2**23, shape) / 2**23).astype(dtype)
-    info = np.iinfo(dtype)
-    return gen.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    return seeded_audio(rng.getrandbits(48), frames, channels, dtype)
 
 
 def some_size(rng: random.Random) -> int:
@@ -132,45 +129,6 @@ def in_dir(path: str, directory: str) -> bool:
     return path.startswith(directory + "/")
 
 
-class Reporter:
-    """JSON lines into CTL/out/<role>-<pid>.jsonl, each with one write (a process may be
-    killed at any moment: its lines are whole)."""
-
-    def __init__(self, role: str, ctl: str, seed: int) -> None:
-        self.role = role
-        self.ctl = ctl
-        out = os.path.join(ctl, "out", f"{role}-{os.getpid()}.jsonl")
-        self._out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._lock = threading.RLock()
-        self._flushed = time.monotonic()
-
-    def report(self, **record: Any) -> None:
-        record.update(role=self.role, pid=os.getpid())
-        os.write(self._out, (json.dumps(record, default=str) + "\n").encode())
-
-    def violation(self, what: str, **details: Any) -> None:
-        self.report(violation=what, **details)
-
-    def count(self, what: str) -> None:
-        """Tally what; the tallies go out every second (a worker may be killed at any
-        moment: what it did until then still counts)."""
-        with self._lock:
-            self.counts[what] += 1
-            if time.monotonic() - self._flushed > 1.0:
-                self.finish()
-
-    def finish(self) -> None:
-        """Report the tallies not reported yet."""
-        with self._lock:
-            self.report(counts=dict(self.counts))
-            self.counts.clear()
-            self._flushed = time.monotonic()
-
-    def stopping(self) -> bool:
-        return os.path.exists(os.path.join(self.ctl, "stop"))
-
-
 # ---- the workers ---------------------------------------------------------------------------
 
 
@@ -178,7 +136,7 @@ class Worker(Reporter):
     """One or two threads, each looping over random producers until told to stop."""
 
     def __init__(self, ctl: str, seed: int) -> None:
-        super().__init__("worker", ctl, seed)
+        super().__init__("worker", ctl)
         self.seed = seed
 
     def run(self) -> None:
@@ -200,7 +158,7 @@ class Worker(Reporter):
             self.count(f"prefault hits {stats.hits}, misses {stats.misses}, "
                        f"failures {stats.failures}")
         luna_shm.prefault_wav_buffers(0)
-        self.finish()
+        self.report_counts()
 
     def loop(self, seed: int) -> None:
         state = ThreadState(random.Random(seed), f"{OWN_PREFIX}{os.getpid()}t{seed % 1000}_")
@@ -434,15 +392,9 @@ class Worker(Reporter):
                              path=writer.path)
         # In use: held with a shared flock (a cleanup's exclusive test fails), on the
         # open file of the writer itself.
-        fd = os.open(writer.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return
-        finally:
-            os.close(fd)
-        raise _Violation("a live WavWriter's file is not locked", path=writer.path,
-                         frames=writer.frames)
+        if not held_by_someone(writer.path):
+            raise _Violation("a live WavWriter's file is not locked", path=writer.path,
+                             frames=writer.frames)
 
     def do_pool(self, s: ThreadState) -> None:
         rng = s.rng
@@ -662,7 +614,7 @@ class Filler(Reporter):
     dirs: a dir filled to the last page, part-filled, or freed again."""
 
     def __init__(self, ctl: str, seed: int) -> None:
-        super().__init__("filler", ctl, seed)
+        super().__init__("filler", ctl)
         self.rng = random.Random(seed)
         self.balloons: list[str] = []
 
@@ -688,7 +640,7 @@ class Filler(Reporter):
             time.sleep(rng.choice([0, rng.uniform(0, 0.05), rng.uniform(0, 0.4)]))
         while self.balloons:
             os.unlink(self.balloons.pop())
-        self.finish()
+        self.report_counts()
 
     def blow(self, path: str, size: int) -> None:
         """Write up to size bytes into a new balloon at path (less when the dir fills)."""
@@ -734,7 +686,7 @@ class Watcher(Reporter):
     """Scans both dirs at random moments for visible half-made files of ours."""
 
     def __init__(self, ctl: str, seed: int) -> None:
-        super().__init__("watcher", ctl, seed)
+        super().__init__("watcher", ctl)
         self.rng = random.Random(seed)
 
     def run(self) -> None:
@@ -745,7 +697,7 @@ class Watcher(Reporter):
                     if name.startswith(luna_shm.AUDIO_PREFIX) and name.endswith(".wav"):
                         self.check(f"{directory}/{name}")
             time.sleep(self.rng.uniform(0, 0.05))
-        self.finish()
+        self.report_counts()
 
     def in_place(self) -> set[str]:
         try:
@@ -832,41 +784,16 @@ def mount_dirs() -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                         directory], check=True)
     os.mkdir(CACHE_DISK, 0o700)  # the disk tier's parent (its cache dir is made in it)
-    for sub in ("out", "err"):
-        os.makedirs(f"{CTL}/{sub}")
+    make_ctl(Path(CTL))
 
 
-class Soak:
-    """The running processes, and what the chaos thread did to them."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.env = dict(os.environ, LUNA_SHM_DIR=RAM, TMPDIR=FALLBACK)
-        self.env.pop("LUNA_SHM_DISABLE", None)
-        self.procs: list[tuple[str, subprocess.Popen[bytes], str]] = []
-        self.killed: set[int] = set()
-        self.lock = threading.Lock()
-
-    def start(self, role: str) -> None:
-        seed = self.rng.getrandbits(48)
-        err = f"{CTL}/err/{role}-{seed}.txt"
-        with open(err, "wb") as out:
-            proc = subprocess.Popen([sys.executable, __file__, role, CTL, str(seed)],
-                                    env=self.env, stdout=out, stderr=out)
-        self.procs.append((role, proc, err))
-
-    def chaos(self, done: threading.Event) -> None:
-        """SIGKILL a random worker now and then, and start another in its place."""
-        while not done.wait(self.rng.uniform(0.5, 3.0)):
-            with self.lock:
-                workers = [p for p in self.procs if p[0] == "worker" and p[1].poll() is None]
-                if not workers:
-                    continue
-                _, proc, _ = self.rng.choice(workers)
-                self.killed.add(proc.pid)
-                proc.kill()
-                proc.wait()
-                self.start("worker")
+def chaos(run: Soak, done: threading.Event) -> None:
+    """SIGKILL a random worker now and then, and start another in its place."""
+    while not done.wait(run.rng.uniform(0.5, 3.0)):
+        with run.lock:
+            workers = [w for w in run.workers if w.role == "worker" and w.proc.poll() is None]
+            if workers:
+                run.kill(run.rng.choice(workers))
 
 
 def listing() -> list[str]:
@@ -877,52 +804,21 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
     mount_dirs()
     os.environ.update(LUNA_SHM_DIR=RAM, TMPDIR=FALLBACK)
     assert luna_shm.refresh_temp_dir() == RAM, luna_shm.temp_dir()
-    run = Soak(seed)
-    for _ in range(WORKERS):
-        run.start("worker")
-    run.start("filler")
-    run.start("watcher")
+    env = dict(os.environ)
+    env.pop("LUNA_SHM_DISABLE", None)
+    run = Soak(Path(CTL), env, random.Random(seed),
+               lambda role, each: [sys.executable, __file__, role, CTL, str(each)])
+    run.start_all({"worker": WORKERS, "filler": 1, "watcher": 1})
     # The soak's time starts once every process has imported what it needs (each makes
     # its report file then): on a loaded machine that alone can take seconds.
     ready = time.monotonic() + SHUTDOWN
     while len(os.listdir(f"{CTL}/out")) < WORKERS + 2 and time.monotonic() < ready:
         time.sleep(0.05)
-    done = threading.Event()
-    chaos = threading.Thread(target=run.chaos, args=(done,))
-    chaos.start()
-    failures: list[str] = []
-    try:
-        done.wait(seconds)
-    finally:
-        done.set()
-        chaos.join()
-        open(f"{CTL}/stop", "w").close()
-        deadline = time.monotonic() + SHUTDOWN
-        for role, proc, _ in run.procs:
-            try:
-                proc.wait(max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                failures.append(f"{role} {proc.pid} did not stop within {SHUTDOWN} s")
-                proc.kill()
-                proc.wait()
-    for role, proc, err in run.procs:
-        with open(err, errors="replace") as f:
-            text = f.read()
-        if text:  # a warning, a traceback: PYTHONDEVMODE shows ResourceWarnings there
-            failures.append(f"{role} {proc.pid} wrote to stderr: {text[-3000:]}")
-        if proc.pid not in run.killed and proc.returncode != 0:
-            failures.append(f"{role} {proc.pid} exited with {proc.returncode}"
-                            + (" (SIGBUS)" if proc.returncode == -signal.SIGBUS else ""))
-    counts: collections.Counter[str] = collections.Counter()
-    for name in sorted(os.listdir(f"{CTL}/out")):
-        with open(f"{CTL}/out/{name}", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            record = json.loads(line)
-            if "violation" in record:
-                failures.append(json.dumps(record))
-            for what, n in record.get("counts", {}).items():
-                counts[f"{record['role']}: {what}"] += n
+    failures = run.run(seconds, lambda done: chaos(run, done), shutdown=SHUTDOWN)
+    failures += run.failures()
+    records = read_records(Path(CTL))
+    failures += violations(records)
+    counts = collections.Counter(total_counts(records, by_role=True))
     # Every process is gone (the filler removed its balloons): one cleanup and new pools'
     # reclaims leave nothing of ours but the cache's directories.
     balloons = [p for p in listing() if os.path.basename(p).startswith("balloon_")]
@@ -940,10 +836,7 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
             failures.append(f"worker {pid}, which was not killed, left files of its own "
                             f"pool prefix {prefix}: "
                             f"{[p for p in listing() if os.path.basename(p).startswith(prefix)]}")
-    cleanup_all_temp_audio()
-    for prefix in [*POOL_PREFIXES, *sorted(own)]:
-        with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
-            pass
+    sweep([*POOL_PREFIXES, *sorted(own)])
     cache_dir = f"{RAM}/luna_cache-{os.geteuid()}-{CACHE_NAME}"
     left = [p for p in listing() if p not in (cache_dir, CACHE_DISK)]
     if left:
@@ -953,7 +846,7 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
     if left:
         failures.append(f"files left after the cache was destroyed: {left}")
     return {"seed": seed, "failures": failures, "counts": dict(sorted(counts.items())),
-            "processes": len(run.procs), "killed": len(run.killed)}
+            "processes": len(run.ended), "killed": len(run.killed)}
 
 
 def check_cache(counts: collections.Counter[str]) -> list[str]:
@@ -967,21 +860,15 @@ def check_cache(counts: collections.Counter[str]) -> list[str]:
         for key, path, _ in cache.entries():
             if key not in KEYS and key not in ENCODED_KEYS:
                 failures.append(f"the cache has an entry of no key of ours: {path}")
-        for key in KEYS:
+        for key in [*KEYS, *ENCODED_KEYS]:
             entry = cache.get(key, timeout=CALL_TIMEOUT)
             if entry is None:
                 continue
             with entry:
                 counts["end: cache entries"] += 1
-                if entry.array.tobytes() != audio_of(key).tobytes():
+                if key in KEYS and entry.array.tobytes() != audio_of(key).tobytes():
                     failures.append(f"the cache's entry of {key} holds other audio")
-        for key in ENCODED_KEYS:
-            entry = cache.get(key, timeout=CALL_TIMEOUT)
-            if entry is None:
-                continue
-            with entry:
-                counts["end: cache entries"] += 1
-                if entry.read_bytes() != encoded_of(key):
+                elif key in ENCODED_KEYS and entry.read_bytes() != encoded_of(key):
                     failures.append(f"the cache's entry of {key} holds other bytes")
     finally:
         cache.destroy(timeout=CALL_TIMEOUT)

@@ -1,5 +1,6 @@
 """What the soaks' worker processes share: their report file, the test's stop flag, seeded
-audio, and the guard that keeps a destructive worker in the test's private dirs.
+audio, the flock test of a cleanup, and the guard that keeps a destructive worker in the
+test's private dirs.
 
 The workers (stream_soak_workers.py, hostile_soak_workers.py, full_disk_soak_workers.py,
 fork_soak_workers.py) run as scripts from tests/, so this module is found next to them
@@ -9,6 +10,7 @@ Reporter writes (soak.read_records, soak.violations, soak.total_counts).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -48,6 +50,20 @@ def private_dirs_only() -> tuple[str, str]:
         sys.exit(f"refusing to run outside the test's private dirs: {ram}, {fallback}")
     assert luna_shm.temp_dir().startswith(ram)
     return ram, fallback
+
+
+def held_by_someone(path: str) -> bool:
+    """Whether some process holds path's flock (every luna_shm object holds its file's,
+    shared), tested as a cleanup from another process tests it: its exclusive lock,
+    taken without waiting, fails."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class Reporter:

@@ -41,12 +41,11 @@ LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 from pathlib import Path
 
 import pytest
+from soak import assert_soak_passed, soak_settings
 
 from helpers import run_in_private_shm
 
@@ -55,9 +54,7 @@ WORKERS = str(Path(__file__).resolve().parent / "full_disk_soak_workers.py")
 
 def test_producers_cleanups_and_a_cache_on_two_small_disks_that_fill_at_random_break_no_promise(
 ) -> None:
-    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
-    seconds = float(os.environ.get("LUNA_SOAK_SECONDS") or 20)
-    print(f"full disk soak: seed {seed}, {seconds} s (again: LUNA_SOAK_SEED={seed})")
+    seed, seconds = soak_settings("full disk", 20)
     done = run_in_private_shm(f"""
         import subprocess, sys
         sys.exit(subprocess.call([sys.executable, {WORKERS!r}, "run", "{seed}", "{seconds}"]))
@@ -72,8 +69,7 @@ def test_producers_cleanups_and_a_cache_on_two_small_disks_that_fill_at_random_b
     summary = (f"seed {seed}: {result['processes']} processes, {result['killed']} killed; "
                + ", ".join(f"{what} {n}" for what, n in counts.items()))
     print(summary)
-    assert not result["failures"], (f"LUNA_SOAK_SEED={seed}: {summary}\n"
-                                    + "\n".join(result["failures"][:30]))
+    assert_soak_passed(seed, summary, result["failures"])
     assert not done.stderr, done.stderr
     # The soak did something: files made and read back, and full disks met (a low bar:
     # on a loaded machine the workers spend much of their time starting again).
