@@ -20,7 +20,10 @@ KeyError for follows.
 
 The seed is printed; ``LUNA_SOAK_SEED=<seed>`` runs that seed again (the same random choices,
 not the same interleaving: that depends on the scheduler). ``LUNA_SOAK_SECONDS`` makes the
-soak longer than its default 25 s for manual runs.
+soak longer than its default 25 s for manual runs (both read by soak.soak_settings, as every
+soak reads them). Its driving is its own, unlike the other soaks' (tests/soak.py): one worker
+script with one event log, chaos that also corrupts entries and records each stop's window,
+and no failure for a worker's stderr alone (a worker logs each corrupted entry it removes).
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from soak import soak_settings
 
 from helpers import LIBRARY_PATH, call_with_deadline
 from luna_shm import AudioCache, WavError, WavWriter, read_wav
 
-SOAK_SECONDS = float(os.environ.get("LUNA_SOAK_SECONDS", "25"))
+DEFAULT_SECONDS = 25.0
 WORKERS = 5
 NAME = "soak"
 MAX_BYTES = 32_000  # about 8 of the small keys: eviction and spills all the time
@@ -599,8 +603,7 @@ def check_the_cache_after(soak: Soak, ram: Path, disk: Path, seed: int) -> None:
 
 def test_a_randomized_soak_of_processes_killed_stopped_and_a_hostile_keeps_every_promise(
         private_dirs, tmp_path) -> None:
-    seed = int(os.environ.get("LUNA_SOAK_SEED") or random.SystemRandom().getrandbits(32))
-    print(f"soak seed {seed} (rerun: LUNA_SOAK_SEED={seed}), {SOAK_SECONDS} s")
+    seed, seconds = soak_settings("cache", DEFAULT_SECONDS)
     ram, fallback = Path(private_dirs.ram), Path(private_dirs.fallback)
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -612,11 +615,11 @@ def test_a_randomized_soak_of_processes_killed_stopped_and_a_hostile_keeps_every
     try:
         for _ in range(WORKERS):
             soak.spawn()
-        end = time.monotonic() + SOAK_SECONDS
+        end = time.monotonic() + seconds
         thread = threading.Thread(target=chaos, args=(soak, [cache_dir(ram), cache_dir(disk)],
                                                       end, errors), daemon=True)
         thread.start()
-        thread.join(SOAK_SECONDS + 120)
+        thread.join(seconds + 120)
         assert not thread.is_alive(), f"seed {seed}: the chaos thread hung"
         assert errors == [], f"seed {seed}: the chaos thread failed: {errors}"
         soak.stop_file.touch()
