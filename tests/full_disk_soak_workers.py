@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from soak import Soak, make_ctl, read_records, sweep, total_counts, violations
+from soak import Soak, script_command, sweep, total_counts
 from soak_worker import DTYPES, Reporter, held_by_someone, seeded_audio
 
 import luna_shm
@@ -784,7 +784,6 @@ def mount_dirs() -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                         directory], check=True)
     os.mkdir(CACHE_DISK, 0o700)  # the disk tier's parent (its cache dir is made in it)
-    make_ctl(Path(CTL))
 
 
 def chaos(run: Soak, done: threading.Event) -> None:
@@ -806,18 +805,14 @@ def soak(seed: int, seconds: float) -> dict[str, Any]:
     assert luna_shm.refresh_temp_dir() == RAM, luna_shm.temp_dir()
     env = dict(os.environ)
     env.pop("LUNA_SHM_DISABLE", None)
-    run = Soak(Path(CTL), env, random.Random(seed),
-               lambda role, each: [sys.executable, __file__, role, CTL, str(each)])
+    run = Soak(Path(CTL), env, random.Random(seed), script_command(__file__, CTL))
     run.start_all({"worker": WORKERS, "filler": 1, "watcher": 1})
     # The soak's time starts once every process has imported what it needs (each makes
     # its report file then): on a loaded machine that alone can take seconds.
     ready = time.monotonic() + SHUTDOWN
     while len(os.listdir(f"{CTL}/out")) < WORKERS + 2 and time.monotonic() < ready:
         time.sleep(0.05)
-    failures = run.run(seconds, lambda done: chaos(run, done), shutdown=SHUTDOWN)
-    failures += run.failures()
-    records = read_records(Path(CTL))
-    failures += violations(records)
+    failures, records = run.run(seconds, lambda done: chaos(run, done), shutdown=SHUTDOWN)
     counts = collections.Counter(total_counts(records, by_role=True))
     # Every process is gone (the filler removed its balloons): one cleanup and new pools'
     # reclaims leave nothing of ours but the cache's directories.

@@ -17,7 +17,10 @@ them and judges what they did. What is the same in each lives here:
   one is killed and reported (Soak.stop); then anything in CTL/err (a warning, a traceback:
   the soaks run under PYTHONDEVMODE, so ResourceWarnings too), any exit but 0 of a worker
   the soak did not kill (Soak.failures), and every violation a worker reported
-  (violations) fail the soak, with its seed (assert_soak_passed).
+  (violations) fail the soak (Soak.run returns them all), with its seed
+  (assert_soak_passed);
+- with every process gone, a cleanup and new pools' reclaims (sweep) must leave nothing of
+  the soak's in its dirs but what the soak says may stay.
 
 It imports no test helper, so no pytest: the full-disk soak's driver runs it outside pytest.
 """
@@ -29,6 +32,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,12 +56,10 @@ def soak_settings(name: str, default_seconds: float) -> tuple[int, float]:
     return seed, seconds
 
 
-def make_ctl(ctl: Path, *more: str) -> Path:
-    """Make the soak's control dir ctl: out/ for the workers' reports, err/ for their
-    stdout and stderr, and the subdirs named in more. Returns ctl."""
-    for sub in ("out", "err", *more):
-        (ctl / sub).mkdir(parents=True)
-    return ctl
+def script_command(script: str, ctl: Path | str) -> Callable[[str, int], list[str]]:
+    """The command line of a worker run as `python SCRIPT ROLE CTL SEED` (the stream,
+    hostile and full-disk soaks' workers), for Soak's command."""
+    return lambda role, seed: [sys.executable, script, role, str(ctl), str(seed)]
 
 
 @dataclass
@@ -80,11 +82,12 @@ class Worker:
 class Soak:
     """The running workers of a soak, and what its chaos did to them.
 
-    command(role, seed) is the command line of a worker. With new_session, each worker
-    leads a process group of its own, which a kill kills whole (its children too), and
-    which must be empty once the worker exited. stacks_signal is the signal that makes a
-    worker write every thread's stack to its stderr (faulthandler.register), sent to a
-    worker that does not stop in time.
+    ctl is the soak's control dir, made with out/ (the workers' reports) and err/ (their
+    stdout and stderr); command(role, seed) is the command line of a worker. With
+    new_session, each worker leads a process group of its own, which a kill kills whole
+    (its children too), and which must be empty once the worker exited. stacks_signal is
+    the signal that makes a worker write every thread's stack to its stderr
+    (faulthandler.register), sent to a worker that does not stop in time.
     """
 
     ctl: Path
@@ -99,6 +102,10 @@ class Soak:
     stops: int = 0
     # Reentrant: the chaos kills under it, and a kill starts a new worker.
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        for sub in ("out", "err"):
+            (self.ctl / sub).mkdir(parents=True)
 
     def start(self, role: str) -> Worker:
         """Start a worker of role, its seed drawn from the soak's rng."""
@@ -170,9 +177,13 @@ class Soak:
             self.pause(worker, done, longest_stop)
 
     def run(self, seconds: float, chaos: Callable[[threading.Event], None], *,
-            shutdown: float, first: str | None = None) -> list[str]:
+            shutdown: float, first: str | None = None,
+            may_end: Callable[[Worker], bool] = lambda worker: False,
+            ) -> tuple[list[str], list[dict[str, Any]]]:
         """Run chaos (a loop until its event is set) in a thread for seconds, then stop
-        every worker (see stop). Returns the failures of the stop."""
+        every worker (see stop) and judge them (see failures). Returns the failures found
+        (hung workers, stderr, exits, each kind of violation), and every record the
+        workers reported."""
         done = threading.Event()
         thread = threading.Thread(target=chaos, args=(done,))
         thread.start()
@@ -181,8 +192,10 @@ class Soak:
         finally:
             done.set()
             thread.join()
-            hung = self.stop(shutdown, first=first)
-        return hung
+            failures = self.stop(shutdown, first=first)
+        failures += self.failures(may_end=may_end)
+        records = read_records(self.ctl)
+        return failures + violations(records), records
 
     def stop(self, shutdown: float, *, first: str | None = None) -> list[str]:
         """Tell every worker to stop (CTL/stop) and wait for them, the workers of role
@@ -275,17 +288,14 @@ def total_counts(records: Iterable[dict[str, Any]], *,
     return counts
 
 
-def sweep(prefixes: Iterable[str]) -> None:
+def sweep(prefixes: Iterable[str], *directories: str) -> list[str]:
     """With every process gone: one cleanup_all_temp_audio(), then a new pool of each of
-    prefixes, whose opening reclaims the slot files of dead pools of that prefix."""
+    prefixes, whose opening reclaims the slot files of dead pools of that prefix. Returns
+    the names left in directories (each dir's sorted, one dir after the other)."""
     cleanup_all_temp_audio()
     for prefix in prefixes:
         with AudioPool(slots=1, max_bytes=4096, prefix=prefix):
             pass
-
-
-def names_left(*directories: str) -> list[str]:
-    """The names in directories, each dir's sorted, one after the other."""
     return [name for directory in directories for name in sorted(os.listdir(directory))]
 
 

@@ -43,8 +43,7 @@ private dirs empty of our files (hidden .luna_audio_* names too; the plain files
 workers made under their own prefix, unheld, are removed by cleanup_temp_audio), and the
 AudioCache the workers used agrees with its files and holds every key's exact audio.
 
-LUNA_SOAK_SEED=<n> runs a seed again (the same choices; the scheduling differs),
-LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
+LUNA_SOAK_SEED and LUNA_SOAK_SECONDS (default 20) as for every soak (tests/soak.py).
 """
 
 from __future__ import annotations
@@ -60,18 +59,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fork_soak_workers import CACHE_NAME, KEYS, PLAIN_PREFIX, key_audio
-from soak import (
-    Soak,
-    Worker,
-    assert_soak_passed,
-    make_ctl,
-    names_left,
-    read_records,
-    soak_settings,
-    sweep,
-    total_counts,
-    violations,
-)
+from soak import Soak, Worker, assert_soak_passed, soak_settings, sweep, total_counts
 
 from helpers import LIBRARY_PATH, MULTITHREADED_FORK_IS_MEANT, call_with_deadline
 from luna_shm import AudioCache, cleanup_temp_audio
@@ -139,27 +127,24 @@ def check_the_cache(seed: int) -> list[str]:
 def test_forks_at_random_moments_of_threads_busy_in_luna_shm_never_hang_or_touch_the_parent(
         private_dirs, tmp_path) -> None:
     seed, seconds = soak_settings("fork", 20)
-    ctl = make_ctl(tmp_path / "ctl")
+    ctl = tmp_path / "ctl"
     soak = ForkSoak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
                     lambda role, each: [sys.executable, "-W", MULTITHREADED_FORK_IS_MEANT,
                                         WORKERS, str(ctl), str(each)],
                     new_session=True, stacks_signal=signal.SIGUSR2)
     soak.start_all({"worker": WORKER_COUNT})
-    failures = soak.run(seconds, soak.chaos, shutdown=SHUTDOWN)
-    failures += soak.failures()  # the children's watchdogs write into CTL/err too
-    found = read_records(ctl)
-    failures += violations(found)
+    # The children's watchdogs write into CTL/err too: a hang fails the soak there.
+    failures, found = soak.run(seconds, soak.chaos, shutdown=SHUTDOWN)
 
     # Every process is gone: the cache agrees with its files; one cleanup and a new pool's
     # reclaim leave nothing of ours (the plain files of killed workers: by their name).
     failures += check_the_cache(seed)
-    sweep(["luna_audio_"])
     plain = 0
     for directory in (private_dirs.ram, private_dirs.fallback):
         for name in os.listdir(directory):
             if name.startswith(PLAIN_PREFIX):
                 plain += cleanup_temp_audio(os.path.join(directory, name))
-    left = names_left(private_dirs.ram, private_dirs.fallback)
+    left = sweep(["luna_audio_"], private_dirs.ram, private_dirs.fallback)
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 

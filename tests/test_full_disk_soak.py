@@ -34,8 +34,7 @@ What is checked (tests/full_disk_soak_workers.py has the details):
   reclaims leave nothing of ours but the cache's directories; a fresh AudioCache on them
   gives each key it has that key's exact audio, and its destroy() leaves both dirs empty.
 
-LUNA_SOAK_SEED=<n> runs a seed again (the same choices; the scheduling differs),
-LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
+LUNA_SOAK_SEED and LUNA_SOAK_SECONDS (default 20) as for every soak (tests/soak.py).
 """
 
 from __future__ import annotations

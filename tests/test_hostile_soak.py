@@ -55,8 +55,7 @@ PooledWav, read_wav, WavWriter.write, follow_wav, send_wav, recv_wav):
   "a file that holds anything is never touched"), and cleanup_all_temp_audio only
   luna_audio_ names.
 
-LUNA_SOAK_SEED=<n> runs a seed again (the same choices; the scheduling differs),
-LUNA_SOAK_SECONDS=<s> soaks longer (default 20).
+LUNA_SOAK_SEED and LUNA_SOAK_SECONDS (default 20) as for every soak (tests/soak.py).
 """
 
 from __future__ import annotations
@@ -64,20 +63,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 from hostile_soak_workers import POOL_PREFIXES
-from soak import (
-    Soak,
-    assert_soak_passed,
-    make_ctl,
-    read_records,
-    soak_settings,
-    sweep,
-    total_counts,
-    violations,
-)
+from soak import Soak, assert_soak_passed, script_command, soak_settings, sweep, total_counts
 
 from helpers import LIBRARY_PATH
 
@@ -90,18 +79,16 @@ SHUTDOWN = 90.0  # seconds a worker has to finish once told to stop: a hang, not
 def test_mappings_used_in_threads_while_hostile_processes_cut_and_rewrite_their_files(
         private_dirs, tmp_path) -> None:
     seed, seconds = soak_settings("hostile", 20)
-    ctl = make_ctl(tmp_path / "ctl", "sock")
-    (ctl / "touched").touch()
+    ctl = tmp_path / "ctl"
     soak = Soak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
-                lambda role, each: [sys.executable, WORKERS, role, str(ctl), str(each)])
+                script_command(WORKERS, ctl))
+    (ctl / "sock").mkdir()
+    (ctl / "touched").touch()
     soak.start_all(ROLES)
     # SIGKILL a random worker (and start another in its place), or SIGSTOP one for 0.1-2 s.
-    failures = soak.run(seconds, lambda done: soak.kill_or_stop(
+    failures, records = soak.run(seconds, lambda done: soak.kill_or_stop(
         done, every=(0.3, 1.2), kill_chance=0.3, longest_stop=LONGEST_STOP),
         shutdown=SHUTDOWN)
-    failures += soak.failures()
-    records = read_records(ctl)
-    failures += violations(records)
 
     # Every process is gone: one cleanup and a new pool's reclaim leave nothing of ours.
     sweep(POOL_PREFIXES)

@@ -23,8 +23,7 @@ a violation the moment it sees one (tests/stream_soak_workers.py). At the end, o
 process is gone, one cleanup_all_temp_audio() and a new pool's reclaim must leave both dirs
 empty.
 
-LUNA_SOAK_SEED=<n> runs a seed again (the same choices; the scheduling differs),
-LUNA_SOAK_SECONDS=<s> soaks longer (default 25).
+LUNA_SOAK_SEED and LUNA_SOAK_SECONDS (default 25) as for every soak (tests/soak.py).
 """
 
 from __future__ import annotations
@@ -33,20 +32,10 @@ import json
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from soak import (
-    Soak,
-    assert_soak_passed,
-    make_ctl,
-    names_left,
-    read_records,
-    soak_settings,
-    sweep,
-    violations,
-)
+from soak import Soak, assert_soak_passed, script_command, soak_settings, sweep
 
 from helpers import LIBRARY_PATH
 
@@ -59,20 +48,19 @@ SHUTDOWN = 90.0  # seconds a worker has to finish once told to stop: a hang, not
 def test_streams_pools_and_cleanups_soaked_with_kills_and_stops_break_no_promise(
         private_dirs, tmp_path) -> None:
     seed, seconds = soak_settings("stream", 25)
-    ctl = make_ctl(tmp_path / "ctl")
+    ctl = tmp_path / "ctl"
     soak = Soak(ctl, dict(os.environ, PYTHONPATH=LIBRARY_PATH), random.Random(seed),
-                lambda role, each: [sys.executable, WORKERS, role, str(ctl), str(each)])
+                script_command(WORKERS, ctl))
     soak.start_all(ROLES)
     # SIGKILL a random worker (and start another in its place), or SIGSTOP one for 0.1-2 s;
     # a writer that ended by its own SIGKILL is replaced. Writers stop first: their
     # streams end, so the followers' follows end too.
-    failures = soak.run(seconds, lambda done: soak.kill_or_stop(
-        done, every=(0.2, 0.8), kill_chance=0.35, longest_stop=LONGEST_STOP,
-        replace_ended=True), shutdown=SHUTDOWN, first="writer")
-    failures += soak.failures(  # a writer's own SIGKILL (the fate "die")
+    failures, records = soak.run(
+        seconds, lambda done: soak.kill_or_stop(
+            done, every=(0.2, 0.8), kill_chance=0.35, longest_stop=LONGEST_STOP,
+            replace_ended=True),
+        shutdown=SHUTDOWN, first="writer",  # a writer may die by its own SIGKILL ("die")
         may_end=lambda w: w.role == "writer" and w.proc.returncode == -signal.SIGKILL)
-    records = read_records(ctl)
-    failures += violations(records)
 
     # Followers' outcomes against how each stream ended (known once every worker is gone).
     ends: dict[str, dict[str, Any]] = {}
@@ -96,8 +84,7 @@ def test_streams_pools_and_cleanups_soaked_with_kills_and_stops_break_no_promise
                             f"of the {end['frames']} written: {r}")
 
     # Every process is gone: one cleanup and a new pool's reclaim leave nothing of ours.
-    sweep(["soakpool_"])
-    left = names_left(private_dirs.ram, private_dirs.fallback)
+    left = sweep(["soakpool_"], private_dirs.ram, private_dirs.fallback)
     if left:
         failures.append(f"files left after the final cleanup and reclaim: {left}")
 
