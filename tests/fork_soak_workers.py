@@ -14,9 +14,10 @@ leaves by sys.exit, the end of the script, os._exit or an exception, after closi
 dropping what it inherited, or not. The parent checks each child's exit, then that its own
 files are all there with their content and flocks, and that its objects still work.
 
-It appends JSON lines to CTL_DIR/out/PID.jsonl: {"violation": ...} at once (a worker may be
-killed at any moment), counts of what it did now and then, and {"event": "end"} when it
-stopped. It stops (finishes its calls, closes everything, exits 0) once CTL_DIR/stop exists.
+It appends JSON lines to CTL_DIR/out/worker-PID.jsonl (soak_worker.Reporter), its children
+too: {"violation": ...} at once (a worker may be killed at any moment), counts of what it
+did now and then, and {"event": "end"} when it stopped. It stops (finishes its calls,
+closes everything, exits 0) once CTL_DIR/stop exists.
 """
 
 from __future__ import annotations
