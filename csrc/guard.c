@@ -57,6 +57,14 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A test build only (tests/c/guard_fork.c #includes this file and defines it)
+ * holds the calling thread here, at a moment when the entry e is in a passing
+ * state only that thread will end: it then forks, for real, to show what a
+ * child is left with. The library's build leaves it empty: no code, no symbol. */
+#ifndef GUARD_TEST_PAUSE
+#define GUARD_TEST_PAUSE(moment, e) ((void)0)
+#endif
+
 /* Entry states, in the low bits of the state word; the rest is a generation
  * bumped by every claim. */
 enum {
@@ -177,6 +185,7 @@ static int break_entry(struct entry *e, uint64_t s)
     uint64_t fixing = (s & ~(uint64_t)ST_MASK) | ST_FIXING;
     if (!atomic_compare_exchange_strong(&e->state, &s, fixing))
         return (s & ST_MASK) == ST_FIXING || (s & ST_MASK) == ST_BROKEN;
+    GUARD_TEST_PAUSE(fix, e);
     void *start = (void *)atomic_load(&e->start);
     uint64_t len = round_to_pages(atomic_load(&e->len));
     atomic_store(&e->breaker, (long)syscall(SYS_gettid));
@@ -411,6 +420,7 @@ static int claim(struct entry *e, uintptr_t start, uint64_t len, int prot)
     uint64_t claimed = (s & ~(uint64_t)ST_MASK) + GEN_ONE + ST_CLAIMED;
     if (!atomic_compare_exchange_strong(&e->state, &s, claimed))
         return 0;
+    GUARD_TEST_PAUSE(claim, e);
     atomic_store_explicit(&e->start, start, memory_order_relaxed);
     atomic_store_explicit(&e->len, len, memory_order_relaxed);
     atomic_store_explicit(&e->prot, prot, memory_order_relaxed);
@@ -482,6 +492,7 @@ int luna_guard_shrink(int id, uint64_t len)
     uint64_t claimed = (s & ~(uint64_t)ST_MASK) + GEN_ONE + ST_CLAIMED;
     if (!atomic_compare_exchange_strong(&e->state, &s, claimed))
         return -EINVAL; /* a handler broke it just now */
+    GUARD_TEST_PAUSE(shrink, e);
     atomic_store(&e->len, len);
     atomic_store(&e->state, (claimed & ~(uint64_t)ST_MASK) | ST_LIVE);
     return 0;
