@@ -6,6 +6,8 @@ every header wav_format.c makes and parses it back, and calls every C function t
 takes a size or an offset with hostile values (UINT64_MAX, 2**63, 2**63 - 1, 2**32,
 sums that wrap) on a real file in a private directory: each must answer its
 documented -EFBIG or -EINVAL and leave the file and the directory as they were.
+tests/c/guard_fork.c forks while another thread is inside guard.c (holding one of its
+mutexes, or held in the middle of changing an entry) and checks what the child can do.
 (tests/test_wav_parser.py runs the parser over the corpus in the same kind of build.)
 """
 
@@ -41,12 +43,35 @@ def test_c_layer_refuses_hostile_sizes_and_converts_at_any_alignment_under_sanit
     assert list(victim_dir.iterdir()) == []  # nothing was left behind
 
 
+@pytest.fixture(scope="module")
+def guard_fork(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return build_sanitized("guard_fork.c", tmp_path_factory.mktemp("guard_fork"),
+                           with_csrc=False)
+
+
 def test_a_child_forked_while_another_thread_holds_a_guard_mutex_still_registers(
-        tmp_path: Path) -> None:
+        guard_fork: tuple[Path, dict[str, str]]) -> None:
     # tests/c/guard_fork.c: a thread holds guard.c's grow_lock (or install_lock) across
     # a real fork; the child's registration that needs it must not wait for ever.
-    binary, env = build_sanitized("guard_fork.c", tmp_path, with_csrc=False)
-    done = subprocess.run([str(binary)], capture_output=True, text=True, env=env, timeout=120)
+    binary, env = guard_fork
+    done = subprocess.run([str(binary), "mutexes"], capture_output=True, text=True, env=env,
+                          timeout=120)
     reports = [mark for mark in SANITIZER_MARKS if mark in done.stderr]
     assert reports == [], done.stderr[-4000:]
     assert (done.stdout, done.stderr, done.returncode) == ("2 passed, 0 failed\n", "", 0)
+
+
+def test_a_child_forked_while_another_thread_changes_a_guard_entry_can_close_and_use_it(
+        guard_fork: tuple[Path, dict[str, str]]) -> None:
+    # tests/c/guard_fork.c: a thread is held (guard.c's test-only GUARD_TEST_PAUSE) inside
+    # a real SIGBUS handler that is fixing an entry, inside a shrink, inside a
+    # registration, and the main thread forks. The child unregisters, breaks, absorbs
+    # and reads the entry (each spun for ever in settled_state, or retried the fault for
+    # ever, before the child settled it at the fork), and finds the shrink done and the
+    # half-made registration free. Each hung child ends by alarm() after 10 s.
+    binary, env = guard_fork
+    done = subprocess.run([str(binary), "entries"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    reports = [mark for mark in SANITIZER_MARKS if mark in done.stderr]
+    assert reports == [], done.stderr[-4000:]
+    assert (done.stdout, done.stderr, done.returncode) == ("6 passed, 0 failed\n", "", 0)
