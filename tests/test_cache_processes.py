@@ -2206,3 +2206,149 @@ def test_destroy_bounds_its_close_while_another_thread_waits_for_a_stopped_lock_
     # The directory stays, with its lock file when destroy() had not removed it yet.
     assert out["left"] == (["lock"] if when == "found empty" else [])
     assert out["after"] == [True, False]
+
+
+# A process that opens the cache "shared" (its RAM tier), seen at one moment of the open:
+# argv[1] says which, "the directory" (its mkdir found it there, or made it: now it opens
+# it) or "the lock file" (the directory is open: now it opens, or makes, the lock file
+# in it). argv[2] says what happens there: "paused" the first time (until a line on
+# stdin: another process removes the empty directory meanwhile), or "removed" by a
+# process it runs (rmdir), each time.
+OPENER_AT_A_MOMENT = """
+    import json, os, subprocess, sys
+    from luna_shm import AudioCache, _lowlevel, cache_key
+    moment, what = sys.argv[1], sys.argv[2]
+    directory = f"{os.environ['LUNA_SHM_DIR']}/luna_cache-{os.geteuid()}-shared"
+    seen = []
+
+    def at_the_moment(frame, event, arg):
+        if event != "call" or frame.f_code is not _lowlevel.open_at.__code__:
+            return
+        path, dir_fd = frame.f_locals["path"], frame.f_locals["dir_fd"]
+        at = ("the lock file" if path == "lock" and dir_fd is not None else
+              "the directory" if path == directory else None)
+        if at != moment:
+            return
+        seen.append(at)
+        if what == "removed":
+            subprocess.run(["rmdir", directory], check=True)
+        elif len(seen) == 1:
+            print("paused", flush=True)
+            sys.stdin.readline()
+
+    sys.setprofile(at_the_moment)
+    try:
+        cache = AudioCache("shared")
+    except OSError as exc:
+        sys.setprofile(None)
+        print(json.dumps({"error": [type(exc).__name__, exc.errno, exc.filename, str(exc)],
+                          "seen": len(seen), "left": os.path.exists(directory)}))
+        sys.exit(0)
+    sys.setprofile(None)
+    key = cache_key("opened as its directory went")
+    cache.put(key, audio_of(key), 24000).release()
+    with cache.get(key) as entry:
+        same = bool(np.array_equal(entry.array, audio_of(key)))
+    out = {"seen": len(seen), "directory": cache.directory == directory, "same": same,
+           "files": sorted(os.listdir(directory))}
+    cache.destroy(timeout=5)
+    print(json.dumps(out))
+"""
+
+# A process whose open of the cache "shared" makes its directory, then fails to make the
+# lock file in it (EMFILE: its fd table is full by then, as a full RAM disk's ENOSPC
+# would), and so removes the empty directory again. It waits for a line on stdin first,
+# at the lock file's open.
+FAILS_TO_MAKE_THE_LOCK_FILE = """
+    import errno, json, os, resource, sys
+    from luna_shm import AudioCache, _lowlevel
+    paused = []
+
+    def at_the_lock_file(frame, event, arg):
+        if (event == "call" and frame.f_code is _lowlevel.open_at.__code__ and not paused
+                and frame.f_locals["path"] == "lock"):
+            paused.append(True)
+            print("paused", flush=True)
+            sys.stdin.readline()
+""" + textwrap.indent(FILL_FD_TABLE, "    " * 3) + """
+    sys.setprofile(at_the_lock_file)
+    try:
+        AudioCache("shared").close()
+        print(json.dumps({"error": None}))
+    except OSError as exc:
+        sys.setprofile(None)
+        print(json.dumps({"error": [type(exc).__name__, exc.errno, exc.filename]}))
+"""
+
+
+def _spawn_told(private_dirs, code: str, *args: str) -> subprocess.Popen[str]:
+    """spawn, with a pipe to the child's stdin; returns once it printed "paused"."""
+    child = subprocess.Popen([sys.executable, "-c", AUDIO_OF_KEY + textwrap.dedent(code),
+                              *args], env=child_env(private_dirs), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if line != "paused\n":
+        child.kill()
+        _, err = child.communicate()
+        pytest.fail(f"the child did not pause: {line!r}\n{err}")
+    return child
+
+
+def _go_on(child: subprocess.Popen[str]) -> Any:
+    assert child.stdin is not None
+    child.stdin.write("\n")
+    child.stdin.flush()
+    return json.loads(finish(child))
+
+
+@pytest.mark.parametrize("moment", ["the directory", "the lock file"])
+@pytest.mark.parametrize("remover", ["destroy()", "a failed open"])
+def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_anew(
+        private_dirs, remover: str, moment: str) -> None:
+    directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
+    children: list[subprocess.Popen[str]] = []
+    try:
+        if remover == "destroy()":
+            # The cache is there, empty; the opener finds its directory (mkdir: EEXIST)
+            # and is paused in its open; then another process destroys the cache.
+            cache = AudioCache("shared")
+            children.append(_spawn_told(private_dirs, OPENER_AT_A_MOMENT, moment, "paused"))
+            cache.destroy(timeout=5)
+        else:
+            # Another process made the directory and is paused before it makes the lock
+            # file; the opener finds the directory and is paused in its open; then the
+            # other process fails to make the lock file, and removes its empty directory.
+            children.append(_spawn_told(private_dirs, FAILS_TO_MAKE_THE_LOCK_FILE))
+            children.append(_spawn_told(private_dirs, OPENER_AT_A_MOMENT, moment, "paused"))
+            failed = _go_on(children[0])
+            assert failed["error"] == ["OSError", errno.EMFILE, f"{directory}/lock"]
+        assert not os.path.exists(directory)
+        out = _go_on(children[-1])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    # Found in review: the opener's AudioCache("shared") raised FileNotFoundError, for the
+    # directory (removed between its mkdir and its open) or for the lock file (the
+    # directory removed between its open and the lock file's), though nothing was wrong
+    # on its side. It starts its open again: it makes the directory anew and uses it.
+    assert "error" not in out, out
+    assert out == {"seen": 2, "directory": True, "same": True,
+                   "files": sorted(["lock", f"{cache_key('opened as its directory went')}.wav"])}
+
+
+def test_an_open_whose_directory_another_process_removes_each_time_gives_up_naming_it(
+        private_dirs) -> None:
+    from luna_shm.cache._tier import OPEN_ATTEMPTS
+
+    directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
+    out = json.loads(finish(spawn(private_dirs, OPENER_AT_A_MOMENT, "the lock file",
+                                  "removed")))
+    # Each open of the lock file finds the directory just removed: the open starts again
+    # a bounded number of times, then raises, naming the directory, and leaves nothing.
+    name, code, filename, message = out["error"]
+    assert (name, code, filename) == ("FileNotFoundError", errno.ENOENT, directory)
+    assert f"removed by another process each of the {OPEN_ATTEMPTS} times" in message
+    assert out["seen"] == OPEN_ATTEMPTS and out["left"] is False

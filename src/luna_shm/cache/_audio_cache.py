@@ -132,7 +132,11 @@ class AudioCache(_resource.OwnedHere):
             of the open.
         PermissionError: the cache directory is a symlink, belongs to another user
             or lets others in.
-        OSError: the directory cannot be made or opened.
+        OSError: the directory cannot be made or opened. Another process that removes
+            the empty directory in the middle of the open (its destroy(), or its own
+            open that made the directory and failed) is no error: the open starts
+            again and makes it anew. Only when it is removed so each of 10 times:
+            FileNotFoundError (ENOENT) naming the directory.
     """
 
     _finalizer: _weakref.finalize  # type: ignore[type-arg]

@@ -59,9 +59,12 @@ def entry_name(name: str) -> tuple[str, str] | None:
     return key, f".{suffix}"
 
 
-def open_private_dir(parent: str, name: str, what: str) -> tuple[_lowlevel.FdCell, bool]:
+def open_private_dir(parent: str, name: str, what: str
+                     ) -> tuple[_lowlevel.FdCell, bool] | None:
     """Make (0700) or open parent/name, refusing a symlink, another user's dir or an open one.
-    (the fd cell of the directory, True when this call made it)."""
+    (the fd cell of the directory, True when this call made it); None when another process
+    removed the directory between the mkdir (that made it, or found it) and its open: the
+    caller may try again."""
     path = f"{parent}/{name}"
     try:
         _os.mkdir(path, 0o700)
@@ -71,6 +74,10 @@ def open_private_dir(parent: str, name: str, what: str) -> tuple[_lowlevel.FdCel
     cell = _lowlevel.fd_cell()
     try:
         fd = _lowlevel.open_at(path, _os.O_RDONLY | _os.O_DIRECTORY | _os.O_NOFOLLOW, cell=cell)
+    except FileNotFoundError:
+        # The mkdir found (or made) it, so the parent is there: another process removed
+        # the directory since (a destroy(), or a failed open that had made it).
+        return None
     except OSError as exc:
         if exc.errno in (_errno.ELOOP, _errno.ENOTDIR):
             kind = "a symbolic link" if _os.path.islink(path) else "not a directory"

@@ -52,6 +52,9 @@ from luna_shm.cache._keys import KEY
 COUNTERS = ("bytes", "hits", "misses", "evictions", "renders", "spills", "reloads",
             "encoded")
 _COUNTERS_FORMAT = _struct.Struct(f"<{len(COUNTERS)}Q")
+# How many times a tier's open starts again when another process removed its empty
+# directory in the middle of it (see Tier.__init__).
+OPEN_ATTEMPTS = 10
 
 
 # The tiers and caches whose thread locks (and pending counts) a forked child makes anew
@@ -154,39 +157,77 @@ class Tier:
         self.directory = f"{parent}/{self.name}"
         self.max_bytes = max_bytes
         self.what = what
-        dir_cell, self.made = open_private_dir(parent, self.name, what)
-        opened = _os.fstat(dir_cell[0])
-        self.identity = (opened.st_dev, opened.st_ino)
-        self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
-        try:
-            self.lock_fd = self._open_lock(LOCK_NAME, dir_cell[0], self.lock_cell)
-            if (self.write_error is None
-                    and _os.fstat(self.lock_fd).st_size < _COUNTERS_FORMAT.size):
-                # The shared counters' page, reserved now: a new lock file has none, and
-                # on a full disk their first write (at the open, or mid-spill or
-                # mid-removal for the disk tier) would fail after the tier had changed.
-                # Only while they were never written: on a filesystem without fallocate
-                # the C library writes zeros where it reads them, which could race with
-                # a counters write of another process.
-                _lowlevel.reserve(self.lock_fd, _COUNTERS_FORMAT.size)
-        except BaseException as exc:
-            _lowlevel.release(self.lock_cell)
-            self.lock_fd = -1
-            # Only an empty directory goes: a lock file made here stays, as another
-            # process may have opened it since (or be about to make it in this directory,
-            # through its own open of the directory): an unlinked lock file would split the
-            # cache's lock in two. Its counters page is reserved by the next open.
-            if self.made:
-                rmdir_quietly(self.directory)
-            if isinstance(exc, OSError):  # named by dir_fd: say where
-                raise _newfile.explain_full_disk(
-                    OSError(exc.errno, exc.strerror), self.path(LOCK_NAME)) from exc
-            raise
-        finally:
-            _lowlevel.release(dir_cell)
+        # Another process may remove the empty directory in the middle of our open (its
+        # destroy(), or its own open that made it and failed to make the lock file): the
+        # open starts again, from the mkdir. Bounded: a directory that keeps going is an
+        # error of its own, never a loop for ever.
+        for _ in range(OPEN_ATTEMPTS):
+            if self._open(parent):
+                break
+        else:
+            raise FileNotFoundError(_errno.ENOENT, f"the {what} directory was removed by "
+                                    f"another process each of the {OPEN_ATTEMPTS} times "
+                                    "it was opened (is a process destroying the cache "
+                                    "over and over?)", self.directory)
         self.pid = _os.getpid()
         self.thread_lock = _threading.RLock()  # reentrant only to say who holds it
         made_anew_in_child.add(self)
+
+    def _open(self, parent: str) -> bool:
+        """One try at the open: the directory (made when missing), then the lock file in
+        it (made when missing). True when open; False when another process removed the
+        directory meanwhile (nothing is held then, and nothing removed: it is gone)."""
+        opened = open_private_dir(parent, self.name, self.what)
+        if opened is None:
+            return False
+        dir_cell, self.made = opened
+        try:
+            st = _os.fstat(dir_cell[0])
+            self.identity = (st.st_dev, st.st_ino)
+            self.lock_cell = _lowlevel.fd_cell()  # owns lock_fd
+            try:
+                self.lock_fd = self._open_lock(LOCK_NAME, dir_cell[0], self.lock_cell)
+                if (self.write_error is None
+                        and _os.fstat(self.lock_fd).st_size < _COUNTERS_FORMAT.size):
+                    # The shared counters' page, reserved now: a new lock file has none,
+                    # and on a full disk their first write (at the open, or mid-spill or
+                    # mid-removal for the disk tier) would fail after the tier had
+                    # changed. Only while they were never written: on a filesystem
+                    # without fallocate the C library writes zeros where it reads them,
+                    # which could race with a counters write of another process.
+                    _lowlevel.reserve(self.lock_fd, _COUNTERS_FORMAT.size)
+            except BaseException as exc:
+                _lowlevel.release(self.lock_cell)
+                self.lock_fd = -1
+                if isinstance(exc, FileNotFoundError) and self._removed(dir_cell[0]):
+                    # An O_CREAT open in a removed directory: ENOENT. Its path is
+                    # another's by now (or nothing): not ours to remove.
+                    return False
+                # Only an empty directory goes: a lock file made here stays, as another
+                # process may have opened it since (or be about to make it in this
+                # directory, through its own open of the directory): an unlinked lock
+                # file would split the cache's lock in two. Its counters page is reserved
+                # by the next open.
+                if self.made:
+                    rmdir_quietly(self.directory)
+                if isinstance(exc, OSError):  # named by dir_fd: say where
+                    raise _newfile.explain_full_disk(
+                        OSError(exc.errno, exc.strerror), self.path(LOCK_NAME)) from exc
+                raise
+        finally:
+            _lowlevel.release(dir_cell)
+        return True
+
+    def _removed(self, dir_fd: int) -> bool:
+        """True when the directory open as dir_fd was removed: it has no link left, or
+        the tier's path names another file or nothing."""
+        if _os.fstat(dir_fd).st_nlink == 0:
+            return True
+        try:
+            st = _os.lstat(self.directory)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self.identity
 
     def _after_fork_in_child(self) -> None:
         """Right after a fork, in the child: a thread lock of its own (a thread of the
