@@ -2210,28 +2210,33 @@ def test_destroy_bounds_its_close_while_another_thread_waits_for_a_stopped_lock_
 
 # A process that opens the cache "shared" (its RAM tier), seen at one moment of the open:
 # argv[1] says which, "the directory" (its mkdir found it there, or made it: now it opens
-# it) or "the lock file" (the directory is open: now it opens, or makes, the lock file
-# in it). argv[2] says what happens there: "paused" the first time (until a line on
-# stdin: another process removes the empty directory meanwhile), or "removed" by a
-# process it runs (rmdir), each time.
+# it), "the lock file" (the directory is open: now it opens, or makes, the lock file in
+# it) or "its first lock" (the lock file is open: now it takes its flock, to sweep).
+# argv[2] says what happens there: "paused" the first time (until a line on stdin:
+# another process removes the empty directory meanwhile), or "removed" by a process it
+# runs (rm -r: the directory, and the lock file in it if any), each time.
 OPENER_AT_A_MOMENT = """
     import json, os, subprocess, sys
     from luna_shm import AudioCache, _lowlevel, cache_key
+    from luna_shm.cache import _tier
     moment, what = sys.argv[1], sys.argv[2]
     directory = f"{os.environ['LUNA_SHM_DIR']}/luna_cache-{os.geteuid()}-shared"
     seen = []
 
     def at_the_moment(frame, event, arg):
-        if event != "call" or frame.f_code is not _lowlevel.open_at.__code__:
+        if event != "call":
             return
-        path, dir_fd = frame.f_locals["path"], frame.f_locals["dir_fd"]
-        at = ("the lock file" if path == "lock" and dir_fd is not None else
-              "the directory" if path == directory else None)
+        if frame.f_code is _lowlevel.open_at.__code__:
+            path, dir_fd = frame.f_locals["path"], frame.f_locals["dir_fd"]
+            at = ("the lock file" if path == "lock" and dir_fd is not None else
+                  "the directory" if path == directory else None)
+        else:
+            at = "its first lock" if frame.f_code is _tier.lock_by.__code__ else None
         if at != moment:
             return
         seen.append(at)
         if what == "removed":
-            subprocess.run(["rmdir", directory], check=True)
+            subprocess.run(["rm", "-r", directory], check=True)
         elif len(seen) == 1:
             print("paused", flush=True)
             sys.stdin.readline()
@@ -2302,8 +2307,12 @@ def _go_on(child: subprocess.Popen[str]) -> Any:
     return json.loads(finish(child))
 
 
-@pytest.mark.parametrize("moment", ["the directory", "the lock file"])
-@pytest.mark.parametrize("remover", ["destroy()", "a failed open"])
+@pytest.mark.parametrize(("remover", "moment"), [
+    ("destroy()", "the directory"), ("destroy()", "the lock file"),
+    ("destroy()", "its first lock"),
+    # A lock file once made is never removed by a failed open: it can remove the
+    # directory only before the opener made one in it.
+    ("a failed open", "the directory"), ("a failed open", "the lock file")])
 def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_anew(
         private_dirs, remover: str, moment: str) -> None:
     directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
@@ -2331,23 +2340,26 @@ def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_
                 child.kill()
                 child.communicate()
     # Found in review: the opener's AudioCache("shared") raised FileNotFoundError, for the
-    # directory (removed between its mkdir and its open) or for the lock file (the
-    # directory removed between its open and the lock file's), though nothing was wrong
-    # on its side. It starts its open again: it makes the directory anew and uses it.
+    # directory (removed between its mkdir and its open, or, its lock file open, before
+    # its lock: "removed after the cache opened", though it never opened) or for the lock
+    # file (the directory removed between its open and the lock file's), though nothing
+    # was wrong on its side. It starts its open again: it makes the directory anew and
+    # uses it.
     assert "error" not in out, out
     assert out == {"seen": 2, "directory": True, "same": True,
                    "files": sorted(["lock", f"{cache_key('opened as its directory went')}.wav"])}
 
 
+@pytest.mark.parametrize("moment", ["the lock file", "its first lock"])
 def test_an_open_whose_directory_another_process_removes_each_time_gives_up_naming_it(
-        private_dirs) -> None:
+        private_dirs, moment: str) -> None:
     from luna_shm.cache._tier import OPEN_ATTEMPTS
 
     directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
-    out = json.loads(finish(spawn(private_dirs, OPENER_AT_A_MOMENT, "the lock file",
-                                  "removed")))
-    # Each open of the lock file finds the directory just removed: the open starts again
-    # a bounded number of times, then raises, naming the directory, and leaves nothing.
+    out = json.loads(finish(spawn(private_dirs, OPENER_AT_A_MOMENT, moment, "removed")))
+    # Each open of the lock file, or each first lock, finds the directory just removed:
+    # the open starts again a bounded number of times, then raises, naming the
+    # directory, and leaves nothing.
     name, code, filename, message = out["error"]
     assert (name, code, filename) == ("FileNotFoundError", errno.ENOENT, directory)
     assert f"removed by another process each of the {OPEN_ATTEMPTS} times" in message

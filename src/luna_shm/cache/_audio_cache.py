@@ -47,6 +47,7 @@ from luna_shm.cache._tier import (
     COUNTERS,
     Tier,
     made_anew_in_child,
+    open_tier,
     remove_or_supersede,
     remove_stale,
     warn_leak,
@@ -92,6 +93,13 @@ def _deadline(timeout: object) -> float | None:
     timeout checked as formats.check_timeout does (TypeError, ValueError naming it)."""
     limit = formats.check_timeout(timeout)
     return None if limit is None else _time.monotonic() + limit
+
+
+def _sweep_and_count(tier: Tier) -> None:
+    """The RAM tier's work at the open (under its lock): remove the leftovers of killed
+    processes, and set its byte count to the truth."""
+    tier.sweep()
+    tier.set_bytes(sum(st.st_size for _, st in tier.entries()))
 
 
 class _Replaced(Exception):
@@ -169,24 +177,20 @@ class AudioCache(_resource.OwnedHere):
         # The RAM entries the last eviction scan did not come to: (name, inode, atime_ns),
         # least recently used first (see _evict_queued). Used under the RAM lock only.
         self._victims: _collections.deque[tuple[str, int, int]] = _collections.deque()
-        ram = Tier(placement.current().directory, name, self.max_bytes, "cache")
+        # Each tier's leftovers of killed processes go at the open, under its lock (a
+        # tier opened read-only is looked at, never changed: see Tier): the RAM tier's
+        # byte count is set to the truth there too, the disk tier's spills in flight go.
+        # A failed constructor leaves nothing it made (a directory that was there
+        # before, and may be in use, stays): open_tier undoes its own tier.
+        ram = open_tier(placement.current().directory, name, self.max_bytes, "cache",
+                        deadline, _sweep_and_count)
         disk: Tier | None = None
         try:
             if disk_text is not None:
-                disk = Tier(_os.path.abspath(disk_text), name,
-                            disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache")
-            if ram.write_error is None:  # else: looked at, never changed (see Tier)
-                with ram.locked(deadline=deadline):
-                    ram.sweep()
-                    ram.set_bytes(sum(st.st_size for _, st in ram.entries()))
-            if disk is not None and disk.write_error is None:
-                with disk.locked(deadline=deadline):  # a killed process's spills in flight
-                    disk.sweep()
+                disk = open_tier(_os.path.abspath(disk_text), name,
+                                 disk_max or DEFAULT_DISK_MAX_BYTES, "disk cache", deadline,
+                                 Tier.sweep)
         except BaseException:
-            # A failed constructor leaves nothing it made (a directory that was there
-            # before, and may be in use, stays).
-            if disk is not None:
-                disk.undo()
             ram.undo()
             raise
         self._ram, self._disk = ram, disk

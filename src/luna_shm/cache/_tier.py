@@ -165,10 +165,7 @@ class Tier:
             if self._open(parent):
                 break
         else:
-            raise FileNotFoundError(_errno.ENOENT, f"the {what} directory was removed by "
-                                    f"another process each of the {OPEN_ATTEMPTS} times "
-                                    "it was opened (is a process destroying the cache "
-                                    "over and over?)", self.directory)
+            raise removed_each_time(what, self.directory)
         self.pid = _os.getpid()
         self.thread_lock = _threading.RLock()  # reentrant only to say who holds it
         made_anew_in_child.add(self)
@@ -228,6 +225,12 @@ class Tier:
         except FileNotFoundError:
             return True
         return (st.st_dev, st.st_ino) != self.identity
+
+    def lock_removed(self) -> bool:
+        """True when the tier's lock file has no name left: unlinked (a destroy() of
+        another process unlinks it, then removes the directory), or another file renamed
+        over it. A tier whose directory was moved away keeps its lock file's name."""
+        return self.lock_fd >= 0 and _os.fstat(self.lock_fd).st_nlink == 0
 
     def _after_fork_in_child(self) -> None:
         """Right after a fork, in the child: a thread lock of its own (a thread of the
@@ -582,6 +585,47 @@ class Tier:
         if self.lock_fd >= 0:
             self.lock_fd = -1
             _lowlevel.release(self.lock_cell)
+
+
+def removed_each_time(what: str, directory: str) -> FileNotFoundError:
+    """The error of an open that found its directory removed by another process each of
+    OPEN_ATTEMPTS times (see Tier.__init__ and open_tier)."""
+    return FileNotFoundError(_errno.ENOENT, f"the {what} directory was removed by another "
+                             f"process each of the {OPEN_ATTEMPTS} times it was opened (is "
+                             "a process destroying the cache over and over?)", directory)
+
+
+def open_tier(parent: str, name: str, max_bytes: int, what: str, deadline: float | None,
+              first: Callable[[Tier], object]) -> Tier:
+    """A Tier (see Tier) with first(tier) done under its lock, which the lock's wait
+    bounds by deadline (time.monotonic(); None: no bound): the work of the open (the
+    sweep of a killed process's leftovers). A tier opened read-only skips it (looked at,
+    never changed). On failure the tier is undone (see Tier.undo) and the error raised.
+
+    Another process can remove the tier's directory between our open of its lock file
+    and our lock: its destroy() of the empty cache unlinks the lock file and removes the
+    directory. Under the lock the tier is then found out of place (FileNotFoundError for
+    the directory, or PermissionError for the lock file: see TierLock), though the cache
+    was never opened: the open starts again, at most OPEN_ATTEMPTS times, as the tier's
+    own open does. That tier is closed, not undone: its directory is gone, and its path
+    may name another process's new one by now."""
+    for _ in range(OPEN_ATTEMPTS):
+        tier = Tier(parent, name, max_bytes, what)
+        if tier.write_error is not None:
+            return tier
+        try:
+            with tier.locked(deadline=deadline):
+                first(tier)
+            return tier
+        except OSError:
+            if not tier.lock_removed():
+                tier.undo()
+                raise
+            tier.close(wait=False)
+        except BaseException:
+            tier.undo()
+            raise
+    raise removed_each_time(what, f"{parent}/{dir_name(name)}")
 
 
 def remove_stale(tier: Tier, name: str, fd: int, deadline: float | None = None) -> bool:
