@@ -2317,6 +2317,7 @@ def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_
         private_dirs, remover: str, moment: str) -> None:
     directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
     children: list[subprocess.Popen[str]] = []
+    cache = None
     try:
         if remover == "destroy()":
             # The cache is there, empty; the opener finds its directory (mkdir: EEXIST)
@@ -2335,11 +2336,13 @@ def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_
         assert not os.path.exists(directory)
         out = _go_on(children[-1])
     finally:
+        if cache is not None:
+            cache.close()
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.communicate()
-    # Found in review: the opener's AudioCache("shared") raised FileNotFoundError, for the
+    # Before the fix, the opener's AudioCache("shared") raised FileNotFoundError, for the
     # directory (removed between its mkdir and its open, or, its lock file open, before
     # its lock: "removed after the cache opened", though it never opened) or for the lock
     # file (the directory removed between its open and the lock file's), though nothing
