@@ -2324,7 +2324,10 @@ def test_a_cache_opened_as_another_process_removes_its_empty_directory_opens_it_
             # and is paused in its open; then another process destroys the cache.
             cache = AudioCache("shared")
             children.append(_spawn_told(private_dirs, OPENER_AT_A_MOMENT, moment, "paused"))
-            cache.destroy(timeout=5)
+            if os.path.exists(directory):
+                cache.destroy(timeout=5)
+            else:  # removed under it (the bug): only close it
+                cache.close()
         else:
             # Another process made the directory and is paused before it makes the lock
             # file; the opener finds the directory and is paused in its open; then the
@@ -2367,3 +2370,67 @@ def test_an_open_whose_directory_another_process_removes_each_time_gives_up_nami
     assert (name, code, filename) == ("FileNotFoundError", errno.ENOENT, directory)
     assert f"removed by another process each of the {OPEN_ATTEMPTS} times" in message
     assert out["seen"] == OPEN_ATTEMPTS and out["left"] is False
+
+
+# A process whose AudioCache("shared", disk_dir=argv[1]) makes the RAM tier's directory,
+# then waits for a line on stdin before it opens the disk tier, which fails (argv[1] is a
+# file, not a directory).
+FAILS_AT_ITS_DISK_TIER = """
+    import json, sys
+    from luna_shm import AudioCache
+    from luna_shm.cache import _tier
+    paused = []
+
+    def before_the_disk_tier(frame, event, arg):
+        if (event == "call" and frame.f_code is _tier.open_tier.__code__ and not paused
+                and frame.f_locals["what"] == "disk cache"):
+            paused.append(True)
+            print("paused", flush=True)
+            sys.stdin.readline()
+
+    sys.setprofile(before_the_disk_tier)
+    try:
+        AudioCache("shared", disk_dir=sys.argv[1]).close()
+        print(json.dumps({"error": None}))
+    except OSError as exc:
+        sys.setprofile(None)
+        print(json.dumps({"error": [type(exc).__name__, exc.errno]}))
+"""
+
+
+def test_a_failed_open_never_removes_the_directory_another_process_made_anew_meanwhile(
+        private_dirs, tmp_path) -> None:
+    # A constructor that fails undoes the RAM tier it made: it removed the directory at the
+    # tier's path when only a lock file was in it, without asking whether that was still
+    # its own. Another process had destroyed the empty cache meanwhile, and a third made
+    # the directory anew and opened the cache in it: the failed open removed that one's
+    # lock file and directory, and the open cache found its directory gone at its next
+    # call (found reading the open's retry; the lock file of a live cache is never ours).
+    directory = f"{private_dirs.ram}/luna_cache-{os.geteuid()}-shared"
+    not_a_dir = tmp_path / "a file"
+    not_a_dir.write_bytes(b"")
+    failing = _spawn_told(private_dirs, FAILS_AT_ITS_DISK_TIER, str(not_a_dir))
+    cache = None
+    try:
+        assert os.listdir(directory) == ["lock"]  # the failing open made it
+        AudioCache("shared").destroy(timeout=5)  # another process's: the cache was empty
+        assert not os.path.exists(directory)
+        cache = AudioCache("shared")  # a third process's, in a new directory
+        out = _go_on(failing)
+        assert out["error"] == ["NotADirectoryError", errno.ENOTDIR]
+        assert os.listdir(directory) == ["lock"], "the failed open removed it"
+        key = cache_key("in the directory made anew")
+        cache.put(key, np.full(100, 3, np.int16), 8000).release()
+        entry = cache.get(key)
+        assert entry is not None
+        with entry:
+            assert np.array_equal(entry.array, np.full(100, 3, np.int16))
+    finally:
+        if failing.poll() is None:
+            failing.kill()
+            failing.communicate()
+        if cache is not None:
+            if os.path.exists(directory):
+                cache.destroy(timeout=5)
+            else:  # removed under it (the bug): only close it
+                cache.close()

@@ -521,9 +521,13 @@ class Tier:
         the directory is removed only when no one holds its lock and nothing but the
         lock file is in it (a process that opened it between our mkdir and now would
         find its files gone: an OSError, in a window of microseconds, never data lost).
+        And only while it is still in place: another process may have removed it (its
+        destroy() of the empty cache) and a third made it anew, whose lock file and
+        directory are not ours.
         """
         try:
-            if self.made and _lowlevel.lock(self.lock_fd, exclusive=True):
+            if (self.made and _lowlevel.lock(self.lock_fd, exclusive=True)
+                    and self.in_place()):
                 with _os.scandir(self.directory) as scan:
                     alone = [item.name for item in scan] == [LOCK_NAME]
                 if alone:
