@@ -521,3 +521,63 @@ with AudioPool(slots=1, max_bytes=4096) as pool:
     refusals = [m for m in out["log"] if "refused a new file" in m]
     assert refusals == ["luna_shm: /dev/shm refused a new file (No space left on device): "
                         "using /tmp for such files"], out["log"]
+
+
+@pytest.mark.parametrize("text_bytes", [20, 10_000])
+def test_the_waiters_of_a_render_that_fails_as_the_ram_disk_fills_get_render_error(
+        text_bytes: int) -> None:
+    # A render that failed when the RAM disk had filled up could not write its outcome
+    # note (a new file with a page of text): its waiters found no note and rendered the
+    # key again, each in turn, instead of raising RenderError. The note's page is now
+    # allocated when the render begins; a text longer than that page keeps its head.
+    out = run_child("""
+import time
+from luna_shm import AudioCache, cache_key
+key = cache_key("fails as the disk fills")
+cache = AudioCache("full")
+go_read, go_write = os.pipe()
+said_read, said_write = os.pipe()
+waiter = os.fork()
+if waiter == 0:
+    os.close(go_write)
+    os.read(go_read, 1)  # the render has begun
+    def render_again(writer):
+        raise KeyError("the waiter rendered again")
+    try:
+        AudioCache("full").get_or_render(key, render_again, samplerate=8000)
+        said = "no error"
+    except Exception as exc:
+        said = f"{type(exc).__name__}: {exc}"
+    os.write(said_write, said.encode())
+    os._exit(0)
+os.close(go_read)
+os.close(said_write)
+
+def render(writer):
+    writer.write(DATA[:100])
+    os.close(go_write)
+    deadline = time.monotonic() + 30
+    while "lock" not in open(f"/proc/{waiter}/wchan").read():  # waits for our flock
+        assert time.monotonic() < deadline, "the waiter never waited for the render"
+        time.sleep(0.001)
+    fill("/dev/shm")
+    raise ValueError("the engine failed: " + "x" * TEXT_BYTES)
+
+try:
+    cache.get_or_render(key, render, samplerate=8000)
+except ValueError as exc:
+    own = str(exc)
+with os.fdopen(said_read, "rb") as said:
+    waiter_said = said.read().decode()
+os.waitpid(waiter, 0)
+os.unlink("/dev/shm/filler")
+cache.destroy()
+report(own=own, waiter=waiter_said, pid=os.getpid(), key=key)
+""".replace("TEXT_BYTES", str(text_bytes)))
+    assert out["own"] == "the engine failed: " + "x" * text_bytes
+    said = (f"RenderError: rendering {out['key']!r} failed in process "
+            f"{out['pid']}: ValueError: the engine failed: ")
+    assert out["waiter"].startswith(said), out["waiter"]
+    xs = out["waiter"][len(said):]
+    assert set(xs) <= {"x"} and (len(xs) == text_bytes if text_bytes < 4000 else
+                                 4000 < len(xs) < 4096), len(xs)

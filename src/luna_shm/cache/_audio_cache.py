@@ -102,6 +102,11 @@ def _sweep_and_count(tier: Tier) -> None:
     tier.set_bytes(sum(st.st_size for _, st in tier.entries()))
 
 
+# The bytes of a render's outcome note allocated when the render begins (one page: the
+# pid, the inode and the first 4 KB of the error's text, where the RAM disk fills up).
+_OUTCOME_RESERVED = 4096
+
+
 class _Replaced(Exception):
     """A reload's source on the disk tier stopped being the key's newest audio during
     the copy (see AudioCache._commit): the copy is not stored."""
@@ -1112,6 +1117,7 @@ class AudioCache(_resource.OwnedHere):
             return None if left is None else _time.monotonic() + left
 
         writer.make_room = lambda nbytes: self._room_on_ram_disk(nbytes, wait_until())
+        reserved = self._reserve_outcome()
         pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
@@ -1132,14 +1138,14 @@ class AudioCache(_resource.OwnedHere):
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             entry = self._commit(key, live, key + ".wav", pin, deadline=wait_until())
             if not entry.stored:
-                self._write_outcome(key, ino, "unstored " + entry.path)
+                self._write_outcome(key, ino, "unstored " + entry.path, reserved)
         except BaseException as exc:
             if _resource.current_pid != owner:
                 # A child forked inside render that leaves it (sys.exit unwinds its copy
                 # of our stack): the render, its file, its note and its waiters are the
                 # parent's, which goes on rendering.
                 raise
-            self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}")
+            self._write_outcome(key, ino, f"{type(exc).__name__}: {exc}", reserved)
             # Our file, through the pin, or the writer when the dup failed (a failed
             # commit released the pin, and removed the file, itself).
             held = pin[0] if pin[0] >= 0 else -1 if writer.closed else writer.fileno()
@@ -1150,24 +1156,69 @@ class AudioCache(_resource.OwnedHere):
             writer.abort()
             _lowlevel.release(pin)  # the last descriptor: the waiters wake to the note
             raise
+        finally:
+            if reserved is not None:  # no note was written: it goes, unnamed
+                _lowlevel.release(reserved)
         # Exclusive -> shared on the open file: the waiters wake now, and find the entry.
         _lowlevel.lock(entry.fileno(), exclusive=False, filename=entry.path)
         writer.close()
         return entry
 
-    def _write_outcome(self, key: str, ino: int, text: str) -> None:
-        path = self._ram.path(key + OUTCOME)
+    def _reserve_outcome(self) -> _lowlevel.FdCell | None:
+        """An unnamed (O_TMPFILE) file in the RAM tier for the render's outcome note, its
+        first page allocated before the render begins: a render that fails because the
+        RAM disk filled up can still tell its waiters (else they found no note, and
+        rendered the key again instead of raising RenderError). Unnamed, it goes with a
+        render that needs no note, and with a renderer that is killed: nothing is left
+        to sweep. It costs a miss about 25 us (an open, a flock, an fallocate and a
+        close), against the render's own milliseconds. None where there is no room even
+        now, or no O_TMPFILE: the note is then tried at the end, as _write_outcome does
+        without one."""
+        cell = _lowlevel.fd_cell()
+        # A child forked during the render must not keep it (nor its RAM).
+        _resource.close_in_child(cell)
         try:
-            part, cell = self._ram.new_part(key)
+            _lowlevel.create_unnamed_locked(self._ram.directory, cell=cell)
+            _lowlevel.reserve(cell[0], _OUTCOME_RESERVED, self._ram.directory)
+        except OSError:
+            _lowlevel.release(cell)
+            return None
+        except BaseException:
+            _lowlevel.release(cell)
+            raise
+        return cell
+
+    def _write_outcome(self, key: str, ino: int, text: str,
+                       reserved: _lowlevel.FdCell | None) -> None:
+        """Leave key's outcome note for the waiters of the render of file ino: written
+        into reserved (see _reserve_outcome), which is released, or into a new file when
+        there is none. On a RAM disk too full for the whole text, what fits in the
+        reserved page is written; when nothing can be, the waiters render again."""
+        path = self._ram.path(key + OUTCOME)
+        data = f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace")
+        unnamed = reserved is not None
+        part = self._ram.path(f".{key}.{token()}{PART}")
+        try:
+            if reserved is None:
+                part, reserved = self._ram.new_part(key)
         except OSError:
             return
         try:
-            _os.write(cell[0], f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace"))
+            try:
+                written = _os.pwrite(reserved[0], data, 0)
+            except OSError:  # past the reserved page, on a full RAM disk
+                written = _os.pwrite(reserved[0], data[:_OUTCOME_RESERVED], 0)
+            # What was written (a full RAM disk cuts it short), in whole characters; the
+            # reserve's zeros past it are no part of it.
+            data = data[:written].decode("utf-8", "ignore").encode("utf-8")
+            _os.ftruncate(reserved[0], len(data))
+            if unnamed:
+                _lowlevel.link_unnamed(reserved[0], part)
             _os.rename(part, path)
         except OSError:
             unlink_quietly(part)
         finally:
-            _lowlevel.release(cell)
+            _lowlevel.release(reserved)
 
     def _wait(self, key: str, deadline: float | None) -> CachedAudio | None:
         """Wait for key's renderer: None to look again (it stored the entry, died, or was
