@@ -15,10 +15,10 @@ them and judges what they did. What is the same in each lives here:
   of its role (Soak.kill), a stopped one is continued (Soak.pause);
 - the end: CTL/stop tells every worker to stop, all of them within one deadline, and a hung
   one is killed and reported (Soak.stop); then anything in CTL/err (a warning, a traceback:
-  the soaks run under PYTHONDEVMODE, so ResourceWarnings too), any exit but 0 of a worker
-  the soak did not kill (Soak.failures), and every violation a worker reported
-  (violations) fail the soak (Soak.run returns them all), with its seed
-  (assert_soak_passed);
+  the soaks run under PYTHONDEVMODE, so ResourceWarnings too: written_to_stderr, which
+  test_cache_soak.py's own driving uses as well), any exit but 0 of a worker the soak did
+  not kill (Soak.failures), and every violation a worker reported (violations) fail the
+  soak (Soak.run returns them all), with its seed (assert_soak_passed);
 - with every process gone, a cleanup and new pools' reclaims (sweep) must leave nothing of
   the soak's in its dirs but what the soak says may stay.
 
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,13 +236,8 @@ class Soak:
         """Once every worker ended: whatever any process wrote into CTL/err (a worker's
         stderr, a file its children wrote there), and the exit of each worker that was not
         killed by the soak and neither exited 0 nor may_end (a death it chose)."""
-        found = []
-        err_of = {worker.err.name: worker for worker in self.ended}
-        for err in sorted((self.ctl / "err").iterdir()):
-            text = err.read_text(errors="replace")
-            if text:
-                who = err_of.get(err.name, err.name)
-                found.append(f"{who} wrote to stderr: {text[-SHOWN:]}")
+        found = written_to_stderr(self.ctl / "err",
+                                  {worker.err.name: worker for worker in self.ended})
         for worker in self.ended:
             code = worker.proc.returncode
             if worker.pid in self.killed or code == 0 or may_end(worker):
@@ -251,6 +246,20 @@ class Soak:
                          + (" (SIGBUS: the guard let a fault through)"
                             if code == -signal.SIGBUS else ""))
         return found
+
+
+def written_to_stderr(err_dir: Path, who: Mapping[str, object]) -> list[str]:
+    """A failure line for each file in err_dir that is not empty (a worker's stdout and
+    stderr, a file its children wrote there): who wrote it (who[its name], else its name)
+    and the last SHOWN characters of it. A soak's workers write nothing there: a
+    traceback, a warning (a ResourceWarning under PYTHONDEVMODE, a luna_shm log line no
+    handler of the worker took) is a failure even when the worker exits 0."""
+    found = []
+    for err in sorted(err_dir.iterdir()):
+        text = err.read_text(errors="replace")
+        if text:
+            found.append(f"{who.get(err.name, err.name)} wrote to stderr: {text[-SHOWN:]}")
+    return found
 
 
 def read_records(ctl: Path) -> list[dict[str, Any]]:

@@ -16,14 +16,20 @@ stopped (checked here against the stop windows, on the shared CLOCK_MONOTONIC; a
 the calls wait 2 s at most, to make stops time them out), WavError only once an entry was
 corrupted,
 RenderError only for a failure on purpose (or a renderer's own timeout), StreamAbandoned and
-KeyError for follows.
+KeyError for follows. The luna_shm logger's lines are a worker's own to check (they never
+reach its stderr): its one expected line, the removal of an unreadable entry to render it
+again, is an event, and the entry must be one the chaos corrupted; any other line is a
+violation. As in the other soaks, anything a worker writes to its stdout or stderr (a
+traceback, a warning: the soaks run under PYTHONDEVMODE, so ResourceWarnings too) fails the
+soak, and so does an exit but 0 of a worker the chaos did not kill.
 
 The seed is printed; ``LUNA_SOAK_SEED=<seed>`` runs that seed again (the same random choices,
 not the same interleaving: that depends on the scheduler). ``LUNA_SOAK_SECONDS`` makes the
 soak longer than its default 25 s for manual runs (both read by soak.soak_settings, as every
 soak reads them). Its driving is its own, unlike the other soaks' (tests/soak.py): one worker
-script with one event log, chaos that also corrupts entries and records each stop's window,
-and no failure for a worker's stderr alone (a worker logs each corrupted entry it removes).
+script with one event log, and chaos that also corrupts entries and records each stop's
+window; its judging of the workers' stderr is theirs (soak.written_to_stderr,
+soak.assert_soak_passed).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from soak import soak_settings
+from soak import assert_soak_passed, soak_settings, written_to_stderr
 
 from helpers import LIBRARY_PATH, call_with_deadline
 from luna_shm import AudioCache, WavError, WavWriter, read_wav
@@ -90,7 +96,7 @@ audio_of: Callable[[str], np.ndarray] = _COMMON["audio_of"]
 encoded_of: Callable[[str], bytes] = _COMMON["encoded_of"]
 
 WORKER = COMMON + r'''
-import collections, json, os, random, sys, threading, time, traceback
+import collections, json, logging, os, random, sys, threading, time, traceback
 import soundfile
 from luna_shm import AudioCache, StreamAbandoned, WavError
 from luna_shm.cache import RenderError
@@ -128,6 +134,34 @@ def violation(what, **fields):
 
 class OnPurpose(Exception):
     pass
+
+
+# The one line the luna_shm logger may say here (its format, as AudioCache._usable logs it):
+# a look-up removed a RAM entry it could not read (the chaos corrupted it, here or in the
+# disk tier it came back from), to render it again.
+REMOVED = "luna_shm: removed the unreadable cache entry %s (%s); rendering it again"
+
+
+class LogChecked(logging.Handler):
+    """The luna_shm logger's lines, checked here instead of reaching stderr (with no
+    handler, Python's last resort prints a warning there, and any stderr fails the soak):
+    the removal of an entry of the RAM tier for its WavError is an event (the test checks
+    that the chaos corrupted an entry of that name), any other line a violation."""
+
+    def emit(self, record):
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (record.msg == REMOVED and record.levelno == logging.WARNING and len(args) == 2
+                and os.path.dirname(args[0]) == cfg["ram_dir"]
+                and isinstance(args[1], WavError)):
+            count("removed an unreadable entry")
+            report("removed_unreadable", path=args[0], what=str(args[1]))
+        else:
+            violation(f"the luna_shm logger said: {record.getMessage()}",
+                      level=record.levelname)
+
+
+logging.getLogger("luna_shm").addHandler(LogChecked())
+logging.getLogger("luna_shm").propagate = False
 
 
 def open_caches():
@@ -397,6 +431,7 @@ class Soak:
     stops: list[tuple[float, float]] = field(default_factory=list)
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     spawned: int = 0
+    corrupted: set[str] = field(default_factory=set)  # the names of the entries it corrupted
 
     def spawn(self) -> subprocess.Popen[bytes]:
         self.spawned += 1
@@ -405,13 +440,24 @@ class Soak:
                "short_timeout": SHORT_TIMEOUT, "log": str(self.log),
                "stop": str(self.stop_file), "max_bytes": MAX_BYTES,
                "disk_max_bytes": DISK_MAX_BYTES, "ttl": TTL,
-               "threads": self.rng.choice([1, 2])}
-        with open(self.tmp / f"worker{self.spawned}.err", "wb") as err:
+               "threads": self.rng.choice([1, 2]),
+               "ram_dir": str(cache_dir(Path(self.env["LUNA_SHM_DIR"])))}
+        self.err_dir.mkdir(exist_ok=True)
+        with open(self.err_dir / self.err_name(self.spawned), "wb") as out:
             worker = subprocess.Popen([sys.executable, str(self.script), json.dumps(cfg)],
-                                      env=self.env, stdout=subprocess.DEVNULL, stderr=err,
-                                      cwd=self.tmp)
+                                      env=self.env, stdout=out, stderr=out, cwd=self.tmp)
         self.workers.append(worker)
         return worker
+
+    @property
+    def err_dir(self) -> Path:
+        """The workers' stdout and stderr, a file each (see err_name): all empty, or the
+        soak fails."""
+        return self.tmp / "err"
+
+    @staticmethod
+    def err_name(number: int) -> str:
+        return f"worker{number}.txt"
 
     @property
     def log(self) -> Path:
@@ -461,6 +507,7 @@ def corrupt_one(soak: Soak, tiers: list[Path]) -> None:
         else:
             os.pwrite(fd, bytes(soak.rng.getrandbits(8) | 1 for _ in range(12)), 0)
         soak.counts["corruptions"] += 1
+        soak.corrupted.add(path.name)
     finally:
         os.close(fd)
 
@@ -544,6 +591,11 @@ def check_what_the_workers_saw(soak: Soak, events: list[dict[str, Any]],
     if not soak.counts["corruptions"]:
         wav_errors = [e for e in events if e["kind"] == "wav_error"]
         assert wav_errors == [], f"seed {seed}: WavError with no entry corrupted: {wav_errors}"
+    # The luna_shm logger's one expected line: the removal of an entry the chaos corrupted.
+    removed = [e for e in events if e["kind"] == "removed_unreadable"
+               and os.path.basename(e["path"]) not in soak.corrupted]
+    assert removed == [], (f"seed {seed}: removed as unreadable, never corrupted: "
+                           f"{removed[:5]} (corrupted {sorted(soak.corrupted)})")
 
 
 def check_the_cache_after(soak: Soak, ram: Path, disk: Path, seed: int) -> None:
@@ -638,18 +690,24 @@ def test_a_randomized_soak_of_processes_killed_stopped_and_a_hostile_keeps_every
                 worker.send_signal(signal.SIGCONT)
                 worker.kill()
                 worker.wait()
-    failed = {w.pid: (w.returncode, (tmp_path / f"worker{i + 1}.err").read_text()[-3000:])
-              for i, w in enumerate(soak.workers)
-              if w.pid not in soak.killed and w.returncode != 0}
-    assert failed == {}, f"seed {seed}: workers failed: {failed}"
+    # Whatever a worker wrote (a traceback, a warning: PYTHONDEVMODE's ResourceWarnings
+    # too; its luna_shm log lines are its own to check, see LogChecked), and a worker's
+    # exit but 0 when the chaos did not kill it.
+    failures = written_to_stderr(soak.err_dir, {
+        Soak.err_name(i + 1): f"worker {i + 1} ({w.pid})" for i, w in enumerate(soak.workers)})
+    failures += [f"worker {i + 1} ({w.pid}) exited with {w.returncode}"
+                 for i, w in enumerate(soak.workers)
+                 if w.pid not in soak.killed and w.returncode != 0]
     events = read_events(soak.log)
     kinds = collections.Counter(str(e["kind"]) for e in events)
     met: collections.Counter[str] = collections.Counter()
     for event in events:
         if event["kind"] == "summary":
             met.update(event["tally"])
-    print(f"soak seed {seed}: {soak.spawned} workers, chaos {dict(soak.counts)}, "
-          f"events {dict(kinds)}, the workers that stopped met {dict(sorted(met.items()))}")
+    summary = (f"{soak.spawned} workers, chaos {dict(soak.counts)}, events {dict(kinds)}, "
+               f"the workers that stopped met {dict(sorted(met.items()))}")
+    print(f"soak seed {seed}: {summary}")
+    assert_soak_passed(seed, summary, failures)
     check_what_the_workers_saw(soak, events, seed)
     assert processes_running(str(script)) == [], f"seed {seed}: workers left running"
     check_the_cache_after(soak, ram, disk, seed)
