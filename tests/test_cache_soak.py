@@ -140,13 +140,18 @@ class OnPurpose(Exception):
 # a look-up removed a RAM entry it could not read (the chaos corrupted it, here or in the
 # disk tier it came back from), to render it again.
 REMOVED = "luna_shm: removed the unreadable cache entry %s (%s); rendering it again"
+# A close whose wait for the lock (to write this process's counts out) timed out: a
+# timeout of the long limit, explained only by a stop, as a call's is.
+CLOSED_UNCOUNTED = "luna_shm: AudioCache %r closed without writing out this process's counts"
 
 
 class LogChecked(logging.Handler):
     """The luna_shm logger's lines, checked here instead of reaching stderr (with no
     handler, Python's last resort prints a warning there, and any stderr fails the soak):
     the removal of an entry of the RAM tier for its WavError is an event (the test checks
-    that the chaos corrupted an entry of that name), any other line a violation."""
+    that the chaos corrupted an entry of that name), a close that timed out waiting for
+    the lock a timeout (the test checks that a process was stopped meanwhile), any other
+    line a violation."""
 
     def emit(self, record):
         args = record.args if isinstance(record.args, tuple) else ()
@@ -155,6 +160,10 @@ class LogChecked(logging.Handler):
                 and isinstance(args[1], WavError)):
             count("removed an unreadable entry")
             report("removed_unreadable", path=args[0], what=str(args[1]))
+        elif (isinstance(record.msg, str) and record.msg.startswith(CLOSED_UNCOUNTED)
+              and record.levelno == logging.WARNING):
+            count("timeout")
+            report("timeout", what=record.getMessage(), limit=TIMEOUT)
         else:
             violation(f"the luna_shm logger said: {record.getMessage()}",
                       level=record.levelname)
