@@ -715,9 +715,15 @@ class AsyncFollower(_resource.OwnedHere):
     def close(self) -> None:
         """Stop following: close the file and watch fds now (idempotent).
 
+        In a forked child it only lets go of the child's copy (whose fds the child closed
+        at the fork): a task of the parent may have been in the middle of it then.
+
         Raises:
             RuntimeError: another task is in the middle of ``__anext__`` on it.
         """
+        if self._started and self._owner != _resource.current_pid:
+            self._core = None  # never run here: it may be marked running by the parent
+            return
         if self._busy:
             raise RuntimeError(f"afollow_wav {self._path!r} cannot be closed while "
                                "another task iterates it: cancel that task")
