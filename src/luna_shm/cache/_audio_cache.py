@@ -26,7 +26,6 @@ from luna_shm.cache._files import (
     LIVE,
     LOCK_NAME,
     OUTCOME,
-    PART,
     SUPERSEDED,
     UNSTORED,
     is_pinned,
@@ -1022,7 +1021,7 @@ class AudioCache(_resource.OwnedHere):
         self._ram.check_writable()  # a cache opened read-only renders nothing
         live = self._ram.path(key + LIVE)
         for _ in range(8):
-            part = self._ram.path(f".{key}.{token()}{PART}")
+            part = self._ram.part_path(key)
             writer: RenderWriter | None = self._with_room(
                 0, _functools.partial(RenderWriter, part, samplerate, channels, dtype),
                 deadline)
@@ -1197,12 +1196,13 @@ class AudioCache(_resource.OwnedHere):
         path = self._ram.path(key + OUTCOME)
         data = f"{ino} {_os.getpid()} {text}".encode("utf-8", "replace")
         unnamed = reserved is not None
-        part = self._ram.path(f".{key}.{token()}{PART}")
-        try:
-            if reserved is None:
+        if reserved is not None:
+            part = self._ram.part_path(key)  # the name it is linked to
+        else:
+            try:
                 part, reserved = self._ram.new_part(key)
-        except OSError:
-            return
+            except OSError:
+                return
         try:
             try:
                 written = _os.pwrite(reserved[0], data, 0)

@@ -488,12 +488,17 @@ class Tier:
                 removed += 1
         return removed
 
+    def part_path(self, name: str) -> str:
+        """A new in-flight name for name, of the shape sweeps know (see kind): a name for
+        a file made elsewhere (an unnamed one, linked here) or by new_part."""
+        return self.path(f".{name}.{token()}{PART}")
+
     def new_part(self, name: str) -> tuple[str, _lowlevel.FdCell]:
         """A new in-flight file for name: (path, its fd cell) with a shared flock held from
         before its name appeared, so that no sweep (in any process) removes it while we
         live."""
         self.check_writable()
-        path = self.path(f".{name}.{token()}{PART}")
+        path = self.part_path(name)
         cell = _lowlevel.fd_cell()
         _lowlevel.create_locked(self.directory, path, cell=cell)
         return path, cell
