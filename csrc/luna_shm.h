@@ -317,8 +317,9 @@ struct luna_wav_info {
 int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
                           struct luna_wav_info *out);
 
-/* Parse the WAV in fd (file_size bytes long) with pread, reading only chunk
- * headers and the fmt chunk. Returns 0, -LUNA_EFORMAT (also when the file
+/* Parse the WAV in fd (file_size bytes long) with pread: its first 512 bytes
+ * in one call, then only the chunk headers and fmt chunk that lie past them.
+ * Returns 0, -LUNA_EFORMAT (also when the file
  * ends before file_size), -EFBIG for file_size > INT64_MAX, or -errno. */
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out);
 

@@ -271,11 +271,27 @@ int luna_wav_parse_buffer(const uint8_t *buf, uint64_t len,
     return parse(&src, out);
 }
 
+/* How much of a file luna_wav_parse_fd reads in its first pread. */
+#define FD_PREFIX_BYTES 512
+
 int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
 {
     if (file_size > (uint64_t)INT64_MAX)
         return -EFBIG; /* no file is that long: every offset must stay one */
-    struct source src = {NULL, 0, fd, file_size};
+    /* One pread of the first bytes holds nearly every header (44 bytes plain, 68
+     * extensible, a stream's state chunk, a short LIST): the parse then asks the
+     * file only for chunks past them, where it used to read each field (four
+     * preads for a plain WAV). A short read is no error here: what it lacks is
+     * read from the file as before, and fails there as before. */
+    uint8_t prefix[FD_PREFIX_BYTES];
+    size_t want = file_size < sizeof prefix ? (size_t)file_size : sizeof prefix;
+    ssize_t got;
+    do
+        got = want ? pread(fd, prefix, want, 0) : 0;
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return -errno;
+    struct source src = {prefix, (uint64_t)got, fd, file_size};
     return parse(&src, out);
 }
 

@@ -996,6 +996,60 @@ static void check_create_excl_trailing_slash(void)
     EXPECT_TRUE(directory_is_empty());
 }
 
+/* luna_wav_parse_fd reads a file's first 512 bytes in one pread: a header past them is
+ * read from the file, a file shorter than the size it is told is no error as long as
+ * the header is there, and what it parses agrees with luna_wav_parse_buffer. */
+static void check_parse_fd_prefix(void)
+{
+    char path[4096];
+    int fd = create_in_dir(path, sizeof path, "prefix.wav");
+    if (fd < 0)
+        return;
+    const struct luna_wav_spec spec = {22050, 2, LUNA_WAVE_FORMAT_PCM, 16};
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    int hlen = luna_wav_header(header, &spec, 100, 0);
+    EXPECT_TRUE(hlen == 44);
+    static uint8_t file[44 + 8 + 1000 + 100]; /* the LIST case below */
+    memcpy(file, header, 44);
+    EXPECT_RC(luna_write_at(fd, 0, file, 44 + 100), 0);
+    struct luna_wav_info info, from_buffer;
+    /* The file is 144 bytes; the caller says 1,144 (it shrank since its fstat). */
+    EXPECT_RC(luna_wav_parse_fd(fd, 44 + 100 + 1000, &info), 0);
+    EXPECT_TRUE(info.data_offset == 44 && info.data_bytes == 100 && info.samplerate == 22050);
+
+    /* A 1,000-byte LIST chunk first: the fmt and data chunks lie past the prefix. */
+    memcpy(file, header, 12);
+    memcpy(file + 12, "LIST", 4);
+    file[16] = 1000 & 0xff, file[17] = 1000 >> 8, file[18] = 0, file[19] = 0;
+    memset(file + 20, 'x', 1000);
+    memcpy(file + 1020, header + 12, 32); /* fmt (24 bytes) and the data chunk's header */
+    uint32_t riff = (uint32_t)sizeof file - 8;
+    for (int i = 0; i < 4; i++)
+        file[4 + i] = (uint8_t)(riff >> (8 * i));
+    EXPECT_RC(luna_set_length(fd, 0), 0);
+    EXPECT_RC(luna_write_at(fd, 0, file, sizeof file), 0);
+    EXPECT_RC(luna_wav_parse_fd(fd, sizeof file, &info), 0);
+    EXPECT_RC(luna_wav_parse_buffer(file, sizeof file, &from_buffer), 0);
+    EXPECT_TRUE(info.data_offset == 1052 && info.data_bytes == 100 &&
+                info.channels == 2 && info.samplerate == 22050);
+    EXPECT_TRUE(from_buffer.data_offset == info.data_offset &&
+                from_buffer.data_bytes == info.data_bytes);
+    /* Cut inside the fmt chunk, past the prefix: the file ended before its size. */
+    EXPECT_RC(luna_set_length(fd, 1030), 0);
+    EXPECT_RC(luna_wav_parse_fd(fd, sizeof file, &info), -LUNA_EFORMAT);
+    EXPECT_TRUE(info.error && strstr(info.error, "ended before its size"));
+    luna_close(fd);
+    unlink(path);
+
+    /* Not a file that pread can read: its errno. */
+    int dir = open(dir_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    EXPECT_TRUE(dir >= 0);
+    if (dir >= 0) {
+        EXPECT_RC(luna_wav_parse_fd(dir, 4096, &info), -EISDIR);
+        close(dir);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -1017,6 +1071,7 @@ int main(int argc, char **argv)
     check_mapping_check_size();
     check_efault_from_a_cut_mapping();
     check_create_excl_trailing_slash();
+    check_parse_fd_prefix();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
