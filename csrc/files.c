@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -46,6 +47,62 @@ static int keep_if_regular(int fd, int not_regular, uint64_t *size)
     return fd;
 }
 
+/* ---- the fork lock of fd cells ------------------------------------------- */
+
+/* A fork copies the fd table before the memory, and a thread of the parent may run
+ * between the two. A child forked after an fd was made but before its cell held it,
+ * or after its cell was emptied but before it was closed, had the file in its fd
+ * table and a cell that said "no fd": no at-fork handler closed that copy (the cell
+ * is how a child finds what to close), and the child kept the file's flock, and a
+ * removed file's RAM, for as long as it lived. So a cell is filled (the fd made and
+ * stored) and emptied (cleared and closed) under this lock, shared, and fork takes it
+ * exclusively (pthread_atfork): a child sees both steps or neither. Writers are
+ * preferred, so that threads that keep opening files cannot hold a fork back; no
+ * holder takes it again (a call that fills a cell passes NULL to the calls it makes).
+ * luna_recv_fd is the one that does not take it: a blocking receive must not hold
+ * forks back. */
+#ifdef PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
+#define CELLS_LOCK_INITIALIZER PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
+#else
+#define CELLS_LOCK_INITIALIZER PTHREAD_RWLOCK_INITIALIZER
+#endif
+static pthread_rwlock_t cells_lock = CELLS_LOCK_INITIALIZER;
+
+void luna_cells_lock(void)
+{
+    pthread_rwlock_rdlock(&cells_lock);
+}
+
+void luna_cells_unlock(void)
+{
+    pthread_rwlock_unlock(&cells_lock);
+}
+
+static void cells_lock_before_fork(void)
+{
+    pthread_rwlock_wrlock(&cells_lock);
+}
+
+static void cells_unlock_in_parent(void)
+{
+    pthread_rwlock_unlock(&cells_lock);
+}
+
+/* Made anew, not unlocked: glibc's unlock tells a writer by its thread id, which
+ * the child's one thread no longer has (an unlock there is taken for a reader's,
+ * and the next lock waits for ever); it has no other thread, so no holder. */
+static void cells_lock_anew_in_child(void)
+{
+    static const pthread_rwlock_t fresh = CELLS_LOCK_INITIALIZER;
+    memcpy(&cells_lock, &fresh, sizeof cells_lock);
+}
+
+/* Registered when the library is loaded, before any thread can call us. */
+__attribute__((constructor)) static void register_cells_lock(void)
+{
+    pthread_atfork(cells_lock_before_fork, cells_unlock_in_parent, cells_lock_anew_in_child);
+}
+
 static int open_for_write(const char *path, unsigned int mode, int *created,
                           uint64_t *old_size);
 static int create_locked(const char *dir, const char *path, unsigned int mode);
@@ -56,8 +113,11 @@ int luna_create_excl(const char *path, unsigned int mode, int *cell)
         return -EINVAL; /* not permission bits: never let open() see them */
     /* O_EXCL with O_CREAT never follows a symlink at path, and fails on any
      * existing name: that is what makes a guessed name safe to use. */
-    return luna_store_fd(cell, open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW |
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, open_retry(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW |
                                                     O_CLOEXEC, mode));
+    luna_cells_leave(cell);
+    return fd;
 }
 
 int luna_open_for_write(const char *path, unsigned int mode, int *created,
@@ -65,7 +125,10 @@ int luna_open_for_write(const char *path, unsigned int mode, int *created,
 {
     if (!luna_cell_is_empty(cell))
         return -EINVAL;
-    return luna_store_fd(cell, open_for_write(path, mode, created, old_size));
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, open_for_write(path, mode, created, old_size));
+    luna_cells_leave(cell);
+    return fd;
 }
 
 static int open_for_write(const char *path, unsigned int mode, int *created,
@@ -103,14 +166,20 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode, int
 {
     if (mode & ~07777u || !luna_cell_is_empty(cell))
         return -EINVAL;
-    return luna_store_fd(cell, create_locked(dir, path, mode));
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, create_locked(dir, path, mode));
+    luna_cells_leave(cell);
+    return fd;
 }
 
 int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell)
 {
     if (mode & ~07777u || !luna_cell_is_empty(cell))
         return -EINVAL;
-    return luna_store_fd(cell, luna_open_unnamed_locked(dir, mode));
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, luna_open_unnamed_locked(dir, mode));
+    luna_cells_leave(cell);
+    return fd;
 }
 
 static int create_locked(const char *dir, const char *path, unsigned int mode)
@@ -144,15 +213,17 @@ int luna_open_regular(const char *path, uint64_t *size, int *cell)
 {
     if (!luna_cell_is_empty(cell))
         return -EINVAL;
+    luna_cells_enter(cell);
     int fd = open_retry(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK, 0);
+    if (fd >= 0)
+        fd = luna_store_fd(cell, keep_if_regular(fd, -LUNA_EFORMAT, size));
+    luna_cells_leave(cell);
     struct stat st;
     /* A socket (or a device with no driver) cannot be opened at all: ENXIO.
      * It is still "not a regular file", as a FIFO is, not a missing device. */
     if (fd == -ENXIO && stat(path, &st) == 0 && !S_ISREG(st.st_mode))
         return -LUNA_EFORMAT;
-    if (fd < 0)
-        return fd;
-    return luna_store_fd(cell, keep_if_regular(fd, -LUNA_EFORMAT, size));
+    return fd;
 }
 
 int luna_lock(int fd, int exclusive, int wait)
@@ -187,18 +258,24 @@ int luna_open_at(int dir_fd, const char *path, int flags, unsigned int mode, int
     if (!path || !cell || *cell >= 0 || (mode & ~07777u))
         return -EINVAL;
     int fd;
+    luna_cells_enter(cell);
     do {
         fd = openat(dir_fd, path, flags | O_CLOEXEC, (mode_t)mode);
     } while (fd < 0 && errno == EINTR);
-    return fd < 0 ? -errno : luna_store_fd(cell, fd);
+    fd = fd < 0 ? -errno : luna_store_fd(cell, fd);
+    luna_cells_leave(cell);
+    return fd;
 }
 
 int luna_dup(int fd, int *cell)
 {
     if (!cell || *cell >= 0)
         return -EINVAL;
+    luna_cells_enter(cell);
     int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    return copy < 0 ? -errno : luna_store_fd(cell, copy);
+    copy = copy < 0 ? -errno : luna_store_fd(cell, copy);
+    luna_cells_leave(cell);
+    return copy;
 }
 
 int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
@@ -251,9 +328,11 @@ int luna_fd_release(int *cell)
 {
     if (!cell)
         return -EINVAL;
+    luna_cells_enter(cell);
     int fd = *cell;
-    if (fd < 0)
-        return 0; /* never filled, or released already */
-    *cell = -1;
-    return luna_close(fd);
+    if (fd >= 0)
+        *cell = -1;
+    int rc = fd >= 0 ? luna_close(fd) : 0; /* < 0: never filled, or released already */
+    luna_cells_leave(cell);
+    return rc;
 }

@@ -113,23 +113,27 @@ int luna_watch_open(const char *path, int directory, int *cell)
                      IN_MOVE_SELF);
     if (!path || !luna_cell_is_empty(cell))
         return -EINVAL;
+    luna_cells_enter(cell);
     int fd = luna_watch_new(NULL);
-    if (fd < 0)
-        return fd;
-    if (inotify_add_watch(fd, path, mask) < 0) {
+    if (fd >= 0 && inotify_add_watch(fd, path, mask) < 0) {
         int err = errno;
         close(fd);
-        return -err;
+        fd = -err;
     }
-    return luna_store_fd(cell, fd);
+    fd = luna_store_fd(cell, fd);
+    luna_cells_leave(cell);
+    return fd;
 }
 
 int luna_watch_new(int *cell)
 {
     if (!luna_cell_is_empty(cell))
         return -EINVAL;
+    luna_cells_enter(cell);
     int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    return fd < 0 ? -errno : luna_store_fd(cell, fd);
+    fd = fd < 0 ? -errno : luna_store_fd(cell, fd);
+    luna_cells_leave(cell);
+    return fd;
 }
 
 int luna_watch_add(int watch_fd, const char *path)

@@ -25,6 +25,26 @@ static inline int luna_cell_is_empty(const int *cell)
     return !cell || *cell < 0;
 }
 
+/* Around the making of an fd and its store into a cell (or a record of it
+ * that a child reads), and around a cell's clearing and the close of its fd:
+ * a fork waits for both steps or neither (the fork lock of fd cells, files.c).
+ * A holder must not take it again: what it calls gets NULL for a cell. */
+void luna_cells_lock(void);
+void luna_cells_unlock(void);
+
+/* luna_cells_lock for a call that fills cell: nothing for a NULL cell. */
+static inline void luna_cells_enter(const int *cell)
+{
+    if (cell)
+        luna_cells_lock();
+}
+
+static inline void luna_cells_leave(const int *cell)
+{
+    if (cell)
+        luna_cells_unlock();
+}
+
 /* fd, stored into cell as well when it is an fd and cell is not NULL. */
 static inline int luna_store_fd(int *cell, int fd)
 {

@@ -50,7 +50,10 @@
  * cell, with luna_fd_release as its destructor (cffi's ffi.gc), before the
  * call: the fd has an owner from the moment it exists, and a signal handler
  * that raises as the call returns (where a signal that came during the call
- * runs) cannot lose it. */
+ * runs) cannot lose it. A fork waits while a cell is filled or emptied (the
+ * fd made and stored; the cell cleared and the fd closed), so that a child's
+ * cells name exactly the fds it has: luna_recv_fd alone, whose receive may
+ * block, does not hold forks back. */
 
 /* Close the fd in *cell, if any, and empty the cell: a second call does
  * nothing. Returns 0 or -errno (-EINVAL for NULL). */

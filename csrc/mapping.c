@@ -111,8 +111,11 @@ int luna_memfd(const char *name, int *cell)
     if (!luna_cell_is_empty(cell))
         return -EINVAL;
 #if LUNA_HAS_MEMFD
+    luna_cells_enter(cell);
     int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    return fd < 0 ? -errno : luna_store_fd(cell, fd);
+    fd = fd < 0 ? -errno : luna_store_fd(cell, fd);
+    luna_cells_leave(cell);
+    return fd;
 #else
     (void)name;
     return -ENOSYS;

@@ -59,16 +59,24 @@ int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len, int
         return len == 0 ? -EINVAL : -EFBIG;
     if (dir == NULL && memfd_name == NULL)
         return -EINVAL;
-    /* An unnamed file in dir (mode 0600, shared flock held), or a memfd. */
-    int fd = dir == NULL ? luna_memfd(memfd_name, NULL) : luna_open_unnamed_locked(dir, 0600);
+    /* An unnamed file in dir (mode 0600, shared flock held), or a memfd, in the
+     * cell at once: a fork waits for the open, never for the filling. */
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, dir == NULL ? luna_memfd(memfd_name, NULL)
+                                             : luna_open_unnamed_locked(dir, 0600));
+    luna_cells_leave(cell);
     if (fd < 0)
         return fd;
     int rc = luna_reserve(fd, 0, len);
     if (rc == 0)
         rc = write_zeros(fd, len);
     if (rc < 0) {
-        close(fd); /* unnamed: closing it frees everything it held */
+        /* unnamed: closing it frees everything it held */
+        if (cell)
+            (void)luna_fd_release(cell);
+        else
+            close(fd);
         return rc;
     }
-    return luna_store_fd(cell, fd);
+    return fd;
 }

@@ -143,12 +143,11 @@ int luna_write_wav_path(const char *dir, const char *path,
  * (and, once its name is removed, its RAM) for as long as it lived: every
  * cleanup would take the file for one in use. The child closes them at once
  * (pthread_atfork): they are all other threads' (a fork never runs from
- * inside this call), which the child does not have. A slot is emptied before
- * its fd is closed, so that a child never closes a number that another thread
- * reused meanwhile; one forked between the two keeps its copy, as one forked
- * between the open and the slot's claim does (without the lock: see the end of
- * luna_write_wav_atomic). More writes at once than slots: the others go
- * unrecorded, as before. */
+ * inside this call), which the child does not have. The open and the slot's
+ * claim, and the slot's emptying and the close, are each made while forks wait
+ * (luna_cells_lock): a child has the fd exactly when its slot records it. More
+ * writes at once than slots: the others go unrecorded (a child forked during
+ * one keeps its copy, without the lock: see the end of luna_write_wav_atomic). */
 #define IN_FLIGHT_SLOTS 64
 static _Atomic int in_flight[IN_FLIGHT_SLOTS];
 
@@ -207,16 +206,19 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         if (S_ISREG(st.st_mode) && st.st_uid == geteuid())
             keep_mode = (int)(st.st_mode & 0777);
     }
-    /* Unnamed first: if we die mid-write the kernel frees the file. */
+    /* Unnamed first: if we die mid-write the kernel frees the file. Opened and
+     * recorded while forks wait (a child forked meanwhile closes its copy). */
     int named = 0;
+    luna_cells_lock();
     int fd = luna_open_unnamed(dir);
     if (fd == -EOPNOTSUPP) {
         fd = luna_create_excl(tmp_path, 0600, NULL);
         named = 1;
     }
+    int slot = fd < 0 ? -1 : hold_in_flight(fd);
+    luna_cells_unlock();
     if (fd < 0)
         return fd;
-    int slot = hold_in_flight(fd); /* a child forked meanwhile closes its copy */
     /* Locked before it has a name: a concurrent cleanup never takes the
      * partial file for an abandoned one. */
     int rc = luna_lock_new_file(fd);
@@ -237,8 +239,10 @@ int luna_write_wav_atomic(const char *dir, const char *path,
      * are copied one after the other) may share: let go of it for every copy
      * first, so that no cleanup ever takes the finished file for one in use. */
     (void)flock(fd, LOCK_UN);
+    luna_cells_lock();
     let_go_in_flight(slot);
     int crc = luna_close(fd);
+    luna_cells_unlock();
     return rc < 0 ? rc : crc;
 }
 

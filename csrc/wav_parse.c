@@ -335,7 +335,10 @@ int luna_wav_open(const char *path, struct luna_wav_info *out, int *cell)
         return -EINVAL;
     uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
     uint64_t held;
-    return luna_store_fd(cell, open_into(path, out, prefix, &held));
+    luna_cells_enter(cell);
+    int fd = luna_store_fd(cell, open_into(path, out, prefix, &held));
+    luna_cells_leave(cell);
+    return fd;
 }
 
 void *luna_wav_file_new(size_t size)
@@ -360,7 +363,10 @@ int luna_wav_open_held(const char *path, struct luna_wav_file *f)
 {
     if (!f || f->fd >= 0)
         return -EINVAL;
-    return luna_store_fd(&f->fd, open_into(path, &f->info, f->prefix, &f->held));
+    luna_cells_enter(&f->fd);
+    int fd = luna_store_fd(&f->fd, open_into(path, &f->info, f->prefix, &f->held));
+    luna_cells_leave(&f->fd);
+    return fd;
 }
 
 int luna_wav_read_held(struct luna_wav_file *f, void *dst, uint64_t n)

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -44,6 +45,7 @@ from luna_shm import (
     write_wav,
 )
 from luna_shm.cache import RenderError
+from luna_shm.cache._tier import LOCK_NAME as CACHE_LOCK_NAME
 from luna_shm.pool import reclaim_dead_pool_files
 
 PRELUDE = """
@@ -1219,3 +1221,101 @@ def test_a_child_forked_while_a_call_makes_a_file_never_holds_it(private_dirs, c
         os.close(stay_write)
         for pid in children:
             os.waitpid(pid, 0)
+
+
+def churn_writers(stop: threading.Event) -> None:
+    while not stop.is_set():
+        writer = WavWriter(get_temp_audio_path(prefix="churn_"), 8000)
+        writer.close()
+        cleanup_temp_audio(writer.path)
+
+
+def churn_buffers(stop: threading.Event) -> None:
+    while not stop.is_set():
+        buffer = create_wav_buffer(100, 8000)
+        buffer.close()
+        cleanup_temp_audio(buffer.path)
+
+
+def churn_atomic_writes(stop: threading.Event) -> None:
+    path = get_temp_audio_path(prefix="churn_")
+    while not stop.is_set():
+        write_wav(path, np.zeros(100, np.int16), 8000, atomic=True)
+    cleanup_temp_audio(path)
+
+
+def churn_new_files(stop: threading.Event) -> None:
+    while not stop.is_set():
+        cleanup_temp_audio(write_wav(None, np.zeros(100, np.int16), 8000))
+
+
+def churn_cache_hits(stop: threading.Event) -> None:
+    with AudioCache("churn") as cache:
+        key = cache_key("churn")
+        cache.put(key, np.zeros(100, np.int16), 8000).release()
+        while not stop.is_set():
+            entry = cache.get(key)
+            assert entry is not None
+            entry.release()
+
+
+# Each a loop that opens and closes files of ours, flocked, through fd cells.
+CHURNS: dict[str, Callable[[threading.Event], None]] = {
+    "WavWriter(path)": churn_writers,
+    "create_wav_buffer": churn_buffers,
+    "write_wav(path, atomic=True)": churn_atomic_writes,
+    "write_wav(None)": churn_new_files,
+    "AudioCache.get": churn_cache_hits,
+}
+
+
+@fork_with_threads_is_meant  # the churning thread is there on purpose
+@pytest.mark.parametrize("churn", CHURNS)
+def test_children_forked_while_another_thread_opens_and_closes_files_hold_none_of_them(
+        private_dirs, churn) -> None:
+    # A fork copies the fd table before the memory, and the parent's other threads run on
+    # meanwhile: a child forked between a file's open and the store of its fd into its
+    # cell, or between a cell's clearing and its fd's close, had the file in its fd table
+    # while its copy of the cell said "no fd", so nothing closed that copy, and the child
+    # kept the file's flock (a reader took the writer for alive; a cleanup said "held by a
+    # live process") and a removed file's RAM for as long as it lived: 6-18% of 2,000
+    # children of a thread making and closing WavWriters held one. The C layer now fills
+    # and empties cells under a lock that fork takes (pthread_atfork).
+    ours = (private_dirs.ram, private_dirs.fallback)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            CHURNS[churn](stop)
+        except BaseException as exc:  # reported below, in the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    holders = []
+    try:
+        for _ in range(400):
+            pid = os.fork()
+            if pid == 0:  # the child: does it hold a file of ours after its fork handlers?
+                held = 0
+                for fd in os.listdir("/proc/self/fd"):
+                    try:
+                        target = os.readlink(f"/proc/self/fd/{fd}")
+                        regular = stat.S_ISREG(os.stat(f"/proc/self/fd/{fd}").st_mode)
+                    except OSError:
+                        continue
+                    # Files only (a directory's fd holds no lock and no RAM), but the
+                    # cache's lock file, which a child opens anew at once, by design.
+                    held += (regular and target.startswith(ours)
+                             and not target.endswith(f"/{CACHE_LOCK_NAME}"))
+                os._exit(1 if held else 0)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            assert code in (0, 1), f"child exited with {code}"
+            if code == 1:
+                holders.append(pid)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    assert not holders, f"{len(holders)} of 400 children held a file of ours"

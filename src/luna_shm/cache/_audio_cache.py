@@ -299,7 +299,9 @@ class AudioCache(_resource.OwnedHere):
         tier's: TimeoutError (ETIMEDOUT) naming the file."""
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
-            cell = _lowlevel.fd_cell()
+            # Flocked shared below, before the CachedAudio that lets go of it at a fork
+            # exists: a child forked meanwhile must not keep the pin.
+            cell = _resource.cell_closed_in_child()
             opened = open_regular(path, cell)  # a symlink or FIFO there: not an entry
             if opened is None:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
@@ -890,7 +892,7 @@ class AudioCache(_resource.OwnedHere):
             live = self.live_path(key)
             if live is None:
                 continue
-            cell = _lowlevel.fd_cell()
+            cell = _resource.cell_closed_in_child()  # a child must not keep it (nor its lock)
             fd = open_regular(live, cell)
             if fd is None:
                 continue
@@ -996,7 +998,7 @@ class AudioCache(_resource.OwnedHere):
             # Removed only while its name still names this very file (see remove_stale):
             # a fresh entry another process stored meanwhile is looked up, not removed.
             # Its disk-tier copy, if any, goes with the commit of the render that follows.
-            held = _lowlevel.fd_cell()
+            held = _resource.cell_closed_in_child()  # shares the entry's flock
             _lowlevel.dup(entry.fileno(), cell=held, filename=entry.path)
             entry.release()
             try:
@@ -1271,7 +1273,7 @@ class AudioCache(_resource.OwnedHere):
         pid, text = outcome
         if text.startswith("unstored "):
             path = text[len("unstored "):]
-            held = _lowlevel.fd_cell()
+            held = _resource.cell_closed_in_child()  # flocked below: never a child's
             if open_regular(path, held) is None:
                 return None
             try:

@@ -141,7 +141,7 @@ def supersede(path: str) -> None:
     """Mark the held entry at path as replaced by a newer entry of its key, of another
     type (under the lock, before the newer one's rename): look-ups pass it by from now
     on, and the first that finds it unheld removes it. A holder's path still names it."""
-    cell = _lowlevel.fd_cell()
+    cell = _resource.cell_closed_in_child()  # a held entry's file: never a child's
     fd = open_regular(path, cell)
     if fd is None:
         return

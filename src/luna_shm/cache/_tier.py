@@ -499,7 +499,7 @@ class Tier:
         live."""
         self.check_writable()
         path = self.part_path(name)
-        cell = _lowlevel.fd_cell()
+        cell = _resource.cell_closed_in_child()  # flocked: a child must not keep it
         _lowlevel.create_locked(self.directory, path, cell=cell)
         return path, cell
 
