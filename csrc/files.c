@@ -105,7 +105,7 @@ __attribute__((constructor)) static void register_cells_lock(void)
 
 static int open_for_write(const char *path, unsigned int mode, int *created,
                           uint64_t *old_size);
-static int create_locked(const char *dir, const char *path, unsigned int mode);
+static int create_locked(const char *dir, const char *path, unsigned int mode, int *cell);
 
 int luna_create_excl(const char *path, unsigned int mode, int *cell)
 {
@@ -166,10 +166,7 @@ int luna_create_locked(const char *dir, const char *path, unsigned int mode, int
 {
     if (mode & ~07777u || !luna_cell_is_empty(cell))
         return -EINVAL;
-    luna_cells_enter(cell);
-    int fd = luna_store_fd(cell, create_locked(dir, path, mode));
-    luna_cells_leave(cell);
-    return fd;
+    return create_locked(dir, path, mode, cell);
 }
 
 int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell)
@@ -182,28 +179,34 @@ int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell)
     return fd;
 }
 
-static int create_locked(const char *dir, const char *path, unsigned int mode)
+static int create_locked(const char *dir, const char *path, unsigned int mode, int *cell)
 {
     /* Lock the file before it has a name, so that no cleanup can ever see it
-     * unlocked: an O_TMPFILE file, flocked, then linked in. */
-    int fd = luna_open_unnamed_locked(dir, mode);
-    if (fd == -EOPNOTSUPP) {
+     * unlocked: an O_TMPFILE file, flocked, then linked in. Made and stored
+     * into cell while forks wait; locked outside that: where there is no
+     * O_TMPFILE the file is named at once, a sweep may hold its lock for a
+     * moment, and that wait must not hold a fork back. */
+    luna_cells_enter(cell);
+    int fd = luna_open_unnamed(dir);
+    int named = fd == -EOPNOTSUPP;
+    if (named)
         fd = luna_create_excl(path, mode, NULL); /* tiny window before the lock */
-        if (fd < 0)
-            return fd;
-        int rc = luna_lock_new_file(fd);
-        if (rc < 0) {
-            unlink(path);
-            close(fd);
-            return rc;
-        }
-        return fd;
-    }
+    fd = luna_store_fd(cell, fd);
+    luna_cells_leave(cell);
     if (fd < 0)
         return fd;
-    int rc = luna_link_unnamed(fd, path);
+    int rc = named || fchmod(fd, (mode_t)mode) == 0 ? 0 : -errno;
+    if (rc == 0)
+        rc = luna_lock_new_file(fd);
+    if (rc == 0 && !named)
+        rc = luna_link_unnamed(fd, path);
     if (rc < 0) {
-        close(fd);
+        if (named)
+            unlink(path);
+        if (cell)
+            (void)luna_fd_release(cell);
+        else
+            close(fd);
         return rc;
     }
     return fd;

@@ -1223,6 +1223,20 @@ def test_a_child_forked_while_a_call_makes_a_file_never_holds_it(private_dirs, c
             os.waitpid(pid, 0)
 
 
+def exit_code_within(pid: int, seconds: float) -> int | None:
+    """pid's exit code, or None (and the child killed) when it has not exited in time: a
+    child that hangs after its fork (a lock the fork left taken) fails the test."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
 def churn_writers(stop: threading.Event) -> None:
     while not stop.is_set():
         writer = WavWriter(get_temp_audio_path(prefix="churn_"), 8000)
@@ -1310,7 +1324,7 @@ def test_children_forked_while_another_thread_opens_and_closes_files_hold_none_o
                     held += (regular and target.startswith(ours)
                              and not target.endswith(f"/{CACHE_LOCK_NAME}"))
                 os._exit(1 if held else 0)
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            code = exit_code_within(pid, 30)
             assert code in (0, 1), f"child exited with {code}"
             if code == 1:
                 holders.append(pid)
