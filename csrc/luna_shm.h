@@ -209,6 +209,13 @@ int luna_mapping_check_size(struct luna_mapping *m, int fd, uint64_t size);
  * for NULL). */
 int luna_mapping_release(struct luna_mapping *m);
 
+/* In a forked child, for a mapping that only its parent uses: its pages become
+ * anonymous zeros, as a broken mapping's (luna_guard_broken says 1), so that
+ * the child no longer holds the file, nor the file's flock. m still owns the
+ * range (luna_mapping_release unmaps the zeros). Returns 0 (nothing for an m
+ * that holds no mapping), -EINVAL for NULL, or -ENOMEM (no zero pages). */
+int luna_mapping_let_go(struct luna_mapping *m);
+
 /* luna_mapping_release(m), shaped as the destructor of the address a view was
  * given (ffi.gc calls it with that address; Python binds m ahead of it with
  * functools.partial): the views keep the address, the address keeps m. */

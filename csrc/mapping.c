@@ -45,17 +45,20 @@ int luna_map(int fd, uint64_t len, int writable, int populate, struct luna_mappi
 #else
     (void)populate;
 #endif
+    /* A mapping holds its open file (and the file's flock) as an fd does: made and
+     * stored into m while forks wait, so that a child's copy of m says exactly
+     * whether the child has it (see luna_cells_lock). */
+    luna_cells_lock();
     void *addr = mmap(NULL, (size_t)len, prot, flags, fd, 0);
-    if (addr == MAP_FAILED)
-        return -errno;
-    int guard = luna_guard_register(addr, len, prot);
-    if (guard < 0) {
+    int guard = addr == MAP_FAILED ? -errno : luna_guard_register(addr, len, prot);
+    if (guard >= 0) {
+        m->len = len;
+        m->guard = guard;
+        m->addr = addr;
+    } else if (addr != MAP_FAILED) {
         munmap(addr, (size_t)len);
-        return guard;
     }
-    m->len = len;
-    m->guard = guard;
-    m->addr = addr;
+    luna_cells_unlock();
     return guard;
 }
 
@@ -89,15 +92,22 @@ int luna_mapping_release(struct luna_mapping *m)
 {
     if (!m)
         return -EINVAL;
-    if (!m->addr)
-        return 0; /* never mapped, or released already */
+    luna_cells_lock(); /* cleared and unmapped while forks wait, as an fd cell */
     void *addr = m->addr;
     m->addr = NULL;
     /* Unregistered first: from here on a fault in this range is not ours. */
-    int rc = luna_guard_unregister(m->guard);
-    if (munmap(addr, (size_t)m->len) != 0)
-        return -errno;
+    int rc = addr ? luna_guard_unregister(m->guard) : 0; /* NULL: never mapped, or released */
+    if (addr && munmap(addr, (size_t)m->len) != 0)
+        rc = -errno;
+    luna_cells_unlock();
     return rc;
+}
+
+int luna_mapping_let_go(struct luna_mapping *m)
+{
+    if (!m)
+        return -EINVAL;
+    return m->addr ? luna_guard_break(m->guard) : 0;
 }
 
 int luna_mapping_release_view(struct luna_mapping *m, void *view)

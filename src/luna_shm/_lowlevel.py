@@ -14,6 +14,7 @@ import math
 import os
 import struct
 import sys
+import weakref
 from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
@@ -328,6 +329,22 @@ def reserve(fd: int, length: int, filename: str | None = None) -> None:
     check(lib.luna_reserve(fd, 0, length), filename)
 
 
+# The owners (struct luna_mapping) of the private mappings (Mapping(private=True), until
+# shared) that a forked child breaks at once. The owner, not the Mapping: an owner lives
+# until its release has unmapped it, which a thread may be doing at the fork (the
+# Mapping is gone by then, the unmap waits for the fork: see luna_cells_lock).
+_private_owners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _break_private_mappings_in_child() -> None:
+    for owner in list(_private_owners):
+        lib.luna_mapping_let_go(owner)  # anonymous zeros over its pages, if mapped
+    _private_owners.clear()
+
+
+os.register_at_fork(after_in_child=_break_private_mappings_in_child)
+
+
 def _mapping_owner() -> Any:
     """An empty struct luna_mapping that unmaps what a C call maps into it when it is
     collected: made before the call, it owns the mapping from the moment it exists (a
@@ -353,10 +370,22 @@ class Mapping:
     __slots__ = ("_address", "_guard", "_owner", "filename", "length", "view")
 
     def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
-                 filename: str | None = None) -> None:
-        owner = _mapping_owner()
+                 filename: str | None = None, private: bool = False) -> None:
+        owner = self._owner = _mapping_owner()
+        if private:
+            # Registered before it exists: a fork from here on finds it (see share).
+            _private_owners.add(owner)
         guard = check(lib.luna_map(fd, length, int(writable), int(populate), owner), filename)
         self._adopt(owner, guard, length, writable, filename)
+
+    def share(self) -> None:
+        """From now on a forked child keeps this mapping as it is (its views may be in the
+        caller's hands). Until then, a private mapping (``private=True``) becomes zeros in
+        a forked child right at the fork: its pages no longer hold the file, nor so its
+        flock, whichever frames of the parent's threads still refer to it (the child has
+        none of those threads, and such a frame would keep it for as long as the child
+        lives)."""
+        _private_owners.discard(self._owner)
 
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:

@@ -250,7 +250,8 @@ class _Reserve:
             cell = _lowlevel.fd_cell()
             _lowlevel.prepare_file(directory, MEMFD_NAME, capacity, cell=cell)
             try:
-                mapping = _lowlevel.Mapping(cell[0], capacity, writable=True, populate=True)
+                mapping = _lowlevel.Mapping(cell[0], capacity, writable=True, populate=True,
+                                            private=True)  # until a buffer hands it out
             except BaseException:
                 _lowlevel.release(cell)
                 raise

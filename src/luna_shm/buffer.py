@@ -38,6 +38,7 @@ class WavBuffer(FileResource):
 
     _mapping: _lowlevel.Mapping | None = None
     _array: np.ndarray | None = None
+    _shared = False  # array has been handed out (see Mapping.share)
 
     def __init__(
         self,
@@ -183,8 +184,11 @@ class WavBuffer(FileResource):
             _lowlevel.write_at(fd, 0, header, name)
         if self.anonymous:
             _lowlevel.seal_shrink(fd, name)
+        # Private until array hands it out: a child forked before that gets zeros there,
+        # and so never the file's flock (see Mapping.share).
         self._mapping = prepared or _lowlevel.Mapping(fd, self._length, writable=True,
-                                                      populate=True, filename=name)
+                                                      populate=True, filename=name,
+                                                      private=True)
         if self._junk:
             self._mapping.view[self._length - 8 : self._length] = b"JUNK\0\0\0\0"
         _lowlevel.lock(fd, exclusive=False, wait=True, filename=name)
@@ -218,6 +222,9 @@ class WavBuffer(FileResource):
         if array is None or mapping is None:  # closed since the reads
             raise ValueError("I/O operation on closed WavBuffer")
         mapping.check()
+        if not self._shared:  # a child forked from now on keeps the caller's array
+            mapping.share()
+            self._shared = True
         return array
 
     def truncate(self, frames: int) -> None:

@@ -86,8 +86,10 @@ class WavWriter(FileResource):
             _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
             # The header is rewritten after every chunk: through a shared
             # mapping of its page that costs a memory store, not a system call.
+            # Private: never handed out, so a forked child's copy becomes zeros at the
+            # fork, and no frame of a thread it lacks keeps the file's flock there.
             header_page = _lowlevel.Mapping(dest.fd, len(header), writable=True,
-                                            populate=True, filename=dest.path)
+                                            populate=True, filename=dest.path, private=True)
             self._stream = _lowlevel.Stream(dest.fd, self._spec, header_page,
                                             self._data_offset)
             final = _newfile.finish_destination(dest)
