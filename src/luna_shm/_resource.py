@@ -32,8 +32,12 @@ _closed_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
 def _after_fork_in_child() -> None:
     global current_pid
     current_pid = _os.getpid()
+    failed: BaseException | None = None
     for resource in list(_let_go_in_child):
-        resource._let_go()
+        try:
+            resource._let_go()
+        except Exception as exc:  # a bug: every other object still lets go, then it shows
+            failed = failed or exc
     _let_go_in_child.clear()
     for cell in list(_closed_in_child):
         try:
@@ -41,6 +45,8 @@ def _after_fork_in_child() -> None:
         except OSError:
             pass
     _closed_in_child.clear()
+    if failed is not None:
+        raise failed
 
 
 def close_in_child(cell: _lowlevel.FdCell) -> None:

@@ -1119,13 +1119,13 @@ class AudioCache(_resource.OwnedHere):
 
         writer.make_room = lambda nbytes: self._room_on_ram_disk(nbytes, wait_until())
         reserved = self._reserve_outcome()
-        pin = _lowlevel.fd_cell()
+        # A helper the render forks (a multiprocessing worker of the engine) must not keep
+        # the exclusive flock: the waiters would sleep while it lives, after this process
+        # failed or died (the writer lets go of its own fd at a fork). Registered before
+        # it is filled: a fork from another thread during the dup finds it too.
+        pin = _resource.cell_closed_in_child()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
-            # A helper the render forks (a multiprocessing worker of the engine) must not
-            # keep the exclusive flock: the waiters would sleep while it lives, after this
-            # process failed or died (the writer lets go of its own fd at a fork).
-            _resource.close_in_child(pin)
             writer.rendering = True
             try:
                 render(writer)

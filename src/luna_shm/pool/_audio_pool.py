@@ -144,6 +144,9 @@ class PooledWav(_resource.Resource):
             view = slot.mapping.view if self._writable else slot.readonly
             flat = np.frombuffer(view, dtype=dtype, count=self.frames * self.channels,
                                  offset=self._offset)
+            # Handed out: a child forked from now on keeps the caller's array (and so the
+            # slot's file) as it is, for as long as it keeps the array.
+            slot.mapping.share()
             array = slot.array = flat.reshape((self.frames,) if self.channels == 1 else
                                               (self.frames, self.channels))
         return array
@@ -358,6 +361,8 @@ class AudioPool(_resource.Resource):
             slot.let_go()
         self._free = []
         self._watch_fd = -1
+        if self._watch_cell is None:  # forked before the pool made its watch
+            return
         try:
             _lowlevel.release(self._watch_cell)
         except OSError:
@@ -439,8 +444,10 @@ class AudioPool(_resource.Resource):
             _lowlevel.reserve(fd, self._length, path)
             if self.anonymous:
                 _lowlevel.seal_shrink(fd, path)
+            # Private until a holder's array is made from it (PooledWav.array): a child
+            # forked before gets zeros there, and so never the slot file's flock.
             mapping = _lowlevel.Mapping(fd, self._length, writable=True, populate=True,
-                                        filename=path)
+                                        filename=path, private=True)
             slot = Slot(cell, path, mapping)
         except BaseException:
             _lowlevel.release(cell)
