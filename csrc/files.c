@@ -203,10 +203,7 @@ static int create_locked(const char *dir, const char *path, unsigned int mode, i
     if (rc < 0) {
         if (named)
             unlink(path);
-        if (cell)
-            (void)luna_fd_release(cell);
-        else
-            close(fd);
+        luna_drop_fd(cell, fd);
         return rc;
     }
     return fd;
@@ -332,10 +329,11 @@ int luna_fd_release(int *cell)
     if (!cell)
         return -EINVAL;
     luna_cells_enter(cell);
-    int fd = *cell;
-    if (fd >= 0)
+    int fd = *cell, rc = 0; /* fd < 0: never filled, or released already */
+    if (fd >= 0) {
         *cell = -1;
-    int rc = fd >= 0 ? luna_close(fd) : 0; /* < 0: never filled, or released already */
+        rc = luna_close(fd);
+    }
     luna_cells_leave(cell);
     return rc;
 }

@@ -11,6 +11,8 @@
 
 #include "luna_shm.h"
 
+#include <unistd.h>
+
 /* ---- files.c ------------------------------------------------------------- */
 
 /* luna_lock(fd, 0, 1) that waits through signals: for a file just created,
@@ -51,6 +53,16 @@ static inline int luna_store_fd(int *cell, int fd)
     if (cell && fd >= 0)
         *cell = fd;
     return fd;
+}
+
+/* A failure path's close of the fd a call made: through cell (emptied under
+ * the fork lock) when there is one, else the plain fd. */
+static inline void luna_drop_fd(int *cell, int fd)
+{
+    if (cell)
+        (void)luna_fd_release(cell);
+    else
+        close(fd);
 }
 
 /* ---- mapping.c: unnamed files -------------------------------------------- */

@@ -72,10 +72,7 @@ int luna_prepare_file(const char *dir, const char *memfd_name, uint64_t len, int
         rc = write_zeros(fd, len);
     if (rc < 0) {
         /* unnamed: closing it frees everything it held */
-        if (cell)
-            (void)luna_fd_release(cell);
-        else
-            close(fd);
+        luna_drop_fd(cell, fd);
         return rc;
     }
     return fd;

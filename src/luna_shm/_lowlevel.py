@@ -367,11 +367,12 @@ class Mapping:
     writes through them reach no file; :meth:`check` raises.
     """
 
-    __slots__ = ("_address", "_guard", "_owner", "filename", "length", "view")
+    __slots__ = ("_address", "_guard", "_owner", "_private", "filename", "length", "view")
 
     def __init__(self, fd: int, length: int, *, writable: bool, populate: bool,
                  filename: str | None = None, private: bool = False) -> None:
         owner = self._owner = _mapping_owner()
+        self._private = private
         if private:
             # Registered before it exists: a fork from here on finds it (see share).
             _private_owners.add(owner)
@@ -384,8 +385,10 @@ class Mapping:
         a forked child right at the fork: its pages no longer hold the file, nor so its
         flock, whichever frames of the parent's threads still refer to it (the child has
         none of those threads, and such a frame would keep it for as long as the child
-        lives)."""
-        _private_owners.discard(self._owner)
+        lives). Only the first call does anything."""
+        if self._private:
+            self._private = False
+            _private_owners.discard(self._owner)
 
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
@@ -395,6 +398,7 @@ class Mapping:
         guard = _check_wav(lib.luna_wav_map(_c_path(path), out, owner), out, path)
         info = _info(out)
         mapping = cls.__new__(cls)
+        mapping._private = False
         mapping._adopt(owner, guard, info.data_offset + info.data_bytes, False, path)
         return mapping, info
 

@@ -38,7 +38,6 @@ class WavBuffer(FileResource):
 
     _mapping: _lowlevel.Mapping | None = None
     _array: np.ndarray | None = None
-    _shared = False  # array has been handed out (see Mapping.share)
 
     def __init__(
         self,
@@ -222,9 +221,7 @@ class WavBuffer(FileResource):
         if array is None or mapping is None:  # closed since the reads
             raise ValueError("I/O operation on closed WavBuffer")
         mapping.check()
-        if not self._shared:  # a child forked from now on keeps the caller's array
-            mapping.share()
-            self._shared = True
+        mapping.share()  # a child forked from now on keeps the caller's array
         return array
 
     def truncate(self, frames: int) -> None:
