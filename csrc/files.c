@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -88,13 +90,94 @@ static void cells_unlock_in_parent(void)
     pthread_rwlock_unlock(&cells_lock);
 }
 
+/* ---- the cells a child closes ------------------------------------------ */
+
+/* Which cell holds each fd a C call stored into one (luna_store_fd), until the
+ * cell is emptied: a forked child closes every such fd at once and empties its
+ * cell, unless it was let stay (luna_fd_keep_in_child). So a child holds no file
+ * of ours (its flock, a removed file's RAM) that the parent's threads were using
+ * at the fork, whatever Python object or C frame held it. Indexed by the fd, two
+ * levels deep: a block of slots is made when an fd in its range is first stored
+ * and kept for good (8 KiB each). Slots change only under the fork lock (shared:
+ * one fd number is in one cell at a time), so a child finds them as they were. */
+#define CELL_BLOCK 1024
+#define CELL_BLOCKS 1024 /* fds below 1,048,576 (the kernel's default nr_open) */
+typedef int *_Atomic cell_slot;
+static cell_slot *_Atomic cell_blocks[CELL_BLOCKS];
+static pthread_mutex_t cell_blocks_grow = PTHREAD_MUTEX_INITIALIZER;
+
+/* The slot of fd, its block made first when make is set; NULL for an fd past
+ * the table (such an fd stays in a child) or when no block could be made. */
+static cell_slot *slot_of(int fd, int make)
+{
+    if (fd < 0 || fd >= CELL_BLOCK * CELL_BLOCKS)
+        return NULL;
+    cell_slot *_Atomic *block = &cell_blocks[fd / CELL_BLOCK];
+    cell_slot *slots = atomic_load(block);
+    if (!slots && make) {
+        pthread_mutex_lock(&cell_blocks_grow);
+        slots = atomic_load(block);
+        if (!slots) {
+            slots = calloc(CELL_BLOCK, sizeof *slots);
+            atomic_store(block, slots);
+        }
+        pthread_mutex_unlock(&cell_blocks_grow);
+    }
+    return slots ? &slots[fd % CELL_BLOCK] : NULL;
+}
+
+void luna_cell_note(int *cell, int fd)
+{
+    cell_slot *slot = slot_of(fd, 1);
+    if (slot)
+        atomic_store(slot, cell);
+}
+
+/* fd leaves cell: its slot forgets the cell (if it was this one). */
+static void cell_forget(const int *cell, int fd)
+{
+    cell_slot *slot = slot_of(fd, 0);
+    int *expected = (int *)cell;
+    if (slot)
+        atomic_compare_exchange_strong(slot, &expected, NULL);
+}
+
+int luna_fd_keep_in_child(int *cell)
+{
+    if (!cell)
+        return -EINVAL;
+    luna_cells_lock();
+    if (*cell >= 0)
+        cell_forget(cell, *cell);
+    luna_cells_unlock();
+    return 0;
+}
+
+/* In the child: close every noted fd and empty its cell. */
+static void close_cells_in_child(void)
+{
+    for (int b = 0; b < CELL_BLOCKS; b++) {
+        cell_slot *slots = atomic_load(&cell_blocks[b]);
+        for (int i = 0; slots && i < CELL_BLOCK; i++) {
+            int *cell = atomic_exchange(&slots[i], NULL);
+            int fd = b * CELL_BLOCK + i;
+            if (cell && *cell == fd) {
+                *cell = -1;
+                close(fd);
+            }
+        }
+    }
+}
+
 /* Made anew, not unlocked: glibc's unlock tells a writer by its thread id, which
  * the child's one thread no longer has (an unlock there is taken for a reader's,
- * and the next lock waits for ever); it has no other thread, so no holder. */
+ * and the next lock waits for ever); it has no other thread, so no holder. Then
+ * the noted cells are closed. */
 static void cells_lock_anew_in_child(void)
 {
     static const pthread_rwlock_t fresh = CELLS_LOCK_INITIALIZER;
     memcpy(&cells_lock, &fresh, sizeof cells_lock);
+    close_cells_in_child();
 }
 
 /* Registered when the library is loaded, before any thread can call us. */
@@ -314,7 +397,9 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
             if (c->cmsg_type == SCM_PIDFD) {
                 close(fd); /* the sender's pidfd (SO_PASSPIDFD): not ours to keep */
             } else if (*cell < 0) {
-                *cell = fd;
+                luna_cells_lock(); /* noted now: a child forked from here on closes it */
+                luna_store_fd(cell, fd);
+                luna_cells_unlock();
             } else {
                 close(fd);
                 *msg_flags |= MSG_CTRUNC;
@@ -331,6 +416,7 @@ int luna_fd_release(int *cell)
     luna_cells_enter(cell);
     int fd = *cell, rc = 0; /* fd < 0: never filled, or released already */
     if (fd >= 0) {
+        cell_forget(cell, fd);
         *cell = -1;
         rc = luna_close(fd);
     }

@@ -47,11 +47,18 @@ static inline void luna_cells_leave(const int *cell)
         luna_cells_unlock();
 }
 
-/* fd, stored into cell as well when it is an fd and cell is not NULL. */
+/* Note that cell holds fd: a forked child closes fd and empties cell (see
+ * luna_fd_keep_in_child). Under luna_cells_lock. */
+void luna_cell_note(int *cell, int fd);
+
+/* fd, stored into cell as well (and noted) when it is an fd and cell is not
+ * NULL. Under luna_cells_enter(cell). */
 static inline int luna_store_fd(int *cell, int fd)
 {
-    if (cell && fd >= 0)
+    if (cell && fd >= 0) {
         *cell = fd;
+        luna_cell_note(cell, fd);
+    }
     return fd;
 }
 

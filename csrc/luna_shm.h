@@ -53,11 +53,22 @@
  * runs) cannot lose it. A fork waits while a cell is filled or emptied (the
  * fd made and stored; the cell cleared and the fd closed), so that a child's
  * cells name exactly the fds it has: luna_recv_fd alone, whose receive may
- * block, does not hold forks back. */
+ * block, does not hold forks back (it fills its cell after the receive).
+ * A forked child closes every fd a call stored into a cell that was not
+ * emptied before the fork, and empties the cell, at once (pthread_atfork):
+ * a child holds no file of ours, nor its flock, that the parent's threads
+ * were using, unless luna_fd_keep_in_child said otherwise. Fds from 1,048,576
+ * on are not noted, and stay in a child. */
 
 /* Close the fd in *cell, if any, and empty the cell: a second call does
  * nothing. Returns 0 or -errno (-EINVAL for NULL). */
 int luna_fd_release(int *cell);
+
+/* Let a forked child keep the fd in *cell (a directory that an object the
+ * child goes on using opens files in): a child forked from now on has it and
+ * the cell as they are. Nothing for an empty cell. Returns 0 or -EINVAL for
+ * NULL. */
+int luna_fd_keep_in_child(int *cell);
 
 /* A second fd of fd's open file (close-on-exec; it shares the file's flock),
  * stored into *cell (which must be given, and empty) before it is returned.

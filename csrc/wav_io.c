@@ -112,13 +112,14 @@ int luna_write_wav_path(const char *dir, const char *path,
     uint64_t old_size = 0;
     if (tmp_path != NULL && dir == NULL)
         return -EINVAL; /* a replacement is made in dir */
-    int fd = luna_open_for_write(path, 0600, &created, &old_size, NULL);
+    int cell = -1; /* a child forked during the write closes its copy */
+    int fd = luna_open_for_write(path, 0600, &created, &old_size, &cell);
     if (fd < 0)
         return fd;
     if (old_size > 0) {
         /* A file with content: whoever mapped it must keep reading it whole,
          * so it is replaced by a new file, never cut under their feet. */
-        luna_close(fd);
+        (void)luna_fd_release(&cell);
         if (tmp_path == NULL)
             return LUNA_WRITE_REPLACE; /* the caller names the new file */
         return luna_write_wav_atomic(dir, path, tmp_path, spec, data,
@@ -133,7 +134,7 @@ int luna_write_wav_path(const char *dir, const char *path,
         else
             (void)luna_set_length(fd, 0);
     }
-    int crc = luna_close(fd);
+    int crc = luna_fd_release(&cell);
     return rc < 0 ? rc : crc;
 }
 

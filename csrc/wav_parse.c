@@ -396,11 +396,12 @@ int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mappin
 {
     if (!m || m->addr)
         return -EINVAL;
-    int fd = luna_wav_open(path, out, NULL);
+    int cell = -1; /* a child forked before the mapping is made closes its copy */
+    int fd = luna_wav_open(path, out, &cell);
     if (fd < 0)
         return fd;
     uint64_t len = out->data_offset + out->data_bytes;
     int rc = luna_map(fd, len, 0, 0, m);
-    close(fd); /* the mapping keeps the file */
+    (void)luna_fd_release(&cell); /* the mapping keeps the file */
     return rc;
 }

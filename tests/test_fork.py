@@ -9,16 +9,19 @@ tries to use it. The first child then checks its own files and objects.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import pathlib
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +38,7 @@ from luna_shm import (
     AudioPool,
     WavBuffer,
     WavWriter,
+    _lowlevel,
     afollow_wav,
     cache_key,
     cleanup_all_temp_audio,
@@ -42,7 +46,9 @@ from luna_shm import (
     create_wav_buffer,
     follow_wav,
     get_temp_audio_path,
+    iter_unused_temp_audio,
     iter_wav_stream,
+    read_wav,
     write_wav,
 )
 from luna_shm.cache import RenderError
@@ -382,6 +388,77 @@ if pid == 0:
 report["removed"] = not os.path.exists(path)
 print(json.dumps(report))
 """
+
+
+def test_a_forked_child_closes_the_fd_of_every_cell_but_those_kept(tmp_path) -> None:
+    # The contract of the C layer's fd cells at a fork: each fd a C call stored into a cell
+    # (an open, a dup, a received fd) and not yet released is closed in a child, and its
+    # cell emptied; a cell kept (keep_in_child) is left as it is; an fd number released
+    # and then reused by a plain os.open is not ours any more, and stays.
+    path = str(tmp_path / "file")
+    opened, duplicated, received, kept, released = (_lowlevel.fd_cell() for _ in range(5))
+    fd_opened = _lowlevel.open_at(path, os.O_RDWR | os.O_CREAT, cell=opened)
+    fd_duplicated = _lowlevel.dup(fd_opened, cell=duplicated)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        socket.send_fds(left, [b"x"], [fd_opened])
+        _lowlevel.recv_fd(right.fileno(), bytearray(1), received)
+    fd_received = received[0]
+    fd_kept = _lowlevel.open_at(path, os.O_RDONLY, cell=kept)
+    _lowlevel.keep_in_child(kept)
+    _lowlevel.open_at(path, os.O_RDONLY, cell=released)
+    _lowlevel.release(released)
+    plain = os.open(path, os.O_RDONLY)  # the lowest free number: the one just released
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            closed = []
+            for fd in (fd_opened, fd_duplicated, fd_received):
+                try:
+                    os.fstat(fd)
+                except OSError as exc:
+                    closed.append(exc.errno == errno.EBADF)
+            emptied = [cell[0] for cell in (opened, duplicated, received)] == [-1] * 3
+            os.fstat(fd_kept)
+            os.fstat(plain)
+            code = 0 if closed == [True] * 3 and emptied and kept[0] == fd_kept else 3
+        finally:
+            os._exit(code)
+    try:
+        assert exit_code_within(pid, 30) == 0
+        for cell in (opened, duplicated, received, kept):  # the parent's are as they were
+            os.fstat(cell[0])
+    finally:
+        os.close(plain)
+        for cell in (opened, duplicated, received, kept):
+            _lowlevel.release(cell)
+
+
+def test_a_child_forked_during_a_scan_of_unused_files_goes_on_with_it(private_dirs,
+                                                                     tmp_path) -> None:
+    # The directory a scan walks is open in a cell, and a forked child closes the fds of
+    # cells at once (every file of ours it would otherwise keep): but a child may go on
+    # with an iter_unused_temp_audio() its parent started, which would then look through
+    # a closed fd number, or through the one the child opened next, another directory.
+    # That cell is kept in a child.
+    for n in range(3):
+        write_wav(None, np.full(10, n, np.int16), 8000)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    scan = iter_unused_temp_audio()
+    first, _ = next(scan)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.open(elsewhere, os.O_RDONLY | os.O_DIRECTORY)  # takes a free fd number
+            rest = [path for path, _ in scan]
+            code = 0 if len(rest) == 2 and first not in rest else 3
+        finally:
+            os._exit(code)
+    assert exit_code_within(pid, 30) == 0
+    assert len([path for path, _ in scan]) == 2  # the parent's scan goes on too
 
 
 @pytest.mark.parametrize("how", ["sys.exit", "raise", "end"])
@@ -1291,8 +1368,31 @@ def churn_pools(stop: threading.Event) -> None:
             pool.write_wav(np.zeros(100, np.int16), 8000).release()
 
 
-# Each a loop that opens and closes files of ours, flocked, through fd cells.
+def churn_plain_writes(stop: threading.Event) -> None:
+    while not stop.is_set():
+        path = get_temp_audio_path(prefix="churn_", create=False)
+        write_wav(path, np.zeros(100, np.int16), 8000)
+        cleanup_temp_audio(path)
+
+
+def reading(**options: Any) -> Callable[[threading.Event], None]:
+    """A loop of read_wav(path, **options) of one file (its fd not flocked: a child that
+    kept it would keep a removed file's RAM)."""
+    def churn(stop: threading.Event) -> None:
+        path = write_wav(None, np.zeros(100, np.int16), 8000)
+        while not stop.is_set():
+            read_wav(path, **options)
+        cleanup_temp_audio(path)
+    return churn
+
+
+# Each a loop that opens and closes files of ours through fd cells (flocked, but for
+# the reads).
 CHURNS: dict[str, Callable[[threading.Event], None]] = {
+    "write_wav(path)": churn_plain_writes,
+    "read_wav(mmap=False)": reading(mmap=False),
+    "read_wav(dtype=float32)": reading(mmap=False, dtype="float32"),
+    "read_wav (view)": reading(),
     "WavWriter(path)": churn_writers,
     "create_wav_buffer": churn_buffers,
     "write_wav(path, atomic=True)": churn_atomic_writes,
@@ -1353,6 +1453,8 @@ def test_children_forked_while_another_thread_opens_and_closes_files_hold_none_o
                              and not target.endswith(f"/{CACHE_LOCK_NAME}"))
                 with open("/proc/self/maps") as maps:  # a mapping holds its open file too
                     mapped = sum(1 for line in maps if any(d in line for d in ours))
+                if churn == "read_wav (view)":  # the caller's array: kept, by design
+                    mapped = 0
                 os._exit(1 if held else 2 if mapped else 0)
             code = exit_code_within(pid, 30)
             assert code in (0, 1, 2), f"child exited with {code}"

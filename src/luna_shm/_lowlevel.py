@@ -144,20 +144,29 @@ def path_argument(path: object, allowed: str = "str or os.PathLike[str]", *,
 FdCell: TypeAlias = Any
 
 
-def fd_cell(fd: int = -1) -> FdCell:
-    """A cell for one fd, closed when the cell is collected (C luna_fd_release).
+def fd_cell() -> FdCell:
+    """An empty cell for one fd, closed when the cell is collected (C luna_fd_release).
 
-    Made empty before a C call that opens a file and given to it, the cell owns the
-    new fd from the moment it exists: a signal that arrives during the call runs its
-    handler as the call returns, and one that raises there cannot leak the fd. Given
-    an fd, the cell takes it over.
+    Given to a C call that opens a file, the cell owns the new fd from the moment it
+    exists: a signal that arrives during the call runs its handler as the call returns,
+    and one that raises there cannot leak the fd. A child forked while the cell holds
+    the fd closes its copy and empties its cell at once, whatever holds the cell (an
+    object, a frame of a thread the child does not have): it never keeps our files,
+    their flocks or a removed file's RAM. See keep_in_child for the exceptions.
     """
-    return ffi.gc(ffi.new("int *", fd), lib.luna_fd_release)
+    return ffi.gc(ffi.new("int *", -1), lib.luna_fd_release)
 
 
 def release(cell: FdCell) -> None:
     """Close the cell's fd, once: the cell is empty afterwards."""
     check(lib.luna_fd_release(cell))
+
+
+def keep_in_child(cell: FdCell) -> None:
+    """Let a child forked from now on keep the fd in cell, and the cell as it is: for an
+    fd an object that goes on working in a child uses (a cache's lock file, the
+    directory a scan walks), whose number must not be closed and reused under it."""
+    lib.luna_fd_keep_in_child(cell)
 
 
 def open_at(path: str, flags: int, *, cell: FdCell, dir_fd: int | None = None,

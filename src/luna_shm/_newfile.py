@@ -24,7 +24,7 @@ import uuid as _uuid
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from luna_shm import _lowlevel, _prefault, _resource, formats, placement
+from luna_shm import _lowlevel, _prefault, formats, placement
 from luna_shm.placement import AUDIO_PREFIX
 
 _T = TypeVar("_T")
@@ -189,7 +189,7 @@ def create_temp_file(
     raises here: callers run this inside :func:`with_disk_fallback`.
     """
     directory = directory_for(size_hint, on_disk)
-    cell = _resource.cell_closed_in_child()  # see create_unnamed_temp_file
+    cell = _lowlevel.fd_cell()  # see create_unnamed_temp_file
 
     def claim(path: str) -> int:
         if locked:
@@ -233,7 +233,7 @@ def create_unnamed_temp_file(
         # that will own the file exists (or during a whole write_wav(None)) closes its
         # copy at once, else it would keep the lock, and every cleanup would take the file
         # for one in use, for as long as it lived.
-        cell = _resource.cell_closed_in_child()
+        cell = _lowlevel.fd_cell()
         try:
             _lowlevel.create_unnamed_locked(directory, cell=cell)
             return NewFile(path, cell, False, suffix, prefix)
@@ -489,7 +489,7 @@ def open_destination(
         return Destination(new.path, new.cell, True, None, new)
     text = _lowlevel.path_argument(path, "str, os.PathLike[str] or None")
     for _ in range(8):
-        cell = _resource.cell_closed_in_child()  # see create_unnamed_temp_file
+        cell = _lowlevel.fd_cell()  # see create_unnamed_temp_file
         try:
             fd, created, old_size = _lowlevel.open_for_write(text, cell=cell)
         except OSError as exc:
@@ -513,7 +513,7 @@ def open_destination(
         _lowlevel.release(cell)
         if beside:
             partial = partial_path(text)
-            cell = _resource.cell_closed_in_child()
+            cell = _lowlevel.fd_cell()
             _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, mode, cell=cell)
             return Destination(text, cell, False, partial)
         # A cleanup removed the name between our open and our lock: again.

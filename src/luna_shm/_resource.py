@@ -25,8 +25,6 @@ current_pid: int = _os.getpid()
 
 # The objects a forked child lets go of at once (Resource._let_go_at_fork).
 _let_go_in_child: _weakref.WeakSet[Resource] = _weakref.WeakSet()
-# The fd cells a forked child closes at once (close_in_child).
-_closed_in_child: _weakref.WeakSet[Any] = _weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -39,39 +37,8 @@ def _after_fork_in_child() -> None:
         except Exception as exc:  # a bug: every other object still lets go, then it shows
             failed = failed or exc
     _let_go_in_child.clear()
-    for cell in list(_closed_in_child):
-        try:
-            _lowlevel.release(cell)
-        except OSError:
-            pass
-    _closed_in_child.clear()
     if failed is not None:
         raise failed
-
-
-def close_in_child(cell: _lowlevel.FdCell) -> None:
-    """Have every child forked from now on (while cell lives) close its copy of cell's fd
-    at once.
-
-    For an fd whose flock others wait for, or that pins a file, held outside any object
-    (a render's pin of its file): a child that kept the open file would keep the lock
-    for as long as it lives, after this process released it, or died.
-    """
-    _closed_in_child.add(cell)
-
-
-def cell_closed_in_child() -> _lowlevel.FdCell:
-    """An empty fd cell (see _lowlevel.fd_cell) whose fd every child forked while it lives
-    closes at once: registered before it is filled, so a fork from another thread at any
-    moment after finds it.
-
-    For an fd opened to take a flock for a moment (a cleanup's or an eviction's test of
-    whether a live process holds a file): a child forked in that moment would otherwise
-    keep the lock, and a removed file's RAM, for as long as it lives.
-    """
-    cell = _lowlevel.fd_cell()
-    close_in_child(cell)
-    return cell
 
 
 _os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from luna_shm import _lowlevel, _newfile, _prefault, _resource, formats, placement
+from luna_shm import _lowlevel, _newfile, _prefault, formats, placement
 from luna_shm._prefault import PrefaultStats
 from luna_shm._resource import FileResource
 
@@ -88,7 +88,7 @@ class WavBuffer(FileResource):
                 _prefault.refill()
 
     def _open_memfd(self, header: bytes) -> tuple[str, _lowlevel.FdCell]:
-        cell = _resource.cell_closed_in_child()  # until the buffer that lets go of it exists
+        cell = _lowlevel.fd_cell()  # until the buffer that lets go of it exists
         fd = _lowlevel.memfd(_prefault.MEMFD_NAME, cell=cell)
         name = f"/proc/{_os.getpid()}/fd/{fd}"
         try:

@@ -159,7 +159,7 @@ def _check_owner(owner: int, what: str, path: str) -> None:
 def _open_watched(path: str) -> tuple[_lowlevel.FdCell, _lowlevel.FdCell]:
     """Open path read-only and watch it; the fd cells of (the file, the watch). The watch
     is armed before the caller reads anything, so that no write after that goes unseen."""
-    opened, watch = _resource.cell_closed_in_child(), _resource.cell_closed_in_child()
+    opened, watch = _lowlevel.fd_cell(), _lowlevel.fd_cell()
     fd = _lowlevel.open_regular(path, cell=opened)
     try:
         # Through /proc the watch is on the very file we opened, even if the
@@ -277,7 +277,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                 opened, file_watch = _open_watched(path)
             except FileNotFoundError:
                 if watch < 0:
-                    watching = _resource.cell_closed_in_child()
+                    watching = _lowlevel.fd_cell()
                     watch = _lowlevel.watch_open(directory, directory=True, cell=watching,
                                                  filename=path)
                     continue  # armed: look again before waiting

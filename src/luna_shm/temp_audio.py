@@ -23,7 +23,7 @@ import time as _time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from luna_shm import _lowlevel, _newfile, _resource, formats, placement
+from luna_shm import _lowlevel, _newfile, formats, placement
 from luna_shm.placement import (
     AUDIO_PREFIX,
     DAEMON_PREFIX,
@@ -315,7 +315,7 @@ def _examine(
         OSError: the file cannot be opened to test its lock (EMFILE, ENFILE, ...)
             or removed (EROFS, ...), naming its path.
     """
-    cell = _resource.cell_closed_in_child()  # the exclusive lock: never a child's
+    cell = _lowlevel.fd_cell()  # the exclusive lock: never a child's
     flags = _os.O_NOFOLLOW | _os.O_NONBLOCK
     try:
         try:
@@ -543,6 +543,9 @@ def scan_our_files(
     dir_cell = open_scanned_dir(directory)
     if dir_cell is None:
         return
+    # A forked child may go on with this generator: its fd number must not be closed
+    # (and reused for another directory) under it.
+    _lowlevel.keep_in_child(dir_cell)
     dir_fd: int = dir_cell[0]
     uid = _os.geteuid()
     # A file that cannot be examined or removed does not stop the others; the first

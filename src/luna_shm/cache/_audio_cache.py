@@ -301,7 +301,7 @@ class AudioCache(_resource.OwnedHere):
             path = tier.path(key + suffix)
             # Flocked shared below, before the CachedAudio that lets go of it at a fork
             # exists: a child forked meanwhile must not keep the pin.
-            cell = _resource.cell_closed_in_child()
+            cell = _lowlevel.fd_cell()
             opened = open_regular(path, cell)  # a symlink or FIFO there: not an entry
             if opened is None:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
@@ -465,7 +465,7 @@ class AudioCache(_resource.OwnedHere):
         that timed out waiting for the disk tier's lock (deadline, the caller's): that
         TimeoutError is the caller's, and the entry stays."""
         path = self._ram.path(name)
-        cell = _resource.cell_closed_in_child()  # its exclusive lock: never a child's
+        cell = _lowlevel.fd_cell()  # its exclusive lock: never a child's
         fd = open_regular(path, cell)
         if fd is None:
             return not _os.path.lexists(path)  # gone; else not an entry: never ours to evict
@@ -892,7 +892,7 @@ class AudioCache(_resource.OwnedHere):
             live = self.live_path(key)
             if live is None:
                 continue
-            cell = _resource.cell_closed_in_child()  # a child must not keep it (nor its lock)
+            cell = _lowlevel.fd_cell()  # a child must not keep it (nor its lock)
             fd = open_regular(live, cell)
             if fd is None:
                 continue
@@ -998,7 +998,7 @@ class AudioCache(_resource.OwnedHere):
             # Removed only while its name still names this very file (see remove_stale):
             # a fresh entry another process stored meanwhile is looked up, not removed.
             # Its disk-tier copy, if any, goes with the commit of the render that follows.
-            held = _resource.cell_closed_in_child()  # shares the entry's flock
+            held = _lowlevel.fd_cell()  # shares the entry's flock
             _lowlevel.dup(entry.fileno(), cell=held, filename=entry.path)
             entry.release()
             try:
@@ -1123,7 +1123,7 @@ class AudioCache(_resource.OwnedHere):
         # the exclusive flock: the waiters would sleep while it lives, after this process
         # failed or died (the writer lets go of its own fd at a fork). Registered before
         # it is filled: a fork from another thread during the dup finds it too.
-        pin = _resource.cell_closed_in_child()
+        pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
             writer.rendering = True
@@ -1176,8 +1176,6 @@ class AudioCache(_resource.OwnedHere):
         now, or no O_TMPFILE: the note is then tried at the end, as _write_outcome does
         without one."""
         cell = _lowlevel.fd_cell()
-        # A child forked during the render must not keep it (nor its RAM).
-        _resource.close_in_child(cell)
         try:
             _lowlevel.create_unnamed_locked(self._ram.directory, cell=cell)
             _lowlevel.reserve(cell[0], _OUTCOME_RESERVED, self._ram.directory)
@@ -1229,10 +1227,6 @@ class AudioCache(_resource.OwnedHere):
         audio): TimeoutError (ETIMEDOUT) naming the file."""
         live = self._ram.path(key + LIVE)
         cell = _lowlevel.fd_cell()
-        # A child another thread forks while this one waits must not keep the shared
-        # flock the kernel grants it: the entry the render becomes would stay pinned, and
-        # a waiter that finds the renderer dead would wait for the child to take its own.
-        _resource.close_in_child(cell)
         fd = open_regular(live, cell)
         if fd is None:
             try:
@@ -1273,7 +1267,7 @@ class AudioCache(_resource.OwnedHere):
         pid, text = outcome
         if text.startswith("unstored "):
             path = text[len("unstored "):]
-            held = _resource.cell_closed_in_child()  # flocked below: never a child's
+            held = _lowlevel.fd_cell()  # flocked below: never a child's
             if open_regular(path, held) is None:
                 return None
             try:

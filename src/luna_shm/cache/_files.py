@@ -14,7 +14,7 @@ import time as _time
 from collections.abc import Callable
 from typing import TypeVar
 
-from luna_shm import _lowlevel, _newfile, _resource
+from luna_shm import _lowlevel, _newfile
 from luna_shm.cache._keys import KEY
 
 _T = TypeVar("_T")
@@ -141,7 +141,7 @@ def supersede(path: str) -> None:
     """Mark the held entry at path as replaced by a newer entry of its key, of another
     type (under the lock, before the newer one's rename): look-ups pass it by from now
     on, and the first that finds it unheld removes it. A holder's path still names it."""
-    cell = _resource.cell_closed_in_child()  # a held entry's file: never a child's
+    cell = _lowlevel.fd_cell()  # a held entry's file: never a child's
     fd = open_regular(path, cell)
     if fd is None:
         return
@@ -188,7 +188,7 @@ def use_regular(path: str, use: Callable[[int], _T], otherwise: _T) -> _T:
     be opened at all: the looks made through it (a note's owner, a pin, a dead render)
     take "cannot tell" for "no". A child forked meanwhile closes its copy of the fd at
     once: use may take the file's lock for a moment."""
-    cell = _resource.cell_closed_in_child()
+    cell = _lowlevel.fd_cell()
     try:
         fd = open_regular(path, cell)
     except OSError:

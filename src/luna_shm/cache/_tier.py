@@ -17,7 +17,7 @@ import weakref as _weakref
 from collections.abc import Callable
 from typing import Any
 
-from luna_shm import _lowlevel, _newfile, _resource
+from luna_shm import _lowlevel, _newfile
 from luna_shm.cache._files import (
     LIVE,
     LIVE_START,
@@ -254,9 +254,15 @@ class Tier:
         return f"{self.directory}/{name}"
 
     def _open_lock(self, name: str, dir_fd: int | None, cell: _lowlevel.FdCell) -> int:
-        """Open the lock file (name, relative to dir_fd when given) into cell: read-write,
-        made if missing; read-only, with write_error set, when write access is refused.
-        A refused read-only open raises the first refusal."""
+        """Open the lock file (name, relative to dir_fd when given) into cell, kept by a
+        forked child (which opens its own from it, see _after_fork): read-write, made if
+        missing; read-only, with write_error set, when write access is refused. A refused
+        read-only open raises the first refusal."""
+        fd = self._open_lock_file(name, dir_fd, cell)
+        _lowlevel.keep_in_child(cell)
+        return fd
+
+    def _open_lock_file(self, name: str, dir_fd: int | None, cell: _lowlevel.FdCell) -> int:
         try:
             return _lowlevel.open_at(name, _os.O_RDWR | _os.O_CREAT | _os.O_NOFOLLOW,
                                      dir_fd=dir_fd, cell=cell)
@@ -414,7 +420,7 @@ class Tier:
         path = self.path(name)
         if only is not None and not _newfile.still_named(only, path):
             return False
-        cell = _resource.cell_closed_in_child()  # its exclusive lock: never a child's
+        cell = _lowlevel.fd_cell()  # its exclusive lock: never a child's
         fd = open_regular(path, cell)  # a symlink or FIFO of that name is not ours
         if fd is None:
             return False
@@ -499,7 +505,7 @@ class Tier:
         live."""
         self.check_writable()
         path = self.part_path(name)
-        cell = _resource.cell_closed_in_child()  # flocked: a child must not keep it
+        cell = _lowlevel.fd_cell()  # flocked: a child must not keep it
         _lowlevel.create_locked(self.directory, path, cell=cell)
         return path, cell
 

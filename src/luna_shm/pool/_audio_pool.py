@@ -386,7 +386,7 @@ class AudioPool(_resource.Resource):
 
     def _new_anonymous_slot(self) -> Slot:
         """One try at a memfd slot; on failure it is closed again."""
-        cell = _resource.cell_closed_in_child()  # until the pool's slot list holds it
+        cell = _lowlevel.fd_cell()  # until the pool's slot list holds it
         fd = _lowlevel.memfd(f"{self._prefix}{POOL_MARK}slot", cell=cell)
         return self._map_slot(cell, f"/proc/{_os.getpid()}/fd/{fd}")
 
@@ -414,7 +414,7 @@ class AudioPool(_resource.Resource):
         directory = _newfile.directory_for(self._length, on_disk)
         prefix = f"{self._prefix}{POOL_MARK}"
         path = _newfile.new_name_in(directory, ".wav", prefix)
-        cell = _resource.cell_closed_in_child()  # flocked: until the pool's slot list holds it
+        cell = _lowlevel.fd_cell()  # flocked: until the pool's slot list holds it
         try:
             _lowlevel.prepare_file(directory, "", self._length, cell=cell)
         except OSError as exc:

@@ -203,7 +203,7 @@ def new_watch(anonymous: bool) -> _lowlevel.FdCell:
     """The fd cell of the inotify fd that watches a named pool's slot files; empty (-1)
     for anonymous slots (no name to lose) and when out of inotify instances (every take
     checks by stat)."""
-    cell = _resource.cell_closed_in_child()  # until the pool that lets go of it holds it
+    cell = _lowlevel.fd_cell()  # until the pool that lets go of it holds it
     if not anonymous:
         try:
             _lowlevel.watch_new(cell=cell)
