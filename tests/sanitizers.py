@@ -63,13 +63,14 @@ def _probe(compiler: str, work: Path, env: dict[str, str]) -> str | None:
     return None
 
 
-def build_sanitized(program: str, work: Path, *,
-                    with_csrc: bool = True) -> tuple[Path, dict[str, str]]:
+def build_sanitized(program: str, work: Path, *, with_csrc: bool = True,
+                    defines: tuple[str, ...] = ()) -> tuple[Path, dict[str, str]]:
     """tests/c/<program> + csrc/*.c built with the sanitizers into work; (binary, env).
 
     with_csrc=False builds the program alone (it #includes the C file it tests, to reach
-    that file's static state). env holds the sanitizer options and TMPDIR=work (the
-    compiler's temp files too).
+    that file's static state). defines are macros to build with (-D each: the fallbacks
+    LUNA_NO_MEMFD and LUNA_NO_O_TMPFILE, say). env holds the sanitizer options and
+    TMPDIR=work (the compiler's temp files too).
     """
     env = {**os.environ, **SANITIZER_ENV, "TMPDIR": str(work)}
     reasons = []
@@ -87,7 +88,8 @@ def build_sanitized(program: str, work: Path, *,
     binary = work / Path(program).stem
     sources = sorted(str(p) for p in (REPO / "csrc").glob("*.c")) if with_csrc else []
     built = subprocess.run(
-        [compiler, *STRICT, "-pthread", *SANITIZE, "-I", str(REPO / "csrc"),
+        [compiler, *STRICT, "-pthread", *SANITIZE, *(f"-D{name}" for name in defines),
+         "-I", str(REPO / "csrc"),
          str(REPO / "tests" / "c" / program), *sources, "-o", str(binary)],
         capture_output=True, text=True, env=env)
     assert built.returncode == 0, built.stderr

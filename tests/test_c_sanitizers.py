@@ -1,6 +1,7 @@
 """The C layer defends itself, checked in C under AddressSanitizer + UndefinedBehaviorSanitizer.
 
-tests/c/hostile_args.c, built with every file of csrc/ and -fsanitize=alignment,
+tests/c/hostile_args.c, built with every file of csrc/ and -fsanitize=alignment (as the
+library is built here, and with its fallbacks for systems without memfd and O_TMPFILE),
 runs every sample converter on misaligned source and destination pointers, writes
 every header wav_format.c makes and parses it back, and calls every C function that
 takes a size or an offset with hostile values (UINT64_MAX, 2**63, 2**63 - 1, 2**32,
@@ -20,10 +21,16 @@ from pathlib import Path
 import pytest
 from sanitizers import SANITIZER_MARKS, build_sanitized
 
+# The library as built here, and its fallbacks for a system with neither memfd nor
+# O_TMPFILE (built on Linux too: their paths are checked the same way).
+BUILDS = {"native": (), "fallbacks": ("LUNA_NO_MEMFD", "LUNA_NO_O_TMPFILE")}
 
-@pytest.fixture(scope="module")
-def hostile_args(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    return build_sanitized("hostile_args.c", tmp_path_factory.mktemp("hostile_args"))
+
+@pytest.fixture(scope="module", params=BUILDS)
+def hostile_args(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return build_sanitized("hostile_args.c", tmp_path_factory.mktemp("hostile_args"),
+                           defines=BUILDS[request.param])
 
 
 def test_c_layer_refuses_hostile_sizes_and_converts_at_any_alignment_under_sanitizers(
