@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #ifndef SCM_PIDFD
@@ -61,8 +63,8 @@ static int keep_if_regular(int fd, int not_regular, uint64_t *size)
  * exclusively (pthread_atfork): a child sees both steps or neither. Writers are
  * preferred, so that threads that keep opening files cannot hold a fork back; no
  * holder takes it again (a call that fills a cell passes NULL to the calls it makes).
- * luna_recv_fd is the one that does not take it: a blocking receive must not hold
- * forks back. */
+ * luna_recv_fd takes it for a receive that cannot block (it waits for the
+ * message outside). */
 #ifdef PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
 #define CELLS_LOCK_INITIALIZER PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP
 #else
@@ -361,6 +363,27 @@ int luna_dup(int fd, int *cell)
     return copy;
 }
 
+/* Wait until sock has something to receive (poll), for at most its SO_RCVTIMEO
+ * when it has one, as a blocking recvmsg would. Returns 0, -EAGAIN when that
+ * timeout ran out, -EINTR when a signal came first, or -errno. */
+static int wait_readable(int sock)
+{
+    struct timeval limit = {0, 0};
+    socklen_t size = sizeof limit;
+    if (getsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &limit, &size) < 0)
+        return -errno;
+    int timeout_ms = -1;
+    if (limit.tv_sec > 0 || limit.tv_usec > 0) {
+        int64_t ms = (int64_t)limit.tv_sec * 1000 + (limit.tv_usec + 999) / 1000;
+        timeout_ms = ms > INT_MAX ? INT_MAX : (int)ms;
+    }
+    struct pollfd wanted = {.fd = sock, .events = POLLIN};
+    int ready = poll(&wanted, 1, timeout_ms);
+    if (ready < 0)
+        return -errno;
+    return ready == 0 ? -EAGAIN : 0;
+}
+
 int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
 {
     if ((!buf && len) || len > (uint64_t)SSIZE_MAX || !cell || *cell >= 0 || !msg_flags)
@@ -380,9 +403,26 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
     msg.msg_iovlen = 1;
     msg.msg_control = control.bytes;
     msg.msg_controllen = sizeof control.bytes;
-    ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    if (n < 0)
-        return -errno; /* -EINTR too: the caller runs its signal handlers, then again */
+    /* The fd the kernel installs is stored and noted while forks wait, so that a
+     * child forked meanwhile never has it unnoted: the receive itself never waits
+     * under that lock (MSG_DONTWAIT); a blocking socket waits for its message
+     * first, outside it. */
+    int blocking = (fcntl(sock, F_GETFL) & O_NONBLOCK) == 0;
+    ssize_t n;
+    for (;;) {
+        int rc = blocking ? wait_readable(sock) : 0;
+        if (rc < 0)
+            return rc; /* -EINTR too: the caller runs its signal handlers, then again */
+        luna_cells_lock();
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n >= 0)
+            break; /* still under the lock: the fd is stored below */
+        int err = errno;
+        luna_cells_unlock();
+        if (!blocking || err != EAGAIN)
+            return -err;
+        /* another reader of the socket took the message: wait for the next */
+    }
     *msg_flags = msg.msg_flags;
     /* Room for one fd: the kernel installs no more (MSG_CTRUNC says some were
      * dropped). Any fd beyond the first is closed all the same. */
@@ -397,15 +437,14 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
             if (c->cmsg_type == SCM_PIDFD) {
                 close(fd); /* the sender's pidfd (SO_PASSPIDFD): not ours to keep */
             } else if (*cell < 0) {
-                luna_cells_lock(); /* noted now: a child forked from here on closes it */
                 luna_store_fd(cell, fd);
-                luna_cells_unlock();
             } else {
                 close(fd);
                 *msg_flags |= MSG_CTRUNC;
             }
         }
     }
+    luna_cells_unlock();
     return (int)n;
 }
 

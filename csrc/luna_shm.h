@@ -52,8 +52,8 @@
  * that raises as the call returns (where a signal that came during the call
  * runs) cannot lose it. A fork waits while a cell is filled or emptied (the
  * fd made and stored; the cell cleared and the fd closed), so that a child's
- * cells name exactly the fds it has: luna_recv_fd alone, whose receive may
- * block, does not hold forks back (it fills its cell after the receive).
+ * cells name exactly the fds it has (luna_recv_fd waits for its message
+ * first, and only the receive that does not block holds forks back).
  * A forked child closes every fd a call stored into a cell that was not
  * emptied before the fork, and empties the cell, at once (pthread_atfork):
  * a child holds no file of ours, nor its flock, that the parent's threads
@@ -84,8 +84,10 @@ int luna_dup(int fd, int *cell);
  * the message flags in *msg_flags (MSG_TRUNC: a datagram longer than len;
  * MSG_CTRUNC: more than one fd came, the others were closed). Returns the bytes received (0 at
  * the end of a stream) or -errno (-EAGAIN when a non-blocking socket has
- * nothing, -EINTR when a signal came first; -EINVAL for NULL pointers, a
- * cell that holds an fd, or len past SSIZE_MAX). */
+ * nothing, or when a blocking one's SO_RCVTIMEO ran out first, -EINTR when
+ * a signal came first; -EINVAL for NULL pointers, a cell that holds an fd, or
+ * len past SSIZE_MAX). A blocking socket is waited on with poll, then read
+ * with MSG_DONTWAIT. */
 int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags);
 
 /* openat(dir_fd, path, flags | O_CLOEXEC, mode), retried on EINTR, for a file

@@ -49,6 +49,8 @@ from luna_shm import (
     iter_unused_temp_audio,
     iter_wav_stream,
     read_wav,
+    recv_wav,
+    send_wav,
     write_wav,
 )
 from luna_shm.cache import RenderError
@@ -1386,6 +1388,16 @@ def reading(**options: Any) -> Callable[[threading.Event], None]:
     return churn
 
 
+def churn_handoffs(stop: threading.Event) -> None:
+    buffer = create_wav_buffer(100, 8000)
+    left, right = socket.socketpair()
+    with buffer, left, right:
+        while not stop.is_set():
+            send_wav(left, buffer)
+            recv_wav(right)
+    cleanup_temp_audio(buffer.path)
+
+
 # Each a loop that opens and closes files of ours through fd cells (flocked, but for
 # the reads).
 CHURNS: dict[str, Callable[[threading.Event], None]] = {
@@ -1393,6 +1405,7 @@ CHURNS: dict[str, Callable[[threading.Event], None]] = {
     "read_wav(mmap=False)": reading(mmap=False),
     "read_wav(dtype=float32)": reading(mmap=False, dtype="float32"),
     "read_wav (view)": reading(),
+    "recv_wav": churn_handoffs,
     "WavWriter(path)": churn_writers,
     "create_wav_buffer": churn_buffers,
     "write_wav(path, atomic=True)": churn_atomic_writes,
@@ -1453,7 +1466,7 @@ def test_children_forked_while_another_thread_opens_and_closes_files_hold_none_o
                              and not target.endswith(f"/{CACHE_LOCK_NAME}"))
                 with open("/proc/self/maps") as maps:  # a mapping holds its open file too
                     mapped = sum(1 for line in maps if any(d in line for d in ours))
-                if churn == "read_wav (view)":  # the caller's array: kept, by design
+                if churn in ("read_wav (view)", "recv_wav"):  # the caller's array: kept
                     mapped = 0
                 os._exit(1 if held else 2 if mapped else 0)
             code = exit_code_within(pid, 30)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -443,6 +444,43 @@ def test_recv_on_a_socket_with_so_rcvtimeo_gives_up_when_it_expires_as_recv_does
         call_with_deadline(lambda: recv_wav(theirs), deadline=30)
     assert info.value.errno == errno.EAGAIN
     assert "SO_RCVTIMEO" in str(info.value)
+
+
+def test_threads_waiting_on_one_blocking_socket_each_receive_a_message(private_dirs) -> None:
+    # recv_wav waits for a blocking socket's message outside the fork lock (poll), then
+    # receives it without waiting: threads that poll wakes for a message only one of them
+    # gets must wait on for the next, not report a timeout (some of the messages
+    # below woke such a thread: it raised BlockingIOError "SO_RCVTIMEO" when this call
+    # gave up on the first EAGAIN).
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    received: list[list[int]] = []
+    errors: list[Exception] = []
+
+    def receive() -> None:
+        while True:
+            try:
+                received.append(recv_wav(theirs)[0].tolist())
+            except EOFError:  # the sender is done
+                return
+            except Exception as exc:  # reported by the test
+                errors.append(exc)
+
+    threads = [threading.Thread(target=receive) for _ in range(8)]
+    with theirs, create_wav_buffer(3, RATE, dtype="int16") as buffer:
+        buffer.array[:] = [1, 2, 3]
+        for thread in threads:
+            thread.start()
+        with mine:
+            for _ in range(500):
+                time.sleep(0.0005)  # one message at a time, to the threads waiting
+                send_wav(mine, buffer)
+            deadline = time.monotonic() + 30
+            while len(received) < 500 and time.monotonic() < deadline:
+                time.sleep(0.01)  # every message received, before the end of the stream
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    assert received == [[1, 2, 3]] * 500
 
 
 def test_recv_on_a_socket_whose_fd_is_past_1024_waits_and_receives(private_dirs,
