@@ -72,7 +72,15 @@ def start_follower(path: Path) -> subprocess.Popen[str]:
 
 
 def follower_report(child: subprocess.Popen[str]) -> dict[str, object]:
-    out, err = child.communicate(timeout=60)
+    # Read from the buffered file that "started" was read from: communicate() reads the
+    # pipe itself and misses what that readline took in with it (a follower of a finished
+    # file prints its report at once, and on a loaded machine both lines came in one read:
+    # the report was lost, once in CI).
+    assert child.stdout is not None and child.stderr is not None
+    with child:  # closes the pipes, then waits
+        out = call_with_deadline(child.stdout.read, deadline=60)
+        assert isinstance(out, str)
+        err = child.stderr.read()
     assert child.returncode == 0, err
     report: dict[str, object] = json.loads(out)
     return report
