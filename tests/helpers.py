@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -222,6 +223,54 @@ def call_with_deadline(function: Callable[[], object], deadline: float = 60) -> 
     if errors:
         raise errors[0]
     return result[0]
+
+
+def rest_of_output(child: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """What child writes to its stdout and stderr pipes from here until it closes them,
+    read through the pipes' file objects; closes the pipes (and stdin), waits for child,
+    and returns (out, err): communicate() for a child a test has read a line from.
+
+    communicate() reads the pipes' fds itself: it misses what an earlier readline() took
+    into the file object's buffer with its line. A child that prints its next output
+    without waiting for the test (a report after a timed wait, or at once) gets both into
+    one read on a loaded machine, and communicate() returns "" for it. Both pipes are
+    read at once, so a child that fills one while the test waits on the other never
+    blocks. Past timeout seconds child is killed and subprocess.TimeoutExpired raised,
+    with what had come by then."""
+    if child.stdin is not None:
+        child.stdin.close()  # as communicate() does: a child reading stdin sees its end
+    streams = {name: stream for name, stream in (("out", child.stdout), ("err", child.stderr))
+               if stream is not None}
+    read = dict.fromkeys(("out", "err"), "")
+
+    def drain(name: str, stream: IO[str]) -> None:
+        read[name] = stream.read()
+
+    readers = {name: threading.Thread(target=drain, args=(name, stream), daemon=True)
+               for name, stream in streams.items()}
+    for reader in readers.values():
+        reader.start()
+    end = time.monotonic() + timeout
+    for reader in readers.values():
+        reader.join(max(0.0, end - time.monotonic()))
+    hung = any(reader.is_alive() for reader in readers.values())
+    if hung:
+        child.kill()
+        for reader in readers.values():
+            reader.join(10)  # EOF once the child is gone (unless its own children hold on)
+    for name, stream in streams.items():
+        if not readers[name].is_alive():  # (a close would wait for a read in progress)
+            stream.close()
+    try:
+        child.wait(10 if hung else max(5.0, end - time.monotonic()))
+    except subprocess.TimeoutExpired:  # it closed its pipes, and goes on
+        hung = True
+        child.kill()
+        child.wait(10)
+    if hung:
+        raise subprocess.TimeoutExpired(child.args, timeout, output=read["out"],
+                                        stderr=read["err"])
+    return read["out"], read["err"]
 
 
 @contextmanager

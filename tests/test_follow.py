@@ -29,6 +29,7 @@ from helpers import (
     call_with_deadline,
     fork_with_threads_is_meant,
     require_tool,
+    rest_of_output,
     samples,
 )
 from luna_shm import (
@@ -76,11 +77,7 @@ def follower_report(child: subprocess.Popen[str]) -> dict[str, object]:
     # pipe itself and misses what that readline took in with it (a follower of a finished
     # file prints its report at once, and on a loaded machine both lines came in one read:
     # the report was lost, once in CI).
-    assert child.stdout is not None and child.stderr is not None
-    with child:  # closes the pipes, then waits
-        out = call_with_deadline(child.stdout.read, deadline=60)
-        assert isinstance(out, str)
-        err = child.stderr.read()
+    out, err = rest_of_output(child, timeout=60)
     assert child.returncode == 0, err
     report: dict[str, object] = json.loads(out)
     return report
