@@ -27,6 +27,7 @@ from helpers import (
     call_with_deadline,
     lock_held_by_a_stopped_process,
     require_private_mounts,
+    rest_of_output,
     run_in_private_shm,
     wait_until_someone_waits_for_flock,
 )
@@ -55,12 +56,13 @@ def spawn(private_dirs, code: str, *args: str) -> subprocess.Popen[str]:
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 120) -> str:
+    # Not communicate(): it misses what a test's readline() of the child's stdout took
+    # into the buffer with its line (a renderer that prints "done" soon after its
+    # "rendering" line, with no word from the test in between).
     try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"child hung\n{out}\n{err}")
+        out, err = rest_of_output(process, timeout)
+    except subprocess.TimeoutExpired as exc:  # (killed by then)
+        pytest.fail(f"child hung\n{exc.output}\n{exc.stderr}")
     assert process.returncode == 0, f"child exited {process.returncode}\n{out}\n{err}"
     return out
 
