@@ -29,7 +29,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from helpers import LIBRARY_PATH, call_with_deadline, lock_held_by_a_stopped_process
+from helpers import (
+    LIBRARY_PATH,
+    call_with_deadline,
+    lock_held_by_a_stopped_process,
+    rest_of_output,
+)
 from luna_shm import (
     AudioPool,
     WavWriter,
@@ -281,7 +286,9 @@ def _run_delayed(code: str, prefix: list[str], window_open) -> dict:
             assert time.monotonic() < end, "the window never opened"
             time.sleep(0.002)
         removed = cleanup_all_temp_audio()
-        out, _ = process.communicate(timeout=120)
+        # Not communicate(): the report follows the strace delay, not a word from here, so
+        # a loaded machine can bring it in with the pid line, into readline's buffer.
+        out, _ = rest_of_output(process, timeout=120)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
