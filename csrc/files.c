@@ -407,7 +407,8 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
      * child forked meanwhile never has it unnoted: the receive itself never waits
      * under that lock (MSG_DONTWAIT); a blocking socket waits for its message
      * first, outside it. */
-    int blocking = (fcntl(sock, F_GETFL) & O_NONBLOCK) == 0;
+    int flags = fcntl(sock, F_GETFL); /* failed: taken as blocking, and the wait says why */
+    int blocking = flags < 0 || (flags & O_NONBLOCK) == 0;
     ssize_t n;
     for (;;) {
         int rc = blocking ? wait_readable(sock) : 0;

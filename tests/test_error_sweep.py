@@ -123,6 +123,9 @@ SPILLING = ("AudioCache.put-spilling", "AudioCache.get-disk")
 # of any other call, on the file whose fd came, names that file), and the making of an
 # anonymous file (its /proc/<pid>/fd/<n> path, which later errors name, does not exist).
 NAMELESS_CALLS = ("sendmsg", "recvmsg", "memfd_create")
+# The same, for one operation only (the calls name files in others): the hand-off's
+# receive reads its socket's SO_RCVTIMEO and waits on it with poll before its recvmsg.
+NAMELESS_IN = {"send_wav-recv_wav": ("getsockopt", "poll")}
 
 
 def _outcome_problems(op: str, report: dict[str, Any], inject: tuple[str, int] | None
@@ -132,7 +135,8 @@ def _outcome_problems(op: str, report: dict[str, Any], inject: tuple[str, int] |
     first, again = report["outcome"], report["again"]
     if not first["ok"]:
         types = first["types"]
-        nameless = inject is not None and inject[0] in NAMELESS_CALLS
+        nameless = inject is not None and (inject[0] in NAMELESS_CALLS
+                                           or inject[0] in NAMELESS_IN.get(op, ()))
         documented = "WavError" in types or ("OSError" in types and first["errno"] is not None
                                             and (first["filename"] != "None" or nameless))
         if not documented:
