@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +463,47 @@ def test_a_forked_child_shares_the_cache_with_its_own_lock(private_dirs) -> None
         # parent's pending counts out a second time.
         assert cache.stats().hits == 12
 
+
+
+def run_in_child(work: Callable[[], int]) -> int:
+    """Fork, run work in the child (its result is the child's exit code, 1 if it raised)
+    and return that code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = work()
+        finally:
+            os._exit(code)
+    _, status = call_with_deadline(lambda: os.waitpid(pid, 0))  # type: ignore[misc]
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_cache_with_a_disk_tier_works_in_a_forked_child_and_in_its_child(private_dirs,
+                                                                          tmp_path) -> None:
+    # A forked child closes the descriptors of ours it inherited at once, but the lock files
+    # of a cache's tiers, which it opens anew from (closed first, the RAM tier's reopen took
+    # the lowest free number, the disk tier's own, and the disk tier found its lock file
+    # "replaced"). Its child does the same with the lock files the child opened.
+    with AudioCache("generations", max_bytes=100_000, disk_dir=tmp_path) as cache:
+        mine = cache_key("the parent's")
+        cache.put(mine, audio_of(mine), 16000).release()
+
+        def use(name: str, then: Callable[[], int] | None = None) -> Callable[[], int]:
+            def work() -> int:
+                key = cache_key(name)
+                cache.get(mine).release()
+                cache.put(key, audio_of(key), 16000).release()
+                cache.stats()  # its counts written out, under the lock
+                return then() if then is not None else 0
+            return work
+
+        assert run_in_child(use("the child's", then=lambda: run_in_child(
+            use("the grandchild's")))) == 0
+        for name in ("the child's", "the grandchild's"):
+            with cache.get(cache_key(name)) as entry:
+                np.testing.assert_array_equal(entry.array, audio_of(cache_key(name)))
+        assert cache.stats().hits == 4  # the parent's 2 and one from each generation
 
 
 FOLLOWED_RENDERER = """
