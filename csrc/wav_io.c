@@ -3,8 +3,6 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/file.h>
@@ -138,55 +136,6 @@ int luna_write_wav_path(const char *dir, const char *path,
     return rc < 0 ? rc : crc;
 }
 
-/* The fds of the new files luna_write_wav_atomic holds, flocked, while it
- * fills and names them (fd + 1; 0 is a free slot). A child that another
- * thread forks meanwhile has copies of them, and would keep the file's lock
- * (and, once its name is removed, its RAM) for as long as it lived: every
- * cleanup would take the file for one in use. The child closes them at once
- * (pthread_atfork): they are all other threads' (a fork never runs from
- * inside this call), which the child does not have. The open and the slot's
- * claim, and the slot's emptying and the close, are each made while forks wait
- * (luna_cells_lock): a child has the fd exactly when its slot records it. More
- * writes at once than slots: the others go unrecorded (a child forked during
- * one keeps its copy, without the lock: see the end of luna_write_wav_atomic). */
-#define IN_FLIGHT_SLOTS 64
-static _Atomic int in_flight[IN_FLIGHT_SLOTS];
-
-static void close_in_flight_in_child(void)
-{
-    for (int i = 0; i < IN_FLIGHT_SLOTS; i++) {
-        int held = atomic_exchange(&in_flight[i], 0);
-        if (held > 0)
-            close(held - 1);
-    }
-}
-
-/* Registered when the library is loaded, before any thread can call us. */
-__attribute__((constructor)) static void register_in_flight_hook(void)
-{
-    pthread_atfork(NULL, NULL, close_in_flight_in_child);
-}
-
-/* Record fd as held by this call: the slot to pass to let_go_in_flight, or -1
- * when every slot is taken (or fd cannot be recorded). */
-static int hold_in_flight(int fd)
-{
-    if (fd < 0 || fd == INT_MAX)
-        return -1;
-    for (int i = 0; i < IN_FLIGHT_SLOTS; i++) {
-        int free_slot = 0;
-        if (atomic_compare_exchange_strong(&in_flight[i], &free_slot, fd + 1))
-            return i;
-    }
-    return -1;
-}
-
-static void let_go_in_flight(int slot)
-{
-    if (slot >= 0 && slot < IN_FLIGHT_SLOTS)
-        atomic_store(&in_flight[slot], 0);
-}
-
 int luna_write_wav_atomic(const char *dir, const char *path,
                           const char *tmp_path,
                           const struct luna_wav_spec *spec,
@@ -207,16 +156,17 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         if (S_ISREG(st.st_mode) && st.st_uid == geteuid())
             keep_mode = (int)(st.st_mode & 0777);
     }
-    /* Unnamed first: if we die mid-write the kernel frees the file. Opened and
-     * recorded while forks wait (a child forked meanwhile closes its copy). */
-    int named = 0;
+    /* Unnamed first: if we die mid-write the kernel frees the file. Opened into
+     * a cell while forks wait: a child forked during the write closes its copy
+     * (it would keep the file's lock, and a removed file's RAM, while it lived). */
+    int named = 0, cell = -1;
     luna_cells_lock();
     int fd = luna_open_unnamed(dir);
     if (fd == -EOPNOTSUPP) {
         fd = luna_create_excl(tmp_path, 0600, NULL);
         named = 1;
     }
-    int slot = fd < 0 ? -1 : hold_in_flight(fd);
+    fd = luna_store_fd(&cell, fd);
     luna_cells_unlock();
     if (fd < 0)
         return fd;
@@ -235,15 +185,12 @@ int luna_write_wav_atomic(const char *dir, const char *path,
         rc = -errno;
     if (rc < 0 && named)
         unlink(tmp_path);
-    /* The lock belongs to the open file description, which a child forked in
-     * the instants around the open or the close (its fd table and its memory
-     * are copied one after the other) may share: let go of it for every copy
-     * first, so that no cleanup ever takes the finished file for one in use. */
+    /* The lock belongs to the open file description, which a child forked
+     * without our fork handlers (_Fork, a raw clone) may share: let go of it for
+     * every copy first, so that no cleanup ever takes the finished file for one
+     * in use. */
     (void)flock(fd, LOCK_UN);
-    luna_cells_lock();
-    let_go_in_flight(slot);
-    int crc = luna_close(fd);
-    luna_cells_unlock();
+    int crc = luna_fd_release(&cell);
     return rc < 0 ? rc : crc;
 }
 
