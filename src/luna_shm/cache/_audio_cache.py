@@ -1121,8 +1121,8 @@ class AudioCache(_resource.OwnedHere):
         reserved = self._reserve_outcome()
         # A helper the render forks (a multiprocessing worker of the engine) must not keep
         # the exclusive flock: the waiters would sleep while it lives, after this process
-        # failed or died (the writer lets go of its own fd at a fork). Registered before
-        # it is filled: a fork from another thread during the dup finds it too.
+        # failed or died (the writer lets go of its own fd at a fork). A cell: a forked
+        # child closes its copy at once, from the moment the dup fills it.
         pin = _lowlevel.fd_cell()
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
