@@ -311,6 +311,31 @@ int luna_open_regular(const char *path, uint64_t *size, int *cell)
     return fd;
 }
 
+int luna_pin_shared(const char *path, int *cell, struct luna_pinned *out)
+{
+    if (!path || !cell || !out)
+        return -EINVAL;
+    int fd = luna_open_at(AT_FDCWD, path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK, 0, cell);
+    if (fd < 0)
+        return fd;
+    int rc = luna_lock(fd, 0, 0);
+    out->locked = rc == 0;
+    struct stat st;
+    if (rc == 0 || rc == -EWOULDBLOCK)
+        rc = fstat(fd, &st) == 0 ? 0 : -errno;
+    if (rc == 0 && !S_ISREG(st.st_mode))
+        rc = -LUNA_EFORMAT; /* a FIFO or directory named like an entry: never ours */
+    if (rc < 0) {
+        (void)luna_fd_release(cell);
+        return rc;
+    }
+    out->mode = (uint32_t)st.st_mode;
+    out->nlink = (uint64_t)st.st_nlink;
+    out->size = (uint64_t)st.st_size;
+    out->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    return fd;
+}
+
 int luna_lock(int fd, int exclusive, int wait)
 {
     int rc;

@@ -134,6 +134,26 @@ int luna_create_unnamed_locked(const char *dir, unsigned int mode, int *cell);
  * one that open() refuses with ENXIO). */
 int luna_open_regular(const char *path, uint64_t *size, int *cell);
 
+/* What luna_pin_shared found: whether the shared flock is held, and the file's
+ * fstat after the attempt (an entry evicted meanwhile has st_nlink 0). */
+struct luna_pinned {
+    int locked;         /* 1: our shared flock; 0: another open file holds an exclusive one */
+    uint32_t mode;      /* st_mode */
+    uint64_t nlink;
+    uint64_t size;
+    int64_t mtime_ns;   /* st_mtim in nanoseconds */
+};
+
+/* A cache hit's pin in one call: open path read-only (O_NOFOLLOW, so a symlink
+ * is never followed; O_NONBLOCK, so a FIFO never hangs us) into *cell (given,
+ * empty), try a shared flock without waiting, then fstat it into *out. The fd
+ * stays in *cell when it is a regular file, locked or not (out->locked says:
+ * the caller waits for a busy lock itself, then fstats again). Returns the fd,
+ * -LUNA_EFORMAT for anything that is not a regular file (the cell emptied),
+ * or -errno (the cell emptied: -ENOENT, -ELOOP for a symlink, -EMFILE, the
+ * flock's -ENOLCK; -EINVAL for NULL pointers or a cell that holds an fd). */
+int luna_pin_shared(const char *path, int *cell, struct luna_pinned *out);
+
 /* Take a shared (exclusive=0) or exclusive (exclusive=1) flock, waiting for
  * it when wait=1. Returns 0, -EWOULDBLOCK (wait=0) when another open file
  * holds a conflicting lock, -EINTR (wait=1) when a signal interrupted the
@@ -394,6 +414,13 @@ int luna_wav_read_held(struct luna_wav_file *f, void *dst, uint64_t n);
  * read-only into *m with luna_map and close the fd (the mapping keeps the
  * file). Returns luna_map's guard id (>= 0), -LUNA_EFORMAT or -errno. */
 int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mapping *m);
+
+/* Parse the WAV in fd (file_size bytes) as luna_wav_parse_fd does, then map
+ * [0, data end) read-only into *m with luna_map (a cache entry opened and
+ * flocked before: the fd stays open). Returns luna_map's guard id (>= 0),
+ * -LUNA_EFORMAT or -errno (-EINVAL for NULL pointers or an *m in use). */
+int luna_wav_map_fd(int fd, uint64_t file_size, struct luna_wav_info *out,
+                    struct luna_mapping *m);
 
 /* ---- wav_io.c: moving bytes ---------------------------------------------- */
 

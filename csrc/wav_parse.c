@@ -405,3 +405,14 @@ int luna_wav_map(const char *path, struct luna_wav_info *out, struct luna_mappin
     (void)luna_fd_release(&cell); /* the mapping keeps the file */
     return rc;
 }
+
+int luna_wav_map_fd(int fd, uint64_t file_size, struct luna_wav_info *out,
+                    struct luna_mapping *m)
+{
+    if (!out || !m || m->addr)
+        return -EINVAL;
+    int rc = luna_wav_parse_fd(fd, file_size, out);
+    if (rc < 0)
+        return rc;
+    return luna_map(fd, out->data_offset + out->data_bytes, 0, 0, m);
+}

@@ -15,6 +15,7 @@ import os
 import struct
 import sys
 import weakref
+from collections.abc import Callable
 from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
@@ -254,6 +255,25 @@ def lock(fd: int, *, exclusive: bool, wait: bool = False, filename: str | None =
     return True
 
 
+def pin_shared(path: str, cell: FdCell) -> tuple[bool, int, int, int, int] | None:
+    """Open path read-only into cell and try its shared flock without waiting, in one C
+    call (a cache hit's pin): (locked, st_nlink, st_mode, st_size, st_mtime_ns) of the
+    file after the attempt, the fd in cell whether locked or not (a caller that finds
+    it busy waits for the lock itself). None, the cell empty, when path is gone, a
+    symlink or not a regular file (O_NOFOLLOW, O_NONBLOCK: a FIFO never blocks it);
+    any other failure raises OSError naming path."""
+    out = ffi.new("struct luna_pinned *")
+    rc = lib.luna_pin_shared(_c_path(path), cell, out)
+    if rc < 0:
+        if rc in _NOT_PINNED:
+            return None
+        check(rc, path)
+    return bool(out.locked), out.nlink, out.mode, out.size, out.mtime_ns
+
+
+_NOT_PINNED = (-errno.ENOENT, -errno.ELOOP, -_EFORMAT)
+
+
 def close(fd: int) -> None:
     """Close fd."""
     check(lib.luna_close(fd))
@@ -402,9 +422,23 @@ class Mapping:
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
         """Open, parse and map a WAV read-only in one C call; the fd is already closed."""
+        return cls._of_wav(lambda out, owner: lib.luna_wav_map(_c_path(path), out, owner),
+                           path)
+
+    @classmethod
+    def of_wav_fd(cls, fd: int, file_size: int, path: str) -> tuple[Mapping, WavInfo]:
+        """Parse and map the WAV in fd (file_size bytes) read-only in one C call; fd stays
+        open (a cache hit's pinned descriptor)."""
+        return cls._of_wav(
+            lambda out, owner: lib.luna_wav_map_fd(fd, file_size, out, owner), path)
+
+    @classmethod
+    def _of_wav(cls, call: Callable[[Any, Any], int], path: str) -> tuple[Mapping, WavInfo]:
+        """The mapping and WavInfo that call(out, owner), a C call that parses a WAV into
+        out and maps it into owner, made (WavError or OSError naming path)."""
         out = ffi.new("struct luna_wav_info *")
         owner = _mapping_owner()
-        guard = _check_wav(lib.luna_wav_map(_c_path(path), out, owner), out, path)
+        guard = _check_wav(call(out, owner), out, path)
         info = _info(out)
         mapping = cls.__new__(cls)
         mapping._private = False

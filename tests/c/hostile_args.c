@@ -1052,6 +1052,65 @@ static void check_parse_fd_prefix(void)
     }
 }
 
+/* luna_pin_shared: a regular file is opened and flocked shared into its cell; a busy lock
+ * leaves it opened and unlocked (the caller waits); a symlink, FIFO or directory is never
+ * an entry, and its cell stays empty. luna_wav_map_fd maps through the pinned fd. */
+static void check_pin_shared(void)
+{
+    char path[4096], other[4096];
+    int fd = create_in_dir(path, sizeof path, "entry.wav");
+    if (fd < 0)
+        return;
+    const struct luna_wav_spec spec = {16000, 1, LUNA_WAVE_FORMAT_PCM, 16};
+    uint8_t header[LUNA_WAV_MAX_HEADER];
+    EXPECT_TRUE(luna_wav_header(header, &spec, 32, 0) == 44);
+    EXPECT_RC(luna_write_at(fd, 0, header, 44 + 32), 0);
+    struct luna_pinned pinned;
+    int cell = -1;
+    EXPECT_RC(luna_pin_shared(NULL, &cell, &pinned), -EINVAL);
+    EXPECT_RC(luna_pin_shared(path, NULL, &pinned), -EINVAL);
+    EXPECT_RC(luna_pin_shared(path, &cell, NULL), -EINVAL);
+    EXPECT_TRUE(cell == -1);
+
+    int got = luna_pin_shared(path, &cell, &pinned);
+    EXPECT_TRUE(got >= 0 && cell == got && pinned.locked == 1 && pinned.nlink == 1 &&
+                pinned.size == 76 && S_ISREG(pinned.mode) && pinned.mtime_ns > 0);
+    EXPECT_RC(luna_pin_shared(path, &cell, &pinned), -EINVAL); /* the cell holds an fd */
+    EXPECT_RC(flock(fd, LOCK_EX | LOCK_NB), -1);               /* our shared lock holds */
+    struct luna_wav_info info;
+    struct luna_mapping m = {0};
+    EXPECT_RC(luna_wav_map_fd(got, 76, NULL, &m), -EINVAL);
+    EXPECT_TRUE(luna_wav_map_fd(got, 76, &info, &m) >= 0);
+    EXPECT_TRUE(info.data_offset == 44 && info.data_bytes == 32 && m.addr != NULL);
+    EXPECT_RC(luna_wav_map_fd(got, 76, &info, &m), -EINVAL); /* m in use */
+    EXPECT_RC(luna_mapping_release(&m), 0);
+    EXPECT_RC(luna_fd_release(&cell), 0);
+
+    /* Another open file holds it exclusively: opened, not locked, the cell holds it. */
+    EXPECT_RC(flock(fd, LOCK_EX | LOCK_NB), 0);
+    got = luna_pin_shared(path, &cell, &pinned);
+    EXPECT_TRUE(got >= 0 && cell == got && pinned.locked == 0 && pinned.nlink == 1);
+    EXPECT_RC(luna_fd_release(&cell), 0);
+    EXPECT_RC(flock(fd, LOCK_UN), 0);
+    luna_close(fd);
+
+    /* Removed: ENOENT; a symlink to it: ELOOP; a FIFO, a directory: not a regular file. */
+    EXPECT_RC(unlink(path), 0);
+    EXPECT_RC(luna_pin_shared(path, &cell, &pinned), -ENOENT);
+    snprintf(other, sizeof other, "%s/elsewhere", dir_path);
+    EXPECT_RC(symlink(other, path), 0);
+    EXPECT_RC(luna_pin_shared(path, &cell, &pinned), -ELOOP);
+    EXPECT_RC(unlink(path), 0);
+    EXPECT_RC(mkfifo(path, 0600), 0);
+    EXPECT_RC(luna_pin_shared(path, &cell, &pinned), -LUNA_EFORMAT);
+    EXPECT_RC(unlink(path), 0);
+    EXPECT_RC(mkdir(path, 0700), 0);
+    EXPECT_RC(luna_pin_shared(path, &cell, &pinned), -LUNA_EFORMAT);
+    EXPECT_RC(rmdir(path), 0);
+    EXPECT_TRUE(cell == -1);
+    EXPECT_TRUE(directory_is_empty());
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3 || strcmp(argv[1], "-t") != 0) {
@@ -1074,6 +1133,7 @@ int main(int argc, char **argv)
     check_efault_from_a_cut_mapping();
     check_create_excl_trailing_slash();
     check_parse_fd_prefix();
+    check_pin_shared();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -299,36 +299,41 @@ class AudioCache(_resource.OwnedHere):
         tier's: TimeoutError (ETIMEDOUT) naming the file."""
         for suffix in ENTRY_SUFFIXES:
             path = tier.path(key + suffix)
-            # Flocked shared below, before the CachedAudio that lets go of it at a fork
-            # exists: a child forked meanwhile must not keep the pin.
+            # Opened and flocked shared in one C call (the hit's hot path), into a cell
+            # before the CachedAudio that lets go of it at a fork exists: a child forked
+            # meanwhile must not keep the pin.
             cell = _lowlevel.fd_cell()
-            opened = open_regular(path, cell)  # a symlink or FIFO there: not an entry
-            if opened is None:
+            pinned = _lowlevel.pin_shared(path, cell)  # a symlink or FIFO: not an entry
+            if pinned is None:
                 if suffix == ".wav" and tier is self._ram and len(self._suffixes()) == 1:
                     return None  # no encoded audio in this cache: one open decides
                 continue
-            fd = opened
+            locked, nlink, mode, size, mtime_ns = pinned
+            fd = cell[0]
             try:
-                # An evictor holds the exclusive lock around a spill and an unlink, a
-                # renderer from its commit until its entry is pinned: waiting is brief,
-                # unless that process is stopped or stuck (deadline bounds it then).
-                lock_by(fd, exclusive=False, deadline=deadline,
-                        what=f"the lock of the entry of {key!r} (another process holds it)",
-                        path=path)
-                st = _lowlevel.fstat(fd, path)
-                if st.st_nlink == 0:  # evicted while we waited
+                if not locked:
+                    # An evictor holds the exclusive lock around a spill and an unlink, a
+                    # renderer from its commit until its entry is pinned: waiting is
+                    # brief, unless that process is stopped or stuck (deadline bounds it).
+                    lock_by(fd, exclusive=False, deadline=deadline,
+                            what=f"the lock of the entry of {key!r} (another process holds it)",
+                            path=path)
+                    st = _lowlevel.fstat(fd, path)
+                    nlink, mode, size, mtime_ns = (st.st_nlink, st.st_mode, st.st_size,
+                                                   st.st_mtime_ns)
+                if nlink == 0:  # evicted before we had the lock
                     _lowlevel.release(cell)
                     continue
-                if _stat.S_IMODE(st.st_mode) == SUPERSEDED:  # the key has a newer entry
+                if _stat.S_IMODE(mode) == SUPERSEDED:  # the key has a newer entry
                     remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
-                if self._expired(st, _time.time()):
+                if self._expired(mtime_ns / 1e9, _time.time()):
                     remove_stale(tier, key + suffix, fd, deadline)
                     _lowlevel.release(cell)
                     continue
                 try:
-                    _os.utime(fd, ns=(_time.time_ns(), st.st_mtime_ns))  # the LRU clock
+                    _os.utime(fd, ns=(_time.time_ns(), mtime_ns))  # the LRU clock
                 except OSError as exc:
                     # A cache on a file system remounted read-only still serves its
                     # hits (its LRU clock stops); anything else names the entry.
@@ -338,7 +343,7 @@ class AudioCache(_resource.OwnedHere):
             except BaseException:
                 _lowlevel.release(cell)
                 raise
-            return CachedAudio(cell, path, key, size=st.st_size)
+            return CachedAudio(cell, path, key, size=size)
         return None
 
     def get(self, key: str, *, timeout: float | None = None) -> CachedAudio | None:
@@ -413,7 +418,7 @@ class AudioCache(_resource.OwnedHere):
         now = _time.time()
         kept = []
         for name, st in tier.entries():
-            expired = self._expired(st, now)
+            expired = self._expired(st.st_mtime, now)
             if expired and tier.remove_if_unpinned(name):
                 continue
             kept.append((name, st))
@@ -449,7 +454,7 @@ class AudioCache(_resource.OwnedHere):
                 continue
             if (st.st_ino, st.st_atime_ns) != (ino, atime_ns):
                 continue
-            if self._expired(st, now):
+            if self._expired(st.st_mtime, now):
                 if tier.remove_if_unpinned(name):  # it lowers the shared count itself
                     total -= st.st_size
             elif self._evict(name, deadline):
@@ -1076,15 +1081,15 @@ class AudioCache(_resource.OwnedHere):
                 st = _os.lstat(self._ram.path(key + suffix))
             except FileNotFoundError:
                 continue
-            if (_stat.S_ISREG(st.st_mode) and not self._expired(st, now)
+            if (_stat.S_ISREG(st.st_mode) and not self._expired(st.st_mtime, now)
                     and _stat.S_IMODE(st.st_mode) != SUPERSEDED):
                 return True
         return False
 
-    def _expired(self, st: _os.stat_result, now: float) -> bool:
-        """True when the entry st describes was stored more than ttl seconds before now
-        (its mtime is the TTL clock)."""
-        return self.ttl is not None and now - st.st_mtime > self.ttl
+    def _expired(self, mtime: float, now: float) -> bool:
+        """True when an entry whose mtime (seconds) is mtime was stored more than ttl
+        seconds before now (its mtime is the TTL clock)."""
+        return self.ttl is not None and now - mtime > self.ttl
 
     def _render(self, key: str, writer: RenderWriter, live: str,
                 render: Callable[[WavWriter], object], deadline: float | None = None

@@ -100,9 +100,7 @@ class CachedAudio(FileResource):
         # file our flock holds (a put of the same key may have renamed a newer one over
         # the name meanwhile).
         size = self._size if self._size >= 0 else _lowlevel.fstat(self._fd, self.path).st_size
-        info = _lowlevel.wav_parse_fd(self._fd, size, self.path)
-        mapping = _lowlevel.Mapping(self._fd, info.data_offset + info.data_bytes,
-                                    writable=False, populate=False, filename=self.path)
+        mapping, info = _lowlevel.Mapping.of_wav_fd(self._fd, size, self.path)
         samples = mapped_samples(mapping, info)
         self._array = samples if info.channels == 1 else samples.reshape(-1, info.channels)
         self._samplerate = info.samplerate
