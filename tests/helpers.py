@@ -123,6 +123,35 @@ def child_tmp_on_disk(disk: str | Path) -> str:
     """)
 
 
+def child_tmp_as_symlink(target: str = "/real_tmp") -> str:
+    """Child code (for run_in_private_shm) that makes /tmp a symbolic link to target, a
+    directory holding the child's private /tmp, as some machines have it (/tmp ->
+    /private/tmp, /tmp -> /var/tmp): / cannot take a symlink in place of its /tmp, so the
+    child moves into a private root (a tmpfs with every other top-level entry of / bound
+    in, /tmp a link) with chroot. It must run before luna_shm is imported."""
+    return textwrap.dedent(f"""
+        import os as _os, subprocess as _subprocess
+        _root = "/tmp/.private_root"
+        _os.mkdir(_root)
+        _subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", _root], check=True)
+        _os.mkdir(_root + {target!r})
+        # The child's private /tmp (with the checkout and interpreter bound back in).
+        _subprocess.run(["mount", "--rbind", "/tmp", _root + {target!r}], check=True)
+        for _entry in _os.listdir("/"):
+            _source, _dest = "/" + _entry, _root + "/" + _entry
+            if _entry == "tmp" or _os.path.lexists(_dest):
+                continue
+            if _os.path.islink(_source):
+                _os.symlink(_os.readlink(_source), _dest)
+            elif _os.path.isdir(_source):
+                _os.mkdir(_dest)
+                _subprocess.run(["mount", "--rbind", _source, _dest], check=True)
+        _os.symlink({target!r}, _root + "/tmp")
+        _os.chroot(_root)
+        _os.chdir("/")
+    """)
+
+
 def run_in_private_shm(
     body: str,
     *,

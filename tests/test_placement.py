@@ -28,6 +28,7 @@ from helpers import (
     as_other_user,
     assert_child_ok,
     call_with_deadline,
+    child_tmp_as_symlink,
     child_tmp_on_disk,
     run_in_private_shm,
 )
@@ -349,6 +350,36 @@ def test_fallback_dir_passes_over_a_tmpdir_this_user_cannot_write_in(private_dir
     os.mkdir(writable, 0o700)
     os.chown(writable, 65534, 65534)
     assert as_other_user(_fallback_dir_as_other_user, writable) == writable
+
+
+def test_a_tmp_that_is_a_symlink_is_resolved_and_every_file_made_there_is_cleaned_up() -> None:
+    # Found in session 22: with /tmp a symlink (/tmp -> /private/tmp), files went to
+    # /tmp/... and none could be removed (the cleanups open our dirs with O_NOFOLLOW):
+    # cleanup_temp_audio raised ValueError ("/tmp is a symlink"), temp_audio_path raised
+    # it on leaving a block that went well, cleanup_all_temp_audio and status saw 0 files.
+    done = run_in_private_shm(
+        child_tmp_as_symlink("/real_tmp") + child_report() + textwrap.dedent("""
+            import numpy as np
+            from luna_shm.cli import collect_status
+            made = luna_shm.get_temp_audio_path(create=True)
+            removed = luna_shm.cleanup_temp_audio(made)
+            with luna_shm.temp_audio_path() as in_block:
+                luna_shm.write_wav(in_block, np.zeros(8, np.int16), 8000)
+            written = luna_shm.write_wav(None, np.zeros(8, np.int16), 8000)
+            counted = sum(group["count"] for group in collect_status()["files"])
+            report(made=made, removed=removed, in_block_left=os.path.lexists(in_block),
+                   written=written, counted=counted,
+                   cleaned=luna_shm.cleanup_all_temp_audio(),
+                   left=sorted(n for n in os.listdir("/real_tmp") if "luna" in n))
+        """),
+        read_only=True,  # the RAM disk refused: files go to the fallback dir
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["temp_dir"] == "/real_tmp"
+    assert os.path.dirname(out["made"]) == os.path.dirname(out["written"]) == "/real_tmp"
+    assert out["removed"] is True
+    assert out["in_block_left"] is False
+    assert (out["counted"], out["cleaned"], out["left"]) == (1, 1, [])
 
 
 @pytest.mark.parametrize(("value", "disabled"), [

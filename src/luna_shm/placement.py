@@ -5,7 +5,7 @@ writable directory on tmpfs/ramfs (not a devtmpfs), not a symlink, and not
 world-writable without the sticky bit. ``LUNA_SHM_DISABLE=1`` forces the
 fallback dir (any value but empty, ``0``, ``false``, ``no`` or ``off``), which is
 ``$TMPDIR`` when it is a directory this user can write in (like :mod:`tempfile`),
-or ``/tmp``.
+or ``/tmp``, with symbolic links resolved.
 
 The choice is cached per value of those three variables, with both dirs as
 absolute paths resolved when it was made (a relative ``LUNA_SHM_DIR`` does not
@@ -63,15 +63,18 @@ _NOT_DISABLED = frozenset({"", "0", "false", "no", "off"})
 
 
 def _configured_fallback_dir(configured: str | None) -> str:
-    """$TMPDIR (configured) resolved when this user can make files there, else /tmp."""
+    """$TMPDIR (configured) when this user can make files there, else /tmp; resolved."""
     # As tempfile does, a TMPDIR this user cannot make files in is passed over: every
     # file would fail there, while /tmp takes them.
     if (configured and _os.path.isdir(configured)
             and _os.access(configured, _os.W_OK | _os.X_OK, effective_ids=True)):
-        # Resolved: cleanup opens our dirs with O_NOFOLLOW, so a symlinked
-        # TMPDIR would leave every file made through it impossible to clean up.
-        return _os.path.realpath(configured)
-    return FALLBACK_DIR
+        chosen = configured
+    else:
+        chosen = FALLBACK_DIR
+    # Resolved: cleanup opens our dirs with O_NOFOLLOW, so a symlinked TMPDIR, or a
+    # /tmp that is a symlink itself (/tmp -> /private/tmp), would leave every file
+    # made through it impossible to clean up.
+    return _os.path.realpath(chosen)
 
 
 def ram_dir() -> str:
