@@ -851,6 +851,43 @@ def test_cleanup_all_raises_permission_error_for_an_unreadable_dir_after_cleanin
         "raised": ["PermissionError", errno.EACCES, closed]}
 
 
+def _cleanups_in_a_dir_not_searchable_as_other_user(ram: str, readable: str
+                                                   ) -> dict[str, object]:
+    """In a forked child that became uid 65534: both cleanups with a RAM dir it may list
+    but not search (mode 0744), which holds a file of ours by name."""
+    os.environ.update(LUNA_SHM_DIR=ram, TMPDIR=readable)
+    placement.refresh()
+    result: dict[str, object] = {}
+    for what, call in (("one", lambda: cleanup_temp_audio(f"{ram}/luna_audio_x.wav")),
+                       ("all", cleanup_all_temp_audio)):
+        try:
+            result[what] = call()
+        except OSError as exc:
+            result[what] = [type(exc).__name__, exc.errno, exc.filename]
+    return result
+
+
+def test_a_file_whose_dir_cannot_be_searched_is_named_whole_by_both_cleanups(
+    private_dirs,
+) -> None:
+    # Found in session 22: the error named only "luna_audio_x.wav", not which dir.
+    _, readable = closed_and_readable_dirs(private_dirs.ram)
+    listed_only = f"{private_dirs.ram}/listed_only"
+    os.mkdir(listed_only, 0o744)  # root's: others may read the names, not reach the files
+    Path(listed_only, "luna_audio_x.wav").write_bytes(b"")
+    expected = ["PermissionError", errno.EACCES, f"{listed_only}/luna_audio_x.wav"]
+    assert as_other_user(_cleanups_in_a_dir_not_searchable_as_other_user, listed_only,
+                         readable) == {"one": expected, "all": expected}
+
+
+def test_cleanup_names_a_name_too_long_for_any_file_whole(private_dirs) -> None:
+    # Found in session 22: ENAMETOOLONG named only the name, not its directory.
+    path = f"{private_dirs.ram}/luna_audio_{'x' * 300}.wav"
+    with pytest.raises(OSError) as raised:
+        cleanup_temp_audio(path)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENAMETOOLONG, path)
+
+
 def _race(monkeypatch: pytest.MonkeyPatch, victim: str, how: str) -> None:
     """Change victim just after cleanup_all has examined it and before it opens it."""
     real = temp_audio._examine

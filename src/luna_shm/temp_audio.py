@@ -253,6 +253,8 @@ def _cleanup(path: object, our_dirs: tuple[str, ...]) -> bool:
             st = _os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        except OSError as exc:  # EACCES (a dir we may list, not search), ENAMETOOLONG
+            raise _lowlevel.named(exc, text, relative=name) from None
         if _stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(_errno.EISDIR, "not removing a directory", text)
         if st.st_uid != _os.geteuid():
@@ -568,8 +570,9 @@ def scan_our_files(
                                  verify=verify)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                failure = failure or exc
+            except OSError as exc:  # the stat's names only the name: named whole
+                failure = failure or _lowlevel.named(exc, f"{directory}/{name}",
+                                                     relative=name)
                 continue
             if found in (_UNUSED, _HELD):
                 yield ScannedFile(name, f"{directory}/{name}", st, found == _HELD)
