@@ -43,6 +43,8 @@ int luna_fs_probe(const char *path, struct luna_fs_info *out)
     out->dev_minor = minor(st.st_dev);
     out->bytes_free = (uint64_t)svfs.f_bavail * (uint64_t)svfs.f_frsize;
     out->bytes_total = (uint64_t)svfs.f_blocks * (uint64_t)svfs.f_frsize;
+    out->files_free = (uint64_t)svfs.f_favail;
+    out->files_total = (uint64_t)svfs.f_files;
 
     /* A mount root sits on another device than its parent, or is "/". */
     if (snprintf(parent_path, sizeof parent_path, "%s/..", path) >=

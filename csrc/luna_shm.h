@@ -171,6 +171,8 @@ struct luna_fs_info {
     uint64_t dev_minor;
     uint64_t bytes_free;   /* statvfs f_bavail * f_frsize: what we may use */
     uint64_t bytes_total;  /* statvfs f_blocks * f_frsize */
+    uint64_t files_free;   /* statvfs f_favail: new files this user may still make */
+    uint64_t files_total;  /* statvfs f_files: 0 when inodes have no limit (ramfs) */
     uint32_t mode;         /* st_mode of the path itself (lstat) */
     uint32_t uid;          /* st_uid of the path itself (lstat) */
     int32_t is_symlink;    /* the path itself is a symbolic link */

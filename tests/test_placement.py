@@ -618,6 +618,40 @@ def test_file_larger_than_the_free_ram_goes_to_the_fallback_dir(tmp_path) -> Non
     assert any(f"a file of {1 << 20} bytes does not fit in /dev/shm" in m for _, m in out["log"])
 
 
+def test_a_file_whose_size_is_known_goes_to_the_fallback_dir_when_the_ram_disk_has_no_inode_left(
+) -> None:
+    # Found in session 22: only the bytes free were compared, so with every inode taken
+    # (nr_inodes) get_temp_audio_path(size_hint=...) named a file in /dev/shm that no
+    # writer could make (ENOSPC), although the README sends a file the RAM disk has no
+    # room for to the fallback dir.
+    done = run_in_private_shm(
+        textwrap.dedent("""
+            import errno, os, subprocess
+            subprocess.run(["mount", "-o", "remount,nr_inodes=8", "/dev/shm"], check=True)
+            fillers = 0
+            try:
+                while True:
+                    os.close(os.open(f"/dev/shm/filler{fillers}", os.O_CREAT | os.O_WRONLY))
+                    fillers += 1
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+        """) + child_report() + textwrap.dedent("""
+            full = luna_shm.get_temp_audio_path(size_hint=1024)
+            with open(full, "wb") as engine:  # what a TTS engine does with the name
+                engine.write(b"RIFF")
+            os.unlink("/dev/shm/filler0")
+            room = luna_shm.get_temp_audio_path(size_hint=1024)
+            report(full=full, room=room)
+        """),
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["full"].startswith("/tmp/luna_audio_")
+    assert out["room"].startswith("/dev/shm/luna_audio_")
+    assert out["temp_dir"] == "/dev/shm"
+    assert any("a file of 1024 bytes does not fit in /dev/shm (no inode free of 8)" in m
+               for _, m in out["log"])
+
+
 @pytest.mark.parametrize("mount_options", [["-t", "ramfs"], ["-t", "tmpfs", "-o", "size=0"]],
                          ids=["ramfs", "tmpfs-without-a-size-limit"])
 def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(

@@ -290,6 +290,8 @@ class FsInfo:
     dev: tuple[int, int]
     bytes_free: int
     bytes_total: int
+    files_free: int  # new files (inodes) this user may still make there
+    files_total: int  # 0: no limit on files (ramfs, a tmpfs with nr_inodes=0)
     mode: int
     uid: int
     is_symlink: bool
@@ -304,10 +306,18 @@ class FsInfo:
         """False for a filesystem with no size limit (see room_left)."""
         return room_left(self.bytes_total, self.bytes_free) != NO_SIZE_LIMIT
 
+    @property
+    def has_file_left(self) -> bool:
+        """True when one more file can be made there: an inode is free, or the
+        filesystem has no limit on them. A tmpfs mounted with nr_inodes can run out of
+        inodes with bytes to spare, and then refuses every new file (ENOSPC)."""
+        return self.files_total == 0 or self.files_free > 0
+
     def has_room(self, length: int) -> bool:
-        """True when path is a directory where length bytes fit in the free space, or
-        whose filesystem has no limit."""
-        return self.is_dir and room_left(self.bytes_total, self.bytes_free) >= length
+        """True when path is a directory where a new file of length bytes fits: in the
+        free space (or on a filesystem with no limit), with an inode left for it."""
+        return (self.is_dir and self.has_file_left
+                and room_left(self.bytes_total, self.bytes_free) >= length)
 
 
 # What room_left counts on a filesystem with no size limit: more than anything can need.
@@ -339,6 +349,8 @@ def fs_probe(path: str) -> FsInfo:
         dev=(out.dev_major, out.dev_minor),
         bytes_free=out.bytes_free,
         bytes_total=out.bytes_total,
+        files_free=out.files_free,
+        files_total=out.files_total,
         mode=out.mode,
         uid=out.uid,
         is_symlink=bool(out.is_symlink),

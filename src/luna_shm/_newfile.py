@@ -110,11 +110,12 @@ def directory_for(size_hint: int | None, on_disk: bool) -> str:
     # ramfs has no limit: its statvfs says 0 free, which is no reason to leave it.
     if info.has_room(size_hint) or _prefault.make_room(chosen.ram_dir, size_hint):
         return chosen.directory
-    free = info.bytes_free
+    free = f"{info.bytes_free} bytes free" if info.has_file_left else (
+        f"no inode free of {info.files_total}")
     # Once, for the first such file: a full RAM disk sends every later one too.
     placement.log_once(
         f"luna_shm: a file of {_bytes_text(size_hint)} does not fit in {chosen.ram_dir} "
-        f"({free} bytes free): using {chosen.fallback_dir} for it",
+        f"({free}): using {chosen.fallback_dir} for it",
         key=f"a file does not fit in {chosen.ram_dir}",
     )
     return chosen.fallback_dir
