@@ -266,8 +266,10 @@ int luna_memfd(const char *name, int *cell);
  * memfd). */
 int luna_seal_shrink(int fd);
 
-/* Give the unnamed file fd the name path (linkat through /proc/self/fd).
- * Returns 0 or -errno (-EEXIST when path exists). */
+/* Give the unnamed file fd the name path (linkat through /proc/self/fd; where
+ * that finds no /proc, linkat with AT_EMPTY_PATH, which needs CAP_DAC_READ_SEARCH
+ * before Linux 6.10). Returns 0 or -errno (-EEXIST when path exists, -ENOENT when
+ * its directory is gone or, with no /proc, the kernel refuses AT_EMPTY_PATH). */
 int luna_link_unnamed(int fd, const char *path);
 
 /* ---- prefault.c: files prepared in advance ------------------------------ */

@@ -180,9 +180,15 @@ int luna_link_unnamed(int fd, const char *path)
 {
     char proc_path[64];
     snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd);
-    /* linkat(fd, "", ..., AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the
-     * /proc link works for any user. */
-    return linkat(AT_FDCWD, proc_path, AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0
-               ? 0
-               : -errno;
+    /* linkat(fd, "", ..., AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH before Linux
+     * 6.10; the /proc link works for any user, where /proc is mounted. */
+    if (linkat(AT_FDCWD, proc_path, AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0)
+        return 0;
+    if (errno != ENOENT)
+        return -errno;
+    /* ENOENT: path's directory is gone, or there is no /proc (a chroot or a
+     * sandbox without one): AT_EMPTY_PATH works there for root, and for any
+     * user that opened the file since Linux 6.10. Its errno is the one given
+     * back (ENOENT again when the directory is gone). */
+    return linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH) == 0 ? 0 : -errno;
 }

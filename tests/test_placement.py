@@ -652,6 +652,43 @@ def test_a_file_whose_size_is_known_goes_to_the_fallback_dir_when_the_ram_disk_h
                for _, m in out["log"])
 
 
+def test_every_producer_of_a_new_temp_file_works_without_proc_mounted() -> None:
+    # Found in session 22: a new temp file is made unnamed (O_TMPFILE) and named through
+    # /proc/self/fd/N; in a sandbox with no /proc (a chroot or bubblewrap without one)
+    # every such producer failed with FileNotFoundError naming a file in /tmp, after a
+    # warning that "/dev/shm refused a new file (No such file or directory)".
+    done = run_in_private_shm(
+        textwrap.dedent("""
+            import subprocess
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "noproc", "/proc"],
+                           check=True)
+        """) + child_report() + textwrap.dedent("""
+            import numpy as np
+            audio = np.arange(100, dtype=np.int16)
+            made = [luna_shm.write_wav(None, audio, 8000),
+                    luna_shm.write_wav(None, audio, 8000, atomic=True),
+                    luna_shm.save_temp_audio(b"ID3 encoded"),
+                    luna_shm.save_temp_audio(iter([b"a", b"b"]))]
+            with luna_shm.WavWriter(None, 8000) as writer:
+                writer.write(audio)
+            made.append(writer.path)
+            with luna_shm.create_wav_buffer(100, 8000) as buffer:
+                buffer.array[:] = audio
+            made.append(buffer.path)
+            same = [bool(np.array_equal(luna_shm.read_wav(path, mmap=False)[0], audio))
+                    for path in made if path.endswith(".wav")]
+            report(proc=os.listdir("/proc"), dirs=sorted({os.path.dirname(p) for p in made}),
+                   same=same, tmp=""" + LIST_PRIVATE_TMP + """)
+        """),
+    )
+    out = json.loads(assert_child_ok(done))
+    assert out["proc"] == []
+    assert out["dirs"] == ["/dev/shm"]
+    assert out["same"] == [True] * 4
+    assert len(out["shm"]) == 6 and out["tmp"] == []
+    assert [m for level, m in out["log"] if level == "WARNING"] == []
+
+
 @pytest.mark.parametrize("mount_options", [["-t", "ramfs"], ["-t", "tmpfs", "-o", "size=0"]],
                          ids=["ramfs", "tmpfs-without-a-size-limit"])
 def test_a_ram_disk_with_no_size_limit_keeps_every_file_whose_size_is_known(
