@@ -180,7 +180,10 @@ def ram_dir_problem(path: str) -> str | None:
     if not info.writable:
         return f"{path} is not writable ({_os.strerror(info.write_errno)})"
     if not lives_in_ram(path, info):
-        return f"{path} is not a RAM disk (filesystem type {info.fs_type:#x})"
+        # By its mount's type where mountinfo names it: a devtmpfs has tmpfs's magic.
+        fs_name = mount_fs_type(info.dev)
+        kind = fs_name if fs_name is not None else f"type {info.fs_type:#x}"
+        return f"{path} is not a RAM disk (filesystem {kind})"
     return None
 
 
