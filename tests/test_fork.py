@@ -1094,6 +1094,8 @@ def wait_until_polling(thread: threading.Thread) -> None:
         time.sleep(0.001)
 
 
+# It forks beside a waiting thread on purpose: CPython 3.12+ warns at such a fork.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("then", ["next", "close"])
 @pytest.mark.parametrize("kind", ["follow_wav", "afollow_wav", "iter_wav_stream"])
 def test_a_child_forked_while_another_thread_waits_in_a_follower_refuses_it_naming_the_parent(
