@@ -661,6 +661,18 @@ def test_cache_commands_on_a_cache_that_does_not_exist_say_so_and_make_nothing(
     assert sorted(os.listdir(private_dirs.ram)) == before
 
 
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "x" * 65])
+def test_cache_commands_refuse_a_name_no_cache_can_have_naming_it(private_dirs, name) -> None:
+    # Not "no cache named '../x'", which reads as a cache that merely does not exist.
+    AudioCache("default").close()
+    before = sorted(os.listdir(private_dirs.ram))
+    done = run_cli(private_dirs, "cache", "ls", "--name", name)
+    line = assert_one_error_line(done, 1)
+    assert line == ("luna-shm cache: error: name must be 1 to 64 characters of A-Z, a-z, "
+                    f"0-9, '.', '_' or '-' (not starting with '.'), got {name!r}")
+    assert sorted(os.listdir(private_dirs.ram)) == before
+
+
 @pytest.mark.parametrize("action", ["stats", "ls", "clear"])
 def test_cache_commands_give_up_on_a_lock_a_stopped_process_holds_after_their_timeout(
         private_dirs, action) -> None:

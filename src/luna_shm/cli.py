@@ -322,10 +322,12 @@ def _run_cache(args: _argparse.Namespace, out: TextIO) -> int:
 
 def _cache_command(args: _argparse.Namespace, out: TextIO, deadline: float) -> int:
     from luna_shm.cache import AudioCache
-    from luna_shm.cache._files import dir_name
+    from luna_shm.cache._files import check_cache_name, dir_name
 
     # Opening an AudioCache makes its directory: a mistyped --name would report an
-    # empty cache (or "removed 0 entries") and leave a new one behind.
+    # empty cache (or "removed 0 entries") and leave a new one behind. A name no cache
+    # can have (../x) is said to be one before anything is looked up.
+    check_cache_name(args.name)
     parent = placement.current().directory
     if not _os.path.lexists(f"{parent}/{dir_name(args.name)}"):
         raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")

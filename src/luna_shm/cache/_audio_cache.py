@@ -8,7 +8,6 @@ import collections as _collections
 import errno as _errno
 import functools as _functools
 import os as _os
-import re as _re
 import stat as _stat
 import threading as _threading
 import time as _time
@@ -28,6 +27,7 @@ from luna_shm.cache._files import (
     OUTCOME,
     SUPERSEDED,
     UNSTORED,
+    check_cache_name,
     is_pinned,
     is_render_file,
     lock_by,
@@ -62,7 +62,6 @@ DEFAULT_DISK_MAX_BYTES = 1024 * 1024 * 1024
 # the end of a `with` block): ample for a holder that is working, bounded for one that
 # is stopped. The CLI's default --timeout is the same.
 CLOSE_TIMEOUT = 10.0
-_NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _NOT_STATS = ("bytes", "encoded")
 
 
@@ -156,12 +155,7 @@ class AudioCache(_resource.OwnedHere):
     def __init__(self, name: str = "default", *, max_bytes: int = DEFAULT_MAX_BYTES,
                  ttl: float | None = None, disk_dir: str | _os.PathLike[str] | None = None,
                  disk_max_bytes: int | None = None, timeout: float | None = None) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {_lowlevel.brief(name)}")
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"name must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or "
-                             f"'-' (not starting with '.'), got {name!r}")
-        self.name = name
+        self.name = check_cache_name(name)
         self.max_bytes = _check_bytes("max_bytes", max_bytes) or 0
         self.ttl = None if ttl is None else _check_ttl(ttl)
         disk_max = _check_bytes("disk_max_bytes", disk_max_bytes, optional=True)

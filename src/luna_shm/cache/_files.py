@@ -96,6 +96,20 @@ def open_private_dir(parent: str, name: str, what: str
     return cell, made
 
 
+_CACHE_NAME = _re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def check_cache_name(name: object) -> str:
+    """name when it can name a cache (its directory's last part); TypeError or ValueError
+    naming what was passed otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {_lowlevel.brief(name)}")
+    if not _CACHE_NAME.fullmatch(name):
+        raise ValueError(f"name must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or "
+                         f"'-' (not starting with '.'), got {name!r}")
+    return name
+
+
 def dir_name(name: str) -> str:
     """The name of the directory of this user's cache called name (in the RAM dir, and in
     a disk_dir): ``luna_cache-<uid>-<name>``."""
