@@ -942,6 +942,64 @@ def test_a_foreign_streaming_writer_is_followed_until_it_closes_the_file(ram, da
     np.testing.assert_array_equal(read_wav(path)[0], expected)
 
 
+def asking_for_writers(pid: int, path: Path) -> bool:
+    """True while a thread of process pid is held in fcntl(fd of path, F_SETSIG, SIGURG): the
+    first call of a follower's question whether any process has the file open for writing (a
+    read lease; /proc/<pid>/task/<tid>/syscall: the number, then the arguments in hex)."""
+    import fcntl
+
+    fds = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                fds.add(hex(int(fd)))
+        except FileNotFoundError:
+            continue
+    for task in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()
+        if (len(fields) > 3 and fields[1] in fds
+                and fields[2:4] == [hex(fcntl.F_SETSIG), hex(signal.SIGURG)]):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("data_size", [8 * CHUNK * 2, 0xFFFFFFFF], ids=["final", "0xFFFFFFFF"])
+def test_a_foreign_writer_that_appends_and_closes_while_the_follower_asks_is_followed_to_its_end(
+        ram, tmp_path, data_size):
+    # A follower that found nothing new asked the kernel whether anyone still writes the
+    # file, and ended when nobody did, without looking at the file again: what the writer
+    # appended between the follower's last look and its close was lost, the stream ending
+    # "finished" short of it (sox writing a file that a follower had opened empty: 2704 of
+    # 4000 frames, its first 8 KiB). strace holds that question for 2 s while this process,
+    # the writer, appends its last part and closes.
+    strace = require_tool("strace")
+    path = ram / "foreign.wav"
+    parts = stream_chunks(8)
+    header = (b"RIFF" + min(36 + data_size, 0xFFFFFFFF).to_bytes(4, "little") + b"WAVEfmt "
+              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+              + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
+              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+              + b"data" + data_size.to_bytes(4, "little"))
+    command = [strace, "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-e", "signal=none",
+               "-e", "trace=fcntl", "-e", "inject=fcntl:delay_enter=2000000:when=1",
+               "-P", str(path), sys.executable, "-c", FOLLOW_AND_COUNT, str(path)]
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH}
+    with open(path, "wb", buffering=0) as out:
+        out.write(header + np.concatenate(parts[:4]).tobytes())
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) as child:
+            assert child.stdout is not None
+            pid = int(child.stdout.readline())
+            end = time.monotonic() + 60
+            while not asking_for_writers(pid, path):
+                assert child.poll() is None and time.monotonic() < end, "it never asked"
+                time.sleep(0.002)
+            out.write(np.concatenate(parts[4:]).tobytes())
+            out.close()
+            output, err = child.communicate(timeout=60)
+    assert (child.returncode, output.split()) == (0, [str(8 * CHUNK)]), err
+
+
 def test_espeak_writing_to_a_file_is_followed_to_its_last_sample(ram):
     espeak = require_tool("espeak-ng")
     path = ram / "espeak.wav"

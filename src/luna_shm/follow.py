@@ -474,6 +474,14 @@ def _core(path: str, timeout: float | None) -> _Step:
                         # close after writing ends a stream whose header is final.
                         gone = not _streaming_header(fd, info)
                     if gone:
+                        # What the writer appended after our last look, before it closed,
+                        # is in the file now: hand that out first, then ask again.
+                        now = _os.fstat(fd).st_size
+                        again = _parse(fd, now, path)
+                        _check_same_stream(path, info, again)
+                        if _available(again, now) > delivered:
+                            asked_writers = False
+                            continue
                         return
             woken = yield sleep()
     except OSError as exc:
