@@ -59,6 +59,14 @@ _MAX_BLOCK_BYTES = 1 << 20
 _LOCK_RELEASE_GRACE = 0.5
 _LOCK_RELEASE_FIRST_STEP = 0.001
 
+# Another program's stream: the kernel reports its close (IN_CLOSE_WRITE) before it
+# stops counting that descriptor as open for writing, and the file system's release runs
+# in between (ext4 and xfs write out a rewritten file's delayed blocks there), so a read
+# lease asked for at the event can be refused although the writer is gone; no event
+# follows. How long we keep asking after a close event, from the first step on, twice as
+# long each time.
+_WRITERS_GONE_GRACE = 2.0
+
 # A live stream's lock held exclusively by another process (a cleanup or another
 # follower testing it; a writer holds it shared): whether the writer lives cannot be
 # told until that process lets go, which makes no event. Look again after the first
@@ -293,7 +301,7 @@ def _core(path: str, timeout: float | None) -> _Step:
         closed_seen = False  # inotify saw a close after writing since we last looked
         asked_writers = False  # a foreign stream: asked once whether anyone writes it
         recheck = 0.0  # > 0: the file holds bytes the header does not count; look again then
-        grace_until = 0.0  # > 0: a writer closed; look for its lock to go until then
+        grace_until = 0.0  # > 0: a writer closed; look for its lock (or write access) to go
         grace_step = 0.0  # the next look at that lock, this many seconds on
         contended = 0.0  # > 0: another process holds the lock exclusively; look again then
         info: _lowlevel.WavInfo | None = None
@@ -465,7 +473,10 @@ def _core(path: str, timeout: float | None) -> _Step:
                     contended = 0.0  # a live writer holds it: sleep until an event
             else:
                 # Another program's stream: over once nobody has it open for writing.
-                if closed_seen or not asked_writers:
+                if closed_seen or not asked_writers or grace_until:
+                    if closed_seen:  # ask again soon if the kernel still counts the writer
+                        grace_until = _time.monotonic() + _WRITERS_GONE_GRACE
+                        grace_step = _LOCK_RELEASE_FIRST_STEP
                     closed_seen = False
                     asked_writers = True
                     gone = _lowlevel.writers_gone(fd)
