@@ -8,6 +8,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1067,6 +1068,63 @@ def test_a_foreign_stream_ends_when_its_writer_is_counted_a_moment_after_its_clo
         thread.join(timeout=30)
     assert ended == [None]
     np.testing.assert_array_equal(np.concatenate(followed), audio)
+
+
+def test_a_chunk_appended_before_a_foreign_header_is_finished_is_an_error_not_a_finished_stream(
+        ram):
+    # libsndfile streams with sizes that say "to the end of the file" (RIFF 8, data 0) and,
+    # at its close, appends a LIST chunk (a title set after the first frames) before it
+    # writes the final sizes. A follower that read in between took the LIST chunk for 16
+    # frames of audio, and when the sizes came that left them out, it ended the stream as
+    # finished all the same (soundfile.SoundFile with strace holding its lseeks: 2016
+    # frames followed, 2000 in the file). Written here in libsndfile's order, each step
+    # once the follower has read what came before it.
+    path = ram / "libsndfile.wav"
+    audio = np.concatenate(stream_chunks(4))
+    tag = b"LIST" + (24).to_bytes(4, "little") + b"INFOINAM" + (12).to_bytes(4, "little") \
+        + b"late title\0\0"
+
+    def header(riff: int, data: int) -> bytes:
+        return (b"RIFF" + riff.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+                + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+                + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
+                + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+                + b"data" + data.to_bytes(4, "little"))
+
+    followed: list[np.ndarray] = []
+    ended: list[BaseException | None] = []
+
+    def follow() -> None:
+        try:
+            followed.extend(follow_wav(path, timeout=10))
+            ended.append(None)
+        except BaseException as exc:  # handed to the test
+            ended.append(exc)
+
+    def wait_for(frames: int) -> None:
+        end = time.monotonic() + 30
+        while sum(map(len, followed)) < frames:
+            assert thread.is_alive() and time.monotonic() < end, (ended, frames)
+            time.sleep(0.002)
+
+    with open(path, "wb", buffering=0) as out:
+        out.write(header(8, 0) + audio.tobytes())
+        thread = threading.Thread(target=follow)
+        thread.start()
+        try:
+            wait_for(len(audio))
+            out.write(tag)
+            wait_for(len(audio) + len(tag) // 2)  # read as audio: the header said so
+            out.seek(0)
+            out.write(header(36 + audio.nbytes + len(tag), audio.nbytes))
+        finally:
+            out.close()
+            thread.join(timeout=30)
+    assert len(ended) == 1 and isinstance(ended[0], WavError), ended
+    assert re.search(r"the stream's header went back under its follower \(it counts "
+                     rf"{audio.nbytes} bytes of audio, {audio.nbytes + len(tag)} were read\)",
+                     str(ended[0]))
+    np.testing.assert_array_equal(read_wav(path)[0], audio)
 
 
 def test_espeak_writing_to_a_file_is_followed_to_its_last_sample(ram):

@@ -199,7 +199,10 @@ def _uncounted(data_offset: int, counted: int, file_size: int) -> bool:
 
 
 def _check_counted(path: str, counted: int, delivered: int) -> None:
-    """Raise WavError when a live stream's header counts less audio than was followed."""
+    """Raise WavError when a stream's header counts less audio than was followed: a live
+    WavWriter's, or another program's whose header said "to the end of the file" while
+    the follower read bytes that the finished header leaves out (libsndfile appends a
+    LIST chunk, then writes the sizes): they were handed out as audio."""
     if counted < delivered:
         raise WavError(f"{path}: the stream's header went back under its follower (it "
                        f"counts {counted} bytes of audio, {delivered} were read)")
@@ -420,6 +423,8 @@ def _core(path: str, timeout: float | None) -> _Step:
                 note_uncounted(info.data_bytes, size)
             else:
                 recheck = 0.0
+                if info.stream_state == _lowlevel.STREAM_NONE:
+                    _check_counted(path, info.data_bytes, delivered)
             if not announced:
                 announced = True
                 yield _Range(fd, info, info.data_offset, 0)
@@ -490,6 +495,7 @@ def _core(path: str, timeout: float | None) -> _Step:
                         now = _os.fstat(fd).st_size
                         again = _parse(fd, now, path)
                         _check_same_stream(path, info, again)
+                        _check_counted(path, again.data_bytes, delivered)
                         if _available(again, now) > delivered:
                             asked_writers = False
                             continue
