@@ -1070,6 +1070,44 @@ def test_a_foreign_stream_ends_when_its_writer_is_counted_a_moment_after_its_clo
     np.testing.assert_array_equal(np.concatenate(followed), audio)
 
 
+def test_a_foreign_stream_whose_writer_closed_before_the_follower_started_but_is_counted_ends(
+        ram):
+    # The same moment seen by a follower started just after the writer's close event (a
+    # player that starts on "rendered"): its first question was refused, and no event was
+    # to come. Only the descriptor whose close makes no event is open when it starts.
+    path = ram / "foreign.wav"
+    audio = np.concatenate(stream_chunks(4))
+    header = (b"RIFF\xff\xff\xff\xffWAVEfmt " + (16).to_bytes(4, "little")
+              + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+              + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
+              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little") + b"data\xff\xff\xff\xff")
+    path.write_bytes(header + audio.tobytes())
+    counted = silent_writer(path)
+    followed: list[np.ndarray] = []
+    ended: list[BaseException | None] = []
+
+    def follow() -> None:
+        try:
+            followed.extend(follow_wav(path, timeout=10))
+            ended.append(None)
+        except BaseException as exc:  # handed to the test
+            ended.append(exc)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        end = time.monotonic() + 30
+        while sum(map(len, followed)) < len(audio):
+            assert thread.is_alive() and time.monotonic() < end, ended
+            time.sleep(0.002)
+        time.sleep(0.1)  # it asks, and the kernel still counts a writer
+    finally:
+        os.close(counted)  # gone, with no event
+        thread.join(timeout=30)
+    assert ended == [None]
+    np.testing.assert_array_equal(np.concatenate(followed), audio)
+
+
 def test_a_chunk_appended_before_a_foreign_header_is_finished_is_an_error_not_a_finished_stream(
         ram):
     # libsndfile streams with sizes that say "to the end of the file" (RIFF 8, data 0) and,

@@ -479,7 +479,9 @@ def _core(path: str, timeout: float | None) -> _Step:
             else:
                 # Another program's stream: over once nobody has it open for writing.
                 if closed_seen or not asked_writers or grace_until:
-                    if closed_seen:  # ask again soon if the kernel still counts the writer
+                    if closed_seen or not asked_writers:
+                        # Ask again soon: the kernel may still count a writer whose close
+                        # it reported, now or before this follower watched the file.
                         grace_until = _time.monotonic() + _WRITERS_GONE_GRACE
                         grace_step = _LOCK_RELEASE_FIRST_STEP
                     closed_seen = False
