@@ -390,11 +390,16 @@ int luna_dup(int fd, int *cell)
 
 /* Wait until sock has something to receive (poll), for at most its SO_RCVTIMEO
  * when it has one, as a blocking recvmsg would. Returns 0, -EAGAIN when that
- * timeout ran out, -EINTR when a signal came first, or -errno. */
-static int wait_readable(int sock)
+ * timeout ran out, -EINTR when a signal came first, or -errno; *shut is set when
+ * the socket is shut down for reading (poll's POLLRDHUP, POLLHUP): a datagram
+ * socket shut down so (shutdown(SHUT_RD), the usual way to wake a receiver) is
+ * always readable to poll, yet a receive that does not wait finds nothing there,
+ * where a blocking one returns 0. */
+static int wait_readable(int sock, int *shut)
 {
     struct timeval limit = {0, 0};
     socklen_t size = sizeof limit;
+    *shut = 0;
     if (getsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &limit, &size) < 0)
         return -errno;
     int timeout_ms = -1;
@@ -402,10 +407,11 @@ static int wait_readable(int sock)
         int64_t ms = (int64_t)limit.tv_sec * 1000 + (limit.tv_usec + 999) / 1000;
         timeout_ms = ms > INT_MAX ? INT_MAX : (int)ms;
     }
-    struct pollfd wanted = {.fd = sock, .events = POLLIN};
+    struct pollfd wanted = {.fd = sock, .events = POLLIN | POLLRDHUP};
     int ready = poll(&wanted, 1, timeout_ms);
     if (ready < 0)
         return -errno;
+    *shut = (wanted.revents & (POLLRDHUP | POLLHUP)) != 0;
     return ready == 0 ? -EAGAIN : 0;
 }
 
@@ -436,7 +442,8 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
     int blocking = flags < 0 || (flags & O_NONBLOCK) == 0;
     ssize_t n;
     for (;;) {
-        int rc = blocking ? wait_readable(sock) : 0;
+        int shut = 0;
+        int rc = blocking ? wait_readable(sock, &shut) : 0;
         if (rc < 0)
             return rc; /* -EINTR too: the caller runs its signal handlers, then again */
         luna_cells_lock();
@@ -447,6 +454,13 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
         luna_cells_unlock();
         if (!blocking || err != EAGAIN)
             return -err;
+        if (shut) {
+            /* Nothing left on a socket shut down for reading: the end, as a
+             * blocking recvmsg says (a datagram socket's poll says readable
+             * for ever: waiting again would spin). */
+            *msg_flags = 0;
+            return 0;
+        }
         /* another reader of the socket took the message: wait for the next */
     }
     *msg_flags = msg.msg_flags;

@@ -83,7 +83,8 @@ int luna_dup(int fd, int *cell);
  * SO_PASSSEC) have room beside it and are dropped (a pidfd is closed). Stores
  * the message flags in *msg_flags (MSG_TRUNC: a datagram longer than len;
  * MSG_CTRUNC: more than one fd came, the others were closed). Returns the bytes received (0 at
- * the end of a stream) or -errno (-EAGAIN when a non-blocking socket has
+ * the end of a stream, and on a socket shut down for reading once nothing is left
+ * in it, as a blocking recvmsg: a datagram one's too) or -errno (-EAGAIN when a non-blocking socket has
  * nothing, or when a blocking one's SO_RCVTIMEO ran out first, -EINTR when
  * a signal came first; -EINVAL for NULL pointers, a cell that holds an fd, or
  * len past SSIZE_MAX). A blocking socket is waited on with poll, then read

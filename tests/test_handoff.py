@@ -242,6 +242,49 @@ def test_recv_after_the_peer_closed_the_socket_raises_eoferror(pair) -> None:
         recv_wav(theirs)
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET, socket.SOCK_DGRAM],
+                         ids=["stream", "seqpacket", "dgram"])
+def test_recv_on_a_socket_shut_down_for_reading_raises_eoferror(kind: int) -> None:
+    # shutdown(SHUT_RD) is how a thread blocked in a receive is woken to stop. A datagram
+    # socket shut down so is always readable to poll while a receive that does not wait
+    # finds nothing: recv_wav spun there at 100% CPU for ever (a blocking recv returns 0).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    with ours, theirs:
+        theirs.shutdown(socket.SHUT_RD)
+        with pytest.raises(EOFError, match="peer closed the socket"):
+            call_with_deadline(lambda: recv_wav(theirs), deadline=10)
+
+
+def test_a_receiver_blocked_on_a_datagram_socket_is_woken_by_its_shutdown() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        outcome: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                recv_wav(theirs)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        receiver = threading.Thread(target=receive, daemon=True)
+        receiver.start()
+        while receiver.is_alive() and not _blocked_in_poll(receiver):
+            time.sleep(0.01)
+        theirs.shutdown(socket.SHUT_RD)
+        receiver.join(10)
+        assert not receiver.is_alive(), "recv_wav went on waiting after the shutdown"
+        assert len(outcome) == 1 and isinstance(outcome[0], EOFError), outcome
+
+
+def _blocked_in_poll(thread: threading.Thread) -> bool:
+    """True when thread sleeps in poll (the kernel function its /proc wchan names)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            return "poll" in f.read()
+    except OSError:
+        return False
+
+
 def test_recv_of_a_message_without_a_descriptor_raises_handoff_error(pair) -> None:
     ours, theirs = pair
     ours.sendall(b"hello there")
