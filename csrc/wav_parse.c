@@ -296,13 +296,18 @@ int luna_wav_parse_fd(int fd, uint64_t file_size, struct luna_wav_info *out)
 }
 
 /* luna_wav_open, with the file's first *held bytes left in prefix
- * (LUNA_WAV_PREFIX_BYTES long). */
+ * (LUNA_WAV_PREFIX_BYTES long), the fd stored into cell (NULL: none). Only the
+ * open and the store are made while forks wait (luna_open_regular): the reads
+ * of the header come after, with the fd in its cell already (a child forked
+ * meanwhile closes its copy), so that a fork never waits for a slow file (a
+ * FUSE or NFS mount reading over the network, a stalled disk) in another
+ * thread: it held the GIL, and so every thread of the process, as it waited. */
 static int open_into(const char *path, struct luna_wav_info *out,
-                     uint8_t *prefix, uint64_t *held)
+                     uint8_t *prefix, uint64_t *held, int *cell)
 {
     uint64_t size = 0;
     *held = 0;
-    int fd = luna_open_regular(path, &size, NULL);
+    int fd = luna_open_regular(path, &size, cell);
     if (fd == -LUNA_EFORMAT) {
         *out = (struct luna_wav_info){0};
         out->error = "not a regular file";
@@ -322,7 +327,7 @@ static int open_into(const char *path, struct luna_wav_info *out,
         rc = parse(&src, out);
     }
     if (rc < 0) {
-        close(fd);
+        luna_drop_fd(cell, fd);
         return rc;
     }
     *held = want;
@@ -335,10 +340,7 @@ int luna_wav_open(const char *path, struct luna_wav_info *out, int *cell)
         return -EINVAL;
     uint8_t prefix[LUNA_WAV_PREFIX_BYTES];
     uint64_t held;
-    luna_cells_enter(cell);
-    int fd = luna_store_fd(cell, open_into(path, out, prefix, &held));
-    luna_cells_leave(cell);
-    return fd;
+    return open_into(path, out, prefix, &held, cell);
 }
 
 void *luna_wav_file_new(size_t size)
@@ -363,10 +365,7 @@ int luna_wav_open_held(const char *path, struct luna_wav_file *f)
 {
     if (!f || f->fd >= 0)
         return -EINVAL;
-    luna_cells_enter(&f->fd);
-    int fd = luna_store_fd(&f->fd, open_into(path, &f->info, f->prefix, &f->held));
-    luna_cells_leave(&f->fd);
-    return fd;
+    return open_into(path, &f->info, f->prefix, &f->held, &f->fd);
 }
 
 int luna_wav_read_held(struct luna_wav_file *f, void *dst, uint64_t n)

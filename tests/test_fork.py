@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import stat
@@ -435,6 +436,64 @@ def test_a_forked_child_closes_the_fd_of_every_cell_but_those_kept(tmp_path) -> 
         os.close(plain)
         for cell in (opened, duplicated, received, kept):
             _lowlevel.release(cell)
+
+
+FORK_DURING_A_SLOW_READ = """
+import json, os, sys, threading, warnings
+import numpy as np
+from luna_shm import read_wav
+warnings.simplefilter("ignore", DeprecationWarning)  # a fork beside a thread: meant
+path, mmap, pread64 = sys.argv[1], sys.argv[2] == "mmap", sys.argv[3]
+got = []
+def in_pread(thread):
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+            return f.read().split()[0] == pread64
+    except OSError:
+        return False
+reader = threading.Thread(target=lambda: got.append(read_wav(path, mmap=mmap)))
+reader.start()
+while not in_pread(reader):  # strace holds this pread up for 2 s
+    pass
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+still_reading = in_pread(reader)  # fork returned while the read still waits
+os.waitpid(pid, 0)
+reader.join()
+data, samplerate = got[0]
+print(json.dumps({"still_reading": still_reading, "read": [int(data.sum()), samplerate]}))
+"""
+
+# pread64's number, as /proc/<pid>/task/<tid>/syscall shows it.
+_PREAD64 = {"x86_64": 17, "aarch64": 67}
+
+
+@pytest.mark.parametrize("mmap", ["mmap", "copy"])
+def test_a_fork_never_waits_for_a_slow_read_of_a_wav_header_in_another_thread(
+        tmp_path, mmap: str) -> None:
+    # read_wav on a slow file (a FUSE or NFS mount reading over the network, a stalled
+    # disk): its header's pread ran while forks waited (the fork lock of fd cells), so an
+    # os.fork in another thread waited for it, holding the GIL: every thread stood still.
+    # Only the open and the store of its fd into a cell need the lock. Here strace holds
+    # the pread up for 2 s, and the fork must return while it still waits.
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (it holds up a read to open the window)")
+    number = _PREAD64.get(os.uname().machine)
+    if number is None:
+        pytest.skip(f"pread64's system call number on {os.uname().machine} is not listed")
+    path = str(tmp_path / "slow.wav")
+    write_wav(path, np.full(100, 3, dtype=np.int16), 8000)
+    env = {**os.environ, "PYTHONPATH": LIBRARY_PATH, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-e", "signal=none",
+         "-e", "trace=pread64", "-e", "inject=pread64:delay_enter=2000000", "-P", path,
+         sys.executable, "-c", FORK_DURING_A_SLOW_READ, path, mmap, str(number)],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"still_reading": True, "read": [300, 8000]}
 
 
 def test_a_child_forked_during_a_scan_of_unused_files_goes_on_with_it(private_dirs,
