@@ -117,6 +117,16 @@ def follower_thread(path: Path, timeout: float | None
 # ---- the producer's state --------------------------------------------------------
 
 
+def pcm16_header(riff: int, data: int) -> bytes:
+    """The 44-byte header of a mono 16-bit PCM WAV at RATE with these RIFF and data sizes
+    (0xFFFFFFFF: "to the end of the file", as other programs stream)."""
+    return (b"RIFF" + riff.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+            + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
+            + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+            + b"data" + data.to_bytes(4, "little"))
+
+
 def stream_state(path: Path) -> bytes:
     raw = path.read_bytes()
     at = raw.index(b"lsst")
@@ -842,10 +852,11 @@ print(sum(len(block) for block in follow_wav(sys.argv[1], timeout=60)), flush=Tr
 """
 
 
-def reading_one_byte_at_0(pid: int, path: Path) -> bool:
-    """True while a thread of process pid is held in a system call on its fd of path whose
-    next arguments are 1 and 0: pread(fd, buf, 1, 0) (/proc/<pid>/task/<tid>/syscall: the
-    number, then the arguments in hex)."""
+def held_in_a_call_on(pid: int, path: Path, args: dict[int, int]) -> bool:
+    """True while a thread of process pid is held in a system call whose first argument is
+    its fd of path and whose arguments at the positions args names (1: the one after the
+    fd) are those values (/proc/<pid>/task/<tid>/syscall: the number, then the arguments
+    in hex)."""
     fds = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -855,9 +866,15 @@ def reading_one_byte_at_0(pid: int, path: Path) -> bool:
             continue
     for task in os.listdir(f"/proc/{pid}/task"):
         fields = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()
-        if len(fields) > 4 and fields[1] in fds and fields[3:5] == ["0x1", "0x0"]:
+        if (len(fields) > 1 + max(args) and fields[1] in fds
+                and all(fields[1 + at] == hex(value) for at, value in args.items())):
             return True
     return False
+
+
+def reading_one_byte_at_0(pid: int, path: Path) -> bool:
+    """True while a thread of process pid is held in pread(its fd of path, buf, 1, 0)."""
+    return held_in_a_call_on(pid, path, {2: 1, 3: 0})
 
 
 def test_an_empty_file_that_a_writer_fills_meanwhile_is_followed_not_taken_for_a_proc_file(
@@ -946,22 +963,10 @@ def test_a_foreign_streaming_writer_is_followed_until_it_closes_the_file(ram, da
 def asking_for_writers(pid: int, path: Path) -> bool:
     """True while a thread of process pid is held in fcntl(fd of path, F_SETSIG, SIGURG): the
     first call of a follower's question whether any process has the file open for writing (a
-    read lease; /proc/<pid>/task/<tid>/syscall: the number, then the arguments in hex)."""
+    read lease)."""
     import fcntl
 
-    fds = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                fds.add(hex(int(fd)))
-        except FileNotFoundError:
-            continue
-    for task in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{task}/syscall").read_text().split()
-        if (len(fields) > 3 and fields[1] in fds
-                and fields[2:4] == [hex(fcntl.F_SETSIG), hex(signal.SIGURG)]):
-            return True
-    return False
+    return held_in_a_call_on(pid, path, {1: fcntl.F_SETSIG, 2: signal.SIGURG})
 
 
 @pytest.mark.parametrize("data_size", [8 * CHUNK * 2, 0xFFFFFFFF], ids=["final", "0xFFFFFFFF"])
@@ -976,11 +981,7 @@ def test_a_foreign_writer_that_appends_and_closes_while_the_follower_asks_is_fol
     strace = require_tool("strace")
     path = ram / "foreign.wav"
     parts = stream_chunks(8)
-    header = (b"RIFF" + min(36 + data_size, 0xFFFFFFFF).to_bytes(4, "little") + b"WAVEfmt "
-              + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-              + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
-              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
-              + b"data" + data_size.to_bytes(4, "little"))
+    header = pcm16_header(min(36 + data_size, 0xFFFFFFFF), data_size)
     command = [strace, "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-e", "signal=none",
                "-e", "trace=fcntl", "-e", "inject=fcntl:delay_enter=2000000:when=1",
                "-P", str(path), sys.executable, "-c", FOLLOW_AND_COUNT, str(path)]
@@ -1026,85 +1027,39 @@ def silent_writer(path: Path) -> int:
         os.close(group)
 
 
-def test_a_foreign_stream_ends_when_its_writer_is_counted_a_moment_after_its_close_event(ram):
+@pytest.mark.parametrize("closed", ["after the follower started", "before it started"])
+def test_a_foreign_stream_ends_when_its_writer_is_counted_a_moment_after_its_close_event(
+        ram, closed):
     # The kernel reports a close (IN_CLOSE_WRITE) before it stops counting the descriptor as
     # open for writing, and the file system's release runs in between (ext4 writes out a
     # rewritten file's delayed blocks there). A follower woken by the event asked for a read
     # lease in that moment, was refused, and waited for an event that never came: sox or
     # espeak-ng writing into a file it had opened empty in an ext4 /tmp (the fallback dir),
-    # 6 to 11 runs in 20 after the last frame, until the timeout; for ever without one.
-    # Here a descriptor whose close makes no event is the writer still counted.
+    # 6 to 11 runs in 20 after the last frame, until the timeout; for ever without one. A
+    # follower started just after the close event (a player that starts on "rendered") had
+    # its first question refused the same way. Here a descriptor whose close makes no event
+    # is the writer still counted.
     path = ram / "foreign.wav"
     audio = np.concatenate(stream_chunks(4))
-    header = (b"RIFF\xff\xff\xff\xffWAVEfmt " + (16).to_bytes(4, "little")
-              + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-              + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
-              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little") + b"data\xff\xff\xff\xff")
     out = open(path, "wb", buffering=0)  # noqa: SIM115 (closed mid-test, as a writer does)
-    out.write(header + audio.tobytes())
+    out.write(pcm16_header(0xFFFFFFFF, 0xFFFFFFFF) + audio.tobytes())
+    if closed == "before it started":
+        out.close()
     counted = silent_writer(path)
-    followed: list[np.ndarray] = []
-    ended: list[BaseException | None] = []
-
-    def follow() -> None:
-        try:
-            followed.extend(follow_wav(path, timeout=10))
-            ended.append(None)
-        except BaseException as exc:  # handed to the test
-            ended.append(exc)
-
-    thread = threading.Thread(target=follow)
+    thread, followed, errors = follower_thread(path, timeout=10)
     thread.start()
     try:
         end = time.monotonic() + 30
         while sum(map(len, followed)) < len(audio):
-            assert thread.is_alive() and time.monotonic() < end, ended
+            assert thread.is_alive() and time.monotonic() < end, errors
             time.sleep(0.002)
-        out.close()  # the close event: the follower asks, and the kernel still counts one
+        out.close()  # the close event (once): the follower asks; the kernel still counts one
         time.sleep(0.1)
     finally:
         out.close()
         os.close(counted)  # gone, with no event
         thread.join(timeout=30)
-    assert ended == [None]
-    np.testing.assert_array_equal(np.concatenate(followed), audio)
-
-
-def test_a_foreign_stream_whose_writer_closed_before_the_follower_started_but_is_counted_ends(
-        ram):
-    # The same moment seen by a follower started just after the writer's close event (a
-    # player that starts on "rendered"): its first question was refused, and no event was
-    # to come. Only the descriptor whose close makes no event is open when it starts.
-    path = ram / "foreign.wav"
-    audio = np.concatenate(stream_chunks(4))
-    header = (b"RIFF\xff\xff\xff\xffWAVEfmt " + (16).to_bytes(4, "little")
-              + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-              + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
-              + (2).to_bytes(2, "little") + (16).to_bytes(2, "little") + b"data\xff\xff\xff\xff")
-    path.write_bytes(header + audio.tobytes())
-    counted = silent_writer(path)
-    followed: list[np.ndarray] = []
-    ended: list[BaseException | None] = []
-
-    def follow() -> None:
-        try:
-            followed.extend(follow_wav(path, timeout=10))
-            ended.append(None)
-        except BaseException as exc:  # handed to the test
-            ended.append(exc)
-
-    thread = threading.Thread(target=follow)
-    thread.start()
-    try:
-        end = time.monotonic() + 30
-        while sum(map(len, followed)) < len(audio):
-            assert thread.is_alive() and time.monotonic() < end, ended
-            time.sleep(0.002)
-        time.sleep(0.1)  # it asks, and the kernel still counts a writer
-    finally:
-        os.close(counted)  # gone, with no event
-        thread.join(timeout=30)
-    assert ended == [None]
+    assert not thread.is_alive() and errors == []
     np.testing.assert_array_equal(np.concatenate(followed), audio)
 
 
@@ -1121,13 +1076,6 @@ def test_a_chunk_appended_before_a_foreign_header_is_finished_is_an_error_not_a_
     audio = np.concatenate(stream_chunks(4))
     tag = b"LIST" + (24).to_bytes(4, "little") + b"INFOINAM" + (12).to_bytes(4, "little") \
         + b"late title\0\0"
-
-    def header(riff: int, data: int) -> bytes:
-        return (b"RIFF" + riff.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
-                + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-                + RATE.to_bytes(4, "little") + (2 * RATE).to_bytes(4, "little")
-                + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
-                + b"data" + data.to_bytes(4, "little"))
 
     followed: list[np.ndarray] = []
     ended: list[BaseException | None] = []
@@ -1146,7 +1094,7 @@ def test_a_chunk_appended_before_a_foreign_header_is_finished_is_an_error_not_a_
             time.sleep(0.002)
 
     with open(path, "wb", buffering=0) as out:
-        out.write(header(8, 0) + audio.tobytes())
+        out.write(pcm16_header(8, 0) + audio.tobytes())
         thread = threading.Thread(target=follow)
         thread.start()
         try:
@@ -1154,7 +1102,7 @@ def test_a_chunk_appended_before_a_foreign_header_is_finished_is_an_error_not_a_
             out.write(tag)
             wait_for(len(audio) + len(tag) // 2)  # read as audio: the header said so
             out.seek(0)
-            out.write(header(36 + audio.nbytes + len(tag), audio.nbytes))
+            out.write(pcm16_header(36 + audio.nbytes + len(tag), audio.nbytes))
         finally:
             out.close()
             thread.join(timeout=30)
@@ -1331,14 +1279,6 @@ def test_chunks_of_changing_sizes_reach_another_process_whole_in_every_layout(ra
         digest(parts), sum(len(p) for p in parts), None)
 
 
-def _pcm16_header(riff_size: int, data_size: int) -> bytes:
-    return (b"RIFF" + riff_size.to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
-            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
-            + (24000).to_bytes(4, "little") + (48000).to_bytes(4, "little")
-            + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
-            + b"data" + data_size.to_bytes(4, "little"))
-
-
 @pytest.mark.parametrize(("riff_size", "data_size", "tail", "frames"), [
     (36, 0, b"\x01\x00" * 50, 50),  # RIFF ends where the data starts: a header never fixed
     (0x7FFFFFFF, 0x7FFFFFFF, b"\x01\x00" * 50, 50),
@@ -1350,7 +1290,7 @@ def test_read_wav_reads_streamed_sizes_to_the_end_and_real_sizes_as_they_are(ram
                                                                               data_size, tail,
                                                                               frames):
     path = ram / "streamed.wav"
-    path.write_bytes(_pcm16_header(riff_size, data_size) + tail)
+    path.write_bytes(pcm16_header(riff_size, data_size) + tail)
     data, rate = read_wav(path)
     assert rate == 24000 and len(data) == frames
     assert (data == 1).all()
