@@ -1376,3 +1376,38 @@ def test_a_cache_whose_lock_file_is_read_only_to_its_user_can_be_looked_at(ram) 
         assert out[what][:2] == [errno.EACCES, out["lock"]]
         assert "can only be looked at" in out[what][2]
     assert out["files"] == sorted([f"{key}.wav", "lock"])
+
+
+@pytest.mark.parametrize("call", ["get_or_render", "follow"])
+def test_a_render_that_asks_for_its_own_key_raises_instead_of_waiting_for_itself(
+        cache, call) -> None:
+    # A render that asks the cache for the key it is rendering (a sentence splitter
+    # whose one sentence has the text's own key) waited for itself: for ever with no
+    # timeout, and with one a TimeoutError blaming "another caller".
+    key, other = cache_key("own key"), cache_key("other key")
+    seen: list[BaseException] = []
+
+    def inner(writer) -> None:
+        writer.write(tone(other, 100))
+
+    def render(writer) -> None:
+        writer.write(tone(key, 100))
+        with cache.get_or_render(other, inner, samplerate=16000) as entry:  # works
+            assert np.array_equal(entry.array, tone(other, 100))
+        try:
+            if call == "get_or_render":
+                cache.get_or_render(key, inner, samplerate=16000)
+            else:
+                list(cache.follow(key))
+        except RuntimeError as exc:
+            seen.append(exc)
+        writer.write(tone(key, 100))
+
+    entry = call_with_deadline(
+        lambda: cache.get_or_render(key, render, samplerate=16000), 10)
+    with entry:
+        assert np.array_equal(entry.array, np.concatenate([tone(key, 100)] * 2))
+    assert len(seen) == 1
+    assert re.search(f"{call} of '{key}' was called from inside the render of '{key}' in "
+                     "this thread: it would wait for itself", str(seen[0]))
+    assert cache.stats().renders == 2

@@ -63,6 +63,29 @@ DEFAULT_DISK_MAX_BYTES = 1024 * 1024 * 1024
 # is stopped. The CLI's default --timeout is the same.
 CLOSE_TIMEOUT = 10.0
 _NOT_STATS = ("bytes", "encoded")
+# The .live files of the renders that each thread is running now (AudioCache._render),
+# with its pid: a render that asks the cache for its own key (get_or_render, follow) in
+# that thread would wait for itself for ever (see _check_not_own_render).
+_RENDERING = _threading.local()
+
+
+def _own_renders() -> set[tuple[int, str]]:
+    """The (pid, .live path) of the renders running in this thread (see _RENDERING)."""
+    renders: set[tuple[int, str]] | None = getattr(_RENDERING, "renders", None)
+    if renders is None:
+        renders = _RENDERING.renders = set()
+    return renders
+
+
+def _check_not_own_render(key: str, live: str, call: str) -> None:
+    """RuntimeError when this thread is inside the render of the file live (key's): it
+    would wait for the render it is running, for ever (or until its timeout, and then
+    blame "another caller"). A forked child of the render is not the render's thread:
+    it may wait for its parent's render like any other process."""
+    if (_resource.current_pid, live) in _own_renders():
+        raise RuntimeError(f"{call} of {key!r} was called from inside the render of "
+                           f"{key!r} in this thread: it would wait for itself for ever "
+                           "(write the audio into the writer instead)")
 
 
 class RenderError(LunaShmError, RuntimeError):
@@ -874,6 +897,8 @@ class AudioCache(_resource.OwnedHere):
                 caller had stored the key meanwhile): the next look-up finds the entry.
             TimeoutError: no new block for timeout seconds, or a lock held past it
                 (see :meth:`get`).
+            RuntimeError: called for key from inside key's own render, in the thread
+                that runs it (the stream would wait for itself for ever).
         """
         self._check_open()
         check_key(key)
@@ -891,6 +916,7 @@ class AudioCache(_resource.OwnedHere):
             live = self.live_path(key)
             if live is None:
                 continue
+            _check_not_own_render(key, live, "follow")
             cell = _lowlevel.fd_cell()  # a child must not keep it (nor its lock)
             fd = open_regular(live, cell)
             if fd is None:
@@ -953,6 +979,9 @@ class AudioCache(_resource.OwnedHere):
                 (the render failed then, as its waiters learn), ETIMEDOUT, naming the
                 file.
             OSError: the RAM disk refused the entry.
+            RuntimeError: called for key from inside key's own render, in the thread
+                that runs it (it would wait for itself for ever); the render goes on
+                (this error is raised into it).
             Whatever ``render`` raised, in the caller that ran it.
         """
         self._check_open()
@@ -973,6 +1002,7 @@ class AudioCache(_resource.OwnedHere):
             writer, part = self._start_render(key, samplerate, channels, dtype, deadline)
             if writer is not None:
                 return self._render(key, writer, part, render, deadline)
+            _check_not_own_render(key, live, "get_or_render")
             outcome = self._wait(key, deadline)
             if outcome is not None:
                 return outcome
@@ -1126,9 +1156,12 @@ class AudioCache(_resource.OwnedHere):
         try:
             _lowlevel.dup(writer.fileno(), cell=pin, filename=live)  # EMFILE names it
             writer.rendering = True
+            own = (owner, live)
+            _own_renders().add(own)
             try:
                 render(writer)
             finally:
+                _own_renders().discard(own)
                 writer.rendering = False
             if _resource.current_pid != owner:
                 raise RuntimeError(
