@@ -751,3 +751,40 @@ def test_one_dir_named_two_ways_is_counted_listed_and_cleaned_once(private_dirs)
     clean = run_cli(private_dirs, "clean", env=env)
     assert clean.returncode == 0 and len(clean.stdout.splitlines()) == 3 + 1
     assert not any(os.path.exists(path) for path in files)
+
+
+def test_cache_clear_with_disk_dir_removes_the_disk_tier_s_entries_too(private_dirs,
+                                                                      tmp_path) -> None:
+    # Found: `luna-shm cache clear` opened the cache without its disk tier, so the
+    # entries spilled there stayed, and the next get reloaded the "cleared" audio
+    # (stats counted no disk entry either). --disk-dir names the tier.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    keys = [luna_shm.cache_key(f"disk {i}") for i in range(3)]
+    with AudioCache("tiered", max_bytes=3000, disk_dir=disk) as cache:
+        for i, key in enumerate(keys):  # 2 KB each: each put spills the one before
+            cache.put(key, np.full(1000, i, np.int16), 8000).release()
+        assert cache.stats().disk_entries == 2
+        stats = json.loads(run_cli(private_dirs, "cache", "stats", "--name", "tiered",
+                                   "--disk-dir", str(disk), "--json").stdout)
+        assert (stats["entries"], stats["disk_entries"]) == (1, 2)
+        done = run_cli(private_dirs, "cache", "clear", "--name", "tiered",
+                       "--disk-dir", str(disk))
+        assert (done.returncode, done.stderr) == (0, "")
+        assert "removed 3 entries from cache 'tiered'" in done.stdout
+        assert [cache.get(key) for key in keys] == [None] * 3
+        assert (cache.stats().entries, cache.stats().disk_entries) == (0, 0)
+        cache.destroy()
+
+
+def test_cache_commands_with_a_disk_dir_that_holds_no_tier_of_the_cache_say_so(
+        private_dirs, tmp_path) -> None:
+    # A mistyped --disk-dir must not report an empty tier and leave a new one behind.
+    AudioCache("tiered").close()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = run_cli(private_dirs, "cache", "clear", "--name", "tiered",
+                   "--disk-dir", str(disk))
+    line = assert_one_error_line(done, 1)
+    assert line == f"luna-shm cache: error: no disk tier of cache 'tiered' in {disk}"
+    assert os.listdir(disk) == []

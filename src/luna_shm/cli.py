@@ -8,7 +8,9 @@ Commands:
              removes: our unused files, optionally only those ``--older-than``.
     demo     one utterance through the RAM disk and back, with timings.
     cache    ``stats``, ``ls`` or ``clear`` an existing AudioCache (``--name``, default
-             "default"); a name no cache has is an error. ``--timeout`` (default 10 s)
+             "default"; ``--disk-dir``, its disk tier's directory, for stats and clear
+             to count and remove that tier's entries too); a name no cache has is an
+             error. ``--timeout`` (default 10 s)
              bounds the wait for the cache's lock: a process stopped or hung holding
              it makes the command fail instead of hang.
 
@@ -331,11 +333,19 @@ def _cache_command(args: _argparse.Namespace, out: TextIO, deadline: float) -> i
     parent = placement.current().directory
     if not _os.path.lexists(f"{parent}/{dir_name(args.name)}"):
         raise FileNotFoundError(f"no cache named {args.name!r} in {parent}")
+    # The disk tier is the cache's only with --disk-dir: its place is each opener's own
+    # (AudioCache(disk_dir=...)), kept nowhere shared. Without it, a clear leaves the
+    # disk tier's entries, which the next get reloads. A mistyped --disk-dir is said to
+    # be one, as a mistyped --name is: nothing is made there.
+    disk_dir = args.disk_dir
+    if disk_dir is not None and not _os.path.lexists(f"{disk_dir}/{dir_name(args.name)}"):
+        raise FileNotFoundError(f"no disk tier of cache {args.name!r} in {disk_dir}")
 
     def left() -> float:
         return max(0.0, deadline - _time.monotonic())
 
-    with AudioCache(args.name, max_bytes=args.max_bytes, timeout=left()) as cache:
+    with AudioCache(args.name, max_bytes=args.max_bytes, disk_dir=disk_dir,
+                    timeout=left()) as cache:
         if args.action == "stats":
             # The bound is each opener's own (AudioCache(max_bytes=...)), kept nowhere
             # shared: this command's is no one's.
@@ -427,6 +437,9 @@ def build_parser() -> _argparse.ArgumentParser:
         description="stats: entries, bytes and the shared counters of an AudioCache (not its "
         "max_bytes: each process that opens it sets its own); ls: its "
         "entries, least recently used first; clear: remove every entry no process holds. "
+        "A cache with a disk tier (AudioCache(disk_dir=...)) is seen whole only with "
+        "--disk-dir: without it, stats counts no disk entry and clear leaves them (the "
+        "next get reloads them). "
         "The cache must exist: a name no cache has is an error, and nothing is made. "
         "Every wait for the cache's lock (held for an instant by the processes that use "
         "it) is bounded by --timeout, in all: a process stopped or hung holding it makes "
@@ -437,6 +450,9 @@ def build_parser() -> _argparse.ArgumentParser:
     cache.add_argument("--max-bytes", type=int, default=256 * 1024 * 1024,
                        help=_argparse.SUPPRESS)
     cache.add_argument("--json", action="store_true", help="stats as one JSON object")
+    cache.add_argument("--disk-dir", metavar="DIR",
+                       help="the cache's disk_dir: stats counts its disk tier's entries and "
+                       "clear removes them too (its disk tier must exist there)")
     cache.add_argument("--timeout", type=_duration_argument, default=CACHE_TIMEOUT,
                        metavar="SECONDS",
                        help="give up waiting for the cache's lock after this long: seconds "
