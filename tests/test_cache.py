@@ -1411,3 +1411,17 @@ def test_a_render_that_asks_for_its_own_key_raises_instead_of_waiting_for_itself
     assert re.search(f"{call} of '{key}' was called from inside the render of '{key}' in "
                      "this thread: it would wait for itself", str(seen[0]))
     assert cache.stats().renders == 2
+
+
+def test_follow_counts_one_miss_a_call_as_get_does(cache) -> None:
+    # Found: follow looked up to three times (a render may end between its looks) and
+    # counted each look: a follow of an unknown key counted 3 misses.
+    key = cache_key("followed")
+    with pytest.raises(KeyError, match="neither in the cache nor being rendered"):
+        list(cache.follow(key))
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (0, 1)
+    cache.put(key, tone(key), 16000).release()
+    assert np.array_equal(np.concatenate(list(cache.follow(key))), tone(key))
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (1, 1)

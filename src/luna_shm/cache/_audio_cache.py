@@ -390,10 +390,15 @@ class AudioCache(_resource.OwnedHere):
 
     def _get(self, key: str, deadline: float | None) -> CachedAudio | None:
         """get(), its waits bounded by deadline (time.monotonic(); None: no bound)."""
+        found = self._find(key, deadline)
+        self._count("hits" if found is not None else "misses")
+        return found
+
+    def _find(self, key: str, deadline: float | None) -> CachedAudio | None:
+        """The look-up of get() (a RAM hit, or a reload from the disk tier), uncounted."""
         found = self._open_entry(self._ram, key, deadline)
         if found is None and self._disk is not None:
             found = self._reload(key, deadline)
-        self._count("hits" if found is not None else "misses")
         return found
 
     def __contains__(self, key: str) -> bool:
@@ -906,13 +911,20 @@ class AudioCache(_resource.OwnedHere):
 
     def _follow(self, key: str, limit: float | None) -> Iterator[np.ndarray]:
         # A render can end between the two looks (its file is renamed into the entry):
-        # look again; a third time is another render, which we follow.
+        # look again; a third time is another render, which we follow. One call counts
+        # one miss at most (its first look that finds no entry), then a hit if a later
+        # look finds one, as a caller that waits for a render does.
+        missed = False
         for _ in range(3):
-            entry = self._get(key, None if limit is None else _time.monotonic() + limit)
+            entry = self._find(key, None if limit is None else _time.monotonic() + limit)
             if entry is not None:
+                self._count("hits")
                 with entry:
                     yield entry.array.copy()
                 return
+            if not missed:
+                self._count("misses")
+                missed = True
             live = self.live_path(key)
             if live is None:
                 continue
