@@ -1425,3 +1425,30 @@ def test_follow_counts_one_miss_a_call_as_get_does(cache) -> None:
     assert np.array_equal(np.concatenate(list(cache.follow(key))), tone(key))
     stats = cache.stats()
     assert (stats.hits, stats.misses) == (1, 1)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "unheld"])
+def test_a_put_over_its_key_s_entry_in_a_full_cache_takes_that_entry_s_room(
+        private_dirs, held) -> None:
+    # Found: the room a new entry needs was made as if the key's entry it replaces were
+    # to stay: over a held one (a client still playing it) with no other entry to
+    # evict, the put was kept unstored and the key became a miss; over an unheld one, a
+    # least recently used entry of another key was evicted first, for nothing.
+    with AudioCache("replacing", max_bytes=10_000) as cache:
+        key, other = cache_key("replaced"), cache_key("innocent")
+        cache.put(other, tone(other, 900), 8000).release()  # 1,844 bytes, used first
+        old = cache.put(key, tone(key, 4000), 8000)  # 8,044 bytes: 9,888 in all
+        if not held:
+            old.release()
+        new_audio = tone(other, 4000)
+        with cache.put(key, new_audio, 8000) as new:
+            assert new.stored
+        assert cache.stats().evictions == 0
+        assert other in cache
+        old.release()
+        with cache.get(key) as hit:
+            assert np.array_equal(hit.array, new_audio)
+        stats = cache.stats()
+        assert (stats.entries, stats.bytes) == (2, 9888)
+        assert cache._ram.counters()[0] == 9888
+        cache.destroy()

@@ -409,55 +409,68 @@ class AudioCache(_resource.OwnedHere):
 
     # ---- storing -------------------------------------------------------------------
 
-    def _make_room(self, size: int, deadline: float | None = None) -> bool:
+    def _make_room(self, size: int, deadline: float | None = None, replacing: str = "",
+                   replaced: int = 0) -> bool:
         """Under the RAM lock: make size more bytes fit (the shared count grows by them);
         False when they cannot (nothing is stored then). A cache that looks full evicts
         from the queue of its last scan (see _evict_queued); when that is not enough it
         is scanned: expired entries go, then the least recently used unpinned ones.
-        deadline bounds the spills' waits for the disk tier's lock (see _evict)."""
+        deadline bounds the spills' waits for the disk tier's lock (see _evict).
+
+        replacing: the entry name the new file is about to be renamed over, of replaced
+        bytes (0: none). Those bytes leave the count with the rename (the caller lowers
+        it then), so they are room already: that entry is never evicted for it (the
+        rename replaces it, held or not), and no other entry goes to make room that the
+        replacement itself frees (a put over a held entry of its key was kept unstored,
+        and one over an unheld entry evicted another key first when that was older)."""
         tier = self._ram
         if size > tier.max_bytes:
             return False
-        total = tier.counters()[0]
+        total = tier.counters()[0] - replaced
         if total + size > tier.max_bytes:
-            total = self._evict_queued(total, size, deadline)
+            total = self._evict_queued(total, size, deadline, replacing)
         if total + size > tier.max_bytes:
-            total = self._evict_scanned(size, deadline)
+            total = self._evict_scanned(size, deadline, replacing, replaced)
             tier.set_bytes(total)
+            total -= replaced
             if total + size > tier.max_bytes:
                 return False
         tier.add({"bytes": size})  # before the rename: too high, never too low
         return True
 
-    def _evict_scanned(self, size: int, deadline: float | None = None) -> int:
+    def _evict_scanned(self, size: int, deadline: float | None = None, replacing: str = "",
+                       replaced: int = 0) -> int:
         """Scan the RAM tier (under its lock) and evict until size more bytes fit: expired
         entries first, then the least recently used unpinned ones; the committed bytes
         left. The entries it did not come to are queued, oldest first, for the next
         commits that find the cache full (_evict_queued): a full cache is scanned once
-        per queue, not once per commit (a scan of 10,000 entries takes tens of ms)."""
+        per queue, not once per commit (a scan of 10,000 entries takes tens of ms).
+        replacing, of replaced bytes: see _make_room (counted in what it returns, never
+        evicted, and its bytes taken as room)."""
         tier = self._ram
         tier.sweep()  # unstored audio a killed process never released, too
         now = _time.time()
         kept = []
         for name, st in tier.entries():
             expired = self._expired(st.st_mtime, now)
-            if expired and tier.remove_if_unpinned(name):
+            if expired and name != replacing and tier.remove_if_unpinned(name):
                 continue
             kept.append((name, st))
         total = sum(st.st_size for _, st in kept)
         kept.sort(key=lambda item: item[1].st_atime_ns)
         tried = 0
         for name, st in kept:
-            if total + size <= tier.max_bytes:
+            if total - replaced + size <= tier.max_bytes:
                 break
             tried += 1
-            if self._evict(name, deadline):
+            if name != replacing and self._evict(name, deadline):
                 total -= st.st_size
         self._victims = _collections.deque(
             (name, st.st_ino, st.st_atime_ns) for name, st in kept[tried:])
         return total
 
-    def _evict_queued(self, total: int, size: int, deadline: float | None = None) -> int:
+    def _evict_queued(self, total: int, size: int, deadline: float | None = None,
+                      replacing: str = "") -> int:
         """Evict the entries the last scan queued, oldest first, until size more bytes
         fit in total (the shared count, lowered by what goes); the new total.
 
@@ -470,6 +483,8 @@ class AudioCache(_resource.OwnedHere):
         now = _time.time()
         while queue and total + size > tier.max_bytes:
             name, ino, atime_ns = queue.popleft()
+            if name == replacing:  # the commit's rename replaces it (see _make_room)
+                continue
             try:
                 st = _os.lstat(tier.path(name))
             except FileNotFoundError:
@@ -638,7 +653,11 @@ class AudioCache(_resource.OwnedHere):
                 if source is not None and not _still_newest(source):
                     raise _Replaced(source.path)
                 self._flush_counts()
-                if not self._foreign(name) and self._make_room(size, deadline):
+                # The key's entry of this type (a render's too: an expired entry someone
+                # holds is there), which the rename replaces: its bytes are room already.
+                foreign = self._foreign(name)
+                replaced = 0 if foreign else self._named_size(name)
+                if not foreign and self._make_room(size, deadline, name, replaced):
                     # The key's disk copies go before the rename, never after: killed
                     # between the two, an older copy would outlive the new entry (an
                     # eviction that cannot spill, a reboot) and come back in its place.
@@ -654,12 +673,8 @@ class AudioCache(_resource.OwnedHere):
                     if name != key + ".wav" and not self._suffixes()[1:]:
                         self._ram.add({"encoded": 1})
                         self._encoded = True
-                    replaced = 0
                     for suffix in self._suffixes():  # one entry per key, whatever its type
-                        if key + suffix == name:
-                            # A render's too: an expired entry someone holds is there.
-                            replaced = self._named_size(name)
-                        else:  # held: it stays, superseded
+                        if key + suffix != name:  # held: it stays, superseded
                             remove_or_supersede(self._ram, key + suffix)
                     _os.rename(part_path, final)
                     # The old entry leaves the count (a pinned one lives on unnamed) after
