@@ -1452,3 +1452,49 @@ def test_a_put_over_its_key_s_entry_in_a_full_cache_takes_that_entry_s_room(
         assert (stats.entries, stats.bytes) == (2, 9888)
         assert cache._ram.counters()[0] == 9888
         cache.destroy()
+
+
+@pytest.mark.parametrize("how", ["abort", "with block left by an exception"])
+def test_a_render_that_aborts_its_writer_and_returns_is_not_stored(cache, how) -> None:
+    # Found: a render that aborted its writer (or left `with writer:` by an exception it
+    # then caught) and returned was stored: its followers had been told the render
+    # failed (StreamAbandoned), and the entry's header said "aborted" for ever, so
+    # follow_wav of the stored entry's path raised StreamAbandoned too.
+    key = cache_key(f"aborted by {how}")
+    followed: list[object] = []
+    started, first = threading.Event(), threading.Event()
+
+    def follow() -> None:
+        started.wait(10)
+        frames = 0
+        try:
+            for block in cache.follow(key, timeout=10):
+                frames += len(block)
+                first.set()
+            followed.append(frames)
+        except luna_shm.StreamAbandoned as exc:
+            followed.append(exc)
+        finally:
+            first.set()
+
+    def render(writer) -> None:
+        writer.write(tone(key, 100))
+        started.set()
+        first.wait(10)  # the follower has the first block
+        if how == "abort":
+            writer.abort()
+            return
+        with contextlib.suppress(ConnectionError), writer:
+            raise ConnectionError("the engine went away")
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    with pytest.raises(ValueError, match=f"the render of '{key}' aborted its writer"):
+        cache.get_or_render(key, render, samplerate=16000)
+    follower.join(10)
+    assert len(followed) == 1 and isinstance(followed[0], luna_shm.StreamAbandoned)
+    assert cache.get(key) is None
+    assert set(os.listdir(cache.directory)) <= {"lock", f"{key}.outcome"}
+    with cache.get_or_render(key, lambda w: w.write(tone(key, 100)),
+                             samplerate=16000) as entry:  # the next caller renders afresh
+        assert np.array_equal(entry.array, tone(key, 100))

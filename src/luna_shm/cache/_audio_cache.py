@@ -969,15 +969,19 @@ class AudioCache(_resource.OwnedHere):
         The first caller (in any process) calls ``render(writer)``, which writes the
         audio into a :class:`WavWriter` in the cache directory; the others wait
         for it (no CPU: a flock the kernel grants when the renderer ends) and get
-        the same entry. A render that raises or writes no frames is never stored:
-        the renderer gets its exception, its waiters a :class:`RenderError` (a waiter
-        that wakes only after the next render of the key began waits for that one).
+        the same entry. A render that raises, writes no frames or aborts the writer is
+        never stored: the renderer gets its exception, its waiters a
+        :class:`RenderError` (a waiter that wakes only after the next render of the key
+        began waits for that one).
         When the renderer's process dies, one waiter renders again.
 
         Args:
             key: see :func:`cache_key`.
             render: called with the writer; its return value is ignored. It may close
-                the writer (``with writer:``): what it wrote is stored all the same. A
+                the writer (``with writer:``): what it wrote is stored all the same. One
+                that aborts it (``writer.abort()``, or a ``with writer:`` block left by
+                an exception it then catches) failed: nothing is stored, as when it
+                raises (the caller gets ``ValueError``). A
                 child it forks that leaves it (``sys.exit``, an exception) leaves the
                 render to the parent; one that returns from it gets ``RuntimeError``.
             samplerate, channels, dtype: the writer's format.
@@ -994,6 +998,8 @@ class AudioCache(_resource.OwnedHere):
         Raises:
             TypeError, ValueError: a bad key, render (not callable), samplerate,
                 channels, dtype or timeout (NaN is refused), checked before anything else.
+                ValueError too when this caller's render wrote no frames or aborted its
+                writer (nothing is stored).
             RenderError: the render this caller waited for failed.
             WavError: the stored entry is not a WAV we can read (another process
                 truncated or overwrote it) and another caller holds it; unheld, it
@@ -1194,6 +1200,12 @@ class AudioCache(_resource.OwnedHere):
                 raise RuntimeError(
                     f"a child forked inside the render of {key!r} returned from it: the "
                     f"render belongs to process {owner}; end the child with os._exit()")
+            if writer.aborted:
+                # Its stream says "failed" (to its followers, and in the file's header
+                # for ever): stored, it would be an entry that follow_wav refuses, and
+                # the followers of the render would have been told it failed.
+                raise ValueError(f"the render of {key!r} aborted its writer (abort(), or "
+                                 "a `with writer:` block left by an exception): not cached")
             if writer.frames == 0:  # after a close too: the frames its file holds
                 raise ValueError(f"the render of {key!r} wrote no frames: not cached")
             entry = self._commit(key, live, key + ".wav", pin, deadline=wait_until())

@@ -34,6 +34,12 @@ class RenderWriter(WavWriter):
     def closed(self) -> bool:
         return self._closed_by_render or super().closed
 
+    @property
+    def aborted(self) -> bool:
+        """True once abort() ended the stream as failed (also a ``with writer:`` block
+        left by an exception): the render failed, whatever it returns."""
+        return self._end_state == _lowlevel.STREAM_FAIL
+
     def _check_open(self) -> None:
         if self._closed_by_render:
             raise ValueError("I/O operation on closed WavWriter")
