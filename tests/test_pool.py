@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import wave
 from pathlib import Path
@@ -1369,13 +1370,60 @@ def test_a_call_cut_short_between_its_steps_loses_no_slot(ram, anonymous, operat
         assert pool.slots == 2  # found again, not replaced
 
 
+@pytest.mark.parametrize("anonymous", [False, True], ids=["named", "memfd"])
+def test_a_slot_lost_by_a_cut_release_wakes_a_thread_already_waiting_without_timeout(
+        ram, anonymous) -> None:
+    # The pool found a slot whose lease died only when a call ran dry: a thread that was
+    # already waiting (timeout=None) when the release was cut short slept on for ever,
+    # though the slot was free, and so did whoever joined it (a daemon's shutdown).
+    got: list[object] = []
+    with warnings.catch_warnings(), \
+            AudioPool(slots=1, max_bytes=100, anonymous=anonymous) as pool:
+        warnings.simplefilter("ignore", ResourceWarning)  # the PooledWav the cut release left
+        held = pool.acquire(10, RATE)
+
+        def wait_for_a_slot() -> None:
+            try:
+                with pool.acquire(10, RATE) as pooled:
+                    got.append(pooled.path)
+            except BaseException as exc:  # the pool's close below ends a hung wait
+                got.append(exc)
+
+        waiter = threading.Thread(target=wait_for_a_slot, daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while not pool._waiting and waiter.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert pool._waiting == 1, "the thread never waited for the held slot"
+
+        def cut(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_give_back":
+                sys.setprofile(None)
+                raise Interrupted("_give_back")
+
+        try:
+            with pytest.raises(Interrupted):
+                sys.setprofile(cut)
+                held.release()
+        finally:
+            sys.setprofile(None)
+        del held
+        gc.collect()  # the cut release's frame, and with it its lease, are gone now
+        waiter.join(10)
+        hung = waiter.is_alive()
+    waiter.join(60)  # the close woke a hung waiter (ValueError): it ends either way
+    assert not hung, "the waiting thread slept on while the lost slot was free"
+    assert len(got) == 1 and isinstance(got[0], str)
+
+
 def test_raising_signal_handlers_at_random_moments_lose_no_slot(ram) -> None:
     armed = [False]
 
     def handler(signum, frame):
-        # Not inside a __del__ (a collection may run one at any moment): Python only
-        # prints what a finalizer raises, and a slot given back there needs no test.
-        while frame is not None and frame.f_code.co_name != "__del__":
+        # Not inside a __del__ or the pool's callback of a dead lease (a collection may
+        # run one at any moment): Python only prints what a finalizer raises, and a slot
+        # given back there needs no test.
+        while frame is not None and frame.f_code.co_name not in ("__del__", "lease_died"):
             frame = frame.f_back
         if armed[0] and frame is None:
             armed[0] = False

@@ -10,6 +10,7 @@ import threading as _threading
 import time as _time
 import warnings as _warnings
 import weakref as _weakref
+from collections.abc import Callable
 from typing import Any, Self
 
 import numpy as np
@@ -58,6 +59,25 @@ def _unreleased(pool: AudioPool, slot: Slot | None, lease: Lease | None, path: s
     pool._give_back(slot, lease)  # first: warnings may be errors (-W error)
     _warnings.warn(f"unreleased PooledWav {path!r}: its slot goes back to the pool",
                    ResourceWarning, stacklevel=2)
+
+
+def _waker(pool_ref: _weakref.ReferenceType[AudioPool]
+            ) -> Callable[[_weakref.ReferenceType[Lease]], None]:
+    """The callback of a slot's lease reference: when a lease dies still holding its slot
+    (a call cut short by a signal handler that raised, between taking the slot and
+    handing it over or inside release()), wake the threads that wait for a slot, so
+    that they find it (_reclaim_lost). Otherwise only a later call would: a thread
+    already waiting without a timeout slept on for ever beside a free slot. A slot given
+    back drops its reference (slot.lease = None) before the lease dies, and a reference
+    that dies first never calls back: the normal path never comes here."""
+    def lease_died(_ref: _weakref.ReferenceType[Lease]) -> None:
+        pool = pool_ref()
+        # In a forked child the lock may be held by a thread that was not copied.
+        if pool is None or pool._pid != _resource.current_pid:
+            return
+        with pool._lock:  # reentrant: the lease may die where this thread holds it
+            pool._cond.notify_all()
+    return lease_died
 
 
 class PooledWav(_resource.Resource):
@@ -337,6 +357,7 @@ class AudioPool(_resource.Resource):
         else:
             check_memory(slots, self._length)
         self._waiting = 0  # threads in _cond.wait: release() notifies only when some wait
+        self._lease_died = _waker(_weakref.ref(self))  # see _waker
         self._let_go_at_fork()  # before the first fd: a child forked from here on drops it
         self._watch_cell = new_watch(self.anonymous)
         self._watch_fd = self._watch_cell[0]
@@ -499,7 +520,7 @@ class AudioPool(_resource.Resource):
         self._check_ours()
         self._check_fits(nbytes)
         deadline = None
-        ref = _weakref.ref(lease)
+        ref = _weakref.ref(lease, self._lease_died)
         with self._lock:
             while True:
                 # A use of the pool (its watch and slot fds), but not the wait below:
@@ -682,7 +703,7 @@ class AudioPool(_resource.Resource):
         if self._pid != _resource.current_pid or data.nbytes > self.max_bytes:
             return None  # the general path raises
         lease = Lease()
-        ref = _weakref.ref(lease)
+        ref = _weakref.ref(lease, self._lease_died)
         with self._lock:
             # A use (see _begin_use and _end_use), counted inline on this hot path: the
             # two method calls cost about 0.1 us, a fortieth of the whole write.
