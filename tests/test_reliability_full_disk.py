@@ -374,6 +374,57 @@ except OSError as exc:
 
 
 
+@pytest.mark.parametrize("kind", ["create_wav_buffer", "WavWriter", "write_wav"])
+@pytest.mark.parametrize("fault", ["no-inode-left", "file-size-limit"])
+def test_a_given_path_with_content_that_cannot_be_replaced_raises_naming_it_not_a_hidden_name(
+        kind, fault) -> None:
+    # Found in session 22: create_wav_buffer and WavWriter replace a file with content
+    # through a new hidden file beside it (.luna_audio_.partial_<hex>), and an error while
+    # making or filling that file named it: ENOSPC of a RAM disk with no inode left
+    # (without the RAM disk's hint), EACCES of a directory the caller cannot write in,
+    # EFBIG of a file size limit. write_wav named the path given, as the README's errors
+    # table says every OSError does.
+    out = run_child(f"""
+path = "/dev/shm/given.wav"
+write_wav(path, DATA[:10], 8000)
+with open(path, "rb") as f:
+    before = f.read()
+if {fault!r} == "no-inode-left":
+    subprocess.run(["mount", "-o", "remount,nr_inodes=16", "/dev/shm"], check=True)
+    fillers = 0
+    try:
+        while True:
+            os.close(os.open(f"/dev/shm/filler{{fillers}}", os.O_CREAT | os.O_WRONLY))
+            fillers += 1
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+else:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # no 44-byte header
+try:
+    if {kind!r} == "create_wav_buffer":
+        create_wav_buffer(len(DATA), 8000, path=path)
+    elif {kind!r} == "WavWriter":
+        WavWriter(path, 8000).write(DATA)
+    else:
+        write_wav(path, DATA, 8000)
+    result = None
+except OSError as exc:
+    result = error(exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+with open(path, "rb") as f:
+    kept = f.read() == before
+report(error=result, kept=kept)
+""", shm_size="4m")
+    expected = errno.ENOSPC if fault == "no-inode-left" else errno.EFBIG
+    assert out["error"] is not None and out["error"]["errno"] == expected, out
+    assert out["error"]["filename"] == "/dev/shm/given.wav"
+    if fault == "no-inode-left":
+        assert "--shm-size" in out["error"]["text"]  # the RAM disk's hint
+    assert out["kept"] is True
+    assert [n for n in out["shm"] if not n.startswith("filler")] == ["given.wav"]
+
+
 # ---- save_temp_audio: bytes fall back whole, a stream only at its creation ---------------------
 
 SAVE = """

@@ -515,7 +515,13 @@ def open_destination(
         if beside:
             partial = partial_path(text)
             cell = _lowlevel.fd_cell()
-            _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, mode, cell=cell)
+            try:
+                _lowlevel.create_locked(_os.path.dirname(text) or ".", partial, mode, cell=cell)
+            except OSError as exc:
+                # Named as the path the caller gave (as write_wav names it), never by the
+                # hidden name of a file that does not exist (EACCES of a directory we
+                # cannot write in, ENOSPC of a RAM disk with no inode left: with its hint).
+                raise explain_full_disk(OSError(exc.errno, exc.strerror, text), text) from None
             return Destination(text, cell, False, partial)
         # A cleanup removed the name between our open and our lock: again.
     raise FileNotFoundError(_errno.ENOENT, "the file kept vanishing while it was opened", text)

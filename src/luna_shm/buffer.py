@@ -152,9 +152,10 @@ class WavBuffer(FileResource):
         leaves no headerless file under a temp name); on failure nothing of it is left
         and an OSError names the file's final path."""
         dest = _newfile.open_destination(path, size_hint=self._length, on_disk=on_disk)
-        name = dest.partial or dest.path
         try:
-            self._open(dest.fd, name, header)
+            # Errors name dest.path, the path given, even while the file is a hidden
+            # new one beside it (dest.partial) that replaces the file there once made.
+            self._open(dest.fd, dest.path, header)
             final = _newfile.finish_destination(dest)
             assert self._mapping is not None
             self._mapping.filename = final  # errors name the final path

@@ -83,7 +83,7 @@ class WavWriter(FileResource):
         failure nothing is left and an OSError names the file."""
         dest = _newfile.open_destination(path, on_disk=on_disk)
         try:
-            _lowlevel.write_at(dest.fd, 0, header, dest.partial or dest.path)
+            _lowlevel.write_at(dest.fd, 0, header, dest.path)  # the path given: see buffer
             # The header is rewritten after every chunk: through a shared
             # mapping of its page that costs a memory store, not a system call.
             # Private: never handed out, so a forked child's copy becomes zeros at the
