@@ -437,15 +437,15 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
     /* The fd the kernel installs is stored and noted while forks wait, so that a
      * child forked meanwhile never has it unnoted: the receive itself never waits
      * under that lock (MSG_DONTWAIT); a blocking socket waits for its message
-     * first, outside it. */
+     * outside it, only once a receive said there is nothing yet (EAGAIN). Tried
+     * first, the receive also refuses at once what cannot receive at all, as a
+     * blocking recvmsg does: a listening socket (EINVAL), whose poll would
+     * wait for a client to connect. */
     int flags = fcntl(sock, F_GETFL); /* failed: taken as blocking, and the wait says why */
     int blocking = flags < 0 || (flags & O_NONBLOCK) == 0;
+    int shut = 0;
     ssize_t n;
     for (;;) {
-        int shut = 0;
-        int rc = blocking ? wait_readable(sock, &shut) : 0;
-        if (rc < 0)
-            return rc; /* -EINTR too: the caller runs its signal handlers, then again */
         luna_cells_lock();
         n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
         if (n >= 0)
@@ -461,7 +461,10 @@ int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags)
             *msg_flags = 0;
             return 0;
         }
-        /* another reader of the socket took the message: wait for the next */
+        /* nothing yet, or another reader of the socket took the message: wait */
+        int rc = wait_readable(sock, &shut);
+        if (rc < 0)
+            return rc; /* -EINTR too: the caller runs its signal handlers, then again */
     }
     *msg_flags = msg.msg_flags;
     /* Room for one fd: the kernel installs no more (MSG_CTRUNC says some were

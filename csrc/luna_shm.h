@@ -87,8 +87,9 @@ int luna_dup(int fd, int *cell);
  * in it, as a blocking recvmsg: a datagram one's too) or -errno (-EAGAIN when a non-blocking socket has
  * nothing, or when a blocking one's SO_RCVTIMEO ran out first, -EINTR when
  * a signal came first; -EINVAL for NULL pointers, a cell that holds an fd, or
- * len past SSIZE_MAX). A blocking socket is waited on with poll, then read
- * with MSG_DONTWAIT. */
+ * len past SSIZE_MAX; the receive's own errno at once, as a blocking recvmsg:
+ * -EINVAL for a listening socket). A blocking socket is read with MSG_DONTWAIT
+ * and waited on with poll only while that finds nothing yet. */
 int luna_recv_fd(int sock, void *buf, uint64_t len, int *cell, int *msg_flags);
 
 /* openat(dir_fd, path, flags | O_CLOEXEC, mode), retried on EINTR, for a file

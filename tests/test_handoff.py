@@ -454,6 +454,27 @@ def test_recv_on_a_closed_socket_raises_oserror(pair) -> None:
     assert info.value.errno == errno.EBADF
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_recv_on_a_listening_socket_raises_at_once_as_recv_does(kind: int) -> None:
+    # The listening socket passed where the accepted connection belonged: sock.recv
+    # refuses it at once (EINVAL, ENOTCONN); recv_wav waited for a client to connect
+    # (poll says a listening socket is readable then), for ever when none came.
+    address = f"\0luna_shm_test_listening_{os.getpid()}_{kind}"  # abstract: no file
+    with socket.socket(socket.AF_UNIX, kind) as server:
+        server.bind(address)
+        server.listen()
+        with pytest.raises(OSError) as expected:
+            server.recv(8)
+        try:
+            with pytest.raises(OSError) as info:
+                call_with_deadline(lambda: recv_wav(server), deadline=10)
+        finally:  # a recv_wav still waiting is woken by a client, and then gives up
+            with socket.socket(socket.AF_UNIX, kind) as client:
+                client.connect(address)
+    assert info.value.errno == expected.value.errno
+
+
 def test_recv_waits_as_the_socket_says_up_to_its_timeout_or_not_at_all(private_dirs,
                                                                         pair) -> None:
     # recv_wav receives in C (so that the fd is owned the moment it arrives), but waits as

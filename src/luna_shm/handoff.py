@@ -255,7 +255,8 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
             on the same socket object goes on with it (an fd that came is kept,
             never lost; it is closed with the socket object). So does a call that
             any other exception cut short there (a signal handler's).
-        OSError: the receive or the mapping failed (EBADF for a closed socket);
+        OSError: the receive or the mapping failed (EBADF for a closed socket;
+            at once, as ``sock.recv``, EINVAL or ENOTCONN for a listening one);
             EMFILE when this process had no fd free for the one sent (the kernel
             drops it: that WAV is lost).
     """
