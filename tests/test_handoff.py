@@ -255,6 +255,29 @@ def test_recv_on_a_socket_shut_down_for_reading_raises_eoferror(kind: int) -> No
             call_with_deadline(lambda: recv_wav(theirs), deadline=10)
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_SEQPACKET, socket.SOCK_DGRAM],
+                         ids=["seqpacket", "dgram"])
+def test_an_empty_packet_from_a_live_peer_is_a_handoff_error_not_the_end(private_dirs,
+                                                                        kind: int) -> None:
+    # A receive of 0 bytes is the end of a stream, but on a datagram or packet socket it
+    # may be an empty message from a peer still there: recv_wav said EOFError "the peer
+    # closed the socket", which a daemon serving a datagram socket takes for its end,
+    # while the next message was still to come.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    with ours, theirs, create_wav_buffer(4, RATE) as buf:
+        buf.array[:] = [1, 2, 3, 4]
+        ours.send(b"")
+        send_wav(ours, buf)
+        with pytest.raises(HandoffError, match=r"no file descriptor \(got b''\)"):
+            call_with_deadline(lambda: recv_wav(theirs), deadline=10)
+        data, rate = call_with_deadline(lambda: recv_wav(theirs), deadline=10)
+        assert (data.tolist(), rate) == ([1, 2, 3, 4], RATE)
+        if kind == socket.SOCK_SEQPACKET:  # a packet peer that goes is still the end
+            ours.close()
+            with pytest.raises(EOFError, match="peer closed the socket"):
+                call_with_deadline(lambda: recv_wav(theirs), deadline=10)
+
+
 def test_a_receiver_blocked_on_a_datagram_socket_is_woken_by_its_shutdown() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with ours, theirs:

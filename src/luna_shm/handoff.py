@@ -234,7 +234,9 @@ def recv_wav(sock: _socket.socket, *, max_bytes: int | None = _DEFAULT_MAX_BYTES
     Raises:
         TypeError, ValueError: (at the call) sock is not an AF_UNIX socket, or
             max_bytes is not None or an int >= 0 (naming what was passed).
-        EOFError: the peer closed the socket before sending anything.
+        EOFError: the peer closed the socket before sending anything (or sock was
+            shut down for reading). An empty datagram or packet from a live peer is
+            no end: a HandoffError (no file descriptor), and the next call goes on.
         HandoffError: the message carried no file descriptor, more than one, or
             not the handoff header (a ValueError); on a datagram or seqpacket
             socket, also a message longer than the header; the WAV's array would
@@ -345,7 +347,7 @@ def _checked_fd(sock: _socket.socket, part: _Part) -> int:
     stream where something else stood where a header belonged is out of step from now on:
     see _resume)."""
     msg, fd = part.msg, int(part.cell[0])
-    if not msg and fd < 0 and part.error is None:
+    if not msg and fd < 0 and part.error is None and _at_end(sock):
         raise EOFError("recv_wav: the peer closed the socket without sending a WAV")
     step = ""
     if sock.type == _socket.SOCK_STREAM and len(msg) == len(HANDOFF_HEADER) \
@@ -367,6 +369,20 @@ def _checked_fd(sock: _socket.socket, part: _Part) -> int:
             f"expected {HANDOFF_HEADER!r}{step}"
         )
     return fd
+
+
+def _at_end(sock: _socket.socket) -> bool:
+    """After a receive of nothing: True when that was sock's end, False when a live peer
+    of a datagram or packet socket sent an empty message (no end: the next message is
+    still to come, so it is a HandoffError, not an EOFError a server takes for the end).
+    A receive of nothing on a stream is its end; on the others it is one when sock is shut
+    down for reading or its packet peer closed (poll's POLLRDHUP, POLLHUP)."""
+    if sock.type == _socket.SOCK_STREAM:
+        return True
+    ends = _select.POLLRDHUP | _select.POLLHUP
+    waiting = _select.poll()
+    waiting.register(sock, ends)
+    return any(events & ends for _, events in waiting.poll(0))
 
 
 def _lost_descriptor(sock: _socket.socket) -> Exception:
