@@ -521,6 +521,24 @@ def test_recv_waits_as_the_socket_says_up_to_its_timeout_or_not_at_all(private_d
     assert (data.tolist(), rate) == (list(range(10)), RATE)
 
 
+@pytest.mark.parametrize("seconds", [30 * 86400, 1e9])
+def test_recv_on_a_socket_with_a_timeout_of_weeks_waits_for_the_message_as_recv_does(
+        private_dirs, pair, seconds: float) -> None:
+    # A timeout past poll's longest wait (2**31 - 1 ms, about 24.8 days) made recv_wav
+    # raise OverflowError("timeout is too large") at once, where sock.recv waits.
+    ours, theirs = pair
+    theirs.settimeout(seconds)
+    with create_wav_buffer(3, RATE) as buf:
+        buf.array[:] = [4, 5, 6]
+        sender = threading.Timer(0.2, send_wav, (ours, buf))
+        sender.start()
+        try:
+            data, rate = call_with_deadline(lambda: recv_wav(theirs), deadline=30)
+        finally:
+            sender.join()
+    assert (data.tolist(), rate) == ([4, 5, 6], RATE)
+
+
 def test_recv_on_a_socket_with_so_rcvtimeo_gives_up_when_it_expires_as_recv_does(
         pair) -> None:
     # A receive timeout set on the socket itself (not settimeout): sock.recv raises

@@ -46,6 +46,9 @@ HANDOFF_HEADER = b"LUNAWAV1"
 # 1 GiB is 46 minutes of 48 kHz stereo float32, 6 hours of 24 kHz mono int16.
 _DEFAULT_MAX_BYTES = 1 << 30
 
+# poll's longest wait, in milliseconds (an int; about 24.8 days).
+_POLL_MAX_MS = 2**31 - 1
+
 class _Part:
     """A message being received: its header bytes so far, the cell that owns the fd that
     came with them (empty until one comes), and the first thing found wrong with it,
@@ -422,5 +425,8 @@ def _receive(sock: _socket.socket, want: int, cell: _lowlevel.FdCell, timeout: f
             waiting.poll()
             continue
         left = deadline - _time.monotonic()
-        if left <= 0 or not waiting.poll(left * 1000):
+        if left <= 0:
             raise TimeoutError("timed out")
+        # At most poll's longest wait (a socket timeout of 25 days or more made poll
+        # raise OverflowError at once): past it, the next turn waits again.
+        waiting.poll(min(left * 1000, _POLL_MAX_MS))
