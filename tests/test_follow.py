@@ -1601,3 +1601,35 @@ def test_an_async_follower_another_task_waits_in_is_closed_by_cancelling_that_ta
         closing, iterating, left = call_with_deadline(lambda: asyncio.run(main()))
     assert str(path) in closing and str(path) in iterating
     assert left == before
+
+
+def test_an_async_follower_whose_loop_closed_while_a_task_waited_in_it_can_be_closed(
+        ram) -> None:
+    # loop.close() with a task still waiting in the follower: that task can never run
+    # again, nor be cancelled ("Event loop is closed"), yet close() said "cancel that
+    # task" and kept the file and inotify fds until the task was collected.
+    path = ram / "closed_loop.wav"
+    with WavWriter(path, RATE) as writer:
+        writer.write(stream_chunks(1)[0])
+        before = follower_fds()
+        chunks = afollow_wav(path, timeout=30)
+        first = asyncio.Event()
+
+        async def play() -> None:
+            async for _ in chunks:
+                first.set()
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(play())
+        loop.run_until_complete(first.wait())
+        loop.run_until_complete(asyncio.sleep(0.05))  # the player is back in its wait
+        loop.close()
+        assert follower_fds() != before
+        chunks.close()
+        assert follower_fds() == before
+        assert repr(chunks) == f"<AsyncFollower {str(path)!r} closed>"
+        chunks.close()  # idempotent
+        with pytest.raises(StopAsyncIteration):
+            asyncio.run(chunks.__anext__())
+        task.get_coro().close()  # what collecting the task would do, now
+        assert follower_fds() == before

@@ -681,6 +681,7 @@ class AsyncFollower(_resource.OwnedHere):
 
     _core: _Step | None = None  # None: not opened yet and never to be, or closed
     _busy = False  # an __anext__ is running (waiting on the loop, most of the time)
+    _loop: _asyncio.AbstractEventLoop | None = None  # the loop of the last __anext__
 
     def __init__(self, path: str, timeout: float | None) -> None:
         self._path = path
@@ -703,6 +704,7 @@ class AsyncFollower(_resource.OwnedHere):
         if core is None:
             raise StopAsyncIteration
         self._busy = True
+        self._loop = _asyncio.get_running_loop()
         try:
             self._started = True
             block = await self._next_block(core)
@@ -745,15 +747,25 @@ class AsyncFollower(_resource.OwnedHere):
         In a forked child it only lets go of the child's copy (whose fds the child closed
         at the fork): a task of the parent may have been in the middle of it then.
 
+        A task whose loop was closed while it waited in ``__anext__`` can never run
+        again (nor be cancelled): the follower is closed all the same.
+
         Raises:
-            RuntimeError: another task is in the middle of ``__anext__`` on it.
+            RuntimeError: another task is in the middle of ``__anext__`` on it, on a
+                loop that is not closed.
         """
         if self._started and self._owner != _resource.current_pid:
             self._core = None  # never run here: it may be marked running by the parent
             return
         if self._busy:
-            raise RuntimeError(f"afollow_wav {self._path!r} cannot be closed while "
-                               "another task iterates it: cancel that task")
+            loop = self._loop
+            if loop is None or not loop.is_closed():
+                raise RuntimeError(f"afollow_wav {self._path!r} cannot be closed while "
+                                   "another task iterates it: cancel that task")
+            # Closed under a waiting task: a closed loop never runs it again, and has
+            # no watch left on our fds (its selector is gone), so nothing resumes the
+            # core: its fds go now, not once that task is collected.
+            self._busy = False
         self._close_core()
 
     async def aclose(self) -> None:
