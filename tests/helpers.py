@@ -123,6 +123,24 @@ def child_tmp_on_disk(disk: str | Path) -> str:
     """)
 
 
+def child_take_every_inode(nr_inodes: int) -> str:
+    """Child code (for run_in_private_shm) that remounts the child's private /dev/shm with
+    nr_inodes inodes and takes every one left with empty files (/dev/shm/filler<n>): a new
+    file there then fails with ENOSPC however many bytes are free."""
+    return textwrap.dedent(f"""
+        import errno as _errno, os as _os, subprocess as _subprocess
+        _subprocess.run(["mount", "-o", "remount,nr_inodes={nr_inodes}", "/dev/shm"],
+                        check=True)
+        _fillers = 0
+        try:
+            while True:
+                _os.close(_os.open(f"/dev/shm/filler{{_fillers}}", _os.O_CREAT | _os.O_WRONLY))
+                _fillers += 1
+        except OSError as _exc:
+            assert _exc.errno == _errno.ENOSPC, _exc
+    """)
+
+
 def child_tmp_as_symlink(target: str = "/real_tmp") -> str:
     """Child code (for run_in_private_shm) that makes /tmp a symbolic link to target, a
     directory holding the child's private /tmp, as some machines have it (/tmp ->

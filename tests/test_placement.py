@@ -28,6 +28,7 @@ from helpers import (
     as_other_user,
     assert_child_ok,
     call_with_deadline,
+    child_take_every_inode,
     child_tmp_as_symlink,
     child_tmp_on_disk,
     run_in_private_shm,
@@ -628,17 +629,7 @@ def test_a_file_whose_size_is_known_goes_to_the_fallback_dir_when_the_ram_disk_h
     # writer could make (ENOSPC), although the README sends a file the RAM disk has no
     # room for to the fallback dir.
     done = run_in_private_shm(
-        textwrap.dedent("""
-            import errno, os, subprocess
-            subprocess.run(["mount", "-o", "remount,nr_inodes=8", "/dev/shm"], check=True)
-            fillers = 0
-            try:
-                while True:
-                    os.close(os.open(f"/dev/shm/filler{fillers}", os.O_CREAT | os.O_WRONLY))
-                    fillers += 1
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-        """) + child_report() + textwrap.dedent("""
+        child_take_every_inode(8) + child_report() + textwrap.dedent("""
             full = luna_shm.get_temp_audio_path(size_hint=1024)
             with open(full, "wb") as engine:  # what a TTS engine does with the name
                 engine.write(b"RIFF")

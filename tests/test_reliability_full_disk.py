@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from helpers import LIST_PRIVATE_TMP, run_in_private_shm
+from helpers import LIST_PRIVATE_TMP, child_take_every_inode, run_in_private_shm
 
 # Shared by every child: its report, its luna_shm log, and a way to fill a filesystem.
 PREAMBLE = """
@@ -384,23 +384,16 @@ def test_a_given_path_with_content_that_cannot_be_replaced_raises_naming_it_not_
     # (without the RAM disk's hint), EACCES of a directory the caller cannot write in,
     # EFBIG of a file size limit. write_wav named the path given, as the README's errors
     # table says every OSError does.
-    out = run_child(f"""
+    limit = child_take_every_inode(16) if fault == "no-inode-left" else """
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # no 44-byte header
+"""
+    out = run_child("""
 path = "/dev/shm/given.wav"
 write_wav(path, DATA[:10], 8000)
 with open(path, "rb") as f:
     before = f.read()
-if {fault!r} == "no-inode-left":
-    subprocess.run(["mount", "-o", "remount,nr_inodes=16", "/dev/shm"], check=True)
-    fillers = 0
-    try:
-        while True:
-            os.close(os.open(f"/dev/shm/filler{{fillers}}", os.O_CREAT | os.O_WRONLY))
-            fillers += 1
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-else:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # no 44-byte header
+""" + limit + f"""
 try:
     if {kind!r} == "create_wav_buffer":
         create_wav_buffer(len(DATA), 8000, path=path)
