@@ -15,7 +15,6 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Callable
 from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
@@ -434,23 +433,26 @@ class Mapping:
     @classmethod
     def of_wav(cls, path: str) -> tuple[Mapping, WavInfo]:
         """Open, parse and map a WAV read-only in one C call; the fd is already closed."""
-        return cls._of_wav(lambda out, owner: lib.luna_wav_map(_c_path(path), out, owner),
-                           path)
+        out = ffi.new("struct luna_wav_info *")
+        owner = _mapping_owner()
+        return cls._wav_mapped(lib.luna_wav_map(_c_path(path), out, owner), out, owner, path)
 
     @classmethod
     def of_wav_fd(cls, fd: int, file_size: int, path: str) -> tuple[Mapping, WavInfo]:
         """Parse and map the WAV in fd (file_size bytes) read-only in one C call; fd stays
         open (a cache hit's pinned descriptor)."""
-        return cls._of_wav(
-            lambda out, owner: lib.luna_wav_map_fd(fd, file_size, out, owner), path)
-
-    @classmethod
-    def _of_wav(cls, call: Callable[[Any, Any], int], path: str) -> tuple[Mapping, WavInfo]:
-        """The mapping and WavInfo that call(out, owner), a C call that parses a WAV into
-        out and maps it into owner, made (WavError or OSError naming path)."""
         out = ffi.new("struct luna_wav_info *")
         owner = _mapping_owner()
-        guard = _check_wav(call(out, owner), out, path)
+        return cls._wav_mapped(lib.luna_wav_map_fd(fd, file_size, out, owner), out, owner,
+                               path)
+
+    @classmethod
+    def _wav_mapped(cls, rc: int, out: Any, owner: Any, path: str
+                    ) -> tuple[Mapping, WavInfo]:
+        """The mapping and WavInfo of a C call that parsed a WAV into out and mapped it into
+        owner, returning rc (WavError or OSError naming path). Passed its result, not a
+        function to call: a closure cost read_wav's view 0.3 us a call."""
+        guard = _check_wav(rc, out, path)
         info = _info(out)
         mapping = cls.__new__(cls)
         mapping._private = False
